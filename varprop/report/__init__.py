@@ -1,0 +1,103 @@
+"""Everything a run writes: config.json, layers.csv, report.md and figures.
+
+Written into a temporary directory beside the target and renamed at the end,
+so an interrupted or failed run leaves no half-written output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..spec import Config, to_options
+from ..stats import summarize
+from . import figures
+from .markdown import fmt_pow10, render_markdown, terminal_table
+
+__all__ = ["staging", "write", "run_name", "terminal_table", "fmt_pow10"]
+
+
+def run_name(configs: Sequence[Config]) -> str:
+    """A descriptive directory name, e.g. ``linear-unit-vs-fan_in-L100-w100-N500-seed0``."""
+    def values(key: str, get: Any) -> str:
+        seen = list(dict.fromkeys(str(get(c.spec)) for c in configs))
+        return "-vs-".join(seen)
+
+    net = lambda s: s.network  # noqa: E731
+    widths = {c.spec.network.widths for c in configs}
+    shape = (f"L{configs[0].spec.network.depth}-w{configs[0].spec.network.widths[0]}"
+             if len(widths) == 1 and len(set(next(iter(widths)))) == 1 else "custom")
+    init = values("init", lambda s: s.network.init.scheme if isinstance(s.network.init.scheme, str) else "custom")
+    parts = [values("activation", lambda s: net(s).activation), init, shape,
+             f"N{values('samples', lambda s: s.samples)}", f"seed{configs[0].spec.seed}"]
+    name = "-".join(parts)
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:120]
+
+
+@contextmanager
+def staging(out_dir: Path) -> Iterator[Path]:
+    """A temporary directory that becomes ``out_dir`` when the block succeeds.
+
+    Raises OSError up front when ``out_dir``'s parent cannot be created or
+    written, so a run fails before it simulates, not after.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _json_default(value: Any) -> Any:
+    if callable(value):
+        return f"{value.__module__}:{value.__qualname__}"
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def write(layers: pd.DataFrame, directory: Path, command: str | None = None) -> dict[str, Any]:
+    """Write every output file of a run into ``directory``; return their paths
+    (and, under ``"summary"``, the per-layer summary the report shows)."""
+    directory = Path(directory)
+    configs: list[Config] = layers.attrs.get("configs", [])
+    summary = summarize(layers)
+    paths = {
+        "config": directory / "config.json",
+        "layers": directory / "layers.csv",
+        "figure": directory / "std_per_layer.png",
+        "report": directory / "report.md",
+    }
+    meta = {
+        "command": command,
+        "seed": configs[0].spec.seed if configs else None,
+        "elapsed_s": layers.attrs.get("elapsed_s"),
+        "versions": {"varprop": __version__, "numpy": np.__version__, "pandas": pd.__version__,
+                     "python": platform.python_version()},
+        "configs": [{"label": c.label, "varied": c.varied, "options": to_options(c.spec)} for c in configs],
+    }
+    paths["config"].write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+    layers.to_csv(paths["layers"], index=False)
+    figures.std_per_layer(layers, summary, paths["figure"])
+    paths["report"].write_text(render_markdown(layers, summary, meta, figure=paths["figure"].name))
+    return {**paths, "summary": summary}

@@ -1,0 +1,179 @@
+"""The Markdown report and the terminal table, from the per-layer data."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..stats import log10_mean_pow10
+
+MAX_FULL_LAYERS = 30  # tables show every layer up to this depth, then a subsample
+SUBSAMPLE = 20
+
+
+def shown_layers(depth: int) -> list[int]:
+    """Layers a table shows: all up to 30, else ~20 evenly spaced incl. 0, 1 and L.
+
+    >>> shown_layers(100)[:4], shown_layers(100)[-1]
+    ([0, 1, 5, 10], 100)
+    """
+    if depth <= MAX_FULL_LAYERS:
+        return list(range(depth + 1))
+    picks = np.round(np.linspace(0, depth, SUBSAMPLE + 1)).astype(int)
+    return sorted({0, 1, depth, *picks.tolist()})
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """A number for a table; overflowed values say so instead of printing inf."""
+    if x is None or x is pd.NA:
+        return ""
+    x = float(x)
+    if math.isnan(x):
+        return ""
+    if math.isinf(x):
+        return "overflow" if x > 0 else "-overflow"
+    return f"{x:.{digits}g}"
+
+
+def fmt_pow10(log10: float, digits: int = 3) -> str:
+    """``10 ** log10`` in scientific notation, even far beyond float64.
+
+    >>> fmt_pow10(9978.2888)
+    '1.94e+9978'
+    """
+    if not math.isfinite(log10):
+        return "0" if log10 == -math.inf else ""
+    exp = math.floor(log10)
+    mant = 10 ** (log10 - exp)
+    if round(mant, digits - 1) >= 10:
+        mant, exp = mant / 10, exp + 1
+    return f"{mant:.{digits - 1}f}e{exp:+d}"
+
+
+def fmt_std(log10: float) -> str:
+    """A std given by its log10: plain when moderate, else via :func:`fmt_pow10`."""
+    return fmt_pow10(log10, 4) if math.isfinite(log10) and abs(log10) >= 5 else fmt(10.0**log10 if math.isfinite(log10) else 0.0)
+
+
+def seed_line(layers: pd.DataFrame) -> dict[str, tuple[float, float]]:
+    """Per config, the seed answer's summary over layers 1..L (pooled over
+    replicates): the mean of the layer means and log10 of the square root of
+    the mean of the layer variances."""
+    out = {}
+    for config, g in layers[layers["layer"] > 0].groupby("config", sort=False):
+        mean = float(g["post_mean"].mean())
+        log10_rms = 0.5 * log10_mean_pow10(g["post_log10_std"].to_numpy(), 2.0)
+        out[config] = (mean, log10_rms)
+    return out
+
+
+def _growth(s: pd.DataFrame, col: str) -> float:
+    """Geometric-mean factor per layer between the input and the last layer."""
+    first, last = s[col].iloc[0], s[col].iloc[-1]
+    depth = s["layer"].iloc[-1] - s["layer"].iloc[0]
+    return 10 ** ((last - first) / depth) if depth and math.isfinite(last - first) else math.nan
+
+
+def layer_table(summary: pd.DataFrame, config: str, replicates: int) -> pd.DataFrame:
+    s = summary[summary["config"] == config].set_index("layer")
+    s = s.loc[[layer for layer in shown_layers(int(s.index.max())) if layer in s.index]]
+    table = pd.DataFrame({"layer": s.index})
+    table["pre std"] = [fmt_std(v) if not math.isnan(v) else "" for v in s["pre_log10_rms_std"]]
+    table["post mean"] = [fmt(v) for v in s["post_mean"]]
+    table["post std"] = [fmt_std(v) for v in s["post_log10_rms_std"]]
+    if replicates > 1:
+        table["typical post std"] = [fmt_std(v) for v in s["post_log10_typical_std"]]
+    table["zeros"] = [fmt(v, 3) for v in s["post_frac_zero"]]
+    table["saturated"] = [fmt(v, 3) for v in s["post_frac_saturated"]]
+    table["cos sim"] = [fmt(v, 3) for v in s["post_cos_sim"]]
+    return table
+
+
+def terminal_table(layers: pd.DataFrame, summary: pd.DataFrame) -> str:
+    """A compact per-layer table per configuration for the terminal."""
+    reps = int(layers["replicate"].nunique())
+    blocks = []
+    for config in summary["config"].unique():
+        t = layer_table(summary, config, reps)[["layer", "post mean", "post std"]
+                                               + (["typical post std"] if reps > 1 else [])]
+        blocks.append(f"{config}\n" + t.to_markdown(index=False, tablefmt="simple", disable_numparse=True))
+    return "\n\n".join(blocks)
+
+
+def _options_table(meta: dict[str, Any]) -> str:
+    configs = meta["configs"]
+    varied = {k for c in configs for k in c["varied"]}
+    common = {k: v for k, v in configs[0]["options"].items() if k not in varied}
+    if "widths" in common and len(set(common["widths"])) == 1:
+        common = {"layers": len(common["widths"]) - 1, "width": common["widths"][0],
+                  **{k: v for k, v in common.items() if k != "widths"}}
+    rows = [(f"`--{k.replace('_', '-')}`", str(v)) for k, v in common.items()]
+    return pd.DataFrame(rows, columns=["option", "value"]).to_markdown(index=False)
+
+
+def render_markdown(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, Any], figure: str) -> str:
+    """The report.md text."""
+    configs = meta["configs"]
+    reps = int(layers["replicate"].nunique())
+    labels = [c["label"] for c in configs]
+    out = [f"# varprop: {' vs '.join(labels)}", ""]
+    if meta.get("command"):
+        out += ["Reproduce with:", "", "```", meta["command"], "```", ""]
+    v = meta["versions"]
+    out += [f"varprop {v['varprop']}, numpy {v['numpy']}, Python {v['python']}; seed {meta['seed']}; "
+            f"run time {meta['elapsed_s']:.1f} s.", ""]
+
+    out += ["## Summary", ""]
+    lines = seed_line(layers)
+    rows = []
+    for config in labels:
+        s = summary[summary["config"] == config]
+        mean, log10_rms = lines[config]
+        rows.append({
+            "configuration": config,
+            "mean of layer means": fmt(mean),
+            "sqrt(mean layer variance)": fmt_std(log10_rms),
+            "output std (last layer)": fmt_std(s["post_log10_rms_std"].iloc[-1]),
+            "std factor per layer": fmt(_growth(s, "post_log10_rms_std")),
+        })
+    out += [pd.DataFrame(rows).to_markdown(index=False), ""]
+    out += ["The first two columns are the seed answer's summary of a stack: the mean over layers 1..L of "
+            "each layer's output mean, and the square root of the mean over layers of each layer's output "
+            "variance" + (f" (pooled over {reps} replicates)." if reps > 1 else "."), ""]
+
+    out += ["## Configuration", "", _options_table(meta), ""]
+    if any(c["varied"] for c in configs):
+        varied = pd.DataFrame([{"configuration": c["label"], **c["varied"]} for c in configs])
+        out += ["Compared:", "", varied.to_markdown(index=False), ""]
+
+    out += ["## Output std per layer", "", f"![std per layer]({figure})", ""]
+    if reps > 1:
+        out += [
+            "Two summaries of the same replicates. The **mean network** (solid line, `post std` below) is the "
+            "square root of the variance averaged over replicates: what mean-field theory predicts. The "
+            "**typical network** (dashed, `typical post std`) is the geometric mean, 10 to the mean of "
+            "log10 std: what one network drawn at random looks like. At finite width each layer multiplies "
+            "the variance by a random factor, so log std performs a random walk: the spread grows with "
+            "depth/width and, by Jensen's inequality, the typical network sits below the mean one even when "
+            "the mean is preserved exactly.", "",
+        ]
+
+    out += ["## Per-layer statistics", ""]
+    depth = int(summary["layer"].max())
+    if depth > MAX_FULL_LAYERS:
+        out += [f"A subsample of the {depth + 1} layers; `layers.csv` has every layer and replicate.", ""]
+    for config in labels:
+        if len(labels) > 1:
+            out += [f"### {config}", ""]
+        out += [layer_table(summary, config, reps).to_markdown(index=False, disable_numparse=True), ""]
+    out += [
+        "Columns: `pre std` is the std of z = h W + b entering the activation; `post` is the layer's output "
+        "h; `zeros` the fraction of exact zeros of h; `saturated` the fraction of units with |phi'(z)| < 1e-3; "
+        "`cos sim` the mean cosine similarity between pairs of samples (1 means every input maps to the same "
+        "direction). Layer 0 is the input. \"overflow\" marks a value beyond float64; the std columns are "
+        "exact at any magnitude.", "",
+    ]
+    return "\n".join(out)

@@ -1,0 +1,348 @@
+"""Run specifications and their validation.
+
+Every option has one parser here, shared by the CLI, TOML config files and
+the Python API, so a bad value gets the same one-line error wherever it comes
+from. Options are flat (the CLI's names with underscores); :func:`expand`
+turns lists of values into one :class:`RunSpec` per combination.
+
+>>> spec = from_options({"layers": 3, "width": 8, "init": "he", "activation": "relu"})
+>>> spec.network.widths, spec.network.init.scheme
+((8, 8, 8, 8), 'he')
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from . import activations, inits
+
+
+class SpecError(ValueError):
+    """A bad option value; ``str()`` is the one line shown to the user."""
+
+    def __init__(self, option: str, message: str):
+        self.option = option
+        super().__init__(f"--{option.replace('_', '-')}: {message}")
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """How weights are drawn: a scheme (preset name, ``module:function`` or a
+    callable ``(rng, fan_in, fan_out) -> array``) and its overrides."""
+
+    scheme: Any = "fan_in"
+    distribution: str | None = None
+    mode: str | None = None
+    gain: float | None = None
+    scale: float = 1.0
+
+    def resolve(self) -> inits.Scheme:
+        return inits.resolve(self.scheme, self.distribution, self.mode, self.gain, self.scale)
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A fully connected stack: ``widths = (n_0, n_1, ..., n_L)``.
+
+    >>> NetworkSpec.square(layers=2, width=5, activation="tanh").widths
+    (5, 5, 5)
+    """
+
+    widths: tuple[int, ...]
+    activation: str = "linear"
+    output_activation: str | None = None
+    leaky_slope: float = 0.01
+    init: InitSpec = field(default_factory=InitSpec)
+    bias_std: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.init, str) or callable(self.init):
+            object.__setattr__(self, "init", InitSpec(self.init))
+        object.__setattr__(self, "widths", parse_widths(self.widths))
+        for name in ("activation", "output_activation"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, parse_activation(value, name))
+        try:
+            self.init.resolve()
+        except ValueError as exc:
+            raise SpecError("init", str(exc)) from None
+
+    @classmethod
+    def square(cls, layers: int, width: int, **kw: Any) -> "NetworkSpec":
+        return cls(widths=(parse_pos_int(width, "width"),) * (parse_pos_int(layers, "layers") + 1), **kw)
+
+    @property
+    def depth(self) -> int:
+        return len(self.widths) - 1
+
+    def activation_at(self, layer: int) -> str:
+        """The activation of weight layer ``layer`` (1-based)."""
+        if layer == self.depth and self.output_activation is not None:
+            return self.output_activation
+        return self.activation
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A network plus what goes through it: inputs, replicates, seed, dtype."""
+
+    network: NetworkSpec
+    samples: int | None = None  # None: 500, or the rows of input_file
+    input: str = "gaussian"
+    input_std: float = 1.0
+    input_file: str | None = None
+    replicates: int = 1
+    seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "input", "input_std", "input_file", "replicates", "seed", "dtype"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, OPTIONS[name].parse(value, name))
+        if self.input_file is None:
+            if self.samples is None:
+                object.__setattr__(self, "samples", DEFAULT_SAMPLES)
+            return
+        rows = load_input(self.input_file, self.network.widths[0]).shape[0]
+        if self.samples is not None and self.samples != rows:
+            raise SpecError("samples", f"{self.samples} differs from the {rows} rows of --input-file")
+        object.__setattr__(self, "samples", rows)
+
+
+DEFAULT_SAMPLES = 500
+
+
+def load_input(path: str, width: int) -> np.ndarray:
+    """The N x n_0 array of an ``--input-file`` (.npy), checked for shape and NaN."""
+    try:
+        x = np.load(path, allow_pickle=False)
+    except Exception as exc:  # unreadable or not .npy: one line for the user
+        raise SpecError("input_file", f"cannot read {path} as a .npy array ({exc})") from None
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise SpecError("input_file", f"{path} holds an array of shape {x.shape}; expected N x {width}")
+    if x.shape[1] != width:
+        raise SpecError("input_file", f"{path} has {x.shape[1]} columns but the network's input width is {width}")
+    if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
+        raise SpecError("input_file", f"{path} contains NaN, inf or non-numeric values")
+    return x
+
+
+# --- parsers: each takes a value from the CLI (str), TOML or Python --------
+
+def _fail(option: str, accepted: str, value: Any) -> SpecError:
+    return SpecError(option, f"expected {accepted}, got {value!r}")
+
+
+def _int(value: Any, option: str, accepted: str, ok: Callable[[int], bool]) -> int:
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        n = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise _fail(option, accepted, value) from None
+    if not ok(n):
+        raise _fail(option, accepted, value)
+    return n
+
+
+def parse_pos_int(value: Any, option: str) -> int:
+    return _int(value, option, "a positive integer", lambda n: n >= 1)
+
+
+def parse_seed(value: Any, option: str) -> int:
+    return _int(value, option, "an integer >= 0", lambda n: n >= 0)
+
+
+def _float(value: Any, option: str, accepted: str, ok: Callable[[float], bool]) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        x = float(value)
+    except (TypeError, ValueError):
+        raise _fail(option, accepted, value) from None
+    if not ok(x):
+        raise _fail(option, accepted, value)
+    return x
+
+
+def parse_pos_float(value: Any, option: str) -> float:
+    return _float(value, option, "a positive finite number", lambda x: math.isfinite(x) and x > 0)
+
+
+def parse_nonneg_float(value: Any, option: str) -> float:
+    return _float(value, option, "a finite number >= 0", lambda x: math.isfinite(x) and x >= 0)
+
+
+def _choice(choices: Iterable[str]) -> Callable[[Any, str], str]:
+    choices = tuple(choices)
+
+    def parse(value: Any, option: str) -> str:
+        if value not in choices:
+            raise _fail(option, "one of " + ", ".join(choices), value)
+        return value
+
+    return parse
+
+
+def parse_activation(value: Any, option: str = "activation") -> str:
+    return _choice(activations.NAMES)(value, option)
+
+
+def parse_widths(value: Any, option: str = "widths") -> tuple[int, ...]:
+    accepted = "at least two comma-separated positive integers (input width, then one per layer)"
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        widths = tuple(parse_pos_int(p.strip() if isinstance(p, str) else p, option) for p in parts)
+    except (SpecError, TypeError):
+        raise _fail(option, accepted, value) from None
+    if len(widths) < 2:
+        raise _fail(option, accepted, value)
+    return widths
+
+
+def parse_init(value: Any, option: str = "init") -> Any:
+    if callable(value):
+        return value
+    if not isinstance(value, str):
+        raise _fail(option, "a scheme name or module:function", value)
+    try:
+        inits.resolve(value)
+    except ValueError as exc:
+        names = ", ".join(inits.PRESETS)
+        raise SpecError(option, f"{exc}; expected one of {names} or module:function") from None
+    return value
+
+
+def parse_input_file(value: Any, option: str = "input_file") -> str:
+    path = os.fspath(value)
+    if not os.path.isfile(path):
+        raise SpecError(option, f"no such file: {path}")
+    return path
+
+
+@dataclass(frozen=True)
+class Option:
+    parse: Callable[[Any, str], Any]
+    default: Any
+    help: str
+    repeatable: bool = True
+
+
+OPTIONS: dict[str, Option] = {
+    "layers": Option(parse_pos_int, 100, "number of weight layers L (square stack of --width)"),
+    "width": Option(parse_pos_int, 100, "width of every layer, input included"),
+    "widths": Option(parse_widths, None, "explicit widths n_0,n_1,...,n_L, e.g. 784,512,256,128,64,10"),
+    "activation": Option(parse_activation, "linear", "hidden-layer activation: " + ", ".join(activations.NAMES)),
+    "output_activation": Option(parse_activation, None, "activation of the last layer (default: as hidden)"),
+    "leaky_slope": Option(lambda v, o: _float(v, o, "a finite number", math.isfinite), 0.01, "negative slope of leaky_relu"),
+    "init": Option(parse_init, "fan_in", "init scheme: " + ", ".join(inits.PRESETS) + ", or module:function"),
+    "distribution": Option(_choice(inits.DISTRIBUTIONS), None, "weight distribution (default: the scheme's own)"),
+    "mode": Option(_choice(inits.MODES), None, "fan the variance is divided by (default: the scheme's own)"),
+    "gain": Option(parse_pos_float, None, "gain (std multiplier) replacing the scheme's own"),
+    "scale": Option(parse_pos_float, 1.0, "extra factor on the weight variance"),
+    "bias_std": Option(parse_nonneg_float, None, "bias std sigma_b (default 0; torch-default: its own)"),
+    "samples": Option(parse_pos_int, None, "number of input samples N (default 500, or the rows of --input-file)"),
+    "input": Option(_choice(("gaussian", "uniform")), "gaussian", "input distribution"),
+    "input_std": Option(parse_pos_float, 1.0, "input standard deviation"),
+    "input_file": Option(parse_input_file, None, "real inputs: an N x n_0 .npy file", repeatable=False),
+    "replicates": Option(parse_pos_int, 1, "independent weight draws R", repeatable=False),
+    "seed": Option(parse_seed, 0, "seed of the random generator tree", repeatable=False),
+    "dtype": Option(_choice(("float32", "float64")), "float32", "compute dtype (statistics are float64)"),
+}
+
+
+def parse(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a flat option mapping (values or lists of values); unknown keys fail."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        key = key.replace("-", "_")
+        if key not in OPTIONS:
+            raise SpecError(key, "unknown option; known: " + ", ".join(o.replace("_", "-") for o in OPTIONS))
+        opt = OPTIONS[key]
+        if isinstance(value, (list, tuple)) and not (key == "widths" and value and not isinstance(value[0], (str, list, tuple))):
+            if not opt.repeatable and len(value) != 1:
+                raise SpecError(key, "takes one value, not a list")
+            out[key] = [opt.parse(v, key) for v in value]
+        else:
+            out[key] = opt.parse(value, key)
+    return out
+
+
+def from_options(options: Mapping[str, Any]) -> RunSpec:
+    """One RunSpec from flat scalar options; missing ones take their defaults."""
+    o = parse(options)
+    if "widths" in o and ("layers" in o or "width" in o):
+        raise SpecError("widths", "cannot be combined with --layers or --width")
+    get = lambda k: o.get(k, OPTIONS[k].default)  # noqa: E731
+    widths = o.get("widths") or (get("width"),) * (get("layers") + 1)
+    init = InitSpec(get("init"), get("distribution"), get("mode"), get("gain"), get("scale"))
+    net = NetworkSpec(widths, get("activation"), get("output_activation"), get("leaky_slope"), init, get("bias_std"))
+    return RunSpec(net, get("samples"), get("input"), get("input_std"), get("input_file"),
+                   get("replicates"), get("seed"), get("dtype"))
+
+
+def to_options(spec: RunSpec) -> dict[str, Any]:
+    """The flat options that rebuild ``spec`` (a callable init stays a callable)."""
+    n, i = spec.network, spec.network.init
+    scheme = i.scheme
+    out = {
+        "widths": list(n.widths), "activation": n.activation, "output_activation": n.output_activation,
+        "leaky_slope": n.leaky_slope, "init": scheme, "distribution": i.distribution, "mode": i.mode,
+        "gain": i.gain, "scale": i.scale, "bias_std": n.bias_std,
+        "samples": None if spec.input_file else spec.samples,
+        "input": spec.input, "input_std": spec.input_std, "input_file": spec.input_file,
+        "replicates": spec.replicates, "seed": spec.seed, "dtype": spec.dtype,
+    }
+    if "leaky_relu" not in (n.activation, n.output_activation):
+        del out["leaky_slope"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration of a comparison: its label, varied values and spec."""
+
+    label: str
+    varied: dict[str, Any]
+    spec: RunSpec
+
+
+def _label_part(key: str, value: Any) -> str:
+    if key in ("init", "activation", "distribution", "mode", "input", "dtype"):
+        return str(value if isinstance(value, str) else getattr(value, "__name__", value))
+    if key == "widths":
+        return "-".join(map(str, value))
+    return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+
+
+def expand(options: Mapping[str, Any]) -> list[Config]:
+    """Every combination of the options given as lists, in the order given.
+
+    >>> [c.label for c in expand({"init": ["unit", "fan_in"], "layers": 2})]
+    ['unit', 'fan_in']
+    """
+    o = parse(options)
+    varied = {k: v for k, v in o.items() if isinstance(v, list) and len(v) > 1}
+    fixed = {k: (v[0] if isinstance(v, list) else v) for k, v in o.items() if k not in varied}
+    configs = []
+    for combo in itertools.product(*varied.values()):
+        values = dict(zip(varied, combo))
+        spec = from_options({**fixed, **values})
+        if values:
+            label = ", ".join(_label_part(k, v) for k, v in values.items())
+        else:
+            label = f"{_label_part('init', spec.network.init.scheme)} {spec.network.activation}"
+        configs.append(Config(label, values, spec))
+    return configs
+
+
+__all__ = ["SpecError", "InitSpec", "NetworkSpec", "RunSpec", "Config", "OPTIONS", "parse", "from_options",
+           "to_options", "expand"]

@@ -1,0 +1,112 @@
+"""Per-layer statistics of a log-scaled layer, and their summary over replicates.
+
+A layer's values are ``x = exp(log_s) * u`` (see engine.py); every statistic
+is computed from ``u`` in float64 and then scaled, so none overflows: values
+beyond float64 show as ``inf`` while ``log10_std`` stays exact.
+
+>>> import numpy as np
+>>> s = side_stats(np.array([[1.0, -1.0], [1.0, -1.0]]), log_s=np.log(10.0))
+>>> round(s["std"], 12), s["log10_std"], s["cos_sim"]
+(10.0, 1.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+STATS = ("mean", "std", "log10_std", "second_moment", "sq_unit_mean", "unit_var", "frac_zero",
+         "frac_saturated", "cos_sim")
+SATURATION = 1e-3  # |phi'(z)| below this counts as saturated
+_LN10 = math.log(10.0)
+
+
+def _scaled(x: float, log_factor: float) -> float:
+    """``x * exp(log_factor)`` without overflow warnings (inf when too large)."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    log_abs = math.log(abs(x)) + log_factor
+    return math.copysign(math.exp(log_abs) if log_abs < 709.7 else math.inf, x)
+
+
+def side_stats(u: np.ndarray, log_s: float, saturated: float = math.nan) -> dict[str, float]:
+    """The DESIGN.md statistics of ``exp(log_s) * u`` (N samples x n units).
+
+    ``saturated`` is the fraction of units with |phi'(z)| < 1e-3, computed by
+    the caller, who knows the activation.
+    """
+    x = u.astype(np.float64, copy=False)
+    col_mean = x.mean(axis=0)
+    mean = float(col_mean.mean())
+    var = float(x.var())
+    unit_var = float(x.var(axis=0).mean())
+    sq_unit_mean = float(np.mean(col_mean**2))
+    second = float(np.mean(x * x))
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    live = norms > 0
+    k = int(live.sum())
+    if k >= 2:
+        r = x[live] / norms[live, None]
+        total = r.sum(axis=0)
+        cos_sim = (float(total @ total) - k) / (k * (k - 1))
+    else:
+        cos_sim = math.nan
+    std = math.sqrt(var)
+    return {
+        "mean": _scaled(mean, log_s),
+        "std": _scaled(std, log_s),
+        "log10_std": (math.log(std) + log_s) / _LN10 if std > 0 else -math.inf,
+        "second_moment": _scaled(second, 2 * log_s),
+        "sq_unit_mean": _scaled(sq_unit_mean, 2 * log_s),
+        "unit_var": _scaled(unit_var, 2 * log_s),
+        "frac_zero": float(np.count_nonzero(x == 0)) / x.size,
+        "frac_saturated": saturated,
+        "cos_sim": cos_sim,
+    }
+
+
+def empty_stats() -> dict[str, float]:
+    """The row of a side that does not exist (the input has no pre-activation)."""
+    return dict.fromkeys(STATS, math.nan)
+
+
+def log10_mean_pow10(log10_values: np.ndarray, power: float = 1.0) -> float:
+    """``log10(mean(10 ** (power * v)))``, stable for any magnitude of v."""
+    v = power * np.asarray(log10_values, dtype=float)
+    v = v[~np.isnan(v)]
+    if not np.isfinite(v).any():
+        return -math.inf
+    m = v[np.isfinite(v)].max()
+    return float(m + np.log10(np.mean(10.0 ** (v - m))))
+
+
+def summarize(layers: pd.DataFrame) -> pd.DataFrame:
+    """One row per (config, layer): the mean over replicates of each statistic,
+    its standard error and 95% t interval (``_se``, ``_lo``, ``_hi``), and for
+    the std both the mean network (``{side}_log10_rms_std``: log10 of the
+    square root of the mean variance, what mean-field theory predicts) and the
+    typical network (``{side}_log10_typical_std``: the mean of log10 std, i.e.
+    the geometric mean).
+    """
+    sides = [s for s in ("pre", "post", "grad", "delta") if f"{s}_log10_std" in layers]
+    cols = [f"{side}_{stat}" for side in sides for stat in STATS if f"{side}_{stat}" in layers]
+    keys = ["config", "layer"]
+    g = layers.groupby(keys, sort=False)
+    mean, n = g[cols].mean(), g[cols].count()
+    with np.errstate(invalid="ignore"):
+        se = g[cols].std(ddof=1) / np.sqrt(n)
+        half = se * sps.t.ppf(0.975, (n - 1).where(n > 1))
+    out = pd.concat([mean, se.add_suffix("_se"), (mean - half).add_suffix("_lo"), (mean + half).add_suffix("_hi")],
+                    axis=1)
+    out.insert(0, "replicates", g.size())
+    for side in sides:
+        logs = layers[f"{side}_log10_std"]
+        peak = logs.replace(-np.inf, np.nan).groupby([layers[k] for k in keys], sort=False).transform("max")
+        with np.errstate(invalid="ignore", over="ignore"):
+            rel = (10.0 ** (2 * (logs - peak))).groupby([layers[k] for k in keys], sort=False).mean()
+        out[f"{side}_log10_rms_std"] = peak.groupby([layers[k] for k in keys], sort=False).first() + 0.5 * np.log10(rel)
+        out[f"{side}_log10_typical_std"] = g[f"{side}_log10_std"].mean()
+    return out.reset_index()

@@ -175,11 +175,13 @@ def apply_scaled(act: Activation, u: Array, log_s: float) -> tuple[Array, float]
 
 
 def dphi_scaled(act: Activation, u: Array, log_s: float) -> Array:
-    """``phi'(exp(log_s) * u)`` for every entry, finite at any scale (float64).
+    """``phi'(exp(log_s) * u)`` for every entry, finite at any scale.
 
     Clipping x at +-1e6 keeps each entry on its side's asymptote, where phi'
     is constant to float64 precision for every registered activation.
     """
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        if u.dtype == np.float32 and abs(log_s) < _LOG_DIRECT_F32:
+            return act.dphi(u * np.float32(math.exp(log_s)))
         x = np.clip(u.astype(np.float64) * math.exp(min(log_s, 600.0)), -1e6, 1e6)
-    return act.dphi(x)
+        return act.dphi(x)

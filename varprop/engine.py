@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from . import activations, inits
 from .spec import Config, NetworkSpec, RunSpec, SpecError, expand, load_input, to_options
@@ -149,7 +150,10 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
     start = time.perf_counter()
     frames = []
     for c in configs:
-        rows = [r for rep in range(c.spec.replicates) for r in run_replicate(c.spec, rep, progress)]
+        # Multi-threaded BLAS splits products differently for each thread
+        # count, which changes the last bits; one thread keeps runs identical.
+        with threadpool_limits(1, user_api="blas"):
+            rows = [r for rep in range(c.spec.replicates) for r in run_replicate(c.spec, rep, progress)]
         frame = pd.DataFrame(rows)
         for key, value in reversed(list(c.varied.items())):
             frame.insert(0, key, value if isinstance(value, (str, int, float)) else str(value))

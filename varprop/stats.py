@@ -6,8 +6,8 @@ beyond float64 show as ``inf`` while ``log10_std`` stays exact.
 
 >>> import numpy as np
 >>> s = side_stats(np.array([[1.0, -1.0], [1.0, -1.0]]), log_s=np.log(10.0))
->>> round(s["std"], 12), s["log10_std"], s["cos_sim"]
-(10.0, 1.0, 1.0)
+>>> [round(s[k], 12) for k in ("std", "log10_std", "cos_sim")]
+[10.0, 1.0, 1.0]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def side_stats(u: np.ndarray, log_s: float, saturated: float = math.nan) -> dict
     return {
         "mean": _scaled(mean, log_s),
         "std": _scaled(std, log_s),
-        "log10_std": (math.log(std) + log_s) / _LN10 if std > 0 else -math.inf,
+        "log10_std": float(math.log(std) + log_s) / _LN10 if std > 0 else -math.inf,
         "second_moment": _scaled(second, 2 * log_s),
         "sq_unit_mean": _scaled(sq_unit_mean, 2 * log_s),
         "unit_var": _scaled(unit_var, 2 * log_s),

@@ -1,0 +1,166 @@
+"""Init schemes: realised variances, bounds and orthogonality, with tolerances
+from the sampling distribution of each statistic (false-alarm rate 1e-6 per
+check, fixed seeds)."""
+
+import math
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from varprop import inits
+from varprop.engine import generator
+
+from statcheck import z_two_sided
+
+FAN_IN, FAN_OUT = 300, 200
+ALPHA = 1e-6
+FANS = {"fan_in": FAN_IN, "fan_out": FAN_OUT, "fan_avg": (FAN_IN + FAN_OUT) / 2}
+# Kurtosis of each standard draw: the variance of a mean of squares is (kurt - 1) sd^4 / n.
+KURTOSIS = {
+    "normal": 3.0,
+    "uniform": 1.8,
+    "truncated_normal": float(stats.truncnorm(-2, 2).stats(moments="k")) + 3.0,
+}
+
+
+def expected_variance(name: str, mode: str) -> float:
+    """The variance each scheme should realise, written from its definition."""
+    return {
+        "unit": 1.0,
+        "fan_in": 1.0 / FANS[mode],
+        "he": 2.0 / FANS[mode],
+        "xavier": 1.0 / FANS[mode],  # xavier's own mode is fan_avg: 2 / (fan_in + fan_out)
+        "torch-default": 1.0 / (3 * FANS[mode]),
+        "keras-default": 1.0 / FANS[mode],
+    }[name]
+
+
+def realised(w: np.ndarray) -> float:
+    """Second moment about the known mean 0 (n s^2 / v is chi-square(n) for normals)."""
+    w = w.astype(np.float64)
+    return float(np.mean(w * w))
+
+
+def assert_variance(w: np.ndarray, v: float, distribution: str) -> None:
+    n = w.size
+    m2 = realised(w)
+    if distribution == "normal":
+        lo, hi = stats.chi2.ppf([ALPHA / 2, 1 - ALPHA / 2], n) / n
+    else:
+        half = z_two_sided(ALPHA) * math.sqrt((KURTOSIS[distribution] - 1) / n)
+        lo, hi = 1 - half, 1 + half
+    assert lo <= m2 / v <= hi, f"realised/expected variance {m2 / v:.5f} outside [{lo:.5f}, {hi:.5f}]"
+
+
+@pytest.mark.parametrize("distribution", inits.DISTRIBUTIONS)
+@pytest.mark.parametrize("mode", inits.MODES)
+@pytest.mark.parametrize("name", ["unit", "fan_in", "he", "xavier", "torch-default", "keras-default"])
+def test_realised_variance_matches_rule(name, mode, distribution):
+    scheme = inits.resolve(name, distribution=distribution, mode=mode)
+    w0, scale = inits.draw_weights(scheme, generator(7, 0, 1, "weights"), FAN_IN, FAN_OUT, np.float32)
+    assert w0.shape == (FAN_IN, FAN_OUT)
+    assert_variance(w0 * scale, expected_variance(name, mode), distribution)
+
+
+@pytest.mark.parametrize("name,mode", [("xavier", "fan_avg"), ("keras-default", "fan_avg"), ("he", "fan_in"),
+                                       ("torch-default", "fan_in"), ("fan_in", "fan_in")])
+def test_presets_use_their_own_mode_and_distribution(name, mode):
+    scheme = inits.resolve(name)
+    assert scheme.mode == mode
+    w0, scale = inits.draw_weights(scheme, generator(8, 0, 1, "weights"), FAN_IN, FAN_OUT)
+    assert_variance(w0 * scale, expected_variance(name, mode), scheme.distribution)
+
+
+def test_framework_defaults():
+    # torch.nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+    torch = inits.resolve("torch-default")
+    assert torch.distribution == "uniform"
+    w0, scale = inits.draw_weights(torch, generator(1, 0, 1, "weights"), FAN_IN, FAN_OUT)
+    assert np.max(np.abs(w0 * scale)) <= 1 / math.sqrt(FAN_IN) * (1 + 1e-6)
+    bias = inits.draw_bias(torch, None, np.random.default_rng(2), FAN_IN, 200_000)
+    assert np.max(np.abs(bias)) <= 1 / math.sqrt(FAN_IN)
+    assert_variance(bias, 1 / (3 * FAN_IN), "uniform")
+    # keras Dense: glorot_uniform, limit sqrt(6 / (fan_in + fan_out)), zero bias.
+    keras = inits.resolve("keras-default")
+    w0, scale = inits.draw_weights(keras, generator(1, 0, 1, "weights"), FAN_IN, FAN_OUT)
+    limit = math.sqrt(6 / (FAN_IN + FAN_OUT))
+    assert np.max(np.abs(w0 * scale)) <= limit * (1 + 1e-6)
+    assert inits.draw_bias(keras, None, np.random.default_rng(2), FAN_IN, FAN_OUT) is None
+
+
+@pytest.mark.parametrize("name", ["fan_in", "he", "xavier"])
+def test_uniform_bound_is_sqrt_3v_and_reached(name):
+    v = inits.variance(inits.resolve(name), FAN_IN, FAN_OUT)
+    w0, scale = inits.draw_weights(inits.resolve(name, distribution="uniform"), generator(3, 0, 1, "weights"),
+                                   FAN_IN, FAN_OUT)
+    peak = np.max(np.abs(w0 * scale))
+    bound = math.sqrt(3 * v)
+    # P(max |w| < 0.999 bound) = 0.999 ** 60000 ~ 1e-26.
+    assert 0.999 * bound <= peak <= bound * (1 + 1e-6)
+
+
+def test_truncated_normal_constant_and_bound():
+    assert inits.TRUNC_SD == pytest.approx(stats.truncnorm(-2, 2).std(), rel=1e-15)
+    scheme = inits.resolve("he", distribution="truncated_normal")
+    v = inits.variance(scheme, FAN_IN, FAN_OUT)
+    w0, scale = inits.draw_weights(scheme, generator(4, 0, 1, "weights"), FAN_IN, FAN_OUT)
+    pre_truncation_sd = math.sqrt(v) / inits.TRUNC_SD
+    assert np.max(np.abs(w0 * scale)) <= 2 * pre_truncation_sd * (1 + 1e-6)
+    assert np.max(np.abs(w0)) > 1.99  # draws do reach the truncation points
+    assert_variance(w0 * scale, v, "truncated_normal")
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300), (128, 128)])
+@pytest.mark.parametrize("gain", [1.0, 2.0])
+def test_orthogonal_is_orthogonal(shape, gain):
+    scheme = inits.resolve("orthogonal", gain=gain)
+    w0, scale = inits.draw_weights(scheme, generator(5, 0, 1, "weights"), *shape)
+    w = (w0 * scale).astype(np.float64)
+    gram = w.T @ w if shape[0] >= shape[1] else w @ w.T
+    eps = np.finfo(np.float32).eps
+    np.testing.assert_allclose(gram, gain**2 * np.eye(gram.shape[0]), atol=gain**2 * 50 * eps)
+    assert inits.variance(scheme, *shape) == pytest.approx(gain**2 / max(shape))
+
+
+def test_schemes_share_underlying_draws():
+    """Common random numbers: same generator, same distribution, same W0."""
+    a, sa = inits.draw_weights(inits.resolve("unit"), generator(9, 2, 3, "weights"), 50, 40)
+    b, sb = inits.draw_weights(inits.resolve("he"), generator(9, 2, 3, "weights"), 50, 40)
+    np.testing.assert_array_equal(a, b)
+    assert sb / sa == pytest.approx(math.sqrt(2 / 50))
+
+
+def test_gain_and_scale_override():
+    scheme = inits.resolve("he", gain=1.0, scale=4.0)
+    assert inits.variance(scheme, 100, 10) == pytest.approx(4.0 / 100)
+
+
+def _user_init(rng, fan_in, fan_out):
+    return rng.standard_normal((fan_in, fan_out)) * 0.5 / math.sqrt(fan_in)
+
+
+def test_user_callable_and_module_string(tmp_path, monkeypatch):
+    w, scale = inits.draw_weights(inits.resolve(_user_init), np.random.default_rng(0), 300, 200)
+    assert scale == 1.0
+    assert_variance(w, 0.25 / 300, "normal")
+    (tmp_path / "my_inits.py").write_text(textwrap.dedent("""
+        import numpy as np
+        def tiny(rng, fan_in, fan_out):
+            return rng.standard_normal((fan_in, fan_out)) * 1e-3
+        def wrong_shape(rng, fan_in, fan_out):
+            return np.zeros((fan_out, fan_in))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    scheme = inits.resolve("my_inits:tiny")
+    w, _ = inits.draw_weights(scheme, np.random.default_rng(0), 300, 200)
+    assert_variance(w, 1e-6, "normal")
+    with pytest.raises(ValueError, match="shape"):
+        inits.draw_weights(inits.resolve("my_inits:wrong_shape"), np.random.default_rng(0), 30, 20)
+    with pytest.raises(ValueError, match="no callable"):
+        inits.resolve("my_inits:nothing")
+    with pytest.raises(ValueError, match="cannot import"):
+        inits.resolve("no_such_module_xyz:f")
+    sys.modules.pop("my_inits", None)

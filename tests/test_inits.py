@@ -88,7 +88,8 @@ def test_framework_defaults():
     w0, scale = inits.draw_weights(keras, generator(1, 0, 1, "weights"), FAN_IN, FAN_OUT)
     limit = math.sqrt(6 / (FAN_IN + FAN_OUT))
     assert np.max(np.abs(w0 * scale)) <= limit * (1 + 1e-6)
-    assert inits.draw_bias(keras, None, np.random.default_rng(2), FAN_IN, FAN_OUT) is None
+    assert not inits.has_bias(keras, None)
+    assert inits.has_bias(keras, 0.1) and not inits.has_bias(torch, 0.0)
 
 
 @pytest.mark.parametrize("name", ["fan_in", "he", "xavier"])

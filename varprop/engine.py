@@ -84,6 +84,7 @@ def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = Non
     net = spec.network
     scheme = net.init.resolve()
     dtype = np.dtype(spec.dtype).type
+    with_bias = inits.has_bias(scheme, net.bias_std)
     u, log_h = _renorm(make_inputs(spec, replicate), 0.0)
     rows = [{"replicate": replicate, "layer": 0, "width": net.widths[0], "fan_in": pd.NA, "fan_out": pd.NA,
              **_prefix("pre", empty_stats()), **_prefix("post", side_stats(u, log_h))}]
@@ -96,8 +97,8 @@ def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = Non
         z = u @ w0
         del u
         log_z = log_h + math.log(w_scale)
-        bias = inits.draw_bias(scheme, net.bias_std, generator(spec.seed, replicate, layer, "bias"), n_in, n_out)
-        if bias is not None:
+        if with_bias:
+            bias = inits.draw_bias(scheme, net.bias_std, generator(spec.seed, replicate, layer, "bias"), n_in, n_out)
             z, log_z = _add_bias(z, log_z, bias)
         z, log_z = _renorm(z, log_z)
         act = activations.get(net.activation_at(layer), net.leaky_slope)

@@ -195,11 +195,14 @@ def orthogonal(rng: np.random.Generator, fan_in: int, fan_out: int, dtype: type 
     return (q if tall else q.T).astype(dtype)
 
 
-def draw_bias(s: Scheme, bias_std: float | None, rng: np.random.Generator, fan_in: int, fan_out: int) -> Array | None:
-    """The bias vector (float64), or None when it is zero."""
+def has_bias(s: Scheme, bias_std: float | None) -> bool:
+    """Whether layers get a nonzero bias (``--bias-std`` beats the scheme's own)."""
+    return bias_std > 0 if bias_std is not None else s.bias == "torch"
+
+
+def draw_bias(s: Scheme, bias_std: float | None, rng: np.random.Generator, fan_in: int, fan_out: int) -> Array:
+    """The bias vector (float64) of a layer; only for :func:`has_bias` schemes."""
     if bias_std is not None:
-        return rng.standard_normal(fan_out) * bias_std if bias_std > 0 else None
-    if s.bias == "torch":
-        bound = 1 / math.sqrt(fan_in)
-        return rng.uniform(-bound, bound, fan_out)
-    return None
+        return rng.standard_normal(fan_out) * bias_std
+    bound = 1 / math.sqrt(fan_in)
+    return rng.uniform(-bound, bound, fan_out)

@@ -39,18 +39,22 @@ def side_stats(u: np.ndarray, log_s: float, saturated: float = math.nan) -> dict
     the caller, who knows the activation.
     """
     x = u.astype(np.float64, copy=False)
+    n_rows = x.shape[0]
     col_mean = x.mean(axis=0)
     mean = float(col_mean.mean())
-    var = float(x.var())
-    unit_var = float(x.var(axis=0).mean())
-    sq_unit_mean = float(np.mean(col_mean**2))
-    second = float(np.mean(x * x))
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-    live = norms > 0
-    k = int(live.sum())
+    dev = x - col_mean
+    unit_var = float(np.einsum("ij,ij->", dev, dev)) / x.size
+    sq_unit_mean = float(col_mean @ col_mean) / col_mean.size
+    # Law of total variance (exact for ddof=0), free of the cancellation in E[x^2] - E[x]^2.
+    var = unit_var + float(np.mean((col_mean - mean) ** 2))
+    row_sq = np.einsum("ij,ij->i", x, x)
+    second = float(row_sq.sum()) / x.size
+    live = row_sq > 0
+    k = int(np.count_nonzero(live))
     if k >= 2:
-        r = x[live] / norms[live, None]
-        total = r.sum(axis=0)
+        inv_norm = np.zeros(n_rows)
+        inv_norm[live] = 1 / np.sqrt(row_sq[live])
+        total = inv_norm @ x  # sum of the unit-normalised samples
         cos_sim = (float(total @ total) - k) / (k * (k - 1))
     else:
         cos_sim = math.nan

@@ -1,0 +1,142 @@
+"""Propagation laws the engine must reproduce, each tested with a tolerance
+from the sampling distribution and a fixed seed.
+
+The exact finite-width facts used: with zero-mean weights of variance v and
+any fixed input h, E[m2(h W)] = fan_in * v * m2(h) (m2 = second moment), so
+per-layer ratios of second moments are martingale differences with known
+mean, whatever the depth. Their average over layers and replicates is tested
+against a t interval; single deep networks are never held to a tight band.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import special
+
+import varprop
+from statcheck import t_two_sided
+
+ALPHA = 1e-5
+
+
+def pivot(df, col):
+    return df.pivot(index="replicate", columns="layer", values=col).to_numpy(dtype=float)
+
+
+def assert_mean(values, expected, alpha=ALPHA, what=""):
+    v = np.asarray(values, dtype=float).ravel()
+    mean, se = v.mean(), v.std(ddof=1) / math.sqrt(v.size)
+    tq = t_two_sided(alpha, v.size - 1)
+    assert abs(mean - expected) <= tq * se, f"{what}: mean {mean:.5g} vs {expected:.5g} (se {se:.3g}, t {tq:.2f})"
+
+
+@pytest.fixture(scope="module")
+def fan_in_stack():
+    spec = varprop.NetworkSpec.square(layers=100, width=100, init="fan_in")
+    return varprop.simulate(spec, samples=64, replicates=120, seed=11)
+
+
+def test_fan_in_linear_keeps_mean_variance_at_every_layer(fan_in_stack):
+    m2 = pivot(fan_in_stack, "post_second_moment")
+    ratio = m2 / m2[:, :1]  # E[ratio] = 1 exactly at every layer
+    for layer in range(1, 101):
+        # Bonferroni over the 100 layers.
+        assert_mean(ratio[:, layer], 1.0, alpha=ALPHA / 100, what=f"layer {layer}")
+
+
+def test_fan_in_linear_typical_network_drifts_below(fan_in_stack):
+    logs = pivot(fan_in_stack, "post_log10_std")
+    drift = logs[:, 100] - logs[:, 0]
+    upper = drift.mean() + t_two_sided(ALPHA, drift.size - 1) * drift.std(ddof=1) / math.sqrt(drift.size)
+    assert upper < 0, "the geometric mean over networks should fall below the preserved mean"
+
+
+@pytest.mark.parametrize("distribution", ["normal", "uniform"])
+def test_unit_init_grows_variance_by_fan_in_per_layer(distribution):
+    widths = (40, 90, 60, 120, 30, 70, 50, 100, 80, 60, 90)
+    spec = varprop.NetworkSpec(widths=widths, init=varprop.InitSpec("unit", distribution=distribution))
+    df = varprop.simulate(spec, samples=50, replicates=60, seed=2)
+    m2 = pivot(df, "post_second_moment")
+    growth = m2[:, 1:] / m2[:, :-1] / np.array(widths[:-1])  # E = 1: variance x fan_in per layer
+    assert_mean(growth, 1.0, what="variance growth / fan_in")
+    slope = (df.groupby("layer")["post_log10_std"].mean().diff().iloc[1:] - 0.5 * np.log10(widths[:-1]))
+    assert np.all(np.abs(slope) < 0.05), "log10 std grows by log10(sqrt(fan_in)) per layer"
+
+
+@pytest.mark.parametrize("distribution", ["normal", "uniform", "truncated_normal"])
+def test_he_keeps_second_moment_of_relu_stack(distribution):
+    widths = (64, 128, 96, 128, 80, 64, 128, 100, 90, 110, 64)
+    spec = varprop.NetworkSpec(widths=widths, activation="relu",
+                               init=varprop.InitSpec("he", distribution=distribution))
+    df = varprop.simulate(spec, samples=64, replicates=60, seed=4)
+    m2 = pivot(df, "post_second_moment")
+    assert_mean(m2[:, 1:] / m2[:, :-1], 1.0, what="He relu second-moment ratio")
+
+
+def test_bias_adds_its_variance_per_layer():
+    sigma_b = 0.5
+    spec = varprop.NetworkSpec.square(layers=20, width=60, init="fan_in", bias_std=sigma_b)
+    df = varprop.simulate(spec, samples=40, replicates=60, seed=5)
+    m2 = pivot(df, "post_second_moment")
+    assert_mean(np.diff(m2, axis=1), sigma_b**2, what="second-moment increase per layer")
+
+
+def rank_one_log10_slope(n: int) -> float:
+    """log10 std gained per layer by a deep unit-init linear stack of width n.
+
+    Deep in a product of Gaussian matrices the signal is effectively rank one,
+    so each layer multiplies the variance by n * chi2_n / n, and E log(chi2_n / n)
+    = digamma(n/2) - log(n/2).
+    """
+    return 0.5 * (math.log10(n) + (special.digamma(n / 2) - math.log(n / 2)) / math.log(10))
+
+
+@pytest.mark.slow
+def test_ten_thousand_layers_no_overflow():
+    n, depth = 100, 10_000
+    spec = varprop.NetworkSpec.square(layers=depth, width=n, init="unit")
+    df = varprop.simulate(spec, samples=100, seed=0, dtype="float32")
+    last = df["post_log10_std"].iloc[-1]
+    assert abs(last / (depth * math.log10(math.sqrt(n))) - 1) < 0.01
+    # Sharper: the finite-width law, with sd 0.5/ln(10) * sqrt(depth * trigamma(n/2)).
+    sd = 0.5 / math.log(10) * math.sqrt(depth * special.polygamma(1, n / 2))
+    assert abs(last - depth * rank_one_log10_slope(n)) < 5 * sd
+    assert np.isinf(df["post_std"].iloc[-1]) and np.isfinite(df["post_log10_std"]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh"])
+def test_ten_thousand_nonlinear_layers_stay_finite(activation):
+    spec = varprop.NetworkSpec.square(layers=10_000, width=100, init="unit", activation=activation)
+    df = varprop.simulate(spec, samples=50, seed=0)
+    assert np.isfinite(df["post_log10_std"]).all()
+    assert np.isfinite(df["pre_log10_std"].iloc[1:]).all()  # layer 0 has no pre-activation
+    assert df["post_frac_zero"].between(0, 1).all()
+
+
+def test_common_random_numbers_across_inits():
+    vary = {"init": ["unit", "fan_in"]}
+    df = varprop.simulate(varprop.NetworkSpec.square(30, 50), vary=vary, samples=40, seed=9, dtype="float64")
+    unit = df[df["init"] == "unit"]["post_log10_std"].to_numpy()
+    fan_in = df[df["init"] == "fan_in"]["post_log10_std"].to_numpy()
+    np.testing.assert_allclose(unit - fan_in, np.arange(31) * 0.5 * math.log10(50), atol=1e-9)
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers():
+    spec = varprop.NetworkSpec.square(5, 30, activation="tanh", bias_std=0.1)
+    a = varprop.simulate(spec, samples=20, replicates=2, seed=1)
+    b = varprop.simulate(spec, samples=20, replicates=2, seed=1)
+    c = varprop.simulate(spec, samples=20, replicates=2, seed=2)
+    cols = [c_ for c_ in a if c_.startswith("post_")]
+    assert a[cols].equals(b[cols])
+    assert not np.allclose(a["post_std"].iloc[1:], c["post_std"].iloc[1:])
+
+
+def test_single_sample_and_uniform_input():
+    df = varprop.simulate(varprop.NetworkSpec.square(3, 2000), samples=1, input="uniform", input_std=2.0, seed=0)
+    assert np.isnan(df["post_cos_sim"]).all()
+    assert (df["post_unit_var"] == 0).all()
+    # Uniform input with sd 2: the sample second moment of 2000 draws; sd of m2 is 4*sqrt(0.8/2000).
+    assert abs(df["post_second_moment"].iloc[0] - 4.0) < 5 * 4.0 * math.sqrt(0.8 / 2000)
+    assert df["post_frac_zero"].iloc[0] == 0

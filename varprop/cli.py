@@ -14,7 +14,7 @@ import click
 from . import report
 from .engine import simulate as run_simulation
 from .engine import total_steps
-from .spec import OPTIONS, SpecError, expand
+from .spec import OPTIONS, SpecError, expand, parse
 
 DEFAULT_RUNS_DIR = Path("reports") / "runs"
 
@@ -38,10 +38,13 @@ class _Group(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, invoke_without_command=True)
 @click.version_option(package_name="varprop")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Monte-Carlo variance propagation through deep networks at initialization."""
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
 
 
 def _spec_options(fn: Any) -> Any:
@@ -49,7 +52,8 @@ def _spec_options(fn: Any) -> Any:
     for name, opt in reversed(OPTIONS.items()):
         flag = "--" + name.replace("_", "-")
         help_text = opt.help + (" [repeatable: compares every combination]" if opt.repeatable else "")
-        fn = click.option(flag, name, multiple=opt.repeatable, default=None, help=help_text)(fn)
+        fn = click.option(flag, name, multiple=opt.repeatable, default=None, metavar=opt.metavar,
+                          help=help_text)(fn)
     return fn
 
 
@@ -69,14 +73,20 @@ def _read_config(path: str) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def _word(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if callable(value):
+        return f"{value.__module__}:{value.__qualname__}"
+    return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
+
+
 def _command_line(options: dict[str, Any], out: str | None) -> str:
+    """The command that reruns ``options`` (a config file's values inlined)."""
     words = ["varprop", "simulate"]
-    for key, value in options.items():
+    for key, value in parse(options).items():
         for v in value if isinstance(value, list) else [value]:
-            if key == "widths" and not isinstance(v, str):
-                v = ",".join(map(str, v))
-            words += ["--" + key.replace("_", "-"), v if isinstance(v, str) else
-                      (f"{v.__module__}:{v.__qualname__}" if callable(v) else repr(v) if isinstance(v, float) else str(v))]
+            words += ["--" + key.replace("_", "-"), _word(v)]
     if out:
         words += ["--out", out]
     return shlex.join(words)
@@ -131,6 +141,7 @@ def simulate(config_file: str | None, out: str | None, **cli_options: Any) -> No
         tmp = stage.__enter__()
     except OSError as exc:
         raise SpecError("out", f"cannot write to {out_dir} ({exc.strerror or exc})") from None
+    # Everything below writes only into the staging directory, renamed at the end.
     bar = _LazyBar(total_steps(configs))
     try:
         layers = run_simulation(configs, progress=bar)

@@ -234,28 +234,29 @@ class Option:
     default: Any
     help: str
     repeatable: bool = True
+    metavar: str = "VALUE"
 
 
 OPTIONS: dict[str, Option] = {
-    "layers": Option(parse_pos_int, 100, "number of weight layers L (square stack of --width)"),
-    "width": Option(parse_pos_int, 100, "width of every layer, input included"),
-    "widths": Option(parse_widths, None, "explicit widths n_0,n_1,...,n_L, e.g. 784,512,256,128,64,10"),
-    "activation": Option(parse_activation, "linear", "hidden-layer activation: " + ", ".join(activations.NAMES)),
-    "output_activation": Option(parse_activation, None, "activation of the last layer (default: as hidden)"),
-    "leaky_slope": Option(lambda v, o: _float(v, o, "a finite number", math.isfinite), 0.01, "negative slope of leaky_relu"),
-    "init": Option(parse_init, "fan_in", "init scheme: " + ", ".join(inits.PRESETS) + ", or module:function"),
-    "distribution": Option(_choice(inits.DISTRIBUTIONS), None, "weight distribution (default: the scheme's own)"),
-    "mode": Option(_choice(inits.MODES), None, "fan the variance is divided by (default: the scheme's own)"),
-    "gain": Option(parse_pos_float, None, "gain (std multiplier) replacing the scheme's own"),
-    "scale": Option(parse_pos_float, 1.0, "extra factor on the weight variance"),
-    "bias_std": Option(parse_nonneg_float, None, "bias std sigma_b (default 0; torch-default: its own)"),
-    "samples": Option(parse_pos_int, None, "number of input samples N (default 500, or the rows of --input-file)"),
-    "input": Option(_choice(("gaussian", "uniform")), "gaussian", "input distribution"),
-    "input_std": Option(parse_pos_float, 1.0, "input standard deviation"),
-    "input_file": Option(parse_input_file, None, "real inputs: an N x n_0 .npy file", repeatable=False),
-    "replicates": Option(parse_pos_int, 1, "independent weight draws R", repeatable=False),
-    "seed": Option(parse_seed, 0, "seed of the random generator tree", repeatable=False),
-    "dtype": Option(_choice(("float32", "float64")), "float32", "compute dtype (statistics are float64)"),
+    "layers": Option(parse_pos_int, 100, "number of weight layers L (square stack of --width)", metavar="L"),
+    "width": Option(parse_pos_int, 100, "width of every layer, input included", metavar="N"),
+    "widths": Option(parse_widths, None, "explicit widths n_0,n_1,...,n_L, e.g. 784,512,256,128,64,10", metavar="N0,N1,..."),
+    "activation": Option(parse_activation, "linear", "hidden-layer activation: " + ", ".join(activations.NAMES), metavar="NAME"),
+    "output_activation": Option(parse_activation, None, "activation of the last layer (default: as hidden)", metavar="NAME"),
+    "leaky_slope": Option(lambda v, o: _float(v, o, "a finite number", math.isfinite), 0.01, "negative slope of leaky_relu", metavar="SLOPE"),
+    "init": Option(parse_init, "fan_in", "init scheme: " + ", ".join(inits.PRESETS) + ", or module:function", metavar="SCHEME"),
+    "distribution": Option(_choice(inits.DISTRIBUTIONS), None, "weight distribution (default: the scheme's own)", metavar="NAME"),
+    "mode": Option(_choice(inits.MODES), None, "fan the variance is divided by (default: the scheme's own)", metavar="MODE"),
+    "gain": Option(parse_pos_float, None, "gain (std multiplier) replacing the scheme's own", metavar="GAIN"),
+    "scale": Option(parse_pos_float, 1.0, "extra factor on the weight variance", metavar="SCALE"),
+    "bias_std": Option(parse_nonneg_float, None, "bias std sigma_b (default 0; torch-default: its own)", metavar="STD"),
+    "samples": Option(parse_pos_int, None, "number of input samples N (default 500, or the rows of --input-file)", metavar="N"),
+    "input": Option(_choice(("gaussian", "uniform")), "gaussian", "input distribution", metavar="KIND"),
+    "input_std": Option(parse_pos_float, 1.0, "input standard deviation", metavar="STD"),
+    "input_file": Option(parse_input_file, None, "real inputs: an N x n_0 .npy file", repeatable=False, metavar="FILE.npy"),
+    "replicates": Option(parse_pos_int, 1, "independent weight draws R", repeatable=False, metavar="R"),
+    "seed": Option(parse_seed, 0, "seed of the random generator tree", repeatable=False, metavar="SEED"),
+    "dtype": Option(_choice(("float32", "float64")), "float32", "compute dtype (statistics are float64)", metavar="DTYPE"),
 }
 
 

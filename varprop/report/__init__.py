@@ -52,6 +52,11 @@ def staging(out_dir: Path) -> Iterator[Path]:
     written, so a run fails before it simulates, not after.
     """
     out_dir = Path(out_dir)
+    for ancestor in out_dir.absolute().parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise NotADirectoryError(f"{ancestor} is not a directory")
+            break
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -1,0 +1,78 @@
+"""Activations: derivatives, and evaluation at scales beyond float range."""
+
+import math
+
+import numpy as np
+import pytest
+
+from varprop import activations as A
+
+NAMES = A.NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_derivative_matches_central_difference(name):
+    act = A.get(name)
+    x = np.linspace(-6, 6, 1001)
+    x = x[np.abs(x) > 1e-3]  # kinks at 0
+    h = 1e-6
+    numeric = (act.phi(x + h) - act.phi(x - h)) / (2 * h)
+    np.testing.assert_allclose(act.dphi(x), numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_metadata_limits_match_phi(name):
+    act = A.get(name)
+    big = 1e3
+    assert act.phi(np.array([big]))[0] == pytest.approx(act.slope_pos * big + act.offset_pos, abs=1e-9)
+    assert act.phi(np.array([-big]))[0] == pytest.approx(-act.slope_neg * big + act.offset_neg, abs=1e-9)
+    assert act.phi(np.array([0.0]))[0] == act.phi0
+    tiny = 1e-12
+    assert (act.phi(np.array([tiny]))[0] - act.phi0) / tiny == pytest.approx(act.d0_pos, rel=1e-3)
+    assert (act.phi(np.array([-tiny]))[0] - act.phi0) / -tiny == pytest.approx(act.d0_neg, rel=1e-3)
+
+
+def shape(act, u, log_s):
+    """phi(exp(log_s) u) up to a positive factor: u_out / max |u_out|."""
+    out, _ = A.apply_scaled(act, u, log_s)
+    out = out.astype(np.float64)
+    return out / np.max(np.abs(out))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("threshold", [A._LOG_DIRECT, -A._LOG_DIRECT])
+def test_scaled_evaluation_is_continuous_across_regimes(name, threshold):
+    """Just inside the threshold phi is evaluated directly, just outside from its
+    limits; at s = e^+-300 both are exact to float64, so the shapes must agree."""
+    act = A.get(name)
+    u = np.random.default_rng(0).standard_normal((50, 40))
+    inside, outside = shape(act, u, threshold * (1 - 1e-5)), shape(act, u, threshold * (1 + 1e-5))
+    np.testing.assert_allclose(inside, outside, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_fast_path_agrees_with_float64(name):
+    act = A.get(name)
+    u = np.random.default_rng(1).standard_normal((30, 30)).astype(np.float32)
+    for log_s in (-5.0, 0.0, 3.0):
+        fast, l32 = A.apply_scaled(act, u, log_s)
+        exact = act.phi(u.astype(np.float64) * math.exp(log_s))
+        np.testing.assert_allclose(fast * math.exp(l32), exact, rtol=2e-6, atol=2e-6 * np.max(np.abs(exact)))
+
+
+def test_huge_scales():
+    u = np.array([-2.0, -0.5, 0.0, 0.5, 3.0])
+    tanh, l = A.apply_scaled(A.get("tanh"), u, 1e4)
+    assert l == 0 and tanh.tolist() == [-1, -1, 0, 1, 1]
+    sig, l = A.apply_scaled(A.get("sigmoid"), u, 1e4)
+    assert l == 0 and sig.tolist() == [0, 0, 0.5, 1, 1]
+    gelu, l = A.apply_scaled(A.get("gelu"), u, 1e4)
+    assert l == 1e4 and gelu.tolist() == [0, 0, 0, 0.5, 3.0]
+    selu, l = A.apply_scaled(A.get("selu"), u, 1e4)
+    assert l == 1e4 and selu[3] == pytest.approx(0.5 * A.SELU_LAMBDA) and selu[0] == 0
+    tiny_sig, l = A.apply_scaled(A.get("sigmoid"), u, -1e4)
+    assert l == 0 and (tiny_sig == 0.5).all()
+    tiny_elu, l = A.apply_scaled(A.get("elu"), u, -1e4)
+    assert l == -1e4 and tiny_elu.tolist() == u.tolist()
+    d = A.dphi_scaled(A.get("tanh"), u, 1e4)
+    assert d.tolist() == [0, 0, 1, 0, 0]

@@ -1,0 +1,187 @@
+"""The command line: happy paths (CliRunner and real subprocesses), the
+per-layer table contract, TOML configs, determinism across thread counts, and
+every bad-input case of the error contract."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from varprop.cli import main
+from varprop.stats import STATS
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--layers", "4", "--width", "16", "--samples", "8"]
+CONTRACT = ["config", "replicate", "layer", "fan_in", "fan_out"] + [
+    f"{side}_{stat}" for side in ("pre", "post") for stat in STATS]
+
+
+def run(args, **kw):
+    return CliRunner().invoke(main, args, catch_exceptions=False, **kw)
+
+
+def test_simulate_writes_report(tmp_path):
+    out = tmp_path / "run"
+    result = run(["simulate", *SMALL, "--init", "he", "--activation", "relu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == {"config.json", "layers.csv", "report.md", "std_per_layer.png"}
+    layers = pd.read_csv(out / "layers.csv")
+    assert list(layers.columns[:len(CONTRACT)]) == CONTRACT or set(CONTRACT) <= set(layers.columns)
+    assert len(layers) == 5 and list(layers["layer"]) == [0, 1, 2, 3, 4]
+    report = (out / "report.md").read_text()
+    assert "varprop simulate --layers 4 --width 16" in report and "std_per_layer.png" in report
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["configs"][0]["options"]["init"] == "he" and meta["seed"] == 0
+    assert "report:" in result.output and "post std" in result.output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging directory left"
+
+
+def test_rerun_command_reproduces(tmp_path):
+    out = tmp_path / "a"
+    run(["simulate", *SMALL, "--init", "unit", "--init", "xavier", "--replicates", "2", "--out", str(out)])
+    command = json.loads((out / "config.json").read_text())["command"].split()
+    assert command[:2] == ["varprop", "simulate"]
+    again = tmp_path / "b"
+    args = command[2:command.index("--out")] + ["--out", str(again)]
+    assert run(["simulate", *args]).exit_code == 0
+    assert (out / "layers.csv").read_bytes() == (again / "layers.csv").read_bytes()
+
+
+def test_comparison_has_one_row_per_config_replicate_layer(tmp_path):
+    out = tmp_path / "cmp"
+    result = run(["simulate", *SMALL, "--init", "unit", "--init", "fan_in", "--activation", "tanh",
+                  "--activation", "relu", "--replicates", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    layers = pd.read_csv(out / "layers.csv")
+    assert len(layers) == 4 * 3 * 5
+    assert set(layers["config"]) == {"unit, tanh", "unit, relu", "fan_in, tanh", "fan_in, relu"}
+    assert {"init", "activation"} <= set(layers.columns)
+
+
+def test_default_output_directory_is_descriptive(tmp_path):
+    proc = _subprocess([sys.executable, str(ROOT / "cli.py"), "simulate", *SMALL], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    runs = list((tmp_path / "reports" / "runs").iterdir())
+    assert [p.name for p in runs] == ["linear-fan_in-L4-w16-N8-seed0"]
+
+
+def test_toml_config_and_cli_override(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('widths = [16, 12, 8]\ninit = ["unit", "fan_in"]\nsamples = 10\nactivation = "tanh"\n')
+    out = tmp_path / "out"
+    result = run(["simulate", "--config", str(cfg), "--activation", "relu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    layers = pd.read_csv(out / "layers.csv")
+    assert set(layers["config"]) == {"unit", "fan_in"} and layers["layer"].max() == 2
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["configs"][0]["options"]["activation"] == "relu"
+    # --layers on the command line replaces the file's widths.
+    out2 = tmp_path / "out2"
+    assert run(["simulate", "--config", str(cfg), "--layers", "3", "--width", "5", "--out", str(out2)]).exit_code == 0
+    assert pd.read_csv(out2 / "layers.csv")["layer"].max() == 3
+
+
+def test_input_file_gives_samples(tmp_path):
+    x = np.random.default_rng(0).standard_normal((12, 16))
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "out"
+    result = run(["simulate", "--layers", "2", "--width", "16", "--input-file", str(tmp_path / "x.npy"),
+                  "--dtype", "float64", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    layer0 = pd.read_csv(out / "layers.csv").iloc[0]
+    assert layer0["post_mean"] == pytest.approx(x.mean(), rel=1e-12)
+    assert layer0["post_std"] == pytest.approx(x.std(), rel=1e-12)
+
+
+def _subprocess(args, cwd=ROOT, env=None):
+    return subprocess.run(args, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _installed_varprop() -> str:
+    script = Path(sys.executable).with_name("varprop")
+    if not script.exists():
+        pytest.skip("the varprop console script is not installed beside this Python")
+    return str(script)
+
+
+def test_installed_script_and_checkout_shim(tmp_path):
+    for i, prefix in enumerate([[_installed_varprop()], [sys.executable, "cli.py"]]):
+        out = tmp_path / f"run{i}"
+        proc = _subprocess([*prefix, "simulate", *SMALL, "--out", str(out)])
+        assert proc.returncode == 0, proc.stderr
+        assert (out / "report.md").exists()
+    assert (tmp_path / "run0" / "layers.csv").read_bytes() == (tmp_path / "run1" / "layers.csv").read_bytes()
+
+
+def test_identical_results_whatever_the_thread_count(tmp_path):
+    outputs = []
+    for threads in ("1", "2"):
+        env = {name: threads for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+        out = tmp_path / f"t{threads}"
+        proc = _subprocess([sys.executable, "cli.py", "simulate", "--layers", "6", "--width", "384", "--samples",
+                            "512", "--activation", "tanh", "--bias-std", "0.1", "--replicates", "2", "--out",
+                            str(out)], env=env)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append((out / "layers.csv").read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    np.save(tmp_path / "narrow.npy", np.zeros((10, 5)))
+    x = np.ones((10, 100))
+    x[2, 3] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    (tmp_path / "a_file").write_text("")
+    return tmp_path
+
+
+ERRORS = [
+    (["--layers", "0"], "--layers"),
+    (["--layers", "-5"], "--layers"),
+    (["--width", "abc"], "--width"),
+    (["--init", "nope"], "--init"),
+    (["--widths", "10"], "--widths"),
+    (["--samples", "0"], "--samples"),
+    (["--input-file", "{tmp}/missing.npy"], "--input-file"),
+    (["--input-file", "{tmp}/narrow.npy"], "--input-file"),
+    (["--input-file", "{tmp}/nan.npy"], "--input-file"),
+    (["--activation", "nope"], "--activation"),
+    (["--distribution", "cauchy"], "--distribution"),
+    (["--gain", "-1"], "--gain"),
+    (["--widths", "10,5", "--layers", "3"], "--widths"),
+    (["--init", "no_such_module_xyz:f"], "--init"),
+]
+
+
+@pytest.mark.parametrize("args,option", ERRORS)
+def test_bad_input_is_one_line_exit_2_nothing_written(bad_files, args, option):
+    args = [a.format(tmp=bad_files) for a in args]
+    out = bad_files / "out"
+    result = CliRunner().invoke(main, ["simulate", *args, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and option in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert not [p for p in bad_files.iterdir() if p.name.startswith(".")]
+
+
+def test_unwritable_out(bad_files):
+    result = CliRunner().invoke(main, ["simulate", *SMALL, "--out", str(bad_files / "a_file" / "run")])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "--out" in result.stderr and "not a directory" in result.stderr
+
+
+def test_error_from_a_real_process_has_no_traceback():
+    proc = _subprocess([sys.executable, "cli.py", "simulate", "--layers", "0"])
+    assert proc.returncode == 2
+    assert proc.stderr == "varprop: error: --layers: expected a positive integer, got '0'\n"
+    assert proc.stdout == ""

@@ -1,0 +1,63 @@
+"""Per-layer statistics against brute-force definitions, and the replicate summary."""
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from varprop.stats import STATS, log10_mean_pow10, side_stats, summarize
+
+
+def brute(x: np.ndarray) -> dict:
+    pairs = [(i, j) for i, j in itertools.combinations(range(len(x)), 2)
+             if np.linalg.norm(x[i]) > 0 and np.linalg.norm(x[j]) > 0]
+    cos = [x[i] @ x[j] / np.linalg.norm(x[i]) / np.linalg.norm(x[j]) for i, j in pairs]
+    return {
+        "mean": x.mean(), "std": x.std(), "log10_std": math.log10(x.std()), "second_moment": np.mean(x**2),
+        "sq_unit_mean": np.mean(x.mean(axis=0) ** 2), "unit_var": np.mean(x.var(axis=0)),
+        "frac_zero": np.mean(x == 0), "cos_sim": np.mean(cos),
+    }
+
+
+def test_side_stats_match_definitions():
+    rng = np.random.default_rng(0)
+    u = np.maximum(rng.standard_normal((40, 7)) + 0.3, 0)  # nonzero mean, exact zeros
+    u[3] = 0  # a dead sample: excluded from the cosine pairs
+    log_s = math.log(3.5)
+    got = side_stats(u.astype(np.float32), log_s, saturated=0.25)
+    want = brute(u.astype(np.float32).astype(np.float64) * 3.5)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+    assert got["frac_saturated"] == 0.25
+    assert set(got) == set(STATS)
+
+
+def test_side_stats_beyond_float_range():
+    u = np.random.default_rng(1).standard_normal((20, 10))
+    got = side_stats(u, log_s=5000 * math.log(10))
+    assert got["log10_std"] == pytest.approx(5000 + math.log10(u.std()), abs=1e-9)
+    assert math.isinf(got["std"]) and math.isinf(got["second_moment"])
+    tiny = side_stats(u, log_s=-5000 * math.log(10))
+    assert tiny["std"] == 0 and tiny["log10_std"] == pytest.approx(-5000 + math.log10(u.std()))
+
+
+def test_summary_mean_and_typical_network():
+    layers = pd.DataFrame({
+        "config": "a", "replicate": [0, 1, 2], "layer": 1,
+        **{f"post_{s}": [1.0, 2.0, 3.0] for s in STATS},
+    })
+    layers["post_log10_std"] = [0.0, 1.0, 2.0]
+    s = summarize(layers).iloc[0]
+    assert s["post_log10_typical_std"] == pytest.approx(1.0)
+    assert s["post_log10_rms_std"] == pytest.approx(0.5 * math.log10((1 + 100 + 10_000) / 3))
+    assert s["post_mean"] == pytest.approx(2.0)
+    assert s["post_mean_se"] == pytest.approx(1 / math.sqrt(3))
+    assert s["post_mean_hi"] - s["post_mean"] == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+
+
+def test_log10_mean_pow10_handles_huge_and_zero():
+    assert log10_mean_pow10(np.array([5000.0, 5000.0])) == pytest.approx(5000)
+    assert log10_mean_pow10(np.array([0.0, -np.inf])) == pytest.approx(math.log10(0.5))
+    assert log10_mean_pow10(np.array([-np.inf])) == -math.inf

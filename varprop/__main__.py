@@ -1,0 +1,5 @@
+"""``python -m varprop ...`` == ``varprop ...``."""
+
+from .cli import main
+
+main()

@@ -103,7 +103,7 @@ class _LazyBar:
     def __call__(self, k: int) -> None:
         self.done += k
         if self.bar is None:
-            if time.monotonic() - self.start > self.delay:
+            if sys.stderr.isatty() and time.monotonic() - self.start > self.delay:
                 self.bar = click.progressbar(length=self.total, label="simulating", file=sys.stderr)
                 self.bar.__enter__()
                 self.bar.update(self.done)

@@ -93,14 +93,20 @@ def layer_table(summary: pd.DataFrame, config: str, replicates: int) -> pd.DataF
 
 
 def terminal_table(layers: pd.DataFrame, summary: pd.DataFrame) -> str:
-    """A compact per-layer table per configuration for the terminal."""
+    """A compact per-layer table for the terminal: mean and std of the layer
+    output for one configuration, the std of each for a comparison."""
+    configs = list(summary["config"].unique())
     reps = int(layers["replicate"].nunique())
-    blocks = []
-    for config in summary["config"].unique():
-        t = layer_table(summary, config, reps)[["layer", "post mean", "post std"]
-                                               + (["typical post std"] if reps > 1 else [])]
-        blocks.append(f"{config}\n" + t.to_markdown(index=False, tablefmt="simple", disable_numparse=True))
-    return "\n\n".join(blocks)
+    if len(configs) == 1:
+        cols = ["layer", "post mean", "post std"] + (["typical post std"] if reps > 1 else [])
+        t = layer_table(summary, configs[0], reps)[cols]
+        title = configs[0]
+    else:
+        t = pd.DataFrame({"layer": layer_table(summary, configs[0], reps)["layer"]})
+        for config in configs:
+            t[config] = layer_table(summary, config, reps)["post std"].to_numpy()
+        title = "std of each layer's output" + (" (mean network)" if reps > 1 else "")
+    return f"{title}\n" + t.to_markdown(index=False, tablefmt="simple", disable_numparse=True)
 
 
 def _options_table(meta: dict[str, Any]) -> str:
@@ -110,7 +116,8 @@ def _options_table(meta: dict[str, Any]) -> str:
     if "widths" in common and len(set(common["widths"])) == 1:
         common = {"layers": len(common["widths"]) - 1, "width": common["widths"][0],
                   **{k: v for k, v in common.items() if k != "widths"}}
-    rows = [(f"`--{k.replace('_', '-')}`", str(v)) for k, v in common.items()]
+    rows = [(f"`--{k.replace('_', '-')}`", ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+            for k, v in common.items()]
     return pd.DataFrame(rows, columns=["option", "value"]).to_markdown(index=False)
 
 

@@ -126,8 +126,8 @@ def test_identical_results_whatever_the_thread_count(tmp_path):
         env = {name: threads for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
         out = tmp_path / f"t{threads}"
         proc = _subprocess([sys.executable, "cli.py", "simulate", "--layers", "6", "--width", "384", "--samples",
-                            "512", "--activation", "tanh", "--bias-std", "0.1", "--replicates", "2", "--out",
-                            str(out)], env=env)
+                            "512", "--activation", "tanh", "--bias-std", "0.1", "--replicates", "2", "--bn-count",
+                            "3", "--batch-size", "64", "--backward", "--out", str(out)], env=env)
         assert proc.returncode == 0, proc.stderr
         outputs.append((out / "layers.csv").read_bytes())
     assert outputs[0] == outputs[1]
@@ -158,6 +158,14 @@ ERRORS = [
     (["--gain", "-1"], "--gain"),
     (["--widths", "10,5", "--layers", "3"], "--widths"),
     (["--init", "no_such_module_xyz:f"], "--init"),
+    (["--batch-size", "3", "--samples", "10"], "--batch-size"),
+    (["--batch-size", "1"], "--batch-size"),
+    (["--bn-count", "5", "--layers", "5"], "--bn-count"),
+    (["--bn", "all", "--bn-count", "2"], "--bn-count"),
+    (["--bn-layers", "0,2"], "--bn-layers"),
+    (["--bn-position", "middle"], "--bn-position"),
+    (["--backward", "--layers", "100", "--width", "1000", "--samples", "1000", "--max-memory", "1M"], "--max-memory"),
+    (["--max-memory", "lots"], "--max-memory"),
 ]
 
 
@@ -185,3 +193,19 @@ def test_error_from_a_real_process_has_no_traceback():
     assert proc.returncode == 2
     assert proc.stderr == "varprop: error: --layers: expected a positive integer, got '0'\n"
     assert proc.stdout == ""
+
+
+def test_batch_norm_study_command(tmp_path):
+    """The seed study at initialization in one command (smaller batches for speed)."""
+    out = tmp_path / "study"
+    result = run(["simulate", "--widths", "784,512,256,128,64,10", "--activation", "sigmoid", "--activation", "relu",
+                  "--bn-position", "post", "--bn-count", "0", "--bn-count", "1", "--bn-count", "4",
+                  "--batch-size", "4", "--batch-size", "64", "--backward", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    layers = pd.read_csv(out / "layers.csv")
+    assert layers["config"].nunique() == 12 and {"activation", "bn_count", "batch_size"} <= set(layers.columns)
+    assert {f"{side}_{stat}" for side in ("grad", "delta") for stat in STATS} <= set(layers.columns)
+    assert "weight_grad_norm" in layers and (layers[layers["layer"] > 0]["weight_grad_norm"] > 0).all()
+    report = (out / "report.md").read_text()
+    assert "input gradient std" in report and "grad std" in report and "--backward" in report
+    assert json.loads((out / "config.json").read_text())["configs"][0]["options"]["samples"] == 512

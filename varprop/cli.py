@@ -52,8 +52,11 @@ def _spec_options(fn: Any) -> Any:
     for name, opt in reversed(OPTIONS.items()):
         flag = "--" + name.replace("_", "-")
         help_text = opt.help + (" [repeatable: compares every combination]" if opt.repeatable else "")
-        fn = click.option(flag, name, multiple=opt.repeatable, default=None, metavar=opt.metavar,
-                          help=help_text)(fn)
+        if opt.flag:
+            fn = click.option(flag, name, is_flag=True, default=None, help=opt.help)(fn)
+        else:
+            fn = click.option(flag, name, multiple=opt.repeatable, default=None, metavar=opt.metavar,
+                              help=help_text)(fn)
     return fn
 
 
@@ -85,6 +88,9 @@ def _command_line(options: dict[str, Any], out: str | None) -> str:
     """The command that reruns ``options`` (a config file's values inlined)."""
     words = ["varprop", "simulate"]
     for key, value in parse(options).items():
+        if OPTIONS[key].flag:
+            words += ["--" + key.replace("_", "-")] if value else []
+            continue
         for v in value if isinstance(value, list) else [value]:
             words += ["--" + key.replace("_", "-"), _word(v)]
     if out:
@@ -127,8 +133,11 @@ def simulate(config_file: str | None, out: str | None, **cli_options: Any) -> No
       varprop simulate --layers 100 --init fan_in
       varprop simulate --layers 100 --width 100 --init unit --init fan_in
       varprop simulate --widths 784,512,256,128,64,10 --activation sigmoid --activation relu
+      varprop simulate --widths 784,512,256,128,64,10 --bn-position post --bn-count 0 --bn-count 4 \\
+          --batch-size 4 --batch-size 1024 --backward
     """
-    given = {k: list(v) if isinstance(v, tuple) else v for k, v in cli_options.items() if v not in (None, ())}
+    given = {k: list(v) if isinstance(v, tuple) else v for k, v in cli_options.items()
+             if v is not None and v != ()}
     options = _read_config(config_file) if config_file else {}
     # The command line's shape beats the file's, whichever way it is given.
     for key in ("layers", "width") if "widths" in given else ("widths",) if {"layers", "width"} & set(given) else ():

@@ -1,11 +1,16 @@
-"""Monte-Carlo forward propagation with streaming per-layer statistics.
+"""Monte-Carlo forward and backward propagation with streaming per-layer statistics.
 
 Values are carried as ``h = exp(log_s) * u`` with ``u`` renormalised to unit
-RMS after every step, so nothing overflows at any depth (DESIGN.md). Only one
-layer is held in memory. Every random draw comes from its own generator keyed
-by (seed; replicate, layer, role), so results do not depend on the order of
-work or the thread count, and replicate r of every configuration sees the same
-underlying draws (common random numbers).
+RMS after every step, so nothing overflows at any depth (DESIGN.md); the
+backward pass carries gradients the same way. The forward pass holds one
+layer at a time. The backward pass needs each layer's input and activation
+derivative: it keeps them for every layer when that fits in ``max_memory``,
+else keeps only every k-th layer's output (k ~ sqrt(L)) and recomputes each
+segment, bit for bit, on the way down; weights are never stored but redrawn
+from their seeds. Every random draw comes from its own generator keyed by
+(seed; replicate, layer, role), so results do not depend on the order of
+work or the thread count, and replicate r of every configuration sees the
+same underlying draws (common random numbers).
 
 >>> from varprop.spec import NetworkSpec
 >>> df = simulate(NetworkSpec.square(layers=3, width=50, init="fan_in"), samples=200, seed=1)
@@ -16,14 +21,16 @@ underlying draws (common random numbers).
 from __future__ import annotations
 
 import math
+import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from . import activations, inits
+from . import activations, batchnorm, inits
 from .spec import Config, NetworkSpec, RunSpec, SpecError, expand, load_input, to_options
 from .stats import SATURATION, empty_stats, side_stats
 
@@ -73,48 +80,207 @@ def _add_bias(z: np.ndarray, log_z: float, b: np.ndarray) -> tuple[np.ndarray, f
     return z, top
 
 
-def _saturated(act: activations.Activation, z: np.ndarray, log_z: float) -> float:
-    if act.name == "linear":
-        return 0.0
-    return float(np.mean(np.abs(activations.dphi_scaled(act, z, log_z)) < SATURATION))
+def _prefix(side: str, stats: Mapping[str, float]) -> dict[str, float]:
+    return {f"{side}_{k}": v for k, v in stats.items()}
+
+
+@dataclass
+class _Tape:
+    """One layer's record for the backward pass."""
+
+    u_in: np.ndarray  # the layer's input h_{l-1} = exp(log_in) * u_in
+    log_in: float
+    dphi: np.ndarray | None  # phi' at the activation's input (bool for relu-type, None for linear)
+    bn: batchnorm.Cache | None
+
+
+class _Network:
+    """A RunSpec resolved for one replicate: draws weights, steps layers."""
+
+    def __init__(self, spec: RunSpec, replicate: int):
+        self.spec, self.net, self.rep = spec, spec.network, replicate
+        self.scheme = spec.network.init.resolve()
+        self.dtype = np.dtype(spec.dtype).type
+        self.with_bias = inits.has_bias(self.scheme, self.net.bias_std)
+        self.acts = [None] + [activations.get(self.net.activation_at(l), self.net.leaky_slope)
+                              for l in range(1, self.net.depth + 1)]
+
+    def weights(self, layer: int) -> tuple[np.ndarray, float]:
+        n_in, n_out = self.net.widths[layer - 1], self.net.widths[layer]
+        try:
+            return inits.draw_weights(self.scheme, generator(self.spec.seed, self.rep, layer, "weights"), n_in, n_out,
+                                      self.dtype)
+        except ValueError as exc:  # a user init returned something unusable
+            raise SpecError("init", str(exc)) from None
+
+    def _bn(self, u: np.ndarray, log_s: float) -> tuple[np.ndarray, float, batchnorm.Cache]:
+        y, log_y, cache = batchnorm.forward(u, log_s, self.spec.batch, self.net.bn_eps)
+        y, log_y = _renorm(y, log_y)
+        return y, log_y, cache
+
+    def step(self, layer: int, u: np.ndarray, log_h: float, stats: bool, keep: bool
+             ) -> tuple[np.ndarray, float, dict[str, Any] | None, _Tape | None]:
+        """Layer ``layer`` forward: its output, its statistics row, its tape."""
+        net, act = self.net, self.acts[layer]
+        w0, w_scale = self.weights(layer)
+        z = u @ w0
+        log_z = log_h + math.log(w_scale)
+        if self.with_bias:
+            n_in, n_out = net.widths[layer - 1], net.widths[layer]
+            bias = inits.draw_bias(self.scheme, net.bias_std, generator(self.spec.seed, self.rep, layer, "bias"),
+                                   n_in, n_out)
+            z, log_z = _add_bias(z, log_z, bias)
+        z, log_z = _renorm(z, log_z)
+        bn_here = layer in net.bn_layers
+        cache = None
+        if bn_here and net.bn_position == "pre":
+            z, log_z, cache = self._bn(z, log_z)
+        dphi = None if act.name == "linear" else activations.dphi_scaled(act, z, log_z)
+        row = None
+        if stats:
+            sat = 0.0 if dphi is None else float(np.mean(np.abs(dphi) < SATURATION))
+            row = {"width": net.widths[layer], "fan_in": net.widths[layer - 1], "fan_out": net.widths[layer],
+                   **_prefix("pre", side_stats(z, log_z, sat))}
+        h, log_out = _renorm(*activations.apply_scaled(act, z, log_z))
+        del z
+        if bn_here and net.bn_position == "post":
+            h, log_out, cache = self._bn(h, log_out)
+        if stats:
+            row.update(_prefix("post", side_stats(h, log_out, row["pre_frac_saturated"])))
+        tape = None
+        if keep:
+            if dphi is not None and act.homogeneous:
+                dphi = dphi == act.slope_pos  # relu-type: phi' takes two values, one byte per entry
+            elif dphi is not None:
+                dphi = dphi.astype(self.dtype, copy=False)
+            tape = _Tape(u, log_h, dphi, cache)
+        return h, log_out, row, tape
+
+    def back(self, layer: int, tape: _Tape, v: np.ndarray, log_g: float, row: dict[str, Any]
+             ) -> tuple[np.ndarray, float]:
+        """Layer ``layer`` backward: from the gradient w.r.t. its output to the
+        gradient w.r.t. its input; fills the row's delta and weight-gradient."""
+        net, act = self.net, self.acts[layer]
+        bn_here = layer in net.bn_layers
+        if bn_here and net.bn_position == "post":
+            v, log_g = _renorm(*batchnorm.backward(v, log_g, tape.bn))
+        if tape.dphi is not None:
+            if tape.dphi.dtype == bool:
+                v = v * np.where(tape.dphi, v.dtype.type(act.slope_pos), v.dtype.type(act.slope_neg))
+            else:
+                v = v * tape.dphi
+            v, log_g = _renorm(v, log_g)
+        if bn_here and net.bn_position == "pre":
+            v, log_g = _renorm(*batchnorm.backward(v, log_g, tape.bn))
+        row.update(_prefix("delta", side_stats(v, log_g)))
+        wg = (tape.u_in.T @ v).astype(np.float64)
+        norm = math.sqrt(float(np.einsum("ij,ij->", wg, wg)))
+        log_norm = math.log(norm) + tape.log_in + log_g if norm > 0 else -math.inf
+        row["weight_grad_log10_norm"] = log_norm / math.log(10)
+        row["weight_grad_norm"] = math.exp(log_norm) if log_norm < 709.7 else math.inf
+        w0, w_scale = self.weights(layer)
+        g = v @ w0.T
+        return _renorm(g, log_g + math.log(w_scale))
+
+
+def tape_bytes(spec: RunSpec) -> list[int]:
+    """Bytes the backward pass keeps per layer (index l for layer l >= 1)."""
+    net, n, item = spec.network, spec.samples, np.dtype(spec.dtype).itemsize
+    out = [0]
+    for layer in range(1, net.depth + 1):
+        act = activations.get(net.activation_at(layer), net.leaky_slope)
+        dphi = 0 if act.name == "linear" else 1 if act.homogeneous else item
+        bn = item if layer in net.bn_layers else 0
+        out.append(n * (net.widths[layer - 1] * item + net.widths[layer] * (dphi + bn)))
+    return out
+
+
+def backward_plan(spec: RunSpec) -> int:
+    """The checkpoint spacing k of the backward pass (k = L: every layer kept).
+
+    Raises SpecError naming ``--max-memory`` when not even checkpointing fits.
+    """
+    per_layer = tape_bytes(spec)
+    depth = spec.network.depth
+    budget = spec.max_memory or default_max_memory()
+    working = 6 * spec.samples * max(spec.network.widths) * 8  # a few float64 layer-sized temporaries
+    if sum(per_layer) + working <= budget:
+        return depth
+    k = max(1, math.isqrt(depth))
+    checkpoints = (depth // k + 1) * spec.samples * max(spec.network.widths) * np.dtype(spec.dtype).itemsize
+    segment = max(sum(per_layer[i:i + k]) for i in range(1, depth + 1, k))
+    need = checkpoints + segment + working
+    if need > budget:
+        raise SpecError("max_memory", f"the backward pass needs about {_gib(need)} even with checkpointing "
+                        f"({_gib(sum(per_layer) + working)} without), more than {_gib(budget)}; raise --max-memory "
+                        "or use fewer --samples, --layers or a narrower --width")
+    return k
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def default_max_memory() -> int:
+    """Half of the memory available now (MemAvailable), or of physical memory."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
 
 
 def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Forward pass of one network; one dict of statistics per layer 0..L."""
-    net = spec.network
-    scheme = net.init.resolve()
-    dtype = np.dtype(spec.dtype).type
-    with_bias = inits.has_bias(scheme, net.bias_std)
+    """Forward (and with ``spec.backward``, backward) pass of one network; one
+    dict of statistics per layer 0..L."""
+    net = _Network(spec, replicate)
+    depth = spec.network.depth
+    k = backward_plan(spec) if spec.backward else 0
     u, log_h = _renorm(make_inputs(spec, replicate), 0.0)
-    rows = [{"replicate": replicate, "layer": 0, "width": net.widths[0], "fan_in": pd.NA, "fan_out": pd.NA,
+    rows = [{"width": spec.network.widths[0], "fan_in": pd.NA, "fan_out": pd.NA,
              **_prefix("pre", empty_stats()), **_prefix("post", side_stats(u, log_h))}]
-    for layer in range(1, net.depth + 1):
-        n_in, n_out = net.widths[layer - 1], net.widths[layer]
-        try:
-            w0, w_scale = inits.draw_weights(scheme, generator(spec.seed, replicate, layer, "weights"), n_in, n_out, dtype)
-        except ValueError as exc:  # a user init returned something unusable
-            raise SpecError("init", str(exc)) from None
-        z = u @ w0
-        del u
-        log_z = log_h + math.log(w_scale)
-        if with_bias:
-            bias = inits.draw_bias(scheme, net.bias_std, generator(spec.seed, replicate, layer, "bias"), n_in, n_out)
-            z, log_z = _add_bias(z, log_z, bias)
-        z, log_z = _renorm(z, log_z)
-        act = activations.get(net.activation_at(layer), net.leaky_slope)
-        sat = _saturated(act, z, log_z)
-        pre = side_stats(z, log_z, sat)
-        u, log_h = _renorm(*activations.apply_scaled(act, z, log_z))
-        del z
-        rows.append({"replicate": replicate, "layer": layer, "width": n_out, "fan_in": n_in, "fan_out": n_out,
-                     **_prefix("pre", pre), **_prefix("post", side_stats(u, log_h, sat))})
+    tapes: dict[int, _Tape] = {}
+    checkpoints = {0: (u, log_h)}
+    for layer in range(1, depth + 1):
+        u, log_h, row, tape = net.step(layer, u, log_h, stats=True, keep=spec.backward and k == depth)
+        rows.append(row)
+        if tape is not None:
+            tapes[layer] = tape
+        if spec.backward and k < depth and layer % k == 0:
+            checkpoints[layer] = (u, log_h)
         if progress is not None:
             progress(1)
+    if spec.backward:
+        _backward(net, spec, replicate, rows, tapes, checkpoints, k, progress)
+    for layer, row in enumerate(rows):
+        row["replicate"], row["layer"] = replicate, layer
     return rows
 
 
-def _prefix(side: str, stats: Mapping[str, float]) -> dict[str, float]:
-    return {f"{side}_{k}": v for k, v in stats.items()}
+def _backward(net: _Network, spec: RunSpec, replicate: int, rows: list[dict[str, Any]], tapes: dict[int, _Tape],
+              checkpoints: dict[int, tuple[np.ndarray, float]], k: int, progress: Progress | None) -> None:
+    depth = spec.network.depth
+    rng = generator(spec.seed, replicate, depth, "upstream")
+    g, log_g = _renorm(rng.standard_normal((spec.samples, spec.network.widths[-1]), dtype=net.dtype), 0.0)
+    rows[depth].update(_prefix("grad", side_stats(g, log_g)))
+    for layer in range(depth, 0, -1):
+        if layer not in tapes:  # recompute the segment above the nearest checkpoint
+            start = max(c for c in checkpoints if c < layer)
+            u, log_h = checkpoints[start]
+            for l in range(start + 1, layer + 1):
+                u, log_h, _, tapes[l] = net.step(l, u, log_h, stats=False, keep=True)
+        g, log_g = net.back(layer, tapes.pop(layer), g, log_g, rows[layer])
+        rows[layer - 1].update(_prefix("grad", side_stats(g, log_g)))
+        if progress is not None:
+            progress(1)
+    rows[0].update(_prefix("delta", empty_stats()))
+    rows[0]["weight_grad_norm"] = rows[0]["weight_grad_log10_norm"] = math.nan
 
 
 def configs_for(spec: RunSpec | NetworkSpec | Sequence[Config], vary: Mapping[str, Iterable[Any]] | None = None,
@@ -128,7 +294,9 @@ def configs_for(spec: RunSpec | NetworkSpec | Sequence[Config], vary: Mapping[st
     opts = to_options(spec)
     if {"layers", "width"} & set(changes):
         opts.pop("widths")
-    if "input_file" in changes:
+    if {"bn", "bn_count", "bn_layers"} & set(changes):
+        opts.pop("bn_layers", None)
+    if "input_file" in changes or "batch_size" in changes:
         opts.pop("samples", None)
     return expand({**opts, **changes})
 
@@ -138,9 +306,9 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
     """Run every configuration; one row per (config, replicate, layer).
 
     ``options`` are flat run options (``samples=``, ``replicates=``, ``seed=``,
-    any option of :data:`varprop.spec.OPTIONS`) applied to ``spec``; ``vary``
-    maps option names to lists of values, and every combination is run.
-    ``progress(k)`` is called as layers complete.
+    ``backward=``, any option of :data:`varprop.spec.OPTIONS`) applied to
+    ``spec``; ``vary`` maps option names to lists of values, and every
+    combination is run. ``progress(k)`` is called as layers complete.
 
     >>> from varprop.spec import NetworkSpec
     >>> df = simulate(NetworkSpec.square(2, 20), vary={"init": ["unit", "fan_in"]}, samples=50)
@@ -148,6 +316,9 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
     ['fan_in', 'unit']
     """
     configs = configs_for(spec, vary, **options)
+    for c in configs:  # refuse before any work when the backward pass cannot fit
+        if c.spec.backward:
+            backward_plan(c.spec)
     start = time.perf_counter()
     frames = []
     for c in configs:
@@ -156,6 +327,8 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
         with threadpool_limits(1, user_api="blas"):
             rows = [r for rep in range(c.spec.replicates) for r in run_replicate(c.spec, rep, progress)]
         frame = pd.DataFrame(rows)
+        lead = ["replicate", "layer", "width", "fan_in", "fan_out"]
+        frame = frame[lead + [col for col in frame if col not in lead]]
         for key, value in reversed(list(c.varied.items())):
             frame.insert(0, key, value if isinstance(value, (str, int, float)) else str(value))
         frame.insert(0, "config", c.label)
@@ -170,4 +343,4 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
 
 def total_steps(configs: Sequence[Config]) -> int:
     """How many layer steps :func:`simulate` reports to ``progress``."""
-    return sum(c.spec.replicates * c.spec.network.depth for c in configs)
+    return sum(c.spec.replicates * c.spec.network.depth * (2 if c.spec.backward else 1) for c in configs)

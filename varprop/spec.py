@@ -60,11 +60,20 @@ class NetworkSpec:
     leaky_slope: float = 0.01
     init: InitSpec = field(default_factory=InitSpec)
     bias_std: float | None = None
+    bn_layers: tuple[int, ...] = ()
+    bn_position: str = "pre"
+    bn_eps: float = 1e-3
 
     def __post_init__(self) -> None:
         if isinstance(self.init, str) or callable(self.init):
             object.__setattr__(self, "init", InitSpec(self.init))
         object.__setattr__(self, "widths", parse_widths(self.widths))
+        bn = tuple(sorted(set(parse_int_list(self.bn_layers, "bn_layers")))) if self.bn_layers else ()
+        if bn and not 1 <= bn[0] <= bn[-1] <= self.depth - 1:
+            raise SpecError("bn_layers", f"batch norm goes on hidden layers 1..{self.depth - 1}, got {bn}")
+        object.__setattr__(self, "bn_layers", bn)
+        object.__setattr__(self, "bn_position", OPTIONS["bn_position"].parse(self.bn_position, "bn_position"))
+        object.__setattr__(self, "bn_eps", parse_pos_float(self.bn_eps, "bn_eps"))
         for name in ("activation", "output_activation"):
             value = getattr(self, name)
             if value is not None:
@@ -101,20 +110,31 @@ class RunSpec:
     replicates: int = 1
     seed: int = 0
     dtype: str = "float32"
+    batch_size: int | None = None  # None: one batch of all samples
+    backward: bool = False
+    max_memory: int | None = None  # bytes; None: half the memory available now
 
     def __post_init__(self) -> None:
-        for name in ("samples", "input", "input_std", "input_file", "replicates", "seed", "dtype"):
+        for name in ("samples", "input", "input_std", "input_file", "replicates", "seed", "dtype", "batch_size",
+                     "backward", "max_memory"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, OPTIONS[name].parse(value, name))
-        if self.input_file is None:
-            if self.samples is None:
-                object.__setattr__(self, "samples", DEFAULT_SAMPLES)
-            return
-        rows = load_input(self.input_file, self.network.widths[0]).shape[0]
-        if self.samples is not None and self.samples != rows:
-            raise SpecError("samples", f"{self.samples} differs from the {rows} rows of --input-file")
-        object.__setattr__(self, "samples", rows)
+        if self.input_file is not None:
+            rows = load_input(self.input_file, self.network.widths[0]).shape[0]
+            if self.samples is not None and self.samples != rows:
+                raise SpecError("samples", f"{self.samples} differs from the {rows} rows of --input-file")
+            object.__setattr__(self, "samples", rows)
+        elif self.samples is None:
+            object.__setattr__(self, "samples", DEFAULT_SAMPLES)
+        if self.batch_size is not None and self.samples % self.batch_size:
+            raise SpecError("batch_size", f"{self.batch_size} does not divide --samples {self.samples} "
+                            "(the samples form samples/batch-size independent batches)")
+
+    @property
+    def batch(self) -> int:
+        """Samples per batch-norm batch."""
+        return self.batch_size or self.samples
 
 
 DEFAULT_SAMPLES = 500
@@ -155,6 +175,40 @@ def _int(value: Any, option: str, accepted: str, ok: Callable[[int], bool]) -> i
 
 def parse_pos_int(value: Any, option: str) -> int:
     return _int(value, option, "a positive integer", lambda n: n >= 1)
+
+
+def parse_int_list(value: Any, option: str) -> tuple[int, ...]:
+    parts = value.split(",") if isinstance(value, str) else value
+    if isinstance(parts, int) and not isinstance(parts, bool):
+        parts = [parts]
+    try:
+        return tuple(_int(p.strip() if isinstance(p, str) else p, option, "", lambda n: n >= 1) for p in parts)
+    except (SpecError, TypeError):
+        raise _fail(option, "comma-separated layer numbers such as 1,3,5", value) from None
+
+
+def parse_size(value: Any, option: str) -> int:
+    """Bytes from ``2G``, ``500M``, ``64K`` or a plain number of bytes."""
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    factor = units.get(text[-1:], 1)
+    try:
+        size = float(text[:-1] if text[-1:] in units else text) * factor
+    except ValueError:
+        raise _fail(option, "a size such as 4G, 500M or a number of bytes", value) from None
+    if not math.isfinite(size) or size <= 0:
+        raise _fail(option, "a positive size such as 4G or 500M", value)
+    return int(size)
+
+
+def parse_flag(value: Any, option: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes", "on"):
+        return True
+    if str(value).lower() in ("false", "0", "no", "off"):
+        return False
+    raise _fail(option, "true or false", value)
 
 
 def parse_seed(value: Any, option: str) -> int:
@@ -235,6 +289,7 @@ class Option:
     help: str
     repeatable: bool = True
     metavar: str = "VALUE"
+    flag: bool = False
 
 
 OPTIONS: dict[str, Option] = {
@@ -250,14 +305,37 @@ OPTIONS: dict[str, Option] = {
     "gain": Option(parse_pos_float, None, "gain (std multiplier) replacing the scheme's own", metavar="GAIN"),
     "scale": Option(parse_pos_float, 1.0, "extra factor on the weight variance", metavar="SCALE"),
     "bias_std": Option(parse_nonneg_float, None, "bias std sigma_b (default 0; torch-default: its own)", metavar="STD"),
+    "bn": Option(_choice(("all", "none")), None, "batch norm on every hidden layer (all) or none", metavar="all|none"),
+    "bn_layers": Option(parse_int_list, None, "hidden layers with batch norm, e.g. 1,3,5", metavar="L1,L2,..."),
+    "bn_count": Option(lambda v, o: _int(v, o, "an integer >= 0", lambda n: n >= 0), None,
+                       "batch norm on the first k hidden layers", metavar="K"),
+    "bn_position": Option(_choice(("pre", "post")), "pre",
+                          "batch norm on z before the activation (pre) or on its output (post)", metavar="pre|post"),
+    "bn_eps": Option(parse_pos_float, 1e-3, "batch norm epsilon (Keras' default 0.001)", metavar="EPS"),
+    "batch_size": Option(lambda v, o: _int(v, o, "an integer >= 2", lambda n: n >= 2), None,
+                         "samples per batch-norm batch (default: all samples in one batch)", metavar="B"),
     "samples": Option(parse_pos_int, None, "number of input samples N (default 500, or the rows of --input-file)", metavar="N"),
     "input": Option(_choice(("gaussian", "uniform")), "gaussian", "input distribution", metavar="KIND"),
     "input_std": Option(parse_pos_float, 1.0, "input standard deviation", metavar="STD"),
     "input_file": Option(parse_input_file, None, "real inputs: an N x n_0 .npy file", repeatable=False, metavar="FILE.npy"),
     "replicates": Option(parse_pos_int, 1, "independent weight draws R", repeatable=False, metavar="R"),
     "seed": Option(parse_seed, 0, "seed of the random generator tree", repeatable=False, metavar="SEED"),
+    "backward": Option(parse_flag, False, "also propagate a random gradient backward from the output",
+                       repeatable=False, flag=True),
+    "max_memory": Option(parse_size, None, "memory the backward pass may use (default: half of what is available)",
+                         repeatable=False, metavar="SIZE"),
     "dtype": Option(_choice(("float32", "float64")), "float32", "compute dtype (statistics are float64)", metavar="DTYPE"),
 }
+
+
+_LIST_VALUED = ("widths", "bn_layers")  # one value is itself a list of integers
+
+
+def _repeated(key: str, value: Any) -> bool:
+    """Whether ``value`` lists several values of option ``key`` (a tuple never does)."""
+    if not isinstance(value, list):
+        return False
+    return not (key in _LIST_VALUED and value and not isinstance(value[0], (str, list, tuple)))
 
 
 def parse(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -268,7 +346,7 @@ def parse(options: Mapping[str, Any]) -> dict[str, Any]:
         if key not in OPTIONS:
             raise SpecError(key, "unknown option; known: " + ", ".join(o.replace("_", "-") for o in OPTIONS))
         opt = OPTIONS[key]
-        if isinstance(value, (list, tuple)) and not (key == "widths" and value and not isinstance(value[0], (str, list, tuple))):
+        if _repeated(key, value):
             if not opt.repeatable and len(value) != 1:
                 raise SpecError(key, "takes one value, not a list")
             out[key] = [opt.parse(v, key) for v in value]
@@ -285,9 +363,24 @@ def from_options(options: Mapping[str, Any]) -> RunSpec:
     get = lambda k: o.get(k, OPTIONS[k].default)  # noqa: E731
     widths = o.get("widths") or (get("width"),) * (get("layers") + 1)
     init = InitSpec(get("init"), get("distribution"), get("mode"), get("gain"), get("scale"))
-    net = NetworkSpec(widths, get("activation"), get("output_activation"), get("leaky_slope"), init, get("bias_std"))
+    net = NetworkSpec(widths, get("activation"), get("output_activation"), get("leaky_slope"), init, get("bias_std"),
+                      _bn_layers(o, len(widths) - 1), get("bn_position"), get("bn_eps"))
     return RunSpec(net, get("samples"), get("input"), get("input_std"), get("input_file"),
-                   get("replicates"), get("seed"), get("dtype"))
+                   get("replicates"), get("seed"), get("dtype"), get("batch_size"), get("backward"),
+                   get("max_memory"))
+
+
+def _bn_layers(o: Mapping[str, Any], depth: int) -> tuple[int, ...]:
+    given = [k for k in ("bn", "bn_layers", "bn_count") if k in o]
+    if len(given) > 1:
+        raise SpecError(given[1], "give only one of --bn, --bn-layers, --bn-count")
+    if "bn_count" in o:
+        if o["bn_count"] > depth - 1:
+            raise SpecError("bn_count", f"{o['bn_count']} exceeds the {depth - 1} hidden layers")
+        return tuple(range(1, o["bn_count"] + 1))
+    if o.get("bn") == "all":
+        return tuple(range(1, depth))
+    return o.get("bn_layers", ())
 
 
 def to_options(spec: RunSpec) -> dict[str, Any]:
@@ -301,6 +394,9 @@ def to_options(spec: RunSpec) -> dict[str, Any]:
         "samples": None if spec.input_file else spec.samples,
         "input": spec.input, "input_std": spec.input_std, "input_file": spec.input_file,
         "replicates": spec.replicates, "seed": spec.seed, "dtype": spec.dtype,
+        "bn_layers": ",".join(map(str, n.bn_layers)) or None,
+        "bn_position": n.bn_position if n.bn_layers else None, "bn_eps": n.bn_eps if n.bn_layers else None,
+        "batch_size": spec.batch_size, "backward": spec.backward or None, "max_memory": spec.max_memory,
     }
     if "leaky_relu" not in (n.activation, n.output_activation):
         del out["leaky_slope"]
@@ -319,8 +415,10 @@ class Config:
 def _label_part(key: str, value: Any) -> str:
     if key in ("init", "activation", "distribution", "mode", "input", "dtype"):
         return str(value if isinstance(value, str) else getattr(value, "__name__", value))
-    if key == "widths":
-        return "-".join(map(str, value))
+    if key in ("widths", "bn_layers"):
+        return f"{key}={','.join(map(str, value))}"
+    if key == "bn":
+        return f"bn={value}"
     return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
 
 
@@ -331,6 +429,11 @@ def expand(options: Mapping[str, Any]) -> list[Config]:
     ['unit', 'fan_in']
     """
     o = parse(options)
+    if "batch_size" in o and "samples" not in o and "input_file" not in o:
+        # Every batch size must divide the samples shared by all configurations.
+        sizes = o["batch_size"] if isinstance(o["batch_size"], list) else [o["batch_size"]]
+        lcm = math.lcm(*sizes)
+        o["samples"] = lcm * math.ceil(DEFAULT_SAMPLES / lcm)
     varied = {k: v for k, v in o.items() if isinstance(v, list) and len(v) > 1}
     fixed = {k: (v[0] if isinstance(v, list) else v) for k, v in o.items() if k not in varied}
     configs = []

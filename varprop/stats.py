@@ -97,6 +97,7 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     """
     sides = [s for s in ("pre", "post", "grad", "delta") if f"{s}_log10_std" in layers]
     cols = [f"{side}_{stat}" for side in sides for stat in STATS if f"{side}_{stat}" in layers]
+    cols += [c for c in ("weight_grad_norm", "weight_grad_log10_norm") if c in layers]
     keys = ["config", "layer"]
     g = layers.groupby(keys, sort=False)
     mean, n = g[cols].mean(), g[cols].count()

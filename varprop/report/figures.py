@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -15,22 +16,47 @@ import pandas as pd  # noqa: E402
 _MAX_LOG10 = 300.0
 
 
-def std_per_layer(layers: pd.DataFrame, summary: pd.DataFrame, path: Path, side: str = "post") -> Path:
-    """Std of each layer's output, one line per configuration, on a log axis.
+def std_per_layer(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:
+    """Std of each layer's output (and, with a backward pass, of the gradient),
+    one line per configuration, on a log axis.
 
     Solid: the mean network (sqrt of the mean variance over replicates);
     dashed: the typical network (geometric mean); band: the range over
     replicates.
     """
+    sides = [("post", "std of layer output")]
+    if "grad_log10_std" in layers:
+        sides.append(("grad", "std of gradient w.r.t. layer output"))
+    n_configs = summary["config"].nunique()
+    legend_rows = math.ceil(n_configs / 3)
+    fig, axes = plt.subplots(1, len(sides), figsize=(6.5 * len(sides), 4.2 + 0.22 * legend_rows), dpi=120,
+                             squeeze=False)
+    for ax, (side, label) in zip(axes[0], sides):
+        _panel(ax, layers, summary, side, label)
+    n_rep = int(layers["replicate"].nunique())
+    title = "Std per layer"
+    if n_rep > 1:
+        title += f": mean network (solid), typical network (dashed), range over {n_rep} replicates"
+    fig.suptitle(title, fontsize=10)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, n_configs), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * legend_rows * 4.2 / (4.2 + 0.22 * legend_rows), 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str, label: str) -> None:
     col = f"{side}_log10_std"
     finite = layers[col].replace([np.inf, -np.inf], np.nan).dropna()
     as_log10 = finite.abs().max() > _MAX_LOG10 if len(finite) else False
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "-.", ":"]
     for i, (config, s) in enumerate(summary.groupby("config", sort=False)):
         color = colors[i % len(colors)]
+        style = styles[(i // len(colors)) % len(styles)]
         y = lambda v: np.asarray(v, dtype=float) if as_log10 else 10.0 ** np.asarray(v, dtype=float)  # noqa: E731
-        ax.plot(s["layer"], y(s[f"{side}_log10_rms_std"]), color=color, lw=1.8, label=f"{config}")
+        ax.plot(s["layer"], y(s[f"{side}_log10_rms_std"]), color=color, ls=style, lw=1.8, label=f"{config}")
         reps = layers[layers["config"] == config]
         if reps["replicate"].nunique() > 1:
             ax.plot(s["layer"], y(s[f"{side}_log10_typical_std"]), color=color, lw=1.2, ls="--")
@@ -39,15 +65,5 @@ def std_per_layer(layers: pd.DataFrame, summary: pd.DataFrame, path: Path, side:
     if not as_log10:
         ax.set_yscale("log")
     ax.set_xlabel("layer l (0 = input)")
-    ax.set_ylabel("log10 std of layer output" if as_log10 else "std of layer output (log scale)")
-    n_rep = int(layers["replicate"].nunique())
-    title = "Output std per layer"
-    if n_rep > 1:
-        title += f": mean network (solid), typical network (dashed), range over {n_rep} replicates"
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(f"log10 {label}" if as_log10 else f"{label} (log scale)")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(title="configuration", fontsize=8, title_fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path

@@ -86,6 +86,10 @@ def layer_table(summary: pd.DataFrame, config: str, replicates: int) -> pd.DataF
     table["post std"] = [fmt_std(v) for v in s["post_log10_rms_std"]]
     if replicates > 1:
         table["typical post std"] = [fmt_std(v) for v in s["post_log10_typical_std"]]
+    if "grad_log10_std" in s:
+        table["grad std"] = [fmt_std(v) for v in s["grad_log10_rms_std"]]
+        table["weight grad norm"] = [fmt_std(v) if not math.isnan(v) else "" for v in
+                                     s["weight_grad_log10_norm"]]
     table["zeros"] = [fmt(v, 3) for v in s["post_frac_zero"]]
     table["saturated"] = [fmt(v, 3) for v in s["post_frac_saturated"]]
     table["cos sim"] = [fmt(v, 3) for v in s["post_cos_sim"]]
@@ -101,11 +105,20 @@ def terminal_table(layers: pd.DataFrame, summary: pd.DataFrame) -> str:
         cols = ["layer", "post mean", "post std"] + (["typical post std"] if reps > 1 else [])
         t = layer_table(summary, configs[0], reps)[cols]
         title = configs[0]
-    else:
+    elif len(configs) <= 4:
         t = pd.DataFrame({"layer": layer_table(summary, configs[0], reps)["layer"]})
         for config in configs:
             t[config] = layer_table(summary, config, reps)["post std"].to_numpy()
         title = "std of each layer's output" + (" (mean network)" if reps > 1 else "")
+    else:  # many configurations: one row each, a few layers as columns
+        layers = layer_table(summary, configs[0], reps)["layer"].tolist()
+        keep = [layers[i] for i in sorted({round(j) for j in np.linspace(0, len(layers) - 1, min(8, len(layers)))})]
+        rows = []
+        for config in configs:
+            t = layer_table(summary, config, reps).set_index("layer")["post std"]
+            rows.append({"configuration": config, **{f"layer {layer}": t[layer] for layer in keep}})
+        t = pd.DataFrame(rows)
+        title = "std of layer outputs" + (" (mean network)" if reps > 1 else "")
     return f"{title}\n" + t.to_markdown(index=False, tablefmt="simple", disable_numparse=True)
 
 
@@ -146,6 +159,9 @@ def render_markdown(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str,
             "output std (last layer)": fmt_std(s["post_log10_rms_std"].iloc[-1]),
             "std factor per layer": fmt(_growth(s, "post_log10_rms_std")),
         })
+        if "grad_log10_rms_std" in s:
+            rows[-1]["input gradient std"] = fmt_std(s["grad_log10_rms_std"].iloc[0])
+            rows[-1]["gradient factor per layer (backward)"] = fmt(1 / _growth(s, "grad_log10_rms_std"))
     out += [pd.DataFrame(rows).to_markdown(index=False), ""]
     out += ["The first two columns are the seed answer's summary of a stack: the mean over layers 1..L of "
             "each layer's output mean, and the square root of the mean over layers of each layer's output "
@@ -183,4 +199,11 @@ def render_markdown(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str,
         "direction). Layer 0 is the input. \"overflow\" marks a value beyond float64; the std columns are "
         "exact at any magnitude.", "",
     ]
+    if "grad_log10_std" in layers:
+        out[-1:-1] = [
+            "Backward pass: a random gradient g_L ~ N(0, 1) enters at the output and is propagated down through "
+            "the activations, batch norm (with its full batch Jacobian) and W^T. `grad std` is the std of the "
+            "gradient with respect to layer l's output (layer 0: the input); `weight grad norm` is the Frobenius "
+            "norm of h_{l-1}^T delta_l, the gradient of the weights of layer l summed over all samples.", "",
+        ]
     return "\n".join(out)

@@ -1,0 +1,171 @@
+"""Backward pass and batch norm: finite differences, the batch Jacobian, the
+exact gradient-variance laws, memory refusal and checkpointing."""
+
+import math
+
+import numpy as np
+import pytest
+
+import varprop
+from varprop import batchnorm, engine
+from varprop.activations import NAMES
+from varprop.spec import SpecError
+
+from statcheck import t_two_sided
+from test_propagation import assert_mean, pivot, rank_one_log10_slope
+
+WIDTHS = (6, 7, 5, 4)
+
+
+def small_spec(activation, bn_position=None, batch_size=4):
+    net = varprop.NetworkSpec(widths=WIDTHS, activation=activation, init="he", bias_std=0.3,
+                              bn_layers=(1, 2) if bn_position else (), bn_position=bn_position or "pre")
+    return varprop.RunSpec(net, samples=8, seed=3, dtype="float64", batch_size=batch_size)
+
+
+def objective(spec, x):
+    """sum(g_L * h_L) for inputs x: the scalar the backward pass differentiates."""
+    net = engine._Network(spec, 0)
+    u, log_h = engine._renorm(x.copy(), 0.0)
+    for layer in range(1, spec.network.depth + 1):
+        u, log_h, _, _ = net.step(layer, u, log_h, stats=False, keep=False)
+    upstream = engine.generator(spec.seed, 0, spec.network.depth, "upstream").standard_normal(u.shape)
+    return float(np.sum(upstream * u * math.exp(log_h)))
+
+
+def input_gradient(spec, x):
+    net = engine._Network(spec, 0)
+    u, log_h = engine._renorm(x.copy(), 0.0)
+    tapes = {}
+    for layer in range(1, spec.network.depth + 1):
+        u, log_h, _, tapes[layer] = net.step(layer, u, log_h, stats=False, keep=True)
+    g = engine.generator(spec.seed, 0, spec.network.depth, "upstream").standard_normal(u.shape)
+    g, log_g = engine._renorm(g, 0.0)
+    for layer in range(spec.network.depth, 0, -1):
+        g, log_g = net.back(layer, tapes[layer], g, log_g, {})
+    return g * math.exp(log_g)
+
+
+def max_fd_error(spec):
+    x = np.random.default_rng(0).standard_normal((8, WIDTHS[0]))
+    grad = input_gradient(spec, x)
+    eps = 1e-6
+    fd = np.empty_like(x)
+    for idx in np.ndindex(*x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += eps
+        xm[idx] -= eps
+        fd[idx] = (objective(spec, xp) - objective(spec, xm)) / (2 * eps)
+    return float(np.max(np.abs(grad - fd)) / np.max(np.abs(fd)))
+
+
+@pytest.mark.parametrize("bn_position", [None, "pre", "post"])
+@pytest.mark.parametrize("activation", NAMES)
+def test_backward_matches_finite_differences(activation, bn_position):
+    assert max_fd_error(small_spec(activation, bn_position)) < 1e-6
+
+
+def test_per_sample_bn_derivative_fails_the_check(monkeypatch):
+    """The check must see BN's batch coupling: dropping it (treating the batch
+    mean and variance as constants) gives a wrong gradient."""
+    def per_sample(v, log_g, cache):
+        top = float(np.max(cache.log_inv_sigma))
+        g = v.reshape(cache.xhat.shape) * np.exp(cache.log_inv_sigma - top)
+        return g.reshape(v.shape).astype(v.dtype), log_g + top
+
+    spec = small_spec("tanh", "pre")
+    assert max_fd_error(spec) < 1e-6
+    monkeypatch.setattr(batchnorm, "backward", per_sample)
+    assert max_fd_error(spec) > 1e-2
+
+
+@pytest.mark.parametrize("batch", [2, 4, 16])
+@pytest.mark.parametrize("log_s", [0.0, 3.0, 2000.0, -2000.0])
+def test_bn_forward_moments(batch, log_s):
+    eps = 1e-3
+    u = np.random.default_rng(batch).standard_normal((64, 5)) * np.array([1, 0.1, 3, 0.03, 1])
+    y, log_y, cache = batchnorm.forward(u, log_s, batch, eps)
+    yb = (y * math.exp(log_y)).reshape(64 // batch, batch, 5) if abs(log_y) < 700 else None
+    var_x = u.reshape(64 // batch, batch, 5).var(axis=1) * math.exp(2 * log_s) if abs(log_s) < 300 else None
+    if yb is not None and var_x is not None:
+        np.testing.assert_allclose(yb.mean(axis=1), 0, atol=1e-12)
+        np.testing.assert_allclose(yb.var(axis=1), 1 / (1 + eps / var_x), rtol=1e-12)
+    elif log_s > 0:  # eps is negligible: unit variance per batch and unit
+        np.testing.assert_allclose(cache.xhat.var(axis=1), 1, rtol=1e-12)
+    else:  # a signal far below sqrt(eps) is scaled by 1/sqrt(eps), not blown up
+        assert log_y == pytest.approx(log_s - 0.5 * math.log(eps) + math.log(np.max(np.abs(
+            u.reshape(64 // batch, batch, 5).std(axis=1)))), abs=5)
+
+
+def test_bn_in_the_engine_pre_and_post():
+    base = dict(widths=(50, 60, 60, 40), activation="relu", init="he", bn_layers=(1, 2))
+    for position, side in (("pre", "pre"), ("post", "post")):
+        spec = varprop.NetworkSpec(**base, bn_position=position)
+        df = varprop.simulate(spec, samples=64, batch_size=16, seed=0, dtype="float64")
+        bn_rows = df[df["layer"].isin([1, 2])]
+        np.testing.assert_allclose(bn_rows[f"{side}_mean"], 0, atol=1e-12)
+        np.testing.assert_allclose(bn_rows[f"{side}_sq_unit_mean"], 0, atol=1e-20)
+        assert np.all(bn_rows[f"{side}_unit_var"] < 1) and np.all(bn_rows[f"{side}_unit_var"] > 0.99)
+    pre = df[df["layer"] == 1]  # post placement: the activation sees an un-normalized z
+    assert pre["pre_mean"].abs().iloc[0] < 0.2 and pre["post_mean"].iloc[0] == pytest.approx(0, abs=1e-12)
+
+
+def test_linear_fan_in_gradient_scales_by_fan_out_over_fan_in():
+    widths = (80, 40, 120, 60, 100, 50, 90)
+    df = varprop.simulate(varprop.NetworkSpec(widths=widths, init="fan_in"), samples=40, replicates=80,
+                          seed=1, backward=True)
+    g = pivot(df, "grad_second_moment")
+    expected = np.array(widths[1:]) / np.array(widths[:-1])  # g_{l-1} vs g_l: fan_out / fan_in of layer l
+    assert_mean(g[:, :-1] / g[:, 1:] / expected, 1.0, what="gradient ratio / (fan_out/fan_in)")
+
+
+def test_xavier_balances_forward_and_backward():
+    widths = (60, 120, 60, 120, 60)
+    df = varprop.simulate(varprop.NetworkSpec(widths=widths, init="xavier"), samples=40, replicates=80, seed=2,
+                          backward=True)
+    n_in, n_out = np.array(widths[:-1]), np.array(widths[1:])
+    fwd = pivot(df, "post_second_moment")
+    bwd = pivot(df, "grad_second_moment")
+    assert_mean(fwd[:, 1:] / fwd[:, :-1] / (2 * n_in / (n_in + n_out)), 1.0, what="forward ratio")
+    assert_mean(bwd[:, :-1] / bwd[:, 1:] / (2 * n_out / (n_in + n_out)), 1.0, what="backward ratio")
+    # Over a palindromic stack the forward and backward gains are the same (1 here).
+    assert_mean(np.log(fwd[:, -1] / fwd[:, 0]) - np.log(bwd[:, 0] / bwd[:, -1]), 0.0, what="log gain gap")
+
+
+def test_he_fan_out_preserves_relu_gradients():
+    spec = varprop.NetworkSpec.square(20, 128, activation="relu", init=varprop.InitSpec("he", mode="fan_out"))
+    df = varprop.simulate(spec, samples=64, replicates=40, seed=3, backward=True)
+    g, d = pivot(df, "grad_second_moment"), pivot(df, "delta_second_moment")
+    # Exact: E[m2(g_{l-1}) | delta_l] = fan_out * v * m2(delta_l) = 2 m2(delta_l).
+    assert_mean(g[:, :-1] / d[:, 1:], 2.0, what="W^T step")
+    # Through relu the gradient keeps half its second moment, so the whole layer preserves it.
+    assert_mean(d[:, 1:] / g[:, 1:], 0.5, what="relu mask")
+    assert_mean(g[:, :-1] / g[:, 1:], 1.0, what="gradient second moment per layer")
+
+
+@pytest.mark.slow
+def test_ten_thousand_layers_backward_with_checkpointing():
+    n, depth = 100, 10_000
+    spec = varprop.NetworkSpec.square(depth, n, init="unit")
+    df = varprop.simulate(spec, samples=32, seed=0, backward=True, max_memory="64M")
+    assert engine.backward_plan(engine.configs_for(spec, samples=32, backward=True, max_memory="64M")[0].spec) == 100
+    logs = df["grad_log10_std"].to_numpy()
+    assert np.isfinite(logs).all() and np.isfinite(df["delta_log10_std"].iloc[1:]).all()
+    sd = 0.5 / math.log(10) * math.sqrt(depth * __import__("scipy").special.polygamma(1, n / 2))
+    assert abs(logs[0] - logs[-1] - depth * rank_one_log10_slope(n)) < 5 * sd
+    assert np.isfinite(df["weight_grad_log10_norm"].iloc[1:]).all()
+
+
+def test_checkpointing_gives_identical_numbers():
+    spec = varprop.NetworkSpec.square(30, 40, activation="tanh", bn_layers=(3, 7), bias_std=0.1)
+    kept = varprop.simulate(spec, samples=16, batch_size=8, seed=4, backward=True)
+    small = engine.tape_bytes(varprop.RunSpec(spec, samples=16, backward=True))
+    budget = sum(small) // 2
+    checkpointed = varprop.simulate(spec, samples=16, batch_size=8, seed=4, backward=True, max_memory=budget)
+    assert kept.equals(checkpointed)
+
+
+def test_memory_refusal_names_the_option():
+    spec = varprop.NetworkSpec.square(100, 1000)
+    with pytest.raises(SpecError, match="--max-memory"):
+        varprop.simulate(spec, samples=1000, backward=True, max_memory="1M")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import time
@@ -11,10 +12,11 @@ from typing import Any
 
 import click
 
-from . import report
+from . import activations, fit, inits, report, theory
 from .engine import simulate as run_simulation
 from .engine import total_steps
-from .spec import OPTIONS, SpecError, expand, parse
+from .spec import (OPTIONS, SpecError, expand, from_options, parse, parse_activation, parse_int_list,
+                   parse_nonneg_float, parse_pos_float, parse_pos_int)
 
 DEFAULT_RUNS_DIR = Path("reports") / "runs"
 
@@ -165,5 +167,125 @@ def simulate(config_file: str | None, out: str | None, **cli_options: Any) -> No
     click.echo(f"\nreport: {out_dir / paths['report'].name}  (layers.csv, config.json, std_per_layer.png beside it)")
 
 
-if __name__ == "__main__":
-    main()
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=report.json_default))
+
+
+def _activation_arg(name: str, option: str = "activation") -> Any:
+    """A registered activation name, or ``module:function`` for a user callable."""
+    if ":" in name:
+        try:
+            return inits.load_callable(name)
+        except ValueError as exc:
+            raise SpecError(option, str(exc)) from None
+    return activations.get(parse_activation(name, option))
+
+
+@main.command()
+@click.argument("activation")
+@click.option("--leaky-slope", default="0.01", metavar="SLOPE", help="negative slope of leaky_relu")
+@click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
+def gain(activation: str, leaky_slope: str, as_json: bool) -> None:
+    """Both gains of ACTIVATION (a name or module:function), z ~ N(0, 1).
+
+    \b
+    second-moment gain 1/sqrt(E[phi(z)^2])  (PyTorch's calculate_gain convention)
+    variance gain      1/sqrt(Var phi(z))   (NFNets' gamma)
+    """
+    slope = OPTIONS["leaky_slope"].parse(leaky_slope, "leaky_slope")
+    act = _activation_arg(activation) if ":" in activation else activations.get(
+        parse_activation(activation, "activation"), slope)
+    g = theory.gains(act, slope)
+    if as_json:
+        _echo_json(g)
+        return
+    click.echo(f"{g['activation']}:  E[phi] = {g['mean']:.6g}, E[phi^2] = {g['second_moment']:.6g}, "
+               f"Var phi = {g['variance']:.6g}  (z ~ N(0, 1))")
+    click.echo(f"  second-moment gain 1/sqrt(E[phi^2]) = {g['second_moment_gain']:.6f}"
+               + (f"   torch calculate_gain: {g['torch_calculate_gain']:.6f}" if g["torch_calculate_gain"] else ""))
+    click.echo(f"  variance gain      1/sqrt(Var phi)  = {g['variance_gain']:.6f}"
+               + (f"   NFNets gamma (sampled): {g['nfnets_gamma']:.6f}" if g["nfnets_gamma"] else ""))
+
+
+@main.command("theory")
+@click.option("--activation", "activation", default="tanh", metavar="NAME", help="activation")
+@click.option("--sigma-w", default="1.0", metavar="SW", help="weight std: sigma_w^2 = fan_in * Var(W_ij)")
+@click.option("--sigma-b", default="0.0", metavar="SB", help="bias std: sigma_b^2 = Var(b_i)")
+@click.option("--layers", default=None, metavar="L", help="also print the per-layer predictions for L layers")
+@click.option("--width", default="1000", metavar="N", help="width used for --layers (theory is width-free)")
+@click.option("--leaky-slope", default="0.01", metavar="SLOPE", help="negative slope of leaky_relu")
+@click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
+def theory_cmd(activation: str, sigma_w: str, sigma_b: str, layers: str | None, width: str, leaky_slope: str,
+               as_json: bool) -> None:
+    """Mean-field fixed point q*, chi_1, phase and depth scales (Schoenholz et al. 2017)."""
+    sw = parse_pos_float(sigma_w, "sigma_w")
+    sb = parse_nonneg_float(sigma_b, "sigma_b")
+    slope = OPTIONS["leaky_slope"].parse(leaky_slope, "leaky_slope")
+    act = activations.get(parse_activation(activation, "activation"), slope)
+    result: dict[str, Any] = theory.mean_field(act, sw, sb)
+    table = None
+    if layers is not None:
+        n = parse_pos_int(width, "width")
+        spec = from_options({"layers": layers, "width": n, "activation": activation, "init": "fan_in",
+                             "gain": sw, "bias_std": sb, "leaky_slope": slope, "samples": 2})
+        table = theory.predict(spec)
+        result["layers"] = table.to_dict(orient="records")
+    if as_json:
+        _echo_json(result)
+        return
+    fmt = lambda v: f"{v:.6g}" if isinstance(v, float) else str(v)  # noqa: E731
+    click.echo(f"{act.name}, sigma_w = {sw:g}, sigma_b = {sb:g}")
+    for key, label in (("q_star", "fixed point q*"), ("chi_1", "chi_1 = sigma_w^2 E[phi'(z)^2] at q*"),
+                       ("phase", "phase"), ("c_star", "correlation fixed point c*"),
+                       ("xi_q", "depth scale xi_q (layers)"), ("xi_c", "depth scale xi_c (layers)")):
+        click.echo(f"  {label:40s} {fmt(result[key])}")
+    if table is not None:
+        shown = table[["layer", "theory_pre_std", "theory_post_mean", "theory_post_std", "theory_post_cos_sim"]]
+        click.echo("\n" + shown.rename(columns=lambda c: c.replace("theory_", "")).to_markdown(
+            index=False, tablefmt="simple", floatfmt=".6g"))
+
+
+@main.command("fit")
+@click.option("--fan-in", "fan_ins", default="10,30,100,300,1000,3000", metavar="N1,N2,...",
+              help="fan-ins to measure")
+@click.option("--fan-out", default="100", metavar="N", help="units of the one layer measured")
+@click.option("--init", default="unit", metavar="SCHEME", help="init scheme (as for simulate)")
+@click.option("--activation", default="linear", metavar="NAME", help="activation")
+@click.option("--samples", default="500", metavar="N", help="input samples")
+@click.option("--replicates", default="5", metavar="R", help="independent layers per fan-in")
+@click.option("--seed", default="0", metavar="SEED", help="seed")
+@click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/fit-<init>-<activation>]")
+@click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
+def fit_cmd(fan_ins: str, fan_out: str, init: str, activation: str, samples: str, replicates: str, seed: str,
+            out: str | None, as_json: bool) -> None:
+    """The sqrt(fan_in) law: fit log std = a + b log fan_in over one layer."""
+    ns = parse_int_list(fan_ins, "fan_in")
+    base = from_options({"layers": 1, "width": ns[0], "init": init, "activation": activation, "samples": samples,
+                         "replicates": replicates, "seed": seed})
+    n_out = parse_pos_int(fan_out, "fan_out")
+    out_dir = Path(out) if out else DEFAULT_RUNS_DIR / f"fit-{init}-{activation}".replace(":", "_")
+    try:
+        stage = report.staging(out_dir)
+        tmp = stage.__enter__()
+    except OSError as exc:
+        raise SpecError("out", f"cannot write to {out_dir} ({exc.strerror or exc})") from None
+    try:
+        points, result = fit.fan_in_law(base, ns, n_out)
+        command = shlex.join(["varprop", "fit", "--fan-in", ",".join(map(str, ns)), "--fan-out", str(n_out),
+                              "--init", init, "--activation", activation, "--samples", str(base.samples),
+                              "--replicates", str(base.replicates), "--seed", str(base.seed)])
+        report.write_fit(points, result, tmp, command)
+    except BaseException:
+        stage.__exit__(*sys.exc_info())
+        raise
+    stage.__exit__(None, None, None)
+    if as_json:
+        _echo_json({"fit": result.as_dict(), "points": points.to_dict(orient="records"), "out": str(out_dir)})
+        return
+    click.echo(f"log10 std = a + b log10 fan_in over fan_in {', '.join(map(str, ns))} "
+               f"({base.replicates} replicates each, {init} init, {activation})")
+    click.echo(f"  b = {result.slope:.4f} +- {result.slope_se:.4f}  (95% CI {result.slope_lo:.4f} .. "
+               f"{result.slope_hi:.4f}, t with {result.dof} dof)")
+    click.echo(f"  a = {result.intercept:.4f} +- {result.intercept_se:.4f},  R^2 = {result.r2:.5f}")
+    click.echo(f"\nreport: {out_dir / 'report.md'}")

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from . import activations, batchnorm, inits
+from . import activations, batchnorm, inits, theory
 from .spec import Config, NetworkSpec, RunSpec, SpecError, expand, load_input, to_options
 from .stats import SATURATION, empty_stats, side_stats
 
@@ -329,6 +329,7 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
         frame = pd.DataFrame(rows)
         lead = ["replicate", "layer", "width", "fan_in", "fan_out"]
         frame = frame[lead + [col for col in frame if col not in lead]]
+        frame = frame.merge(theory.predict(c.spec), on="layer", how="left")
         for key, value in reversed(list(c.varied.items())):
             frame.insert(0, key, value if isinstance(value, (str, int, float)) else str(value))
         frame.insert(0, "config", c.label)

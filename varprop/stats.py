@@ -98,6 +98,7 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     sides = [s for s in ("pre", "post", "grad", "delta") if f"{s}_log10_std" in layers]
     cols = [f"{side}_{stat}" for side in sides for stat in STATS if f"{side}_{stat}" in layers]
     cols += [c for c in ("weight_grad_norm", "weight_grad_log10_norm") if c in layers]
+    theory_cols = [c for c in layers if c.startswith("theory_")]
     keys = ["config", "layer"]
     g = layers.groupby(keys, sort=False)
     mean, n = g[cols].mean(), g[cols].count()
@@ -107,6 +108,8 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     out = pd.concat([mean, se.add_suffix("_se"), (mean - half).add_suffix("_lo"), (mean + half).add_suffix("_hi")],
                     axis=1)
     out.insert(0, "replicates", g.size())
+    if theory_cols:  # the same on every replicate's row
+        out = out.join(g[theory_cols].first())
     for side in sides:
         logs = layers[f"{side}_log10_std"]
         peak = logs.replace(-np.inf, np.nan).groupby([layers[k] for k in keys], sort=False).transform("max")

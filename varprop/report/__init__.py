@@ -22,9 +22,9 @@ from .. import __version__
 from ..spec import Config, to_options
 from ..stats import summarize
 from . import figures
-from .markdown import fmt_pow10, render_markdown, terminal_table
+from .markdown import fmt_pow10, render_fit, render_markdown, terminal_table
 
-__all__ = ["staging", "write", "run_name", "terminal_table", "fmt_pow10"]
+__all__ = ["staging", "write", "write_fit", "run_name", "terminal_table", "fmt_pow10", "json_default", "summarize"]
 
 
 def run_name(configs: Sequence[Config]) -> str:
@@ -73,7 +73,8 @@ def staging(out_dir: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """JSON for callables (module:name), numpy scalars and anything else (str)."""
     if callable(value):
         return f"{value.__module__}:{value.__qualname__}"
     if isinstance(value, np.generic):
@@ -101,8 +102,22 @@ def write(layers: pd.DataFrame, directory: Path, command: str | None = None) -> 
                      "python": platform.python_version()},
         "configs": [{"label": c.label, "varied": c.varied, "options": to_options(c.spec)} for c in configs],
     }
-    paths["config"].write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+    paths["config"].write_text(json.dumps(meta, indent=2, default=json_default) + "\n")
     layers.to_csv(paths["layers"], index=False)
     figures.std_per_layer(layers, summary, paths["figure"])
     paths["report"].write_text(render_markdown(layers, summary, meta, figure=paths["figure"].name))
     return {**paths, "summary": summary}
+
+
+def write_fit(points: pd.DataFrame, result: Any, directory: Path, command: str) -> dict[str, Path]:
+    """Files of a ``varprop fit`` run: points.csv, fit.json, fan_in_law.png, report.md."""
+    directory = Path(directory)
+    paths = {"points": directory / "points.csv", "fit": directory / "fit.json",
+             "figure": directory / "fan_in_law.png", "report": directory / "report.md"}
+    points.to_csv(paths["points"], index=False)
+    meta = {"command": command, "fit": result.as_dict(),
+            "versions": {"varprop": __version__, "numpy": np.__version__, "python": platform.python_version()}}
+    paths["fit"].write_text(json.dumps(meta, indent=2, default=json_default) + "\n")
+    figures.fan_in_law(points, result, paths["figure"])
+    paths["report"].write_text(render_fit(points, result, command, paths["figure"].name))
+    return paths

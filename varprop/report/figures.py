@@ -67,3 +67,27 @@ def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str,
     ax.set_xlabel("layer l (0 = input)")
     ax.set_ylabel(f"log10 {label}" if as_log10 else f"{label} (log scale)")
     ax.grid(True, which="major", alpha=0.3)
+
+
+def fan_in_law(points: pd.DataFrame, result: object, path: Path) -> Path:
+    """Log-log plot of one layer's output std against fan_in: the points, the
+    fitted line and the mean-field line."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=120)
+    ax.scatter(points["fan_in"], 10.0 ** points["log10_std"], s=14, alpha=0.6, label="measured (one per replicate)")
+    grid = np.geomspace(points["fan_in"].min(), points["fan_in"].max(), 100)
+    fit_line = 10.0 ** (result.intercept + result.slope * np.log10(grid))
+    ax.plot(grid, fit_line, lw=1.8, label=f"fit: b = {result.slope:.3f} ± {result.slope_se:.3f}")
+    th = points.groupby("fan_in")["theory_log10_std"].first()
+    if th.notna().all():
+        ax.plot(th.index, 10.0 ** th.to_numpy(), "k:", lw=1.5, label="mean-field theory")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("fan_in (inputs per unit)")
+    ax.set_ylabel("std of the layer's output")
+    ax.set_title("One layer's output std against fan_in", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -207,3 +207,39 @@ def render_markdown(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str,
             "norm of h_{l-1}^T delta_l, the gradient of the weights of layer l summed over all samples.", "",
         ]
     return "\n".join(out)
+
+
+def render_fit(points: pd.DataFrame, result: Any, command: str, figure: str) -> str:
+    """The report.md of a ``varprop fit`` run."""
+    per = points.groupby("fan_in").agg(mean=("log10_std", "mean"), sd=("log10_std", "std"),
+                                       theory=("theory_log10_std", "first")).reset_index()
+    table = pd.DataFrame({
+        "fan_in": per["fan_in"],
+        "measured std (geometric mean)": [fmt(10**v) for v in per["mean"]],
+        "sd of log10 std": [fmt(v, 3) for v in per["sd"]],
+        "mean-field std": [fmt(10**v) for v in per["theory"]],
+    })
+    slope_theory = line_fit_slope(np.log10(per["fan_in"]), per["theory"])
+    out = [
+        "# varprop: the sqrt(fan_in) law", "", "Reproduce with:", "", "```", command, "```", "",
+        "One layer y = x W is measured for each fan_in; every replicate (an independent W and input) is a point "
+        "of the least-squares fit `log10 std = a + b log10 fan_in`.", "",
+        "## Fit", "",
+        f"- **b = {result.slope:.4f} ± {result.slope_se:.4f}** (standard error), 95% interval "
+        f"[{result.slope_lo:.4f}, {result.slope_hi:.4f}] from Student's t with {result.dof} degrees of freedom;",
+        f"- a = {result.intercept:.4f} ± {result.intercept_se:.4f}; R² = {result.r2:.5f};",
+        f"- the mean-field prediction's slope over the same fan-ins is {slope_theory:.4f} "
+        "(0.5 for N(0, 1) weights: a sum of fan_in unit-variance products has std sqrt(fan_in); "
+        "0 for weights scaled by 1/sqrt(fan_in)).", "",
+        f"![fan-in law]({figure})", "",
+        "## Points", "", table.to_markdown(index=False, disable_numparse=True), "",
+        "Residuals of the fit (log10): " + ", ".join(f"{r:+.4f}" for r in result.residuals[:60])
+        + (" ..." if len(result.residuals) > 60 else ""), "",
+    ]
+    return "\n".join(out)
+
+
+def line_fit_slope(x: Any, y: Any) -> float:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(y)
+    return float(np.polyfit(x[ok], y[ok], 1)[0]) if ok.sum() >= 2 else math.nan

@@ -1,0 +1,324 @@
+"""Mean-field predictions: Gaussian expectations, the q- and c-maps, fixed
+points, chi_1, depth scales, gradients and gains (DESIGN.md "Definitions").
+
+Every expectation is over z ~ N(0, q) and is computed by a fixed quadrature:
+composite Gauss-Legendre panels on each half-line, graded geometrically
+toward the kink at 0, so relu-type kinks cost nothing in accuracy and tanh's
+transition is resolved at any q. Activations are evaluated through
+:func:`varprop.activations.apply_scaled`, so q may be any magnitude (10,000
+layers of unit init give q ~ 1e10000): predictions are carried as logs.
+
+>>> round(gains("relu")["variance_gain"], 6)
+1.712859
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from . import activations, inits
+from .activations import Activation
+from .spec import RunSpec
+
+_LN10 = math.log(10.0)
+
+# Published gain tables, shown beside ours (never in place of them).
+TORCH_GAIN = {"linear": 1.0, "sigmoid": 1.0, "tanh": 5 / 3, "relu": math.sqrt(2.0), "selu": 3 / 4}
+NFNET_GAMMA = {  # nfnets' _nonlin_gamma, estimated by sampling
+    "linear": 1.0, "relu": 1.7139588594436646, "gelu": 1.7015043497085571, "silu": 1.7881293296813965,
+    "tanh": 1.5939117670059204, "sigmoid": 4.803835391998291, "elu": 1.2716004848480225,
+    "selu": 1.0008515119552612, "softplus": 1.9203323125839233, "leaky_relu": 1.70590341091156,
+}
+
+
+@lru_cache(maxsize=None)
+def nodes(points: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """Quadrature nodes and weights for E[f(x)], x ~ N(0, 1), exact to float64
+    for smooth f on each half-line (the weights sum to 1)."""
+    edges = [0.0] + [10.0**k for k in range(-8, 1)] + [2.0, 3.0, 4.5, 6.5, 9.0, 13.0]
+    t, w = np.polynomial.legendre.leggauss(points)
+    xs, ws = [], []
+    for a, b in zip(edges[:-1], edges[1:]):
+        x = (b - a) / 2 * t + (a + b) / 2
+        xs.append(x)
+        ws.append((b - a) / 2 * w * np.exp(-x * x / 2) / math.sqrt(2 * math.pi))
+    x, w = np.concatenate(xs), np.concatenate(ws)
+    return np.concatenate([-x[::-1], x]), np.concatenate([w[::-1], w])
+
+
+def expect(f: Callable[[np.ndarray], np.ndarray], q: float = 1.0) -> float:
+    """E[f(z)] for z ~ N(0, q).
+
+    >>> round(expect(lambda z: z**2, 3.0), 12)
+    3.0
+    """
+    x, w = nodes()
+    return float(w @ f(math.sqrt(q) * x))
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Moments of phi(z), z ~ N(0, q), in a form that cannot overflow."""
+
+    mean: float  # E[phi(z)], inf when beyond float64
+    log_sd: float  # log sd(phi(z))
+    log_m2: float  # log E[phi(z)^2]
+    dphi2: float  # E[phi'(z)^2]
+
+
+def _limit_slopes(act: Activation, log_q: float) -> tuple[float, float] | None:
+    """(a+, a-) when phi(z) is, to float64 precision, a+ z (z > 0), a- z (z < 0)."""
+    if act.homogeneous:
+        return act.slope_pos, act.slope_neg
+    if 0.5 * log_q > activations._LOG_DIRECT and (act.slope_pos or act.slope_neg):
+        return act.slope_pos, act.slope_neg
+    return None
+
+
+def moments(act: Activation, log_q: float) -> Moments:
+    """The moments of ``act`` under z ~ N(0, exp(log_q))."""
+    slopes = _limit_slopes(act, log_q)
+    if slopes is not None:  # closed forms for a+ z / a- z: no quadrature, any q
+        a, b = slopes
+        m1 = (a - b) / math.sqrt(2 * math.pi)
+        m2 = (a * a + b * b) / 2
+        with np.errstate(over="ignore"):
+            mean = m1 * math.exp(0.5 * log_q) if 0.5 * log_q < 709 else math.copysign(math.inf, m1) if m1 else 0.0
+        var = m2 - m1 * m1
+        return Moments(mean, 0.5 * log_q + 0.5 * math.log(var) if var > 0 else -math.inf,
+                       log_q + math.log(m2) if m2 > 0 else -math.inf, m2)
+    x, w = nodes()
+    u, log_s = activations.apply_scaled(act, x, 0.5 * log_q)
+    m = float(w @ u)
+    var = float(w @ (u - m) ** 2)
+    m2 = float(w @ (u * u))
+    d = activations.dphi_scaled(act, x, 0.5 * log_q)
+    with np.errstate(over="ignore"):
+        mean = m * math.exp(log_s) if log_s < 700 else math.copysign(math.inf, m) if m else 0.0
+    return Moments(mean, log_s + 0.5 * math.log(var) if var > 0 else -math.inf,
+                   2 * log_s + math.log(m2) if m2 > 0 else -math.inf, float(w @ (d * d)))
+
+
+@lru_cache(maxsize=None)
+def _nodes2d(n: int = 48) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x, w = np.polynomial.hermite_e.hermegauss(n)
+    w = w / w.sum()
+    return x[:, None], x[None, :], np.outer(w, w)
+
+
+def cos_post(act: Activation, log_q: float, c: float) -> float:
+    """E[phi(z1) phi(z2)] / E[phi(z)^2] for z1, z2 ~ N(0, q) with correlation c:
+    the predicted mean cosine similarity of two samples after the activation."""
+    c = min(max(c, -1.0), 1.0)
+    slopes = _limit_slopes(act, log_q)
+    if slopes is not None:  # closed form: the arc-cosine kernel (leaky: slopes a+, a-)
+        a, b = slopes
+        k = lambda r: (math.sqrt(max(0.0, 1 - r * r)) + (math.pi - math.acos(r)) * r) / (2 * math.pi)  # noqa: E731
+        return ((a * a + b * b) * k(c) - 2 * a * b * k(-c)) / ((a * a + b * b) / 2)
+    x, y, w = _nodes2d()
+    s = math.sqrt(max(0.0, 1 - c * c))
+    u1, l1 = activations.apply_scaled(act, np.broadcast_to(x, w.shape).copy(), 0.5 * log_q)
+    u2, l2 = activations.apply_scaled(act, c * x + s * y, 0.5 * log_q)
+    cross = float(np.sum(w * u1 * u2)) * math.exp(l1 + l2 - 2 * max(l1, l2)) if u1.any() else 0.0
+    m2 = moments(act, log_q)
+    return cross * math.exp(2 * max(l1, l2) - m2.log_m2) if math.isfinite(m2.log_m2) else math.nan
+
+
+def _logaddexp(a: float, b: float) -> float:
+    return float(np.logaddexp(a, b))
+
+
+def bias_variance(scheme: inits.Scheme, bias_std: float | None, fan_in: int) -> float:
+    """Var(b_i) of a layer: ``bias_std**2``, or the scheme's own (torch-default)."""
+    if not inits.has_bias(scheme, bias_std):
+        return 0.0
+    return bias_std**2 if bias_std is not None else 1 / (3 * fan_in)
+
+
+def predict(spec: RunSpec) -> pd.DataFrame:
+    """Mean-field predictions for every layer of ``spec``'s network.
+
+    Columns ``theory_{side}_{stat}`` for side pre/post (and grad/delta), stats
+    mean, std, log10_std, second_moment, cos_sim. Gradients are predicted
+    down to the first batch-norm layer met going backward (mean-field BN
+    gradient theory is not modelled); empty for user init callables, whose
+    variance is unknown to the theory.
+    """
+    net = spec.network
+    scheme = net.init.resolve()
+    depth = net.depth
+    rows: list[dict[str, float]] = []
+    if scheme.user is not None:
+        return pd.DataFrame({"layer": range(depth + 1)})
+    log_m2 = 2 * math.log(spec.input_std) if spec.input_file is None else None
+    cos = 0.0
+    if spec.input_file is not None:
+        from .engine import make_inputs  # the file's own moments seed the recursion
+        from .stats import side_stats
+
+        s0 = side_stats(make_inputs(spec, 0), 0.0)
+        log_m2, cos = math.log(s0["second_moment"]), s0["cos_sim"]
+        rows.append(_row("post", s0["mean"], 0.5 * math.log(s0["std"] ** 2), log_m2, cos))
+    else:
+        mean0 = 0.0
+        rows.append(_row("post", mean0, 0.5 * log_m2, log_m2, 0.0))
+    dphi2 = [math.nan]
+    gains_fwd = [math.nan]
+    for layer in range(1, depth + 1):
+        n_in, n_out = net.widths[layer - 1], net.widths[layer]
+        act = activations.get(net.activation_at(layer), net.leaky_slope)
+        log_nv = math.log(n_in * inits.variance(scheme, n_in, n_out))
+        var_b = bias_variance(scheme, net.bias_std, n_in)
+        log_sig = log_nv + log_m2
+        log_q = _logaddexp(log_sig, math.log(var_b)) if var_b > 0 else log_sig
+        ratio_b = math.exp(math.log(var_b) - log_sig) if var_b > 0 and math.log(var_b) - log_sig < 700 else (
+            math.inf if var_b > 0 else 0.0)
+        c_pre = (cos + ratio_b) / (1 + ratio_b) if math.isfinite(ratio_b) else 1.0
+        bn = layer in net.bn_layers
+        if bn and net.bn_position == "pre":
+            log_q = log_q - _logaddexp(log_q, math.log(net.bn_eps))
+            c_pre = math.nan
+        row = _row("pre", 0.0, 0.5 * log_q, log_q, c_pre)
+        mo = moments(act, log_q)
+        mean, log_sd, log_m2_post = mo.mean, mo.log_sd, mo.log_m2
+        cos = cos_post(act, log_q, c_pre) if not math.isnan(c_pre) else math.nan
+        if bn and net.bn_position == "post":
+            log_var = 2 * log_sd
+            log_m2_post = log_var - _logaddexp(log_var, math.log(net.bn_eps))
+            mean, log_sd, cos = 0.0, 0.5 * log_m2_post, math.nan
+        row.update(_row("post", mean, log_sd, log_m2_post, cos))
+        rows.append(row)
+        log_m2 = log_m2_post
+        dphi2.append(mo.dphi2)
+        gains_fwd.append(log_nv)
+    df = pd.DataFrame(rows)
+    df.insert(0, "layer", range(depth + 1))
+    if spec.backward:
+        _predict_backward(df, spec, scheme, dphi2)
+    return df
+
+
+def _predict_backward(df: pd.DataFrame, spec: RunSpec, scheme: inits.Scheme, dphi2: list[float]) -> None:
+    net = spec.network
+    depth = net.depth
+    log_g = [math.nan] * (depth + 1)
+    log_d = [math.nan] * (depth + 1)
+    log_g[depth] = 0.0  # g_L ~ N(0, 1)
+    for layer in range(depth, 0, -1):
+        if layer in net.bn_layers:
+            break  # BN's gradient is not modelled by mean-field theory here
+        n_in, n_out = net.widths[layer - 1], net.widths[layer]
+        log_d[layer] = log_g[layer] + math.log(dphi2[layer]) if dphi2[layer] > 0 else -math.inf
+        log_g[layer - 1] = log_d[layer] + math.log(n_out * inits.variance(scheme, n_in, n_out))
+    for side, logs in (("grad", log_g), ("delta", log_d)):
+        logs = np.array(logs)
+        df[f"theory_{side}_second_moment"] = np.exp(np.minimum(logs, 700)) * np.where(logs > 700, np.inf, 1)
+        df[f"theory_{side}_log10_std"] = 0.5 * logs / _LN10
+        df[f"theory_{side}_std"] = np.exp(np.minimum(0.5 * logs, 700)) * np.where(0.5 * logs > 700, np.inf, 1)
+        df[f"theory_{side}_mean"] = np.where(np.isnan(logs), np.nan, 0.0)
+
+
+def _row(side: str, mean: float, log_sd: float, log_m2: float, cos: float) -> dict[str, float]:
+    big = lambda v: math.exp(v) if v < 709.7 else math.inf  # noqa: E731
+    return {f"theory_{side}_mean": mean, f"theory_{side}_std": big(log_sd),
+            f"theory_{side}_log10_std": log_sd / _LN10, f"theory_{side}_second_moment": big(log_m2),
+            f"theory_{side}_cos_sim": cos}
+
+
+# --- the (sigma_w, sigma_b) picture of the mean-field papers ---------------
+
+def q_map(act: Activation, sigma_w: float, sigma_b: float, q: float) -> float:
+    """q' = sigma_w^2 E[phi(z)^2] + sigma_b^2, z ~ N(0, q)."""
+    return sigma_w**2 * math.exp(moments(act, math.log(q)).log_m2) + sigma_b**2 if q > 0 else sigma_b**2
+
+
+def fixed_point(act: Activation, sigma_w: float, sigma_b: float, q0: float = 1.0, tol: float = 1e-13,
+                max_iter: int = 20_000) -> float:
+    """q* by iterating the q-map from q0 (0 or inf when it runs away).
+
+    At sigma_b = 0 the iteration can creep toward 0 like 1/l (tanh at
+    sigma_w = 1); still falling after ``max_iter`` steps from q0 means q* = 0.
+    """
+    q = q0
+    for _ in range(max_iter):
+        new = q_map(act, sigma_w, sigma_b, q)
+        if not math.isfinite(new) or new > 1e200:
+            return math.inf
+        if abs(new - q) <= tol * max(q, 1e-300) or new < 1e-300:
+            return new if new >= 1e-300 else 0.0
+        q = new
+    return 0.0 if sigma_b == 0 and q < 1e-3 * q0 else q
+
+
+def mean_field(act: Activation | str, sigma_w: float, sigma_b: float = 0.0) -> dict[str, Any]:
+    """q*, chi_1, the phase and the depth scales xi_q, xi_c (Schoenholz et al. 2017)."""
+    if isinstance(act, str):
+        act = activations.get(act)
+    q_star = fixed_point(act, sigma_w, sigma_b)
+    log_q = math.log(q_star) if 0 < q_star < math.inf else (-700.0 if q_star == 0 else 700.0)
+    chi_1 = sigma_w**2 * moments(act, log_q).dphi2
+    phase = "critical" if abs(chi_1 - 1) < 1e-3 else "ordered" if chi_1 < 1 else "chaotic"
+    xi_q = math.nan
+    if 0 < q_star < math.inf:
+        h = 1e-4
+        slope = (q_map(act, sigma_w, sigma_b, q_star * (1 + h)) - q_map(act, sigma_w, sigma_b, q_star * (1 - h))) / (
+            2 * h * q_star)
+        xi_q = -1 / math.log(slope) if 0 < slope < 1 else math.inf
+    c_star, slope_c = 1.0, chi_1
+    if chi_1 > 1 and 0 < q_star < math.inf:
+        c_star = _c_fixed_point(act, sigma_w, sigma_b, q_star)
+        slope_c = sigma_w**2 * _dphi_cross(act, log_q, c_star)
+    xi_c = -1 / math.log(slope_c) if 0 < slope_c < 1 else math.inf
+    return {"activation": act.name, "sigma_w": sigma_w, "sigma_b": sigma_b, "q_star": q_star, "chi_1": chi_1,
+            "phase": phase, "c_star": c_star, "xi_q": xi_q, "xi_c": xi_c}
+
+
+def _c_fixed_point(act: Activation, sigma_w: float, sigma_b: float, q_star: float) -> float:
+    c = 0.5
+    for _ in range(10_000):
+        new = (sigma_w**2 * q_star * _phi_cross(act, math.log(q_star), c) + sigma_b**2) / q_star
+        if abs(new - c) < 1e-13:
+            return new
+        c = new
+    return c
+
+
+def _phi_cross(act: Activation, log_q: float, c: float) -> float:
+    """E[phi(z1) phi(z2)] / q."""
+    m2 = math.exp(moments(act, log_q).log_m2 - log_q)
+    return cos_post(act, log_q, c) * m2
+
+
+def _dphi_cross(act: Activation, log_q: float, c: float) -> float:
+    x, y, w = _nodes2d()
+    s = math.sqrt(max(0.0, 1 - c * c))
+    d1 = activations.dphi_scaled(act, np.broadcast_to(x, w.shape).copy(), 0.5 * log_q)
+    d2 = activations.dphi_scaled(act, c * x + s * y, 0.5 * log_q)
+    return float(np.sum(w * d1 * d2))
+
+
+def gains(act: Activation | str | Callable[[np.ndarray], np.ndarray], leaky_slope: float = 0.01) -> dict[str, Any]:
+    """Both gains of DESIGN.md for z ~ N(0, 1), with the published tables beside.
+
+    second_moment_gain = 1/sqrt(E[phi(z)^2]) (PyTorch's convention);
+    variance_gain = 1/sqrt(Var phi(z)) (NFNets' gamma). ``act`` may be any
+    callable on numpy arrays.
+    """
+    if isinstance(act, str):
+        act = activations.get(act, leaky_slope)
+    name, phi = (act.name, act.phi) if isinstance(act, Activation) else (getattr(act, "__name__", "custom"), act)
+    m = expect(phi)
+    m2 = expect(lambda z: phi(z) ** 2)
+    var = expect(lambda z: (phi(z) - m) ** 2)
+    torch = TORCH_GAIN.get(name)
+    if name == "leaky_relu":
+        torch = math.sqrt(2 / (1 + leaky_slope**2))
+    return {"activation": name, "second_moment_gain": 1 / math.sqrt(m2), "variance_gain": 1 / math.sqrt(var),
+            "mean": m, "second_moment": m2, "variance": var, "torch_calculate_gain": torch,
+            "nfnets_gamma": NFNET_GAMMA.get(name) if name != "leaky_relu" or leaky_slope == 0.01 else None}

@@ -253,7 +253,7 @@ def theory_cmd(activation: str, sigma_w: str, sigma_b: str, layers: str | None, 
 @click.option("--init", default="unit", metavar="SCHEME", help="init scheme (as for simulate)")
 @click.option("--activation", default="linear", metavar="NAME", help="activation")
 @click.option("--samples", default="500", metavar="N", help="input samples")
-@click.option("--replicates", default="5", metavar="R", help="independent layers per fan-in")
+@click.option("--replicates", default="10", metavar="R", help="independent layers per fan-in")
 @click.option("--seed", default="0", metavar="SEED", help="seed")
 @click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/fit-<init>-<activation>]")
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")

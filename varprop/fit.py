@@ -2,7 +2,8 @@
 
 - :func:`fan_in_law`: one layer's output std against fan_in on log-log axes,
   ``log10 std = a + b log10 fan_in`` by least squares; b = 0.5 for N(0, 1)
-  weights (the sqrt(fan_in) law), 0 for fan_in-scaled ones.
+  weights (the sqrt(fan_in) law), 0 for fan_in-scaled ones. Its interval
+  comes from the spread of per-replicate slopes (t with R - 1 dof).
 - :func:`depth_growth`: log10 std gained per layer. log std performs a random
   walk over depth, so layer-by-layer residuals are correlated and a regression
   over layers would understate the error; the slope is instead measured once
@@ -26,7 +27,7 @@ from .spec import RunSpec, from_options, to_options
 @dataclass(frozen=True)
 class LineFit:
     """``y = intercept + slope * x`` with the slope's standard error, 95% t
-    interval, R^2 and residuals."""
+    interval (``dof`` degrees of freedom), R^2 and residuals."""
 
     slope: float
     slope_se: float
@@ -77,7 +78,22 @@ def fan_in_law(base: RunSpec, fan_ins: Iterable[int], fan_out: int = 100, progre
             points.append({"fan_in": n, "replicate": int(row["replicate"]), "log10_std": row["post_log10_std"],
                            "theory_log10_std": row.get("theory_post_log10_std", math.nan)})
     pts = pd.DataFrame(points)
-    return pts, line_fit(np.log10(pts["fan_in"]), pts["log10_std"])
+    pooled = line_fit(np.log10(pts["fan_in"]), pts["log10_std"])
+    reps = sorted(pts["replicate"].unique())
+    if len(reps) < 2:
+        return pts, pooled  # one replicate: the regression's own standard errors
+    # Points of one replicate share its random draws across fan-ins (common
+    # random numbers) and are not independent; replicates are. So the error
+    # comes from the spread of the per-replicate slopes (the pooled slope is
+    # their mean: every replicate has the same x's).
+    per = [line_fit(np.log10(g["fan_in"]), g["log10_std"]) for _, g in pts.groupby("replicate")]
+    slopes = np.array([f.slope for f in per])
+    icpts = np.array([f.intercept for f in per])
+    n = len(per)
+    se, ise = slopes.std(ddof=1) / math.sqrt(n), icpts.std(ddof=1) / math.sqrt(n)
+    tq = float(sps.t.ppf(0.975, n - 1))
+    return pts, LineFit(pooled.slope, float(se), pooled.slope - tq * se, pooled.slope + tq * se,
+                        pooled.intercept, float(ise), pooled.r2, n - 1, pooled.residuals)
 
 
 def depth_growth(layers: pd.DataFrame, side: str = "post", burn_in: int | None = None) -> pd.DataFrame:

@@ -34,12 +34,12 @@ def std_per_layer(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Pa
     for ax, (side, label) in zip(axes[0], sides):
         _panel(ax, layers, summary, side, label)
     n_rep = int(layers["replicate"].nunique())
-    title = "Std per layer"
+    title = "Std per layer (dotted: mean-field theory)"
     if n_rep > 1:
         title += f": mean network (solid), typical network (dashed), range over {n_rep} replicates"
     fig.suptitle(title, fontsize=10)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, n_configs), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06 * legend_rows * 4.2 / (4.2 + 0.22 * legend_rows), 1, 1))
     fig.savefig(path)
     plt.close(fig)
@@ -57,6 +57,9 @@ def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str,
         style = styles[(i // len(colors)) % len(styles)]
         y = lambda v: np.asarray(v, dtype=float) if as_log10 else 10.0 ** np.asarray(v, dtype=float)  # noqa: E731
         ax.plot(s["layer"], y(s[f"{side}_log10_rms_std"]), color=color, ls=style, lw=1.8, label=f"{config}")
+        if f"theory_{side}_log10_std" in s and s[f"theory_{side}_log10_std"].notna().any():
+            ax.plot(s["layer"], y(s[f"theory_{side}_log10_std"]), color="black", ls=":", lw=1.1,
+                    label="mean-field theory" if i == 0 else None)
         reps = layers[layers["config"] == config]
         if reps["replicate"].nunique() > 1:
             ax.plot(s["layer"], y(s[f"{side}_log10_typical_std"]), color=color, lw=1.2, ls="--")

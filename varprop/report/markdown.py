@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..fit import depth_growth
 from ..stats import log10_mean_pow10
 
 MAX_FULL_LAYERS = 30  # tables show every layer up to this depth, then a subsample
@@ -86,6 +87,13 @@ def layer_table(summary: pd.DataFrame, config: str, replicates: int) -> pd.DataF
     table["post std"] = [fmt_std(v) for v in s["post_log10_rms_std"]]
     if replicates > 1:
         table["typical post std"] = [fmt_std(v) for v in s["post_log10_typical_std"]]
+    if "theory_post_log10_std" in s:
+        table["theory post std"] = [fmt_std(v) for v in s["theory_post_log10_std"]]
+        table["measured / theory"] = [fmt(10 ** (m - t), 3) for m, t in
+                                      zip(s["post_log10_rms_std"], s["theory_post_log10_std"])]
+        if replicates > 1:
+            table["theory in 95% CI"] = [_inside(t, lo, hi) for t, lo, hi in zip(
+                s["theory_post_second_moment"], s["post_second_moment_lo"], s["post_second_moment_hi"])]
     if "grad_log10_std" in s:
         table["grad std"] = [fmt_std(v) for v in s["grad_log10_rms_std"]]
         table["weight grad norm"] = [fmt_std(v) if not math.isnan(v) else "" for v in
@@ -94,6 +102,13 @@ def layer_table(summary: pd.DataFrame, config: str, replicates: int) -> pd.DataF
     table["saturated"] = [fmt(v, 3) for v in s["post_frac_saturated"]]
     table["cos sim"] = [fmt(v, 3) for v in s["post_cos_sim"]]
     return table
+
+
+def _inside(value: float, lo: float, hi: float) -> str:
+    """'yes' / '**no**' for a prediction against a replicate interval ('' if undefined)."""
+    if any(map(math.isnan, (value, lo, hi))) or math.isinf(value):
+        return ""
+    return "yes" if lo <= value <= hi else "**no**"
 
 
 def terminal_table(layers: pd.DataFrame, summary: pd.DataFrame) -> str:
@@ -148,6 +163,7 @@ def render_markdown(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str,
 
     out += ["## Summary", ""]
     lines = seed_line(layers)
+    growth = depth_growth(layers)
     rows = []
     for config in labels:
         s = summary[summary["config"] == config]
@@ -159,13 +175,24 @@ def render_markdown(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str,
             "output std (last layer)": fmt_std(s["post_log10_rms_std"].iloc[-1]),
             "std factor per layer": fmt(_growth(s, "post_log10_rms_std")),
         })
+        if "theory_post_log10_std" in s:
+            rows[-1]["mean-field output std"] = fmt_std(s["theory_post_log10_std"].iloc[-1])
+        g = growth[growth["config"] == config].iloc[0]
+        ci = f" ± {g['slope_hi'] - g['slope']:.3g}" if not math.isnan(g["slope_hi"]) else ""
+        rows[-1][f"log10 std per layer (layers {g['burn_in']}..{g['depth']})"] = f"{g['slope']:.4g}{ci}"
+        rows[-1]["mean-field log10 std per layer"] = fmt(g["theory_slope"])
         if "grad_log10_rms_std" in s:
             rows[-1]["input gradient std"] = fmt_std(s["grad_log10_rms_std"].iloc[0])
             rows[-1]["gradient factor per layer (backward)"] = fmt(1 / _growth(s, "grad_log10_rms_std"))
     out += [pd.DataFrame(rows).to_markdown(index=False), ""]
     out += ["The first two columns are the seed answer's summary of a stack: the mean over layers 1..L of "
             "each layer's output mean, and the square root of the mean over layers of each layer's output "
-            "variance" + (f" (pooled over {reps} replicates)." if reps > 1 else "."), ""]
+            "variance" + (f" (pooled over {reps} replicates)." if reps > 1 else ".")
+            + " The per-layer growth is measured on each replicate between the stated layers (the first "
+            "layers are skipped as a burn-in) and averaged"
+            + (", ± the half-width of its 95% t interval over replicates" if reps > 1 else
+               "; with one replicate it has no interval (use `--replicates`)")
+            + "; beside it, the mean-field theory's slope over the same layers.", ""]
 
     out += ["## Configuration", "", _options_table(meta), ""]
     if any(c["varied"] for c in configs):
@@ -173,6 +200,15 @@ def render_markdown(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str,
         out += ["Compared:", "", varied.to_markdown(index=False), ""]
 
     out += ["## Output std per layer", "", f"![std per layer]({figure})", ""]
+    out += [
+        "The dotted line is the mean-field prediction: z = h W + b is Gaussian given the previous layer, with "
+        "variance q_l = fan_in Var(W) E[h_{l-1}^2] + Var(b), and h_l = phi(z). It predicts the mean over "
+        "networks of the variance (the solid line), exactly for linear stacks and to O(1/width) otherwise.", "",
+    ]
+    if any(c["options"].get("bn_layers") for c in configs):
+        out += ["With batch norm the forward prediction uses the normalized variance q / (q + eps) on BN layers; "
+                "mean-field theory of gradients through BN (and of correlations after BN) is not modelled, so "
+                "those theory columns are empty below the first BN layer met.", ""]
     if reps > 1:
         out += [
             "Two summaries of the same replicates. The **mean network** (solid line, `post std` below) is the "
@@ -196,7 +232,10 @@ def render_markdown(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str,
         "Columns: `pre std` is the std of z = h W + b entering the activation; `post` is the layer's output "
         "h; `zeros` the fraction of exact zeros of h; `saturated` the fraction of units with |phi'(z)| < 1e-3; "
         "`cos sim` the mean cosine similarity between pairs of samples (1 means every input maps to the same "
-        "direction). Layer 0 is the input. \"overflow\" marks a value beyond float64; the std columns are "
+        "direction). `theory post std` is the mean-field prediction of `post std`; `theory in 95% CI` says whether "
+        "the predicted second moment lies in the 95% t interval of the measured one over replicates ("
+        "a **no** at depth, where log std wanders, usually means too few replicates). Layer 0 is the input. "
+        "\"overflow\" marks a value beyond float64; the std columns are "
         "exact at any magnitude.", "",
     ]
     if "grad_log10_std" in layers:
@@ -226,7 +265,8 @@ def render_fit(points: pd.DataFrame, result: Any, command: str, figure: str) -> 
         "of the least-squares fit `log10 std = a + b log10 fan_in`.", "",
         "## Fit", "",
         f"- **b = {result.slope:.4f} ± {result.slope_se:.4f}** (standard error), 95% interval "
-        f"[{result.slope_lo:.4f}, {result.slope_hi:.4f}] from Student's t with {result.dof} degrees of freedom;",
+        f"[{result.slope_lo:.4f}, {result.slope_hi:.4f}] from Student's t with {result.dof} degrees of freedom "
+        "(the spread of the slopes fitted to each replicate: points of one replicate share its random draws);",
         f"- a = {result.intercept:.4f} ± {result.intercept_se:.4f}; R² = {result.r2:.5f};",
         f"- the mean-field prediction's slope over the same fan-ins is {slope_theory:.4f} "
         "(0.5 for N(0, 1) weights: a sum of fan_in unit-variance products has std sqrt(fan_in); "

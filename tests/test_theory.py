@@ -1,0 +1,198 @@
+"""Mean-field theory against closed forms, independent quadrature and exact
+one-layer Monte-Carlo expectations; the fits' slopes; the theory commands."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy import integrate, special, stats
+
+import varprop
+from varprop import activations as A
+from varprop import fit, theory
+from varprop.cli import main
+
+from statcheck import t_two_sided
+
+ALPHA = 1e-5
+SMOOTH = ["linear", "tanh", "sigmoid", "gelu", "silu", "softplus"]
+
+
+def quad(f, q=1.0):
+    """E[f(z)], z ~ N(0, q), by scipy's adaptive quadrature, split at 0."""
+    g = lambda z: f(np.array([z]))[0] * stats.norm.pdf(z, scale=math.sqrt(q))  # noqa: E731
+    opts = dict(epsabs=1e-14, epsrel=1e-13, limit=200)
+    return integrate.quad(g, -np.inf, 0, **opts)[0] + integrate.quad(g, 0, np.inf, **opts)[0]
+
+
+@pytest.mark.parametrize("name", A.NAMES)
+@pytest.mark.parametrize("q", [1e-3, 1.0, 30.0, 1e4])
+def test_quadrature_agrees_with_scipy_quad(name, q):
+    act = A.get(name)
+    for f in (act.phi, lambda z: act.phi(z) ** 2, lambda z: act.dphi(z) ** 2):
+        ref = quad(f, q)
+        assert theory.expect(f, q) == pytest.approx(ref, rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("log_q", [-5.0, 0.0, 3.0, 2000.0])
+def test_relu_and_linear_closed_forms(log_q):
+    relu = theory.moments(A.get("relu"), log_q)
+    assert relu.log_m2 == pytest.approx(log_q + math.log(0.5), abs=1e-12)  # E[relu(z)^2] = q/2
+    assert relu.log_sd == pytest.approx(0.5 * log_q + 0.5 * math.log(0.5 - 1 / (2 * math.pi)), abs=1e-12)
+    if log_q < 700:
+        assert relu.mean == pytest.approx(math.sqrt(math.exp(log_q) / (2 * math.pi)), rel=1e-12)
+    assert relu.dphi2 == pytest.approx(0.5)
+    lin = theory.moments(A.get("linear"), log_q)
+    assert lin.log_m2 == pytest.approx(log_q) and lin.mean == 0
+
+
+@pytest.mark.parametrize("a,q", [(0.5, 1.0), (1.0, 3.0), (2.0, 0.1)])
+def test_erf_second_moment(a, q):
+    """E[erf(a z)^2] = (2/pi) arcsin(2 a^2 q / (1 + 2 a^2 q)) for z ~ N(0, q)."""
+    exact = 2 / math.pi * math.asin(2 * a * a * q / (1 + 2 * a * a * q))
+    assert theory.expect(lambda z: special.erf(a * z) ** 2, q) == pytest.approx(exact, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu", "sigmoid", "elu"])
+def test_moments_are_continuous_into_the_limit_regimes(name):
+    act = A.get(name)
+    inside, outside = theory.moments(act, 599.0), theory.moments(act, 601.0)
+    assert outside.log_m2 - inside.log_m2 == pytest.approx(2.0 if act.slope_pos or act.slope_neg else 0.0,
+                                                           abs=1e-9)
+
+
+def test_cmap_quadrature_matches_arccos_kernel():
+    """The 2-D quadrature path, run on a smooth stand-in far out where it is
+    relu (gelu at huge q), against the closed form at moderate q."""
+    for c in (-0.5, 0.0, 0.3, 0.9):
+        k = (math.sqrt(1 - c * c) + (math.pi - math.acos(c)) * c) / math.pi  # relu: E[h1 h2] / E[h^2]
+        assert theory.cos_post(A.get("relu"), 0.0, c) == pytest.approx(k, rel=1e-12)
+        assert theory.cos_post(A.get("gelu"), 1400.0, c) == pytest.approx(k, rel=1e-12)
+    ref = integrate.dblquad(lambda y, x: np.tanh(x) * np.tanh(0.6 * x + 0.8 * y) * stats.norm.pdf(x)
+                            * stats.norm.pdf(y), -10, 10, -10, 10, epsabs=1e-12)[0] / quad(lambda z: np.tanh(z) ** 2)
+    assert theory.cos_post(A.get("tanh"), 0.0, 0.6) == pytest.approx(ref, rel=1e-7)
+
+
+@pytest.mark.parametrize("name", ["relu", "linear", "tanh", "selu"])
+def test_gains_against_independent_values(name):
+    act = A.get(name)
+    m = quad(act.phi)
+    m2 = quad(lambda z: act.phi(z) ** 2)
+    g = theory.gains(name)
+    assert g["second_moment_gain"] == pytest.approx(1 / math.sqrt(m2), rel=1e-10)
+    assert g["variance_gain"] == pytest.approx(1 / math.sqrt(m2 - m * m), rel=1e-9)
+    if name == "relu":
+        assert g["second_moment_gain"] == pytest.approx(math.sqrt(2), rel=1e-13)
+        assert g["variance_gain"] == pytest.approx(1 / math.sqrt(0.5 - 1 / (2 * math.pi)), rel=1e-13)
+        assert abs(g["variance_gain"] - g["nfnets_gamma"]) > 1e-4  # the published constant was sampled
+    if name == "tanh":
+        assert g["torch_calculate_gain"] == pytest.approx(5 / 3) and abs(g["second_moment_gain"] - 5 / 3) > 0.05
+    if name == "selu":  # self-normalizing: mean 0 and second moment 1 at N(0, 1), to its constants' precision
+        assert g["second_moment_gain"] == pytest.approx(1.0, abs=1e-4) and abs(g["mean"]) < 1e-4
+
+
+def test_gain_of_a_user_callable():
+    g = theory.gains(lambda z: 2 * z)
+    assert g["second_moment_gain"] == pytest.approx(0.5, rel=1e-12)
+
+
+@pytest.mark.parametrize("act,sw,sb", [("tanh", 1.5, 0.05), ("tanh", 0.8, 0.1), ("sigmoid", 2.0, 0.3),
+                                       ("gelu", 1.2, 0.2)])
+def test_fixed_point_and_chi(act, sw, sb):
+    r = theory.mean_field(act, sw, sb)
+    phi = A.get(act)
+    q = r["q_star"]
+    assert sw**2 * quad(lambda z: phi.phi(z) ** 2, q) + sb**2 == pytest.approx(q, rel=1e-10)
+    assert r["chi_1"] == pytest.approx(sw**2 * quad(lambda z: phi.dphi(z) ** 2, q), rel=1e-9)
+    assert r["phase"] == ("ordered" if r["chi_1"] < 1 else "chaotic")
+    if r["phase"] == "ordered":
+        assert r["xi_c"] == pytest.approx(-1 / math.log(r["chi_1"]), rel=1e-9)
+
+
+def test_criticality_of_he_relu_and_tanh_edge():
+    assert theory.mean_field("relu", math.sqrt(2), 0.0)["phase"] == "critical"
+    r = theory.mean_field("tanh", 1.0, 0.0)
+    assert r["q_star"] == 0 and r["phase"] == "critical"
+
+
+def normalized_inputs(tmp_path, n0, rows=256):
+    x = np.random.default_rng(5).standard_normal((rows, n0))
+    x *= math.sqrt(n0) / np.linalg.norm(x, axis=1, keepdims=True)  # every |x_i|^2 = n0: q is the same for all
+    np.save(tmp_path / "x.npy", x)
+    return str(tmp_path / "x.npy")
+
+
+@pytest.mark.parametrize("name", ["tanh", "relu", "gelu", "sigmoid", "selu", "softplus"])
+def test_one_layer_monte_carlo_matches_theory(tmp_path, name):
+    """For one layer with Gaussian weights and inputs of fixed norm, z is exactly
+    N(0, q) for every sample and the upstream gradient is independent of z, so
+    the theory's moments of h and delta are exact expectations; the
+    Monte-Carlo means over replicates must agree within their t interval."""
+    n0 = 64
+    spec = varprop.RunSpec(varprop.NetworkSpec(widths=(n0, 400), activation=name, init="he", bias_std=0.2),
+                           input_file=normalized_inputs(tmp_path, n0), replicates=40, seed=7, backward=True,
+                           dtype="float64")
+    df = varprop.simulate(spec)
+    for col in ("post_second_moment", "post_mean", "delta_second_moment"):
+        rows = df[df["layer"] == 1]
+        v = rows[col].to_numpy()
+        tq = t_two_sided(ALPHA, len(v) - 1)
+        assert abs(v.mean() - rows[f"theory_{col}"].iloc[0]) < tq * v.std(ddof=1) / math.sqrt(len(v)), col
+    # (The input gradient delta W^T is not tested here: delta depends on W through z, so its mean-field
+    # value is exact only up to O(1/fan_in) for smooth activations.)
+
+
+def test_theory_for_ten_thousand_layers():
+    spec = varprop.RunSpec(varprop.NetworkSpec.square(10_000, 100, activation="gelu", init="unit"), backward=True)
+    th = theory.predict(spec)
+    assert np.isfinite(th["theory_post_log10_std"]).all() and np.isfinite(th["theory_grad_log10_std"]).all()
+    # gelu at huge scale is relu: log10 std grows by log10(sqrt(100 / 2)) per layer.
+    slope = np.diff(th["theory_post_log10_std"].to_numpy()[-100:])
+    np.testing.assert_allclose(slope, 0.5 * math.log10(50), rtol=1e-9)
+
+
+@pytest.mark.parametrize("init,expected", [("unit", 0.5), ("fan_in", 0.0)])
+def test_fan_in_law_slope(init, expected):
+    base = varprop.RunSpec(varprop.NetworkSpec.square(1, 10, init=init), samples=200, replicates=10, seed=1)
+    _, f = fit.fan_in_law(base, [10, 30, 100, 300, 1000, 3000])
+    assert f.dof == 9 and f.slope_lo < f.slope < f.slope_hi
+    assert abs(f.slope - expected) < t_two_sided(ALPHA, f.dof) * f.slope_se
+    assert f.slope_se < 0.002  # and the law is pinned down tightly
+
+
+def test_depth_growth_slopes_and_theory():
+    """Unit and fan_in stacks share their draws, so their measured slopes differ
+    by exactly log10(sqrt(n)) per layer, as the theory's do."""
+    spec = varprop.NetworkSpec.square(40, 100)
+    df = varprop.simulate(spec, vary={"init": ["unit", "fan_in"]}, samples=50, replicates=6, seed=2,
+                          dtype="float64")
+    g = fit.depth_growth(df).set_index("config")
+    assert (g["burn_in"] == 4).all()
+    assert g.loc["unit", "slope"] - g.loc["fan_in", "slope"] == pytest.approx(1.0, abs=1e-9)
+    assert g.loc["unit", "theory_slope"] == pytest.approx(1.0) and g.loc["fan_in", "theory_slope"] == 0
+    assert (g["slope_lo"] < g["slope"]).all() and (g["slope"] < g["slope_hi"]).all()
+
+
+def test_theory_gain_fit_commands(tmp_path):
+    r = CliRunner().invoke(main, ["theory", "--activation", "tanh", "--sigma-w", "1.5", "--sigma-b", "0.05",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["phase"] == "chaotic" and data["chi_1"] > 1
+    r = CliRunner().invoke(main, ["theory", "--activation", "relu", "--sigma-w", "1.4142135623730951",
+                                  "--layers", "3"])
+    assert r.exit_code == 0 and "critical" in r.output and "post_std" in r.output
+    r = CliRunner().invoke(main, ["gain", "gelu"])
+    assert r.exit_code == 0 and "1.7009" in r.output
+    r = CliRunner().invoke(main, ["fit", "--init", "unit", "--fan-in", "10,100,1000", "--samples", "50",
+                                  "--replicates", "2", "--out", str(tmp_path / "fit"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert abs(json.loads(r.output)["fit"]["slope"] - 0.5) < 0.05
+    assert {p.name for p in (tmp_path / "fit").iterdir()} == {"points.csv", "fit.json", "fan_in_law.png",
+                                                              "report.md"}
+    for bad, option in ((["theory", "--sigma-w", "-1"], "--sigma-w"), (["gain", "nope"], "--activation"),
+                        (["fit", "--fan-in", "0,10"], "--fan-in")):
+        r = CliRunner().invoke(main, bad)
+        assert r.exit_code == 2 and option in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -196,3 +196,23 @@ def test_theory_gain_fit_commands(tmp_path):
                         (["fit", "--fan-in", "0,10"], "--fan-in")):
         r = CliRunner().invoke(main, bad)
         assert r.exit_code == 2 and option in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_phase_grid_agrees_with_single_points_and_the_known_edge():
+    grid = theory.phase_grid("tanh", [0.64, 1.0, 2.25], [0.0, 0.01, 0.09])
+    for _, row in grid.iterrows():
+        one = theory.mean_field("tanh", math.sqrt(row["sigma_w2"]), math.sqrt(row["sigma_b2"]))
+        if one["q_star"] > 1e-6:  # away from the sigma_b = 0 collapse, where q* -> 0 only slowly
+            assert row["q_star"] == pytest.approx(one["q_star"], rel=1e-6)
+            assert row["chi_1"] == pytest.approx(one["chi_1"], rel=1e-6)
+            assert row["c_star"] == pytest.approx(one["c_star"], abs=1e-3)
+    # tanh with no bias: q* = 0 for sigma_w^2 <= 1 where chi_1 = sigma_w^2 tanh'(0)^2 = sigma_w^2.
+    edge = grid[(grid["sigma_b2"] == 0) & (grid["sigma_w2"] < 1)].iloc[0]
+    assert edge["chi_1"] == pytest.approx(0.64, rel=1e-6) and edge["phase"] == "ordered"
+
+
+def test_phase_command(tmp_path):
+    r = CliRunner().invoke(main, ["phase", "--activation", "tanh", "--resolution", "8", "--out",
+                                  str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    assert {p.name for p in (tmp_path / "p").iterdir()} == {"phase.csv", "phase.png", "report.md"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 import time
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
+import pandas as pd
 
 from . import activations, fit, inits, report, theory
 from .engine import simulate as run_simulation
@@ -289,3 +292,62 @@ def fit_cmd(fan_ins: str, fan_out: str, init: str, activation: str, samples: str
                f"{result.slope_hi:.4f}, t with {result.dof} dof)")
     click.echo(f"  a = {result.intercept:.4f} +- {result.intercept_se:.4f},  R^2 = {result.r2:.5f}")
     click.echo(f"\nreport: {out_dir / 'report.md'}")
+
+
+@main.command("phase")
+@click.option("--activation", default="tanh", metavar="NAME", help="activation")
+@click.option("--sigma-w2-max", default="4.0", metavar="X", help="largest sigma_w^2 of the grid")
+@click.option("--sigma-b2-max", default="0.5", metavar="X", help="largest sigma_b^2 of the grid")
+@click.option("--resolution", default="40", metavar="N", help="grid points along sigma_w^2 (3/4 as many on sigma_b^2)")
+@click.option("--measure", is_flag=True, help="overlay the engine's measured correlations at a few grid points")
+@click.option("--seed", default="0", metavar="SEED", help="seed of the measurements")
+@click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/phase-<activation>]")
+@click.option("--json", "as_json", is_flag=True, help="print the grid as JSON")
+def phase_cmd(activation: str, sigma_w2_max: str, sigma_b2_max: str, resolution: str, measure: bool, seed: str,
+              out: str | None, as_json: bool) -> None:
+    """The order-to-chaos phase diagram over (sigma_w^2, sigma_b^2)."""
+    act = activations.get(parse_activation(activation, "activation"))
+    sw_max = parse_pos_float(sigma_w2_max, "sigma_w2_max")
+    sb_max = parse_nonneg_float(sigma_b2_max, "sigma_b2_max")
+    n = parse_pos_int(resolution, "resolution")
+    if n < 3:
+        raise SpecError("resolution", f"expected at least 3 grid points, got {resolution!r}")
+    seed_n = OPTIONS["seed"].parse(seed, "seed")
+    out_dir = Path(out) if out else DEFAULT_RUNS_DIR / f"phase-{act.name}"
+    try:
+        stage = report.staging(out_dir)
+        tmp = stage.__enter__()
+    except OSError as exc:
+        raise SpecError("out", f"cannot write to {out_dir} ({exc.strerror or exc})") from None
+    try:
+        grid = theory.phase_grid(act, np.linspace(sw_max / n, sw_max, n), np.linspace(0, sb_max, max(3, 3 * n // 4)))
+        measured = None
+        if measure:
+            frames = []
+            sb2 = min(0.05, sb_max)
+            for sw2 in np.linspace(sw_max / 8, sw_max, 4):
+                spec = from_options({"layers": 30, "width": 300, "activation": act.name, "init": "fan_in",
+                                     "gain": math.sqrt(sw2), "bias_std": math.sqrt(sb2), "samples": 40,
+                                     "replicates": 2, "seed": seed_n})
+                df = run_simulation(spec)
+                m = df.groupby("layer")[["pre_cos_sim", "theory_pre_cos_sim"]].mean().reset_index()
+                m["point"] = f"sigma_w^2={sw2:.2f}, sigma_b^2={sb2:.2f}"
+                m["sigma_w2"], m["sigma_b2"] = sw2, sb2
+                frames.append(m)
+            measured = pd.concat(frames, ignore_index=True)
+        report.write_phase(grid, act.name, tmp, measured,
+                           command=shlex.join(["varprop", "phase", "--activation", act.name, "--sigma-w2-max",
+                                               repr(sw_max), "--sigma-b2-max", repr(sb_max), "--resolution",
+                                               str(n)] + (["--measure", "--seed", str(seed_n)] if measure else [])))
+    except BaseException:
+        stage.__exit__(*sys.exc_info())
+        raise
+    stage.__exit__(None, None, None)
+    if as_json:
+        _echo_json(grid.to_dict(orient="records"))
+        return
+    crit = grid[grid["sigma_b2"] == grid["sigma_b2"].min()]
+    edge = crit.iloc[(crit["chi_1"] - 1).abs().argmin()]
+    click.echo(f"{act.name}: chi_1 = 1 near sigma_w^2 = {edge['sigma_w2']:.3g} at sigma_b^2 = {edge['sigma_b2']:.3g}; "
+               f"ordered at {int((grid['phase'] == 'ordered').sum())} of {len(grid)} grid points")
+    click.echo(f"report: {out_dir / 'report.md'}")

@@ -322,3 +322,52 @@ def gains(act: Activation | str | Callable[[np.ndarray], np.ndarray], leaky_slop
     return {"activation": name, "second_moment_gain": 1 / math.sqrt(m2), "variance_gain": 1 / math.sqrt(var),
             "mean": m, "second_moment": m2, "variance": var, "torch_calculate_gain": torch,
             "nfnets_gamma": NFNET_GAMMA.get(name) if name != "leaky_relu" or leaky_slope == 0.01 else None}
+
+
+def phase_grid(act: Activation | str, sigma_w2: np.ndarray, sigma_b2: np.ndarray, iters: int = 400
+               ) -> pd.DataFrame:
+    """q*, chi_1, c* and the correlation depth scale xi_c on a grid of
+    (sigma_w^2, sigma_b^2), all points iterated at once.
+
+    One row per grid point. Phases: ordered (chi_1 < 1: inputs converge, c* = 1),
+    chaotic (chi_1 > 1: c* < 1). xi_c = -1 / log(dC/dc at c*), infinite on the
+    critical line chi_1 = 1.
+    """
+    if isinstance(act, str):
+        act = activations.get(act)
+    sw2, sb2 = np.meshgrid(np.asarray(sigma_w2, float), np.asarray(sigma_b2, float), indexing="ij")
+    sw2, sb2 = sw2.ravel(), sb2.ravel()
+    x, w = nodes(8)
+    q = np.ones_like(sw2)
+    for _ in range(iters):  # the q-map, vectorized over the grid (moderate q: phi is evaluated directly)
+        new = np.clip(sw2 * (act.phi(np.sqrt(q)[:, None] * x[None, :]) ** 2 @ w) + sb2, 1e-300, 1e300)
+        done = np.max(np.abs(new - q) / q) < 1e-12
+        q = new
+        if done:
+            break
+    z = np.sqrt(q)[:, None] * x[None, :]
+    chi1 = sw2 * (act.dphi(z) ** 2 @ w)
+    gx, gy, gw = _nodes2d(24)
+    gx, gy, gw = np.broadcast_to(gx, gw.shape).ravel(), np.broadcast_to(gy, gw.shape).ravel(), gw.ravel()
+    # c-map from c = 0.5 toward c*, vectorized: C(c) = (sw2 E[phi(u1) phi(u2)] + sb2) / q*.
+    c = np.full_like(q, 0.5)
+    s_q = np.sqrt(q)[:, None]
+    u1 = act.phi(s_q * gx[None, :])
+    live = chi1 >= 1  # in the ordered phase c* = 1: nothing to iterate
+    for _ in range(200):
+        if not live.any():
+            break
+        cl = c[live][:, None]
+        u2 = act.phi(s_q[live] * (cl * gx[None, :] + np.sqrt(np.clip(1 - cl * cl, 0, 1)) * gy[None, :]))
+        new = np.clip((sw2[live] * ((u1[live] * u2) @ gw) + sb2[live]) / q[live], -1, 1)
+        moving = np.abs(new - c[live]) > 1e-10
+        c[live] = new
+        live[np.flatnonzero(live)[~moving]] = False
+    d1 = act.dphi(s_q * gx[None, :])
+    d2 = act.dphi(s_q * (c[:, None] * gx[None, :] + np.sqrt(np.clip(1 - c * c, 0, 1))[:, None] * gy[None, :]))
+    chi_c = np.where(chi1 < 1, chi1, sw2 * ((d1 * d2) @ gw))
+    with np.errstate(divide="ignore"):
+        xi_c = np.where((chi_c > 0) & (chi_c < 1), -1 / np.log(np.clip(chi_c, 1e-300, 1 - 1e-16)), np.inf)
+    c_star = np.where(chi1 < 1, 1.0, c)
+    return pd.DataFrame({"sigma_w2": sw2, "sigma_b2": sb2, "q_star": q, "chi_1": chi1, "c_star": c_star,
+                         "xi_c": xi_c, "phase": np.where(chi1 < 1, "ordered", "chaotic")})

@@ -94,3 +94,46 @@ def fan_in_law(points: pd.DataFrame, result: object, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def phase_diagram(grid: pd.DataFrame, activation: str, path: Path, measured: pd.DataFrame | None = None) -> Path:
+    """chi_1 and the correlation depth scale over (sigma_w^2, sigma_b^2), with
+    the order-to-chaos line chi_1 = 1; with ``measured``, the engine's
+    correlation per layer at a few grid points beside the c-map's prediction."""
+    sw = np.sort(grid["sigma_w2"].unique())
+    sb = np.sort(grid["sigma_b2"].unique())
+    chi = grid.pivot(index="sigma_b2", columns="sigma_w2", values="chi_1").loc[sb, sw].to_numpy()
+    xi = grid.pivot(index="sigma_b2", columns="sigma_w2", values="xi_c").loc[sb, sw].to_numpy()
+    panels = 3 if measured is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.6 * panels, 4.6), dpi=120)
+    im = axes[0].pcolormesh(sw, sb, np.log10(chi), shading="nearest", cmap="RdBu_r",
+                            vmin=-max(abs(np.log10(chi)).max(), 1e-3), vmax=max(abs(np.log10(chi)).max(), 1e-3))
+    fig.colorbar(im, ax=axes[0], label="log10 chi_1")
+    im2 = axes[1].pcolormesh(sw, sb, np.log10(np.clip(xi, 1e-2, 1e4)), shading="nearest", cmap="viridis")
+    fig.colorbar(im2, ax=axes[1], label="log10 xi_c (layers; clipped at 1e4)")
+    for ax, title in zip(axes[:2], ("chi_1 = sigma_w^2 E[phi'(z)^2] at q*", "correlation depth scale xi_c")):
+        ax.contour(sw, sb, chi, levels=[1.0], colors="black", linewidths=1.5)
+        ax.set_xlabel("sigma_w^2 (fan_in x Var W)")
+        ax.set_ylabel("sigma_b^2 (Var b)")
+        ax.set_title(f"{activation}: {title}", fontsize=9)
+        if measured is not None:
+            pts = measured.groupby("point")[["sigma_w2", "sigma_b2"]].first()
+            ax.scatter(pts["sigma_w2"], pts["sigma_b2"], marker="x", color="white", s=40, zorder=3)
+    axes[0].text(0.03, 0.95, "black line: chi_1 = 1 (order | chaos)", transform=axes[0].transAxes, fontsize=7,
+                 va="top")
+    if measured is not None:
+        ax = axes[2]
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, (point, m) in enumerate(measured.groupby("point", sort=False)):
+            color = colors[i % len(colors)]
+            ax.plot(m["layer"], m["pre_cos_sim"], "o", ms=3, color=color, label=point)
+            ax.plot(m["layer"], m["theory_pre_cos_sim"], "-", lw=1, color=color)
+        ax.set_xlabel("layer l")
+        ax.set_ylabel("mean cosine similarity of z between samples")
+        ax.set_title("measured (points) vs c-map (lines)", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -65,12 +65,43 @@ def test_backward_matches_finite_differences(activation, bn_position):
     assert max_fd_error(small_spec(activation, bn_position)) < 1e-6
 
 
+@pytest.mark.parametrize("bn_position", [None, "pre", "post"])
+def test_weight_gradient_norm_matches_finite_differences(monkeypatch, bn_position):
+    spec = small_spec("gelu", bn_position)
+    layer = 2
+    x = np.random.default_rng(0).standard_normal((8, WIDTHS[0]))
+    rows = varprop.simulate(varprop.RunSpec(spec.network, samples=8, seed=3, dtype="float64", batch_size=4,
+                                            backward=True, input_file=None))
+    # The engine's run draws its own inputs; redo the FD with those same inputs.
+    x, log_x = engine.make_inputs(spec, 0)
+    x = x * math.exp(log_x)
+    w0, scale = engine._Network(spec, 0).weights(layer)
+    original = engine._Network.weights
+    eps = 1e-6
+    grad = np.empty_like(w0)
+    for idx in np.ndindex(*w0.shape):
+        values = []
+        for sign in (1, -1):
+            w = w0.copy()
+            w[idx] += sign * eps / scale
+
+            def weights(self, l, w=w):
+                return (w, scale) if l == layer else original(self, l)
+
+            monkeypatch.setattr(engine._Network, "weights", weights)
+            values.append(objective(spec, x))
+        grad[idx] = (values[0] - values[1]) / (2 * eps)
+    monkeypatch.setattr(engine._Network, "weights", original)
+    measured = rows[rows["layer"] == layer]["weight_grad_norm"].iloc[0]
+    assert measured == pytest.approx(np.linalg.norm(grad), rel=1e-6)
+
+
 def test_per_sample_bn_derivative_fails_the_check(monkeypatch):
     """The check must see BN's batch coupling: dropping it (treating the batch
     mean and variance as constants) gives a wrong gradient."""
     def per_sample(v, log_g, cache):
         top = float(np.max(cache.log_inv_sigma))
-        g = v.reshape(cache.xhat.shape) * np.exp(cache.log_inv_sigma - top)
+        g = v.reshape(cache.d.shape) * np.exp(cache.log_inv_sigma - top)
         return g.reshape(v.shape).astype(v.dtype), log_g + top
 
     spec = small_spec("tanh", "pre")
@@ -90,11 +121,45 @@ def test_bn_forward_moments(batch, log_s):
     if yb is not None and var_x is not None:
         np.testing.assert_allclose(yb.mean(axis=1), 0, atol=1e-12)
         np.testing.assert_allclose(yb.var(axis=1), 1 / (1 + eps / var_x), rtol=1e-12)
-    elif log_s > 0:  # eps is negligible: unit variance per batch and unit
-        np.testing.assert_allclose(cache.xhat.var(axis=1), 1, rtol=1e-12)
-    else:  # a signal far below sqrt(eps) is scaled by 1/sqrt(eps), not blown up
-        assert log_y == pytest.approx(log_s - 0.5 * math.log(eps) + math.log(np.max(np.abs(
-            u.reshape(64 // batch, batch, 5).std(axis=1)))), abs=5)
+    elif log_s > 0:  # eps is negligible: y = d exactly, unit variance per batch and unit
+        yb = (y.reshape(64 // batch, batch, 5) * math.exp(log_y))
+        np.testing.assert_allclose(yb, cache.d, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(cache.d.var(axis=1), 1, rtol=1e-12)
+    else:  # a signal far below sqrt(eps): y = (x - mean) / sqrt(eps) exactly, at its own tiny scale
+        x = u.reshape(64 // batch, batch, 5)
+        want = (x - x.mean(axis=1, keepdims=True)) / math.sqrt(eps)
+        got = y.reshape(x.shape)
+        log_ratio = log_y - log_s  # y = exp(log_y) got, want is in units of exp(log_s)
+        np.testing.assert_allclose(got * math.exp(log_ratio), want, rtol=1e-12, atol=1e-12)
+
+
+def test_bn_constant_unit_and_huge_scale():
+    """A unit constant within its batch (dead relu) must not set the scale."""
+    u = np.random.default_rng(0).standard_normal((8, 4))
+    u[:4, 1] = 0.0  # constant in batch 0
+    for log_s in (0.0, 800.0, 3000.0):
+        y, log_y, cache = batchnorm.forward(u, log_s, 4, 1e-3)
+        assert np.isfinite(y).all() and np.isfinite(log_y)
+        assert (y.reshape(2, 4, 4)[0, :, 1] == 0).all()
+        var_u = u.reshape(2, 4, 4).var(axis=1)[1]
+        expected = 1 / (1 + 1e-3 * math.exp(-2 * log_s) / var_u)
+        np.testing.assert_allclose((y.reshape(2, 4, 4) * math.exp(log_y)).var(axis=1)[1], expected, rtol=1e-6)
+        g, log_g = batchnorm.backward(np.ones((8, 4)) + u, 0.0, cache)
+        assert np.isfinite(g).all() and np.isfinite(log_g)
+
+
+def test_bn_batch_of_two_keeps_the_eps_leak():
+    """With B = 2 the exact projection removes the whole gradient; what remains
+    is eps / (var + eps) of it, which must not be rounded to zero."""
+    u = np.array([[1.0], [3.0]])
+    for log_s in (0.0, 50.0):
+        _, _, cache = batchnorm.forward(u, log_s, 2, 1e-3)
+        g = np.array([[1.0], [-1.0]])
+        out, log_out = batchnorm.backward(g, 0.0, cache)
+        var = math.exp(2 * log_s)  # batch variance of s * u
+        # d y_a / d x_a = (1/sigma)(1 - 1/2 - c^2/2), with c^2 = var / (var + eps)
+        expected = (1 / math.sqrt(var + 1e-3)) * (1 - (1 + var / (var + 1e-3)) / 2) * 2
+        assert out[0, 0] * math.exp(log_out) == pytest.approx(expected, rel=1e-9)
 
 
 def test_bn_in_the_engine_pre_and_post():
@@ -105,9 +170,10 @@ def test_bn_in_the_engine_pre_and_post():
         bn_rows = df[df["layer"].isin([1, 2])]
         np.testing.assert_allclose(bn_rows[f"{side}_mean"], 0, atol=1e-12)
         np.testing.assert_allclose(bn_rows[f"{side}_sq_unit_mean"], 0, atol=1e-20)
-        assert np.all(bn_rows[f"{side}_unit_var"] < 1) and np.all(bn_rows[f"{side}_unit_var"] > 0.99)
-    pre = df[df["layer"] == 1]  # post placement: the activation sees an un-normalized z
-    assert pre["pre_mean"].abs().iloc[0] < 0.2 and pre["post_mean"].iloc[0] == pytest.approx(0, abs=1e-12)
+        # Every batch and unit has variance var / (var + eps) < 1 after BN.
+        assert np.all(bn_rows[f"{side}_unit_var"] < 1)
+    post = df[df["layer"] == 1]  # post placement: relu sees an un-normalized z, its output is centred
+    assert post["pre_frac_zero"].iloc[0] == 0 and post["post_mean"].iloc[0] == pytest.approx(0, abs=1e-12)
 
 
 def test_linear_fan_in_gradient_scales_by_fan_out_over_fan_in():
@@ -162,8 +228,10 @@ def test_checkpointing_gives_identical_numbers():
     spec = varprop.NetworkSpec.square(30, 40, activation="tanh", bn_layers=(3, 7), bias_std=0.1)
     kept = varprop.simulate(spec, samples=16, batch_size=8, seed=4, backward=True)
     small = engine.tape_bytes(varprop.RunSpec(spec, samples=16, backward=True))
-    budget = sum(small) // 2
-    checkpointed = varprop.simulate(spec, samples=16, batch_size=8, seed=4, backward=True, max_memory=budget)
+    budget = sum(small) // 2 + engine.working_bytes(varprop.RunSpec(spec, samples=16))
+    run = varprop.RunSpec(spec, samples=16, batch_size=8, seed=4, backward=True, max_memory=budget)
+    assert 1 < engine.backward_plan(run) < spec.depth  # checkpointing is really used
+    checkpointed = varprop.simulate(run)
     assert kept.equals(checkpointed)
 
 

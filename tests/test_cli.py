@@ -140,6 +140,9 @@ def bad_files(tmp_path):
     x[2, 3] = np.nan
     np.save(tmp_path / "nan.npy", x)
     (tmp_path / "a_file").write_text("")
+    np.save(tmp_path / "zeros.npy", np.zeros((10, 100)))
+    (tmp_path / "bad_table.toml").write_text("simulate = 3\n")
+    (tmp_path / "empty_list.toml").write_text("init = []\n")
     return tmp_path
 
 
@@ -166,6 +169,12 @@ ERRORS = [
     (["--bn-position", "middle"], "--bn-position"),
     (["--backward", "--layers", "100", "--width", "1000", "--samples", "1000", "--max-memory", "1M"], "--max-memory"),
     (["--max-memory", "lots"], "--max-memory"),
+    (["--input-file", "{tmp}/zeros.npy"], "--input-file"),
+    (["--init", "os:getcwd"], "--init"),
+    (["--layers", "1", "--width", "200000"], "--max-memory"),
+    (["--config", "{tmp}/bad_table.toml"], "--config"),
+    (["--config", "{tmp}/empty_list.toml"], "--init"),
+    (["--config", "{tmp}/missing.toml"], "--config"),
 ]
 
 
@@ -209,3 +218,27 @@ def test_batch_norm_study_command(tmp_path):
     report = (out / "report.md").read_text()
     assert "input gradient std" in report and "grad std" in report and "--backward" in report
     assert json.loads((out / "config.json").read_text())["configs"][0]["options"]["samples"] == 512
+
+
+def test_out_never_destroys_other_files(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(main, ["simulate", *SMALL, "--out", str(mine)])
+    assert result.exit_code == 2 and "--out" in result.stderr
+    assert (mine / "notes.txt").read_text() == "keep me"
+    # An earlier run is replaced, not merged.
+    run_dir = tmp_path / "run"
+    assert run(["simulate", *SMALL, "--out", str(run_dir)]).exit_code == 0
+    (run_dir / "stale.txt").write_text("")
+    assert run(["simulate", *SMALL, "--out", str(run_dir)]).exit_code == 0
+    assert not (run_dir / "stale.txt").exists() and (run_dir / "report.md").exists()
+
+
+def test_failed_run_leaves_no_created_parents(tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((4, 8)))
+    out = tmp_path / "a" / "b" / "run"
+    result = CliRunner().invoke(main, ["simulate", "--layers", "2", "--width", "8", "--input-file",
+                                       str(tmp_path / "x.npy"), "--init", "os:getcwd", "--out", str(out)])
+    assert result.exit_code == 2
+    assert not (tmp_path / "a").exists()

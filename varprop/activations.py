@@ -66,8 +66,7 @@ def _leaky(slope: float) -> Activation:
 
 
 def _sigmoid_d(x: Array) -> Array:
-    s = special.expit(x)
-    return s * (1 - s)
+    return special.expit(x) * special.expit(-x)  # no cancellation in 1 - s for large x
 
 
 def _silu_d(x: Array) -> Array:
@@ -83,10 +82,6 @@ def _gelu_d(x: Array) -> Array:
     return special.ndtr(x) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
 
-def _elu(x: Array) -> Array:
-    return np.where(x > 0, x, np.expm1(np.minimum(x, 0)))
-
-
 def _elu_d(x: Array) -> Array:
     return np.where(x > 0, 1.0, np.exp(np.minimum(x, 0))).astype(x.dtype)
 
@@ -94,7 +89,7 @@ def _elu_d(x: Array) -> Array:
 _REGISTRY: dict[str, Activation] = {
     "linear": Activation("linear", lambda x: x, np.ones_like, True, 1, 0, 1, 0, 0, 1, 1),
     "relu": _leaky(0.0),
-    "tanh": Activation("tanh", np.tanh, lambda x: 1 - np.tanh(x) ** 2, False, 0, 1, 0, -1, 0, 1, 1),
+    "tanh": Activation("tanh", np.tanh, lambda x: 1 / np.cosh(x) ** 2, False, 0, 1, 0, -1, 0, 1, 1),
     "sigmoid": Activation("sigmoid", special.expit, _sigmoid_d, False, 0, 1, 0, 0, 0.5, 0.25, 0.25),
     "selu": Activation(
         "selu",
@@ -102,7 +97,7 @@ _REGISTRY: dict[str, Activation] = {
         lambda x: SELU_LAMBDA * np.where(x > 0, 1.0, SELU_ALPHA * np.exp(np.minimum(x, 0))).astype(x.dtype),
         False, SELU_LAMBDA, 0, 0, -SELU_LAMBDA * SELU_ALPHA, 0, SELU_LAMBDA, SELU_LAMBDA * SELU_ALPHA,
     ),
-    "elu": Activation("elu", _elu, _elu_d, False, 1, 0, 0, -1, 0, 1, 1),
+    "elu": Activation("elu", lambda x: _elu_alpha(x, 1.0), _elu_d, False, 1, 0, 0, -1, 0, 1, 1),
     "gelu": Activation("gelu", _gelu, _gelu_d, False, 1, 0, 0, 0, 0, 0.5, 0.5),
     "silu": Activation("silu", lambda x: x * special.expit(x), _silu_d, False, 1, 0, 0, 0, 0, 0.5, 0.5),
     "softplus": Activation(
@@ -126,10 +121,7 @@ def get(name: str, leaky_slope: float = 0.01) -> Activation:
     """
     if name == "leaky_relu":
         return _leaky(float(leaky_slope))
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(name) from None
+    return _REGISTRY[name]
 
 
 def _limits(act: Activation, u: Array, slope: bool, offset: bool) -> Array:
@@ -151,7 +143,9 @@ def apply_scaled(act: Activation, u: Array, log_s: float) -> tuple[Array, float]
     if act.homogeneous:
         return act.phi(u), log_s
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        if u.dtype == np.float32 and abs(log_s) < _LOG_DIRECT_F32:
+        # float32 arithmetic only where phi(0) = 0: sigmoid's 0.5 + x/4 would
+        # quantise the small-scale signal away.
+        if u.dtype == np.float32 and abs(log_s) < _LOG_DIRECT_F32 and act.phi0 == 0:
             return act.phi(u * np.float32(math.exp(log_s))), 0.0
         if abs(log_s) <= _LOG_DIRECT:
             h = act.phi(u.astype(np.float64) * math.exp(log_s))

@@ -24,11 +24,13 @@ KERAS_EPS = 1e-3
 
 @dataclass
 class Cache:
-    """What the backward pass needs: the normalized output and 1/sigma per
-    (batch, unit), in log form (sigma can be any magnitude)."""
+    """What the backward pass needs, free of any scale: per (batch, unit) the
+    standardized input d = (x - mean) / sd (so y = c d with c^2 = var / (var +
+    eps)), log(1 / sigma) and log(eps / (var + eps)) = log(1 - c^2)."""
 
-    xhat: np.ndarray  # (N/B, B, n), the true normalized values y
+    d: np.ndarray  # (N/B, B, n)
     log_inv_sigma: np.ndarray  # (N/B, 1, n), float64
+    log_leak: np.ndarray  # (N/B, 1, n), float64
 
 
 def _log_inv_sigma(var_u: np.ndarray, log_s: float, eps: float) -> np.ndarray:
@@ -36,6 +38,20 @@ def _log_inv_sigma(var_u: np.ndarray, log_s: float, eps: float) -> np.ndarray:
     with np.errstate(divide="ignore"):
         log_var = np.log(var_u)
     return -0.5 * np.logaddexp(2 * log_s + log_var, math.log(eps) if eps > 0 else -math.inf)
+
+
+def _scaled_pair(x: np.ndarray, log_factor: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, float]:
+    """``x * exp(log_factor)`` as ``(v, log_s)`` with max |v| = 1, at any
+    magnitude of the factors (units whose x is all zero cannot set the scale)."""
+    live = np.any(x != 0, axis=1, keepdims=True) & np.isfinite(log_factor)
+    if not live.any():
+        return np.zeros(x.shape, dtype), 0.0
+    top = float(np.max(log_factor[np.broadcast_to(live, log_factor.shape)]))
+    v = x * np.exp(np.where(live, log_factor - top, -np.inf))
+    m = float(np.max(np.abs(v)))
+    if m == 0:
+        return np.zeros(x.shape, dtype), 0.0
+    return (v / m).astype(dtype), top + math.log(m)
 
 
 def forward(u: np.ndarray, log_s: float, batch: int, eps: float = KERAS_EPS) -> tuple[np.ndarray, float, Cache]:
@@ -47,22 +63,35 @@ def forward(u: np.ndarray, log_s: float, batch: int, eps: float = KERAS_EPS) -> 
     centered = x - mean
     var = np.mean(centered * centered, axis=1, keepdims=True)
     log_inv = _log_inv_sigma(var, log_s, eps)
-    log_factor = log_s + log_inv  # y = (u - mean) * exp(log_factor)
-    # s / sqrt(s^2 var + eps) <= 1 / sqrt(var): the factor itself never overflows.
-    top = float(np.max(log_factor))
-    y = (centered * np.exp(log_factor - top)).astype(u.dtype)
-    xhat = (centered * np.exp(log_factor)).astype(u.dtype)
-    return y.reshape(n_rows, n), top, Cache(xhat, log_inv)
+    log_factor = log_s + log_inv  # y = (u - mean) * exp(log_factor), and exp(log_factor) <= 1/sqrt(var)
+    y, log_y = _scaled_pair(centered, log_factor, u.dtype)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(var > 0, centered / np.sqrt(var), 0.0)
+        log_leak = math.log(eps) + 2 * log_inv
+    return y.reshape(n_rows, n), log_y, Cache(d.astype(u.dtype), log_inv, log_leak)
 
 
 def backward(v: np.ndarray, log_g: float, cache: Cache) -> tuple[np.ndarray, float]:
     """Gradient through BN with its full batch Jacobian: for g = exp(log_g) v
     w.r.t. y, returns the gradient w.r.t. x,
-    ``(g - mean_b(g) - y * mean_b(g * y)) / sigma``, as a (v, log) pair."""
+    ``(g - mean_b(g) - y * mean_b(g * y)) / sigma``, as a (v, log) pair with
+    v in float64.
+
+    With y = c d, that is ``[(g - mean g - d mean(g d)) + (1 - c^2) d mean(g d)] / sigma``:
+    the exact projection plus eps's leak, kept apart so that the leak survives
+    where the projection vanishes (B = 2, or eps << var at huge scales).
+    """
     n_rows, n = v.shape
-    xhat = cache.xhat
-    g = v.reshape(xhat.shape).astype(np.float64)
-    coupled = g - g.mean(axis=1, keepdims=True) - xhat * np.mean(g * xhat, axis=1, keepdims=True)
-    top = float(np.max(cache.log_inv_sigma))
-    out = coupled * np.exp(cache.log_inv_sigma - top)
-    return out.astype(v.dtype).reshape(n_rows, n), log_g + top
+    d = cache.d.astype(np.float64)
+    g = v.reshape(d.shape).astype(np.float64)
+    along = d * np.mean(g * d, axis=1, keepdims=True)
+    projected = g - g.mean(axis=1, keepdims=True) - along
+    # Per (batch, unit): the projection carries the value unless it is exactly zero.
+    empty = ~np.any(projected != 0, axis=1, keepdims=True)
+    with np.errstate(under="ignore"):
+        values = np.where(empty, along, projected + along * np.exp(np.maximum(cache.log_leak, -745.0)))
+    factors = cache.log_inv_sigma + np.where(empty, cache.log_leak, 0.0)
+    # float64 out: components 1e-44 apart (units dead in a batch get 1/sqrt(eps),
+    # live ones 1/sigma) must survive until the activation's mask picks them.
+    out, log_out = _scaled_pair(values, factors, np.float64)
+    return out.reshape(n_rows, n), log_g + log_out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import sys
 import time
@@ -13,7 +12,6 @@ from typing import Any
 
 import click
 import numpy as np
-import pandas as pd
 
 from . import activations, fit, inits, report, theory
 from .engine import simulate as run_simulation
@@ -73,7 +71,8 @@ def _read_config(path: str) -> dict[str, Any]:
         raise SpecError("config", f"cannot read {path} ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError("config", f"{path} is not valid TOML ({exc})") from None
-    data = data.get("simulate", data)
+    if isinstance(data.get("simulate"), dict):
+        data = data["simulate"]  # options may sit under a [simulate] table
     unknown = [k for k in data if k.replace("-", "_") not in OPTIONS]
     if unknown:
         raise SpecError("config", f"{path}: unknown option {unknown[0]!r}; known: "
@@ -101,6 +100,23 @@ def _command_line(options: dict[str, Any], out: str | None) -> str:
     if out:
         words += ["--out", out]
     return shlex.join(words)
+
+
+def _in_staging(out_dir: Path, work: Any) -> Any:
+    """Run ``work(tmp)`` writing into a staging directory that becomes
+    ``out_dir`` only when it succeeds (report.staging)."""
+    try:
+        stage = report.staging(out_dir)
+        tmp = stage.__enter__()
+    except OSError as exc:
+        raise SpecError("out", f"cannot write to {out_dir} ({exc.strerror or exc})") from None
+    try:
+        result = work(tmp)
+    except BaseException:
+        stage.__exit__(*sys.exc_info())
+        raise
+    stage.__exit__(None, None, None)
+    return result
 
 
 class _LazyBar:
@@ -150,22 +166,16 @@ def simulate(config_file: str | None, out: str | None, **cli_options: Any) -> No
     options.update(given)
     configs = expand(options)
     out_dir = Path(out) if out else DEFAULT_RUNS_DIR / report.run_name(configs)
-    try:
-        stage = report.staging(out_dir)
-        tmp = stage.__enter__()
-    except OSError as exc:
-        raise SpecError("out", f"cannot write to {out_dir} ({exc.strerror or exc})") from None
-    # Everything below writes only into the staging directory, renamed at the end.
     bar = _LazyBar(total_steps(configs))
-    try:
-        layers = run_simulation(configs, progress=bar)
-        bar.close()
-        paths = report.write(layers, tmp, command=_command_line(options, out))
-    except BaseException:
-        bar.close()
-        stage.__exit__(*sys.exc_info())
-        raise
-    stage.__exit__(None, None, None)
+
+    def work(tmp: Path) -> tuple[Any, dict[str, Any]]:
+        try:
+            layers = run_simulation(configs, progress=bar)
+        finally:
+            bar.close()
+        return layers, report.write(layers, tmp, command=_command_line(options, out))
+
+    layers, paths = _in_staging(out_dir, work)
     click.echo(report.terminal_table(layers, paths["summary"]))
     click.echo(f"\nreport: {out_dir / paths['report'].name}  (layers.csv, config.json, std_per_layer.png beside it)")
 
@@ -175,14 +185,14 @@ def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=report.json_default))
 
 
-def _activation_arg(name: str, option: str = "activation") -> Any:
+def _activation_arg(name: str, leaky_slope: float, option: str = "activation") -> Any:
     """A registered activation name, or ``module:function`` for a user callable."""
     if ":" in name:
         try:
             return inits.load_callable(name)
         except ValueError as exc:
             raise SpecError(option, str(exc)) from None
-    return activations.get(parse_activation(name, option))
+    return activations.get(parse_activation(name, option), leaky_slope)
 
 
 @main.command()
@@ -197,8 +207,7 @@ def gain(activation: str, leaky_slope: str, as_json: bool) -> None:
     variance gain      1/sqrt(Var phi(z))   (NFNets' gamma)
     """
     slope = OPTIONS["leaky_slope"].parse(leaky_slope, "leaky_slope")
-    act = _activation_arg(activation) if ":" in activation else activations.get(
-        parse_activation(activation, "activation"), slope)
+    act = _activation_arg(activation, slope)
     g = theory.gains(act, slope)
     if as_json:
         _echo_json(g)
@@ -268,21 +277,16 @@ def fit_cmd(fan_ins: str, fan_out: str, init: str, activation: str, samples: str
                          "replicates": replicates, "seed": seed})
     n_out = parse_pos_int(fan_out, "fan_out")
     out_dir = Path(out) if out else DEFAULT_RUNS_DIR / f"fit-{init}-{activation}".replace(":", "_")
-    try:
-        stage = report.staging(out_dir)
-        tmp = stage.__enter__()
-    except OSError as exc:
-        raise SpecError("out", f"cannot write to {out_dir} ({exc.strerror or exc})") from None
-    try:
+    command = shlex.join(["varprop", "fit", "--fan-in", ",".join(map(str, ns)), "--fan-out", str(n_out),
+                          "--init", init, "--activation", activation, "--samples", str(base.samples),
+                          "--replicates", str(base.replicates), "--seed", str(base.seed)])
+
+    def work(tmp: Path) -> tuple[Any, Any]:
         points, result = fit.fan_in_law(base, ns, n_out)
-        command = shlex.join(["varprop", "fit", "--fan-in", ",".join(map(str, ns)), "--fan-out", str(n_out),
-                              "--init", init, "--activation", activation, "--samples", str(base.samples),
-                              "--replicates", str(base.replicates), "--seed", str(base.seed)])
         report.write_fit(points, result, tmp, command)
-    except BaseException:
-        stage.__exit__(*sys.exc_info())
-        raise
-    stage.__exit__(None, None, None)
+        return points, result
+
+    points, result = _in_staging(out_dir, work)
     if as_json:
         _echo_json({"fit": result.as_dict(), "points": points.to_dict(orient="records"), "out": str(out_dir)})
         return
@@ -314,35 +318,18 @@ def phase_cmd(activation: str, sigma_w2_max: str, sigma_b2_max: str, resolution:
         raise SpecError("resolution", f"expected at least 3 grid points, got {resolution!r}")
     seed_n = OPTIONS["seed"].parse(seed, "seed")
     out_dir = Path(out) if out else DEFAULT_RUNS_DIR / f"phase-{act.name}"
-    try:
-        stage = report.staging(out_dir)
-        tmp = stage.__enter__()
-    except OSError as exc:
-        raise SpecError("out", f"cannot write to {out_dir} ({exc.strerror or exc})") from None
-    try:
+    command = shlex.join(["varprop", "phase", "--activation", act.name, "--sigma-w2-max", repr(sw_max),
+                          "--sigma-b2-max", repr(sb_max), "--resolution", str(n)]
+                         + (["--measure", "--seed", str(seed_n)] if measure else []))
+
+    def work(tmp: Path) -> Any:
         grid = theory.phase_grid(act, np.linspace(sw_max / n, sw_max, n), np.linspace(0, sb_max, max(3, 3 * n // 4)))
-        measured = None
-        if measure:
-            frames = []
-            sb2 = min(0.05, sb_max)
-            for sw2 in np.linspace(sw_max / 8, sw_max, 4):
-                spec = from_options({"layers": 30, "width": 300, "activation": act.name, "init": "fan_in",
-                                     "gain": math.sqrt(sw2), "bias_std": math.sqrt(sb2), "samples": 40,
-                                     "replicates": 2, "seed": seed_n})
-                df = run_simulation(spec)
-                m = df.groupby("layer")[["pre_cos_sim", "theory_pre_cos_sim"]].mean().reset_index()
-                m["point"] = f"sigma_w^2={sw2:.2f}, sigma_b^2={sb2:.2f}"
-                m["sigma_w2"], m["sigma_b2"] = sw2, sb2
-                frames.append(m)
-            measured = pd.concat(frames, ignore_index=True)
-        report.write_phase(grid, act.name, tmp, measured,
-                           command=shlex.join(["varprop", "phase", "--activation", act.name, "--sigma-w2-max",
-                                               repr(sw_max), "--sigma-b2-max", repr(sb_max), "--resolution",
-                                               str(n)] + (["--measure", "--seed", str(seed_n)] if measure else [])))
-    except BaseException:
-        stage.__exit__(*sys.exc_info())
-        raise
-    stage.__exit__(None, None, None)
+        measured = fit.correlation_decay(act.name, np.linspace(sw_max / 8, sw_max, 4), min(0.05, sb_max),
+                                         seed_n) if measure else None
+        report.write_phase(grid, act.name, tmp, measured, command=command)
+        return grid
+
+    grid = _in_staging(out_dir, work)
     if as_json:
         _echo_json(grid.to_dict(orient="records"))
         return

@@ -43,19 +43,19 @@ def generator(seed: int, replicate: int, layer: int, role: str) -> np.random.Gen
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(replicate, layer, ROLES[role]))))
 
 
-def make_inputs(spec: RunSpec, replicate: int) -> np.ndarray:
-    """The N x n_0 inputs of one replicate, in the compute dtype."""
+def make_inputs(spec: RunSpec, replicate: int) -> tuple[np.ndarray, float]:
+    """The N x n_0 inputs of one replicate as ``(u, log_s)``, u in the compute dtype."""
     dtype = np.dtype(spec.dtype)
     n0 = spec.network.widths[0]
     if spec.input_file is not None:
-        return load_input(spec.input_file, n0).astype(dtype)
+        x = load_input(spec.input_file, n0).astype(np.float64)
+        return _narrow(x, 0.0, dtype.type)
     rng = generator(spec.seed, replicate, 0, "inputs")
     if spec.input == "gaussian":
         x = rng.standard_normal((spec.samples, n0), dtype=dtype)
-    else:
-        x = inits.standard_draw("uniform", rng, (spec.samples, n0), dtype) * dtype.type(math.sqrt(3.0))
-    x *= dtype.type(spec.input_std)
-    return x
+        return x, math.log(spec.input_std)
+    x = inits.standard_draw("uniform", rng, (spec.samples, n0), dtype)
+    return x, math.log(spec.input_std * math.sqrt(3.0))
 
 
 def _renorm(u: np.ndarray, log_s: float) -> tuple[np.ndarray, float]:
@@ -68,11 +68,19 @@ def _renorm(u: np.ndarray, log_s: float) -> tuple[np.ndarray, float]:
     return u, log_s
 
 
+def _narrow(v: np.ndarray, log_s: float, dtype: type) -> tuple[np.ndarray, float]:
+    """A float64 pair renormalised in float64 and only then cast to ``dtype``,
+    so entries far below the largest keep their value rather than flushing."""
+    v, log_s = _renorm(v, log_s)
+    return v.astype(dtype, copy=False), log_s
+
+
 def _add_bias(z: np.ndarray, log_z: float, b: np.ndarray) -> tuple[np.ndarray, float]:
     """``exp(log_z) * z + b`` as a (u, log_s) pair, whichever term dominates."""
-    rms_b = math.sqrt(float(np.mean(b * b)))
-    if rms_b == 0:
+    peak = float(np.max(np.abs(b)))
+    if peak == 0:
         return z, log_z
+    rms_b = peak * math.sqrt(float(np.mean((b / peak) ** 2)))
     top = max(log_z, math.log(rms_b))
     if log_z < top:
         z *= z.dtype.type(math.exp(log_z - top))
@@ -112,6 +120,8 @@ class _Network:
                                       self.dtype)
         except ValueError as exc:  # a user init returned something unusable
             raise SpecError("init", str(exc)) from None
+        except Exception as exc:  # or failed: the user's to see, in one line
+            raise SpecError("init", f"{self.scheme.name} raised {type(exc).__name__}: {exc}") from None
 
     def _bn(self, u: np.ndarray, log_s: float) -> tuple[np.ndarray, float, batchnorm.Cache]:
         y, log_y, cache = batchnorm.forward(u, log_s, self.spec.batch, self.net.bn_eps)
@@ -163,15 +173,15 @@ class _Network:
         net, act = self.net, self.acts[layer]
         bn_here = layer in net.bn_layers
         if bn_here and net.bn_position == "post":
-            v, log_g = _renorm(*batchnorm.backward(v, log_g, tape.bn))
+            v, log_g = batchnorm.backward(v, log_g, tape.bn)  # float64 until the mask below
         if tape.dphi is not None:
             if tape.dphi.dtype == bool:
                 v = v * np.where(tape.dphi, v.dtype.type(act.slope_pos), v.dtype.type(act.slope_neg))
             else:
                 v = v * tape.dphi
-            v, log_g = _renorm(v, log_g)
+        v, log_g = _narrow(v, log_g, self.dtype)
         if bn_here and net.bn_position == "pre":
-            v, log_g = _renorm(*batchnorm.backward(v, log_g, tape.bn))
+            v, log_g = _narrow(*batchnorm.backward(v, log_g, tape.bn), self.dtype)
         row.update(_prefix("delta", side_stats(v, log_g)))
         wg = (tape.u_in.T @ v).astype(np.float64)
         norm = math.sqrt(float(np.einsum("ij,ij->", wg, wg)))
@@ -195,15 +205,30 @@ def tape_bytes(spec: RunSpec) -> list[int]:
     return out
 
 
-def backward_plan(spec: RunSpec) -> int:
-    """The checkpoint spacing k of the backward pass (k = L: every layer kept).
+def working_bytes(spec: RunSpec) -> int:
+    """Memory of the forward pass: one weight matrix and a few layer-sized
+    float64 temporaries (statistics), at the widest layer."""
+    w = spec.network.widths
+    weights = max(a * b for a, b in zip(w[:-1], w[1:])) * (8 if spec.network.init.resolve().orthogonal else 4)
+    return weights * np.dtype(spec.dtype).itemsize // 4 + 6 * spec.samples * max(w) * 8
 
-    Raises SpecError naming ``--max-memory`` when not even checkpointing fits.
+
+def backward_plan(spec: RunSpec) -> int:
+    """The checkpoint spacing k of the backward pass (k = L: every layer kept;
+    0 without a backward pass).
+
+    Raises SpecError naming ``--max-memory`` when the run cannot fit, not even
+    with checkpointing.
     """
+    budget = spec.max_memory or default_max_memory()
+    working = working_bytes(spec)
+    if not spec.backward:
+        if working > budget:
+            raise SpecError("max_memory", f"one layer needs about {_gib(working)}, more than {_gib(budget)}; "
+                            "raise --max-memory or use fewer --samples or a narrower --width")
+        return 0
     per_layer = tape_bytes(spec)
     depth = spec.network.depth
-    budget = spec.max_memory or default_max_memory()
-    working = 6 * spec.samples * max(spec.network.widths) * 8  # a few float64 layer-sized temporaries
     if sum(per_layer) + working <= budget:
         return depth
     k = max(1, math.isqrt(depth))
@@ -241,8 +266,8 @@ def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = Non
     dict of statistics per layer 0..L."""
     net = _Network(spec, replicate)
     depth = spec.network.depth
-    k = backward_plan(spec) if spec.backward else 0
-    u, log_h = _renorm(make_inputs(spec, replicate), 0.0)
+    k = backward_plan(spec)
+    u, log_h = _renorm(*make_inputs(spec, replicate))
     rows = [{"width": spec.network.widths[0], "fan_in": pd.NA, "fan_out": pd.NA,
              **_prefix("pre", empty_stats()), **_prefix("post", side_stats(u, log_h))}]
     tapes: dict[int, _Tape] = {}
@@ -316,9 +341,8 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
     ['fan_in', 'unit']
     """
     configs = configs_for(spec, vary, **options)
-    for c in configs:  # refuse before any work when the backward pass cannot fit
-        if c.spec.backward:
-            backward_plan(c.spec)
+    for c in configs:  # refuse before any work when a run cannot fit
+        backward_plan(c.spec)
     start = time.perf_counter()
     frames = []
     for c in configs:

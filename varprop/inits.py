@@ -64,18 +64,14 @@ class Scheme:
     user: UserInit | None = None
 
 
-def _preset(**kw: object) -> Scheme:
-    return Scheme(**kw)  # type: ignore[arg-type]
-
-
 PRESETS: dict[str, Scheme] = {
-    "unit": _preset(name="unit", mode=None),
-    "fan_in": _preset(name="fan_in"),
-    "he": _preset(name="he", gain=math.sqrt(2.0)),
-    "xavier": _preset(name="xavier", mode="fan_avg"),
-    "orthogonal": _preset(name="orthogonal", mode=None, orthogonal=True),
-    "torch-default": _preset(name="torch-default", distribution="uniform", gain=math.sqrt(1 / 3), bias="torch"),
-    "keras-default": _preset(name="keras-default", distribution="uniform", mode="fan_avg"),
+    "unit": Scheme(name="unit", mode=None),
+    "fan_in": Scheme(name="fan_in"),
+    "he": Scheme(name="he", gain=math.sqrt(2.0)),
+    "xavier": Scheme(name="xavier", mode="fan_avg"),
+    "orthogonal": Scheme(name="orthogonal", mode=None, orthogonal=True),
+    "torch-default": Scheme(name="torch-default", distribution="uniform", gain=math.sqrt(1 / 3), bias="torch"),
+    "keras-default": Scheme(name="keras-default", distribution="uniform", mode="fan_avg"),
 }
 
 

@@ -12,6 +12,7 @@ turns lists of values into one :class:`RunSpec` per combination.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -141,7 +142,14 @@ DEFAULT_SAMPLES = 500
 
 
 def load_input(path: str, width: int) -> np.ndarray:
-    """The N x n_0 array of an ``--input-file`` (.npy), checked for shape and NaN."""
+    """The N x n_0 array of an ``--input-file`` (.npy), checked for shape, NaN
+    and all-zero rows (read once per file version, read-only)."""
+    stat = os.stat(path)
+    return _load_input(os.path.abspath(path), width, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_input(path: str, width: int, mtime_ns: int, size: int) -> np.ndarray:
     try:
         x = np.load(path, allow_pickle=False)
     except Exception as exc:  # unreadable or not .npy: one line for the user
@@ -152,6 +160,10 @@ def load_input(path: str, width: int) -> np.ndarray:
         raise SpecError("input_file", f"{path} has {x.shape[1]} columns but the network's input width is {width}")
     if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
         raise SpecError("input_file", f"{path} contains NaN, inf or non-numeric values")
+    x = x.astype(np.float64)
+    if not np.any(x):
+        raise SpecError("input_file", f"{path} is all zeros: no signal to propagate")
+    x.setflags(write=False)
     return x
 
 
@@ -347,6 +359,8 @@ def parse(options: Mapping[str, Any]) -> dict[str, Any]:
             raise SpecError(key, "unknown option; known: " + ", ".join(o.replace("_", "-") for o in OPTIONS))
         opt = OPTIONS[key]
         if _repeated(key, value):
+            if not value:
+                raise SpecError(key, "an empty list gives nothing to run")
             if not opt.repeatable and len(value) != 1:
                 raise SpecError(key, "takes one value, not a list")
             out[key] = [opt.parse(v, key) for v in value]

@@ -134,11 +134,12 @@ def _logaddexp(a: float, b: float) -> float:
     return float(np.logaddexp(a, b))
 
 
-def bias_variance(scheme: inits.Scheme, bias_std: float | None, fan_in: int) -> float:
-    """Var(b_i) of a layer: ``bias_std**2``, or the scheme's own (torch-default)."""
+def bias_log_variance(scheme: inits.Scheme, bias_std: float | None, fan_in: int) -> float:
+    """log Var(b_i) of a layer (``bias_std**2``, or the scheme's own for
+    torch-default); -inf without a bias."""
     if not inits.has_bias(scheme, bias_std):
-        return 0.0
-    return bias_std**2 if bias_std is not None else 1 / (3 * fan_in)
+        return -math.inf
+    return 2 * math.log(bias_std) if bias_std is not None else -math.log(3 * fan_in)
 
 
 def predict(spec: RunSpec) -> pd.DataFrame:
@@ -162,9 +163,9 @@ def predict(spec: RunSpec) -> pd.DataFrame:
         from .engine import make_inputs  # the file's own moments seed the recursion
         from .stats import side_stats
 
-        s0 = side_stats(make_inputs(spec, 0), 0.0)
+        s0 = side_stats(*make_inputs(spec, 0))  # a file is never all zeros (spec.load_input)
         log_m2, cos = math.log(s0["second_moment"]), s0["cos_sim"]
-        rows.append(_row("post", s0["mean"], 0.5 * math.log(s0["std"] ** 2), log_m2, cos))
+        rows.append(_row("post", s0["mean"], s0["log10_std"] * _LN10, log_m2, cos))
     else:
         mean0 = 0.0
         rows.append(_row("post", mean0, 0.5 * log_m2, log_m2, 0.0))
@@ -174,12 +175,11 @@ def predict(spec: RunSpec) -> pd.DataFrame:
         n_in, n_out = net.widths[layer - 1], net.widths[layer]
         act = activations.get(net.activation_at(layer), net.leaky_slope)
         log_nv = math.log(n_in * inits.variance(scheme, n_in, n_out))
-        var_b = bias_variance(scheme, net.bias_std, n_in)
+        log_vb = bias_log_variance(scheme, net.bias_std, n_in)
         log_sig = log_nv + log_m2
-        log_q = _logaddexp(log_sig, math.log(var_b)) if var_b > 0 else log_sig
-        ratio_b = math.exp(math.log(var_b) - log_sig) if var_b > 0 and math.log(var_b) - log_sig < 700 else (
-            math.inf if var_b > 0 else 0.0)
-        c_pre = (cos + ratio_b) / (1 + ratio_b) if math.isfinite(ratio_b) else 1.0
+        log_q = _logaddexp(log_sig, log_vb)
+        ratio_b = math.exp(min(log_vb - log_sig, 700.0))
+        c_pre = (cos + ratio_b) / (1 + ratio_b)
         bn = layer in net.bn_layers
         if bn and net.bn_position == "pre":
             log_q = log_q - _logaddexp(log_q, math.log(net.bn_eps))

@@ -44,23 +44,35 @@ def run_name(configs: Sequence[Config]) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:120]
 
 
+RUN_MARKERS = ("config.json", "fit.json", "phase.csv")  # what marks a directory as a varprop run
+
+
 @contextmanager
 def staging(out_dir: Path) -> Iterator[Path]:
     """A temporary directory that becomes ``out_dir`` when the block succeeds.
 
-    Raises OSError up front when ``out_dir``'s parent cannot be created or
-    written, so a run fails before it simulates, not after.
+    Raises OSError up front when ``out_dir`` cannot be written, or when it
+    exists and is neither empty nor an earlier varprop run (which it
+    replaces), so a run fails before it simulates and never destroys other
+    files. On failure nothing is left behind, not even created parents.
     """
     out_dir = Path(out_dir)
-    for ancestor in out_dir.absolute().parents:
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not any(
+            (out_dir / m).exists() for m in RUN_MARKERS))):
+        raise FileExistsError(f"{out_dir} exists and is not an earlier varprop run; choose another --out")
+    created = None
+    for ancestor in [out_dir.absolute(), *out_dir.absolute().parents]:
         if ancestor.exists():
             if not ancestor.is_dir():
                 raise NotADirectoryError(f"{ancestor} is not a directory")
             break
+        created = ancestor  # the topmost directory this run creates
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    ok = False
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
             os.replace(out_dir, old / "x")
@@ -68,9 +80,18 @@ def staging(out_dir: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+        ok = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not ok and created is not None and created != out_dir.absolute():
+            shutil.rmtree(created, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def json_default(value: Any) -> Any:

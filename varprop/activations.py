@@ -65,6 +65,11 @@ def _leaky(slope: float) -> Activation:
     )
 
 
+def _tanh_d(x: Array) -> Array:
+    with np.errstate(over="ignore"):  # cosh overflows to inf far out: the derivative is 0 there
+        return 1 / np.cosh(x) ** 2
+
+
 def _sigmoid_d(x: Array) -> Array:
     return special.expit(x) * special.expit(-x)  # no cancellation in 1 - s for large x
 
@@ -89,7 +94,7 @@ def _elu_d(x: Array) -> Array:
 _REGISTRY: dict[str, Activation] = {
     "linear": Activation("linear", lambda x: x, np.ones_like, True, 1, 0, 1, 0, 0, 1, 1),
     "relu": _leaky(0.0),
-    "tanh": Activation("tanh", np.tanh, lambda x: 1 / np.cosh(x) ** 2, False, 0, 1, 0, -1, 0, 1, 1),
+    "tanh": Activation("tanh", np.tanh, _tanh_d, False, 0, 1, 0, -1, 0, 1, 1),
     "sigmoid": Activation("sigmoid", special.expit, _sigmoid_d, False, 0, 1, 0, 0, 0.5, 0.25, 0.25),
     "selu": Activation(
         "selu",

@@ -54,7 +54,8 @@ def _spec_options(fn: Any) -> Any:
     """One click option per spec option; values stay strings for spec.parse."""
     for name, opt in reversed(OPTIONS.items()):
         flag = "--" + name.replace("_", "-")
-        help_text = opt.help + (" [repeatable: compares every combination]" if opt.repeatable else "")
+        help_text = opt.help + (f" [default: {opt.default}]" if opt.default not in (None, False) else "") + (
+            " [repeatable: compares every combination]" if opt.repeatable else "")
         if opt.flag:
             fn = click.option(flag, name, is_flag=True, default=None, help=opt.help)(fn)
         else:

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -80,6 +82,8 @@ def load_callable(ref: str) -> UserInit:
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
         raise ValueError(f"{ref!r} is not of the form module:function")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: modules beside the user are found
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import failure is the user's to see, in one line

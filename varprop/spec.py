@@ -414,6 +414,8 @@ def to_options(spec: RunSpec) -> dict[str, Any]:
     }
     if "leaky_relu" not in (n.activation, n.output_activation):
         del out["leaky_slope"]
+    if spec.input_file is not None:
+        del out["input"], out["input_std"]
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -436,6 +438,27 @@ def _label_part(key: str, value: Any) -> str:
     return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
 
 
+def _values(o: Mapping[str, Any], key: str) -> list[Any]:
+    v = o.get(key, OPTIONS[key].default)
+    return v if isinstance(v, list) else [v]
+
+
+def _check_relevance(o: Mapping[str, Any]) -> None:
+    """Refuse options that would silently do nothing in every configuration."""
+    if "input_file" in o:
+        for key in ("input", "input_std"):
+            if key in o:
+                raise SpecError(key, "does not apply with --input-file (the file is the input)")
+    acts = set(_values(o, "activation")) | set(_values(o, "output_activation"))
+    if "leaky_slope" in o and "leaky_relu" not in acts:
+        raise SpecError("leaky_slope", "applies only to --activation leaky_relu")
+    has_bn = any(k in o and (k != "bn" or "all" in _values(o, "bn")) and (k != "bn_count" or any(
+        _values(o, "bn_count"))) for k in ("bn", "bn_layers", "bn_count"))
+    for key in ("batch_size", "bn_position", "bn_eps"):
+        if key in o and not has_bn:
+            raise SpecError(key, "applies only with batch norm (--bn, --bn-layers or --bn-count)")
+
+
 def expand(options: Mapping[str, Any]) -> list[Config]:
     """Every combination of the options given as lists, in the order given.
 
@@ -448,6 +471,7 @@ def expand(options: Mapping[str, Any]) -> list[Config]:
         sizes = o["batch_size"] if isinstance(o["batch_size"], list) else [o["batch_size"]]
         lcm = math.lcm(*sizes)
         o["samples"] = lcm * math.ceil(DEFAULT_SAMPLES / lcm)
+    _check_relevance(o)
     varied = {k: v for k, v in o.items() if isinstance(v, list) and len(v) > 1}
     fixed = {k: (v[0] if isinstance(v, list) else v) for k, v in o.items() if k not in varied}
     configs = []

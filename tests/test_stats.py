@@ -17,7 +17,7 @@ def brute(x: np.ndarray) -> dict:
     return {
         "mean": x.mean(), "std": x.std(), "log10_std": math.log10(x.std()), "second_moment": np.mean(x**2),
         "sq_unit_mean": np.mean(x.mean(axis=0) ** 2), "unit_var": np.mean(x.var(axis=0)),
-        "frac_zero": np.mean(x == 0), "cos_sim": np.mean(cos),
+        "frac_zero": np.mean(x == 0), "cos_sim": np.mean(cos), "abs_cos_sim": np.mean(np.abs(cos)),
     }
 
 

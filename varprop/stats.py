@@ -19,7 +19,8 @@ import pandas as pd
 from scipy import stats as sps
 
 STATS = ("mean", "std", "log10_std", "second_moment", "sq_unit_mean", "unit_var", "frac_zero",
-         "frac_saturated", "cos_sim")
+         "frac_saturated", "cos_sim", "abs_cos_sim")
+ABS_COS_SAMPLES = 128  # |cos| is averaged over the pairs of the first 128 live samples
 SATURATION = 1e-3  # |phi'(z)| below this counts as saturated
 _LN10 = math.log(10.0)
 
@@ -56,8 +57,14 @@ def side_stats(u: np.ndarray, log_s: float, saturated: float = math.nan) -> dict
         inv_norm[live] = 1 / np.sqrt(row_sq[live])
         total = inv_norm @ x  # sum of the unit-normalised samples
         cos_sim = (float(total @ total) - k) / (k * (k - 1))
+        # The signed mean hides a collapse onto +-v (a deep linear stack); |cos| shows it.
+        first = np.flatnonzero(live)[:ABS_COS_SAMPLES]
+        r = x[first] * inv_norm[first, None]
+        gram = np.abs(r @ r.T)
+        m = len(first)
+        abs_cos = (float(gram.sum()) - float(np.trace(gram))) / (m * (m - 1))
     else:
-        cos_sim = math.nan
+        cos_sim = abs_cos = math.nan
     std = math.sqrt(var)
     return {
         "mean": _scaled(mean, log_s),
@@ -69,6 +76,7 @@ def side_stats(u: np.ndarray, log_s: float, saturated: float = math.nan) -> dict
         "frac_zero": float(np.count_nonzero(x == 0)) / x.size,
         "frac_saturated": saturated,
         "cos_sim": cos_sim,
+        "abs_cos_sim": abs_cos,
     }
 
 

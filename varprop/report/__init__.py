@@ -6,6 +6,7 @@ so an interrupted or failed run leaves no half-written output directory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -40,8 +41,11 @@ def run_name(configs: Sequence[Config]) -> str:
     init = values("init", lambda s: s.network.init.scheme if isinstance(s.network.init.scheme, str) else "custom")
     parts = [values("activation", lambda s: net(s).activation), init, shape,
              f"N{values('samples', lambda s: s.samples)}", f"seed{configs[0].spec.seed}"]
+    # A short hash of every option keeps runs that differ elsewhere (replicates, BN, ...) apart.
+    digest = hashlib.sha1(json.dumps([to_options(c.spec) for c in configs], sort_keys=True,
+                                     default=json_default).encode()).hexdigest()[:6]
     name = "-".join(parts)
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:120]
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:110] + "-" + digest
 
 
 RUN_MARKERS = ("config.json", "fit.json", "phase.csv")  # what marks a directory as a varprop run

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -34,7 +35,8 @@ def std_per_layer(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Pa
     for ax, (side, label) in zip(axes[0], sides):
         _panel(ax, layers, summary, side, label)
     n_rep = int(layers["replicate"].nunique())
-    title = "Std per layer (dotted: mean-field theory)"
+    title = ("Std per layer: outputs (left) and gradients (right)" if len(sides) > 1 else "Std per layer") + (
+        "; dotted: mean-field theory")
     if n_rep > 1:
         title += f": mean network (solid), typical network (dashed), range over {n_rep} replicates"
     fig.suptitle(title, fontsize=10)
@@ -68,6 +70,7 @@ def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str,
     if not as_log10:
         ax.set_yscale("log")
     ax.set_xlabel("layer l (0 = input)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"log10 {label}" if as_log10 else f"{label} (log scale)")
     ax.grid(True, which="major", alpha=0.3)
 

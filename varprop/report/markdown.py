@@ -87,6 +87,9 @@ def layer_table(summary: pd.DataFrame, config: str, replicates: int) -> pd.DataF
     table["post std"] = [fmt_std(v) for v in s["post_log10_rms_std"]]
     if replicates > 1:
         table["typical post std"] = [fmt_std(v) for v in s["post_log10_typical_std"]]
+        table["post second moment [95% CI]"] = [
+            f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]" if not math.isnan(lo) else fmt(m)
+            for m, lo, hi in zip(s["post_second_moment"], s["post_second_moment_lo"], s["post_second_moment_hi"])]
     if "theory_post_log10_std" in s:
         table["theory post std"] = [fmt_std(v) for v in s["theory_post_log10_std"]]
         table["measured / theory"] = [fmt(10 ** (m - t), 3) for m, t in
@@ -101,6 +104,7 @@ def layer_table(summary: pd.DataFrame, config: str, replicates: int) -> pd.DataF
     table["zeros"] = [fmt(v, 3) for v in s["post_frac_zero"]]
     table["saturated"] = [fmt(v, 3) for v in s["post_frac_saturated"]]
     table["cos sim"] = [fmt(v, 3) for v in s["post_cos_sim"]]
+    table["abs cos sim"] = [fmt(v, 3) for v in s["post_abs_cos_sim"]]
     return table
 
 
@@ -140,12 +144,17 @@ def terminal_table(layers: pd.DataFrame, summary: pd.DataFrame) -> str:
 def _options_table(meta: dict[str, Any]) -> str:
     configs = meta["configs"]
     varied = {k for c in configs for k in c["varied"]}
-    common = {k: v for k, v in configs[0]["options"].items() if k not in varied}
+    common: dict[str, Any] = {}
+    for c in configs:  # every option that applies to any configuration and is not varied
+        for k, v in c["options"].items():
+            if k not in varied:
+                common.setdefault(k, v)
+    partial = {k for k in common if any(k not in c["options"] for c in configs)}
     if "widths" in common and len(set(common["widths"])) == 1:
         common = {"layers": len(common["widths"]) - 1, "width": common["widths"][0],
                   **{k: v for k, v in common.items() if k != "widths"}}
-    rows = [(f"`--{k.replace('_', '-')}`", ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
-            for k, v in common.items()]
+    rows = [(f"`--{k.replace('_', '-')}`", (",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+             + (" (where it applies)" if k in partial else "")) for k, v in common.items()]
     return pd.DataFrame(rows, columns=["option", "value"]).to_markdown(index=False)
 
 
@@ -154,7 +163,10 @@ def render_markdown(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str,
     configs = meta["configs"]
     reps = int(layers["replicate"].nunique())
     labels = [c["label"] for c in configs]
-    out = [f"# varprop: {' vs '.join(labels)}", ""]
+    varied_keys = list(dict.fromkeys(k for c in configs for k in c["varied"]))
+    title = (" vs ".join(labels) if len(labels) <= 3 else
+             f"{len(labels)} configurations ({' x '.join(k.replace('_', ' ') for k in varied_keys)})")
+    out = [f"# varprop: {title}", ""]
     if meta.get("command"):
         out += ["Reproduce with:", "", "```", meta["command"], "```", ""]
     v = meta["versions"]
@@ -185,6 +197,18 @@ def render_markdown(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str,
             rows[-1]["input gradient std"] = fmt_std(s["grad_log10_rms_std"].iloc[0])
             rows[-1]["gradient factor per layer (backward)"] = fmt(1 / _growth(s, "grad_log10_rms_std"))
     out += [pd.DataFrame(rows).to_markdown(index=False), ""]
+    explain = [
+        "- *output std (last layer)*: the std of the network's output, the mean network over replicates;",
+        "- *std factor per layer*: (output std / input std) ** (1 / L), the geometric-mean growth per layer;",
+        "- *mean-field output std*: the theory's prediction of the output std;",
+        "- *log10 std per layer*: measured growth between the stated layers (see below); *mean-field log10 std "
+        "per layer*: the theory's over the same layers;",
+    ]
+    if "grad_log10_std" in layers:
+        explain += ["- *input gradient std*: the std of the gradient that reaches the input, for a unit-variance "
+                    "random gradient at the output;",
+                    "- *gradient factor per layer*: its geometric-mean growth per layer going backward."]
+    out += explain + [""]
     out += ["The first two columns are the seed answer's summary of a stack: the mean over layers 1..L of "
             "each layer's output mean, and the square root of the mean over layers of each layer's output "
             "variance" + (f" (pooled over {reps} replicates)." if reps > 1 else ".")
@@ -232,7 +256,8 @@ def render_markdown(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str,
         "Columns: `pre std` is the std of z = h W + b entering the activation; `post` is the layer's output "
         "h; `zeros` the fraction of exact zeros of h; `saturated` the fraction of units with |phi'(z)| < 1e-3; "
         "`cos sim` the mean cosine similarity between pairs of samples (1 means every input maps to the same "
-        "direction). `theory post std` is the mean-field prediction of `post std`; `theory in 95% CI` says whether "
+        "direction); `abs cos sim` the mean of its absolute value over pairs of the first 128 samples, which also "
+        "shows a collapse onto +-one direction (a deep linear stack) that the signed mean averages away. `theory post std` is the mean-field prediction of `post std`; `theory in 95% CI` says whether "
         "the predicted second moment lies in the 95% t interval of the measured one over replicates ("
         "a **no** at depth, where log std wanders, usually means too few replicates). Layer 0 is the input. "
         "\"overflow\" marks a value beyond float64; the std columns are "

@@ -143,11 +143,23 @@ class _LazyBar:
             self.bar.__exit__(None, None, None)
 
 
+def _formats(value: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in value.split(",") if p.strip())
+    bad = [p for p in parts if p not in report.FORMATS]
+    if bad or not parts:
+        raise SpecError("format", f"expected a comma-separated list of {', '.join(report.FORMATS)}, got {value!r}")
+    return parts
+
+
 @main.command()
 @click.option("--config", "config_file", default=None, help="TOML file of options (CLI options override it)")
 @_spec_options
+@click.option("--title", default=None, help="report title [default: what was run, in one sentence]")
+@click.option("--format", "formats", default="md,html,csv,json", metavar="LIST",
+              help="outputs among md, html, csv, json (layers.csv and config.json are always written) "
+                   "[default: md,html,csv,json]")
 @click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/<descriptive name>]")
-def simulate(config_file: str | None, out: str | None, **cli_options: Any) -> None:
+def simulate(config_file: str | None, title: str | None, formats: str, out: str | None, **cli_options: Any) -> None:
     """Push random inputs through a deep stack and report every layer's statistics.
 
     \b
@@ -165,6 +177,7 @@ def simulate(config_file: str | None, out: str | None, **cli_options: Any) -> No
     for key in ("layers", "width") if "widths" in given else ("widths",) if {"layers", "width"} & set(given) else ():
         options.pop(key, None)
     options.update(given)
+    fmts = _formats(formats)
     configs = expand(options)
     out_dir = Path(out) if out else DEFAULT_RUNS_DIR / report.run_name(configs)
     bar = _LazyBar(total_steps(configs))
@@ -174,11 +187,13 @@ def simulate(config_file: str | None, out: str | None, **cli_options: Any) -> No
             layers = run_simulation(configs, progress=bar)
         finally:
             bar.close()
-        return layers, report.write(layers, tmp, command=_command_line(options, out))
+        command = _command_line(options, out) + (f" --title {shlex.quote(title)}" if title else "")
+        return layers, report.write(layers, tmp, command=command, title=title, formats=fmts)
 
     layers, paths = _in_staging(out_dir, work)
     click.echo(report.terminal_table(layers, paths["summary"]))
-    click.echo(f"\nreport: {out_dir / paths['report'].name}  (layers.csv, config.json, std_per_layer.png beside it)")
+    written = ", ".join(p.name for k, p in paths.items() if k not in ("summary",) and k != "report")
+    click.echo(f"\nreport: {out_dir / paths['report'].name}  ({written} beside it)")
 
 
 
@@ -375,3 +390,20 @@ def check_cmd(init: str, activation: str, layers: str, width: str, band: str, ba
     else:
         click.echo(("PASS: " if result.passed else "FAIL: ") + result.message)
     sys.exit(0 if result.passed else 1)
+
+
+@main.command("report")
+@click.argument("run_dir")
+@click.option("--format", "formats", default="md,html", metavar="LIST", help="outputs among md, html, json "
+              "[default: md,html]")
+def report_cmd(run_dir: str, formats: str) -> None:
+    """Redraw RUN_DIR's figures and reports from its layers.csv and config.json, without rerunning."""
+    fmts = _formats(formats)
+    path = Path(run_dir)
+    if not (path / "layers.csv").is_file() or not (path / "config.json").is_file():
+        raise SpecError("RUN_DIR", f"{run_dir} holds no layers.csv and config.json of a varprop simulate run")
+    try:
+        paths = report.render(path, fmts)
+    except (ValueError, KeyError) as exc:
+        raise SpecError("RUN_DIR", f"cannot read the run in {run_dir} ({exc})") from None
+    click.echo("rewrote " + ", ".join(str(p) for k, p in paths.items() if k in ("report", "html", "json", "figure")))

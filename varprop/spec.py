@@ -29,7 +29,8 @@ class SpecError(ValueError):
 
     def __init__(self, option: str, message: str):
         self.option = option
-        super().__init__(f"--{option.replace('_', '-')}: {message}")
+        name = option if option.isupper() else "--" + option.replace("_", "-")  # RUN_DIR: an argument
+        super().__init__(f"{name}: {message}")
 
 
 @dataclass(frozen=True)

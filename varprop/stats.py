@@ -115,14 +115,16 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
         half = se * sps.t.ppf(0.975, (n - 1).where(n > 1))
     out = pd.concat([mean, se.add_suffix("_se"), (mean - half).add_suffix("_lo"), (mean + half).add_suffix("_hi")],
                     axis=1)
-    out.insert(0, "replicates", g.size())
+    extra: dict[str, pd.Series] = {"replicates": g.size()}
     if theory_cols:  # the same on every replicate's row
-        out = out.join(g[theory_cols].first())
+        extra.update({c: g[c].first() for c in theory_cols})
+    by = [layers[k] for k in keys]
     for side in sides:
         logs = layers[f"{side}_log10_std"]
-        peak = logs.replace(-np.inf, np.nan).groupby([layers[k] for k in keys], sort=False).transform("max")
+        peak = logs.replace(-np.inf, np.nan).groupby(by, sort=False).transform("max")
         with np.errstate(invalid="ignore", over="ignore"):
-            rel = (10.0 ** (2 * (logs - peak))).groupby([layers[k] for k in keys], sort=False).mean()
-        out[f"{side}_log10_rms_std"] = peak.groupby([layers[k] for k in keys], sort=False).first() + 0.5 * np.log10(rel)
-        out[f"{side}_log10_typical_std"] = g[f"{side}_log10_std"].mean()
+            rel = (10.0 ** (2 * (logs - peak))).groupby(by, sort=False).mean()
+        extra[f"{side}_log10_rms_std"] = peak.groupby(by, sort=False).first() + 0.5 * np.log10(rel)
+        extra[f"{side}_log10_typical_std"] = g[f"{side}_log10_std"].mean()
+    out = pd.concat([pd.DataFrame(extra), out], axis=1).copy()  # copy: one consolidated block per dtype
     return out.reset_index()

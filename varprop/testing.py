@@ -6,7 +6,7 @@ on failure raises AssertionError with the first bad layer, the measured and
 predicted values and the command that reproduces it.
 
 >>> from varprop.testing import assert_weight_variance, assert_preserves_variance
->>> assert_weight_variance("he", 300, 200)                       # the rule's own variance, 2 / 300
+>>> m2 = assert_weight_variance("he", 300, 200)  # the rule's own variance, 2 / 300
 >>> r = assert_preserves_variance("he", "relu", depth=10, width=128)
 >>> r.passed
 True

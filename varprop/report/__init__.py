@@ -23,9 +23,11 @@ from .. import __version__
 from ..spec import Config, to_options
 from ..stats import summarize
 from . import figures
-from .markdown import fmt_pow10, render_fit, render_markdown, terminal_table
+from .document import Document, to_html, to_markdown
+from .markdown import build_document, fit_document, fmt_pow10, terminal_table
 
-__all__ = ["staging", "write", "write_fit", "run_name", "terminal_table", "fmt_pow10", "json_default", "summarize", "write_phase"]
+__all__ = ["staging", "write", "render", "write_fit", "write_phase", "run_name", "terminal_table", "fmt_pow10",
+           "json_default", "summarize", "FORMATS"]
 
 
 def run_name(configs: Sequence[Config]) -> str:
@@ -107,19 +109,21 @@ def json_default(value: Any) -> Any:
     return str(value)
 
 
-def write(layers: pd.DataFrame, directory: Path, command: str | None = None) -> dict[str, Any]:
+FORMATS = ("md", "html", "csv", "json")
+
+
+def write(layers: pd.DataFrame, directory: Path, command: str | None = None, title: str | None = None,
+          formats: tuple[str, ...] = FORMATS) -> dict[str, Any]:
     """Write every output file of a run into ``directory``; return their paths
-    (and, under ``"summary"``, the per-layer summary the report shows)."""
+    (and, under ``"summary"``, the per-layer summary the report shows).
+
+    layers.csv and config.json are always written: they are the run's data,
+    from which :func:`render` can redraw the report at any time.
+    """
     directory = Path(directory)
     configs: list[Config] = layers.attrs.get("configs", [])
-    summary = summarize(layers)
-    paths = {
-        "config": directory / "config.json",
-        "layers": directory / "layers.csv",
-        "figure": directory / "std_per_layer.png",
-        "report": directory / "report.md",
-    }
     meta = {
+        "title": title,
         "command": command,
         "seed": configs[0].spec.seed if configs else None,
         "elapsed_s": layers.attrs.get("elapsed_s"),
@@ -127,53 +131,83 @@ def write(layers: pd.DataFrame, directory: Path, command: str | None = None) -> 
                      "python": platform.python_version()},
         "configs": [{"label": c.label, "varied": c.varied, "options": to_options(c.spec)} for c in configs],
     }
-    paths["config"].write_text(json.dumps(meta, indent=2, default=json_default) + "\n")
-    layers.to_csv(paths["layers"], index=False)
+    (directory / "config.json").write_text(json.dumps(meta, indent=2, default=json_default) + "\n")
+    layers.to_csv(directory / "layers.csv", index=False)
+    return render(directory, formats, layers=layers, meta=meta)
+
+
+def render(directory: Path, formats: tuple[str, ...] = FORMATS, layers: pd.DataFrame | None = None,
+           meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """(Re)draw a run's figures and reports from its layers.csv and config.json."""
+    directory = Path(directory)
+    if layers is None:
+        layers = pd.read_csv(directory / "layers.csv")
+    if meta is None:
+        meta = json.loads((directory / "config.json").read_text())
+    summary = summarize(layers)
+    paths: dict[str, Any] = {"config": directory / "config.json", "layers": directory / "layers.csv",
+                             "figure": directory / "std_per_layer.png", "summary": summary}
     figures.std_per_layer(layers, summary, paths["figure"])
-    paths["report"].write_text(render_markdown(layers, summary, meta, figure=paths["figure"].name))
-    return {**paths, "summary": summary}
+    doc = build_document(layers, summary, meta, figure=paths["figure"].name)
+    if "md" in formats:
+        paths["report"] = directory / "report.md"
+        paths["report"].write_text(to_markdown(doc))
+    if "html" in formats:
+        paths["html"] = directory / "report.html"
+        paths["html"].write_text(to_html(doc, directory))
+        paths.setdefault("report", paths["html"])
+    if "json" in formats:
+        paths["json"] = directory / "summary.json"
+        paths["json"].write_text(summary.to_json(orient="records", indent=1))
+    return paths
 
 
 def write_fit(points: pd.DataFrame, result: Any, directory: Path, command: str) -> dict[str, Path]:
-    """Files of a ``varprop fit`` run: points.csv, fit.json, fan_in_law.png, report.md."""
+    """Files of a ``varprop fit`` run: points.csv, fit.json, fan_in_law.png, report.md and report.html."""
     directory = Path(directory)
     paths = {"points": directory / "points.csv", "fit": directory / "fit.json",
-             "figure": directory / "fan_in_law.png", "report": directory / "report.md"}
+             "figure": directory / "fan_in_law.png", "report": directory / "report.md",
+             "html": directory / "report.html"}
     points.to_csv(paths["points"], index=False)
     meta = {"command": command, "fit": result.as_dict(),
             "versions": {"varprop": __version__, "numpy": np.__version__, "python": platform.python_version()}}
     paths["fit"].write_text(json.dumps(meta, indent=2, default=json_default) + "\n")
     figures.fan_in_law(points, result, paths["figure"])
-    paths["report"].write_text(render_fit(points, result, command, paths["figure"].name))
+    doc = fit_document(points, result, command, paths["figure"].name)
+    paths["report"].write_text(to_markdown(doc))
+    paths["html"].write_text(to_html(doc, directory))
     return paths
 
 
 def write_phase(grid: pd.DataFrame, activation: str, directory: Path, measured: pd.DataFrame | None,
                 command: str) -> dict[str, Path]:
-    """Files of a ``varprop phase`` run: phase.csv, phase.png, report.md (and measured.csv)."""
+    """Files of a ``varprop phase`` run: phase.csv, phase.png, report.md, report.html (and measured.csv)."""
     directory = Path(directory)
-    paths = {"grid": directory / "phase.csv", "figure": directory / "phase.png", "report": directory / "report.md"}
+    paths = {"grid": directory / "phase.csv", "figure": directory / "phase.png", "report": directory / "report.md",
+             "html": directory / "report.html"}
     grid.to_csv(paths["grid"], index=False)
     if measured is not None:
         paths["measured"] = directory / "measured.csv"
         measured.to_csv(paths["measured"], index=False)
     figures.phase_diagram(grid, activation, paths["figure"], measured)
-    text = [
-        f"# varprop: the phase diagram of {activation}", "", "Reproduce with:", "", "```", command, "```", "",
-        "Mean-field theory of a deep network with weights of variance sigma_w^2 / fan_in and biases of variance "
-        "sigma_b^2 (Poole et al. 2016; Schoenholz et al. 2017). The length q converges to its fixed point q*; "
-        "chi_1 = sigma_w^2 E[phi'(z)^2] at q* decides the fate of correlations between inputs: below 1 (ordered) "
-        "all inputs collapse onto one direction (c* = 1), above 1 (chaotic) nearby inputs decorrelate to c* < 1. "
-        "The black line chi_1 = 1 separates the phases; there the correlation depth scale xi_c, the number of "
-        "layers over which correlations relax, diverges: signals (and gradients) travel deepest near it.", "",
-        "![phase diagram](phase.png)", "",
-    ]
+    doc = Document(f"varprop: the phase diagram of {activation}")
+    doc.p("Reproduce with:")
+    doc.code(command)
+    doc.p("Mean-field theory of a deep network with weights of variance sigma_w^2 / fan_in and biases of variance "
+          "sigma_b^2 (Poole et al. 2016; Schoenholz et al. 2017). The length q converges to its fixed point q*; "
+          "chi_1 = sigma_w^2 E[phi'(z)^2] at q* decides the fate of correlations between inputs: below 1 (ordered) "
+          "all inputs collapse onto one direction (c* = 1), above 1 (chaotic) nearby inputs decorrelate to c* < 1. "
+          "The black line chi_1 = 1 separates the phases; there the correlation depth scale xi_c, the number of "
+          "layers over which correlations relax, diverges: signals (and gradients) travel deepest near it.")
+    doc.figure(paths["figure"].name, f"{activation}: chi_1 and xi_c over (sigma_w^2, sigma_b^2)"
+               + ("; measured correlations at the marked points" if measured is not None else ""))
     if measured is not None:
-        text += ["The right panel runs the Monte-Carlo engine (30 layers of width 300, 40 Gaussian samples, 2 "
-                 "replicates) at the marked grid points and sets the measured mean cosine similarity of z between "
-                 "samples beside the c-map's prediction.", ""]
-    text += ["`phase.csv` holds every grid point: q*, chi_1, c*, xi_c and the phase. xi_c in the chaotic phase "
-             "comes from a 24-point-per-axis quadrature (a few per cent accurate); `varprop theory` computes single "
-             "points more accurately.", ""]
-    paths["report"].write_text("\n".join(text))
+        doc.p("The right panel runs the Monte-Carlo engine (30 layers of width 300, 40 Gaussian samples, 2 "
+              "replicates) at the marked grid points and sets the measured mean cosine similarity of z between "
+              "samples beside the c-map's prediction.")
+    doc.p("`phase.csv` holds every grid point: q*, chi_1, c*, xi_c and the phase. xi_c in the chaotic phase "
+          "comes from a 24-point-per-axis quadrature (a few per cent accurate); `varprop theory` computes single "
+          "points more accurately.")
+    paths["report"].write_text(to_markdown(doc))
+    paths["html"].write_text(to_html(doc, directory))
     return paths

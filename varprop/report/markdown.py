@@ -10,6 +10,7 @@ import pandas as pd
 
 from ..fit import depth_growth
 from ..stats import log10_mean_pow10
+from .document import Document
 
 MAX_FULL_LAYERS = 30  # tables show every layer up to this depth, then a subsample
 SUBSAMPLE = 20
@@ -141,7 +142,7 @@ def terminal_table(layers: pd.DataFrame, summary: pd.DataFrame) -> str:
     return f"{title}\n" + t.to_markdown(index=False, tablefmt="simple", disable_numparse=True)
 
 
-def _options_table(meta: dict[str, Any]) -> str:
+def _options_table(meta: dict[str, Any]) -> pd.DataFrame:
     configs = meta["configs"]
     varied = {k for c in configs for k in c["varied"]}
     common: dict[str, Any] = {}
@@ -155,25 +156,28 @@ def _options_table(meta: dict[str, Any]) -> str:
                   **{k: v for k, v in common.items() if k != "widths"}}
     rows = [(f"`--{k.replace('_', '-')}`", (",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
              + (" (where it applies)" if k in partial else "")) for k, v in common.items()]
-    return pd.DataFrame(rows, columns=["option", "value"]).to_markdown(index=False)
+    return pd.DataFrame(rows, columns=["option", "value"])
 
 
-def render_markdown(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, Any], figure: str) -> str:
-    """The report.md text."""
+def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, Any], figure: str) -> Document:
+    """The simulate report as a :class:`Document` (rendered to Markdown and HTML)."""
     configs = meta["configs"]
     reps = int(layers["replicate"].nunique())
     labels = [c["label"] for c in configs]
     varied_keys = list(dict.fromkeys(k for c in configs for k in c["varied"]))
-    title = (" vs ".join(labels) if len(labels) <= 3 else
-             f"{len(labels)} configurations ({' x '.join(k.replace('_', ' ') for k in varied_keys)})")
-    out = [f"# varprop: {title}", ""]
+    title = meta.get("title") or default_title(meta)
+    doc = Document(title)
     if meta.get("command"):
-        out += ["Reproduce with:", "", "```", meta["command"], "```", ""]
+        doc.p("Reproduce with:")
+        doc.code(meta["command"])
     v = meta["versions"]
-    out += [f"varprop {v['varprop']}, numpy {v['numpy']}, Python {v['python']}; seed {meta['seed']}; "
-            f"run time {meta['elapsed_s']:.1f} s.", ""]
+    doc.p(f"varprop {v['varprop']}, numpy {v['numpy']}, Python {v['python']}; seed {meta['seed']}; "
+          f"run time {meta['elapsed_s']:.1f} s.")
 
-    out += ["## Summary", ""]
+    doc.h2("Findings")
+    doc.items(findings(layers, summary, labels))
+
+    doc.h2("Summary")
     lines = seed_line(layers)
     growth = depth_growth(layers)
     rows = []
@@ -196,112 +200,152 @@ def render_markdown(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str,
         if "grad_log10_rms_std" in s:
             rows[-1]["input gradient std"] = fmt_std(s["grad_log10_rms_std"].iloc[0])
             rows[-1]["gradient factor per layer (backward)"] = fmt(1 / _growth(s, "grad_log10_rms_std"))
-    out += [pd.DataFrame(rows).to_markdown(index=False), ""]
+    doc.table(pd.DataFrame(rows))
     explain = [
-        "- *output std (last layer)*: the std of the network's output, the mean network over replicates;",
-        "- *std factor per layer*: (output std / input std) ** (1 / L), the geometric-mean growth per layer;",
-        "- *mean-field output std*: the theory's prediction of the output std;",
-        "- *log10 std per layer*: measured growth between the stated layers (see below); *mean-field log10 std "
-        "per layer*: the theory's over the same layers;",
+        "*mean of layer means*, *sqrt(mean layer variance)*: the seed answer's summary of a stack: the mean over "
+        "layers 1..L of each layer's output mean, and the square root of the mean over layers of each layer's "
+        "output variance" + (f" (pooled over {reps} replicates);" if reps > 1 else ";"),
+        "*output std (last layer)*: the std of the network's output, the mean network over replicates;",
+        "*std factor per layer*: (output std / input std) ** (1 / L), the geometric-mean growth per layer;",
+        "*mean-field output std*: the theory's prediction of the output std;",
+        "*log10 std per layer*: measured on each replicate between the stated layers (the first layers are a "
+        "burn-in) and averaged" + (", ± the half-width of its 95% t interval over replicates" if reps > 1 else
+                                   "; one replicate gives no interval (use `--replicates`)")
+        + "; *mean-field log10 std per layer*: the theory's over the same layers;",
     ]
     if "grad_log10_std" in layers:
-        explain += ["- *input gradient std*: the std of the gradient that reaches the input, for a unit-variance "
+        explain += ["*input gradient std*: the std of the gradient that reaches the input, for a unit-variance "
                     "random gradient at the output;",
-                    "- *gradient factor per layer*: its geometric-mean growth per layer going backward."]
-    out += explain + [""]
-    out += ["The first two columns are the seed answer's summary of a stack: the mean over layers 1..L of "
-            "each layer's output mean, and the square root of the mean over layers of each layer's output "
-            "variance" + (f" (pooled over {reps} replicates)." if reps > 1 else ".")
-            + " The per-layer growth is measured on each replicate between the stated layers (the first "
-            "layers are skipped as a burn-in) and averaged"
-            + (", ± the half-width of its 95% t interval over replicates" if reps > 1 else
-               "; with one replicate it has no interval (use `--replicates`)")
-            + "; beside it, the mean-field theory's slope over the same layers.", ""]
+                    "*gradient factor per layer*: its geometric-mean growth per layer going backward."]
+    doc.items(explain)
 
-    out += ["## Configuration", "", _options_table(meta), ""]
+    doc.h2("Configuration")
+    doc.table(_options_table(meta))
     if any(c["varied"] for c in configs):
-        varied = pd.DataFrame([{"configuration": c["label"], **c["varied"]} for c in configs])
-        out += ["Compared:", "", varied.to_markdown(index=False), ""]
+        doc.p("Compared:")
+        doc.table(pd.DataFrame([{"configuration": c["label"], **c["varied"]} for c in configs]).astype(str))
 
-    out += ["## Output std per layer", "", f"![std per layer]({figure})", ""]
-    out += [
-        "The dotted line is the mean-field prediction: z = h W + b is Gaussian given the previous layer, with "
-        "variance q_l = fan_in Var(W) E[h_{l-1}^2] + Var(b), and h_l = phi(z). It predicts the mean over "
-        "networks of the variance (the solid line), exactly for linear stacks and to O(1/width) otherwise.", "",
-    ]
+    doc.h2("Std per layer")
+    doc.figure(figure, "Std of each layer's output" + (" and gradient" if "grad_log10_std" in layers else "")
+               + " per layer, one line per configuration; dotted: mean-field theory")
+    doc.p("The dotted line is the mean-field prediction: z = h W + b is Gaussian given the previous layer, with "
+          "variance q_l = fan_in Var(W) E[h_{l-1}^2] + Var(b), and h_l = phi(z). It predicts the mean over "
+          "networks of the variance (the solid line), exactly for linear stacks and to O(1/width) otherwise.")
     if any(c["options"].get("bn_layers") for c in configs):
-        out += ["With batch norm the forward prediction uses the normalized variance q / (q + eps) on BN layers; "
-                "mean-field theory of gradients through BN (and of correlations after BN) is not modelled, so "
-                "those theory columns are empty below the first BN layer met.", ""]
+        doc.p("With batch norm the forward prediction uses the normalized variance q / (q + eps) on BN layers; "
+              "mean-field theory of gradients through BN (and of correlations after BN) is not modelled, so "
+              "those theory columns are empty below the first BN layer met.")
     if reps > 1:
-        out += [
-            "Two summaries of the same replicates. The **mean network** (solid line, `post std` below) is the "
-            "square root of the variance averaged over replicates: what mean-field theory predicts. The "
-            "**typical network** (dashed, `typical post std`) is the geometric mean, 10 to the mean of "
-            "log10 std: what one network drawn at random looks like. At finite width each layer multiplies "
-            "the variance by a random factor, so log std performs a random walk: the spread grows with "
-            "depth/width and, by Jensen's inequality, the typical network sits below the mean one even when "
-            "the mean is preserved exactly.", "",
-        ]
+        doc.p("Two summaries of the same replicates. The **mean network** (solid line, `post std` below) is the "
+              "square root of the variance averaged over replicates: what mean-field theory predicts. The "
+              "**typical network** (dashed, `typical post std`) is the geometric mean, 10 to the mean of "
+              "log10 std: what one network drawn at random looks like. At finite width each layer multiplies "
+              "the variance by a random factor, so log std performs a random walk: the spread grows with "
+              "depth/width and, by Jensen's inequality, the typical network sits below the mean one even when "
+              "the mean is preserved exactly.")
 
-    out += ["## Per-layer statistics", ""]
+    doc.h2("Per-layer statistics")
     depth = int(summary["layer"].max())
     if depth > MAX_FULL_LAYERS:
-        out += [f"A subsample of the {depth + 1} layers; `layers.csv` has every layer and replicate.", ""]
+        doc.p(f"A subsample of the {depth + 1} layers; `layers.csv` has every layer and replicate.")
     for config in labels:
         if len(labels) > 1:
-            out += [f"### {config}", ""]
-        out += [layer_table(summary, config, reps).to_markdown(index=False, disable_numparse=True), ""]
-    out += [
-        "Columns: `pre std` is the std of z = h W + b entering the activation; `post` is the layer's output "
-        "h; `zeros` the fraction of exact zeros of h; `saturated` the fraction of units with |phi'(z)| < 1e-3; "
-        "`cos sim` the mean cosine similarity between pairs of samples (1 means every input maps to the same "
-        "direction); `abs cos sim` the mean of its absolute value over pairs of the first 128 samples, which also "
-        "shows a collapse onto +-one direction (a deep linear stack) that the signed mean averages away. `theory post std` is the mean-field prediction of `post std`; `theory in 95% CI` says whether "
-        "the predicted second moment lies in the 95% t interval of the measured one over replicates ("
-        "a **no** at depth, where log std wanders, usually means too few replicates). Layer 0 is the input. "
-        "\"overflow\" marks a value beyond float64; the std columns are "
-        "exact at any magnitude.", "",
+            doc.h3(config)
+        doc.table(layer_table(summary, config, reps))
+    notes = [
+        "`pre std`: the std of z = h W + b entering the activation; `post`: the layer's output h (layer 0 is the "
+        "input);",
+        "`zeros`: the fraction of exact zeros of h; `saturated`: the fraction of units with |phi'(z)| < 1e-3 "
+        "(for relu the same units as the zeros);",
+        "`cos sim`: the mean cosine similarity between pairs of samples (1: every input maps to the same "
+        "direction); `abs cos sim`: the mean of its absolute value over pairs of the first 128 samples, which also "
+        "shows a collapse onto +-one direction that the signed mean averages away;",
+        "`theory post std`: the mean-field prediction of `post std`; `theory in 95% CI`: whether the predicted "
+        "second moment lies in the 95% t interval of the measured one over replicates (a **no** at depth, where "
+        "log std wanders, usually means too few replicates);",
+        "\"overflow\" marks a value beyond float64; the std columns are exact at any magnitude.",
     ]
     if "grad_log10_std" in layers:
-        out[-1:-1] = [
-            "Backward pass: a random gradient g_L ~ N(0, 1) enters at the output and is propagated down through "
-            "the activations, batch norm (with its full batch Jacobian) and W^T. `grad std` is the std of the "
-            "gradient with respect to layer l's output (layer 0: the input); `weight grad norm` is the Frobenius "
-            "norm of h_{l-1}^T delta_l, the gradient of the weights of layer l summed over all samples.", "",
-        ]
-    return "\n".join(out)
+        notes.insert(0, "backward pass: a random gradient g_L ~ N(0, 1) enters at the output and is propagated "
+                     "down through the activations, batch norm (with its full batch Jacobian) and W^T; `grad std` "
+                     "is the std of the gradient with respect to layer l's output (layer 0: the input); `weight "
+                     "grad norm` is the Frobenius norm of h_{l-1}^T delta_l, the gradient of layer l's weights "
+                     "summed over all samples;")
+    doc.items(notes)
+    return doc
 
 
-def render_fit(points: pd.DataFrame, result: Any, command: str, figure: str) -> str:
-    """The report.md of a ``varprop fit`` run."""
+def default_title(meta: dict[str, Any]) -> str:
+    """What was run, in one sentence."""
+    configs = meta["configs"]
+    o = configs[0]["options"]
+    widths = o.get("widths", [])
+    shape = (f"{len(widths) - 1} layers of width {widths[0]}" if len(set(widths)) == 1
+             else f"a {'-'.join(map(str, widths))} network") if widths else "a network"
+    if len(configs) == 1:
+        return f"varprop: {shape}, {configs[0]['label']}"
+    keys = list(dict.fromkeys(k for c in configs for k in c["varied"]))
+    if len(configs) <= 3:
+        return f"varprop: {shape}, {' vs '.join(c['label'] for c in configs)}"
+    return f"varprop: {shape}, {len(configs)} configurations ({' x '.join(k.replace('_', ' ') for k in keys)})"
+
+
+def findings(layers: pd.DataFrame, summary: pd.DataFrame, labels: list[str]) -> list[str]:
+    """One line per configuration: where the signal dies or explodes (leaves
+    [1e-3, 1e3] x the input's std), its growth per layer, and the gradients'."""
+    out = []
+    for config in labels:
+        s = summary[summary["config"] == config].reset_index(drop=True)
+        rel = s["post_log10_rms_std"] - s["post_log10_rms_std"].iloc[0]
+        bad = s[(rel.abs() > 3)]
+        depth = int(s["layer"].iloc[-1])
+        line = f"**{config}**: "
+        if bad.empty:
+            line += f"stable through {depth} layers (output std x{fmt(10 ** rel.iloc[-1], 3)} the input's)"
+        else:
+            first = bad.iloc[0]
+            verb = "explodes" if rel[first.name] > 0 else "dies"
+            line += (f"the signal {verb} at layer {int(first['layer'])} (std leaves [1e-3, 1e3] x the input's; "
+                     f"x{fmt_std(rel.iloc[-1])} at layer {depth})")
+        line += f"; std x{fmt(_growth(s, 'post_log10_rms_std'), 3)} per layer"
+        if "grad_log10_rms_std" in s:
+            g = s["grad_log10_rms_std"].iloc[0] - s["grad_log10_rms_std"].iloc[-1]
+            line += f"; the input gradient is x{fmt_std(g)} the output's"
+        out.append(line + ".")
+    return out
+
+
+def fit_document(points: pd.DataFrame, result: Any, command: str, figure: str) -> Document:
+    """The report of a ``varprop fit`` run."""
     per = points.groupby("fan_in").agg(mean=("log10_std", "mean"), sd=("log10_std", "std"),
                                        theory=("theory_log10_std", "first")).reset_index()
     table = pd.DataFrame({
-        "fan_in": per["fan_in"],
+        "fan_in": per["fan_in"].astype(str),
         "measured std (geometric mean)": [fmt(10**v) for v in per["mean"]],
         "sd of log10 std": [fmt(v, 3) for v in per["sd"]],
         "mean-field std": [fmt(10**v) for v in per["theory"]],
     })
     slope_theory = line_fit_slope(np.log10(per["fan_in"]), per["theory"])
-    out = [
-        "# varprop: the sqrt(fan_in) law", "", "Reproduce with:", "", "```", command, "```", "",
-        "One layer y = x W is measured for each fan_in; every replicate (an independent W and input) is a point "
-        "of the least-squares fit `log10 std = a + b log10 fan_in`.", "",
-        "## Fit", "",
-        f"- **b = {result.slope:.4f} ± {result.slope_se:.4f}** (standard error), 95% interval "
+    doc = Document("varprop: the sqrt(fan_in) law")
+    doc.p("Reproduce with:")
+    doc.code(command)
+    doc.p("One layer y = x W is measured for each fan_in; every replicate (an independent W and input) is a point "
+          "of the least-squares fit `log10 std = a + b log10 fan_in`.")
+    doc.h2("Fit")
+    doc.items([
+        f"**b = {result.slope:.4f} ± {result.slope_se:.4f}** (standard error), 95% interval "
         f"[{result.slope_lo:.4f}, {result.slope_hi:.4f}] from Student's t with {result.dof} degrees of freedom "
         "(the spread of the slopes fitted to each replicate: points of one replicate share its random draws);",
-        f"- a = {result.intercept:.4f} ± {result.intercept_se:.4f}; R² = {result.r2:.5f};",
-        f"- the mean-field prediction's slope over the same fan-ins is {slope_theory:.4f} "
-        "(0.5 for N(0, 1) weights: a sum of fan_in unit-variance products has std sqrt(fan_in); "
-        "0 for weights scaled by 1/sqrt(fan_in)).", "",
-        f"![fan-in law]({figure})", "",
-        "## Points", "", table.to_markdown(index=False, disable_numparse=True), "",
-        "Residuals of the fit (log10): " + ", ".join(f"{r:+.4f}" for r in result.residuals[:60])
-        + (" ..." if len(result.residuals) > 60 else ""), "",
-    ]
-    return "\n".join(out)
+        f"a = {result.intercept:.4f} ± {result.intercept_se:.4f}; R² = {result.r2:.5f};",
+        f"the mean-field prediction's slope over the same fan-ins is {slope_theory:.4f} (0.5 for N(0, 1) weights: "
+        "a sum of fan_in unit-variance products has std sqrt(fan_in); 0 for weights scaled by 1/sqrt(fan_in)).",
+    ])
+    doc.figure(figure, "One layer's output std against fan_in (log-log): points, fitted line, mean-field line")
+    doc.h2("Points")
+    doc.table(table)
+    doc.p("Residuals of the fit (log10): " + ", ".join(f"{r:+.4f}" for r in result.residuals[:60])
+          + (" ..." if len(result.residuals) > 60 else ""))
+    return doc
 
 
 def line_fit_slope(x: Any, y: Any) -> float:

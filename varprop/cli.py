@@ -407,3 +407,21 @@ def report_cmd(run_dir: str, formats: str) -> None:
     except (ValueError, KeyError) as exc:
         raise SpecError("RUN_DIR", f"cannot read the run in {run_dir} ({exc})") from None
     click.echo("rewrote " + ", ".join(str(p) for k, p in paths.items() if k in ("report", "html", "json", "figure")))
+
+
+@main.command("gallery")
+@click.option("--out", default="reports", help="gallery root [default: reports]")
+@click.option("--only", multiple=True, metavar="NAME", help="regenerate only this entry (repeatable)")
+def gallery_cmd(out: str, only: tuple[str, ...]) -> None:
+    """Regenerate the committed reports/ gallery (deterministic)."""
+    from . import gallery
+
+    for name in only:
+        if name not in gallery.ENTRIES:
+            raise SpecError("only", f"expected one of {', '.join(gallery.ENTRIES)}, got {name!r}")
+    try:
+        paths = gallery.build(Path(out), list(only) or None)
+    except OSError as exc:
+        raise SpecError("out", f"cannot write to {out} ({exc.strerror or exc})") from None
+    for p in paths:
+        click.echo(f"wrote {p}")

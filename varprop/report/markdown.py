@@ -171,8 +171,8 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
         doc.p("Reproduce with:")
         doc.code(meta["command"])
     v = meta["versions"]
-    doc.p(f"varprop {v['varprop']}, numpy {v['numpy']}, Python {v['python']}; seed {meta['seed']}; "
-          f"run time {meta['elapsed_s']:.1f} s.")
+    doc.p(f"varprop {v['varprop']}, numpy {v['numpy']}, Python {v['python']}; seed {meta['seed']}"
+          + (f"; run time {meta['elapsed_s']:.1f} s." if meta.get("elapsed_s") is not None else "."))
 
     doc.h2("Findings")
     doc.items(findings(layers, summary, labels))
@@ -308,6 +308,13 @@ def findings(layers: pd.DataFrame, summary: pd.DataFrame, labels: list[str]) -> 
             line += (f"the signal {verb} at layer {int(first['layer'])} (std leaves [1e-3, 1e3] x the input's; "
                      f"x{fmt_std(rel.iloc[-1])} at layer {depth})")
         line += f"; std x{fmt(_growth(s, 'post_log10_rms_std'), 3)} per layer"
+        sat = s["post_frac_saturated"].iloc[-1]
+        if sat > 0.5 and s["post_frac_zero"].iloc[-1] < 0.5 * sat:
+            line += f"; {sat:.0%} of the last layer's units are saturated (|phi'| < 1e-3)"
+        collapse = s["post_abs_cos_sim"].iloc[-1]
+        if collapse > 0.9:
+            line += (f"; the inputs collapse onto one direction (mean |cos| between samples {collapse:.3f} at "
+                     f"layer {depth})")
         if "grad_log10_rms_std" in s:
             g = s["grad_log10_rms_std"].iloc[0] - s["grad_log10_rms_std"].iloc[-1]
             line += f"; the input gradient is x{fmt_std(g)} the output's"

@@ -148,6 +148,8 @@ def render(directory: Path, formats: tuple[str, ...] = FORMATS, layers: pd.DataF
     paths: dict[str, Any] = {"config": directory / "config.json", "layers": directory / "layers.csv",
                              "figure": directory / "std_per_layer.png", "summary": summary}
     figures.std_per_layer(layers, summary, paths["figure"])
+    paths["means_figure"] = figures.means_and_channels(summary, directory / "means_per_layer.png")
+    paths["correlation_figure"] = figures.correlation(summary, directory / "correlation_per_layer.png")
     doc = build_document(layers, summary, meta, figure=paths["figure"].name)
     if "md" in formats:
         paths["report"] = directory / "report.md"

@@ -140,3 +140,61 @@ def phase_diagram(grid: pd.DataFrame, activation: str, path: Path, measured: pd.
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _config_lines(ax: plt.Axes, summary: pd.DataFrame, col: str, theory_col: str | None = None,
+                  log: bool = False) -> None:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (config, s) in enumerate(summary.groupby("config", sort=False)):
+        color = colors[i % len(colors)]
+        style = ["-", "-.", ":"][(i // len(colors)) % 3]
+        ax.plot(s["layer"], s[col], color=color, ls=style, lw=1.6, label=config)
+        if theory_col and theory_col in s and s[theory_col].notna().any():
+            ax.plot(s["layer"], s[theory_col], color="black", ls=":", lw=1.0,
+                    label="mean-field theory" if i == 0 else None)
+    if log:
+        ax.set_yscale("symlog", linthresh=1e-6)
+    ax.set_xlabel("layer l (0 = input)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+
+
+def means_and_channels(summary: pd.DataFrame, path: Path) -> Path:
+    """Mean of the layer outputs, and the channel statistics: the average over
+    units of the squared unit mean and of the unit variance."""
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), dpi=110)
+    _config_lines(axes[0], summary, "post_mean", "theory_post_mean")
+    axes[0].set_ylabel("mean of the layer output")
+    _config_lines(axes[1], summary, "post_sq_unit_mean")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("average squared unit mean (log)")
+    _config_lines(axes[2], summary, "post_unit_var")
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel("average unit variance (log)")
+    fig.suptitle("Mean per layer and channel statistics (averaged over replicates)", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05 + 0.02 * math.ceil(len(labels) / 4), 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def correlation(summary: pd.DataFrame, path: Path) -> Path:
+    """Mean pairwise cosine similarity between samples per layer (and its
+    absolute value) with the c-map's prediction."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4), dpi=110)
+    _config_lines(axes[0], summary, "pre_cos_sim", "theory_pre_cos_sim")
+    axes[0].set_ylabel("mean cosine similarity of z between samples")
+    _config_lines(axes[1], summary, "post_abs_cos_sim")
+    axes[1].set_ylabel("mean |cos| between samples (outputs)")
+    for ax in axes:
+        ax.set_ylim(-0.05, 1.05)
+    fig.suptitle("Correlation between samples per layer (1: all inputs map to one direction); dotted: the c-map",
+                 fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05 + 0.02 * math.ceil(len(labels) / 4), 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path

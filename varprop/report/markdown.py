@@ -244,6 +244,18 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
               "depth/width and, by Jensen's inequality, the typical network sits below the mean one even when "
               "the mean is preserved exactly.")
 
+    doc.h2("Means, channels and correlations")
+    doc.figure("means_per_layer.png", "Mean of the layer outputs, average squared unit mean and average unit "
+               "variance per layer")
+    doc.p("A layer whose units carry a mean (relu, sigmoid, softplus) shows it in the average squared unit mean; "
+          "the average unit variance is what is left for the signal to vary with across samples.")
+    doc.figure("correlation_per_layer.png", "Cosine similarity between samples per layer, with the c-map "
+               "prediction")
+    doc.p("When the cosine similarity climbs to 1 every input is mapped to the same direction and the network can "
+          "no longer tell its inputs apart (correlation collapse, the ordered phase); the dotted line is the "
+          "mean-field c-map. The signed mean can average a collapse onto +-v away; the mean |cos| cannot (for "
+          "independent random directions in n dimensions it is about sqrt(2 / (pi n)), 0.08 at n = 100).")
+
     doc.h2("Per-layer statistics")
     depth = int(summary["layer"].max())
     if depth > MAX_FULL_LAYERS:

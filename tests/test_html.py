@@ -26,14 +26,15 @@ def test_html_is_self_contained_and_escaped(run_dir):
     page = (run_dir / "report.html").read_text()
     assert "<script" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &lt;b&gt;co&lt;/b&gt;" in page
     assert "http://" not in page and "https://" not in page and "<link" not in page
-    assert page.count("data:image/png;base64,") == 3 and "position: sticky" in page and 'class="toc"' in page
+    assert page.count("data:image/png;base64,") == 4 and "position: sticky" in page and 'class="toc"' in page
     assert "prefers-color-scheme: dark" in page and "@media print" in page
 
 
 def test_format_option_and_report_command(run_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
-    for name in ("report.md", "report.html", "std_per_layer.png", "means_per_layer.png", "correlation_per_layer.png"):
+    for name in ("report.md", "report.html", "std_per_layer.png", "means_per_layer.png", "correlation_per_layer.png",
+                 "histograms.png"):
         (copy / name).unlink()
     result = CliRunner().invoke(main, ["report", str(copy)])
     assert result.exit_code == 0, result.output
@@ -43,7 +44,8 @@ def test_format_option_and_report_command(run_dir, tmp_path):
                                   "--out", str(only_md)])
     assert r.exit_code == 0
     assert {p.name for p in only_md.iterdir()} == {"report.md", "layers.csv", "config.json", "std_per_layer.png",
-                                                   "means_per_layer.png", "correlation_per_layer.png"}
+                                                   "means_per_layer.png", "correlation_per_layer.png",
+                                                   "histograms.csv", "histograms.png"}
     bad = CliRunner().invoke(main, ["simulate", "--format", "pdf"])
     assert bad.exit_code == 2 and "--format" in bad.stderr
     missing = CliRunner().invoke(main, ["report", str(tmp_path / "nothing")])

@@ -35,6 +35,8 @@ from .spec import Config, NetworkSpec, RunSpec, SpecError, expand, load_input, t
 from .stats import SATURATION, empty_stats, side_stats
 
 ROLES = {"inputs": 0, "weights": 1, "bias": 2, "upstream": 3}
+# Histograms of h / rms(h) at the first, middle and last layer of replicate 0.
+HIST_EDGES = np.linspace(-4.0, 4.0, 81)
 Progress = Callable[[int], None]
 
 
@@ -276,8 +278,11 @@ def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = Non
              **_prefix("pre", empty_stats()), **_prefix("post", side_stats(u, log_h))}]
     tapes: dict[int, _Tape] = {}
     checkpoints = {0: (u, log_h)}
+    hist_layers = {1, (depth + 1) // 2, depth} if replicate == 0 else set()
     for layer in range(1, depth + 1):
         u, log_h, row, tape = net.step(layer, u, log_h, stats=True, keep=spec.backward and k == depth)
+        if layer in hist_layers:  # u has unit RMS: the shape of h at any scale
+            row["_hist"] = np.histogram(u, bins=HIST_EDGES)[0]
         rows.append(row)
         if tape is not None:
             tapes[layer] = tape
@@ -348,12 +353,18 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
     for c in configs:  # refuse before any work when a run cannot fit
         backward_plan(c.spec)
     start = time.perf_counter()
-    frames = []
+    frames, hists = [], []
     for c in configs:
         # Multi-threaded BLAS splits products differently for each thread
         # count, which changes the last bits; one thread keeps runs identical.
         with threadpool_limits(1, user_api="blas"):
             rows = [r for rep in range(c.spec.replicates) for r in run_replicate(c.spec, rep, progress)]
+        for r in rows:
+            if "_hist" in r:
+                counts = r.pop("_hist")
+                hists.append(pd.DataFrame({"config": c.label, "layer": r["layer"], "bin_lo": HIST_EDGES[:-1],
+                                           "bin_hi": HIST_EDGES[1:],
+                                           "density": counts / max(counts.sum(), 1) / np.diff(HIST_EDGES)}))
         frame = pd.DataFrame(rows)
         lead = ["replicate", "layer", "width", "fan_in", "fan_out"]
         frame = frame[lead + [col for col in frame if col not in lead]]
@@ -367,6 +378,8 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
     df["fan_out"] = df["fan_out"].astype("Int64")
     df.attrs["configs"] = configs
     df.attrs["elapsed_s"] = time.perf_counter() - start
+    # Plain lists: pandas compares attrs when combining frames, which a DataFrame here would break.
+    df.attrs["histograms"] = pd.concat(hists, ignore_index=True).to_dict(orient="list") if hists else None
     return df
 
 

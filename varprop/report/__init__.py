@@ -133,6 +133,8 @@ def write(layers: pd.DataFrame, directory: Path, command: str | None = None, tit
     }
     (directory / "config.json").write_text(json.dumps(meta, indent=2, default=json_default) + "\n")
     layers.to_csv(directory / "layers.csv", index=False)
+    if layers.attrs.get("histograms") is not None:
+        pd.DataFrame(layers.attrs["histograms"]).to_csv(directory / "histograms.csv", index=False)
     return render(directory, formats, layers=layers, meta=meta)
 
 
@@ -150,7 +152,11 @@ def render(directory: Path, formats: tuple[str, ...] = FORMATS, layers: pd.DataF
     figures.std_per_layer(layers, summary, paths["figure"])
     paths["means_figure"] = figures.means_and_channels(summary, directory / "means_per_layer.png")
     paths["correlation_figure"] = figures.correlation(summary, directory / "correlation_per_layer.png")
-    doc = build_document(layers, summary, meta, figure=paths["figure"].name)
+    if (directory / "histograms.csv").exists():
+        paths["histogram_figure"] = figures.histograms(pd.read_csv(directory / "histograms.csv"),
+                                                       directory / "histograms.png")
+    doc = build_document(layers, summary, meta, figure=paths["figure"].name,
+                         histograms="histograms.png" if "histogram_figure" in paths else None)
     if "md" in formats:
         paths["report"] = directory / "report.md"
         paths["report"].write_text(to_markdown(doc))

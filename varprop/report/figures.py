@@ -159,6 +159,16 @@ def _config_lines(ax: plt.Axes, summary: pd.DataFrame, col: str, theory_col: str
     ax.grid(True, alpha=0.3)
 
 
+def _legend_below_and_save(fig: plt.Figure, ax: plt.Axes, path: Path) -> Path:
+    """One shared legend under the panels (from ``ax``), then write the file."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05 + 0.02 * math.ceil(len(labels) / 4), 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def means_and_channels(summary: pd.DataFrame, path: Path) -> Path:
     """Mean of the layer outputs, and the channel statistics: the average over
     units of the squared unit mean and of the unit variance."""
@@ -172,12 +182,7 @@ def means_and_channels(summary: pd.DataFrame, path: Path) -> Path:
     axes[2].set_yscale("log")
     axes[2].set_ylabel("average unit variance (log)")
     fig.suptitle("Mean per layer and channel statistics (averaged over replicates)", fontsize=10)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.05 + 0.02 * math.ceil(len(labels) / 4), 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _legend_below_and_save(fig, axes[0], path)
 
 
 def correlation(summary: pd.DataFrame, path: Path) -> Path:
@@ -192,9 +197,31 @@ def correlation(summary: pd.DataFrame, path: Path) -> Path:
         ax.set_ylim(-0.05, 1.05)
     fig.suptitle("Correlation between samples per layer (1: all inputs map to one direction); dotted: the c-map",
                  fontsize=10)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.05 + 0.02 * math.ceil(len(labels) / 4), 1, 1))
+    return _legend_below_and_save(fig, axes[0], path)
+
+
+def histograms(hist: pd.DataFrame, path: Path, max_configs: int = 6) -> Path:
+    """Post-activation histograms at the first, middle and last layer, one row
+    per configuration (the first ``max_configs``), x in units of the layer's RMS."""
+    configs = list(dict.fromkeys(hist["config"]))[:max_configs]
+    layers_by = {c: sorted(hist[hist["config"] == c]["layer"].unique()) for c in configs}
+    cols = max(len(v) for v in layers_by.values())
+    fig, axes = plt.subplots(len(configs), cols, figsize=(3.6 * cols, 1.9 * len(configs) + 0.8), dpi=110,
+                             squeeze=False, sharex=True)
+    for i, c in enumerate(configs):
+        for j, layer in enumerate(layers_by[c]):
+            h = hist[(hist["config"] == c) & (hist["layer"] == layer)]
+            ax = axes[i][j]
+            ax.stairs(h["density"].to_numpy(), np.append(h["bin_lo"].to_numpy(), h["bin_hi"].iloc[-1]),
+                      fill=True, alpha=0.6)
+            ax.set_title(f"{c}: layer {layer}", fontsize=8)
+            ax.tick_params(labelsize=7)
+        for j in range(len(layers_by[c]), cols):
+            axes[i][j].axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("h / rms(h)", fontsize=8)
+    fig.suptitle("Post-activation histograms (replicate 0; density; x in units of the layer's RMS)", fontsize=10)
+    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -159,7 +159,8 @@ def _options_table(meta: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["option", "value"])
 
 
-def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, Any], figure: str) -> Document:
+def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, Any], figure: str,
+                   histograms: str | None = None) -> Document:
     """The simulate report as a :class:`Document` (rendered to Markdown and HTML)."""
     configs = meta["configs"]
     reps = int(layers["replicate"].nunique())
@@ -255,6 +256,12 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
           "no longer tell its inputs apart (correlation collapse, the ordered phase); the dotted line is the "
           "mean-field c-map. The signed mean can average a collapse onto +-v away; the mean |cos| cannot (for "
           "independent random directions in n dimensions it is about sqrt(2 / (pi n)), 0.08 at n = 100).")
+
+    if histograms:
+        doc.figure(histograms, "Histograms of the layer outputs at the first, middle and last layer")
+        doc.p("The shape of each layer's output distribution, in units of its RMS: a spike at 0 is dead relu "
+              "units, mass piling at the edges is saturation, and a Gaussian bell is a healthy linear regime. "
+              "Replicate 0 only" + (" and the first 6 configurations." if len(meta["configs"]) > 6 else "."))
 
     doc.h2("Per-layer statistics")
     depth = int(summary["layer"].max())

@@ -1,0 +1,157 @@
+"""Speed and memory of varprop's engine against the peers a user would reach for.
+
+    python benchmarks/bench.py            # full run, writes benchmarks/RESULTS.md
+    python benchmarks/bench.py --quick    # about a minute
+    python benchmarks/bench.py --json out.json
+
+Every contender runs in this one process, interleaved (A B C ... A B C ...),
+so drift of a shared machine hits all of them alike; the table reports
+medians and ratios. Memory is the peak RSS of a fresh child process per case.
+PyTorch is used when installed (`pip install torch`), and said to be absent
+otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import varprop  # noqa: E402
+
+try:
+    import torch
+except ImportError:  # the peer is optional
+    torch = None
+
+
+def varprop_forward(width: int, depth: int, n: int, dtype: str, backward: bool = False) -> None:
+    spec = varprop.NetworkSpec.square(depth, width, init="fan_in")
+    varprop.simulate(spec, samples=n, dtype=dtype, backward=backward)
+
+
+def naive_numpy(width: int, depth: int, n: int, dtype: str) -> None:
+    """The loop a user writes first: fresh normal weights, X @ W, mean and var."""
+    x = np.random.normal(size=(n, width)).astype(dtype)
+    means, variances = [], []
+    for _ in range(depth):
+        w = np.random.normal(scale=np.sqrt(1 / width), size=(width, width)).astype(dtype)
+        x = x @ w
+        means.append(x.mean())
+        variances.append(x.var())
+
+
+def torch_hooks(width: int, depth: int, n: int, dtype: str) -> None:
+    tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    layers = [torch.nn.Linear(width, width, bias=False, dtype=tdtype) for _ in range(depth)]
+    stats = []
+    for layer in layers:
+        torch.nn.init.normal_(layer.weight, std=width ** -0.5)
+        layer.register_forward_hook(lambda m, i, o: stats.append((o.mean().item(), o.std().item())))
+    with torch.no_grad():
+        torch.nn.Sequential(*layers)(torch.randn(n, width, dtype=tdtype))
+
+
+def make_floor(width: int, depth: int, n: int, dtype: str):
+    """The matrix products alone, weights drawn once outside the timing."""
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal((width, width), dtype=np.dtype(dtype).type) * np.dtype(dtype).type(width ** -0.5)
+          for _ in range(depth)]
+    x0 = rng.standard_normal((n, width), dtype=np.dtype(dtype).type)
+
+    def floor() -> None:
+        x = x0
+        for w in ws:
+            x = x @ w
+    return floor
+
+
+def rng_alone(width: int, depth: int, n: int, dtype: str) -> None:
+    np.random.default_rng(0).standard_normal(width * width * depth, dtype=np.dtype(dtype).type)
+
+
+def time_interleaved(cases: dict, repeats: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def peak_rss_mib(code: str) -> float:
+    """Peak RSS of a fresh child Python running ``code`` (MiB), as the child itself reports it."""
+    probe = code + "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}).stdout
+    return int(out.split()[-1]) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and a shallower large case (~1 minute)")
+    ap.add_argument("--json", metavar="FILE", help="also write the measured times and ratios as JSON")
+    ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")), help="Markdown output")
+    args = ap.parse_args()
+    repeats = 3 if args.quick else 7
+    sizes = [(100, 100, 500), (1024, 20 if args.quick else 100, 1024)]
+    rows, data = [], {"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                      "numpy": np.__version__, "torch": torch.__version__ if torch else None, "cases": []}
+    for width, depth, n in sizes:
+        for dtype in ("float32", "float64"):
+            cases = {
+                "varprop forward": lambda: varprop_forward(width, depth, n, dtype),
+                "varprop forward+backward": lambda: varprop_forward(width, depth, n, dtype, backward=True),
+                "naive numpy loop": lambda: naive_numpy(width, depth, n, dtype),
+                "floor (matmuls only)": make_floor(width, depth, n, dtype),
+                "numpy RNG (weights only)": lambda: rng_alone(width, depth, n, dtype),
+            }
+            if torch is not None:
+                cases["pytorch + hooks"] = lambda: torch_hooks(width, depth, n, dtype)
+            times = time_interleaved(cases, repeats)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            base = med["varprop forward"]
+            for name, t in med.items():
+                rows.append((f"{width}x{depth}, N={n}, {dtype}", name, t, t / base))
+            data["cases"].append({"width": width, "depth": depth, "samples": n, "dtype": dtype, "median_s": med})
+            print(f"{width}x{depth} N={n} {dtype}: " + ", ".join(f"{k} {v:.3f}s" for k, v in med.items()),
+                  flush=True)
+    mem_code = ("import varprop; varprop.simulate(varprop.NetworkSpec.square({d}, 256, init='fan_in'), "
+                "samples=256{b})")
+    memory = {
+        "import only": peak_rss_mib("import varprop"),
+        "forward depth 10": peak_rss_mib(mem_code.format(d=10, b="")),
+        "forward depth 1000": peak_rss_mib(mem_code.format(d=1000 if not args.quick else 300, b="")),
+        "forward+backward depth 100": peak_rss_mib(mem_code.format(d=100, b=", backward=True")),
+    }
+    data["peak_rss_mib"] = memory
+    lines = ["# Benchmark results", "",
+             f"Command: `python benchmarks/bench.py{' --quick' if args.quick else ''}`; machine: {data['machine']}, "
+             f"{data['cpus']} CPUs; Python {data['python']}, numpy {data['numpy']}, "
+             f"torch {data['torch'] or 'not installed'}. Medians of {repeats} interleaved repeats; ratio = time / "
+             "varprop forward's.", "",
+             "| case | contender | median (s) | ratio to varprop forward |", "|---|---|---:|---:|"]
+    lines += [f"| {c} | {name} | {t:.4f} | {r:.2f} |" for c, name, t, r in rows]
+    lines += ["", "Peak RSS of a fresh process (MiB; width 256, 256 samples):", "",
+              "| run | peak RSS (MiB) |", "|---|---:|"] + [f"| {k} | {v:.0f} |" for k, v in memory.items()]
+    if torch is None:
+        lines += ["", "PyTorch is not installed here, so the PyTorch + hooks peer was not measured "
+                  "(`pip install torch` and rerun)."]
+    Path(args.results).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps(data, indent=2))
+
+
+if __name__ == "__main__":
+    main()

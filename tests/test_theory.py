@@ -216,3 +216,22 @@ def test_phase_command(tmp_path):
                                   str(tmp_path / "p")])
     assert r.exit_code == 0, r.output
     assert {p.name for p in (tmp_path / "p").iterdir()} == {"phase.csv", "phase.png", "report.md", "report.html"}
+
+
+@pytest.mark.parametrize("activation,init", [("linear", "fan_in"), ("relu", "he")])
+def test_finite_width_band_for_single_sample_stacks(activation, init):
+    """One sample through a Gaussian stack: log |h|^2 is a sum of independent
+    log chi-square terms, so the band must hold 95% of networks (binomial
+    interval) and the typical line their mean log std (t interval)."""
+    spec = varprop.RunSpec(varprop.NetworkSpec.square(30, 64, activation=activation, init=init), samples=1,
+                           replicates=400, seed=8, dtype="float64")
+    df = varprop.simulate(spec)
+    last = df[df["layer"] == 30]
+    # One sample: the std over units; the band is for it (mean-field ratio of std to RMS).
+    v = last["post_log10_std"].to_numpy()
+    lo, hi = last["theory_post_log10_std_lo"].iloc[0], last["theory_post_log10_std_hi"].iloc[0]
+    outside = int(np.sum((v < lo) | (v > hi)))
+    k_lo, k_hi = stats.binom.ppf([ALPHA / 2, 1 - ALPHA / 2], len(v), 0.05)
+    assert k_lo <= outside <= k_hi, outside
+    typical = last["theory_post_log10_std_typical"].iloc[0]
+    assert abs(v.mean() - typical) < t_two_sided(ALPHA, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))

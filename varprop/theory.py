@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+from scipy import special
 
 from . import activations, inits
 from .activations import Activation
@@ -201,7 +202,57 @@ def predict(spec: RunSpec) -> pd.DataFrame:
     df.insert(0, "layer", range(depth + 1))
     if spec.backward:
         _predict_backward(df, spec, scheme, dphi2)
+    _finite_width_band(df, spec, scheme)
     return df
+
+
+def _log_chi2_moments(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """E and Var of log(chi2_k / k)."""
+    return special.digamma(k / 2) - np.log(k / 2), special.polygamma(1, k / 2)
+
+
+def _finite_width_band(df: pd.DataFrame, spec: RunSpec, scheme: inits.Scheme) -> None:
+    """The typical network's log10 std and its 95% band, for Gaussian linear and
+    relu stacks without bias or BN (``theory_post_log10_std_typical``, ``_lo``,
+    ``_hi``).
+
+    For one sample the law is exact: each layer multiplies |h|^2 by fan_in v
+    times chi2_{n}/n (linear) or chi2_K/n with K ~ Binomial(n, 1/2) active
+    units (relu), independently, so log std is a sum of independent terms with
+    known mean and variance. For many samples it holds once the stack has
+    collapsed to rank one (deep layers); before that the band is too wide.
+    """
+    net = spec.network
+    acts = {net.activation_at(l) for l in range(1, net.depth + 1)}
+    if (scheme.user is not None or scheme.orthogonal or scheme.distribution != "normal" or net.bn_layers
+            or inits.has_bias(scheme, net.bias_std) or not acts <= {"linear", "relu"} or len(acts) != 1):
+        return
+    n = np.array(net.widths[1:], dtype=float)
+    if acts == {"linear"}:
+        mean, var = _log_chi2_moments(n)
+    else:  # relu: K ~ Binomial(n, 1/2) units are active; chi2_K / n relative to its mean-field value n/2
+        mean, var = np.empty_like(n), np.empty_like(n)
+        for i, width in enumerate(n.astype(int)):
+            k = np.arange(1, width + 1)
+            p = stats_binom_pmf(k, width)
+            m_k = special.digamma(k / 2) + math.log(2) - math.log(width / 2)
+            mean[i] = p @ m_k
+            var[i] = p @ (special.polygamma(1, k / 2) + m_k**2) - mean[i] ** 2
+    # log std = 0.5 log m2; the std is also taken about the sample mean, a negligible difference here.
+    shift = np.concatenate([[0.0], np.cumsum(0.5 * mean) / _LN10])
+    sd = np.concatenate([[0.0], np.sqrt(np.cumsum(0.25 * var)) / _LN10])
+    # The law moves |h|^2; the std keeps its mean-field ratio to the RMS (sqrt(1 - 1/pi) for relu), so the
+    # same shifts apply to the mean-field std line.
+    base = df["theory_post_log10_std"].to_numpy()
+    df["theory_post_log10_std_typical"] = base + shift
+    df["theory_post_log10_std_lo"] = base + shift - 1.96 * sd
+    df["theory_post_log10_std_hi"] = base + shift + 1.96 * sd
+
+
+def stats_binom_pmf(k: np.ndarray, n: int) -> np.ndarray:
+    """P(K = k) for K ~ Binomial(n, 1/2), computed in logs (n may be large)."""
+    logp = special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1) - n * math.log(2)
+    return np.exp(logp)
 
 
 def _predict_backward(df: pd.DataFrame, spec: RunSpec, scheme: inits.Scheme, dphi2: list[float]) -> None:

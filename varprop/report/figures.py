@@ -38,7 +38,7 @@ def std_per_layer(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Pa
     title = ("Std per layer: outputs (left) and gradients (right)" if len(sides) > 1 else "Std per layer") + (
         "; dotted: mean-field theory")
     if n_rep > 1:
-        title += f": mean network (solid), typical network (dashed), range over {n_rep} replicates"
+        title += f"\nmean network (solid), typical network (dashed), range over {n_rep} replicates (shaded)"
     fig.suptitle(title, fontsize=10)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
@@ -54,6 +54,7 @@ def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str,
     as_log10 = finite.abs().max() > _MAX_LOG10 if len(finite) else False
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "-.", ":"]
+    banded = False
     for i, (config, s) in enumerate(summary.groupby("config", sort=False)):
         color = colors[i % len(colors)]
         style = styles[(i // len(colors)) % len(styles)]
@@ -62,6 +63,12 @@ def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str,
         if f"theory_{side}_log10_std" in s and s[f"theory_{side}_log10_std"].notna().any():
             ax.plot(s["layer"], y(s[f"theory_{side}_log10_std"]), color="black", ls=":", lw=1.1,
                     label="mean-field theory" if i == 0 else None)
+        if side == "post" and "theory_post_log10_std_lo" in s and s["theory_post_log10_std_lo"].notna().any():
+            for edge in ("theory_post_log10_std_lo", "theory_post_log10_std_hi"):
+                ax.plot(s["layer"], y(s[edge]), color=color, ls=(0, (1, 3)), lw=1.0,
+                        label="95% of single networks (finite-width law)" if edge.endswith("lo") and not banded
+                        else None)
+            banded = True
         reps = layers[layers["config"] == config]
         if reps["replicate"].nunique() > 1:
             ax.plot(s["layer"], y(s[f"{side}_log10_typical_std"]), color=color, lw=1.2, ls="--")

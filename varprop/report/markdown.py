@@ -232,6 +232,12 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
     doc.p("The dotted line is the mean-field prediction: z = h W + b is Gaussian given the previous layer, with "
           "variance q_l = fan_in Var(W) E[h_{l-1}^2] + Var(b), and h_l = phi(z). It predicts the mean over "
           "networks of the variance (the solid line), exactly for linear stacks and to O(1/width) otherwise.")
+    if "theory_post_log10_std_lo" in layers and layers["theory_post_log10_std_lo"].notna().any():
+        doc.p("For Gaussian linear and relu stacks without bias, the sparse dotted pair bounds 95% of single "
+              "networks by the exact finite-width law: each layer multiplies |h|^2 by fan_in Var(W) chi2_n / n "
+              "(relu: chi2_K / n with K ~ Binomial(n, 1/2) active units), independently. Exact for one sample "
+              "and for a stack collapsed to rank one (deep layers); too wide in the first layers when many "
+              "samples keep the layer full rank.")
     if any(c["options"].get("bn_layers") for c in configs):
         doc.p("With batch norm the forward prediction uses the normalized variance q / (q + eps) on BN layers; "
               "mean-field theory of gradients through BN (and of correlations after BN) is not modelled, so "

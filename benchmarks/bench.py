@@ -90,8 +90,11 @@ def time_interleaved(cases: dict, repeats: int) -> dict[str, list[float]]:
 
 
 def peak_rss_mib(code: str) -> float:
-    """Peak RSS of a fresh child Python running ``code`` (MiB), as the child itself reports it."""
-    probe = code + "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    """Peak RSS of a fresh child Python running ``code`` (MiB), as the child itself reports it.
+
+    VmHWM, not getrusage: ru_maxrss survives exec on Linux and would report this parent's peak.
+    """
+    probe = code + ("\nprint([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}).stdout
     return int(out.split()[-1]) / 1024
@@ -128,10 +131,11 @@ def main() -> None:
                   flush=True)
     mem_code = ("import varprop; varprop.simulate(varprop.NetworkSpec.square({d}, 256, init='fan_in'), "
                 "samples=256{b})")
+    deep = 300 if args.quick else 1000
     memory = {
         "import only": peak_rss_mib("import varprop"),
         "forward depth 10": peak_rss_mib(mem_code.format(d=10, b="")),
-        "forward depth 1000": peak_rss_mib(mem_code.format(d=1000 if not args.quick else 300, b="")),
+        f"forward depth {deep}": peak_rss_mib(mem_code.format(d=deep, b="")),
         "forward+backward depth 100": peak_rss_mib(mem_code.format(d=100, b=", backward=True")),
     }
     data["peak_rss_mib"] = memory

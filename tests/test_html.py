@@ -45,7 +45,9 @@ def test_format_option_and_report_command(run_dir, tmp_path):
     assert r.exit_code == 0
     assert {p.name for p in only_md.iterdir()} == {"report.md", "layers.csv", "config.json", "std_per_layer.png",
                                                    "means_per_layer.png", "correlation_per_layer.png",
-                                                   "histograms.csv", "histograms.png"}
+                                                   "histograms.csv", "histograms.png", "std_per_layer.svg",
+                                                   "means_per_layer.svg", "correlation_per_layer.svg",
+                                                   "histograms.svg"}
     bad = CliRunner().invoke(main, ["simulate", "--format", "pdf"])
     assert bad.exit_code == 2 and "--format" in bad.stderr
     missing = CliRunner().invoke(main, ["report", str(tmp_path / "nothing")])

@@ -100,3 +100,21 @@ def test_pytest_plugin_fixture(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "import pytest" not in open(testing.__file__).read()
+
+
+def test_uncentred_or_constant_weights_fail():
+    with pytest.raises(AssertionError, match="not centred"):
+        testing.assert_weight_variance(lambda rng, a, b: np.abs(rng.standard_normal((a, b))) / math.sqrt(a),
+                                       300, 200, expected=1 / 300)
+    with pytest.raises(AssertionError, match="not centred"):
+        testing.assert_weight_variance(lambda rng, a, b: np.full((a, b), math.sqrt(2 / a)), 300, 200,
+                                       expected=2 / 300)
+
+
+def test_options_are_used_or_refused():
+    with pytest.raises(AssertionError, match="leaves the band"):  # he's gain x 10: not silently dropped
+        testing.assert_preserves_variance("he", "relu", depth=10, width=64, gain=10.0)
+    with pytest.raises(TypeError, match="bogus"):
+        testing.check_preserves_variance("he", "relu", depth=5, width=32, bogus=1)
+    with pytest.raises(Exception, match="replicates"):
+        testing.check_preserves_variance("unit", "linear", depth=5, width=32, replicates=2)

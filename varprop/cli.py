@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 import time
@@ -197,8 +198,20 @@ def simulate(config_file: str | None, title: str | None, formats: str, out: str 
 
 
 
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=report.json_default))
+    click.echo(json.dumps(_finite(json.loads(json.dumps(data, default=report.json_default))), indent=2,
+                          allow_nan=False))
 
 
 def _activation_arg(name: str, leaky_slope: float, option: str = "activation") -> Any:
@@ -224,7 +237,13 @@ def gain(activation: str, leaky_slope: str, as_json: bool) -> None:
     """
     slope = OPTIONS["leaky_slope"].parse(leaky_slope, "leaky_slope")
     act = _activation_arg(activation, slope)
-    g = theory.gains(act, slope)
+    try:
+        g = theory.gains(act, slope)
+    except Exception as exc:  # a user activation that fails or is not numeric: one line, not a traceback
+        raise SpecError("activation", f"{activation} cannot be evaluated on an array of floats "
+                        f"({type(exc).__name__}: {exc})") from None
+    if not (math.isfinite(g["second_moment_gain"]) and math.isfinite(g["variance_gain"])):
+        raise SpecError("activation", f"{activation} has no finite gain (E[phi^2] or Var phi is 0 or infinite)")
     if as_json:
         _echo_json(g)
         return
@@ -251,7 +270,11 @@ def theory_cmd(activation: str, sigma_w: str, sigma_b: str, layers: str | None, 
     sb = parse_nonneg_float(sigma_b, "sigma_b")
     slope = OPTIONS["leaky_slope"].parse(leaky_slope, "leaky_slope")
     act = activations.get(parse_activation(activation, "activation"), slope)
-    result: dict[str, Any] = theory.mean_field(act, sw, sb)
+    try:
+        result: dict[str, Any] = theory.mean_field(act, sw, sb)
+    except (OverflowError, ZeroDivisionError, ValueError) as exc:
+        raise SpecError("sigma_w", f"the mean-field iteration fails at sigma_w = {sw:g}, sigma_b = {sb:g} ({exc}); "
+                        "use values of order 0.1 to 10") from None
     table = None
     if layers is not None:
         n = parse_pos_int(width, "width")
@@ -289,6 +312,8 @@ def fit_cmd(fan_ins: str, fan_out: str, init: str, activation: str, samples: str
             out: str | None, as_json: bool) -> None:
     """The sqrt(fan_in) law: fit log std = a + b log fan_in over one layer."""
     ns = parse_int_list(fan_ins, "fan_in")
+    if len(set(ns)) < 2:
+        raise SpecError("fan_in", f"expected at least two different fan-ins to fit a line, got {fan_ins!r}")
     base = from_options({"layers": 1, "width": ns[0], "init": init, "activation": activation, "samples": samples,
                          "replicates": replicates, "seed": seed})
     n_out = parse_pos_int(fan_out, "fan_out")
@@ -379,8 +404,6 @@ def check_cmd(init: str, activation: str, layers: str, width: str, band: str, ba
     factor = parse_pos_float(band, "band")
     if factor <= 1:
         raise SpecError("band", f"expected a factor > 1, got {band!r}")
-    if spec.replicates < 2:
-        raise SpecError("replicates", "at least 2 replicates are needed for an interval")
     result = check_preserves_variance(spec.network.init.scheme, activation, spec.network.depth, spec.network.widths[0],
                                       direction="both" if backward else "forward", band=factor,
                                       samples=spec.samples, replicates=spec.replicates, seed=spec.seed,
@@ -404,8 +427,8 @@ def report_cmd(run_dir: str, formats: str) -> None:
         raise SpecError("RUN_DIR", f"{run_dir} holds no layers.csv and config.json of a varprop simulate run")
     try:
         paths = report.render(path, fmts)
-    except (ValueError, KeyError) as exc:
-        raise SpecError("RUN_DIR", f"cannot read the run in {run_dir} ({exc})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SpecError("RUN_DIR", f"cannot read the run in {run_dir} ({type(exc).__name__}: {exc})") from None
     click.echo("rewrote " + ", ".join(str(p) for k, p in paths.items() if k in ("report", "html", "json", "figure")))
 
 

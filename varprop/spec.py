@@ -197,7 +197,7 @@ def parse_int_list(value: Any, option: str) -> tuple[int, ...]:
     try:
         return tuple(_int(p.strip() if isinstance(p, str) else p, option, "", lambda n: n >= 1) for p in parts)
     except (SpecError, TypeError):
-        raise _fail(option, "comma-separated layer numbers such as 1,3,5", value) from None
+        raise _fail(option, "comma-separated positive integers such as 1,3,5", value) from None
 
 
 def parse_size(value: Any, option: str) -> int:

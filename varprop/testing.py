@@ -56,6 +56,7 @@ def assert_weight_variance(init: Init, fan_in: int, fan_out: int, expected: floa
     The layer is drawn repeatedly (independent generators of ``seed``'s tree)
     until ``min_draws`` weights are in hand; the mean of w^2 is compared with
     ``expected`` using its standard error from the sample's own fourth moment
+    (after checking that the weights are centred: a nonzero mean fails)
     (exact for any distribution as the count grows, so uniform, truncated or
     heavy-tailed inits are judged fairly). With the defaults a 10% variance
     error is caught with certainty for layers of any size. Returns the
@@ -73,6 +74,12 @@ def assert_weight_variance(init: Init, fan_in: int, fan_out: int, expected: floa
         count += chunks[-1].size
         k += 1
     w = np.concatenate(chunks)
+    mean, sd = float(w.mean()), float(w.std(ddof=1))
+    if sd > 0 and abs(mean) > _z(false_alarm) * sd / math.sqrt(w.size) or sd == 0:
+        raise AssertionError(
+            f"weights of {_name(init)} ({fan_in} x {fan_out}) are not centred: mean {mean:.4g}, sd {sd:.4g} over "
+            f"{w.size} draws (|z| > {_z(false_alarm):.2f} at false-alarm rate {false_alarm:g}); a nonzero mean "
+            "adds a rank-one signal that a variance alone does not describe")
     sq = w * w
     m2 = float(sq.mean())
     se = float(sq.std(ddof=1) / math.sqrt(sq.size))
@@ -99,6 +106,20 @@ class CheckResult:
                 "layers": self.table.to_dict(orient="records")}
 
 
+MIN_REPLICATES = 8
+_INIT_KW = ("distribution", "mode", "gain", "scale")
+_NET_KW = ("bias_std", "leaky_slope")
+
+
+def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Init overrides and network options; anything else is a mistake, not silently ignored."""
+    unknown = set(options) - set(_INIT_KW) - set(_NET_KW)
+    if unknown:
+        raise TypeError(f"unexpected option(s) {sorted(unknown)}; accepted: {', '.join(_INIT_KW + _NET_KW)}")
+    return ({k: v for k, v in options.items() if k in _INIT_KW},
+            {k: v for k, v in options.items() if k in _NET_KW})
+
+
 def _command(init: Init, activation: str, depth: int, width: int, samples: int, replicates: int, seed: int,
              backward: bool, extra: dict[str, Any]) -> str:
     words = ["varprop", "simulate", "--init", _name(init), "--activation", activation, "--layers", str(depth),
@@ -122,18 +143,20 @@ def check_preserves_variance(init: Init, activation: str = "linear", depth: int 
     so Monte-Carlo noise never fails a correct init; a layer whose interval
     straddles the edge is reported as undecided, not failed.
     """
+    init_kw, net_kw = _split_options(options)
     if direction not in ("forward", "backward", "both"):
         raise SpecError("direction", f"expected forward, backward or both, got {direction!r}")
     if not band > 1:
         raise SpecError("band", f"expected a factor > 1, got {band!r}")
-    if replicates < 2:
-        raise SpecError("replicates", "at least 2 replicates are needed for an interval")
+    if replicates < MIN_REPLICATES:
+        raise SpecError("replicates", f"at least {MIN_REPLICATES} replicates are needed: with fewer, the interval "
+                        "at this false-alarm rate is too wide to ever fail")
     backward = direction in ("backward", "both")
-    spec = RunSpec(NetworkSpec.square(depth, width, activation=activation, init=InitSpec(init),
-                                      **{k: v for k, v in options.items() if k in ("bias_std", "leaky_slope")}),
+    spec = RunSpec(NetworkSpec.square(depth, width, activation=activation, init=InitSpec(init, **init_kw),
+                                      **net_kw),
                    samples=samples, replicates=replicates, seed=seed, backward=backward)
     df = simulate(spec)
-    extra = {k: v for k, v in options.items() if k in ("bias_std", "leaky_slope")}
+    extra = {**init_kw, **net_kw}
     command = _command(init, activation, depth, width, samples, replicates, seed, backward, extra)
     sides = (["post"] if direction != "backward" else []) + (["grad"] if backward else [])
     limit = math.log10(band)
@@ -190,8 +213,9 @@ def assert_matches_theory(init: Init, activation: str = "linear", depth: int = 1
     interval over replicates (Bonferroni over layers). Mean-field theory is
     the infinite-width limit: use widths of a few hundred or more, where its
     O(1/width) error is below the interval. Returns the comparison table."""
-    spec = RunSpec(NetworkSpec.square(depth, width, activation=activation, init=InitSpec(init),
-                                      **{k: v for k, v in options.items() if k in ("bias_std", "leaky_slope")}),
+    init_kw, net_kw = _split_options(options)
+    spec = RunSpec(NetworkSpec.square(depth, width, activation=activation, init=InitSpec(init, **init_kw),
+                                      **net_kw),
                    samples=samples, replicates=replicates, seed=seed, backward=backward)
     df = simulate(spec)
     sides = ["post"] + (["grad"] if backward else [])
@@ -217,5 +241,5 @@ def assert_matches_theory(init: Init, activation: str = "linear", depth: int = 1
             f"{_name(init)} with {activation}, width {width}: {b['side']} second moment at layer {int(b['layer'])} "
             f"is x{math.exp(b['log_measured'] - b['log_theory']):.4g} the mean-field prediction (typical network; "
             f"{replicates} replicates, t interval at false-alarm rate {false_alarm:g}). Reproduce: "
-            + _command(init, activation, depth, width, samples, replicates, seed, backward, {}))
+            + _command(init, activation, depth, width, samples, replicates, seed, backward, {**init_kw, **net_kw}))
     return table

@@ -320,7 +320,7 @@ def mean_field(act: Activation | str, sigma_w: float, sigma_b: float = 0.0) -> d
         h = 1e-4
         slope = (q_map(act, sigma_w, sigma_b, q_star * (1 + h)) - q_map(act, sigma_w, sigma_b, q_star * (1 - h))) / (
             2 * h * q_star)
-        xi_q = -1 / math.log(slope) if 0 < slope < 1 else math.inf
+        xi_q = -1 / math.log(slope) if 0 < slope < 1 - 1e-9 else math.inf  # ~1: critical, no finite scale
     c_star, slope_c = 1.0, chi_1
     if chi_1 > 1 and 0 < q_star < math.inf:
         c_star = _c_fixed_point(act, sigma_w, sigma_b, q_star)

@@ -64,8 +64,9 @@ def to_markdown(doc: Document) -> str:
             out += [f"- {item}" for item in x] + [""]
         elif kind == "table":
             out += [x.to_markdown(index=False, disable_numparse=True), ""]
-        elif kind == "figure":
-            out += [f"![{x[1]}]({x[0]})", ""]
+        elif kind == "figure":  # SVG, with the PNG beside it for renderers without SVG
+            svg = str(Path(x[0]).with_suffix(".svg"))
+            out += [f"![{x[1]}]({svg})", "", f"<sub>PNG: [{x[0]}]({x[0]})</sub>", ""]
     return "\n".join(out)
 
 

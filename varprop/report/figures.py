@@ -17,6 +17,14 @@ import pandas as pd  # noqa: E402
 _MAX_LOG10 = 300.0
 
 
+def _save(fig: plt.Figure, path: Path) -> None:
+    """The figure as PNG at ``path`` and as SVG beside it (same name, .svg)."""
+    fig.savefig(path, metadata={"Software": None})
+    # No date and fixed ids: the gallery regenerates byte for byte.
+    with plt.rc_context({"svg.hashsalt": "varprop"}):
+        fig.savefig(Path(path).with_suffix(".svg"), metadata={"Date": None})
+
+
 def std_per_layer(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:
     """Std of each layer's output (and, with a backward pass, of the gradient),
     one line per configuration, on a log axis.
@@ -43,7 +51,7 @@ def std_per_layer(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Pa
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06 * legend_rows * 4.2 / (4.2 + 0.22 * legend_rows), 1, 1))
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -101,7 +109,7 @@ def fan_in_law(points: pd.DataFrame, result: object, path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -144,7 +152,7 @@ def phase_diagram(grid: pd.DataFrame, activation: str, path: Path, measured: pd.
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -171,7 +179,7 @@ def _legend_below_and_save(fig: plt.Figure, ax: plt.Axes, path: Path) -> Path:
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.05 + 0.02 * math.ceil(len(labels) / 4), 1, 1))
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -229,6 +237,6 @@ def histograms(hist: pd.DataFrame, path: Path, max_configs: int = 6) -> Path:
         ax.set_xlabel("h / rms(h)", fontsize=8)
     fig.suptitle("Post-activation histograms (replicate 0; density; x in units of the layer's RMS)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     return path

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..fit import depth_growth
+from ..fit import depth_growth, line_fit
 from ..stats import log10_mean_pow10
 from .document import Document
 
@@ -357,7 +357,8 @@ def fit_document(points: pd.DataFrame, result: Any, command: str, figure: str) -
         "sd of log10 std": [fmt(v, 3) for v in per["sd"]],
         "mean-field std": [fmt(10**v) for v in per["theory"]],
     })
-    slope_theory = line_fit_slope(np.log10(per["fan_in"]), per["theory"])
+    ok = per["theory"].notna()
+    slope_theory = line_fit(np.log10(per["fan_in"][ok]), per["theory"][ok]).slope if ok.sum() >= 2 else math.nan
     doc = Document("varprop: the sqrt(fan_in) law")
     doc.p("Reproduce with:")
     doc.code(command)
@@ -378,9 +379,3 @@ def fit_document(points: pd.DataFrame, result: Any, command: str, figure: str) -
     doc.p("Residuals of the fit (log10): " + ", ".join(f"{r:+.4f}" for r in result.residuals[:60])
           + (" ..." if len(result.residuals) > 60 else ""))
     return doc
-
-
-def line_fit_slope(x: Any, y: Any) -> float:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = np.isfinite(y)
-    return float(np.polyfit(x[ok], y[ok], 1)[0]) if ok.sum() >= 2 else math.nan

@@ -29,8 +29,7 @@ def objective(spec, x):
     u, log_h = engine._renorm(x.copy(), 0.0)
     for layer in range(1, spec.network.depth + 1):
         u, log_h, _, _ = net.step(layer, u, log_h, stats=False, keep=False)
-    upstream = engine.generator(spec.seed, 0, spec.network.depth, "upstream").standard_normal(u.shape)
-    return float(np.sum(upstream * u * math.exp(log_h)))
+    return float(np.sum(engine.upstream(spec, 0) * u * math.exp(log_h)))
 
 
 def input_gradient(spec, x):
@@ -39,8 +38,7 @@ def input_gradient(spec, x):
     tapes = {}
     for layer in range(1, spec.network.depth + 1):
         u, log_h, _, tapes[layer] = net.step(layer, u, log_h, stats=False, keep=True)
-    g = engine.generator(spec.seed, 0, spec.network.depth, "upstream").standard_normal(u.shape)
-    g, log_g = engine._renorm(g, 0.0)
+    g, log_g = engine._renorm(engine.upstream(spec, 0), 0.0)
     for layer in range(spec.network.depth, 0, -1):
         g, log_g = net.back(layer, tapes[layer], g, log_g, {})
     return g * math.exp(log_g)

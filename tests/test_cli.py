@@ -125,16 +125,19 @@ def test_installed_script_and_checkout_shim(tmp_path):
 
 
 def test_identical_results_whatever_the_thread_count(tmp_path):
+    """varprop's own threads (--threads) and BLAS's (the environment) change
+    nothing: every block of work is fixed by the shapes alone."""
     outputs = []
-    for threads in ("1", "2"):
+    for threads in ("1", "2", "3"):
         env = {name: threads for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
         out = tmp_path / f"t{threads}"
         proc = _subprocess([sys.executable, "cli.py", "simulate", "--layers", "6", "--width", "384", "--samples",
                             "512", "--activation", "tanh", "--bias-std", "0.1", "--replicates", "2", "--bn-count",
-                            "3", "--batch-size", "64", "--backward", "--out", str(out)], env=env)
+                            "3", "--batch-size", "64", "--backward", "--threads", threads, "--out", str(out)],
+                           env=env)
         assert proc.returncode == 0, proc.stderr
         outputs.append((out / "layers.csv").read_bytes())
-    assert outputs[0] == outputs[1]
+    assert outputs[0] == outputs[1] == outputs[2]
 
 
 @pytest.fixture
@@ -173,6 +176,7 @@ ERRORS = [
     (["--bn-position", "middle"], "--bn-position"),
     (["--backward", "--layers", "100", "--width", "1000", "--samples", "1000", "--max-memory", "1M"], "--max-memory"),
     (["--max-memory", "lots"], "--max-memory"),
+    (["--threads", "0"], "--threads"),
     (["--input-file", "{tmp}/zeros.npy"], "--input-file"),
     (["--init", "os:getcwd"], "--init"),
     (["--layers", "1", "--width", "200000"], "--max-memory"),

@@ -165,3 +165,36 @@ def test_user_callable_and_module_string(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="cannot import"):
         inits.resolve("no_such_module_xyz:f")
     sys.modules.pop("my_inits", None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_normal_is_standard_normal(dtype):
+    """The Box-Muller draws: mean, variance, fourth moment (kurtosis 3), tail
+    masses beyond 3 and 4 sd, the whole CDF (KS), and the independence of
+    each pair's two values; every check at false-alarm rate 1e-6."""
+    n = 2**22
+    z = inits.standard_normal(generator(11, 0, 1, "weights"), (n,), dtype).astype(np.float64)
+    assert z.dtype == np.float64 and z.shape == (n,)
+    zc = z_two_sided(ALPHA)
+    assert abs(z.mean()) <= zc / math.sqrt(n)
+    lo, hi = stats.chi2.ppf([ALPHA / 2, 1 - ALPHA / 2], n) / n
+    assert lo <= np.mean(z**2) <= hi
+    # E z^4 = 3 and Var z^4 = E z^8 - 9 = 105 - 9 = 96 for a standard normal.
+    assert abs(np.mean(z**4) - 3.0) <= zc * math.sqrt(96 / n)
+    for t in (3.0, 4.0):
+        k = int(np.count_nonzero(np.abs(z) > t))
+        assert stats.binomtest(k, n, 2 * stats.norm.sf(t)).pvalue > ALPHA, (t, k)
+    assert stats.kstest(z, "norm").pvalue > ALPHA
+    a, b = z[: n // 2], z[n // 2:]  # the r cos t and r sin t halves share r
+    for x, y in ((a, b), (a**2, b**2)):
+        assert abs(np.corrcoef(x, y)[0, 1]) <= zc / math.sqrt(n // 2)
+
+
+def test_fast_normal_odd_sizes_and_shapes():
+    rng = generator(2, 0, 0, "inputs")
+    assert inits.standard_normal(rng, (3, 5), np.float32).shape == (3, 5)
+    assert inits.standard_normal(rng, (7,), np.float32).dtype == np.float32
+    assert inits.standard_normal(rng, (0, 4)).shape == (0, 4)
+    a = inits.standard_normal(generator(2, 1, 1, "weights"), (1001,))
+    b = inits.standard_normal(generator(2, 1, 1, "weights"), (1001,))
+    assert np.array_equal(a, b)  # same node of the seed tree, same draws

@@ -61,3 +61,27 @@ def test_log10_mean_pow10_handles_huge_and_zero():
     assert log10_mean_pow10(np.array([5000.0, 5000.0])) == pytest.approx(5000)
     assert log10_mean_pow10(np.array([0.0, -np.inf])) == pytest.approx(math.log10(0.5))
     assert log10_mean_pow10(np.array([-np.inf])) == -math.inf
+
+
+def test_side_stats_over_many_blocks():
+    """Five blocks of rows on three threads: the block sums combine to the
+    whole-array definitions (a mean 1000 sd's from zero costs no digits),
+    and the thread count changes no bit."""
+    from varprop.parallel import Pool, row_chunks
+
+    rng = np.random.default_rng(2)
+    x = 1e3 + rng.standard_normal((600, 1024))
+    x[5] = 0  # a dead sample among the first 128, whose |cos| is then taken over the next live ones
+    assert len(row_chunks(*x.shape)) == 5
+    got = side_stats(x, 0.0)
+    assert side_stats(x, 0.0, pool=Pool(3)) == got
+    live = x[np.linalg.norm(x, axis=1) > 0]
+    r = live / np.linalg.norm(live, axis=1)[:, None]
+    k = len(r)
+    head = np.abs(r[:128] @ r[:128].T)
+    want = {"mean": x.mean(), "std": x.std(), "second_moment": np.mean(x**2), "unit_var": np.mean(x.var(axis=0)),
+            "sq_unit_mean": np.mean(x.mean(axis=0) ** 2), "frac_zero": np.mean(x == 0),
+            "cos_sim": (np.sum(r.sum(axis=0) ** 2) - k) / (k * (k - 1)),
+            "abs_cos_sim": (head.sum() - np.trace(head)) / (128 * 127)}
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-12), key

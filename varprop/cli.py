@@ -17,7 +17,7 @@ import numpy as np
 from . import activations, fit, inits, report, theory
 from .engine import simulate as run_simulation
 from .engine import total_steps
-from .spec import (OPTIONS, SpecError, expand, from_options, parse, parse_activation, parse_int_list,
+from .spec import (OPTIONS, SpecError, expand, from_options, parse, parse_activation, parse_int_list, parse_threads,
                    parse_nonneg_float, parse_pos_float, parse_pos_int)
 
 DEFAULT_RUNS_DIR = Path("reports") / "runs"
@@ -160,7 +160,10 @@ def _formats(value: str) -> tuple[str, ...]:
               help="outputs among md, html, csv, json (layers.csv and config.json are always written) "
                    "[default: md,html,csv,json]")
 @click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/<descriptive name>]")
-def simulate(config_file: str | None, title: str | None, formats: str, out: str | None, **cli_options: Any) -> None:
+@click.option("--threads", default=None, metavar="N",
+              help="threads to compute on; the numbers are the same for any N [default: every core]")
+def simulate(config_file: str | None, title: str | None, formats: str, out: str | None, threads: str | None,
+             **cli_options: Any) -> None:
     """Push random inputs through a deep stack and report every layer's statistics.
 
     \b
@@ -179,13 +182,14 @@ def simulate(config_file: str | None, title: str | None, formats: str, out: str 
         options.pop(key, None)
     options.update(given)
     fmts = _formats(formats)
+    n_threads = parse_threads(threads)
     configs = expand(options)
     out_dir = Path(out) if out else DEFAULT_RUNS_DIR / report.run_name(configs)
     bar = _LazyBar(total_steps(configs))
 
     def work(tmp: Path) -> tuple[Any, dict[str, Any]]:
         try:
-            layers = run_simulation(configs, progress=bar)
+            layers = run_simulation(configs, progress=bar, threads=n_threads)
         finally:
             bar.close()
         command = _command_line(options, out) + (f" --title {shlex.quote(title)}" if title else "")

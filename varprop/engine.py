@@ -6,11 +6,12 @@ backward pass carries gradients the same way. The forward pass holds one
 layer at a time. The backward pass needs each layer's input and activation
 derivative: it keeps them for every layer when that fits in ``max_memory``,
 else keeps only every k-th layer's output (k ~ sqrt(L)) and recomputes each
-segment, bit for bit, on the way down; weights are never stored but redrawn
-from their seeds. Every random draw comes from its own generator keyed by
-(seed; replicate, layer, role), so results do not depend on the order of
-work or the thread count, and replicate r of every configuration sees the
-same underlying draws (common random numbers).
+segment, bit for bit, on the way down; the weights are kept too when
+everything fits, else redrawn from their seeds. Every random draw comes from
+its own generator keyed by (seed; replicate, layer, role[, block]), and work
+is split into blocks fixed by the shapes (parallel.py), so results do not
+depend on the order of work or the thread count, and replicate r of every
+configuration sees the same underlying draws (common random numbers).
 
 >>> from varprop.spec import NetworkSpec
 >>> df = simulate(NetworkSpec.square(layers=3, width=50, init="fan_in"), samples=200, seed=1)
@@ -31,8 +32,9 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from . import activations, batchnorm, inits, theory
-from .spec import Config, NetworkSpec, RunSpec, SpecError, expand, load_input, to_options
-from .stats import SATURATION, empty_stats, side_stats
+from .spec import Config, NetworkSpec, RunSpec, SpecError, expand, load_input, parse_threads, to_options
+from .parallel import SERIAL, Pool, row_chunks
+from .stats import SATURATION, STATS, empty_stats, side_stats
 
 ROLES = {"inputs": 0, "weights": 1, "bias": 2, "upstream": 3}
 # Histograms of h / rms(h) at the first, middle and last layer of replicate 0.
@@ -40,9 +42,10 @@ HIST_EDGES = np.linspace(-4.0, 4.0, 81)
 Progress = Callable[[int], None]
 
 
-def generator(seed: int, replicate: int, layer: int, role: str) -> np.random.Generator:
-    """The generator of one (replicate, layer, role) node of the seed's tree."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(replicate, layer, ROLES[role]))))
+def generator(seed: int, replicate: int, layer: int, role: str, block: int | None = None) -> np.random.Generator:
+    """The generator of one (replicate, layer, role[, block]) node of the seed's tree."""
+    key = (replicate, layer, ROLES[role]) + (() if block is None else (block,))
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=key)))
 
 
 def make_inputs(spec: RunSpec, replicate: int) -> tuple[np.ndarray, float]:
@@ -54,26 +57,56 @@ def make_inputs(spec: RunSpec, replicate: int) -> tuple[np.ndarray, float]:
         return _narrow(x, 0.0, dtype.type)
     rng = generator(spec.seed, replicate, 0, "inputs")
     if spec.input == "gaussian":
-        x = rng.standard_normal((spec.samples, n0), dtype=dtype)
+        x = inits.standard_normal(rng, (spec.samples, n0), dtype)
         return x, math.log(spec.input_std)
     x = inits.standard_draw("uniform", rng, (spec.samples, n0), dtype)
     return x, math.log(spec.input_std * math.sqrt(3.0))
 
 
-def _renorm(u: np.ndarray, log_s: float) -> tuple[np.ndarray, float]:
-    """Rescale u in place to unit RMS, moving the factor into log_s."""
-    ms = float(np.einsum("ij,ij->", u, u, dtype=np.float64)) / u.size
+def _sum_squares(x: np.ndarray) -> float:
+    """Sum of squares of ``x``: a BLAS dot in x's own dtype, or float64 where
+    that overflows or underflows."""
+    flat = x.reshape(-1)
+    total = float(np.dot(flat, flat))
+    if total == 0 or not math.isfinite(total):
+        total = float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+    return total
+
+
+def upstream(spec: RunSpec, replicate: int) -> np.ndarray:
+    """The N(0, 1) gradient the backward pass starts from: the output's
+    gradient of the objective sum(upstream * h_L)."""
+    rng = generator(spec.seed, replicate, spec.network.depth, "upstream")
+    return inits.standard_normal(rng, (spec.samples, spec.network.widths[-1]), np.dtype(spec.dtype).type)
+
+
+def _renorm(u: np.ndarray, log_s: float, pool: Pool = SERIAL) -> tuple[np.ndarray, float]:
+    """Rescale u in place to unit RMS, moving the factor into log_s.
+
+    The factor only moves between u and log_s, so its own rounding is
+    harmless: a dot product in u's dtype is accurate enough.
+    """
+    chunks = row_chunks(u.shape[0], u.size // max(u.shape[0], 1))
+    ms = sum(pool.map(lambda rows: _sum_squares(u[rows]), chunks)) / u.size
     if ms > 0 and math.isfinite(ms):
         r = math.sqrt(ms)
-        u *= u.dtype.type(1 / r)
+        f = u.dtype.type(1 / r)
+        pool.map(lambda rows: np.multiply(u[rows], f, out=u[rows]), chunks)
         log_s += math.log(r)
     return u, log_s
 
 
-def _narrow(v: np.ndarray, log_s: float, dtype: type) -> tuple[np.ndarray, float]:
+def _matmul(a: np.ndarray, b: np.ndarray, pool: Pool) -> np.ndarray:
+    """``a @ b`` computed in fixed blocks of a's rows."""
+    out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
+    pool.map(lambda rows: np.matmul(a[rows], b, out=out[rows]), row_chunks(a.shape[0], b.shape[1]))
+    return out
+
+
+def _narrow(v: np.ndarray, log_s: float, dtype: type, pool: Pool = SERIAL) -> tuple[np.ndarray, float]:
     """A float64 pair renormalised in float64 and only then cast to ``dtype``,
     so entries far below the largest keep their value rather than flushing."""
-    v, log_s = _renorm(v, log_s)
+    v, log_s = _renorm(v, log_s, pool)
     return v.astype(dtype, copy=False), log_s
 
 
@@ -107,8 +140,10 @@ class _Tape:
 class _Network:
     """A RunSpec resolved for one replicate: draws weights, steps layers."""
 
-    def __init__(self, spec: RunSpec, replicate: int):
-        self.spec, self.net, self.rep = spec, spec.network, replicate
+    def __init__(self, spec: RunSpec, replicate: int, pool: Pool = SERIAL, keep_weights: bool = False):
+        self.spec, self.net, self.rep, self.pool = spec, spec.network, replicate, pool
+        # Weights kept from the forward pass for the backward one, when they fit.
+        self.kept: dict[int, tuple[np.ndarray, float]] | None = {} if keep_weights else None
         self.scheme = spec.network.init.resolve()
         self.dtype = np.dtype(spec.dtype).type
         self.with_bias = inits.has_bias(self.scheme, self.net.bias_std)
@@ -116,7 +151,27 @@ class _Network:
                               for l in range(1, self.net.depth + 1)]
 
     def weights(self, layer: int) -> tuple[np.ndarray, float]:
+        if self.kept is not None and layer in self.kept:
+            return self.kept.pop(layer)
+        w = self._draw_weights(layer)
+        if self.kept is not None:
+            self.kept[layer] = w
+        return w
+
+    def _draw_weights(self, layer: int) -> tuple[np.ndarray, float]:
         n_in, n_out = self.net.widths[layer - 1], self.net.widths[layer]
+        s = self.scheme
+        if s.user is None and not s.orthogonal:
+            # Fixed blocks of rows, each from its own node of the seed tree:
+            # drawn in parallel, the same numbers on any number of threads.
+            w0 = np.empty((n_in, n_out), self.dtype)
+
+            def fill(block: tuple[int, slice]) -> None:
+                rng = generator(self.spec.seed, self.rep, layer, "weights", block[0])
+                rows = block[1]
+                w0[rows] = inits.standard_draw(s.distribution, rng, (rows.stop - rows.start, n_out), self.dtype)
+            self.pool.map(fill, enumerate(row_chunks(n_in, n_out)))
+            return w0, inits.weight_scale(s, n_in, n_out)
         try:
             return inits.draw_weights(self.scheme, generator(self.spec.seed, self.rep, layer, "weights"), n_in, n_out,
                                       self.dtype)
@@ -127,7 +182,7 @@ class _Network:
 
     def _bn(self, u: np.ndarray, log_s: float) -> tuple[np.ndarray, float, batchnorm.Cache]:
         y, log_y, cache = batchnorm.forward(u, log_s, self.spec.batch, self.net.bn_eps)
-        y, log_y = _renorm(y, log_y)
+        y, log_y = _renorm(y, log_y, self.pool)
         return y, log_y, cache
 
     def step(self, layer: int, u: np.ndarray, log_h: float, stats: bool, keep: bool
@@ -135,14 +190,15 @@ class _Network:
         """Layer ``layer`` forward: its output, its statistics row, its tape."""
         net, act = self.net, self.acts[layer]
         w0, w_scale = self.weights(layer)
-        z = u @ w0
+        z = _matmul(u, w0, self.pool)
+        del w0
         log_z = log_h + math.log(w_scale)
         if self.with_bias:
             n_in, n_out = net.widths[layer - 1], net.widths[layer]
             bias = inits.draw_bias(self.scheme, net.bias_std, generator(self.spec.seed, self.rep, layer, "bias"),
                                    n_in, n_out)
             z, log_z = _add_bias(z, log_z, bias)
-        z, log_z = _renorm(z, log_z)
+        z, log_z = _renorm(z, log_z, self.pool)
         bn_here = layer in net.bn_layers
         cache = None
         if bn_here and net.bn_position == "pre":
@@ -152,13 +208,19 @@ class _Network:
         if stats:
             sat = 0.0 if dphi is None else float(np.mean(np.abs(dphi) < SATURATION))
             row = {"width": net.widths[layer], "fan_in": net.widths[layer - 1], "fan_out": net.widths[layer],
-                   **_prefix("pre", side_stats(z, log_z, sat))}
-        h, log_out = _renorm(*activations.apply_scaled(act, z, log_z))
-        del z
-        if bn_here and net.bn_position == "post":
-            h, log_out, cache = self._bn(h, log_out)
-        if stats:
-            row.update(_prefix("post", side_stats(h, log_out, row["pre_frac_saturated"])))
+                   **_prefix("pre", side_stats(z, log_z, sat, self.pool))}
+        bn_post = bn_here and net.bn_position == "post"
+        if act.name == "linear" and not bn_post:  # h is z: same numbers, same statistics
+            h, log_out = z, log_z
+            if stats:
+                row.update({f"post_{k}": row[f"pre_{k}"] for k in STATS})
+        else:
+            h, log_out = _renorm(*activations.apply_scaled(act, z, log_z), self.pool)
+            del z
+            if bn_post:
+                h, log_out, cache = self._bn(h, log_out)
+            if stats:
+                row.update(_prefix("post", side_stats(h, log_out, row["pre_frac_saturated"], self.pool)))
         tape = None
         if keep:
             if dphi is not None and act.homogeneous:
@@ -176,23 +238,29 @@ class _Network:
         bn_here = layer in net.bn_layers
         if bn_here and net.bn_position == "post":
             v, log_g = batchnorm.backward(v, log_g, tape.bn)  # float64 until the mask below
-        if tape.dphi is not None:
-            if tape.dphi.dtype == bool:
-                v = v * np.where(tape.dphi, v.dtype.type(act.slope_pos), v.dtype.type(act.slope_neg))
-            else:
-                v = v * tape.dphi
-        v, log_g = _narrow(v, log_g, self.dtype)
-        if bn_here and net.bn_position == "pre":
-            v, log_g = _narrow(*batchnorm.backward(v, log_g, tape.bn), self.dtype)
-        row.update(_prefix("delta", side_stats(v, log_g)))
-        wg = (tape.u_in.T @ v).astype(np.float64)
-        norm = math.sqrt(float(np.einsum("ij,ij->", wg, wg)))
+        if tape.dphi is None and not bn_here and "grad_std" in row:
+            # A linear layer's delta is the gradient that came in, whose statistics the row has.
+            row.update({f"delta_{k}": row[f"grad_{k}"] for k in STATS})
+        else:
+            if tape.dphi is not None:
+                if tape.dphi.dtype == bool:
+                    v = v * np.where(tape.dphi, v.dtype.type(act.slope_pos), v.dtype.type(act.slope_neg))
+                else:
+                    v = v * tape.dphi
+            v, log_g = _narrow(v, log_g, self.dtype, self.pool)
+            if bn_here and net.bn_position == "pre":
+                v, log_g = _narrow(*batchnorm.backward(v, log_g, tape.bn), self.dtype, self.pool)
+            row.update(_prefix("delta", side_stats(v, log_g, pool=self.pool)))
+        # ||u_in^T v||_F by fixed blocks of the weight gradient's rows, none of it kept.
+        u_t = tape.u_in.T
+        norm = math.sqrt(sum(self.pool.map(lambda rows: _sum_squares(u_t[rows] @ v),
+                                           row_chunks(u_t.shape[0], v.shape[1]))))
         log_norm = math.log(norm) + tape.log_in + log_g if norm > 0 else -math.inf
         row["weight_grad_log10_norm"] = log_norm / math.log(10)
         row["weight_grad_norm"] = math.exp(log_norm) if log_norm < 709.7 else math.inf
         w0, w_scale = self.weights(layer)
-        g = v @ w0.T
-        return _renorm(g, log_g + math.log(w_scale))
+        g = _matmul(v, w0.T, self.pool)
+        return _renorm(g, log_g + math.log(w_scale), self.pool)
 
 
 def tape_bytes(spec: RunSpec) -> list[int]:
@@ -213,6 +281,19 @@ def working_bytes(spec: RunSpec) -> int:
     w = spec.network.widths
     weights = max(a * b for a, b in zip(w[:-1], w[1:])) * (8 if spec.network.init.resolve().orthogonal else 4)
     return weights * np.dtype(spec.dtype).itemsize // 4 + 6 * spec.samples * max(w) * 8
+
+
+def weight_bytes(spec: RunSpec) -> int:
+    """Bytes of all the weight matrices of one network."""
+    w = spec.network.widths
+    return sum(a * b for a, b in zip(w[:-1], w[1:])) * np.dtype(spec.dtype).itemsize
+
+
+def keeps_weights(spec: RunSpec) -> bool:
+    """Whether the backward pass keeps the forward pass's weights (when
+    everything fits in ``max_memory``) rather than drawing them again."""
+    budget = spec.max_memory or default_max_memory()
+    return spec.backward and sum(tape_bytes(spec)) + weight_bytes(spec) + working_bytes(spec) <= budget
 
 
 def backward_plan(spec: RunSpec) -> int:
@@ -267,22 +348,24 @@ def default_max_memory() -> int:
         return 4 * 2**30
 
 
-def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = None) -> list[dict[str, Any]]:
+def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = None, pool: Pool = SERIAL
+                  ) -> list[dict[str, Any]]:
     """Forward (and with ``spec.backward``, backward) pass of one network; one
     dict of statistics per layer 0..L."""
-    net = _Network(spec, replicate)
     depth = spec.network.depth
     k = backward_plan(spec)
-    u, log_h = _renorm(*make_inputs(spec, replicate))
+    net = _Network(spec, replicate, pool, keep_weights=k == depth and keeps_weights(spec))
+    u, log_h = _renorm(*make_inputs(spec, replicate), pool)
     rows = [{"width": spec.network.widths[0], "fan_in": pd.NA, "fan_out": pd.NA,
-             **_prefix("pre", empty_stats()), **_prefix("post", side_stats(u, log_h))}]
+             **_prefix("pre", empty_stats()), **_prefix("post", side_stats(u, log_h, pool=pool))}]
     tapes: dict[int, _Tape] = {}
     checkpoints = {0: (u, log_h)}
     hist_layers = {1, (depth + 1) // 2, depth} if replicate == 0 else set()
     for layer in range(1, depth + 1):
         u, log_h, row, tape = net.step(layer, u, log_h, stats=True, keep=spec.backward and k == depth)
         if layer in hist_layers:  # u has unit RMS: the shape of h at any scale
-            row["_hist"] = np.histogram(u, bins=HIST_EDGES)[0]
+            # Equal bins given as a count and range take NumPy's fast path (no sort).
+            row["_hist"] = np.histogram(u, bins=len(HIST_EDGES) - 1, range=(HIST_EDGES[0], HIST_EDGES[-1]))[0]
         rows.append(row)
         if tape is not None:
             tapes[layer] = tape
@@ -300,9 +383,8 @@ def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = Non
 def _backward(net: _Network, spec: RunSpec, replicate: int, rows: list[dict[str, Any]], tapes: dict[int, _Tape],
               checkpoints: dict[int, tuple[np.ndarray, float]], k: int, progress: Progress | None) -> None:
     depth = spec.network.depth
-    rng = generator(spec.seed, replicate, depth, "upstream")
-    g, log_g = _renorm(rng.standard_normal((spec.samples, spec.network.widths[-1]), dtype=net.dtype), 0.0)
-    rows[depth].update(_prefix("grad", side_stats(g, log_g)))
+    g, log_g = _renorm(upstream(spec, replicate), 0.0, net.pool)
+    rows[depth].update(_prefix("grad", side_stats(g, log_g, pool=net.pool)))
     for layer in range(depth, 0, -1):
         if layer not in tapes:  # recompute the segment above the nearest checkpoint
             start = max(c for c in checkpoints if c < layer)
@@ -310,7 +392,7 @@ def _backward(net: _Network, spec: RunSpec, replicate: int, rows: list[dict[str,
             for l in range(start + 1, layer + 1):
                 u, log_h, _, tapes[l] = net.step(l, u, log_h, stats=False, keep=True)
         g, log_g = net.back(layer, tapes.pop(layer), g, log_g, rows[layer])
-        rows[layer - 1].update(_prefix("grad", side_stats(g, log_g)))
+        rows[layer - 1].update(_prefix("grad", side_stats(g, log_g, pool=net.pool)))
         if progress is not None:
             progress(1)
     rows[0].update(_prefix("delta", empty_stats()))
@@ -336,13 +418,15 @@ def configs_for(spec: RunSpec | NetworkSpec | Sequence[Config], vary: Mapping[st
 
 
 def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[str, Iterable[Any]] | None = None,
-             progress: Progress | None = None, **options: Any) -> pd.DataFrame:
+             progress: Progress | None = None, threads: int | None = None, **options: Any) -> pd.DataFrame:
     """Run every configuration; one row per (config, replicate, layer).
 
     ``options`` are flat run options (``samples=``, ``replicates=``, ``seed=``,
     ``backward=``, any option of :data:`varprop.spec.OPTIONS`) applied to
     ``spec``; ``vary`` maps option names to lists of values, and every
     combination is run. ``progress(k)`` is called as layers complete.
+    ``threads`` (default: every core this process may use) changes the speed,
+    never the numbers.
 
     >>> from varprop.spec import NetworkSpec
     >>> df = simulate(NetworkSpec.square(2, 20), vary={"init": ["unit", "fan_in"]}, samples=50)
@@ -350,15 +434,17 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
     ['fan_in', 'unit']
     """
     configs = configs_for(spec, vary, **options)
+    pool = Pool(parse_threads(threads))
     for c in configs:  # refuse before any work when a run cannot fit
         backward_plan(c.spec)
     start = time.perf_counter()
     frames, hists = [], []
     for c in configs:
         # Multi-threaded BLAS splits products differently for each thread
-        # count, which changes the last bits; one thread keeps runs identical.
+        # count, which changes the last bits: BLAS runs on one thread and
+        # varprop's own threads work on fixed blocks (parallel.py).
         with threadpool_limits(1, user_api="blas"):
-            rows = [r for rep in range(c.spec.replicates) for r in run_replicate(c.spec, rep, progress)]
+            rows = [r for rep in range(c.spec.replicates) for r in run_replicate(c.spec, rep, progress, pool)]
         for r in rows:
             if "_hist" in r:
                 counts = r.pop("_hist")

@@ -190,6 +190,11 @@ def parse_pos_int(value: Any, option: str) -> int:
     return _int(value, option, "a positive integer", lambda n: n >= 1)
 
 
+def parse_threads(value: Any) -> int | None:
+    """``--threads``: a positive integer, or None for every core."""
+    return None if value is None else parse_pos_int(value, "threads")
+
+
 def parse_int_list(value: Any, option: str) -> tuple[int, ...]:
     parts = value.split(",") if isinstance(value, str) else value
     if isinstance(parts, int) and not isinstance(parts, bool):

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from .parallel import SERIAL, Pool, row_chunks
+
 STATS = ("mean", "std", "log10_std", "second_moment", "sq_unit_mean", "unit_var", "frac_zero",
          "frac_saturated", "cos_sim", "abs_cos_sim")
 ABS_COS_SAMPLES = 128  # |cos| is averaged over the pairs of the first 128 live samples
@@ -33,36 +35,67 @@ def _scaled(x: float, log_factor: float) -> float:
     return math.copysign(math.exp(log_abs) if log_abs < 709.7 else math.inf, x)
 
 
-def side_stats(u: np.ndarray, log_s: float, saturated: float = math.nan) -> dict[str, float]:
+def _chunk_sums(u: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Float64 sums over one block of rows: its row count, column sums, column
+    sums of squares about the block's own column means, row sums of squares,
+    the sum of its unit-normalised rows, and its count of exact zeros."""
+    x = u.astype(np.float64)
+    rows = x.shape[0]
+    row_sq = np.einsum("ij,ij->i", x, x)
+    inv_norm = np.zeros(rows)
+    np.divide(1.0, np.sqrt(row_sq), out=inv_norm, where=row_sq > 0)
+    unit_sum = inv_norm @ x
+    col_sum = x.sum(axis=0)
+    x -= col_sum / max(rows, 1)
+    col_m2 = np.einsum("ij,ij->j", x, x)
+    return rows, col_sum, col_m2, row_sq, unit_sum, int(np.count_nonzero(u == 0))
+
+
+def _abs_cos(u: np.ndarray) -> float:
+    """Mean |cos| over the pairs of the rows of ``u``; NaN if a row is all
+    zeros or there are fewer than two. The signed mean cos hides a collapse
+    onto +-v (a deep linear stack); |cos| shows it."""
+    x = u.astype(np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    m = len(x)
+    if m < 2 or not np.all(norms > 0):
+        return math.nan
+    x /= norms[:, None]
+    gram = np.abs(x @ x.T)
+    return (float(gram.sum()) - float(np.trace(gram))) / (m * (m - 1))
+
+
+def side_stats(u: np.ndarray, log_s: float, saturated: float = math.nan, pool: Pool = SERIAL) -> dict[str, float]:
     """The DESIGN.md statistics of ``exp(log_s) * u`` (N samples x n units).
 
     ``saturated`` is the fraction of units with |phi'(z)| < 1e-3, computed by
-    the caller, who knows the activation.
+    the caller, who knows the activation. Sums run in float64 over fixed
+    blocks of rows (in parallel on ``pool``) and are combined in block order.
     """
-    x = u.astype(np.float64, copy=False)
-    n_rows = x.shape[0]
-    col_mean = x.mean(axis=0)
+    n_rows, n_cols = u.shape
+    chunks = row_chunks(n_rows, n_cols)
+    # The |cos| of the first samples runs beside the blocks; it is redone
+    # below only in the rare case that one of them is all zeros.
+    *parts, head = pool.map(lambda rows: _chunk_sums(u[rows]) if rows is not None else _abs_cos(u[:ABS_COS_SAMPLES]),
+                            [*chunks, None])
+    size = u.size
+    col_mean = sum(p[1] for p in parts) / n_rows
+    # Chan et al.'s pairwise update: each block's squares about its own means
+    # plus its means' offsets, so no E[x^2] - E[x]^2 cancellation anywhere.
+    col_m2 = sum(p[2] + p[0] * (p[1] / max(p[0], 1) - col_mean) ** 2 for p in parts)
     mean = float(col_mean.mean())
-    dev = x - col_mean
-    unit_var = float(np.einsum("ij,ij->", dev, dev)) / x.size
-    sq_unit_mean = float(col_mean @ col_mean) / col_mean.size
-    # Law of total variance (exact for ddof=0), free of the cancellation in E[x^2] - E[x]^2.
+    unit_var = float(col_m2.sum()) / size
+    sq_unit_mean = float(col_mean @ col_mean) / n_cols
+    # Law of total variance (exact for ddof=0).
     var = unit_var + float(np.mean((col_mean - mean) ** 2))
-    row_sq = np.einsum("ij,ij->i", x, x)
-    second = float(row_sq.sum()) / x.size
+    row_sq = np.concatenate([p[3] for p in parts])
+    second = float(row_sq.sum()) / size
     live = row_sq > 0
     k = int(np.count_nonzero(live))
     if k >= 2:
-        inv_norm = np.zeros(n_rows)
-        inv_norm[live] = 1 / np.sqrt(row_sq[live])
-        total = inv_norm @ x  # sum of the unit-normalised samples
+        total = sum(p[4] for p in parts)  # sum of the unit-normalised samples
         cos_sim = (float(total @ total) - k) / (k * (k - 1))
-        # The signed mean hides a collapse onto +-v (a deep linear stack); |cos| shows it.
-        first = np.flatnonzero(live)[:ABS_COS_SAMPLES]
-        r = x[first] * inv_norm[first, None]
-        gram = np.abs(r @ r.T)
-        m = len(first)
-        abs_cos = (float(gram.sum()) - float(np.trace(gram))) / (m * (m - 1))
+        abs_cos = head if not math.isnan(head) else _abs_cos(u[np.flatnonzero(live)[:ABS_COS_SAMPLES]])
     else:
         cos_sim = abs_cos = math.nan
     std = math.sqrt(var)
@@ -73,7 +106,7 @@ def side_stats(u: np.ndarray, log_s: float, saturated: float = math.nan) -> dict
         "second_moment": _scaled(second, 2 * log_s),
         "sq_unit_mean": _scaled(sq_unit_mean, 2 * log_s),
         "unit_var": _scaled(unit_var, 2 * log_s),
-        "frac_zero": float(np.count_nonzero(x == 0)) / x.size,
+        "frac_zero": sum(p[5] for p in parts) / size,
         "frac_saturated": saturated,
         "cos_sim": cos_sim,
         "abs_cos_sim": abs_cos,

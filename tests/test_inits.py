@@ -185,7 +185,7 @@ def test_fast_normal_is_standard_normal(dtype):
         k = int(np.count_nonzero(np.abs(z) > t))
         assert stats.binomtest(k, n, 2 * stats.norm.sf(t)).pvalue > ALPHA, (t, k)
     assert stats.kstest(z, "norm").pvalue > ALPHA
-    a, b = z[: n // 2], z[n // 2:]  # the r cos t and r sin t halves share r
+    a, b = z[0::2], z[1::2]  # each pair r cos t, r sin t shares r
     for x, y in ((a, b), (a**2, b**2)):
         assert abs(np.corrcoef(x, y)[0, 1]) <= zc / math.sqrt(n // 2)
 
@@ -194,7 +194,11 @@ def test_fast_normal_odd_sizes_and_shapes():
     rng = generator(2, 0, 0, "inputs")
     assert inits.standard_normal(rng, (3, 5), np.float32).shape == (3, 5)
     assert inits.standard_normal(rng, (7,), np.float32).dtype == np.float32
+    assert inits.standard_normal(rng, (0, 4), np.float32).shape == (0, 4)
     assert inits.standard_normal(rng, (0, 4)).shape == (0, 4)
-    a = inits.standard_normal(generator(2, 1, 1, "weights"), (1001,))
-    b = inits.standard_normal(generator(2, 1, 1, "weights"), (1001,))
-    assert np.array_equal(a, b)  # same node of the seed tree, same draws
+    for dtype in (np.float32, np.float64):
+        a = inits.standard_normal(generator(2, 1, 1, "weights"), (1001,), dtype)
+        b = inits.standard_normal(generator(2, 1, 1, "weights"), (1001,), dtype)
+        assert np.array_equal(a, b)  # same node of the seed tree, same draws
+        c = inits.standard_normal(generator(2, 1, 1, "weights"), (600,), dtype)
+        assert np.array_equal(a[:600], c)  # a prefix of a longer draw: common random numbers across sizes

@@ -140,3 +140,33 @@ def test_single_sample_and_uniform_input():
     # Uniform input with sd 2: the sample second moment of 2000 draws; sd of m2 is 4*sqrt(0.8/2000).
     assert abs(df["post_second_moment"].iloc[0] - 4.0) < 5 * 4.0 * math.sqrt(0.8 / 2000)
     assert df["post_frac_zero"].iloc[0] == 0
+
+
+def test_blas_runs_on_one_thread_inside_the_engine_workers():
+    """Bit-identical results rest on BLAS using one thread in every varprop
+    worker while simulate runs (the limit is process-wide for the OpenBLAS
+    NumPy ships; a thread-local one would break this)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from varprop.parallel import Pool
+
+    with threadpool_limits(1, user_api="blas"):
+        seen = Pool(2).map(lambda _: [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"],
+                           range(4))
+    assert all(counts and set(counts) == {1} for counts in seen)
+
+
+def _small_run(_=None):
+    import varprop
+
+    return float(varprop.simulate(varprop.NetworkSpec.square(2, 300), samples=600, threads=2)["post_std"].iloc[-1])
+
+
+def test_threads_work_in_a_forked_child():
+    """A child forked after a threaded run inherits dead executors; it must
+    start its own rather than wait forever (multiprocessing's fork default)."""
+    import multiprocessing
+
+    parent = _small_run()
+    with multiprocessing.get_context("fork").Pool(1) as workers:
+        assert workers.apply_async(_small_run).get(timeout=60) == parent

@@ -64,10 +64,11 @@ def make_inputs(spec: RunSpec, replicate: int) -> tuple[np.ndarray, float]:
 
 
 def _sum_squares(x: np.ndarray) -> float:
-    """Sum of squares of ``x``: a BLAS dot in x's own dtype, or float64 where
-    that overflows or underflows."""
+    """Sum of squares of ``x`` in x's own dtype, or in float64 where that
+    overflows or underflows. einsum, not BLAS: BLAS splits a dot product
+    across its threads, which changes the last bits."""
     flat = x.reshape(-1)
-    total = float(np.dot(flat, flat))
+    total = float(np.einsum("i,i->", flat, flat))
     if total == 0 or not math.isfinite(total):
         total = float(np.einsum("i,i->", flat, flat, dtype=np.float64))
     return total
@@ -87,12 +88,14 @@ def _renorm(u: np.ndarray, log_s: float, pool: Pool = SERIAL) -> tuple[np.ndarra
     harmless: a dot product in u's dtype is accurate enough.
     """
     chunks = row_chunks(u.shape[0], u.size // max(u.shape[0], 1))
-    ms = sum(pool.map(lambda rows: _sum_squares(u[rows]), chunks)) / u.size
+    ms = math.fsum(pool.map(lambda rows: _sum_squares(u[rows]), chunks)) / u.size
     if ms > 0 and math.isfinite(ms):
-        r = math.sqrt(ms)
-        f = u.dtype.type(1 / r)
+        f = u.dtype.type(1 / math.sqrt(ms))
+        if not math.isfinite(f):  # all entries subnormal: scale through float64
+            u = (u.astype(np.float64) / math.sqrt(ms)).astype(u.dtype)
+            return u, log_s + 0.5 * math.log(ms)
         pool.map(lambda rows: np.multiply(u[rows], f, out=u[rows]), chunks)
-        log_s += math.log(r)
+        log_s -= math.log(float(f))  # the factor applied, rounding included
     return u, log_s
 
 
@@ -251,9 +254,10 @@ class _Network:
             if bn_here and net.bn_position == "pre":
                 v, log_g = _narrow(*batchnorm.backward(v, log_g, tape.bn), self.dtype, self.pool)
             row.update(_prefix("delta", side_stats(v, log_g, pool=self.pool)))
-        # ||u_in^T v||_F by fixed blocks of the weight gradient's rows, none of it kept.
+        # ||u_in^T v||_F by fixed blocks of the weight gradient's rows, none of it kept. Squares
+        # summed in the compute dtype: the product's own rounding is already that large.
         u_t = tape.u_in.T
-        norm = math.sqrt(sum(self.pool.map(lambda rows: _sum_squares(u_t[rows] @ v),
+        norm = math.sqrt(math.fsum(self.pool.map(lambda rows: _sum_squares(u_t[rows] @ v),
                                            row_chunks(u_t.shape[0], v.shape[1]))))
         log_norm = math.log(norm) + tape.log_in + log_g if norm > 0 else -math.inf
         row["weight_grad_log10_norm"] = log_norm / math.log(10)
@@ -441,10 +445,12 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
     frames, hists = [], []
     for c in configs:
         # Multi-threaded BLAS splits products differently for each thread
-        # count, which changes the last bits: BLAS runs on one thread and
-        # varprop's own threads work on fixed blocks (parallel.py).
+        # count, which changes the last bits: BLAS runs on one thread (for
+        # the theory's use of the input file's statistics too) and varprop's
+        # own threads work on fixed blocks (parallel.py).
         with threadpool_limits(1, user_api="blas"):
             rows = [r for rep in range(c.spec.replicates) for r in run_replicate(c.spec, rep, progress, pool)]
+            predicted = theory.predict(c.spec)
         for r in rows:
             if "_hist" in r:
                 counts = r.pop("_hist")
@@ -454,7 +460,7 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
         frame = pd.DataFrame(rows)
         lead = ["replicate", "layer", "width", "fan_in", "fan_out"]
         frame = frame[lead + [col for col in frame if col not in lead]]
-        frame = frame.merge(theory.predict(c.spec), on="layer", how="left")
+        frame = frame.merge(predicted, on="layer", how="left")
         for key, value in reversed(list(c.varied.items())):
             frame.insert(0, key, value if isinstance(value, (str, int, float)) else str(value))
         frame.insert(0, "config", c.label)

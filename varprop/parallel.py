@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
@@ -26,8 +27,12 @@ R = TypeVar("R")
 
 # Elements per chunk: big enough that a chunk's work (~0.1 ms) dwarfs the cost
 # of handing it to a thread, small enough that a float64 copy stays in cache.
+# Changing it changes which random numbers each weight gets, and so every result.
 CHUNK_ELEMENTS = 2**17
 _EXECUTORS: dict[int, ThreadPoolExecutor] = {}
+_LOCK = threading.Lock()
+# A forked child inherits the executors but not their threads: it must make its own.
+os.register_at_fork(after_in_child=_EXECUTORS.clear)
 
 
 def available_cores() -> int:
@@ -48,16 +53,18 @@ class Pool:
     """``map`` over chunks on ``threads`` threads (in the caller's thread when 1)."""
 
     def __init__(self, threads: int | None = None):
-        self.threads = threads or available_cores()
+        self.threads = available_cores() if threads is None else threads
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """``[fn(x) for x in items]``, in order, computed in parallel."""
         items = list(items)
         if self.threads == 1 or len(items) < 2:
             return [fn(x) for x in items]
-        if self.threads not in _EXECUTORS:
-            _EXECUTORS[self.threads] = ThreadPoolExecutor(self.threads, thread_name_prefix="varprop")
-        return list(_EXECUTORS[self.threads].map(fn, items))
+        with _LOCK:
+            if self.threads not in _EXECUTORS:
+                _EXECUTORS[self.threads] = ThreadPoolExecutor(self.threads, thread_name_prefix="varprop")
+            executor = _EXECUTORS[self.threads]
+        return list(executor.map(fn, items))
 
 
 SERIAL = Pool(1)

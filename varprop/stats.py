@@ -80,8 +80,9 @@ def side_stats(u: np.ndarray, log_s: float, saturated: float = math.nan, pool: P
                             [*chunks, None])
     size = u.size
     col_mean = sum(p[1] for p in parts) / n_rows
-    # Chan et al.'s pairwise update: each block's squares about its own means
-    # plus its means' offsets, so no E[x^2] - E[x]^2 cancellation anywhere.
+    # The between/within split of a sum of squares over blocks: each block's
+    # squares about its own means plus its means' offsets from the whole
+    # mean, so no E[x^2] - E[x]^2 cancellation anywhere.
     col_m2 = sum(p[2] + p[0] * (p[1] / max(p[0], 1) - col_mean) ** 2 for p in parts)
     mean = float(col_mean.mean())
     unit_var = float(col_m2.sum()) / size

@@ -368,8 +368,9 @@ def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = Non
     for layer in range(1, depth + 1):
         u, log_h, row, tape = net.step(layer, u, log_h, stats=True, keep=spec.backward and k == depth)
         if layer in hist_layers:  # u has unit RMS: the shape of h at any scale
-            # Equal bins given as a count and range take NumPy's fast path (no sort).
-            row["_hist"] = np.histogram(u, bins=len(HIST_EDGES) - 1, range=(HIST_EDGES[0], HIST_EDGES[-1]))[0]
+            # Equal bins given as a count and range take NumPy's fast path (no sort); counts add exactly.
+            row["_hist"] = sum(pool.map(lambda r: np.histogram(u[r], bins=len(HIST_EDGES) - 1, range=(
+                HIST_EDGES[0], HIST_EDGES[-1]))[0], row_chunks(*u.shape)))
         rows.append(row)
         if tape is not None:
             tapes[layer] = tape

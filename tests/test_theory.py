@@ -236,3 +236,95 @@ def test_finite_width_band_for_single_sample_stacks(activation, init):
     assert k_lo <= outside <= k_hi, outside
     typical = last["theory_post_log10_std_typical"].iloc[0]
     assert abs(v.mean() - typical) < t_two_sided(ALPHA, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+
+
+# --- predict's fast paths against the plain computations they replace ---------------------------------
+
+def plain_moments(act, log_q):
+    """theory.moments as it was: the 1-D rule through apply_scaled, closed forms only for a+ z / a- z."""
+    if act.homogeneous or (0.5 * log_q > A._LOG_DIRECT and (act.slope_pos or act.slope_neg)):
+        return theory.moments(act, log_q)
+    x, w = theory.nodes()
+    u, log_s = A.apply_scaled(act, x, 0.5 * log_q)
+    m, m2 = float(w @ u), float(w @ (u * u))
+    var = float(w @ (u - m) ** 2)
+    d = A.dphi_scaled(act, x, 0.5 * log_q)
+    mean = m * math.exp(log_s) if log_s < 700 else math.copysign(math.inf, m) if m else 0.0
+    return theory.Moments(mean, log_s + 0.5 * math.log(var) if var > 0 else -math.inf,
+                          2 * log_s + math.log(m2) if m2 > 0 else -math.inf, float(w @ (d * d)))
+
+
+def plain_cos(act, log_q, c):
+    """theory.cos_post as it was: phi at all 48 x 48 pairs of the 2-D rule."""
+    c = min(max(c, -1.0), 1.0)
+    if act.homogeneous or (0.5 * log_q > A._LOG_DIRECT and (act.slope_pos or act.slope_neg)):
+        return theory.cos_post(act, log_q, c)
+    x1, w1 = np.polynomial.hermite_e.hermegauss(48)
+    x, y, w = x1[:, None], x1[None, :], np.outer(w1, w1) / w1.sum() ** 2
+    u1, l1 = A.apply_scaled(act, np.broadcast_to(x, w.shape).copy(), 0.5 * log_q)
+    u2, l2 = A.apply_scaled(act, c * x + math.sqrt(max(0.0, 1 - c * c)) * y, 0.5 * log_q)
+    cross = float(np.sum(w * u1 * u2)) * math.exp(l1 + l2 - 2 * max(l1, l2))
+    log_m2 = plain_moments(act, log_q).log_m2
+    return cross * math.exp(2 * max(l1, l2) - log_m2) if math.isfinite(log_m2) else math.nan
+
+
+@pytest.mark.parametrize("name", A.NAMES)
+def test_expectations_match_the_plain_rules(name):
+    """One evaluation of phi per q for both rules, phi left unscaled where it cannot overflow, the 2-D
+    rule's pairs of negligible weight left out, 48 evaluations instead of 48 x 48 at c ~ 0 and c = +-1, and
+    the closed forms of a linear phi at tiny q, all agree with the plain rules. Tolerance 1e-12 on logs,
+    on cos (a ratio of order one) and on means relative to the sd: the plain rules' own rounding reaches
+    ~1e-13 at |log q| ~ 1300, in exp(2 log s - log E[phi^2]) (an ulp of 2 log s)."""
+    act = A.get(name)
+    for log_q in (-1300.0, -700.0, -599.0, -40.0, -5.0, 0.0, 3.0, 8.0, 599.0, 601.0, 1400.0):
+        fast, plain = theory.moments(act, log_q), plain_moments(act, log_q)
+        assert fast.log_m2 == pytest.approx(plain.log_m2, rel=0, abs=1e-12)
+        assert fast.log_sd == pytest.approx(plain.log_sd, rel=0, abs=1e-12)
+        assert abs(fast.mean - plain.mean) <= 1e-12 * (abs(plain.mean) + math.exp(min(plain.log_sd, 700)))
+        assert fast.dphi2 == pytest.approx(plain.dphi2, rel=1e-13)
+        for c in (-1.0, -0.7, 0.0, 1e-19, -1e-19, 1e-17, -1e-13, 1e-9, 0.3, 0.999, 1 - 2.0**-53, 1.0, 1.2):
+            assert theory.cos_post(act, log_q, c) == pytest.approx(plain_cos(act, log_q, c), rel=0, abs=1e-12,
+                                                                   nan_ok=True), (log_q, c)
+
+
+def test_dphi2_at_many_q_at_once():
+    """predict takes E[phi'(z)^2] for all layers in one pass; against moments one q at a time, to the
+    rounding of a 720-term sum taken in another order."""
+    log_q = np.array([-1300.0, -40.0, -3.0, 0.0, 5.0, 599.0, 601.0, 1400.0])
+    for name in A.NAMES:
+        act = A.get(name)
+        np.testing.assert_allclose(theory._dphi2(act, log_q), [theory.moments(act, lq).dphi2 for lq in log_q],
+                                   rtol=1e-13)
+
+
+@pytest.mark.parametrize("kw,repeats", [
+    (dict(activation="sigmoid"), True),  # q and c reach a fixed point
+    (dict(activation="softplus", init="torch-default"), True),  # and c >= 1: phi(z2) on 48 nodes
+    (dict(activation="selu"), True),  # q fixed from the start, c still moving
+    (dict(activation="tanh", bias_std=0.1, init="he"), True),
+    (dict(activation="tanh"), False),  # c stays ~0: the 2-D rule factors
+    (dict(activation="gelu"), False),  # into the closed forms of tiny q
+    (dict(activation="elu", init="he", bias_std=0.1), False),
+    (dict(activation="relu", init="he", bn_layers=(3, 100, 101)), False),
+    (dict(activation="tanh", bn_layers=(5, 250), bn_position="post", output_activation="linear"), False),
+])
+def test_reused_steps_are_the_full_recursion_bitwise(kw, repeats):
+    """predict copies a layer's step when its inputs (shape, activation, BN, log E[h^2], cos) are bitwise
+    those of an earlier layer, and reuses the expectations of a q met before. A deterministic function of
+    bitwise-equal inputs returns bitwise-equal outputs, so the tolerance is zero."""
+    spec = varprop.RunSpec(varprop.NetworkSpec.square(500, 100, **{"init": "fan_in", **kw}), backward=True)
+    scheme = spec.network.init.resolve()
+    fast = np.array(theory._forward(spec, scheme, 0.0, 0.0))
+    np.testing.assert_array_equal(fast, np.array(theory._forward(spec, scheme, 0.0, 0.0, reuse=False)))
+    assert (np.unique(fast[:, 0]).size < 250) == repeats  # q repeats: the shortcut is exercised
+
+
+def test_logaddexp_is_numpys():
+    values = [-math.inf, math.inf, math.nan, 0.0, -0.0, 1.0, -700.0, 700.0, 1e-300, 3.3, -2.7, 1e308, -1e308]
+    values += list(np.random.default_rng(0).normal(0, 50, 200))
+    for a in values:
+        for b in values:
+            with np.errstate(all="ignore"):
+                expected = float(np.logaddexp(a, b))
+            got = theory._logaddexp(a, b)
+            assert got == expected or (math.isnan(got) and math.isnan(expected))

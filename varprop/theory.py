@@ -25,7 +25,7 @@ from scipy import special
 
 from . import activations, inits
 from .activations import Activation
-from .spec import RunSpec
+from .spec import NetworkSpec, RunSpec
 
 _LN10 = math.log(10.0)
 
@@ -79,60 +79,148 @@ def _limit_slopes(act: Activation, log_q: float) -> tuple[float, float] | None:
         return act.slope_pos, act.slope_neg
     if 0.5 * log_q > activations._LOG_DIRECT and (act.slope_pos or act.slope_neg):
         return act.slope_pos, act.slope_neg
+    # Tiny q: apply_scaled takes phi(z) = phi'(0) z there, so the closed forms hold. Not across a kink at 0
+    # (selu's): the 2-D rule used there so far differs from the arc-cosine kernel, and predictions would move.
+    if 0.5 * log_q < -activations._LOG_DIRECT and act.phi0 == 0 and act.d0_pos == act.d0_neg:
+        return act.d0_pos, act.d0_neg
     return None
 
 
 def moments(act: Activation, log_q: float) -> Moments:
     """The moments of ``act`` under z ~ N(0, exp(log_q))."""
-    slopes = _limit_slopes(act, log_q)
-    if slopes is not None:  # closed forms for a+ z / a- z: no quadrature, any q
-        a, b = slopes
-        m1 = (a - b) / math.sqrt(2 * math.pi)
-        m2 = (a * a + b * b) / 2
-        with np.errstate(over="ignore"):
-            mean = m1 * math.exp(0.5 * log_q) if 0.5 * log_q < 709 else math.copysign(math.inf, m1) if m1 else 0.0
-        var = m2 - m1 * m1
-        return Moments(mean, 0.5 * log_q + 0.5 * math.log(var) if var > 0 else -math.inf,
-                       log_q + math.log(m2) if m2 > 0 else -math.inf, m2)
-    x, w = nodes()
-    u, log_s = activations.apply_scaled(act, x, 0.5 * log_q)
-    m = float(w @ u)
-    var = float(w @ (u - m) ** 2)
-    m2 = float(w @ (u * u))
-    d = activations.dphi_scaled(act, x, 0.5 * log_q)
-    with np.errstate(over="ignore"):
-        mean = m * math.exp(log_s) if log_s < 700 else math.copysign(math.inf, m) if m else 0.0
-    return Moments(mean, log_s + 0.5 * math.log(var) if var > 0 else -math.inf,
-                   2 * log_s + math.log(m2) if m2 > 0 else -math.inf, float(w @ (d * d)))
+    return _AtQ(act, log_q).moments
+
+
+@lru_cache(maxsize=None)
+def _hermite(n: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Hermite nodes and weights for E[f(x)], x ~ N(0, 1) (symmetric, as numpy makes them)."""
+    x, w = np.polynomial.hermite_e.hermegauss(n)
+    return x, w / w.sum()
 
 
 @lru_cache(maxsize=None)
 def _nodes2d(n: int = 48) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    x, w = np.polynomial.hermite_e.hermegauss(n)
-    w = w / w.sum()
+    x, w = _hermite(n)
     return x[:, None], x[None, :], np.outer(w, w)
+
+
+@lru_cache(maxsize=None)
+def _first_nodes() -> np.ndarray:
+    """The 1-D rule's nodes, then the 2-D rule's first coordinates (phi(z1) depends on them alone)."""
+    return np.concatenate([nodes()[0], _hermite()[0]])
+
+
+@lru_cache(maxsize=None)
+def _pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The 2-D rule's node pairs (first index i, x_i, y_j) and weights W_i W_j, less the pairs whose weight
+    is below 1e-20 of the largest. Those weigh 1e-20 in all, and phi grows at most linearly (the nodes stay
+    within |z| < 18), so leaving them out moves E[phi(z1) phi(z2)] by less than rounding does, and saves
+    almost half the evaluations of phi (tests/test_theory.py compares with the full rule)."""
+    x, w = _hermite()
+    ww = np.outer(w, w)
+    i, j = np.nonzero(ww >= 1e-20 * ww.max())
+    return i, x[i], x[j], ww[i, j]
+
+
+# Below this |c|, c x + s y rounds to y at every node of the 2-D rule: s = 1 and |c x| < 2^-54 |y|, which
+# is under half an ulp of y.
+_NEGLIGIBLE_C = 2.0**-54 * np.abs(_hermite()[0]).min() / np.abs(_hermite()[0]).max()
 
 
 def cos_post(act: Activation, log_q: float, c: float) -> float:
     """E[phi(z1) phi(z2)] / E[phi(z)^2] for z1, z2 ~ N(0, q) with correlation c:
     the predicted mean cosine similarity of two samples after the activation."""
-    c = min(max(c, -1.0), 1.0)
-    slopes = _limit_slopes(act, log_q)
-    if slopes is not None:  # closed form: the arc-cosine kernel (leaky: slopes a+, a-)
-        a, b = slopes
-        k = lambda r: (math.sqrt(max(0.0, 1 - r * r)) + (math.pi - math.acos(r)) * r) / (2 * math.pi)  # noqa: E731
-        return ((a * a + b * b) * k(c) - 2 * a * b * k(-c)) / ((a * a + b * b) / 2)
-    x, y, w = _nodes2d()
-    s = math.sqrt(max(0.0, 1 - c * c))
-    u1, l1 = activations.apply_scaled(act, np.broadcast_to(x, w.shape).copy(), 0.5 * log_q)
-    u2, l2 = activations.apply_scaled(act, c * x + s * y, 0.5 * log_q)
-    cross = float(np.sum(w * u1 * u2)) * math.exp(l1 + l2 - 2 * max(l1, l2)) if u1.any() else 0.0
-    m2 = moments(act, log_q)
-    return cross * math.exp(2 * max(l1, l2) - m2.log_m2) if math.isfinite(m2.log_m2) else math.nan
+    return _AtQ(act, log_q, with_dphi2=False).cos(c)
+
+
+def _phi_scaled(act: Activation, u: np.ndarray, log_s: float, renormalise: bool = False
+                ) -> tuple[np.ndarray, float]:
+    """:func:`activations.apply_scaled` (u float64) minus its per-call costs where it evaluates phi
+    directly. There phi(exp(log_s) u) stays far inside float64, and so do squares and products of two, so
+    scaling it to max |phi| = 1 as apply_scaled does is only done when asked."""
+    if abs(log_s) > activations._LOG_DIRECT:
+        return activations.apply_scaled(act, u, log_s)
+    h = act.phi(u * math.exp(log_s))
+    top = float(np.abs(h).max()) if renormalise else 0.0
+    return (h / top, math.log(top)) if top > 0 else (h, 0.0)
+
+
+class _AtQ:
+    """An activation's expectations at one q: its moments, and its c-map
+    ``cos`` (cos_post at any c) with everything that does not depend on c
+    done once, as a deep stack calls it at many c for one q. phi is
+    evaluated at the 1-D rule's nodes and the 2-D rule's first coordinates
+    in one pass; E[phi'(z)^2], which only gradients need, is nan without
+    ``with_dphi2``."""
+
+    def __init__(self, act: Activation, log_q: float, with_dphi2: bool = True):
+        self.act, self.log_q = act, log_q
+        self.slopes = _limit_slopes(act, log_q)
+        if self.slopes is not None:  # closed forms for a+ z / a- z: no quadrature, any q
+            a, b = self.slopes
+            m1 = (a - b) / math.sqrt(2 * math.pi)
+            m2 = (a * a + b * b) / 2
+            mean = m1 * math.exp(0.5 * log_q) if 0.5 * log_q < 709 else math.copysign(math.inf, m1) if m1 else 0.0
+            var = m2 - m1 * m1
+            self.moments = Moments(mean, 0.5 * log_q + 0.5 * math.log(var) if var > 0 else -math.inf,
+                                   log_q + math.log(m2) if m2 > 0 else -math.inf, m2)
+            return
+        x, w = nodes()
+        # Scaled to max |phi| = 1 as apply_scaled does: where phi(z) departs from phi(0) by a few ulps only
+        # (sigmoid at tiny q), the variance is rounding, and it stays that of apply_scaled's values.
+        h, log_s = _phi_scaled(act, _first_nodes(), 0.5 * log_q, renormalise=True)
+        u, self._u1, self._l1 = h[:len(x)], h[len(x):], log_s
+        m = float(w @ u)
+        m2 = float(w @ (u * u))
+        # E[u^2] - E[u]^2 loses at most a bit when E[u]^2 <= E[u^2] / 2; else the sum about the mean.
+        var = m2 - m * m if 2 * m * m <= m2 else float(w @ (u - m) ** 2)
+        dphi2 = math.nan
+        if with_dphi2:
+            d = activations.dphi_scaled(act, x, 0.5 * log_q)
+            dphi2 = float(w @ (d * d))
+        mean = m * math.exp(log_s) if log_s < 700 else math.copysign(math.inf, m) if m else 0.0
+        self.moments = Moments(mean, log_s + 0.5 * math.log(var) if var > 0 else -math.inf,
+                               2 * log_s + math.log(m2) if m2 > 0 else -math.inf, dphi2)
+
+    def cos(self, c: float) -> float:
+        """cos_post(act, log_q, c)."""
+        c = min(max(c, -1.0), 1.0)
+        if self.slopes is not None:  # the arc-cosine kernel (leaky: slopes a+, a-)
+            a, b = self.slopes
+            return ((a * a + b * b) * _arccos(c) - 2 * a * b * _arccos(-c)) / ((a * a + b * b) / 2)
+        log_m2 = self.moments.log_m2
+        if not math.isfinite(log_m2):
+            return math.nan
+        # E[phi(z1) phi(z2)] by the 2-D rule: phi(z1) at node x_i, phi(z2) at c x_i + s y_j. Two cases take
+        # the rule's own nodes with 48 evaluations of phi, not one per pair.
+        x, w = _hermite()
+        s = math.sqrt(max(0.0, 1 - c * c))
+        l1 = self._l1
+        if abs(c) < _NEGLIGIBLE_C:  # c x_i + s y_j rounds to y_j: phi(z2) is phi(z1) transposed, the sum factors
+            mean1 = float(w @ self._u1)
+            cross, l2 = mean1 * mean1, l1
+        elif s == 0:  # c = +-1: phi(z2) = phi(c x_i) on row i, whose weights W_j sum to 1
+            r, l2 = _phi_scaled(self.act, c * x, 0.5 * self.log_q)
+            cross = float((w * self._u1) @ r)
+        else:
+            i, xi, yj, wij = _pairs()
+            u2, l2 = _phi_scaled(self.act, c * xi + s * yj, 0.5 * self.log_q)
+            cross = float((wij * self._u1[i]) @ u2)
+        top = max(l1, l2)
+        cross *= math.exp(l1 + l2 - 2 * top)
+        return cross * math.exp(2 * top - log_m2)
+
+
+def _arccos(r: float) -> float:
+    return (math.sqrt(max(0.0, 1 - r * r)) + (math.pi - math.acos(r)) * r) / (2 * math.pi)
 
 
 def _logaddexp(a: float, b: float) -> float:
-    return float(np.logaddexp(a, b))
+    """numpy.logaddexp's algorithm on Python floats (a numpy scalar call costs more than the arithmetic)."""
+    if a == b:  # also both infinite
+        return a + math.log(2.0)
+    d = a - b
+    return a + math.log1p(math.exp(-d)) if d > 0 else b + math.log1p(math.exp(d))
 
 
 def bias_log_variance(scheme: inits.Scheme, bias_std: float | None, fan_in: int) -> float:
@@ -155,55 +243,123 @@ def predict(spec: RunSpec) -> pd.DataFrame:
     net = spec.network
     scheme = net.init.resolve()
     depth = net.depth
-    rows: list[dict[str, float]] = []
     if scheme.user is not None:
         return pd.DataFrame({"layer": range(depth + 1)})
-    log_m2 = 2 * math.log(spec.input_std) if spec.input_file is None else None
-    cos = 0.0
     if spec.input_file is not None:
         from .engine import make_inputs  # the file's own moments seed the recursion
         from .stats import side_stats
 
         s0 = side_stats(*make_inputs(spec, 0))  # a file is never all zeros (spec.load_input)
         log_m2, cos = math.log(s0["second_moment"]), s0["cos_sim"]
-        rows.append(_row("post", s0["mean"], s0["log10_std"] * _LN10, log_m2, cos))
+        first = (math.nan, math.nan, s0["mean"], s0["log10_std"] * _LN10, log_m2, cos, math.nan)
     else:
-        mean0 = 0.0
-        rows.append(_row("post", mean0, 0.5 * log_m2, log_m2, 0.0))
-    dphi2 = [math.nan]
-    gains_fwd = [math.nan]
-    for layer in range(1, depth + 1):
-        n_in, n_out = net.widths[layer - 1], net.widths[layer]
-        act = activations.get(net.activation_at(layer), net.leaky_slope)
-        log_nv = math.log(n_in * inits.variance(scheme, n_in, n_out))
-        log_vb = bias_log_variance(scheme, net.bias_std, n_in)
+        log_m2, cos = 2 * math.log(spec.input_std), 0.0
+        first = (math.nan, math.nan, 0.0, 0.5 * log_m2, log_m2, 0.0, math.nan)
+    steps = np.array([first, *_forward(spec, scheme, log_m2, cos)]).T
+    log_q, c_pre, mean, log_sd, log_m2s, coss, dphi2 = steps
+    pre_mean = np.zeros(depth + 1)
+    pre_mean[0] = math.nan  # layer 0 is the input: it has no pre-activation
+    df = pd.DataFrame({"layer": range(depth + 1), **_columns("post", mean, log_sd, log_m2s, coss),
+                       **_columns("pre", pre_mean, 0.5 * log_q, log_q, c_pre)})
+    if spec.backward:
+        _fill_dphi2(dphi2, log_q, net)
+        _predict_backward(df, spec, scheme, dphi2)
+    _finite_width_band(df, spec, scheme)
+    return df
+
+
+def _fill_dphi2(dphi2: np.ndarray, log_q: np.ndarray, net: NetworkSpec) -> None:
+    """Fill in E[phi'(z)^2] where :func:`_forward` left it out (nan): it does
+    not feed the recursion, so it is computed for all layers at once."""
+    names = np.array([""] + [net.activation_at(layer) for layer in range(1, net.depth + 1)])
+    for name in set(names[1:]):
+        todo = (names == name) & np.isnan(dphi2)
+        if todo.any():
+            log_qs, where = np.unique(log_q[todo], return_inverse=True)
+            dphi2[todo] = _dphi2(activations.get(name, net.leaky_slope), log_qs)[where]
+
+
+def _dphi2(act: Activation, log_q: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """E[phi'(z)^2] at each of many q: ``moments(act, log_q).dphi2``, vectorised over q (in chunks that stay
+    in cache)."""
+    x, w = nodes()
+    out = np.empty(len(log_q))
+    for i in range(0, len(log_q), chunk):
+        # As dphi_scaled(act, x, log_s) computes it: x times exp(log_s), exp capped at 600.
+        scale = np.exp(np.minimum(0.5 * log_q[i:i + chunk], 600.0))
+        d = activations.dphi_scaled(act, scale[:, None] * x, 0.0)
+        out[i:i + chunk] = (d * d) @ w
+    return out
+
+
+# One layer of the forward recursion: log q and c entering the activation, then the post-activation
+# mean, log sd, log E[h^2], cos and E[phi'(z)^2] (nan where it takes quadrature: see _fill_dphi2).
+_Step = tuple[float, float, float, float, float, float, float]
+
+
+def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reuse: bool = True) -> list[_Step]:
+    """The recursion from the input's log E[h^2] and cos through layers 1..L.
+
+    A layer's step is a deterministic function of its shape, activation and
+    BN and of (log_m2, cos) from the layer below, and deep stacks revisit
+    those inputs: q and c reach a fixed point (or a cycle in the last bits),
+    or q settles while c still moves. With ``reuse`` a step whose inputs are
+    bitwise those of an earlier one is copied, as are the moments and c-map
+    of a log q met before. That is exact, not a tolerance-based stop: the
+    same inputs give bitwise the same outputs (tested against
+    ``reuse=False``, which computes every layer afresh).
+    """
+    net = spec.network
+    names = {net.activation_at(1), net.activation_at(net.depth)}
+    acts = {name: activations.get(name, net.leaky_slope) for name in names}
+    bn_layers = set(net.bn_layers)
+    log_eps = math.log(net.bn_eps)
+    levels: dict[tuple[str, float], _AtQ] = {}
+
+    def level(name: str, log_q: float) -> _AtQ:
+        found = levels.get((name, log_q)) if reuse else None
+        if found is None:
+            found = _AtQ(acts[name], log_q, with_dphi2=False)
+            if reuse:
+                levels[name, log_q] = found
+        return found
+
+    @lru_cache(maxsize=None)
+    def log_variances(n_in: int, n_out: int) -> tuple[float, float]:
+        """log(n_in Var W_ij) and log Var b_i."""
+        return math.log(n_in * inits.variance(scheme, n_in, n_out)), bias_log_variance(scheme, net.bias_std, n_in)
+
+    def step(n_in: int, n_out: int, name: str, bn: bool, log_m2: float, cos: float) -> _Step:
+        log_nv, log_vb = log_variances(n_in, n_out)
         log_sig = log_nv + log_m2
         log_q = _logaddexp(log_sig, log_vb)
         ratio_b = math.exp(min(log_vb - log_sig, 700.0))
         c_pre = (cos + ratio_b) / (1 + ratio_b)
-        bn = layer in net.bn_layers
         if bn and net.bn_position == "pre":
-            log_q = log_q - _logaddexp(log_q, math.log(net.bn_eps))
+            log_q = log_q - _logaddexp(log_q, log_eps)
             c_pre = math.nan
-        row = _row("pre", 0.0, 0.5 * log_q, log_q, c_pre)
-        mo = moments(act, log_q)
+        at_q = level(name, log_q)
+        mo = at_q.moments
         mean, log_sd, log_m2_post = mo.mean, mo.log_sd, mo.log_m2
-        cos = cos_post(act, log_q, c_pre) if not math.isnan(c_pre) else math.nan
+        cos = at_q.cos(c_pre) if not math.isnan(c_pre) else math.nan
         if bn and net.bn_position == "post":
             log_var = 2 * log_sd
-            log_m2_post = log_var - _logaddexp(log_var, math.log(net.bn_eps))
+            log_m2_post = log_var - _logaddexp(log_var, log_eps)
             mean, log_sd, cos = 0.0, 0.5 * log_m2_post, math.nan
-        row.update(_row("post", mean, log_sd, log_m2_post, cos))
-        rows.append(row)
-        log_m2 = log_m2_post
-        dphi2.append(mo.dphi2)
-        gains_fwd.append(log_nv)
-    df = pd.DataFrame(rows)
-    df.insert(0, "layer", range(depth + 1))
-    if spec.backward:
-        _predict_backward(df, spec, scheme, dphi2)
-    _finite_width_band(df, spec, scheme)
-    return df
+        return log_q, c_pre, mean, log_sd, log_m2_post, cos, mo.dphi2
+
+    out: list[_Step] = []
+    steps: dict[tuple[Any, ...], _Step] = {}
+    for layer in range(1, net.depth + 1):
+        key = (net.widths[layer - 1], net.widths[layer], net.activation_at(layer), layer in bn_layers, log_m2, cos)
+        found = steps.get(key) if reuse else None
+        if found is None:
+            found = step(*key)
+            if reuse:
+                steps[key] = found
+        out.append(found)
+        log_m2, cos = found[4], found[5]
+    return out
 
 
 def _log_chi2_moments(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -231,13 +387,15 @@ def _finite_width_band(df: pd.DataFrame, spec: RunSpec, scheme: inits.Scheme) ->
     if acts == {"linear"}:
         mean, var = _log_chi2_moments(n)
     else:  # relu: K ~ Binomial(n, 1/2) units are active; chi2_K / n relative to its mean-field value n/2
-        mean, var = np.empty_like(n), np.empty_like(n)
-        for i, width in enumerate(n.astype(int)):
+        widths, layer_of = np.unique(n.astype(int), return_inverse=True)  # once per distinct width
+        mean, var = np.empty(len(widths)), np.empty(len(widths))
+        for i, width in enumerate(widths):
             k = np.arange(1, width + 1)
             p = stats_binom_pmf(k, width)
             m_k = special.digamma(k / 2) + math.log(2) - math.log(width / 2)
             mean[i] = p @ m_k
             var[i] = p @ (special.polygamma(1, k / 2) + m_k**2) - mean[i] ** 2
+        mean, var = mean[layer_of], var[layer_of]
     # log std = 0.5 log m2; the std is also taken about the sample mean, a negligible difference here.
     shift = np.concatenate([[0.0], np.cumsum(0.5 * mean) / _LN10])
     sd = np.concatenate([[0.0], np.sqrt(np.cumsum(0.25 * var)) / _LN10])
@@ -255,7 +413,7 @@ def stats_binom_pmf(k: np.ndarray, n: int) -> np.ndarray:
     return np.exp(logp)
 
 
-def _predict_backward(df: pd.DataFrame, spec: RunSpec, scheme: inits.Scheme, dphi2: list[float]) -> None:
+def _predict_backward(df: pd.DataFrame, spec: RunSpec, scheme: inits.Scheme, dphi2: np.ndarray) -> None:
     net = spec.network
     depth = net.depth
     log_g = [math.nan] * (depth + 1)
@@ -275,11 +433,16 @@ def _predict_backward(df: pd.DataFrame, spec: RunSpec, scheme: inits.Scheme, dph
         df[f"theory_{side}_mean"] = np.where(np.isnan(logs), np.nan, 0.0)
 
 
-def _row(side: str, mean: float, log_sd: float, log_m2: float, cos: float) -> dict[str, float]:
-    big = lambda v: math.exp(v) if v < 709.7 else math.inf  # noqa: E731
-    return {f"theory_{side}_mean": mean, f"theory_{side}_std": big(log_sd),
-            f"theory_{side}_log10_std": log_sd / _LN10, f"theory_{side}_second_moment": big(log_m2),
+def _columns(side: str, mean: np.ndarray, log_sd: np.ndarray, log_m2: np.ndarray, cos: np.ndarray
+             ) -> dict[str, np.ndarray]:
+    return {f"theory_{side}_mean": mean, f"theory_{side}_std": _big(log_sd),
+            f"theory_{side}_log10_std": log_sd / _LN10, f"theory_{side}_second_moment": _big(log_m2),
             f"theory_{side}_cos_sim": cos}
+
+
+def _big(log_v: np.ndarray) -> np.ndarray:
+    """exp(log_v), inf where beyond float64 (nan stays nan)."""
+    return np.where(log_v >= 709.7, np.inf, np.exp(np.minimum(log_v, 709.7)))
 
 
 # --- the (sigma_w, sigma_b) picture of the mean-field papers ---------------

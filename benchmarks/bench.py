@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import varprop  # noqa: E402
+import varprop.theory  # noqa: E402
 
 try:
     import torch
@@ -76,7 +77,28 @@ def make_floor(width: int, depth: int, n: int, dtype: str):
 
 
 def rng_alone(width: int, depth: int, n: int, dtype: str) -> None:
-    np.random.default_rng(0).standard_normal(width * width * depth, dtype=np.dtype(dtype).type)
+    rng = np.random.default_rng(0)
+    for _ in range(depth):
+        rng.standard_normal((width, width), dtype=np.dtype(dtype).type)
+
+
+def theory_seconds(depth: int = 10_000) -> dict[str, float]:
+    """Time of the theory's per-layer predictions for ``depth`` layers, per activation."""
+    out = {}
+    for act in ("linear", "relu", "tanh", "sigmoid", "gelu", "selu"):
+        spec = varprop.RunSpec(varprop.NetworkSpec.square(depth, 100, init="fan_in", activation=act))
+        t = time.perf_counter()
+        varprop.theory.predict(spec)
+        out[act] = time.perf_counter() - t
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
 def time_interleaved(cases: dict, repeats: int) -> dict[str, list[float]]:
@@ -108,7 +130,8 @@ def main() -> None:
     args = ap.parse_args()
     repeats = 3 if args.quick else 7
     sizes = [(100, 100, 500), (1024, 20 if args.quick else 100, 1024)]
-    rows, data = [], {"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+    rows, data = [], {"machine": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+                      "python": platform.python_version(),
                       "numpy": np.__version__, "torch": torch.__version__ if torch else None, "cases": []}
     for width, depth, n in sizes:
         for dtype in ("float32", "float64"):
@@ -139,15 +162,35 @@ def main() -> None:
         "forward+backward depth 100": peak_rss_mib(mem_code.format(d=100, b=", backward=True")),
     }
     data["peak_rss_mib"] = memory
+    data["theory_10000_layers_s"] = theory = theory_seconds()
+    big = next(c["median_s"] for c in data["cases"] if c["width"] == 1024 and c["dtype"] == "float32")
+    fwd = big["varprop forward"]
+    checks = [
+        ("varprop forward / PyTorch + hooks", fwd / big["pytorch + hooks"] if "pytorch + hooks" in big else None,
+         "<= 0.8"),
+        ("varprop forward / floor (matmuls only)", fwd / big["floor (matmuls only)"], "<= 1.5"),
+        ("naive numpy loop / varprop forward", big["naive numpy loop"] / fwd, ">= 3"),
+        ("varprop forward+backward / forward", big["varprop forward+backward"] / fwd, "<= 2.5"),
+        (f"peak RSS forward depth {deep} / depth 10", memory[f"forward depth {deep}"] / memory["forward depth 10"],
+         "<= 1.2"),
+        ("theory for 10,000 layers, slowest activation (s)", max(theory.values()), "well under 1"),
+    ]
+    data["targets"] = {name: value for name, value, _ in checks}
+    big_name = next(c for c, *_ in rows if c.startswith("1024x") and c.endswith("float32"))
     lines = ["# Benchmark results", "",
              f"Command: `python benchmarks/bench.py{' --quick' if args.quick else ''}`; machine: {data['machine']}, "
-             f"{data['cpus']} CPUs; Python {data['python']}, numpy {data['numpy']}, "
+             f"{data['cpu']}, {data['cpus']} CPUs; Python {data['python']}, numpy {data['numpy']}, "
              f"torch {data['torch'] or 'not installed'}. Medians of {repeats} interleaved repeats; ratio = time / "
-             "varprop forward's.", "",
-             "| case | contender | median (s) | ratio to varprop forward |", "|---|---|---:|---:|"]
+             "varprop forward's. varprop, the naive loop, the floor and PyTorch all use every core.", "",
+             f"## Targets (case {big_name})", "", "| measure | value | target |", "|---|---:|---|"]
+    lines += [f"| {name} | {'not measured' if v is None else f'{v:.2f}'} | {target} |" for name, v, target in checks]
+    lines += ["", "## Times", "",
+              "| case | contender | median (s) | ratio to varprop forward |", "|---|---|---:|---:|"]
     lines += [f"| {c} | {name} | {t:.4f} | {r:.2f} |" for c, name, t, r in rows]
-    lines += ["", "Peak RSS of a fresh process (MiB; width 256, 256 samples):", "",
+    lines += ["", "## Memory", "", "Peak RSS of a fresh process (MiB; width 256, 256 samples):", "",
               "| run | peak RSS (MiB) |", "|---|---:|"] + [f"| {k} | {v:.0f} |" for k, v in memory.items()]
+    lines += ["", "## Theory", "", "`theory.predict` for 10,000 layers of width 100 (seconds):", "",
+              "| activation | seconds |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in theory.items()]
     if torch is None:
         lines += ["", "PyTorch is not installed here, so the PyTorch + hooks peer was not measured "
                   "(`pip install torch` and rerun)."]

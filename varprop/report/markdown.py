@@ -165,7 +165,6 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
     configs = meta["configs"]
     reps = int(layers["replicate"].nunique())
     labels = [c["label"] for c in configs]
-    varied_keys = list(dict.fromkeys(k for c in configs for k in c["varied"]))
     title = meta.get("title") or default_title(meta)
     doc = Document(title)
     if meta.get("command"):

@@ -11,7 +11,6 @@ from varprop import batchnorm, engine
 from varprop.activations import NAMES
 from varprop.spec import SpecError
 
-from statcheck import t_two_sided
 from test_propagation import assert_mean, pivot, rank_one_log10_slope
 
 WIDTHS = (6, 7, 5, 4)
@@ -26,22 +25,22 @@ def small_spec(activation, bn_position=None, batch_size=4):
 def objective(spec, x):
     """sum(g_L * h_L) for inputs x: the scalar the backward pass differentiates."""
     net = engine._Network(spec, 0)
-    u, log_h = engine._renorm(x.copy(), 0.0)
+    h = engine.values(*engine._renorm(x.copy(), 0.0))
     for layer in range(1, spec.network.depth + 1):
-        u, log_h, _, _ = net.step(layer, u, log_h, stats=False, keep=False)
-    return float(np.sum(engine.upstream(spec, 0) * u * math.exp(log_h)))
+        h, _, _ = net.step(layer, h, stats=False, keep=False)
+    return float(np.sum(engine.upstream(spec, 0) * h.u * math.exp(h.log_s)))
 
 
 def input_gradient(spec, x):
     net = engine._Network(spec, 0)
-    u, log_h = engine._renorm(x.copy(), 0.0)
+    h = engine.values(*engine._renorm(x.copy(), 0.0))
     tapes = {}
     for layer in range(1, spec.network.depth + 1):
-        u, log_h, _, tapes[layer] = net.step(layer, u, log_h, stats=False, keep=True)
-    g, log_g = engine._renorm(engine.upstream(spec, 0), 0.0)
+        h, _, tapes[layer] = net.step(layer, h, stats=False, keep=True)
+    g = engine.values(engine.upstream(spec, 0), 0.0)
     for layer in range(spec.network.depth, 0, -1):
-        g, log_g = net.back(layer, tapes[layer], g, log_g, {})
-    return g * math.exp(log_g)
+        g, _ = net.back(layer, tapes[layer], g, {})
+    return g.u * math.exp(g.log_s)
 
 
 def max_fd_error(spec):

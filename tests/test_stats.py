@@ -64,13 +64,13 @@ def test_log10_mean_pow10_handles_huge_and_zero():
 
 
 def test_side_stats_over_many_blocks():
-    """Five blocks of rows on three threads: the block sums combine to the
-    whole-array definitions (a mean 1000 sd's from zero costs no digits),
+    """Five blocks of rows, each summed in several pieces, on three threads:
+    the sums combine to the whole-array definitions (a mean 1000 sd's from zero costs no digits),
     and the thread count changes no bit."""
     from varprop.parallel import Pool, row_chunks
 
     rng = np.random.default_rng(2)
-    x = 1e3 + rng.standard_normal((600, 1024))
+    x = 1e3 + rng.standard_normal((1200, 1024))
     x[5] = 0  # a dead sample among the first 128, whose |cos| is then taken over the next live ones
     assert len(row_chunks(*x.shape)) == 5
     got = side_stats(x, 0.0)

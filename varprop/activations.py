@@ -28,7 +28,7 @@ Array = np.ndarray
 # evaluated directly in float64 (|x| <= ~1e130 * max|u|, squares stay finite).
 _LOG_DIRECT = 300.0
 # For float32 compute, phi is evaluated in float32 while s is in this range.
-_LOG_DIRECT_F32 = 20.0
+LOG_DIRECT_F32 = 20.0
 
 SELU_LAMBDA = 1.0507009873554804934193349852946
 SELU_ALPHA = 1.6732632423543772848170429916717
@@ -150,7 +150,7 @@ def apply_scaled(act: Activation, u: Array, log_s: float) -> tuple[Array, float]
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         # float32 arithmetic only where phi(0) = 0: sigmoid's 0.5 + x/4 would
         # quantise the small-scale signal away.
-        if u.dtype == np.float32 and abs(log_s) < _LOG_DIRECT_F32 and act.phi0 == 0:
+        if u.dtype == np.float32 and abs(log_s) < LOG_DIRECT_F32 and act.phi0 == 0:
             return act.phi(u * np.float32(math.exp(log_s))), 0.0
         if abs(log_s) <= _LOG_DIRECT:
             h = act.phi(u.astype(np.float64) * math.exp(log_s))
@@ -180,7 +180,7 @@ def dphi_scaled(act: Activation, u: Array, log_s: float) -> Array:
     is constant to float64 precision for every registered activation.
     """
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        if u.dtype == np.float32 and abs(log_s) < _LOG_DIRECT_F32:
+        if u.dtype == np.float32 and abs(log_s) < LOG_DIRECT_F32:
             return act.dphi(u * np.float32(math.exp(log_s)))
         x = np.clip(u.astype(np.float64) * math.exp(min(log_s, 600.0)), -1e6, 1e6)
         return act.dphi(x)

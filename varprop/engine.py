@@ -1,17 +1,20 @@
 """Monte-Carlo forward and backward propagation with streaming per-layer statistics.
 
-Values are carried as ``h = exp(log_s) * u`` with ``u`` renormalised to unit
-RMS after every step, so nothing overflows at any depth (DESIGN.md); the
-backward pass carries gradients the same way. The forward pass holds one
-layer at a time. The backward pass needs each layer's input and activation
-derivative: it keeps them for every layer when that fits in ``max_memory``,
-else keeps only every k-th layer's output (k ~ sqrt(L)) and recomputes each
-segment, bit for bit, on the way down; the weights are kept too when
-everything fits, else redrawn from their seeds. Every random draw comes from
-its own generator keyed by (seed; replicate, layer, role[, block]), and work
-is split into blocks fixed by the shapes (parallel.py), so results do not
-depend on the order of work or the thread count, and replicate r of every
-configuration sees the same underlying draws (common random numbers).
+Values are carried as ``h = exp(log_s) * u`` with ``u`` of mean square near
+one: each product is scaled, block by block while in cache, by a factor set
+from its input's exact mean square, so nothing overflows at any depth
+(DESIGN.md); the backward pass carries gradients the same way. A layer is one
+map over fixed blocks of samples (product, bias, activation and float64 sums
+of both sides), with the next layer's weights drawn in the same map. The
+forward pass holds one layer at a time. The backward pass needs each layer's
+input and activation derivative: it keeps them for every layer when that fits
+in ``max_memory``, else keeps only every k-th layer's output (k ~ sqrt(L)) and
+recomputes each segment, bit for bit, on the way down; the weights are kept
+too when everything fits, else redrawn from their seeds. Every random draw
+comes from its own generator keyed by (seed; replicate, layer, role[, block]),
+and work is split into blocks fixed by the shapes (parallel.py), so results
+do not depend on the order of work or the thread count, and replicate r of
+every configuration sees the same underlying draws (common random numbers).
 
 >>> from varprop.spec import NetworkSpec
 >>> df = simulate(NetworkSpec.square(layers=3, width=50, init="fan_in"), samples=200, seed=1)
@@ -25,7 +28,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,7 +37,8 @@ from threadpoolctl import threadpool_limits
 from . import activations, batchnorm, inits, theory
 from .spec import Config, NetworkSpec, RunSpec, SpecError, expand, load_input, parse_threads, to_options
 from .parallel import SERIAL, Pool, row_chunks
-from .stats import SATURATION, STATS, empty_stats, side_stats
+from .stats import (ABS_COS_SAMPLES, SATURATION, STATS, Sums, block_sums, empty_stats, from_sums, head_cos,
+                    side_stats_ms)
 
 ROLES = {"inputs": 0, "weights": 1, "bias": 2, "upstream": 3}
 # Histograms of h / rms(h) at the first, middle and last layer of replicate 0.
@@ -99,13 +103,6 @@ def _renorm(u: np.ndarray, log_s: float, pool: Pool = SERIAL) -> tuple[np.ndarra
     return u, log_s
 
 
-def _matmul(a: np.ndarray, b: np.ndarray, pool: Pool) -> np.ndarray:
-    """``a @ b`` computed in fixed blocks of a's rows."""
-    out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
-    pool.map(lambda rows: np.matmul(a[rows], b, out=out[rows]), row_chunks(a.shape[0], b.shape[1]))
-    return out
-
-
 def _narrow(v: np.ndarray, log_s: float, dtype: type, pool: Pool = SERIAL) -> tuple[np.ndarray, float]:
     """A float64 pair renormalised in float64 and only then cast to ``dtype``,
     so entries far below the largest keep their value rather than flushing."""
@@ -113,21 +110,42 @@ def _narrow(v: np.ndarray, log_s: float, dtype: type, pool: Pool = SERIAL) -> tu
     return v.astype(dtype, copy=False), log_s
 
 
-def _add_bias(z: np.ndarray, log_z: float, b: np.ndarray) -> tuple[np.ndarray, float]:
-    """``exp(log_z) * z + b`` as a (u, log_s) pair, whichever term dominates."""
+def _bias_terms(log_z: float, b: np.ndarray) -> tuple[float, float | None]:
+    """How ``exp(log_z) * z + b`` is carried: the log-scale of the sum and
+    the bias in its units (None for a zero bias), whichever term dominates."""
     peak = float(np.max(np.abs(b)))
     if peak == 0:
-        return z, log_z
+        return log_z, None
     rms_b = peak * math.sqrt(float(np.mean((b / peak) ** 2)))
     top = max(log_z, math.log(rms_b))
-    if log_z < top:
-        z *= z.dtype.type(math.exp(log_z - top))
-    z += (b * math.exp(-top)).astype(z.dtype)
-    return z, top
+    return top, b * math.exp(-top)
 
 
 def _prefix(side: str, stats: Mapping[str, float]) -> dict[str, float]:
     return {f"{side}_{k}": v for k, v in stats.items()}
+
+
+def _prescale(n: int, ms_in: float, ms_w: float, dtype: type) -> Any:
+    """The factor c, in the compute dtype, that brings ``c * (u @ W0)`` to a
+    mean square near 1: E ms(u @ W0) = n ms(u) ms(W0) over the draw of W0.
+    Applied to each block of the product while it is in cache, it replaces
+    a renormalising pass; the next layer's factor uses this layer's exact
+    mean square, so the small miss never compounds."""
+    c = dtype(1 / math.sqrt(n * ms_in * ms_w)) if ms_in > 0 and math.isfinite(ms_in) else dtype(1)
+    return c if math.isfinite(c) and c > 0 else dtype(1)
+
+
+class Values(NamedTuple):
+    """A layer's values ``exp(log_s) * u`` and the float64 mean square of u."""
+
+    u: np.ndarray
+    log_s: float
+    ms: float
+
+
+def values(u: np.ndarray, log_s: float, pool: Pool = SERIAL) -> Values:
+    """``(u, log_s)`` with u's mean square attached."""
+    return Values(u, log_s, side_stats_ms(u, log_s, pool=pool)[1])
 
 
 @dataclass
@@ -141,12 +159,20 @@ class _Tape:
 
 
 class _Network:
-    """A RunSpec resolved for one replicate: draws weights, steps layers."""
+    """A RunSpec resolved for one replicate: draws weights, steps layers.
+
+    A layer's work is one map over fixed blocks of samples (product, bias,
+    activation and both sides' float64 sums, while the block is in cache),
+    with the next layer's weights drawn in the same map; batch-norm layers,
+    and activations whose evaluation needs the whole layer's scale, take a
+    phased path instead.
+    """
 
     def __init__(self, spec: RunSpec, replicate: int, pool: Pool = SERIAL, keep_weights: bool = False):
         self.spec, self.net, self.rep, self.pool = spec, spec.network, replicate, pool
         # Weights kept from the forward pass for the backward one, when they fit.
         self.kept: dict[int, tuple[np.ndarray, float]] | None = {} if keep_weights else None
+        self.ready: dict[int, tuple[np.ndarray, float]] = {}  # drawn ahead, during the previous layer
         self.scheme = spec.network.init.resolve()
         self.dtype = np.dtype(spec.dtype).type
         self.with_bias = inits.has_bias(self.scheme, self.net.bias_std)
@@ -154,27 +180,50 @@ class _Network:
                               for l in range(1, self.net.depth + 1)]
 
     def weights(self, layer: int) -> tuple[np.ndarray, float]:
-        if self.kept is not None and layer in self.kept:
+        """``(W0, scale)`` of a layer: drawn ahead, kept, or drawn now."""
+        if layer in self.ready:
+            w = self.ready.pop(layer)
+        elif self.kept is not None and layer in self.kept:
             return self.kept.pop(layer)
-        w = self._draw_weights(layer)
+        else:
+            w = self._draw_now(layer)
         if self.kept is not None:
             self.kept[layer] = w
         return w
 
-    def _draw_weights(self, layer: int) -> tuple[np.ndarray, float]:
-        n_in, n_out = self.net.widths[layer - 1], self.net.widths[layer]
-        s = self.scheme
-        if s.user is None and not s.orthogonal:
-            # Fixed blocks of rows, each from its own node of the seed tree:
-            # drawn in parallel, the same numbers on any number of threads.
-            w0 = np.empty((n_in, n_out), self.dtype)
+    def _by_blocks(self) -> bool:
+        return self.scheme.user is None and not self.scheme.orthogonal
 
-            def fill(block: tuple[int, slice]) -> None:
-                rng = generator(self.spec.seed, self.rep, layer, "weights", block[0])
-                rows = block[1]
-                w0[rows] = inits.standard_draw(s.distribution, rng, (rows.stop - rows.start, n_out), self.dtype)
-            self.pool.map(fill, enumerate(row_chunks(n_in, n_out)))
-            return w0, inits.weight_scale(s, n_in, n_out)
+    def weight_ms(self, layer: int, w0: np.ndarray) -> float:
+        """The mean square of W0's entries: expected for built-in draws, else measured."""
+        s = self.scheme
+        if self._by_blocks():
+            return inits.unit_sd(s.distribution) ** 2
+        if s.orthogonal:
+            return 1 / max(self.net.widths[layer - 1], self.net.widths[layer])
+        return side_stats_ms(w0, 0.0, pool=self.pool)[1] or 1.0
+
+    def draw_tasks(self, layer: int) -> list[Callable[[], None]]:
+        """Tasks that draw a layer's weights into ``ready``, in fixed blocks of
+        rows, each from its own node of the seed tree: the same numbers on any
+        number of threads. Empty when the layer's weights are not drawn by blocks."""
+        if not self._by_blocks() or layer in self.ready or (self.kept is not None and layer in self.kept):
+            return []
+        n_in, n_out = self.net.widths[layer - 1], self.net.widths[layer]
+        w0 = np.empty((n_in, n_out), self.dtype)
+        self.ready[layer] = (w0, inits.weight_scale(self.scheme, n_in, n_out))
+
+        def fill(block: int, rows: slice) -> None:
+            rng = generator(self.spec.seed, self.rep, layer, "weights", block)
+            w0[rows] = inits.standard_draw(self.scheme.distribution, rng, (rows.stop - rows.start, n_out), self.dtype)
+        return [lambda b=b, rows=rows: fill(b, rows) for b, rows in enumerate(row_chunks(n_in, n_out))]
+
+    def _draw_now(self, layer: int) -> tuple[np.ndarray, float]:
+        tasks = self.draw_tasks(layer)
+        if tasks:
+            self.pool.map(lambda task: task(), tasks)
+            return self.ready.pop(layer)
+        n_in, n_out = self.net.widths[layer - 1], self.net.widths[layer]
         try:
             return inits.draw_weights(self.scheme, generator(self.spec.seed, self.rep, layer, "weights"), n_in, n_out,
                                       self.dtype)
@@ -188,83 +237,162 @@ class _Network:
         y, log_y = _renorm(y, log_y, self.pool)
         return y, log_y, cache
 
-    def step(self, layer: int, u: np.ndarray, log_h: float, stats: bool, keep: bool
-             ) -> tuple[np.ndarray, float, dict[str, Any] | None, _Tape | None]:
-        """Layer ``layer`` forward: its output, its statistics row, its tape."""
-        net, act = self.net, self.acts[layer]
+    def _blockwise(self, layer: int, log_z: float) -> bool:
+        """Whether phi can be evaluated block by block at this scale, with a
+        result scale that does not depend on the values (activations.apply_scaled)."""
+        act = self.acts[layer]
+        if layer in self.net.bn_layers:
+            return False
+        return act.homogeneous or (self.dtype is np.float32 and abs(log_z) < activations.LOG_DIRECT_F32
+                                    and act.phi0 == 0)
+
+    def step(self, layer: int, x: Values, stats: bool, keep: bool, ahead: int | None = None
+             ) -> tuple[Values, dict[str, Any] | None, _Tape | None]:
+        """Layer ``layer`` forward: its output, its statistics row, its tape.
+        ``ahead`` names a layer whose weights are drawn meanwhile."""
+        net, act, pool, dtype = self.net, self.acts[layer], self.pool, self.dtype
+        n_in, n_out, n = net.widths[layer - 1], net.widths[layer], x.u.shape[0]
         w0, w_scale = self.weights(layer)
-        z = _matmul(u, w0, self.pool)
-        del w0
-        log_z = log_h + math.log(w_scale)
+        c = _prescale(n_in, x.ms, self.weight_ms(layer, w0), dtype)
+        log_z = x.log_s + math.log(w_scale) - math.log(float(c))
+        bias = None
         if self.with_bias:
-            n_in, n_out = net.widths[layer - 1], net.widths[layer]
-            bias = inits.draw_bias(self.scheme, net.bias_std, generator(self.spec.seed, self.rep, layer, "bias"),
-                                   n_in, n_out)
-            z, log_z = _add_bias(z, log_z, bias)
-        z, log_z = _renorm(z, log_z, self.pool)
-        bn_here = layer in net.bn_layers
+            b = inits.draw_bias(self.scheme, net.bias_std, generator(self.spec.seed, self.rep, layer, "bias"),
+                                n_in, n_out)
+            top, bias = _bias_terms(log_z, b)
+            if bias is not None:
+                c, log_z, bias = dtype(float(c) * math.exp(log_z - top)), top, bias.astype(dtype)
+        blockwise = self._blockwise(layer, log_z)
+        linear = act.name == "linear"
+        z = np.empty((n, n_out), dtype)
+        h = z if linear or not blockwise else np.empty_like(z)
+        log_h = log_z if act.homogeneous else 0.0
+        dphi = None if linear or not blockwise else np.empty(z.shape, bool if act.homogeneous else dtype)
+        chunks = row_chunks(n, n_out)
+        head_rows = min(ABS_COS_SAMPLES, n)
+
+        def block(rows: slice) -> tuple[Sums | None, Sums | None, int, float, float]:
+            zb = z[rows]
+            np.matmul(x.u[rows], w0, out=zb)
+            zb *= c
+            if bias is not None:
+                zb += bias
+            if not blockwise:
+                return None, None, 0, math.nan, math.nan
+            with_head = rows.start == 0 and rows.stop >= head_rows
+            pre = block_sums(zb)
+            head_pre = head_cos(zb) if with_head else math.nan
+            if linear:
+                return pre, pre, 0, head_pre, head_pre
+            d = activations.dphi_scaled(act, zb, log_z)
+            saturated = int(np.count_nonzero(np.abs(d) < SATURATION))
+            dphi[rows] = d == act.slope_pos if act.homogeneous else d
+            hb = h[rows]
+            hb[...] = activations.apply_scaled(act, zb, log_z)[0]
+            return pre, block_sums(hb), saturated, head_pre, head_cos(hb) if with_head else math.nan
+
+        draws = self.draw_tasks(ahead) if ahead is not None else []
+        done = pool.map(lambda task: task(), [lambda rows=rows: block(rows) for rows in chunks] + draws)
+        parts = done[:len(chunks)]
         cache = None
-        if bn_here and net.bn_position == "pre":
-            z, log_z, cache = self._bn(z, log_z)
-        dphi = None if act.name == "linear" else activations.dphi_scaled(act, z, log_z)
+        if blockwise:
+            sat = sum(p[2] for p in parts) / z.size
+            heads = (parts[0][3], parts[0][4]) if chunks[0].stop >= head_rows else (head_cos(z), head_cos(h))
+            pre, ms_z = from_sums(z, [p[0] for p in parts], log_z, 0.0 if linear else sat, heads[0])
+            if linear:
+                post, ms_h = pre, ms_z
+            else:
+                post, ms_h = from_sums(h, [p[1] for p in parts], log_h, sat, heads[1])
+        else:  # the whole layer's scale is needed: one phase after another
+            z, log_z = _renorm(z, log_z, pool)
+            if layer in net.bn_layers and net.bn_position == "pre":
+                z, log_z, cache = self._bn(z, log_z)
+            d = None if linear else activations.dphi_scaled(act, z, log_z)
+            sat = 0.0 if d is None else float(np.mean(np.abs(d) < SATURATION))
+            pre, ms_z = side_stats_ms(z, log_z, sat, pool)
+            h, log_h = (z, log_z) if linear else _renorm(*activations.apply_scaled(act, z, log_z), pool)
+            if layer in net.bn_layers and net.bn_position == "post":
+                h, log_h, cache = self._bn(h, log_h)
+            post, ms_h = (pre, ms_z) if h is z else side_stats_ms(h, log_h, sat, pool)
+            if d is not None:
+                dphi = d == act.slope_pos if act.homogeneous else d.astype(dtype, copy=False)
         row = None
         if stats:
-            sat = 0.0 if dphi is None else float(np.mean(np.abs(dphi) < SATURATION))
-            row = {"width": net.widths[layer], "fan_in": net.widths[layer - 1], "fan_out": net.widths[layer],
-                   **_prefix("pre", side_stats(z, log_z, sat, self.pool))}
-        bn_post = bn_here and net.bn_position == "post"
-        if act.name == "linear" and not bn_post:  # h is z: same numbers, same statistics
-            h, log_out = z, log_z
-            if stats:
-                row.update({f"post_{k}": row[f"pre_{k}"] for k in STATS})
-        else:
-            h, log_out = _renorm(*activations.apply_scaled(act, z, log_z), self.pool)
-            del z
-            if bn_post:
-                h, log_out, cache = self._bn(h, log_out)
-            if stats:
-                row.update(_prefix("post", side_stats(h, log_out, row["pre_frac_saturated"], self.pool)))
-        tape = None
-        if keep:
-            if dphi is not None and act.homogeneous:
-                dphi = dphi == act.slope_pos  # relu-type: phi' takes two values, one byte per entry
-            elif dphi is not None:
-                dphi = dphi.astype(self.dtype, copy=False)
-            tape = _Tape(u, log_h, dphi, cache)
-        return h, log_out, row, tape
+            row = {"width": n_out, "fan_in": n_in, "fan_out": n_out, **_prefix("pre", pre), **_prefix("post", post)}
+        tape = _Tape(x.u, x.log_s, dphi, cache) if keep else None
+        return Values(h, log_h, ms_h), row, tape
 
-    def back(self, layer: int, tape: _Tape, v: np.ndarray, log_g: float, row: dict[str, Any]
-             ) -> tuple[np.ndarray, float]:
+    def back(self, layer: int, tape: _Tape, g: Values, row: dict[str, Any]
+             ) -> tuple[Values, dict[str, float]]:
         """Layer ``layer`` backward: from the gradient w.r.t. its output to the
-        gradient w.r.t. its input; fills the row's delta and weight-gradient."""
-        net, act = self.net, self.acts[layer]
+        gradient w.r.t. its input and that gradient's statistics; fills the
+        row's delta and weight-gradient."""
+        net, act, pool, dtype = self.net, self.acts[layer], self.pool, self.dtype
+        n_in, n_out, n = net.widths[layer - 1], net.widths[layer], g.u.shape[0]
         bn_here = layer in net.bn_layers
-        if bn_here and net.bn_position == "post":
-            v, log_g = batchnorm.backward(v, log_g, tape.bn)  # float64 until the mask below
-        if tape.dphi is None and not bn_here and "grad_std" in row:
-            # A linear layer's delta is the gradient that came in, whose statistics the row has.
-            row.update({f"delta_{k}": row[f"grad_{k}"] for k in STATS})
-        else:
+        w0, w_scale = self.weights(layer)
+        w_ms = self.weight_ms(layer, w0)
+        if bn_here:  # the batch Jacobian couples the samples: phase after phase
+            v, log_v = g.u, g.log_s
+            if net.bn_position == "post":
+                v, log_v = batchnorm.backward(v, log_v, tape.bn)  # float64 until the mask below
             if tape.dphi is not None:
-                if tape.dphi.dtype == bool:
-                    v = v * np.where(tape.dphi, v.dtype.type(act.slope_pos), v.dtype.type(act.slope_neg))
+                v = v * (np.where(tape.dphi, v.dtype.type(act.slope_pos), v.dtype.type(act.slope_neg))
+                         if tape.dphi.dtype == bool else tape.dphi)
+            v, log_v = _narrow(v, log_v, dtype, pool)
+            if net.bn_position == "pre":
+                v, log_v = _narrow(*batchnorm.backward(v, log_v, tape.bn), dtype, pool)
+            delta, ms_v = side_stats_ms(v, log_v, pool=pool)
+        else:
+            v, log_v = (g.u, g.log_s) if tape.dphi is None else (np.empty_like(g.u), g.log_s)
+            ms_v = g.ms
+        # delta's mean square is at most g's times max phi'^2: g's sets the scale.
+        c = _prescale(n_out, g.ms if not bn_here else ms_v, w_ms, dtype)
+        out = np.empty((n, n_in), dtype)
+        chunks = row_chunks(n, max(n_in, n_out))
+        head_rows = min(ABS_COS_SAMPLES, n)
+        w0_t = w0.T
+
+        def block(rows: slice) -> tuple[Sums | None, Sums, float, float]:
+            with_head = rows.start == 0 and rows.stop >= head_rows
+            delta_sums, head_delta = None, math.nan
+            if not bn_here and tape.dphi is not None:
+                vb = v[rows]
+                if tape.dphi.dtype == bool and act.slope_neg == 0 and act.slope_pos == 1:
+                    np.multiply(g.u[rows], tape.dphi[rows], out=vb)
+                elif tape.dphi.dtype == bool:
+                    np.multiply(g.u[rows], np.where(tape.dphi[rows], dtype(act.slope_pos), dtype(act.slope_neg)),
+                                out=vb)
                 else:
-                    v = v * tape.dphi
-            v, log_g = _narrow(v, log_g, self.dtype, self.pool)
-            if bn_here and net.bn_position == "pre":
-                v, log_g = _narrow(*batchnorm.backward(v, log_g, tape.bn), self.dtype, self.pool)
-            row.update(_prefix("delta", side_stats(v, log_g, pool=self.pool)))
+                    np.multiply(g.u[rows], tape.dphi[rows], out=vb)
+                delta_sums = block_sums(vb)
+                head_delta = head_cos(vb) if with_head else math.nan
+            ob = out[rows]
+            np.matmul(v[rows], w0_t, out=ob)
+            ob *= c
+            return delta_sums, block_sums(ob), head_delta, head_cos(ob) if with_head else math.nan
+
+        parts = pool.map(block, chunks)
+        heads_ok = chunks[0].stop >= head_rows
+        if not bn_here:
+            if tape.dphi is None:
+                # A linear layer's delta is the gradient that came in, whose statistics the row has.
+                delta = ({k: row[f"grad_{k}"] for k in STATS} if "grad_std" in row
+                         else side_stats_ms(v, log_v, pool=pool)[0])
+            else:
+                delta, _ = from_sums(v, [p[0] for p in parts], log_v, head=parts[0][2] if heads_ok else head_cos(v))
+        row.update(_prefix("delta", delta))
+        log_out = log_v + math.log(w_scale) - math.log(float(c))
+        grad, ms_out = from_sums(out, [p[1] for p in parts], log_out, head=parts[0][3] if heads_ok else head_cos(out))
         # ||u_in^T v||_F by fixed blocks of the weight gradient's rows, none of it kept. Squares
         # summed in the compute dtype: the product's own rounding is already that large.
         u_t = tape.u_in.T
-        norm = math.sqrt(math.fsum(self.pool.map(lambda rows: _sum_squares(u_t[rows] @ v),
-                                           row_chunks(u_t.shape[0], v.shape[1]))))
-        log_norm = math.log(norm) + tape.log_in + log_g if norm > 0 else -math.inf
+        norm = math.sqrt(math.fsum(pool.map(lambda rows: _sum_squares(u_t[rows] @ v),
+                                            row_chunks(u_t.shape[0], v.shape[1]))))
+        log_norm = math.log(norm) + tape.log_in + log_v if norm > 0 else -math.inf
         row["weight_grad_log10_norm"] = log_norm / math.log(10)
         row["weight_grad_norm"] = math.exp(log_norm) if log_norm < 709.7 else math.inf
-        w0, w_scale = self.weights(layer)
-        g = _matmul(v, w0.T, self.pool)
-        return _renorm(g, log_g + math.log(w_scale), self.pool)
+        return Values(out, log_out, ms_out), grad
 
 
 def tape_bytes(spec: RunSpec) -> list[int]:
@@ -280,11 +408,13 @@ def tape_bytes(spec: RunSpec) -> list[int]:
 
 
 def working_bytes(spec: RunSpec) -> int:
-    """Memory of the forward pass: one weight matrix and a few layer-sized
-    float64 temporaries (statistics), at the widest layer."""
+    """Memory of the forward pass at the widest layer: two weight matrices
+    (this layer's and the next, drawn meanwhile), the layer's input, product,
+    output and phi' (the threads' float64 scratch, ~1 MiB each, aside)."""
     w = spec.network.widths
-    weights = max(a * b for a, b in zip(w[:-1], w[1:])) * (8 if spec.network.init.resolve().orthogonal else 4)
-    return weights * np.dtype(spec.dtype).itemsize // 4 + 6 * spec.samples * max(w) * 8
+    item = np.dtype(spec.dtype).itemsize
+    weights = max(a * b for a, b in zip(w[:-1], w[1:])) * item * (2 if spec.network.init.resolve().orthogonal else 1)
+    return 2 * weights + 4 * spec.samples * max(w) * item
 
 
 def weight_bytes(spec: RunSpec) -> int:
@@ -359,23 +489,27 @@ def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = Non
     depth = spec.network.depth
     k = backward_plan(spec)
     net = _Network(spec, replicate, pool, keep_weights=k == depth and keeps_weights(spec))
-    u, log_h = _renorm(*make_inputs(spec, replicate), pool)
+    u, log_h = make_inputs(spec, replicate)
+    post, ms = side_stats_ms(u, log_h, pool=pool)
+    x = Values(u, log_h, ms)
     rows = [{"width": spec.network.widths[0], "fan_in": pd.NA, "fan_out": pd.NA,
-             **_prefix("pre", empty_stats()), **_prefix("post", side_stats(u, log_h, pool=pool))}]
+             **_prefix("pre", empty_stats()), **_prefix("post", post)}]
     tapes: dict[int, _Tape] = {}
-    checkpoints = {0: (u, log_h)}
+    checkpoints = {0: x}
     hist_layers = {1, (depth + 1) // 2, depth} if replicate == 0 else set()
     for layer in range(1, depth + 1):
-        u, log_h, row, tape = net.step(layer, u, log_h, stats=True, keep=spec.backward and k == depth)
-        if layer in hist_layers:  # u has unit RMS: the shape of h at any scale
+        x, row, tape = net.step(layer, x, stats=True, keep=spec.backward and k == depth,
+                                ahead=layer + 1 if layer < depth else None)
+        if layer in hist_layers and x.ms > 0:  # h / rms(h): the shape of h at any scale
+            f = x.u.dtype.type(1 / math.sqrt(x.ms))
             # Equal bins given as a count and range take NumPy's fast path (no sort); counts add exactly.
-            row["_hist"] = sum(pool.map(lambda r: np.histogram(u[r], bins=len(HIST_EDGES) - 1, range=(
-                HIST_EDGES[0], HIST_EDGES[-1]))[0], row_chunks(*u.shape)))
+            row["_hist"] = sum(pool.map(lambda r: np.histogram(x.u[r] * f, bins=len(HIST_EDGES) - 1, range=(
+                HIST_EDGES[0], HIST_EDGES[-1]))[0], row_chunks(*x.u.shape)))
         rows.append(row)
         if tape is not None:
             tapes[layer] = tape
         if spec.backward and k < depth and layer % k == 0:
-            checkpoints[layer] = (u, log_h)
+            checkpoints[layer] = x
         if progress is not None:
             progress(1)
     if spec.backward:
@@ -386,18 +520,20 @@ def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = Non
 
 
 def _backward(net: _Network, spec: RunSpec, replicate: int, rows: list[dict[str, Any]], tapes: dict[int, _Tape],
-              checkpoints: dict[int, tuple[np.ndarray, float]], k: int, progress: Progress | None) -> None:
+              checkpoints: dict[int, Values], k: int, progress: Progress | None) -> None:
     depth = spec.network.depth
-    g, log_g = _renorm(upstream(spec, replicate), 0.0, net.pool)
-    rows[depth].update(_prefix("grad", side_stats(g, log_g, pool=net.pool)))
+    u = upstream(spec, replicate)
+    grad, ms = side_stats_ms(u, 0.0, pool=net.pool)
+    g = Values(u, 0.0, ms)
+    rows[depth].update(_prefix("grad", grad))
     for layer in range(depth, 0, -1):
         if layer not in tapes:  # recompute the segment above the nearest checkpoint
             start = max(c for c in checkpoints if c < layer)
-            u, log_h = checkpoints[start]
+            x = checkpoints[start]
             for l in range(start + 1, layer + 1):
-                u, log_h, _, tapes[l] = net.step(l, u, log_h, stats=False, keep=True)
-        g, log_g = net.back(layer, tapes.pop(layer), g, log_g, rows[layer])
-        rows[layer - 1].update(_prefix("grad", side_stats(g, log_g, pool=net.pool)))
+                x, _, tapes[l] = net.step(l, x, stats=False, keep=True, ahead=l + 1 if l < layer else None)
+        g, grad = net.back(layer, tapes.pop(layer), g, rows[layer])
+        rows[layer - 1].update(_prefix("grad", grad))
         if progress is not None:
             progress(1)
     rows[0].update(_prefix("delta", empty_stats()))

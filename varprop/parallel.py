@@ -9,9 +9,9 @@ release the GIL, so Python threads do run in parallel here.
 
 >>> pool = Pool(2)
 >>> [s.start for s in row_chunks(1000, 1024)]
-[0, 128, 256, 384, 512, 640, 768, 896]
+[0, 256, 512, 768]
 >>> pool.map(lambda s: s.stop - s.start, row_chunks(1000, 1024))[-1]
-104
+232
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from typing import Callable, Iterable, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Elements per chunk: big enough that a chunk's work (~0.1 ms) dwarfs the cost
-# of handing it to a thread, small enough that a float64 copy stays in cache.
-# Changing it changes which random numbers each weight gets, and so every result.
-CHUNK_ELEMENTS = 2**17
+# Elements per chunk: big enough that a chunk's work dwarfs the cost of handing
+# it to a thread and that one-thread BLAS products on chunks come within ~10%
+# of multi-threaded BLAS on the whole (benchmarks/). Changing it changes which
+# random numbers each weight gets, and so every result.
+CHUNK_ELEMENTS = 2**18
 _EXECUTORS: dict[int, ThreadPoolExecutor] = {}
 _LOCK = threading.Lock()
 # A forked child inherits the executors but not their threads: it must make its own.

@@ -13,6 +13,8 @@ beyond float64 show as ``inf`` while ``log10_std`` stays exact.
 from __future__ import annotations
 
 import math
+import threading
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,20 +37,69 @@ def _scaled(x: float, log_factor: float) -> float:
     return math.copysign(math.exp(log_abs) if log_abs < 709.7 else math.inf, x)
 
 
-def _chunk_sums(u: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Float64 sums over one block of rows: its row count, column sums, column
+# Float64 work is done on pieces of about this many entries, in a per-thread
+# buffer: every pass over a piece then runs in the core's own cache.
+_PIECE_ELEMENTS = 2**17
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _SCRATCH.buf = np.empty(n)
+    return buf[:n]
+
+
+class Sums(NamedTuple):
+    """Float64 sums over a block of rows: its row count, column sums, column
     sums of squares about the block's own column means, row sums of squares,
     the sum of its unit-normalised rows, and its count of exact zeros."""
-    x = u.astype(np.float64)
-    rows = x.shape[0]
-    row_sq = np.einsum("ij,ij->i", x, x)
-    inv_norm = np.zeros(rows)
-    np.divide(1.0, np.sqrt(row_sq), out=inv_norm, where=row_sq > 0)
-    unit_sum = inv_norm @ x
-    col_sum = x.sum(axis=0)
-    x -= col_sum / max(rows, 1)
-    col_m2 = np.einsum("ij,ij->j", x, x)
-    return rows, col_sum, col_m2, row_sq, unit_sum, int(np.count_nonzero(u == 0))
+
+    rows: int
+    col_sum: np.ndarray
+    col_m2: np.ndarray
+    row_sq: np.ndarray
+    unit_sum: np.ndarray
+    zeros: int
+
+
+def _pooled(counts: np.ndarray, col_sums: np.ndarray, col_m2s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column sums and sums of squares about the joint means of several
+    blocks (one per row of the inputs): the between/within split, each
+    block's squares about its own means plus its means' offsets from the
+    joint mean, so no E[x^2] - E[x]^2 cancellation anywhere."""
+    col_sum = col_sums.sum(axis=0)
+    k = counts[:, None]
+    offsets = col_sums / np.maximum(k, 1) - col_sum / max(int(counts.sum()), 1)
+    return col_sum, col_m2s.sum(axis=0) + (k * offsets * offsets).sum(axis=0)
+
+
+def block_sums(u: np.ndarray) -> Sums:
+    """The :class:`Sums` of a block of rows of ``u``, computed in float64."""
+    rows, n = u.shape
+    step = max(1, _PIECE_ELEMENTS // max(n, 1))
+    starts = range(0, rows, step)
+    counts = np.array([min(step, rows - i) for i in starts])
+    col_sums, col_m2s = np.empty((len(counts), n)), np.empty((len(counts), n))
+    row_sq, unit_sum, nonzero = np.empty(rows), np.zeros(n), 0
+    for p, i in enumerate(starts):
+        piece = u[i:i + step]
+        r = counts[p]
+        x = _scratch(r * n).reshape(r, n)
+        np.copyto(x, piece)
+        sq = row_sq[i:i + r]
+        np.vecdot(x, x, out=sq)
+        inv_norm = np.zeros(r)
+        np.divide(1.0, np.sqrt(sq), out=inv_norm, where=sq > 0)
+        unit_sum += inv_norm @ x
+        ones = np.ones(r)
+        np.matmul(ones, x, out=col_sums[p])
+        x -= col_sums[p] / r
+        np.multiply(x, x, out=x)
+        np.matmul(ones, x, out=col_m2s[p])
+        nonzero += int(np.count_nonzero(piece != 0))  # faster on a mask than on floats
+    col_sum, col_m2 = _pooled(counts, col_sums, col_m2s)
+    return Sums(rows, col_sum, col_m2, row_sq, unit_sum, u.size - nonzero)
 
 
 def _abs_cos(u: np.ndarray) -> float:
@@ -65,6 +116,52 @@ def _abs_cos(u: np.ndarray) -> float:
     return (float(gram.sum()) - float(np.trace(gram))) / (m * (m - 1))
 
 
+def head_cos(u: np.ndarray) -> float:
+    """The |cos| of the first samples of ``u`` (NaN if one of them is all zeros)."""
+    return _abs_cos(u[:ABS_COS_SAMPLES])
+
+
+def from_sums(u: np.ndarray, parts: Sequence[Sums], log_s: float, saturated: float = math.nan,
+              head: float = math.nan) -> tuple[dict[str, float], float]:
+    """The statistics of ``exp(log_s) * u`` from its blocks' sums (in block
+    order) and :func:`head_cos`; also the mean square of ``u`` itself."""
+    n_rows, n_cols = u.shape
+    size = u.size
+    col_sum, col_m2 = _pooled(np.array([p.rows for p in parts]), np.array([p.col_sum for p in parts]),
+                              np.array([p.col_m2 for p in parts]))
+    row_sq = np.concatenate([p.row_sq for p in parts])
+    unit_sum = sum(p.unit_sum for p in parts)
+    col_mean = col_sum / n_rows
+    mean = float(col_mean.mean())
+    unit_var = float(col_m2.sum()) / size
+    sq_unit_mean = float(col_mean @ col_mean) / n_cols
+    # Law of total variance (exact for ddof=0).
+    var = unit_var + float(np.mean((col_mean - mean) ** 2))
+    second = float(row_sq.sum()) / size
+    live = row_sq > 0
+    k = int(np.count_nonzero(live))
+    if k >= 2:
+        cos_sim = (float(unit_sum @ unit_sum) - k) / (k * (k - 1))
+        # |cos| is redone over the first live samples in the rare case that a first one is dead.
+        abs_cos = head if not math.isnan(head) else _abs_cos(u[np.flatnonzero(live)[:ABS_COS_SAMPLES]])
+    else:
+        cos_sim = abs_cos = math.nan
+    std = math.sqrt(var)
+    stats = {
+        "mean": _scaled(mean, log_s),
+        "std": _scaled(std, log_s),
+        "log10_std": float(math.log(std) + log_s) / _LN10 if std > 0 else -math.inf,
+        "second_moment": _scaled(second, 2 * log_s),
+        "sq_unit_mean": _scaled(sq_unit_mean, 2 * log_s),
+        "unit_var": _scaled(unit_var, 2 * log_s),
+        "frac_zero": sum(p.zeros for p in parts) / size,
+        "frac_saturated": saturated,
+        "cos_sim": cos_sim,
+        "abs_cos_sim": abs_cos,
+    }
+    return stats, second
+
+
 def side_stats(u: np.ndarray, log_s: float, saturated: float = math.nan, pool: Pool = SERIAL) -> dict[str, float]:
     """The DESIGN.md statistics of ``exp(log_s) * u`` (N samples x n units).
 
@@ -72,46 +169,15 @@ def side_stats(u: np.ndarray, log_s: float, saturated: float = math.nan, pool: P
     the caller, who knows the activation. Sums run in float64 over fixed
     blocks of rows (in parallel on ``pool``) and are combined in block order.
     """
-    n_rows, n_cols = u.shape
-    chunks = row_chunks(n_rows, n_cols)
-    # The |cos| of the first samples runs beside the blocks; it is redone
-    # below only in the rare case that one of them is all zeros.
-    *parts, head = pool.map(lambda rows: _chunk_sums(u[rows]) if rows is not None else _abs_cos(u[:ABS_COS_SAMPLES]),
-                            [*chunks, None])
-    size = u.size
-    col_mean = sum(p[1] for p in parts) / n_rows
-    # The between/within split of a sum of squares over blocks: each block's
-    # squares about its own means plus its means' offsets from the whole
-    # mean, so no E[x^2] - E[x]^2 cancellation anywhere.
-    col_m2 = sum(p[2] + p[0] * (p[1] / max(p[0], 1) - col_mean) ** 2 for p in parts)
-    mean = float(col_mean.mean())
-    unit_var = float(col_m2.sum()) / size
-    sq_unit_mean = float(col_mean @ col_mean) / n_cols
-    # Law of total variance (exact for ddof=0).
-    var = unit_var + float(np.mean((col_mean - mean) ** 2))
-    row_sq = np.concatenate([p[3] for p in parts])
-    second = float(row_sq.sum()) / size
-    live = row_sq > 0
-    k = int(np.count_nonzero(live))
-    if k >= 2:
-        total = sum(p[4] for p in parts)  # sum of the unit-normalised samples
-        cos_sim = (float(total @ total) - k) / (k * (k - 1))
-        abs_cos = head if not math.isnan(head) else _abs_cos(u[np.flatnonzero(live)[:ABS_COS_SAMPLES]])
-    else:
-        cos_sim = abs_cos = math.nan
-    std = math.sqrt(var)
-    return {
-        "mean": _scaled(mean, log_s),
-        "std": _scaled(std, log_s),
-        "log10_std": float(math.log(std) + log_s) / _LN10 if std > 0 else -math.inf,
-        "second_moment": _scaled(second, 2 * log_s),
-        "sq_unit_mean": _scaled(sq_unit_mean, 2 * log_s),
-        "unit_var": _scaled(unit_var, 2 * log_s),
-        "frac_zero": sum(p[5] for p in parts) / size,
-        "frac_saturated": saturated,
-        "cos_sim": cos_sim,
-        "abs_cos_sim": abs_cos,
-    }
+    return side_stats_ms(u, log_s, saturated, pool)[0]
+
+
+def side_stats_ms(u: np.ndarray, log_s: float, saturated: float = math.nan, pool: Pool = SERIAL
+                  ) -> tuple[dict[str, float], float]:
+    """:func:`side_stats` and the mean square of ``u``."""
+    *parts, head = pool.map(lambda rows: block_sums(u[rows]) if rows is not None else head_cos(u),
+                            [*row_chunks(*u.shape), None])
+    return from_sums(u, parts, log_s, saturated, head)
 
 
 def empty_stats() -> dict[str, float]:

@@ -76,3 +76,15 @@ def test_huge_scales():
     assert l == -1e4 and tiny_elu.tolist() == u.tolist()
     d = A.dphi_scaled(A.get("tanh"), u, 1e4)
     assert d.tolist() == [0, 0, 1, 0, 0]
+
+
+@pytest.mark.parametrize("name", A.NAMES)
+@pytest.mark.parametrize("log_s", [-800.0, -5000.0])
+def test_derivative_keeps_the_side_at_scales_below_float64(name, log_s):
+    """Where exp(log_s) * u underflows to 0, phi' still takes each entry's
+    side: the metadata's phi'(0+) and phi'(0-) (relu's gradient must not die,
+    selu's positive side must not get its negative slope)."""
+    act = A.get(name)
+    for dtype in (np.float32, np.float64):
+        got = A.dphi_scaled(act, np.array([-1.5, 2.0], dtype), log_s)
+        assert got.tolist() == pytest.approx([act.d0_neg, act.d0_pos], rel=1e-6)

@@ -142,8 +142,9 @@ def apply_scaled(act: Activation, u: Array, log_s: float) -> tuple[Array, float]
     """Evaluate ``phi(exp(log_s) * u)`` as a pair ``(u_out, log_s_out)``.
 
     The result means ``phi(exp(log_s) * u) = exp(log_s_out) * u_out``; ``u_out``
-    has the dtype of ``u``, entries of order one at most, and is not
-    renormalised.
+    has the dtype of ``u`` and is not renormalised: its entries are of order
+    one at most, except in the float32 branch (|log_s| < 20, phi(0) = 0),
+    which returns phi's own values (at most e^20 times u's).
     """
     if act.homogeneous:
         return act.phi(u), log_s
@@ -176,11 +177,19 @@ def apply_scaled(act: Activation, u: Array, log_s: float) -> tuple[Array, float]
 def dphi_scaled(act: Activation, u: Array, log_s: float) -> Array:
     """``phi'(exp(log_s) * u)`` for every entry, finite at any scale.
 
-    Clipping x at +-1e6 keeps each entry on its side's asymptote, where phi'
-    is constant to float64 precision for every registered activation.
+    A homogeneous activation's phi' does not depend on the scale. Otherwise
+    clipping x at +-1e6 keeps each entry on its side's asymptote, where phi'
+    is constant to float64 precision for every registered activation, and
+    at tiny scales x ~ 1e-304 u keeps each entry's sign (phi' differs across
+    zero for selu) where the true x would underflow to 0.
+
+    >>> dphi_scaled(get("relu"), np.array([-1.0, 2.0]), -5000.0).tolist()
+    [0.0, 1.0]
     """
+    if act.homogeneous:
+        return act.dphi(u)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         if u.dtype == np.float32 and abs(log_s) < LOG_DIRECT_F32:
             return act.dphi(u * np.float32(math.exp(log_s)))
-        x = np.clip(u.astype(np.float64) * math.exp(min(log_s, 600.0)), -1e6, 1e6)
+        x = np.clip(u.astype(np.float64) * math.exp(min(max(log_s, -700.0), 600.0)), -1e6, 1e6)
         return act.dphi(x)

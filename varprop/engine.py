@@ -1,12 +1,13 @@
 """Monte-Carlo forward and backward propagation with streaming per-layer statistics.
 
-Values are carried as ``h = exp(log_s) * u`` with ``u`` of mean square near
-one: each product is scaled, block by block while in cache, by a factor set
-from its input's exact mean square, so nothing overflows at any depth
-(DESIGN.md); the backward pass carries gradients the same way. A layer is one
-map over fixed blocks of samples (product, bias, activation and float64 sums
-of both sides), with the next layer's weights drawn in the same map. The
-forward pass holds one layer at a time. The backward pass needs each layer's
+Values are carried as ``h = exp(log_s) * u`` with ``u`` of moderate size:
+each product is scaled, block by block while in cache, by a factor set from
+its input's exact mean square (mean squares near 1 after a product, within
+2^+-60 always), so nothing overflows at any depth (DESIGN.md); the backward
+pass carries gradients the same way. A layer is one map over fixed blocks of
+samples (product, bias, activation and float64 sums of both sides), with the
+next layer's weights drawn in the same map. The forward pass holds one layer
+and two weight matrices at a time. The backward pass needs each layer's
 input and activation derivative: it keeps them for every layer when that fits
 in ``max_memory``, else keeps only every k-th layer's output (k ~ sqrt(L)) and
 recomputes each segment, bit for bit, on the way down; the weights are kept
@@ -73,7 +74,7 @@ def _sum_squares(x: np.ndarray) -> float:
     across its threads, which changes the last bits."""
     flat = x.reshape(-1)
     total = float(np.einsum("i,i->", flat, flat))
-    if total == 0 or not math.isfinite(total):
+    if total < np.finfo(x.dtype).tiny * 2**24 or not math.isfinite(total):
         total = float(np.einsum("i,i->", flat, flat, dtype=np.float64))
     return total
 
@@ -110,7 +111,7 @@ def _narrow(v: np.ndarray, log_s: float, dtype: type, pool: Pool = SERIAL) -> tu
     return v.astype(dtype, copy=False), log_s
 
 
-def _bias_terms(log_z: float, b: np.ndarray) -> tuple[float, float | None]:
+def _bias_terms(log_z: float, b: np.ndarray) -> tuple[float, np.ndarray | None]:
     """How ``exp(log_z) * z + b`` is carried: the log-scale of the sum and
     the bias in its units (None for a zero bias), whichever term dominates."""
     peak = float(np.max(np.abs(b)))
@@ -130,9 +131,28 @@ def _prescale(n: int, ms_in: float, ms_w: float, dtype: type) -> Any:
     mean square near 1: E ms(u @ W0) = n ms(u) ms(W0) over the draw of W0.
     Applied to each block of the product while it is in cache, it replaces
     a renormalising pass; the next layer's factor uses this layer's exact
-    mean square, so the small miss never compounds."""
-    c = dtype(1 / math.sqrt(n * ms_in * ms_w)) if ms_in > 0 and math.isfinite(ms_in) else dtype(1)
+    mean square, so the small miss never compounds (and :func:`_in_band`
+    catches a large one)."""
+    expected = n * ms_in * ms_w
+    if not (expected > 0 and math.isfinite(expected)):
+        return dtype(1)
+    c = dtype(1 / math.sqrt(expected))
     return c if math.isfinite(c) and c > 0 else dtype(1)
+
+
+# Mean squares kept within 2^+-60, so that any factor _prescale picks is a
+# normal float32 and no square under- or overflows.
+_MS_BAND = (2.0**-60, 2.0**60)
+
+
+def _in_band(v: Values, pool: Pool) -> Values:
+    """``v`` itself, or renormalised to unit RMS when its mean square left the
+    band (saturated activations or gradients, where the prescale, set from the
+    input's mean square, overshoots)."""
+    if _MS_BAND[0] <= v.ms <= _MS_BAND[1] or v.ms == 0 or not math.isfinite(v.ms):
+        return v
+    u, log_s = _renorm(v.u, v.log_s, pool)
+    return values(u, log_s, pool)
 
 
 class Values(NamedTuple):
@@ -146,6 +166,9 @@ class Values(NamedTuple):
 def values(u: np.ndarray, log_s: float, pool: Pool = SERIAL) -> Values:
     """``(u, log_s)`` with u's mean square attached."""
     return Values(u, log_s, side_stats_ms(u, log_s, pool=pool)[1])
+
+
+_NOTHING_PENDING: tuple[list[Callable[[], float]], Callable[[list[float]], None]] = ([], lambda squares: None)
 
 
 @dataclass
@@ -173,6 +196,7 @@ class _Network:
         # Weights kept from the forward pass for the backward one, when they fit.
         self.kept: dict[int, tuple[np.ndarray, float]] | None = {} if keep_weights else None
         self.ready: dict[int, tuple[np.ndarray, float]] = {}  # drawn ahead, during the previous layer
+        self._pending_grad: tuple[list[Callable[[], float]], Callable[[list[float]], None]] = _NOTHING_PENDING
         self.scheme = spec.network.init.resolve()
         self.dtype = np.dtype(spec.dtype).type
         self.with_bias = inits.has_bias(self.scheme, self.net.bias_std)
@@ -201,7 +225,7 @@ class _Network:
             return inits.unit_sd(s.distribution) ** 2
         if s.orthogonal:
             return 1 / max(self.net.widths[layer - 1], self.net.widths[layer])
-        return side_stats_ms(w0, 0.0, pool=self.pool)[1] or 1.0
+        return _sum_squares(w0) / max(w0.size, 1) or 1.0
 
     def draw_tasks(self, layer: int) -> list[Callable[[], None]]:
         """Tasks that draw a layer's weights into ``ready``, in fixed blocks of
@@ -261,13 +285,19 @@ class _Network:
                                 n_in, n_out)
             top, bias = _bias_terms(log_z, b)
             if bias is not None:
-                c, log_z, bias = dtype(float(c) * math.exp(log_z - top)), top, bias.astype(dtype)
+                c = dtype(float(c) * math.exp(log_z - top))
+                if c > 0:  # book the factor as rounded; the bias carries its own rounding, as always
+                    log_z = x.log_s + math.log(w_scale) - math.log(float(c))
+                    bias = b * math.exp(-log_z)
+                else:  # the product is below the bias's resolution
+                    log_z = top
+                bias = bias.astype(dtype)
         blockwise = self._blockwise(layer, log_z)
         linear = act.name == "linear"
         z = np.empty((n, n_out), dtype)
         h = z if linear or not blockwise else np.empty_like(z)
         log_h = log_z if act.homogeneous else 0.0
-        dphi = None if linear or not blockwise else np.empty(z.shape, bool if act.homogeneous else dtype)
+        dphi = None if linear or not blockwise or not keep else np.empty(z.shape, bool if act.homogeneous else dtype)
         chunks = row_chunks(n, n_out)
         head_rows = min(ABS_COS_SAMPLES, n)
 
@@ -286,7 +316,8 @@ class _Network:
                 return pre, pre, 0, head_pre, head_pre
             d = activations.dphi_scaled(act, zb, log_z)
             saturated = int(np.count_nonzero(np.abs(d) < SATURATION))
-            dphi[rows] = d == act.slope_pos if act.homogeneous else d
+            if dphi is not None:  # kept for the backward pass
+                dphi[rows] = d == act.slope_pos if act.homogeneous else d
             hb = h[rows]
             hb[...] = activations.apply_scaled(act, zb, log_z)[0]
             return pre, block_sums(hb), saturated, head_pre, head_cos(hb) if with_head else math.nan
@@ -320,7 +351,7 @@ class _Network:
         if stats:
             row = {"width": n_out, "fan_in": n_in, "fan_out": n_out, **_prefix("pre", pre), **_prefix("post", post)}
         tape = _Tape(x.u, x.log_s, dphi, cache) if keep else None
-        return Values(h, log_h, ms_h), row, tape
+        return _in_band(Values(h, log_h, ms_h), pool), row, tape
 
     def back(self, layer: int, tape: _Tape, g: Values, row: dict[str, Any]
              ) -> tuple[Values, dict[str, float]]:
@@ -346,7 +377,8 @@ class _Network:
         else:
             v, log_v = (g.u, g.log_s) if tape.dphi is None else (np.empty_like(g.u), g.log_s)
             ms_v = g.ms
-        # delta's mean square is at most g's times max phi'^2: g's sets the scale.
+        # delta's mean square is not known before the map: g's sets the scale, an overestimate by
+        # E[phi'^2] (1/2 for relu); a saturated layer's far smaller delta is caught by _in_band.
         c = _prescale(n_out, g.ms if not bn_here else ms_v, w_ms, dtype)
         out = np.empty((n, n_in), dtype)
         chunks = row_chunks(n, max(n_in, n_out))
@@ -372,7 +404,11 @@ class _Network:
             ob *= c
             return delta_sums, block_sums(ob), head_delta, head_cos(ob) if with_head else math.nan
 
-        parts = pool.map(block, chunks)
+        # The previous layer's weight-gradient products share this map: one barrier fewer per layer.
+        earlier, finish_earlier = self._pending_grad
+        done = pool.map(lambda task: task(), earlier + [lambda rows=rows: block(rows) for rows in chunks])
+        finish_earlier(done[:len(earlier)])
+        parts = done[len(earlier):]
         heads_ok = chunks[0].stop >= head_rows
         if not bn_here:
             if tape.dphi is None:
@@ -384,15 +420,25 @@ class _Network:
         row.update(_prefix("delta", delta))
         log_out = log_v + math.log(w_scale) - math.log(float(c))
         grad, ms_out = from_sums(out, [p[1] for p in parts], log_out, head=parts[0][3] if heads_ok else head_cos(out))
-        # ||u_in^T v||_F by fixed blocks of the weight gradient's rows, none of it kept. Squares
-        # summed in the compute dtype: the product's own rounding is already that large.
-        u_t = tape.u_in.T
-        norm = math.sqrt(math.fsum(pool.map(lambda rows: _sum_squares(u_t[rows] @ v),
-                                            row_chunks(u_t.shape[0], v.shape[1]))))
-        log_norm = math.log(norm) + tape.log_in + log_v if norm > 0 else -math.inf
-        row["weight_grad_log10_norm"] = log_norm / math.log(10)
-        row["weight_grad_norm"] = math.exp(log_norm) if log_norm < 709.7 else math.inf
-        return Values(out, log_out, ms_out), grad
+        # ||u_in^T v||_F by fixed blocks of the weight gradient's rows, none of it kept, computed
+        # in the next layer's map (or by flush_grad). Squares summed in the compute dtype: the
+        # product's own rounding is already that large.
+        u_t, log_uv = tape.u_in.T, tape.log_in + log_v
+
+        def finish(squares: list[float]) -> None:
+            norm = math.sqrt(math.fsum(squares))
+            log_norm = math.log(norm) + log_uv if norm > 0 else -math.inf
+            row["weight_grad_log10_norm"] = log_norm / math.log(10)
+            row["weight_grad_norm"] = math.exp(log_norm) if log_norm < 709.7 else math.inf
+        self._pending_grad = ([lambda rows=rows: _sum_squares(u_t[rows] @ v)
+                               for rows in row_chunks(u_t.shape[0], v.shape[1])], finish)
+        return _in_band(Values(out, log_out, ms_out), pool), grad
+
+    def flush_grad(self) -> None:
+        """Compute the weight-gradient norm that :meth:`back` left pending."""
+        tasks, finish = self._pending_grad
+        finish(self.pool.map(lambda task: task(), tasks))
+        self._pending_grad = _NOTHING_PENDING
 
 
 def tape_bytes(spec: RunSpec) -> list[int]:
@@ -409,12 +455,12 @@ def tape_bytes(spec: RunSpec) -> list[int]:
 
 def working_bytes(spec: RunSpec) -> int:
     """Memory of the forward pass at the widest layer: two weight matrices
-    (this layer's and the next, drawn meanwhile), the layer's input, product,
-    output and phi' (the threads' float64 scratch, ~1 MiB each, aside)."""
+    (this layer's and the next, drawn meanwhile) and a few layer-sized float64
+    temporaries (the phased path of batch norm and of extreme scales)."""
     w = spec.network.widths
     item = np.dtype(spec.dtype).itemsize
     weights = max(a * b for a, b in zip(w[:-1], w[1:])) * item * (2 if spec.network.init.resolve().orthogonal else 1)
-    return 2 * weights + 4 * spec.samples * max(w) * item
+    return 2 * weights + 6 * spec.samples * max(w) * 8
 
 
 def weight_bytes(spec: RunSpec) -> int:
@@ -500,8 +546,8 @@ def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = Non
     for layer in range(1, depth + 1):
         x, row, tape = net.step(layer, x, stats=True, keep=spec.backward and k == depth,
                                 ahead=layer + 1 if layer < depth else None)
-        if layer in hist_layers and x.ms > 0:  # h / rms(h): the shape of h at any scale
-            f = x.u.dtype.type(1 / math.sqrt(x.ms))
+        if layer in hist_layers:  # h / rms(h): the shape of h at any scale (a dead layer: a spike at 0)
+            f = x.u.dtype.type(1 / math.sqrt(x.ms) if x.ms > 0 else 1)
             # Equal bins given as a count and range take NumPy's fast path (no sort); counts add exactly.
             row["_hist"] = sum(pool.map(lambda r: np.histogram(x.u[r] * f, bins=len(HIST_EDGES) - 1, range=(
                 HIST_EDGES[0], HIST_EDGES[-1]))[0], row_chunks(*x.u.shape)))
@@ -536,6 +582,7 @@ def _backward(net: _Network, spec: RunSpec, replicate: int, rows: list[dict[str,
         rows[layer - 1].update(_prefix("grad", grad))
         if progress is not None:
             progress(1)
+    net.flush_grad()
     rows[0].update(_prefix("delta", empty_stats()))
     rows[0]["weight_grad_norm"] = rows[0]["weight_grad_log10_norm"] = math.nan
 

@@ -117,7 +117,7 @@ def _abs_cos(u: np.ndarray) -> float:
 
 
 def head_cos(u: np.ndarray) -> float:
-    """The |cos| of the first samples of ``u`` (NaN if one of them is all zeros)."""
+    """The |cos| of the first samples of ``u`` (NaN if one of them is all zeros, or fewer than two)."""
     return _abs_cos(u[:ABS_COS_SAMPLES])
 
 

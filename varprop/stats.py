@@ -44,9 +44,14 @@ _SCRATCH = threading.local()
 
 
 def _scratch(n: int) -> np.ndarray:
+    """This thread's float64 buffer of at least n entries, 64-byte aligned on
+    every thread: a vectorised kernel that peels to alignment then groups a
+    sum the same way whichever thread runs a block."""
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.size < n:
-        buf = _SCRATCH.buf = np.empty(n)
+        raw = np.empty(n + 8)
+        start = (-raw.ctypes.data % 64) // 8
+        buf = _SCRATCH.buf = raw[start:start + n]
     return buf[:n]
 
 

@@ -149,7 +149,8 @@ def main() -> None:
             base = med["varprop forward"]
             for name, t in med.items():
                 rows.append((f"{width}x{depth}, N={n}, {dtype}", name, t, t / base))
-            data["cases"].append({"width": width, "depth": depth, "samples": n, "dtype": dtype, "median_s": med})
+            data["cases"].append({"width": width, "depth": depth, "samples": n, "dtype": dtype, "median_s": med,
+                                  "times_s": times})
             print(f"{width}x{depth} N={n} {dtype}: " + ", ".join(f"{k} {v:.3f}s" for k, v in med.items()),
                   flush=True)
     mem_code = ("import varprop; varprop.simulate(varprop.NetworkSpec.square({d}, 256, init='fan_in'), "
@@ -163,27 +164,40 @@ def main() -> None:
     }
     data["peak_rss_mib"] = memory
     data["theory_10000_layers_s"] = theory = theory_seconds()
-    big = next(c["median_s"] for c in data["cases"] if c["width"] == 1024 and c["dtype"] == "float32")
-    fwd = big["varprop forward"]
+    big_case = next(c for c in data["cases"] if c["width"] == 1024 and c["dtype"] == "float32")
+    runs = big_case["times_s"]
+
+    def paired(num: str, den: str) -> tuple[float, float, float] | None:
+        """Median and range over repeats of the ratio within each repeat: the two ran seconds apart,
+        so the machine's drift between repeats cancels."""
+        if num not in runs or den not in runs:
+            return None
+        r = sorted(a / b for a, b in zip(runs[num], runs[den]))
+        return statistics.median(r), r[0], r[-1]
+
+    fwd = "varprop forward"
     checks = [
-        ("varprop forward / PyTorch + hooks", fwd / big["pytorch + hooks"] if "pytorch + hooks" in big else None,
-         "<= 0.8"),
-        ("varprop forward / floor (matmuls only)", fwd / big["floor (matmuls only)"], "<= 1.5"),
-        ("naive numpy loop / varprop forward", big["naive numpy loop"] / fwd, ">= 3"),
-        ("varprop forward+backward / forward", big["varprop forward+backward"] / fwd, "<= 2.5"),
-        (f"peak RSS forward depth {deep} / depth 10", memory[f"forward depth {deep}"] / memory["forward depth 10"],
-         "<= 1.2"),
-        ("theory for 10,000 layers, slowest activation (s)", max(theory.values()), "well under 1"),
+        ("varprop forward / PyTorch + hooks", paired(fwd, "pytorch + hooks"), "<= 0.8"),
+        ("varprop forward / floor (matmuls only)", paired(fwd, "floor (matmuls only)"), "<= 1.5"),
+        ("naive numpy loop / varprop forward", paired("naive numpy loop", fwd), ">= 3"),
+        ("varprop forward+backward / forward", paired("varprop forward+backward", fwd), "<= 2.5"),
+        (f"peak RSS forward depth {deep} / depth 10",
+         (memory[f"forward depth {deep}"] / memory["forward depth 10"], None, None), "<= 1.2"),
+        ("theory for 10,000 layers, slowest activation (s)", (max(theory.values()), None, None), "well under 1"),
     ]
-    data["targets"] = {name: value for name, value, _ in checks}
+    data["targets"] = {name: value and value[0] for name, value, _ in checks}
     big_name = next(c for c, *_ in rows if c.startswith("1024x") and c.endswith("float32"))
     lines = ["# Benchmark results", "",
              f"Command: `python benchmarks/bench.py{' --quick' if args.quick else ''}`; machine: {data['machine']}, "
              f"{data['cpu']}, {data['cpus']} CPUs; Python {data['python']}, numpy {data['numpy']}, "
              f"torch {data['torch'] or 'not installed'}. Medians of {repeats} interleaved repeats; ratio = time / "
              "varprop forward's. varprop, the naive loop, the floor and PyTorch all use every core.", "",
-             f"## Targets (case {big_name})", "", "| measure | value | target |", "|---|---:|---|"]
-    lines += [f"| {name} | {'not measured' if v is None else f'{v:.2f}'} | {target} |" for name, v, target in checks]
+             f"## Targets (case {big_name})", "",
+             "Speed ratios: the median over repeats of the ratio within each repeat, and its range.", "",
+             "| measure | value | range | target |", "|---|---:|---:|---|"]
+    lines += [f"| {name} | " + ("not measured | |" if v is None else f"{v[0]:.2f} | "
+                                 + ("" if v[1] is None else f"{v[1]:.2f}-{v[2]:.2f}") + " |") + f" {target} |"
+              for name, v, target in checks]
     lines += ["", "## Times", "",
               "| case | contender | median (s) | ratio to varprop forward |", "|---|---|---:|---:|"]
     lines += [f"| {c} | {name} | {t:.4f} | {r:.2f} |" for c, name, t, r in rows]

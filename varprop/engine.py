@@ -274,8 +274,9 @@ class _Network:
              ) -> tuple[Values, dict[str, Any] | None, _Tape | None]:
         """Layer ``layer`` forward: its output, its statistics row, its tape.
         ``ahead`` names a layer whose weights are drawn meanwhile."""
-        net, act, pool, dtype = self.net, self.acts[layer], self.pool, self.dtype
+        net, act, dtype = self.net, self.acts[layer], self.dtype
         n_in, n_out, n = net.widths[layer - 1], net.widths[layer], x.u.shape[0]
+        pool = self.pool.sized(n * max(n_in, n_out))
         w0, w_scale = self.weights(layer)
         c = _prescale(n_in, x.ms, self.weight_ms(layer, w0), dtype)
         log_z = x.log_s + math.log(w_scale) - math.log(float(c))
@@ -358,8 +359,9 @@ class _Network:
         """Layer ``layer`` backward: from the gradient w.r.t. its output to the
         gradient w.r.t. its input and that gradient's statistics; fills the
         row's delta and weight-gradient."""
-        net, act, pool, dtype = self.net, self.acts[layer], self.pool, self.dtype
+        net, act, dtype = self.net, self.acts[layer], self.dtype
         n_in, n_out, n = net.widths[layer - 1], net.widths[layer], g.u.shape[0]
+        pool = self.pool.sized(n * max(n_in, n_out))
         bn_here = layer in net.bn_layers
         w0, w_scale = self.weights(layer)
         w_ms = self.weight_ms(layer, w0)

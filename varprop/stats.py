@@ -180,7 +180,7 @@ def side_stats(u: np.ndarray, log_s: float, saturated: float = math.nan, pool: P
 def side_stats_ms(u: np.ndarray, log_s: float, saturated: float = math.nan, pool: Pool = SERIAL
                   ) -> tuple[dict[str, float], float]:
     """:func:`side_stats` and the mean square of ``u``."""
-    *parts, head = pool.map(lambda rows: block_sums(u[rows]) if rows is not None else head_cos(u),
+    *parts, head = pool.sized(u.size).map(lambda rows: block_sums(u[rows]) if rows is not None else head_cos(u),
                             [*row_chunks(*u.shape), None])
     return from_sums(u, parts, log_s, saturated, head)
 

@@ -168,6 +168,14 @@ def values(u: np.ndarray, log_s: float, pool: Pool = SERIAL) -> Values:
     return Values(u, log_s, side_stats_ms(u, log_s, pool=pool)[1])
 
 
+def _times_dphi(v: np.ndarray, dphi: np.ndarray, act: activations.Activation, out: np.ndarray | None = None
+                ) -> np.ndarray:
+    """``v * phi'`` from a tape's phi' (a bool per entry for relu-type: which slope)."""
+    if dphi.dtype == bool and not (act.slope_pos == 1 and act.slope_neg == 0):
+        dphi = np.where(dphi, v.dtype.type(act.slope_pos), v.dtype.type(act.slope_neg))
+    return np.multiply(v, dphi, out=out)
+
+
 _NOTHING_PENDING: tuple[list[Callable[[], float]], Callable[[list[float]], None]] = ([], lambda squares: None)
 
 
@@ -370,8 +378,7 @@ class _Network:
             if net.bn_position == "post":
                 v, log_v = batchnorm.backward(v, log_v, tape.bn)  # float64 until the mask below
             if tape.dphi is not None:
-                v = v * (np.where(tape.dphi, v.dtype.type(act.slope_pos), v.dtype.type(act.slope_neg))
-                         if tape.dphi.dtype == bool else tape.dphi)
+                v = _times_dphi(v, tape.dphi, act)
             v, log_v = _narrow(v, log_v, dtype, pool)
             if net.bn_position == "pre":
                 v, log_v = _narrow(*batchnorm.backward(v, log_v, tape.bn), dtype, pool)
@@ -391,14 +398,7 @@ class _Network:
             with_head = rows.start == 0 and rows.stop >= head_rows
             delta_sums, head_delta = None, math.nan
             if not bn_here and tape.dphi is not None:
-                vb = v[rows]
-                if tape.dphi.dtype == bool and act.slope_neg == 0 and act.slope_pos == 1:
-                    np.multiply(g.u[rows], tape.dphi[rows], out=vb)
-                elif tape.dphi.dtype == bool:
-                    np.multiply(g.u[rows], np.where(tape.dphi[rows], dtype(act.slope_pos), dtype(act.slope_neg)),
-                                out=vb)
-                else:
-                    np.multiply(g.u[rows], tape.dphi[rows], out=vb)
+                vb = _times_dphi(g.u[rows], tape.dphi[rows], act, out=v[rows])
                 delta_sums = block_sums(vb)
                 head_delta = head_cos(vb) if with_head else math.nan
             ob = out[rows]

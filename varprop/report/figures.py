@@ -175,10 +175,15 @@ def _config_lines(ax: plt.Axes, summary: pd.DataFrame, col: str, theory_col: str
 
 
 def _legend_below_and_save(fig: plt.Figure, ax: plt.Axes, path: Path) -> Path:
-    """One shared legend under the panels (from ``ax``), then write the file."""
+    """One shared legend under the panels (from ``ax``), then write the file.
+    The figure grows by the legend's height, so the panels keep theirs and the
+    legend never covers their axis labels, however many configurations."""
     handles, labels = ax.get_legend_handles_labels()
+    legend_in = 0.2 + 0.17 * math.ceil(len(labels) / 4)  # 8-pt rows, in inches
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, height + legend_in)
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.05 + 0.02 * math.ceil(len(labels) / 4), 1, 1))
+    fig.tight_layout(rect=(0, legend_in / (height + legend_in), 1, 1))
     _save(fig, path)
     plt.close(fig)
     return path

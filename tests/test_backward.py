@@ -234,3 +234,18 @@ def test_memory_refusal_names_the_option():
     spec = varprop.NetworkSpec.square(100, 1000)
     with pytest.raises(SpecError, match="--max-memory"):
         varprop.simulate(spec, samples=1000, backward=True, max_memory="1M")
+
+
+@pytest.mark.parametrize("init", ["fan_in", "orthogonal"])
+def test_kept_and_redrawn_weights_give_identical_numbers(init, monkeypatch):
+    """Weights drawn again for the backward pass (beside the layer above's
+    work, by blocks of the pool) are the forward pass's: the same numbers as
+    keeping them, on one thread or two. Width 512 x 512 samples: big enough
+    for the blocks to go to the pool."""
+    spec = varprop.NetworkSpec.square(3, 512, activation="tanh", init=init)
+    runs = []
+    for keep in (True, False):
+        monkeypatch.setattr(engine, "keeps_weights", lambda s, keep=keep: keep)
+        runs += [varprop.simulate(spec, samples=512, seed=2, backward=True, threads=t) for t in (1, 2)]
+    for other in runs[1:]:
+        assert runs[0].equals(other)

@@ -362,11 +362,12 @@ class _Network:
         tape = _Tape(x.u, x.log_s, dphi, cache) if keep else None
         return _in_band(Values(h, log_h, ms_h), pool), row, tape
 
-    def back(self, layer: int, tape: _Tape, g: Values, row: dict[str, Any]
+    def back(self, layer: int, tape: _Tape, g: Values, row: dict[str, Any], ahead: int | None = None
              ) -> tuple[Values, dict[str, float]]:
         """Layer ``layer`` backward: from the gradient w.r.t. its output to the
         gradient w.r.t. its input and that gradient's statistics; fills the
-        row's delta and weight-gradient."""
+        row's delta and weight-gradient. ``ahead`` names a layer whose weights
+        are drawn meanwhile."""
         net, act, dtype = self.net, self.acts[layer], self.dtype
         n_in, n_out, n = net.widths[layer - 1], net.widths[layer], g.u.shape[0]
         pool = self.pool.sized(n * max(n_in, n_out))
@@ -408,9 +409,10 @@ class _Network:
 
         # The previous layer's weight-gradient products share this map: one barrier fewer per layer.
         earlier, finish_earlier = self._pending_grad
-        done = pool.map(lambda task: task(), earlier + [lambda rows=rows: block(rows) for rows in chunks])
+        draws = self.draw_tasks(ahead) if ahead is not None else []
+        done = pool.map(lambda task: task(), earlier + [lambda rows=rows: block(rows) for rows in chunks] + draws)
         finish_earlier(done[:len(earlier)])
-        parts = done[len(earlier):]
+        parts = done[len(earlier):len(earlier) + len(chunks)]
         heads_ok = chunks[0].stop >= head_rows
         if not bn_here:
             if tape.dphi is None:
@@ -472,10 +474,16 @@ def weight_bytes(spec: RunSpec) -> int:
 
 
 def keeps_weights(spec: RunSpec) -> bool:
-    """Whether the backward pass keeps the forward pass's weights (when
-    everything fits in ``max_memory``) rather than drawing them again."""
+    """Whether the backward pass keeps the forward pass's weights rather than
+    drawing them again: only orthogonal and user-drawn ones (a QR or a user
+    call per layer), and only when everything fits in ``max_memory``. Weights
+    drawn by blocks are drawn again beside the layer above's backward work,
+    which costs no more time than first touching that much fresh memory does
+    (benchmarks/) and halves the backward pass's memory."""
+    scheme = spec.network.init.resolve()
     budget = spec.max_memory or default_max_memory()
-    return spec.backward and sum(tape_bytes(spec)) + weight_bytes(spec) + working_bytes(spec) <= budget
+    return (spec.backward and (scheme.orthogonal or scheme.user is not None)
+            and sum(tape_bytes(spec)) + weight_bytes(spec) + working_bytes(spec) <= budget)
 
 
 def backward_plan(spec: RunSpec) -> int:
@@ -580,7 +588,9 @@ def _backward(net: _Network, spec: RunSpec, replicate: int, rows: list[dict[str,
             x = checkpoints[start]
             for l in range(start + 1, layer + 1):
                 x, _, tapes[l] = net.step(l, x, stats=False, keep=True, ahead=l + 1 if l < layer else None)
-        g, grad = net.back(layer, tapes.pop(layer), g, rows[layer])
+        # The next layer down's weights are drawn in this layer's map when they are not kept and no
+        # segment recomputation will draw them first.
+        g, grad = net.back(layer, tapes.pop(layer), g, rows[layer], ahead=layer - 1 if layer - 1 in tapes else None)
         rows[layer - 1].update(_prefix("grad", grad))
         if progress is not None:
             progress(1)

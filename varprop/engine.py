@@ -204,6 +204,7 @@ class _Network:
         # Weights kept from the forward pass for the backward one, when they fit.
         self.kept: dict[int, tuple[np.ndarray, float]] | None = {} if keep_weights else None
         self.ready: dict[int, tuple[np.ndarray, float]] = {}  # drawn ahead, during the previous layer
+        self.last: tuple[int, tuple[np.ndarray, float]] | None = None
         self._pending_grad: tuple[list[Callable[[], float]], Callable[[list[float]], None]] = _NOTHING_PENDING
         self.scheme = spec.network.init.resolve()
         self.dtype = np.dtype(spec.dtype).type
@@ -212,15 +213,17 @@ class _Network:
                               for l in range(1, self.net.depth + 1)]
 
     def weights(self, layer: int) -> tuple[np.ndarray, float]:
-        """``(W0, scale)`` of a layer: drawn ahead, kept, or drawn now."""
-        if layer in self.ready:
-            w = self.ready.pop(layer)
-        elif self.kept is not None and layer in self.kept:
-            return self.kept.pop(layer)
+        """``(W0, scale)`` of a layer: the last one asked for (the top layer's,
+        or a recomputed segment's, going backward), kept, drawn ahead, or drawn now."""
+        if self.last is not None and self.last[0] == layer:
+            return self.last[1]
+        if self.kept is not None and layer in self.kept:
+            w = self.kept.pop(layer)
         else:
-            w = self._draw_now(layer)
-        if self.kept is not None:
-            self.kept[layer] = w
+            w = self.ready.pop(layer) if layer in self.ready else self._draw_now(layer)
+            if self.kept is not None:
+                self.kept[layer] = w
+        self.last = (layer, w)
         return w
 
     def _by_blocks(self) -> bool:
@@ -239,7 +242,8 @@ class _Network:
         """Tasks that draw a layer's weights into ``ready``, in fixed blocks of
         rows, each from its own node of the seed tree: the same numbers on any
         number of threads. Empty when the layer's weights are not drawn by blocks."""
-        if not self._by_blocks() or layer in self.ready or (self.kept is not None and layer in self.kept):
+        if (not self._by_blocks() or layer in self.ready or (self.kept is not None and layer in self.kept)
+                or (self.last is not None and self.last[0] == layer)):
             return []
         n_in, n_out = self.net.widths[layer - 1], self.net.widths[layer]
         w0 = np.empty((n_in, n_out), self.dtype)

@@ -25,3 +25,22 @@ def test_fmt_pow10():
 def test_fmt_marks_overflow():
     assert fmt(math.inf) == "overflow" and fmt(-math.inf) == "-overflow"
     assert fmt(float("nan")) == "" and fmt(0.000123456) == "0.0001235"
+
+
+@pytest.mark.parametrize("inits, panels", [(["unit", "fan_in"], 1), (["unit", "fan_in", "he"], 3)])
+def test_many_configurations_become_small_multiples(tmp_path, inits, panels):
+    """Up to 8 configurations share one panel; 9 (3 inits x 3 activations)
+    get a panel per init, each with one colour per activation."""
+    import re
+
+    import varprop
+    from varprop import stats
+    from varprop.report import figures
+
+    layers = varprop.simulate(varprop.NetworkSpec.square(2, 10), samples=20,
+                              vary={"init": inits, "activation": ["linear", "relu", "tanh"]})
+    path = figures.std_per_layer(layers, stats.summarize(layers), tmp_path / "std.png")
+    svg = path.with_suffix(".svg").read_text()
+    assert len(set(re.findall(r'<g id="axes_(\d+)">', svg))) == panels
+    titles = re.findall(r"init=(unit|fan_in|he)", svg)
+    assert (len(set(titles)) == 3) == (panels == 3)

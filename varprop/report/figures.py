@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -27,50 +28,98 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 def std_per_layer(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:
     """Std of each layer's output (and, with a backward pass, of the gradient),
-    one line per configuration, on a log axis.
+    on a log axis.
 
     Solid: the mean network (sqrt of the mean variance over replicates);
     dashed: the typical network (geometric mean); band: the range over
-    replicates.
+    replicates. Up to 8 configurations share one panel per side. More, when
+    they vary two or more options, are small multiples: a column per value of
+    the next-to-last option, a row per side and value of the others, and a
+    colour per value of the last, so every panel holds a few lines.
     """
     sides = [("post", "std of layer output")]
     if "grad_log10_std" in layers:
-        sides.append(("grad", "std of gradient w.r.t. layer output"))
-    n_configs = summary["config"].nunique()
-    legend_rows = math.ceil(n_configs / 3)
-    fig, axes = plt.subplots(1, len(sides), figsize=(6.5 * len(sides), 4.2 + 0.22 * legend_rows), dpi=120,
-                             squeeze=False)
-    for ax, (side, label) in zip(axes[0], sides):
-        _panel(ax, layers, summary, side, label)
+        sides.append(("grad", "std of gradient w.r.t. output"))
+    configs = list(dict.fromkeys(summary["config"]))
+    keys = list(layers.columns[1:layers.columns.get_loc("replicate")])  # the varied options, in label order
+    values = layers.groupby("config", sort=False)[keys].first() if keys else None
+    facets = (values is not None and len(configs) > _MAX_LINES and len(keys) >= 2
+              and values[keys[-1]].nunique() <= 10)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if facets:
+        color_key, col_key, row_keys = keys[-1], keys[-2], keys[:-2]
+        shades = {v: colors[i] for i, v in enumerate(dict.fromkeys(values[color_key]))}
+        looks = {c: (shades[values.at[c, color_key]], "-", f"{color_key}={values.at[c, color_key]}") for c in configs}
+        cols = list(dict.fromkeys(values[col_key]))
+        groups = list(dict.fromkeys(tuple(r) for r in values[row_keys].itertuples(index=False))) or [()]
+        panels = [(side, label, {k: v for k, v in zip(row_keys, g)}, col) for side, label in sides for g in groups
+                  for col in cols]
+        wrap = len(sides) * len(groups) == 1 and len(cols) > 4  # one row of many panels: wrapped, each its own y
+        n_cols = 3 if wrap else len(cols)
+    else:
+        wrap = True
+        looks = {c: (colors[i % len(colors)], ["-", "-.", ":"][(i // len(colors)) % 3], c) for i, c in enumerate(configs)}
+        panels = [(side, label, {}, None) for side, label in sides]
+        n_cols = len(panels)
+    n_rows = math.ceil(len(panels) / n_cols)
+    size = (2.9, 2.4) if facets else (6.5, 4.2)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(size[0] * n_cols, size[1] * n_rows + 0.6), dpi=120,
+                             squeeze=False, sharex=True, sharey=False if wrap else "row")
+    as_log10 = {side: _beyond_float64(layers[f"{side}_log10_std"]) for side, _ in sides}
+    for ax, (side, label, where, col) in zip(axes.flat, panels):
+        chosen = [c for c in configs if (col is None or values.at[c, col_key] == col)
+                  and all(values.at[c, k] == v for k, v in where.items())]
+        _panel(ax, layers, summary[summary["config"].isin(chosen)], side, looks, as_log10[side])
+        ax.set_ylabel(f"log10 {label}" if as_log10[side] else f"{label} (log scale)")
+        if facets:
+            ax.set_title(", ".join(f"{k}={v}" for k, v in [*where.items(), (col_key, col)]), fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.xaxis.label.set_size(8)
+            ax.yaxis.label.set_size(8)
+            if not wrap and ax not in axes[:, 0]:
+                ax.set_ylabel("")
+        if ax not in axes[-1] and len(panels) > n_cols * (n_rows - 1):  # the bottom row's label serves the column
+            ax.set_xlabel("")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     n_rep = int(layers["replicate"].nunique())
-    title = ("Std per layer: outputs (left) and gradients (right)" if len(sides) > 1 else "Std per layer") + (
+    title = ("Std per layer: outputs and gradients" if len(sides) > 1 else "Std per layer") + (
         "; dotted: mean-field theory")
     if n_rep > 1:
         title += f"\nmean network (solid), typical network (dashed), range over {n_rep} replicates (shaded)"
     fig.suptitle(title, fontsize=10)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 * legend_rows * 4.2 / (4.2 + 0.22 * legend_rows), 1, 1))
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    entries: dict[str, Any] = {}
+    for ax in axes.flat:  # one entry per label, whichever panel drew it; the lines' own first
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(text, handle)
+    order = sorted(entries, key=lambda text: text not in {look[2] for look in looks.values()})
+    return _legend_below_and_save(fig, [entries[t] for t in order], order, path)
 
 
-def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str, label: str) -> None:
+_MAX_LINES = 8  # configurations one panel shows before std_per_layer turns to small multiples
+
+
+def _beyond_float64(log10_values: pd.Series) -> bool:
+    """Whether 10 ** values overflows a float64 axis (then log10 itself is plotted)."""
+    finite = log10_values.replace([np.inf, -np.inf], np.nan).dropna()
+    return bool(len(finite) and finite.abs().max() > _MAX_LOG10)
+
+
+def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str,
+           looks: dict[str, tuple[str, str, str]], as_log10: bool) -> None:
+    """One side's lines for the configurations of ``summary``; ``looks`` maps
+    a configuration to its colour, line style and legend label."""
     col = f"{side}_log10_std"
-    finite = layers[col].replace([np.inf, -np.inf], np.nan).dropna()
-    as_log10 = finite.abs().max() > _MAX_LOG10 if len(finite) else False
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = ["-", "-.", ":"]
     banded = False
-    for i, (config, s) in enumerate(summary.groupby("config", sort=False)):
-        color = colors[i % len(colors)]
-        style = styles[(i // len(colors)) % len(styles)]
+    first = True
+    for config, s in summary.groupby("config", sort=False):
+        color, style, label = looks[config]
         y = lambda v: np.asarray(v, dtype=float) if as_log10 else 10.0 ** np.asarray(v, dtype=float)  # noqa: E731
-        ax.plot(s["layer"], y(s[f"{side}_log10_rms_std"]), color=color, ls=style, lw=1.8, label=f"{config}")
+        ax.plot(s["layer"], y(s[f"{side}_log10_rms_std"]), color=color, ls=style, lw=1.8, label=label)
         if f"theory_{side}_log10_std" in s and s[f"theory_{side}_log10_std"].notna().any():
             ax.plot(s["layer"], y(s[f"theory_{side}_log10_std"]), color="black", ls=":", lw=1.1,
-                    label="mean-field theory" if i == 0 else None)
+                    label="mean-field theory" if first else None)
+            first = False
         if side == "post" and "theory_post_log10_std_lo" in s and s["theory_post_log10_std_lo"].notna().any():
             for edge in ("theory_post_log10_std_lo", "theory_post_log10_std_hi"):
                 ax.plot(s["layer"], y(s[edge]), color=color, ls=(0, (1, 3)), lw=1.0,
@@ -86,7 +135,6 @@ def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str,
         ax.set_yscale("log")
     ax.set_xlabel("layer l (0 = input)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(f"log10 {label}" if as_log10 else f"{label} (log scale)")
     ax.grid(True, which="major", alpha=0.3)
 
 
@@ -174,11 +222,10 @@ def _config_lines(ax: plt.Axes, summary: pd.DataFrame, col: str, theory_col: str
     ax.grid(True, alpha=0.3)
 
 
-def _legend_below_and_save(fig: plt.Figure, ax: plt.Axes, path: Path) -> Path:
-    """One shared legend under the panels (from ``ax``), then write the file.
-    The figure grows by the legend's height, so the panels keep theirs and the
-    legend never covers their axis labels, however many configurations."""
-    handles, labels = ax.get_legend_handles_labels()
+def _legend_below_and_save(fig: plt.Figure, handles: list[Any], labels: list[str], path: Path) -> Path:
+    """One shared legend under the panels, then write the file. The figure
+    grows by the legend's height, so the panels keep theirs and the legend
+    never covers their axis labels, however many configurations."""
     legend_in = 0.2 + 0.17 * math.ceil(len(labels) / 4)  # 8-pt rows, in inches
     width, height = fig.get_size_inches()
     fig.set_size_inches(width, height + legend_in)
@@ -202,7 +249,7 @@ def means_and_channels(summary: pd.DataFrame, path: Path) -> Path:
     axes[2].set_yscale("log")
     axes[2].set_ylabel("average unit variance (log)")
     fig.suptitle("Mean per layer and channel statistics (averaged over replicates)", fontsize=10)
-    return _legend_below_and_save(fig, axes[0], path)
+    return _legend_below_and_save(fig, *axes[0].get_legend_handles_labels(), path)
 
 
 def correlation(summary: pd.DataFrame, path: Path) -> Path:
@@ -217,7 +264,7 @@ def correlation(summary: pd.DataFrame, path: Path) -> Path:
         ax.set_ylim(-0.05, 1.05)
     fig.suptitle("Correlation between samples per layer (1: all inputs map to one direction); dotted: the c-map",
                  fontsize=10)
-    return _legend_below_and_save(fig, axes[0], path)
+    return _legend_below_and_save(fig, *axes[0].get_legend_handles_labels(), path)
 
 
 def histograms(hist: pd.DataFrame, path: Path, max_configs: int = 6) -> Path:

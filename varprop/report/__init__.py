@@ -150,8 +150,8 @@ def render(directory: Path, formats: tuple[str, ...] = FORMATS, layers: pd.DataF
     paths: dict[str, Any] = {"config": directory / "config.json", "layers": directory / "layers.csv",
                              "figure": directory / "std_per_layer.png", "summary": summary}
     figures.std_per_layer(layers, summary, paths["figure"])
-    paths["means_figure"] = figures.means_and_channels(summary, directory / "means_per_layer.png")
-    paths["correlation_figure"] = figures.correlation(summary, directory / "correlation_per_layer.png")
+    paths["means_figure"] = figures.means_and_channels(layers, summary, directory / "means_per_layer.png")
+    paths["correlation_figure"] = figures.correlation(layers, summary, directory / "correlation_per_layer.png")
     if (directory / "histograms.csv").exists():
         paths["histogram_figure"] = figures.histograms(pd.read_csv(directory / "histograms.csv"),
                                                        directory / "histograms.png")

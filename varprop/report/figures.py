@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import matplotlib
 
@@ -28,18 +28,42 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 def std_per_layer(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:
     """Std of each layer's output (and, with a backward pass, of the gradient),
-    on a log axis.
+    on a log axis (laid out as :func:`_figure` says).
 
     Solid: the mean network (sqrt of the mean variance over replicates);
     dashed: the typical network (geometric mean); band: the range over
-    replicates. Up to 8 configurations share one panel per side. More, when
-    they vary two or more options, are small multiples: a column per value of
-    the next-to-last option, a row per side and value of the others, and a
-    colour per value of the last, so every panel holds a few lines.
+    replicates.
     """
     sides = [("post", "std of layer output")]
     if "grad_log10_std" in layers:
         sides.append(("grad", "std of gradient w.r.t. output"))
+    as_log10 = {side: _beyond_float64(layers[f"{side}_log10_std"]) for side, _ in sides}
+
+    def draw(ax: plt.Axes, chosen: pd.DataFrame, side: str, looks: Looks) -> None:
+        _panel(ax, layers, chosen, side, looks, as_log10[side])
+        label = dict(sides)[side]
+        ax.set_ylabel(f"log10 {label}" if as_log10[side] else f"{label} (log scale)")
+
+    n_rep = int(layers["replicate"].nunique())
+    title = ("Std per layer: outputs and gradients" if len(sides) > 1 else "Std per layer") + (
+        "; dotted: mean-field theory")
+    if n_rep > 1:
+        title += f"\nmean network (solid), typical network (dashed), range over {n_rep} replicates (shaded)"
+    return _figure(layers, summary, [side for side, _ in sides], draw, title, path, (6.5, 4.2), dpi=120)
+
+
+Looks = dict[str, tuple[str, Any, str]]  # configuration -> colour, line style, legend label
+
+
+def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
+            draw: Callable[[plt.Axes, pd.DataFrame, str, Looks], None], title: str, path: Path,
+            panel: tuple[float, float], dpi: int = 110) -> Path:
+    """One panel per metric holding every configuration (up to 8), or small
+    multiples: more configurations varying two or more options get a column
+    per value of the next-to-last option, a row per metric and value of the
+    others, and a colour per value of the last, so each panel holds a few
+    lines (one row of many panels is wrapped, each panel with its own y axis).
+    ``draw(ax, summary_rows, metric, looks)`` draws a panel."""
     configs = list(dict.fromkeys(summary["config"]))
     keys = list(layers.columns[1:layers.columns.get_loc("replicate")])  # the varied options, in label order
     values = layers.groupby("config", sort=False)[keys].first() if keys else None
@@ -52,41 +76,35 @@ def std_per_layer(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Pa
         looks = {c: (shades[values.at[c, color_key]], "-", f"{color_key}={values.at[c, color_key]}") for c in configs}
         cols = list(dict.fromkeys(values[col_key]))
         groups = list(dict.fromkeys(tuple(r) for r in values[row_keys].itertuples(index=False))) or [()]
-        panels = [(side, label, {k: v for k, v in zip(row_keys, g)}, col) for side, label in sides for g in groups
-                  for col in cols]
-        wrap = len(sides) * len(groups) == 1 and len(cols) > 4  # one row of many panels: wrapped, each its own y
+        panels = [(metric, dict(zip(row_keys, g)), col) for metric in metrics for g in groups for col in cols]
+        wrap = len(metrics) * len(groups) == 1 and len(cols) > 4
         n_cols = 3 if wrap else len(cols)
+        size = (2.9, 2.4)
     else:
         wrap = True
         looks = {c: (colors[i % len(colors)], ["-", "-.", ":"][(i // len(colors)) % 3], c) for i, c in enumerate(configs)}
-        panels = [(side, label, {}, None) for side, label in sides]
+        panels = [(metric, {}, None) for metric in metrics]
         n_cols = len(panels)
+        size = panel
     n_rows = math.ceil(len(panels) / n_cols)
-    size = (2.9, 2.4) if facets else (6.5, 4.2)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(size[0] * n_cols, size[1] * n_rows + 0.6), dpi=120,
-                             squeeze=False, sharex=True, sharey=False if wrap else "row")
-    as_log10 = {side: _beyond_float64(layers[f"{side}_log10_std"]) for side, _ in sides}
-    for ax, (side, label, where, col) in zip(axes.flat, panels):
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(size[0] * n_cols, size[1] * n_rows + 0.6), dpi=dpi,
+                             squeeze=False, sharex=True)
+    for ax, (metric, where, col) in zip(axes.flat, panels):
         chosen = [c for c in configs if (col is None or values.at[c, col_key] == col)
                   and all(values.at[c, k] == v for k, v in where.items())]
-        _panel(ax, layers, summary[summary["config"].isin(chosen)], side, looks, as_log10[side])
-        ax.set_ylabel(f"log10 {label}" if as_log10[side] else f"{label} (log scale)")
+        draw(ax, summary[summary["config"].isin(chosen)], metric, looks)
         if facets:
             ax.set_title(", ".join(f"{k}={v}" for k, v in [*where.items(), (col_key, col)]), fontsize=8)
             ax.tick_params(labelsize=7)
             ax.xaxis.label.set_size(8)
             ax.yaxis.label.set_size(8)
-            if not wrap and ax not in axes[:, 0]:
-                ax.set_ylabel("")
         if ax not in axes[-1] and len(panels) > n_cols * (n_rows - 1):  # the bottom row's label serves the column
             ax.set_xlabel("")
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    n_rep = int(layers["replicate"].nunique())
-    title = ("Std per layer: outputs and gradients" if len(sides) > 1 else "Std per layer") + (
-        "; dotted: mean-field theory")
-    if n_rep > 1:
-        title += f"\nmean network (solid), typical network (dashed), range over {n_rep} replicates (shaded)"
+    if facets and not wrap:
+        for row in axes:
+            _share_y(row)
     fig.suptitle(title, fontsize=10)
     entries: dict[str, Any] = {}
     for ax in axes.flat:  # one entry per label, whichever panel drew it; the lines' own first
@@ -96,7 +114,25 @@ def std_per_layer(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Pa
     return _legend_below_and_save(fig, [entries[t] for t in order], order, path)
 
 
-_MAX_LINES = 8  # configurations one panel shows before std_per_layer turns to small multiples
+def _share_y(row: np.ndarray) -> None:
+    """One y range for a row of panels (the first keeps the labels), unless it
+    would squash a panel's own range below a tenth of its height (a mean that
+    reaches 1e50 in one panel and stays near 0 in the others)."""
+    log = row[0].get_yscale() == "log"
+    lims = np.array([ax.get_ylim() for ax in row])
+    spans = np.log10(lims[:, 1] / lims[:, 0]) if log else lims[:, 1] - lims[:, 0]
+    low, high = lims[:, 0].min(), lims[:, 1].max()
+    union = math.log10(high / low) if log else high - low
+    if spans.min() < 0.1 * union:
+        return
+    for i, ax in enumerate(row):
+        ax.set_ylim(low, high)
+        if i:
+            ax.set_ylabel("")
+            ax.tick_params(labelleft=False)
+
+
+_MAX_LINES = 8  # configurations one panel shows before _figure turns to small multiples
 
 
 def _beyond_float64(log10_values: pd.Series) -> bool:
@@ -105,8 +141,8 @@ def _beyond_float64(log10_values: pd.Series) -> bool:
     return bool(len(finite) and finite.abs().max() > _MAX_LOG10)
 
 
-def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str,
-           looks: dict[str, tuple[str, str, str]], as_log10: bool) -> None:
+def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str, looks: Looks,
+           as_log10: bool) -> None:
     """One side's lines for the configurations of ``summary``; ``looks`` maps
     a configuration to its colour, line style and legend label."""
     col = f"{side}_log10_std"
@@ -205,18 +241,16 @@ def phase_diagram(grid: pd.DataFrame, activation: str, path: Path, measured: pd.
     return path
 
 
-def _config_lines(ax: plt.Axes, summary: pd.DataFrame, col: str, theory_col: str | None = None,
-                  log: bool = False) -> None:
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (config, s) in enumerate(summary.groupby("config", sort=False)):
-        color = colors[i % len(colors)]
-        style = ["-", "-.", ":"][(i // len(colors)) % 3]
-        ax.plot(s["layer"], s[col], color=color, ls=style, lw=1.6, label=config)
+def _config_lines(ax: plt.Axes, summary: pd.DataFrame, col: str, looks: Looks, theory_col: str | None = None
+                  ) -> None:
+    first = True
+    for config, s in summary.groupby("config", sort=False):
+        color, style, label = looks[config]
+        ax.plot(s["layer"], s[col], color=color, ls=style, lw=1.6, label=label)
         if theory_col and theory_col in s and s[theory_col].notna().any():
             ax.plot(s["layer"], s[theory_col], color="black", ls=":", lw=1.0,
-                    label="mean-field theory" if i == 0 else None)
-    if log:
-        ax.set_yscale("symlog", linthresh=1e-6)
+                    label="mean-field theory" if first else None)
+            first = False
     ax.set_xlabel("layer l (0 = input)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
@@ -236,35 +270,39 @@ def _legend_below_and_save(fig: plt.Figure, handles: list[Any], labels: list[str
     return path
 
 
-def means_and_channels(summary: pd.DataFrame, path: Path) -> Path:
+def means_and_channels(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:
     """Mean of the layer outputs, and the channel statistics: the average over
     units of the squared unit mean and of the unit variance."""
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), dpi=110)
-    _config_lines(axes[0], summary, "post_mean", "theory_post_mean")
-    axes[0].set_ylabel("mean of the layer output")
-    _config_lines(axes[1], summary, "post_sq_unit_mean")
-    axes[1].set_yscale("log")
-    axes[1].set_ylabel("average squared unit mean (log)")
-    _config_lines(axes[2], summary, "post_unit_var")
-    axes[2].set_yscale("log")
-    axes[2].set_ylabel("average unit variance (log)")
-    fig.suptitle("Mean per layer and channel statistics (averaged over replicates)", fontsize=10)
-    return _legend_below_and_save(fig, *axes[0].get_legend_handles_labels(), path)
+    metrics = {"post_mean": ("mean of the layer output", "theory_post_mean", False),
+               "post_sq_unit_mean": ("average squared unit mean (log)", None, True),
+               "post_unit_var": ("average unit variance (log)", None, True)}
+
+    def draw(ax: plt.Axes, chosen: pd.DataFrame, metric: str, looks: Looks) -> None:
+        label, theory_col, log = metrics[metric]
+        _config_lines(ax, chosen, metric, looks, theory_col)
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+
+    return _figure(layers, summary, list(metrics), draw,
+                   "Mean per layer and channel statistics (averaged over replicates)", path, (5.3, 4.4))
 
 
-def correlation(summary: pd.DataFrame, path: Path) -> Path:
+def correlation(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:
     """Mean pairwise cosine similarity between samples per layer (and its
     absolute value) with the c-map's prediction."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4), dpi=110)
-    _config_lines(axes[0], summary, "pre_cos_sim", "theory_pre_cos_sim")
-    axes[0].set_ylabel("mean cosine similarity of z between samples")
-    _config_lines(axes[1], summary, "post_abs_cos_sim")
-    axes[1].set_ylabel("mean |cos| between samples (outputs)")
-    for ax in axes:
+    metrics = {"pre_cos_sim": ("mean cosine similarity of z between samples", "theory_pre_cos_sim"),
+               "post_abs_cos_sim": ("mean |cos| between samples (outputs)", None)}
+
+    def draw(ax: plt.Axes, chosen: pd.DataFrame, metric: str, looks: Looks) -> None:
+        label, theory_col = metrics[metric]
+        _config_lines(ax, chosen, metric, looks, theory_col)
+        ax.set_ylabel(label)
         ax.set_ylim(-0.05, 1.05)
-    fig.suptitle("Correlation between samples per layer (1: all inputs map to one direction); dotted: the c-map",
-                 fontsize=10)
-    return _legend_below_and_save(fig, *axes[0].get_legend_handles_labels(), path)
+
+    return _figure(layers, summary, list(metrics), draw,
+                   "Correlation between samples per layer (1: all inputs map to one direction); dotted: the c-map",
+                   path, (6.5, 4.4))
 
 
 def histograms(hist: pd.DataFrame, path: Path, max_configs: int = 6) -> Path:

@@ -216,10 +216,14 @@ class _Network:
         """``(W0, scale)`` of a layer: the last one asked for (the top layer's,
         or a recomputed segment's, going backward), kept, drawn ahead, or drawn now."""
         if self.last is not None and self.last[0] == layer:
+            if self.kept is not None:  # going backward: it is not needed again
+                self.kept.pop(layer, None)
             return self.last[1]
         if self.kept is not None and layer in self.kept:
             w = self.kept.pop(layer)
         else:
+            if layer not in self.ready:
+                self.last = None  # freed before a draw that was not made ahead
             w = self.ready.pop(layer) if layer in self.ready else self._draw_now(layer)
             if self.kept is not None:
                 self.kept[layer] = w

@@ -434,7 +434,8 @@ class Config:
     spec: RunSpec
 
 
-def _label_part(key: str, value: Any) -> str:
+def label_part(key: str, value: Any) -> str:
+    """How an option's value reads in a configuration's label (``gain=0.7``; a bare name for init and activation)."""
     if key in ("init", "activation", "distribution", "mode", "input", "dtype"):
         return str(value if isinstance(value, str) else getattr(value, "__name__", value))
     if key in ("widths", "bn_layers"):
@@ -485,9 +486,9 @@ def expand(options: Mapping[str, Any]) -> list[Config]:
         values = dict(zip(varied, combo))
         spec = from_options({**fixed, **values})
         if values:
-            label = ", ".join(_label_part(k, v) for k, v in values.items())
+            label = ", ".join(label_part(k, v) for k, v in values.items())
         else:
-            label = f"{_label_part('init', spec.network.init.scheme)} {spec.network.activation}"
+            label = f"{label_part('init', spec.network.init.scheme)} {spec.network.activation}"
         configs.append(Config(label, values, spec))
     return configs
 

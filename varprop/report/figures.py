@@ -14,6 +14,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..spec import label_part  # noqa: E402
+
 # Beyond this, 10 ** log10_std does not fit a float64 axis: plot log10 itself.
 _MAX_LOG10 = 300.0
 
@@ -67,13 +69,15 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
     configs = list(dict.fromkeys(summary["config"]))
     keys = list(layers.columns[1:layers.columns.get_loc("replicate")])  # the varied options, in label order
     values = layers.groupby("config", sort=False)[keys].first() if keys else None
-    facets = (values is not None and len(configs) > _MAX_LINES and len(keys) >= 2
-              and values[keys[-1]].nunique() <= 10)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    facets = values is not None and len(configs) > _MAX_LINES and len(keys) >= 2
+    if facets and values[keys[-1]].nunique() > len(colors):  # colour by the other of the last two, if it can
+        keys[-2:] = keys[-1], keys[-2]
+    facets = facets and values[keys[-1]].nunique() <= len(colors)
     if facets:
         color_key, col_key, row_keys = keys[-1], keys[-2], keys[:-2]
         shades = {v: colors[i] for i, v in enumerate(dict.fromkeys(values[color_key]))}
-        looks = {c: (shades[values.at[c, color_key]], "-", f"{color_key}={values.at[c, color_key]}") for c in configs}
+        looks = {c: (shades[values.at[c, color_key]], "-", _named(color_key, values.at[c, color_key])) for c in configs}
         cols = list(dict.fromkeys(values[col_key]))
         groups = list(dict.fromkeys(tuple(r) for r in values[row_keys].itertuples(index=False))) or [()]
         panels = [(metric, dict(zip(row_keys, g)), col) for metric in metrics for g in groups for col in cols]
@@ -94,12 +98,15 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
                   and all(values.at[c, k] == v for k, v in where.items())]
         draw(ax, summary[summary["config"].isin(chosen)], metric, looks)
         if facets:
-            ax.set_title(", ".join(f"{k}={v}" for k, v in [*where.items(), (col_key, col)]), fontsize=8)
-            ax.tick_params(labelsize=7)
+            ax.set_title(", ".join(_named(k, v) for k, v in [*where.items(), (col_key, col)]), fontsize=8)
+            ax.tick_params(which="both", labelsize=7)
             ax.xaxis.label.set_size(8)
             ax.yaxis.label.set_size(8)
-        if ax not in axes[-1] and len(panels) > n_cols * (n_rows - 1):  # the bottom row's label serves the column
+    for i, ax in enumerate(axes.flat[:len(panels)]):
+        if i + n_cols < len(panels):  # the panel below carries this column's x axis
             ax.set_xlabel("")
+        else:
+            ax.tick_params(labelbottom=True)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     if facets and not wrap:
@@ -114,10 +121,19 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
     return _legend_below_and_save(fig, [entries[t] for t in order], order, path)
 
 
+def _named(key: str, value: Any) -> str:
+    """``key=value`` as configuration labels write the value."""
+    part = label_part(key, value)
+    return part if part.startswith(f"{key}=") else f"{key}={part}"
+
+
 def _share_y(row: np.ndarray) -> None:
     """One y range for a row of panels (the first keeps the labels), unless it
     would squash a panel's own range below a tenth of its height (a mean that
     reaches 1e50 in one panel and stays near 0 in the others)."""
+    row = [ax for ax in row if ax.has_data()]
+    if len(row) < 2:
+        return
     log = row[0].get_yscale() == "log"
     lims = np.array([ax.get_ylim() for ax in row])
     spans = np.log10(lims[:, 1] / lims[:, 0]) if log else lims[:, 1] - lims[:, 0]
@@ -260,10 +276,12 @@ def _legend_below_and_save(fig: plt.Figure, handles: list[Any], labels: list[str
     """One shared legend under the panels, then write the file. The figure
     grows by the legend's height, so the panels keep theirs and the legend
     never covers their axis labels, however many configurations."""
-    legend_in = 0.2 + 0.17 * math.ceil(len(labels) / 4)  # 8-pt rows, in inches
     width, height = fig.get_size_inches()
+    # Up to 4 columns, as many as fit the width (8-pt text: about 0.065 in a character, 0.6 in for the line).
+    ncol = max(1, min(4, len(labels), int(width // (0.6 + 0.065 * max(map(len, labels), default=0)))))
+    legend_in = 0.2 + 0.17 * math.ceil(len(labels) / ncol)  # 8-pt rows, in inches
     fig.set_size_inches(width, height + legend_in)
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, legend_in / (height + legend_in), 1, 1))
     _save(fig, path)
     plt.close(fig)

@@ -222,9 +222,11 @@ class _Network:
         if self.kept is not None and layer in self.kept:
             w = self.kept.pop(layer)
         else:
-            if layer not in self.ready:
+            if layer in self.ready:
+                w = self.ready.pop(layer)
+            else:
                 self.last = None  # freed before a draw that was not made ahead
-            w = self.ready.pop(layer) if layer in self.ready else self._draw_now(layer)
+                w = self._draw_now(layer)
             if self.kept is not None:
                 self.kept[layer] = w
         self.last = (layer, w)

@@ -4,9 +4,13 @@ points, chi_1, depth scales, gradients and gains (DESIGN.md "Definitions").
 Every expectation is over z ~ N(0, q) and is computed by a fixed quadrature:
 composite Gauss-Legendre panels on each half-line, graded geometrically
 toward the kink at 0, so relu-type kinks cost nothing in accuracy and tanh's
-transition is resolved at any q. Activations are evaluated through
-:func:`varprop.activations.apply_scaled`, so q may be any magnitude (10,000
-layers of unit init give q ~ 1e10000): predictions are carried as logs.
+transition is resolved at any q. The c-map (two correlated inputs) uses a
+48 x 48 Gauss-Hermite rule where phi is smooth on that rule's scale, and
+elsewhere Mehler's series in phi's Hermite coefficients (:class:`_Series`),
+which bounds its own error and keeps the predicted cosine within [-1, 1].
+Activations are evaluated through :func:`varprop.activations.apply_scaled`,
+so q may be any magnitude (10,000 layers of unit init give q ~ 1e10000):
+predictions are carried as logs.
 
 >>> round(gains("relu")["variance_gain"], 6)
 1.712859
@@ -125,6 +129,133 @@ def _pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 # Below this |c|, c x + s y rounds to y at every node of the 2-D rule: s = 1 and |c x| < 2^-54 |y|, which
 # is under half an ulp of y.
 _NEGLIGIBLE_C = 2.0**-54 * np.abs(_hermite()[0]).min() / np.abs(_hermite()[0]).max()
+# The 2-D Gauss-Hermite rule is used for the c-map where the 1-D one integrates phi against 1, x, x^2 and
+# phi^2 as the graded rule does to this (relative) accuracy: phi is then smooth on the rule's scale (gelu at
+# q = 0.5: 2e-16). Elsewhere (tanh at q = 4: 6e-4, and the 2-D rule's c-map was off by as much; any kink)
+# the Mehler series takes over.
+_GH_TRUSTED = 1e-12
+# Hermite coefficients kept in the Mehler series.
+_SERIES_TERMS = 128
+
+
+@lru_cache(maxsize=None)
+def _fine_nodes() -> tuple[np.ndarray, np.ndarray]:
+    """A rule for E[f(x)], x ~ N(0, 1), that resolves phi's kink or steep step at 0 (Gauss-Legendre panels
+    graded by factors of 2 toward it, 8 points each) and the oscillations of the Hermite polynomials of the
+    series (panels of width 1/4 out to 13, 12 points each; e^(-13^2/4) bounds what phi h_k carries beyond)."""
+    xs, ws = [], []
+    for edges, points in ((np.concatenate([[0.0], 2.0 ** np.arange(-27, 1)]), 8),
+                          (np.arange(1.0, 13.0 + 1e-9, 0.25), 12)):
+        t, w = np.polynomial.legendre.leggauss(points)
+        half = (edges[1:] - edges[:-1])[:, None] / 2
+        x = half * t + (edges[1:] + edges[:-1])[:, None] / 2
+        xs.append(x.ravel())
+        ws.append((half * w * np.exp(-x * x / 2)).ravel() / math.sqrt(2 * math.pi))
+    x, w = np.concatenate(xs), np.concatenate(ws)
+    return np.concatenate([-x[::-1], x]), np.concatenate([w[::-1], w])
+
+
+@lru_cache(maxsize=None)
+def _hermite_rows(terms: int = _SERIES_TERMS) -> np.ndarray:
+    """Row k: the fine rule's weights times h_k at its nodes, h_k = He_k / sqrt(k!) (orthonormal), so that
+    row k @ f(x) = E[f(x) h_k(x)]. The recurrence runs on h_k exp(-x^2/4), which stays of order one."""
+    x, w = _fine_nodes()
+    psi = np.empty((terms + 1, len(x)))
+    psi[0] = np.exp(-x * x / 4)
+    psi[1] = x * psi[0]
+    for k in range(1, terms):
+        psi[k + 1] = (x * psi[k] - math.sqrt(k) * psi[k - 1]) / math.sqrt(k + 1)
+    return psi * (w / psi[0])
+
+
+@lru_cache(maxsize=None)
+def _tail_fit(top: int, parity: int, fit: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The last ``fit`` indices k <= top of a parity, and the least-squares maps from their log a_k^2 to
+    (log A, p, b) of A k^-p exp(-b sqrt(k)) and to (log A, p) of A k^-p."""
+    k = np.arange(parity, top + 1, 2)[-fit:]
+    design = np.column_stack([np.ones(k.size), -np.log(k), -np.sqrt(k)])
+    return k, np.linalg.pinv(design), np.linalg.pinv(design[:, :2])
+
+
+@lru_cache(maxsize=None)
+def _tail_grid(top: int, parity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """Nodes for sums over k > top of one parity: the first 64 terms one by one, then a trapezoid rule in
+    log k out to 2^40 (the sum of a smooth function at steps of 2 is half its integral); their log k,
+    sqrt k, log weights, and where the grid stops."""
+    first = top + 1 + (top + 1 + parity) % 2
+    terms = np.arange(first, first + 128, 2, dtype=float)
+    t = np.linspace(math.log(terms[-1] + 2), 40 * math.log(2), 240)
+    far = np.exp(t)
+    trap = np.full(t.size, (t[1] - t[0]) / 2)
+    trap[[0, -1]] /= 2
+    k = np.concatenate([terms, far])
+    return k, np.log(k), np.sqrt(k), np.log(np.concatenate([np.ones(terms.size), trap * far])), float(far[-1])
+
+
+class _Series:
+    """The c-map by Mehler's formula: with a_k = E[phi(sqrt(q) x) h_k(x)],
+    E[phi(z1) phi(z2)] = sum_k a_k^2 c^k for every |c| <= 1.
+
+    The first K = ``_SERIES_TERMS`` terms are summed. Of the rest only their
+    total T = E[phi^2] - sum a_k^2 is known (for each parity of k), so they
+    add between 0 and |c|^(K+1) T (:meth:`bound`). They are spread over
+    k > K as the last coefficients of their parity decay (:meth:`_model`).
+    The value never leaves [partial sum, partial sum + bound], so cos never
+    exceeds 1.
+    """
+
+    def __init__(self, act: Activation, log_q: float):
+        x, w = _fine_nodes()
+        u, _ = _phi_scaled(act, x, 0.5 * log_q, renormalise=True)
+        a = _hermite_rows() @ u
+        self.a2 = a * a
+        self.m2 = float(w @ (u * u))
+        self.k = np.arange(len(a))
+        self.top = len(a) - 1
+        # E[phi_even^2] and E[phi_odd^2]: the rule is symmetric, so they are (E[phi^2] +- E[phi(x) phi(-x)]) / 2.
+        flip = float((w * u) @ u[::-1])
+        self.rests = {parity: (self.m2 + (flip if parity == 0 else -flip)) / 2 - float(self.a2[parity::2].sum())
+                      for parity in (0, 1)}
+        self.models: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # made when a c first needs them
+
+    def _model(self, parity: int) -> tuple[np.ndarray, np.ndarray]:
+        """Nodes k > K and weights for sums over k of that parity of A k^-p exp(-b sqrt(k)) c^k. The power
+        is how a kink or a jump at 0 decays; exp(-b sqrt(k)) how a function analytic in a strip of
+        half-width d does (b ~ 2 sqrt(2) d: tanh(sqrt(q) x) looks like a jump only up to k ~ q). p and
+        b >= 0 by least squares on the last coefficients' logs (an even spread if they are not all > 0)."""
+        fit_k, with_cutoff, power_only = _tail_fit(self.top, parity)
+        v = self.a2[fit_k]
+        p = b = 0.0
+        if np.all(v > 0):
+            _, p, b = with_cutoff @ np.log(v)
+            if b < 0:  # no sign of a cutoff: the power law alone
+                b, (_, p) = 0.0, power_only @ np.log(v)
+        if b == 0:
+            p = max(p, 0.0)
+        k, log_k, sqrt_k, log_base, beyond = _tail_grid(self.top, parity)
+        log_w = log_base - p * log_k - b * sqrt_k
+        top = log_w.max()
+        weights = np.exp(log_w - top)
+        total = weights.sum()
+        if b == 0 and p > 1:  # what lies beyond the grid, which no |c| < 1 reaches
+            total += math.exp((1 - p) * math.log(beyond) - math.log(2 * (p - 1)) - top)
+        return k, weights / total
+
+    def bound(self, c: float) -> float:
+        """The most the terms beyond the series can move cos at c."""
+        return abs(c) ** (self.top + 1) * sum(max(r, 0.0) for r in self.rests.values()) / self.m2
+
+    def cos(self, c: float) -> float:
+        total = float(self.a2 @ c ** self.k)
+        log_c = math.log(abs(c))
+        if (self.top + 1) * log_c > -40:  # else the rest is below 1e-17 of it
+            for parity, rest in self.rests.items():
+                if rest > 1e-17 * self.m2:
+                    if parity not in self.models:
+                        self.models[parity] = self._model(parity)
+                    k, weights = self.models[parity]
+                    total += rest * float(weights @ np.exp(k * log_c)) * (-1 if parity and c < 0 else 1)
+        return min(total / self.m2, 1.0)
 
 
 def cos_post(act: Activation, log_q: float, c: float) -> float:
@@ -174,6 +305,16 @@ class _AtQ:
         m2 = float(w @ (u * u))
         # E[u^2] - E[u]^2 loses at most a bit when E[u]^2 <= E[u^2] / 2; else the sum about the mean.
         var = m2 - m * m if 2 * m * m <= m2 else float(w @ (u - m) ** 2)
+        self._u = (u, m, m2)
+        # How well the 48-point Gauss-Hermite rule integrates phi against 1, x, x^2, and phi^2, against
+        # the graded rule (E[phi] and E[phi^2] alone can be exact by symmetry: sign(x)).
+        xg, wg = _hermite()
+        self._gh_error = math.inf
+        if m2 > 0:
+            g1, g2 = (self._u1, self._u1 * xg, self._u1 * xg * xg), (u, u * x, u * x * x)
+            self._gh_error = max(max(abs(float(wg @ a) - float(w @ b)) for a, b in zip(g1, g2)) / math.sqrt(m2 * 3),
+                                 abs(float(wg @ (self._u1 * self._u1)) - m2) / m2)
+        self._series: _Series | None = None
         dphi2 = math.nan
         if with_dphi2:
             d = activations.dphi_scaled(act, x, 0.5 * log_q)
@@ -188,27 +329,26 @@ class _AtQ:
         if self.slopes is not None:  # the arc-cosine kernel (leaky: slopes a+, a-)
             a, b = self.slopes
             return ((a * a + b * b) * _arccos(c) - 2 * a * b * _arccos(-c)) / ((a * a + b * b) / 2)
-        log_m2 = self.moments.log_m2
-        if not math.isfinite(log_m2):
+        if not math.isfinite(self.moments.log_m2):
             return math.nan
-        # E[phi(z1) phi(z2)] by the 2-D rule: phi(z1) at node x_i, phi(z2) at c x_i + s y_j. Two cases take
-        # the rule's own nodes with 48 evaluations of phi, not one per pair.
-        x, w = _hermite()
-        s = math.sqrt(max(0.0, 1 - c * c))
-        l1 = self._l1
-        if abs(c) < _NEGLIGIBLE_C:  # c x_i + s y_j rounds to y_j: phi(z2) is phi(z1) transposed, the sum factors
-            mean1 = float(w @ self._u1)
-            cross, l2 = mean1 * mean1, l1
-        elif s == 0:  # c = +-1: phi(z2) = phi(c x_i) on row i, whose weights W_j sum to 1
-            r, l2 = _phi_scaled(self.act, c * x, 0.5 * self.log_q)
-            cross = float((w * self._u1) @ r)
-        else:
-            i, xi, yj, wij = _pairs()
-            u2, l2 = _phi_scaled(self.act, c * xi + s * yj, 0.5 * self.log_q)
-            cross = float((wij * self._u1[i]) @ u2)
-        top = max(l1, l2)
-        cross *= math.exp(l1 + l2 - 2 * top)
-        return cross * math.exp(2 * top - log_m2)
+        # c = +-1 and c ~ 0 need no 2-D rule: the graded 1-D one's E[phi(z) phi(+-z)] and E[phi]^2.
+        u, m, m2 = self._u
+        if c == 1:
+            return 1.0
+        if c == -1:
+            return float(nodes()[1] @ (u * u[::-1])) / m2
+        if abs(c) < _NEGLIGIBLE_C:
+            return m * m / m2
+        if self._gh_error > _GH_TRUSTED:
+            if self._series is None:
+                self._series = _Series(self.act, self.log_q)
+            return self._series.cos(c)
+        # E[phi(z1) phi(z2)] by the 2-D rule: phi(z1) at node x_i, phi(z2) at c x_i + s y_j.
+        s = math.sqrt(1 - c * c)
+        i, xi, yj, wij = _pairs()
+        u2, l2 = _phi_scaled(self.act, c * xi + s * yj, 0.5 * self.log_q)
+        cross = float((wij * self._u1[i]) @ u2) * math.exp(l2 - self._l1)
+        return min(cross / m2, 1.0)
 
 
 def _arccos(r: float) -> float:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -142,10 +142,11 @@ _SERIES_TERMS = 128
 def _fine_nodes() -> tuple[np.ndarray, np.ndarray]:
     """A rule for E[f(x)], x ~ N(0, 1), that resolves phi's kink or steep step at 0 (Gauss-Legendre panels
     graded by factors of 2 toward it, 8 points each) and the oscillations of the Hermite polynomials of the
-    series (panels of width 1/4 out to 13, 12 points each; e^(-13^2/4) bounds what phi h_k carries beyond)."""
+    series (panels of width 1/2 out to 13, 12 points each; e^(-13^2/4) bounds what phi h_k carries beyond).
+    Finer panels (1/4) or more points (16) move no c-map value of tests/test_theory.py by more than 1e-13."""
     xs, ws = [], []
     for edges, points in ((np.concatenate([[0.0], 2.0 ** np.arange(-27, 1)]), 8),
-                          (np.arange(1.0, 13.0 + 1e-9, 0.25), 12)):
+                          (np.arange(1.0, 13.0 + 1e-9, 0.5), 12)):
         t, w = np.polynomial.legendre.leggauss(points)
         half = (edges[1:] - edges[:-1])[:, None] / 2
         x = half * t + (edges[1:] + edges[:-1])[:, None] / 2
@@ -199,63 +200,81 @@ class _Series:
     The first K = ``_SERIES_TERMS`` terms are summed. Of the rest only their
     total T = E[phi^2] - sum a_k^2 is known (for each parity of k), so they
     add between 0 and |c|^(K+1) T (:meth:`bound`). They are spread over
-    k > K as the last coefficients of their parity decay (:meth:`_model`).
+    k > K as the last coefficients of their parity decay (:func:`_series`).
     The value never leaves [partial sum, partial sum + bound], so cos never
     exceeds 1.
     """
 
-    def __init__(self, act: Activation, log_q: float):
-        x, w = _fine_nodes()
-        u, _ = _phi_scaled(act, x, 0.5 * log_q, renormalise=True)
-        a = _hermite_rows() @ u
-        self.a2 = a * a
-        self.m2 = float(w @ (u * u))
-        self.k = np.arange(len(a))
-        self.top = len(a) - 1
-        # E[phi_even^2] and E[phi_odd^2]: the rule is symmetric, so they are (E[phi^2] +- E[phi(x) phi(-x)]) / 2.
-        flip = float((w * u) @ u[::-1])
-        self.rests = {parity: (self.m2 + (flip if parity == 0 else -flip)) / 2 - float(self.a2[parity::2].sum())
-                      for parity in (0, 1)}
-        self.models: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # made when a c first needs them
-
-    def _model(self, parity: int) -> tuple[np.ndarray, np.ndarray]:
-        """Nodes k > K and weights for sums over k of that parity of A k^-p exp(-b sqrt(k)) c^k. The power
-        is how a kink or a jump at 0 decays; exp(-b sqrt(k)) how a function analytic in a strip of
-        half-width d does (b ~ 2 sqrt(2) d: tanh(sqrt(q) x) looks like a jump only up to k ~ q). p and
-        b >= 0 by least squares on the last coefficients' logs (an even spread if they are not all > 0)."""
-        fit_k, with_cutoff, power_only = _tail_fit(self.top, parity)
-        v = self.a2[fit_k]
-        p = b = 0.0
-        if np.all(v > 0):
-            _, p, b = with_cutoff @ np.log(v)
-            if b < 0:  # no sign of a cutoff: the power law alone
-                b, (_, p) = 0.0, power_only @ np.log(v)
-        if b == 0:
-            p = max(p, 0.0)
-        k, log_k, sqrt_k, log_base, beyond = _tail_grid(self.top, parity)
-        log_w = log_base - p * log_k - b * sqrt_k
-        top = log_w.max()
-        weights = np.exp(log_w - top)
-        total = weights.sum()
-        if b == 0 and p > 1:  # what lies beyond the grid, which no |c| < 1 reaches
-            total += math.exp((1 - p) * math.log(beyond) - math.log(2 * (p - 1)) - top)
-        return k, weights / total
+    def __init__(self, a2: np.ndarray, m2: float, rest: float, tail_k: np.ndarray, tail_odd: np.ndarray,
+                 tail_w: np.ndarray):
+        # The rest is spread over nodes tail_k > K of both parities (tail_odd: which stand for odd k; the
+        # far ones are not integers) with weights tail_w, which sum to T.
+        self.a2, self.m2, self.rest, self.tail_k, self.tail_odd, self.tail_w = a2, m2, rest, tail_k, tail_odd, tail_w
+        self.k = np.arange(len(a2))
 
     def bound(self, c: float) -> float:
         """The most the terms beyond the series can move cos at c."""
-        return abs(c) ** (self.top + 1) * sum(max(r, 0.0) for r in self.rests.values()) / self.m2
+        return abs(c) ** len(self.a2) * self.rest / self.m2
 
     def cos(self, c: float) -> float:
         total = float(self.a2 @ c ** self.k)
         log_c = math.log(abs(c))
-        if (self.top + 1) * log_c > -40:  # else the rest is below 1e-17 of it
-            for parity, rest in self.rests.items():
-                if rest > 1e-17 * self.m2:
-                    if parity not in self.models:
-                        self.models[parity] = self._model(parity)
-                    k, weights = self.models[parity]
-                    total += rest * float(weights @ np.exp(k * log_c)) * (-1 if parity and c < 0 else 1)
+        if len(self.a2) * log_c > -40 and self.rest > 0:  # else the rest is below 1e-17 of it
+            powers = np.exp(self.tail_k * log_c)
+            if c < 0:  # c^k = -|c|^k at odd k
+                powers[self.tail_odd] *= -1
+            total += float(self.tail_w @ powers)
         return min(total / self.m2, 1.0)
+
+
+def _series(act: Activation, log_qs: Sequence[float]) -> list[_Series]:
+    """The :class:`_Series` of ``act`` at each of ``log_qs``, computed together (a deep stack meets a new
+    q at every layer, and per q this is a few small array operations).
+
+    The terms left out are spread over k > K of each parity as A k^-p exp(-b sqrt(k)). The power is how a
+    kink or a jump at 0 decays; exp(-b sqrt(k)) how a function analytic in a strip of half-width d does
+    (b ~ 2 sqrt(2) d: tanh(sqrt(q) x) looks like a jump only up to k ~ q). p and b >= 0 come from least
+    squares on the last coefficients' logs (an even spread if they are not all positive)."""
+    x, w = _fine_nodes()
+    half = 0.5 * np.asarray(log_qs, dtype=float)
+    if np.all(np.abs(half) <= activations._LOG_DIRECT):
+        u = act.phi(np.exp(half)[:, None] * x)
+    else:
+        u = np.array([_phi_scaled(act, x, h)[0] for h in half])
+    top = np.abs(u).max(axis=1, keepdims=True)
+    u = u / np.where(top > 0, top, 1.0)  # only ratios matter: keep squares far from under- and overflow
+    a2 = (u @ _hermite_rows().T) ** 2
+    m2 = (u * u) @ w
+    flip = ((u * w) * u[:, ::-1]).sum(axis=1)  # E[phi(x) phi(-x)]: the rule is symmetric
+    terms = a2.shape[1] - 1
+    rests, nodes_k, tails = [], [], []
+    for parity in (0, 1):
+        # E[phi_even^2] or E[phi_odd^2], (E[phi^2] +- E[phi(x) phi(-x)]) / 2, less the terms kept; none
+        # where that is rounding.
+        rest = (m2 + (flip if parity == 0 else -flip)) / 2 - a2[:, parity::2].sum(axis=1)
+        rests.append(np.where(rest > 1e-17 * m2, rest, 0.0))
+        fit_k, with_cutoff, power_only = _tail_fit(terms, parity)
+        v = a2[:, fit_k]
+        ok = np.all(v > 0, axis=1)
+        log_v = np.log(np.where(v > 0, v, 1.0)).T
+        _, p, b = with_cutoff @ log_v
+        _, p_power = power_only @ log_v
+        p = np.where(b < 0, np.maximum(p_power, 0.0), p)  # no sign of a cutoff: the power law alone
+        b = np.maximum(b, 0.0)
+        p, b = np.where(ok, p, 0.0), np.where(ok, b, 0.0)
+        k, log_k, sqrt_k, log_base, beyond = _tail_grid(terms, parity)
+        log_w = log_base - p[:, None] * log_k - b[:, None] * sqrt_k
+        peak = log_w.max(axis=1, keepdims=True)
+        weights = np.exp(log_w - peak)
+        total = weights.sum(axis=1)
+        # What a pure power law puts beyond the grid, which no |c| < 1 reaches.
+        far = (b == 0) & (p > 1)
+        total[far] += np.exp((1 - p[far]) * math.log(beyond) - np.log(2 * (p[far] - 1)) - peak[far, 0])
+        nodes_k.append(k)
+        tails.append(weights * (rests[parity] / total)[:, None])
+    tail_k, tail_w, rest = np.concatenate(nodes_k), np.concatenate(tails, axis=1), rests[0] + rests[1]
+    tail_odd = np.arange(tail_k.size) >= nodes_k[0].size
+    return [_Series(a2[i], float(m2[i]), float(rest[i]), tail_k, tail_odd, tail_w[i]) for i in range(len(half))]
 
 
 def cos_post(act: Activation, log_q: float, c: float) -> float:
@@ -276,6 +295,13 @@ def _phi_scaled(act: Activation, u: np.ndarray, log_s: float, renormalise: bool 
     return (h / top, math.log(top)) if top > 0 else (h, 0.0)
 
 
+@lru_cache(maxsize=None)
+def _moment_rows() -> tuple[np.ndarray, np.ndarray]:
+    """The Gauss-Hermite and the graded rules' weights times 1, x and x^2 (E[phi], E[phi x], E[phi x^2])."""
+    (xg, wg), (x, w) = _hermite(), nodes()
+    return np.array([wg, wg * xg, wg * xg * xg]), np.array([w, w * x, w * x * x])
+
+
 class _AtQ:
     """An activation's expectations at one q: its moments, and its c-map
     ``cos`` (cos_post at any c) with everything that does not depend on c
@@ -287,6 +313,7 @@ class _AtQ:
     def __init__(self, act: Activation, log_q: float, with_dphi2: bool = True):
         self.act, self.log_q = act, log_q
         self.slopes = _limit_slopes(act, log_q)
+        self._series: _Series | None = None  # made when cos first needs it (or in a batch by _forward)
         if self.slopes is not None:  # closed forms for a+ z / a- z: no quadrature, any q
             a, b = self.slopes
             m1 = (a - b) / math.sqrt(2 * math.pi)
@@ -308,13 +335,11 @@ class _AtQ:
         self._u = (u, m, m2)
         # How well the 48-point Gauss-Hermite rule integrates phi against 1, x, x^2, and phi^2, against
         # the graded rule (E[phi] and E[phi^2] alone can be exact by symmetry: sign(x)).
-        xg, wg = _hermite()
         self._gh_error = math.inf
         if m2 > 0:
-            g1, g2 = (self._u1, self._u1 * xg, self._u1 * xg * xg), (u, u * x, u * x * x)
-            self._gh_error = max(max(abs(float(wg @ a) - float(w @ b)) for a, b in zip(g1, g2)) / math.sqrt(m2 * 3),
-                                 abs(float(wg @ (self._u1 * self._u1)) - m2) / m2)
-        self._series: _Series | None = None
+            by_gh, by_graded = _moment_rows()
+            gap = np.abs(by_gh @ self._u1 - by_graded @ u).max() / math.sqrt(3 * m2)
+            self._gh_error = max(gap, abs(float(_hermite()[1] @ (self._u1 * self._u1)) - m2) / m2)
         dphi2 = math.nan
         if with_dphi2:
             d = activations.dphi_scaled(act, x, 0.5 * log_q)
@@ -322,6 +347,10 @@ class _AtQ:
         mean = m * math.exp(log_s) if log_s < 700 else math.copysign(math.inf, m) if m else 0.0
         self.moments = Moments(mean, log_s + 0.5 * math.log(var) if var > 0 else -math.inf,
                                2 * log_s + math.log(m2) if m2 > 0 else -math.inf, dphi2)
+
+    def needs_series(self) -> bool:
+        """Whether :meth:`cos` takes Mehler's series (at c other than +-1 and ~0)."""
+        return self.slopes is None and math.isfinite(self.moments.log_m2) and self._gh_error > _GH_TRUSTED
 
     def cos(self, c: float) -> float:
         """cos_post(act, log_q, c)."""
@@ -339,9 +368,9 @@ class _AtQ:
             return float(nodes()[1] @ (u * u[::-1])) / m2
         if abs(c) < _NEGLIGIBLE_C:
             return m * m / m2
-        if self._gh_error > _GH_TRUSTED:
+        if self.needs_series():
             if self._series is None:
-                self._series = _Series(self.act, self.log_q)
+                self._series = _series(self.act, [self.log_q])[0]
             return self._series.cos(c)
         # E[phi(z1) phi(z2)] by the 2-D rule: phi(z1) at node x_i, phi(z2) at c x_i + s y_j.
         s = math.sqrt(1 - c * c)
@@ -440,13 +469,16 @@ _Step = tuple[float, float, float, float, float, float, float]
 def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reuse: bool = True) -> list[_Step]:
     """The recursion from the input's log E[h^2] and cos through layers 1..L.
 
-    A layer's step is a deterministic function of its shape, activation and
-    BN and of (log_m2, cos) from the layer below, and deep stacks revisit
-    those inputs: q and c reach a fixed point (or a cycle in the last bits),
-    or q settles while c still moves. With ``reuse`` a step whose inputs are
-    bitwise those of an earlier one is copied, as are the moments and c-map
-    of a log q met before. That is exact, not a tolerance-based stop: the
-    same inputs give bitwise the same outputs (tested against
+    q does not depend on c, so q runs through all layers first, then c,
+    which computes Mehler's series (where it needs them) for many layers'
+    q at a time. A layer's q-step is a deterministic
+    function of its shape, activation and BN and of log_m2 from the layer
+    below, and its c-step of its q and of cos from below; deep stacks
+    revisit those inputs (q and c reach a fixed point or a cycle in the last
+    bits, or q settles while c still moves). With ``reuse`` a step whose
+    inputs are bitwise those of an earlier one is copied, as are the moments
+    and c-map of a log q met before. That is exact, not a tolerance-based
+    stop: the same inputs give bitwise the same outputs (tested against
     ``reuse=False``, which computes every layer afresh).
     """
     net = spec.network
@@ -469,36 +501,70 @@ def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reu
         """log(n_in Var W_ij) and log Var b_i."""
         return math.log(n_in * inits.variance(scheme, n_in, n_out)), bias_log_variance(scheme, net.bias_std, n_in)
 
-    def step(n_in: int, n_out: int, name: str, bn: bool, log_m2: float, cos: float) -> _Step:
+    def q_step(n_in: int, n_out: int, name: str, bn: bool, log_m2: float) -> tuple[Any, ...]:
+        """log q, the bias's share of it, the c-map (None where BN leaves no c), and the post-activation
+        mean, log sd, log E[h^2] and E[phi'(z)^2]."""
         log_nv, log_vb = log_variances(n_in, n_out)
         log_sig = log_nv + log_m2
         log_q = _logaddexp(log_sig, log_vb)
         ratio_b = math.exp(min(log_vb - log_sig, 700.0))
-        c_pre = (cos + ratio_b) / (1 + ratio_b)
         if bn and net.bn_position == "pre":
             log_q = log_q - _logaddexp(log_q, log_eps)
-            c_pre = math.nan
         at_q = level(name, log_q)
         mo = at_q.moments
         mean, log_sd, log_m2_post = mo.mean, mo.log_sd, mo.log_m2
-        cos = at_q.cos(c_pre) if not math.isnan(c_pre) else math.nan
         if bn and net.bn_position == "post":
             log_var = 2 * log_sd
             log_m2_post = log_var - _logaddexp(log_var, log_eps)
-            mean, log_sd, cos = 0.0, 0.5 * log_m2_post, math.nan
-        return log_q, c_pre, mean, log_sd, log_m2_post, cos, mo.dphi2
+            mean, log_sd = 0.0, 0.5 * log_m2_post
+        return log_q, ratio_b, None if bn else at_q, mean, log_sd, log_m2_post, mo.dphi2
+
+    q_steps: list[tuple[Any, ...]] = []
+    found_q: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    for layer in range(1, net.depth + 1):
+        key = (net.widths[layer - 1], net.widths[layer], net.activation_at(layer), layer in bn_layers, log_m2)
+        found = found_q.get(key) if reuse else None
+        if found is None:
+            found = q_step(*key)
+            if reuse:
+                found_q[key] = found
+        q_steps.append(found)
+        log_m2 = found[5]
+
+    # The c-maps that the 2-D rule cannot take, by (activation, log q) in layer order: the first one c
+    # needs gets its series together with the next ones (which c needs too, unless it lands on exactly 0
+    # or 1 first). Keyed by value, with or without ``reuse``, so that both make the same batches.
+    queue = list(dict.fromkeys((st[2].act.name, st[2].log_q) for st in q_steps
+                               if st[2] is not None and st[2].needs_series()))
+    first = {key: i for i, key in enumerate(queue)}
+    made: dict[tuple[str, float], _Series] = {}
+
+    def with_series(at_q: _AtQ, batch: int = 64) -> None:
+        key = (at_q.act.name, at_q.log_q)
+        if key not in made:
+            todo = [k for k in queue[first[key]:first[key] + batch] if k not in made]
+            for name in acts:
+                mine = [log_q for n, log_q in todo if n == name]
+                made.update(zip([(name, log_q) for log_q in mine], _series(acts[name], mine) if mine else []))
+        at_q._series = made[key]
 
     out: list[_Step] = []
-    steps: dict[tuple[Any, ...], _Step] = {}
-    for layer in range(1, net.depth + 1):
-        key = (net.widths[layer - 1], net.widths[layer], net.activation_at(layer), layer in bn_layers, log_m2, cos)
-        found = steps.get(key) if reuse else None
-        if found is None:
-            found = step(*key)
-            if reuse:
-                steps[key] = found
-        out.append(found)
-        log_m2, cos = found[4], found[5]
+    found_c: dict[tuple[int, float], float] = {}
+    for log_q, ratio_b, at_q, mean, log_sd, log_m2_post, dphi2 in q_steps:
+        bn_pre = at_q is None and net.bn_position == "pre"
+        c_pre = math.nan if bn_pre else (cos + ratio_b) / (1 + ratio_b)
+        if at_q is None or math.isnan(c_pre):
+            cos = math.nan
+        else:
+            key = (id(at_q), c_pre)
+            cos = found_c.get(key, math.nan) if reuse else math.nan
+            if key not in found_c or not reuse:
+                if at_q._series is None and at_q.needs_series() and _NEGLIGIBLE_C <= abs(c_pre) < 1:
+                    with_series(at_q)
+                cos = at_q.cos(c_pre)
+                if reuse:
+                    found_c[key] = cos
+        out.append((log_q, c_pre, mean, log_sd, log_m2_post, cos, dphi2))
     return out
 
 

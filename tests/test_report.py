@@ -44,3 +44,44 @@ def test_many_configurations_become_small_multiples(tmp_path, inits, panels):
     assert len(set(re.findall(r'<g id="axes_(\d+)">', svg))) == panels
     titles = re.findall(r"init=(unit|fan_in|he)", svg)
     assert (len(set(titles)) == 3) == (panels == 3)
+
+
+@pytest.mark.parametrize("inits, grouped", [(["unit", "fan_in"], False), (["unit", "fan_in", "he"], True)])
+def test_many_configurations_get_grouped_findings(inits, grouped):
+    """Up to 8 configurations get a finding each; beyond, a finding names the configurations it holds for,
+    and every configuration is in exactly one verdict (stable, explodes, dies)."""
+    import re
+
+    import varprop
+    from varprop import stats
+    from varprop.engine import configs_for
+    from varprop.report.markdown import findings
+
+    vary = {"init": inits, "activation": ["linear", "relu", "tanh"]}
+    spec = varprop.NetworkSpec.square(12, 20)
+    configs = [{"label": c.label, "varied": c.varied} for c in configs_for(spec, vary)]
+    summary = stats.summarize(varprop.simulate(spec, samples=40, vary=vary, seed=2))
+    lines = findings(summary, configs)
+    if not grouped:
+        assert [line.split("**")[1] for line in lines] == [c["label"] for c in configs]
+        return
+    verdicts = [line for line in lines if re.match(r"\*\*(Stable|The signal explodes|The signal dies)\*\*", line)]
+    counts = [int(re.search(r"in (\d+|all \d+) configuration", line).group(1).replace("all ", "")) for line in verdicts]
+    assert sum(counts) == len(configs) == 9 and len(lines) < len(configs)
+    # unit init with a linear or relu stack of width 20 grows ~sqrt(20) or ~sqrt(10) per layer: past 1e3 by layer 12
+    explodes = next(line for line in lines if line.startswith("**The signal explodes**"))
+    assert "unit, linear/relu" in explodes
+
+
+def test_describe_names_a_subset_by_its_options():
+    from varprop.report.markdown import _Facts, describe
+
+    every = [_Facts(f"{a}, bn={n}, b={b}", {"activation": a, "bn_count": n, "batch_size": b}, 5, 0.0, None, 1.0,
+                    math.nan, 0.0, None)
+             for a in ("sigmoid", "relu") for n in (0, 1, 2) for b in (4, 64)]
+    sigmoid_low = [f for f in every if f.varied["activation"] == "sigmoid" and f.varied["bn_count"] < 2]
+    assert describe(sigmoid_low, every) == "4 configurations: sigmoid, bn_count=0/1 (any batch_size)"
+    assert describe(every, every) == "all 12 configurations"
+    odd = [every[0], every[7]]  # no option is free: each is named
+    assert describe(odd, every) == ("2 configurations: sigmoid, bn_count=0, batch_size=4; "
+                                    "relu, bn_count=0, batch_size=64")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ..fit import depth_growth, line_fit
+from ..spec import label_part
 from ..stats import log10_mean_pow10
 from .document import Document
 
@@ -175,7 +177,7 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
           + (f"; run time {meta['elapsed_s']:.1f} s." if meta.get("elapsed_s") is not None else "."))
 
     doc.h2("Findings")
-    doc.items(findings(layers, summary, labels))
+    doc.items(findings(summary, configs))
 
     doc.h2("Summary")
     lines = seed_line(layers)
@@ -314,35 +316,145 @@ def default_title(meta: dict[str, Any]) -> str:
     return f"varprop: {shape}, {len(configs)} configurations ({' x '.join(k.replace('_', ' ') for k in keys)})"
 
 
-def findings(layers: pd.DataFrame, summary: pd.DataFrame, labels: list[str]) -> list[str]:
-    """One line per configuration: where the signal dies or explodes (leaves
-    [1e-3, 1e3] x the input's std), its growth per layer, and the gradients'."""
+# Up to this many configurations get a finding each; beyond, findings are grouped (as the figures turn
+# into small multiples).
+FINDINGS_PER_CONFIG = 8
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What the findings say about one configuration."""
+
+    label: str
+    varied: dict[str, Any]
+    depth: int
+    rel: float  # log10 of the last layer's std over the input's
+    first_bad: int | None  # the first layer whose std leaves [1e-3, 1e3] x the input's
+    growth: float  # std factor per layer
+    saturated: float  # fraction of saturated units at the last layer (nan: not reported)
+    collapse: float  # mean |cos| between samples at the last layer
+    grad: float | None  # log10 of the input gradient's std over the output's
+
+
+def _facts(config: dict[str, Any], summary: pd.DataFrame) -> _Facts:
+    s = summary[summary["config"] == config["label"]].reset_index(drop=True)
+    rel = s["post_log10_rms_std"] - s["post_log10_rms_std"].iloc[0]
+    bad = s[rel.abs() > 3]
+    sat = s["post_frac_saturated"].iloc[-1]
+    grad = None
+    if "grad_log10_rms_std" in s:
+        grad = s["grad_log10_rms_std"].iloc[0] - s["grad_log10_rms_std"].iloc[-1]
+    return _Facts(config["label"], config.get("varied", {}), int(s["layer"].iloc[-1]), float(rel.iloc[-1]),
+                  None if bad.empty else int(bad["layer"].iloc[0]), _growth(s, "post_log10_rms_std"),
+                  sat if sat > 0.5 and s["post_frac_zero"].iloc[-1] < 0.5 * sat else math.nan,
+                  float(s["post_abs_cos_sim"].iloc[-1]), grad)
+
+
+def findings(summary: pd.DataFrame, configs: list[dict[str, Any]]) -> list[str]:
+    """Where the signal dies or explodes (leaves [1e-3, 1e3] x the input's
+    std), its growth per layer, saturation, collapse onto one direction and
+    the gradients': a line per configuration, or per finding across them
+    when there are more than :data:`FINDINGS_PER_CONFIG`."""
+    facts = [_facts(c, summary) for c in configs]
+    if len(facts) > FINDINGS_PER_CONFIG:
+        return _grouped_findings(facts)
     out = []
-    for config in labels:
-        s = summary[summary["config"] == config].reset_index(drop=True)
-        rel = s["post_log10_rms_std"] - s["post_log10_rms_std"].iloc[0]
-        bad = s[(rel.abs() > 3)]
-        depth = int(s["layer"].iloc[-1])
-        line = f"**{config}**: "
-        if bad.empty:
-            line += f"stable through {depth} layers (output std x{fmt(10 ** rel.iloc[-1], 3)} the input's)"
+    for f in facts:
+        line = f"**{f.label}**: "
+        if f.first_bad is None:
+            line += f"stable through {f.depth} layers (output std x{fmt(10 ** f.rel, 3)} the input's)"
         else:
-            first = bad.iloc[0]
-            verb = "explodes" if rel[first.name] > 0 else "dies"
-            line += (f"the signal {verb} at layer {int(first['layer'])} (std leaves [1e-3, 1e3] x the input's; "
-                     f"x{fmt_std(rel.iloc[-1])} at layer {depth})")
-        line += f"; std x{fmt(_growth(s, 'post_log10_rms_std'), 3)} per layer"
-        sat = s["post_frac_saturated"].iloc[-1]
-        if sat > 0.5 and s["post_frac_zero"].iloc[-1] < 0.5 * sat:
-            line += f"; {sat:.0%} of the last layer's units are saturated (|phi'| < 1e-3)"
-        collapse = s["post_abs_cos_sim"].iloc[-1]
-        if collapse > 0.9:
-            line += (f"; the inputs collapse onto one direction (mean |cos| between samples {collapse:.3f} at "
-                     f"layer {depth})")
-        if "grad_log10_rms_std" in s:
-            g = s["grad_log10_rms_std"].iloc[0] - s["grad_log10_rms_std"].iloc[-1]
-            line += f"; the input gradient is x{fmt_std(g)} the output's"
+            verb = "explodes" if f.rel > 0 else "dies"
+            line += (f"the signal {verb} at layer {f.first_bad} (std leaves [1e-3, 1e3] x the input's; "
+                     f"x{fmt_std(f.rel)} at layer {f.depth})")
+        line += f"; std x{fmt(f.growth, 3)} per layer"
+        if not math.isnan(f.saturated):
+            line += f"; {f.saturated:.0%} of the last layer's units are saturated (|phi'| < 1e-3)"
+        if f.collapse > 0.9:
+            line += (f"; the inputs collapse onto one direction (mean |cos| between samples {f.collapse:.3f} at "
+                     f"layer {f.depth})")
+        if f.grad is not None:
+            line += f"; the input gradient is x{fmt_std(f.grad)} the output's"
         out.append(line + ".")
+    return out
+
+
+def describe(subset: list[_Facts], every: list[_Facts], most: int = 6) -> str:
+    """The configurations of ``subset`` in few words, given all of them: options whose every value is
+    in the subset alike are written "any <option>", the rest as ``label_part`` values, those of the
+    option that varies most joined by "/" ("sigmoid, bn_count=0/1/2/3 (any batch_size)")."""
+    if len(subset) == len(every):
+        return f"all {len(every)} configurations"
+    keys = list(dict.fromkeys(k for f in every for k in f.varied))
+    present = {tuple(f.varied.get(k) for k in keys) for f in subset}
+    existing = {tuple(f.varied.get(k) for k in keys) for f in every}
+    free = []
+    for i, key in enumerate(keys):
+        values = {t[i] for t in existing}
+        others = lambda t: t[:i] + t[i + 1:]  # noqa: E731
+        if len(values) > 1 and all(t in present for t in existing if any(others(t) == others(p) for p in present)):
+            free.append(key)
+    rest = [k for k in keys if k not in free]
+    if rest:  # join the values of the option that varies most within the subset
+        spread = {k: len({repr(f.varied.get(k)) for f in subset}) for k in rest}
+        last = max(reversed(rest), key=spread.__getitem__)
+        rest = [k for k in rest if k != last] + [last]
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    for f in subset:
+        head = tuple(f.varied.get(k) for k in rest[:-1])
+        last = f.varied.get(rest[-1]) if rest else None
+        if last not in groups.setdefault(head, []):
+            groups[head].append(last)
+    parts = []
+    for head, lasts in groups.items():
+        words = [label_part(k, v) for k, v in zip(rest[:-1], head)]
+        if rest:
+            tail = [label_part(rest[-1], v) for v in lasts]
+            prefix = f"{rest[-1]}=" if tail[0].startswith(f"{rest[-1]}=") else ""
+            words.append(prefix + "/".join(t[len(prefix):] for t in tail))
+        parts.append(", ".join(words))
+    text = "; ".join(parts[:most]) + (f"; and {len(parts) - most} more" if len(parts) > most else "")
+    if free:
+        text += f" (any {', '.join(free)})"
+    return f"{len(subset)} configuration{'s' if len(subset) > 1 else ''}: {text}"
+
+
+def _span(facts: list[_Facts], value: Any, show: Any) -> str:
+    """"x<low> (<its configuration>) to x<high> (<its>)", or one value when they agree to 3 digits."""
+    ordered = sorted(facts, key=value)
+    low, high = show(value(ordered[0])), show(value(ordered[-1]))
+    if low == high:
+        return f"x{low}"
+    return f"x{low} ({ordered[0].label}) to x{high} ({ordered[-1].label})"
+
+
+def _grouped_findings(facts: list[_Facts]) -> list[str]:
+    out = []
+    depths = {f.depth for f in facts}
+    through = f"through {depths.pop()} layers" if len(depths) == 1 else "through their last layer"
+    stable = [f for f in facts if f.first_bad is None]
+    if stable:
+        out.append(f"**Stable** {through} in {describe(stable, facts)}. Their output std is "
+                   f"{_span(stable, lambda f: f.rel, lambda v: fmt(10 ** v, 3))} the input's.")
+    for verb, group in (("explodes", [f for f in facts if f.first_bad is not None and f.rel > 0]),
+                        ("dies", [f for f in facts if f.first_bad is not None and not f.rel > 0])):
+        if group:
+            layers = sorted(f.first_bad for f in group)
+            at = f"layer {layers[0]}" if layers[0] == layers[-1] else f"layers {layers[0]} to {layers[-1]}"
+            out.append(f"**The signal {verb}** (its std leaves [1e-3, 1e3] x the input's) at {at} in "
+                       f"{describe(group, facts)}.")
+    out.append(f"**Std per layer** {_span(facts, lambda f: f.growth, lambda v: fmt(v, 3))}.")
+    saturated = [f for f in facts if not math.isnan(f.saturated)]
+    if saturated:
+        out.append(f"**Saturated** (over half the last layer's units with |phi'| < 1e-3) in "
+                   f"{describe(saturated, facts)}.")
+    collapsed = [f for f in facts if f.collapse > 0.9]
+    if collapsed:
+        out.append(f"**The inputs collapse onto one direction** (mean |cos| between samples above 0.9 at the last "
+                   f"layer) in {describe(collapsed, facts)}.")
+    with_grad = [f for f in facts if f.grad is not None]
+    if with_grad:
+        out.append(f"**The input gradient** is {_span(with_grad, lambda f: f.grad, fmt_std)} the output's.")
     return out
 
 

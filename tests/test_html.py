@@ -53,6 +53,22 @@ def test_format_option_and_report_command(run_dir, tmp_path):
     assert missing.exit_code == 2 and "RUN_DIR" in missing.stderr
 
 
+@pytest.mark.parametrize("subsections, folded", [(8, False), (9, True)])
+def test_contents_fold_many_subsections(tmp_path, subsections, folded):
+    """A section with more subsections than TOC_OPEN (one per configuration of a large comparison) lists
+    them under a closed <details>, so the findings stay near the top of the page."""
+    from varprop.report.document import TOC_OPEN, Document, to_html
+
+    doc = Document("t")
+    doc.h2("Findings")
+    doc.h2("Per-layer statistics")
+    for i in range(subsections):
+        doc.h3(f"config {i}")
+    nav = to_html(doc, tmp_path).split("<nav", 1)[1].split("</nav>", 1)[0]
+    assert nav.count('class="l3"') == subsections and TOC_OPEN == 8
+    assert ("<details><summary>9 subsections</summary>" in nav) == folded and nav.count("<details") == folded
+
+
 def test_findings_come_first(run_dir):
     md = (run_dir / "report.md").read_text()
     assert md.index("## Findings") < md.index("## Summary") < md.index("## Per-layer statistics")

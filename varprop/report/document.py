@@ -95,6 +95,11 @@ def _slug(text: str, seen: dict[str, int]) -> str:
     return base if seen[base] == 1 else f"{base}-{seen[base]}"
 
 
+# A section's subsections are listed in the contents up to this many; beyond (one per configuration of
+# a large comparison), they fold under a <details> so that the findings stay near the top of the page.
+TOC_OPEN = 8
+
+
 def to_html(doc: Document, figure_dir: Path) -> str:
     """One self-contained page: inline CSS, figures as base64 PNG, no scripts."""
     seen: dict[str, int] = {}
@@ -102,7 +107,8 @@ def to_html(doc: Document, figure_dir: Path) -> str:
     for kind, x in doc.blocks:
         if kind in ("h2", "h3"):
             anchor = _slug(x, seen)
-            toc.append({"level": int(kind[1]), "anchor": anchor, "text": x})
+            entry = {"anchor": anchor, "text": x, "children": []}
+            (toc[-1]["children"] if kind == "h3" and toc else toc).append(entry)
             blocks.append({"kind": kind, "anchor": anchor, "html": inline(x)})
         elif kind == "p":
             blocks.append({"kind": "p", "html": inline(x)})
@@ -116,4 +122,4 @@ def to_html(doc: Document, figure_dir: Path) -> str:
         elif kind == "figure":
             data = base64.b64encode((Path(figure_dir) / x[0]).read_bytes()).decode("ascii")
             blocks.append({"kind": "figure", "src": f"data:image/png;base64,{data}", "alt": x[1]})
-    return _ENV.get_template("report.html").render(title=doc.title, blocks=blocks, toc=toc)
+    return _ENV.get_template("report.html").render(title=doc.title, blocks=blocks, toc=toc, toc_open=TOC_OPEN)

@@ -121,6 +121,21 @@ def test_cmap_series_against_an_independent_rule(name, q):
         assert abs(value - finer) <= at._series.bound(c) + 2 * abs(finer - ref) + 1e-13, (c, value - finer)
 
 
+@pytest.mark.parametrize("name,q", [("selu", 1.0), ("tanh", 100.0), ("elu", 2.0)])
+def test_dphi_cross_is_the_slope_of_the_cmap(name, q):
+    """Price's theorem, d/dc E[phi(z1) phi(z2)] = q E[phi'(z1) phi'(z2)], which mean_field's xi_c uses:
+    against central differences of the polar rule, their error taken as the change from step 2h to h
+    (the 2-D rule alone is off by 4e-3 to 1e-2 here: phi' jumps at 0, or nearly)."""
+    act = A.get(name)
+    at = theory._AtQ(act, math.log(q))
+    scale = math.exp(at.moments.log_m2) / q
+    for c in (-0.5, 0.2, 0.6, 0.9):
+        diff = [(polar_cos(act, math.log(q), c + h, 16) - polar_cos(act, math.log(q), c - h, 16)) / (2 * h) * scale
+                for h in (2e-4, 1e-4)]
+        assert theory._dphi_cross(at, c) == pytest.approx(diff[1], abs=abs(diff[1] - diff[0]) + 1e-9), c
+    assert theory._dphi_cross(at, 1.0) == at.moments.dphi2
+
+
 @pytest.mark.parametrize("name,log_q,kernel", [
     ("tanh", 400.0, lambda c: 2 / math.pi * math.asin(c)),  # tanh(e^200 x) is sign(x)
     ("gelu", 400.0, lambda c: (math.sqrt(1 - c * c) + (math.pi - math.acos(c)) * c) / math.pi),  # relu

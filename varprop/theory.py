@@ -216,6 +216,17 @@ class _Series:
         """The most the terms beyond the series can move cos at c."""
         return abs(c) ** len(self.a2) * self.rest / self.m2
 
+    def slope(self, c: float) -> float:
+        """d cos / dc at |c| < 1: the series differentiated term by term, the rest's spread too."""
+        k = self.k[1:]
+        total = float((k * self.a2[1:]) @ c ** (k - 1))
+        if c != 0 and len(self.a2) * math.log(abs(c)) > -40 and self.rest > 0:
+            powers = self.tail_k * np.exp((self.tail_k - 1) * math.log(abs(c)))
+            if c < 0:  # c^(k-1) = -|c|^(k-1) at even k
+                powers[~self.tail_odd] *= -1
+            total += float(self.tail_w @ powers)
+        return total / self.m2
+
     def cos(self, c: float) -> float:
         total = float(self.a2 @ c ** self.k)
         log_c = math.log(abs(c))
@@ -692,30 +703,37 @@ def mean_field(act: Activation | str, sigma_w: float, sigma_b: float = 0.0) -> d
         xi_q = -1 / math.log(slope) if 0 < slope < 1 - 1e-9 else math.inf  # ~1: critical, no finite scale
     c_star, slope_c = 1.0, chi_1
     if chi_1 > 1 and 0 < q_star < math.inf:
-        c_star = _c_fixed_point(act, sigma_w, sigma_b, q_star)
-        slope_c = sigma_w**2 * _dphi_cross(act, log_q, c_star)
+        at_q = _AtQ(act, log_q)
+        c_star = _c_fixed_point(at_q, sigma_w, sigma_b)
+        slope_c = sigma_w**2 * _dphi_cross(at_q, c_star)
     xi_c = -1 / math.log(slope_c) if 0 < slope_c < 1 else math.inf
     return {"activation": act.name, "sigma_w": sigma_w, "sigma_b": sigma_b, "q_star": q_star, "chi_1": chi_1,
             "phase": phase, "c_star": c_star, "xi_q": xi_q, "xi_c": xi_c}
 
 
-def _c_fixed_point(act: Activation, sigma_w: float, sigma_b: float, q_star: float) -> float:
+def _c_fixed_point(at_q: _AtQ, sigma_w: float, sigma_b: float) -> float:
+    """c* of the c-map at q*: c = (sigma_w^2 E[phi(z1) phi(z2)] + sigma_b^2) / q*, iterated from 1/2."""
+    m2_over_q = math.exp(at_q.moments.log_m2 - at_q.log_q)
+    b_over_q = sigma_b**2 * math.exp(-at_q.log_q)
     c = 0.5
     for _ in range(10_000):
-        new = (sigma_w**2 * q_star * _phi_cross(act, math.log(q_star), c) + sigma_b**2) / q_star
+        new = sigma_w**2 * m2_over_q * at_q.cos(c) + b_over_q
         if abs(new - c) < 1e-13:
             return new
         c = new
     return c
 
 
-def _phi_cross(act: Activation, log_q: float, c: float) -> float:
-    """E[phi(z1) phi(z2)] / q."""
-    m2 = math.exp(moments(act, log_q).log_m2 - log_q)
-    return cos_post(act, log_q, c) * m2
-
-
-def _dphi_cross(act: Activation, log_q: float, c: float) -> float:
+def _dphi_cross(at_q: _AtQ, c: float) -> float:
+    """E[phi'(z1) phi'(z2)] at correlation c: where the c-map takes Mehler's series, its derivative
+    (Price's theorem: d/dc E[phi(z1) phi(z2)] = q E[phi'(z1) phi'(z2)]), else the 2-D rule."""
+    act, log_q = at_q.act, at_q.log_q
+    if c >= 1:
+        return at_q.moments.dphi2
+    if at_q.needs_series():
+        if at_q._series is None:
+            at_q._series = _series(act, [log_q])[0]
+        return at_q._series.slope(c) * math.exp(at_q.moments.log_m2 - log_q)
     x, y, w = _nodes2d()
     s = math.sqrt(max(0.0, 1 - c * c))
     d1 = activations.dphi_scaled(act, np.broadcast_to(x, w.shape).copy(), 0.5 * log_q)

@@ -85,3 +85,11 @@ def test_describe_names_a_subset_by_its_options():
     odd = [every[0], every[7]]  # no option is free: each is named
     assert describe(odd, every) == ("2 configurations: sigmoid, bn_count=0, batch_size=4; "
                                     "relu, bn_count=0, batch_size=64")
+    # Along an option with one configuration only, "any" would say nothing: named instead.
+    diagonal = [_Facts(str(t), {"x": t[0], "y": t[1]}, 5, 0.0, None, 1.0, math.nan, 0.0, None)
+                for t in [(0, 0), (1, 1), (0, 1)]]
+    assert describe(diagonal[:1], diagonal) == "1 configuration: x=0, y=0"
+    # Configurations that do not vary the same options are named by their labels.
+    mixed = [_Facts(label, varied, 5, 0.0, None, 1.0, math.nan, 0.0, None)
+             for label, varied in [("a", {"x": 0}), ("b", {"x": 1}), ("c", {"y": 2})]]
+    assert describe(mixed[:2], mixed) == "2 configurations: a; b"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -126,15 +126,15 @@ def _pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return i, x[i], x[j], ww[i, j]
 
 
-# Below this |c|, c x + s y rounds to y at every node of the 2-D rule: s = 1 and |c x| < 2^-54 |y|, which
-# is under half an ulp of y.
+# Below this |c| the c-map is E[phi]^2 / E[phi^2] to within 1e-17 (at every node of the 2-D rule, s = 1 and
+# |c x| < 2^-54 |y|, under half an ulp of y, so c x + s y rounds to y).
 _NEGLIGIBLE_C = 2.0**-54 * np.abs(_hermite()[0]).min() / np.abs(_hermite()[0]).max()
 # The 2-D Gauss-Hermite rule is used for the c-map where the 1-D one integrates phi against 1, x, x^2 and
 # phi^2 as the graded rule does to this (relative) accuracy: phi is then smooth on the rule's scale (gelu at
 # q = 0.5: 2e-16). Elsewhere (tanh at q = 4: 6e-4, and the 2-D rule's c-map was off by as much; any kink)
 # the Mehler series takes over.
 _GH_TRUSTED = 1e-12
-# Hermite coefficients kept in the Mehler series.
+# The Mehler series keeps the terms k = 0..K of this K.
 _SERIES_TERMS = 128
 
 
@@ -189,6 +189,7 @@ def _tail_grid(top: int, parity: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     far = np.exp(t)
     trap = np.full(t.size, (t[1] - t[0]) / 2)
     trap[[0, -1]] /= 2
+    trap[0] += 0.5 / far[0]  # Euler-Maclaurin: the sum from k0 on is half the integral plus f(k0) / 2
     k = np.concatenate([terms, far])
     return k, np.log(k), np.sqrt(k), np.log(np.concatenate([np.ones(terms.size), trap * far])), float(far[-1])
 
@@ -197,12 +198,12 @@ class _Series:
     """The c-map by Mehler's formula: with a_k = E[phi(sqrt(q) x) h_k(x)],
     E[phi(z1) phi(z2)] = sum_k a_k^2 c^k for every |c| <= 1.
 
-    The first K = ``_SERIES_TERMS`` terms are summed. Of the rest only their
+    The terms k <= K = ``_SERIES_TERMS`` are summed. Of the rest only their
     total T = E[phi^2] - sum a_k^2 is known (for each parity of k), so they
-    add between 0 and |c|^(K+1) T (:meth:`bound`). They are spread over
-    k > K as the last coefficients of their parity decay (:func:`_series`).
-    The value never leaves [partial sum, partial sum + bound], so cos never
-    exceeds 1.
+    move the sum by at most |c|^(K+1) T (:meth:`bound`), by between 0 and
+    that for c >= 0. They are spread over k > K as the last coefficients of
+    their parity decay (:func:`_series`), which keeps the value within the
+    bound, so |cos| <= 1 (up to rounding, which the result is clamped for).
     """
 
     def __init__(self, a2: np.ndarray, m2: float, rest: float, tail_k: np.ndarray, tail_odd: np.ndarray,
@@ -235,7 +236,7 @@ class _Series:
             if c < 0:  # c^k = -|c|^k at odd k
                 powers[self.tail_odd] *= -1
             total += float(self.tail_w @ powers)
-        return min(total / self.m2, 1.0)
+        return min(max(total / self.m2, -1.0), 1.0)
 
 
 def _series(act: Activation, log_qs: Sequence[float]) -> list[_Series]:
@@ -245,7 +246,8 @@ def _series(act: Activation, log_qs: Sequence[float]) -> list[_Series]:
     The terms left out are spread over k > K of each parity as A k^-p exp(-b sqrt(k)). The power is how a
     kink or a jump at 0 decays; exp(-b sqrt(k)) how a function analytic in a strip of half-width d does
     (b ~ 2 sqrt(2) d: tanh(sqrt(q) x) looks like a jump only up to k ~ q). p and b >= 0 come from least
-    squares on the last coefficients' logs (an even spread if they are not all positive)."""
+    squares on the last coefficients' logs (p = b = 0 if they are not all positive: the rest then lies
+    mostly at k beyond any |c| < 1's reach, the low end of its bound)."""
     x, w = _fine_nodes()
     half = 0.5 * np.asarray(log_qs, dtype=float)
     if np.all(np.abs(half) <= activations._LOG_DIRECT):
@@ -343,7 +345,8 @@ class _AtQ:
         m2 = float(w @ (u * u))
         # E[u^2] - E[u]^2 loses at most a bit when E[u]^2 <= E[u^2] / 2; else the sum about the mean.
         var = m2 - m * m if 2 * m * m <= m2 else float(w @ (u - m) ** 2)
-        self._u = (u, m, m2)
+        # What cos needs at c = -1 and c ~ 0: E[phi], E[phi^2] and E[phi(z) phi(-z)] (the rule is symmetric).
+        self._m = (m, m2, float(w @ (u * u[::-1])))
         # How well the 48-point Gauss-Hermite rule integrates phi against 1, x, x^2, and phi^2, against
         # the graded rule (E[phi] and E[phi^2] alone can be exact by symmetry: sign(x)).
         self._gh_error = math.inf
@@ -361,7 +364,7 @@ class _AtQ:
 
     def needs_series(self) -> bool:
         """Whether :meth:`cos` takes Mehler's series (at c other than +-1 and ~0)."""
-        return self.slopes is None and math.isfinite(self.moments.log_m2) and self._gh_error > _GH_TRUSTED
+        return bool(self.slopes is None and math.isfinite(self.moments.log_m2) and self._gh_error > _GH_TRUSTED)
 
     def cos(self, c: float) -> float:
         """cos_post(act, log_q, c)."""
@@ -372,11 +375,11 @@ class _AtQ:
         if not math.isfinite(self.moments.log_m2):
             return math.nan
         # c = +-1 and c ~ 0 need no 2-D rule: the graded 1-D one's E[phi(z) phi(+-z)] and E[phi]^2.
-        u, m, m2 = self._u
+        m, m2, flip = self._m
         if c == 1:
             return 1.0
         if c == -1:
-            return float(nodes()[1] @ (u * u[::-1])) / m2
+            return flip / m2
         if abs(c) < _NEGLIGIBLE_C:
             return m * m / m2
         if self.needs_series():
@@ -388,7 +391,7 @@ class _AtQ:
         i, xi, yj, wij = _pairs()
         u2, l2 = _phi_scaled(self.act, c * xi + s * yj, 0.5 * self.log_q)
         cross = float((wij * self._u1[i]) @ u2) * math.exp(l2 - self._l1)
-        return min(cross / m2, 1.0)
+        return min(max(cross / m2, -1.0), 1.0)
 
 
 def _arccos(r: float) -> float:
@@ -477,6 +480,18 @@ def _dphi2(act: Activation, log_q: np.ndarray, chunk: int = 64) -> np.ndarray:
 _Step = tuple[float, float, float, float, float, float, float]
 
 
+class _QStep(NamedTuple):
+    """One layer of the q recursion."""
+
+    log_q: float
+    ratio_b: float  # Var(b) over the weights' share of q
+    at_q: _AtQ | None  # the c-map (None where batch norm leaves no c)
+    mean: float  # the post-activation mean, log sd and log E[h^2]
+    log_sd: float
+    log_m2: float
+    dphi2: float  # E[phi'(z)^2] (nan: see _fill_dphi2)
+
+
 def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reuse: bool = True) -> list[_Step]:
     """The recursion from the input's log E[h^2] and cos through layers 1..L.
 
@@ -490,7 +505,9 @@ def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reu
     inputs are bitwise those of an earlier one is copied, as are the moments
     and c-map of a log q met before. That is exact, not a tolerance-based
     stop: the same inputs give bitwise the same outputs (tested against
-    ``reuse=False``, which computes every layer afresh).
+    ``reuse=False``, which computes every layer afresh, but for Mehler's
+    series: those are shared by value in both modes, so that both make the
+    same batches).
     """
     net = spec.network
     names = {net.activation_at(1), net.activation_at(net.depth)}
@@ -512,9 +529,7 @@ def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reu
         """log(n_in Var W_ij) and log Var b_i."""
         return math.log(n_in * inits.variance(scheme, n_in, n_out)), bias_log_variance(scheme, net.bias_std, n_in)
 
-    def q_step(n_in: int, n_out: int, name: str, bn: bool, log_m2: float) -> tuple[Any, ...]:
-        """log q, the bias's share of it, the c-map (None where BN leaves no c), and the post-activation
-        mean, log sd, log E[h^2] and E[phi'(z)^2]."""
+    def q_step(n_in: int, n_out: int, name: str, bn: bool, log_m2: float) -> _QStep:
         log_nv, log_vb = log_variances(n_in, n_out)
         log_sig = log_nv + log_m2
         log_q = _logaddexp(log_sig, log_vb)
@@ -528,10 +543,10 @@ def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reu
             log_var = 2 * log_sd
             log_m2_post = log_var - _logaddexp(log_var, log_eps)
             mean, log_sd = 0.0, 0.5 * log_m2_post
-        return log_q, ratio_b, None if bn else at_q, mean, log_sd, log_m2_post, mo.dphi2
+        return _QStep(log_q, ratio_b, None if bn else at_q, mean, log_sd, log_m2_post, mo.dphi2)
 
-    q_steps: list[tuple[Any, ...]] = []
-    found_q: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    q_steps: list[_QStep] = []
+    found_q: dict[tuple[Any, ...], _QStep] = {}
     for layer in range(1, net.depth + 1):
         key = (net.widths[layer - 1], net.widths[layer], net.activation_at(layer), layer in bn_layers, log_m2)
         found = found_q.get(key) if reuse else None
@@ -540,13 +555,13 @@ def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reu
             if reuse:
                 found_q[key] = found
         q_steps.append(found)
-        log_m2 = found[5]
+        log_m2 = found.log_m2
 
     # The c-maps that the 2-D rule cannot take, by (activation, log q) in layer order: the first one c
     # needs gets its series together with the next ones (which c needs too, unless it lands on exactly 0
     # or 1 first). Keyed by value, with or without ``reuse``, so that both make the same batches.
-    queue = list(dict.fromkeys((st[2].act.name, st[2].log_q) for st in q_steps
-                               if st[2] is not None and st[2].needs_series()))
+    queue = list(dict.fromkeys((st.at_q.act.name, st.at_q.log_q) for st in q_steps
+                               if st.at_q is not None and st.at_q.needs_series()))
     first = {key: i for i, key in enumerate(queue)}
     made: dict[tuple[str, float], _Series] = {}
 

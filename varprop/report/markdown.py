@@ -379,49 +379,62 @@ def findings(summary: pd.DataFrame, configs: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _part(key: str, value: Any) -> str:
+    """:func:`label_part`, with "none" for an empty list (``bn_layers=none``)."""
+    text = label_part(key, value)
+    return text + "none" if text.endswith("=") else text
+
+
 def describe(subset: list[_Facts], every: list[_Facts], most: int = 6) -> str:
-    """The configurations of ``subset`` in few words, given all of them: options whose every value is
-    in the subset alike are written "any <option>", the rest as ``label_part`` values, those of the
-    option that varies most joined by "/" ("sigmoid, bn_count=0/1/2/3 (any batch_size)")."""
+    """The configurations of ``subset`` in few words, given all of them: an option along which the subset
+    holds every configuration there is (two at least) is written "any <option>", the rest as
+    ``label_part`` values, those of the option that varies most joined by "/" ("sigmoid,
+    bn_count=0/1/2/3 (any batch_size)"); configurations without the same varied options, by label."""
+    count = f"{len(subset)} configuration{'s' if len(subset) != 1 else ''}"
     if len(subset) == len(every):
         return f"all {len(every)} configurations"
     keys = list(dict.fromkeys(k for f in every for k in f.varied))
-    present = {tuple(f.varied.get(k) for k in keys) for f in subset}
-    existing = {tuple(f.varied.get(k) for k in keys) for f in every}
+    if not keys or any(set(f.varied) != set(keys) for f in every):
+        labels = [f.label for f in subset]
+        more = f"; and {len(labels) - most} more" if len(labels) > most else ""
+        return f"{count}: {'; '.join(labels[:most])}{more}"
+    present = {tuple(f.varied[k] for k in keys) for f in subset}
+    existing = {tuple(f.varied[k] for k in keys) for f in every}
     free = []
     for i, key in enumerate(keys):
-        values = {t[i] for t in existing}
-        others = lambda t: t[:i] + t[i + 1:]  # noqa: E731
-        if len(values) > 1 and all(t in present for t in existing if any(others(t) == others(p) for p in present)):
+        def siblings(p: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+            return [t for t in existing if t[:i] + t[i + 1:] == p[:i] + p[i + 1:]]
+        if all(len(siblings(p)) >= 2 and all(t in present for t in siblings(p)) for p in present):
             free.append(key)
     rest = [k for k in keys if k not in free]
     if rest:  # join the values of the option that varies most within the subset
-        spread = {k: len({repr(f.varied.get(k)) for f in subset}) for k in rest}
+        spread = {k: len({repr(f.varied[k]) for f in subset}) for k in rest}
         last = max(reversed(rest), key=spread.__getitem__)
         rest = [k for k in rest if k != last] + [last]
     groups: dict[tuple[Any, ...], list[Any]] = {}
     for f in subset:
-        head = tuple(f.varied.get(k) for k in rest[:-1])
-        last = f.varied.get(rest[-1]) if rest else None
-        if last not in groups.setdefault(head, []):
-            groups[head].append(last)
+        head = tuple(f.varied[k] for k in rest[:-1])
+        value = f.varied[rest[-1]] if rest else None
+        if value not in groups.setdefault(head, []):
+            groups[head].append(value)
     parts = []
-    for head, lasts in groups.items():
-        words = [label_part(k, v) for k, v in zip(rest[:-1], head)]
+    for head, values in groups.items():
+        words = [_part(k, v) for k, v in zip(rest[:-1], head)]
         if rest:
-            tail = [label_part(rest[-1], v) for v in lasts]
-            prefix = f"{rest[-1]}=" if tail[0].startswith(f"{rest[-1]}=") else ""
+            tail = [_part(rest[-1], v) for v in values]
+            prefix = f"{rest[-1]}=" if all(t.startswith(f"{rest[-1]}=") for t in tail) else ""
             words.append(prefix + "/".join(t[len(prefix):] for t in tail))
         parts.append(", ".join(words))
-    text = "; ".join(parts[:most]) + (f"; and {len(parts) - most} more" if len(parts) > most else "")
-    if free:
-        text += f" (any {', '.join(free)})"
-    return f"{len(subset)} configuration{'s' if len(subset) > 1 else ''}: {text}"
+    text = "; ".join(parts[:most]) + (f"; and {len(parts) - most} more such groups" if len(parts) > most else "")
+    return f"{count}: {text}" + (f" (any {', '.join(free)})" if free else "")
 
 
-def _span(facts: list[_Facts], value: Any, show: Any) -> str:
-    """"x<low> (<its configuration>) to x<high> (<its>)", or one value when they agree to 3 digits."""
-    ordered = sorted(facts, key=value)
+def _span(facts: list[_Facts], value: Any, show: Any) -> str | None:
+    """"x<low> (<its configuration>) to x<high> (<its>)", or one value when they agree to 3 digits; None
+    when no configuration has a finite value."""
+    ordered = sorted((f for f in facts if math.isfinite(value(f))), key=value)
+    if not ordered:
+        return None
     low, high = show(value(ordered[0])), show(value(ordered[-1]))
     if low == high:
         return f"x{low}"
@@ -434,8 +447,9 @@ def _grouped_findings(facts: list[_Facts]) -> list[str]:
     through = f"through {depths.pop()} layers" if len(depths) == 1 else "through their last layer"
     stable = [f for f in facts if f.first_bad is None]
     if stable:
-        out.append(f"**Stable** {through} in {describe(stable, facts)}. Their output std is "
-                   f"{_span(stable, lambda f: f.rel, lambda v: fmt(10 ** v, 3))} the input's.")
+        span = _span(stable, lambda f: f.rel, lambda v: fmt(10 ** v, 3))
+        out.append(f"**Stable** {through} in {describe(stable, facts)}."
+                   + (f" Their output std is {span} the input's." if span else ""))
     for verb, group in (("explodes", [f for f in facts if f.first_bad is not None and f.rel > 0]),
                         ("dies", [f for f in facts if f.first_bad is not None and not f.rel > 0])):
         if group:
@@ -443,7 +457,9 @@ def _grouped_findings(facts: list[_Facts]) -> list[str]:
             at = f"layer {layers[0]}" if layers[0] == layers[-1] else f"layers {layers[0]} to {layers[-1]}"
             out.append(f"**The signal {verb}** (its std leaves [1e-3, 1e3] x the input's) at {at} in "
                        f"{describe(group, facts)}.")
-    out.append(f"**Std per layer** {_span(facts, lambda f: f.growth, lambda v: fmt(v, 3))}.")
+    span = _span(facts, lambda f: f.growth, lambda v: fmt(v, 3))
+    if span:
+        out.append(f"**Std per layer** {span}.")
     saturated = [f for f in facts if not math.isnan(f.saturated)]
     if saturated:
         out.append(f"**Saturated** (over half the last layer's units with |phi'| < 1e-3) in "
@@ -452,9 +468,9 @@ def _grouped_findings(facts: list[_Facts]) -> list[str]:
     if collapsed:
         out.append(f"**The inputs collapse onto one direction** (mean |cos| between samples above 0.9 at the last "
                    f"layer) in {describe(collapsed, facts)}.")
-    with_grad = [f for f in facts if f.grad is not None]
-    if with_grad:
-        out.append(f"**The input gradient** is {_span(with_grad, lambda f: f.grad, fmt_std)} the output's.")
+    span = _span([f for f in facts if f.grad is not None], lambda f: f.grad, fmt_std)
+    if span:
+        out.append(f"**The input gradient** is {span} the output's.")
     return out
 
 

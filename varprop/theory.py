@@ -196,7 +196,8 @@ def _tail_grid(top: int, parity: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 class _Series:
     """The c-map by Mehler's formula: with a_k = E[phi(sqrt(q) x) h_k(x)],
-    E[phi(z1) phi(z2)] = sum_k a_k^2 c^k for every |c| <= 1.
+    E[phi(z1) phi(z2)] = sum_k a_k^2 c^k for every |c| <= 1; for several q
+    at once, a row each.
 
     The terms k <= K = ``_SERIES_TERMS`` are summed. Of the rest only their
     total T = E[phi^2] - sum a_k^2 is known (for each parity of k), so they
@@ -206,42 +207,52 @@ class _Series:
     bound, so |cos| <= 1 (up to rounding, which the result is clamped for).
     """
 
-    def __init__(self, a2: np.ndarray, m2: float, rest: float, tail_k: np.ndarray, tail_odd: np.ndarray,
-                 tail_w: np.ndarray):
-        # The rest is spread over nodes tail_k > K of both parities (tail_odd: which stand for odd k; the
-        # far ones are not integers) with weights tail_w, which sum to T.
-        self.a2, self.m2, self.rest, self.tail_k, self.tail_odd, self.tail_w = a2, m2, rest, tail_k, tail_odd, tail_w
-        self.k = np.arange(len(a2))
+    def __init__(self, a2: np.ndarray, m2: np.ndarray, rest: np.ndarray, tail_k: np.ndarray,
+                 tail_odd: np.ndarray, tail_w: np.ndarray):
+        # One sum sum_k w_k c^k over the terms k = 0..K (w_k = a_k^2) and the nodes tail_k > K the rest is
+        # spread over (weights tail_w, summing to the rest T; the far nodes are not integers, so their
+        # parity is given: tail_odd), a row of weights per q.
+        self.kept = a2.shape[1]
+        self.nodes = np.concatenate([np.arange(self.kept, dtype=float), tail_k])
+        self.odd = np.concatenate([np.arange(self.kept) % 2 == 1, tail_odd])
+        self.weights, self.m2, self.rest = np.concatenate([a2, tail_w], axis=1), m2, rest
 
-    def bound(self, c: float) -> float:
-        """The most the terms beyond the series can move cos at c."""
-        return abs(c) ** len(self.a2) * self.rest / self.m2
+    def __getitem__(self, rows: Any) -> "_Series":
+        """The rows ``rows`` (an index array or slice) alone."""
+        out = object.__new__(_Series)
+        out.kept, out.nodes, out.odd = self.kept, self.nodes, self.odd
+        out.weights, out.m2, out.rest = self.weights[rows], self.m2[rows], self.rest[rows]
+        return out
 
-    def slope(self, c: float) -> float:
-        """d cos / dc at |c| < 1: the series differentiated term by term, the rest's spread too."""
-        k = self.k[1:]
-        total = float((k * self.a2[1:]) @ c ** (k - 1))
-        if c != 0 and len(self.a2) * math.log(abs(c)) > -40 and self.rest > 0:
-            powers = self.tail_k * np.exp((self.tail_k - 1) * math.log(abs(c)))
-            if c < 0:  # c^(k-1) = -|c|^(k-1) at even k
-                powers[~self.tail_odd] *= -1
-            total += float(self.tail_w @ powers)
-        return total / self.m2
+    def bound(self, c: np.ndarray | float) -> np.ndarray:
+        """The most the terms beyond the series can move cos at c (a value per row, or one for all)."""
+        return np.abs(c) ** self.kept * self.rest / self.m2
 
-    def cos(self, c: float) -> float:
-        total = float(self.a2 @ c ** self.k)
-        log_c = math.log(abs(c))
-        if len(self.a2) * log_c > -40 and self.rest > 0:  # else the rest is below 1e-17 of it
-            powers = np.exp(self.tail_k * log_c)
-            if c < 0:  # c^k = -|c|^k at odd k
-                powers[self.tail_odd] *= -1
-            total += float(self.tail_w @ powers)
-        return min(max(total / self.m2, -1.0), 1.0)
+    def _sum(self, c: np.ndarray, derivative: bool) -> np.ndarray:
+        """sum_k w_k c^k, or its derivative sum_k w_k k c^(k-1), a value per row."""
+        nodes, odd, weights = (self.nodes[1:], ~self.odd[1:], self.weights[:, 1:]) if derivative else (
+            self.nodes, self.odd, self.weights)
+        log_c = np.log(np.maximum(np.abs(c), 1e-300))  # c = 0: every power but c^0 is 0 (underflow is silent)
+        powers = np.exp((nodes - derivative) * log_c[:, None])
+        if derivative:
+            powers *= nodes
+        negative = c < 0
+        if negative.any():  # c^j = -|c|^j at odd j
+            powers[:, odd] *= np.where(negative, -1.0, 1.0)[:, None]
+        return (weights * powers).sum(axis=1)
+
+    def cos(self, c: np.ndarray) -> np.ndarray:
+        """The c-map at c, a value per row."""
+        return np.minimum(np.maximum(self._sum(c, False) / self.m2, -1.0), 1.0)
+
+    def slope(self, c: np.ndarray) -> np.ndarray:
+        """d cos / dc at |c| < 1, a value per row: the sum differentiated term by term."""
+        return self._sum(c, True) / self.m2
 
 
-def _series(act: Activation, log_qs: Sequence[float]) -> list[_Series]:
-    """The :class:`_Series` of ``act`` at each of ``log_qs``, computed together (a deep stack meets a new
-    q at every layer, and per q this is a few small array operations).
+def _series(act: Activation, log_qs: Sequence[float]) -> _Series:
+    """The :class:`_Series` of ``act`` at ``log_qs``, a row each, computed together (a deep stack meets a
+    new q at every layer, and per q this is a few small array operations).
 
     The terms left out are spread over k > K of each parity as A k^-p exp(-b sqrt(k)). The power is how a
     kink or a jump at 0 decays; exp(-b sqrt(k)) how a function analytic in a strip of half-width d does
@@ -287,7 +298,7 @@ def _series(act: Activation, log_qs: Sequence[float]) -> list[_Series]:
         tails.append(weights * (rests[parity] / total)[:, None])
     tail_k, tail_w, rest = np.concatenate(nodes_k), np.concatenate(tails, axis=1), rests[0] + rests[1]
     tail_odd = np.arange(tail_k.size) >= nodes_k[0].size
-    return [_Series(a2[i], float(m2[i]), float(rest[i]), tail_k, tail_odd, tail_w[i]) for i in range(len(half))]
+    return _Series(a2, m2, rest, tail_k, tail_odd, tail_w)
 
 
 def cos_post(act: Activation, log_q: float, c: float) -> float:
@@ -309,10 +320,11 @@ def _phi_scaled(act: Activation, u: np.ndarray, log_s: float, renormalise: bool 
 
 
 @lru_cache(maxsize=None)
-def _moment_rows() -> tuple[np.ndarray, np.ndarray]:
-    """The Gauss-Hermite and the graded rules' weights times 1, x and x^2 (E[phi], E[phi x], E[phi x^2])."""
+def _moment_gap() -> np.ndarray:
+    """The row that takes phi at :func:`_first_nodes` to the Gauss-Hermite rule's E[phi (1 + x + x^2)] less
+    the graded rule's (one product: the three moments' gaps would have to cancel to hide)."""
     (xg, wg), (x, w) = _hermite(), nodes()
-    return np.array([wg, wg * xg, wg * xg * xg]), np.array([w, w * x, w * x * x])
+    return np.concatenate([-w * (1 + x + x * x), wg * (1 + xg + xg * xg)])
 
 
 class _AtQ:
@@ -345,14 +357,13 @@ class _AtQ:
         m2 = float(w @ (u * u))
         # E[u^2] - E[u]^2 loses at most a bit when E[u]^2 <= E[u^2] / 2; else the sum about the mean.
         var = m2 - m * m if 2 * m * m <= m2 else float(w @ (u - m) ** 2)
-        # What cos needs at c = -1 and c ~ 0: E[phi], E[phi^2] and E[phi(z) phi(-z)] (the rule is symmetric).
-        self._m = (m, m2, float(w @ (u * u[::-1])))
-        # How well the 48-point Gauss-Hermite rule integrates phi against 1, x, x^2, and phi^2, against
-        # the graded rule (E[phi] and E[phi^2] alone can be exact by symmetry: sign(x)).
+        self._m = (m, m2)  # what cos needs at c ~ 0
+        # How well the 48-point Gauss-Hermite rule integrates phi against 1 + x + x^2 and phi^2, against the
+        # graded rule, relative to what those can be (E[(1 + x + x^2)^2] = 7). E[phi] and E[phi^2] alone can
+        # be exact by symmetry: sign(x).
         self._gh_error = math.inf
         if m2 > 0:
-            by_gh, by_graded = _moment_rows()
-            gap = np.abs(by_gh @ self._u1 - by_graded @ u).max() / math.sqrt(3 * m2)
+            gap = abs(float(_moment_gap() @ h)) / math.sqrt(7 * m2)
             self._gh_error = max(gap, abs(float(_hermite()[1] @ (self._u1 * self._u1)) - m2) / m2)
         dphi2 = math.nan
         if with_dphi2:
@@ -375,17 +386,19 @@ class _AtQ:
         if not math.isfinite(self.moments.log_m2):
             return math.nan
         # c = +-1 and c ~ 0 need no 2-D rule: the graded 1-D one's E[phi(z) phi(+-z)] and E[phi]^2.
-        m, m2, flip = self._m
+        m, m2 = self._m
         if c == 1:
             return 1.0
-        if c == -1:
-            return flip / m2
+        if c == -1:  # E[phi(z) phi(-z)] by the graded rule (symmetric), phi as at init (rare: not kept)
+            x, w = nodes()
+            u = _phi_scaled(self.act, _first_nodes(), 0.5 * self.log_q, renormalise=True)[0][:len(x)]
+            return float(w @ (u * u[::-1])) / m2
         if abs(c) < _NEGLIGIBLE_C:
             return m * m / m2
         if self.needs_series():
             if self._series is None:
-                self._series = _series(self.act, [self.log_q])[0]
-            return self._series.cos(c)
+                self._series = _series(self.act, [self.log_q])
+            return float(self._series.cos(np.array([c]))[0])
         # E[phi(z1) phi(z2)] by the 2-D rule: phi(z1) at node x_i, phi(z2) at c x_i + s y_j.
         s = math.sqrt(1 - c * c)
         i, xi, yj, wij = _pairs()
@@ -571,7 +584,9 @@ def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reu
             todo = [k for k in queue[first[key]:first[key] + batch] if k not in made]
             for name in acts:
                 mine = [log_q for n, log_q in todo if n == name]
-                made.update(zip([(name, log_q) for log_q in mine], _series(acts[name], mine) if mine else []))
+                if mine:
+                    batch_series = _series(acts[name], mine)
+                    made.update({(name, log_q): batch_series[i:i + 1] for i, log_q in enumerate(mine)})
         at_q._series = made[key]
 
     out: list[_Step] = []
@@ -585,7 +600,7 @@ def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reu
             key = (id(at_q), c_pre)
             cos = found_c.get(key, math.nan) if reuse else math.nan
             if key not in found_c or not reuse:
-                if at_q._series is None and at_q.needs_series() and _NEGLIGIBLE_C <= abs(c_pre) < 1:
+                if _NEGLIGIBLE_C <= abs(c_pre) < 1 and at_q._series is None and at_q.needs_series():
                     with_series(at_q)
                 cos = at_q.cos(c_pre)
                 if reuse:
@@ -747,8 +762,8 @@ def _dphi_cross(at_q: _AtQ, c: float) -> float:
         return at_q.moments.dphi2
     if at_q.needs_series():
         if at_q._series is None:
-            at_q._series = _series(act, [log_q])[0]
-        return at_q._series.slope(c) * math.exp(at_q.moments.log_m2 - log_q)
+            at_q._series = _series(act, [log_q])
+        return float(at_q._series.slope(np.array([c]))[0]) * math.exp(at_q.moments.log_m2 - log_q)
     x, y, w = _nodes2d()
     s = math.sqrt(max(0.0, 1 - c * c))
     d1 = activations.dphi_scaled(act, np.broadcast_to(x, w.shape).copy(), 0.5 * log_q)
@@ -800,27 +815,29 @@ def phase_grid(act: Activation | str, sigma_w2: np.ndarray, sigma_b2: np.ndarray
             break
     z = np.sqrt(q)[:, None] * x[None, :]
     chi1 = sw2 * (act.dphi(z) ** 2 @ w)
-    gx, gy, gw = _nodes2d(24)
-    gx, gy, gw = np.broadcast_to(gx, gw.shape).ravel(), np.broadcast_to(gy, gw.shape).ravel(), gw.ravel()
-    # c-map from c = 0.5 toward c*, vectorized: C(c) = (sw2 E[phi(u1) phi(u2)] + sb2) / q*.
-    c = np.full_like(q, 0.5)
-    s_q = np.sqrt(q)[:, None]
-    u1 = act.phi(s_q * gx[None, :])
-    live = chi1 >= 1  # in the ordered phase c* = 1: nothing to iterate
-    for _ in range(200):
-        if not live.any():
-            break
-        cl = c[live][:, None]
-        u2 = act.phi(s_q[live] * (cl * gx[None, :] + np.sqrt(np.clip(1 - cl * cl, 0, 1)) * gy[None, :]))
-        new = np.clip((sw2[live] * ((u1[live] * u2) @ gw) + sb2[live]) / q[live], -1, 1)
-        moving = np.abs(new - c[live]) > 1e-10
-        c[live] = new
-        live[np.flatnonzero(live)[~moving]] = False
-    d1 = act.dphi(s_q * gx[None, :])
-    d2 = act.dphi(s_q * (c[:, None] * gx[None, :] + np.sqrt(np.clip(1 - c * c, 0, 1))[:, None] * gy[None, :]))
-    chi_c = np.where(chi1 < 1, chi1, sw2 * ((d1 * d2) @ gw))
+    # The c-map from c = 0.5 toward c*, C(c) = (sw2 E[phi(z1) phi(z2)] + sb2) / q*, and its slope at c*,
+    # sw2 E[phi'(z1) phi'(z2)] (Price's theorem), by Mehler's series, all chaotic points at once. In the
+    # ordered phase c* = 1 and the slope is chi_1.
+    c, chi_c = np.ones_like(q), chi1.copy()
+    chaotic = np.flatnonzero(chi1 >= 1)
+    if chaotic.size:
+        series = _series(act, np.log(q[chaotic]))
+        m2 = act.phi(z[chaotic]) ** 2 @ w  # E[phi^2] at q*, as the q-map has it
+        cc = np.full(chaotic.size, 0.5)
+        live = np.arange(chaotic.size)
+        # Near chi_1 = 1 the map contracts by only ~1 - 1/xi_c a step: 2,000 steps settle c* to 1e-10 for
+        # xi_c up to ~90 (mean_field, one point at a time, takes up to 10,000).
+        for _ in range(2_000):
+            i = chaotic[live]
+            new = np.clip((sw2[i] * series[live].cos(cc[live]) * m2[live] + sb2[i]) / q[i], -1, 1)
+            moving = np.abs(new - cc[live]) > 1e-10
+            cc[live] = new
+            live = live[moving]
+            if not live.size:
+                break
+        c[chaotic] = cc
+        chi_c[chaotic] = sw2[chaotic] * series.slope(cc) * m2 / q[chaotic]
     with np.errstate(divide="ignore"):
         xi_c = np.where((chi_c > 0) & (chi_c < 1), -1 / np.log(np.clip(chi_c, 1e-300, 1 - 1e-16)), np.inf)
-    c_star = np.where(chi1 < 1, 1.0, c)
-    return pd.DataFrame({"sigma_w2": sw2, "sigma_b2": sb2, "q_star": q, "chi_1": chi1, "c_star": c_star,
+    return pd.DataFrame({"sigma_w2": sw2, "sigma_b2": sb2, "q_star": q, "chi_1": chi1, "c_star": c,
                          "xi_c": xi_c, "phase": np.where(chi1 < 1, "ordered", "chaotic")})

@@ -373,6 +373,12 @@ class _AtQ:
         self.moments = Moments(mean, log_s + 0.5 * math.log(var) if var > 0 else -math.inf,
                                2 * log_s + math.log(m2) if m2 > 0 else -math.inf, dphi2)
 
+    def series(self) -> _Series:
+        """The Mehler series at this q (made on first use unless _forward batched it in)."""
+        if self._series is None:
+            self._series = _series(self.act, [self.log_q])
+        return self._series
+
     def needs_series(self) -> bool:
         """Whether :meth:`cos` takes Mehler's series (at c other than +-1 and ~0)."""
         return bool(self.slopes is None and math.isfinite(self.moments.log_m2) and self._gh_error > _GH_TRUSTED)
@@ -396,9 +402,7 @@ class _AtQ:
         if abs(c) < _NEGLIGIBLE_C:
             return m * m / m2
         if self.needs_series():
-            if self._series is None:
-                self._series = _series(self.act, [self.log_q])
-            return float(self._series.cos(np.array([c]))[0])
+            return float(self.series().cos(np.array([c]))[0])
         # E[phi(z1) phi(z2)] by the 2-D rule: phi(z1) at node x_i, phi(z2) at c x_i + s y_j.
         s = math.sqrt(1 - c * c)
         i, xi, yj, wij = _pairs()
@@ -598,8 +602,9 @@ def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reu
             cos = math.nan
         else:
             key = (id(at_q), c_pre)
-            cos = found_c.get(key, math.nan) if reuse else math.nan
-            if key not in found_c or not reuse:
+            if reuse and key in found_c:
+                cos = found_c[key]
+            else:
                 if _NEGLIGIBLE_C <= abs(c_pre) < 1 and at_q._series is None and at_q.needs_series():
                     with_series(at_q)
                 cos = at_q.cos(c_pre)
@@ -761,9 +766,7 @@ def _dphi_cross(at_q: _AtQ, c: float) -> float:
     if c >= 1:
         return at_q.moments.dphi2
     if at_q.needs_series():
-        if at_q._series is None:
-            at_q._series = _series(act, [log_q])
-        return float(at_q._series.slope(np.array([c]))[0]) * math.exp(at_q.moments.log_m2 - log_q)
+        return float(at_q.series().slope(np.array([c]))[0]) * math.exp(at_q.moments.log_m2 - log_q)
     x, y, w = _nodes2d()
     s = math.sqrt(max(0.0, 1 - c * c))
     d1 = activations.dphi_scaled(act, np.broadcast_to(x, w.shape).copy(), 0.5 * log_q)

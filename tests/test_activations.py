@@ -88,3 +88,68 @@ def test_derivative_keeps_the_side_at_scales_below_float64(name, log_s):
     for dtype in (np.float32, np.float64):
         got = A.dphi_scaled(act, np.array([-1.5, 2.0], dtype), log_s)
         assert got.tolist() == pytest.approx([act.d0_neg, act.d0_pos], rel=1e-6)
+
+
+def _float32_grid() -> np.ndarray:
+    """Every scale a float32 layer meets: dense over [-40, 40] (tails included),
+    and logarithmic down to 1e-30 on both sides of 0."""
+    tiny = np.logspace(-30, 0, 3001)
+    return np.concatenate([np.linspace(-40, 40, 160_001), tiny, -tiny]).astype(np.float32)
+
+
+# Float64 references in closed forms that are accurate to a few float64 ulps on the grid.
+_REFERENCES = {
+    "tanh": lambda x: 1 / np.cosh(x) ** 2,
+    "sigmoid": lambda x: np.exp(-np.abs(x)) / (1 + np.exp(-np.abs(x))) ** 2,
+    "elu": lambda x: np.where(x > 0, 1.0, np.exp(np.minimum(x, 0))),
+    "selu": lambda x: A.SELU_LAMBDA * np.where(x > 0, 1.0, A.SELU_ALPHA * np.exp(np.minimum(x, 0))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_REFERENCES))
+def test_vectorised_derivatives_keep_relative_accuracy_in_float32(name):
+    """phi' in float32, tails included (the backward pass multiplies gradients
+    by phi' of saturated units, so its relative accuracy matters there too),
+    is within 8 float32 ulps of the exact value: NumPy's float32 exp is within
+    a few ulps, and the three or four operations after it add half an ulp
+    each. Above 4e-45 (the smallest subnormal's scale, where float32 itself
+    keeps no relative accuracy)."""
+    x = _float32_grid()
+    with np.errstate(over="ignore"):
+        exact = _REFERENCES[name](x.astype(np.float64))
+    got = A.get(name).dphi(x)
+    assert got.dtype == np.float32
+    normal = exact > np.finfo(np.float32).tiny
+    ulp = np.spacing(exact[normal].astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(got[normal] - exact[normal]) / ulp) <= 8
+    assert np.all(got[~normal] <= np.finfo(np.float32).tiny)
+
+
+@pytest.mark.parametrize("name", ["elu", "selu"])
+def test_float32_exponential_side_keeps_relative_accuracy(name):
+    """elu's negative side in float32, alpha (e^x - 1) by the identity
+    e^x - 1 = 2t / (1 - t) with t = tanh(x/2), is within 8 ulps of the exact
+    value everywhere, down to the tiniest x, where e^x - 1 ~ x would lose
+    every digit to cancellation if taken as exp(x) - 1."""
+    act = A.get(name)
+    x = _float32_grid()
+    x = x[x < 0]
+    exact = act.phi(x.astype(np.float64))  # float64 keeps np.expm1
+    got = act.phi(x)
+    assert got.dtype == np.float32
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(got - exact) / ulp) <= 8
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_phi_and_derivative_together_equal_them_apart(name, dtype):
+    """phi_dphi_scaled shares work between phi and phi' but must not change a bit."""
+    act = A.get(name)
+    u = np.random.default_rng(2).standard_normal((20, 30)).astype(dtype)
+    for log_s in (-30.0, -5.0, 0.0, 3.0, 30.0, 800.0):
+        h, log_h, d = A.phi_dphi_scaled(act, u, log_s)
+        h_apart, log_apart = A.apply_scaled(act, u, log_s)
+        assert log_h == log_apart
+        assert np.array_equal(h, h_apart, equal_nan=True)
+        assert np.array_equal(d, A.dphi_scaled(act, u, log_s), equal_nan=True)

@@ -333,12 +333,11 @@ class _Network:
             head_pre = head_cos(zb) if with_head else math.nan
             if linear:
                 return pre, pre, 0, head_pre, head_pre
-            d = activations.dphi_scaled(act, zb, log_z)
+            hb = h[rows]
+            hb[...], _, d = activations.phi_dphi_scaled(act, zb, log_z)
             saturated = int(np.count_nonzero(np.abs(d) < SATURATION))
             if dphi is not None:  # kept for the backward pass
                 dphi[rows] = d == act.slope_pos if act.homogeneous else d
-            hb = h[rows]
-            hb[...] = activations.apply_scaled(act, zb, log_z)[0]
             return pre, block_sums(hb), saturated, head_pre, head_cos(hb) if with_head else math.nan
 
         draws = self.draw_tasks(ahead) if ahead is not None else []

@@ -93,9 +93,13 @@ def _sigmoid_d(x: Array) -> Array:
     return _bell(x, 1)
 
 
+def _silu_d_given(x: Array, s: Array) -> Array:
+    return s * (1 + x * (1 - s))
+
+
 def _silu_both(x: Array) -> tuple[Array, Array]:
-    s = special.expit(x)
-    return x * s, s * (1 + x * (1 - s))
+    s = special.expit(x)  # shared
+    return x * s, _silu_d_given(x, s)
 
 
 def _gelu_d_given(x: Array, cdf: Array) -> Array:
@@ -132,7 +136,7 @@ _REGISTRY: dict[str, Activation] = {
                       1, 1),
     "gelu": Activation("gelu", lambda x: x * special.ndtr(x), lambda x: _gelu_d_given(x, special.ndtr(x)), False,
                        1, 0, 0, 0, 0, 0.5, 0.5, both=_gelu_both),
-    "silu": Activation("silu", lambda x: x * special.expit(x), lambda x: _silu_both(x)[1], False, 1, 0, 0, 0, 0,
+    "silu": Activation("silu", lambda x: x * special.expit(x), lambda x: _silu_d_given(x, special.expit(x)), False, 1, 0, 0, 0, 0,
                        0.5, 0.5, both=_silu_both),
     "softplus": Activation(
         "softplus", lambda x: np.logaddexp(0, x), special.expit, False, 1, 0, 0, 0, math.log(2), 0.5, 0.5
@@ -149,7 +153,7 @@ def _elu_d(x: Array, alpha: float, scale: float) -> Array:
     """``scale`` for x > 0, ``scale alpha exp(x)`` below (selu; elu is alpha = scale = 1)."""
     d = np.exp(np.minimum(x, 0))  # exp(0) = 1 is already elu's right side
     if alpha != 1 or scale != 1:
-        d = d * (scale * alpha)
+        d = np.asarray(d * (scale * alpha))  # an array even for 0-d x, for copyto
         np.copyto(d, d.dtype.type(scale), where=x > 0)
     return d
 

@@ -93,6 +93,18 @@ def theory_seconds(depth: int = 10_000) -> dict[str, float]:
     return out
 
 
+ACTIVATIONS = ("linear", "relu", "tanh", "sigmoid", "gelu", "silu", "selu", "elu", "softplus")
+
+
+def activation_times(depth: int, repeats: int) -> dict[str, float]:
+    """Median seconds per layer of varprop's forward at width 1024, 1024 samples,
+    float32, for each activation (interleaved): what phi, phi' and the second
+    side's statistics add to the linear stack of the targets."""
+    specs = {a: varprop.NetworkSpec.square(depth, 1024, init="fan_in", activation=a) for a in ACTIVATIONS}
+    cases = {a: (lambda s=s: varprop.simulate(s, samples=1024, dtype="float32")) for a, s in specs.items()}
+    return {a: statistics.median(t) / depth for a, t in time_interleaved(cases, repeats).items()}
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
@@ -164,6 +176,7 @@ def main() -> None:
     }
     data["peak_rss_mib"] = memory
     data["theory_10000_layers_s"] = theory = theory_seconds()
+    data["activation_s_per_layer"] = by_act = activation_times(5 if args.quick else 20, repeats)
     big_case = next(c for c in data["cases"] if c["width"] == 1024 and c["dtype"] == "float32")
     runs = big_case["times_s"]
 
@@ -205,6 +218,10 @@ def main() -> None:
               "| run | peak RSS (MiB) |", "|---|---:|"] + [f"| {k} | {v:.0f} |" for k, v in memory.items()]
     lines += ["", "## Theory", "", "`theory.predict` for 10,000 layers of width 100 (seconds):", "",
               "| activation | seconds |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in theory.items()]
+    lines += ["", "## Forward by activation", "",
+              "varprop forward, width 1024, 1024 samples, float32 (ms per layer; ratio to linear):", "",
+              "| activation | ms per layer | ratio to linear |", "|---|---:|---:|"]
+    lines += [f"| {a} | {t * 1e3:.1f} | {t / by_act['linear']:.2f} |" for a, t in by_act.items()]
     if torch is None:
         lines += ["", "PyTorch is not installed here, so the PyTorch + hooks peer was not measured "
                   "(`pip install torch` and rerun)."]

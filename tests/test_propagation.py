@@ -173,7 +173,7 @@ def test_threads_work_in_a_forked_child():
 
 
 @pytest.mark.parametrize("activation,width", [("tanh", 2048), ("gelu", 2048), ("relu", 2048), ("linear", 2048),
-                                              ("tanh", 2560)])
+                                              ("sigmoid", 2048), ("softplus", 2048), ("tanh", 2560)])
 def test_block_path_matches_phased_path(monkeypatch, activation, width):
     """A layer computed block by block (product, activation and sums while a
     block is in cache) gives the statistics of the phase-after-phase path
@@ -193,3 +193,27 @@ def test_block_path_matches_phased_path(monkeypatch, activation, width):
     # a count (zeros, saturated units) may move by an entry or two (1.6e-6 each) when a value sits on
     # the edge, e.g. gelu' crossing zero at x = -0.75.
     np.testing.assert_allclose(blocks[cols].to_numpy(float), phased[cols].to_numpy(float), rtol=1e-4, atol=4e-6)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "softplus"])
+def test_layer_far_below_phi0_scale_keeps_its_values(activation):
+    """phi(0) != 0 is evaluated block by block at scale 1; a layer whose every
+    pre-activation is below -100 (positive weights, negative inputs) has all
+    its sigmoid values near e^-190, which float32 cannot hold at that scale:
+    they must come back scaled, equal to phi of the float64 product to float32
+    rounding, not flushed to zero."""
+    from varprop import engine
+
+    spec = varprop.RunSpec(varprop.NetworkSpec.square(1, 64, activation=activation, init="fan_in"), samples=300)
+    net = engine._Network(spec, 0)
+    w0, w_scale = net.weights(1)
+    np.abs(w0, out=w0)
+    u = np.broadcast_to(np.linspace(-1.1, -1.0, 64, dtype=np.float32), (300, 64)).copy()
+    ms = float(np.mean(u.astype(np.float64) ** 2))
+    log_s = math.log(190 / (np.abs(u) @ np.abs(w0.astype(np.float64))).mean() / w_scale)
+    out, _, _ = net.step(1, engine.Values(u, log_s, ms), stats=True, keep=False)
+    x = math.exp(log_s) * w_scale * (u.astype(np.float64) @ w0.astype(np.float64))
+    assert x.max() < -100  # phi < e^-100, below float32's normal range
+    exact = special.expit(x) if activation == "sigmoid" else np.logaddexp(0, x)
+    got = np.exp(out.log_s) * out.u.astype(np.float64)
+    np.testing.assert_allclose(got, exact, rtol=1e-4)

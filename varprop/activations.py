@@ -186,16 +186,19 @@ def apply_scaled(act: Activation, u: Array, log_s: float) -> tuple[Array, float]
 
     The result means ``phi(exp(log_s) * u) = exp(log_s_out) * u_out``; ``u_out``
     has the dtype of ``u`` and is not renormalised: its entries are of order
-    one at most, except in the float32 branch (|log_s| < 20, phi(0) = 0),
-    which returns phi's own values (at most e^20 times u's).
+    one at most, except in the float32 branch (|log_s| < 20), which returns
+    phi's own values (at most e^20 times u's) with ``log_s_out = 0``, so a
+    block of u can be evaluated alone.
     """
     if act.homogeneous:
         return act.phi(u), log_s
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        # float32 arithmetic only where phi(0) = 0: sigmoid's 0.5 + x/4 would
-        # quantise the small-scale signal away.
-        if u.dtype == np.float32 and abs(log_s) < LOG_DIRECT_F32 and act.phi0 == 0:
-            return act.phi(u * np.float32(math.exp(log_s))), 0.0
+        if u.dtype == np.float32 and abs(log_s) < LOG_DIRECT_F32:
+            if act.phi0 == 0:
+                return act.phi(u * np.float32(math.exp(log_s))), 0.0
+            # Around phi(0) != 0 float32 arithmetic rounds a small-scale signal away (sigmoid's
+            # 0.5 + x/4 at x ~ 1e-5: its std 1e-3 off); float64, rounded once, keeps it.
+            return act.phi(u.astype(np.float64) * math.exp(log_s)).astype(np.float32), 0.0
         if abs(log_s) <= _LOG_DIRECT:
             h = act.phi(u.astype(np.float64) * math.exp(log_s))
             m = float(np.max(np.abs(h), initial=0.0))

@@ -195,7 +195,8 @@ class _Network:
     A layer's work is one map over fixed blocks of samples (product, bias,
     activation and both sides' float64 sums, while the block is in cache),
     with the next layer's weights drawn in the same map; batch-norm layers,
-    and activations whose evaluation needs the whole layer's scale, take a
+    and activations whose evaluation needs the whole layer's scale (float64
+    compute, extreme scales, phi(0) != 0 with every phi far below 1), take a
     phased path instead.
     """
 
@@ -285,8 +286,7 @@ class _Network:
         act = self.acts[layer]
         if layer in self.net.bn_layers:
             return False
-        return act.homogeneous or (self.dtype is np.float32 and abs(log_z) < activations.LOG_DIRECT_F32
-                                    and act.phi0 == 0)
+        return act.homogeneous or (self.dtype is np.float32 and abs(log_z) < activations.LOG_DIRECT_F32)
 
     def step(self, layer: int, x: Values, stats: bool, keep: bool, ahead: int | None = None
              ) -> tuple[Values, dict[str, Any] | None, _Tape | None]:
@@ -352,14 +352,21 @@ class _Network:
                 post, ms_h = pre, ms_z
             else:
                 post, ms_h = from_sums(h, [p[1] for p in parts], log_h, sat, heads[1])
-        else:  # the whole layer's scale is needed: one phase after another
+            # phi(0) != 0 but every phi far below 1 (sigmoid of a layer of large negative values): float32
+            # values at scale 1 lose them to underflow, the phased path scales them up first.
+            blockwise = act.phi0 == 0 or ms_h >= _MS_BAND[0]
+        if not blockwise:  # the whole layer's scale is needed: one phase after another
             z, log_z = _renorm(z, log_z, pool)
             if layer in net.bn_layers and net.bn_position == "pre":
                 z, log_z, cache = self._bn(z, log_z)
             d = None if linear else activations.dphi_scaled(act, z, log_z)
             sat = 0.0 if d is None else float(np.mean(np.abs(d) < SATURATION))
             pre, ms_z = side_stats_ms(z, log_z, sat, pool)
-            h, log_h = (z, log_z) if linear else _renorm(*activations.apply_scaled(act, z, log_z), pool)
+            if linear:
+                h, log_h = z, log_z
+            else:  # phi(0) != 0 from float64 values: apply_scaled then scales phi by its maximum, not 1
+                h, log_h = _narrow(*activations.apply_scaled(act, z.astype(np.float64) if act.phi0 else z, log_z),
+                                   dtype, pool)
             if layer in net.bn_layers and net.bn_position == "post":
                 h, log_h, cache = self._bn(h, log_h)
             post, ms_h = (pre, ms_z) if h is z else side_stats_ms(h, log_h, sat, pool)

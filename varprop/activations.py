@@ -187,8 +187,10 @@ def apply_scaled(act: Activation, u: Array, log_s: float) -> tuple[Array, float]
     The result means ``phi(exp(log_s) * u) = exp(log_s_out) * u_out``; ``u_out``
     has the dtype of ``u`` and is not renormalised: its entries are of order
     one at most, except in the float32 branch (|log_s| < 20), which returns
-    phi's own values (at most e^20 times u's) with ``log_s_out = 0``, so a
-    block of u can be evaluated alone.
+    phi's own values (at most |phi(0)| + e^20 times u's) with ``log_s_out = 0``,
+    so a block of u can be evaluated alone; there values of phi below
+    float32's range flush to zero (the engine checks the layer's mean square
+    and evaluates it from float64 values, scaled by their maximum, instead).
     """
     if act.homogeneous:
         return act.phi(u), log_s

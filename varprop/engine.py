@@ -356,6 +356,7 @@ class _Network:
             # values at scale 1 lose them to underflow, the phased path scales them up first.
             blockwise = act.phi0 == 0 or ms_h >= _MS_BAND[0]
         if not blockwise:  # the whole layer's scale is needed: one phase after another
+            h = dphi = None  # a block pass's, if one ran: freed before this path's temporaries
             z, log_z = _renorm(z, log_z, pool)
             if layer in net.bn_layers and net.bn_position == "pre":
                 z, log_z, cache = self._bn(z, log_z)
@@ -365,8 +366,8 @@ class _Network:
             if linear:
                 h, log_h = z, log_z
             else:  # phi(0) != 0 from float64 values: apply_scaled then scales phi by its maximum, not 1
-                h, log_h = _narrow(*activations.apply_scaled(act, z.astype(np.float64) if act.phi0 else z, log_z),
-                                   dtype, pool)
+                h, log_h = _narrow(*activations.apply_scaled(
+                    act, z.astype(np.float64, copy=False) if act.phi0 else z, log_z), dtype, pool)
             if layer in net.bn_layers and net.bn_position == "post":
                 h, log_h, cache = self._bn(h, log_h)
             post, ms_h = (pre, ms_z) if h is z else side_stats_ms(h, log_h, sat, pool)

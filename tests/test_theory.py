@@ -319,6 +319,19 @@ def test_phase_grid_agrees_with_single_points_and_the_known_edge(name):
     assert edge["chi_1"] == pytest.approx(0.64, rel=1e-6) and edge["phase"] == "ordered"
 
 
+def test_phase_grid_settles_q_star_near_the_critical_line():
+    """selu near sigma_w^2 = 1.8, where the q-map's slope at q* is 0.994 and 0.9992 (xi_q 160 and 1300
+    layers): the grid's q* must be a fixed point of its own 8-point map (it stopped at 431 and 893 of
+    471 and 3592 after a fixed 400 steps), and mean_field's (24 points) but for the two rules'
+    difference, ~1e-8 of the map, times 1 / (1 - slope): within 1e-5."""
+    act = A.get("selu")
+    x, w = theory.nodes(8)
+    for sw2, sb2 in ((1.8, 0.4), (1.81, 0.0)):
+        q = float(theory.phase_grid(act, [sw2], [sb2])["q_star"].iloc[0])
+        assert sw2 * (act.phi(math.sqrt(q) * x) ** 2 @ w) + sb2 == pytest.approx(q, rel=1e-12)
+        assert q == pytest.approx(theory.mean_field(act, math.sqrt(sw2), math.sqrt(sb2))["q_star"], rel=1e-5)
+
+
 def test_phase_command(tmp_path):
     r = CliRunner().invoke(main, ["phase", "--activation", "tanh", "--resolution", "8", "--out",
                                   str(tmp_path / "p")])

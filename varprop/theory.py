@@ -795,7 +795,7 @@ def gains(act: Activation | str | Callable[[np.ndarray], np.ndarray], leaky_slop
             "nfnets_gamma": NFNET_GAMMA.get(name) if name != "leaky_relu" or leaky_slope == 0.01 else None}
 
 
-def phase_grid(act: Activation | str, sigma_w2: np.ndarray, sigma_b2: np.ndarray, iters: int = 400
+def phase_grid(act: Activation | str, sigma_w2: np.ndarray, sigma_b2: np.ndarray, iters: int = 2_000
                ) -> pd.DataFrame:
     """q*, chi_1, c* and the correlation depth scale xi_c on a grid of
     (sigma_w^2, sigma_b^2), all points iterated at once.
@@ -810,11 +810,28 @@ def phase_grid(act: Activation | str, sigma_w2: np.ndarray, sigma_b2: np.ndarray
     sw2, sb2 = sw2.ravel(), sb2.ravel()
     x, w = nodes(8)
     q = np.ones_like(sw2)
-    for _ in range(iters):  # the q-map, vectorized over the grid (moderate q: phi is evaluated directly)
-        new = np.clip(sw2 * (act.phi(np.sqrt(q)[:, None] * x[None, :]) ** 2 @ w) + sb2, 1e-300, 1e300)
-        done = np.max(np.abs(new - q) / q) < 1e-12
-        q = new
-        if done:
+    live, step = np.arange(q.size), np.zeros_like(sw2)
+    # The q-map, vectorized over the points still moving (moderate q: phi is evaluated directly). Near
+    # the critical line it contracts by little a step (selu at sigma_w^2 = 1.8: q* ~ 3600 is ~900 after
+    # 400 steps), so every 20th step extrapolates a geometric approach to its limit (Aitken), which the
+    # plain steps after it then settle. Points running to q* = inf or 0 stop past 1e200 or 1e-100, or
+    # after ``iters`` steps. On the line itself the approach is slower than geometric and q* is left
+    # unsettled (gelu, elu, silu at sigma_w^2 = 2: chi_1 within 0.6% of mean_field's).
+    for k in range(iters):
+        i = live
+        new = np.clip(sw2[i] * (act.phi(np.sqrt(q[i])[:, None] * x[None, :]) ** 2 @ w) + sb2[i], 1e-300, 1e300)
+        d = new - q[i]
+        if k % 20 == 19:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r = d / step[i]
+            jump = (r > 0) & (r < 1 - 1e-9)
+            # at most a factor of 10 at a time: early on the approach need not be geometric yet
+            new[jump] = np.clip(new[jump] + d[jump] * r[jump] / (1 - r[jump]), new[jump] / 10, new[jump] * 10)
+        step[i] = d
+        moving = (np.abs(d) > 1e-13 * q[i]) & (new > 1e-100) & (new < 1e200)
+        q[i] = new
+        live = i[moving]
+        if not live.size:
             break
     z = np.sqrt(q)[:, None] * x[None, :]
     chi1 = sw2 * (act.dphi(z) ** 2 @ w)

@@ -223,3 +223,13 @@ def test_layer_far_below_phi0_scale_keeps_its_values(activation):
     exact = special.expit(x) if activation == "sigmoid" else np.logaddexp(0, x)
     got = np.exp(out.log_s) * out.u.astype(np.float64)
     np.testing.assert_allclose(got, exact, rtol=(64 + 2) * 2.0**-24 * np.abs(x).max())
+
+
+def test_options_with_a_list_of_configurations_are_refused():
+    """simulate(configs, backward=True) would run the configurations as they are, without the backward pass."""
+    from varprop.engine import configs_for
+
+    configs = configs_for(varprop.NetworkSpec.square(2, 8), samples=10)
+    with pytest.raises(TypeError, match="configs_for"):
+        varprop.simulate(configs, backward=True)
+    assert len(varprop.simulate(configs)) == 3

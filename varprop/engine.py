@@ -620,6 +620,9 @@ def configs_for(spec: RunSpec | NetworkSpec | Sequence[Config], vary: Mapping[st
                 **options: Any) -> list[Config]:
     """The configurations a :func:`simulate` call runs (see there)."""
     if isinstance(spec, (list, tuple)):
+        if vary or options:  # they would be dropped without a word
+            raise TypeError("vary= and options apply to a spec; a list of configurations runs as given "
+                            "(pass them to configs_for instead)")
         return list(spec)
     if isinstance(spec, NetworkSpec):
         spec = RunSpec(spec)

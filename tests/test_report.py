@@ -93,3 +93,25 @@ def test_describe_names_a_subset_by_its_options():
     mixed = [_Facts(label, varied, 5, 0.0, None, 1.0, math.nan, 0.0, None)
              for label, varied in [("a", {"x": 0}), ("b", {"x": 1}), ("c", {"y": 2})]]
     assert describe(mixed[:2], mixed) == "2 configurations: a; b"
+
+
+def test_findings_flag_a_lost_input_signal_and_vanishing_gradients():
+    """sigmoid with fan_in init (sigma_w^2 = 1) has chi_1 = E[sigmoid'(z)^2] < 1/16: distances between inputs
+    and the gradient's variance shrink by 16x or more a layer, so after 12 layers the variance across samples
+    is far below 1e-6 of the layer's (its std is each unit's fixed offset) and the input gradient's std is
+    below 4^-12 = 6e-8 of the output's, though the std stays near 0.1 ("stable"). relu with He init keeps
+    both (chi_1 = 1)."""
+    import varprop
+    from varprop import stats
+    from varprop.engine import configs_for
+    from varprop.report.markdown import findings
+
+    vary = {"activation": ["sigmoid", "relu"], "init": ["fan_in", "he"]}
+    spec = varprop.NetworkSpec.square(12, 64)
+    runs = [c for c in configs_for(spec, vary, samples=64, backward=True, seed=3)
+            if c.label in ("sigmoid, fan_in", "relu, he")]
+    layers = varprop.simulate(runs)
+    sigmoid, relu = findings(stats.summarize(layers), [{"label": c.label, "varied": c.varied} for c in runs])
+    assert "stable through 12 layers" in sigmoid and "input signal is lost from layer" in sigmoid
+    assert "gradients vanish" in sigmoid
+    assert "signal is lost" not in relu and "gradients" not in relu

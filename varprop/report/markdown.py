@@ -334,6 +334,11 @@ class _Facts:
     saturated: float  # fraction of saturated units at the last layer (nan: not reported)
     collapse: float  # mean |cos| between samples at the last layer
     grad: float | None  # log10 of the input gradient's std over the output's
+    # The first layer whose variance across samples (unit var) is below 1e-6 of its variance, the std ratio
+    # of the [1e-3, 1e3] rule: every input then gives nearly the same output, whatever the std; and the
+    # log10 of that fraction at the last layer.
+    signal_lost: int | None = None
+    signal_frac: float = math.nan
 
 
 def _facts(config: dict[str, Any], summary: pd.DataFrame) -> _Facts:
@@ -344,10 +349,14 @@ def _facts(config: dict[str, Any], summary: pd.DataFrame) -> _Facts:
     grad = None
     if "grad_log10_rms_std" in s:
         grad = s["grad_log10_rms_std"].iloc[0] - s["grad_log10_rms_std"].iloc[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero or overflowed unit var: no verdict
+        frac = np.log10(s["post_unit_var"].to_numpy(float)) - 2 * s["post_log10_rms_std"].to_numpy(float)
+    lost = np.flatnonzero(np.isfinite(frac) & (frac < -6) & (s["layer"].to_numpy() > 0))
     return _Facts(config["label"], config.get("varied", {}), int(s["layer"].iloc[-1]), float(rel.iloc[-1]),
                   None if bad.empty else int(bad["layer"].iloc[0]), _growth(s, "post_log10_rms_std"),
                   sat if sat > 0.5 and s["post_frac_zero"].iloc[-1] < 0.5 * sat else math.nan,
-                  float(s["post_abs_cos_sim"].iloc[-1]), grad)
+                  float(s["post_abs_cos_sim"].iloc[-1]), grad,
+                  int(s["layer"].iloc[lost[0]]) if lost.size else None, float(frac[-1]))
 
 
 def findings(summary: pd.DataFrame, configs: list[dict[str, Any]]) -> list[str]:
@@ -368,6 +377,10 @@ def findings(summary: pd.DataFrame, configs: list[dict[str, Any]]) -> list[str]:
             line += (f"the signal {verb} at layer {f.first_bad} (std leaves [1e-3, 1e3] x the input's; "
                      f"x{fmt_std(f.rel)} at layer {f.depth})")
         line += f"; std x{fmt(f.growth, 3)} per layer"
+        if f.signal_lost is not None:
+            line += (f"; but the input signal is lost from layer {f.signal_lost}: the variance across samples is "
+                     f"x{fmt_std(f.signal_frac)} the layer's variance at layer {f.depth} (every input gives nearly "
+                     "the same output; the std left is each unit's fixed offset)")
         if not math.isnan(f.saturated):
             line += f"; {f.saturated:.0%} of the last layer's units are saturated (|phi'| < 1e-3)"
         if f.collapse > 0.9:
@@ -375,6 +388,8 @@ def findings(summary: pd.DataFrame, configs: list[dict[str, Any]]) -> list[str]:
                      f"layer {f.depth})")
         if f.grad is not None:
             line += f"; the input gradient is x{fmt_std(f.grad)} the output's"
+            if abs(f.grad) > 3:
+                line += f": gradients {'explode' if f.grad > 0 else 'vanish'} (beyond [1e-3, 1e3])"
         out.append(line + ".")
     return out
 
@@ -468,9 +483,18 @@ def _grouped_findings(facts: list[_Facts]) -> list[str]:
     if collapsed:
         out.append(f"**The inputs collapse onto one direction** (mean |cos| between samples above 0.9 at the last "
                    f"layer) in {describe(collapsed, facts)}.")
+    lost = [f for f in facts if f.signal_lost is not None]
+    if lost:
+        out.append(f"**The input signal is lost** (variance across samples below 1e-6 of the layer's variance: "
+                   f"every input gives nearly the same output) in {describe(lost, facts)}.")
     span = _span([f for f in facts if f.grad is not None], lambda f: f.grad, fmt_std)
     if span:
         out.append(f"**The input gradient** is {span} the output's.")
+    for verb, group in (("explode", [f for f in facts if f.grad is not None and f.grad > 3]),
+                        ("vanish", [f for f in facts if f.grad is not None and f.grad < -3])):
+        if group:
+            out.append(f"**Gradients {verb}** (the input gradient's std beyond [1e-3, 1e3] x the output's) in "
+                       f"{describe(group, facts)}.")
     return out
 
 

@@ -250,3 +250,18 @@ def test_failed_run_leaves_no_created_parents(tmp_path):
                                        str(tmp_path / "x.npy"), "--init", "os:getcwd", "--out", str(out)])
     assert result.exit_code == 2
     assert not (tmp_path / "a").exists()
+
+
+def test_a_misspelled_choice_gets_a_suggestion():
+    result = CliRunner().invoke(main, ["simulate", "--activation", "sigmoud"])
+    assert result.exit_code == 2 and "(did you mean sigmoid?)" in result.stderr
+    result = CliRunner().invoke(main, ["simulate", "--activation", "zzz"])
+    assert result.exit_code == 2 and "did you mean" not in result.stderr
+
+
+def test_fit_runs_with_other_options_do_not_replace_each_other(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for fan_ins in ("10,20", "10,30"):
+        result = CliRunner().invoke(main, ["fit", "--fan-in", fan_ins, "--replicates", "3", "--samples", "20"])
+        assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "reports" / "runs").glob("fit-unit-linear-*"))) == 2

@@ -12,6 +12,7 @@ turns lists of values into one :class:`RunSpec` per combination.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import itertools
 import math
@@ -258,7 +259,9 @@ def _choice(choices: Iterable[str]) -> Callable[[Any, str], str]:
 
     def parse(value: Any, option: str) -> str:
         if value not in choices:
-            raise _fail(option, "one of " + ", ".join(choices), value)
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise SpecError(option, f"expected one of {', '.join(choices)}, got {value!r}{hint}")
         return value
 
     return parse
@@ -318,8 +321,8 @@ OPTIONS: dict[str, Option] = {
     "output_activation": Option(parse_activation, None, "activation of the last layer (default: as hidden)", metavar="NAME"),
     "leaky_slope": Option(lambda v, o: _float(v, o, "a finite number", math.isfinite), 0.01, "negative slope of leaky_relu", metavar="SLOPE"),
     "init": Option(parse_init, "fan_in", "init scheme: " + ", ".join(inits.PRESETS) + ", or module:function", metavar="SCHEME"),
-    "distribution": Option(_choice(inits.DISTRIBUTIONS), None, "weight distribution (default: the scheme's own)", metavar="NAME"),
-    "mode": Option(_choice(inits.MODES), None, "fan the variance is divided by (default: the scheme's own)", metavar="MODE"),
+    "distribution": Option(_choice(inits.DISTRIBUTIONS), None, "weight distribution: " + ", ".join(inits.DISTRIBUTIONS) + " (default: the scheme's own)", metavar="NAME"),
+    "mode": Option(_choice(inits.MODES), None, "fan the variance is divided by: " + ", ".join(inits.MODES) + " (default: the scheme's own)", metavar="MODE"),
     "gain": Option(parse_pos_float, None, "gain (std multiplier) replacing the scheme's own", metavar="GAIN"),
     "scale": Option(parse_pos_float, 1.0, "extra factor on the weight variance", metavar="SCALE"),
     "bias_std": Option(parse_nonneg_float, None, "bias std sigma_b (default 0; torch-default: its own)", metavar="STD"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shlex
@@ -22,11 +21,6 @@ from .spec import (OPTIONS, SpecError, expand, from_options, parse, parse_activa
                    parse_nonneg_float, parse_pos_float, parse_pos_int)
 
 DEFAULT_RUNS_DIR = Path("reports") / "runs"
-
-
-def _run_dir(name: str, command: str) -> str:
-    """``name`` and a short hash of the command, so a run with other options does not replace it."""
-    return name.replace(":", "_") + "-" + hashlib.sha1(command.encode()).hexdigest()[:6]
 
 
 class _Group(click.Group):
@@ -316,7 +310,8 @@ def theory_cmd(activation: str, sigma_w: str, sigma_b: str, layers: str | None, 
 @click.option("--samples", default="500", metavar="N", help="input samples")
 @click.option("--replicates", default="10", metavar="R", help="independent layers per fan-in")
 @click.option("--seed", default="0", metavar="SEED", help="seed")
-@click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/fit-<init>-<activation>-<hash>]")
+@click.option("--out", default=None,
+              help=f"output directory [default: {DEFAULT_RUNS_DIR}/fit-<init>-<activation>-<hash>]")
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
 def fit_cmd(fan_ins: str, fan_out: str, init: str, activation: str, samples: str, replicates: str, seed: str,
             out: str | None, as_json: bool) -> None:
@@ -330,7 +325,7 @@ def fit_cmd(fan_ins: str, fan_out: str, init: str, activation: str, samples: str
     command = shlex.join(["varprop", "fit", "--fan-in", ",".join(map(str, ns)), "--fan-out", str(n_out),
                           "--init", init, "--activation", activation, "--samples", str(base.samples),
                           "--replicates", str(base.replicates), "--seed", str(base.seed)])
-    out_dir = Path(out) if out else DEFAULT_RUNS_DIR / _run_dir(f"fit-{init}-{activation}", command)
+    out_dir = Path(out) if out else DEFAULT_RUNS_DIR / report.dir_name(f"fit-{init}-{activation}", command)
 
     def work(tmp: Path) -> tuple[Any, Any]:
         points, result = fit.fan_in_law(base, ns, n_out)
@@ -371,7 +366,7 @@ def phase_cmd(activation: str, sigma_w2_max: str, sigma_b2_max: str, resolution:
     command = shlex.join(["varprop", "phase", "--activation", act.name, "--sigma-w2-max", repr(sw_max),
                           "--sigma-b2-max", repr(sb_max), "--resolution", str(n)]
                          + (["--measure", "--seed", str(seed_n)] if measure else []))
-    out_dir = Path(out) if out else DEFAULT_RUNS_DIR / _run_dir(f"phase-{act.name}", command)
+    out_dir = Path(out) if out else DEFAULT_RUNS_DIR / report.dir_name(f"phase-{act.name}", command)
 
     def work(tmp: Path) -> Any:
         grid = theory.phase_grid(act, np.linspace(sw_max / n, sw_max, n), np.linspace(0, sb_max, max(3, 3 * n // 4)))

@@ -171,8 +171,8 @@ def _load_input(path: str, width: int, mtime_ns: int, size: int) -> np.ndarray:
 
 # --- parsers: each takes a value from the CLI (str), TOML or Python --------
 
-def _fail(option: str, accepted: str, value: Any) -> SpecError:
-    return SpecError(option, f"expected {accepted}, got {value!r}")
+def _fail(option: str, accepted: str, value: Any, hint: str = "") -> SpecError:
+    return SpecError(option, f"expected {accepted}, got {value!r}{hint}")
 
 
 def _int(value: Any, option: str, accepted: str, ok: Callable[[int], bool]) -> int:
@@ -261,7 +261,7 @@ def _choice(choices: Iterable[str]) -> Callable[[Any, str], str]:
         if value not in choices:
             close = difflib.get_close_matches(str(value), choices, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise SpecError(option, f"expected one of {', '.join(choices)}, got {value!r}{hint}")
+            raise _fail(option, "one of " + ", ".join(choices), value, hint)
         return value
 
     return parse

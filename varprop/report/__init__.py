@@ -26,8 +26,8 @@ from . import figures
 from .document import Document, to_html, to_markdown
 from .markdown import build_document, fit_document, fmt_pow10, terminal_table
 
-__all__ = ["staging", "write", "render", "write_fit", "write_phase", "run_name", "terminal_table", "fmt_pow10",
-           "json_default", "summarize", "FORMATS"]
+__all__ = ["staging", "write", "render", "write_fit", "write_phase", "run_name", "dir_name", "terminal_table",
+           "fmt_pow10", "json_default", "summarize", "FORMATS"]
 
 
 def run_name(configs: Sequence[Config]) -> str:
@@ -43,11 +43,15 @@ def run_name(configs: Sequence[Config]) -> str:
     init = values("init", lambda s: s.network.init.scheme if isinstance(s.network.init.scheme, str) else "custom")
     parts = [values("activation", lambda s: net(s).activation), init, shape,
              f"N{values('samples', lambda s: s.samples)}", f"seed{configs[0].spec.seed}"]
-    # A short hash of every option keeps runs that differ elsewhere (replicates, BN, ...) apart.
-    digest = hashlib.sha1(json.dumps([to_options(c.spec) for c in configs], sort_keys=True,
-                                     default=json_default).encode()).hexdigest()[:6]
-    name = "-".join(parts)
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:110] + "-" + digest
+    # A hash of every option keeps runs that differ elsewhere (replicates, BN, ...) apart.
+    return dir_name("-".join(parts), json.dumps([to_options(c.spec) for c in configs], sort_keys=True,
+                                                 default=json_default))
+
+
+def dir_name(name: str, key: str) -> str:
+    """``name`` made safe as a directory name, then a short hash of ``key`` (what makes the run this run)."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:110]
+    return safe + "-" + hashlib.sha1(key.encode()).hexdigest()[:6]
 
 
 RUN_MARKERS = ("config.json", "fit.json", "phase.csv")  # what marks a directory as a varprop run

@@ -1,5 +1,8 @@
 """varprop: how signals propagate through deep networks at initialization.
 
+The public names load on first use, so ``import varprop`` is cheap (no
+pandas, SciPy or matplotlib until a function needs them).
+
 >>> import varprop
 >>> spec = varprop.NetworkSpec.square(layers=10, width=64, init="he", activation="relu")
 >>> df = varprop.simulate(spec, samples=128, seed=0)
@@ -7,10 +10,25 @@
 (11, 1.0)
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from .engine import simulate  # noqa: E402
-from .spec import InitSpec, NetworkSpec, RunSpec, SpecError  # noqa: E402
-from .stats import summarize  # noqa: E402
+# public name -> the module that defines it
+_PUBLIC = {"simulate": "engine", "InitSpec": "spec", "NetworkSpec": "spec", "RunSpec": "spec",
+           "SpecError": "errors", "summarize": "stats"}
 
-__all__ = ["InitSpec", "NetworkSpec", "RunSpec", "SpecError", "simulate", "summarize", "__version__"]
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module 'varprop' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -23,15 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from . import activations, inits
-
-
-class SpecError(ValueError):
-    """A bad option value; ``str()`` is the one line shown to the user."""
-
-    def __init__(self, option: str, message: str):
-        self.option = option
-        name = option if option.isupper() else "--" + option.replace("_", "-")  # RUN_DIR: an argument
-        super().__init__(f"{name}: {message}")
+from .errors import SpecError
 
 
 @dataclass(frozen=True)

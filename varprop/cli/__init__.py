@@ -1,0 +1,69 @@
+"""The ``varprop`` command line: parses options, calls the library, writes results.
+
+Each command lives in its own module, imported only when that command runs,
+so ``varprop --help`` loads neither NumPy nor pandas nor matplotlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from ..errors import SpecError
+
+# name -> (module:attribute, one-line help shown by ``varprop --help``)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": ("simulate:simulate", "Measure every layer of a deep stack; write a report."),
+    "theory": ("theory:theory_cmd", "Mean-field fixed point q*, chi_1, phase and depth scales."),
+    "gain": ("theory:gain", "Both gains of an activation, z ~ N(0, 1)."),
+    "fit": ("theory:fit_cmd", "The sqrt(fan_in) law, fitted over one layer."),
+    "phase": ("theory:phase_cmd", "The order-to-chaos phase diagram over (sigma_w^2, sigma_b^2)."),
+    "check": ("check:check_cmd", "Does an init keep the std within a band? Exit 0 yes, 1 no."),
+    "report": ("report:report_cmd", "Redraw a saved run's report without rerunning it."),
+    "gallery": ("report:gallery_cmd", "Regenerate the committed reports/ gallery."),
+}
+
+
+class _Group(click.Group):
+    """Commands loaded on first use; every error is one line on stderr and
+    exit status 2, never a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, _, attr = COMMANDS[name][0].partition(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short) for name, (_, short) in COMMANDS.items()])
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            click.echo(f"varprop: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except SpecError as exc:
+            click.echo(f"varprop: error: {exc}", err=True)
+            sys.exit(2)
+        except click.Abort:
+            click.echo("varprop: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Group, invoke_without_command=True)
+@click.version_option(package_name="varprop")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Monte-Carlo variance propagation through deep networks at initialization."""
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())

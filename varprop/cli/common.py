@@ -1,0 +1,147 @@
+"""What the commands share: the simulate option set, TOML configs, the
+reproduce-command, staging of output directories, progress and JSON output."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import activations, inits, report
+from ..spec import OPTIONS, SpecError, parse, parse_activation
+
+DEFAULT_RUNS_DIR = Path("reports") / "runs"
+
+
+def spec_options(fn: Any) -> Any:
+    """One click option per spec option; values stay strings for spec.parse."""
+    for name, opt in reversed(OPTIONS.items()):
+        flag = "--" + name.replace("_", "-")
+        help_text = opt.help + (f" [default: {opt.default}]" if opt.default not in (None, False) else "") + (
+            " [repeatable: compares every combination]" if opt.repeatable else "")
+        if opt.flag:
+            fn = click.option(flag, name, is_flag=True, default=None, help=opt.help)(fn)
+        else:
+            fn = click.option(flag, name, multiple=opt.repeatable, default=None, metavar=opt.metavar,
+                              help=help_text)(fn)
+    return fn
+
+
+def read_config(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise SpecError("config", f"cannot read {path} ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError("config", f"{path} is not valid TOML ({exc})") from None
+    if isinstance(data.get("simulate"), dict):
+        data = data["simulate"]  # options may sit under a [simulate] table
+    unknown = [k for k in data if k.replace("-", "_") not in OPTIONS]
+    if unknown:
+        raise SpecError("config", f"{path}: unknown option {unknown[0]!r}; known: "
+                        + ", ".join(k.replace("_", "-") for k in OPTIONS))
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def word(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if callable(value):
+        return f"{value.__module__}:{value.__qualname__}"
+    return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
+
+
+def command_line(options: dict[str, Any], out: str | None) -> str:
+    """The command that reruns ``options`` (a config file's values inlined)."""
+    words = ["varprop", "simulate"]
+    for key, value in parse(options).items():
+        if OPTIONS[key].flag:
+            words += ["--" + key.replace("_", "-")] if value else []
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            words += ["--" + key.replace("_", "-"), word(v)]
+    if out:
+        words += ["--out", out]
+    return shlex.join(words)
+
+
+def in_staging(out_dir: Path, work: Any) -> Any:
+    """Run ``work(tmp)`` writing into a staging directory that becomes
+    ``out_dir`` only when it succeeds (report.staging)."""
+    try:
+        stage = report.staging(out_dir)
+        tmp = stage.__enter__()
+    except OSError as exc:
+        raise SpecError("out", f"cannot write to {out_dir} ({exc.strerror or exc})") from None
+    try:
+        result = work(tmp)
+    except BaseException:
+        stage.__exit__(*sys.exc_info())
+        raise
+    stage.__exit__(None, None, None)
+    return result
+
+
+class LazyBar:
+    """A click progress bar that appears only once a run has taken a second."""
+
+    def __init__(self, total: int, delay: float = 1.0):
+        self.total, self.delay, self.done = total, delay, 0
+        self.start = time.monotonic()
+        self.bar: Any = None
+
+    def __call__(self, k: int) -> None:
+        self.done += k
+        if self.bar is None:
+            if sys.stderr.isatty() and time.monotonic() - self.start > self.delay:
+                self.bar = click.progressbar(length=self.total, label="simulating", file=sys.stderr)
+                self.bar.__enter__()
+                self.bar.update(self.done)
+        else:
+            self.bar.update(k)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def parse_formats(value: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in value.split(",") if p.strip())
+    bad = [p for p in parts if p not in report.FORMATS]
+    if bad or not parts:
+        raise SpecError("format", f"expected a comma-separated list of {', '.join(report.FORMATS)}, got {value!r}")
+    return parts
+
+
+def finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(finite(json.loads(json.dumps(data, default=report.json_default))), indent=2,
+                          allow_nan=False))
+
+
+def activation_arg(name: str, leaky_slope: float, option: str = "activation") -> Any:
+    """A registered activation name, or ``module:function`` for a user callable."""
+    if ":" in name:
+        try:
+            return inits.load_callable(name)
+        except ValueError as exc:
+            raise SpecError(option, str(exc)) from None
+    return activations.get(parse_activation(name, option), leaky_slope)

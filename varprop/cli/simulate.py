@@ -1,0 +1,64 @@
+"""``varprop simulate``."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import report
+from ..engine import simulate as run_simulation
+from ..engine import total_steps
+from ..spec import expand, parse_threads
+from .common import DEFAULT_RUNS_DIR, LazyBar, command_line, in_staging, parse_formats, read_config, spec_options
+
+
+@click.command()
+@click.option("--config", "config_file", default=None, help="TOML file of options (CLI options override it)")
+@spec_options
+@click.option("--title", default=None, help="report title [default: what was run, in one sentence]")
+@click.option("--format", "formats", default="md,html,csv,json", metavar="LIST",
+              help="outputs among md, html, csv, json (layers.csv and config.json are always written) "
+                   "[default: md,html,csv,json]")
+@click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/<descriptive name>]")
+@click.option("--threads", default=None, metavar="N",
+              help="threads to compute on; the numbers are the same for any N [default: every core]")
+def simulate(config_file: str | None, title: str | None, formats: str, out: str | None, threads: str | None,
+             **cli_options: Any) -> None:
+    """Push random inputs through a deep stack and report every layer's statistics.
+
+    \b
+    Examples:
+      varprop simulate --layers 100 --init fan_in
+      varprop simulate --layers 100 --width 100 --init unit --init fan_in
+      varprop simulate --widths 784,512,256,128,64,10 --activation sigmoid --activation relu
+      varprop simulate --widths 784,512,256,128,64,10 --bn-position post --bn-count 0 --bn-count 4 \\
+          --batch-size 4 --batch-size 1024 --backward
+    """
+    given = {k: list(v) if isinstance(v, tuple) else v for k, v in cli_options.items()
+             if v is not None and v != ()}
+    options = read_config(config_file) if config_file else {}
+    # The command line's shape beats the file's, whichever way it is given.
+    for key in ("layers", "width") if "widths" in given else ("widths",) if {"layers", "width"} & set(given) else ():
+        options.pop(key, None)
+    options.update(given)
+    fmts = parse_formats(formats)
+    n_threads = parse_threads(threads)
+    configs = expand(options)
+    out_dir = Path(out) if out else DEFAULT_RUNS_DIR / report.run_name(configs)
+    bar = LazyBar(total_steps(configs))
+
+    def work(tmp: Path) -> tuple[Any, dict[str, Any]]:
+        try:
+            layers = run_simulation(configs, progress=bar, threads=n_threads)
+        finally:
+            bar.close()
+        command = command_line(options, out) + (f" --title {shlex.quote(title)}" if title else "")
+        return layers, report.write(layers, tmp, command=command, title=title, formats=fmts)
+
+    layers, paths = in_staging(out_dir, work)
+    click.echo(report.terminal_table(layers, paths["summary"]))
+    written = ", ".join(p.name for k, p in paths.items() if k not in ("summary",) and k != "report")
+    click.echo(f"\nreport: {out_dir / paths['report'].name}  ({written} beside it)")

@@ -678,6 +678,8 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
         frame = frame[lead + [col for col in frame if col not in lead]]
         frame = frame.merge(predicted, on="layer", how="left")
         for key, value in reversed(list(c.varied.items())):
+            if key in frame:  # a varied --width: the per-layer width column already holds it
+                continue
             frame.insert(0, key, value if isinstance(value, (str, int, float)) else str(value))
         frame.insert(0, "config", c.label)
         frames.append(frame)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from . import activations, inits
+from . import activations, inits, memory
 from .errors import SpecError
 
 
@@ -80,7 +80,10 @@ class NetworkSpec:
 
     @classmethod
     def square(cls, layers: int, width: int, **kw: Any) -> "NetworkSpec":
-        return cls(widths=(parse_pos_int(width, "width"),) * (parse_pos_int(layers, "layers") + 1), **kw)
+        """``layers`` weight layers of ``width`` units, fed ``width`` inputs."""
+        layers, width = parse_pos_int(layers, "layers"), parse_pos_int(width, "width")
+        memory.precheck(layers, width, 1, 1, None)
+        return cls(widths=(width,) * (layers + 1), **kw)
 
     @property
     def depth(self) -> int:
@@ -376,6 +379,8 @@ def from_options(options: Mapping[str, Any]) -> RunSpec:
     if "widths" in o and ("layers" in o or "width" in o):
         raise SpecError("widths", "cannot be combined with --layers or --width")
     get = lambda k: o.get(k, OPTIONS[k].default)  # noqa: E731
+    if "widths" not in o:  # before a tuple of --layers entries is built
+        memory.precheck(get("layers"), get("width"), get("samples") or 1, get("replicates"), get("max_memory"))
     widths = o.get("widths") or (get("width"),) * (get("layers") + 1)
     init = InitSpec(get("init"), get("distribution"), get("mode"), get("gain"), get("scale"))
     net = NetworkSpec(widths, get("activation"), get("output_activation"), get("leaky_slope"), init, get("bias_std"),

@@ -354,7 +354,8 @@ class _AtQ:
         # Scaled to max |phi| = 1 as apply_scaled does: where phi(z) departs from phi(0) by a few ulps only
         # (sigmoid at tiny q), the variance is rounding, and it stays that of apply_scaled's values.
         h, log_s = _phi_scaled(act, _first_nodes(), 0.5 * log_q, renormalise=True)
-        u, self._u1, self._l1 = h[:len(x)], h[len(x):], log_s
+        u, self._l1 = h[:len(x)], log_s
+        self._u1 = h[len(x):].copy()  # not a view: a deep stack keeps one _AtQ per layer, and h is 16x larger
         m = float(w @ u)
         m2 = float(w @ (u * u))
         # E[u^2] - E[u]^2 loses at most a bit when E[u]^2 <= E[u^2] / 2; else the sum about the mean.

@@ -634,6 +634,13 @@ def configs_for(spec: RunSpec | NetworkSpec | Sequence[Config], vary: Mapping[st
         opts.pop("bn_layers", None)
     if "input_file" in changes or "batch_size" in changes:
         opts.pop("samples", None)
+    # The inputs given here replace the spec's: a file replaces its Gaussian inputs and the reverse
+    # (both kept would be refused as contradicting each other).
+    if "input_file" in changes:
+        opts.pop("input", None)
+        opts.pop("input_std", None)
+    elif {"input", "input_std"} & set(changes):
+        opts.pop("input_file", None)
     return expand({**opts, **changes})
 
 

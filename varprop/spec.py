@@ -86,7 +86,7 @@ class NetworkSpec:
             raise SpecError("bn_layers", f"batch norm goes on hidden layers 1..{self.depth - 1}, got {bn}")
         object.__setattr__(self, "bn_layers", bn)
         object.__setattr__(self, "bn_position", OPTIONS["bn_position"].parse(self.bn_position, "bn_position"))
-        object.__setattr__(self, "bn_eps", parse_pos_float(self.bn_eps, "bn_eps"))
+        object.__setattr__(self, "bn_eps", OPTIONS["bn_eps"].parse(self.bn_eps, "bn_eps"))
         for name in ("activation", "output_activation"):
             value = getattr(self, name)
             if value is not None:
@@ -357,7 +357,9 @@ OPTIONS: dict[str, Option] = {
                        "batch norm on the first k hidden layers", metavar="K"),
     "bn_position": Option(_choice(("pre", "post")), "pre",
                           "batch norm on z before the activation (pre) or on its output (post)", metavar="pre|post"),
-    "bn_eps": Option(parse_pos_float, 1e-3, "batch norm epsilon (Keras' default 0.001)", metavar="EPS"),
+    "bn_eps": Option(parse_nonneg_float, 1e-3, "batch norm epsilon, >= 0 (Keras' default 0.001; 0 as in "
+                     "mean-field BN theory, refused only where a batch channel's variance is exactly 0)",
+                     metavar="EPS"),
     "batch_size": Option(lambda v, o: _int(v, o, "an integer >= 2", lambda n: n >= 2), None,
                          "samples per batch-norm batch (default: all samples in one batch)", metavar="B"),
     "samples": Option(parse_pos_int, None, "number of input samples N (default 500, or the rows of --input-file)", metavar="N"),

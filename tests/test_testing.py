@@ -204,6 +204,7 @@ def test_undecided_layers_come_with_the_replicates_that_decide_them():
     undecided = first.table[first.table["verdict"] == "undecided"]
     assert first.passed and len(undecided) and first.replicates_to_decide > first.replicates
     assert f"about {first.replicates_to_decide} replicates would decide them" in first.message
+    assert "replicates='auto' runs them" in first.message
     shared = testing.DEFAULT_FALSE_ALARM / kw["depth"]
     limit = math.log10(2)
     for row in undecided.itertuples():

@@ -297,10 +297,14 @@ def check_preserves_variance(init: Init, activation: str = "linear", depth: int 
         undecided, needed = _to_decide(table)
         msg = f"{_name(init)} with {activation}: std stays within a factor {band:g} over {depth} layers ({direction})"
         if undecided:
-            msg += (f"; {undecided} layers undecided at this noise level ({n_rep} networks): "
-                    + (f"about {needed} replicates would decide them (from the spread measured here; "
-                       "--replicates auto runs them)" if needed is not None else
-                       "a layer's mean sits on the band's edge, so no number of replicates decides it"))
+            if needed is None:
+                how = "a layer's mean sits on the band's edge, so no number of replicates decides it"
+            else:
+                how = (f"about {needed} replicates would decide them (from the spread measured here; "
+                       + ("replicates='auto' runs them)" if needed <= MAX_AUTO_REPLICATES else
+                          f"beyond the {MAX_AUTO_REPLICATES} that replicates='auto' runs at most: a layer sits near "
+                          "the band's edge)"))
+            msg += f"; {undecided} layers undecided at this noise level ({n_rep} networks): {how}"
         return CheckResult(True, msg, table, command, n_rep, needed)
     first = bad.iloc[0]
     factor = 10 ** first["log10_ratio"]

@@ -68,8 +68,9 @@ def check_cmd(init: str, activation: str, layers: str, width: str, band: str, ba
                                       direction="both" if backward else "forward", band=factor,
                                       samples=spec.samples, replicates="auto" if auto else spec.replicates,
                                       seed=spec.seed, **kw)
+    message = result.message.replace("replicates='auto'", "--replicates auto")  # the option's spelling here
     if as_json:
-        echo_json(result.as_dict())
+        echo_json({**result.as_dict(), "message": message})
     else:
-        click.echo(("PASS: " if result.passed else "FAIL: ") + result.message)
+        click.echo(("PASS: " if result.passed else "FAIL: ") + message)
     sys.exit(0 if result.passed else 1)

@@ -274,8 +274,8 @@ class _Network:
         except Exception as exc:  # or failed: the user's to see, in one line
             raise SpecError("init", f"{self.scheme.name} raised {type(exc).__name__}: {exc}") from None
 
-    def _bn(self, u: np.ndarray, log_s: float) -> tuple[np.ndarray, float, batchnorm.Cache]:
-        y, log_y, cache = batchnorm.forward(u, log_s, self.spec.batch, self.net.bn_eps)
+    def _bn(self, u: np.ndarray, log_s: float, layer: int) -> tuple[np.ndarray, float, batchnorm.Cache]:
+        y, log_y, cache = batchnorm.forward(u, log_s, self.spec.batch, self.net.bn_eps, layer)
         y, log_y = _renorm(y, log_y, self.pool)
         return y, log_y, cache
 
@@ -358,7 +358,7 @@ class _Network:
             h = dphi = None  # a block pass's, if one ran: freed before this path's temporaries
             z, log_z = _renorm(z, log_z, pool)
             if layer in net.bn_layers and net.bn_position == "pre":
-                z, log_z, cache = self._bn(z, log_z)
+                z, log_z, cache = self._bn(z, log_z, layer)
             d = None if linear else activations.dphi_scaled(act, z, log_z)
             sat = 0.0 if d is None else float(np.mean(np.abs(d) < SATURATION))
             pre, ms_z = side_stats_ms(z, log_z, sat, pool)
@@ -368,7 +368,7 @@ class _Network:
                 h, log_h = _narrow(*activations.apply_scaled(
                     act, z.astype(np.float64, copy=False) if act.phi0 else z, log_z), dtype, pool)
             if layer in net.bn_layers and net.bn_position == "post":
-                h, log_h, cache = self._bn(h, log_h)
+                h, log_h, cache = self._bn(h, log_h, layer)
             post, ms_h = (pre, ms_z) if h is z else side_stats_ms(h, log_h, sat, pool)
             if d is not None:
                 dphi = d == act.slope_pos if act.homogeneous else d.astype(dtype, copy=False)
@@ -592,6 +592,13 @@ def configs_for(spec: RunSpec | NetworkSpec | Sequence[Config], vary: Mapping[st
         opts.pop("bn_layers", None)
     if "input_file" in changes or "batch_size" in changes:
         opts.pop("samples", None)
+    # The inputs given here replace the spec's: a file replaces its Gaussian inputs and the reverse
+    # (both kept would be refused as contradicting each other).
+    if "input_file" in changes:
+        opts.pop("input", None)
+        opts.pop("input_std", None)
+    elif {"input", "input_std"} & set(changes):
+        opts.pop("input_file", None)
     return expand({**opts, **changes})
 
 

@@ -536,7 +536,7 @@ def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reu
     names = {net.activation_at(1), net.activation_at(net.depth)}
     acts = {name: activations.get(name, net.leaky_slope) for name in names}
     bn_layers = set(net.bn_layers)
-    log_eps = math.log(net.bn_eps)
+    log_eps = math.log(net.bn_eps) if net.bn_eps > 0 else -math.inf  # eps = 0: BN's q is exactly 1
     levels: dict[tuple[str, float], _AtQ] = {}
 
     def level(name: str, log_q: float) -> _AtQ:

@@ -57,8 +57,9 @@ def make_inputs(spec: RunSpec, replicate: int) -> tuple[np.ndarray, float]:
     dtype = np.dtype(spec.dtype)
     n0 = spec.network.widths[0]
     if spec.input_file is not None:
-        x = load_input(spec.input_file, n0).astype(np.float64)
-        return _narrow(x, 0.0, dtype.type)
+        # Entries near float64's limits (1e308, 1e-300) are first brought near 1 by a power of two (exact).
+        x, scale = inits.power_of_two_scaled(load_input(spec.input_file, n0), np.float64)
+        return _narrow(x, math.log(scale), dtype.type)
     rng = generator(spec.seed, replicate, 0, "inputs")
     if spec.input == "gaussian":
         x = inits.standard_normal(rng, (spec.samples, n0), dtype)

@@ -344,12 +344,31 @@ def draw_weights(s: Scheme, rng: np.random.Generator, fan_in: int, fan_out: int,
         w = np.asarray(s.user(rng, fan_in, fan_out))
         if w.shape != (fan_in, fan_out):
             raise ValueError(f"init {s.name!r} returned shape {w.shape}, expected ({fan_in}, {fan_out})")
+        if not np.issubdtype(w.dtype, np.floating) and not np.issubdtype(w.dtype, np.integer):
+            raise ValueError(f"init {s.name!r} returned {w.dtype} weights; expected real numbers")
         if not np.all(np.isfinite(w)):
             raise ValueError(f"init {s.name!r} returned non-finite weights")
-        return w.astype(dtype), 1.0
+        return power_of_two_scaled(w.astype(np.float64, copy=False), dtype)
     if s.orthogonal:
         return orthogonal(rng, fan_in, fan_out, dtype), s.gain * math.sqrt(s.scale)
     return standard_draw(s.distribution, rng, (fan_in, fan_out), dtype), weight_scale(s, fan_in, fan_out)
+
+
+def power_of_two_scaled(x: Array, dtype: type) -> tuple[Array, float]:
+    """``(x0, scale)`` with ``x = scale * x0`` and ``x0`` in ``dtype``: ``x``
+    itself where its largest entry lies within 2^+-60, else divided by a power
+    of two (exact) that brings it near 1, so 1e300 (or 1e-300) survives the
+    cast to float32 rather than becoming inf (or 0).
+
+    >>> x0, scale = power_of_two_scaled(np.array([1e300, -3e299]), np.float32)
+    >>> scale == 2.0 ** 996, abs(float(x0[0]) * scale / 1e300 - 1) < 2.0 ** -24
+    (True, True)
+    """
+    peak = float(np.max(np.abs(x), initial=0.0))
+    if peak == 0 or 2.0**-60 <= peak <= 2.0**60:
+        return x.astype(dtype), 1.0
+    exponent = math.frexp(peak)[1] - 1  # peak / 2^exponent in [1, 2); 2^exponent itself finite up to 1e308
+    return np.ldexp(x, -exponent).astype(dtype), math.ldexp(1.0, exponent)
 
 
 def weight_scale(s: Scheme, fan_in: int, fan_out: int) -> float:

@@ -77,8 +77,14 @@ def refuse_beyond(need: float, max_memory: int | None, what: str, fix: str, opti
     what needs them, ``fix`` what to change."""
     limit = budget(max_memory)
     if need > limit:
+        source = "--max-memory" if max_memory else "half of the memory available now"
         raise SpecError(option, f"{what} needs about {human(need)}, more than the {human(limit)} allowed "
-                        f"(--max-memory); {fix}")
+                        f"({source}); {fix}")
+
+
+# Bytes per point of a phase diagram's grid: the q-map at 240 nodes, and Mehler's series of each chaotic
+# point's q* (measured 15-16 kB a point, tanh, 1,200 to 10,800 points).
+PHASE_POINT_BYTES = 24 * 1024
 
 
 def table_bytes(layers: int, replicates: int, closed_form: bool = False) -> int:
@@ -88,14 +94,19 @@ def table_bytes(layers: int, replicates: int, closed_form: bool = False) -> int:
     return (layers + 1) * (replicates * ROW_BYTES + theory)
 
 
-def precheck(layers: int, widths_max: int, samples: int, replicates: int, max_memory: int | None) -> None:
+def precheck(layers: int, widths_max: int, samples: int, replicates: int, max_memory: int | None,
+             option: str = "max_memory", fix: str | None = None) -> None:
     """Refuse sizes that cannot fit, from the numbers alone (before a spec,
-    whose widths tuple alone is 8 bytes a layer, is built)."""
-    need = table_bytes(layers, replicates) + 2 * widths_max * widths_max * 4 + 6 * samples * widths_max * 8
-    what = (f"a run of {layers:,} layers of width {widths_max:,}" + (f", {samples:,} samples" if samples > 1 else "")
+    whose widths tuple alone is 8 bytes a layer, is built); the refusal names
+    ``option`` and says ``fix``. A lower bound (the theory's smallest
+    footprint): :func:`check` decides on the whole configuration later."""
+    need = (table_bytes(layers, replicates, closed_form=True) + 2 * widths_max * widths_max * 4
+            + 6 * samples * widths_max * 8)
+    what = (f"a run of {layers:,} layer{'s' if layers > 1 else ''} of width {widths_max:,}"
+            + (f", {samples:,} samples" if samples > 1 else "")
             + (f" and {replicates:,} replicates" if replicates > 1 else ""))
-    refuse_beyond(need, max_memory, what, "use fewer --layers, --replicates or --samples, or a narrower --width, "
-                  "or raise --max-memory")
+    refuse_beyond(need, max_memory, what, fix or "use fewer --layers, --replicates or --samples, or a narrower "
+                  "--width, or raise --max-memory", option)
 
 
 def tape_bytes(spec: RunSpec) -> list[int]:

@@ -166,15 +166,23 @@ def load_input(path: str, width: int) -> np.ndarray:
 @functools.lru_cache(maxsize=4)
 def _load_input(path: str, width: int, mtime_ns: int, size: int) -> np.ndarray:
     try:
-        x = np.load(path, allow_pickle=False)
+        x = np.load(path, allow_pickle=False, mmap_mode="r")  # the header first: no copy of a huge file yet
     except Exception as exc:  # unreadable or not .npy: one line for the user
         raise SpecError("input_file", f"cannot read {path} as a .npy array ({exc})") from None
+    if not isinstance(x, np.ndarray):  # an .npz archive
+        x.close()
+        raise SpecError("input_file", f"{path} is an .npz archive; save the N x {width} array alone with "
+                        "numpy.save (.npy)")
     if x.ndim != 2 or x.shape[0] < 1:
         raise SpecError("input_file", f"{path} holds an array of shape {x.shape}; expected N x {width}")
     if x.shape[1] != width:
         raise SpecError("input_file", f"{path} has {x.shape[1]} columns but the network's input width is {width}")
-    if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
-        raise SpecError("input_file", f"{path} contains NaN, inf or non-numeric values")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise SpecError("input_file", f"{path} holds {x.dtype} values; expected real numbers (integers or floats"
+                        + (": a complex array would lose its imaginary part)" if np.iscomplexobj(x) else ")"))
+    x = np.array(x)
+    if not np.isfinite(x).all():
+        raise SpecError("input_file", f"{path} contains NaN or inf")
     x = x.astype(np.float64)
     if not np.any(x):
         raise SpecError("input_file", f"{path} is all zeros: no signal to propagate")
@@ -324,6 +332,8 @@ def parse_init(value: Any, option: str = "init") -> Any:
 
 
 def parse_input_file(value: Any, option: str = "input_file") -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise _fail(option, "the path of an N x n_0 .npy file", value)
     path = os.fspath(value)
     if not os.path.isfile(path):
         raise SpecError(option, f"no such file: {path}")
@@ -401,7 +411,7 @@ def parse(options: Mapping[str, Any]) -> dict[str, Any]:
             if not value:
                 raise SpecError(key, "an empty list gives nothing to run")
             if not opt.repeatable and len(value) != 1:
-                raise SpecError(key, "takes one value, not a list")
+                raise SpecError(key, f"takes one value, got {len(value)}: " + ", ".join(map(str, value)))
             out[key] = [opt.parse(v, key) for v in value]
         else:
             out[key] = opt.parse(value, key)

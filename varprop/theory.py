@@ -454,7 +454,9 @@ def predict(spec: RunSpec) -> pd.DataFrame:
         from .stats import side_stats
 
         s0 = side_stats(*make_inputs(spec, 0))  # a file is never all zeros (spec.load_input)
-        log_m2, cos = math.log(s0["second_moment"]), s0["cos_sim"]
+        # log E[x^2] = log(Var x + mean^2) from the logs, which hold at any magnitude (1e308, 1e-310)
+        log_m2 = float(np.logaddexp(2 * s0["log10_std"] * _LN10, 2 * s0["log10_abs_mean"] * _LN10))
+        cos = s0["cos_sim"]
         first = (math.nan, math.nan, s0["mean"], s0["log10_std"] * _LN10, log_m2, cos, math.nan,
                  s0["log10_abs_mean"] * _LN10)
     else:
@@ -729,10 +731,39 @@ def fixed_point(act: Activation, sigma_w: float, sigma_b: float, q0: float = 1.0
     return 0.0 if sigma_b == 0 and q < 1e-3 * q0 else q
 
 
+# Where the fixed-point picture is computed accurately: sigma_w^2 a normal float64 well away from the limits,
+# and q* (at most sigma_w^2 + sigma_b^2 for bounded phi) small enough that the graded rule, whose finest
+# panel ends 1e-8 from 0, still resolves phi' of a saturating phi near 0 (tanh' at q = 1e20 is a spike of
+# width 1e-10 there): sigma^2 up to 1e12.
+SIGMA_W_RANGE = (1e-100, 1e6)
+SIGMA_B_MAX = 1e6
+
+
+def check_sigmas(sigma_w: float, sigma_b: float = 0.0) -> None:
+    """ValueError unless ``sigma_w`` and ``sigma_b`` lie where :func:`mean_field` is accurate.
+
+    >>> check_sigmas(1e-308)
+    Traceback (most recent call last):
+    ...
+    ValueError: sigma_w = 1e-308 is outside 1e-100..1e+06, where the fixed point and chi_1 are computed accurately
+    """
+    lo, hi = SIGMA_W_RANGE
+    if not lo <= sigma_w <= hi:
+        raise ValueError(f"sigma_w = {sigma_w:g} is outside {lo:g}..{hi:g}, where the fixed point and chi_1 are "
+                         "computed accurately")
+    if not 0 <= sigma_b <= SIGMA_B_MAX:
+        raise ValueError(f"sigma_b = {sigma_b:g} is outside 0..{SIGMA_B_MAX:g}, where the fixed point and chi_1 "
+                         "are computed accurately")
+
+
 def mean_field(act: Activation | str, sigma_w: float, sigma_b: float = 0.0) -> dict[str, Any]:
-    """q*, chi_1, the phase and the depth scales xi_q, xi_c (Schoenholz et al. 2017)."""
+    """q*, chi_1, the phase and the depth scales xi_q, xi_c (Schoenholz et al. 2017).
+
+    ValueError for ``sigma_w``, ``sigma_b`` outside :data:`SIGMA_W_RANGE`, :data:`SIGMA_B_MAX`.
+    """
     if isinstance(act, str):
         act = activations.get(act)
+    check_sigmas(sigma_w, sigma_b)
     q_star = fixed_point(act, sigma_w, sigma_b)
     log_q = math.log(q_star) if 0 < q_star < math.inf else (-700.0 if q_star == 0 else 700.0)
     chi_1 = sigma_w**2 * moments(act, log_q).dphi2
@@ -743,6 +774,9 @@ def mean_field(act: Activation | str, sigma_w: float, sigma_b: float = 0.0) -> d
         slope = (q_map(act, sigma_w, sigma_b, q_star * (1 + h)) - q_map(act, sigma_w, sigma_b, q_star * (1 - h))) / (
             2 * h * q_star)
         xi_q = -1 / math.log(slope) if 0 < slope < 1 - 1e-9 else math.inf  # ~1: critical, no finite scale
+    elif q_star == 0:  # q' = sigma_w^2 E[phi(z)^2] ~ sigma_w^2 (phi'(0+)^2 + phi'(0-)^2) / 2 q as q -> 0
+        log_slope = 2 * math.log(sigma_w) + math.log((act.d0_pos**2 + act.d0_neg**2) / 2)
+        xi_q = -1 / log_slope if log_slope < -1e-9 else math.inf
     c_star, slope_c = 1.0, chi_1
     if chi_1 > 1 and 0 < q_star < math.inf:
         at_q = _AtQ(act, log_q)

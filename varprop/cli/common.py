@@ -28,19 +28,21 @@ def spec_options(fn: Any) -> Any:
             " [repeatable: compares every combination]" if opt.repeatable else "")
         if opt.flag:
             fn = click.option(flag, name, is_flag=True, default=None, help=opt.help)(fn)
-        else:
-            fn = click.option(flag, name, multiple=opt.repeatable, default=None, metavar=opt.metavar,
-                              help=help_text)(fn)
+        else:  # every option collects repeats: spec.parse refuses them where the option takes one value
+            fn = click.option(flag, name, multiple=True, default=None, metavar=opt.metavar, help=help_text)(fn)
     return fn
 
 
 def read_config(path: str) -> dict[str, Any]:
+    """The options of a TOML config file (top level, or a ``[simulate]`` table)."""
+    if not path:
+        raise SpecError("config", "expected the path of a TOML file, got ''")
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except OSError as exc:
         raise SpecError("config", f"cannot read {path} ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SpecError("config", f"{path} is not valid TOML ({exc})") from None
     if isinstance(data.get("simulate"), dict):
         data = data["simulate"]  # options may sit under a [simulate] table

@@ -39,7 +39,7 @@ def simulate(config_file: str | None, title: str | None, formats: str, out: str 
     """
     given = {k: list(v) if isinstance(v, tuple) else v for k, v in cli_options.items()
              if v is not None and v != ()}
-    options = read_config(config_file) if config_file else {}
+    options = read_config(config_file) if config_file is not None else {}
     # The command line's shape beats the file's, whichever way it is given.
     for key in ("layers", "width") if "widths" in given else ("widths",) if {"layers", "width"} & set(given) else ():
         options.pop(key, None)

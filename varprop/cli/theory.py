@@ -10,9 +10,8 @@ from typing import Any
 import click
 import numpy as np
 
-from .. import activations, fit, inits, report, theory
-from ..spec import (OPTIONS, SpecError, from_options, parse, parse_activation, parse_int_list, parse_nonneg_float,
-                    parse_pos_float, parse_pos_int)
+from .. import activations, fit, inits, memory, report, theory
+from ..spec import (OPTIONS, SpecError, from_options, parse, parse_activation, parse_int_list, parse_nonneg_float, parse_pos_float, parse_pos_int, parse_size)
 from .common import DEFAULT_RUNS_DIR, activation_arg, echo_json, in_staging
 
 
@@ -103,10 +102,10 @@ def theory_cmd(activation: str, sigma_w: str | None, init: str | None, distribut
         sb = math.exp(0.5 * theory.bias_log_variance(scheme, net.bias_std, n))
         source = {"init": init, "width": n, "weight_variance": variance, **parse(init_opts)}
     try:
-        result: dict[str, Any] = theory.mean_field(act, sw, sb)
-    except (OverflowError, ZeroDivisionError, ValueError) as exc:
-        raise SpecError("sigma_w", f"the mean-field iteration fails at sigma_w = {sw:g}, sigma_b = {sb:g} ({exc}); "
-                        "use values of order 0.1 to 10") from None
+        theory.check_sigmas(sw, sb)
+    except ValueError as exc:
+        raise SpecError("sigma_w" if "sigma_w" in str(exc) else "sigma_b", str(exc)) from None
+    result: dict[str, Any] = theory.mean_field(act, sw, sb)
     if source is not None:
         result["from_init"] = source
     table = None
@@ -153,6 +152,8 @@ def fit_cmd(fan_ins: str, fan_out: str, init: str, activation: str, samples: str
     base = from_options({"layers": 1, "width": ns[0], "init": init, "activation": activation, "samples": samples,
                          "replicates": replicates, "seed": seed})
     n_out = parse_pos_int(fan_out, "fan_out")
+    memory.precheck(1, max(*ns, n_out), base.samples, base.replicates, None, "fan_in",
+                    "use smaller --fan-in and --fan-out values, or fewer --samples or --replicates")
     command = shlex.join(["varprop", "fit", "--fan-in", ",".join(map(str, ns)), "--fan-out", str(n_out),
                           "--init", init, "--activation", activation, "--samples", str(base.samples),
                           "--replicates", str(base.replicates), "--seed", str(base.seed)])
@@ -180,19 +181,32 @@ def fit_cmd(fan_ins: str, fan_out: str, init: str, activation: str, samples: str
 @click.option("--sigma-w2-max", default="4.0", metavar="X", help="largest sigma_w^2 of the grid")
 @click.option("--sigma-b2-max", default="0.5", metavar="X", help="largest sigma_b^2 of the grid")
 @click.option("--resolution", default="40", metavar="N", help="grid points along sigma_w^2 (3/4 as many on sigma_b^2)")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="memory the grid may use, e.g. 2G [default: half of what is available]")
 @click.option("--measure", is_flag=True, help="overlay the engine's measured correlations at a few grid points")
 @click.option("--seed", default="0", metavar="SEED", help="seed of the measurements")
 @click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/phase-<activation>-<hash>]")
 @click.option("--json", "as_json", is_flag=True, help="print the grid as JSON")
-def phase_cmd(activation: str, sigma_w2_max: str, sigma_b2_max: str, resolution: str, measure: bool, seed: str,
+def phase_cmd(activation: str, sigma_w2_max: str, sigma_b2_max: str, resolution: str, max_memory: str | None,
+              measure: bool, seed: str,
               out: str | None, as_json: bool) -> None:
     """The order-to-chaos phase diagram over (sigma_w^2, sigma_b^2)."""
     act = activations.get(parse_activation(activation, "activation"))
     sw_max = parse_pos_float(sigma_w2_max, "sigma_w2_max")
     sb_max = parse_nonneg_float(sigma_b2_max, "sigma_b2_max")
+    lo, hi = (s * s for s in theory.SIGMA_W_RANGE)
+    if not lo <= sw_max <= hi:
+        raise SpecError("sigma_w2_max", f"expected a number in {lo:g}..{hi:g}, where chi_1 is computed accurately, "
+                        f"got {sigma_w2_max!r}")
+    if sb_max > theory.SIGMA_B_MAX**2:
+        raise SpecError("sigma_b2_max", f"expected a number in 0..{theory.SIGMA_B_MAX**2:g}, where chi_1 is computed "
+                        f"accurately, got {sigma_b2_max!r}")
     n = parse_pos_int(resolution, "resolution")
     if n < 3:
         raise SpecError("resolution", f"expected at least 3 grid points, got {resolution!r}")
+    points = n * max(3, 3 * n // 4)
+    memory.refuse_beyond(points * memory.PHASE_POINT_BYTES, parse_size(max_memory, "max_memory") if max_memory
+                         else None, f"a grid of {points:,} points", "use a smaller --resolution", "resolution")
     seed_n = OPTIONS["seed"].parse(seed, "seed")
     command = shlex.join(["varprop", "phase", "--activation", act.name, "--sigma-w2-max", repr(sw_max),
                           "--sigma-b2-max", repr(sb_max), "--resolution", str(n)]

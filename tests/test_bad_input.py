@@ -114,7 +114,7 @@ def test_layers_of_the_table_are_kept_compactly():
     linear stack stay within the memory estimate's row budget."""
     import tracemalloc
 
-    from varprop import memory
+    from varprop.montecarlo import memory
 
     spec = varprop.NetworkSpec.square(layers=20_000, width=8)
     tracemalloc.start()

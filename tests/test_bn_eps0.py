@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import varprop
-from varprop import batchnorm
+from varprop.nn import batchnorm
 from varprop.cli import main
 from varprop.errors import SpecError
 

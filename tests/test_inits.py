@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from varprop import inits
-from varprop.engine import generator
+from varprop.nn import inits
+from varprop.montecarlo import generator
 
 from statcheck import z_two_sided
 

@@ -54,7 +54,7 @@ def test_many_configurations_get_grouped_findings(inits, grouped):
 
     import varprop
     from varprop import stats
-    from varprop.engine import configs_for
+    from varprop.montecarlo import configs_for
     from varprop.report.markdown import findings
 
     vary = {"init": inits, "activation": ["linear", "relu", "tanh"]}
@@ -103,7 +103,7 @@ def test_findings_flag_a_lost_input_signal_and_vanishing_gradients():
     both (chi_1 = 1)."""
     import varprop
     from varprop import stats
-    from varprop.engine import configs_for
+    from varprop.montecarlo import configs_for
     from varprop.report.markdown import findings
 
     vary = {"activation": ["sigmoid", "relu"], "init": ["fan_in", "he"]}

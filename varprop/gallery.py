@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from . import fit, report
-from .engine import simulate
+from .montecarlo import simulate
 from .spec import expand, from_options
 
 SEED_STACK = {"layers": 100, "width": 100, "samples": 500, "init": ["unit", "fan_in"], "activation": "linear",

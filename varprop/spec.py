@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from . import activations, inits, memory
+from .montecarlo import memory
+from .nn import activations, inits
 from .errors import SpecError
 
 

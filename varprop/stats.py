@@ -26,7 +26,7 @@ STATS = ("mean", "std", "log10_std", "log10_abs_mean", "second_moment", "sq_unit
          "frac_saturated", "cos_sim", "abs_cos_sim")
 ABS_COS_SAMPLES = 128  # |cos| is averaged over the pairs of the first 128 live samples
 SATURATION = 1e-3  # |phi'(z)| below this counts as saturated
-_LN10 = math.log(10.0)
+LN10 = math.log(10.0)
 
 
 def _scaled(x: float, log_factor: float) -> float:
@@ -155,9 +155,9 @@ def from_sums(u: np.ndarray, parts: Sequence[Sums], log_s: float, saturated: flo
     stats = {
         "mean": _scaled(mean, log_s),
         "std": _scaled(std, log_s),
-        "log10_std": float(math.log(std) + log_s) / _LN10 if std > 0 else -math.inf,
+        "log10_std": float(math.log(std) + log_s) / LN10 if std > 0 else -math.inf,
         # The mean's magnitude at any scale (its sign is the sign of "mean", which keeps it as +-inf).
-        "log10_abs_mean": float(math.log(abs(mean)) + log_s) / _LN10 if mean != 0 else -math.inf,
+        "log10_abs_mean": float(math.log(abs(mean)) + log_s) / LN10 if mean != 0 else -math.inf,
         "second_moment": _scaled(second, 2 * log_s),
         "sq_unit_mean": _scaled(sq_unit_mean, 2 * log_s),
         "unit_var": _scaled(unit_var, 2 * log_s),

@@ -23,8 +23,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from . import inits, theory
-from .engine import generator, simulate
+from . import theory
+from .montecarlo import generator, simulate
+from .nn import inits
 from .spec import InitSpec, NetworkSpec, RunSpec, SpecError
 
 __all__ = ["CheckResult", "assert_weight_variance", "assert_preserves_variance", "assert_matches_theory",

@@ -14,7 +14,8 @@ from typing import Any
 
 import click
 
-from .. import activations, inits, report
+from .. import report
+from ..nn import activations, inits
 from ..spec import OPTIONS, SpecError, parse, parse_activation
 
 DEFAULT_RUNS_DIR = Path("reports") / "runs"

@@ -9,8 +9,8 @@ from typing import Any
 import click
 
 from .. import report
-from ..engine import simulate as run_simulation
-from ..engine import total_steps
+from ..montecarlo import simulate as run_simulation
+from ..montecarlo import total_steps
 from ..spec import expand, parse_threads
 from .common import DEFAULT_RUNS_DIR, LazyBar, command_line, in_staging, parse_formats, read_config, spec_options
 

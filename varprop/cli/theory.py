@@ -10,7 +10,9 @@ from typing import Any
 import click
 import numpy as np
 
-from .. import activations, fit, inits, memory, report, theory
+from .. import fit, report, theory
+from ..montecarlo import memory
+from ..nn import activations, inits
 from ..spec import (OPTIONS, SpecError, from_options, parse, parse_activation, parse_int_list, parse_nonneg_float, parse_pos_float, parse_pos_int, parse_size)
 from .common import DEFAULT_RUNS_DIR, activation_arg, echo_json, in_staging
 

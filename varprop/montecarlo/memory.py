@@ -23,10 +23,10 @@ import math
 import os
 from typing import TYPE_CHECKING, Sequence
 
-from .errors import SpecError
+from ..errors import SpecError
 
 if TYPE_CHECKING:
-    from .spec import Config, RunSpec
+    from ..spec import Config, RunSpec
 
 # Bytes per (replicate, layer) row carried from the engine to the written report: the float64 row itself
 # (50-100 columns), its copies in the DataFrame, the merge with theory, the summary over replicates and
@@ -113,7 +113,7 @@ def tape_bytes(spec: RunSpec) -> list[int]:
     """Bytes the backward pass keeps per layer (index l for layer l >= 1)."""
     import numpy as np
 
-    from . import activations
+    from ..nn import activations
 
     net, n, item = spec.network, spec.samples, np.dtype(spec.dtype).itemsize
     out = [0]
@@ -143,7 +143,7 @@ def weight_bytes(spec: RunSpec) -> int:
 
 def run_bytes(spec: RunSpec) -> int:
     """What grows with layers and replicates (table, theory, report) for one configuration."""
-    from . import activations
+    from ..nn import activations
 
     net = spec.network
     closed = all(activations.get(net.activation_at(l), net.leaky_slope).homogeneous

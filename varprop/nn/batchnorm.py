@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import SpecError
+from ..errors import SpecError
 
 KERAS_EPS = 1e-3
 

@@ -27,9 +27,9 @@ from .inits import suggestion as _suggestion
 
 Array = np.ndarray
 
-# Beyond |log_s| > _LOG_DIRECT (nats) the limits take over; below it phi is
+# Beyond |log_s| > LOG_DIRECT (nats) the limits take over; below it phi is
 # evaluated directly in float64 (|x| <= ~1e130 * max|u|, squares stay finite).
-_LOG_DIRECT = 300.0
+LOG_DIRECT = 300.0
 # For float32 compute, phi is evaluated in float32 while s is in this range.
 LOG_DIRECT_F32 = 20.0
 
@@ -249,7 +249,7 @@ def apply_scaled(act: Activation, u: Array, log_s: float) -> tuple[Array, float]
             # Around phi(0) != 0 float32 arithmetic rounds a small-scale signal away (sigmoid's
             # 0.5 + x/4 at x ~ 1e-5: its std 1e-3 off); float64, rounded once, keeps it.
             return act.phi(u.astype(np.float64) * math.exp(log_s)).astype(np.float32), 0.0
-        if abs(log_s) <= _LOG_DIRECT:
+        if abs(log_s) <= LOG_DIRECT:
             h = act.phi(u.astype(np.float64) * math.exp(log_s))
             m = float(np.max(np.abs(h), initial=0.0))
             if m == 0:

@@ -541,3 +541,17 @@ def test_a_really_full_disk(tiny_fs):
     r = cli("report", target)
     one_line(r, "RUN_DIR", "(No space left on device)", f"{target} is unchanged")
     assert snapshot(tiny_fs) == before
+
+
+# -- proportionate outputs ---------------------------------------------------------------------------------
+
+def test_summary_json_holds_the_layers_the_tables_show(tmp_path):
+    from varprop.report.markdown import shown_layers
+
+    out = tmp_path / "run"
+    assert cli("simulate", "--layers", "40", "--width", "4", "--samples", "4", "--init", "unit", "--init",
+               "fan_in", "--format", "md,json", "--out", out).exit_code == 0
+    rows = json.loads((out / "summary.json").read_text())
+    assert sorted((r["config"], r["layer"]) for r in rows) == sorted(
+        (c, layer) for c in ("unit", "fan_in") for layer in shown_layers(40))
+    assert len(shown_layers(40)) < 41 and (out / "layers.csv").read_text().count("\n") == 1 + 2 * 41

@@ -24,7 +24,7 @@ from ..spec import Config, to_options
 from ..stats import summarize
 from . import figures
 from .document import Document, to_html, to_markdown
-from .markdown import build_document, fit_document, fmt_pow10, terminal_table
+from .markdown import build_document, fit_document, fmt_pow10, shown_layers, terminal_table
 
 __all__ = ["staging", "write", "render", "rerender_into", "write_fit", "write_phase", "run_name", "dir_name",
            "terminal_table", "fmt_pow10", "json_default", "summarize", "FORMATS", "DATA_FILES"]
@@ -120,8 +120,17 @@ def render(directory: Path, formats: tuple[str, ...] = FORMATS, layers: pd.DataF
         paths.setdefault("report", paths["html"])
     if "json" in formats:
         paths["json"] = directory / "summary.json"
-        paths["json"].write_text(summary.to_json(orient="records", indent=1))
+        paths["json"].write_text(shown_summary(summary).to_json(orient="records", indent=1))
     return paths
+
+
+def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary's rows for the layers the report's tables show (per
+    configuration, :func:`shown_layers` of its depth): summary.json stays a
+    few hundred kB at any depth; layers.csv has every layer."""
+    depth = summary.groupby("config", sort=False)["layer"].transform("max")
+    keep = [layer in shown for layer, shown in zip(summary["layer"], depth.map(lambda d: set(shown_layers(int(d)))))]
+    return summary[keep]
 
 
 DATA_FILES = ("config.json", "layers.csv", "histograms.csv")  # a run's data; render() reads, never writes them

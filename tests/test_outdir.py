@@ -40,8 +40,10 @@ def snapshot(root: Path) -> dict:
             content = ("link", os.readlink(path))
         elif path.is_dir():
             content = ("dir",)
-        else:
+        elif path.is_file():
             content = ("file", path.read_bytes())
+        else:
+            content = ("other",)  # a FIFO: reading would block
         out[str(path.relative_to(root))] = (content, st.st_mode, st.st_mtime_ns)
     return out
 
@@ -123,6 +125,8 @@ REFUSED = [
     ("changed output", lambda tmp: tmp / "run", _edited_run, ["b.txt changed since varprop wrote it", "b.txt.~N~"]),
     ("read-only", lambda tmp: tmp / "run", _read_only, ["is read-only (mode 0555)"]),
     ("staging area", lambda tmp: tmp / AREA / "x", None, [f"inside {AREA}/"]),
+    ("newlines in names", lambda tmp: tmp / "run", lambda d: (d.mkdir(), (d / "a\nb").write_text("")),
+     ["did not write ('a\\nb')"]),
 ]
 
 
@@ -134,9 +138,12 @@ def test_refusals_are_one_line_and_touch_nothing(tmp_path, monkeypatch, case, ou
     (tmp_path / "link").symlink_to("run")
     (tmp_path / "dangling").symlink_to("nowhere")
     before = snapshot(tmp_path)
-    one_line(cli("simulate", *SMALL, "--out", out(tmp_path)), "--out", *words)
-    assert snapshot(tmp_path) == before
-    (tmp_path / "run").chmod(0o755) if (tmp_path / "run").is_dir() else None
+    try:
+        one_line(cli("simulate", *SMALL, "--out", out(tmp_path)), "--out", *words)
+        assert snapshot(tmp_path) == before
+    finally:
+        if (tmp_path / "run").is_dir():
+            (tmp_path / "run").chmod(0o755)  # for pytest's clean-up
 
 
 def test_a_mount_point_is_refused(tmp_path):
@@ -188,6 +195,56 @@ def test_a_run_replaces_only_what_varprop_wrote(tmp_path):
     write_run(target, "fourth", force=True)  # an edited output: kept aside
     assert tag_of(target) == "fourth" and (target / "c.txt.~1~").read_text() == "edited"
     assert no_staging_left(tmp_path)
+
+
+def test_odd_names(tmp_path):
+    long = tmp_path / ("n" * 250)  # staging entries add a pid and a suffix: too long for a file name as it is
+    write_run(long, "x")
+    write_run(long, "y")
+    assert tag_of(long) == "y" and no_staging_left(tmp_path)
+    odd = tmp_path / "a\nb"
+    r = cli("simulate", *SMALL, "--out", odd)
+    assert r.exit_code == 0, r.output
+    assert complete(odd)
+    (odd / "x").write_text("")
+    os.unlink(odd / MANIFEST)
+    one_line(cli("simulate", *SMALL, "--out", odd), "--out", repr(str(odd)))
+
+
+def test_planted_links_and_tampered_manifests_reach_nothing_outside(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    target = tmp_path / "run"
+    write_run(target, "old")
+    manifest = json.loads((target / MANIFEST).read_text())
+    entry = {"bytes": victim.stat().st_size, "sha256": hashlib.sha256(victim.read_bytes()).hexdigest()}
+    manifest["files"].update({"../victim.txt": entry, "/" + str(victim): entry, ".": entry, "src": entry})
+    (target / MANIFEST).write_text(json.dumps(manifest))
+    (target / "src").mkdir()
+    with pytest.raises(OutDirError, match="src changed since varprop wrote it"):  # it claims a directory
+        write_run(target, "new", names=("a.txt",))
+    write_run(target, "new", names=("a.txt",), force=True)
+    assert victim.read_text() == "precious\n" and (target / "src").is_dir() and tag_of(target) == "new"
+    # A link planted as the lock file is not followed (it would be truncated), nor a planted staging area.
+    (tmp_path / AREA).mkdir()
+    (tmp_path / AREA / "run.lock").symlink_to(victim)
+    with pytest.raises(OutDirError):
+        write_run(target, "x")
+    assert victim.read_text() == "precious\n"
+    shutil.rmtree(tmp_path / AREA)
+    (tmp_path / AREA).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OutDirError, match="not varprop's staging directory"):
+        write_run(target, "x")
+    (tmp_path / AREA).unlink()
+    # The target swapped for a link while the run computes: refused, the link's directory untouched.
+    write_run(tmp_path / "other", "other")
+    before = snapshot(tmp_path / "other")
+    with pytest.raises(OutDirError, match="symbolic link"):
+        with staging(target) as tmp:
+            (tmp / "a.txt").write_text("x")
+            target.rename(tmp_path / "moved")
+            target.symlink_to("other")
+    assert snapshot(tmp_path / "other") == before and target.is_symlink() and no_staging_left(tmp_path)
 
 
 def test_new_empty_and_nested_targets(tmp_path):
@@ -329,6 +386,11 @@ def _stopped(proc: subprocess.Popen) -> None:
     assert os.WIFSTOPPED(status), status
 
 
+def _finished(proc: subprocess.Popen) -> int:
+    proc.communicate(timeout=60)  # reads the pipes, so a chatty process cannot block on them
+    return proc.returncode
+
+
 def _varprop(args, fault=""):
     return subprocess.Popen([sys.executable, "-m", "varprop", *map(str, args)], cwd=ROOT,
                             env={**os.environ, "VARPROP_TEST_FAULT": fault}, stdout=subprocess.PIPE,
@@ -351,25 +413,33 @@ def test_kill_9_of_varprop_simulate(tmp_path):
     _stopped(proc)
     os.kill(proc.pid, signal.SIGCONT)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    _finished(proc)
     assert snapshot(target) == before and len(_staging_dirs(tmp_path)) == 1
     # 2. right after the atomic exchange, before the old run is deleted
     proc = _varprop(["simulate", *SMALL, "--seed", "2", "--out", target], fault="exchanged=kill")
-    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert _finished(proc) == -signal.SIGKILL
     assert json.loads((target / "config.json").read_text())["seed"] == 2 and complete(target)
     [left] = _staging_dirs(tmp_path)  # run 1's staging is gone; run 2's old run is left
     assert tag_of(left / "run") == "old"
     # 3. half-way through replacing file by file (a user's file is inside)
     (target / "notes.txt").write_text("mine")
     proc = _varprop(["simulate", *SMALL, "--seed", "3", "--out", target], fault="merge-5=kill")
-    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert _finished(proc) == -signal.SIGKILL
     assert (target / "notes.txt").read_text() == "mine" and json.loads((target / MANIFEST).read_text())["incomplete"]
     # 4. the next run completes the replacement it finds, then its own
     proc = _varprop(["simulate", *SMALL, "--seed", "4", "--out", target])
-    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
     assert json.loads((target / "config.json").read_text())["seed"] == 4 and complete(target)
     assert (target / "notes.txt").read_text() == "mine" and no_staging_left(tmp_path)
     assert not list(target.glob("*.~*~"))
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("saved") / "run"
+    assert cli("simulate", *SMALL, "--init", "unit", "--init", "he", "--out", out).exit_code == 0
+    return out
 
 
 # -- signals and concurrent runs ---------------------------------------------------------------------------
@@ -400,30 +470,23 @@ def test_a_signal_during_the_swap_waits_for_it(tmp_path):
     assert no_staging_left(tmp_path)
 
 
-def test_concurrent_runs_on_one_directory(tmp_path):
+def test_concurrent_runs_on_one_directory(saved_run, tmp_path):
+    """The lock is the same for every command: here a small writer holds it while varprop simulate tries."""
     target = tmp_path / "run"
-    first = _varprop(["simulate", *SMALL, "--seed", "1", "--out", target], fault="staging=stop")
+    shutil.copytree(saved_run, target)
+    first = subprocess.Popen([sys.executable, "-c", LIGHT, str(target), "first", "0", "a.txt"],
+                             env={**os.environ, "VARPROP_TEST_FAULT": "staging=stop"}, stderr=subprocess.PIPE)
     _stopped(first)
-    second = cli("simulate", *SMALL, "--seed", "2", "--out", target)
-    one_line(second, "--out", f"another varprop run (pid {first.pid}) is writing")
+    one_line(cli("simulate", *SMALL, "--out", target), "--out",
+             f"another varprop run (pid {first.pid}) is writing {target}; wait for it")
+    one_line(cli("report", target), "RUN_DIR", "another varprop run")
+    write_run(tmp_path / "other", "x")  # a directory beside it is not locked out
     os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=60) == 0, first.stderr.read()
-    assert json.loads((target / "config.json").read_text())["seed"] == 1 and no_staging_left(tmp_path)
-    # Every command takes the lock; a directory beside it is not locked out.
-    with staging(target):
-        one_line(cli("report", target), "RUN_DIR", f"another varprop run (pid {os.getpid()})")
-        write_run(tmp_path / "other", "x")
-    assert tag_of(tmp_path / "other") == "x"
+    assert tag_of(target) == "first" and tag_of(tmp_path / "other") == "x" and no_staging_left(tmp_path)
 
 
 # -- varprop report on tampered runs -----------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def saved_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("saved") / "run"
-    assert cli("simulate", *SMALL, "--init", "unit", "--init", "he", "--out", out).exit_code == 0
-    return out
-
 
 def _config(d, edit):
     meta = json.loads((d / "config.json").read_text())
@@ -467,6 +530,8 @@ TAMPERED = [
     ("missing column", lambda d: (d / "layers.csv").write_text("config,layer,replicate\nhe,0,0\n"),
      "lacks the column 'post_log10_std'"),
     ("read-only directory", lambda d: d.chmod(0o555), "is read-only"),
+    ("layers.csv a FIFO", lambda d: ((d / "layers.csv").unlink(), os.mkfifo(d / "layers.csv")),
+     "is not a regular file"),
 ]
 
 
@@ -476,9 +541,11 @@ def test_report_on_a_tampered_run_touches_nothing(saved_run, tmp_path, case, tam
     shutil.copytree(saved_run, d, symlinks=True)
     tamper(d)
     before = snapshot(tmp_path)
-    one_line(cli("report", d), "RUN_DIR", words)
-    assert snapshot(tmp_path) == before
-    d.chmod(0o755)
+    try:
+        one_line(cli("report", d), "RUN_DIR", words)
+        assert snapshot(tmp_path) == before
+    finally:
+        d.chmod(0o755)
 
 
 def test_report_redraws_in_place_and_keeps_the_rest(saved_run, tmp_path):

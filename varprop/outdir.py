@@ -67,6 +67,20 @@ class OutDirError(OSError):
         return str(self.args[0])
 
 
+def show(path: Any) -> str:
+    """A path (or name) for a one-line message: quoted when it holds a newline or other control character."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    return text if text.isprintable() else repr(text)
+
+
+def _key(name: str) -> str:
+    """The target's name as staging entries spell it (``KEY.lock``, ``KEY.PID.XXXX``): itself, or a
+    prefix and a hash when it is too long to take those suffixes within a file name's 255 bytes."""
+    if len(os.fsencode(name)) <= 200:
+        return name
+    return os.fsencode(name)[:160].decode(errors="ignore") + "-" + hashlib.sha1(os.fsencode(name)).hexdigest()[:16]
+
+
 def _warn(message: str) -> None:
     print(f"varprop: warning: {message}", file=sys.stderr)
 
@@ -233,18 +247,19 @@ def check_target(out_dir: str | os.PathLike[str]) -> Path:
 def _target(out_dir: str | os.PathLike[str]) -> tuple[Path, str]:
     """The absolute target (its parent's links resolved, its own name kept) and
     how to name it in messages; refuses what can never be an output directory."""
-    shown = os.fspath(out_dir)
-    if shown == "":
+    raw = os.fspath(out_dir)
+    shown = show(raw)
+    if raw == "":
         raise OutDirError("expected a directory path, got ''")
-    last = os.path.basename(os.path.normpath(shown))
-    if last in (".", "..", "") or os.path.basename(shown.rstrip("/" + os.sep)) in (".", ".."):
+    last = os.path.basename(os.path.normpath(raw))
+    if last in (".", "..", "") or os.path.basename(raw.rstrip("/" + os.sep)) in (".", ".."):
         what = {".": "the current directory", "..": "a parent directory", "": "the root directory"}.get(
             last, "a directory named by '.' or '..'")
-        raise OutDirError(f"{shown!r} is {what}: a run is written into a directory of its own; name one, "
+        raise OutDirError(f"{raw!r} is {what}: a run is written into a directory of its own; name one, "
                           "e.g. ./run")
-    if AREA in Path(shown).parts:
+    if AREA in Path(raw).parts:
         raise OutDirError(f"{shown} is inside {AREA}/, varprop's own staging area")
-    path = Path(shown)
+    path = Path(raw)
     parent = path.parent.resolve()
     target = parent / path.name
     try:
@@ -254,7 +269,7 @@ def _target(out_dir: str | os.PathLike[str]) -> tuple[Path, str]:
     except OSError as exc:
         raise OutDirError(f"cannot inspect {shown} ({exc.strerror})") from None
     if stat.S_ISLNK(st.st_mode):
-        to = os.readlink(target)
+        to = show(os.readlink(target))
         what = "a dangling symbolic link" if not target.exists() else "a symbolic link"
         raise OutDirError(f"{shown} is {what} (to {to}); varprop does not write through links: "
                           "give the directory itself")
@@ -264,7 +279,7 @@ def _target(out_dir: str | os.PathLike[str]) -> tuple[Path, str]:
         raise OutDirError(f"{shown} is read-only (mode {stat.S_IMODE(st.st_mode):04o})")
     if _mount_point(target):
         raise OutDirError(f"{shown} is a mount point, which cannot be replaced by a staged directory; give a "
-                          f"directory inside it, e.g. {os.path.join(shown, 'run')}")
+                          f"directory inside it, e.g. {show(os.path.join(raw, 'run'))}")
     return target, shown
 
 
@@ -284,12 +299,12 @@ def _refusal(state: _State, shown: str, force: bool) -> str | None:
     if force:
         return None
     if state.manifest is None and state.foreign:
-        names = ", ".join(state.foreign[:3]) + (", ..." if len(state.foreign) > 3 else "")
+        names = ", ".join(map(show, state.foreign[:3])) + (", ..." if len(state.foreign) > 3 else "")
         return (f"{shown} holds files varprop did not write ({names}); choose another --out, or --force to "
                 "write beside them (they are kept)")
     if state.changed:
-        name = state.changed[0]
-        return (f"{os.path.join(shown, name)} changed since varprop wrote it; move it away, or --force to "
+        name = show(state.changed[0])
+        return (f"{shown}/{name} changed since varprop wrote it; move it away, or --force to "
                 f"keep it as {name}.~N~")
     return None
 
@@ -302,7 +317,7 @@ def _make_parents(parent: Path) -> list[Path]:
         created.append(p)
         p = p.parent
     if not p.is_dir():
-        raise OutDirError(f"{p} is a file, not a directory")
+        raise OutDirError(f"{show(p)} is a file, not a directory")
     for d in list(reversed(created)):
         try:
             d.mkdir()
@@ -361,6 +376,22 @@ def _backup_name(directory: Path, name: str, taken: set[str]) -> str:
 
 # -- the lock ----------------------------------------------------------------------------------------------
 
+def _make_area(area: Path) -> None:
+    """The staging area, with its parent's permissions: in a directory others
+    write in too (/tmp: 1777), their runs can stage beside ours."""
+    try:
+        area.mkdir()
+    except FileExistsError:
+        if not stat.S_ISDIR(area.lstat().st_mode):
+            raise OutDirError(f"{show(area)} is not varprop's staging directory (a link or a file); "
+                              "remove it") from None
+        return
+    try:
+        area.chmod(stat.S_IMODE(area.parent.stat().st_mode))
+    except OSError:
+        pass  # a file system without modes: the default is as good
+
+
 class _Lock:
     """An exclusive lock on ``AREA/NAME.lock``, held for a whole run."""
 
@@ -372,9 +403,9 @@ class _Lock:
         """Try for ``wait`` seconds (a sweeping run holds another's lock for milliseconds)."""
         deadline = time.monotonic() + wait
         while True:
-            self.path.parent.mkdir(exist_ok=True)
+            _make_area(self.path.parent)
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
             except FileNotFoundError:  # the area was removed between the two calls
                 if time.monotonic() > deadline:
                     raise
@@ -418,7 +449,7 @@ class _Lock:
         try:
             self.path.unlink()
         except OSError:
-            pass
+            pass  # another user's (in a shared directory) stays; it locks nothing once closed
         os.close(self.fd)
         self.fd = None
 
@@ -453,27 +484,35 @@ def _sweep(area: Path, own: str) -> None:
     except FileNotFoundError:
         return
     for name, pid, path in found:
-        if name == own:
-            _recover(path)
-        elif not _pid_alive(pid):
-            lock = _Lock(area, name)
-            if lock.acquire(wait=0):
-                try:
-                    _recover(path)
-                finally:
-                    lock.release()
+        try:
+            if name == own:
+                _recover(path)
+            elif not _pid_alive(pid):
+                lock = _Lock(area, name)
+                if lock.acquire(wait=0):
+                    try:
+                        _recover(path)
+                    finally:
+                        lock.release()
+        except OSError as exc:  # e.g. another user's, in a shared directory: theirs to clean up
+            _warn(f"left {show(path)} ({exc.strerror or exc})")
     staged = {name for name, _, _ in wrappers()}
     for entry in list(os.scandir(area)):  # locks of runs killed after their staging went
         name = entry.name.removesuffix(".lock")
         if name != entry.name and name != own and name not in staged and entry.is_file(follow_symlinks=False):
             lock = _Lock(area, name)
-            if lock.acquire(wait=0):
-                lock.release()
+            try:
+                if lock.acquire(wait=0):
+                    lock.release()
+            except OSError:
+                pass  # another user's
 
 
 def _discard_old(old: Path, target: Path) -> bool:
     """Delete a replaced run's files (those its manifest lists, unchanged);
     move anything else back into ``target``. True when ``old`` is gone."""
+    if old.is_symlink():  # what was exchanged was a link put at the target meanwhile: not ours to follow
+        return False
     manifest = read_manifest(old)
     ours = owned_files(old, manifest) if manifest else {}
     for name in os.listdir(old):
@@ -524,8 +563,10 @@ def _merge_steps(wrapper: Path, target: Path, journal: dict[str, Any]) -> None:
     """Replace the target's varprop files by the new run's one by one, keeping
     every other file; safe to repeat from the start after a kill at any point."""
     run = wrapper / "run"
-    new: dict[str, Any] = journal["manifest"]["files"]
+    new: dict[str, Any] = {n: e for n, e in journal["manifest"]["files"].items() if _plain(n)}
     for name, backup in journal["backups"].items():
+        if not (name == MANIFEST or _plain(name)) or not _plain(backup):
+            continue
         path = target / name
         if (read_manifest(target) is None if name == MANIFEST
                 else (run / name).exists() and os.path.lexists(path) and not _same(path, new[name])):
@@ -534,7 +575,7 @@ def _merge_steps(wrapper: Path, target: Path, journal: dict[str, Any]) -> None:
     transitional = {**journal["manifest"], "previous": journal["previous"], "incomplete": True}
     _write_json(target / MANIFEST, transitional, wrapper)  # lists old and new: neither looks foreign midway
     for name, entry in journal["remove"].items():
-        if _same(target / name, entry):
+        if _plain(name) and _same(target / name, entry):
             (target / name).unlink()
     for i, name in enumerate(sorted(new)):
         if (run / name).exists():
@@ -546,9 +587,9 @@ def _merge_steps(wrapper: Path, target: Path, journal: dict[str, Any]) -> None:
 class _Staging:
     """One run's staging: ``wrapper/run`` becomes the target on success."""
 
-    def __init__(self, target: Path, shown: str, area: Path, force: bool):
-        self.target, self.shown, self.area, self.force = target, shown, area, force
-        self.wrapper = area / f"{target.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    def __init__(self, out_dir: str | os.PathLike[str], target: Path, shown: str, area: Path, force: bool):
+        self.out_dir, self.target, self.shown, self.area, self.force = out_dir, target, shown, area, force
+        self.wrapper = area / f"{_key(target.name)}.{os.getpid()}.{secrets.token_hex(4)}"
         self.run = self.wrapper / "run"
         self.journal = {"tool": "varprop", "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         "target": str(target), "mode": "staging"}
@@ -566,6 +607,8 @@ class _Staging:
         manifest = _manifest_for(self.run)
         _write_json(self.run / MANIFEST, manifest, self.wrapper)
         _fault("staged")
+        if _target(self.out_dir)[0] != self.target:  # what it is now (a link put there meanwhile is refused)
+            raise OutDirError(f"{self.shown} moved while this run was computing; nothing was replaced")
         state = _inspect(self.target)
         refusal = _refusal(state, self.shown, self.force)
         if refusal:
@@ -605,7 +648,7 @@ class _Staging:
             if name in state.foreign and not (name != MANIFEST and _same(path, manifest["files"][name])):
                 if not self.force:
                     raise OutDirError(
-                        f"{os.path.join(self.shown, name)} "
+                        f"{self.shown}/{show(name)} "
                         + ("changed since varprop wrote it" if name in state.changed else "is not varprop's")
                         + f"; move it away, or --force to keep it as {name}.~N~ (nothing was replaced)")
                 backups[name] = _backup_name(self.target, name, set(backups.values()))
@@ -616,7 +659,7 @@ class _Staging:
         _merge_steps(self.wrapper, self.target, self.journal)
         if backups:
             _warn(f"kept {len(backups)} file(s) of {self.shown} that varprop did not write under new names: "
-                  + ", ".join(f"{n} -> {b}" for n, b in backups.items()))
+                  + ", ".join(f"{show(n)} -> {show(b)}" for n, b in backups.items()))
 
     def discard(self) -> None:
         """Undo (or, half-way through a merge, complete) this run's staging."""
@@ -643,7 +686,7 @@ def _describe(exc: OSError, shown: str, run: Path, existed: bool) -> OutDirError
     """One line for a failed write into staging, naming the file as the user knows it."""
     where = shown  # a staged file by its name in the target; varprop's bookkeeping by the target's
     if exc.filename and _inside(exc.filename, run):
-        where = os.path.join(shown, str(Path(os.fsdecode(exc.filename)).resolve().relative_to(run.resolve())))
+        where = f"{shown}/{show(Path(os.fsdecode(exc.filename)).resolve().relative_to(run.resolve()))}"
     kept = f"{shown} is unchanged" if existed else "nothing was written"
     return OutDirError(f"cannot write {where} ({exc.strerror or exc}); {kept}")
 
@@ -679,27 +722,27 @@ def staging(out_dir: str | os.PathLike[str], force: bool = False) -> Iterator[Pa
     except OutDirError:
         raise
     except OSError as exc:
-        raise OutDirError(f"cannot create {exc.filename or target.parent} ({exc.strerror or exc})") from None
+        raise OutDirError(f"cannot create {show(exc.filename or target.parent)} ({exc.strerror or exc})") from None
     area = target.parent / AREA
-    lock = _Lock(area, target.name)
+    lock = _Lock(area, _key(target.name))
     stage: _Staging | None = None
     ok = False
     try:
         try:
             got = lock.acquire()
         except OSError as exc:
-            raise OutDirError(f"cannot write in {target.parent} ({exc.strerror or exc})") from None
+            raise OutDirError(f"cannot write in {show(target.parent)} ({exc.strerror or exc})") from None
         if not got:
             raise OutDirError(f"another varprop run{lock.holder()} is writing {shown}; wait for it to finish "
                               "or choose another --out")
         with critical():
-            _sweep(area, target.name)
+            _sweep(area, _key(target.name))
         existed = os.path.lexists(target)
         if existed:  # again: the sweep may have completed a dead run's replacement
             refusal = _refusal(_inspect(target), shown, force)
             if refusal:
                 raise OutDirError(refusal)
-        stage = _Staging(target, shown, area, force)
+        stage = _Staging(out_dir, target, shown, area, force)
         try:
             stage.create()
         except OSError as exc:

@@ -18,44 +18,48 @@ def _load_run(path: Path, shown: str) -> tuple[Any, dict[str, Any]]:
     every problem is one line naming the file, and nothing is touched."""
     import pandas as pd
 
+    from ..outdir import show
+
     def fail(message: str) -> SpecError:
         return SpecError("RUN_DIR", message)
 
     for name in ("config.json", "layers.csv"):
         if not os.path.lexists(path / name):
-            raise fail(f"{shown} holds no {name}: not the directory of a varprop simulate run")
+            raise fail(f"{show(shown)} holds no {name}: not the directory of a varprop simulate run")
+        if (path / name).exists() and not ((path / name).is_file() or (path / name).is_dir()):
+            raise fail(f"{show(path / name)} is not a regular file")  # a FIFO would block the read forever
     config = path / "config.json"
     try:
         meta = json.loads(config.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise fail(f"cannot read {config} ({exc.strerror})") from None
+        raise fail(f"cannot read {show(config)} ({exc.strerror})") from None
     except ValueError as exc:
-        raise fail(f"{config} is not valid JSON ({exc})") from None
+        raise fail(f"{show(config)} is not valid JSON ({exc})") from None
     configs = meta.get("configs") if isinstance(meta, dict) else None
     if not (isinstance(configs, list) and configs and all(
             isinstance(c, dict) and isinstance(c.get("label"), str) and isinstance(c.get("varied"), dict)
             and isinstance(c.get("options"), dict) for c in configs)):
-        raise fail(f"{config} has no list of configurations (each with a label, varied and options) under "
+        raise fail(f"{show(config)} has no list of configurations (each with a label, varied and options) under "
                    "'configs'; it was not written by varprop simulate, or was edited")
     if not isinstance(meta.get("versions"), dict):
-        raise fail(f"{config} has no 'versions'; it was not written by varprop simulate, or was edited")
+        raise fail(f"{show(config)} has no 'versions'; it was not written by varprop simulate, or was edited")
     csv = path / "layers.csv"
     try:
         layers = pd.read_csv(csv)
     except OSError as exc:
-        raise fail(f"cannot read {csv} ({exc.strerror})") from None
+        raise fail(f"cannot read {show(csv)} ({exc.strerror})") from None
     except (ValueError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError
-        raise fail(f"{csv} is not a varprop table ({str(exc).splitlines()[0]})") from None
+        raise fail(f"{show(csv)} is not a varprop table ({str(exc).splitlines()[0]})") from None
     missing = [c for c in ("config", "replicate", "layer", "post_log10_std") if c not in layers]
     if missing:
-        raise fail(f"{csv} lacks the column {missing[0]!r}; it was not written by varprop simulate, or was edited")
+        raise fail(f"{show(csv)} lacks the column {missing[0]!r}; it was not written by varprop simulate, or was edited")
     if layers.empty:
-        raise fail(f"{csv} holds a header and no rows")
+        raise fail(f"{show(csv)} holds a header and no rows")
     labels = [c["label"] for c in configs]
     found = list(dict.fromkeys(layers["config"].astype(str)))
     if set(found) != set(labels):
         odd = next(iter([f for f in found if f not in labels] + [f for f in labels if f not in found]))
-        raise fail(f"{csv} and {config} disagree on the configurations ({odd!r} is in one only)")
+        raise fail(f"{show(csv)} and {show(config)} disagree on the configurations ({odd!r} is in one only)")
     return layers, meta
 
 

@@ -61,6 +61,7 @@ def complete(target: Path) -> dict:
 def write_run(target: Path, tag: str, names=("a.txt", "b.txt", "c.txt"), force=False) -> None:
     with staging(target, force=force) as tmp:
         for name in names:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(f"{tag} {name}\n")
 
 
@@ -247,6 +248,24 @@ def test_planted_links_and_tampered_manifests_reach_nothing_outside(tmp_path):
     assert snapshot(tmp_path / "other") == before and target.is_symlink() and no_staging_left(tmp_path)
 
 
+def test_nested_outputs(tmp_path):
+    """A command may write subdirectories: they are listed, replaced and removed like files."""
+    target = tmp_path / "run"
+    write_run(target, "old", names=("a.txt", "figs/x.png", "figs/deep/y.png", "gone/z.txt"))
+    assert complete(target)["dirs"] == ["figs", "figs/deep", "gone"]
+    write_run(target, "new", names=("a.txt", "figs/x.png"))  # all varprop's: one exchange
+    assert tag_of(target) == "new" and sorted(p.name for p in target.iterdir()) == [MANIFEST, "a.txt", "figs"]
+    (target / "figs" / "notes.txt").write_text("mine")
+    write_run(target, "newer", names=("a.txt", "other/b.txt"))  # file by file: figs/ stays for notes.txt
+    assert tag_of(target) == "newer" and sorted(p.name for p in (target / "figs").iterdir()) == ["notes.txt"]
+    (target / "sub").write_text("a file where the next run puts a directory")
+    with pytest.raises(OutDirError, match="sub is not varprop's"):
+        write_run(target, "x", names=("sub/b.txt",))
+    write_run(target, "fourth", names=("sub/b.txt",), force=True)
+    assert tag_of(target) == "fourth" and (target / "sub.~1~").read_text().startswith("a file where")
+    assert not (target / "other").exists() and no_staging_left(tmp_path)
+
+
 def test_new_empty_and_nested_targets(tmp_path):
     write_run(tmp_path / "a" / "b" / "run", "x")
     assert tag_of(tmp_path / "a" / "b" / "run") == "x"
@@ -324,6 +343,7 @@ from varprop.outdir import staging
 target, tag, force, names = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4].split(",")
 with staging(target, force=force) as tmp:
     for name in names:
+        (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
         (Path(tmp) / name).write_text(f"{tag} {name}\\n")
 """
 
@@ -334,10 +354,11 @@ def light(target: Path, tag: str, fault: str = "", force=False, names="a.txt,b.t
                           capture_output=True, text=True, timeout=60)
 
 
+NEW = "a.txt,b.txt,c.txt,d.txt,sub/e.txt"
 KILLS = [("create", s) for s in ("staging", "staged")] \
     + [("exchange", s) for s in ("staging", "staged", "journal", "exchanged")] \
     + [("aside", s) for s in ("staging", "journal", "aside", "exchanged")] \
-    + [("merge", s) for s in ("staged", "journal", "merge-1", "merge-2", "merge-4")]
+    + [("merge", s) for s in ("staged", "journal", "merge-1", "merge-2", "merge-4", "merge-5")]
 
 
 @pytest.mark.parametrize("mode,step", KILLS, ids=[f"{m}-{s}" for m, s in KILLS])
@@ -345,11 +366,12 @@ def test_kill_9_at_any_step_then_the_next_run_cleans_up(tmp_path, mode, step):
     target = tmp_path / "run"
     fault = f"{step}=kill" + (",exchange=off" if mode == "aside" else "")
     if mode != "create":
-        write_run(target, "old", names=("a.txt", "b.txt", "old-only.txt"))
+        write_run(target, "old", names=("a.txt", "b.txt", "old-only.txt", "old/x.txt", "sub/y.txt"))
     if mode == "merge":
         (target / "notes.txt").write_text("mine")
         (target / "d.txt").write_text("my d")  # the new run writes d.txt too: kept aside with force
-    killed = light(target, "new", fault, force=mode == "merge", names="a.txt,b.txt,c.txt,d.txt")
+        (target / "sub" / "notes.txt").write_text("mine too")
+    killed = light(target, "new", fault, force=mode == "merge", names=NEW)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert (tmp_path / AREA).is_dir()  # kill -9 leaves staging, and only staging, behind
     assert {p.name for p in tmp_path.iterdir()} <= {"run", AREA}
@@ -371,11 +393,12 @@ def test_kill_9_at_any_step_then_the_next_run_cleans_up(tmp_path, mode, step):
     elif mode != "create":
         assert tag_of(target) == "old"  # one that had not leaves the old run
     # ... and the next run of the same target completes as usual.
-    again = light(target, "third", force=mode == "merge", names="a.txt,b.txt,c.txt,d.txt")
+    again = light(target, "third", force=mode == "merge", names=NEW)
     assert again.returncode == 0, again.stderr
     assert tag_of(target) == "third" and no_staging_left(tmp_path)
+    assert not (target / "old").exists() and not (target / "sub" / "y.txt").exists()
     if mode == "merge":
-        assert (target / "notes.txt").read_text() == "mine"
+        assert (target / "notes.txt").read_text() == "mine" and (target / "sub" / "notes.txt").read_text() == "mine too"
         assert [p.name for p in target.glob("d.txt.~*~")] == ["d.txt.~1~"]
         assert (target / "d.txt.~1~").read_text() == "my d"
 

@@ -167,39 +167,77 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     ok = (isinstance(data, dict) and data.get("tool") == "varprop"
-          and all(isinstance(data.get(k, {}), dict) for k in ("files", "previous")))
+          and all(isinstance(data.get(k, {}), dict) for k in ("files", "previous"))
+          and isinstance(data.get("dirs", []), list))
     return data if ok else None
 
 
 def owned_files(directory: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> dict[str, Any]:
     """The files of ``directory`` that varprop wrote and nobody changed since:
-    name -> manifest entry (the manifest itself excluded)."""
+    relative path -> manifest entry (the manifest itself excluded)."""
     directory = Path(directory)
     manifest = read_manifest(directory) if manifest is None else manifest
     if manifest is None:
         return {}
     out = {}
     for name, entry in manifest["files"].items():
-        if _plain(name) and _same(directory / name, entry):
+        path = _within(directory, name)
+        if path is not None and _same(path, entry):
             out[name] = entry
-        elif _plain(name) and _same(directory / name, manifest.get("previous", {}).get(name)):
+        elif path is not None and _same(path, manifest.get("previous", {}).get(name)):
             out[name] = manifest["previous"][name]  # a merge cut short: the earlier run's file
     return out
 
 
 def _plain(name: Any) -> bool:
-    return isinstance(name, str) and name not in ("", ".", "..", MANIFEST) and "/" not in name and "\0" not in name
+    """A relative path as manifests spell it: '/'-separated, no empty, '.' or '..' part; not the manifest."""
+    return (isinstance(name, str) and name != MANIFEST and "\0" not in name
+            and all(part not in ("", ".", "..") for part in name.split("/")))
+
+
+def _within(directory: Path, rel: Any) -> Path | None:
+    """``directory/rel`` when ``rel`` is plain and every directory on the way
+    is a real one (a link there is never followed), else None."""
+    if not _plain(rel):
+        return None
+    path = directory
+    for part in rel.split("/")[:-1]:
+        path = path / part
+        try:
+            if not stat.S_ISDIR(path.lstat().st_mode):
+                return None
+        except OSError:
+            return None
+    return directory / rel
+
+
+def _walk(directory: Path, prefix: str = "") -> list[tuple[str, str]]:
+    """Every entry under ``directory``, parents before children: (relative path,
+    'dir' | 'file' | 'other'); links are 'other' and never followed."""
+    out = []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        rel = prefix + entry.name
+        if entry.is_dir(follow_symlinks=False):
+            out.append((rel, "dir"))
+            out += _walk(Path(entry.path), rel + "/")
+        else:
+            out.append((rel, "file" if entry.is_file(follow_symlinks=False) else "other"))
+    return out
 
 
 def _manifest_for(run: Path) -> dict[str, Any]:
     from . import __version__
 
-    files = {}
-    for entry in sorted(os.scandir(run), key=lambda e: e.name):
-        if not entry.is_file(follow_symlinks=False):
-            raise OutDirError(f"internal error: {entry.name} in a run's staging is not a plain file")
-        files[entry.name] = _entry(Path(entry.path))
-    return {"tool": "varprop", "version": __version__, "format": 1, "files": files}
+    files, dirs = {}, []
+    for rel, kind in _walk(run):
+        if kind == "other":
+            raise OutDirError(f"internal error: {show(rel)} in a run's staging is a link or a special file")
+        if kind == "dir":
+            dirs.append(rel)
+        else:
+            files[rel] = _entry(run / rel)
+    return {"tool": "varprop", "version": __version__, "format": 1, "files": files,
+            **({"dirs": dirs} if dirs else {})}
 
 
 def _write_json(path: Path, data: Any, scratch: Path) -> None:
@@ -222,9 +260,13 @@ def _read_json(path: Path) -> Any:
 class _State:
     exists: bool
     manifest: dict[str, Any] | None = None
-    ours: dict[str, Any] = field(default_factory=dict)  # varprop's unchanged files
-    foreign: list[str] = field(default_factory=list)  # everything else, the manifest aside when valid
+    ours: dict[str, Any] = field(default_factory=dict)  # varprop's unchanged files (relative paths)
+    foreign: list[str] = field(default_factory=list)  # every other entry, the manifest aside when valid
     changed: list[str] = field(default_factory=list)  # listed in the manifest but changed since
+
+    def tops(self) -> list[str]:
+        """The top-level names that hold something not varprop's."""
+        return sorted({rel.split("/")[0] for rel in self.foreign})
 
 
 def _inspect(target: Path) -> _State:
@@ -232,9 +274,10 @@ def _inspect(target: Path) -> _State:
         return _State(False)
     manifest = read_manifest(target)
     ours = owned_files(target, manifest) if manifest else {}
-    names = sorted(os.listdir(target))
-    foreign = [n for n in names if n not in ours and not (n == MANIFEST and manifest)]
-    changed = [n for n in foreign if manifest and n in manifest["files"]]
+    our_dirs = set(manifest.get("dirs", [])) if manifest else set()
+    foreign = [rel for rel, kind in _walk(target) if not (rel == MANIFEST and manifest)
+               and (rel not in our_dirs if kind == "dir" else rel not in ours)]
+    changed = [rel for rel in foreign if manifest and rel in manifest["files"]]
     return _State(True, manifest, ours, foreign, changed)
 
 
@@ -299,7 +342,8 @@ def _refusal(state: _State, shown: str, force: bool) -> str | None:
     if force:
         return None
     if state.manifest is None and state.foreign:
-        names = ", ".join(map(show, state.foreign[:3])) + (", ..." if len(state.foreign) > 3 else "")
+        tops = state.tops()
+        names = ", ".join(map(show, tops[:3])) + (", ..." if len(tops) > 3 else "")
         return (f"{shown} holds files varprop did not write ({names}); choose another --out, or --force to "
                 "write beside them (they are kept)")
     if state.changed:
@@ -509,27 +553,46 @@ def _sweep(area: Path, own: str) -> None:
 
 
 def _discard_old(old: Path, target: Path) -> bool:
-    """Delete a replaced run's files (those its manifest lists, unchanged);
-    move anything else back into ``target``. True when ``old`` is gone."""
+    """Delete a replaced run's files (those its manifest lists, unchanged) and
+    its emptied directories; move anything else back into ``target``. True
+    when ``old`` is gone."""
     if old.is_symlink():  # what was exchanged was a link put at the target meanwhile: not ours to follow
         return False
     manifest = read_manifest(old)
-    ours = owned_files(old, manifest) if manifest else {}
-    for name in os.listdir(old):
-        path = old / name
-        if name in ours or (name == MANIFEST and manifest):
-            continue
-        if not _move_noreplace(path, target / name):
-            _warn(f"kept {path}: it appeared in {target} while it was being replaced and its name is taken")
-    for name in ours:
+    for name in owned_files(old, manifest) if manifest else {}:
         (old / name).unlink()
     if manifest:
         (old / MANIFEST).unlink()
+    for rel, kind in reversed(_walk(old)):
+        if kind == "dir":
+            try:
+                (old / rel).rmdir()
+            except OSError:
+                pass  # holds something that is not varprop's: moved back below
+    _move_back(old, target)
     try:
         old.rmdir()
         return True
     except OSError:
         return False
+
+
+def _move_back(src: Path, dst: Path) -> None:
+    """Move what is left in ``src`` (files that appeared in a run directory while
+    it was being replaced) to the same place under ``dst``, never over anything."""
+    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        there = dst / entry.name
+        if _move_noreplace(Path(entry.path), there):
+            continue
+        if entry.is_dir(follow_symlinks=False) and stat.S_ISDIR(there.lstat().st_mode):
+            _move_back(Path(entry.path), there)
+            try:
+                os.rmdir(entry.path)
+            except OSError:
+                pass
+        else:
+            _warn(f"kept {show(entry.path)}: it appeared in {show(dst)} while that was being replaced, and "
+                  "its name is taken there")
 
 
 def _recover(wrapper: Path) -> None:
@@ -564,23 +627,39 @@ def _merge_steps(wrapper: Path, target: Path, journal: dict[str, Any]) -> None:
     every other file; safe to repeat from the start after a kill at any point."""
     run = wrapper / "run"
     new: dict[str, Any] = {n: e for n, e in journal["manifest"]["files"].items() if _plain(n)}
-    for name, backup in journal["backups"].items():
-        if not (name == MANIFEST or _plain(name)) or not _plain(backup):
+    new_dirs = [d for d in journal["manifest"].get("dirs", []) if _plain(d)]
+    for name, backup in sorted(journal["backups"].items(), key=lambda item: item[0].count("/")):
+        path = target / MANIFEST if name == MANIFEST else _within(target, name)
+        if path is None or not os.path.lexists(path) or not (name == MANIFEST or _plain(backup)):
             continue
-        path = target / name
-        if (read_manifest(target) is None if name == MANIFEST
-                else (run / name).exists() and os.path.lexists(path) and not _same(path, new[name])):
-            if os.path.lexists(path) and not _move_noreplace(path, target / backup):
-                _move_noreplace(path, target / _backup_name(target, name, set()))
-    transitional = {**journal["manifest"], "previous": journal["previous"], "incomplete": True}
+        if name == MANIFEST:
+            in_the_way = read_manifest(target) is None
+        elif name in new_dirs:
+            in_the_way = not stat.S_ISDIR(path.lstat().st_mode)
+        else:
+            in_the_way = os.path.lexists(run / name) and not _same(path, new.get(name))
+        if in_the_way and not _move_noreplace(path, target / backup):
+            _move_noreplace(path, target / _backup_name(target, name, set()))
+    transitional = {**journal["manifest"], "previous": journal["previous"], "incomplete": True,
+                    "dirs": [*new_dirs, *(d for d in journal.get("remove_dirs", []) if d not in new_dirs)]}
     _write_json(target / MANIFEST, transitional, wrapper)  # lists old and new: neither looks foreign midway
     for name, entry in journal["remove"].items():
-        if _plain(name) and _same(target / name, entry):
-            (target / name).unlink()
+        path = _within(target, name)
+        if path is not None and _same(path, entry):
+            path.unlink()
+    for d in new_dirs:
+        (target / d).mkdir(exist_ok=True)  # parents first; what was in the way was kept aside above
     for i, name in enumerate(sorted(new)):
-        if (run / name).exists():
+        if os.path.lexists(run / name):
             os.replace(run / name, target / name)
         _fault(f"merge-{i + 1}")
+    for d in sorted(journal.get("remove_dirs", []), key=lambda d: -str(d).count("/")):
+        path = _within(target, d)
+        if path is not None and d not in new_dirs:
+            try:
+                path.rmdir()
+            except OSError:
+                pass  # holds a file that is not varprop's: kept, with its directory
     _write_json(target / MANIFEST, journal["manifest"], wrapper)
 
 
@@ -642,19 +721,31 @@ class _Staging:
         self._merge(state, manifest)
 
     def _merge(self, state: _State, manifest: dict[str, Any]) -> None:
+        new, new_dirs = manifest["files"], manifest.get("dirs", [])
         backups: dict[str, str] = {}
-        for name in [*manifest["files"], MANIFEST]:
-            path = self.target / name
-            if name in state.foreign and not (name != MANIFEST and _same(path, manifest["files"][name])):
-                if not self.force:
-                    raise OutDirError(
-                        f"{self.shown}/{show(name)} "
-                        + ("changed since varprop wrote it" if name in state.changed else "is not varprop's")
-                        + f"; move it away, or --force to keep it as {name}.~N~ (nothing was replaced)")
-                backups[name] = _backup_name(self.target, name, set(backups.values()))
-        remove = {n: e for n, e in state.ours.items() if n not in manifest["files"]}
-        previous = {n: e for n, e in state.ours.items() if n in manifest["files"]}
-        self._set_journal(mode="merge", manifest=manifest, previous=previous, remove=remove, backups=backups)
+        for name in [*new_dirs, *sorted(new), MANIFEST]:  # a directory before what goes in it
+            path = self.target / MANIFEST if name == MANIFEST else _within(self.target, name)
+            if path is None or not os.path.lexists(path) or any(name.startswith(b + "/") for b in backups):
+                continue  # free, or below something kept aside already
+            if name == MANIFEST:
+                mine = state.manifest is not None
+            elif name in new_dirs:
+                mine = stat.S_ISDIR(path.lstat().st_mode)  # files inside are judged one by one
+            else:
+                mine = name in state.ours or _same(path, new[name])
+            if mine:
+                continue
+            if not self.force:
+                raise OutDirError(
+                    f"{self.shown}/{show(name)} "
+                    + ("changed since varprop wrote it" if name in state.changed else "is not varprop's")
+                    + f"; move it away, or --force to keep it as {show(name)}.~N~ (nothing was replaced)")
+            backups[name] = _backup_name(self.target, name, set(backups.values()))
+        remove = {n: e for n, e in state.ours.items() if n not in new}
+        previous = {n: e for n, e in state.ours.items() if n in new}
+        remove_dirs = [d for d in (state.manifest or {}).get("dirs", []) if d not in new_dirs]
+        self._set_journal(mode="merge", manifest=manifest, previous=previous, remove=remove,
+                          remove_dirs=remove_dirs, backups=backups)
         _fault("journal")
         _merge_steps(self.wrapper, self.target, self.journal)
         if backups:

@@ -150,6 +150,7 @@ def rerender_into(run_dir: Path, staged: Path, formats: tuple[str, ...], layers:
     paths = render(staged, formats, layers=layers, meta=meta)
     for name in owned_files(run_dir):
         if not (staged / name).exists():
+            (staged / name).parent.mkdir(parents=True, exist_ok=True)
             _link(run_dir / name, staged / name)
     return paths
 

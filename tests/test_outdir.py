@@ -626,10 +626,10 @@ def test_a_really_full_disk(tiny_fs):
     assert cli("simulate", *SMALL, "--out", target).exit_code == 0
     before = snapshot(tiny_fs)
     r = cli("simulate", *SMALL, "--seed", "1", "--out", target)
-    one_line(r, "--out", "(No space left on device)", f"{target} is unchanged")
+    one_line(r, "--out", f"cannot write {target}/", "(No space left on device)", f"{target} is unchanged")
     assert snapshot(tiny_fs) == before
     r = cli("report", target)
-    one_line(r, "RUN_DIR", "(No space left on device)", f"{target} is unchanged")
+    one_line(r, "RUN_DIR", f"cannot write {target}/", "(No space left on device)", f"{target} is unchanged")
     assert snapshot(tiny_fs) == before
 
 

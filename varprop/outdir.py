@@ -11,7 +11,8 @@ The rules (the README's "Output directories" states them for users):
   of a varprop older than manifests) is refused unless ``force``; even then
   its files are kept, and one whose name a new output takes (or a manifest
   file changed since varprop wrote it) is kept as ``NAME.~N~``.
-- A symbolic link, ``''``, ``.``, ``..`` or a file as the target is refused.
+- A symbolic link, ``''``, ``.``, ``..``, a file, a read-only directory or a
+  mount point as the target is refused.
 - The new output is written into ``PARENT/.varprop-staging/NAME.PID.XXXX/run``
   and published only when complete: by one atomic exchange of the two
   directories (Linux ``renameat2(RENAME_EXCHANGE)``) when the target holds
@@ -773,11 +774,19 @@ def _holds_cwd(target: Path) -> bool:
     return cwd == target or target in cwd.parents
 
 
-def _describe(exc: OSError, shown: str, run: Path, existed: bool) -> OutDirError:
-    """One line for a failed write into staging, naming the file as the user knows it."""
+def _describe(exc: OSError, shown: str, run: Path, existed: bool, writing: bool = True) -> OutDirError:
+    """One line for a failed write into staging, naming the file as the user knows it
+    (``writing``: the run was writing its files, not varprop its bookkeeping)."""
     where = shown  # a staged file by its name in the target; varprop's bookkeeping by the target's
+    rel = None
     if exc.filename and _inside(exc.filename, run):
-        where = f"{shown}/{show(Path(os.fsdecode(exc.filename)).resolve().relative_to(run.resolve()))}"
+        rel = str(Path(os.fsdecode(exc.filename)).resolve().relative_to(run.resolve()))
+    elif not exc.filename and writing and run.is_dir():
+        # A failed write() names no file (open() succeeded): the one being written is the newest.
+        files = [((run / r).stat().st_mtime_ns, r) for r, kind in _walk(run) if kind == "file"]
+        rel = max(files)[1] if files else None
+    if rel:
+        where = f"{shown}/{show(rel)}"
     kept = f"{shown} is unchanged" if existed else "nothing was written"
     return OutDirError(f"cannot write {where} ({exc.strerror or exc}); {kept}")
 
@@ -856,7 +865,7 @@ def staging(out_dir: str | os.PathLike[str], force: bool = False) -> Iterator[Pa
                     stage.wrapper = None  # type: ignore[assignment]
                     raise OutDirError(f"cannot finish replacing {shown} ({exc.strerror or exc}); the next "
                                       f"varprop run writing there completes it") from None
-                raise _describe(exc, shown, stage.run, existed) from None
+                raise _describe(exc, shown, stage.run, existed, writing=False) from None
             ok = True
             stage.finish()
     finally:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import varprop
-from varprop import batchnorm, engine
+from varprop import batchnorm, engine, memory
 from varprop.activations import NAMES
 from varprop.spec import SpecError
 
@@ -210,8 +210,8 @@ def test_he_fan_out_preserves_relu_gradients():
 def test_ten_thousand_layers_backward_with_checkpointing():
     n, depth = 100, 10_000
     spec = varprop.NetworkSpec.square(depth, n, init="unit")
-    df = varprop.simulate(spec, samples=32, seed=0, backward=True, max_memory="64M")
-    assert engine.backward_plan(engine.configs_for(spec, samples=32, backward=True, max_memory="64M")[0].spec) == 100
+    df = varprop.simulate(spec, samples=32, seed=0, backward=True, max_memory="128M")
+    assert memory.backward_plan(engine.configs_for(spec, samples=32, backward=True, max_memory="128M")[0].spec) == 100
     logs = df["grad_log10_std"].to_numpy()
     assert np.isfinite(logs).all() and np.isfinite(df["delta_log10_std"].iloc[1:]).all()
     sd = 0.5 / math.log(10) * math.sqrt(depth * __import__("scipy").special.polygamma(1, n / 2))
@@ -222,10 +222,11 @@ def test_ten_thousand_layers_backward_with_checkpointing():
 def test_checkpointing_gives_identical_numbers():
     spec = varprop.NetworkSpec.square(30, 40, activation="tanh", bn_layers=(3, 7), bias_std=0.1)
     kept = varprop.simulate(spec, samples=16, batch_size=8, seed=4, backward=True)
-    small = engine.tape_bytes(varprop.RunSpec(spec, samples=16, backward=True))
-    budget = sum(small) // 2 + engine.working_bytes(varprop.RunSpec(spec, samples=16))
+    small = memory.tape_bytes(varprop.RunSpec(spec, samples=16, backward=True))
+    budget = (sum(small) // 2 + memory.working_bytes(varprop.RunSpec(spec, samples=16))
+              + memory.run_bytes(varprop.RunSpec(spec, samples=16)))
     run = varprop.RunSpec(spec, samples=16, batch_size=8, seed=4, backward=True, max_memory=budget)
-    assert 1 < engine.backward_plan(run) < spec.depth  # checkpointing is really used
+    assert 1 < memory.backward_plan(run) < spec.depth  # checkpointing is really used
     checkpointed = varprop.simulate(run)
     assert kept.equals(checkpointed)
 
@@ -245,7 +246,7 @@ def test_kept_and_redrawn_weights_give_identical_numbers(init, monkeypatch):
     spec = varprop.NetworkSpec.square(3, 512, activation="tanh", init=init)
     runs = []
     for keep in (True, False):
-        monkeypatch.setattr(engine, "keeps_weights", lambda s, keep=keep: keep)
+        monkeypatch.setattr(memory, "keeps_weights", lambda s, keep=keep: keep)
         runs += [varprop.simulate(spec, samples=512, seed=2, backward=True, threads=t) for t in (1, 2)]
     for other in runs[1:]:
         assert runs[0].equals(other)

@@ -266,3 +266,24 @@ def test_fit_runs_with_other_options_do_not_replace_each_other(tmp_path, monkeyp
         result = CliRunner().invoke(main, ["fit", "--fan-in", fan_ins, "--replicates", "3", "--samples", "20"])
         assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "reports" / "runs").glob("fit-unit-linear-*"))) == 2
+
+
+def test_comparing_widths_runs_end_to_end(tmp_path):
+    """--width repeated compares widths (it crashed: 'cannot insert width, already exists')."""
+    out = tmp_path / "w"
+    result = run(["simulate", "--layers", "3", "--width", "8", "--width", "16", "--samples", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    layers = pd.read_csv(out / "layers.csv")
+    assert sorted(set(layers["config"])) == ["width=16", "width=8"]
+    assert set(layers.loc[layers["config"] == "width=16", "width"]) == {16}
+
+
+@pytest.mark.parametrize("formats", ["csv", "json", "csv,json"])
+def test_formats_without_a_report_write_no_figures(tmp_path, formats):
+    """--format csv/json wrote the run, then failed with KeyError: 'report'; and drew every figure."""
+    out = tmp_path / "f"
+    result = run(["simulate", *SMALL, "--format", formats, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "layers.csv"} <= names and not {n for n in names if n.endswith((".png", ".svg", ".md"))}
+    assert ("summary.json" in names) == ("json" in formats)

@@ -640,7 +640,7 @@ def test_summary_json_holds_the_layers_the_tables_show(tmp_path):
 
     out = tmp_path / "run"
     assert cli("simulate", "--layers", "40", "--width", "4", "--samples", "4", "--init", "unit", "--init",
-               "fan_in", "--format", "md,json", "--out", out).exit_code == 0
+               "fan_in", "--format", "json", "--out", out).exit_code == 0
     rows = json.loads((out / "summary.json").read_text())
     assert sorted((r["config"], r["layer"]) for r in rows) == sorted(
         (c, layer) for c in ("unit", "fan_in") for layer in shown_layers(40))

@@ -373,7 +373,8 @@ def plain_moments(act, log_q):
     d = A.dphi_scaled(act, x, 0.5 * log_q)
     mean = m * math.exp(log_s) if log_s < 700 else math.copysign(math.inf, m) if m else 0.0
     return theory.Moments(mean, log_s + 0.5 * math.log(var) if var > 0 else -math.inf,
-                          2 * log_s + math.log(m2) if m2 > 0 else -math.inf, float(w @ (d * d)))
+                          2 * log_s + math.log(m2) if m2 > 0 else -math.inf, float(w @ (d * d)),
+                          math.log(abs(m)) + log_s if m else -math.inf)
 
 
 def plain_cos(act, log_q, c):
@@ -403,6 +404,11 @@ def test_expectations_match_the_plain_rules(name):
         assert fast.log_m2 == pytest.approx(plain.log_m2, rel=0, abs=1e-12)
         assert fast.log_sd == pytest.approx(plain.log_sd, rel=0, abs=1e-12)
         assert abs(fast.mean - plain.mean) <= 1e-12 * (abs(plain.mean) + math.exp(min(plain.log_sd, 700)))
+        # log |mean| on the same scale (its relative error, allowed 1e-12 of the sd), wherever the mean is
+        # more than a rounding of 0
+        if math.isfinite(plain.log_abs_mean) and plain.log_abs_mean > plain.log_sd - 20:
+            allowed = 1e-12 * max(1.0, math.exp(plain.log_sd - plain.log_abs_mean))
+            assert abs(fast.log_abs_mean - plain.log_abs_mean) <= allowed, (name, log_q)
         assert fast.dphi2 == pytest.approx(plain.dphi2, rel=1e-13)
         at = theory._AtQ(act, log_q, with_dphi2=False)
         for c in (-1.0, -0.7, 0.0, 1e-19, -1e-19, 1e-17, -1e-13, 1e-9, 0.3, 0.999, 1 - 2.0**-53, 1.0, 1.2):

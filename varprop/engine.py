@@ -26,7 +26,6 @@ every configuration sees the same underlying draws (common random numbers).
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -35,7 +34,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from . import activations, batchnorm, inits, theory
+from . import activations, batchnorm, inits, memory, theory
 from .spec import Config, NetworkSpec, RunSpec, SpecError, expand, load_input, parse_threads, to_options
 from .parallel import SERIAL, Pool, row_chunks
 from .stats import (ABS_COS_SAMPLES, SATURATION, STATS, Sums, block_sums, empty_stats, from_sums, head_cos,
@@ -275,8 +274,8 @@ class _Network:
         except Exception as exc:  # or failed: the user's to see, in one line
             raise SpecError("init", f"{self.scheme.name} raised {type(exc).__name__}: {exc}") from None
 
-    def _bn(self, u: np.ndarray, log_s: float) -> tuple[np.ndarray, float, batchnorm.Cache]:
-        y, log_y, cache = batchnorm.forward(u, log_s, self.spec.batch, self.net.bn_eps)
+    def _bn(self, u: np.ndarray, log_s: float, layer: int) -> tuple[np.ndarray, float, batchnorm.Cache]:
+        y, log_y, cache = batchnorm.forward(u, log_s, self.spec.batch, self.net.bn_eps, layer)
         y, log_y = _renorm(y, log_y, self.pool)
         return y, log_y, cache
 
@@ -359,7 +358,7 @@ class _Network:
             h = dphi = None  # a block pass's, if one ran: freed before this path's temporaries
             z, log_z = _renorm(z, log_z, pool)
             if layer in net.bn_layers and net.bn_position == "pre":
-                z, log_z, cache = self._bn(z, log_z)
+                z, log_z, cache = self._bn(z, log_z, layer)
             d = None if linear else activations.dphi_scaled(act, z, log_z)
             sat = 0.0 if d is None else float(np.mean(np.abs(d) < SATURATION))
             pre, ms_z = side_stats_ms(z, log_z, sat, pool)
@@ -369,7 +368,7 @@ class _Network:
                 h, log_h = _narrow(*activations.apply_scaled(
                     act, z.astype(np.float64, copy=False) if act.phi0 else z, log_z), dtype, pool)
             if layer in net.bn_layers and net.bn_position == "post":
-                h, log_h, cache = self._bn(h, log_h)
+                h, log_h, cache = self._bn(h, log_h, layer)
             post, ms_h = (pre, ms_z) if h is z else side_stats_ms(h, log_h, sat, pool)
             if d is not None:
                 dphi = d == act.slope_pos if act.homogeneous else d.astype(dtype, copy=False)
@@ -379,7 +378,7 @@ class _Network:
         tape = _Tape(x.u, x.log_s, dphi, cache) if keep else None
         return _in_band(Values(h, log_h, ms_h), pool), row, tape
 
-    def back(self, layer: int, tape: _Tape, g: Values, row: dict[str, Any], ahead: int | None = None
+    def back(self, layer: int, tape: _Tape, g: Values, row: "_Row", ahead: int | None = None
              ) -> tuple[Values, dict[str, float]]:
         """Layer ``layer`` backward: from the gradient w.r.t. its output to the
         gradient w.r.t. its input and that gradient's statistics; fills the
@@ -462,111 +461,73 @@ class _Network:
         self._pending_grad = _NOTHING_PENDING
 
 
-def tape_bytes(spec: RunSpec) -> list[int]:
-    """Bytes the backward pass keeps per layer (index l for layer l >= 1)."""
-    net, n, item = spec.network, spec.samples, np.dtype(spec.dtype).itemsize
-    out = [0]
-    for layer in range(1, net.depth + 1):
-        act = activations.get(net.activation_at(layer), net.leaky_slope)
-        dphi = 0 if act.name == "linear" else 1 if act.homogeneous else item
-        bn = item if layer in net.bn_layers else 0
-        out.append(n * (net.widths[layer - 1] * item + net.widths[layer] * (dphi + bn)))
-    return out
+class Table:
+    """One replicate's per-layer statistics: a float64 row per layer 0..L in
+    the column order of ``layers.csv`` (a dict per layer took 7 kB, so 40,000
+    layers took 300 MB; a row here takes 8 bytes a column). ``row(l)`` gives
+    a dict-like view that the forward and backward passes fill."""
+
+    def __init__(self, depth: int, backward: bool):
+        sides = ("pre", "post") + (("grad", "delta") if backward else ())
+        self.columns = (["width", "fan_in", "fan_out"] + [f"{s}_{k}" for s in sides for k in STATS]
+                        + (["weight_grad_norm", "weight_grad_log10_norm"] if backward else []))
+        self.at = {c: i for i, c in enumerate(self.columns)}
+        self.values = np.full((depth + 1, len(self.columns)), np.nan)
+        self.hist: dict[int, np.ndarray] = {}  # layer -> histogram counts (replicate 0)
+
+    @staticmethod
+    def bytes_per_layer(backward: bool) -> int:
+        return 8 * (3 + len(STATS) * (4 if backward else 2) + (2 if backward else 0))
+
+    def row(self, layer: int) -> "_Row":
+        return _Row(self, layer)
+
+    def frame(self, replicate: int) -> pd.DataFrame:
+        """The rows as a DataFrame with ``replicate`` and ``layer`` leading."""
+        df = pd.DataFrame(self.values, columns=self.columns)
+        df.insert(0, "layer", np.arange(len(df)))
+        df.insert(0, "replicate", replicate)
+        df["width"] = df["width"].astype(int)
+        return df
 
 
-def working_bytes(spec: RunSpec) -> int:
-    """Memory of the forward pass at the widest layer: two weight matrices
-    (this layer's and the next, drawn meanwhile) and a few layer-sized float64
-    temporaries (the phased path of batch norm and of extreme scales)."""
-    w = spec.network.widths
-    item = np.dtype(spec.dtype).itemsize
-    weights = max(a * b for a, b in zip(w[:-1], w[1:])) * item * (2 if spec.network.init.resolve().orthogonal else 1)
-    return 2 * weights + 6 * spec.samples * max(w) * 8
+class _Row:
+    """A view of one row of a :class:`Table`: ``row[key] = value``, ``row.update(stats)``."""
+
+    __slots__ = ("table", "layer")
+
+    def __init__(self, table: Table, layer: int):
+        self.table, self.layer = table, layer
+
+    def __setitem__(self, key: str, value: float) -> None:
+        self.table.values[self.layer, self.table.at[key]] = value
+
+    def __getitem__(self, key: str) -> float:
+        return float(self.table.values[self.layer, self.table.at[key]])
+
+    def __contains__(self, key: str) -> bool:
+        """Whether ``key`` has been filled in."""
+        return key in self.table.at and not math.isnan(self[key])
+
+    def update(self, values: Mapping[str, float]) -> None:
+        for key, value in values.items():
+            self[key] = value
 
 
-def weight_bytes(spec: RunSpec) -> int:
-    """Bytes of all the weight matrices of one network."""
-    w = spec.network.widths
-    return sum(a * b for a, b in zip(w[:-1], w[1:])) * np.dtype(spec.dtype).itemsize
-
-
-def keeps_weights(spec: RunSpec) -> bool:
-    """Whether the backward pass keeps the forward pass's weights rather than
-    drawing them again: only orthogonal and user-drawn ones (a QR or a user
-    call per layer), and only when everything fits in ``max_memory``. Weights
-    drawn by blocks are drawn again beside the layer above's backward work,
-    which costs no more time than first touching that much fresh memory does
-    (benchmarks/) and halves the backward pass's memory."""
-    scheme = spec.network.init.resolve()
-    budget = spec.max_memory or default_max_memory()
-    return (spec.backward and (scheme.orthogonal or scheme.user is not None)
-            and sum(tape_bytes(spec)) + weight_bytes(spec) + working_bytes(spec) <= budget)
-
-
-def backward_plan(spec: RunSpec) -> int:
-    """The checkpoint spacing k of the backward pass (k = L: every layer kept;
-    0 without a backward pass).
-
-    Raises SpecError naming ``--max-memory`` when the run cannot fit, not even
-    with checkpointing.
-    """
-    budget = spec.max_memory or default_max_memory()
-    working = working_bytes(spec)
-    if not spec.backward:
-        if working > budget:
-            raise SpecError("max_memory", f"one layer needs about {_gib(working)}, more than {_gib(budget)}; "
-                            "raise --max-memory or use fewer --samples or a narrower --width")
-        return 0
-    per_layer = tape_bytes(spec)
+def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = None, pool: Pool = SERIAL,
+                  plan: int | None = None) -> Table:
+    """Forward (and with ``spec.backward``, backward) pass of one network: the
+    statistics of every layer 0..L. ``plan`` is the backward pass's checkpoint
+    spacing (:func:`varprop.memory.backward_plan`; it changes the memory
+    used, never the numbers)."""
     depth = spec.network.depth
-    if sum(per_layer) + working <= budget:
-        return depth
-    k = max(1, math.isqrt(depth))
-    checkpoints = (depth // k + 1) * spec.samples * max(spec.network.widths) * np.dtype(spec.dtype).itemsize
-    segment = max(sum(per_layer[i:i + k]) for i in range(1, depth + 1, k))
-    need = checkpoints + segment + working
-    if need > budget:
-        raise SpecError("max_memory", f"the backward pass needs about {_gib(need)} even with checkpointing "
-                        f"({_gib(sum(per_layer) + working)} without), more than {_gib(budget)}; raise --max-memory "
-                        "or use fewer --samples, --layers or a narrower --width")
-    return k
-
-
-def _gib(n: float) -> str:
-    """Bytes in the largest binary unit that keeps a number >= 1."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} bytes"
-
-
-def default_max_memory() -> int:
-    """Half of the memory available now (MemAvailable), or of physical memory."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):
-        return 4 * 2**30
-
-
-def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = None, pool: Pool = SERIAL
-                  ) -> list[dict[str, Any]]:
-    """Forward (and with ``spec.backward``, backward) pass of one network; one
-    dict of statistics per layer 0..L."""
-    depth = spec.network.depth
-    k = backward_plan(spec)
-    net = _Network(spec, replicate, pool, keep_weights=k == depth and keeps_weights(spec))
+    k = memory.backward_plan(spec) if plan is None else plan
+    net = _Network(spec, replicate, pool, keep_weights=k == depth and memory.keeps_weights(spec))
     u, log_h = make_inputs(spec, replicate)
     post, ms = side_stats_ms(u, log_h, pool=pool)
     x = Values(u, log_h, ms)
-    rows = [{"width": spec.network.widths[0], "fan_in": pd.NA, "fan_out": pd.NA,
-             **_prefix("pre", empty_stats()), **_prefix("post", post)}]
+    table = Table(depth, spec.backward)
+    table.row(0).update({"width": spec.network.widths[0], **_prefix("pre", empty_stats()), **_prefix("post", post)})
     tapes: dict[int, _Tape] = {}
     checkpoints = {0: x}
     hist_layers = {1, (depth + 1) // 2, depth} if replicate == 0 else set()
@@ -576,9 +537,9 @@ def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = Non
         if layer in hist_layers:  # h / rms(h): the shape of h at any scale (a dead layer: a spike at 0)
             f = x.u.dtype.type(1 / math.sqrt(x.ms) if x.ms > 0 else 1)
             # Equal bins given as a count and range take NumPy's fast path (no sort); counts add exactly.
-            row["_hist"] = sum(pool.map(lambda r: np.histogram(x.u[r] * f, bins=len(HIST_EDGES) - 1, range=(
+            table.hist[layer] = sum(pool.map(lambda r: np.histogram(x.u[r] * f, bins=len(HIST_EDGES) - 1, range=(
                 HIST_EDGES[0], HIST_EDGES[-1]))[0], row_chunks(*x.u.shape)))
-        rows.append(row)
+        table.row(layer).update(row)
         if tape is not None:
             tapes[layer] = tape
         if spec.backward and k < depth and layer % k == 0:
@@ -586,19 +547,17 @@ def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = Non
         if progress is not None:
             progress(1)
     if spec.backward:
-        _backward(net, spec, replicate, rows, tapes, checkpoints, k, progress)
-    for layer, row in enumerate(rows):
-        row["replicate"], row["layer"] = replicate, layer
-    return rows
+        _backward(net, spec, replicate, table, tapes, checkpoints, k, progress)
+    return table
 
 
-def _backward(net: _Network, spec: RunSpec, replicate: int, rows: list[dict[str, Any]], tapes: dict[int, _Tape],
+def _backward(net: _Network, spec: RunSpec, replicate: int, table: Table, tapes: dict[int, _Tape],
               checkpoints: dict[int, Values], k: int, progress: Progress | None) -> None:
     depth = spec.network.depth
     u = upstream(spec, replicate)
     grad, ms = side_stats_ms(u, 0.0, pool=net.pool)
     g = Values(u, 0.0, ms)
-    rows[depth].update(_prefix("grad", grad))
+    table.row(depth).update(_prefix("grad", grad))
     for layer in range(depth, 0, -1):
         if layer not in tapes:  # recompute the segment above the nearest checkpoint
             start = max(c for c in checkpoints if c < layer)
@@ -607,13 +566,12 @@ def _backward(net: _Network, spec: RunSpec, replicate: int, rows: list[dict[str,
                 x, _, tapes[l] = net.step(l, x, stats=False, keep=True, ahead=l + 1 if l < layer else None)
         # The next layer down's weights are drawn in this layer's map when they are not kept and no
         # segment recomputation will draw them first.
-        g, grad = net.back(layer, tapes.pop(layer), g, rows[layer], ahead=layer - 1 if layer - 1 in tapes else None)
-        rows[layer - 1].update(_prefix("grad", grad))
+        g, grad = net.back(layer, tapes.pop(layer), g, table.row(layer),
+                           ahead=layer - 1 if layer - 1 in tapes else None)
+        table.row(layer - 1).update(_prefix("grad", grad))
         if progress is not None:
             progress(1)
     net.flush_grad()
-    rows[0].update(_prefix("delta", empty_stats()))
-    rows[0]["weight_grad_norm"] = rows[0]["weight_grad_log10_norm"] = math.nan
 
 
 def configs_for(spec: RunSpec | NetworkSpec | Sequence[Config], vary: Mapping[str, Iterable[Any]] | None = None,
@@ -634,6 +592,13 @@ def configs_for(spec: RunSpec | NetworkSpec | Sequence[Config], vary: Mapping[st
         opts.pop("bn_layers", None)
     if "input_file" in changes or "batch_size" in changes:
         opts.pop("samples", None)
+    # The inputs given here replace the spec's: a file replaces its Gaussian inputs and the reverse
+    # (both kept would be refused as contradicting each other).
+    if "input_file" in changes:
+        opts.pop("input", None)
+        opts.pop("input_std", None)
+    elif {"input", "input_std"} & set(changes):
+        opts.pop("input_file", None)
     return expand({**opts, **changes})
 
 
@@ -655,29 +620,27 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
     """
     configs = configs_for(spec, vary, **options)
     pool = Pool(parse_threads(threads))
-    for c in configs:  # refuse before any work when a run cannot fit
-        backward_plan(c.spec)
+    plans = memory.check(configs)  # refuse before any work when a run cannot fit
     start = time.perf_counter()
     frames, hists = [], []
-    for c in configs:
+    for c, plan in zip(configs, plans):
         # Multi-threaded BLAS splits products differently for each thread
         # count, which changes the last bits: BLAS runs on one thread (for
         # the theory's use of the input file's statistics too) and varprop's
         # own threads work on fixed blocks (parallel.py).
         with threadpool_limits(1, user_api="blas"):
-            rows = [r for rep in range(c.spec.replicates) for r in run_replicate(c.spec, rep, progress, pool)]
+            tables = [run_replicate(c.spec, rep, progress, pool, plan) for rep in range(c.spec.replicates)]
             predicted = theory.predict(c.spec)
-        for r in rows:
-            if "_hist" in r:
-                counts = r.pop("_hist")
-                hists.append(pd.DataFrame({"config": c.label, "layer": r["layer"], "bin_lo": HIST_EDGES[:-1],
-                                           "bin_hi": HIST_EDGES[1:],
-                                           "density": counts / max(counts.sum(), 1) / np.diff(HIST_EDGES)}))
-        frame = pd.DataFrame(rows)
-        lead = ["replicate", "layer", "width", "fan_in", "fan_out"]
-        frame = frame[lead + [col for col in frame if col not in lead]]
+        for layer, counts in tables[0].hist.items():
+            hists.append(pd.DataFrame({"config": c.label, "layer": layer, "bin_lo": HIST_EDGES[:-1],
+                                       "bin_hi": HIST_EDGES[1:],
+                                       "density": counts / max(counts.sum(), 1) / np.diff(HIST_EDGES)}))
+        frame = pd.concat([table.frame(rep) for rep, table in enumerate(tables)], ignore_index=True)
+        del tables
         frame = frame.merge(predicted, on="layer", how="left")
         for key, value in reversed(list(c.varied.items())):
+            if key in frame:  # a varied --width: the per-layer width column already holds it
+                continue
             frame.insert(0, key, value if isinstance(value, (str, int, float)) else str(value))
         frame.insert(0, "config", c.label)
         frames.append(frame)

@@ -71,10 +71,11 @@ def expect(f: Callable[[np.ndarray], np.ndarray], q: float = 1.0) -> float:
 class Moments:
     """Moments of phi(z), z ~ N(0, q), in a form that cannot overflow."""
 
-    mean: float  # E[phi(z)], inf when beyond float64
+    mean: float  # E[phi(z)], +-inf when beyond float64
     log_sd: float  # log sd(phi(z))
     log_m2: float  # log E[phi(z)^2]
     dphi2: float  # E[phi'(z)^2]
+    log_abs_mean: float  # log |E[phi(z)]| at any magnitude (-inf for a zero mean)
 
 
 def _limit_slopes(act: Activation, log_q: float) -> tuple[float, float] | None:
@@ -346,13 +347,15 @@ class _AtQ:
             mean = m1 * math.exp(0.5 * log_q) if 0.5 * log_q < 709 else math.copysign(math.inf, m1) if m1 else 0.0
             var = m2 - m1 * m1
             self.moments = Moments(mean, 0.5 * log_q + 0.5 * math.log(var) if var > 0 else -math.inf,
-                                   log_q + math.log(m2) if m2 > 0 else -math.inf, m2)
+                                   log_q + math.log(m2) if m2 > 0 else -math.inf, m2,
+                                   math.log(abs(m1)) + 0.5 * log_q if m1 else -math.inf)
             return
         x, w = nodes()
         # Scaled to max |phi| = 1 as apply_scaled does: where phi(z) departs from phi(0) by a few ulps only
         # (sigmoid at tiny q), the variance is rounding, and it stays that of apply_scaled's values.
         h, log_s = _phi_scaled(act, _first_nodes(), 0.5 * log_q, renormalise=True)
-        u, self._u1, self._l1 = h[:len(x)], h[len(x):], log_s
+        u, self._l1 = h[:len(x)], log_s
+        self._u1 = h[len(x):].copy()  # not a view: a deep stack keeps one _AtQ per layer, and h is 16x larger
         m = float(w @ u)
         m2 = float(w @ (u * u))
         # E[u^2] - E[u]^2 loses at most a bit when E[u]^2 <= E[u^2] / 2; else the sum about the mean.
@@ -371,7 +374,8 @@ class _AtQ:
             dphi2 = float(w @ (d * d))
         mean = m * math.exp(log_s) if log_s < 700 else math.copysign(math.inf, m) if m else 0.0
         self.moments = Moments(mean, log_s + 0.5 * math.log(var) if var > 0 else -math.inf,
-                               2 * log_s + math.log(m2) if m2 > 0 else -math.inf, dphi2)
+                               2 * log_s + math.log(m2) if m2 > 0 else -math.inf, dphi2,
+                               math.log(abs(m)) + log_s if m else -math.inf)
 
     def series(self) -> _Series:
         """The Mehler series at this q (made on first use unless _forward batched it in)."""
@@ -451,16 +455,17 @@ def predict(spec: RunSpec) -> pd.DataFrame:
 
         s0 = side_stats(*make_inputs(spec, 0))  # a file is never all zeros (spec.load_input)
         log_m2, cos = math.log(s0["second_moment"]), s0["cos_sim"]
-        first = (math.nan, math.nan, s0["mean"], s0["log10_std"] * _LN10, log_m2, cos, math.nan)
+        first = (math.nan, math.nan, s0["mean"], s0["log10_std"] * _LN10, log_m2, cos, math.nan,
+                 s0["log10_abs_mean"] * _LN10)
     else:
         log_m2, cos = 2 * math.log(spec.input_std), 0.0
-        first = (math.nan, math.nan, 0.0, 0.5 * log_m2, log_m2, 0.0, math.nan)
+        first = (math.nan, math.nan, 0.0, 0.5 * log_m2, log_m2, 0.0, math.nan, -math.inf)
     steps = np.array([first, *_forward(spec, scheme, log_m2, cos)]).T
-    log_q, c_pre, mean, log_sd, log_m2s, coss, dphi2 = steps
+    log_q, c_pre, mean, log_sd, log_m2s, coss, dphi2, log_abs_mean = steps
     pre_mean = np.zeros(depth + 1)
     pre_mean[0] = math.nan  # layer 0 is the input: it has no pre-activation
-    df = pd.DataFrame({"layer": range(depth + 1), **_columns("post", mean, log_sd, log_m2s, coss),
-                       **_columns("pre", pre_mean, 0.5 * log_q, log_q, c_pre)})
+    df = pd.DataFrame({"layer": range(depth + 1), **_columns("post", mean, log_sd, log_m2s, coss, log_abs_mean),
+                       **_columns("pre", pre_mean, 0.5 * log_q, log_q, c_pre, np.where(np.isnan(pre_mean), np.nan, -np.inf))})
     if spec.backward:
         _fill_dphi2(dphi2, log_q, net)
         _predict_backward(df, spec, scheme, dphi2)
@@ -493,8 +498,8 @@ def _dphi2(act: Activation, log_q: np.ndarray, chunk: int = 64) -> np.ndarray:
 
 
 # One layer of the forward recursion: log q and c entering the activation, then the post-activation
-# mean, log sd, log E[h^2], cos and E[phi'(z)^2] (nan where it takes quadrature: see _fill_dphi2).
-_Step = tuple[float, float, float, float, float, float, float]
+# mean, log sd, log E[h^2], cos, E[phi'(z)^2] (nan where it takes quadrature: see _fill_dphi2) and log |mean|.
+_Step = tuple[float, float, float, float, float, float, float, float]
 
 
 class _QStep(NamedTuple):
@@ -507,6 +512,7 @@ class _QStep(NamedTuple):
     log_sd: float
     log_m2: float
     dphi2: float  # E[phi'(z)^2] (nan: see _fill_dphi2)
+    log_abs_mean: float  # log |the post-activation mean|
 
 
 def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reuse: bool = True) -> list[_Step]:
@@ -530,7 +536,7 @@ def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reu
     names = {net.activation_at(1), net.activation_at(net.depth)}
     acts = {name: activations.get(name, net.leaky_slope) for name in names}
     bn_layers = set(net.bn_layers)
-    log_eps = math.log(net.bn_eps)
+    log_eps = math.log(net.bn_eps) if net.bn_eps > 0 else -math.inf  # eps = 0: BN's q is exactly 1
     levels: dict[tuple[str, float], _AtQ] = {}
 
     def level(name: str, log_q: float) -> _AtQ:
@@ -555,12 +561,12 @@ def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reu
             log_q = log_q - _logaddexp(log_q, log_eps)
         at_q = level(name, log_q)
         mo = at_q.moments
-        mean, log_sd, log_m2_post = mo.mean, mo.log_sd, mo.log_m2
+        mean, log_sd, log_m2_post, log_abs_mean = mo.mean, mo.log_sd, mo.log_m2, mo.log_abs_mean
         if bn and net.bn_position == "post":
             log_var = 2 * log_sd
             log_m2_post = log_var - _logaddexp(log_var, log_eps)
-            mean, log_sd = 0.0, 0.5 * log_m2_post
-        return _QStep(log_q, ratio_b, None if bn else at_q, mean, log_sd, log_m2_post, mo.dphi2)
+            mean, log_sd, log_abs_mean = 0.0, 0.5 * log_m2_post, -math.inf
+        return _QStep(log_q, ratio_b, None if bn else at_q, mean, log_sd, log_m2_post, mo.dphi2, log_abs_mean)
 
     q_steps: list[_QStep] = []
     found_q: dict[tuple[Any, ...], _QStep] = {}
@@ -595,7 +601,7 @@ def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reu
 
     out: list[_Step] = []
     found_c: dict[tuple[int, float], float] = {}
-    for log_q, ratio_b, at_q, mean, log_sd, log_m2_post, dphi2 in q_steps:
+    for log_q, ratio_b, at_q, mean, log_sd, log_m2_post, dphi2, log_abs_mean in q_steps:
         bn_pre = at_q is None and net.bn_position == "pre"
         c_pre = math.nan if bn_pre else (cos + ratio_b) / (1 + ratio_b)
         if at_q is None or math.isnan(c_pre):
@@ -610,7 +616,7 @@ def _forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reu
                 cos = at_q.cos(c_pre)
                 if reuse:
                     found_c[key] = cos
-        out.append((log_q, c_pre, mean, log_sd, log_m2_post, cos, dphi2))
+        out.append((log_q, c_pre, mean, log_sd, log_m2_post, cos, dphi2, log_abs_mean))
     return out
 
 
@@ -683,13 +689,14 @@ def _predict_backward(df: pd.DataFrame, spec: RunSpec, scheme: inits.Scheme, dph
         df[f"theory_{side}_log10_std"] = 0.5 * logs / _LN10
         df[f"theory_{side}_std"] = np.exp(np.minimum(0.5 * logs, 700)) * np.where(0.5 * logs > 700, np.inf, 1)
         df[f"theory_{side}_mean"] = np.where(np.isnan(logs), np.nan, 0.0)
+        df[f"theory_{side}_log10_abs_mean"] = np.where(np.isnan(logs), np.nan, -np.inf)
 
 
-def _columns(side: str, mean: np.ndarray, log_sd: np.ndarray, log_m2: np.ndarray, cos: np.ndarray
-             ) -> dict[str, np.ndarray]:
+def _columns(side: str, mean: np.ndarray, log_sd: np.ndarray, log_m2: np.ndarray, cos: np.ndarray,
+             log_abs_mean: np.ndarray) -> dict[str, np.ndarray]:
     return {f"theory_{side}_mean": mean, f"theory_{side}_std": _big(log_sd),
-            f"theory_{side}_log10_std": log_sd / _LN10, f"theory_{side}_second_moment": _big(log_m2),
-            f"theory_{side}_cos_sim": cos}
+            f"theory_{side}_log10_std": log_sd / _LN10, f"theory_{side}_log10_abs_mean": log_abs_mean / _LN10,
+            f"theory_{side}_second_moment": _big(log_m2), f"theory_{side}_cos_sim": cos}
 
 
 def _big(log_v: np.ndarray) -> np.ndarray:

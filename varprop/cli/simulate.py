@@ -62,5 +62,8 @@ def simulate(config_file: str | None, title: str | None, formats: str, out: str 
 
     layers, paths = in_staging(out_dir, work, force=force)
     click.echo(report.terminal_table(layers, paths["summary"]))
-    written = ", ".join(p.name for k, p in paths.items() if k not in ("summary",) and k != "report")
-    click.echo(f"\nreport: {Path(out_dir) / paths['report'].name}  ({written} beside it)")
+    written = [p.name for k, p in paths.items() if k not in ("summary", "report")]
+    if "report" in paths:
+        click.echo(f"\nreport: {Path(out_dir) / paths['report'].name}  ({', '.join(written)} beside it)")
+    else:
+        click.echo(f"\nwrote {', '.join(written)} in {out_dir}")

@@ -10,8 +10,8 @@ from typing import Any
 import click
 import numpy as np
 
-from .. import activations, fit, report, theory
-from ..spec import (OPTIONS, SpecError, from_options, parse_activation, parse_int_list, parse_nonneg_float,
+from .. import activations, fit, inits, report, theory
+from ..spec import (OPTIONS, SpecError, from_options, parse, parse_activation, parse_int_list, parse_nonneg_float,
                     parse_pos_float, parse_pos_int)
 from .common import DEFAULT_RUNS_DIR, activation_arg, echo_json, force_option, in_staging
 
@@ -48,37 +48,80 @@ def gain(activation: str, leaky_slope: str, as_json: bool) -> None:
 
 
 @click.command("theory")
-@click.option("--activation", "activation", default="tanh", metavar="NAME", help="activation")
-@click.option("--sigma-w", default="1.0", metavar="SW", help="weight std: sigma_w^2 = fan_in * Var(W_ij)")
-@click.option("--sigma-b", default="0.0", metavar="SB", help="bias std: sigma_b^2 = Var(b_i)")
+@click.option("--activation", "activation", default="tanh", metavar="NAME", help="activation [default: tanh]")
+@click.option("--sigma-w", default=None, metavar="SW",
+              help="weight std: sigma_w^2 = fan_in * Var(W_ij) [default: 1, or from --init]")
+@click.option("--init", "init", default=None, metavar="SCHEME",
+              help="init scheme (as for simulate) instead of --sigma-w: sigma_w^2 = width * Var(W_ij) at --width")
+@click.option("--distribution", default=None, metavar="NAME", help="with --init: weight distribution (as simulate)")
+@click.option("--mode", default=None, metavar="MODE", help="with --init: fan the variance is divided by")
+@click.option("--gain", default=None, metavar="GAIN", help="with --init: gain replacing the scheme's own")
+@click.option("--scale", default=None, metavar="SCALE", help="with --init: extra factor on the weight variance")
+@click.option("--sigma-b", default=None, metavar="SB",
+              help="bias std: sigma_b^2 = Var(b_i) [default: 0, or --init's own bias (torch-default)]")
 @click.option("--layers", default=None, metavar="L", help="also print the per-layer predictions for L layers")
-@click.option("--width", default="1000", metavar="N", help="width used for --layers (theory is width-free)")
+@click.option("--width", default="1000", metavar="N",
+              help="width: --init's fan, and the width of --layers' stack (the theory itself is width-free) "
+                   "[default: 1000]")
 @click.option("--leaky-slope", default="0.01", metavar="SLOPE", help="negative slope of leaky_relu")
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
-def theory_cmd(activation: str, sigma_w: str, sigma_b: str, layers: str | None, width: str, leaky_slope: str,
-               as_json: bool) -> None:
-    """Mean-field fixed point q*, chi_1, phase and depth scales (Schoenholz et al. 2017)."""
-    sw = parse_pos_float(sigma_w, "sigma_w")
-    sb = parse_nonneg_float(sigma_b, "sigma_b")
+def theory_cmd(activation: str, sigma_w: str | None, init: str | None, distribution: str | None, mode: str | None,
+               gain: str | None, scale: str | None, sigma_b: str | None, layers: str | None, width: str,
+               leaky_slope: str, as_json: bool) -> None:
+    """Mean-field fixed point q*, chi_1, phase and depth scales (Schoenholz et al. 2017).
+
+    \b
+    Examples:
+      varprop theory --activation tanh --sigma-w 1.5 --sigma-b 0.05
+      varprop theory --activation relu --init kaiming_uniform --layers 10
+      varprop theory --activation tanh --init xavier --width 512
+    """
     slope = OPTIONS["leaky_slope"].parse(leaky_slope, "leaky_slope")
     act = activations.get(parse_activation(activation, "activation"), slope)
+    n = parse_pos_int(width, "width")
+    init_opts = {k: v for k, v in (("distribution", distribution), ("mode", mode), ("gain", gain), ("scale", scale))
+                 if v is not None}
+    if init is None:
+        for key in init_opts:
+            raise SpecError(key, "applies only with --init (without it, give sigma_w itself with --sigma-w)")
+        sw = parse_pos_float("1.0" if sigma_w is None else sigma_w, "sigma_w")
+        sb = 0.0 if sigma_b is None else parse_nonneg_float(sigma_b, "sigma_b")
+        spec_init = {"init": "fan_in", "gain": sw, "bias_std": sb}
+        source = None
+    else:
+        if sigma_w is not None:
+            raise SpecError("sigma_w", "give --sigma-w or --init, not both (--init sets sigma_w^2 = width * Var W)")
+        spec_init = {"init": init, **init_opts, **({"bias_std": sigma_b} if sigma_b is not None else {})}
+        net = from_options({"layers": 1, "width": n, "activation": act.name, "leaky_slope": slope,
+                            "samples": 2, **spec_init}).network
+        scheme = net.init.resolve()
+        if scheme.user is not None:
+            raise SpecError("init", f"{init}: the theory needs the weight variance, which varprop cannot know for "
+                            "your own function; give --sigma-w (sigma_w^2 = fan_in * Var W_ij) instead")
+        variance = inits.variance(scheme, n, n)
+        sw = math.sqrt(n * variance)
+        sb = math.exp(0.5 * theory.bias_log_variance(scheme, net.bias_std, n))
+        source = {"init": init, "width": n, "weight_variance": variance, **parse(init_opts)}
     try:
         result: dict[str, Any] = theory.mean_field(act, sw, sb)
     except (OverflowError, ZeroDivisionError, ValueError) as exc:
         raise SpecError("sigma_w", f"the mean-field iteration fails at sigma_w = {sw:g}, sigma_b = {sb:g} ({exc}); "
                         "use values of order 0.1 to 10") from None
+    if source is not None:
+        result["from_init"] = source
     table = None
     if layers is not None:
-        n = parse_pos_int(width, "width")
-        spec = from_options({"layers": layers, "width": n, "activation": activation, "init": "fan_in",
-                             "gain": sw, "bias_std": sb, "leaky_slope": slope, "samples": 2})
+        spec = from_options({"layers": layers, "width": n, "activation": act.name, "leaky_slope": slope,
+                             "samples": 2, **spec_init})
         table = theory.predict(spec)
         result["layers"] = table.to_dict(orient="records")
     if as_json:
         echo_json(result)
         return
     fmt = lambda v: f"{v:.6g}" if isinstance(v, float) else str(v)  # noqa: E731
-    click.echo(f"{act.name}, sigma_w = {sw:g}, sigma_b = {sb:g}")
+    click.echo(f"{act.name}, sigma_w = {sw:g}, sigma_b = {sb:g}"
+               + ("" if source is None else f"  (--init {init} at width {n}: Var W_ij = {source['weight_variance']:.6g}"
+                  + (f", Var b_i = {sb * sb:.6g}" if sb else "") + ")"))
     for key, label in (("q_star", "fixed point q*"), ("chi_1", "chi_1 = sigma_w^2 E[phi'(z)^2] at q*"),
                        ("phase", "phase"), ("c_star", "correlation fixed point c*"),
                        ("xi_q", "depth scale xi_q (layers)"), ("xi_c", "depth scale xi_c (layers)")):

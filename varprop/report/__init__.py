@@ -102,7 +102,13 @@ def render(directory: Path, formats: tuple[str, ...] = FORMATS, layers: pd.DataF
         meta = json.loads((directory / "config.json").read_text())
     summary = summarize(layers)
     paths: dict[str, Any] = {"config": directory / "config.json", "layers": directory / "layers.csv",
-                             "figure": directory / "std_per_layer.png", "summary": summary}
+                             "summary": summary}
+    if not {"md", "html"} & set(formats):  # no report, so no figures to show in one
+        if "json" in formats:
+            paths["json"] = directory / "summary.json"
+            paths["json"].write_text(shown_summary(summary).to_json(orient="records", indent=1))
+        return paths
+    paths["figure"] = directory / "std_per_layer.png"
     figures.std_per_layer(layers, summary, paths["figure"])
     paths["means_figure"] = figures.means_and_channels(layers, summary, directory / "means_per_layer.png")
     paths["correlation_figure"] = figures.correlation(layers, summary, directory / "correlation_per_layer.png")

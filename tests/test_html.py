@@ -42,8 +42,8 @@ def test_format_option_and_report_command(run_dir, tmp_path):
     r = CliRunner().invoke(main, ["simulate", "--layers", "3", "--width", "8", "--samples", "8", "--format", "md",
                                   "--out", str(only_md)])
     assert r.exit_code == 0
-    assert {p.name for p in only_md.iterdir()} == {"report.md", "layers.csv", "config.json", "std_per_layer.png",
-                                                   "means_per_layer.png", "correlation_per_layer.png",
+    assert {p.name for p in only_md.iterdir()} == {".varprop-manifest.json", "report.md", "layers.csv", "config.json",
+                                                   "std_per_layer.png", "means_per_layer.png", "correlation_per_layer.png",
                                                    "histograms.csv", "histograms.png", "std_per_layer.svg",
                                                    "means_per_layer.svg", "correlation_per_layer.svg",
                                                    "histograms.svg"}

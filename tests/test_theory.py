@@ -291,8 +291,9 @@ def test_theory_gain_fit_commands(tmp_path):
                                   "--replicates", "2", "--out", str(tmp_path / "fit"), "--json"])
     assert r.exit_code == 0, r.output
     assert abs(json.loads(r.output)["fit"]["slope"] - 0.5) < 0.05
-    assert {p.name for p in (tmp_path / "fit").iterdir()} == {"points.csv", "fit.json", "fan_in_law.png",
-                                                              "fan_in_law.svg", "report.md", "report.html"}
+    assert {p.name for p in (tmp_path / "fit").iterdir()} == {".varprop-manifest.json", "points.csv", "fit.json",
+                                                              "fan_in_law.png", "fan_in_law.svg", "report.md",
+                                                              "report.html"}
     for bad, option in ((["theory", "--sigma-w", "-1"], "--sigma-w"), (["gain", "nope"], "--activation"),
                         (["fit", "--fan-in", "0,10"], "--fan-in")):
         r = CliRunner().invoke(main, bad)
@@ -337,8 +338,8 @@ def test_phase_command(tmp_path):
     r = CliRunner().invoke(main, ["phase", "--activation", "tanh", "--resolution", "8", "--out",
                                   str(tmp_path / "p")])
     assert r.exit_code == 0, r.output
-    assert {p.name for p in (tmp_path / "p").iterdir()} == {"phase.csv", "phase.png", "phase.svg", "report.md",
-                                                            "report.html"}
+    assert {p.name for p in (tmp_path / "p").iterdir()} == {".varprop-manifest.json", "phase.csv", "phase.png",
+                                                            "phase.svg", "report.md", "report.html"}
 
 
 @pytest.mark.parametrize("activation,init", [("linear", "fan_in"), ("relu", "he")])

@@ -76,21 +76,25 @@ def command_line(options: dict[str, Any], out: str | None) -> str:
     return shlex.join(words)
 
 
-def in_staging(out_dir: Path, work: Any) -> Any:
+def in_staging(out_dir: str | Path, work: Any, force: bool = False, option: str = "out") -> Any:
     """Run ``work(tmp)`` writing into a staging directory that becomes
-    ``out_dir`` only when it succeeds (report.staging)."""
+    ``out_dir`` only when it succeeds (:func:`varprop.outdir.staging`: what
+    may be replaced, --force, the lock); a directory it must not write, or a
+    failed write (full disk), is one line naming ``option``."""
+    from ..outdir import OutDirError, staging
+
     try:
-        stage = report.staging(out_dir)
-        tmp = stage.__enter__()
-    except OSError as exc:
-        raise SpecError("out", f"cannot write to {out_dir} ({exc.strerror or exc})") from None
-    try:
-        result = work(tmp)
-    except BaseException:
-        stage.__exit__(*sys.exc_info())
-        raise
-    stage.__exit__(None, None, None)
-    return result
+        with staging(out_dir, force=force) as tmp:
+            return work(tmp)
+    except OutDirError as exc:
+        raise SpecError(option, str(exc)) from None
+
+
+def force_option(fn: Any) -> Any:
+    """``--force``: write into a directory holding files varprop did not write."""
+    return click.option("--force", is_flag=True,
+                        help="write into an output directory that holds files varprop did not write: they are "
+                             "kept, and one a new output would replace is kept as NAME.~1~")(fn)
 
 
 class LazyBar:

@@ -13,8 +13,9 @@ import numpy as np
 from .. import fit, report, theory
 from ..montecarlo import memory
 from ..nn import activations, inits
-from ..spec import (OPTIONS, SpecError, from_options, parse, parse_activation, parse_int_list, parse_nonneg_float, parse_pos_float, parse_pos_int, parse_size)
-from .common import DEFAULT_RUNS_DIR, activation_arg, echo_json, in_staging
+from ..spec import (OPTIONS, SpecError, from_options, parse, parse_activation, parse_int_list, parse_nonneg_float,
+                    parse_pos_float, parse_pos_int, parse_size)
+from .common import DEFAULT_RUNS_DIR, activation_arg, echo_json, force_option, in_staging
 
 
 @click.command()
@@ -144,9 +145,10 @@ def theory_cmd(activation: str, sigma_w: str | None, init: str | None, distribut
 @click.option("--seed", default="0", metavar="SEED", help="seed")
 @click.option("--out", default=None,
               help=f"output directory [default: {DEFAULT_RUNS_DIR}/fit-<init>-<activation>-<hash>]")
+@force_option
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
 def fit_cmd(fan_ins: str, fan_out: str, init: str, activation: str, samples: str, replicates: str, seed: str,
-            out: str | None, as_json: bool) -> None:
+            out: str | None, force: bool, as_json: bool) -> None:
     """The sqrt(fan_in) law: fit log std = a + b log fan_in over one layer."""
     ns = parse_int_list(fan_ins, "fan_in")
     if len(set(ns)) < 2:
@@ -159,14 +161,14 @@ def fit_cmd(fan_ins: str, fan_out: str, init: str, activation: str, samples: str
     command = shlex.join(["varprop", "fit", "--fan-in", ",".join(map(str, ns)), "--fan-out", str(n_out),
                           "--init", init, "--activation", activation, "--samples", str(base.samples),
                           "--replicates", str(base.replicates), "--seed", str(base.seed)])
-    out_dir = Path(out) if out else DEFAULT_RUNS_DIR / report.dir_name(f"fit-{init}-{activation}", command)
+    out_dir = out if out is not None else str(DEFAULT_RUNS_DIR / report.dir_name(f"fit-{init}-{activation}", command))
 
     def work(tmp: Path) -> tuple[Any, Any]:
         points, result = fit.fan_in_law(base, ns, n_out)
         report.write_fit(points, result, tmp, command)
         return points, result
 
-    points, result = in_staging(out_dir, work)
+    points, result = in_staging(out_dir, work, force=force)
     if as_json:
         echo_json({"fit": result.as_dict(), "points": points.to_dict(orient="records"), "out": str(out_dir)})
         return
@@ -175,7 +177,7 @@ def fit_cmd(fan_ins: str, fan_out: str, init: str, activation: str, samples: str
     click.echo(f"  b = {result.slope:.4f} +- {result.slope_se:.4f}  (95% CI {result.slope_lo:.4f} .. "
                f"{result.slope_hi:.4f}, t with {result.dof} dof)")
     click.echo(f"  a = {result.intercept:.4f} +- {result.intercept_se:.4f},  R^2 = {result.r2:.5f}")
-    click.echo(f"\nreport: {out_dir / 'report.md'}")
+    click.echo(f"\nreport: {Path(out_dir) / 'report.md'}")
 
 
 @click.command("phase")
@@ -188,10 +190,10 @@ def fit_cmd(fan_ins: str, fan_out: str, init: str, activation: str, samples: str
 @click.option("--measure", is_flag=True, help="overlay the engine's measured correlations at a few grid points")
 @click.option("--seed", default="0", metavar="SEED", help="seed of the measurements")
 @click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/phase-<activation>-<hash>]")
+@force_option
 @click.option("--json", "as_json", is_flag=True, help="print the grid as JSON")
 def phase_cmd(activation: str, sigma_w2_max: str, sigma_b2_max: str, resolution: str, max_memory: str | None,
-              measure: bool, seed: str,
-              out: str | None, as_json: bool) -> None:
+              measure: bool, seed: str, out: str | None, force: bool, as_json: bool) -> None:
     """The order-to-chaos phase diagram over (sigma_w^2, sigma_b^2)."""
     act = activations.get(parse_activation(activation, "activation"))
     sw_max = parse_pos_float(sigma_w2_max, "sigma_w2_max")
@@ -213,7 +215,7 @@ def phase_cmd(activation: str, sigma_w2_max: str, sigma_b2_max: str, resolution:
     command = shlex.join(["varprop", "phase", "--activation", act.name, "--sigma-w2-max", repr(sw_max),
                           "--sigma-b2-max", repr(sb_max), "--resolution", str(n)]
                          + (["--measure", "--seed", str(seed_n)] if measure else []))
-    out_dir = Path(out) if out else DEFAULT_RUNS_DIR / report.dir_name(f"phase-{act.name}", command)
+    out_dir = out if out is not None else str(DEFAULT_RUNS_DIR / report.dir_name(f"phase-{act.name}", command))
 
     def work(tmp: Path) -> Any:
         grid = theory.phase_grid(act, np.linspace(sw_max / n, sw_max, n), np.linspace(0, sb_max, max(3, 3 * n // 4)))
@@ -222,7 +224,7 @@ def phase_cmd(activation: str, sigma_w2_max: str, sigma_b2_max: str, resolution:
         report.write_phase(grid, act.name, tmp, measured, command=command)
         return grid
 
-    grid = in_staging(out_dir, work)
+    grid = in_staging(out_dir, work, force=force)
     if as_json:
         echo_json(grid.to_dict(orient="records"))
         return
@@ -230,4 +232,4 @@ def phase_cmd(activation: str, sigma_w2_max: str, sigma_b2_max: str, resolution:
     edge = crit.iloc[(crit["chi_1"] - 1).abs().argmin()]
     click.echo(f"{act.name}: chi_1 = 1 near sigma_w^2 = {edge['sigma_w2']:.3g} at sigma_b^2 = {edge['sigma_b2']:.3g}; "
                f"ordered at {int((grid['phase'] == 'ordered').sum())} of {len(grid)} grid points")
-    click.echo(f"report: {out_dir / 'report.md'}")
+    click.echo(f"report: {Path(out_dir) / 'report.md'}")

@@ -110,6 +110,7 @@ def test_means_beyond_float64_print_in_log_scale(tmp_path):
             mant, exp = re.fullmatch(r"-?(\d\.\d{3})e\+(\d+)", cell).groups()
             # The summary's log10 |mean| (stats.summarize, its own code): the same to the 4 digits shown.
             assert abs(math.log10(float(mant)) + int(exp) - summary.at[layer, "post_log10_abs_mean"]) < 2e-4
+    assert "overflow" not in report  # second moments and their intervals too: carried by their log10
     summary_table = tables(section(report, "Summary"))[0]
     assert re.fullmatch(r"-?\d\.\d{3}e\+\d+", summary_table[1][summary_table[0].index("mean of layer means")])
     plotted, axis = figures._mean_axis(stats.summarize(layers), layers)
@@ -117,6 +118,28 @@ def test_means_beyond_float64_print_in_log_scale(tmp_path):
     # Beyond +-1 the figure draws sign * (1 + log10 |mean|), from the log-scale mean.
     assert axis == "symlog" and plotted["mean_y"].iloc[-1] == pytest.approx(
         means["sign"].iloc[-1] * (1 + means["log10_abs"].iloc[-1]), rel=1e-12)
+
+
+def test_log_scale_second_moments_agree_with_the_summary():
+    """Where float64 holds them, the log-scale second moment and its 95% t interval over replicates are
+    summarize()'s (computed from other columns: log10 std and log10 |mean| against the plain second
+    moment), to float64 rounding of sums of a few terms, on the scale of the moment itself."""
+    from varprop.report.markdown import log_scale_stats
+
+    layers = varprop.simulate(varprop.NetworkSpec.square(6, 16, activation="relu", init="he"), samples=32,
+                              replicates=4, vary={"bias_std": [0.0, 0.5]})
+    got = log_scale_stats(layers)
+    want = stats.summarize(layers)
+    assert list(got["config"]) == list(want["config"]) and list(got["layer"]) == list(want["layer"])
+    m2 = want["post_second_moment"].to_numpy()
+    assert np.allclose(10 ** got["m2_log10"], m2, rtol=1e-12, atol=0)
+    lo = got["lo_sign"] * 10 ** got["lo_log10"]
+    assert np.allclose(lo, want["post_second_moment_lo"], rtol=0, atol=1e-12 * m2.max())
+    assert np.allclose(10 ** got["hi_log10"], want["post_second_moment_hi"], rtol=1e-12, atol=0)
+    assert np.allclose(10 ** got["theory_m2_log10"], want["theory_post_second_moment"], rtol=1e-12, atol=0)
+    spread = layers.groupby(["config", "layer"], sort=False)["post_second_moment"].agg(["min", "max"])
+    assert np.allclose(10 ** got["min_log10"], spread["min"], rtol=1e-12, atol=0)
+    assert np.allclose(10 ** got["max_log10"], spread["max"], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("peak, axis", [(0.5, "linear"), (1e96, "symlog")])

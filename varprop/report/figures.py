@@ -405,11 +405,9 @@ def _legend_below_and_save(fig: plt.Figure, handles: list[Any], labels: list[str
         fig.text(0.5, 0.02 / (height + legend_in + notes_in), text, ha="center", va="bottom", fontsize=8,
                  color="#444444")
     total = height + legend_in + notes_in
-    title = fig.get_suptitle()  # tight_layout leaves it out: placed here, 10-pt lines under the top edge
-    title_in = 0.16 * (title.count("\n") + 1) if title else 0.0
-    if title:
-        fig.suptitle(title, fontsize=10, y=1 - 0.06 / total, va="top")
-    fig.tight_layout(rect=(0, (legend_in + notes_in) / total, 1, 1 - title_in / total))
+    if fig.get_suptitle():  # hung from the top edge: at its default height it overlaps the panels of a tall figure
+        fig.suptitle(fig.get_suptitle(), fontsize=10, y=1 - 0.06 / total, va="top")
+    fig.tight_layout(rect=(0, (legend_in + notes_in) / total, 1, 1))
     _save(fig, path)
     plt.close(fig)
     return path

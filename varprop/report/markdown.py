@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats as sps
 
 from ..fit import depth_growth, line_fit
 from ..spec import label_part
@@ -137,6 +138,46 @@ def signed_means(layers: pd.DataFrame, keys: Sequence[str], side: str = "post") 
     return out.reset_index()
 
 
+_LN10 = math.log(10.0)
+
+
+def _log10_second_moment(frame: pd.DataFrame, side: str) -> np.ndarray:
+    """log10 E[x^2] = log10(std^2 + mean^2) per row, from the log10 columns (exact at any magnitude)."""
+    _, log10_abs_mean = mean_columns(frame, side)
+    return np.logaddexp(2 * _LN10 * frame[f"{side}_log10_std"].to_numpy(float), 2 * _LN10 * log10_abs_mean) / _LN10
+
+
+def log_scale_stats(layers: pd.DataFrame) -> pd.DataFrame:
+    """Per config and layer, what the tables print in log scale, exact at any
+    magnitude: the mean over replicates of the layer output's mean
+    (``sign``, ``log10_abs``: :func:`signed_means`), of its second moment
+    (``m2_log10``) with the 95% t interval over replicates (``lo_sign``,
+    ``lo_log10``, ``hi_log10``: the lower end may be negative) and the range
+    of single networks (``min_log10``, ``max_log10``), and the theory's
+    second moment (``theory_m2_log10``). Each group is scaled by its
+    largest value before summing, as summarize() does in float64 where the
+    values fit (the two agree there to rounding)."""
+    keys = ["config", "layer"]
+    frame = layers[keys].copy()
+    frame["l2"] = _log10_second_moment(layers, "post")
+    peak = frame["l2"].replace(-np.inf, np.nan).groupby([frame[k] for k in keys], sort=False).transform("max")
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        frame["y"] = np.where(frame["l2"] == -np.inf, 0.0, 10.0 ** (frame["l2"] - peak))
+    frame["peak"] = peak
+    if "theory_post_log10_std" in layers:
+        frame["theory"] = _log10_second_moment(layers, "theory_post")
+    g = frame.groupby(keys, sort=False)
+    mean, n, top = g["y"].mean(), g["y"].count(), g["peak"].first()
+    low, high = g["l2"].min(), g["l2"].max()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        half = sps.t.ppf(0.975, (n - 1).where(n > 1)) * g["y"].std(ddof=1) / np.sqrt(n)
+        out = pd.DataFrame({"m2_log10": np.where(mean == 0, -np.inf, top + np.log10(mean)),
+                            "lo_sign": np.sign(mean - half), "lo_log10": top + np.log10(np.abs(mean - half)),
+                            "hi_log10": top + np.log10(mean + half), "min_log10": low, "max_log10": high})
+    out["theory_m2_log10"] = g["theory"].first() if "theory" in frame else math.nan
+    return signed_means(layers, keys).merge(out.reset_index(), on=keys)
+
+
 def varied_values(configs: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """The options each configuration varies, by name (config.json's
     ``configs[i]["varied"]``): one row per configuration (index: its label),
@@ -209,12 +250,12 @@ def _growth(s: pd.DataFrame, col: str) -> float:
     return 10 ** ((last - first) / depth) if depth and math.isfinite(last - first) else math.nan
 
 
-def layer_table(summary: pd.DataFrame, config: str, replicates: int, means: pd.DataFrame) -> pd.DataFrame:
+def layer_table(summary: pd.DataFrame, config: str, replicates: int, logs: pd.DataFrame) -> pd.DataFrame:
     """The per-layer table of one configuration (its subsample of layers);
-    ``means`` is :func:`signed_means` of the run by config and layer."""
+    ``logs`` is :func:`log_scale_stats` of the run."""
     s = summary[summary["config"] == config].set_index("layer")
     s = s.loc[[layer for layer in shown_layers(int(s.index.max())) if layer in s.index]]
-    m = means[means["config"] == config].set_index("layer").reindex(s.index)
+    m = logs[logs["config"] == config].set_index("layer").reindex(s.index)
     table = pd.DataFrame({"layer": s.index})
     table["pre std"] = [fmt_std(v) for v in s["pre_log10_rms_std"]]
     table["post mean"] = [fmt_signed(sg, la) for sg, la in zip(m["sign"], m["log10_abs"])]
@@ -222,15 +263,15 @@ def layer_table(summary: pd.DataFrame, config: str, replicates: int, means: pd.D
     if replicates > 1:
         table["typical post std"] = [fmt_std(v) for v in s["post_log10_typical_std"]]
         table["post second moment [95% CI]"] = [
-            f"{fmt(m2)} [{fmt(lo)}, {fmt(hi)}]" if not math.isnan(lo) else fmt(m2)
-            for m2, lo, hi in zip(s["post_second_moment"], s["post_second_moment_lo"], s["post_second_moment_hi"])]
+            f"{fmt_std(m2)} [{fmt_signed(sign, lo)}, {fmt_std(hi)}]" if not math.isnan(lo) else fmt_std(m2)
+            for m2, sign, lo, hi in zip(m["m2_log10"], m["lo_sign"], m["lo_log10"], m["hi_log10"])]
     if "theory_post_log10_std" in s:
         table["theory post std"] = [fmt_std(v) for v in s["theory_post_log10_std"]]
-        table["measured / theory"] = [fmt(10 ** (a - t), 3) for a, t in
+        table["measured / theory"] = [fmt_std(a - t) for a, t in
                                       zip(s["post_log10_rms_std"], s["theory_post_log10_std"])]
         if replicates > 1:
-            table["theory in 95% CI"] = [_inside(t, lo, hi) for t, lo, hi in zip(
-                s["theory_post_second_moment"], s["post_second_moment_lo"], s["post_second_moment_hi"])]
+            table["theory in 95% CI"] = [_inside(*row, replicates) for row in zip(
+                m["theory_m2_log10"], m["lo_sign"], m["lo_log10"], m["hi_log10"], m["min_log10"], m["max_log10"])]
     if "grad_log10_std" in s:
         table["grad std"] = [fmt_std(v) for v in s["grad_log10_rms_std"]]
         table["weight grad norm"] = [fmt_std(v) for v in s["weight_grad_log10_norm"]]
@@ -241,11 +282,22 @@ def layer_table(summary: pd.DataFrame, config: str, replicates: int, means: pd.D
     return table
 
 
-def _inside(value: float, lo: float, hi: float) -> str:
-    """'yes' / '**no**' for a prediction against a replicate interval ('' if undefined)."""
-    if any(map(math.isnan, (value, lo, hi))) or math.isinf(value):
+def _inside(log10_value: float, lo_sign: float, lo_log10: float, hi_log10: float, low: float, high: float,
+            replicates: int) -> str:
+    """'yes' / '**no**' for a positive prediction against the 95% interval
+    over replicates, all given in log10 (the lower end by its sign too); a
+    prediction beyond every single network is a no whatever the interval (a
+    heavy tail widens the interval to hold it): '**no** (below all 3)'.
+    '' if undefined.
+
+    >>> _inside(-11.9, -1, -1.95, -1.74, -9.8, -1.99, 3), _inside(0.0, 1, -0.1, 0.1, -0.05, 0.05, 3)
+    ('**no** (below all 3)', 'yes')
+    """
+    if any(map(math.isnan, (log10_value, lo_sign, lo_log10, hi_log10))) or not math.isfinite(log10_value):
         return ""
-    return "yes" if lo <= value <= hi else "**no**"
+    if log10_value < low or log10_value > high:
+        return f"**no** ({'below' if log10_value < low else 'above'} all {replicates})"
+    return "yes" if (lo_sign <= 0 or lo_log10 <= log10_value) and log10_value <= hi_log10 else "**no**"
 
 
 def _or(values: Sequence[Any]) -> str:
@@ -260,8 +312,8 @@ def terminal_table(layers: pd.DataFrame, summary: pd.DataFrame) -> str:
     too: a layer a configuration does not have is left blank)."""
     configs = list(summary["config"].unique())
     reps = int(layers["replicate"].nunique())
-    means = signed_means(layers, ["config", "layer"])
-    tables = {c: layer_table(summary, c, reps, means).set_index("layer") for c in configs}
+    logs = log_scale_stats(layers)
+    tables = {c: layer_table(summary, c, reps, logs).set_index("layer") for c in configs}
     depths = {c: int(t.index.max()) for c, t in tables.items()}
     if len(configs) == 1:
         cols = ["post mean", "post std"] + (["typical post std"] if reps > 1 else [])
@@ -457,9 +509,11 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
         doc.p(f"Mean-field theory is the limit of infinite width at fixed depth (for a linear stack it is also the "
               "exact mean of the variance over all networks, a mean that a deep stack owes to networks too rare to "
               f"draw). At the output it lies outside the range of the {reps} single networks drawn in {len(gaps)} "
-              f"configuration{'s' if len(gaps) > 1 else ''}, below. There, at this width and depth, each layer's "
-              "finite-width fluctuation has compounded: the range of single networks (the shaded band of the std "
-              "figure) is what networks of this width do, not the theory line. A value at the median of single "
+              f"configuration{'s' if len(gaps) > 1 else ''}, below, the farthest first. There the theory does not "
+              "describe networks of this width at this depth (finite-width fluctuations compound over depth, and "
+              "the theory leaves out what it does not model, such as batch statistics or orthogonal weights): the "
+              "range of single networks (the shaded band of the std figure) is what to read, not the theory line. "
+              "A value at the median of single "
               f"networks falls outside the range of {reps} of them with probability 2^(1 - {reps}) = "
               f"{2.0 ** (1 - reps):.2g}, so with few replicates a theory just outside the range can be chance; "
               "one far outside it is not.")
@@ -534,11 +588,11 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
               if depths.nunique() == 1 else
               "Configurations deeper than 30 layers show a subsample of their layers; `layers.csv` has every layer "
               "and replicate.")
-    means = signed_means(layers, ["config", "layer"])
+    logs = log_scale_stats(layers)
     for config in labels:
         if len(labels) > 1:
             doc.h3(lit(config))
-        doc.table(layer_table(summary, config, reps, means))
+        doc.table(layer_table(summary, config, reps, logs))
     notes = [
         "`pre std`: the std of z = h W + b entering the activation; `post`: the layer's output h (layer 0 is the "
         "input); `post mean`: its mean over samples and units (over replicates too), exact at any magnitude;",
@@ -548,11 +602,12 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
         "direction); `abs cos sim`: the mean of its absolute value over pairs of the first 128 samples, which also "
         "shows a collapse onto +-one direction that the signed mean averages away;",
         "`theory post std`: the mean-field prediction of `post std` (infinite width); `theory in 95% CI`: whether "
-        "the predicted second moment lies in the 95% t interval of the measured one over replicates. A **no** "
-        "says the two differ beyond sampling error at that layer: one **no** in twenty layers is expected by "
-        "chance, a run of them is a real difference (finite width compounding over depth, or orthogonal "
-        "weights, which the Gaussian theory does not model exactly);",
-        "\"overflow\" marks a second moment beyond float64; the std and mean columns are exact at any magnitude.",
+        "the predicted second moment lies in the 95% t interval of the measured one over replicates; a "
+        "prediction below (or above) every single network is a **no** whatever the interval, which one network "
+        "far above the others widens. A **no** says the two differ beyond sampling error at that layer: one in "
+        "twenty layers is expected by chance, a run of them is a real difference (finite width compounding over "
+        "depth, or what the theory does not model, such as orthogonal weights or batch statistics);",
+        "every column is exact at any magnitude: values beyond float64 are carried by their log10.",
     ]
     if "grad_log10_std" in layers:
         notes.insert(0, "backward pass: a random gradient g_L ~ N(0, 1) enters at the output and is propagated "

@@ -439,7 +439,7 @@ def _mean_axis(summary: pd.DataFrame, layers: pd.DataFrame) -> tuple[pd.DataFram
 
 def _symlog_ticks(ax: plt.Axes) -> bool:
     """Ticks of a "symlog" mean axis: 0 and +-10^k at a few round k (+-1 too
-    when few decades are shown), labelled as the means they stand for; False
+    when ten decades or fewer are shown), labelled as the means they stand for; False
     (and plain ticks) for a panel whose means all lie within +-1, where the
     axis is linear."""
     low, high = ax.dataLim.intervaly
@@ -448,7 +448,7 @@ def _symlog_ticks(ax: plt.Axes) -> bool:
         return False
     steps = [k for k in MaxNLocator(nbins=5, integer=True, steps=[1, 2, 5, 10]).tick_values(0, decades)
              if 0 < k <= decades + 0.5]
-    ks = ([0] if decades <= 4 else []) + [int(k) for k in steps]
+    ks = ([0] if decades <= 10 else []) + [int(k) for k in steps]
     ticks = [0.0] + [1.0 + k for k in ks if high > 0.5] + [-1.0 - k for k in ks if low < -0.5]
     ax.yaxis.set_major_locator(FixedLocator(sorted(ticks)))
     ax.yaxis.set_major_formatter(FuncFormatter(

@@ -144,7 +144,8 @@ _LN10 = math.log(10.0)
 def _log10_second_moment(frame: pd.DataFrame, side: str) -> np.ndarray:
     """log10 E[x^2] = log10(std^2 + mean^2) per row, from the log10 columns (exact at any magnitude)."""
     _, log10_abs_mean = mean_columns(frame, side)
-    return np.logaddexp(2 * _LN10 * frame[f"{side}_log10_std"].to_numpy(float), 2 * _LN10 * log10_abs_mean) / _LN10
+    with np.errstate(invalid="ignore"):  # NaN where a side or a theory has no value: NaN, silently
+        return np.logaddexp(2 * _LN10 * frame[f"{side}_log10_std"].to_numpy(float), 2 * _LN10 * log10_abs_mean) / _LN10
 
 
 def log_scale_stats(layers: pd.DataFrame) -> pd.DataFrame:

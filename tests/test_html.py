@@ -72,7 +72,7 @@ def test_contents_fold_many_subsections(tmp_path, subsections, folded):
 def test_findings_come_first(run_dir):
     md = (run_dir / "report.md").read_text()
     assert md.index("## Findings") < md.index("## Summary") < md.index("## Per-layer statistics")
-    assert "stable through 24 layers" in md and "the signal dies at layer" in md
+    assert "**he**: the inputs collapse onto one direction" in md and "**fan_in**: the signal dies at layer" in md
 
 
 def _browser():

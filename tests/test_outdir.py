@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from varprop import outdir
 from varprop.cli import main
 from varprop.outdir import AREA, MANIFEST, OutDirError, staging
 

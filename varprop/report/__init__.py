@@ -109,9 +109,11 @@ def render(directory: Path, formats: tuple[str, ...] = FORMATS, layers: pd.DataF
             paths["json"].write_text(shown_summary(summary).to_json(orient="records", indent=1))
         return paths
     paths["figure"] = directory / "std_per_layer.png"
-    figures.std_per_layer(layers, summary, paths["figure"])
-    paths["means_figure"] = figures.means_and_channels(layers, summary, directory / "means_per_layer.png")
-    paths["correlation_figure"] = figures.correlation(layers, summary, directory / "correlation_per_layer.png")
+    configs = meta["configs"]  # the varied options, by name
+    figures.std_per_layer(layers, summary, paths["figure"], configs)
+    paths["means_figure"] = figures.means_and_channels(layers, summary, directory / "means_per_layer.png", configs)
+    paths["correlation_figure"] = figures.correlation(layers, summary, directory / "correlation_per_layer.png",
+                                                      configs)
     if (directory / "histograms.csv").exists():
         paths["histogram_figure"] = figures.histograms(pd.read_csv(directory / "histograms.csv"),
                                                        directory / "histograms.png")

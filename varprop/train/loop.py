@@ -68,6 +68,12 @@ def eval_indices(seed: int, n: int) -> np.ndarray:
     return order[:EVAL_SAMPLES]
 
 
+def probe_size(n_eval: int, batch_size: int) -> int:
+    """The probe: whole batches, about 1,000 images (at least one batch, at most the evaluation set)."""
+    batches = max(1, round(PROBE_SAMPLES / batch_size))
+    return min(batches * batch_size, n_eval - n_eval % batch_size if n_eval >= batch_size else n_eval)
+
+
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
     """Batches per epoch: the last one is partial when the batch size does not divide the data (as in Keras)."""
     return math.ceil(n_train / batch_size)
@@ -97,7 +103,8 @@ def train_replicate(config: TrainConfig, replicate: int, run: RunOptions, datase
     x_test = dataset.x_test if dtype == np.float32 else dataset.x_test.astype(dtype)
     ev = eval_indices(run.seed, n)
     x_eval, y_eval = x_train[ev], dataset.y_train[ev]
-    x_probe, y_probe = x_eval[:PROBE_SAMPLES], y_eval[:PROBE_SAMPLES]
+    probe = probe_size(len(ev), config.batch_size)
+    x_probe, y_probe = x_eval[:probe], y_eval[:probe]
     history: list[dict[str, Any]] = []
     layer_rows: list[dict[str, Any]] = []
     w_before: dict[int, np.ndarray] | None = None
@@ -106,7 +113,7 @@ def train_replicate(config: TrainConfig, replicate: int, run: RunOptions, datase
         with np.errstate(all="ignore"):  # a diverged network records NaN, not warnings
             train_loss, train_acc = model.evaluate(x_eval, y_eval)
             test_loss, test_acc = model.evaluate(x_test, dataset.y_test)
-            stats = model.layer_statistics(x_probe, y_probe)
+            stats = model.layer_statistics(x_probe, y_probe, min(config.batch_size, probe))
         head = {"replicate": replicate, "epoch": epoch, "step": step}
         history.append({**head, "train_loss_keras": keras_loss, "train_loss": train_loss, "train_accuracy": train_acc,
                         "test_loss": test_loss, "test_accuracy": test_acc,
@@ -179,8 +186,11 @@ def fit(configs: list[TrainConfig], run: RunOptions, dataset: data_mod.Dataset, 
                     "record_every": run.record_every, "dtype": run.dtype, "data": run.data},
             "data": {"name": dataset.name, "n_train": dataset.n_train, "n_test": dataset.n_test,
                      "n_features": dataset.n_features,
+                     # what simulate's Gaussian inputs need to give the first layer the data's second moment
+                     "pixel_rms": float(np.sqrt(np.mean(np.square(dataset.x_train, dtype=np.float64)))),
                      "eval_samples": min(EVAL_SAMPLES, dataset.n_train),
-                     "probe_samples": min(PROBE_SAMPLES, dataset.n_train)},
+                     "probe_samples": {c.label: probe_size(min(EVAL_SAMPLES, dataset.n_train), c.batch_size)
+                                       for c in configs}},
             "steps_per_epoch": {c.label: steps_per_epoch(dataset.n_train, c.batch_size) for c in configs},
             "elapsed_s": time.perf_counter() - start}
     return TrainResult(pd.DataFrame(history), pd.DataFrame(layers), meta)

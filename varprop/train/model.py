@@ -111,36 +111,45 @@ def dense_backward(h: np.ndarray, w: np.ndarray, delta: np.ndarray, dw: np.ndarr
     return product(delta, w.T, pool) if need_input_grad else None
 
 
-def bn_train_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float
+def bn_train_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, batch: int | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Training mode: ``(y, xhat, scale, batch mean, biased batch variance)``
     with ``xhat = (x - mean) / sqrt(var + eps)``, ``y = gamma xhat + beta``
-    and ``scale = gamma / sqrt(var + eps)``. The statistics are summed in
-    float64 and returned in float64."""
-    mean = x.mean(axis=0, dtype=np.float64)
-    centered = x - mean.astype(x.dtype)
-    var = np.mean(np.square(centered, dtype=np.float64), axis=0)
+    and ``scale = gamma / sqrt(var + eps)``, per unit and per batch of
+    ``batch`` consecutive rows (default: all rows are one batch). The
+    statistics are summed in float64 and returned in float64 (the first
+    batch's when there are several)."""
+    n = x.shape[0]
+    groups = x.reshape(n // (batch or n), batch or n, -1)
+    mean = groups.mean(axis=1, keepdims=True, dtype=np.float64)
+    centered = groups - mean.astype(x.dtype)
+    var = np.mean(np.square(centered, dtype=np.float64), axis=1, keepdims=True)
     inv = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
     centered *= inv
     y = centered * gamma
     y += beta
-    return y, centered, inv * gamma, mean, var
+    return y.reshape(x.shape), centered.reshape(x.shape), inv * gamma, mean[0, 0], var[0, 0]
 
 
 def bn_train_backward(dy: np.ndarray, xhat: np.ndarray, scale: np.ndarray, dgamma: np.ndarray, dbeta: np.ndarray
                       ) -> np.ndarray:
     """The gradient through training-mode BN with its full batch Jacobian:
-    ``dx = gamma / sigma (dy - mean(dy) - xhat mean(dy xhat))`` with
+    ``dx = gamma / sigma (dy - mean(dy) - xhat mean(dy xhat))`` per batch, with
     ``sigma = sqrt(var + eps)`` (eps is inside xhat, so this is exact);
-    fills ``dgamma = sum(dy xhat)`` and ``dbeta = sum(dy)``."""
-    np.sum(dy, axis=0, out=dbeta)
-    dyx = dy * xhat
-    np.sum(dyx, axis=0, out=dgamma)
-    n = dy.shape[0]
-    dx = dy - dbeta / dy.dtype.type(n)
-    dx -= xhat * (dgamma / dy.dtype.type(n))
+    fills ``dgamma = sum(dy xhat)`` and ``dbeta = sum(dy)``. ``scale`` is
+    ``(batches, 1, units)`` as :func:`bn_train_forward` returns it."""
+    shape = dy.shape
+    g = dy.reshape(scale.shape[0], -1, shape[1])
+    xh = xhat.reshape(g.shape)
+    sum_dy = g.sum(axis=1, keepdims=True)
+    sum_dyx = (g * xh).sum(axis=1, keepdims=True)
+    np.sum(sum_dy, axis=(0, 1), out=dbeta)
+    np.sum(sum_dyx, axis=(0, 1), out=dgamma)
+    n = dy.dtype.type(g.shape[1])
+    dx = g - sum_dy / n
+    dx -= xh * (sum_dyx / n)
     dx *= scale
-    return dx
+    return dx.reshape(shape)
 
 
 def bn_infer_forward(x: np.ndarray, bn: BatchNorm, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -327,11 +336,12 @@ class Model:
 
     # forward and backward
 
-    def _bn_forward(self, l: int, x: np.ndarray, training: bool, update: bool) -> tuple[np.ndarray, _Layer]:
+    def _bn_forward(self, l: int, x: np.ndarray, training: bool, update: bool, batch: int | None
+                    ) -> tuple[np.ndarray, _Layer]:
         bn, eps = self.bn[l], self.arch.bn_eps
         rec = _Layer(x, None, bn_training=training)
         if training:
-            y, rec.bn_xhat, rec.bn_scale, mean, var = bn_train_forward(x, bn.gamma, bn.beta, eps)
+            y, rec.bn_xhat, rec.bn_scale, mean, var = bn_train_forward(x, bn.gamma, bn.beta, eps, batch)
             if update:  # Keras: moving * momentum + batch statistic * (1 - momentum), in the variable's dtype
                 m = self.dtype.type(self.arch.bn_momentum)
                 one_minus = self.dtype.type(1.0 - self.arch.bn_momentum)
@@ -341,11 +351,13 @@ class Model:
             y, rec.bn_xhat, rec.bn_scale = bn_infer_forward(x, bn, eps)
         return y, rec
 
-    def forward(self, x: np.ndarray, training: bool, update_stats: bool = False,
-                keep: bool = True) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    def forward(self, x: np.ndarray, training: bool, update_stats: bool = False, keep: bool = True,
+                batch: int | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Logits of ``x``, and each layer's record (for :meth:`backward` and the statistics):
         ``dense`` (its input), ``pre`` (the activation's input), ``post`` (the layer's output),
-        ``bn`` (BN's record). ``update_stats`` moves the BN moving statistics (training only)."""
+        ``bn`` (BN's record). In training mode BN normalises each ``batch``
+        consecutive rows (default: all of them) with their own statistics;
+        ``update_stats`` moves the moving statistics (by the one batch's)."""
         h = np.asarray(x, self.dtype)
         tape: list[dict[str, Any]] = []
         for l in self.layers:
@@ -357,14 +369,14 @@ class Model:
                 return z, tape
             bn_here = l in self.bn
             if bn_here and self.arch.bn_position == "pre":
-                z, rec["bn"] = self._bn_forward(l, z, training, update_stats)
+                z, rec["bn"] = self._bn_forward(l, z, training, update_stats, batch)
             if self._both is not None:
                 a, d = self._both(z)
             else:
                 a, d = self.act.phi(z), self.act.dphi(z)
             rec["pre"], rec["dphi"], rec["act_out"] = z, d, a
             if bn_here and self.arch.bn_position == "post":
-                a, rec["bn"] = self._bn_forward(l, a, training, update_stats)
+                a, rec["bn"] = self._bn_forward(l, a, training, update_stats, batch)
             rec["post"] = a
             if keep:
                 tape.append(rec)
@@ -426,15 +438,18 @@ class Model:
             correct += int(np.count_nonzero(logits.argmax(axis=1) == y[rows]))
         return total / len(y), correct / len(y)
 
-    def layer_statistics(self, x: np.ndarray, y: np.ndarray) -> list[dict[str, float]]:
-        """Per layer, in inference mode on a fixed probe batch: what enters
-        the activation (``pre``) and the layer's output (``post``, after BN
-        when BN is post; the softmax probabilities on the last layer), their
-        mean and std, saturated and zero fractions and dead units, and the
-        std of the per-sample loss's gradient w.r.t. the output (``grad``) and
-        the Dense output (``delta``); BN's moving statistics beside the
-        probe's own (how far inference's normalisation is from the data's)."""
-        logits, tape = self.forward(x, training=False)
+    def layer_statistics(self, x: np.ndarray, y: np.ndarray, batch: int) -> list[dict[str, float]]:
+        """Per layer, on a probe ``x`` cut into batches of ``batch`` rows, in
+        training mode as a training step sees them (BN with each batch's
+        statistics; the moving ones left alone): what enters the activation
+        (``pre``) and the layer's output (``post``, after BN when BN is post;
+        the softmax probabilities on the last layer, whose ``pre`` are the
+        logits), their mean and std, saturated and zero fractions and dead
+        units, and the std of the per-sample loss's gradient w.r.t. the output
+        (``grad``) and the Dense output (``delta``); BN's moving statistics
+        against the probe's own (how far inference's normalisation is from
+        the data's)."""
+        logits, tape = self.forward(x, training=True, batch=batch)
         _, p = softmax_xent(logits, y)
         grads: dict[int, dict[str, np.ndarray]] = {}
         saved = self.grads.copy()  # the training gradient stays what the last step used

@@ -17,7 +17,7 @@ from ..errors import SpecError
 from ..train.options import OPTIONS
 from .common import DEFAULT_RUNS_DIR, in_staging
 
-FORMATS = ("md", "html")
+FORMATS = ("md", "html", "csv")  # csv alone: the data files without a report
 
 
 def _options(fn: Any) -> Any:
@@ -117,8 +117,8 @@ class _Bar:
 @_options
 @click.option("--title", default=None, help="report title [default: what was compared, in one line]")
 @click.option("--format", "formats", default="md,html", metavar="LIST",
-              help="reports among md, html (history.csv, layers_over_training.csv and config.json are always "
-                   "written) [default: md,html]")
+              help="outputs among md, html, csv (history.csv, layers_over_training.csv and config.json are "
+                   "always written; csv alone skips the report) [default: md,html]")
 @click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/train-...]")
 @click.option("--threads", default=None, metavar="N",
               help="threads to compute on; the numbers are the same for any N [default: every core]")

@@ -134,11 +134,8 @@ def stratified_split(y: np.ndarray, test_fraction: float, rng: np.random.Generat
         cut = int(round(len(members) * test_fraction))
         test.append(members[:cut])
         train.append(members[cut:])
-    train_idx, test_idx = np.concatenate(train), np.concatenate(test)
-    # Interleave the classes again: keep the shuffled order rather than class blocks.
-    rank = np.empty(len(y), np.int64)
-    rank[order] = np.arange(len(y))
-    return train_idx[np.argsort(rank[train_idx])], test_idx[np.argsort(rank[test_idx])]
+    # Shuffled again, so that neither part comes in blocks of one class.
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
 
 
 def split_rng(seed: int) -> np.random.Generator:
@@ -221,6 +218,8 @@ def idx_folder(folder: Path, n_classes: int = 10) -> Dataset:
 
 
 def _npz(path: Path) -> dict[str, np.ndarray]:
+    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle and blame pickling
+        raise _fail(f"cannot read {path} as an .npz archive (not a zip file)")
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -246,6 +245,7 @@ def npz_file(path: Path, seed: int, n_classes: int = 10) -> Dataset:
             return from_arrays(arrays["X"], arrays["y"], arrays["X_test"], arrays["y_test"],
                                f"{path} (X, y; X_test, y_test)", n_classes)
         x, y = arrays["X"], arrays["y"]
+        _pixels(np.asarray(x), "the images X")  # refused before a split could hide why
         y_checked = _labels(np.asarray(y), x.shape[0] if x.ndim else 0, n_classes, "the labels y")
         if len(y_checked) < 2:
             raise _fail(f"{path} holds {len(y_checked)} samples; at least 2 are needed to split off a test set")

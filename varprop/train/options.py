@@ -126,13 +126,6 @@ OPTIONS: dict[str, Option] = {
                           metavar="SLOPE"),
     "init": Option(_init, "keras-default", "Dense kernel init: " + ", ".join(inits.PRESETS) + ", or module:function "
                    "(keras-default: glorot uniform, zero bias)", metavar="SCHEME"),
-    "bn_count": Option(_int("an integer >= 0", lambda n: n >= 0), None,
-                       "BatchNormalization on the first K hidden layers [default: 0]", metavar="K"),
-    "bn_layers": Option(_int_list("comma-separated hidden layers, e.g. 1,3, or none"), None,
-                        "hidden layers with BatchNormalization, e.g. 1,3 (or none)", metavar="L1,L2,..."),
-    "bn_position": Option(_choice(("pre", "post")), "post", "BN on the activation's output (post, as the study's "
-                          "Dense(act) then BatchNormalization()) or between the product and the activation (pre)",
-                          metavar="post|pre"),
     "optimizer": Option(_choice(optim.NAMES), "sgd-nesterov", "sgd (momentum), sgd-nesterov or adam, with Keras' "
                         "update rules", metavar="NAME"),
     "lr": Option(_float("a number > 0", lambda x: x > 0), 0.01, "learning rate", metavar="LR"),
@@ -141,6 +134,13 @@ OPTIONS: dict[str, Option] = {
     "lr_schedule": Option(_choice(optim.SCHEDULES), "constant", "constant, or cosine decay to 0 over the run "
                           "(Keras' CosineDecay)", metavar="NAME"),
     "batch_size": Option(_int("an integer >= 1", lambda n: n >= 1), 128, "samples per training batch", metavar="B"),
+    "bn_count": Option(_int("an integer >= 0", lambda n: n >= 0), None,
+                       "BatchNormalization on the first K hidden layers [default: 0]", metavar="K"),
+    "bn_layers": Option(_int_list("comma-separated hidden layers, e.g. 1,3, or none"), None,
+                        "hidden layers with BatchNormalization, e.g. 1,3 (or none)", metavar="L1,L2,..."),
+    "bn_position": Option(_choice(("pre", "post")), "post", "BN on the activation's output (post, as the study's "
+                          "Dense(act) then BatchNormalization()) or between the product and the activation (pre)",
+                          metavar="post|pre"),
     "epochs": Option(_int("an integer >= 1", lambda n: n >= 1), 10, "passes over the training data",
                      repeatable=False, metavar="E"),
     "replicates": Option(_int("an integer >= 1", lambda n: n >= 1), 3, "independent seeds per configuration "

@@ -226,18 +226,21 @@ def test_float32_steps_match_float64_to_rounding():
         np.testing.assert_allclose(w32, w64, rtol=0, atol=1e-6 * np.abs(W0).max())
 
 
-def test_pieces_and_threads_do_not_change_updates(rng):
-    from varprop.parallel import Pool
+def test_pieces_do_not_change_updates(rng, monkeypatch):
     size = 3 * optim.PIECE + 7
     g = rng.normal(size=size).astype(np.float32)
     results = []
-    for threads in (1, 2, 3):
-        w = np.ones(size, np.float32)
-        opt = optim.make("adam", 0.01, size, np.float32, pool=Pool(threads))
-        opt.step(w, g)
-        opt.step(w, g * 0.5)
-        results.append(w)
-    assert all(np.array_equal(results[0], r) for r in results[1:])
+    for piece in (optim.PIECE, 1000, size):
+        monkeypatch.setattr(optim, "PIECE", piece)
+        for name in optim.NAMES:
+            w = np.ones(size, np.float32)
+            opt = optim.make(name, 0.01, size, np.float32)
+            opt.step(w, g)
+            opt.step(w, g * 0.5)
+            results.append((name, w))
+    for name in optim.NAMES:
+        same = [w for n, w in results if n == name]
+        assert all(np.array_equal(same[0], w) for w in same[1:])
 
 
 def test_cosine_schedule():

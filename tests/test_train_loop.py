@@ -35,7 +35,7 @@ def test_short_run_learns():
 
 
 def test_bit_identical_across_thread_counts():
-    """Products large enough to run on threads (batch 512), BN, and Adam's pieces: same numbers on 1, 2 and
+    """Products large enough to run on threads (batch 512) and BN: same numbers on 1, 2 and
     3 threads, to the last bit."""
     kw = dict(widths="784,64,32,10", activation="tanh", bn_count=1, optimizer="adam", batch_size=512,
               epochs=1, replicates=1, record_every=4, data="subset")

@@ -166,14 +166,17 @@ def summary_table(history: pd.DataFrame, meta: dict[str, Any], target: float) ->
 
 
 def target_loss(history: pd.DataFrame) -> float:
-    """The loss every configuration reaches by its end (in median over
-    replicates): the largest median final Keras loss, rounded up to 2 digits."""
-    final = final_rows(history)
-    worst = float(final.groupby("config")["train_loss_keras"].median().max())
-    if not math.isfinite(worst) or worst <= 0:
+    """A loss worth reaching: halfway, on a log scale, from the initial loss
+    to the best configuration's final one (medians over replicates),
+    rounded to 2 digits. The best configuration gets there mid-run; how much
+    later the others do, if at all, is the comparison."""
+    start = float(history[history["step"] == 0]["train_loss"].median())
+    best = float(final_rows(history).groupby("config")["train_loss_keras"].median().min())
+    if not (math.isfinite(best) and math.isfinite(start)) or best <= 0 or best >= start:
         return math.nan
-    scale = 10 ** math.floor(math.log10(worst) - 1)
-    return math.ceil(worst / scale) * scale
+    target = math.sqrt(start * best)
+    scale = 10 ** math.floor(math.log10(target) - 1)
+    return round(target / scale) * scale
 
 
 def findings(history: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
@@ -190,20 +193,7 @@ def findings(history: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
                    "trains them.")
     target = target_loss(history)
     if len(labels) > 1 and math.isfinite(target):
-        reach = {}
-        for label in labels:
-            r = [epochs_to(g, target) for _, g in ends[ends["config"] == label].groupby("replicate")]
-            reach[label] = (float(np.median(r)) if all(math.isfinite(x) for x in r) else math.nan, r)
-        order = sorted(labels, key=lambda k: (not math.isfinite(reach[k][0]), reach[k][0]))
-        first, last = order[0], order[-1]
-        rng = lambda r: f"{min(r):.2f}-{max(r):.2f}" if len(r) > 1 else f"{r[0]:.2f}"  # noqa: E731
-        if math.isfinite(reach[first][0]):
-            text = (f"**{first}** reaches a training loss of {target:.3g} first: after {reach[first][0]:.2f} epochs "
-                    f"(median over {n_rep} seeds; range {rng(reach[first][1])})")
-            if math.isfinite(reach[last][0]) and last != first:
-                text += (f"; the slowest, **{last}**, needs {reach[last][0]:.2f} ({rng(reach[last][1])}), "
-                         f"{reach[last][0] - reach[first][0]:.2f} epochs more")
-            out.append(text + f". ({target:.3g} is the loss every configuration ends at or below, in median.)")
+        out.append(_reach_finding(ends, final, labels, target, n_rep))
     for with_bn, without in bn_pairs(meta):
         dl = _paired(final, with_bn, without, "train_loss_keras")
         da = _paired(final, with_bn, without, "test_accuracy")
@@ -219,6 +209,38 @@ def findings(history: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     if mismatch:
         out.append(mismatch)
     return out
+
+
+def reach(ends: pd.DataFrame, label: str, target: float) -> list[float]:
+    """Per replicate, the epochs configuration ``label`` takes to reach ``target`` (NaN: never)."""
+    return [epochs_to(g, target) for _, g in ends[ends["config"] == label].groupby("replicate")]
+
+
+def _reach_finding(ends: pd.DataFrame, final: pd.DataFrame, labels: list[str], target: float, n_rep: int) -> str:
+    times = {k: reach(ends, k, target) for k in labels}
+    median = {k: float(np.median(v)) if all(math.isfinite(x) for x in v) else math.nan for k, v in times.items()}
+    order = sorted(labels, key=lambda k: (not math.isfinite(median[k]), median[k]))
+    first = order[0]
+
+    def spread(v: list[float]) -> str:
+        return "" if len(v) < 2 else f" (range {min(v):.2f}-{max(v):.2f})"
+    text = (f"**{first}** reaches a training loss of {target:.3g} first, after {median[first]:.2f} epochs"
+            f"{spread(times[first])}, median over {n_rep} seed{'s' if n_rep > 1 else ''}")
+    later = [k for k in order[1:] if math.isfinite(median[k])]
+    never = [k for k in order[1:] if not math.isfinite(median[k])]
+    if later:
+        text += "; then " + ", ".join(f"{k} after {median[k]:.2f} (+{median[k] - median[first]:.2f})"
+                                      for k in later)
+    if never:
+        ends_at = final.groupby("config")["train_loss_keras"].median()
+
+        def missed(k: str) -> str:
+            hits = sum(map(math.isfinite, times[k]))
+            return (f"{k} does not reach it" if hits == 0 else f"{k} reaches it in {hits} of {len(times[k])} seeds") + (
+                f" (ends at {ends_at[k]:.3g})")
+        text += "; " + ", ".join(missed(k) for k in never)
+    return text + (f". ({target:.3g} lies halfway, on a log scale, between the initial loss and the best final "
+                   "one; training loss as Keras reports it, epoch by epoch.)")
 
 
 def _batch_findings(final: pd.DataFrame, meta: dict[str, Any]) -> list[str]:

@@ -98,7 +98,7 @@ def train_replicate(config: TrainConfig, replicate: int, run: RunOptions, datase
     n = dataset.n_train
     per_epoch = steps_per_epoch(n, config.batch_size)
     schedule = _schedule(config, per_epoch * run.epochs)
-    opt = optim.make(config.optimizer, schedule, model.n_params, dtype, config.momentum, pool)
+    opt = optim.make(config.optimizer, schedule, model.n_params, dtype, config.momentum)
     x_train = dataset.x_train if dtype == np.float32 else dataset.x_train.astype(dtype)
     x_test = dataset.x_test if dtype == np.float32 else dataset.x_test.astype(dtype)
     ev = eval_indices(run.seed, n)

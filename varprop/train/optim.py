@@ -8,8 +8,7 @@ adam.py), on the model's flat parameter vector.
   t = 1, 2, ..., ``w -= a m / (sqrt(v) + eps)``: epsilon outside the bias
   correction (PyTorch puts it inside).
 
-Updates are element by element, so splitting the vector over threads never
-changes a number.
+Updates are element by element, so the pieces they run in never change a number.
 
 >>> import numpy as np
 >>> w, g = np.array([1.0, -2.0]), np.array([0.5, 0.5])
@@ -25,12 +24,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..parallel import SERIAL, Pool
 
 NAMES = ("sgd", "sgd-nesterov", "adam")
 SCHEDULES = ("constant", "cosine")
 ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-7
-PIECE = 16384  # elements updated together: a few arrays of them stay in a core's L2 cache
+PIECE = 65536  # elements updated together: the five arrays of a piece (1.3 MB) stay in a core's L2 cache
 
 
 def constant(lr: float) -> Callable[[int], float]:
@@ -47,64 +45,62 @@ class Optimizer:
     """Base: ``step(w, g)`` updates ``w`` in place; ``iterations`` counts steps
     (Keras' ``optimizer.iterations``, which a schedule reads before the step)."""
 
-    def __init__(self, lr: Callable[[int], float], size: int, dtype: Any, pool: Pool = SERIAL):
-        self.lr, self.dtype, self.pool = lr, np.dtype(dtype), pool
+    def __init__(self, lr: Callable[[int], float], size: int, dtype: Any):
+        self.lr, self.dtype, self.size = lr, np.dtype(dtype), size
         self.iterations = 0
-        # One part per thread, each updated piece by piece: every pass over a piece runs in the core's
-        # cache (the vector, its gradient and state do not fit). Element-wise updates give the same
-        # numbers however the vector is cut.
-        parts = max(1, min(pool.threads, size // PIECE))
-        self.parts = [slice(i * size // parts, (i + 1) * size // parts) for i in range(parts)]
+        # The vector is updated piece by piece, all of a piece's passes while it is in the core's cache
+        # (the vectors are megabytes), into preallocated scratch (fresh megabyte temporaries cost page
+        # faults on every step). In the caller's thread: the update is memory-bound, and handing it to
+        # threads every step cost more than it saved on this 2-core machine, badly so when it was busy.
+        self.scratch = (np.empty(min(PIECE, size), self.dtype), np.empty(min(PIECE, size), self.dtype))
 
     def step(self, w: np.ndarray, g: np.ndarray) -> None:
         lr = self.lr(self.iterations)
         self._prepare()
         self.iterations += 1
-
-        def run(part: slice) -> None:
-            for start in range(part.start, part.stop, PIECE):
-                piece = slice(start, min(start + PIECE, part.stop))
-                self._update(piece, w[piece], g[piece], lr)
-        if len(self.parts) > 1:
-            self.pool.map(run, self.parts)
-        else:
-            run(self.parts[0])
+        s1, s2 = self.scratch
+        for start in range(0, self.size, PIECE):
+            piece = slice(start, min(start + PIECE, self.size))
+            n = piece.stop - piece.start
+            self._update(piece, w[piece], g[piece], lr, s1[:n], s2[:n])
 
     def _prepare(self) -> None:
         """Per-step constants, before ``iterations`` moves."""
 
-    def _update(self, piece: slice, w: np.ndarray, g: np.ndarray, lr: float) -> None:
+    def _update(self, piece: slice, w: np.ndarray, g: np.ndarray, lr: float, s1: np.ndarray, s2: np.ndarray
+                ) -> None:
         raise NotImplementedError
 
 
 class SGD(Optimizer):
     def __init__(self, lr: Callable[[int], float], size: int, dtype: Any, momentum: float = 0.0,
-                 nesterov: bool = False, pool: Pool = SERIAL):
-        super().__init__(lr, size, dtype, pool)
+                 nesterov: bool = False):
+        super().__init__(lr, size, dtype)
         self.momentum, self.nesterov = momentum, nesterov
         self.velocity = np.zeros(size, self.dtype) if momentum else None
 
-    def _update(self, piece: slice, w: np.ndarray, g: np.ndarray, lr: float) -> None:
+    def _update(self, piece: slice, w: np.ndarray, g: np.ndarray, lr: float, s1: np.ndarray, s2: np.ndarray
+                ) -> None:
         t = self.dtype.type
-        step = g * t(lr)  # lr g
+        np.multiply(g, t(lr), out=s1)  # lr g
         if self.velocity is None:
-            w -= step
+            w -= s1
             return
         v = self.velocity[piece]
         v *= t(self.momentum)
-        v -= step  # v = mu v - lr g
+        v -= s1  # v = mu v - lr g
         if self.nesterov:
-            step *= t(-1)
-            step += v * t(self.momentum)  # mu v - lr g
-            w += step
+            np.multiply(v, t(self.momentum), out=s2)
+            s2 -= s1
+            w += s2  # w + (mu v - lr g), in Keras' order
         else:
             w += v
 
 
 class Adam(Optimizer):
     def __init__(self, lr: Callable[[int], float], size: int, dtype: Any, beta1: float = ADAM_BETA1,
-                 beta2: float = ADAM_BETA2, eps: float = ADAM_EPS, pool: Pool = SERIAL):
-        super().__init__(lr, size, dtype, pool)
+                 beta2: float = ADAM_BETA2, eps: float = ADAM_EPS):
+        super().__init__(lr, size, dtype)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.m = np.zeros(size, self.dtype)
         self.v = np.zeros(size, self.dtype)
@@ -117,32 +113,33 @@ class Adam(Optimizer):
         b1_power, b2_power = np.power(t(self.beta1), k), np.power(t(self.beta2), k)
         self._alpha = t(self.lr(self.iterations)) * np.sqrt(t(1) - b2_power) / (t(1) - b1_power)
 
-    def _update(self, piece: slice, w: np.ndarray, g: np.ndarray, lr: float) -> None:
+    def _update(self, piece: slice, w: np.ndarray, g: np.ndarray, lr: float, s1: np.ndarray, s2: np.ndarray
+                ) -> None:
         t = self.dtype.type
         m, v = self.m[piece], self.v[piece]
-        tmp = g - m
-        tmp *= t(1 - self.beta1)
-        m += tmp  # m += (1 - b1)(g - m)
-        np.square(g, out=tmp)
-        tmp -= v
-        tmp *= t(1 - self.beta2)
-        v += tmp  # v += (1 - b2)(g^2 - v)
-        denom = np.sqrt(v)
-        denom += t(self.eps)
-        np.multiply(m, self._alpha, out=tmp)
-        tmp /= denom
-        w -= tmp  # w -= a m / (sqrt(v) + eps), in Keras' order of operations
+        np.subtract(g, m, out=s1)
+        s1 *= t(1 - self.beta1)
+        m += s1  # m += (1 - b1)(g - m)
+        np.square(g, out=s1)
+        s1 -= v
+        s1 *= t(1 - self.beta2)
+        v += s1  # v += (1 - b2)(g^2 - v)
+        np.sqrt(v, out=s2)
+        s2 += t(self.eps)
+        np.multiply(m, self._alpha, out=s1)
+        s1 /= s2
+        w -= s1  # w -= a m / (sqrt(v) + eps), in Keras' order of operations
 
 
-def make(name: str, lr: float | Callable[[int], float], size: int, dtype: Any, momentum: float = 0.9,
-         pool: Pool = SERIAL) -> Optimizer:
+def make(name: str, lr: float | Callable[[int], float], size: int, dtype: Any, momentum: float = 0.9
+         ) -> Optimizer:
     """An optimizer by name: ``sgd`` (momentum ``momentum``; 0 is plain SGD),
     ``sgd-nesterov`` or ``adam`` (Keras' defaults but the learning rate)."""
     schedule = lr if callable(lr) else constant(float(lr))
     if name == "adam":
-        return Adam(schedule, size, dtype, pool=pool)
+        return Adam(schedule, size, dtype)
     if name in ("sgd", "sgd-nesterov"):
-        return SGD(schedule, size, dtype, momentum=momentum, nesterov=name == "sgd-nesterov", pool=pool)
+        return SGD(schedule, size, dtype, momentum=momentum, nesterov=name == "sgd-nesterov")
     raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(NAMES)}")
 
 

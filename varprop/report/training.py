@@ -263,8 +263,8 @@ def _batch_findings(final: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
                 continue
             d = _paired(final, c["label"], best, "test_accuracy")
             parts.append(f"batch {c['options']['batch_size']}: {_interval_words(*d, _signed_pts)}")
-        rest = [k for k, v in members[0]["options"].items() if k != "batch_size" and k in members[0]["varied"]]
-        name = ", ".join(f"{k}={members[0]['options'][k]}" for k in rest) or "these settings"
+        name = ", ".join(p for p in members[0]["label"].split(", ") if not p.startswith("batch_size=")) or \
+            "these settings"
         best_b = next(c["options"]["batch_size"] for c in members if c["label"] == best)
         out.append(f"Batch size ({name}): batch {best_b} ends with the best test accuracy, {_pct(acc[best])}; "
                    "against it, " + "; ".join(parts) + ". An epoch is the same data at every batch size but "

@@ -84,14 +84,13 @@ class BatchNorm:
 
 
 @dataclass
-class _Layer:
-    """One layer's record of a forward pass, for the backward one."""
+class _BNRecord:
+    """One BN layer's record of a forward pass, for the backward one."""
 
-    h_in: np.ndarray  # the Dense input
-    dphi: np.ndarray | None  # phi' at the activation's input (hidden layers)
-    bn_xhat: np.ndarray | None = None  # BN's normalised input
-    bn_scale: np.ndarray | None = None  # gamma / sqrt(var + eps), per unit
-    bn_training: bool = False
+    x: np.ndarray  # BN's input
+    xhat: np.ndarray  # its normalised input
+    scale: np.ndarray  # gamma / sqrt(var + eps), per unit (and batch, in training mode)
+    training: bool
 
 
 # --- the layers, each a forward and an exact backward --------------------------------------------
@@ -276,8 +275,7 @@ class Model:
             n_in, n_out = arch.widths[l - 1], arch.widths[l]
             shapes += [("W", l, (n_in, n_out)), ("b", l, (n_out,))]
             if l in arch.bn_layers:
-                width = n_out
-                shapes += [("gamma", l, (width,)), ("beta", l, (width,))]
+                shapes += [("gamma", l, (n_out,)), ("beta", l, (n_out,))]
         total = sum(math.prod(s) for _, _, s in shapes)
         self.params = np.zeros(total, self.dtype)
         self.grads = np.zeros(total, self.dtype)
@@ -307,14 +305,14 @@ class Model:
     def n_params(self) -> int:
         return int(self.params.size)
 
-    def initialize(self, seed: int, replicate: int, init: str | inits.Scheme = "keras-default",
-                   bias_std: float | None = None) -> None:
+    def initialize(self, seed: int, replicate: int, init: Any = "keras-default") -> None:
         """Draw every Dense layer's kernel and bias from the seed tree, as
         ``varprop simulate --seed seed`` draws replicate ``replicate``'s (the
         same generators and blocks, so the trained network at step 0 is the
         one the at-init analysis measures); BN starts at gamma 1, beta 0,
-        moving mean 0, moving variance 1."""
-        scheme = inits.resolve(init) if isinstance(init, str) else init
+        moving mean 0, moving variance 1. ``init``: a preset name, ``module:function``,
+        a callable ``(rng, fan_in, fan_out) -> array`` or a resolved scheme."""
+        scheme = init if isinstance(init, inits.Scheme) else inits.resolve(init)
         for l in self.layers:
             n_in, n_out = self.arch.widths[l - 1], self.arch.widths[l]
             w = self.W[l]
@@ -327,8 +325,8 @@ class Model:
                 w0, scale = inits.draw_weights(scheme, generator(seed, replicate, l, "weights"), n_in, n_out,
                                                self.dtype)
                 w[...] = w0 * self.dtype.type(scale)
-            if inits.has_bias(scheme, bias_std):
-                self.b[l][...] = inits.draw_bias(scheme, bias_std, generator(seed, replicate, l, "bias"), n_in, n_out)
+            if inits.has_bias(scheme, None):  # torch-default's U(+-1/sqrt(fan_in)); the others' zeros
+                self.b[l][...] = inits.draw_bias(scheme, None, generator(seed, replicate, l, "bias"), n_in, n_out)
             else:
                 self.b[l][...] = 0
         for bn in self.bn.values():
@@ -337,31 +335,30 @@ class Model:
     # forward and backward
 
     def _bn_forward(self, l: int, x: np.ndarray, training: bool, update: bool, batch: int | None
-                    ) -> tuple[np.ndarray, _Layer]:
+                    ) -> tuple[np.ndarray, _BNRecord]:
         bn, eps = self.bn[l], self.arch.bn_eps
-        rec = _Layer(x, None, bn_training=training)
         if training:
-            y, rec.bn_xhat, rec.bn_scale, mean, var = bn_train_forward(x, bn.gamma, bn.beta, eps, batch)
+            y, xhat, scale, mean, var = bn_train_forward(x, bn.gamma, bn.beta, eps, batch)
             if update:  # Keras: moving * momentum + batch statistic * (1 - momentum), in the variable's dtype
                 m = self.dtype.type(self.arch.bn_momentum)
                 one_minus = self.dtype.type(1.0 - self.arch.bn_momentum)
                 bn.moving_mean[...] = bn.moving_mean * m + mean.astype(self.dtype) * one_minus
                 bn.moving_var[...] = bn.moving_var * m + var.astype(self.dtype) * one_minus
         else:
-            y, rec.bn_xhat, rec.bn_scale = bn_infer_forward(x, bn, eps)
-        return y, rec
+            y, xhat, scale = bn_infer_forward(x, bn, eps)
+        return y, _BNRecord(x, xhat, scale, training)
 
     def forward(self, x: np.ndarray, training: bool, update_stats: bool = False, keep: bool = True,
                 batch: int | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Logits of ``x``, and each layer's record (for :meth:`backward` and the statistics):
-        ``dense`` (its input), ``pre`` (the activation's input), ``post`` (the layer's output),
+        ``h_in`` (the Dense input), ``pre`` (the activation's input), ``post`` (the layer's output),
         ``bn`` (BN's record). In training mode BN normalises each ``batch``
         consecutive rows (default: all of them) with their own statistics;
         ``update_stats`` moves the moving statistics (by the one batch's)."""
         h = np.asarray(x, self.dtype)
         tape: list[dict[str, Any]] = []
         for l in self.layers:
-            rec: dict[str, Any] = {"dense": _Layer(h, None)}
+            rec: dict[str, Any] = {"h_in": h}
             z = dense_forward(h, self.W[l], self.b[l], self.pool)
             if l == self.arch.depth:
                 rec["pre"] = rec["post"] = z
@@ -403,14 +400,14 @@ class Model:
                     g = self._bn_backward(l, bn, g)
             if record is not None:
                 record.setdefault(l, {})["delta"] = g
-            g = dense_backward(rec["dense"].h_in, self.W[l], g, self.dW[l], self.db[l], self.pool,
+            g = dense_backward(rec["h_in"], self.W[l], g, self.dW[l], self.db[l], self.pool,
                                need_input_grad=need_input_grad or l > 1)
         return g
 
-    def _bn_backward(self, l: int, rec: _Layer, g: np.ndarray) -> np.ndarray:
+    def _bn_backward(self, l: int, rec: _BNRecord, g: np.ndarray) -> np.ndarray:
         bn = self.bn[l]
-        back = bn_train_backward if rec.bn_training else bn_infer_backward
-        return back(g, rec.bn_xhat, rec.bn_scale, bn.dgamma, bn.dbeta)
+        back = bn_train_backward if rec.training else bn_infer_backward
+        return back(g, rec.xhat, rec.scale, bn.dgamma, bn.dbeta)
 
     def loss_and_grad(self, x: np.ndarray, y: np.ndarray, update_stats: bool = True) -> float:
         """One training-mode pass on a batch: the mean loss (what Keras reports
@@ -478,7 +475,7 @@ class Model:
         if l not in self.bn:
             return dict.fromkeys(("bn_moving_mean", "bn_moving_var", "bn_var_ratio", "bn_mean_shift"), math.nan)
         bn = self.bn[l]
-        x = rec["bn"].h_in.astype(np.float64)  # BN's input on the probe
+        x = rec["bn"].x.astype(np.float64)  # BN's input on the probe
         mean, var = x.mean(axis=0), x.var(axis=0)
         mm, mv = bn.moving_mean.astype(np.float64), bn.moving_var.astype(np.float64)
         eps = self.arch.bn_eps

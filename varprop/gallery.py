@@ -115,7 +115,7 @@ def _train_entry(options: dict[str, Any], title: str) -> Callable[[Path, str], N
         result = train(**TRAIN_BASE, **options)
         meta = {**result.meta, "elapsed_s": None, "title": title, "command": f"varprop gallery --only {name}"}
         training.write(result.history, result.layers, meta, directory)
-        (directory / "reading.md").write_text(reading.for_entry(name, result.history, meta))
+        (directory / "reading.md").write_text(reading.for_entry(name, result.history, result.layers, meta))
     return build
 
 

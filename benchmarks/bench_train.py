@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import torch  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from varprop.parallel import Pool  # noqa: E402
@@ -71,7 +70,9 @@ def varprop_recorded_epoch(batch: int, bn: bool, ds: data.Dataset):
 
 
 def torch_epoch(batch: int, bn: bool, ds: data.Dataset, order: np.ndarray):
-    layers: list[torch.nn.Module] = []
+    import torch  # here only: the varprop child of the memory measurement never loads it
+
+    layers = []
     for l in range(1, len(WIDTHS)):
         layers.append(torch.nn.Linear(WIDTHS[l - 1], WIDTHS[l]))
         if l < len(WIDTHS) - 1:
@@ -105,6 +106,7 @@ import resource, sys, numpy as np
 sys.path.insert(0, {root!r})
 sys.argv = ['x']
 import benchmarks.bench_train as b
+{preload}
 from varprop.train import data
 ds = data.load('subset', 0)
 order = np.random.default_rng(0).permutation(ds.n_train)
@@ -118,7 +120,8 @@ print(base / 1024, peak / 1024)
 def peak_rss(fn: str, batch: int, bn: bool) -> tuple[float, float]:
     """(MiB after imports and data, peak MiB) of a fresh process training one epoch."""
     root = str(Path(__file__).resolve().parents[1])
-    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=root, fn=fn, batch=batch, bn=bn)],
+    preload = "import torch" if fn.startswith("torch") else ""  # its import is not training's memory
+    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=root, fn=fn, batch=batch, bn=bn, preload=preload)],
                          capture_output=True, text=True, check=True, cwd=root)
     base, peak = map(float, out.stdout.split())
     return base, peak
@@ -129,6 +132,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS-train.md")))
     args = ap.parse_args()
+    import torch
+
     ds = data.load("subset", 0)
     order = np.random.default_rng(0).permutation(ds.n_train)
     load_before = os.getloadavg()

@@ -4,7 +4,9 @@ network ``varprop simulate`` measures."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,7 +15,7 @@ from threadpoolctl import threadpool_limits
 
 import varprop
 from varprop.report import training as report
-from varprop.train import data, loop, optim
+from varprop.train import data, loop, optim, reading
 from varprop.train.model import Model
 from varprop.train.options import expand
 
@@ -135,3 +137,14 @@ def test_epochs_to_target():
     assert report.epochs_to(curve, 1.0) == 1.0
     assert report.epochs_to(curve, 0.5) == pytest.approx(1.5)  # halfway in log loss between 1 and 0.25
     assert math.isnan(report.epochs_to(curve, 0.1))
+
+
+@pytest.mark.parametrize("name", sorted(reading.READINGS))
+def test_committed_readings_follow_from_committed_curves(name):
+    """Each gallery reading is what the reading code makes of the entry's committed data (no training)."""
+    entry = Path(__file__).resolve().parents[1] / "reports" / name
+    history = pd.read_csv(entry / "history.csv")
+    layers = pd.read_csv(entry / "layers_over_training.csv")
+    meta = json.loads((entry / "config.json").read_text())
+    assert reading.for_entry(name, history, layers, meta) == (entry / "reading.md").read_text()
+    assert "**Verdict: " in (entry / "reading.md").read_text()

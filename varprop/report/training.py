@@ -606,8 +606,9 @@ def _optimizer_words(meta: dict[str, Any]) -> str:
 
 def _default_title(meta: dict[str, Any]) -> str:
     varied = list(dict.fromkeys(k for c in meta["configs"] for k in c["varied"]))
-    what = ", ".join(k.replace("_", " ") for k in varied) if varied else meta["configs"][0]["label"]
-    return f"varprop train: {what} on {meta['data']['n_train']:,} MNIST images, {meta['run']['epochs']} epochs"
+    what = (" x ".join(varied) + " compared") if varied else meta["configs"][0]["label"]
+    return (f"varprop train: {what}, {meta['data']['n_train']:,} MNIST training images, "
+            f"{meta['run']['epochs']} epochs")
 
 
 def write(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], directory: Path,

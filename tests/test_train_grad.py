@@ -51,7 +51,7 @@ def rng():
 def test_dense_backward(rng):
     h, w, b = rng.normal(size=(6, 5)), rng.normal(size=(5, 4)), rng.normal(size=4)
     r = rng.normal(size=(6, 4))  # objective sum(r * out): its gradient w.r.t. out is r
-    f = lambda: float(np.sum(r * M.dense_forward(h, w, b)))  # noqa: E731
+    f = lambda: float(np.sum(r * M.dense_forward(h, w, b)[0]))  # noqa: E731
     dw, db = np.zeros_like(w), np.zeros_like(b)
     dh = M.dense_backward(h, w, r, dw, db)
     close(dh, numeric_grad(f, h))
@@ -60,12 +60,16 @@ def test_dense_backward(rng):
 
 
 def test_blocked_products_equal_plain_ones(rng):
-    """The fixed blocks (thin products cut for OpenBLAS's small kernel, large ones for threads) compute a @ b."""
-    for shape in [(4, 784, 512), (16, 300, 200), (600, 300, 400), (3, 5, 7)]:
+    """The fixed blocks (thin products cut for OpenBLAS's small kernel, large ones for threads) compute a @ b,
+    and the fused bias and activation are applied to every block once."""
+    for shape in [(4, 784, 512), (16, 300, 200), (600, 300, 400), (3, 5, 7), (128, 784, 512)]:
         m, k, n = shape
-        a, b = rng.normal(size=(m, k)), rng.normal(size=(k, n))
+        a, b, bias = rng.normal(size=(m, k)), rng.normal(size=(k, n)), rng.normal(size=n)
         got = M.product(a, b)
         assert np.abs(got - a @ b).max() <= 1e-12 * np.abs(a @ b).max() * math.sqrt(k)
+        z, phi, dphi = M.dense_forward(a, b, bias, act=M.sigmoid_both)
+        np.testing.assert_array_equal(z, got + bias)
+        np.testing.assert_allclose(phi, 1 / (1 + np.exp(-z)), rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("name", activations.NAMES)
@@ -74,7 +78,11 @@ def test_activation_derivative(rng, name):
     m = M.Model(M.Architecture((3, 40, 2), name), np.float64)
     x = rng.normal(scale=3.0, size=40)
     x = x[np.abs(x) > 1e-3]  # away from relu-type kinks, where phi' jumps
-    both = m._both or (lambda v: (m.act.phi(v), m.act.dphi(v)))
+
+    def both(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = np.empty_like(v), np.empty_like(v)
+        m._both(v, *out)
+        return out
     phi, dphi = both(x)
     numeric = (both(x + STEP)[0] - both(x - STEP)[0]) / (2 * STEP)
     assert np.abs(dphi - numeric).max() <= TOL * max(1.0, np.abs(numeric).max())
@@ -84,7 +92,8 @@ def test_activation_derivative(rng, name):
 
 def test_fused_sigmoid_matches_registry_in_float32():
     x = np.linspace(-90, 90, 100_001, dtype=np.float32)
-    s, d = M._sigmoid_both(x)
+    s, d = np.empty_like(x), np.empty_like(x)
+    M.sigmoid_both(x, s, d)
     ref = activations.get("sigmoid")
     x64 = x.astype(np.float64)
     # float32 exp of up to 90 in magnitude errs by a few ulps; 2^-20 ~ 1e-6 relative bounds it with room

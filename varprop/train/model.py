@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -95,11 +95,23 @@ class _BNRecord:
 
 # --- the layers, each a forward and an exact backward --------------------------------------------
 
-def dense_forward(h: np.ndarray, w: np.ndarray, b: np.ndarray, pool: Pool = SERIAL) -> np.ndarray:
-    """``h w + b``, computed over blocks fixed by the shapes."""
-    z = product(h, w, pool)
-    z += b
-    return z
+def dense_forward(h: np.ndarray, w: np.ndarray, b: np.ndarray, pool: Pool = SERIAL,
+                  act: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``z = h w + b`` over blocks fixed by the shapes, and with ``act`` (which
+    fills ``phi(z)`` and ``phi'(z)`` into its second and third arguments) the
+    activation and its derivative, each block's while it is in cache (and on
+    the block's thread): ``(z, phi(z), phi'(z))``."""
+    m, n = h.shape[0], w.shape[1]
+    phi = np.empty((m, n), np.result_type(h, w)) if act else None
+    dphi = np.empty_like(phi) if act else None
+
+    def after(z: np.ndarray, idx: tuple[slice, slice]) -> None:
+        block = z[idx]
+        block += b[idx[1]]
+        if act:
+            act(block, phi[idx], dphi[idx])
+    return product(h, w, pool, after=after), phi, dphi
 
 
 def dense_backward(h: np.ndarray, w: np.ndarray, delta: np.ndarray, dw: np.ndarray, db: np.ndarray,
@@ -168,24 +180,34 @@ def bn_infer_backward(dy: np.ndarray, xhat: np.ndarray, scale: np.ndarray, dgamm
     return dy * scale
 
 
-def _sigmoid_both(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """sigmoid and sigmoid' from one ``e = exp(-|x|)`` (never overflows):
-    ``1 / (1 + e)`` or ``e / (1 + e)``, and ``e / (1 + e)^2``, each accurate to
-    1e-6 relative in float32 at both tails. SciPy's expit, which the registry's sigmoid
-    uses, is not vectorised: 3.6 ns an element here against about 1 for this."""
+def sigmoid_both(x: np.ndarray, phi: np.ndarray, dphi: np.ndarray) -> None:
+    """sigmoid and sigmoid' into ``phi`` and ``dphi``, from one ``e = exp(-|x|)``
+    (never overflows): ``1 / (1 + e)`` or ``e / (1 + e)``, and ``e / (1 + e)^2``,
+    each accurate to 1e-6 relative in float32 at both tails. SciPy's expit,
+    which the registry's sigmoid uses, is not vectorised: 3.6 ns an element
+    here against about 1 for this."""
     e = np.abs(x)
     np.negative(e, out=e)
     np.exp(e, out=e)
-    r = e + 1
-    np.reciprocal(r, out=r)
-    er = e * r
-    d = er * r
-    return np.where(x >= 0, r, er), d
+    r = np.add(e, 1, out=phi)
+    np.reciprocal(r, out=r)  # phi = 1 / (1 + e), right for x >= 0
+    e *= r  # e / (1 + e) = sigmoid(-|x|)
+    np.multiply(e, r, out=dphi)
+    np.copyto(phi, e, where=x < 0)
 
 
-# Activations whose phi and phi' the trainer evaluates together, faster than the registry's separate calls
+def _registry_both(act: activations.Activation) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+    def both(x: np.ndarray, phi: np.ndarray, dphi: np.ndarray) -> None:
+        if act.both is not None:
+            phi[...], dphi[...] = act.both(x)
+        else:
+            phi[...], dphi[...] = act.phi(x), act.dphi(x)
+    return both
+
+
+# Activations whose phi and phi' the trainer evaluates its own way, faster than the registry's
 # (tests/test_train_grad.py checks them against the registry).
-_BOTH = {"sigmoid": _sigmoid_both}
+_FAST = {"sigmoid": sigmoid_both}
 
 
 def softmax_xent(logits: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -218,10 +240,12 @@ def _blocks(n: int, parts: int) -> list[slice]:
     return [slice(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
 
 
-def product(a: np.ndarray, b: np.ndarray, pool: Pool = SERIAL, out: np.ndarray | None = None) -> np.ndarray:
+def product(a: np.ndarray, b: np.ndarray, pool: Pool = SERIAL, out: np.ndarray | None = None,
+            after: Callable[[np.ndarray, tuple[slice, slice]], None] | None = None) -> np.ndarray:
     """``a @ b`` (into ``out`` if given), over blocks of the output's longer
     dimension whose number depends only on the shapes: on any thread count
     each block is the same one-thread BLAS call, so the result is too.
+    ``after(out, index)`` runs on each block as soon as it is computed.
 
     A thin product (a dimension of 16 or less: the small batches' products
     and weight gradients) is cut into blocks of at most ``SMALL_MACS``
@@ -242,17 +266,14 @@ def product(a: np.ndarray, b: np.ndarray, pool: Pool = SERIAL, out: np.ndarray |
         parts = min(length, -(-macs // SMALL_MACS))
     else:
         parts = max(1, min(length, round(length / BLOCK)))
-    if parts == 1:
-        np.matmul(a, b, out=out)
-        return out
-    if along_rows:
-        def fill(s: slice) -> None:
-            np.matmul(a[s], b, out=out[s])
-    else:
-        def fill(s: slice) -> None:
-            np.matmul(a, b[:, s], out=out[:, s])
+
+    def fill(s: slice) -> None:
+        idx = (s, slice(None)) if along_rows else (slice(None), s)
+        np.matmul(a[idx[0]], b[:, idx[1]], out=out[idx])
+        if after is not None:
+            after(out, idx)
     blocks = _blocks(length, parts)
-    if macs >= _PARALLEL_MACS:
+    if len(blocks) > 1 and macs >= _PARALLEL_MACS:
         pool.map(fill, blocks)
     else:
         for s in blocks:
@@ -269,7 +290,7 @@ class Model:
     def __init__(self, arch: Architecture, dtype: Any = np.float32, pool: Pool = SERIAL):
         self.arch, self.dtype, self.pool = arch, np.dtype(dtype), pool
         self.act = activations.get(arch.activation, arch.leaky_slope)
-        self._both = _BOTH.get(self.act.name, self.act.both)
+        self._both = _FAST.get(self.act.name) or _registry_both(self.act)
         shapes: list[tuple[str, int, tuple[int, ...]]] = []
         for l in range(1, arch.depth + 1):
             n_in, n_out = arch.widths[l - 1], arch.widths[l]
@@ -359,20 +380,19 @@ class Model:
         tape: list[dict[str, Any]] = []
         for l in self.layers:
             rec: dict[str, Any] = {"h_in": h}
-            z = dense_forward(h, self.W[l], self.b[l], self.pool)
-            if l == self.arch.depth:
+            last = l == self.arch.depth
+            bn_pre = l in self.bn and self.arch.bn_position == "pre"
+            z, a, d = dense_forward(h, self.W[l], self.b[l], self.pool, None if last or bn_pre else self._both)
+            if last:
                 rec["pre"] = rec["post"] = z
                 tape.append(rec)
                 return z, tape
-            bn_here = l in self.bn
-            if bn_here and self.arch.bn_position == "pre":
+            if bn_pre:
                 z, rec["bn"] = self._bn_forward(l, z, training, update_stats, batch)
-            if self._both is not None:
-                a, d = self._both(z)
-            else:
-                a, d = self.act.phi(z), self.act.dphi(z)
+                a, d = np.empty_like(z), np.empty_like(z)
+                self._both(z, a, d)
             rec["pre"], rec["dphi"], rec["act_out"] = z, d, a
-            if bn_here and self.arch.bn_position == "post":
+            if l in self.bn and self.arch.bn_position == "post":
                 a, rec["bn"] = self._bn_forward(l, a, training, update_stats, batch)
             rec["post"] = a
             if keep:

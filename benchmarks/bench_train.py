@@ -146,6 +146,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS-train.md")))
     ap.add_argument("--threads", type=int, default=None, help="threads for both (default: every core)")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes [default: 4,128,1024]")
     args = ap.parse_args()
     import torch
 
@@ -158,7 +159,7 @@ def main() -> None:
     order = np.random.default_rng(0).permutation(ds.n_train)
     load_before = os.getloadavg()
     cases = {}
-    for batch in BATCHES:
+    for batch in (int(b) for b in args.batches.split(",")):
         for bn in (False, True):
             cases[batch, bn] = {"varprop": varprop_epoch(batch, bn, ds, order),
                                 "varprop, recorded": varprop_recorded_epoch(batch, bn, ds),
@@ -182,7 +183,8 @@ def main() -> None:
 
     lines = ["# Training benchmark: varprop train vs PyTorch (CPU)", "",
              f"Command: `python benchmarks/bench_train.py --repeats {args.repeats}"
-             + (f" --threads {args.threads}" if args.threads else "") + f"`; machine: {platform.platform()}, "
+             + (f" --threads {args.threads}" if args.threads else "")
+             + (f" --batches {args.batches}" if args.batches != ",".join(map(str, BATCHES)) else "") + f"`; machine: {platform.platform()}, "
              f"{os.cpu_count()} CPUs; Python {platform.python_version()}, numpy {np.__version__}, "
              f"torch {torch.__version__} ({torch.get_num_threads()} threads). Load average (1 min) "
              f"{load_before[0]:.2f} before, {load_after[0]:.2f} after: this machine is shared, so only the "

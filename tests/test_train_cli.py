@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from varprop.cli import main
+from varprop.outdir import AREA
 
 TINY = ["--widths", "784,16,10", "--epochs", "1", "--replicates", "1", "--data", "subset"]
 
@@ -47,7 +48,8 @@ def test_train_writes_report_and_data(tmp_path):
 def test_rerun_command_reproduces(tmp_path):
     out = tmp_path / "a"
     assert run([*TINY, "--activation", "relu", "--format", "csv", "--out", str(out)]).exit_code == 0
-    assert {p.name for p in out.iterdir()} == {"history.csv", "layers_over_training.csv", "config.json"}
+    assert {p.name for p in out.iterdir() if p.name != ".varprop-manifest.json"} == {
+        "history.csv", "layers_over_training.csv", "config.json"}
     command = json.loads((out / "config.json").read_text())["command"].split()
     args = command[2:command.index("--out")] + ["--format", "csv", "--out", str(tmp_path / "b")]
     assert run(args).exit_code == 0
@@ -118,11 +120,12 @@ def test_ctrl_c_leaves_nothing(tmp_path):
                              "--data", "subset", "--batch-size", "8", "--out", str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not any(p.name.startswith(".run.") for p in tmp_path.iterdir()):  # training has started
+    area = tmp_path / AREA
+    while not (area.is_dir() and any(area.iterdir())):  # training has started, into its staging directory
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "aborted" in err
+    assert proc.returncode == 130, err  # 128 + SIGINT, the CLI's convention
     assert list(tmp_path.iterdir()) == []

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from varprop import activations
+from varprop.nn import activations
 from varprop.train import model as M
 from varprop.train import optim
 

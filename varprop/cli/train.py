@@ -15,7 +15,7 @@ import click
 
 from ..errors import SpecError
 from ..train.options import OPTIONS
-from .common import DEFAULT_RUNS_DIR, in_staging
+from .common import DEFAULT_RUNS_DIR, force_option, in_staging
 
 FORMATS = ("md", "html", "csv")  # csv alone: the data files without a report
 
@@ -120,10 +120,11 @@ class _Bar:
               help="outputs among md, html, csv (history.csv, layers_over_training.csv and config.json are "
                    "always written; csv alone skips the report) [default: md,html]")
 @click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/train-...]")
+@force_option
 @click.option("--threads", default=None, metavar="N",
               help="threads to compute on; the numbers are the same for any N [default: every core]")
-def train_cmd(config_file: str | None, title: str | None, formats: str, out: str | None, threads: str | None,
-              **cli_options: Any) -> None:
+def train_cmd(config_file: str | None, title: str | None, formats: str, out: str | None, force: bool,
+              threads: str | None, **cli_options: Any) -> None:
     """Train the batch-norm study's MLP on MNIST and record the loss and every layer's statistics.
 
     \b
@@ -157,7 +158,7 @@ def train_cmd(config_file: str | None, title: str | None, formats: str, out: str
         meta = {**result.meta, "title": title, "command": command_line(options, out, title)}
         return result, report.write(result.history, result.layers, meta, tmp, fmts)
 
-    result, paths = in_staging(out_dir, work)
+    result, paths = in_staging(out_dir, work, force=force)
     click.echo(report.terminal_table(result.history, result.meta))
     shown = paths.get("report", paths["history"])
     others = ", ".join(dict.fromkeys(p.name for p in paths.values() if p != shown))

@@ -41,8 +41,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .. import activations, inits
-from ..engine import generator
+from ..nn import activations, inits
+from ..montecarlo.seeds import generator
 from ..parallel import SERIAL, Pool, row_chunks
 
 KERAS_BN_EPS = 1e-3

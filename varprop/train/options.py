@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .. import activations, inits
+from ..nn import activations, inits
 from ..errors import SpecError
 from . import optim
 from .model import KERAS_BN_EPS, Architecture

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from . import fit, report
-from .montecarlo import simulate
+from .montecarlo import run_configs
 from .outdir import staging
 from .spec import expand, from_options
 
@@ -29,12 +29,12 @@ SMALL = {"layers": 8, "width": 32, "samples": 64, "init": ["unit", "fan_in", "he
 def _simulate_entry(options: dict[str, Any], title: str, reading: Callable[[pd.DataFrame], str] | None = None
                     ) -> Callable[[Path, str], None]:
     def build(directory: Path, name: str) -> None:
-        layers = simulate(expand(options))
-        layers.attrs["elapsed_s"] = None  # gallery pages carry no run time: they regenerate identically
-        command = f"varprop gallery --only {name}"
-        report.write(layers, directory, command=command, title=title, formats=("md", "html"))
+        run = run_configs(expand(options))
+        run.elapsed_s = None  # gallery pages carry no run time: they regenerate identically
+        run.command, run.title = f"varprop gallery --only {name}", title
+        report.write(run, directory, formats=("md", "html"))
         if reading is not None:
-            (directory / "reading.md").write_text(reading(layers))
+            (directory / "reading.md").write_text(reading(run.layers))
     return build
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import click
 
 from .. import options, report
+from ..run import json_default
 from ..errors import SpecError
 from ..nn import activations, inits
 from ..options import parse_activation
@@ -144,7 +145,7 @@ def finite(value: Any) -> Any:
 
 
 def echo_json(data: Any) -> None:
-    click.echo(json.dumps(finite(json.loads(json.dumps(data, default=report.json_default))), indent=2,
+    click.echo(json.dumps(finite(json.loads(json.dumps(data, default=json_default))), indent=2,
                           allow_nan=False))
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from .. import options, report
-from ..montecarlo import simulate as run_simulation
+from ..montecarlo import run_configs
 from ..montecarlo import total_steps
 from ..options import parse_threads
 from ..spec import expand
@@ -53,16 +53,17 @@ def simulate(config_file: str | None, title: str | None, formats: str, out: str 
 
     def work(tmp: Path) -> tuple[Any, dict[str, Any]]:
         try:
-            layers = run_simulation(configs, progress=bar, threads=n_threads)
+            run = run_configs(configs, progress=bar, threads=n_threads)
         finally:
             bar.close()
         extra = (["--out", out] if out else []) + (["--title", title] if title else [])
-        command = options.command_line("simulate", options.parse(values), *extra)
-        return layers, report.write(layers, tmp, command=command, title=title, formats=fmts)
+        run.command = options.command_line("simulate", options.parse(values), *extra)
+        run.title = title
+        return run, report.write(run, tmp, formats=fmts)
 
-    layers, paths = in_staging(out_dir, work, force=force)
-    click.echo(report.terminal_table(layers, paths["summary"]))
-    written = [p.name for k, p in paths.items() if k not in ("summary", "report")]
+    run, paths = in_staging(out_dir, work, force=force)
+    click.echo(report.terminal_table(run))
+    written = [p.name for k, p in paths.items() if k != "report"]
     if "report" in paths:
         click.echo(f"\nreport: {Path(out_dir) / paths['report'].name}  ({', '.join(written)} beside it)")
     else:

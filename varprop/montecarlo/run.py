@@ -27,6 +27,7 @@ from threadpoolctl import threadpool_limits
 from .. import theory
 from ..nn import inits
 from ..parallel import SERIAL, Pool, row_chunks
+from ..run import Configuration, Run
 from ..options import parse_threads
 from ..spec import Config, NetworkSpec, RunSpec, expand, load_input, to_options
 from ..stats import STATS, empty_stats, side_stats, side_stats_ms
@@ -208,21 +209,27 @@ def configs_for(spec: RunSpec | NetworkSpec | Sequence[Config], vary: Mapping[st
 
 def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[str, Iterable[Any]] | None = None,
              progress: Progress | None = None, threads: int | None = None, **options: Any) -> pd.DataFrame:
-    """Run every configuration; one row per (config, replicate, layer).
+    """Run every configuration; one row per (config, replicate, layer): the
+    ``layers.csv`` table.
 
     ``options`` are flat run options (``samples=``, ``replicates=``, ``seed=``,
     ``backward=``, any simulate option of :data:`varprop.options.OPTIONS`) applied to
     ``spec``; ``vary`` maps option names to lists of values, and every
     combination is run. ``progress(k)`` is called as layers complete.
     ``threads`` (default: every core this process may use) changes the speed,
-    never the numbers.
+    never the numbers. :func:`run_configs` gives the whole :class:`~varprop.run.Run`.
 
     >>> from varprop.spec import NetworkSpec
     >>> df = simulate(NetworkSpec.square(2, 20), vary={"init": ["unit", "fan_in"]}, samples=50)
     >>> sorted(set(df["config"]))
     ['fan_in', 'unit']
     """
-    configs = configs_for(spec, vary, **options)
+    return run_configs(configs_for(spec, vary, **options), progress, threads).layers
+
+
+def run_configs(configs: Sequence[Config], progress: Progress | None = None, threads: int | None = None) -> Run:
+    """Run every configuration of a comparison: the :class:`~varprop.run.Run`
+    that reports are made from (its table, histograms and configurations)."""
     pool = Pool(parse_threads(threads))
     plans = memory.check(configs)  # refuse before any work when a run cannot fit
     start = time.perf_counter()
@@ -252,11 +259,9 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
     df = pd.concat(frames, ignore_index=True)
     df["fan_in"] = df["fan_in"].astype("Int64")
     df["fan_out"] = df["fan_out"].astype("Int64")
-    df.attrs["configs"] = configs
-    df.attrs["elapsed_s"] = time.perf_counter() - start
-    # Plain lists: pandas compares attrs when combining frames, which a DataFrame here would break.
-    df.attrs["histograms"] = pd.concat(hists, ignore_index=True).to_dict(orient="list") if hists else None
-    return df
+    return Run(df, [Configuration(c.label, c.varied, to_options(c.spec)) for c in configs],
+               pd.concat(hists, ignore_index=True) if hists else None, seed=configs[0].spec.seed if configs else None,
+               elapsed_s=time.perf_counter() - start)
 
 
 def total_steps(configs: Sequence[Config]) -> int:

@@ -29,6 +29,7 @@ import copy
 import fnmatch
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -298,8 +299,8 @@ class _Pass:
         self.rows: list[_Row] = []
         self.residual_rows: list[dict[str, Any]] = []
         self.buffer = _Buffer()
-        self._producers: dict[int, tuple[int, Any, int]] = {}  # id(tensor) -> (row, tensor, version)
-        self._by_ptr: dict[tuple[int, int, Any], tuple[int, int]] = {}  # (data_ptr, numel, dtype) -> row
+        self._producers: dict[int, tuple[int, Any, int]] = {}  # id(tensor) -> (row, weak ref, version)
+        self._by_ptr: dict[tuple[int, int, Any], tuple[int, int, Any]] = {}  # (data_ptr, numel, dtype) -> same
         self._calls: dict[Any, int] = {}
         self._pending: dict[Any, list[dict[str, Any]]] = {}
         self._captured: dict[Any, dict[str, Any]] = {}
@@ -329,13 +330,22 @@ class _Pass:
         self._captured.clear()
 
     # provenance -------------------------------------------------------------------------------------------
-    def source_of(self, t: Any) -> int | None:
-        """The row whose output ``t`` is (the same tensor, or a view of its storage), else None."""
+    def _producer(self, t: Any) -> tuple[int, int] | None:
+        """(row, version when recorded) of the row whose output ``t`` is: the same tensor, or a view of its
+        storage. References are weak (a pass does not keep activations alive); a live producer's memory
+        cannot be reused, so a storage match with a live one is a genuine view."""
         found = self._producers.get(id(t))
-        if found is not None and found[1] is t:
-            return found[0]
+        if found is not None and found[1]() is t:
+            return found[0], found[2]
         by_ptr = self._by_ptr.get(self._ptr_key(t))
-        return None if by_ptr is None else by_ptr[0]
+        if by_ptr is not None and by_ptr[2]() is not None:
+            return by_ptr[0], by_ptr[1]
+        return None
+
+    def source_of(self, t: Any) -> int | None:
+        """The row whose output ``t`` is, else None."""
+        found = self._producer(t)
+        return None if found is None else found[0]
 
     @staticmethod
     def _ptr_key(t: Any) -> tuple[int, int, Any]:
@@ -350,17 +360,15 @@ class _Pass:
             self.handles.append(x.register_hook(self._grad_hook(row)))
 
     def _remember(self, t: Any, layer: int) -> None:
-        self._producers[id(t)] = (layer, t, t._version)
-        self._by_ptr[self._ptr_key(t)] = (layer, t._version)
+        ref = weakref.ref(t)
+        self._producers[id(t)] = (layer, ref, t._version)
+        self._by_ptr[self._ptr_key(t)] = (layer, t._version, ref)
 
     def _duplicate(self, t: Any) -> bool:
         """Whether ``t`` holds the values of a row already taken: the same tensor, or a view of its storage,
         not modified in place since (a view shares its base's version counter)."""
-        found = self._producers.get(id(t))
-        if found is not None and found[1] is t:
-            return found[2] == t._version
-        by_ptr = self._by_ptr.get(self._ptr_key(t))
-        return by_ptr is not None and by_ptr[1] == t._version
+        found = self._producer(t)
+        return found is not None and found[1] == t._version
 
     # hooks ------------------------------------------------------------------------------------------------
     def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -378,7 +386,7 @@ class _Pass:
             # A layer fed by something the hooks do not see: the theory restarts from its measured input.
             s = tensor_stats(inputs[0], *_axes(module, inputs[0].dim(), None), buffer=self.buffer)
             info.update(input_second_moment=s["second_moment"], input_cos_sim=s["cos_sim"], input_mean=s["mean"])
-        if module in self.residuals and len(inputs) >= 2:
+        if module in self.residuals and len(inputs) >= 2 and inputs[0].shape == inputs[1].shape:
             info["operands"] = self._operand_stats(module, inputs[:2])
         self._pending.setdefault(module, []).append(info)
 
@@ -650,7 +658,8 @@ def _prepare(model: Any, patterns: Sequence[str] | None, types: Sequence[str] | 
     return _Prepared(prepared, targets)
 
 
-def _pass(prep: _Prepared, x: Any, seed: int, replicate: int, backward: bool, theory: bool) -> _Replicate:
+def _pass(prep: _Prepared, x: Any, seed: int, replicate: int, backward: bool, theory: bool,
+          input_option: str = "input_shape") -> _Replicate:
     """One forward (and backward) pass with every hook in place; the hooks are gone when it returns."""
     from . import inspect_theory
 
@@ -670,8 +679,11 @@ def _pass(prep: _Prepared, x: Any, seed: int, replicate: int, backward: bool, th
             except SpecError:
                 raise
             except Exception as exc:
-                raise SpecError("input_shape", f"the model's forward failed on an input of shape "
-                                f"{'x'.join(map(str, x.shape))}: {_message(exc)}") from exc
+                hint = ("; token ids go in with --input-file (an integer array)" if x.is_floating_point() and any(
+                    isinstance(m, torch.nn.Embedding) for m in runner.modules()) else "")
+                raise SpecError(input_option,
+                                f"the model's forward failed on an input of shape {'x'.join(map(str, x.shape))}: "
+                                f"{_message(exc)}{hint}") from exc
             outs = [t for _, t in _tensors(out) if t.is_floating_point()]
             if not outs:
                 kinds = sorted({str(t.dtype).removeprefix("torch.") for _, t in _tensors(out)}) or [
@@ -826,7 +838,7 @@ def inspect(model_or_factory: Any, input_shape: Sequence[int] | str | None = Non
         model.train(mode == "train")
         x = _make_input(torch, shape, inputs, seed, r, _first_dtype(model, torch), dev)
         rep = _pass(_prepare(model, patterns, type_list, trace, notes if r == 0 else None), x, seed, r, backward,
-                    theory)
+                    theory, "input_file" if inputs is not None else "input_shape")
         if reps and [row.name for row in rep.rows] != [row.name for row in reps[0].rows]:
             raise SpecError("model", f"replicate {r} ran a different sequence of modules from replicate 0; "
                             "varprop compares replicates module by module")
@@ -953,9 +965,11 @@ def width_sweep(factory: Any, widths: Sequence[int] | str, input_shape: Sequence
     elif len(undecided):
         u = undecided.iloc[0]
         passed = None
-        message = (f"UNDECIDED: {len(undecided)} exponents' intervals straddle +-{tolerance:g} ({span}), e.g. "
-                   f"{u['name']} ({u['side']}): {u['exponent']:.3f} [{u['lo']:.3f}, {u['hi']:.3f}]; more "
-                   "replicates or widths narrow them")
+        what = "1 exponent's interval straddles" if len(undecided) == 1 else \
+            f"{len(undecided)} exponents' intervals straddle"
+        message = (f"UNDECIDED: {what} +-{tolerance:g} ({span}), e.g. {u['name']} ({u['side']}): "
+                   f"{u['exponent']:.3f} [{u['lo']:.3f}, {u['hi']:.3f}]; more replicates or widths narrow "
+                   "the intervals")
     else:
         passed = True
         message = (f"PASS: every exponent lies within +-{tolerance:g} ({len(exponents)} fits, {span}): "

@@ -317,6 +317,10 @@ def sweep_figure(sweep: Any, path: Path) -> Path:
     for i, (_, e) in enumerate(out.iterrows()):
         g = table[table["name"] == e["name"]].groupby("width")["post_log10_std"].mean()
         ax.plot(g.index, 10.0 ** g, marker="o", ms=3, lw=1.1, color=cmap(i / n))
+        if len(out) <= 16:  # few enough to name each line at its right end
+            ax.annotate(str(e["name"])[-18:], (g.index[-1], 10.0 ** g.iloc[-1]), xytext=(4, 0),
+                        textcoords="offset points", fontsize=6.5, va="center", color=cmap(i / n))
+    ax.margins(x=0.18)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("width")
@@ -339,7 +343,7 @@ def sweep_figure(sweep: Any, path: Path) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("exponent b in std ~ width^b (95% interval)")
     ax.set_title("Exponents (o: output, g: gradient)", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import math
 import time
 import weakref
@@ -88,7 +89,8 @@ def tensor_stats(x: "torch.Tensor", sample_axis: int = 0, channel_axis: int | No
     other axis: [N, C, H, W], [N, C, L], [N, T, C] with axis 2, [N, C]). Sums
     run in float64 and are combined by :func:`varprop.stats.from_sums`, so the
     definitions are simulate's; for a 2-D tensor the result is
-    :func:`varprop.stats.side_stats` of it.
+    :func:`varprop.stats.side_stats` of it (``abs_cos_sim`` to float32
+    rounding, its Gram matrix being taken in the tensor's precision).
 
     >>> import torch
     >>> s = tensor_stats(torch.tensor([[1.0, -1.0], [1.0, -1.0]]))
@@ -106,37 +108,81 @@ def tensor_stats(x: "torch.Tensor", sample_axis: int = 0, channel_axis: int | No
     n = x.numel()
     y = (buffer or _Buffer()).get(n, x.device).view(shape)
     y.copy_(x.detach())
-    zeros = n - int(torch.count_nonzero(y))
+    cpu = y.device.type == "cpu"
+    # NumPy counts zeros several times faster than torch.count_nonzero on CPU (and on float32 reads half the
+    # bytes). Small vectors (one number per sample or channel) are finished in NumPy too: a torch call on
+    # them costs more than the arithmetic.
+    own = x.detach()
+    zeros = int(np.count_nonzero(own.numpy() == 0)) if cpu and own.dtype in (torch.float32, torch.float64) \
+        else int((y == 0).sum())
     ns = shape[sample_axis]
     rows = y.movedim(sample_axis, 0).reshape(ns, -1)
-    norms = torch.linalg.vector_norm(rows, dim=1)
-    if not bool(torch.isfinite(norms).all()):
-        return {**empty_stats(), "frac_zero": zeros / n, "frac_saturated": saturated, "nonfinite": True}
-    inv = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
-    unit_sum = inv @ rows
-    live = torch.nonzero(norms > 0).flatten()[:ABS_COS_SAMPLES]
-    head = math.nan
-    if len(live) >= 2:
-        h = rows[live] * inv[live, None]
-        gram = (h @ h.T).abs()
-        m = len(live)
-        head = float((gram.sum() - gram.diagonal().sum()) / (m * (m - 1)))
-    row_sq = norms.square()
-    # Channel sums, then squares about the channel means (two passes: no E[x^2] - E[x]^2 cancellation).
     c = shape[channel_axis]
     a, b = math.prod(shape[:channel_axis]), math.prod(shape[channel_axis + 1:])
     v = y.view(a, c, b)
-    col_sum = v.sum(dim=(0, 2))
+    blocks = None
+    if b > 1:  # [N, C, positions]: sums and squares per (leading index, channel), one pass each
+        block_sum = _np(v.sum(2))
+        block_sq = _np(torch.linalg.vector_norm(v, dim=2)) ** 2
+        blocks = (block_sum, block_sq)
+    if blocks is not None and sample_axis == 0 and channel_axis == 1:
+        norms = np.sqrt(blocks[1].sum(1))
+    else:
+        norms = _np(torch.linalg.vector_norm(rows, dim=1))
+    live = norms > 0
+    inv = np.zeros(ns)
+    np.divide(1.0, norms, out=inv, where=live)
+    unit_sum = _np(torch.from_numpy(inv).to(y.device) @ rows if not cpu else torch.from_numpy(inv) @ rows)
+    # |cos| over the first 128 live samples, from their Gram matrix in the tensor's own precision (float32's
+    # product costs a third of float64's; its rounding, at most fan * 2^-24 in a cosine and typically
+    # sqrt(fan) * 2^-24, is far below the sampling error of a mean over pairs), scaled by the float64 norms.
+    first = np.flatnonzero(live)[:ABS_COS_SAMPLES]
+    m = len(first)
+    head = math.nan
+    if m >= 2:
+        own = x.detach().movedim(sample_axis, 0).reshape(ns, -1)
+        own = own if own.dtype in (torch.float32, torch.float64) else own.float()
+        head_rows = own[:m] if first[-1] == m - 1 else own[torch.from_numpy(first).to(y.device)]
+        gram = _np(head_rows @ head_rows.T).astype(np.float64)
+        gram = np.abs(gram * inv[first][:, None] * inv[first][None, :])
+        head = float((gram.sum() - np.trace(gram)) / (m * (m - 1)))
     m_rows = a * b
-    v.sub_((col_sum / m_rows).view(1, c, 1))
-    col_m2 = torch.linalg.vector_norm(v, dim=(0, 2)).square() if b == 1 else \
-        torch.linalg.vector_norm(v, dim=2).square().sum(0)
-    sums = Sums(m_rows, col_sum.cpu().numpy(), col_m2.cpu().numpy(), row_sq.cpu().numpy(),
-                unit_sum.cpu().numpy(), zeros)
+    col = _pooled_blocks(*blocks, b) if blocks is not None else None
+    if col is None:
+        # Channel sums, then squares about the channel means (two passes: no E[x^2] - E[x]^2 cancellation),
+        # in the work buffer, which is free once the rows' sums are taken.
+        col_sum = v.sum(2).sum(0) if b > 1 else v.view(a, c).sum(0)
+        v.sub_((col_sum / m_rows).view(1, c, 1)).square_()
+        col_m2 = v.sum(2).sum(0) if b > 1 else v.view(a, c).sum(0)
+        col = (_np(col_sum), _np(col_m2))
+    sums = Sums(m_rows, col[0], col[1], norms * norms, unit_sum, zeros)
     # from_sums reads the shape of its first argument (rows x channels) and, for |cos| only when no head
     # value is given, its rows: the head is always given here, so a zero-strided stand-in suffices.
-    stand_in = np.broadcast_to(np.float64(0.0), (m_rows, c))
-    return from_sums(stand_in, [sums], 0.0, saturated, head)[0]
+    return from_sums(_stand_in(m_rows, c), [sums], 0.0, saturated, head)[0]
+
+
+def _np(t: Any) -> np.ndarray:
+    """A small tensor's values as a NumPy array (a view on CPU)."""
+    return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
+
+
+@functools.lru_cache(maxsize=256)
+def _stand_in(rows: int, cols: int) -> np.ndarray:
+    return np.broadcast_to(np.float64(0.0), (rows, cols))
+
+
+def _pooled_blocks(block_sum: np.ndarray, block_sq: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Channel sums and squares about the channel means from blocks of ``size`` entries (rows: leading index,
+    columns: channel): each block's squares about its own mean, plus its mean's offset from the channel's
+    (between and within, as varprop.stats pools blocks). A block's float64 sum of squares less its squared
+    sum over ``size`` keeps all but 2^-52 mean^2 / var of its variance; None where that could exceed 1e-10
+    (a block almost constant, or far off zero): the caller then takes two passes."""
+    within = block_sq - block_sum * block_sum / size
+    if np.any(block_sum * block_sum / size > 1e6 * within):
+        return None
+    total = block_sum.sum(0)
+    offsets = block_sum / size - total / (size * len(block_sum))
+    return total, within.sum(0) + size * (offsets * offsets).sum(0)
 
 
 def _saturation(act: activations.Activation, z: "torch.Tensor") -> float:
@@ -146,7 +192,9 @@ def _saturation(act: activations.Activation, z: "torch.Tensor") -> float:
     if n == 0:
         return math.nan
     if act.homogeneous:  # phi' is slope_pos above 0 and slope_neg at or below it
-        below = int(torch.count_nonzero(z <= 0))
+        z = z.detach()
+        below = int(np.count_nonzero(z.numpy() <= 0)) if z.device.type == "cpu" and z.dtype in (
+            torch.float32, torch.float64) else int(torch.count_nonzero(z <= 0))
         return ((below if abs(act.slope_neg) < SATURATION else 0)
                 + (n - below if abs(act.slope_pos) < SATURATION else 0)) / n
     d = act.dphi(z.detach().to("cpu", torch.float32).numpy())
@@ -658,17 +706,28 @@ def _prepare(model: Any, patterns: Sequence[str] | None, types: Sequence[str] | 
     return _Prepared(prepared, targets)
 
 
+_BLAS: list[Any] = []  # threadpoolctl's controller, made once: it reads the process's loaded libraries
+
+
+def _one_blas_thread() -> Any:
+    """One thread for NumPy's BLAS: varprop.stats' sums the same whatever the thread count, and no wait on a
+    BLAS thread the machine has descheduled. PyTorch's own kernels are not affected."""
+    if not _BLAS:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS.append(ThreadpoolController())
+    return _BLAS[0].limit(limits=1, user_api="blas")
+
+
 def _pass(prep: _Prepared, x: Any, seed: int, replicate: int, backward: bool, theory: bool,
           input_option: str = "input_shape") -> _Replicate:
     """One forward (and backward) pass with every hook in place; the hooks are gone when it returns."""
-    from . import inspect_theory
-
     torch = _torch()
     runner = prep.graph.runner
     first = next((m for n, m in runner.named_modules() if n and not list(m.children())), runner)
     axes = _axes(first, x.dim(), None)
     with _fork_rng(torch, x.device), _Pass(runner, prep.targets, backward, prep.graph.residuals,
-                                         prep.graph.blocks, theory) as p:
+                                         prep.graph.blocks, theory) as p, _one_blas_thread():
         torch.manual_seed(_seed_of(seed, replicate, 1))
         with torch.set_grad_enabled(backward):
             if backward and x.is_floating_point():
@@ -709,12 +768,19 @@ def _pass(prep: _Prepared, x: Any, seed: int, replicate: int, backward: bool, th
             if w is not None and id(w) not in seen and w.grad is not None:
                 seen.add(id(w))
                 grads[row.layer] = float(torch.linalg.vector_norm(w.grad.detach().double()))
-        rows = p.rows
-    for row in rows:  # the parameters, after the pass: reading them is not hook overhead
+        return _Replicate(p.rows, p.residual_rows, grads, out_rows)
+
+
+def _describe(rep: _Replicate) -> _Replicate:
+    """Each row's module as the theory needs it (its parameters as this replicate drew them), read after
+    the pass."""
+    from . import inspect_theory
+
+    for row in rep.rows:
         if row.call_info is not None:
             row.node = inspect_theory.describe(*row.call_info)
             row.call_info = None
-    return _Replicate(rows, p.residual_rows, grads, out_rows)
+    return rep
 
 
 def _frame(config: str, replicate: int, rep: _Replicate, backward: bool) -> pd.DataFrame:
@@ -837,8 +903,8 @@ def inspect(model_or_factory: Any, input_shape: Sequence[int] | str | None = Non
         model = _build(model_or_factory, r, seed, dev, tuple(factory_args))
         model.train(mode == "train")
         x = _make_input(torch, shape, inputs, seed, r, _first_dtype(model, torch), dev)
-        rep = _pass(_prepare(model, patterns, type_list, trace, notes if r == 0 else None), x, seed, r, backward,
-                    theory, "input_file" if inputs is not None else "input_shape")
+        rep = _describe(_pass(_prepare(model, patterns, type_list, trace, notes if r == 0 else None), x, seed, r,
+                              backward, theory, "input_file" if inputs is not None else "input_shape"))
         if reps and [row.name for row in rep.rows] != [row.name for row in reps[0].rows]:
             raise SpecError("model", f"replicate {r} ran a different sequence of modules from replicate 0; "
                             "varprop compares replicates module by module")

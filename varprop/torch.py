@@ -676,6 +676,8 @@ def _prepare(model: Any, patterns: Sequence[str] | None, types: Sequence[str] | 
     torch = _torch()
     prepared = inspect_graph.prepare(model, trace)
     if notes is not None:
+        if not trace:
+            notes.append("not traced (--no-trace): additions and functional activations are not seen, only modules")
         if prepared.traced:
             where = "the whole model" if prepared.traced == [""] else ", ".join(prepared.traced)
             notes.append(f"traced with torch.fx: {where} (additions and functional activations measured)")
@@ -698,8 +700,7 @@ def _prepare(model: Any, patterns: Sequence[str] | None, types: Sequence[str] | 
         targets[module] = _Target(name or ROOT, name or ROOT, type(module).__name__, activation_of(module),
                                   weight if isinstance(weight, torch.nn.Parameter) else None)
     if not any(t.row for t in targets.values()):
-        raise SpecError("modules" if patterns else "types", "no module of the model matches; its modules are "
-                        + ", ".join(n for n, _ in list(prepared.runner.named_modules())[1:9]))
+        raise _no_match(prepared, patterns, types)
     if len(targets) == 1 and prepared.runner in targets and not _torch_nn(model):
         raise SpecError("model", f"{type(model).__name__} has no submodules: varprop measures the output of each "
                         "module (nn.Linear, nn.Conv2d, activations, ...), and there is only the model itself")
@@ -717,6 +718,25 @@ def _one_blas_thread() -> Any:
 
         _BLAS.append(ThreadpoolController())
     return _BLAS[0].limit(limits=1, user_api="blas")
+
+
+def _no_match(prepared: Any, patterns: Sequence[str] | None, types: Sequence[str] | None) -> SpecError:
+    """The refusal of a selection that matches nothing, listing what there is (and the nearest type)."""
+    import difflib
+
+    torch = _torch()
+    found = [(n, f"{m.fname}()" if m in prepared.ops else type(m).__name__)
+             for n, m in prepared.runner.named_modules() if n and type(m) is not torch.nn.Module]
+    if types:
+        kinds = list(dict.fromkeys(t for _, t in found))
+        close = [c[0] for t in types for c in [difflib.get_close_matches(t, kinds, n=1)] if c]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        return SpecError("types", f"no module of type {', '.join(types)}{hint}; the model's types are "
+                         + ", ".join(kinds[:20]) + (" ..." if len(kinds) > 20 else ""))
+    names = [n for n, _ in found]
+    there = ("the model's modules are " + ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")) if names \
+        else "the model has no submodules"
+    return SpecError("modules", f"no module name matches {', '.join(patterns or [])}; {there}")
 
 
 def _pass(prep: _Prepared, x: Any, seed: int, replicate: int, backward: bool, theory: bool,

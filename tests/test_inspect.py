@@ -15,6 +15,7 @@ from scipy import stats as sps
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
+F = torch.nn.functional
 
 from click.testing import CliRunner  # noqa: E402
 
@@ -248,6 +249,28 @@ def test_transformer_layer_additions_found_by_its_known_structure():
     rows = table.set_index("name")
     assert res.loc["1+2", "skip_second_moment"] == rows.loc["1.norm1", "post_second_moment"]
     assert res.loc["1+1", "branch_second_moment"] == rows.loc["1.self_attn[0]", "post_second_moment"]
+
+
+class _Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.fc1(x), 0.2)
+        return torch.nn.functional.gelu(self.fc2(h), approximate="tanh").tanh()
+
+
+def test_functional_activations_are_traced_into_rows_with_their_arguments():
+    table = inspect(_Functional, input_shape=(16, 32), replicates=2, seed=3).set_index(["replicate", "name"])
+    rows = table.loc[0]
+    assert list(rows.index) == ["(input)", "fc1", "leaky_relu()", "fc2", "gelu()", "tanh()"]
+    # slope 0.2 (not the default 0.01): E[leaky(z)^2] = (1 + 0.2^2) / 2 E[z^2] for the mean-field z
+    fc1, leaky = rows.loc["fc1"], rows.loc["leaky_relu()"]
+    assert leaky["theory_post_second_moment"] == pytest.approx(0.52 * fc1["theory_post_second_moment"], rel=1e-12)
+    assert leaky["post_frac_saturated"] == 0  # |phi'| >= 0.2 everywhere
+    assert rows.loc["gelu()", "theory"] == "n/a: gelu() is not modelled"  # the tanh approximation
+    assert rows.loc["tanh()", "theory"].startswith("n/a")  # its input is not Gaussian
 
 
 # --- replicates, seeds, hooks ----------------------------------------------------------------------------

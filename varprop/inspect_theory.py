@@ -97,7 +97,8 @@ def _mean_of(t: Any) -> float:
 def describe(module: Any, info: dict[str, Any], out_shape: tuple[int, ...]) -> dict[str, Any]:
     """What the theory needs of one module call (its parameters as this replicate drew them)."""
     kind = _kind(module, info)
-    node: dict[str, Any] = {"kind": kind, "type": type(module).__name__, "act": info.get("act"),
+    type_name = f"{module.fname}()" if getattr(module, "fname", None) else type(module).__name__
+    node: dict[str, Any] = {"kind": kind, "type": type_name, "act": info.get("act"),
                             "sources": list(info["sources"]), "in_shape": info.get("in_shape"),
                             "out_shape": out_shape}
     for key in ("input_second_moment", "input_cos_sim", "input_mean"):

@@ -208,14 +208,15 @@ def _torch_nn(module: Any) -> bool:
 
 
 def activation_of(module: Any) -> activations.Activation | None:
-    """varprop's Activation for a torch.nn activation module (or a traced functional one), else None."""
+    """varprop's Activation for a torch.nn activation module (or a traced functional one with its default
+    arguments), else None."""
     from .inspect_graph import ACTIVATION_FUNCTIONS
 
-    name = type(module).__name__
     if getattr(module, "fname", None) in ACTIVATION_FUNCTIONS:  # a traced F.relu(x) etc.
-        return _functional_activation(module)
+        return functional_activation(module.fname)
     if not _torch_nn(module):
         return None
+    name = type(module).__name__
     simple = {"ReLU": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "SELU": "selu", "SiLU": "silu"}
     if name in simple:
         return activations.get(simple[name])
@@ -230,37 +231,27 @@ def activation_of(module: Any) -> activations.Activation | None:
     return None
 
 
-def _functional_activation(op: Any) -> activations.Activation | None:
-    fname = op.fname.rstrip("_")
-    if fname in ("relu", "tanh", "sigmoid", "selu", "silu"):
-        return activations.get(fname)
-    if fname == "leaky_relu":
-        return activations.get("leaky_relu", 0.01)  # the default; a given slope is read in the pre-hook
-    if fname in ("gelu", "elu", "softplus"):
-        return activations.get(fname)  # defaults: exact gelu, alpha 1, beta 1 (others: see _op_arguments)
+def functional_activation(fname: str, args: tuple = (), kwargs: dict | None = None) -> activations.Activation | None:
+    """varprop's Activation for a call ``torch.relu(x)``, ``F.leaky_relu(x, 0.2)``, ``x.tanh_()`` ... with
+    these arguments (after the input), else None (gelu's tanh approximation, elu with alpha != 1, ...)."""
+    kwargs = kwargs or {}
+
+    def arg(key: str, default: Any) -> Any:
+        return kwargs.get(key, args[1] if len(args) > 1 else default)
+
+    name = fname.rstrip("_")
+    if name in ("relu", "tanh", "sigmoid", "selu", "silu"):
+        return activations.get(name)
+    if name == "leaky_relu":
+        return activations.get("leaky_relu", float(arg("negative_slope", 0.01)))
+    if name == "gelu":
+        return activations.get("gelu") if arg("approximate", "none") == "none" else None
+    if name == "elu":
+        return activations.get("elu") if float(arg("alpha", 1.0)) == 1.0 else None
+    if name == "softplus":
+        threshold = kwargs.get("threshold", args[2] if len(args) > 2 else 20.0)
+        return activations.get("softplus") if float(arg("beta", 1.0)) == 1.0 and float(threshold) >= 20 else None
     return None
-
-
-def _op_arguments_ok(op: Any, args: tuple, kwargs: dict) -> activations.Activation | None:
-    """A functional activation's Activation given the call's actual arguments (None if not varprop's)."""
-    act = _functional_activation(op)
-    fname = op.fname.rstrip("_")
-    extra = list(args[1:]) + list(kwargs.items())
-    if fname == "leaky_relu":
-        slope = kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01)
-        return activations.get("leaky_relu", float(slope))
-    if fname == "gelu":
-        return act if kwargs.get("approximate", "none") == "none" else None
-    if fname == "elu":
-        alpha = kwargs.get("alpha", args[1] if len(args) > 1 else 1.0)
-        return act if float(alpha) == 1.0 else None
-    if fname == "softplus":
-        beta = kwargs.get("beta", args[1] if len(args) > 1 else 1.0)
-        return act if float(beta) == 1.0 else None
-    if fname in ("relu", "tanh", "sigmoid", "selu", "silu") and any(
-            k != "inplace" for k, _ in (e for e in extra if isinstance(e, tuple))):
-        return None
-    return act
 
 
 # Module kinds whose 3-D outputs are [N, C, L] (channel axis 1); other 3-D outputs are [N, T, C].
@@ -272,7 +263,7 @@ _CHANNEL_FIRST = ("Conv", "BatchNorm", "InstanceNorm", "Pool", "Upsample", "Pixe
 def _axes(module: Any, ndim: int, inherited: tuple[int, int] | None) -> tuple[int, int]:
     """(sample axis, channel axis) of a module's output of ``ndim`` dimensions."""
     if ndim != 3:
-        return (0, 1) if ndim != 1 else (0, 0)
+        return 0, 1
     name = type(module).__name__
     if _torch_nn(module) and any(k in name for k in _CHANNEL_FIRST):
         return 0, 1
@@ -425,8 +416,8 @@ class _Pass:
                                 "in_shape": tuple(inputs[0].shape) if inputs else None}
         target = self.targets[module]
         act = target.act
-        if act is not None and getattr(module, "fname", None):
-            act = _op_arguments_ok(module, args, kwargs)
+        if act is not None and getattr(module, "fname", None):  # a traced call: its own arguments decide
+            act = functional_activation(module.fname, args, kwargs)
         info["act"] = act
         if act is not None and inputs:  # before the call: an in-place activation overwrites its input
             info["saturated"] = _saturation(act, inputs[0])

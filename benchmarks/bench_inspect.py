@@ -3,6 +3,7 @@
     python benchmarks/bench_inspect.py            # full run, writes benchmarks/RESULTS-inspect.md
     python benchmarks/bench_inspect.py --quick    # fewer repeats, smaller models
     python benchmarks/bench_inspect.py --json out.json
+    python benchmarks/bench_inspect.py --threads 1  # PyTorch on one thread (steadier on a busy machine)
 
 Per model, four contenders run in this one process, interleaved (A B C D A B C D ...), so drift of a
 shared machine hits them alike: the bare model's forward (under no_grad) and forward + backward (the
@@ -155,34 +156,50 @@ def bench_model(name: str, factory: Callable[[], nn.Module], shape: tuple[int, .
     return out
 
 
-def whole_process(directory: Path) -> dict[str, dict[str, float]]:
+PEAK = ("def status(key):\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith(key):\n"
+        "            return int(line.split()[1]) / 1024\n"
+        "def reset_peak():\n"
+        "    global BASE\n"
+        "    open('/proc/self/clear_refs', 'w').write('5')  # VmHWM := current RSS (Linux)\n"
+        "    BASE = status('VmRSS')\n"
+        "def peak_mib():\n"
+        "    return f\"{BASE} {status('VmHWM')}\"\n")
+
+
+def whole_process(directory: Path, threads: int) -> dict[str, dict[str, float]]:
     """``varprop inspect`` on the ResNet (one re-initialisation, backward, csv only) against a script that
-    builds it and runs one forward + backward: wall time and peak RSS of each, in fresh processes."""
-    bare = ("import resource, torch, bench_models; m = bench_models.resnet(32); x = torch.randn(32, 3, 32, 32); "
-            "(m(x) * torch.randn(32, 10)).sum().backward(); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    inspected = ("import resource, sys; from varprop.cli import main; "
+    builds it and runs one forward + backward, each in a fresh process: wall time, and peak RSS during the
+    work (reset after the imports: PyTorch's import transient would hide it; torch.fx, SciPy and varprop's
+    modules are imported first too, so the difference is the run's own memory)."""
+    bare = (PEAK + "import torch, bench_models\nreset_peak()\nm = bench_models.resnet(32)\n"
+            "x = torch.randn(32, 3, 32, 32)\n(m(x) * torch.randn(32, 10)).sum().backward()\nprint(peak_mib())")
+    inspected = (PEAK + "import sys, torch, torch.fx, scipy.stats, varprop.torch, varprop.inspect_graph, varprop.inspect_theory, "
+                 "varprop.theory, varprop.report.inspect, varprop.cli.inspect\nfrom varprop.cli import main\n"
                  "sys.argv = ['varprop', 'inspect', 'bench_models:resnet', '--input-shape', '32,3,32,32', "
-                 "'--replicates', '1', '--backward', '--format', 'csv', '--out', sys.argv[1]]\n"
-                 "try:\n    main()\nexcept SystemExit:\n    pass\n"
-                 "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    env = {**os.environ, "PYTHONPATH": f"{directory}{os.pathsep}{ROOT}"}
+                 "'--replicates', '1', '--backward', '--format', 'csv', '--out', sys.argv[1]]\nreset_peak()\n"
+                 "try:\n    main()\nexcept SystemExit:\n    pass\nprint(peak_mib())")
+    env = {**os.environ, "PYTHONPATH": f"{directory}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": str(threads)}
     results = {}
     for key, code in (("bare script", bare), ("varprop inspect", inspected)):
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", code, str(directory / "run")], cwd=directory, env=env,
                               capture_output=True, text=True, check=True)
-        results[key] = {"wall_s": time.perf_counter() - start,
-                        "peak_rss_mib": int(proc.stdout.strip().splitlines()[-1]) / 1024}
+        base, peak = map(float, proc.stdout.strip().splitlines()[-1].split())
+        results[key] = {"wall_s": time.perf_counter() - start, "rss_after_imports_mib": base, "peak_rss_mib": peak,
+                        "increase_mib": peak - base}
     return results
 
 
-def write_results(path: Path, results: list[dict], whole: dict, command: str, repeats: int) -> None:
+def write_results(path: Path, results: list[dict], whole: dict, command: str, repeats: int,
+                  load: tuple[float, float]) -> None:
     lines = ["# Benchmark results: varprop inspect (hook overhead)", "",
              f"Command: `{command}`; machine: {platform.platform()}, {os.cpu_count()} CPUs; Python "
-             f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads). "
-             f"Medians of {repeats} interleaved repeats; ratio = inspected / bare, taken within each repeat "
-             "(median and range over repeats).", "",
+             f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads); "
+             f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end. Medians of {repeats} "
+             "interleaved repeats; ratio = inspected / bare, taken within each repeat (median and range over "
+             "repeats).", "",
              "## Hook overhead (target: inspected within 1.5x of bare)", "",
              "| model | input | rows | bare forward (s) | inspected / bare | bare fwd+bwd (s) | inspected / bare |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -197,8 +214,12 @@ def write_results(path: Path, results: list[dict], whole: dict, command: str, re
               "|---|---:|---:|"]
     lines += [f"| {r['model']} | {r['prepare_s']:.3f} | {r['inspect_one_replicate_s']:.3f} |" for r in results]
     lines += ["", "## Whole process (fresh processes, ResNet 32x3x32x32, one forward + backward)", "",
-              "| run | wall (s) | peak RSS (MiB) |", "|---|---:|---:|"]
-    lines += [f"| {k} | {v['wall_s']:.2f} | {v['peak_rss_mib']:.0f} |" for k, v in whole.items()]
+              "The peak RSS is reset after the imports (Linux's clear_refs: PyTorch's import transient would hide",
+              "it); its increase over the RSS at that point is the run's own memory.", "",
+              "| run | wall (s) | RSS after imports (MiB) | peak during the run (MiB) | increase (MiB) |",
+              "|---|---:|---:|---:|---:|"]
+    lines += [f"| {k} | {v['wall_s']:.2f} | {v['rss_after_imports_mib']:.0f} | {v['peak_rss_mib']:.0f} | "
+              f"{v['increase_mib']:.0f} |" for k, v in whole.items()]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -207,9 +228,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's own)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS-inspect.md"))
     args = ap.parse_args()
     repeats = args.repeats or (5 if args.quick else 11)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         models = load_models(directory)
@@ -219,12 +244,13 @@ def main() -> None:
             print(f"{name:12s} forward x{r['ratio forward'][0]:.2f}  forward+backward "
                   f"x{r['ratio forward+backward'][0]:.2f}  ({r['rows']} rows)", flush=True)
             results.append(r)
-        whole = whole_process(directory)
+        whole = whole_process(directory, torch.get_num_threads())
         print(json.dumps(whole))
-    command = "python benchmarks/bench_inspect.py" + (" --quick" if args.quick else "")
+    command = "python benchmarks/bench_inspect.py" + (" --quick" if args.quick else "") + (
+        f" --threads {args.threads}" if args.threads else "")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "whole_process": whole}, indent=1))
-    write_results(Path(args.out), results, whole, command, repeats)
+    write_results(Path(args.out), results, whole, command, repeats, (load_before, os.getloadavg()[0]))
 
 
 if __name__ == "__main__":

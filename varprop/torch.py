@@ -120,15 +120,17 @@ def tensor_stats(x: "torch.Tensor", sample_axis: int = 0, channel_axis: int | No
     c = shape[channel_axis]
     a, b = math.prod(shape[:channel_axis]), math.prod(shape[channel_axis + 1:])
     v = y.view(a, c, b)
-    blocks = None
-    if b > 1:  # [N, C, positions]: sums and squares per (leading index, channel), one pass each
-        block_sum = _np(v.sum(2))
-        block_sq = _np(torch.linalg.vector_norm(v, dim=2)) ** 2
-        blocks = (block_sum, block_sq)
-    if blocks is not None and sample_axis == 0 and channel_axis == 1:
-        norms = np.sqrt(blocks[1].sum(1))
-    else:
-        norms = _np(torch.linalg.vector_norm(rows, dim=1))
+    # Sums and squares per block (one pass each), pooled below: per (leading index, channel) over the
+    # positions of [N, C, positions], per (sample, channel) over the positions of [N, positions, C].
+    blocks, per_sample = None, False
+    if b > 1:
+        blocks = (_np(v.sum(2)), _np(torch.linalg.vector_norm(v, dim=2)) ** 2, b)
+        per_sample = sample_axis == 0 and channel_axis == 1
+    elif len(shape) >= 3 and sample_axis == 0 and n > ns * c:
+        w = y.view(ns, n // (ns * c), c)
+        blocks = (_np(w.sum(1)), _np((w * w).sum(1)), n // (ns * c))  # a middle-axis norm is 10x slower
+        per_sample = True
+    norms = np.sqrt(blocks[1].sum(1)) if per_sample else _np(torch.linalg.vector_norm(rows, dim=1))
     live = norms > 0
     inv = np.zeros(ns)
     np.divide(1.0, norms, out=inv, where=live)
@@ -147,7 +149,7 @@ def tensor_stats(x: "torch.Tensor", sample_axis: int = 0, channel_axis: int | No
         gram = np.abs(gram * inv[first][:, None] * inv[first][None, :])
         head = float((gram.sum() - np.trace(gram)) / (m * (m - 1)))
     m_rows = a * b
-    col = _pooled_blocks(*blocks, b) if blocks is not None else None
+    col = _pooled_blocks(*blocks) if blocks is not None else None
     if col is None:
         # Channel sums, then squares about the channel means (two passes: no E[x^2] - E[x]^2 cancellation),
         # in the work buffer, which is free once the rows' sums are taken.
@@ -172,8 +174,8 @@ def _stand_in(rows: int, cols: int) -> np.ndarray:
 
 
 def _pooled_blocks(block_sum: np.ndarray, block_sq: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Channel sums and squares about the channel means from blocks of ``size`` entries (rows: leading index,
-    columns: channel): each block's squares about its own mean, plus its mean's offset from the channel's
+    """Channel sums and squares about the channel means from blocks of ``size`` entries (rows: blocks,
+    columns: channels): each block's squares about its own mean, plus its mean's offset from the channel's
     (between and within, as varprop.stats pools blocks). A block's float64 sum of squares less its squared
     sum over ``size`` keeps all but 2^-52 mean^2 / var of its variance; None where that could exceed 1e-10
     (a block almost constant, or far off zero): the caller then takes two passes."""
@@ -183,6 +185,11 @@ def _pooled_blocks(block_sum: np.ndarray, block_sq: np.ndarray, size: int) -> tu
     total = block_sum.sum(0)
     offsets = block_sum / size - total / (size * len(block_sum))
     return total, within.sum(0) + size * (offsets * offsets).sum(0)
+
+
+def _zero_when_saturated(act: activations.Activation) -> bool:
+    """relu: phi'(z) = 0 exactly where phi(z) = 0 (z <= 0), so the output's zeros are the saturated inputs."""
+    return act.homogeneous and act.slope_neg == 0 and act.phi0 == 0 and act.slope_pos >= SATURATION
 
 
 def _saturation(act: activations.Activation, z: "torch.Tensor") -> float:
@@ -419,8 +426,8 @@ class _Pass:
         if act is not None and getattr(module, "fname", None):  # a traced call: its own arguments decide
             act = functional_activation(module.fname, args, kwargs)
         info["act"] = act
-        if act is not None and inputs:  # before the call: an in-place activation overwrites its input
-            info["saturated"] = _saturation(act, inputs[0])
+        if act is not None and inputs and not _zero_when_saturated(act):
+            info["saturated"] = _saturation(act, inputs[0])  # before the call: an in-place one overwrites it
         if inputs and info["sources"][0] is None and self.theory:
             # A layer fed by something the hooks do not see: the theory restarts from its measured input.
             s = tensor_stats(inputs[0], *_axes(module, inputs[0].dim(), None), buffer=self.buffer)
@@ -448,9 +455,11 @@ class _Pass:
             axes = _axes(module, t.dim(), inherited)
             layer = len(self.rows)
             name = target.display + (f"#{call}" if call > 1 else "") + path
+            stats = tensor_stats(t, *axes, saturated=info.get("saturated", math.nan), buffer=self.buffer)
+            if info["act"] is not None and _zero_when_saturated(info["act"]):
+                stats["frac_saturated"] = stats["frac_zero"]
             row = _Row(layer, name, target.name, call, target.type_name, tuple(t.shape), axes,
-                       list(info["sources"]), tensor_stats(t, *axes, saturated=info.get("saturated", math.nan),
-                                                           buffer=self.buffer), target=target)
+                       list(info["sources"]), stats, target=target)
             row.call_info = (module, info, tuple(t.shape))
             if "operands" in info:
                 self._residual_row(module, layer, info["operands"])
@@ -472,12 +481,20 @@ class _Pass:
     def _operand_stats(self, module: Any, operands: list[Any]) -> dict[str, Any]:
         res = self.residuals[module]
         skip, branch = operands[res.skip_index], operands[1 - res.skip_index]
-        axes = _axes(module, skip.dim(), self.rows[self.source_of(skip)].axes if self.source_of(skip) is not None
-                     else None)
-        return {"skip": tensor_stats(skip, *axes, buffer=self.buffer),
-                "branch": tensor_stats(branch, *axes, buffer=self.buffer),
-                "skip_source": self.source_of(skip), "branch_source": self.source_of(branch),
-                "ambiguous": res.ambiguous, "axes": axes}
+        sources = self.source_of(skip), self.source_of(branch)
+        axes = _axes(module, skip.dim(), self.rows[sources[0]].axes if sources[0] is not None else None)
+        return {"skip": self._stats_of(skip, axes), "branch": self._stats_of(branch, axes),
+                "skip_source": sources[0], "branch_source": sources[1], "ambiguous": res.ambiguous, "axes": axes}
+
+    def _stats_of(self, t: Any, axes: tuple[int, int]) -> dict[str, float]:
+        """``t``'s statistics: a row's own when ``t`` is that row's output, unchanged since and laid out
+        alike (an addition's operands usually are), else computed."""
+        found = self._producer(t)
+        if found is not None and found[1] == t._version:
+            row = self.rows[found[0]]
+            if row.axes == axes and row.shape == tuple(t.shape):
+                return row.post
+        return tensor_stats(t, *axes, buffer=self.buffer)
 
     def _residual_row(self, module: Any, layer: int, ops: dict[str, Any], name: str | None = None,
                       total: dict[str, float] | None = None) -> None:

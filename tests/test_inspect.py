@@ -59,13 +59,17 @@ def hand_stats(x: np.ndarray, sample_axis: int = 0, channel_axis: int = 1) -> di
 
 def assert_stats(row: pd.Series, side: str, x: np.ndarray, sample_axis: int = 0, channel_axis: int = 1) -> None:
     """The row's statistics of one side against :func:`hand_stats` of ``x``. Float64 sums of float32 values
-    in another order agree to rounding of order 1e-15 on each quantity's scale; |cos| comes from a float32
-    Gram matrix, whose rounding is at most (entries per sample) * 2^-24 in a cosine."""
-    fan = x.size // x.shape[sample_axis]
+    in another order agree to rounding of order 1e-15 on each quantity's scale. The cosines' products are
+    float32: |cos| from a Gram matrix, whose rounding is at most (entries per sample) * 2^-24 in a cosine;
+    the mean cosine from the sum of the N unit-normalised samples, each entry a float32 sum of N terms, which
+    moves |sum|^2 by at most 2 (N + 1) 2^-24 N (Cauchy-Schwarz) and the mean by that over N (N - 1)."""
+    n = x.shape[sample_axis]
+    fan = x.size // n
+    tolerances = {"abs_cos_sim": fan * 2.0**-24, "cos_sim": 2 * (n + 1) * 2.0**-24 / (n - 1)}
     for k, v in hand_stats(x, sample_axis, channel_axis).items():
         got = row[f"{side}_{k}"]
-        scale = 1.0 if k in ("cos_sim", "abs_cos_sim", "frac_zero") else max(abs(v), row[f"{side}_second_moment"])
-        tol = fan * 2.0**-24 if k == "abs_cos_sim" else 1e-10 * scale
+        scale = 1.0 if k == "frac_zero" else max(abs(v), row[f"{side}_second_moment"])
+        tol = tolerances.get(k, 1e-10 * scale)
         assert abs(got - v) <= tol, (row.name, side, k, got, v)
 
 

@@ -89,12 +89,12 @@ def tensor_stats(x: "torch.Tensor", sample_axis: int = 0, channel_axis: int | No
     other axis: [N, C, H, W], [N, C, L], [N, T, C] with axis 2, [N, C]). Sums
     run in float64 and are combined by :func:`varprop.stats.from_sums`, so the
     definitions are simulate's; for a 2-D tensor the result is
-    :func:`varprop.stats.side_stats` of it (``abs_cos_sim`` to float32
-    rounding, its Gram matrix being taken in the tensor's precision).
+    :func:`varprop.stats.side_stats` of it (the cosines to float32 rounding:
+    their products are taken in the tensor's precision).
 
     >>> import torch
     >>> s = tensor_stats(torch.tensor([[1.0, -1.0], [1.0, -1.0]]))
-    >>> [round(s[k], 12) for k in ("std", "sq_unit_mean", "unit_var", "cos_sim")]
+    >>> [round(s[k], 6) for k in ("std", "sq_unit_mean", "unit_var", "cos_sim")]
     [1.0, 1.0, 0.0, 1.0]
     """
     torch = _torch()
@@ -105,46 +105,50 @@ def tensor_stats(x: "torch.Tensor", sample_axis: int = 0, channel_axis: int | No
     shape = tuple(x.shape)
     sample_axis %= len(shape)
     channel_axis = sample_axis if channel_axis is None else channel_axis % len(shape)
-    n = x.numel()
-    y = (buffer or _Buffer()).get(n, x.device).view(shape)
-    y.copy_(x.detach())
-    cpu = y.device.type == "cpu"
-    # NumPy counts zeros several times faster than torch.count_nonzero on CPU (and on float32 reads half the
-    # bytes). Small vectors (one number per sample or channel) are finished in NumPy too: a torch call on
-    # them costs more than the arithmetic.
-    own = x.detach()
-    zeros = int(np.count_nonzero(own.numpy() == 0)) if cpu and own.dtype in (torch.float32, torch.float64) \
-        else int((y == 0).sum())
-    ns = shape[sample_axis]
-    rows = y.movedim(sample_axis, 0).reshape(ns, -1)
-    c = shape[channel_axis]
+    n, ns, c = x.numel(), shape[sample_axis], shape[channel_axis]
     a, b = math.prod(shape[:channel_axis]), math.prod(shape[channel_axis + 1:])
-    v = y.view(a, c, b)
-    # Sums and squares per block (one pass each), pooled below: per (leading index, channel) over the
-    # positions of [N, C, positions], per (sample, channel) over the positions of [N, positions, C].
-    blocks, per_sample = None, False
+    f64 = torch.float64
+    own = x.detach()
+    own = own if own.dtype in (torch.float32, f64) else own.float()  # half precisions: exactly, in float32
+    cpu = own.device.type == "cpu"
+    # Sums run over a float64 copy in a reused buffer (a reduction with dtype=float64 converts into a fresh
+    # allocation, slower); the cosines' products read the tensor itself. Counting zeros is NumPy's job on
+    # CPU (several times faster than torch.count_nonzero), and small vectors (one number per sample or
+    # channel) are finished in NumPy: a torch call on them costs more than the arithmetic.
+    zeros = int(np.count_nonzero(own.numpy() == 0)) if cpu else int((own == 0).sum())
+    y = (buffer or _Buffer()).get(n, own.device).view(shape)
+    y.copy_(own)
+    rows = own.movedim(sample_axis, 0).reshape(ns, -1)
+    # Sums and squares per block, pooled below: per (leading index, channel) over the positions of
+    # [N, C, positions], per (sample, channel) over the positions of [N, positions, C].
+    blocks, per_sample, scratched = None, False, False
     if b > 1:
+        v = y.view(a, c, b)
         blocks = (_np(v.sum(2)), _np(torch.linalg.vector_norm(v, dim=2)) ** 2, b)
         per_sample = sample_axis == 0 and channel_axis == 1
     elif len(shape) >= 3 and sample_axis == 0 and n > ns * c:
         w = y.view(ns, n // (ns * c), c)
-        blocks = (_np(w.sum(1)), _np((w * w).sum(1)), n // (ns * c))  # a middle-axis norm is 10x slower
-        per_sample = True
-    norms = np.sqrt(blocks[1].sum(1)) if per_sample else _np(torch.linalg.vector_norm(rows, dim=1))
+        block_sum = _np(w.sum(1))
+        blocks = (block_sum, _np(w.square_().sum(1)), n // (ns * c))  # a middle-axis norm is 10x slower
+        per_sample = scratched = True
+    norms = np.sqrt(blocks[1].sum(1)) if per_sample else _np(
+        torch.linalg.vector_norm(y.movedim(sample_axis, 0).reshape(ns, -1), dim=1))
+    if not math.isfinite(float(norms.sum())):
+        return {**empty_stats(), "frac_zero": zeros / n, "frac_saturated": saturated, "nonfinite": True}
     live = norms > 0
     inv = np.zeros(ns)
     np.divide(1.0, norms, out=inv, where=live)
-    unit_sum = _np(torch.from_numpy(inv).to(y.device) @ rows if not cpu else torch.from_numpy(inv) @ rows)
-    # |cos| over the first 128 live samples, from their Gram matrix in the tensor's own precision (float32's
+    # The sum of the unit-normalised samples in the tensor's precision: each of its entries adds ns terms,
+    # whose rounding moves the mean cosine by at most 2 (ns + 1) 2^-24 / (ns - 1).
+    unit_sum = _np(torch.from_numpy(inv).to(own.device, own.dtype) @ rows).astype(np.float64)
+    # |cos| over the first 128 live samples, from their Gram matrix in the tensor's precision (float32's
     # product costs a third of float64's; its rounding, at most fan * 2^-24 in a cosine and typically
     # sqrt(fan) * 2^-24, is far below the sampling error of a mean over pairs), scaled by the float64 norms.
     first = np.flatnonzero(live)[:ABS_COS_SAMPLES]
     m = len(first)
     head = math.nan
     if m >= 2:
-        own = x.detach().movedim(sample_axis, 0).reshape(ns, -1)
-        own = own if own.dtype in (torch.float32, torch.float64) else own.float()
-        head_rows = own[:m] if first[-1] == m - 1 else own[torch.from_numpy(first).to(y.device)]
+        head_rows = rows[:m] if first[-1] == m - 1 else rows[torch.from_numpy(first).to(own.device)]
         gram = _np(head_rows @ head_rows.T).astype(np.float64)
         gram = np.abs(gram * inv[first][:, None] * inv[first][None, :])
         head = float((gram.sum() - np.trace(gram)) / (m * (m - 1)))
@@ -152,10 +156,13 @@ def tensor_stats(x: "torch.Tensor", sample_axis: int = 0, channel_axis: int | No
     col = _pooled_blocks(*blocks) if blocks is not None else None
     if col is None:
         # Channel sums, then squares about the channel means (two passes: no E[x^2] - E[x]^2 cancellation),
-        # in the work buffer, which is free once the rows' sums are taken.
-        col_sum = v.sum(2).sum(0) if b > 1 else v.view(a, c).sum(0)
-        v.sub_((col_sum / m_rows).view(1, c, 1)).square_()
-        col_m2 = v.sum(2).sum(0) if b > 1 else v.view(a, c).sum(0)
+        # in the float64 copy, free once the rows' sums are taken.
+        if scratched:
+            y.copy_(own)
+        y = y.view(a, c, b)
+        col_sum = y.sum(2).sum(0) if b > 1 else y.view(a, c).sum(0)
+        y.sub_((col_sum / m_rows).view(1, c, 1)).square_()
+        col_m2 = y.sum(2).sum(0) if b > 1 else y.view(a, c).sum(0)
         col = (_np(col_sum), _np(col_m2))
     sums = Sums(m_rows, col[0], col[1], norms * norms, unit_sum, zeros)
     # from_sums reads the shape of its first argument (rows x channels) and, for |cos| only when no head

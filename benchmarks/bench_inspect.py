@@ -3,7 +3,7 @@
     python benchmarks/bench_inspect.py            # full run, writes benchmarks/RESULTS-inspect.md
     python benchmarks/bench_inspect.py --quick    # fewer repeats, smaller models
     python benchmarks/bench_inspect.py --json out.json
-    python benchmarks/bench_inspect.py --threads 1  # PyTorch on one thread (steadier on a busy machine)
+    python benchmarks/bench_inspect.py --threads 2  # only PyTorch's two-thread run (default: 1 and its own)
 
 Per model, four contenders run in this one process, interleaved (A B C D A B C D ...), so drift of a
 shared machine hits them alike: the bare model's forward (under no_grad) and forward + backward (the
@@ -175,8 +175,9 @@ def whole_process(directory: Path, threads: int) -> dict[str, dict[str, float]]:
     modules are imported first too, so the difference is the run's own memory)."""
     bare = (PEAK + "import torch, bench_models\nreset_peak()\nm = bench_models.resnet(32)\n"
             "x = torch.randn(32, 3, 32, 32)\n(m(x) * torch.randn(32, 10)).sum().backward()\nprint(peak_mib())")
-    inspected = (PEAK + "import sys, torch, torch.fx, scipy.stats, varprop.torch, varprop.inspect_graph, varprop.inspect_theory, "
-                 "varprop.theory, varprop.report.inspect, varprop.cli.inspect\nfrom varprop.cli import main\n"
+    inspected = (PEAK + "import sys, torch, torch.fx, scipy.stats, varprop.torch, varprop.inspect_graph, "
+                 "varprop.inspect_theory, varprop.theory, varprop.report.inspect, varprop.cli.inspect\n"
+                 "from varprop.cli import main\n"
                  "sys.argv = ['varprop', 'inspect', 'bench_models:resnet', '--input-shape', '32,3,32,32', "
                  "'--replicates', '1', '--backward', '--format', 'csv', '--out', sys.argv[1]]\nreset_peak()\n"
                  "try:\n    main()\nexcept SystemExit:\n    pass\nprint(peak_mib())")
@@ -192,35 +193,38 @@ def whole_process(directory: Path, threads: int) -> dict[str, dict[str, float]]:
     return results
 
 
-def write_results(path: Path, results: list[dict], whole: dict, command: str, repeats: int,
-                  load: tuple[float, float]) -> None:
+def write_results(path: Path, runs: list[dict], command: str, repeats: int) -> None:
     lines = ["# Benchmark results: varprop inspect (hook overhead)", "",
              f"Command: `{command}`; machine: {platform.platform()}, {os.cpu_count()} CPUs; Python "
-             f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads); "
-             f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end. Medians of {repeats} "
-             "interleaved repeats; ratio = inspected / bare, taken within each repeat (median and range over "
-             "repeats).", "",
-             "## Hook overhead (target: inspected within 1.5x of bare)", "",
-             "| model | input | rows | bare forward (s) | inspected / bare | bare fwd+bwd (s) | inspected / bare |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for r in results:
-        f, fb = r["ratio forward"], r["ratio forward+backward"]
-        lines.append(f"| {r['model']} | {'x'.join(map(str, r['shape']))} | {r['rows']} | "
-                     f"{statistics.median(r['times']['bare forward']):.4f} | {f[0]:.2f} ({f[1]:.2f}-{f[2]:.2f}) | "
-                     f"{statistics.median(r['times']['bare forward+backward']):.4f} | "
-                     f"{fb[0]:.2f} ({fb[1]:.2f}-{fb[2]:.2f}) |")
-    lines += ["", "## Once per re-initialisation", "",
-              "| model | prepare: fx trace + rewrite (s) | whole inspect(), one replicate, backward (s) |",
-              "|---|---:|---:|"]
-    lines += [f"| {r['model']} | {r['prepare_s']:.3f} | {r['inspect_one_replicate_s']:.3f} |" for r in results]
-    lines += ["", "## Whole process (fresh processes, ResNet 32x3x32x32, one forward + backward)", "",
-              "The peak RSS is reset after the imports (Linux's clear_refs: PyTorch's import transient would hide",
-              "it); its increase over the RSS at that point is the run's own memory.", "",
-              "| run | wall (s) | RSS after imports (MiB) | peak during the run (MiB) | increase (MiB) |",
-              "|---|---:|---:|---:|---:|"]
-    lines += [f"| {k} | {v['wall_s']:.2f} | {v['rss_after_imports_mib']:.0f} | {v['peak_rss_mib']:.0f} | "
-              f"{v['increase_mib']:.0f} |" for k, v in whole.items()]
-    path.write_text("\n".join(lines) + "\n")
+             f"{platform.python_version()}, torch {torch.__version__}. Medians of {repeats} interleaved repeats; "
+             "ratio = inspected / bare, taken within each repeat (median and range over repeats). The statistics "
+             "are computed on one PyTorch thread whatever the model's count.", ""]
+    for run in runs:
+        results, whole, load = run["results"], run["whole_process"], run["load"]
+        lines += [f"## PyTorch on {run['threads']} thread{'s' if run['threads'] > 1 else ''} (load average "
+                  f"{load[0]:.1f} at the start, {load[1]:.1f} at the end)", "",
+                  "Hook overhead (target: inspected within 1.5x of bare):", "",
+                  "| model | input | rows | bare forward (s) | inspected / bare | bare fwd+bwd (s) "
+                  "| inspected / bare |", "|---|---|---:|---:|---:|---:|---:|"]
+        for r in results:
+            f, fb = r["ratio forward"], r["ratio forward+backward"]
+            lines.append(f"| {r['model']} | {'x'.join(map(str, r['shape']))} | {r['rows']} | "
+                         f"{statistics.median(r['times']['bare forward']):.4f} | {f[0]:.2f} ({f[1]:.2f}-{f[2]:.2f}) "
+                         f"| {statistics.median(r['times']['bare forward+backward']):.4f} | "
+                         f"{fb[0]:.2f} ({fb[1]:.2f}-{fb[2]:.2f}) |")
+        lines += ["", "Once per re-initialisation:", "",
+                  "| model | prepare: fx trace + rewrite (s) | whole inspect(), one replicate, backward (s) |",
+                  "|---|---:|---:|"]
+        lines += [f"| {r['model']} | {r['prepare_s']:.3f} | {r['inspect_one_replicate_s']:.3f} |" for r in results]
+        lines += ["", "Whole process (fresh processes, ResNet 32x3x32x32, one forward + backward; the peak RSS is "
+                  "reset after the imports, Linux's clear_refs, as PyTorch's import transient would hide it: the "
+                  "increase is the run's own memory):", "",
+                  "| run | wall (s) | RSS after imports (MiB) | peak during the run (MiB) | increase (MiB) |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {k} | {v['wall_s']:.2f} | {v['rss_after_imports_mib']:.0f} | {v['peak_rss_mib']:.0f} | "
+                  f"{v['increase_mib']:.0f} |" for k, v in whole.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
 
 
 def main() -> None:
@@ -228,29 +232,35 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's own)")
+    ap.add_argument("--threads", default=None,
+                    help="PyTorch thread counts to run, comma-separated [default: 1 and PyTorch's own]")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS-inspect.md"))
     args = ap.parse_args()
     repeats = args.repeats or (5 if args.quick else 11)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
+    own = torch.get_num_threads()
+    counts = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, own})
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         models = load_models(directory)
-        results = []
-        for name, _, factory, shape in cases(models, args.quick):
-            r = bench_model(name, factory, shape, repeats)
-            print(f"{name:12s} forward x{r['ratio forward'][0]:.2f}  forward+backward "
-                  f"x{r['ratio forward+backward'][0]:.2f}  ({r['rows']} rows)", flush=True)
-            results.append(r)
-        whole = whole_process(directory, torch.get_num_threads())
-        print(json.dumps(whole))
+        for threads in counts:
+            torch.set_num_threads(threads)
+            load_before = os.getloadavg()[0]
+            results = []
+            for name, _, factory, shape in cases(models, args.quick):
+                r = bench_model(name, factory, shape, repeats)
+                print(f"{threads} thread(s) {name:12s} forward x{r['ratio forward'][0]:.2f}  forward+backward "
+                      f"x{r['ratio forward+backward'][0]:.2f}  ({r['rows']} rows)", flush=True)
+                results.append(r)
+            whole = whole_process(directory, threads)
+            print(json.dumps(whole), flush=True)
+            runs.append({"threads": threads, "results": results, "whole_process": whole,
+                         "load": (load_before, os.getloadavg()[0])})
     command = "python benchmarks/bench_inspect.py" + (" --quick" if args.quick else "") + (
         f" --threads {args.threads}" if args.threads else "")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "whole_process": whole}, indent=1))
-    write_results(Path(args.out), results, whole, command, repeats, (load_before, os.getloadavg()[0]))
+        Path(args.json).write_text(json.dumps(runs, indent=1))
+    write_results(Path(args.out), runs, command, repeats)
 
 
 if __name__ == "__main__":

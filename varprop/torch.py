@@ -781,7 +781,10 @@ def _pass(prep: _Prepared, x: Any, seed: int, replicate: int, backward: bool, th
     axes = _axes(first, x.dim(), None)
     with _fork_rng(torch, x.device), _Pass(runner, prep.targets, backward, prep.graph.residuals,
                                          prep.graph.blocks, theory) as p, _one_blas_thread():
-        torch.manual_seed(_seed_of(seed, replicate, 1))
+        # The forward's own draws (dropout) from the tree; torch.manual_seed would also seed every lazy
+        # accelerator, formatting a stack trace for each, a millisecond per pass.
+        (torch.cuda.manual_seed if x.device.type == "cuda" else torch.default_generator.manual_seed)(
+            _seed_of(seed, replicate, 1))
         with torch.set_grad_enabled(backward):
             if backward and x.is_floating_point():
                 x.requires_grad_(True)

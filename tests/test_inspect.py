@@ -501,7 +501,11 @@ def test_cli_writes_a_report(user_models, tmp_path):
         assert (out / f).is_file(), f
     layers = pd.read_csv(out / "layers.csv")
     assert {"post_std", "grad_std", "theory_post_second_moment", "replicate", "name"} <= set(layers.columns)
-    assert "## Findings" in (out / "report.md").read_text()
+    first = (out / "report.md").read_text()
+    assert "## Findings" in first
+    redraw = CliRunner().invoke(main, ["report", str(out)])  # varprop report redraws an inspect run as one
+    assert redraw.exit_code == 0, redraw.output
+    assert (out / "report.md").read_text() == first and not (out / "std_per_layer.png").exists()
 
 
 def test_cli_width_sweep(user_models, tmp_path):
@@ -510,6 +514,9 @@ def test_cli_width_sweep(user_models, tmp_path):
                                     "--width-sweep", "16,32,64", "--replicates", "3", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "Width sweep:" in res.output and (out / "exponents.csv").is_file()
+    first = (out / "report.md").read_text()
+    assert CliRunner().invoke(main, ["report", str(out)]).exit_code == 0
+    assert (out / "report.md").read_text() == first
 
 
 @pytest.mark.parametrize("args,message", [

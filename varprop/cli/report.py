@@ -22,7 +22,9 @@ def report_cmd(run_dir: str, formats: str) -> None:
     if not (path / "layers.csv").is_file() or not (path / "config.json").is_file():
         raise SpecError("RUN_DIR", f"{run_dir} holds no layers.csv and config.json of a varprop simulate run")
     try:
-        paths = report.render(path, fmts)
+        from ..report import inspect as inspect_report  # an inspect run redraws as one
+
+        paths = (inspect_report.render if inspect_report.is_inspect_run(path) else report.render)(path, fmts)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SpecError("RUN_DIR", f"cannot read the run in {run_dir} ({type(exc).__name__}: {exc})") from None
     click.echo("rewrote " + ", ".join(str(p) for k, p in paths.items() if k in ("report", "html", "json", "figure")))

@@ -527,27 +527,60 @@ def build_document(table: pd.DataFrame, summary: pd.DataFrame, residual: pd.Data
 
 def write(table: pd.DataFrame, directory: Path, command: str | None = None, title: str | None = None,
           formats: Sequence[str] = FORMATS, sweep: Any = None) -> dict[str, Any]:
-    """Write every file of an inspect run into ``directory``; return their paths (and the summary)."""
-    import torch
+    """Write every file of an inspect run into ``directory``; return their paths (and the summary).
 
+    layers.csv and config.json (with residual.csv and exponents.csv when there are additions or a width
+    sweep) are the run's data, from which :func:`render` redraws the report."""
     directory = Path(directory)
     info = dict(table.attrs.get("inspect", {}))
     residual = pd.DataFrame(table.attrs.get("residual", []))
-    shown = table
-    if sweep is not None:  # the report's module sections describe the narrowest width
-        shown = table[table["width"] == table["width"].min()]
     meta = {"title": title, "command": command, "inspect": info,
-            "versions": {"varprop": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "versions": {"varprop": __version__, "torch": info.get("torch"), "numpy": np.__version__,
                          "pandas": pd.__version__, "python": platform.python_version()}}
+    if sweep is not None:
+        meta["sweep"] = {"passed": sweep.passed, "message": sweep.message, "tolerance": sweep.tolerance}
+    (directory / "config.json").write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+    table.to_csv(directory / "layers.csv", index=False)
+    if len(residual):
+        residual.to_csv(directory / "residual.csv", index=False)
+    if sweep is not None:
+        sweep.exponents.to_csv(directory / "exponents.csv", index=False)
+    return render(directory, formats, table, meta, residual, sweep)
+
+
+def is_inspect_run(directory: Path) -> bool:
+    """Whether ``directory`` holds an inspect run (its config.json says so)."""
+    try:
+        return "inspect" in json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def render(directory: Path, formats: Sequence[str] = FORMATS, table: pd.DataFrame | None = None,
+           meta: dict[str, Any] | None = None, residual: pd.DataFrame | None = None,
+           sweep: Any = None) -> dict[str, Any]:
+    """(Re)draw an inspect run's figures and reports, from its files when not given."""
+    directory = Path(directory)
+    if meta is None:
+        meta = json.loads((directory / "config.json").read_text())
+    names = {c: str for c in ("name", "module", "type", "block", "skip", "branch", "theory", "theory_grad")}
+    if table is None:
+        table = pd.read_csv(directory / "layers.csv", dtype=names)  # module "0" stays a name, not a number
+    if residual is None:
+        path = directory / "residual.csv"
+        residual = pd.read_csv(path, dtype=names).fillna({"skip": "", "branch": ""}) if path.is_file() \
+            else pd.DataFrame()
+    if sweep is None and "sweep" in meta:
+        from ..torch import SweepResult
+
+        sweep = SweepResult(table, pd.read_csv(directory / "exponents.csv", dtype=names), meta["sweep"]["passed"],
+                            meta["sweep"]["message"], meta["sweep"]["tolerance"])
+    shown = table[table["width"] == table["width"].min()] if sweep is not None else table
     paths: dict[str, Any] = {"config": directory / "config.json", "layers": directory / "layers.csv"}
-    paths["config"].write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
-    table.to_csv(paths["layers"], index=False)
     if len(residual):
         paths["residual"] = directory / "residual.csv"
-        residual.to_csv(paths["residual"], index=False)
     if sweep is not None:
         paths["exponents"] = directory / "exponents.csv"
-        sweep.exponents.to_csv(paths["exponents"], index=False)
     summary = module_summary(shown)
     paths["summary"] = summary
     if "json" in formats:

@@ -224,6 +224,11 @@ def write_results(path: Path, runs: list[dict], command: str, repeats: int) -> N
         lines += [f"| {k} | {v['wall_s']:.2f} | {v['rss_after_imports_mib']:.0f} | {v['peak_rss_mib']:.0f} | "
                   f"{v['increase_mib']:.0f} |" for k, v in whole.items()]
         lines.append("")
+    if any(max(run["load"]) > (os.cpu_count() or 1) for run in runs):
+        lines += ["Reading: the machine was busy (load average above its core count: other processes shared "
+                  "the cores). A kernel split over threads then waits for a descheduled one, so multi-thread "
+                  "times swing (see the ranges; the bare model itself ran slower on two threads than on one) "
+                  "and the one-thread table is the steadier measure.", ""]
     path.write_text("\n".join(lines))
 
 

@@ -19,9 +19,9 @@ F = torch.nn.functional
 
 from click.testing import CliRunner  # noqa: E402
 
-from varprop import inits  # noqa: E402
+from varprop.nn import inits  # noqa: E402
 from varprop.cli import main  # noqa: E402
-from varprop.engine import generator  # noqa: E402
+from varprop.montecarlo.seeds import generator  # noqa: E402
 from varprop.errors import SpecError  # noqa: E402
 from varprop.stats import side_stats  # noqa: E402
 from varprop.torch import (assert_preserves_variance, check_preserves_variance, inspect, residual_table,  # noqa: E402

@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from . import activations, inits
-from .engine import generator
+from .montecarlo.seeds import generator
+from .nn import activations, inits
 from .errors import SpecError
 from .stats import ABS_COS_SAMPLES, SATURATION, STATS, Sums, empty_stats, from_sums
 

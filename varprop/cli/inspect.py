@@ -46,9 +46,9 @@ def seed_arg(value: str) -> int:
     return n
 
 
-def mode_arg(value: str) -> str:
+def mode_arg(value: str, option: str = "mode") -> str:
     if value not in ("train", "eval"):
-        raise SpecError("mode", f"expected train (batch statistics, dropout on) or eval, got {value!r}")
+        raise SpecError(option, f"expected train (batch statistics, dropout on) or eval, got {value!r}")
     return value
 
 
@@ -70,7 +70,7 @@ def shape_words(input_shape: str | None, input_file: str | None, mode: str, seed
                 modules: str | None, types: str | None, no_trace: bool) -> list[str]:
     """The options shared by inspect and check, as words of a reproducing command."""
     words = ["--input-file", input_file] if input_file else ["--input-shape", input_shape or ""]
-    words += ["--mode", mode, "--seed", str(seed)]
+    words += (["--mode", mode] if mode else []) + ["--seed", str(seed)]
     words += ["--device", device] if device != "cpu" else []
     words += ["--modules", modules] if modules else []
     words += ["--types", types] if types else []
@@ -125,6 +125,7 @@ def inspect_cmd(model: str, input_shape: str | None, input_file: str | None, rep
     from .. import report as report_pkg
     from ..report import inspect as report
     from ..torch import _input_shape, _widths, inspect, load_model, residual_table, width_sweep
+    from ..report.document import plain
     from .common import in_staging, parse_formats
 
     n_rep = positive_int(replicates, "replicates")
@@ -175,25 +176,51 @@ def inspect_cmd(model: str, input_shape: str | None, input_file: str | None, rep
     residual = residual_table(table)
     shown = residual[residual["config"] == summary["config"].iloc[0]] if len(residual) else residual
     for line in report.findings(summary, shown, info, sweep):
-        click.echo("- " + line.replace("**", ""))
+        click.echo("- " + plain(line).replace("**", ""))
     written = ", ".join(p.name for k, p in paths.items() if k not in ("summary", "report") and hasattr(p, "name"))
     report_path = paths.get("report", paths["layers"])
     click.echo(f"\nreport: {out_dir / report_path.name}  ({written} beside it)")
 
 
-PLAIN_ONLY = ("init", "activation", "layers", "width", "samples", "bias_std")  # options of the plain-stack check
+MODEL_OPTIONS = ("model", "input_shape", "input_file", "model_mode", "modules", "types", "device")
+_FOR_A_MODEL = ("band", "backward", "replicates", "seed", "as_json", *MODEL_OPTIONS)  # check's options --model keeps
 
 
-def check_model(ctx: click.Context, model: str, band: str, backward: bool, replicates: str, seed: str,
-                input_shape: str | None, input_file: str | None, mode: str, modules: str | None, types: str | None,
-                device: str) -> Any:
-    """``varprop check --model``: every module's std within the band (varprop.torch.check_preserves_variance)."""
+def model_options(fn: Any) -> Any:
+    """``varprop check``'s options for a PyTorch model (its --mode is the init's fan mode, hence --model-mode)."""
+    for decorate in reversed([
+            click.option("--model", default=None, metavar="MODULE:FUNCTION",
+                         help="check your PyTorch model instead: every module's std (see varprop inspect)"),
+            click.option("--input-shape", default=None, metavar="N,C,...",
+                         help="with --model: the input's shape, samples first"),
+            click.option("--input-file", default=None, metavar="X.NPY", help="with --model: inputs from a .npy file"),
+            click.option("--model-mode", default="train", metavar="train|eval",
+                         help="with --model: the model's mode [default: train]"),
+            click.option("--modules", default=None, metavar="GLOBS", help="with --model: check only these modules"),
+            click.option("--types", default=None, metavar="NAMES", help="with --model: check only these types"),
+            click.option("--device", default="cpu", metavar="DEVICE", help="with --model: cpu, cuda or cuda:N")]):
+        fn = decorate(fn)
+    return fn
+
+
+def check_model(ctx: click.Context, band: str, backward: bool, replicates: str, seed: str, model: str | None,
+                input_shape: str | None, input_file: str | None, model_mode: str, modules: str | None,
+                types: str | None, device: str) -> Any:
+    """``varprop check --model``: every module's std within the band (varprop.torch.check_preserves_variance).
+    Of check's own options only --band, --backward, --replicates and --seed apply to a model; another given
+    on the command line is refused."""
+    if model is None:
+        raise SpecError("model", "--input-shape, --input-file, --modules and --types describe a PyTorch model: "
+                        "give it with --model module:function")
+    plain = [p.name for p in ctx.command.params if p.name not in _FOR_A_MODEL
+             and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+    if plain:
+        raise SpecError(plain[0], "is an option of the plain-stack check; with --model the model is yours (drop it)")
+    if str(replicates).strip().lower() == "auto":
+        raise SpecError("replicates", "auto is the plain-stack check's; with --model give a number (at least 8)")
     require_torch()
     from ..torch import _input_shape, check_preserves_variance, load_model
 
-    given = [k for k in PLAIN_ONLY if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
-    if given:
-        raise SpecError(given[0], "is an option of the plain-stack check; with --model the model is yours (drop it)")
     try:
         factor = float(band)
     except ValueError:
@@ -204,12 +231,12 @@ def check_model(ctx: click.Context, model: str, band: str, backward: bool, repli
         raise SpecError("input_shape", "give the input's shape, samples first (such as 8,3,32,32), or --input-file")
     if input_shape is not None and input_file is not None:
         raise SpecError("input_file", "give --input-shape or --input-file, not both")
-    n_rep = positive_int(replicates, "replicates")
-    words = ["varprop", "check", "--model", model, *shape_words(input_shape, input_file, mode, seed_arg(seed), device,
-                                                                modules, types, False),
-             "--band", f"{factor:g}", "--replicates", str(n_rep)] + (["--backward"] if backward else [])
+    n_rep, seed_n, mode = positive_int(replicates, "replicates"), seed_arg(seed), mode_arg(model_mode, "model_mode")
+    words = ["varprop", "check", "--model", model, *shape_words(input_shape, input_file, "", seed_n, device, modules,
+                                                                types, False),
+             "--model-mode", mode, "--band", f"{factor:g}", "--replicates", str(n_rep)] + (
+        ["--backward"] if backward else [])
     return check_preserves_variance(
         load_model(model, "model"), _input_shape(input_shape) if input_shape else None, band=factor,
-        direction="both" if backward else "forward", replicates=n_rep, seed=seed_arg(seed), mode=mode_arg(mode),
-        modules=modules, types=types, inputs=load_inputs(input_file), device=device, command=shlex.join(words),
-        label=model)
+        direction="both" if backward else "forward", replicates=n_rep, seed=seed_n, mode=mode, modules=modules,
+        types=types, inputs=load_inputs(input_file), device=device, command=shlex.join(words), label=model)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,7 +19,7 @@ import pandas as pd
 
 from .. import __version__
 from ..stats import summarize
-from .document import Document, to_html, to_markdown
+from .document import Document, lit, to_html, to_markdown
 
 FORMATS = ("md", "html", "csv", "json")
 MAX_TABLE_ROWS = 300  # per-module tables list every module up to this many, then a subsample
@@ -91,11 +93,11 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
     reps = int(s["replicates"].iloc[0])
     first, rest = s.iloc[0], s.iloc[1:]
     if sweep is not None:
-        out.append(f"Width sweep: **{sweep.message}**.")
+        out.append(f"Width sweep: **{lit(sweep.message)}**.")
     if len(rest):
         last = rest.iloc[-1]
         ratio = last["post_log10_rms_std"] - first["post_log10_rms_std"]
-        out.append(f"Forward: the output ({last['name']}) has std {_pow10(last['post_log10_rms_std'])}, "
+        out.append(f"Forward: the output ({lit(last['name'])}) has std {_pow10(last['post_log10_rms_std'])}, "
                    f"x{_pow10(ratio, 3)} the input's ({_pow10(first['post_log10_rms_std'])})"
                    + (f" (mean network over {reps} re-initialisations)." if reps > 1 else "."))
         logs = rest["post_log10_rms_std"].to_numpy(float) - first["post_log10_rms_std"]
@@ -104,15 +106,15 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
             hi, lo = int(np.nanargmax(np.where(finite, logs, -np.inf))), int(np.nanargmin(np.where(finite, logs,
                                                                                                     np.inf)))
             if logs[hi] > 1 or logs[lo] < -1:
-                out.append(f"The std spans x{_pow10(logs[lo], 3)} ({rest.iloc[lo]['name']}) to "
-                           f"x{_pow10(logs[hi], 3)} ({rest.iloc[hi]['name']}) of the input's: **more than a "
+                out.append(f"The std spans x{_pow10(logs[lo], 3)} ({lit(rest.iloc[lo]['name'])}) to "
+                           f"x{_pow10(logs[hi], 3)} ({lit(rest.iloc[hi]['name'])}) of the input's: **more than a "
                            "factor 10 away** somewhere in the model.")
             else:
                 out.append(f"Every module's output std lies within x{_pow10(logs[lo], 3)} .. "
                            f"x{_pow10(logs[hi], 3)} of the input's.")
         zero = rest[rest["post_log10_rms_std"] == -np.inf]
         if len(zero):
-            out.append(f"{len(zero)} module(s) output exactly 0 (e.g. {zero.iloc[0]['name']}): a zero-initialised "
+            out.append(f"{len(zero)} module(s) output exactly 0 (e.g. {lit(zero.iloc[0]['name'])}): a zero-initialised "
                        "layer (Fixup, SkipInit) or a dead path.")
     if "grad_log10_rms_std" in s and s["grad_log10_rms_std"].notna().any():
         g = s.dropna(subset=["grad_log10_rms_std"])
@@ -121,21 +123,21 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
         if len(low):
             bottom = low.iloc[0]
             ratio = bottom["grad_log10_rms_std"] - top["grad_log10_rms_std"]
-            out.append(f"Backward: the gradient reaching {bottom['name']} has std x{_pow10(ratio, 3)} that at the "
-                       f"output ({top['name']})" + (": **vanishing**" if ratio < -3 else ": **exploding**"
+            out.append(f"Backward: the gradient reaching {lit(bottom['name'])} has std x{_pow10(ratio, 3)} that at the "
+                       f"output ({lit(top['name'])})" + (": **vanishing**" if ratio < -3 else ": **exploding**"
                                                     if ratio > 3 else "") + ".")
     dead = s[(s["layer"] > 0) & (s["post_frac_zero"] > 0.9)]
     if len(dead):
         out.append(f"{len(dead)} module(s) output more than 90% exact zeros (dead units), e.g. "
-                   f"{dead.iloc[0]['name']} ({fmt(dead.iloc[0]['post_frac_zero'], 3)}).")
+                   f"{lit(dead.iloc[0]['name'])} ({fmt(dead.iloc[0]['post_frac_zero'], 3)}).")
     sat = s[(s["layer"] > 0) & (s["post_frac_saturated"] > 0.5) & ~s["type"].isin(["ReLU", "relu()"])]
     if len(sat):
-        out.append(f"{len(sat)} activation(s) have most units saturated (|phi'| < 1e-3), e.g. {sat.iloc[0]['name']} "
-                   f"({fmt(sat.iloc[0]['post_frac_saturated'], 3)}).")
+        out.append(f"{len(sat)} activation(s) have most units saturated (|phi'| < 1e-3), e.g. "
+                   f"{lit(sat.iloc[0]['name'])} ({fmt(sat.iloc[0]['post_frac_saturated'], 3)}).")
     collapsed = s[(s["layer"] > 0) & (s["post_abs_cos_sim"] > 0.95)]
     if len(collapsed):
-        out.append(f"Correlation collapse: from {collapsed.iloc[0]['name']} on, {len(collapsed)} module(s) map every "
-                   "input to nearly one direction (mean |cos| between samples above 0.95).")
+        out.append(f"Correlation collapse: from {lit(collapsed.iloc[0]['name'])} on, {len(collapsed)} module(s) map "
+                   "every input to nearly one direction (mean |cos| between samples above 0.95).")
     if "theory_post_second_moment" in s:
         th = s[(s["layer"] > 0) & s["theory_post_second_moment"].notna()]
         if len(th):
@@ -153,7 +155,7 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
             if worst is not None and abs(math.log(worst["post_second_moment"] / worst["theory_post_second_moment"])) \
                     > math.log(1.2):
                 off = worst["post_second_moment"] / worst["theory_post_second_moment"]
-                text += f"; furthest: {worst['name']} (x{fmt(off, 3)})"
+                text += f"; furthest: {lit(worst['name'])} (x{fmt(off, 3)})"
             out.append(text + ".")
     if len(residual):
         r = residual.groupby("block", sort=False)[["skip_second_moment", "branch_second_moment",
@@ -168,8 +170,8 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
         if len(r) > 1 and first_sum > 0:
             text += f"; the sum's second moment goes from {fmt(first_sum, 3)} to {fmt(last_sum, 3)}"
         out.append(text + ".")
-    for note in meta.get("notes", []):
-        out.append(note[0].upper() + note[1:] + ".")
+    for note in meta.get("notes", []):  # they quote the user's names and messages: shown as plain text
+        out.append(lit(note[0].upper() + note[1:] + "."))
     return out
 
 
@@ -194,6 +196,11 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _text(name: Any, width: int) -> str:
+    """A user's name as figure text: its last ``width`` characters, a $ escaped (it would open mathtext)."""
+    return str(name)[-width:].replace("$", r"\$")
+
+
 def _module_axis(ax: Any, s: pd.DataFrame, show_labels: bool, bottom: bool = True) -> None:
     """Module names under the axis when they fit (up to 40 shown), else the axis' meaning."""
     x = s["layer"].to_numpy()
@@ -202,7 +209,7 @@ def _module_axis(ax: Any, s: pd.DataFrame, show_labels: bool, bottom: bool = Tru
     elif show_labels:
         step = max(1, math.ceil(len(x) / 40))
         ax.set_xticks(x[::step])
-        ax.set_xticklabels([str(n)[-28:] for n in s["name"].iloc[::step]], rotation=70, ha="right", fontsize=6.5)
+        ax.set_xticklabels([_text(n, 28) for n in s["name"].iloc[::step]], rotation=70, ha="right", fontsize=6.5)
     else:
         ax.set_xlabel("module, in order of execution (0 = input)")
     ax.grid(True, alpha=0.3)
@@ -295,7 +302,7 @@ def residual_figure(residual: pd.DataFrame, path: Path) -> Path:
         ax.plot(x, th, color="black", ls=":", marker="_", ms=10, label="sum, mean-field theory")
     ax.set_yscale("log")
     ax.set_xticks(x)
-    ax.set_xticklabels([str(b)[-30:] for b in r.index], rotation=60, ha="right", fontsize=7)
+    ax.set_xticklabels([_text(b, 30) for b in r.index], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("second moment E[x^2]")
     ax.set_title("Residual additions: skip, branch and their sum", fontsize=10)
     ax.grid(True, alpha=0.3)
@@ -318,7 +325,7 @@ def sweep_figure(sweep: Any, path: Path) -> Path:
         g = table[table["name"] == e["name"]].groupby("width")["post_log10_std"].mean()
         ax.plot(g.index, 10.0 ** g, marker="o", ms=3, lw=1.1, color=cmap(i / n))
         if len(out) <= 16:  # few enough to name each line at its right end
-            ax.annotate(str(e["name"])[-18:], (g.index[-1], 10.0 ** g.iloc[-1]), xytext=(4, 0),
+            ax.annotate(_text(e["name"], 18), (g.index[-1], 10.0 ** g.iloc[-1]), xytext=(4, 0),
                         textcoords="offset points", fontsize=6.5, va="center", color=cmap(i / n))
     ax.margins(x=0.18)
     ax.set_xscale("log", base=2)
@@ -339,7 +346,7 @@ def sweep_figure(sweep: Any, path: Path) -> Path:
             err = [ex["exponent"][m] - ex["lo"][m], ex["hi"][m] - ex["exponent"][m]]
             ax.errorbar(ex["exponent"][m], y[m], xerr=err, fmt="o", ms=4, color=colour, label=verdict, capsize=2)
     ax.set_yticks(y)
-    ax.set_yticklabels([f"{nm} ({sd[0]})"[-34:] for nm, sd in zip(ex["name"], ex["side"])], fontsize=6.5)
+    ax.set_yticklabels([_text(f"{nm} ({sd[0]})", 34) for nm, sd in zip(ex["name"], ex["side"])], fontsize=6.5)
     ax.invert_yaxis()
     ax.set_xlabel("exponent b in std ~ width^b (95% interval)")
     ax.set_title("Exponents (o: output, g: gradient)", fontsize=9)
@@ -357,7 +364,7 @@ def module_table(summary: pd.DataFrame, reps: int) -> pd.DataFrame:
     if len(s) > MAX_TABLE_ROWS:
         keep = np.unique(np.round(np.linspace(0, len(s) - 1, MAX_TABLE_ROWS)).astype(int))
         s = s.iloc[keep]
-    t = pd.DataFrame({"layer": s["layer"].astype(int), "module": s["name"], "type": s["type"],
+    t = pd.DataFrame({"layer": s["layer"].astype(int), "module": s["name"].map(lit), "type": s["type"].map(lit),
                       "shape": s["shape"]})
     t["std"] = [_pow10(v) for v in s["post_log10_rms_std"]]
     if reps > 1:
@@ -387,7 +394,7 @@ def module_table(summary: pd.DataFrame, reps: int) -> pd.DataFrame:
     t["cos sim"] = [fmt(v, 3) for v in s["post_cos_sim"]]
     t["abs cos sim"] = [fmt(v, 3) for v in s["post_abs_cos_sim"]]
     if "theory" in s:
-        t["theory"] = s["theory"].fillna("")
+        t["theory"] = s["theory"].fillna("").map(lit)  # it quotes module names
     return t
 
 
@@ -407,8 +414,8 @@ def residual_summary(residual: pd.DataFrame) -> pd.DataFrame:
     g = residual.groupby("block", sort=False)
     m = g[[c for c in residual.columns if c.endswith(("_second_moment", "_unit_var", "_sq_unit_mean"))]].mean()
     first = g[["skip", "branch"]].first()
-    t = pd.DataFrame({"block": m.index, "skip (from)": first["skip"].replace("", "-"),
-                      "branch (from)": first["branch"].replace("", "-")})
+    t = pd.DataFrame({"block": [lit(b) for b in m.index], "skip (from)": first["skip"].replace("", "-").map(lit),
+                      "branch (from)": first["branch"].replace("", "-").map(lit)})
     for part in ("skip", "branch", "sum"):
         t[f"{part} E[x^2]"] = [fmt(v) for v in m[f"{part}_second_moment"]]
     t["branch / skip"] = [fmt(b / s_, 3) if s_ > 0 else "" for b, s_ in
@@ -426,7 +433,7 @@ def build_document(table: pd.DataFrame, summary: pd.DataFrame, residual: pd.Data
     """The inspect report as a :class:`Document`."""
     info = meta["inspect"]
     reps = int(info["replicates"])
-    title = meta.get("title") or f"varprop inspect: {info['model']}"
+    title = lit(meta["title"]) if meta.get("title") else "varprop inspect: " + lit(info["model"])
     doc = Document(title)
     if meta.get("command"):
         doc.p("Reproduce with:")
@@ -436,7 +443,8 @@ def build_document(table: pd.DataFrame, summary: pd.DataFrame, residual: pd.Data
     doc.p(f"varprop {v['varprop']}, PyTorch {v['torch']}, numpy {v['numpy']}, Python {v['python']}; seed "
           f"{info['seed']}; {reps} re-initialisation{'s' if reps > 1 else ''}; input {shape} "
           f"({'N(0, 1)' if info['inputs'] == 'gaussian' else 'from a file'}); mode {info['mode']}; "
-          f"device {info['device']}" + (f"; run time {info['elapsed_s']:.1f} s." if info.get("elapsed_s") else "."))
+          f"device {lit(info['device'])}"
+          + (f"; run time {info['elapsed_s']:.1f} s." if info.get("elapsed_s") else "."))
     doc.h2("Findings")
     doc.items(findings(summary, residual, info, sweep))
 
@@ -448,10 +456,10 @@ def build_document(table: pd.DataFrame, summary: pd.DataFrame, residual: pd.Data
               f"A module passes when its whole interval lies within +-{sweep.tolerance:g}, fails when it lies "
               "wholly outside, and is undecided otherwise. b = 0: the statistic does not depend on width (a "
               "correct parametrisation); b = 0.5 per layer: N(0, 1) weights.")
-        doc.p(f"**{sweep.message}**")
+        doc.p(f"**{lit(sweep.message)}**")
         doc.figure("width_sweep.png", "Output std against width per module, and the fitted exponents")
         ex = sweep.exponents
-        doc.table(pd.DataFrame({"module": ex["name"], "type": ex["type"], "of": ex["side"],
+        doc.table(pd.DataFrame({"module": ex["name"].map(lit), "type": ex["type"].map(lit), "of": ex["side"],
                                 "exponent": [fmt(v, 3) for v in ex["exponent"]],
                                 "95% interval": [f"[{fmt(lo, 3)}, {fmt(hi, 3)}]" for lo, hi in zip(ex["lo"], ex["hi"])],
                                 "R^2": [fmt(v, 3) for v in ex["r2"]], "verdict": ex["verdict"]}))
@@ -546,6 +554,35 @@ def write(table: pd.DataFrame, directory: Path, command: str | None = None, titl
     if sweep is not None:
         sweep.exponents.to_csv(directory / "exponents.csv", index=False)
     return render(directory, formats, table, meta, residual, sweep)
+
+
+DATA_FILES = ("config.json", "layers.csv", "residual.csv", "exponents.csv")  # a run's data; render() reads them
+
+
+def rerender_into(run_dir: Path, staged: Path, formats: Sequence[str]) -> dict[str, Any]:
+    """Redraw an inspect run into ``staged``, the staging directory that is to replace ``run_dir``
+    (varprop.outdir.staging): its data files linked in, figures and reports drawn, and its other files
+    that varprop wrote and this render does not redraw carried over. ``run_dir`` itself is only read."""
+    from ..outdir import owned_files
+
+    run_dir, staged = Path(run_dir), Path(staged)
+    for name in DATA_FILES:
+        if (run_dir / name).is_file():
+            _link(run_dir / name, staged / name)
+    paths = render(staged, formats)
+    for name in owned_files(run_dir):
+        if not (staged / name).exists():
+            (staged / name).parent.mkdir(parents=True, exist_ok=True)
+            _link(run_dir / name, staged / name)
+    return paths
+
+
+def _link(src: Path, dst: Path) -> None:
+    """A hard link (no copy of a large layers.csv), or a copy where links are not supported."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def is_inspect_run(directory: Path) -> bool:

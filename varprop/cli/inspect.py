@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ..errors import SpecError
+from .common import force_option
 
 DEFAULT_REPLICATES = 4
 
@@ -105,9 +106,10 @@ def shape_words(input_shape: str | None, input_file: str | None, mode: str, seed
               help="outputs among md, html, csv, json (layers.csv and config.json are always written) "
                    "[default: md,html,csv,json]")
 @click.option("--out", default=None, help="output directory [default: reports/runs/inspect-<model>-<shape>-...]")
+@force_option
 def inspect_cmd(model: str, input_shape: str | None, input_file: str | None, replicates: str, backward: bool,
                 modules: str | None, types: str | None, mode: str, seed: str, widths: str | None, tolerance: str,
-                device: str, no_trace: bool, title: str | None, formats: str, out: str | None) -> None:
+                device: str, no_trace: bool, title: str | None, formats: str, out: str | None, force: bool) -> None:
     """Measure every module of your PyTorch model at initialization, over re-initialisations.
 
     MODEL is module:function, a function (or class) that returns a fresh torch.nn.Module, found
@@ -166,7 +168,7 @@ def inspect_cmd(model: str, input_shape: str | None, input_file: str | None, rep
         return table, sweep, report.write(table, tmp, command=command, title=title, formats=fmts, sweep=sweep)
 
     try:
-        table, sweep, paths = in_staging(out_dir, work)
+        table, sweep, paths = in_staging(out_dir, work, force=force)
     except SpecError as exc:
         if exc.option != "model":
             raise

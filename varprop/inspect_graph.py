@@ -20,6 +20,7 @@ fresh model, or a deep copy of an instance): a user's model is never changed.
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,6 @@ from typing import Any
 # Functional activations, by the name of the function (torch.relu, F.relu, ...) or tensor method (x.relu()).
 ACTIVATION_FUNCTIONS = {"relu", "relu_", "leaky_relu", "leaky_relu_", "gelu", "silu", "tanh", "tanh_", "sigmoid",
                         "sigmoid_", "elu", "elu_", "selu", "selu_", "softplus"}
-ADD_FUNCTIONS = {"add", "add_", "iadd"}
 
 
 @dataclass
@@ -53,6 +53,7 @@ class Prepared:
     blocks: list[tuple[str, Any, "BlockSpec"]] = field(default_factory=list)  # known blocks measured by hooks
 
 
+@functools.lru_cache(maxsize=1)
 def _op_class() -> type:
     import torch
 
@@ -95,9 +96,10 @@ def _wanted(node: Any) -> str | None:
     if node.op == "call_function" and not (getattr(node.target, "__module__", "") or "").startswith(
             ("torch", "_operator")) and node.target not in (operator.add, operator.iadd):
         return None  # a user's function named like one of these: not ours to interpret
-    if name in ADD_FUNCTIONS or name == "add":
+    if name == "add":  # a plain sum of two tensors (torch.add's alpha would scale the second operand)
         tensors = [a for a in node.args[:2] if _is_node(a)]
-        return "add" if len(tensors) == 2 and all(_from_input(a) for a in tensors) else None
+        plain = len(node.args) == 2 and not node.kwargs
+        return "add" if plain and len(tensors) == 2 and all(_from_input(a) for a in tensors) else None
     return "activation" if name in ACTIVATION_FUNCTIONS else None
 
 

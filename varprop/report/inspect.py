@@ -252,9 +252,14 @@ def std_figure(table: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:
         ax.set_yscale("log")
         ax.set_ylabel(label, fontsize=9)
         _module_axis(ax, s, labels, bottom=i == len(sides) - 1)
-    axes[0, 0].legend(fontsize=7, ncol=3, loc="best", framealpha=0.8)
+    # The legend above the panels, where it hides no module.
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    width, height = fig.get_size_inches()
+    top = 1 - 0.75 / height
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, top + 0.4 / height), ncol=4, fontsize=7,
+               frameon=False)
     fig.suptitle("Std per module" + (" and per gradient" if len(sides) > 1 else ""), fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, top - 0.1 / height))
     return _save(fig, path)
 
 

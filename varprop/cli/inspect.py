@@ -185,7 +185,6 @@ def inspect_cmd(model: str, input_shape: str | None, input_file: str | None, rep
 
 
 MODEL_OPTIONS = ("model", "input_shape", "input_file", "model_mode", "modules", "types", "device")
-_FOR_A_MODEL = ("band", "backward", "replicates", "seed", "as_json", *MODEL_OPTIONS)  # check's options --model keeps
 
 
 def model_options(fn: Any) -> Any:
@@ -205,35 +204,35 @@ def model_options(fn: Any) -> Any:
     return fn
 
 
-def check_model(ctx: click.Context, band: str, backward: bool, replicates: str, seed: str, model: str | None,
-                input_shape: str | None, input_file: str | None, model_mode: str, modules: str | None,
-                types: str | None, device: str) -> Any:
+def check_model(given: dict[str, Any], model: str | None, input_shape: str | None, input_file: str | None,
+                model_mode: str, modules: str | None, types: str | None, device: str) -> Any:
     """``varprop check --model``: every module's std within the band (varprop.torch.check_preserves_variance).
-    Of check's own options only --band, --backward, --replicates and --seed apply to a model; another given
-    on the command line is refused."""
+    ``given`` holds check's own options as given on the command line: only --band, --backward, --replicates
+    and --seed apply to a model, another is refused."""
+    from .. import options
+
     if model is None:
         raise SpecError("model", "--input-shape, --input-file, --modules and --types describe a PyTorch model: "
                         "give it with --model module:function")
-    plain = [p.name for p in ctx.command.params if p.name not in _FOR_A_MODEL
-             and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+    plain = [k for k in given if k not in ("band", "backward", "replicates", "seed")]
     if plain:
         raise SpecError(plain[0], "is an option of the plain-stack check; with --model the model is yours (drop it)")
-    if str(replicates).strip().lower() == "auto":
+    values = options.parse(given, "check")
+    get = lambda k: values.get(k, options.default(k, "check"))  # noqa: E731
+    if get("replicates") == "auto":
         raise SpecError("replicates", "auto is the plain-stack check's; with --model give a number (at least 8)")
     require_torch()
     from ..torch import _input_shape, check_preserves_variance, load_model
 
-    try:
-        factor = float(band)
-    except ValueError:
-        factor = math.nan
-    if not factor > 1 or not math.isfinite(factor):
-        raise SpecError("band", f"expected a factor > 1, got {band!r}")
+    factor = float(get("band"))
+    if not factor > 1:
+        raise SpecError("band", f"expected a factor > 1, got {given.get('band')!r}")
     if input_shape is None and input_file is None:
         raise SpecError("input_shape", "give the input's shape, samples first (such as 8,3,32,32), or --input-file")
     if input_shape is not None and input_file is not None:
         raise SpecError("input_file", "give --input-shape or --input-file, not both")
-    n_rep, seed_n, mode = positive_int(replicates, "replicates"), seed_arg(seed), mode_arg(model_mode, "model_mode")
+    n_rep, seed_n, mode, backward = int(get("replicates")), int(get("seed")), mode_arg(model_mode, "model_mode"), \
+        bool(get("backward"))
     words = ["varprop", "check", "--model", model, *shape_words(input_shape, input_file, "", seed_n, device, modules,
                                                                 types, False),
              "--model-mode", mode, "--band", f"{factor:g}", "--replicates", str(n_rep)] + (

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from ..spec import SpecError
+from ..errors import SpecError
 from .common import force_option, in_staging, parse_formats
 
 

@@ -27,7 +27,8 @@ from threadpoolctl import threadpool_limits
 from .. import theory
 from ..nn import inits
 from ..parallel import SERIAL, Pool, row_chunks
-from ..spec import Config, NetworkSpec, RunSpec, expand, load_input, parse_threads, to_options
+from ..options import parse_threads
+from ..spec import Config, NetworkSpec, RunSpec, expand, load_input, to_options
 from ..stats import STATS, empty_stats, side_stats, side_stats_ms
 from . import memory
 from .scaled import Values, narrow
@@ -210,7 +211,7 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
     """Run every configuration; one row per (config, replicate, layer).
 
     ``options`` are flat run options (``samples=``, ``replicates=``, ``seed=``,
-    ``backward=``, any option of :data:`varprop.spec.OPTIONS`) applied to
+    ``backward=``, any simulate option of :data:`varprop.options.OPTIONS`) applied to
     ``spec``; ``vary`` maps option names to lists of values, and every
     combination is run. ``progress(k)`` is called as layers complete.
     ``threads`` (default: every core this process may use) changes the speed,

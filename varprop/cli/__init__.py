@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "phase": ("theory:phase_cmd", "The order-to-chaos phase diagram over (sigma_w^2, sigma_b^2)."),
     "check": ("check:check_cmd", "Does an init keep the std within a band? Exit 0 yes, 1 no."),
     "train": ("train:train_cmd", "Train the batch-norm study's MLP on MNIST; loss and per-layer statistics."),
+    "inspect": ("inspect:inspect_cmd", "Measure your own PyTorch model at initialization, over re-initialisations."),
     "report": ("report:report_cmd", "Redraw a saved run's report without rerunning it."),
     "gallery": ("report:gallery_cmd", "Regenerate the committed reports/ gallery."),
 }

@@ -10,6 +10,7 @@ import click
 from .. import options
 from ..spec import expand
 from .common import echo_json, given, table_options
+from .inspect import MODEL_OPTIONS, check_model, model_options
 
 # check's options that describe the network, handed to check_preserves_variance as keyword arguments.
 _NETWORK = ("distribution", "mode", "gain", "scale", "bias_std", "leaky_slope", "bn_position", "bn_eps", "batch_size")
@@ -18,19 +19,33 @@ _NETWORK = ("distribution", "mode", "gain", "scale", "bias_std", "leaky_slope", 
 @click.command("check")
 @table_options("check")
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
+@model_options
 def check_cmd(as_json: bool, **raw: Any) -> None:
     """Does the std stay within a factor BAND over the depth? Exit 0 yes, 1 no, 2 bad input.
 
     --replicates auto runs 16 networks, then as many as decide the layers
     left undecided (at most 512; each run at half the false-alarm rate).
+    With --model, every module of your PyTorch model is checked instead (see
+    varprop inspect): its output std against the input's and, with --backward,
+    each gradient's against the output gradient's.
 
     \b
     Examples:
       varprop check --init kaiming_uniform --activation relu --layers 50
       varprop check --init he --activation relu --bn all --batch-size 32 --backward
       varprop check --init he --replicates auto
+      varprop check --model mypkg.models:make_model --input-shape 8,3,32,32 --backward
     """
     from ..testing import check_preserves_variance
+
+    model = {k: raw.pop(k) for k in MODEL_OPTIONS}
+    if model["model"] is not None or any(model[k] for k in ("input_shape", "input_file", "modules", "types")):
+        result = check_model(given("check", raw), **model)
+        if as_json:
+            echo_json(result.as_dict())
+        else:
+            click.echo(("PASS: " if result.passed else "FAIL: ") + result.message)
+        sys.exit(0 if result.passed else 1)
 
     values = options.parse(given("check", raw), "check")
     get = lambda k: values.get(k, options.default(k, "check"))  # noqa: E731

@@ -36,10 +36,15 @@ def report_cmd(run_dir: str, formats: str, force: bool) -> None:
     path = Path(run_dir)
     if not path.is_dir():
         raise SpecError("RUN_DIR", f"{run_dir} does not exist")
-    run = Run.load(path, run_dir)
+    from ..report import inspect as inspect_report
+
+    inspected = inspect_report.is_inspect_run(path)  # a varprop inspect run redraws as one
+    run = None if inspected else Run.load(path, run_dir)
 
     def work(tmp: Path) -> dict[str, Any]:
         try:
+            if inspected:
+                return inspect_report.rerender_into(path, tmp, fmts)
             return report.rerender_into(path, tmp, fmts, run)
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             raise SpecError("RUN_DIR", f"cannot draw the run in {run_dir} ({type(exc).__name__}: {exc}); "

@@ -13,7 +13,7 @@ import os
 import platform
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,8 +27,8 @@ from . import figures
 from .document import Document, to_html, to_markdown
 from .markdown import build_document, fit_document, fmt_pow10, shown_layers, terminal_table
 
-__all__ = ["staging", "write", "render", "rerender_into", "write_fit", "write_phase", "run_name", "dir_name",
-           "terminal_table", "fmt_pow10", "summarize", "FORMATS"]
+__all__ = ["staging", "write", "render", "rerender_into", "redraw_into", "write_fit", "write_phase", "run_name",
+           "dir_name", "terminal_table", "fmt_pow10", "summarize", "FORMATS"]
 
 
 def run_name(configs: Sequence[Config]) -> str:
@@ -104,16 +104,23 @@ def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def rerender_into(run_dir: Path, staged: Path, formats: tuple[str, ...], run: Run) -> dict[str, Any]:
-    """Redraw a saved run into ``staged``, the staging directory that is to
-    replace ``run_dir`` (:func:`varprop.outdir.staging`): its data files are
-    linked in, the figures and reports drawn, and the run's other outputs
-    that this render does not redraw (report.html when only md is asked,
-    a gallery's reading.md) carried over. ``run_dir`` itself is only read."""
+    """Redraw a saved simulate run into ``staged`` (:func:`redraw_into`)."""
+    return redraw_into(run_dir, staged, DATA_FILES, lambda directory: render(run, directory, formats))
+
+
+def redraw_into(run_dir: Path, staged: Path, data_files: Sequence[str],
+                draw: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Redraw a saved run of any command into ``staged``, the staging directory
+    that is to replace ``run_dir`` (:func:`varprop.outdir.staging`): its
+    ``data_files`` are linked in, ``draw(staged)`` draws the figures and
+    reports, and the run's other outputs that this render does not redraw
+    (report.html when only md is asked, a gallery's reading.md) are carried
+    over. ``run_dir`` itself is only read."""
     run_dir, staged = Path(run_dir), Path(staged)
-    for name in DATA_FILES:
+    for name in data_files:
         if (run_dir / name).is_file():
             _link(run_dir / name, staged / name)
-    paths = render(run, staged, formats)
+    paths = draw(staged)
     for name in owned_files(run_dir):
         if not (staged / name).exists():
             (staged / name).parent.mkdir(parents=True, exist_ok=True)

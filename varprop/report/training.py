@@ -603,11 +603,44 @@ def write(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], dir
     directory = Path(directory)
     meta = {**meta, "versions": {"varprop": __version__, "numpy": np.__version__, "pandas": pd.__version__,
                                  "python": platform.python_version()}}
+    history.to_csv(directory / "history.csv", index=False)
+    layers.to_csv(directory / "layers_over_training.csv", index=False)
+    (directory / "config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return render(history, layers, meta, directory, formats, with_at_init)
+
+
+def is_training_run(directory: Path) -> bool:
+    """Whether ``directory`` holds a ``varprop train`` run (its history.csv and config.json)."""
+    try:
+        return (Path(directory) / "history.csv").is_file() and "steps_per_epoch" in json.loads(
+            (Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """A saved training run's history, per-layer table and metadata, checked
+    against each other (ValueError naming what does not fit)."""
+    directory = Path(directory)
+    meta = json.loads((directory / "config.json").read_text())
+    history = pd.read_csv(directory / "history.csv")
+    layers = pd.read_csv(directory / "layers_over_training.csv")
+    labels = {c["label"] for c in meta["configs"]}
+    for name, frame in (("history.csv", history), ("layers_over_training.csv", layers)):
+        if frame.empty or "config" not in frame:
+            raise ValueError(f"{name} holds no rows of configurations")
+        unknown = set(frame["config"].astype(str)) - labels
+        if unknown:
+            raise ValueError(f"{name} names configurations config.json does not: {sorted(unknown)[:3]}")
+    return history, layers, meta
+
+
+def render(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], directory: Path,
+           formats: Sequence[str] = FORMATS, with_at_init: bool = True) -> dict[str, Path]:
+    """A training run's figures and reports into ``directory``; the paths of every file of the run."""
+    directory = Path(directory)
     paths = {"history": directory / "history.csv", "layers": directory / "layers_over_training.csv",
              "config": directory / "config.json"}
-    history.to_csv(paths["history"], index=False)
-    layers.to_csv(paths["layers"], index=False)
-    paths["config"].write_text(json.dumps(meta, indent=2, default=str) + "\n")
     if not ({"md", "html"} & set(formats)):
         return paths
     figures = {"loss": loss_curves(history, meta, directory / "loss_curves.png").name}
@@ -632,5 +665,7 @@ def terminal_table(history: pd.DataFrame, meta: dict[str, Any]) -> str:
     return summary_table(history, meta, target_loss(history)).to_string(index=False)
 
 
-__all__ = ["FORMATS", "bn_pairs", "epochs_to", "findings", "layer_heatmap", "loss_curves", "summary_table",
-           "terminal_table", "write"]
+DATA_FILES = ("config.json", "history.csv", "layers_over_training.csv")  # the run's data; a redraw reads them
+
+__all__ = ["DATA_FILES", "FORMATS", "bn_pairs", "epochs_to", "findings", "is_training_run", "layer_heatmap", "load",
+           "loss_curves", "render", "summary_table", "terminal_table", "write"]

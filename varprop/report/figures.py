@@ -25,12 +25,15 @@ from .markdown import mean_columns, signed_means, varied_values  # noqa: E402
 _MAX_LOG10 = 300.0
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
-    """The figure as PNG at ``path`` and as SVG beside it (same name, .svg)."""
+def save(fig: plt.Figure, path: Path) -> Path:
+    """The figure as PNG at ``path`` and as SVG beside it (same name, .svg), then closed; ``path``.
+    Every report's figures are saved by it (simulate's, train's, inspect's)."""
     fig.savefig(path, metadata={"Software": None})
     # No date and fixed ids: the gallery regenerates byte for byte.
     with plt.rc_context({"svg.hashsalt": "varprop"}):
         fig.savefig(Path(path).with_suffix(".svg"), metadata={"Date": None})
+    plt.close(fig)
+    return path
 
 
 def _text(s: Any) -> str:
@@ -308,9 +311,7 @@ def fan_in_law(points: pd.DataFrame, result: object, path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def phase_diagram(grid: pd.DataFrame, activation: str, path: Path, measured: pd.DataFrame | None = None) -> Path:
@@ -355,9 +356,7 @@ def phase_diagram(grid: pd.DataFrame, activation: str, path: Path, measured: pd.
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def _config_lines(ax: plt.Axes, summary: pd.DataFrame, col: str, looks: Looks, theory_col: str | None = None,
@@ -409,9 +408,7 @@ def _legend_below_and_save(fig: plt.Figure, handles: list[Any], labels: list[str
     if fig.get_suptitle():  # hung from the top edge: at its default height it overlaps the panels of a tall figure
         fig.suptitle(fig.get_suptitle(), fontsize=10, y=1 - 0.06 / total, va="top")
     fig.tight_layout(rect=(0, (legend_in + notes_in) / total, 1, 1))
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 # Means up to this size are drawn on a linear axis; beyond, on a scale linear within +-1 and logarithmic beyond
@@ -539,6 +536,4 @@ def histograms(run: Run, path: Path, max_configs: int = 6) -> Path:
         ax.set_xlabel("h / rms(h)", fontsize=8)
     fig.suptitle("Post-activation histograms (replicate 0; density; x in units of the layer's RMS)", fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return save(fig, path)

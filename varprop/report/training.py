@@ -28,6 +28,7 @@ from .. import __version__  # noqa: E402
 from ..stats import mean_interval  # noqa: E402
 from . import document  # noqa: E402
 from .document import Document  # noqa: E402
+from .figures import save  # noqa: E402
 
 FORMATS = ("md", "html")
 BN_KEYS = ("bn_count", "bn_layers", "bn_position")
@@ -36,14 +37,6 @@ HEATMAPS = (("post_std", "std of the layer output", True), ("grad_std", "std of 
                                                               True),
             ("update_ratio", "update / weight: ||dW|| / ||W|| of the last step", True),
             ("frac_saturated", "saturated fraction (|phi'| < 1e-3)", False))
-
-
-def _save(fig: plt.Figure, path: Path) -> None:
-    """PNG, and SVG beside it, free of dates and random ids (the gallery regenerates byte for byte)."""
-    fig.savefig(path, metadata={"Software": None})
-    with plt.rc_context({"svg.hashsalt": "varprop"}):
-        fig.savefig(Path(path).with_suffix(".svg"), metadata={"Date": None})
-    plt.close(fig)
 
 
 def _num(x: float, digits: int = 3) -> str:
@@ -356,8 +349,7 @@ def loss_curves(history: pd.DataFrame, meta: dict[str, Any], path: Path) -> Path
     fig.set_size_inches(w, hgt + legend_in)
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, legend_in / (hgt + legend_in), 1, 1))
-    _save(fig, path)
-    return path
+    return save(fig, path)
 
 
 def layer_heatmap(layers: pd.DataFrame, meta: dict[str, Any], col: str, title: str, log: bool, path: Path) -> Path:
@@ -408,8 +400,7 @@ def layer_heatmap(layers: pd.DataFrame, meta: dict[str, Any], col: str, title: s
     if image is not None:
         cax = fig.add_axes((0.915, 0.15, 0.015, 0.7))
         fig.colorbar(image, cax=cax).ax.tick_params(labelsize=7)
-    _save(fig, path)
-    return path
+    return save(fig, path)
 
 
 # --- the at-initialization analysis ----------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Sequence
 from ..errors import SpecError
 
 if TYPE_CHECKING:
+    from ..nn import layers
     from ..spec import Config, RunSpec
 
 # Bytes per (replicate, layer) row carried from the engine to the written report: the float64 row itself
@@ -117,16 +118,20 @@ def tape_bytes(spec: RunSpec) -> list[int]:
     """Bytes the backward pass keeps per layer (index l for layer l >= 1)."""
     import numpy as np
 
-    from ..nn import activations
+    from ..nn import layers
 
-    net, n, item = spec.network, spec.samples, np.dtype(spec.dtype).itemsize
-    out = [0]
-    for layer in range(1, net.depth + 1):
-        act = activations.get(net.activation_at(layer), net.leaky_slope)
-        dphi = 0 if act.name == "linear" else 1 if act.homogeneous else item
-        bn = item if layer in net.bn_layers else 0
-        out.append(n * (net.widths[layer - 1] * item + net.widths[layer] * (dphi + bn)))
-    return out
+    n, item = spec.samples, np.dtype(spec.dtype).itemsize
+    return [0] + [layer_tape_bytes(kind, n, item) for kind in layers.build(spec.network)]
+
+
+def layer_tape_bytes(kind: layers.Kind, samples: int, item: int) -> int:
+    """Bytes one layer's tape keeps: its input, its activation derivative
+    (a bool per entry for relu-type, none for linear) and batch norm's
+    standardized values."""
+    act = kind.activation
+    dphi = 0 if act.linear else 1 if act.fn.homogeneous else item
+    bn = item if kind.bn is not None else 0
+    return samples * (kind.dense.fan_in * item + kind.dense.fan_out * (dphi + bn))
 
 
 def working_bytes(spec: RunSpec) -> int:

@@ -71,7 +71,8 @@ class Network:
         self.scheme = spec.network.init.resolve()
         self.dtype = np.dtype(spec.dtype).type
         self.with_bias = inits.has_bias(self.scheme, self.net.bias_std)
-        self.layers = layers.build(self.net)
+        self.kinds = layers.build(self.net)
+        self.layers = layers.dense_layers(self.kinds)  # by dense index (a residual block's branch has several)
 
     def weights(self, layer: int) -> tuple[np.ndarray, float]:
         """``(W0, scale)`` of a layer: the last one asked for (the top layer's,
@@ -88,10 +89,21 @@ class Network:
             else:
                 self.last = None  # freed before a draw that was not made ahead
                 w = self._draw_now(layer)
+            w = self._as_dense(layer, w)
             if self.kept is not None:
                 self.kept[layer] = w
         self.last = (layer, w)
         return w
+
+    def _as_dense(self, layer: int, w: tuple[np.ndarray, float]) -> tuple[np.ndarray, float]:
+        """The init's draw as the layer's Dense asks: times its factor, or standardized."""
+        dense = self.layers[layer - 1].dense
+        if dense.standardized:  # columns centred and of unit norm, in float64 (per column: any thread count)
+            w0 = w[0].astype(np.float64)
+            w0 -= w0.mean(axis=0)
+            norms = np.sqrt(np.einsum("ij,ij->j", w0, w0))
+            return (w0 / np.where(norms > 0, norms, 1.0)).astype(self.dtype), dense.factor
+        return w if dense.factor == 1 else (w[0], w[1] * dense.factor)
 
     def _by_blocks(self) -> bool:
         return self.scheme.user is None and not self.scheme.orthogonal
@@ -99,6 +111,8 @@ class Network:
     def weight_ms(self, layer: int, w0: np.ndarray) -> float:
         """The mean square of W0's entries: expected for built-in draws, else measured."""
         s = self.scheme
+        if self.layers[layer - 1].dense.standardized:
+            return 1 / self.layers[layer - 1].dense.fan_in
         if self._by_blocks():
             return inits.unit_sd(s.distribution) ** 2
         if s.orthogonal:
@@ -178,7 +192,7 @@ class Network:
         linear = kind.activation.linear
         z = np.empty((n, n_out), dtype)
         h = z if linear or not blockwise else np.empty_like(z)
-        log_h = log_z if act.homogeneous else 0.0
+        log_h = (log_z if act.homogeneous else 0.0) + kind.activation.log_gain
         dphi = None if linear or not blockwise or not keep else np.empty(z.shape, bool if act.homogeneous else dtype)
         chunks = row_chunks(n, n_out)
         head_rows = min(ABS_COS_SAMPLES, n)
@@ -231,6 +245,7 @@ class Network:
             else:  # phi(0) != 0 from float64 values: apply_scaled then scales phi by its maximum, not 1
                 h, log_h = narrow(*activations.apply_scaled(
                     act, z.astype(np.float64, copy=False) if act.phi0 else z, log_z), dtype, pool)
+                log_h += kind.activation.log_gain
             if kind.bn is not None and kind.bn_post:
                 h, log_h, cache = self._bn(h, log_h, kind.bn, layer)
             post, ms_h = (pre, ms_z) if h is z else side_stats_ms(h, log_h, sat, pool)
@@ -261,12 +276,13 @@ class Network:
                 v, log_v = batchnorm.backward(v, log_v, tape.bn)  # float64 until the mask below
             if tape.dphi is not None:
                 v = _times_dphi(v, tape.dphi, act)
+                log_v += kind.activation.log_gain
             v, log_v = narrow(v, log_v, dtype, pool)
             if kind.bn_pre:
                 v, log_v = narrow(*batchnorm.backward(v, log_v, tape.bn), dtype, pool)
             delta, ms_v = side_stats_ms(v, log_v, pool=pool)
         else:
-            v, log_v = (g.u, g.log_s) if tape.dphi is None else (np.empty_like(g.u), g.log_s)
+            v, log_v = (g.u, g.log_s) if tape.dphi is None else (np.empty_like(g.u), g.log_s + kind.activation.log_gain)
             ms_v = g.ms
         # delta's mean square is not known before the map: g's sets the scale, an overestimate by
         # E[phi'^2] (1/2 for relu); a saturated layer's far smaller delta is caught by in_band.

@@ -45,6 +45,10 @@ def predict(spec: RunSpec, inputs: Mapping[str, float] | None = None) -> pd.Data
     the Gaussian inputs' (an ``--input-file``: the engine measures them).
     """
     net = spec.network
+    if net.residual is not None:
+        from . import residual
+
+        return residual.predict(spec, inputs)
     scheme = net.init.resolve()
     depth = net.depth
     if scheme.user is not None:

@@ -58,18 +58,19 @@ def block_table(layers: pd.DataFrame) -> pd.DataFrame:
 
 def spp_figure(run: Run, path: Path) -> Path:
     """The signal-propagation plot per block (Brock et al. 2021, figure 1): average squared channel mean and
-    average channel variance of the stream, and the branch's average channel variance (res_avg_var); replicate
-    means, log axes."""
+    average channel variance of the stream, and the branch's average channel variance (res_avg_var); log10 of
+    the replicate means (a line stops where its mean leaves float64)."""
     layers = run.layers
     panels = [("post_sq_unit_mean", "avg squared channel mean"), ("post_unit_var", "avg channel variance"),
               ("branch_unit_var", "res_avg_var (branch, before alpha)")]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), constrained_layout=True)
     for ax, (col, title) in zip(axes, panels):
-        for config, df in layers.groupby("config", sort=False):
+        for i, (config, df) in enumerate(layers.groupby("config", sort=False)):
             m = df.groupby("layer")[col].mean()
-            m = m[m > 0]
-            ax.plot(m.index, m.to_numpy(), label=_text(config))
-        ax.set_yscale("log")
+            m = m[(m > 0) & np.isfinite(m)]  # beyond float64 (2^1000 blocks of alpha = 1) the line stops
+            ax.plot(m.index, np.log10(m.to_numpy()), label=_text(config), color=f"C{i % 10}",
+                    linestyle=("-", "--", ":")[i // 10 % 3])  # more configurations than colours
+        ax.set_ylabel("log10")
         ax.set_xlabel("block")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
@@ -114,7 +115,8 @@ def section(doc: Document, run: Run, figure: str) -> None:
                "of the stream, and the branch's average channel variance")
     doc.p("Second moments add through a block (the branch's last dense layer has zero-mean weights, so skip and "
           "branch are uncorrelated): q_l = q_(l-1) + alpha^2 E[f^2]. With alpha = 1 and a variance-preserving "
-          "branch q doubles per block (2^L); alpha = 1/sqrt(L) keeps q_L = 2 q_0; batch norm at the end of the "
+          "branch q doubles per block (2^L); alpha = 1/sqrt(L) multiplies it by 1 + 1/L per block, (1 + 1/L)^L ~ e in "
+          "all; batch norm at the end of the "
           "branch makes E[f^2] = 1 and q_l = q_0 + l alpha^2 (De & Smith 2020); SkipInit (alpha = 0) and Fixup "
           "(a zero last layer) are the identity at init; NF-ResNets divide the branch's input by beta_l = "
           "sqrt(1 + sum_(i<l) alpha_i^2) and keep Var f = 1 (Brock et al. 2021). The theory columns follow "

@@ -218,6 +218,30 @@ def _band(value: Any, option: str) -> float:
     return _float(value, option, "a factor > 1", lambda x: math.isfinite(x) and x > 1)
 
 
+RESIDUAL_SCHEMES = ("plain", "bn-end", "skipinit", "fixup", "nf")
+ALPHA_RULES = ("1/sqrt(L)", "1/sqrt(l)")
+
+
+def parse_alpha(value: Any, option: str = "alpha") -> float | str:
+    """A residual branch's scale: a finite number >= 0, or a depth rule:
+    ``1/sqrt(L)`` (L blocks) or ``1/sqrt(l)`` (block l).
+
+    >>> parse_alpha("0.5"), parse_alpha("1/SQRT(L)"), parse_alpha(" 1/sqrt(l)")
+    (0.5, '1/sqrt(L)', '1/sqrt(l)')
+    """
+    accepted = "a finite number >= 0, 1/sqrt(L) (L blocks) or 1/sqrt(l) (block l)"
+    if isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        for rule in ALPHA_RULES:
+            if text.lower() == rule.lower() and text[-2] == rule[-2]:  # L and l differ; sqrt's case does not
+                return rule
+    return _float(value, option, accepted, lambda x: math.isfinite(x) and x >= 0)
+
+
+def _branch_depth(value: Any, option: str) -> int:
+    return _int(value, option, "1, 2 or 3 dense layers per branch", lambda n: 1 <= n <= 3)
+
+
 def _replicates_or_auto(value: Any, option: str) -> int | str:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
@@ -278,6 +302,18 @@ OPTIONS: dict[str, Option] = {
                      metavar="EPS"),
     "batch_size": Option(_batch, None, "samples per batch, over which batch norm normalises (simulate's default: "
                          "all samples in one batch)", metavar="B"),
+    # --- residual stacks ---
+    "residual": Option(_choice(RESIDUAL_SCHEMES), None, "a residual stack x_l = x_(l-1) + alpha f(x_(l-1)) of --blocks "
+                       "blocks of --width: plain (alpha from --alpha, default 1), bn-end (batch norm ends each "
+                       "branch), skipinit (alpha = 0), fixup (Zhang et al. 2019), nf (NF-ResNet, Brock et al. 2021)",
+                       metavar="SCHEME"),
+    "alpha": Option(parse_alpha, None, "branch scale: a number >= 0, 1/sqrt(L) or 1/sqrt(l) (default: the "
+                    "scheme's: 1, nf 0.2)", metavar="ALPHA"),
+    "blocks": Option(parse_pos_int, 100, "residual blocks (with --residual)", metavar="B"),
+    "branch_depth": Option(_branch_depth, 2, "dense layers per residual branch, 1 to 3", metavar="M"),
+    "branch_order": Option(_choice(("preact", "original")), "preact", "order inside a branch: preact "
+                           "([BN] -> act -> dense, He et al. 2016) or original (dense -> [BN] -> act)",
+                           metavar="ORDER"),
     # --- what goes through it ---
     "samples": Option(parse_pos_int, None, "number of input samples N (default 500, or the rows of --input-file)",
                       metavar="N"),
@@ -326,6 +362,7 @@ OPTIONS: dict[str, Option] = {
 # The options each command takes, and where its defaults differ from the table's.
 SIMULATE = ("layers", "width", "widths", "activation", "output_activation", "leaky_slope", "init", "distribution",
             "mode", "gain", "scale", "bias_std", "bn", "bn_layers", "bn_count", "bn_position", "bn_eps", "batch_size",
+            "residual", "alpha", "blocks", "branch_depth", "branch_order",
             "samples", "input", "input_std", "input_file", "replicates", "seed", "backward", "max_memory", "dtype")
 COMMANDS: dict[str, tuple[str, ...]] = {
     "simulate": SIMULATE,

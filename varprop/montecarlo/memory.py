@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..errors import SpecError
 
+from ..nn import layers
+
 if TYPE_CHECKING:
     from ..spec import Config, RunSpec
 
@@ -117,16 +119,27 @@ def tape_bytes(spec: RunSpec) -> list[int]:
     """Bytes the backward pass keeps per layer (index l for layer l >= 1)."""
     import numpy as np
 
-    from ..nn import activations
+    n, item = spec.samples, np.dtype(spec.dtype).itemsize
+    return [0] + [layer_tape_bytes(kind, n, item) for kind in layers.build(spec.network)]
 
-    net, n, item = spec.network, spec.samples, np.dtype(spec.dtype).itemsize
-    out = [0]
-    for layer in range(1, net.depth + 1):
-        act = activations.get(net.activation_at(layer), net.leaky_slope)
-        dphi = 0 if act.name == "linear" else 1 if act.homogeneous else item
-        bn = item if layer in net.bn_layers else 0
-        out.append(n * (net.widths[layer - 1] * item + net.widths[layer] * (dphi + bn)))
-    return out
+
+def layer_tape_bytes(kind: layers.Kind, samples: int, item: int) -> int:
+    """Bytes one layer's tape keeps: its input, its activation derivative
+    (a bool per entry for relu-type, none for linear) and batch norm's
+    standardized values; a residual block's, its lead's and its branch's."""
+    if isinstance(kind, layers.Residual):
+        n = samples * kind.width
+        lead = 0
+        if kind.lead is not None:
+            act = kind.lead.activation
+            lead = n * ((0 if act.linear else 1 if act.fn.homogeneous else item) + (item if kind.lead.bn else 0))
+        zero_in = n * item if kind.zero_branch else 0
+        return lead + zero_in + sum(layer_tape_bytes(layer, samples, item) for layer in kind.branch
+                                    if layer.dense.factor != 0)
+    act = kind.activation
+    dphi = 0 if act.linear else 1 if act.fn.homogeneous else item
+    bn = item if kind.bn is not None else 0
+    return samples * (kind.dense.fan_in * item + kind.dense.fan_out * (dphi + bn))
 
 
 def working_bytes(spec: RunSpec) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import SpecError
 from ..logscale import exp_times
-from ..nn import activations, batchnorm, inits
+from ..nn import activations, batchnorm, inits, layers
 from ..parallel import SERIAL, Pool, row_chunks
 from ..spec import RunSpec
 from ..stats import ABS_COS_SAMPLES, SATURATION, STATS, Sums, block_sums, from_sums, head_cos, side_stats_ms
@@ -72,8 +72,8 @@ class Network:
         self.scheme = spec.network.init.resolve()
         self.dtype = np.dtype(spec.dtype).type
         self.with_bias = inits.has_bias(self.scheme, self.net.bias_std)
-        self.acts = [None] + [activations.get(self.net.activation_at(l), self.net.leaky_slope)
-                              for l in range(1, self.net.depth + 1)]
+        self.kinds = layers.build(self.net)
+        self.layers = layers.dense_layers(self.kinds)  # by dense index (a residual block's branch has several)
 
     def weights(self, layer: int) -> tuple[np.ndarray, float]:
         """``(W0, scale)`` of a layer: the last one asked for (the top layer's,
@@ -90,10 +90,21 @@ class Network:
             else:
                 self.last = None  # freed before a draw that was not made ahead
                 w = self._draw_now(layer)
+            w = self._as_dense(layer, w)
             if self.kept is not None:
                 self.kept[layer] = w
         self.last = (layer, w)
         return w
+
+    def _as_dense(self, layer: int, w: tuple[np.ndarray, float]) -> tuple[np.ndarray, float]:
+        """The init's draw as the layer's Dense asks: times its factor, or standardized."""
+        dense = self.layers[layer - 1].dense
+        if dense.standardized:  # columns centred and of unit norm, in float64 (per column: any thread count)
+            w0 = w[0].astype(np.float64)
+            w0 -= w0.mean(axis=0)
+            norms = np.sqrt(np.einsum("ij,ij->j", w0, w0))
+            return (w0 / np.where(norms > 0, norms, 1.0)).astype(self.dtype), dense.factor
+        return w if dense.factor == 1 else (w[0], w[1] * dense.factor)
 
     def _by_blocks(self) -> bool:
         return self.scheme.user is None and not self.scheme.orthogonal
@@ -101,10 +112,13 @@ class Network:
     def weight_ms(self, layer: int, w0: np.ndarray) -> float:
         """The mean square of W0's entries: expected for built-in draws, else measured."""
         s = self.scheme
+        if self.layers[layer - 1].dense.standardized:
+            return 1 / self.layers[layer - 1].dense.fan_in
         if self._by_blocks():
             return inits.unit_sd(s.distribution) ** 2
         if s.orthogonal:
-            return 1 / max(self.net.widths[layer - 1], self.net.widths[layer])
+            dense = self.layers[layer - 1].dense
+            return 1 / max(dense.fan_in, dense.fan_out)
         return sum_squares(w0) / max(w0.size, 1) or 1.0
 
     def draw_tasks(self, layer: int) -> list[Callable[[], None]]:
@@ -114,7 +128,7 @@ class Network:
         if (not self._by_blocks() or layer in self.ready or (self.kept is not None and layer in self.kept)
                 or (self.last is not None and self.last[0] == layer)):
             return []
-        n_in, n_out = self.net.widths[layer - 1], self.net.widths[layer]
+        n_in, n_out = self.layers[layer - 1].dense.fan_in, self.layers[layer - 1].dense.fan_out
         w0 = np.empty((n_in, n_out), self.dtype)
         self.ready[layer] = (w0, inits.weight_scale(self.scheme, n_in, n_out))
 
@@ -128,7 +142,7 @@ class Network:
         if tasks:
             self.pool.map(lambda task: task(), tasks)
             return self.ready.pop(layer)
-        n_in, n_out = self.net.widths[layer - 1], self.net.widths[layer]
+        n_in, n_out = self.layers[layer - 1].dense.fan_in, self.layers[layer - 1].dense.fan_out
         try:
             return inits.draw_weights(self.scheme, generator(self.spec.seed, self.rep, layer, "weights"), n_in, n_out,
                                       self.dtype)
@@ -137,16 +151,17 @@ class Network:
         except Exception as exc:  # or failed: the user's to see, in one line
             raise SpecError("init", f"{self.scheme.name} raised {type(exc).__name__}: {exc}") from None
 
-    def _bn(self, u: np.ndarray, log_s: float, layer: int) -> tuple[np.ndarray, float, batchnorm.Cache]:
-        y, log_y, cache = batchnorm.forward(u, log_s, self.spec.batch, self.net.bn_eps, layer)
+    def _bn(self, u: np.ndarray, log_s: float, bn: layers.BatchNorm, layer: int
+            ) -> tuple[np.ndarray, float, batchnorm.Cache]:
+        y, log_y, cache = batchnorm.forward(u, log_s, self.spec.batch, bn.eps, layer)
         y, log_y = renorm(y, log_y, self.pool)
         return y, log_y, cache
 
-    def _blockwise(self, layer: int, log_z: float) -> bool:
+    def _blockwise(self, kind: layers.Layer, log_z: float) -> bool:
         """Whether phi can be evaluated block by block at this scale, with a
         result scale that does not depend on the values (activations.apply_scaled)."""
-        act = self.acts[layer]
-        if layer in self.net.bn_layers:
+        act = kind.activation.fn
+        if kind.bn is not None:
             return False
         return act.homogeneous or (self.dtype is np.float32 and abs(log_z) < activations.LOG_DIRECT_F32)
 
@@ -154,15 +169,16 @@ class Network:
              ) -> tuple[Values, dict[str, Any] | None, Tape | None]:
         """Layer ``layer`` forward: its output, its statistics row, its tape.
         ``ahead`` names a layer whose weights are drawn meanwhile."""
-        net, act, dtype = self.net, self.acts[layer], self.dtype
-        n_in, n_out, n = net.widths[layer - 1], net.widths[layer], x.u.shape[0]
+        kind, dtype = self.layers[layer - 1], self.dtype
+        act = kind.activation.fn
+        n_in, n_out, n = kind.dense.fan_in, kind.dense.fan_out, x.u.shape[0]
         pool = self.pool.sized(n * max(n_in, n_out))
         w0, w_scale = self.weights(layer)
         c = prescale(n_in, x.ms, self.weight_ms(layer, w0), dtype)
         log_z = x.log_s + math.log(w_scale) - math.log(float(c))
         bias = None
         if self.with_bias:
-            b = inits.draw_bias(self.scheme, net.bias_std, generator(self.spec.seed, self.rep, layer, "bias"),
+            b = inits.draw_bias(self.scheme, self.net.bias_std, generator(self.spec.seed, self.rep, layer, "bias"),
                                 n_in, n_out)
             top, bias = bias_terms(log_z, b)
             if bias is not None:
@@ -173,11 +189,11 @@ class Network:
                 else:  # the product is below the bias's resolution
                     log_z = top
                 bias = bias.astype(dtype)
-        blockwise = self._blockwise(layer, log_z)
-        linear = act.name == "linear"
+        blockwise = self._blockwise(kind, log_z)
+        linear = kind.activation.linear
         z = np.empty((n, n_out), dtype)
         h = z if linear or not blockwise else np.empty_like(z)
-        log_h = log_z if act.homogeneous else 0.0
+        log_h = (log_z if act.homogeneous else 0.0) + kind.activation.log_gain
         dphi = None if linear or not blockwise or not keep else np.empty(z.shape, bool if act.homogeneous else dtype)
         chunks = row_chunks(n, n_out)
         head_rows = min(ABS_COS_SAMPLES, n)
@@ -220,8 +236,8 @@ class Network:
         if not blockwise:  # the whole layer's scale is needed: one phase after another
             h = dphi = None  # a block pass's, if one ran: freed before this path's temporaries
             z, log_z = renorm(z, log_z, pool)
-            if layer in net.bn_layers and net.bn_position == "pre":
-                z, log_z, cache = self._bn(z, log_z, layer)
+            if kind.bn is not None and kind.bn_pre:
+                z, log_z, cache = self._bn(z, log_z, kind.bn, layer)
             d = None if linear else activations.dphi_scaled(act, z, log_z)
             sat = 0.0 if d is None else float(np.mean(np.abs(d) < SATURATION))
             pre, ms_z = side_stats_ms(z, log_z, sat, pool)
@@ -230,8 +246,9 @@ class Network:
             else:  # phi(0) != 0 from float64 values: apply_scaled then scales phi by its maximum, not 1
                 h, log_h = narrow(*activations.apply_scaled(
                     act, z.astype(np.float64, copy=False) if act.phi0 else z, log_z), dtype, pool)
-            if layer in net.bn_layers and net.bn_position == "post":
-                h, log_h, cache = self._bn(h, log_h, layer)
+                log_h += kind.activation.log_gain
+            if kind.bn is not None and kind.bn_post:
+                h, log_h, cache = self._bn(h, log_h, kind.bn, layer)
             post, ms_h = (pre, ms_z) if h is z else side_stats_ms(h, log_h, sat, pool)
             if d is not None:
                 dphi = d == act.slope_pos if act.homogeneous else d.astype(dtype, copy=False)
@@ -247,24 +264,26 @@ class Network:
         gradient w.r.t. its input and that gradient's statistics; fills the
         row's delta and weight-gradient. ``ahead`` names a layer whose weights
         are drawn meanwhile."""
-        net, act, dtype = self.net, self.acts[layer], self.dtype
-        n_in, n_out, n = net.widths[layer - 1], net.widths[layer], g.u.shape[0]
+        kind, dtype = self.layers[layer - 1], self.dtype
+        act = kind.activation.fn
+        n_in, n_out, n = kind.dense.fan_in, kind.dense.fan_out, g.u.shape[0]
         pool = self.pool.sized(n * max(n_in, n_out))
-        bn_here = layer in net.bn_layers
+        bn_here = kind.bn is not None
         w0, w_scale = self.weights(layer)
         w_ms = self.weight_ms(layer, w0)
         if bn_here:  # the batch Jacobian couples the samples: phase after phase
             v, log_v = g.u, g.log_s
-            if net.bn_position == "post":
+            if kind.bn_post:
                 v, log_v = batchnorm.backward(v, log_v, tape.bn)  # float64 until the mask below
             if tape.dphi is not None:
                 v = _times_dphi(v, tape.dphi, act)
+                log_v += kind.activation.log_gain
             v, log_v = narrow(v, log_v, dtype, pool)
-            if net.bn_position == "pre":
+            if kind.bn_pre:
                 v, log_v = narrow(*batchnorm.backward(v, log_v, tape.bn), dtype, pool)
             delta, ms_v = side_stats_ms(v, log_v, pool=pool)
         else:
-            v, log_v = (g.u, g.log_s) if tape.dphi is None else (np.empty_like(g.u), g.log_s)
+            v, log_v = (g.u, g.log_s) if tape.dphi is None else (np.empty_like(g.u), g.log_s + kind.activation.log_gain)
             ms_v = g.ms
         # delta's mean square is not known before the map: g's sets the scale, an overestimate by
         # E[phi'^2] (1/2 for relu); a saturated layer's far smaller delta is caught by in_band.

@@ -23,7 +23,7 @@ from ..outdir import owned_files, staging
 from ..run import DATA_FILES, Run, json_default
 from ..spec import Config, to_options
 from ..stats import summarize
-from . import document, figures
+from . import document, figures, residual
 from .document import Document
 from .markdown import build_document, fit_document, fmt_pow10, shown_layers, terminal_table
 
@@ -84,6 +84,9 @@ def render(run: Run, directory: Path, formats: tuple[str, ...] = FORMATS) -> dic
         paths["histogram_figure"] = figures.histograms(run, directory / "histograms.png")
     doc = build_document(run, figure=paths["figure"].name,
                          histograms="histograms.png" if "histogram_figure" in paths else None)
+    if residual.is_residual(run):  # the blocks' own section, after the per-layer figures
+        paths["spp_figure"] = residual.spp_figure(run, directory / "signal_propagation.png")
+        residual.section(doc, run, paths["spp_figure"].name)
     return {**paths, **document.write(doc, directory, formats)}
 
 

@@ -447,6 +447,10 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
 
     doc.h2("Findings")
     doc.items(findings(run))
+    if "branch_second_moment" in layers:  # residual stacks: branches switched off, collapse of the stream
+        from . import residual
+
+        doc.items(residual.findings(run))
     doc.p(FINDINGS_RULES)
 
     doc.h2("Summary")

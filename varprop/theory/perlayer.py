@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import special, stats
 
-from ..nn import activations, inits
+from ..nn import activations, inits, layers
 from ..nn.activations import Activation
 from ..spec import NetworkSpec, RunSpec
 from .cmap import NEGLIGIBLE_C, AtQ, Series, series
@@ -45,6 +45,10 @@ def predict(spec: RunSpec, inputs: Mapping[str, float] | None = None) -> pd.Data
     the Gaussian inputs' (an ``--input-file``: the engine measures them).
     """
     net = spec.network
+    if net.residual is not None:
+        from . import residual
+
+        return residual.predict(spec, inputs)
     scheme = net.init.resolve()
     depth = net.depth
     if scheme.user is not None:
@@ -78,12 +82,14 @@ def predict(spec: RunSpec, inputs: Mapping[str, float] | None = None) -> pd.Data
 def _fill_dphi2(dphi2: np.ndarray, log_q: np.ndarray, net: NetworkSpec) -> None:
     """Fill in E[phi'(z)^2] where :func:`forward` left it out (nan): it does
     not feed the recursion, so it is computed for all layers at once."""
-    names = np.array([""] + [net.activation_at(layer) for layer in range(1, net.depth + 1)])
+    stack = layers.build(net)
+    names = np.array([""] + [kind.activation.name for kind in stack])
+    fns = {kind.activation.name: kind.activation.fn for kind in stack}
     for name in set(names[1:]):
         todo = (names == name) & np.isnan(dphi2)
         if todo.any():
             log_qs, where = np.unique(log_q[todo], return_inverse=True)
-            dphi2[todo] = dphi2_at(activations.get(name, net.leaky_slope), log_qs)[where]
+            dphi2[todo] = dphi2_at(fns[name], log_qs)[where]
 
 
 def dphi2_at(act: Activation, log_q: np.ndarray, chunk: int = 64) -> np.ndarray:
@@ -110,6 +116,7 @@ class _QStep(NamedTuple):
     log_q: float
     ratio_b: float  # Var(b) over the weights' share of q
     at_q: AtQ | None  # the c-map (None where batch norm leaves no c)
+    bn_pre: bool  # batch norm on z: no c before the activation either
     mean: float  # the post-activation mean, log sd and log E[h^2]
     log_sd: float
     log_m2: float
@@ -135,10 +142,8 @@ def forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reus
     same batches).
     """
     net = spec.network
-    names = {net.activation_at(1), net.activation_at(net.depth)}
-    acts = {name: activations.get(name, net.leaky_slope) for name in names}
-    bn_layers = set(net.bn_layers)
-    log_eps = math.log(net.bn_eps) if net.bn_eps > 0 else -math.inf  # eps = 0: BN's q is exactly 1
+    stack = layers.build(net)
+    acts = {kind.activation.name: kind.activation.fn for kind in (stack[0], stack[-1])}
     levels: dict[tuple[str, float], AtQ] = {}
 
     def level(name: str, log_q: float) -> AtQ:
@@ -154,29 +159,33 @@ def forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reus
         """log(n_in Var W_ij) and log Var b_i."""
         return math.log(n_in * inits.variance(scheme, n_in, n_out)), bias_log_variance(scheme, net.bias_std, n_in)
 
-    def q_step(n_in: int, n_out: int, name: str, bn: bool, log_m2: float) -> _QStep:
-        log_nv, log_vb = log_variances(n_in, n_out)
+    def q_step(kind: layers.Layer, log_m2: float) -> _QStep:
+        log_nv, log_vb = log_variances(kind.dense.fan_in, kind.dense.fan_out)
         log_sig = log_nv + log_m2
         log_q = logaddexp(log_sig, log_vb)
         ratio_b = math.exp(min(log_vb - log_sig, 700.0))
-        if bn and net.bn_position == "pre":
+        # eps = 0: BN's q is exactly 1
+        log_eps = math.log(kind.bn.eps) if kind.bn is not None and kind.bn.eps > 0 else -math.inf
+        if kind.bn_pre:
             log_q = log_q - logaddexp(log_q, log_eps)
-        at_q = level(name, log_q)
+        at_q = level(kind.activation.name, log_q)
         mo = at_q.moments
         mean, log_sd, log_m2_post, log_abs_mean = mo.mean, mo.log_sd, mo.log_m2, mo.log_abs_mean
-        if bn and net.bn_position == "post":
+        if kind.bn_post:
             log_var = 2 * log_sd
             log_m2_post = log_var - logaddexp(log_var, log_eps)
             mean, log_sd, log_abs_mean = 0.0, 0.5 * log_m2_post, -math.inf
-        return _QStep(log_q, ratio_b, None if bn else at_q, mean, log_sd, log_m2_post, mo.dphi2, log_abs_mean)
+        return _QStep(log_q, ratio_b, None if kind.bn else at_q, kind.bn_pre, mean, log_sd, log_m2_post, mo.dphi2,
+                      log_abs_mean)
 
     q_steps: list[_QStep] = []
     found_q: dict[tuple[Any, ...], _QStep] = {}
-    for layer in range(1, net.depth + 1):
-        key = (net.widths[layer - 1], net.widths[layer], net.activation_at(layer), layer in bn_layers, log_m2)
+    for kind in stack:
+        # A step depends on the layer's parts, not on its index (the Activation compares by name).
+        key = (kind.dense, kind.activation, kind.bn, kind.bn_position, log_m2)
         found = found_q.get(key) if reuse else None
         if found is None:
-            found = q_step(*key)
+            found = q_step(kind, log_m2)
             if reuse:
                 found_q[key] = found
         q_steps.append(found)
@@ -203,8 +212,7 @@ def forward(spec: RunSpec, scheme: inits.Scheme, log_m2: float, cos: float, reus
 
     out: list[_Step] = []
     found_c: dict[tuple[int, float], float] = {}
-    for log_q, ratio_b, at_q, mean, log_sd, log_m2_post, dphi2, log_abs_mean in q_steps:
-        bn_pre = at_q is None and net.bn_position == "pre"
+    for log_q, ratio_b, at_q, bn_pre, mean, log_sd, log_m2_post, dphi2, log_abs_mean in q_steps:
         c_pre = math.nan if bn_pre else (cos + ratio_b) / (1 + ratio_b)
         if at_q is None or math.isnan(c_pre):
             cos = math.nan
@@ -239,11 +247,13 @@ def _finite_width_band(df: pd.DataFrame, spec: RunSpec, scheme: inits.Scheme) ->
     collapsed to rank one (deep layers); before that the band is too wide.
     """
     net = spec.network
-    acts = {net.activation_at(l) for l in range(1, net.depth + 1)}
-    if (scheme.user is not None or scheme.orthogonal or scheme.distribution != "normal" or net.bn_layers
-            or inits.has_bias(scheme, net.bias_std) or not acts <= {"linear", "relu"} or len(acts) != 1):
+    stack = layers.build(net)
+    acts = {kind.activation.name for kind in stack}
+    if (scheme.user is not None or scheme.orthogonal or scheme.distribution != "normal"
+            or any(kind.bn is not None for kind in stack) or inits.has_bias(scheme, net.bias_std)
+            or not acts <= {"linear", "relu"} or len(acts) != 1):
         return
-    n = np.array(net.widths[1:], dtype=float)
+    n = np.array([kind.dense.fan_out for kind in stack], dtype=float)
     if acts == {"linear"}:
         mean, var = _log_chi2_moments(n)
     else:  # relu: K ~ Binomial(n, 1/2) units are active; chi2_K / n relative to its mean-field value n/2
@@ -273,10 +283,11 @@ def _predict_backward(df: pd.DataFrame, spec: RunSpec, scheme: inits.Scheme, dph
     log_g = [math.nan] * (depth + 1)
     log_d = [math.nan] * (depth + 1)
     log_g[depth] = 0.0  # g_L ~ N(0, 1)
-    for layer in range(depth, 0, -1):
-        if layer in net.bn_layers:
+    for kind in reversed(layers.build(net)):
+        layer = kind.index
+        if kind.bn is not None:
             break  # BN's gradient is not modelled by mean-field theory here
-        n_in, n_out = net.widths[layer - 1], net.widths[layer]
+        n_in, n_out = kind.dense.fan_in, kind.dense.fan_out
         log_d[layer] = log_g[layer] + math.log(dphi2[layer]) if dphi2[layer] > 0 else -math.inf
         log_g[layer - 1] = log_d[layer] + math.log(n_out * inits.variance(scheme, n_in, n_out))
     for side, logs in (("grad", log_g), ("delta", log_d)):

@@ -100,6 +100,32 @@ def block_sums(u: np.ndarray) -> Sums:
     return Sums(rows, col_sum, col_m2, row_sq, unit_sum, u.size - nonzero)
 
 
+def _row_squares(u: np.ndarray) -> np.ndarray:
+    """The float64 sum of squares of each row of ``u``: :func:`block_sums`' ``row_sq``, bit for bit (the same
+    pieces, copied into the same aligned buffer), without its other sums."""
+    rows, n = u.shape
+    step = max(1, _PIECE_ELEMENTS // max(n, 1))
+    row_sq = np.empty(rows)
+    for i in range(0, rows, step):
+        r = min(step, rows - i)
+        x = _scratch(r * n).reshape(r, n)
+        np.copyto(x, u[i:i + r])
+        np.vecdot(x, x, out=row_sq[i:i + r])
+    return row_sq
+
+
+def mean_square(u: np.ndarray, pool: Pool = SERIAL) -> float:
+    """The float64 mean square of ``u``: the second value of :func:`side_stats_ms`, bit for bit, in one
+    pass of sums of squares (for a layer whose mean square sets a scale but whose statistics are not
+    reported).
+
+    >>> mean_square(np.array([[3.0, 4.0]]))
+    12.5
+    """
+    parts = pool.sized(u.size).map(lambda rows: _row_squares(u[rows]), row_chunks(*u.shape))
+    return float(np.concatenate(parts).sum()) / u.size
+
+
 def _abs_cos(u: np.ndarray) -> float:
     """Mean |cos| over the pairs of the rows of ``u``; NaN if a row is all
     zeros or there are fewer than two. The signed mean cos hides a collapse

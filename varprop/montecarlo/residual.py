@@ -24,7 +24,7 @@ import numpy as np
 from ..nn import activations, batchnorm, layers
 from ..parallel import row_chunks
 from ..logscale import exp_times
-from ..stats import LN10, STATS, side_stats_ms
+from ..stats import ABS_COS_SAMPLES, LN10, STATS, block_sums, from_sums, head_cos, mean_square, side_stats_ms
 from .scaled import Values, in_band, narrow, sum_squares
 from .stepper import Network, Tape, _times_dphi, prefixed
 
@@ -64,11 +64,18 @@ def _zero_stats() -> dict[str, float]:
 class Blocks:
     """A residual stack for one replicate, stepping blocks with the
     interface of :class:`~varprop.montecarlo.stepper.Network` (``step``,
-    ``back``, ``flush_grad``), one block per row."""
+    ``back``, ``flush_grad``), one block per row.
+
+    A block costs its branch's layers plus one addition: the sum's
+    statistics are taken in the addition's own pass, the branch's come from
+    its last dense layer's pass, and values whose statistics are not
+    reported get a mean square only (their scale)."""
 
     def __init__(self, net: Network):
         self.net, self.pool = net, net.pool
         self.kinds: tuple[layers.Residual, ...] = net.kinds  # type: ignore[assignment]
+        # The last block's output and its statistics: a zero branch passes it on unchanged.
+        self._stream: tuple[Values, dict[str, float]] | None = None
 
     def _live(self, block: int) -> tuple[layers.Layer, ...]:
         """The dense layers of a block's branch that are not zero."""
@@ -82,27 +89,45 @@ class Blocks:
         live = self._live(block) if block is not None else ()
         return live[-1].index if live else None
 
-    def _add(self, x: Values, f: Values, log_alpha: float) -> Values:
-        """``x + exp(log_alpha) f`` in the scale of the larger term."""
+    def _add(self, x: Values, f: Values, log_alpha: float, stats: bool) -> tuple[Values, dict[str, float] | None]:
+        """``x + exp(log_alpha) f`` in the scale of the larger term, in band, and
+        with ``stats`` its statistics, summed in the addition's pass."""
         net = self.net
         pool = net.pool.sized(x.u.size)
         log_f = log_alpha + f.log_s
         top = max(x.log_s, log_f)
         cx, cf = net.dtype(math.exp(x.log_s - top)), net.dtype(math.exp(log_f - top))
         u = np.empty_like(x.u)
+        head_rows = min(ABS_COS_SAMPLES, u.shape[0])
 
-        def add(rows: slice) -> None:
+        def add(rows: slice) -> tuple[Any, float]:
             np.multiply(x.u[rows], cx, out=u[rows])
             u[rows] += f.u[rows] * cf
-        pool.map(add, row_chunks(*u.shape))
-        return Values(u, top, side_stats_ms(u, top, pool=pool)[1])
+            if not stats:
+                return None, math.nan
+            head = head_cos(u[rows]) if rows.start == 0 and rows.stop >= head_rows else math.nan
+            return block_sums(u[rows]), head
+        chunks = row_chunks(*u.shape)
+        parts = pool.map(add, chunks)
+        if not stats:
+            return in_band(Values(u, top, mean_square(u, pool)), pool), None
+        head = parts[0][1] if chunks[0].stop >= head_rows else head_cos(u)
+        row, ms = from_sums(u, [p[0] for p in parts], top, head=head)
+        summed = Values(u, top, ms)
+        v = in_band(summed, pool)  # renormalised (a new Values) only where the sum's mean square left the band
+        return v, row if v is summed else side_stats_ms(v.u, v.log_s, pool=pool)[0]
+
+    def _stats(self, v: Values) -> dict[str, float]:
+        """The statistics of ``v``, reused when ``v`` is the last block's output."""
+        if self._stream is not None and self._stream[0] is v:
+            return self._stream[1]
+        return side_stats_ms(v.u, v.log_s, pool=self.net.pool)[0]
 
     def step(self, block: int, x: Values, stats: bool, keep: bool, ahead: int | None = None
              ) -> tuple[Values, dict[str, Any] | None, BlockTape | None]:
         """Block ``block`` forward: its output, its statistics row, its tape.
         ``ahead`` names a block whose first weights are drawn meanwhile."""
         kind, net = self.kinds[block - 1], self.net
-        pool = net.pool.sized(x.u.size)
         tape = BlockTape() if keep else None
         b = x if kind.beta == 1 else Values(x.u, x.log_s - math.log(kind.beta), x.ms)
         if kind.lead is not None:
@@ -110,21 +135,28 @@ class Blocks:
             if tape is not None:
                 tape.lead_dphi, tape.lead_bn = dphi, cache
         live = self._live(block)
+        branch = _zero_stats()
         for i, layer in enumerate(live):
             nxt = live[i + 1].index if i + 1 < len(live) else self._first(ahead)
-            b, _, t = net.step(layer.index, b, stats=False, keep=keep, ahead=nxt)
+            last = stats and i + 1 == len(live) and not kind.zero_branch
+            b, layer_row, t = net.step(layer.index, b, stats=last, keep=keep, ahead=nxt)
+            if last:
+                # f is the last dense layer's output, whose statistics its own pass summed. That output is
+                # prescaled to a mean square near 1 (or batch-normed), so in_band leaves it as summed.
+                branch = {k: layer_row[f"post_{k}"] for k in STATS}
+                branch["frac_saturated"] = math.nan  # f ends in a dense layer (or BN), not an activation
             if tape is not None and t is not None:
                 tape.branch.append(t)
         if kind.zero_branch and tape is not None:
             tape.zero_in = b
         if kind.zero_branch or kind.alpha == 0:
-            out = x
+            out, post = x, self._stats(x) if stats else None
         else:
-            out = in_band(self._add(x, b, math.log(kind.alpha)), pool)
+            out, post = self._add(x, b, math.log(kind.alpha), stats)
         row = None
         if stats:
-            post = side_stats_ms(out.u, out.log_s, pool=pool)[0]
-            branch = _zero_stats() if kind.zero_branch else side_stats_ms(b.u, b.log_s, pool=pool)[0]
+            assert post is not None
+            self._stream = (out, post)
             row = {"width": kind.width, "fan_in": kind.width, "fan_out": kind.width,
                    **prefixed("pre", _alpha_stats(branch, 0.0 if kind.zero_branch else kind.alpha)),
                    **prefixed("post", post), **prefixed(BRANCH_SIDE, branch)}
@@ -139,14 +171,14 @@ class Blocks:
         if lead.bn is not None:
             u, log_s, cache = net._bn(u, log_s, lead.bn, block)
         act = lead.activation.fn
-        if lead.activation.linear:
-            return Values(u, log_s, side_stats_ms(u, log_s, pool=pool)[1]), None, cache
+        if lead.activation.linear:  # the input itself, or batch norm's new values
+            return Values(u, log_s, b.ms if cache is None else mean_square(u, pool)), None, cache
         d = activations.dphi_scaled(act, u, log_s)
         h, log_h = narrow(*activations.apply_scaled(act, u.astype(np.float64, copy=False) if act.phi0 else u, log_s),
                           net.dtype, pool)
         log_h += lead.activation.log_gain
         dphi = d == act.slope_pos if act.homogeneous else d.astype(net.dtype, copy=False)
-        return in_band(Values(h, log_h, side_stats_ms(h, log_h, pool=pool)[1]), pool), dphi, cache
+        return in_band(Values(h, log_h, mean_square(h, pool)), pool), dphi, cache
 
     def back(self, block: int, tape: BlockTape, g: Values, row: MutableMapping[str, float], ahead: int | None = None
              ) -> tuple[Values, dict[str, float]]:
@@ -164,32 +196,45 @@ class Blocks:
                                        row_chunks(a_t.shape[0], g.u.shape[1])))
             if total > 0:
                 log_squares.append(math.log(total) + 2 * (tape.zero_in.log_s + g.log_s + log_alpha))
+        g_stats = {k: row[f"grad_{k}"] for k in STATS}  # g's, which the block above (or the start) reported
         if kind.zero_branch or kind.alpha == 0:
-            out, delta = g, _zero_stats()
+            out, delta, grad = g, _zero_stats(), g_stats
         else:
             v = Values(g.u, g.log_s + log_alpha, g.ms)
             live = self._live(block)
-            scratch: list[dict[str, float]] = []
+            # The gradient entering the branch is alpha g: its statistics, given, spare a linear last layer
+            # the pass over its delta (which is alpha g itself).
+            scratch: list[dict[str, float]] = [prefixed("grad", _alpha_stats(g_stats, kind.alpha))]
             for i in range(len(live) - 1, -1, -1):
                 nxt = live[i - 1].index if i > 0 else self._last(ahead)
-                scratch.append({})
                 v, _ = net.back(live[i].index, tape.branch[i], v, scratch[-1], ahead=nxt)
+                scratch.append({})
             net.flush_grad()
-            log_squares += [2 * LN10 * s["weight_grad_log10_norm"] for s in scratch
+            log_squares += [2 * LN10 * s["weight_grad_log10_norm"] for s in scratch[:-1]
                             if s["weight_grad_log10_norm"] > -math.inf]
+            u, log_s = v.u, v.log_s
             if kind.lead is not None:
-                v = self._lead_back(kind.lead, tape, v)
+                u, log_s = self._lead_back(kind.lead, tape, v)
+            *parts, head = pool.map(lambda rows: block_sums(u[rows]) if rows is not None else head_cos(u),
+                                    [*row_chunks(*u.shape), None])
+            _, ms = from_sums(u, parts, log_s, head=head)
+            summed = Values(u, log_s, ms)
+            v = in_band(summed, pool)
+            renormed = v is not summed
             if kind.beta != 1:
                 v = Values(v.u, v.log_s - math.log(kind.beta), v.ms)
-            delta = side_stats_ms(v.u, v.log_s, pool=pool)[0]
-            out = in_band(self._add(g, v, 0.0), pool)
+            # The branch's gradient, summed once: its scale (the mean square, before beta) and delta (after).
+            delta = (side_stats_ms(v.u, v.log_s, pool=pool)[0] if renormed
+                     else from_sums(u, parts, v.log_s, head=head)[0])
+            out, grad = self._add(g, v, 0.0, True)
         row.update(prefixed("delta", delta))
         log_norm = 0.5 * float(np.logaddexp.reduce(log_squares)) if log_squares else -math.inf
         row["weight_grad_log10_norm"] = log_norm / LN10
         row["weight_grad_norm"] = math.exp(log_norm) if log_norm < 709.7 else math.inf
-        return out, side_stats_ms(out.u, out.log_s, pool=pool)[0]
+        assert grad is not None
+        return out, grad
 
-    def _lead_back(self, lead: layers.Lead, tape: BlockTape, v: Values) -> Values:
+    def _lead_back(self, lead: layers.Lead, tape: BlockTape, v: Values) -> tuple[np.ndarray, float]:
         """The gradient through the lead: times gain phi', then batch norm's backward."""
         net = self.net
         pool = net.pool.sized(v.u.size)
@@ -199,7 +244,7 @@ class Blocks:
             log_s += lead.activation.log_gain
         if tape.lead_bn is not None:
             u, log_s = narrow(*batchnorm.backward(u, log_s, tape.lead_bn), net.dtype, pool)
-        return in_band(Values(u, log_s, side_stats_ms(u, log_s, pool=pool)[1]), pool)
+        return u, log_s
 
     def flush_grad(self) -> None:
         """As :meth:`Network.flush_grad` (each block's back flushes its own)."""

@@ -131,7 +131,7 @@ class Blocks:
         tape = BlockTape() if keep else None
         b = x if kind.beta == 1 else Values(x.u, x.log_s - math.log(kind.beta), x.ms)
         if kind.lead is not None:
-            b, dphi, cache = self._lead(kind.lead, b, block)
+            b, dphi, cache = self._lead(kind.lead, b, block, keep)
             if tape is not None:
                 tape.lead_dphi, tape.lead_bn = dphi, cache
         live = self._live(block)
@@ -162,9 +162,9 @@ class Blocks:
                    **prefixed("post", post), **prefixed(BRANCH_SIDE, branch)}
         return out, row, tape
 
-    def _lead(self, lead: layers.Lead, b: Values, block: int
+    def _lead(self, lead: layers.Lead, b: Values, block: int, keep: bool
               ) -> tuple[Values, np.ndarray | None, batchnorm.Cache | None]:
-        """[batch norm ->] activation on the branch's input (the pre-activation order)."""
+        """[batch norm ->] activation on the branch's input (the pre-activation order); phi' with ``keep``."""
         net = self.net
         pool = net.pool.sized(b.u.size)
         u, log_s, cache = b.u, b.log_s, None
@@ -173,11 +173,13 @@ class Blocks:
         act = lead.activation.fn
         if lead.activation.linear:  # the input itself, or batch norm's new values
             return Values(u, log_s, b.ms if cache is None else mean_square(u, pool)), None, cache
-        d = activations.dphi_scaled(act, u, log_s)
         h, log_h = narrow(*activations.apply_scaled(act, u.astype(np.float64, copy=False) if act.phi0 else u, log_s),
                           net.dtype, pool)
         log_h += lead.activation.log_gain
-        dphi = d == act.slope_pos if act.homogeneous else d.astype(net.dtype, copy=False)
+        dphi = None
+        if keep:  # for the backward pass
+            d = activations.dphi_scaled(act, u, log_s)
+            dphi = d == act.slope_pos if act.homogeneous else d.astype(net.dtype, copy=False)
         return in_band(Values(h, log_h, mean_square(h, pool)), pool), dphi, cache
 
     def back(self, block: int, tape: BlockTape, g: Values, row: MutableMapping[str, float], ahead: int | None = None
@@ -217,7 +219,7 @@ class Blocks:
                 u, log_s = self._lead_back(kind.lead, tape, v)
             *parts, head = pool.map(lambda rows: block_sums(u[rows]) if rows is not None else head_cos(u),
                                     [*row_chunks(*u.shape), None])
-            _, ms = from_sums(u, parts, log_s, head=head)
+            ms = float(np.concatenate([p.row_sq for p in parts]).sum()) / u.size  # from_sums', bit for bit
             summed = Values(u, log_s, ms)
             v = in_band(summed, pool)
             renormed = v is not summed

@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 from ..run import Run  # noqa: E402
 from ..spec import label_part  # noqa: E402
 from .document import visible  # noqa: E402
-from .markdown import mean_columns, signed_means, varied_values  # noqa: E402
+from .markdown import as_rows, mean_columns, row_unit, signed_means, varied_values  # noqa: E402
 
 # Beyond this, 10 ** log10_std does not fit a float64 axis: plot log10 itself.
 _MAX_LOG10 = 300.0
@@ -92,6 +92,8 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
     a line's width on the page) is named in a note under the legend, after
     ``notes``."""
     configs_drawn = list(dict.fromkeys(summary["config"]))
+    unit = row_unit(layers)
+    title, notes = as_rows(title, unit), [as_rows(n, unit) for n in notes]
     values = varied_values([c for c in configs or [] if c["label"] in set(configs_drawn)])
     keys = [k for k in values.columns if values[k].notna().all()] if len(values) == len(configs_drawn) else []
     configs = configs_drawn
@@ -126,6 +128,8 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
         chosen = [c for c in configs if (col is None or values.at[c, col_key] == col)
                   and all(values.at[c, k] == v for k, v in where.items())]
         draw(ax, summary[summary["config"].isin(chosen)], metric, looks)
+        ax.set_xlabel(as_rows(ax.get_xlabel(), unit))  # a residual stack's rows are blocks
+        ax.set_ylabel(as_rows(ax.get_ylabel(), unit))
         if facets:
             ax.set_title(", ".join(_named(k, v) for k, v in [*where.items(), (col_key, col)]), fontsize=8)
             ax.tick_params(which="both", labelsize=7)
@@ -517,6 +521,7 @@ def histograms(run: Run, path: Path, max_configs: int = 6) -> Path:
     """Post-activation histograms at the first, middle and last layer, one row
     per configuration (the first ``max_configs``), x in units of the layer's RMS."""
     hist = run.histograms
+    unit = row_unit(run.layers)
     configs = list(dict.fromkeys(hist["config"]))[:max_configs]
     layers_by = {c: sorted(hist[hist["config"] == c]["layer"].unique()) for c in configs}
     cols = max(len(v) for v in layers_by.values())
@@ -528,12 +533,13 @@ def histograms(run: Run, path: Path, max_configs: int = 6) -> Path:
             ax = axes[i][j]
             ax.stairs(h["density"].to_numpy(), np.append(h["bin_lo"].to_numpy(), h["bin_hi"].iloc[-1]),
                       fill=True, alpha=0.6)
-            ax.set_title(f"{_text(c)}: layer {layer}", fontsize=8)
+            ax.set_title(f"{_text(c)}: {unit} {layer}", fontsize=8)
             ax.tick_params(labelsize=7)
         for j in range(len(layers_by[c]), cols):
             axes[i][j].axis("off")
     for ax in axes[-1]:
         ax.set_xlabel("h / rms(h)", fontsize=8)
-    fig.suptitle("Post-activation histograms (replicate 0; density; x in units of the layer's RMS)", fontsize=10)
+    fig.suptitle("Post-activation histograms (replicate 0; density; x in units of the layer's RMS)" if unit == "layer"
+                 else "Histograms of the stream x_l (replicate 0; density; x in units of its RMS)", fontsize=10)
     fig.tight_layout()
     return save(fig, path)

@@ -26,6 +26,23 @@ MAX_FULL_LAYERS = 30  # tables show every layer up to this depth, then a subsamp
 SUBSAMPLE = 20
 
 
+def row_unit(layers: pd.DataFrame) -> str:
+    """What one row of ``layers`` is: a residual stack's "block", else a "layer"."""
+    return "block" if "branch_second_moment" in layers else "layer"
+
+
+def as_rows(text: str, unit: str) -> str:
+    """``text``, whose every "layer" means a row of the table, with ``unit`` in its place (a residual
+    stack's "block"); ``layers.csv`` keeps its name.
+
+    >>> as_rows("Std per layer: the last layer's (layers.csv)", "block")
+    "Std per block: the last block's (layers.csv)"
+    """
+    if unit == "layer":
+        return text
+    return re.sub(r"\b([Ll])ayer(?!s\.csv)", lambda m: unit.capitalize() if m.group(1) == "L" else unit, text)
+
+
 def shown_layers(depth: int) -> list[int]:
     """Layers a table shows: all up to 30, else ~20 evenly spaced incl. 0, 1 and L.
 
@@ -308,6 +325,7 @@ def terminal_table(run: Run) -> str:
     configs = list(summary["config"].unique())
     reps = int(layers["replicate"].nunique())
     logs = log_scale_stats(layers)
+    unit = row_unit(layers)
     tables = {c: layer_table(summary, c, reps, logs).set_index("layer") for c in configs}
     depths = {c: int(t.index.max()) for c, t in tables.items()}
     if len(configs) == 1:
@@ -326,12 +344,13 @@ def terminal_table(run: Run) -> str:
         rows = []
         for config in configs:
             std = tables[config]["post std"]
-            rows.append({"configuration": visible(config), **{f"layer {layer}": std.get(layer, "") for layer in keep}})
+            rows.append({"configuration": visible(config), **{f"{unit} {layer}": std.get(layer, "") for layer in keep}})
             if len(set(depths.values())) > 1:  # each one's own output too
-                rows[-1]["output"] = f"{std.iloc[-1]} (layer {depths[config]})"
+                rows[-1]["output"] = f"{std.iloc[-1]} ({unit} {depths[config]})"
         t = pd.DataFrame(rows)
         title = "std of layer outputs" + (" (mean network)" if reps > 1 else "")
-    return f"{title}\n" + t.to_markdown(index=False, tablefmt="simple", disable_numparse=True)
+    t = t.rename(columns={"layer": unit})
+    return f"{as_rows(title, unit)}\n" + t.to_markdown(index=False, tablefmt="simple", disable_numparse=True)
 
 
 def _as_shapes(options: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -339,8 +358,8 @@ def _as_shapes(options: list[dict[str, Any]]) -> list[dict[str, Any]]:
     them (all configurations, or none when one is not square)."""
     if not all(len(set(o.get("widths", ()))) == 1 for o in options):
         return [dict(o) for o in options]
-    return [{"layers": len(o["widths"]) - 1, "width": o["widths"][0], **{k: v for k, v in o.items() if k != "widths"}}
-            for o in options]
+    return [{"blocks" if "residual" in o else "layers": len(o["widths"]) - 1, "width": o["widths"][0],
+             **{k: v for k, v in o.items() if k != "widths"}} for o in options]
 
 
 def _value(v: Any) -> str:
@@ -377,7 +396,8 @@ def _options_tables(meta: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame | 
         return table, None, []
     compared = pd.DataFrame({"configuration": [lit(c["label"]) for c in configs]})
     for k in varied.columns:
-        compared[lit(k)] = [lit(NOT_APPLICABLE if v is None else _value(v)) for v in varied[k]]
+        compared[lit(k)] = [lit(_value(v) if v is not None else _value(o[k]) if o.get(k) is not None
+                                else NOT_APPLICABLE) for v, o in zip(varied[k], options)]
     for k in derived:
         compared[lit(k)] = [lit(_value(o[k]) if k in o else NOT_APPLICABLE) for o in options]
     return table, compared, derived
@@ -391,7 +411,8 @@ def _shape(configs: Sequence[dict[str, Any]]) -> str:
     if all(len(set(s)) == 1 for s in shapes):
         depths = list(dict.fromkeys(len(s) - 1 for s in shapes))
         widths = list(dict.fromkeys(s[0] for s in shapes))
-        return f"{_or(depths)} layers of width {_or(widths)}"
+        unit = "residual blocks" if any("residual" in c["options"] for c in configs) else "layers"
+        return f"{_or(depths)} {unit} of width {_or(widths)}"
     if len(set(shapes)) == 1:
         return f"a {'-'.join(map(str, shapes[0]))} network"
     return "networks of several shapes"
@@ -409,7 +430,8 @@ def default_title(meta: dict[str, Any]) -> str:
     return f"varprop: {shape}, {len(configs)} configurations ({' x '.join(lit(k.replace('_', ' ')) for k in keys)})"
 
 
-def theory_gaps(layers: pd.DataFrame, summary: pd.DataFrame, labels: Sequence[str]) -> list[str]:
+def theory_gaps(layers: pd.DataFrame, summary: pd.DataFrame, labels: Sequence[str], unit: str = "layer"
+                ) -> list[str]:
     """Configurations whose mean-field output std lies outside the range of
     their single networks (replicates), each with the theory, its ratio to
     the mean network and that range, the farthest first."""
@@ -426,7 +448,7 @@ def theory_gaps(layers: pd.DataFrame, summary: pd.DataFrame, labels: Sequence[st
             continue
         out.append((-abs(mean - theory), f"**{lit(config)}**: theory {fmt_std(theory)}, x{fmt_std(theory - mean)} "
                                          f"the mean network ({fmt_std(mean)}); single networks {fmt_std(lo)} to "
-                                         f"{fmt_std(hi)} at layer {last}"))
+                                         f"{fmt_std(hi)} at {unit} {last}"))
     return [line for _, line in sorted(out, key=lambda t: t[0])]  # the farthest first
 
 
@@ -436,6 +458,7 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
     configs = meta["configs"]
     reps = int(layers["replicate"].nunique())
     labels = [c["label"] for c in configs]
+    unit = row_unit(layers)
     title = lit(meta["title"]) if meta.get("title") else default_title(meta)
     doc = Document(title)
     if meta.get("command"):
@@ -451,13 +474,14 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
         from . import residual
 
         doc.items(residual.findings(run))
-    doc.p(FINDINGS_RULES)
+    doc.p(as_rows(FINDINGS_RULES, unit))
 
     doc.h2("Summary")
     lines = seed_line(layers)
     slopes = depth_growth(layers).set_index("config")
     spans = {(int(slopes.at[c, "burn_in"]), int(slopes.at[c, "depth"])) for c in labels}
-    slope_head = "log10 std per layer" + (" (layers {}..{})".format(*next(iter(spans))) if len(spans) == 1 else "")
+    slope_head = as_rows("log10 std per layer" + (" (layers {}..{})".format(*next(iter(spans))) if len(spans) == 1
+                                                  else ""), unit)
     rows = []
     for config in labels:
         s = summary[summary["config"] == config]
@@ -476,13 +500,13 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
             rows[-1]["mean-field output std"] = fmt_std(s["theory_post_log10_std"].iloc[-1])
         g = slopes.loc[config]
         ci = f" ± {fmt(g['slope_hi'] - g['slope'], 3)}" if not math.isnan(g["slope_hi"]) else ""
-        where = "" if len(spans) == 1 else f" (layers {int(g['burn_in'])}..{int(g['depth'])})"
+        where = "" if len(spans) == 1 else f" ({unit}s {int(g['burn_in'])}..{int(g['depth'])})"
         rows[-1][slope_head] = f"{fmt(g['slope'])}{ci}{where}"
         rows[-1]["mean-field log10 std per layer"] = fmt(g["theory_slope"])
         if "grad_log10_rms_std" in s:
             rows[-1]["input gradient std"] = fmt_std(s["grad_log10_rms_std"].iloc[0])
             rows[-1]["gradient factor per layer (backward)"] = fmt(1 / growth(s, "grad_log10_rms_std"))
-    doc.table(pd.DataFrame(rows))
+    doc.table(pd.DataFrame(rows).rename(columns=lambda c: as_rows(c, unit)))
     explain = [
         "*mean of layer means*, *sqrt(mean layer variance)*: the seed answer's summary of a stack: the mean over "
         "layers 1..L of each layer's output mean, and the square root of the mean over layers of each layer's "
@@ -502,8 +526,8 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
         explain += ["*input gradient std*: the std of the gradient that reaches the input, for a unit-variance "
                     "random gradient at the output;",
                     "*gradient factor per layer*: its geometric-mean growth per layer going backward."]
-    doc.items(explain)
-    gaps = theory_gaps(layers, summary, labels) if reps > 1 else []
+    doc.items([as_rows(e, unit) for e in explain])
+    gaps = theory_gaps(layers, summary, labels, unit) if reps > 1 else []
     if gaps:
         doc.p(f"Mean-field theory is the limit of infinite width at fixed depth (for a linear stack it is also the "
               "exact mean of the variance over all networks, a mean that a deep stack owes to networks too rare to "
@@ -529,17 +553,26 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
                   f"compared options, so {'it differs' if len(derived) == 1 else 'they differ'} per configuration "
                   f"({NOT_APPLICABLE}: does not apply).")
 
-    doc.h2("Std per layer")
-    doc.figure(figure, "Std of each layer's output" + (" and gradient" if "grad_log10_std" in layers else "")
-               + " per layer, one line per configuration; dotted: mean-field theory")
-    doc.p("The dotted line is the mean-field prediction: z = h W + b is Gaussian given the previous layer, with "
-          "variance q_l = fan_in Var(W) E[h_{l-1}^2] + Var(b), and h_l = phi(z). It is the limit of infinite "
-          "width at fixed depth. For linear stacks it is also the mean over networks of the variance (the solid "
-          "line) at any width. Otherwise each layer's finite width adds a fluctuation of relative size about "
-          "1/sqrt(width) and a bias of order 1/width, and over depth they compound (by a random factor per layer)"
-          + (": where the shaded range of the replicates leaves the dotted line, networks of this width no longer "
-             "follow the theory at that depth, and that range is the finite-width band to read." if reps > 1 else
-             "; with one replicate there is no range to read the difference against (use `--replicates`)."))
+    doc.h2(as_rows("Std per layer", unit))
+    doc.figure(figure, as_rows("Std of each layer's output" + (" and gradient" if "grad_log10_std" in layers else "")
+                               + " per layer, one line per configuration; dotted: mean-field theory", unit))
+    if unit == "block":
+        doc.p("The dotted line is the residual recursion's prediction (section Residual blocks: where it is exact "
+              "at any width and where it is an infinite-width limit)"
+              + (": the shaded range of the replicates is the finite-width band to read against it."
+                 if reps > 1 else "; with one replicate there is no range to read it against (use "
+                 "`--replicates`)."))
+    else:
+        doc.p("The dotted line is the mean-field prediction: z = h W + b is Gaussian given the previous layer, with "
+              "variance q_l = fan_in Var(W) E[h_{l-1}^2] + Var(b), and h_l = phi(z). It is the limit of infinite "
+              "width at fixed depth. For linear stacks it is also the mean over networks of the variance (the "
+              "solid line) at any width. Otherwise each layer's finite width adds a fluctuation of relative size "
+              "about 1/sqrt(width) and a bias of order 1/width, and over depth they compound (by a random factor "
+              "per layer)"
+              + (": where the shaded range of the replicates leaves the dotted line, networks of this width no "
+                 "longer follow the theory at that depth, and that range is the finite-width band to read."
+                 if reps > 1 else
+                 "; with one replicate there is no range to read the difference against (use `--replicates`)."))
     if "theory_post_log10_std_lo" in layers and layers["theory_post_log10_std_lo"].notna().any():
         doc.p("For Gaussian linear and relu stacks without bias, the sparse dotted pair bounds 95% of single "
               "networks by the exact finite-width law: each layer multiplies |h|^2 by fan_in Var(W) chi2_n / n "
@@ -551,50 +584,54 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
               "mean-field theory of gradients through BN (and of correlations after BN) is not modelled, so "
               "those theory columns are empty below the first BN layer met.")
     if reps > 1:
-        doc.p("Two summaries of the same replicates. The **mean network** (solid line, `post std` below) is the "
-              "square root of the variance averaged over replicates: what mean-field theory predicts. The "
-              "**typical network** (dashed, `typical post std`) is the geometric mean, 10 to the mean of "
-              "log10 std: what one network drawn at random looks like. At finite width each layer multiplies "
-              "the variance by a random factor, so log std performs a random walk: the spread grows with "
-              "depth/width and, by Jensen's inequality, the typical network sits below the mean one even when "
-              "the mean is preserved exactly. Where the spread covers decades, the mean network is set by the "
-              "largest replicates alone.")
+        doc.p(as_rows("Two summaries of the same replicates. The **mean network** (solid line, `post std` below) is "
+                      "the square root of the variance averaged over replicates: what mean-field theory predicts. The "
+                      "**typical network** (dashed, `typical post std`) is the geometric mean, 10 to the mean of "
+                      "log10 std: what one network drawn at random looks like. At finite width each layer "
+                      "multiplies the variance by a random factor, so log std performs a random walk: the spread "
+                      "grows with depth/width and, by Jensen's inequality, the typical network sits below the mean "
+                      "one even when the mean is preserved exactly. Where the spread covers decades, the mean "
+                      "network is set by the largest replicates alone.", unit))
 
     doc.h2("Means, channels and correlations")
-    doc.figure("means_per_layer.png", "Mean of the layer outputs, average squared unit mean and average unit "
-               "variance per layer")
-    doc.p("A layer whose units carry a mean (relu, sigmoid, softplus) shows it in the average squared unit mean; "
-          "the average unit variance is what is left for the signal to vary with across samples. A mean that "
-          "reaches far beyond 1 is drawn on a scale linear within ±1 and logarithmic beyond, so that its sign "
-          "and size both show beside means near 0.")
-    doc.figure("correlation_per_layer.png", "Cosine similarity between samples per layer, with the c-map "
-               "prediction")
+    doc.figure("means_per_layer.png", as_rows("Mean of the layer outputs, average squared unit mean and average "
+                                              "unit variance per layer", unit))
+    doc.p(as_rows("A layer whose units carry a mean (relu, sigmoid, softplus) shows it in the average squared unit "
+                  "mean; the average unit variance is what is left for the signal to vary with across samples. A mean "
+                  "that reaches far beyond 1 is drawn on a scale linear within ±1 and logarithmic beyond, so that "
+                  "its sign and size both show beside means near 0.", unit))
+    doc.figure("correlation_per_layer.png", as_rows("Cosine similarity between samples per layer, with the c-map "
+                                                    "prediction", unit))
     doc.p("When the cosine similarity climbs to 1 every input is mapped to the same direction and the network can "
           "no longer tell its inputs apart (correlation collapse, the ordered phase); the dotted line is the "
           "mean-field c-map. The signed mean can average a collapse onto +-v away; the mean |cos| cannot (for "
           "independent random directions in n dimensions it is about sqrt(2 / (pi n)), 0.08 at n = 100).")
 
     if histograms:
-        doc.figure(histograms, "Histograms of the layer outputs at the first, middle and last layer")
-        doc.p("The shape of each layer's output distribution, in units of its RMS: a spike at 0 is dead relu "
-              "units, mass piling at the edges is saturation, and a Gaussian bell is a healthy linear regime. "
-              "Replicate 0 only" + (" and the first 6 configurations." if len(configs) > 6 else "."))
+        doc.figure(histograms, as_rows("Histograms of the layer outputs at the first, middle and last layer", unit))
+        doc.p(as_rows("The shape of each layer's output distribution, in units of its RMS: a spike at 0 is dead relu "
+                      "units, mass piling at the edges is saturation, and a Gaussian bell is a healthy linear regime. "
+                      "Replicate 0 only" + (" and the first 6 configurations." if len(configs) > 6 else "."), unit))
 
-    doc.h2("Per-layer statistics")
+    doc.h2(as_rows("Per-layer statistics", unit))
     depths = summary.groupby("config", sort=False)["layer"].max()
     if depths.max() > MAX_FULL_LAYERS:
-        doc.p(f"A subsample of the {int(depths.max()) + 1} layers; `layers.csv` has every layer and replicate."
-              if depths.nunique() == 1 else
-              "Configurations deeper than 30 layers show a subsample of their layers; `layers.csv` has every layer "
-              "and replicate.")
+        doc.p(as_rows(f"A subsample of the {int(depths.max()) + 1} layers; `layers.csv` has every layer and replicate."
+                      if depths.nunique() == 1 else
+                      "Configurations deeper than 30 layers show a subsample of their layers; `layers.csv` has every "
+                      "layer and replicate.", unit))
     logs = log_scale_stats(layers)
     for config in labels:
         if len(labels) > 1:
             doc.h3(lit(config))
-        doc.table(layer_table(summary, config, reps, logs))
+        doc.table(layer_table(summary, config, reps, logs).rename(columns={"layer": unit}))
     notes = [
         "`pre std`: the std of z = h W + b entering the activation; `post`: the layer's output h (layer 0 is the "
-        "input); `post mean`: its mean over samples and units (over replicates too), exact at any magnitude;",
+        "input); `post mean`: its mean over samples and units (over replicates too), exact at any magnitude;"
+        if unit == "layer" else
+        "`pre std`: the std of alpha f, what the block's branch adds; `post`: the block's output, the stream x_l "
+        "(block 0 is the input); `post mean`: its mean over samples and units (over replicates too), exact at any "
+        "magnitude;",
         "`zeros`: the fraction of exact zeros of h; `saturated`: the fraction of units with |phi'(z)| < 1e-3 "
         "(for relu the same units as the zeros);",
         "`cos sim`: the mean cosine similarity between pairs of samples (1: every input maps to the same "
@@ -613,8 +650,13 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
                      "down through the activations, batch norm (with its full batch Jacobian) and W^T; `grad std` "
                      "is the std of the gradient with respect to layer l's output (layer 0: the input); `weight "
                      "grad norm` is the Frobenius norm of h_{l-1}^T delta_l, the gradient of layer l's weights "
-                     "summed over all samples;")
-    doc.items(notes)
+                     "summed over all samples;" if unit == "layer" else
+                     "backward pass: a random gradient g_L ~ N(0, 1) enters at the output and is propagated "
+                     "down through the skips and the branches (activations, batch norm with its full batch "
+                     "Jacobian, W^T); `grad std` is the std of the gradient with respect to block l's output "
+                     "(block 0: the input); `weight grad norm` is the Frobenius norm of the gradient of all block "
+                     "l's weights, summed over all samples;")
+    doc.items([as_rows(n, unit) for n in notes])
     return doc
 
 
@@ -631,8 +673,8 @@ FINDINGS_RULES = (
     "inputs collapse onto one direction (mean |cos| between samples above 0.9 at the last layer).")
 
 
-def _problems(a: Assessment) -> list[tuple[str, str]]:
-    """(kind, sentence) of each problem ``a`` has, worst first."""
+def _problems(a: Assessment, unit: str = "layer") -> list[tuple[str, str]]:
+    """(kind, sentence) of each problem ``a`` has, worst first; ``unit``: what a row is (:func:`as_rows`)."""
     sentences = {
         "explodes": lambda: f"the signal explodes at layer {a.first_bad}: its std leaves [1e-3, 1e3] x the input's "
                             f"(x{fmt_std(a.rel)} at layer {a.depth}; x{fmt(a.growth, 3)} per layer)",
@@ -647,11 +689,11 @@ def _problems(a: Assessment) -> list[tuple[str, str]]:
     }
     sentences["dies"] = lambda: sentences["explodes"]().replace("explodes", "dies", 1)
     sentences["gradients vanish"] = lambda: sentences["gradients explode"]().replace("explode", "vanish", 2)
-    return [(kind, sentences[kind]()) for kind in a.problems]
+    return [(kind, as_rows(sentences[kind](), unit)) for kind in a.problems]
 
 
-def _std_fact(f: Assessment) -> str:
-    return f"output std x{fmt(10 ** f.rel, 3)} the input's, x{fmt(f.growth, 3)} per layer"
+def _std_fact(f: Assessment, unit: str = "layer") -> str:
+    return f"output std x{fmt(10 ** f.rel, 3)} the input's, x{fmt(f.growth, 3)} per {unit}"
 
 
 def _grad_fact(f: Assessment) -> str | None:
@@ -666,19 +708,20 @@ def findings(run: Run) -> list[Item]:
     :data:`FINDINGS_PER_CONFIG` configurations, one line per verdict naming
     the configurations that have it."""
     facts = assess(run)
+    unit = row_unit(run.layers)
     if len(facts) > FINDINGS_PER_CONFIG:
-        return _grouped_findings(facts)
+        return _grouped_findings(facts, unit)
     out: list[Item] = []
     for f in facts:
-        problems = _problems(f)
+        problems = _problems(f, unit)
         grad = _grad_fact(f)
         if not problems:
-            out.append(f"**{lit(f.label)}**: healthy through {f.depth} layers ({_std_fact(f)}"
+            out.append(f"**{lit(f.label)}**: healthy through {f.depth} {unit}s ({_std_fact(f, unit)}"
                        + (f"; {grad}" if grad else "") + ").")
             continue
         subs = [p for _, p in problems[1:]]
         if problems[0][0] not in ("explodes", "dies"):
-            subs.append(f"the std stays within [1e-3, 1e3] x the input's: {_std_fact(f)}")
+            subs.append(f"the std stays within [1e-3, 1e3] x the input's: {_std_fact(f, unit)}")
         if grad and not any(k.startswith("gradients") for k, _ in problems):
             subs.append(grad)
         out.append((f"**{lit(f.label)}**: {problems[0][1]}.", subs))
@@ -766,11 +809,11 @@ _ALSO = {"explodes": "the signal also explodes", "dies": "the signal also dies",
          "collapse": "the inputs also collapse onto one direction"}
 
 
-def _grouped_findings(facts: list[Assessment]) -> list[Item]:
+def _grouped_findings(facts: list[Assessment], unit: str = "layer") -> list[Item]:
     out: list[Item] = []
     depths = {f.depth for f in facts}
-    through = f"through {depths.pop()} layers" if len(depths) == 1 else "through their last layer"
-    problems = {f.label: _problems(f) for f in facts}
+    through = f"through {depths.pop()} {unit}s" if len(depths) == 1 else f"through their last {unit}"
+    problems = {f.label: _problems(f, unit) for f in facts}
     healthy = [f for f in facts if not problems[f.label]]
     if healthy:
         span = _span(healthy, lambda f: f.rel, lambda v: fmt(10 ** v, 3))
@@ -780,11 +823,11 @@ def _grouped_findings(facts: list[Assessment]) -> list[Item]:
         group = [f for f in facts if problems[f.label] and problems[f.label][0][0] == kind]
         if not group:
             continue
-        line = _VERDICT[kind]
+        line = as_rows(_VERDICT[kind], unit)
         if kind in ("explodes", "dies", "signal lost"):
             at = sorted(f.first_bad if kind != "signal lost" else f.signal_lost for f in group)
             line += (" at" if kind != "signal lost" else " from") + (
-                f" layer {at[0]}" if at[0] == at[-1] else f" layers {at[0]} to {at[-1]}")
+                f" {unit} {at[0]}" if at[0] == at[-1] else f" {unit}s {at[0]} to {at[-1]}")
         subs = []
         for other in PROBLEMS:
             also = [f for f in group if other in [k for k, _ in problems[f.label][1:]]]
@@ -793,7 +836,7 @@ def _grouped_findings(facts: list[Assessment]) -> list[Item]:
         out.append((f"{line} in {describe(group, facts)}.", subs))
     span = _span(facts, lambda f: f.growth, lambda v: fmt(v, 3))
     if span:
-        out.append(f"**Std per layer** {span}.")
+        out.append(f"**Std per {unit}** {span}.")
     span = _span([f for f in facts if f.grad is not None], lambda f: f.grad, fmt_std)
     if span:
         out.append(f"**The input gradient** is {span} the output's.")

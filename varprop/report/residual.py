@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -30,6 +31,44 @@ COLLAPSE_COS = 0.9
 
 def is_residual(run: Run) -> bool:
     return "branch_second_moment" in run.layers
+
+
+# Branch activations whose E[phi(z)^2] is proportional to E[z^2] when z is symmetric: the q-map is linear in q.
+_PROPORTIONAL = ("linear", "relu", "leaky_relu")
+
+
+def theory_scope(options: dict[str, Any]) -> str:
+    """Where the residual recursion is exact for networks of any width and where it is the infinite-width
+    limit, for one configuration (its resolved options, as config.json holds them)."""
+    scheme = options.get("residual")
+    if scheme in ("skipinit", "fixup"):
+        return ("exact at any width: the block is the identity at init (a zero branch), forward and backward, "
+                "bit for bit")
+    try:
+        from ..spec import from_options
+
+        distribution = from_options(options).network.init.resolve().distribution
+    except Exception:  # a user's init, which this reading cannot import: nothing is claimed for it
+        distribution = None
+    if scheme == "nf":
+        return ("an infinite-width limit: weight standardisation centres each unit's weights, so Var z is the "
+                "input's variance over units (n/(n-1) of the theory's), and gamma is exact only for a unit "
+                "Gaussian input; the stream's expected variance 1 + l alpha^2 holds within O(1/width)")
+    if scheme == "bn-end" and options.get("bn") != "all":
+        return ("forward: exact at any width up to eps (batch norm gives every branch channel unit variance over "
+                "the batch, so alpha^2 E[f^2] = alpha^2 and q_l = q_0 + l alpha^2 in the mean); backward: through "
+                "batch norm, not modelled")
+    if options.get("bn") == "all":
+        return ("an infinite-width limit: batch norm inside the branch normalises by the batch's own statistics, "
+                "which the q-map reads as q / (q + eps); backward through batch norm is not modelled")
+    if options.get("activation") in _PROPORTIONAL and distribution == "normal":
+        return ("forward second moments: the exact mean over networks at any width (each unit of h W is Gaussian "
+                "given the layer below and E[phi(z)^2] is proportional to E[z^2], so the recursion is linear and "
+                "commutes with the mean); one network fluctuates about it and, deep enough, the typical network "
+                "falls below the mean (the band); the backward recursion (gradient independence) and the "
+                "correlations are infinite-width limits")
+    return ("an infinite-width limit: E[phi(z)^2] is not linear in the layer's variance (or the weights are not "
+            "Gaussian), so finite width biases the mean by O(1/width) per dense layer, compounding over blocks")
 
 
 def block_table(layers: pd.DataFrame) -> pd.DataFrame:
@@ -61,21 +100,31 @@ def spp_figure(run: Run, path: Path) -> Path:
     average channel variance of the stream, and the branch's average channel variance (res_avg_var); log10 of
     the replicate means (a line stops where its mean leaves float64)."""
     layers = run.layers
+    reps = run.replicates
     panels = [("post_sq_unit_mean", "avg squared channel mean"), ("post_unit_var", "avg channel variance"),
               ("branch_unit_var", "res_avg_var (branch, before alpha)")]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), constrained_layout=True)
     for ax, (col, title) in zip(axes, panels):
         for i, (config, df) in enumerate(layers.groupby("config", sort=False)):
-            m = df.groupby("layer")[col].mean()
+            by_block = df.groupby("layer")[col]
+            m = by_block.mean()
             m = m[(m > 0) & np.isfinite(m)]  # beyond float64 (2^1000 blocks of alpha = 1) the line stops
-            ax.plot(m.index, np.log10(m.to_numpy()), label=_text(config), color=f"C{i % 10}",
+            color = f"C{i % 10}"
+            ax.plot(m.index, np.log10(m.to_numpy()), label=_text(config), color=color,
                     linestyle=("-", "--", ":")[i // 10 % 3])  # more configurations than colours
+            if reps > 1:  # single networks: the finite-width band about the mean
+                lo, hi = by_block.min().reindex(m.index), by_block.max().reindex(m.index)
+                keep = (lo > 0) & np.isfinite(hi)
+                ax.fill_between(m.index[keep], np.log10(lo[keep].to_numpy()), np.log10(hi[keep].to_numpy()),
+                                color=color, alpha=0.15, lw=0)
         ax.set_ylabel("log10")
         ax.set_xlabel("block")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.suptitle("Signal propagation per block: log10 of the mean over replicates"
+                 + (f"; shaded: the range of the {reps} single networks" if reps > 1 else ""), fontsize=10)
     save(fig, path)
     plt.close(fig)
     return path
@@ -120,10 +169,14 @@ def section(doc: Document, run: Run, figure: str) -> None:
           "branch makes E[f^2] = 1 and q_l = q_0 + l alpha^2 (De & Smith 2020); SkipInit (alpha = 0) and Fixup "
           "(a zero last layer) are the identity at init; NF-ResNets divide the branch's input by beta_l = "
           "sqrt(1 + sum_(i<l) alpha_i^2) and keep Var f = 1 (Brock et al. 2021). The theory columns follow "
-          "this recursion with the branch's mean-field q-map; they are infinite-width limits, which for relu and "
-          "linear branches with Gaussian weights are also the exact mean over networks at any width. One "
-          "network's log-variance drifts below the mean's by a random walk (the typical network); the range of "
-          "single networks in the std figure is that finite-width band.")
+          "this recursion with the branch's mean-field q-map. One network's log-variance drifts below the mean's "
+          "by a random walk (the typical network): the shaded range of single networks in the std figure and in "
+          "the signal-propagation plot is that finite-width band. Where the theory is exact at any width, and "
+          "where it is the infinite-width limit:")
+    scopes: dict[str, list[str]] = {}
+    for c in run.meta["configs"]:
+        scopes.setdefault(theory_scope(c["options"]), []).append(lit(c["label"]))
+    doc.items([f"{'; '.join(labels)}: {scope}." for scope, labels in scopes.items()])
     table = block_table(run.layers)
     for config, df in table.groupby("config", sort=False):
         shown = set(shown_layers(int(df["block"].max())))

@@ -140,7 +140,19 @@ def _residual_reading(layers: pd.DataFrame) -> str:
               "Fixup's branch weights still receive a gradient through its zero last layer, its square scaled "
               "by 1/L.",
               "- NF-ResNet's stream follows its expected variance 1 + L alpha^2 with alpha = 0.2: log10 std "
-              "0.5 log10(5) = 0.35 at 100 blocks, 0.5 log10(41) = 0.81 at 1,000."]
+              "0.5 log10(5) = 0.35 at 100 blocks, 0.5 log10(41) = 0.81 at 1,000.",
+              "- Theory and finite width: for these relu branches with Gaussian weights the forward recursion is "
+              "the exact mean over networks at any width (plain, 1/sqrt(L)); batch norm at the branch end makes it "
+              "exact up to eps; SkipInit and Fixup are exact identities; NF-ResNet's is an infinite-width limit "
+              "(weight standardisation, gamma). Exact in the mean is not what one network does: at alpha = 1 each "
+              "block multiplies a network's variance by a random factor, so log10 std performs a random walk "
+              "whose drift puts single networks (the typical network) below the mean; the mean itself is carried "
+              "by networks too rare for 2 replicates to draw. The shaded bands of the std figure and of the "
+              "signal-propagation plot are that finite-width range; at alpha = 1/sqrt(L) and in the normalised "
+              "schemes it stays narrow.",
+              "- Size: 2 replicates, the fewest that show a band; layers.csv keeps one row per (configuration, "
+              "replicate, block), so the 1,000-block stacks (6 x 2 x 1,001 rows of 94 columns) are most of its "
+              "size: dropping rows would break that contract, and every scheme is wanted at both depths."]
     return "\n".join(lines) + "\n"
 
 

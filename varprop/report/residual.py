@@ -116,7 +116,7 @@ def spp_figure(run: Run, path: Path) -> Path:
                 lo, hi = by_block.min().reindex(m.index), by_block.max().reindex(m.index)
                 keep = (lo > 0) & np.isfinite(hi)
                 ax.fill_between(m.index[keep], np.log10(lo[keep].to_numpy()), np.log10(hi[keep].to_numpy()),
-                                color=color, alpha=0.15, lw=0)
+                                color=color, alpha=0.15, lw=0, rasterized=True)  # SVG: an image, not 1000s of paths
         ax.set_ylabel("log10")
         ax.set_xlabel("block")
         ax.set_title(title, fontsize=10)

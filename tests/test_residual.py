@@ -12,7 +12,12 @@ from statcheck import t_two_sided
 import varprop
 from varprop.cli import main
 from varprop.nn import layers
-from varprop.spec import from_options
+from varprop import stats
+from varprop.montecarlo.run import run_configs
+from varprop.report import markdown
+from varprop.report import residual as residual_report
+from varprop.report.document import to_markdown
+from varprop.spec import expand, from_options, to_options
 from varprop.theory import gains
 
 ALPHA = 1e-4  # false-alarm rate of each statistical comparison (fixed seeds: a failure is a real miss)
@@ -179,3 +184,38 @@ def test_bad_input_one_line_exit_2(tmp_path, args, option):
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"varprop: error: {option}:"), r.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("shape, dtype", [((300, 700), np.float32), ((5, 3), np.float64), ((1, 1), np.float32)])
+def test_mean_square_is_side_stats_own(shape, dtype):
+    """The residual blocks' scale-only pass gives the very mean square the full statistics give (its bits set
+    the next product's prescale, so the numbers must not move); 300 x 700 spans several of its pieces."""
+    u = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    assert stats.mean_square(u) == stats.side_stats_ms(u, 0.0)[1]
+
+
+def test_residual_report_speaks_of_blocks():
+    run = run_configs(expand({"residual": ["plain", "nf"], "blocks": 6, "width": 16, "samples": 16,
+                              "activation": "relu", "init": "he", "replicates": 2}))
+    text = to_markdown(markdown.build_document(run, "std.png"))
+    assert text.startswith("# varprop: 6 residual blocks of width 16")
+    assert "| `--blocks`" in text and "`--layers`" not in text and "## Per-block statistics" in text
+    assert "## Std per block" in text and "healthy through 6 blocks" in text and " layer" not in text.split(
+        "## Residual blocks")[0].replace("layers.csv", "").replace("dense layer", "").replace("the layer below", "")
+    assert "block" in markdown.terminal_table(run).splitlines()[1]
+
+
+@pytest.mark.parametrize("options, exact", [
+    ({"residual": "plain", "activation": "relu", "init": "he"}, True),
+    ({"residual": "plain", "activation": "tanh", "init": "xavier"}, False),
+    ({"residual": "skipinit", "activation": "tanh", "init": "xavier"}, True),
+    ({"residual": "nf", "activation": "relu", "init": "he"}, False),
+    ({"residual": "plain", "activation": "relu", "init": "he", "distribution": "uniform"}, False),
+])
+def test_theory_scope(options, exact):
+    """Exact at any width: relu/linear branches with Gaussian weights (the forward mean) and zero branches;
+    a limit otherwise (the claim is held to what the exact-recursion tests above check)."""
+    spec = from_options({**options, "blocks": 3, "width": 8})
+    scope = residual_report.theory_scope(to_options(spec))
+    assert scope.startswith("exact") or scope.startswith("forward second moments: the exact mean") if exact else \
+        scope.startswith("an infinite-width limit")

@@ -263,6 +263,12 @@ def write_results(path: Path, data: dict[str, Any], command: str) -> None:
                      f"{med['varprop simulate (report)']:.2f} | {med['varprop simulate --format csv']:.2f} | "
                      f"{med['pytorch script']:.2f} | {fmt_ratio(case['report / pytorch'])} | "
                      f"{fmt_ratio(case['csv / pytorch'])} |")
+    if max(max(v) for v in load.values()) > (data["cpus"] or 1):
+        lines += ["", "Reading: the machine was busy (load average above its core count: other processes shared the "
+                  "cores), so absolute times are inflated and swing between repeats (see the ranges); the ratios, "
+                  "taken within a repeat, are the measure. On a shared machine a kernel split over two threads waits "
+                  "for a descheduled one: PyTorch's OpenMP kernels suffer most (compare its 1- and 2-thread "
+                  "times), which flatters varprop's 2-thread ratios; the 1-thread rows are the fair comparison."]
     lines.append("")
     path.write_text("\n".join(lines))
 

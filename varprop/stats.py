@@ -107,6 +107,83 @@ def block_sums(u: np.ndarray) -> Sums:
     return Sums(rows, col_sum, col_m2, row_sq, unit_sum, u.size - nonzero)
 
 
+def side_stats_stacked(u: np.ndarray, log_s: Sequence[float], saturated: Sequence[float]
+                       ) -> list[tuple[dict[str, float], float]]:
+    """:func:`side_stats_ms` of each block ``u[k]`` of a stack (blocks x rows x n)
+    of small blocks (one piece of float64 work each), the same numbers, each
+    pass made once over the whole stack: a small block's per-call overhead is
+    paid once for all of them."""
+    blocks, rows, n = u.shape
+    if blocks < 2 or rows * n > _PIECE_ELEMENTS:  # (then one chunk, one piece: side_stats_ms' one block_sums)
+        return [side_stats_ms(b, ls, sat) for b, ls, sat in zip(u, log_s, saturated)]
+    # Each block's copy starts on a 64-byte boundary, as block_sums' own does: the same kernels, the same sums.
+    stride = -(-rows * n // 8) * 8
+    x = _scratch(blocks * stride).reshape(blocks, stride)[:, :rows * n].reshape(blocks, rows, n)
+    np.copyto(x, u)
+    row_sq = np.vecdot(x, x)
+    inv_norm = np.zeros((blocks, rows))
+    np.divide(1.0, np.sqrt(row_sq), out=inv_norm, where=row_sq > 0)
+    unit_sum = np.zeros(n) + np.matmul(inv_norm[:, None, :], x)[:, 0]
+    ones = np.ones(rows)
+    col_sum = np.matmul(ones, x)
+    x -= col_sum[:, None, :] / rows
+    np.multiply(x, x, out=x)
+    col_m2 = np.matmul(ones, x)
+    offsets = col_sum / rows - col_sum / rows  # _pooled's, for one piece: zero where finite
+    col_m2 += rows * offsets * offsets
+    zeros = rows * n - np.count_nonzero(u != 0, axis=(1, 2))
+    # from_sums, a reduction at a time over the stack
+    col_mean = col_sum / rows
+    mean = col_mean.mean(axis=1)
+    m2_sum = col_m2.sum(axis=1)
+    sq_mean = np.vecdot(col_mean, col_mean)
+    spread = np.mean((col_mean - mean[:, None]) ** 2, axis=1)
+    second = row_sq.sum(axis=1) / (rows * n)
+    live = np.count_nonzero(row_sq > 0, axis=1)
+    unit_sq = np.vecdot(unit_sum, unit_sum)
+    heads = _abs_cos_stacked(u[:, :ABS_COS_SAMPLES])
+    size = rows * n
+    out = []
+    for k in range(blocks):
+        unit_var = float(m2_sum[k]) / size
+        var = unit_var + float(spread[k])
+        m, ls, kk = float(mean[k]), log_s[k], int(live[k])
+        if kk >= 2:
+            cos_sim = (float(unit_sq[k]) - kk) / (kk * (kk - 1))
+            abs_cos = heads[k] if not math.isnan(heads[k]) else _abs_cos(u[k][np.flatnonzero(row_sq[k] > 0)[
+                :ABS_COS_SAMPLES]])
+        else:
+            cos_sim = abs_cos = math.nan
+        std = math.sqrt(var)
+        out.append(({
+            "mean": _scaled(m, ls),
+            "std": _scaled(std, ls),
+            "log10_std": float(math.log(std) + ls) / LN10 if std > 0 else -math.inf,
+            "log10_abs_mean": float(math.log(abs(m)) + ls) / LN10 if m != 0 else -math.inf,
+            "second_moment": _scaled(float(second[k]), 2 * ls),
+            "sq_unit_mean": _scaled(float(sq_mean[k]) / n, 2 * ls),
+            "unit_var": _scaled(unit_var, 2 * ls),
+            "frac_zero": int(zeros[k]) / size,
+            "frac_saturated": saturated[k],
+            "cos_sim": cos_sim,
+            "abs_cos_sim": abs_cos,
+        }, float(second[k])))
+    return out
+
+
+def _abs_cos_stacked(u: np.ndarray) -> list[float]:
+    """:func:`_abs_cos` of each block of a stack, the same numbers."""
+    x = u.astype(np.float64)
+    blocks, m, _ = x.shape
+    norms = np.sqrt(np.einsum("kij,kij->ki", x, x))
+    ok = np.all(norms > 0, axis=1) & (m >= 2)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a dead sample's block is NaN, as _abs_cos says
+        x /= norms[:, :, None]
+    gram = np.abs(np.matmul(x, x.transpose(0, 2, 1)))
+    total, trace = gram.sum(axis=(1, 2)), np.trace(gram, axis1=1, axis2=2)
+    return [(float(total[k]) - float(trace[k])) / (m * (m - 1)) if ok[k] else math.nan for k in range(blocks)]
+
+
 def _abs_cos(u: np.ndarray) -> float:
     """Mean |cos| over the pairs of the rows of ``u``; NaN if a row is all
     zeros or there are fewer than two. The signed mean cos hides a collapse

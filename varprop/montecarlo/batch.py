@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..nn import activations, inits, layers
-from ..parallel import CHUNK_ELEMENTS, SERIAL, row_chunks
+from ..parallel import CHUNK_ELEMENTS, SERIAL, available_cores, row_chunks
 from ..spec import RunSpec
 from ..stats import SATURATION, side_stats_stacked
 from .scaled import MS_BAND, Values, in_band, prescale
@@ -57,6 +57,20 @@ def group_size(spec: RunSpec) -> int:
         if n * max(n_in, n_out) >= CHUNK_ELEMENTS or len(row_chunks(n_in, n_out)) > 1:
             return 1
     return max(1, min(spec.replicates, GROUP_ELEMENTS // (n * widest)))
+
+
+def working_bytes(spec: RunSpec) -> int:
+    """Memory of the stacked forward pass: on each core a group's input,
+    product, output and phi' (compute dtype), weights, and the float64 copy
+    of the statistics; 0 when replicates run alone."""
+    size = group_size(spec)
+    if size < 2:
+        return 0
+    item = 8 if spec.dtype == "float64" else 4
+    widths = spec.network.widths
+    values = size * spec.samples * max(widths)
+    weights = size * max(a * b for a, b in zip(widths[:-1], widths[1:]))
+    return min(available_cores(), spec.replicates) * (values * (4 * item + 8) + weights * item)
 
 
 def forward(spec: RunSpec, replicates: Sequence[int], xs: list[Values],

@@ -312,7 +312,7 @@ def fan_in_law(points: pd.DataFrame, result: object, path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path, svg)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -359,7 +359,7 @@ def phase_diagram(grid: pd.DataFrame, activation: str, path: Path, measured: pd.
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path, svg)
+    _save(fig, path)
     plt.close(fig)
     return path
 

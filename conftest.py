@@ -2,6 +2,6 @@
 
 import importlib.util
 
-# PyTorch is an optional extra: without it, the doctests of the module that needs it are not collected
-# (tests/test_inspect.py skips itself).
-collect_ignore = [] if importlib.util.find_spec("torch") else ["varprop/torch.py"]
+# PyTorch is an optional extra: without it, the doctests of the modules that need it (varprop.torch and the
+# varprop.inspect package behind it) are not collected (tests/test_inspect.py skips itself).
+collect_ignore = [] if importlib.util.find_spec("torch") else ["varprop/torch.py", "varprop/inspect"]

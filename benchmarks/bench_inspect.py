@@ -175,8 +175,8 @@ def whole_process(directory: Path, threads: int) -> dict[str, dict[str, float]]:
     modules are imported first too, so the difference is the run's own memory)."""
     bare = (PEAK + "import torch, bench_models\nreset_peak()\nm = bench_models.resnet(32)\n"
             "x = torch.randn(32, 3, 32, 32)\n(m(x) * torch.randn(32, 10)).sum().backward()\nprint(peak_mib())")
-    inspected = (PEAK + "import sys, torch, torch.fx, scipy.stats, varprop.torch, varprop.inspect_graph, "
-                 "varprop.inspect_theory, varprop.theory, varprop.report.inspect, varprop.cli.inspect\n"
+    inspected = (PEAK + "import sys, torch, torch.fx, scipy.stats, varprop.torch, varprop.inspect.graph, "
+                 "varprop.inspect.theory, varprop.theory, varprop.report.inspect, varprop.cli.inspect\n"
                  "from varprop.cli import main\n"
                  "sys.argv = ['varprop', 'inspect', 'bench_models:resnet', '--input-shape', '32,3,32,32', "
                  "'--replicates', '1', '--backward', '--format', 'csv', '--out', sys.argv[1]]\nreset_peak()\n"

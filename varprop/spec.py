@@ -28,6 +28,10 @@ from .nn import inits
 from .options import (default, parse, parse_activation, parse_init, parse_int_list, parse_one, parse_pos_int,
                       parse_widths)
 
+RESIDUAL_OPTIONS = ("alpha", "blocks", "branch_depth", "branch_order")
+# Each scheme's alpha when --alpha is not given: NF-ResNets use 0.2 (Brock et al. 2021, section 4).
+DEFAULT_ALPHA = {"plain": 1.0, "bn-end": 1.0, "skipinit": 0.0, "fixup": 1.0, "nf": 0.2}
+
 
 @dataclass(frozen=True)
 class InitSpec:
@@ -63,6 +67,49 @@ class InitSpec:
 
 
 @dataclass(frozen=True)
+class ResidualSpec:
+    """A residual stack's blocks ``x_l = x_(l-1) + alpha_l f(x_(l-1))``:
+    the scheme (varprop.nn.layers.build says what each one builds), the
+    branch scale ``alpha`` (a number, or ``1/sqrt(L)``, ``1/sqrt(l)``), the
+    dense layers per branch, their order, and batch norm inside the branch.
+
+    >>> ResidualSpec("nf").alpha, ResidualSpec("plain", "1/sqrt(L)").alpha_at(block=3, blocks=100)
+    (0.2, 0.1)
+    """
+
+    scheme: str = "plain"
+    alpha: float | str | None = None
+    branch_depth: int = default("branch_depth")
+    order: str = default("branch_order")
+    bn: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scheme", parse_one("residual", self.scheme))
+        object.__setattr__(self, "branch_depth", parse_one("branch_depth", self.branch_depth))
+        object.__setattr__(self, "order", parse_one("branch_order", self.order))
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", DEFAULT_ALPHA[self.scheme])
+        else:
+            object.__setattr__(self, "alpha", parse_one("alpha", self.alpha))
+            if self.scheme == "skipinit" and self.alpha != 0:
+                raise SpecError("alpha", f"skipinit sets alpha = 0 at init, got {self.alpha}; use --residual plain "
+                                "for another alpha")
+        if self.scheme == "nf" and self.order != "preact":
+            raise SpecError("branch_order", "NF-ResNets' branches are pre-activation (act -> dense); drop "
+                            "--branch-order original")
+        if self.bn and self.scheme in ("fixup", "nf"):
+            raise SpecError("bn", f"--residual {self.scheme} is a network without normalization; drop --bn")
+
+    def alpha_at(self, block: int, blocks: int) -> float:
+        """alpha of block ``block`` (1-based) of ``blocks``."""
+        if self.alpha == "1/sqrt(L)":
+            return 1 / math.sqrt(blocks)
+        if self.alpha == "1/sqrt(l)":
+            return 1 / math.sqrt(block)
+        return float(self.alpha)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class NetworkSpec:
     """A fully connected stack: ``widths = (n_0, n_1, ..., n_L)``.
 
@@ -79,6 +126,7 @@ class NetworkSpec:
     bn_layers: tuple[int, ...] = ()
     bn_position: str = default("bn_position")
     bn_eps: float = default("bn_eps")
+    residual: ResidualSpec | None = None  # a residual stack: one weight layer of widths per block
 
     def __post_init__(self) -> None:
         if not isinstance(self.init, InitSpec):
@@ -98,6 +146,15 @@ class NetworkSpec:
             self.init.resolve()
         except ValueError as exc:
             raise SpecError("init", str(exc)) from None
+        if self.residual is not None:
+            if len(set(self.widths)) > 1:
+                widths = ",".join(map(str, self.widths))
+                raise SpecError("widths", "a residual block adds its input to its branch's output, so every width "
+                                f"must be equal (no projection shortcut is built); got {widths}")
+            if self.output_activation is not None:
+                raise SpecError("output_activation", "does not apply to a residual stack (every branch ends alike)")
+            if self.bn_layers:
+                raise SpecError("bn_layers", "a residual stack takes --bn all (batch norm in every branch layer)")
 
     @classmethod
     def square(cls, layers: int, width: int, **kw: Any) -> "NetworkSpec":
@@ -199,15 +256,35 @@ def from_options(options: Mapping[str, Any]) -> RunSpec:
     if "widths" in o and ("layers" in o or "width" in o):
         raise SpecError("widths", "cannot be combined with --layers or --width")
     get = lambda k: o.get(k, default(k))  # noqa: E731
+    residual = _residual(o)
+    rows = "blocks" if residual else "layers"
     if "widths" not in o:  # before a tuple of --layers entries is built
-        memory.precheck(get("layers"), get("width"), get("samples") or 1, get("replicates"), get("max_memory"))
-    widths = o.get("widths") or (get("width"),) * (get("layers") + 1)
+        per_row = residual.branch_depth if residual else 1
+        memory.precheck(get(rows) * per_row, get("width"), get("samples") or 1, get("replicates"), get("max_memory"))
+    widths = o.get("widths") or (get("width"),) * (get(rows) + 1)
     init = InitSpec(get("init"), get("distribution"), get("mode"), get("gain"), get("scale"))
     net = NetworkSpec(widths, get("activation"), get("output_activation"), get("leaky_slope"), init, get("bias_std"),
-                      _bn_layers(o, len(widths) - 1), get("bn_position"), get("bn_eps"))
+                      () if residual else _bn_layers(o, len(widths) - 1), get("bn_position"), get("bn_eps"), residual)
     return RunSpec(net, get("samples"), get("input"), get("input_std"), get("input_file"),
                    get("replicates"), get("seed"), get("dtype"), get("batch_size"), get("backward"),
                    get("max_memory"))
+
+
+def _residual(o: Mapping[str, Any]) -> ResidualSpec | None:
+    """The residual stack the options ask for, refusing plain-stack options that would not apply."""
+    if "residual" not in o:
+        for key in RESIDUAL_OPTIONS:
+            if key in o:
+                raise SpecError(key, "applies only with --residual")
+        return None
+    for key in ("layers", "bn_layers", "bn_count", "bn_position"):
+        if key in o:
+            fix = {"layers": "give --blocks", "bn_position": "--branch-order places it"}.get(key, "use --bn all")
+            raise SpecError(key, f"does not apply to a residual stack ({fix})")
+    if "blocks" in o and "widths" in o:
+        raise SpecError("blocks", "cannot be combined with --widths (one block per width after the first)")
+    return ResidualSpec(o["residual"], o.get("alpha"), o.get("branch_depth", default("branch_depth")),
+                        o.get("branch_order", default("branch_order")), o.get("bn") == "all")
 
 
 def _bn_layers(o: Mapping[str, Any], depth: int) -> tuple[int, ...]:
@@ -238,6 +315,11 @@ def to_options(spec: RunSpec) -> dict[str, Any]:
         "bn_position": n.bn_position if n.bn_layers else None, "bn_eps": n.bn_eps if n.bn_layers else None,
         "batch_size": spec.batch_size, "backward": spec.backward or None, "max_memory": spec.max_memory,
     }
+    if n.residual is not None:
+        r = n.residual
+        out.update({"residual": r.scheme, "alpha": r.alpha, "branch_depth": r.branch_depth,
+                    "branch_order": r.order, "bn": "all" if r.bn else None,
+                    "bn_eps": n.bn_eps if r.bn or r.scheme == "bn-end" else None})
     if "leaky_relu" not in (n.activation, n.output_activation):
         del out["leaky_slope"]
     if spec.input_file is not None:
@@ -281,6 +363,8 @@ def _check_relevance(o: Mapping[str, Any]) -> None:
         raise SpecError("leaky_slope", "applies only to --activation leaky_relu")
     has_bn = any(k in o and (k != "bn" or "all" in _values(o, "bn")) and (k != "bn_count" or any(
         _values(o, "bn_count"))) for k in ("bn", "bn_layers", "bn_count"))
+    if "residual" in o and "bn-end" in _values(o, "residual"):
+        has_bn = True
     for key in ("batch_size", "bn_position", "bn_eps"):
         if key in o and not has_bn:
             raise SpecError(key, "applies only with batch norm (--bn, --bn-layers or --bn-count)")
@@ -313,5 +397,5 @@ def expand(options: Mapping[str, Any]) -> list[Config]:
     return configs
 
 
-__all__ = ["InitSpec", "NetworkSpec", "RunSpec", "Config", "from_options", "to_options", "expand", "load_input",
-           "label_part", "DEFAULT_SAMPLES"]
+__all__ = ["InitSpec", "NetworkSpec", "ResidualSpec", "RunSpec", "Config", "from_options", "to_options", "expand",
+           "load_input", "label_part", "DEFAULT_SAMPLES"]

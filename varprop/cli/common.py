@@ -31,9 +31,10 @@ def table_options(command: str) -> Callable[[Any], Any]:
         for name in reversed(options.COMMANDS[command]):
             opt = options.OPTIONS[name]
             value = options.default(name, command)
-            help_text = (opt.help + (f" [default: {options.word(value)}]" if value not in (None, False) else "")
-                         + (" [repeatable: compares every combination]" if command == "simulate" and opt.repeatable
-                            else ""))
+            help_text = (opt.help + (f" [default: {options.word(value)}]" if value is not None and value is not False
+                                      else "")
+                         + (" [repeatable: compares every combination]" if command in options.COMPARING
+                            and options.repeatable(name, command) else ""))
             flag = "--" + name.replace("_", "-")
             if opt.flag:
                 fn = click.option(flag, name, is_flag=True, default=None, help=help_text)(fn)
@@ -45,23 +46,26 @@ def table_options(command: str) -> Callable[[Any], Any]:
 
 def given(command: str, raw: dict[str, Any]) -> dict[str, Any]:
     """The options given on the command line (click's tuples) as
-    options.parse reads them: a list where simulate compares values, one
-    value elsewhere (a repeat of an option that takes one is refused)."""
+    options.parse reads them: a list where the command compares values
+    (simulate, train), one value elsewhere (a repeat of an option that takes
+    one is refused)."""
     out: dict[str, Any] = {}
     for name in [n for n in raw if n in options.COMMANDS[command]]:  # click's order: as the user gave them
         value = raw.pop(name)
         if value is None or value == ():
             continue
         if isinstance(value, tuple):
-            if command != "simulate" and len(value) > 1:
+            comparing = command in options.COMPARING
+            if not comparing and len(value) > 1:
                 raise SpecError(name, f"takes one value, got {len(value)}: " + ", ".join(value))
-            value = list(value) if command == "simulate" else value[0]
+            value = list(value) if comparing else value[0]
         out[name] = value
     return out
 
 
-def read_config(path: str) -> dict[str, Any]:
-    """The options of a TOML config file (top level, or a ``[simulate]`` table)."""
+def read_config(path: str, command: str = "simulate") -> dict[str, Any]:
+    """The options of ``command`` in a TOML config file (top level, or a ``[simulate]`` / ``[train]`` table):
+    the option table's names."""
     if not path:
         raise SpecError("config", "expected the path of a TOML file, got ''")
     try:
@@ -71,9 +75,9 @@ def read_config(path: str) -> dict[str, Any]:
         raise SpecError("config", f"cannot read {path} ({exc.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SpecError("config", f"{path} is not valid TOML ({exc})") from None
-    if isinstance(data.get("simulate"), dict):
-        data = data["simulate"]  # options may sit under a [simulate] table
-    known = options.SIMULATE
+    if isinstance(data.get(command), dict):
+        data = data[command]  # options may sit under a [simulate] or [train] table
+    known = options.COMMANDS[command]
     unknown = [k for k in data if k.replace("-", "_") not in known]
     if unknown:
         raise SpecError("config", f"{path}: unknown option {unknown[0]!r}; known: "
@@ -105,8 +109,8 @@ def force_option(fn: Any) -> Any:
 class LazyBar:
     """A click progress bar that appears only once a run has taken a second."""
 
-    def __init__(self, total: int, delay: float = 1.0):
-        self.total, self.delay, self.done = total, delay, 0
+    def __init__(self, total: int, delay: float = 1.0, label: str = "simulating"):
+        self.total, self.delay, self.done, self.label = total, delay, 0, label
         self.start = time.monotonic()
         self.bar: Any = None
 
@@ -114,7 +118,7 @@ class LazyBar:
         self.done += k
         if self.bar is None:
             if sys.stderr.isatty() and time.monotonic() - self.start > self.delay:
-                self.bar = click.progressbar(length=self.total, label="simulating", file=sys.stderr)
+                self.bar = click.progressbar(length=self.total, label=self.label, file=sys.stderr)
                 self.bar.__enter__()
                 self.bar.update(self.done)
         else:
@@ -125,11 +129,12 @@ class LazyBar:
             self.bar.__exit__(None, None, None)
 
 
-def parse_formats(value: str) -> tuple[str, ...]:
+def parse_formats(value: str, accepted: tuple[str, ...] = report.FORMATS) -> tuple[str, ...]:
+    """``--format``: a comma-separated list of the ``accepted`` outputs."""
     parts = tuple(p.strip() for p in value.split(",") if p.strip())
-    bad = [p for p in parts if p not in report.FORMATS]
+    bad = [p for p in parts if p not in accepted]
     if bad or not parts:
-        raise SpecError("format", f"expected a comma-separated list of {', '.join(report.FORMATS)}, got {value!r}")
+        raise SpecError("format", f"expected a comma-separated list of {', '.join(accepted)}, got {value!r}")
     return parts
 
 

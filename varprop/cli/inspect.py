@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ..errors import SpecError
+from ..options import parse_pos_int, parse_seed
 from .common import force_option
 
 DEFAULT_REPLICATES = 4
@@ -20,31 +21,11 @@ def require_torch() -> None:
     try:
         import torch  # noqa: F401
     except ImportError:
-        from ..torch import TORCH_MISSING
+        from ..inspect import TORCH_MISSING
 
         exc = click.ClickException(TORCH_MISSING)
         exc.exit_code = 2
         raise exc from None
-
-
-def positive_int(value: str, option: str) -> int:
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1 or str(value).strip() != str(n):
-        raise SpecError(option, f"expected a positive integer, got {value!r}")
-    return n
-
-
-def seed_arg(value: str) -> int:
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = -1
-    if n < 0:
-        raise SpecError("seed", f"expected an integer >= 0, got {value!r}")
-    return n
 
 
 def mode_arg(value: str, option: str = "mode") -> str:
@@ -126,21 +107,23 @@ def inspect_cmd(model: str, input_shape: str | None, input_file: str | None, rep
     require_torch()
     from .. import report as report_pkg
     from ..report import inspect as report
-    from ..torch import _input_shape, _widths, inspect, load_model, residual_table, width_sweep
+    from ..inspect.model import load_model, parse_input_shape
+    from ..inspect.run import inspect, residual_table
+    from ..inspect.sweep import parse_widths, width_sweep
     from ..report.document import plain
     from .common import in_staging, parse_formats
 
-    n_rep = positive_int(replicates, "replicates")
-    seed_n = seed_arg(seed)
+    n_rep = parse_pos_int(replicates, "replicates")
+    seed_n = parse_seed(seed, "seed")
     mode = mode_arg(mode)
     fmts = parse_formats(formats)
     if input_shape is None and input_file is None:
         raise SpecError("input_shape", "give the input's shape, samples first (such as 8,3,32,32), or --input-file")
     if input_shape is not None and input_file is not None:
         raise SpecError("input_file", "give --input-shape or --input-file, not both")
-    shape = _input_shape(input_shape) if input_shape is not None else None
+    shape = parse_input_shape(input_shape) if input_shape is not None else None
     inputs = load_inputs(input_file)
-    ws = _widths(widths) if widths is not None else None
+    ws = parse_widths(widths) if widths is not None else None
     try:
         tol = float(tolerance)
     except ValueError:
@@ -222,7 +205,8 @@ def check_model(given: dict[str, Any], model: str | None, input_shape: str | Non
     if get("replicates") == "auto":
         raise SpecError("replicates", "auto is the plain-stack check's; with --model give a number (at least 8)")
     require_torch()
-    from ..torch import _input_shape, check_preserves_variance, load_model
+    from ..inspect.check import check_preserves_variance
+    from ..inspect.model import load_model, parse_input_shape
 
     factor = float(get("band"))
     if not factor > 1:
@@ -238,6 +222,6 @@ def check_model(given: dict[str, Any], model: str | None, input_shape: str | Non
              "--model-mode", mode, "--band", f"{factor:g}", "--replicates", str(n_rep)] + (
         ["--backward"] if backward else [])
     return check_preserves_variance(
-        load_model(model, "model"), _input_shape(input_shape) if input_shape else None, band=factor,
+        load_model(model, "model"), parse_input_shape(input_shape) if input_shape else None, band=factor,
         direction="both" if backward else "forward", replicates=n_rep, seed=seed_n, mode=mode, modules=modules,
         types=types, inputs=load_inputs(input_file), device=device, command=shlex.join(words), label=model)

@@ -46,10 +46,13 @@ def group_size(spec: RunSpec) -> int:
     """How many replicates of ``spec`` step together: 1 when its layers are
     not all small and plain (then each replicate runs alone, as before)."""
     net, scheme = spec.network, spec.network.init.resolve()
-    if (spec.backward or spec.input_file is not None or net.bn_layers or scheme.user is not None
-            or scheme.orthogonal or inits.has_bias(scheme, net.bias_std)):
+    if (spec.backward or spec.input_file is not None or net.residual is not None or net.bn_layers
+            or scheme.user is not None or scheme.orthogonal or inits.has_bias(scheme, net.bias_std)):
         return 1
-    if spec.dtype != "float32" and not all(kind.activation.fn.homogeneous for kind in layers.build(net)):
+    kinds = layers.build(net)
+    if any(kind.dense.factor != 1 or kind.dense.standardized or kind.activation.gain != 1 for kind in kinds):
+        return 1
+    if spec.dtype != "float32" and not all(kind.activation.fn.homogeneous for kind in kinds):
         return 1  # every such layer takes the phased path: nothing to stack
     n = spec.samples
     widest = max(net.widths)
@@ -96,16 +99,16 @@ def forward(spec: RunSpec, replicates: Sequence[int], xs: list[Values],
         z = np.matmul(u, w)
         del w
         z *= np.array(cs, dtype)[:, None, None]
+        gain = kind.activation.log_gain
+        log_h = [(lz if act.homogeneous else 0.0) + gain for lz in log_z]  # as Network.step books them
         if linear:
-            h, log_h, d = z, log_z, None
+            h, d = z, None
         elif act.homogeneous and act.both is None:  # phi and phi' do not depend on the scale
             h, _, d = activations.phi_dphi_scaled(act, z, 0.0)
-            log_h = log_z
         else:
             h, d = np.empty_like(z), np.empty_like(z)
             for k in range(len(nets)):
                 h[k], _, d[k] = activations.phi_dphi_scaled(act, z[k], log_z[k])
-            log_h = log_z if act.homogeneous else [0.0] * len(nets)
         sat = ([0.0] * len(nets) if d is None else
                (np.count_nonzero(np.abs(d) < SATURATION, axis=(1, 2)) / (z.shape[1] * z.shape[2])).tolist())
         pre = side_stats_stacked(z, log_z, [0.0] * len(nets) if linear else sat)

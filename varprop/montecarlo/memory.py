@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..errors import SpecError
 
+from ..nn import layers
+
 if TYPE_CHECKING:
-    from ..nn import layers
     from ..spec import Config, RunSpec
 
 # Bytes per (replicate, layer) row carried from the engine to the written report: the float64 row itself
@@ -118,8 +119,6 @@ def tape_bytes(spec: RunSpec) -> list[int]:
     """Bytes the backward pass keeps per layer (index l for layer l >= 1)."""
     import numpy as np
 
-    from ..nn import layers
-
     n, item = spec.samples, np.dtype(spec.dtype).itemsize
     return [0] + [layer_tape_bytes(kind, n, item) for kind in layers.build(spec.network)]
 
@@ -127,7 +126,16 @@ def tape_bytes(spec: RunSpec) -> list[int]:
 def layer_tape_bytes(kind: layers.Kind, samples: int, item: int) -> int:
     """Bytes one layer's tape keeps: its input, its activation derivative
     (a bool per entry for relu-type, none for linear) and batch norm's
-    standardized values."""
+    standardized values; a residual block's, its lead's and its branch's."""
+    if isinstance(kind, layers.Residual):
+        n = samples * kind.width
+        lead = 0
+        if kind.lead is not None:
+            act = kind.lead.activation
+            lead = n * ((0 if act.linear else 1 if act.fn.homogeneous else item) + (item if kind.lead.bn else 0))
+        zero_in = n * item if kind.zero_branch else 0
+        return lead + zero_in + sum(layer_tape_bytes(layer, samples, item) for layer in kind.branch
+                                    if layer.dense.factor != 0)
     act = kind.activation
     dphi = 0 if act.linear else 1 if act.fn.homogeneous else item
     bn = item if kind.bn is not None else 0

@@ -34,6 +34,7 @@ from ..spec import Config, NetworkSpec, RunSpec, expand, load_input, to_options
 from ..stats import STATS, empty_stats, side_stats, side_stats_ms
 from . import batch, memory
 from .scaled import Values, narrow
+from .residual import BRANCH_SIDE, Blocks, BlockTape
 from .seeds import generator
 from .stepper import Network, Tape, prefixed
 
@@ -73,8 +74,8 @@ class Table:
     layers took 300 MB; a row here takes 8 bytes a column). ``row(l)`` gives
     a dict-like view that the forward and backward passes fill."""
 
-    def __init__(self, depth: int, backward: bool):
-        sides = ("pre", "post") + (("grad", "delta") if backward else ())
+    def __init__(self, depth: int, backward: bool, residual: bool = False):
+        sides = ("pre", "post") + ((BRANCH_SIDE,) if residual else ()) + (("grad", "delta") if backward else ())
         self.columns = (["width", "fan_in", "fan_out"] + [f"{s}_{k}" for s in sides for k in STATS]
                         + (["weight_grad_norm", "weight_grad_log10_norm"] if backward else []))
         self.at = {c: i for i, c in enumerate(self.columns)}
@@ -82,8 +83,8 @@ class Table:
         self.hist: dict[int, np.ndarray] = {}  # layer -> histogram counts (replicate 0)
 
     @staticmethod
-    def bytes_per_layer(backward: bool) -> int:
-        return 8 * (3 + len(STATS) * (4 if backward else 2) + (2 if backward else 0))
+    def bytes_per_layer(backward: bool, residual: bool = False) -> int:
+        return 8 * (3 + len(STATS) * ((4 if backward else 2) + residual) + (2 if backward else 0))
 
     def row(self, layer: int) -> "_Row":
         return _Row(self, layer)
@@ -184,13 +185,15 @@ def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = Non
     used, never the numbers)."""
     depth = spec.network.depth
     k = memory.backward_plan(spec) if plan is None else plan
-    net = Network(spec, replicate, pool, keep_weights=k == depth and memory.keeps_weights(spec))
+    net: Network | Blocks = Network(spec, replicate, pool, keep_weights=k == depth and memory.keeps_weights(spec))
+    if spec.network.residual is not None:
+        net = Blocks(net)
     u, log_h = make_inputs(spec, replicate)
     post, ms = side_stats_ms(u, log_h, pool=pool)
     x = Values(u, log_h, ms)
-    table = Table(depth, spec.backward)
+    table = Table(depth, spec.backward, spec.network.residual is not None)
     table.row(0).update({"width": spec.network.widths[0], **prefixed("pre", empty_stats()), **prefixed("post", post)})
-    tapes: dict[int, Tape] = {}
+    tapes: dict[int, Tape | BlockTape] = {}
     checkpoints = {0: x}
     hist_layers = {1, (depth + 1) // 2, depth} if replicate == 0 else set()
     for layer in range(1, depth + 1):
@@ -210,7 +213,7 @@ def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = Non
     return table
 
 
-def _backward(net: Network, spec: RunSpec, replicate: int, table: Table, tapes: dict[int, Tape],
+def _backward(net: Network | Blocks, spec: RunSpec, replicate: int, table: Table, tapes: dict[int, Any],
               checkpoints: dict[int, Values], k: int, progress: Progress | None) -> None:
     depth = spec.network.depth
     u = upstream(spec, replicate)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, MutableMapping
 import numpy as np
 
 from ..errors import SpecError
+from ..logscale import exp_times
 from ..nn import activations, batchnorm, inits, layers
 from ..parallel import SERIAL, Pool, row_chunks
 from ..spec import RunSpec
@@ -71,7 +72,8 @@ class Network:
         self.scheme = spec.network.init.resolve()
         self.dtype = np.dtype(spec.dtype).type
         self.with_bias = inits.has_bias(self.scheme, self.net.bias_std)
-        self.layers = layers.build(self.net)
+        self.kinds = layers.build(self.net)
+        self.layers = layers.dense_layers(self.kinds)  # by dense index (a residual block's branch has several)
 
     def weights(self, layer: int) -> tuple[np.ndarray, float]:
         """``(W0, scale)`` of a layer: the last one asked for (the top layer's,
@@ -88,10 +90,21 @@ class Network:
             else:
                 self.last = None  # freed before a draw that was not made ahead
                 w = self._draw_now(layer)
+            w = self._as_dense(layer, w)
             if self.kept is not None:
                 self.kept[layer] = w
         self.last = (layer, w)
         return w
+
+    def _as_dense(self, layer: int, w: tuple[np.ndarray, float]) -> tuple[np.ndarray, float]:
+        """The init's draw as the layer's Dense asks: times its factor, or standardized."""
+        dense = self.layers[layer - 1].dense
+        if dense.standardized:  # columns centred and of unit norm, in float64 (per column: any thread count)
+            w0 = w[0].astype(np.float64)
+            w0 -= w0.mean(axis=0)
+            norms = np.sqrt(np.einsum("ij,ij->j", w0, w0))
+            return (w0 / np.where(norms > 0, norms, 1.0)).astype(self.dtype), dense.factor
+        return w if dense.factor == 1 else (w[0], w[1] * dense.factor)
 
     def _by_blocks(self) -> bool:
         return self.scheme.user is None and not self.scheme.orthogonal
@@ -99,6 +112,8 @@ class Network:
     def weight_ms(self, layer: int, w0: np.ndarray) -> float:
         """The mean square of W0's entries: expected for built-in draws, else measured."""
         s = self.scheme
+        if self.layers[layer - 1].dense.standardized:
+            return 1 / self.layers[layer - 1].dense.fan_in
         if self._by_blocks():
             return inits.unit_sd(s.distribution) ** 2
         if s.orthogonal:
@@ -168,6 +183,7 @@ class Network:
         else:  # phi(0) != 0 from float64 values: apply_scaled then scales phi by its maximum, not 1
             h, log_h = narrow(*activations.apply_scaled(
                 act, z.astype(np.float64, copy=False) if act.phi0 else z, log_z), dtype, pool)
+            log_h += kind.activation.log_gain
         if kind.bn is not None and kind.bn_post:
             h, log_h, cache = self._bn(h, log_h, kind.bn, kind.index)
         post, ms_h = (pre, ms_z) if h is z else side_stats_ms(h, log_h, sat, pool)
@@ -204,7 +220,7 @@ class Network:
         linear = kind.activation.linear
         z = np.empty((n, n_out), dtype)
         h = z if linear or not blockwise else np.empty_like(z)
-        log_h = log_z if act.homogeneous else 0.0
+        log_h = (log_z if act.homogeneous else 0.0) + kind.activation.log_gain
         dphi = None if linear or not blockwise or not keep else np.empty(z.shape, bool if act.homogeneous else dtype)
         chunks = row_chunks(n, n_out)
         head_rows = min(ABS_COS_SAMPLES, n)
@@ -272,12 +288,13 @@ class Network:
                 v, log_v = batchnorm.backward(v, log_v, tape.bn)  # float64 until the mask below
             if tape.dphi is not None:
                 v = _times_dphi(v, tape.dphi, act)
+                log_v += kind.activation.log_gain
             v, log_v = narrow(v, log_v, dtype, pool)
             if kind.bn_pre:
                 v, log_v = narrow(*batchnorm.backward(v, log_v, tape.bn), dtype, pool)
             delta, ms_v = side_stats_ms(v, log_v, pool=pool)
         else:
-            v, log_v = (g.u, g.log_s) if tape.dphi is None else (np.empty_like(g.u), g.log_s)
+            v, log_v = (g.u, g.log_s) if tape.dphi is None else (np.empty_like(g.u), g.log_s + kind.activation.log_gain)
             ms_v = g.ms
         # delta's mean square is not known before the map: g's sets the scale, an overestimate by
         # E[phi'^2] (1/2 for relu); a saturated layer's far smaller delta is caught by in_band.
@@ -325,7 +342,7 @@ class Network:
             norm = math.sqrt(math.fsum(squares))
             log_norm = math.log(norm) + log_uv if norm > 0 else -math.inf
             row["weight_grad_log10_norm"] = log_norm / math.log(10)
-            row["weight_grad_norm"] = math.exp(log_norm) if log_norm < 709.7 else math.inf
+            row["weight_grad_norm"] = exp_times(1.0, log_norm)
         self._pending_grad = ([lambda rows=rows: sum_squares(u_t[rows] @ v)
                                for rows in row_chunks(u_t.shape[0], v.shape[1])], finish)
         return in_band(Values(out, log_out, ms_out), pool), grad

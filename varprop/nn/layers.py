@@ -18,6 +18,7 @@ step for it, and a branch in :func:`build`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Union
 
@@ -29,22 +30,37 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Dense:
-    """``z = h W + b``: a fan_in x fan_out product and the init's bias."""
+    """``z = h W + b``: a fan_in x fan_out product and the init's bias.
+
+    ``factor`` multiplies the init's weights (Fixup's depth scaling; 0 for a
+    zero-initialised layer); ``standardized`` replaces them by scaled weight
+    standardisation (NF-ResNets): each unit's incoming weights centred and
+    scaled to unit norm, ``W_ij = (w_ij - mean_i w) / ||w_. - mean||``, so
+    ``Var z = Var h`` whatever the init's scale.
+    """
 
     fan_in: int
     fan_out: int
+    factor: float = 1.0
+    standardized: bool = False
 
 
 @dataclass(frozen=True)
 class Activation:
-    """``h = phi(z)``; ``fn`` is the registry's function with its metadata."""
+    """``h = gain * phi(z)``; ``fn`` is the registry's function with its
+    metadata; ``gain`` is NF-ResNets' gamma (1 elsewhere)."""
 
     name: str
     fn: activations.Activation = field(compare=False, repr=False)
+    gain: float = 1.0
 
     @property
     def linear(self) -> bool:
         return self.name == "linear"
+
+    @property
+    def log_gain(self) -> float:
+        return math.log(self.gain)
 
 
 @dataclass(frozen=True)
@@ -85,11 +101,51 @@ class Layer:
         return (self.dense, self.activation, self.bn)
 
 
-Kind = Union[Layer]
+@dataclass(frozen=True)
+class Lead:
+    """The pre-activation order's start of a branch: [BatchNorm ->] Activation
+    on the block's input, before the branch's first dense layer."""
+
+    bn: BatchNorm | None
+    activation: Activation
+
+
+@dataclass(frozen=True)
+class Residual:
+    """One residual block (one row of ``layers.csv``):
+    ``x_l = x_(l-1) + alpha f(x_(l-1) / beta)``, the branch f being ``lead``
+    (pre-activation order) then ``branch``, dense layers whose ``index`` is
+    their place among all the network's dense layers (their seed)."""
+
+    index: int
+    width: int
+    alpha: float
+    beta: float
+    lead: Lead | None
+    branch: tuple[Layer, ...]
+
+    @property
+    def zero_branch(self) -> bool:
+        """Whether f is exactly 0 at init (a zero-initialised last layer, Fixup's)."""
+        return self.branch[-1].dense.factor == 0
+
+
+Kind = Union[Layer, Residual]
+
+
+def dense_layers(stack: tuple[Kind, ...]) -> tuple[Layer, ...]:
+    """Every dense layer of ``stack`` in order: entry ``d - 1`` has index ``d``."""
+    out: list[Layer] = []
+    for kind in stack:
+        out.extend(kind.branch if isinstance(kind, Residual) else (kind,))
+    return tuple(out)
 
 
 def build(net: NetworkSpec) -> tuple[Kind, ...]:
-    """The layer sequence of ``net``: entry ``l - 1`` is weight layer ``l``."""
+    """The layer sequence of ``net``: entry ``l - 1`` is weight layer ``l``
+    (residual block ``l`` for a residual stack: :func:`residual_blocks`)."""
+    if net.residual is not None:
+        return residual_blocks(net)
     fns: dict[str, activations.Activation] = {}
     bn_layers = set(net.bn_layers)
     bn = BatchNorm(net.bn_eps)
@@ -103,4 +159,61 @@ def build(net: NetworkSpec) -> tuple[Kind, ...]:
     return tuple(out)
 
 
-__all__ = ["Activation", "BatchNorm", "Dense", "Kind", "Layer", "build"]
+def residual_blocks(net: NetworkSpec) -> tuple[Residual, ...]:
+    """The blocks of a residual stack, scheme by scheme.
+
+    - plain: identity skip, the branch scaled by alpha (1: the variance
+      doubles per block with a variance-preserving branch; 1/sqrt(L): the
+      depth-scaled branch of Stable ResNet, Hayou et al. 2021, and depth-muP,
+      Yang et al. 2023);
+    - bn-end: batch norm ends each branch (De & Smith 2020, arXiv
+      2002.10444): Var f = 1, so q_l = 1 + l alpha^2;
+    - skipinit: alpha = 0 at init (SkipInit, De & Smith 2020; ReZero,
+      Bachlechner et al. 2020, arXiv 2003.04887): the identity;
+    - fixup: the last dense layer of each branch zero, the others' weights
+      times L^(-1/(2m-2)) for m layers per branch (Zhang et al. 2019, arXiv
+      1901.09321; its scalar biases start at 0 and its multiplier at 1, so
+      they change nothing at init);
+    - nf: ``x_l = x_(l-1) + alpha f(x_(l-1) / beta_l)`` with beta_l the
+      square root of the expected variance 1 + sum_(i<l) alpha_i^2 (one
+      stage: no transition block resets it), scaled weight standardisation,
+      and the activation times gamma = 1 / sqrt(Var phi(z)), z ~ N(0, 1),
+      computed by quadrature (Brock et al. 2021, arXiv 2101.08692).
+
+    Branch order: preact ([BN ->] act -> dense, ..., dense: He et al. 2016,
+    arXiv 1603.05027) or original (dense -> [BN ->] act, ..., dense [-> BN]:
+    He et al. 2015 without the ReLU after the addition, so that every block
+    is x + alpha f(x)).
+    """
+    r, blocks, n = net.residual, net.depth, net.widths[0]
+    assert r is not None
+    m = r.branch_depth
+    fn = activations.get(net.activation, net.leaky_slope)
+    gamma = 1.0
+    if r.scheme == "nf" and net.activation != "linear":
+        from ..theory.gain import gains  # quadrature: the exact variance gain
+
+        gamma = gains(fn)["variance_gain"]
+    act = Activation(net.activation, fn, gamma)
+    linear = Activation("linear", activations.get("linear"))
+    bn = BatchNorm(net.bn_eps) if r.bn else None
+    end_bn = BatchNorm(net.bn_eps) if r.scheme == "bn-end" or (r.bn and r.order == "original") else None
+    inner = blocks ** (-1 / (2 * m - 2)) if r.scheme == "fixup" and m > 1 else 1.0
+    ws = r.scheme == "nf"
+    out: list[Residual] = []
+    expected_var = 1.0
+    for block in range(1, blocks + 1):
+        alpha = r.alpha_at(block, blocks)
+        first = (block - 1) * m
+        branch = [Layer(first + j, Dense(n, n, inner, ws), act, bn, "pre") for j in range(1, m)]
+        last = Dense(n, n, 0.0 if r.scheme == "fixup" else 1.0, ws)
+        branch.append(Layer(first + m, last, linear, end_bn, "post"))
+        lead = Lead(bn, act) if r.order == "preact" else None
+        beta = math.sqrt(expected_var) if r.scheme == "nf" else 1.0
+        out.append(Residual(block, n, alpha, beta, lead, tuple(branch)))
+        expected_var += alpha * alpha
+    return tuple(out)
+
+
+__all__ = ["Activation", "BatchNorm", "Dense", "Kind", "Layer", "Lead", "Residual", "build", "dense_layers",
+           "residual_blocks"]

@@ -25,15 +25,17 @@ from .markdown import mean_columns, signed_means, varied_values  # noqa: E402
 _MAX_LOG10 = 300.0
 
 
-def _save(fig: plt.Figure, path: Path, svg: bool = True) -> None:
-    """The figure as PNG at ``path`` and, with ``svg``, as SVG beside it (same
-    name, .svg): the Markdown report shows the SVG, the HTML page embeds the
-    PNG, and each format costs a whole draw."""
+def save(fig: plt.Figure, path: Path, svg: bool = True) -> Path:
+    """The figure as PNG at ``path`` and, with ``svg``, as SVG beside it (same name, .svg), then closed;
+    ``path``. Every report's figures are saved by it (simulate's, train's, inspect's). A Markdown report
+    shows the SVG, an HTML page embeds the PNG; each format costs a whole draw."""
     fig.savefig(path, metadata={"Software": None})
     if svg:
         # No date and fixed ids: the gallery regenerates byte for byte.
         with plt.rc_context({"svg.hashsalt": "varprop"}):
             fig.savefig(Path(path).with_suffix(".svg"), metadata={"Date": None})
+    plt.close(fig)
+    return path
 
 
 def _text(s: Any) -> str:
@@ -149,7 +151,7 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
     # (lines drawn over, the line on top, how they agree) -> the panels, as (quantity, title)
     hidden: dict[tuple[tuple[str, ...], str, str], list[tuple[str, str]]] = {}
     for ax, quantity, name, labels in drawn:  # now that every panel has its final y range
-        for under, top, how in _hidden_lines(ax, labels):
+        for under, top, how in hidden_lines(ax, labels):
             hidden.setdefault((under, top, how), []).append((quantity, name))
     fig.suptitle(title, fontsize=10)
     entries: dict[str, Any] = {}
@@ -182,7 +184,7 @@ def _hidden_note(key: tuple[tuple[str, ...], str, str], where: list[tuple[str, s
             + (f" (in {places})" if places else ""))
 
 
-def _hidden_lines(ax: plt.Axes, labels: set[str]) -> list[tuple[tuple[str, ...], str, str]]:
+def hidden_lines(ax: plt.Axes, labels: set[str]) -> list[tuple[tuple[str, ...], str, str]]:
     """The configurations' lines in ``ax`` (by legend label) that a line drawn
     later covers: at each of its points the later line has a point closer
     than half its line width on the page (a shallower stack that agrees with
@@ -312,9 +314,7 @@ def fan_in_law(points: pd.DataFrame, result: object, path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def phase_diagram(grid: pd.DataFrame, activation: str, path: Path, measured: pd.DataFrame | None = None) -> Path:
@@ -359,9 +359,7 @@ def phase_diagram(grid: pd.DataFrame, activation: str, path: Path, measured: pd.
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def _config_lines(ax: plt.Axes, summary: pd.DataFrame, col: str, looks: Looks, theory_col: str | None = None,
@@ -413,9 +411,7 @@ def _legend_below_and_save(fig: plt.Figure, handles: list[Any], labels: list[str
     if fig.get_suptitle():  # hung from the top edge: at its default height it overlaps the panels of a tall figure
         fig.suptitle(fig.get_suptitle(), fontsize=10, y=1 - 0.06 / total, va="top")
     fig.tight_layout(rect=(0, (legend_in + notes_in) / total, 1, 1))
-    _save(fig, path, svg)
-    plt.close(fig)
-    return path
+    return save(fig, path, svg)
 
 
 # Means up to this size are drawn on a linear axis; beyond, on a scale linear within +-1 and logarithmic beyond
@@ -423,7 +419,7 @@ def _legend_below_and_save(fig: plt.Figure, handles: list[Any], labels: list[str
 _LINEAR_MEANS = 10.0
 
 
-def _mean_axis(summary: pd.DataFrame, layers: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+def mean_axis(summary: pd.DataFrame, layers: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """``summary`` with the plotted mean (``mean_y``, and ``theory_mean_y``)
     and the axis it is drawn on: "linear" (the mean itself) or "symlog": the
     mean within +-1, ``sign * (1 + log10 |mean|)`` beyond, computed from
@@ -467,7 +463,7 @@ def means_and_channels(run: Run, path: Path, svg: bool = True) -> Path:
     taken over replicates in log scale (exact beyond float64) and drawn on a
     linear axis while it stays within +-10, else on a symmetric log axis."""
     layers, summary, configs = run.layers, run.summary, run.meta["configs"]
-    plotted, axis = _mean_axis(summary, layers)
+    plotted, axis = mean_axis(summary, layers)
     notes = []
     # The channel statistics have no log10 columns: beyond float64 they are inf, and not drawn. Near it, a
     # log axis cannot place its ticks: their log10 is drawn on a linear axis instead, as for the std.
@@ -543,6 +539,4 @@ def histograms(run: Run, path: Path, max_configs: int = 6, svg: bool = True) -> 
         ax.set_xlabel("h / rms(h)", fontsize=8)
     fig.suptitle("Post-activation histograms (replicate 0; density; x in units of the layer's RMS)", fontsize=10)
     fig.tight_layout()
-    _save(fig, path, svg)
-    plt.close(fig)
-    return path
+    return save(fig, path, svg)

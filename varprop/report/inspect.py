@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,8 +16,11 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from ..run import json_default
 from ..stats import summarize
-from .document import Document, lit, to_html, to_markdown
+from . import document
+from .document import Document, lit
+from .figures import save
 
 FORMATS = ("md", "html", "csv", "json")
 MAX_TABLE_ROWS = 300  # per-module tables list every module up to this many, then a subsample
@@ -67,12 +68,6 @@ def fmt(x: Any, digits: int = 4) -> str:
 
 def _pow10(log10: float, digits: int = 4) -> str:
     return fmt(10.0**log10, digits) if math.isfinite(log10) else ("0" if log10 == -math.inf else "")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
 
 
 def module_summary(table: pd.DataFrame) -> pd.DataFrame:
@@ -186,16 +181,6 @@ def _plt() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> Path:
-    """PNG at ``path`` and SVG beside it, with no date and fixed ids (byte-identical reruns)."""
-    plt = _plt()
-    fig.savefig(path, metadata={"Software": None})
-    with plt.rc_context({"svg.hashsalt": "varprop"}):
-        fig.savefig(Path(path).with_suffix(".svg"), metadata={"Date": None})
-    plt.close(fig)
-    return path
-
-
 def _text(name: Any, width: int) -> str:
     """A user's name as figure text: its last ``width`` characters, a $ escaped (it would open mathtext)."""
     return str(name)[-width:].replace("$", r"\$")
@@ -260,7 +245,7 @@ def std_figure(table: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:
                frameon=False)
     fig.suptitle("Std per module" + (" and per gradient" if len(sides) > 1 else ""), fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, top - 0.1 / height))
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def channels_figure(summary: pd.DataFrame, path: Path) -> Path:
@@ -289,7 +274,7 @@ def channels_figure(summary: pd.DataFrame, path: Path) -> Path:
     ax.legend(fontsize=7)
     _module_axis(ax, s, labels)
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def residual_figure(residual: pd.DataFrame, path: Path) -> Path:
@@ -313,7 +298,7 @@ def residual_figure(residual: pd.DataFrame, path: Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def sweep_figure(sweep: Any, path: Path) -> Path:
@@ -358,7 +343,7 @@ def sweep_figure(sweep: Any, path: Path) -> Path:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 # --- tables and the document --------------------------------------------------------------------------------
@@ -552,7 +537,7 @@ def write(table: pd.DataFrame, directory: Path, command: str | None = None, titl
                          "pandas": pd.__version__, "python": platform.python_version()}}
     if sweep is not None:
         meta["sweep"] = {"passed": sweep.passed, "message": sweep.message, "tolerance": sweep.tolerance}
-    (directory / "config.json").write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+    (directory / "config.json").write_text(json.dumps(meta, indent=2, default=json_default) + "\n")
     table.to_csv(directory / "layers.csv", index=False)
     if len(residual):
         residual.to_csv(directory / "residual.csv", index=False)
@@ -568,26 +553,9 @@ def rerender_into(run_dir: Path, staged: Path, formats: Sequence[str]) -> dict[s
     """Redraw an inspect run into ``staged``, the staging directory that is to replace ``run_dir``
     (varprop.outdir.staging): its data files linked in, figures and reports drawn, and its other files
     that varprop wrote and this render does not redraw carried over. ``run_dir`` itself is only read."""
-    from ..outdir import owned_files
+    from . import redraw_into
 
-    run_dir, staged = Path(run_dir), Path(staged)
-    for name in DATA_FILES:
-        if (run_dir / name).is_file():
-            _link(run_dir / name, staged / name)
-    paths = render(staged, formats)
-    for name in owned_files(run_dir):
-        if not (staged / name).exists():
-            (staged / name).parent.mkdir(parents=True, exist_ok=True)
-            _link(run_dir / name, staged / name)
-    return paths
-
-
-def _link(src: Path, dst: Path) -> None:
-    """A hard link (no copy of a large layers.csv), or a copy where links are not supported."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    return redraw_into(run_dir, staged, DATA_FILES, lambda directory: render(directory, formats))
 
 
 def is_inspect_run(directory: Path) -> bool:
@@ -613,7 +581,7 @@ def render(directory: Path, formats: Sequence[str] = FORMATS, table: pd.DataFram
         residual = pd.read_csv(path, dtype=names).fillna({"skip": "", "branch": ""}) if path.is_file() \
             else pd.DataFrame()
     if sweep is None and "sweep" in meta:
-        from ..torch import SweepResult
+        from ..inspect.sweep import SweepResult
 
         sweep = SweepResult(table, pd.read_csv(directory / "exponents.csv", dtype=names), meta["sweep"]["passed"],
                             meta["sweep"]["message"], meta["sweep"]["tolerance"])
@@ -637,11 +605,5 @@ def render(directory: Path, formats: Sequence[str] = FORMATS, table: pd.DataFram
         if sweep is not None:
             sweep_figure(sweep, directory / "width_sweep.png")
         doc = build_document(shown, summary, shown_residual, meta, sweep)
-        if "md" in formats:
-            paths["report"] = directory / "report.md"
-            paths["report"].write_text(to_markdown(doc))
-        if "html" in formats:
-            paths["html"] = directory / "report.html"
-            paths["html"].write_text(to_html(doc, directory))
-            paths.setdefault("report", paths["html"])
+        paths.update(document.write(doc, directory, formats))
     return paths

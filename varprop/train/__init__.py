@@ -3,7 +3,7 @@
 Pure NumPy with Keras' semantics: :mod:`.data` (loaders, no download),
 :mod:`.model` (Dense, activations, BatchNormalization, softmax
 cross-entropy, exact backward), :mod:`.optim` (SGD, Nesterov, Adam),
-:mod:`.loop` (epochs, recording), :mod:`.options` (the option table).
+:mod:`.loop` (epochs, recording), :mod:`.options` (configurations from the option table's train rows).
 
 ``varprop.train(...)`` runs it (:func:`.loop.train`): this package is
 callable, so the name means the same whether ``varprop.train`` resolves to

@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..options import LR_SCHEDULES, OPTIMIZERS
 
-NAMES = ("sgd", "sgd-nesterov", "adam")
-SCHEDULES = ("constant", "cosine")
+NAMES, SCHEDULES = OPTIMIZERS, LR_SCHEDULES  # the option table's choices
 ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-7
 PIECE = 1 << 18  # elements updated together (measured: smaller pieces cost more in calls than they save in cache)
 

@@ -37,7 +37,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from . import theory
+from ..theory import cos_post, moments
+from . import load_torch
 
 _LN10 = math.log(10.0)
 
@@ -117,7 +118,7 @@ def describe(module: Any, info: dict[str, Any], out_shape: tuple[int, ...]) -> d
                             "pad": tuple(getattr(module, "_reversed_padding_repeated_twice", ())),
                             "c_in": w.shape[1], "c_out": w.shape[0]}
     elif kind in ("bn", "norm"):
-        affine = isinstance(weight, __import__("torch").nn.Parameter)
+        affine = isinstance(weight, load_torch().nn.Parameter)
         bias = getattr(module, "bias", None) if affine else None
         eps = getattr(module, "eps", None)
         node.update(eps=float(eps) if eps is not None else float(np.finfo(np.float32).eps),
@@ -172,7 +173,7 @@ def _moments_at(act: Any, q: float) -> tuple[float, float, float]:
         zero = np.zeros(1)
         phi0 = float(act.phi(zero)[0])
         return phi0, phi0 * phi0, float(act.dphi(zero)[0]) ** 2
-    mo = theory.moments(act, math.log(q))
+    mo = moments(act, math.log(q))
     return mo.mean, math.exp(mo.log_m2), mo.dphi2
 
 
@@ -293,7 +294,7 @@ def predict(table: pd.DataFrame, replicates: Sequence[Sequence[Any]], backward: 
                 act = node["act"]
                 mean, m2, _ = _moments(act, p_in.m2)
                 q_avg = float(np.mean(p_in.m2))
-                cos = theory.cos_post(act, math.log(q_avg), p_in.cos) if (
+                cos = cos_post(act, math.log(q_avg), p_in.cos) if (
                     math.isfinite(p_in.cos) and q_avg > 0) else math.nan
                 odd = act.name in _ODD
                 pred = Pred(m2, mean, cos, act.name == "linear", odd and p_in.sym, p_in.basis)

@@ -1,0 +1,181 @@
+"""Residual stacks: Monte Carlo against each scheme's recursion, the
+identities at init (SkipInit, Fixup), the stated variances of Fixup and
+NF-ResNets, depth without overflow, determinism and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from statcheck import t_two_sided
+
+import varprop
+from varprop.cli import main
+from varprop.nn import layers
+from varprop.spec import from_options
+from varprop.theory import gains
+
+ALPHA = 1e-4  # false-alarm rate of each statistical comparison (fixed seeds: a failure is a real miss)
+
+
+def _run(replicates=24, **options):
+    base = {"width": 64, "samples": 64, "init": "he", "activation": "relu", "backward": True, "seed": 3}
+    return varprop.simulate(from_options({**base, **options, "replicates": replicates}))
+
+
+def _assert_mean(df, column, layer, rel_bias=0.0):
+    """The replicate mean of ``column`` at ``layer`` agrees with the theory's, within the t interval of the mean
+    (and ``rel_bias`` of it: the finite-width bias of a mean-field prediction that is not exact)."""
+    side, stat = column.split("_", 1)
+    rows = df[df["layer"] == layer]
+    x = rows[column].to_numpy()
+    theory = float(rows[f"theory_{column}"].iloc[0])
+    half = t_two_sided(ALPHA, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    assert abs(x.mean() - theory) <= half + rel_bias * theory, (column, layer, x.mean(), theory, half)
+
+
+# The second-moment recursion is exact in expectation at any width for relu and linear branches with Gaussian
+# weights: given the layer below, each unit of z = h W is Gaussian, E[relu(z)^2] = E[z^2] / 2, and the last
+# dense layer's zero-mean weights make the skip and the branch uncorrelated. No finite-width allowance there.
+EXACT = [
+    {"residual": "plain", "blocks": 12},
+    {"residual": "plain", "alpha": "1/sqrt(L)", "blocks": 30, "branch_depth": 1, "activation": "leaky_relu"},
+    {"residual": "plain", "alpha": "1/sqrt(l)", "blocks": 10, "branch_depth": 3, "branch_order": "original",
+     "activation": "linear", "init": "fan_in", "width": 32},
+]
+
+
+@pytest.mark.parametrize("options", EXACT, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_exact_recursions_forward_and_backward(options):
+    df = _run(**options)
+    blocks = options["blocks"]
+    for layer in (blocks // 2, blocks):
+        _assert_mean(df, "post_second_moment", layer)
+        _assert_mean(df, "pre_second_moment", layer)
+    # Backward the recursion assumes the backward weights independent of the forward ones (mean field):
+    # exact for linear branches; for relu a finite-width bias of order 1/width per block, bounded here by
+    # blocks / width.
+    bias = 0.0 if options.get("activation") == "linear" else blocks / options.get("width", 64)
+    _assert_mean(df, "grad_second_moment", 0, bias)
+
+
+def test_smooth_activation_at_large_width():
+    """tanh's q-map is the mean-field (infinite-width) one; at width 512 its bias (order 1/width per layer) is
+    far inside the sampling error of 16 replicates."""
+    df = _run(replicates=16, residual="plain", alpha=0.5, blocks=6, width=512, activation="tanh", init="xavier",
+              samples=32)
+    _assert_mean(df, "post_second_moment", 6, rel_bias=6 / 512)
+    _assert_mean(df, "grad_second_moment", 0, rel_bias=6 / 512)
+    _assert_mean(df, "post_cos_sim", 6, rel_bias=0.0)
+
+
+def test_bn_at_branch_end_adds_alpha_squared():
+    """De & Smith (2020): with batch norm ending each branch, Var f = 1 per batch channel (up to eps), so
+    q_l = q_0 + l alpha^2, at any width."""
+    df = _run(replicates=8, residual="bn-end", alpha=0.5, blocks=20, bn_eps=0.0)
+    for layer in (10, 20):
+        rows = df[df["layer"] == layer]
+        # Each BN channel has exactly unit variance over its batch, so alpha^2 E[f^2] is exact; the stream's
+        # second moment is q_0 (measured) + l alpha^2 plus the branches' cross terms, zero in expectation.
+        expected = df[df["layer"] == 0]["post_second_moment"].to_numpy() + layer * 0.25
+        assert np.allclose(rows["pre_second_moment"], 0.25, rtol=1e-5)
+        diff = rows["post_second_moment"].to_numpy() - expected
+        half = t_two_sided(ALPHA, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
+        assert abs(diff.mean()) <= half
+        assert float(rows["theory_post_second_moment"].iloc[0]) == pytest.approx(1 + layer * 0.25, rel=1e-12)
+
+
+@pytest.mark.parametrize("scheme", ["skipinit", "fixup"])
+def test_zero_branch_is_exactly_the_identity(scheme):
+    df = _run(replicates=2, residual=scheme, blocks=8)
+    for _, rep in df.groupby("replicate"):
+        for side in ("post", "grad"):
+            col = rep[f"{side}_second_moment"].to_numpy()
+            assert (col == col[0 if side == "post" else -1]).all()  # bit for bit
+        assert (rep["pre_second_moment"].iloc[1:] == 0).all()
+        assert (rep["delta_second_moment"].iloc[1:] == 0).all()
+    if scheme == "skipinit":  # the branch is measured though it adds nothing, and its weights get no gradient
+        assert (df[df["layer"] > 0]["branch_second_moment"] > 0).all()
+        assert (df[df["layer"] > 0]["weight_grad_norm"] == 0).all()
+
+
+def test_fixup_scales_the_branch_by_depth():
+    """Fixup (Zhang et al. 2019): the last branch layer starts at 0 and the others are scaled by
+    L^(-1/(2m-2)), so each branch's hidden units have second moment 1/L of He's: with a relu lead, He
+    dense and relu, E[a^2] = q / (2L). The zero layer's weight gradient a^T g then has
+    E||a^T g||_F^2 = N n^2 E[a^2] E[g^2] exactly (g is the N(0, 1) upstream gradient, independent of a)."""
+    blocks, n, samples = 16, 64, 64
+    df = _run(replicates=6, residual="fixup", blocks=blocks)
+    x = df[df["layer"] > 0]
+    q0 = df[df["layer"] == 0]["post_second_moment"].to_numpy()  # the stream, unchanged by every block
+    g2 = df[df["layer"] == 0]["grad_second_moment"].to_numpy()
+    expected = samples * n * n * (q0 / (2 * blocks)) * g2
+    ratio = (x["weight_grad_norm"].to_numpy() ** 2).reshape(len(q0), blocks) / expected[:, None]
+    per_rep = ratio.mean(axis=1)
+    half = t_two_sided(ALPHA, len(per_rep) - 1) * per_rep.std(ddof=1) / math.sqrt(len(per_rep))
+    assert abs(per_rep.mean() - 1) <= half
+
+
+def test_nf_resnet_stated_variance_and_gamma():
+    """NF-ResNets (Brock et al. 2021): the stream's expected variance is 1 + l alpha^2 and each branch's
+    is 1 (scaled weight standardisation and gamma). Var of a centred unit-norm projection is that of its
+    input over units, n/(n-1) of the theory's; at width 256 that is within 0.4%, inside the allowance."""
+    g = gains("relu")
+    assert g["variance_gain"] == pytest.approx(1 / math.sqrt(0.5 - 0.5 / math.pi), rel=1e-12)
+    assert g["nfnets_gamma"] == pytest.approx(1.7139588594436646) and abs(g["nfnets_gamma"] - 1.712859) > 1e-3
+    df = _run(replicates=10, residual="nf", blocks=25, width=256)
+    for layer in (12, 25):
+        rows = df[df["layer"] == layer]
+        assert float(rows["theory_post_second_moment"].iloc[0]) == pytest.approx(1 + layer * 0.04, rel=1e-9)
+        _assert_mean(df, "post_second_moment", layer, rel_bias=1 / 256)
+        res_var = rows["branch_second_moment"].to_numpy()
+        half = t_two_sided(ALPHA, len(res_var) - 1) * res_var.std(ddof=1) / math.sqrt(len(res_var))
+        assert abs(res_var.mean() - 1) <= half + 1 / 256
+    stack = layers.build(from_options({"residual": "nf", "blocks": 3, "width": 8, "activation": "relu"}).network)
+    assert [round(k.beta**2, 12) for k in stack] == [1.0, 1.04, 1.08]
+
+
+@pytest.mark.slow
+def test_ten_thousand_blocks_without_overflow():
+    """alpha = 1 with a variance-preserving branch doubles the variance per block: 2^10000 at the end,
+    carried in log scale, forward and backward; its theory too. (At width 8 a branch can switch off for
+    good -- every unit of the collapsed stream negative, so relu passes nothing -- and the stream then
+    stops growing: a real finding, not this test's subject; width 32 keeps the branches alive.)"""
+    df = _run(replicates=1, residual="plain", blocks=10_000, width=32, samples=8, branch_depth=1)
+    last = df[df["layer"] == 10_000].iloc[0]
+    assert math.isinf(last["post_std"]) and math.isinf(last["theory_post_std"])
+    assert last["theory_post_log10_std"] == pytest.approx(5000 * math.log10(2), rel=1e-12)
+    # One network drifts below the mean (the typical network) by a fraction of log 2 per block.
+    assert 0.8 * last["theory_post_log10_std"] < last["post_log10_std"] < 1.01 * last["theory_post_log10_std"]
+    first = df[df["layer"] == 0].iloc[0]
+    assert first["grad_log10_std"] > 1000 and np.isfinite(df["grad_log10_std"]).all()
+    assert np.isfinite(df["post_log10_std"]).all()
+
+
+def test_bit_identical_across_thread_counts():
+    runs = []
+    for threads in (1, 2):
+        for scheme in ("nf", "bn-end"):
+            spec = from_options({"residual": scheme, "blocks": 5, "width": 96, "samples": 256, "backward": True,
+                                 "activation": "gelu", **({"bn": "all"} if scheme == "bn-end" else {})})
+            runs.append(varprop.simulate(spec, threads=threads))
+    assert runs[0].equals(runs[2]) and runs[1].equals(runs[3])
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--residual", "plain", "--alpha", "-1"], "--alpha"),
+    (["--residual", "plain", "--alpha", "nan"], "--alpha"),
+    (["--residual", "plain", "--branch-depth", "0"], "--branch-depth"),
+    (["--residual", "plain", "--widths", "8,16,8"], "--widths"),
+    (["--residual", "skipinit", "--alpha", "0.5"], "--alpha"),
+    (["--residual", "nf", "--bn", "all"], "--bn"),
+    (["--residual", "plain", "--layers", "5"], "--layers"),
+    (["--blocks", "5"], "--blocks"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, args, option):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["simulate", *args, "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"varprop: error: {option}:"), r.output
+    assert not out.exists()

@@ -1,0 +1,105 @@
+"""Which modules a run measures, what activation each one is, and how its output is laid out
+(sample and channel axes)."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Iterator, Sequence
+
+from ..nn import activations
+from . import load_torch
+from .graph import ACTIVATION_FUNCTIONS
+
+INPUT = "(input)"  # the row of the model's input
+ROOT = "(model)"  # the row of the model's own output
+
+
+def torch_nn(module: Any) -> bool:
+    return type(module).__module__.startswith("torch.nn.")
+
+
+def activation_of(module: Any) -> activations.Activation | None:
+    """varprop's Activation for a torch.nn activation module (or a traced functional one with its default
+    arguments), else None."""
+    if getattr(module, "fname", None) in ACTIVATION_FUNCTIONS:  # a traced F.relu(x) etc.
+        return functional_activation(module.fname)
+    if not torch_nn(module):
+        return None
+    name = type(module).__name__
+    simple = {"ReLU": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "SELU": "selu", "SiLU": "silu"}
+    if name in simple:
+        return activations.get(simple[name])
+    if name == "LeakyReLU":
+        return activations.get("leaky_relu", float(module.negative_slope))
+    if name == "ELU" and float(module.alpha) == 1.0:
+        return activations.get("elu")
+    if name == "GELU" and module.approximate == "none":
+        return activations.get("gelu")
+    if name == "Softplus" and float(module.beta) == 1.0 and float(module.threshold) >= 20:
+        return activations.get("softplus")  # beyond 20 torch switches to x, within e^-20 of softplus
+    return None
+
+
+def functional_activation(fname: str, args: tuple = (), kwargs: dict | None = None) -> activations.Activation | None:
+    """varprop's Activation for a call ``torch.relu(x)``, ``F.leaky_relu(x, 0.2)``, ``x.tanh_()`` ... with
+    these arguments (after the input), else None (gelu's tanh approximation, elu with alpha != 1, ...)."""
+    kwargs = kwargs or {}
+
+    def arg(key: str, default: Any) -> Any:
+        return kwargs.get(key, args[1] if len(args) > 1 else default)
+
+    name = fname.rstrip("_")
+    if name in ("relu", "tanh", "sigmoid", "selu", "silu"):
+        return activations.get(name)
+    if name == "leaky_relu":
+        return activations.get("leaky_relu", float(arg("negative_slope", 0.01)))
+    if name == "gelu":
+        return activations.get("gelu") if arg("approximate", "none") == "none" else None
+    if name == "elu":
+        return activations.get("elu") if float(arg("alpha", 1.0)) == 1.0 else None
+    if name == "softplus":
+        threshold = kwargs.get("threshold", args[2] if len(args) > 2 else 20.0)
+        return activations.get("softplus") if float(arg("beta", 1.0)) == 1.0 and float(threshold) >= 20 else None
+    return None
+
+
+# Module kinds whose 3-D outputs are [N, C, L] (channel axis 1); other 3-D outputs are [N, T, C].
+CHANNEL_FIRST = ("Conv", "BatchNorm", "InstanceNorm", "Pool", "Upsample", "PixelShuffle", "GroupNorm",
+                  "LocalResponseNorm", "Dropout1d", "Dropout2d", "Dropout3d", "ReflectionPad", "ReplicationPad",
+                  "ZeroPad", "ConstantPad", "CircularPad")
+
+
+def axes_of(module: Any, ndim: int, inherited: tuple[int, int] | None) -> tuple[int, int]:
+    """(sample axis, channel axis) of a module's output of ``ndim`` dimensions."""
+    if ndim != 3:
+        return 0, 1
+    name = type(module).__name__
+    if torch_nn(module) and any(k in name for k in CHANNEL_FIRST):
+        return 0, 1
+    if getattr(module, "batch_first", True) is False:  # [T, N, C]: nn.MultiheadAttention, Transformer*, RNNs
+        return 1, 2
+    if inherited is not None:  # elementwise modules, norms over the last axis, ... keep their input's layout
+        return inherited
+    return 0, 2
+
+
+def selected(name: str, type_name: str, patterns: Sequence[str] | None, types: Sequence[str] | None) -> bool:
+    if patterns and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+        return False
+    if types and type_name not in types and type_name.removesuffix("()") not in types:
+        return False
+    return True
+
+
+def tensors(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """The tensors of a module's output, with their place in it ("", "[0]", "['logits']", ...)."""
+    torch = load_torch()
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, (tuple, list)):
+        for i, item in enumerate(obj):
+            yield from tensors(item, f"{path}[{i}]")
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            yield from tensors(item, f"{path}[{key!r}]")
+

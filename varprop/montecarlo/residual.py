@@ -1,0 +1,206 @@
+"""Residual blocks forward and backward: ``x_l = x_(l-1) + alpha f(x_(l-1) / beta)``.
+
+A block is one row of the table. Its branch f is the pre-activation lead
+([batch norm ->] activation on the block's input) and then dense layers,
+which the plain stack's :class:`~varprop.montecarlo.stepper.Network` steps
+as it steps any layer (their seeds are their places among all dense
+layers); this module adds the lead, the skip and the sum. Values stay in
+``(u, log s)`` form throughout, so 10,000 blocks of alpha = 1 (a variance of
+2^10000) never overflow.
+
+A branch that is exactly zero at init (alpha = 0, SkipInit; a zero last
+layer, Fixup) leaves the block's input untouched, bit for bit, forward and
+backward; its statistics are still measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, MutableMapping
+
+import numpy as np
+
+from ..nn import activations, batchnorm, layers
+from ..parallel import row_chunks
+from ..logscale import exp_times
+from ..stats import LN10, STATS, side_stats_ms
+from .scaled import Values, in_band, narrow, sum_squares
+from .stepper import Network, Tape, _times_dphi, prefixed
+
+# The sides a residual row has beyond pre (alpha f, what the block adds) and post (the stream x_l).
+BRANCH_SIDE = "branch"  # f before alpha: NFNets' res_avg_var is its unit_var
+
+
+@dataclass
+class BlockTape:
+    """One block's record for the backward pass."""
+
+    lead_dphi: np.ndarray | None = None  # the lead activation's phi' (bool for relu-type)
+    lead_bn: batchnorm.Cache | None = None
+    branch: list[Tape] = field(default_factory=list)  # the branch's nonzero dense layers, in order
+    zero_in: Values | None = None  # the input of a zero-initialised last layer (for its weight gradient)
+
+
+def _alpha_stats(branch: dict[str, float], alpha: float) -> dict[str, float]:
+    """The statistics of ``alpha f`` from those of f (alpha >= 0)."""
+    if alpha == 0:
+        out = {k: 0.0 for k in STATS}
+        out.update(log10_std=-math.inf, log10_abs_mean=-math.inf, frac_zero=1.0, cos_sim=math.nan,
+                   abs_cos_sim=math.nan, frac_saturated=branch["frac_saturated"])
+        return out
+    la = math.log(alpha)
+    out = dict(branch)
+    out.update(mean=exp_times(branch["mean"], la), std=exp_times(branch["std"], la),
+               log10_std=branch["log10_std"] + la / LN10, log10_abs_mean=branch["log10_abs_mean"] + la / LN10,
+               **{k: exp_times(branch[k], 2 * la) for k in ("second_moment", "sq_unit_mean", "unit_var")})
+    return out
+
+
+def _zero_stats() -> dict[str, float]:
+    return _alpha_stats({"frac_saturated": 0.0}, 0.0)
+
+
+class Blocks:
+    """A residual stack for one replicate, stepping blocks with the
+    interface of :class:`~varprop.montecarlo.stepper.Network` (``step``,
+    ``back``, ``flush_grad``), one block per row."""
+
+    def __init__(self, net: Network):
+        self.net, self.pool = net, net.pool
+        self.kinds: tuple[layers.Residual, ...] = net.kinds  # type: ignore[assignment]
+
+    def _live(self, block: int) -> tuple[layers.Layer, ...]:
+        """The dense layers of a block's branch that are not zero."""
+        return tuple(layer for layer in self.kinds[block - 1].branch if layer.dense.factor != 0)
+
+    def _first(self, block: int | None) -> int | None:
+        live = self._live(block) if block is not None else ()
+        return live[0].index if live else None
+
+    def _last(self, block: int | None) -> int | None:
+        live = self._live(block) if block is not None else ()
+        return live[-1].index if live else None
+
+    def _add(self, x: Values, f: Values, log_alpha: float) -> Values:
+        """``x + exp(log_alpha) f`` in the scale of the larger term."""
+        net = self.net
+        pool = net.pool.sized(x.u.size)
+        log_f = log_alpha + f.log_s
+        top = max(x.log_s, log_f)
+        cx, cf = net.dtype(math.exp(x.log_s - top)), net.dtype(math.exp(log_f - top))
+        u = np.empty_like(x.u)
+
+        def add(rows: slice) -> None:
+            np.multiply(x.u[rows], cx, out=u[rows])
+            u[rows] += f.u[rows] * cf
+        pool.map(add, row_chunks(*u.shape))
+        return Values(u, top, side_stats_ms(u, top, pool=pool)[1])
+
+    def step(self, block: int, x: Values, stats: bool, keep: bool, ahead: int | None = None
+             ) -> tuple[Values, dict[str, Any] | None, BlockTape | None]:
+        """Block ``block`` forward: its output, its statistics row, its tape.
+        ``ahead`` names a block whose first weights are drawn meanwhile."""
+        kind, net = self.kinds[block - 1], self.net
+        pool = net.pool.sized(x.u.size)
+        tape = BlockTape() if keep else None
+        b = x if kind.beta == 1 else Values(x.u, x.log_s - math.log(kind.beta), x.ms)
+        if kind.lead is not None:
+            b, dphi, cache = self._lead(kind.lead, b, block)
+            if tape is not None:
+                tape.lead_dphi, tape.lead_bn = dphi, cache
+        live = self._live(block)
+        for i, layer in enumerate(live):
+            nxt = live[i + 1].index if i + 1 < len(live) else self._first(ahead)
+            b, _, t = net.step(layer.index, b, stats=False, keep=keep, ahead=nxt)
+            if tape is not None and t is not None:
+                tape.branch.append(t)
+        if kind.zero_branch and tape is not None:
+            tape.zero_in = b
+        if kind.zero_branch or kind.alpha == 0:
+            out = x
+        else:
+            out = in_band(self._add(x, b, math.log(kind.alpha)), pool)
+        row = None
+        if stats:
+            post = side_stats_ms(out.u, out.log_s, pool=pool)[0]
+            branch = _zero_stats() if kind.zero_branch else side_stats_ms(b.u, b.log_s, pool=pool)[0]
+            row = {"width": kind.width, "fan_in": kind.width, "fan_out": kind.width,
+                   **prefixed("pre", _alpha_stats(branch, 0.0 if kind.zero_branch else kind.alpha)),
+                   **prefixed("post", post), **prefixed(BRANCH_SIDE, branch)}
+        return out, row, tape
+
+    def _lead(self, lead: layers.Lead, b: Values, block: int
+              ) -> tuple[Values, np.ndarray | None, batchnorm.Cache | None]:
+        """[batch norm ->] activation on the branch's input (the pre-activation order)."""
+        net = self.net
+        pool = net.pool.sized(b.u.size)
+        u, log_s, cache = b.u, b.log_s, None
+        if lead.bn is not None:
+            u, log_s, cache = net._bn(u, log_s, lead.bn, block)
+        act = lead.activation.fn
+        if lead.activation.linear:
+            return Values(u, log_s, side_stats_ms(u, log_s, pool=pool)[1]), None, cache
+        d = activations.dphi_scaled(act, u, log_s)
+        h, log_h = narrow(*activations.apply_scaled(act, u.astype(np.float64, copy=False) if act.phi0 else u, log_s),
+                          net.dtype, pool)
+        log_h += lead.activation.log_gain
+        dphi = d == act.slope_pos if act.homogeneous else d.astype(net.dtype, copy=False)
+        return in_band(Values(h, log_h, side_stats_ms(h, log_h, pool=pool)[1]), pool), dphi, cache
+
+    def back(self, block: int, tape: BlockTape, g: Values, row: MutableMapping[str, float], ahead: int | None = None
+             ) -> tuple[Values, dict[str, float]]:
+        """Block ``block`` backward: the gradient w.r.t. its input (the skip's
+        g plus the branch's) and that gradient's statistics; fills the row's
+        delta (the branch's share of the input gradient) and weight-gradient
+        norm (all the block's weights)."""
+        kind, net = self.kinds[block - 1], self.net
+        pool = net.pool.sized(g.u.size)
+        log_alpha = math.log(kind.alpha) if kind.alpha > 0 else -math.inf
+        log_squares: list[float] = []  # log ||dL/dW||_F^2 of each dense layer with a nonzero gradient
+        if kind.zero_branch and kind.alpha > 0 and tape.zero_in is not None:  # a^T (alpha g) of the zero layer
+            a_t = tape.zero_in.u.T
+            total = math.fsum(pool.map(lambda rows: sum_squares(a_t[rows] @ g.u),
+                                       row_chunks(a_t.shape[0], g.u.shape[1])))
+            if total > 0:
+                log_squares.append(math.log(total) + 2 * (tape.zero_in.log_s + g.log_s + log_alpha))
+        if kind.zero_branch or kind.alpha == 0:
+            out, delta = g, _zero_stats()
+        else:
+            v = Values(g.u, g.log_s + log_alpha, g.ms)
+            live = self._live(block)
+            scratch: list[dict[str, float]] = []
+            for i in range(len(live) - 1, -1, -1):
+                nxt = live[i - 1].index if i > 0 else self._last(ahead)
+                scratch.append({})
+                v, _ = net.back(live[i].index, tape.branch[i], v, scratch[-1], ahead=nxt)
+            net.flush_grad()
+            log_squares += [2 * LN10 * s["weight_grad_log10_norm"] for s in scratch
+                            if s["weight_grad_log10_norm"] > -math.inf]
+            if kind.lead is not None:
+                v = self._lead_back(kind.lead, tape, v)
+            if kind.beta != 1:
+                v = Values(v.u, v.log_s - math.log(kind.beta), v.ms)
+            delta = side_stats_ms(v.u, v.log_s, pool=pool)[0]
+            out = in_band(self._add(g, v, 0.0), pool)
+        row.update(prefixed("delta", delta))
+        log_norm = 0.5 * float(np.logaddexp.reduce(log_squares)) if log_squares else -math.inf
+        row["weight_grad_log10_norm"] = log_norm / LN10
+        row["weight_grad_norm"] = math.exp(log_norm) if log_norm < 709.7 else math.inf
+        return out, side_stats_ms(out.u, out.log_s, pool=pool)[0]
+
+    def _lead_back(self, lead: layers.Lead, tape: BlockTape, v: Values) -> Values:
+        """The gradient through the lead: times gain phi', then batch norm's backward."""
+        net = self.net
+        pool = net.pool.sized(v.u.size)
+        u, log_s = v.u, v.log_s
+        if tape.lead_dphi is not None:
+            u = _times_dphi(u, tape.lead_dphi, lead.activation.fn)
+            log_s += lead.activation.log_gain
+        if tape.lead_bn is not None:
+            u, log_s = narrow(*batchnorm.backward(u, log_s, tape.lead_bn), net.dtype, pool)
+        return in_band(Values(u, log_s, side_stats_ms(u, log_s, pool=pool)[1]), pool)
+
+    def flush_grad(self) -> None:
+        """As :meth:`Network.flush_grad` (each block's back flushes its own)."""
+        self.net.flush_grad()

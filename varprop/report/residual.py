@@ -1,0 +1,147 @@
+"""The residual part of a simulate report: per block the skip's and the
+branch's variance and their ratio, the signal-propagation plot (NFNets'
+average squared channel mean and average channel variance, and res_avg_var),
+and the findings particular to residual stacks (branches switched off,
+correlation collapse).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ..run import Run  # noqa: E402
+from .document import Document, Item, lit  # noqa: E402
+from .figures import _text, save  # noqa: E402
+from .markdown import _log10_second_moment, fmt, fmt_pow10, shown_layers  # noqa: E402
+
+# A branch adding less than this share of the stream's second moment is "switched off": the skip alone
+# carries the signal.
+OFF_RATIO = 1e-6
+COLLAPSE_COS = 0.9
+
+
+def is_residual(run: Run) -> bool:
+    return "branch_second_moment" in run.layers
+
+
+def block_table(layers: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration and block, over replicates (log10 means: the typical network): the skip's second
+    moment (the block's input), alpha^2 E[f^2], their ratio, res_avg_var and the theory's ratio."""
+    rows = []
+    for (config, rep), df in layers.groupby(["config", "replicate"], sort=False):
+        df = df.sort_values("layer")
+        post = _log10_second_moment(df, "post")
+        pre = _log10_second_moment(df, "pre")
+        theory_post = np.log10(df["theory_post_second_moment"].to_numpy(float)) if "theory_post_second_moment" \
+            in df else np.full(len(df), np.nan)
+        with np.errstate(divide="ignore"):
+            theory_pre = np.log10(df["theory_pre_second_moment"].to_numpy(float)) if "theory_pre_second_moment" \
+                in df else np.full(len(df), np.nan)
+            res_var = np.log10(df["branch_unit_var"].to_numpy(float))
+        for i in range(1, len(df)):
+            rows.append({"config": config, "replicate": rep, "block": int(df["layer"].iloc[i]),
+                         "skip": post[i - 1], "added": pre[i], "ratio": pre[i] - post[i - 1], "res_avg_var": res_var[i],
+                         "theory_ratio": theory_pre[i] - theory_post[i - 1], "stream": post[i],
+                         "cos": float(df["post_cos_sim"].iloc[i])})
+    per_rep = pd.DataFrame(rows)
+    with np.errstate(invalid="ignore"):
+        return per_rep.groupby(["config", "block"], sort=False).mean(numeric_only=True).reset_index()
+
+
+def spp_figure(run: Run, path: Path, svg: bool = True) -> Path:
+    """The signal-propagation plot per block (Brock et al. 2021, figure 1): average squared channel mean and
+    average channel variance of the stream, and the branch's average channel variance (res_avg_var); log10 of
+    the replicate means (a line stops where its mean leaves float64)."""
+    layers = run.layers
+    panels = [("post_sq_unit_mean", "avg squared channel mean"), ("post_unit_var", "avg channel variance"),
+              ("branch_unit_var", "res_avg_var (branch, before alpha)")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), constrained_layout=True)
+    for ax, (col, title) in zip(axes, panels):
+        for i, (config, df) in enumerate(layers.groupby("config", sort=False)):
+            m = df.groupby("layer")[col].mean()
+            m = m[(m > 0) & np.isfinite(m)]  # beyond float64 (2^1000 blocks of alpha = 1) the line stops
+            ax.plot(m.index, np.log10(m.to_numpy()), label=_text(config), color=f"C{i % 10}",
+                    linestyle=("-", "--", ":")[i // 10 % 3])  # more configurations than colours
+        ax.set_ylabel("log10")
+        ax.set_xlabel("block")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), fontsize=8)
+    save(fig, path, svg)
+    plt.close(fig)
+    return path
+
+
+def findings(run: Run) -> list[Item]:
+    """Where branches are switched off (the skip alone carries the signal) and where the stream collapses."""
+    out: list[Item] = []
+    table = block_table(run.layers)
+    for config, df in table.groupby("config", sort=False):
+        off = df[df["ratio"] < math.log10(OFF_RATIO)]
+        if len(off) == len(df):
+            out.append(f"**{lit(config)}**: every branch is switched off at init (it adds less than "
+                       f"{OFF_RATIO:g} of the stream's second moment): the skip alone carries the signal, "
+                       "forward and backward; the network is the identity until training moves the branches.")
+        elif len(off):
+            out.append(f"**{lit(config)}**: branches switched off from block {int(off['block'].iloc[0])} "
+                       f"({len(off)} of {len(df)} blocks add less than {OFF_RATIO:g} of the stream): the skip "
+                       "alone carries the signal there.")
+        collapsed = df[df["cos"] > COLLAPSE_COS]
+        if len(collapsed):
+            out.append(f"**{lit(config)}**: the residual stream collapses onto one direction from block "
+                       f"{int(collapsed['block'].iloc[0])} (mean cos between samples above {COLLAPSE_COS}; "
+                       f"{fmt(df['cos'].iloc[-1], 3)} at block {int(df['block'].iloc[-1])}).")
+    return out
+
+
+def section(doc: Document, run: Run, figure: str) -> None:
+    """The "Residual blocks" section: the signal-propagation plot and the per-block table."""
+    doc.h2("Residual blocks")
+    doc.p("Each block is x_l = x_(l-1) + alpha f(x_(l-1) / beta): the skip carries x_(l-1), the branch adds "
+          "alpha f. In the tables and figures of this report a row is a block: `post` is the stream x_l, `pre` "
+          "is alpha f (what the block adds), and `branch_*` in layers.csv is f before alpha (its average channel "
+          "variance is NFNets' res_avg_var). Backward, `delta` is the branch's share of the gradient reaching the "
+          "block's input and `weight grad norm` covers all the block's weights.")
+    doc.figure(figure, "Signal propagation per block: average squared channel mean and average channel variance "
+               "of the stream, and the branch's average channel variance")
+    doc.p("Second moments add through a block (the branch's last dense layer has zero-mean weights, so skip and "
+          "branch are uncorrelated): q_l = q_(l-1) + alpha^2 E[f^2]. With alpha = 1 and a variance-preserving "
+          "branch q doubles per block (2^L); alpha = 1/sqrt(L) multiplies it by 1 + 1/L per block, (1 + 1/L)^L ~ e in "
+          "all; batch norm at the end of the "
+          "branch makes E[f^2] = 1 and q_l = q_0 + l alpha^2 (De & Smith 2020); SkipInit (alpha = 0) and Fixup "
+          "(a zero last layer) are the identity at init; NF-ResNets divide the branch's input by beta_l = "
+          "sqrt(1 + sum_(i<l) alpha_i^2) and keep Var f = 1 (Brock et al. 2021). The theory columns follow "
+          "this recursion with the branch's mean-field q-map; they are infinite-width limits, which for relu and "
+          "linear branches with Gaussian weights are also the exact mean over networks at any width. One "
+          "network's log-variance drifts below the mean's by a random walk (the typical network); the range of "
+          "single networks in the std figure is that finite-width band.")
+    table = block_table(run.layers)
+    for config, df in table.groupby("config", sort=False):
+        shown = set(shown_layers(int(df["block"].max())))
+        df = df[df["block"].isin(shown)]
+        if table["config"].nunique() > 1:
+            doc.h3(lit(config))
+        doc.table(pd.DataFrame({
+            "block": df["block"],
+            "skip E[x^2]": [fmt_pow10(v) for v in df["skip"]],
+            "alpha^2 E[f^2]": [fmt_pow10(v) for v in df["added"]],
+            "branch / skip": [fmt_pow10(v) for v in df["ratio"]],
+            "theory branch / skip": [fmt_pow10(v) for v in df["theory_ratio"]],
+            "res_avg_var": [fmt_pow10(v) for v in df["res_avg_var"]],
+        }))
+    doc.items([
+        "*skip E[x^2]*: the second moment of the block's input, carried unchanged by the skip; *alpha^2 E[f^2]*: "
+        "that of what the branch adds; *branch / skip*: their ratio (10 to the mean of its log10 over "
+        "replicates), and the theory's;",
+        "*res_avg_var*: the branch's output f (before alpha), its variance per unit over samples, averaged over "
+        "units (NFNets' measure).",
+    ])

@@ -116,7 +116,7 @@ def forward(spec: RunSpec, replicates: Sequence[int], xs: list[Values],
         views = list(h)
         values, rows = [], []
         for k, net in enumerate(nets):
-            (pre_k, ms_z), (post_k, ms_h) = pre[k], post[k]
+            (pre_k, _), (post_k, ms_h) = pre[k], post[k]
             blockwise = act.homogeneous or (dtype is np.float32 and abs(log_z[k]) < activations.LOG_DIRECT_F32)
             # As Network.step decides: phi(0) != 0 with every phi far below 1 takes the phased path too.
             if blockwise and (act.phi0 == 0 or ms_h >= MS_BAND[0]):

@@ -19,6 +19,11 @@ def report_cmd(run_dir: str, formats: str) -> None:
     """Redraw RUN_DIR's figures and reports from its layers.csv and config.json, without rerunning."""
     fmts = parse_formats(formats)
     path = Path(run_dir)
+    if (path / "_sweep.json").is_file():  # a varprop sweep directory: its own report
+        from .sweep import redraw
+
+        click.echo(f"rewrote {redraw(path)} (report.md and figures beside it)")
+        return
     if not (path / "layers.csv").is_file() or not (path / "config.json").is_file():
         raise SpecError("RUN_DIR", f"{run_dir} holds no layers.csv and config.json of a varprop simulate run")
     try:

@@ -1,0 +1,57 @@
+"""What a dask worker runs for a sweep (imported on the workers)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+from distributed import WorkerPlugin
+from threadpoolctl import threadpool_limits
+
+from .. import theory
+from ..engine import run_replicate
+from ..spec import expand
+
+
+def task_frame(options: Mapping[str, Any], start: int, stop: int) -> pd.DataFrame:
+    """Replicates ``start .. stop - 1`` of one configuration: the rows
+    ``varprop.simulate`` gives for them (layers.csv's columns after the
+    label), the theory's predictions on every row."""
+    (config,) = expand(dict(options))
+    spec = config.spec
+    with threadpool_limits(1, user_api="blas"):
+        rows = [r for rep in range(start, stop) for r in run_replicate(spec, rep)]
+        predicted = theory.predict(spec)
+    for r in rows:
+        r.pop("_hist", None)  # histograms are a simulate report's, not the table's
+    frame = pd.DataFrame(rows)
+    lead = ["replicate", "layer", "width", "fan_in", "fan_out"]
+    frame = frame[lead + [col for col in frame if col not in lead]]
+    frame = frame.merge(predicted, on="layer", how="left")
+    frame["fan_in"] = frame["fan_in"].astype("Int64")
+    frame["fan_out"] = frame["fan_out"].astype("Int64")
+    return frame
+
+
+def run_task(options: Mapping[str, Any], start: int, stop: int) -> pd.DataFrame:
+    """The function a worker runs: :func:`task_frame` with the worker's BLAS
+    pinned to one thread for good (threadpoolctl's context, entered and left
+    by tasks on several threads of one worker, could restore another
+    thread count under a running task)."""
+    threadpool_limits(1, user_api="blas")
+    return task_frame(options, start, stop)
+
+
+class IgnoreSigint(WorkerPlugin):
+    """Worker plugin: Ctrl-C in a terminal reaches the whole process group;
+    the driver handles it and stops the workers, which must not die of it
+    first (each would print a KeyboardInterrupt traceback)."""
+
+    name = "varprop-ignore-sigint"
+
+    def setup(self, worker: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

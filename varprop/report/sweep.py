@@ -9,6 +9,7 @@ previous report.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import secrets
@@ -31,6 +32,7 @@ METRICS = {
     "grad_log10_std": ("grad_log10_std", "input", "log10 std of the gradient at the input"),
     "abs_cos": ("post_abs_cos_sim", "last", "mean |cos| between samples at the last layer"),
     "cos": ("pre_cos_sim", "last", "mean cosine of z between samples at the last layer"),
+    "abs_cos_pre": ("pre_abs_cos_sim", "last", "mean |cos| of z between samples at the last layer"),
     "theory_out_log10_std": ("theory_post_log10_std", "last", "mean-field log10 std of the last layer's output"),
     "theory_cos": ("theory_pre_cos_sim", "last", "mean-field cosine of z at the last layer"),
 }
@@ -294,17 +296,18 @@ def _activation(options: dict[str, Any]) -> str:
 
 
 def phase(summary: pd.DataFrame, manifest: dict[str, Any], path: Path) -> tuple[Path | None, list[str]]:
-    """The measured order-to-chaos diagram: the cosine of z between samples
-    at the last layer over (sigma_w^2, sigma_b^2), one row of panels
-    (measured, mean-field) per activation and depth, with the theory's
-    critical line chi_1 = 1 (varprop.theory.phase_grid). Drawn when the
-    sweep varies sigma_w^2 or sigma_b^2 (gain, bias_std)."""
-    if "cos" not in summary or summary["sigma_w2"].isna().all():
+    """The measured order-to-chaos diagram over (sigma_w^2, sigma_b^2), one
+    row per activation and depth: the mean |cos| of z between samples at the
+    last layer beside the |c*| that mean-field theory says correlations
+    settle to (varprop.theory.phase_grid), each with the critical line
+    chi_1 = 1. Drawn when the sweep varies sigma_w^2 or sigma_b^2 (gain,
+    bias_std) of a built-in non-orthogonal init."""
+    if "abs_cos_pre" not in summary or summary["sigma_w2"].isna().all():
         return None, []
     acts = {t["label"]: _activation(t["options"]) for t in manifest["tasks"]}
     depths = {t["label"]: t["depth"] for t in manifest["tasks"]}
     s = summary.assign(activation=summary["config"].map(acts), depth=summary["config"].map(depths))
-    s = s.dropna(subset=["sigma_w2", "cos"])
+    s = s.dropna(subset=["sigma_w2", "abs_cos_pre"])
     panels = [(k, g) for k, g in s.groupby(["activation", "depth"], sort=False)
               if g["sigma_w2"].nunique() * g["sigma_b2"].nunique() >= 2]
     if not panels:
@@ -313,36 +316,48 @@ def phase(summary: pd.DataFrame, manifest: dict[str, Any], path: Path) -> tuple[
     from .figures import _save
 
     shown = panels[:MAX_PANELS // 2]
-    fig, axes = plt.subplots(len(shown), 2, figsize=(10.5, 0.8 + 3.6 * len(shown)), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(len(shown), 2, figsize=(10, 0.6 + 3.3 * len(shown)), dpi=110, squeeze=False,
+                             layout="constrained")
     notes = []
     mesh = None
-    for (act, depth), g in shown:
-        ax_m, ax_t = axes[shown.index(((act, depth), g))]
-        sw, sb = sorted(g["sigma_w2"].unique()), sorted(g["sigma_b2"].unique())
+    for row, ((act, depth), g) in zip(axes, shown):
+        sw, sb = tuple(sorted(g["sigma_w2"].unique())), tuple(sorted(g["sigma_b2"].unique()))
         crit = _critical(act, sw, sb)
-        for ax, col, title in ((ax_m, "cos", "measured"), (ax_t, "theory_cos", "mean-field c-map")):
-            grid = g.groupby(["sigma_b2", "sigma_w2"])[col].mean().unstack().reindex(index=sb, columns=sw)
-            mesh = ax.pcolormesh(_edges(sw), _edges(sb), grid.to_numpy(float), cmap="magma", vmin=0, vmax=1)
+        measured = g.groupby(["sigma_b2", "sigma_w2"])["abs_cos_pre"].mean().unstack().reindex(index=sb, columns=sw)
+        try:
+            th = theory.phase_grid(act, np.array(sw), np.array(sb))
+        except (KeyError, ValueError):  # an activation the theory does not know
+            th = None
+        for ax, grid, title in ((row[0], measured.to_numpy(float), f"measured at layer {depth}"),
+                                (row[1], None if th is None else np.abs(th["c_star"].to_numpy()).reshape(
+                                    len(sw), len(sb)).T, "mean-field |c*| (infinite depth)")):
+            if grid is not None:
+                mesh = ax.pcolormesh(_edges(sw), _edges(sb), grid, cmap="magma", vmin=0, vmax=1)
             if crit is not None:
                 ax.plot(*crit, color="cyan", lw=1.8, label="chi_1 = 1 (theory)")
             ax.set_xlim(_edges(sw)[0], _edges(sw)[-1])
             ax.set_ylim(_edges(sb)[0], _edges(sb)[-1])
             ax.set_xlabel("sigma_w^2 = fan_in Var(W)", fontsize=8)
             ax.set_ylabel("sigma_b^2 = Var(b)", fontsize=8)
-            ax.set_title(f"{act}, {depth} layers: {title}", fontsize=9)
+            ax.set_title(f"{act}: {title}", fontsize=9)
             ax.tick_params(labelsize=7)
-        ax_m.legend(fontsize=7, loc="upper left")
-        gap = (g["cos"] - g["theory_cos"]).abs()
-        if gap.notna().any():
-            worst = g.loc[gap.idxmax()]
-            notes.append(f"Order to chaos, {act} at {depth} layers: the measured cosine of z between samples at the "
-                         f"last layer is within {gap.max():.2g} of the c-map's prediction over {gap.notna().sum()} "
-                         f"(sigma_w^2, sigma_b^2) points (largest gap at {worst['config']}: measured "
-                         f"{worst['cos']:.3f}, predicted {worst['theory_cos']:.3f}); ordered points (left of the "
-                         "critical line) approach 1, chaotic ones stay below.")
-    fig.colorbar(mesh, ax=axes, shrink=0.8, label="mean cosine of z between samples, last layer")
+        if crit is not None:
+            row[0].legend(fontsize=7, loc="upper left")
+        if th is not None:
+            chi = pd.Series(th["chi_1"].to_numpy(), index=pd.MultiIndex.from_arrays([th["sigma_w2"], th["sigma_b2"]]))
+            ordered = np.array([chi.get((w, b), np.nan) < 1 for w, b in zip(g["sigma_w2"], g["sigma_b2"])])
+            parts = []
+            for name, mask in (("ordered (chi_1 < 1)", ordered), ("chaotic", ~ordered)):
+                if mask.any():
+                    v = g["abs_cos_pre"].to_numpy(float)[mask]
+                    span = f"{np.nanmin(v):.2f}" if np.nanmin(v) == np.nanmax(v) else \
+                        f"{np.nanmin(v):.2f} to {np.nanmax(v):.2f}"
+                    parts.append(f"{span} at its {mask.sum()} {name} point{'s' if mask.sum() > 1 else ''}")
+            notes.append(f"Order to chaos, {act} at {depth} layers: the mean |cos| of z between samples at the last "
+                         "layer (1: every input on one direction) is " + "; ".join(parts) + ".")
+    fig.colorbar(mesh, ax=axes, shrink=0.8, label="mean |cos| of z between samples")
     more = f" (first {len(shown)} of {len(panels)} activation x depth panels)" if len(panels) > len(shown) else ""
-    fig.suptitle("Order to chaos: correlation between inputs after the stack" + more, fontsize=10)
+    fig.suptitle("Order to chaos: how far inputs collapse onto one direction" + more, fontsize=10)
     _save(fig, path)
     plt.close(fig)
     return path, notes
@@ -353,19 +368,25 @@ def _edges(v: Sequence[float]) -> np.ndarray:
     v = np.asarray(v, float)
     if len(v) == 1:
         half = max(abs(v[0]) * 0.1, 0.05)
-        return np.array([v[0] - half, v[0] + half])
-    mid = (v[1:] + v[:-1]) / 2
-    return np.concatenate([[2 * v[0] - mid[0]], mid, [2 * v[-1] - mid[-1]]])
+        edges = np.array([v[0] - half, v[0] + half])
+    else:
+        mid = (v[1:] + v[:-1]) / 2
+        edges = np.concatenate([[2 * v[0] - mid[0]], mid, [2 * v[-1] - mid[-1]]])
+    if v[0] >= 0:  # variances: no negative axis
+        edges[0] = max(edges[0], 0.0)
+    return edges
 
 
-def _critical(act: str, sw: Sequence[float], sb: Sequence[float]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The critical line chi_1 = 1 as (sigma_w^2, sigma_b^2) points over the plotted range."""
+@functools.lru_cache(maxsize=32)
+def _critical(act: str, sw: tuple[float, ...], sb: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The critical line chi_1 = 1 as (sigma_w^2, sigma_b^2) points over the
+    plotted range (one sigma_b^2: a vertical stroke through its cells)."""
     ew, eb = _edges(sw), _edges(sb)
-    fine_w = np.linspace(max(ew[0], 1e-3), ew[-1], 80)
-    fine_b = np.linspace(max(eb[0], 0.0), eb[-1], 40)
+    fine_w = np.linspace(max(ew[0], 1e-3), ew[-1], 60)
+    fine_b = np.linspace(max(eb[0], 0.0), eb[-1], 12) if len(sb) > 1 else np.array([sb[0]])
     try:
         grid = theory.phase_grid(act, fine_w, fine_b)
-    except (KeyError, ValueError):
+    except (KeyError, ValueError):  # an activation the theory does not know (a user's)
         return None
     chi = grid["chi_1"].to_numpy().reshape(len(fine_w), len(fine_b))
     xs, ys = [], []
@@ -376,6 +397,8 @@ def _critical(act: str, sw: Sequence[float], sb: Sequence[float]) -> tuple[np.nd
             i = k[0]
             xs.append(fine_w[i] - d[i] * (fine_w[i + 1] - fine_w[i]) / (d[i + 1] - d[i]))
             ys.append(b)
+    if len(sb) == 1 and xs:
+        return np.array([xs[0], xs[0]]), eb
     return (np.array(xs), np.array(ys)) if xs else None
 
 
@@ -389,8 +412,8 @@ def pairs(keys: Sequence[str], summary: pd.DataFrame, most: int = 3) -> list[tup
         out.append(("width" if "width" in varied else "widths", "layers"))
     for i, a in enumerate(varied):
         for b in varied[i + 1:]:
-            if (a, b) not in out and (b, a) not in out and {a, b} != {"gain", "bias_std"}:
-                out.append((b, a))  # the later option across, the earlier down
+            if (a, b) not in out and (b, a) not in out:
+                out.append((a, b))
     return out[:most]
 
 
@@ -458,12 +481,17 @@ def write_report(directory: Path | str, manifest: dict[str, Any] | None = None,
             doc.h2("Order to chaos")
             doc.p("sigma_w^2 and sigma_b^2 are simulate's options as mean-field theory names them: with `init = "
                   "\"fan_in\"` and normal weights, Var W = gain^2 / fan_in, so sigma_w^2 = gain^2; sigma_b = "
-                  "`bias_std`. Left: the measured mean cosine similarity of z between samples at the last layer "
-                  "(inputs start independent, cosine near 0); right: the c-map's prediction for the same network. "
-                  "The cyan line is where chi_1 = sigma_w^2 E[phi'(z)^2] at the fixed point q* equals 1 "
-                  "(varprop.theory.phase_grid): left of it (ordered) correlations grow to 1 with depth, right of it "
-                  "(chaotic) they settle below 1.")
-            doc.figure(phase_path.name, "Measured and predicted correlation at the last layer over "
+                  "`bias_std`. The inputs start independent (cosine near 0). Left: the mean |cos| of z between "
+                  "pairs of samples at the last layer, measured; right: |c*|, the correlation mean-field theory says "
+                  "inputs settle to at infinite depth (varprop.theory.phase_grid). The cyan line is chi_1 = "
+                  "sigma_w^2 E[phi'(z)^2] at the fixed point q* = 1: on its ordered side (chi_1 < 1) every input "
+                  "ends up on one direction (|c*| = 1), on its chaotic side inputs stay apart. Near the line the "
+                  "correlation depth scale xi_c diverges, so a network of finite depth has not reached c* there. "
+                  "The absolute value matters: for odd activations without bias (tanh), collapsing pairs go to +1 "
+                  "or -1 and the signed mean stays near 0. At sigma_b^2 = 0 on the ordered side q* = 0: the signal "
+                  "dies away and tanh acts as a linear map, which keeps correlations as they were, so |c*| = 1 "
+                  "(the limit of small sigma_b) is not what a network shows there.")
+            doc.figure(phase_path.name, "Measured mean |cos| at the last layer and mean-field |c*| over "
                        "(sigma_w^2, sigma_b^2), with the critical line")
         if not fit_table.empty:
             doc.h2("Fitted exponents")

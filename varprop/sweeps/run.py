@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,7 +232,7 @@ def _kill_at() -> int | None:
 def _connect(scheduler: str | None, workers: int | None, threads_per_worker: int) -> tuple[Any, Any]:
     from dask.distributed import Client, LocalCluster
 
-    from .worker import IgnoreSigint
+    from .signals import IgnoreSigint
 
     if scheduler:
         try:
@@ -244,8 +245,10 @@ def _connect(scheduler: str | None, workers: int | None, threads_per_worker: int
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
-        cluster = LocalCluster(n_workers=workers or available_cores(), threads_per_worker=threads_per_worker,
-                               processes=True, dashboard_address=dashboard, silence_logs=logging.CRITICAL)
+        with warnings.catch_warnings():  # the link printed says which port the dashboard took
+            warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
+            cluster = LocalCluster(n_workers=workers or available_cores(), threads_per_worker=threads_per_worker,
+                                   processes=True, dashboard_address=dashboard, silence_logs=logging.CRITICAL)
     finally:
         if main:
             signal.signal(signal.SIGINT, previous)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
-from distributed import WorkerPlugin
 from threadpoolctl import threadpool_limits
 
 from .. import theory
@@ -43,15 +40,3 @@ def run_task(options: Mapping[str, Any], start: int, stop: int) -> pd.DataFrame:
     thread count under a running task)."""
     threadpool_limits(1, user_api="blas")
     return task_frame(options, start, stop)
-
-
-class IgnoreSigint(WorkerPlugin):
-    """Worker plugin: Ctrl-C in a terminal reaches the whole process group;
-    the driver handles it and stops the workers, which must not die of it
-    first (each would print a KeyboardInterrupt traceback)."""
-
-    name = "varprop-ignore-sigint"
-
-    def setup(self, worker: Any) -> None:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -52,7 +52,7 @@ def _read(directory: Path, manifest: dict[str, Any]) -> pd.DataFrame:
     for task in manifest["tasks"]:
         path = result_path(directory, task["key"])
         if path.exists():
-            have = [c for c in want if c in {n for n, _ in manifest["columns"]} | {"config", *keys}]
+            have = [c for c in want if c in {col[0] for col in manifest["columns"]} | {"config", *keys}]
             frames.append(pd.read_parquet(path, columns=have))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["config", *keys])
 

@@ -94,10 +94,11 @@ def sweep(grid: str | os.PathLike[str] | Mapping[str, Any] | Grid, client: Any =
     anything runs). Raises KeyboardInterrupt after a Ctrl-C, once the
     finished tasks are safely written.
 
-    >>> res = sweep({"layers": [2, 3], "width": 8, "samples": 16}, out=getfixture("tmp_path") / "s", workers=1)
-    ... # doctest: +SKIP
-    >>> res.read().groupby("config").size().to_dict()  # doctest: +SKIP
-    {'layers=2': 3, 'layers=3': 4}
+    Example (from a script: worker processes import its main module, so
+    guard the call with ``if __name__ == "__main__":``)::
+
+        res = sweep({"layers": [2, 3], "width": 8, "samples": 16}, out="sweeps/s", workers=2)
+        res.read().groupby("config").size().to_dict()   # {'layers=2': 3, 'layers=3': 4}
     """
     require()
     start_time = time.perf_counter()
@@ -106,6 +107,8 @@ def sweep(grid: str | os.PathLike[str] | Mapping[str, Any] | Grid, client: Any =
         text, grid = _from_file(Path(grid))
     elif not isinstance(grid, Grid):
         grid = build_grid(grid)
+    if client is not None and (scheduler is not None or workers is not None):
+        raise SpecError("scheduler" if scheduler is not None else "workers", "applies when no client is given")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise SpecError("workers", f"expected a positive integer, got {workers!r}")
     if not isinstance(threads_per_worker, int) or threads_per_worker < 1:
@@ -120,7 +123,11 @@ def sweep(grid: str | os.PathLike[str] | Mapping[str, Any] | Grid, client: Any =
         todo = [store.tasks[k] for k in store.tasks if k not in done]
         result = SweepResult(out, len(store.tasks), len(done), 0)
         if todo:
-            _run(store, todo, result, client, scheduler, workers, threads_per_worker, progress, on_start)
+            try:
+                _run(store, todo, result, client, scheduler, workers, threads_per_worker, progress, on_start)
+            except BaseException:
+                store.discard()
+                raise
         elif on_start is not None:
             on_start(result)
         result.failed = {k: {"label": v["label"], "error": v["error"]} for k, v in store.failures.items()}
@@ -128,7 +135,11 @@ def sweep(grid: str | os.PathLike[str] | Mapping[str, Any] | Grid, client: Any =
         if report and result.reused + result.ran > 0:
             from ..report.sweep import write_report
 
-            result.report = write_report(out, store.manifest)
+            try:
+                result.report = write_report(out, store.manifest)
+            except OSError as exc:
+                raise SpecError("out", f"the results are in {out}, but its report could not be written "
+                                f"({exc.strerror or exc}); redraw it with varprop report {out}") from None
     return result
 
 
@@ -183,14 +194,14 @@ def _run(store: SweepDir, todo: list[dict[str, Any]], result: SweepResult, clien
             task = store.tasks[future.key.removeprefix("varprop-sweep-")]
             if future.status == "finished":
                 try:
-                    frame = future.result()
+                    table = future.result()
                 except Exception as exc:  # lost between finishing and being fetched: a failure like any
                     store.fail(task["key"], _reason(exc), traceback.format_exc())
                 else:
                     hook = None
                     if kill_at is not None and result.ran + 1 == kill_at:
                         hook = lambda: os.kill(os.getpid(), signal.SIGKILL)
-                    _safely(store, store.add, task, frame, before_rename=hook)
+                    _safely(store, store.add, task, table, before_rename=hook)
                     result.ran += 1
             else:
                 exc = future.exception()

@@ -114,17 +114,10 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-# --- column types ------------------------------------------------------------
-
-def _type_of(series: pd.Series) -> str:
-    if pd.api.types.is_bool_dtype(series):
-        return "bool"
-    if pd.api.types.is_integer_dtype(series):
-        return "int64"
-    if pd.api.types.is_float_dtype(series):
-        return "float64"
-    return "string"
-
+# --- column types ----------------------------------------------------------------
+# A column is (name, kind, pandas dtype): kind is its Parquet type (bool, int64, float64,
+# string); the pandas dtype, kept in every file's pandas metadata, is what read_parquet
+# gives back (Int64 for fan_in, which layer 0 leaves empty, as simulate's table has it).
 
 def _cell_type(values: Iterable[Any]) -> str:
     kinds = {("bool" if isinstance(v, bool) else "int64" if isinstance(v, int) else "float64"
@@ -150,23 +143,36 @@ def _arrow_kind(t: Any) -> str:
     return "string"
 
 
-_PANDAS = {"bool": "boolean", "int64": "Int64", "float64": "float64", "string": "str"}
+_NULLABLE = {"bool": "boolean", "int64": "Int64", "float64": "float64", "string": "str"}
 
 
-def _as(series: pd.Series, kind: str) -> pd.Series:
-    """``series`` in the column type ``kind`` (numbers as text where a column holds both)."""
-    if _type_of(series) == kind:
-        return series
-    if kind == "string":
-        return series.map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
-                          ).astype("str")
-    return series.astype(_PANDAS[kind])
+def _arrow_type(kind: str) -> Any:
+    pa, _ = _arrow()
+    return {"bool": pa.bool_(), "int64": pa.int64(), "float64": pa.float64(), "string": pa.string()}[kind]
 
 
-def _constant(value: Any, kind: str, n: int) -> pd.Series:
+def _pandas_dtypes(table: Any) -> dict[str, str]:
+    """The pandas dtype of each column of a table made from a DataFrame (its pandas metadata)."""
+    meta = table.schema.pandas_metadata or {}
+    return {c["name"]: c["numpy_type"] for c in meta.get("columns", [])}
+
+
+def _as_array(column: Any, kind: str) -> Any:
+    """An Arrow column in the Parquet type ``kind`` (numbers as text where a column holds both)."""
+    pa, _ = _arrow()
+    t = _arrow_type(kind)
+    return column if column.type == t else column.cast(t)
+
+
+def _constant(value: Any, kind: str, n: int) -> Any:
+    pa, _ = _arrow()
     if value is None:
-        return pd.Series([None] * n, dtype=_PANDAS[kind]) if kind != "float64" else pd.Series(np.full(n, np.nan))
-    return _as(pd.Series([value] * n), kind)
+        return pa.nulls(n, _arrow_type(kind))
+    if kind == "string":
+        value = str(value)
+    elif kind == "float64":
+        value = float(value)
+    return pa.array([value] * n, _arrow_type(kind))
 
 
 def _acquire(directory: Path, option: str = "out") -> int:
@@ -194,6 +200,7 @@ class SweepDir:
 
     def __init__(self, directory: Path, manifest: dict[str, Any], lock_fd: int):
         self.dir, self.manifest, self._lock_fd = Path(directory), manifest, lock_fd
+        self.created: Path | None = None
         self.tasks = {t["key"]: t for t in manifest["tasks"]}
         self.failures: dict[str, dict[str, Any]] = {}
         path = self.dir / FAILURES
@@ -213,6 +220,11 @@ class SweepDir:
             raise SpecError("out", f"{directory} is a symbolic link; give the directory itself")
         if directory.exists() and not directory.is_dir():
             raise SpecError("out", f"{directory} exists and is not a directory")
+        created = None  # the topmost directory this run makes
+        for ancestor in [directory.absolute(), *directory.absolute().parents]:
+            if ancestor.exists():
+                break
+            created = ancestor
         old = read_manifest(directory) if directory.is_dir() else None
         if directory.is_dir() and old is None:
             others = [p.name for p in directory.iterdir() if not p.name.startswith(TMP) and p.name != LOCK]
@@ -234,7 +246,29 @@ class SweepDir:
         except BaseException:
             os.close(lock_fd)
             raise
-        return cls(directory, manifest, lock_fd)
+        made = cls(directory, manifest, lock_fd)
+        made.created = created
+        return made
+
+    def discard(self) -> None:
+        """Remove a directory this run created when it ends before any task
+        finished (a scheduler that cannot be reached, Ctrl-C at once): a
+        failed start leaves nothing behind."""
+        if self.created is None or any(self.dir.glob("task-*.parquet")):
+            return
+        for name in (MANIFEST, FAILURES, "_grid.toml"):
+            (self.dir / name).unlink(missing_ok=True)
+        for p in self.dir.glob(f"{TMP}*"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        (self.dir / LOCK).unlink(missing_ok=True)
+        self.close()
+        for d in [self.dir.absolute(), *self.dir.absolute().parents]:
+            try:
+                d.rmdir()
+            except OSError:  # something else appeared in it meanwhile: leave it
+                return
+            if d == self.created:
+                return
 
     @staticmethod
     def _merge(directory: Path, old: dict[str, Any] | None, grid_source: dict[str, Any], keys: Sequence[str],
@@ -251,14 +285,15 @@ class SweepDir:
         want = {t["key"] for t in new}
         if want == have:
             return old
+        if old["versions"].get("varprop") != __version__:  # its numbers may differ from this version's
+            raise SpecError("out", f"{directory} holds a sweep made by varprop {old['versions'].get('varprop')}, "
+                            f"this is {__version__}; give another --out")
         if not extend:
-            why = (f"it was made by varprop {old['versions']['varprop']}, this is {__version__}"
-                   if old["versions"].get("varprop") != __version__ else
-                   f"{len(want - have)} of this grid's {len(want)} tasks are not in it, and {len(have - want)} of its "
-                   f"{len(have)} are not in this grid")
-            raise SpecError("out", f"{directory} holds another sweep ({why}); rerun its own grid "
-                            f"({directory / '_grid.toml'}), add --extend to add this grid's tasks to it, "
-                            "or give another --out")
+            own = (directory / "_grid.toml") if (directory / "_grid.toml").exists() else directory / MANIFEST
+            raise SpecError("out", f"{directory} holds another sweep ({len(want - have)} of this grid's {len(want)} "
+                            f"tasks are not in it, {len(have - want)} of its {len(have)} not in this grid); rerun "
+                            f"the grid it was made with ({own}), add --extend to add this grid's tasks to it, or "
+                            "give another --out")
         # Extend: a configuration's replicates may be cut into blocks only one way.
         blocks: dict[str, list[tuple[int, int, str]]] = {}
         for t in old["tasks"]:
@@ -273,7 +308,7 @@ class SweepDir:
         all_keys = list(dict.fromkeys([*old["keys"], *keys]))
         from .grid import cell, label
 
-        merged = [t for t in old["tasks"]] + [t for t in new if t["key"] not in have]
+        merged = old["tasks"] + [t for t in new if t["key"] not in have]
         for t in merged:
             t["values"] = {k: cell(t["options"], k) for k in all_keys}
             t["label"] = label(t["options"], all_keys) or t["label"]
@@ -305,10 +340,12 @@ class SweepDir:
     # --- results -----------------------------------------------------------------
 
     @property
-    def columns(self) -> list[tuple[str, str]]:
-        """The table's columns so far: ``config``, the grid keys, then the result's own."""
-        keyed = [("config", "string")] + [(k, self.manifest["key_types"][k]) for k in self.manifest["keys"]]
-        return keyed + [(name, kind) for name, kind in self.manifest["columns"]]
+    def columns(self) -> list[tuple[str, str, str]]:
+        """The table's columns so far, (name, Parquet type, pandas dtype): ``config``,
+        the grid keys, then the result's own."""
+        types = self.manifest["key_types"]
+        return ([("config", "string", "str")] + [(k, types[k], _NULLABLE[types[k]]) for k in self.manifest["keys"]]
+                + [(name, kind, dtype) for name, kind, dtype in self.manifest["columns"]])
 
     def finished(self) -> set[str]:
         """Keys of the tasks whose result file is whole. A file that cannot be
@@ -324,7 +361,7 @@ class SweepDir:
                     path.unlink(missing_ok=True)
                 else:
                     found[key] = seen
-        if any([self._widen(columns) for columns, _ in found.values()]):
+        if any([self._widen(columns) for columns, _ in found.values()]):  # a list: widen by every file
             write_json(self.dir / MANIFEST, self.manifest)
         for key, (columns, label) in found.items():
             if columns != self.columns or label != self.tasks[key]["label"]:
@@ -342,63 +379,88 @@ class SweepDir:
         start, stop = task["replicates"]
         if meta != task["key"] or table.num_rows != (stop - start) * (task["depth"] + 1) or not table.num_rows:
             return None
-        return [(f.name, _arrow_kind(f.type)) for f in table.schema], str(table.column("config")[0])
+        dtypes = _pandas_dtypes(table)
+        return [(f.name, _arrow_kind(f.type), dtypes.get(f.name)) for f in table.schema], str(table.column("config")[0])
 
     def _rewrite(self, key: str) -> None:
         _, pq = _arrow()
-        self._write(key, pq.read_table(result_path(self.dir, key)).to_pandas())
+        self._write(key, pq.read_table(result_path(self.dir, key)))
 
-    def add(self, task: Task | dict[str, Any], frame: pd.DataFrame,
-            before_rename: Callable[[], None] | None = None) -> None:
-        """Write a finished task's rows (with its label and grid keys) as its result file."""
+    def add(self, task: Task | dict[str, Any], table: Any, before_rename: Callable[[], None] | None = None) -> None:
+        """Write a finished task's rows (an Arrow table of simulate's columns) with
+        its label and grid keys as its result file."""
         key = task.key if isinstance(task, Task) else task["key"]
-        if self._widen([(name, _type_of(frame[name])) for name in frame.columns]):
+        dtypes = _pandas_dtypes(table)
+        if self._widen([(f.name, _arrow_kind(f.type), dtypes.get(f.name)) for f in table.schema]):
             write_json(self.dir / MANIFEST, self.manifest)
             for other in self.tasks:  # the results already written, to the wider schema
                 if other != key and result_path(self.dir, other).exists():
                     self._rewrite(other)
-        self._write(key, frame, before_rename)
+        self._write(key, table, before_rename)
         if self.failures.pop(key, None) is not None:
             write_json(self.dir / FAILURES, self.failures)
 
-    def _widen(self, columns: Sequence[tuple[str, str]]) -> bool:
+    def _widen(self, columns: Sequence[tuple[str, str, str | None]]) -> bool:
         """Add new columns to the schema (after the column they follow), or
         widen a column's type; True when the schema changed."""
         cols = [list(c) for c in self.manifest["columns"]]
         keyed = {"config", *self.manifest["keys"]}
+        index = {c[0]: i for i, c in enumerate(cols)}
         changed, previous = False, None
-        for name, kind in columns:
+        for name, kind, dtype in columns:
             if name in keyed:
                 continue
-            known = {n: i for i, (n, _) in enumerate(cols)}
-            if name in known:
-                merged = _unify([cols[known[name]][1], kind])
-                if merged != cols[known[name]][1]:
-                    cols[known[name]][1], changed = merged, True
+            if name in index:
+                col = cols[index[name]]
+                merged = _unify([col[1], kind])
+                if merged != col[1]:
+                    col[1], col[2], changed = merged, _NULLABLE[merged], True
             else:
-                cols.insert(known[previous] + 1 if previous in known else len(cols), [name, kind])
+                at = index[previous] + 1 if previous in index else len(cols)
+                cols.insert(at, [name, kind, dtype or _NULLABLE[kind]])
+                index = {c[0]: i for i, c in enumerate(cols)}
                 changed = True
             previous = name
+        present = {name for name, _, _ in columns}
+        for col in cols:  # a column some result lacks holds nulls there: its pandas dtype must allow them
+            if col[0] not in present and col[2] in ("int64", "bool"):
+                col[2], changed = _NULLABLE[col[1]], True
         if changed:
             self.manifest["columns"] = cols
+            self._meta = None
         return changed
 
-    def _write(self, key: str, frame: pd.DataFrame, before_rename: Callable[[], None] | None = None) -> None:
+    _meta: Any = None
+
+    def _pandas_meta(self) -> bytes:
+        """The pandas metadata every file carries (so read_parquet restores the same dtypes)."""
+        if self._meta is None:
+            pa, _ = _arrow()
+            empty = pd.DataFrame({name: pd.Series([], dtype=dtype) for name, _, dtype in self.columns})
+            schema = pa.schema([(name, _arrow_type(kind)) for name, kind, _ in self.columns])
+            self._meta = pa.Table.from_pandas(empty, schema=schema, preserve_index=False).schema.metadata[b"pandas"]
+        return self._meta
+
+    def _write(self, key: str, table: Any, before_rename: Callable[[], None] | None = None) -> None:
         pa, pq = _arrow()
         task = self.tasks[key]
-        n = len(frame)
-        out = {"config": _constant(task["label"], "string", n)}
-        for k in self.manifest["keys"]:
-            kind = self.manifest["key_types"][k]
-            # width is also a per-layer column of the result: the same value in a square stack, and
-            # the right one in a stack given by widths
-            out[k] = _as(frame[k], kind).reset_index(drop=True) if k in frame else _constant(task["values"].get(k), kind, n)
-        for name, kind in self.manifest["columns"]:
-            out[name] = (_as(frame[name], kind) if name in frame
-                         else _constant(None, kind, n)).reset_index(drop=True)
-        table = pa.Table.from_pandas(pd.DataFrame(out), preserve_index=False)
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"varprop_task": key.encode()})
-        atomic(result_path(self.dir, key), lambda tmp: pq.write_table(table, tmp, write_page_checksum=True),
+        n, have = table.num_rows, set(table.column_names)
+        arrays = []
+        for name, kind, _ in self.columns:
+            if name == "config":
+                arrays.append(_constant(task["label"], kind, n))
+            elif name in self.manifest["keys"] and not (name == "width" and name in have):
+                # (width is also a per-layer column of the result: the same value in a square stack,
+                # and the right one in a stack given by widths)
+                arrays.append(_constant(task["values"].get(name), kind, n))
+            elif name in have:
+                arrays.append(_as_array(table.column(name), kind))
+            else:
+                arrays.append(_constant(None, kind, n))
+        out = pa.Table.from_arrays(arrays, schema=pa.schema(
+            [(name, _arrow_type(kind)) for name, kind, _ in self.columns],
+            metadata={b"pandas": self._pandas_meta(), b"varprop_task": key.encode()}))
+        atomic(result_path(self.dir, key), lambda tmp: pq.write_table(out, tmp, write_page_checksum=True),
                before_rename)
 
     def fail(self, key: str, error: str, detail: str) -> None:

@@ -33,10 +33,13 @@ def task_frame(options: Mapping[str, Any], start: int, stop: int) -> pd.DataFram
     return frame
 
 
-def run_task(options: Mapping[str, Any], start: int, stop: int) -> pd.DataFrame:
-    """The function a worker runs: :func:`task_frame` with the worker's BLAS
+def run_task(options: Mapping[str, Any], start: int, stop: int) -> Any:
+    """The function a worker runs: :func:`task_frame` as an Arrow table (made
+    here, on the workers, rather than by the driver), with the worker's BLAS
     pinned to one thread for good (threadpoolctl's context, entered and left
-    by tasks on several threads of one worker, could restore another
-    thread count under a running task)."""
+    by tasks on several threads of one worker, could restore another thread
+    count under a running task)."""
+    import pyarrow as pa
+
     threadpool_limits(1, user_api="blas")
-    return task_frame(options, start, stop)
+    return pa.Table.from_pandas(task_frame(options, start, stop), preserve_index=False)

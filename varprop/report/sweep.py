@@ -22,6 +22,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from .. import inits, theory
+from ..fit import line_fit
 from ..spec import expand, label_part
 from .document import Document, to_html, to_markdown
 from .markdown import fmt, fmt_pow10
@@ -145,17 +146,14 @@ def fits(reps: pd.DataFrame, keys: Sequence[str], metric: str = "out_log10_std")
             if len(set(x)) < 2:
                 continue
             xt = np.log10(x) if log_x else x
-            per = []
-            for _, r in g.assign(_x=xt).groupby("replicate"):
-                if r["_x"].nunique() >= 2:
-                    per.append(sps.linregress(r["_x"], r[metric]).slope)
-            per = np.array(per)
+            per = np.array([line_fit(r["_x"], r[metric]).slope for _, r in g.assign(_x=xt).groupby("replicate")
+                            if r["_x"].nunique() >= 2])
             if len(per) >= 2:
                 slope, se, dof = per.mean(), per.std(ddof=1) / math.sqrt(len(per)), len(per) - 1
-            else:
-                res = sps.linregress(xt, g[metric])
-                slope, se, dof = res.slope, res.stderr, len(xt) - 2
-            half = float(sps.t.ppf(0.975, dof)) * se if dof > 0 and np.isfinite(se) else math.nan
+                half = float(sps.t.ppf(0.975, dof)) * se
+            else:  # one replicate: the regression's own interval over the option's values
+                res = line_fit(xt, g[metric].to_numpy(float))
+                slope, half = res.slope, (res.slope_hi - res.slope) if res.dof > 0 else math.nan
             values = values if isinstance(values, tuple) else (values,)
             rows.append({"option": key, "fit": f"per log10 {key}" if log_x else f"per unit of {key}",
                          "metric": metric, "group": ", ".join(label_part(k, v) for k, v in zip(others, values)
@@ -203,6 +201,8 @@ def findings(summary: pd.DataFrame, fit_table: pd.DataFrame, manifest: dict[str,
         out.append(f"{len(c)} of {len(summary)} configurations collapse their inputs onto one direction (mean "
                    f"|cos| above {COLLAPSED} at the last layer)" + (f": {_few(c['config'])}." if len(c) else "."))
     for (metric, key), g in fit_table.groupby(["metric", "option"], sort=False) if not fit_table.empty else []:
+        if metric != "out_log10_std":  # the gradient's fits are in the table
+            continue
         big = g.loc[g["slope"].abs().idxmax()]
         std = "the last layer's std" if metric == "out_log10_std" else "the input gradient's std"
         what = (f"exponent b of {std} ~ {key}^b" if big["fit"].startswith("per log10") else
@@ -253,7 +253,8 @@ def heatmap(summary: pd.DataFrame, x: str, y: str, metric: str, keys: Sequence[s
     cols = min(len(shown), 4)
     rows = math.ceil(len(shown) / cols)
     xs, ys = _order(summary[x]), _order(summary[y])
-    fig, axes = plt.subplots(rows, cols, figsize=(1.2 + 3.3 * cols, 0.9 + 2.9 * rows), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 + 3.1 * cols, 0.9 + 2.9 * rows), dpi=110, squeeze=False,
+                             layout="constrained")
     values = summary[metric].replace([np.inf, -np.inf], np.nan)
     if metric == "abs_cos":
         cmap, vmin, vmax = "viridis", 0.0, 1.0
@@ -261,7 +262,7 @@ def heatmap(summary: pd.DataFrame, x: str, y: str, metric: str, keys: Sequence[s
         m = max(float(np.nanmax(np.abs(values))), 0.5)
         cmap, vmin, vmax = "RdBu_r", -m, m
     mesh = None
-    for ax, (vals, g) in zip(axes.flat, shown):
+    for n, (ax, (vals, g)) in enumerate(zip(axes.flat, shown)):
         grid = np.full((len(ys), len(xs)), np.nan)
         for _, r in g.iterrows():
             if r[x] in xs and r[y] in ys:
@@ -277,13 +278,14 @@ def heatmap(summary: pd.DataFrame, x: str, y: str, metric: str, keys: Sequence[s
         ax.set_xticks(np.arange(len(xs)) + 0.5, [str(v) for v in xs], fontsize=7)
         ax.set_yticks(np.arange(len(ys)) + 0.5, [str(v) for v in ys], fontsize=7)
         ax.set_xlabel(x, fontsize=8)
-        ax.set_ylabel(y, fontsize=8)
+        if n % cols == 0:
+            ax.set_ylabel(y, fontsize=8)
         vals = vals if isinstance(vals, tuple) else (vals,)
         ax.set_title(", ".join(label_part(k, v) for k, v in zip(others, vals) if v is not None and v == v) or "",
                      fontsize=8)
     for ax in axes.flat[len(shown):]:
         ax.set_visible(False)
-    fig.colorbar(mesh, ax=axes, shrink=0.85, label=METRICS[metric][2])
+    fig.colorbar(mesh, ax=axes, shrink=0.9, label=METRICS[metric][2])
     more = f" (first {MAX_PANELS} of {len(panels)} panels)" if len(panels) > MAX_PANELS else ""
     fig.suptitle(f"{METRICS[metric][2]}{more}", fontsize=10)
     _save(fig, path)
@@ -308,8 +310,9 @@ def phase(summary: pd.DataFrame, manifest: dict[str, Any], path: Path) -> tuple[
     depths = {t["label"]: t["depth"] for t in manifest["tasks"]}
     s = summary.assign(activation=summary["config"].map(acts), depth=summary["config"].map(depths))
     s = s.dropna(subset=["sigma_w2", "abs_cos_pre"])
+    # a diagram needs a few points: three values of sigma_w^2, or two of each
     panels = [(k, g) for k, g in s.groupby(["activation", "depth"], sort=False)
-              if g["sigma_w2"].nunique() * g["sigma_b2"].nunique() >= 2]
+              if g["sigma_w2"].nunique() >= 2 and g["sigma_w2"].nunique() * g["sigma_b2"].nunique() >= 3]
     if not panels:
         return None, []
     plt = _plt()

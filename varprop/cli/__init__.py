@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("theory:fit_cmd", "The sqrt(fan_in) law, fitted over one layer."),
     "phase": ("theory:phase_cmd", "The order-to-chaos phase diagram over (sigma_w^2, sigma_b^2)."),
     "check": ("check:check_cmd", "Does an init keep the std within a band? Exit 0 yes, 1 no."),
-    "sweep": ("sweep:sweep_cmd", "A grid of configurations on dask.distributed; resumable, Parquet results."),
+    "sweep": ("sweep:sweep_cmd", "A grid of configurations on dask, resumable; Parquet results."),
     "report": ("report:report_cmd", "Redraw a saved run's report without rerunning it."),
     "gallery": ("report:gallery_cmd", "Regenerate the committed reports/ gallery."),
 }

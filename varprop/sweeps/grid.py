@@ -55,7 +55,6 @@ from ..spec import (
 RESERVED = ("zip", "exclude", "include")
 
 
-
 @dataclass(frozen=True)
 class Task:
     """One unit of work: a configuration and a block of its replicates.
@@ -170,6 +169,9 @@ def build_grid(grid: Mapping[str, Any]) -> Grid:
     if not raw:
         raise SpecError("GRID", "the [[exclude]] tables remove every configuration of the grid")
     raw = _with_shared_samples(raw)
+    for c in raw:  # workers may start elsewhere: the file by its full path
+        if "input_file" in c:
+            c["input_file"] = os.path.abspath(c["input_file"])
     for key, why in _IRRELEVANT.items():
         if any(key in c for c in raw) and not any(key in _relevant(c) for c in raw):
             raise SpecError(key, why)

@@ -36,7 +36,7 @@ import pandas as pd
 from ..errors import SpecError
 from ..parallel import available_cores
 from .grid import Grid, build_grid, read_grid
-from .store import SweepDir, read_results, write_text
+from .store import SweepDir, read_results, result_path, write_text
 
 INSTALL = "pip install 'varprop[sweep]'"
 Progress = Callable[[int, int], None]  # (tasks done, of total)
@@ -126,6 +126,8 @@ def sweep(grid: str | os.PathLike[str] | Mapping[str, Any] | Grid, client: Any =
             try:
                 _run(store, todo, result, client, scheduler, workers, threads_per_worker, progress, on_start)
             except BaseException:
+                # Ctrl-C can land between a result's rename and its count: the files say what is kept.
+                result.ran = sum(result_path(out, k).exists() for k in store.tasks) - result.reused
                 store.discard()
                 raise
         elif on_start is not None:

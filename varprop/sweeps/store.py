@@ -200,7 +200,8 @@ class SweepDir:
 
     def __init__(self, directory: Path, manifest: dict[str, Any], lock_fd: int):
         self.dir, self.manifest, self._lock_fd = Path(directory), manifest, lock_fd
-        self.created: Path | None = None
+        self.created: Path | None = None  # the topmost directory open() made
+        self.fresh = False  # whether open() made the manifest (DIR was new or empty)
         self.tasks = {t["key"]: t for t in manifest["tasks"]}
         self.failures: dict[str, dict[str, Any]] = {}
         path = self.dir / FAILURES
@@ -247,14 +248,14 @@ class SweepDir:
             os.close(lock_fd)
             raise
         made = cls(directory, manifest, lock_fd)
-        made.created = created
+        made.created, made.fresh = created, old is None
         return made
 
     def discard(self) -> None:
-        """Remove a directory this run created when it ends before any task
-        finished (a scheduler that cannot be reached, Ctrl-C at once): a
-        failed start leaves nothing behind."""
-        if self.created is None or any(self.dir.glob("task-*.parquet")):
+        """Remove what this run wrote, and the directories it made, when it
+        ends before any task of a new sweep finished (a scheduler that cannot
+        be reached, Ctrl-C at once): a failed start leaves nothing behind."""
+        if not self.fresh or any(self.dir.glob("task-*.parquet")):
             return
         for name in (MANIFEST, FAILURES, "_grid.toml"):
             (self.dir / name).unlink(missing_ok=True)
@@ -262,6 +263,8 @@ class SweepDir:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         (self.dir / LOCK).unlink(missing_ok=True)
         self.close()
+        if self.created is None:  # an empty directory of the user's stays, empty again
+            return
         for d in [self.dir.absolute(), *self.dir.absolute().parents]:
             try:
                 d.rmdir()

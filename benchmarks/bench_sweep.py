@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dask  # noqa: E402
 import joblib  # noqa: E402
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402  (comes with distributed)
 from dask.distributed import Client, LocalCluster  # noqa: E402
 
 import varprop  # noqa: E402
@@ -67,16 +68,39 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process and every process it started
+    (the LocalCluster's workers, joblib's) so far."""
+    total = 0.0
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:  # ended meanwhile
+            continue
+        total += t.user + t.system
+    return total
+
+
+def _measured(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process tree) of ``fn()``."""
+    c0 = _cpu()
+    wall = _timed(fn)
+    return wall, _cpu() - c0
+
+
 def overhead(client: Client, n: int, repeats: int) -> dict:
     grid = {**TINY, "seed": list(range(n))}
     opts = [t.options for t in build_grid(grid).tasks()]
     compute = statistics.median(_timed(lambda: [task_frame(o, 0, 1) for o in opts]) for _ in range(repeats)) / n
-    walls = []
+    walls, cpus = [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            walls.append(_timed(lambda: varprop.sweep(grid, client, out=Path(tmp) / "s", report=False)) / n)
+            wall, cpu = _measured(lambda: varprop.sweep(grid, client, out=Path(tmp) / "s", report=False))
+        walls.append(wall / n)
+        cpus.append(cpu / n)
     return {"tasks": n, "wall_per_task_ms": 1e3 * statistics.median(walls), "walls_ms": [1e3 * w for w in walls],
-            "compute_per_task_ms": 1e3 * compute}
+            "cpu_per_task_ms": 1e3 * statistics.median(cpus), "compute_per_task_ms": 1e3 * compute}
 
 
 def whole_process() -> dict:
@@ -92,27 +116,28 @@ def whole_process() -> dict:
 def speedup(client: Client, n: int, depth: int, repeats: int) -> dict:
     grid = {**HEAVY, "layers": depth, "seed": list(range(n))}
     opts = [t.options for t in build_grid(grid).tasks()]
-    times: dict[str, list[float]] = {"one process, one after another": [], "varprop sweep, 2 workers": [],
-                                     "joblib loop, 2 processes": []}
+    names = ("one process, one after another", "varprop sweep, 2 workers", "joblib loop, 2 processes")
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpus: dict[str, list[float]] = {name: [] for name in names}
     with joblib.Parallel(n_jobs=2) as parallel:
         parallel(joblib.delayed(task_frame)(o, 0, 1) for o in opts[:2])  # start loky's workers first
         for _ in range(repeats):
-            for name in times:
+            for name in names:
                 with tempfile.TemporaryDirectory() as tmp:
                     if name.startswith("one process"):
-                        t = _timed(lambda: [one_task(o, tmp, str(i)) for i, o in enumerate(opts)])
+                        t, c = _measured(lambda: [one_task(o, tmp, str(i)) for i, o in enumerate(opts)])
                     elif name.startswith("varprop"):
-                        t = _timed(lambda: varprop.sweep(grid, client, out=Path(tmp) / "s", report=False))
+                        t, c = _measured(lambda: varprop.sweep(grid, client, out=Path(tmp) / "s", report=False))
                     else:
-                        t = _timed(lambda: parallel(joblib.delayed(one_task)(o, tmp, str(i))
-                                                    for i, o in enumerate(opts)))
+                        t, c = _measured(lambda: parallel(joblib.delayed(one_task)(o, tmp, str(i))
+                                                          for i, o in enumerate(opts)))
                 times[name].append(t)
-                print(f"  {name}: {t:.1f} s", flush=True)
-    seq = times["one process, one after another"]
-    return {"tasks": n, "depth": depth, "times": times,
-            "speedup": [s / v for s, v in zip(seq, times["varprop sweep, 2 workers"])],
-            "joblib_speedup": [s / j for s, j in zip(seq, times["joblib loop, 2 processes"])],
-            "vs_joblib": [v / j for v, j in zip(times["varprop sweep, 2 workers"], times["joblib loop, 2 processes"])]}
+                cpus[name].append(c)
+                print(f"  {name}: {t:.1f} s, {c:.1f} CPU s", flush=True)
+    seq = times[names[0]]
+    return {"tasks": n, "depth": depth, "times": times, "cpus": cpus,
+            "speedup": [s / v for s, v in zip(seq, times[names[1]])],
+            "vs_joblib": [v / j for v, j in zip(times[names[1]], times[names[2]])]}
 
 
 def load() -> str:
@@ -121,8 +146,10 @@ def load() -> str:
 
 def report(res: dict, args: argparse.Namespace) -> str:
     o, w, s = res["overhead"], res["whole"], res["speedup"]
-    seq = statistics.median(s["times"]["one process, one after another"])
-    per_task = seq / s["tasks"]
+    names = list(s["times"])
+    seq, seq_cpu = statistics.median(s["times"][names[0]]), statistics.median(s["cpus"][names[0]])
+    per_task = seq_cpu / s["tasks"]
+    sweep_cpu = statistics.median(s["cpus"][names[1]])
     lines = [
         "# Sweep benchmark results", "",
         f"Command: `python benchmarks/bench_sweep.py{' --quick' if args.quick else ''}`; machine: "
@@ -131,27 +158,35 @@ def report(res: dict, args: argparse.Namespace) -> str:
         f"before the run: {res['load_before']}; after: {res['load_after']}.", "",
         "## Targets", "",
         "| measure | value | repeats | target |", "|---|---:|---:|---|",
-        f"| overhead per task on a running 2-worker LocalCluster (ms) | {o['wall_per_task_ms']:.1f} | "
+        f"| overhead per task on a running 2-worker LocalCluster, wall (ms) | {o['wall_per_task_ms']:.1f} | "
         f"{', '.join(f'{x:.1f}' for x in o['walls_ms'])} | <= 50 |",
-        f"| {s['tasks']} tasks of {per_task:.2f} s: one process / varprop sweep on 2 workers | "
+        f"| {s['tasks']} tasks of {per_task:.2f} CPU s: one process / varprop sweep on 2 workers, wall | "
         f"{statistics.median(s['speedup']):.2f}x | {', '.join(f'{x:.2f}' for x in s['speedup'])} | >= 1.7x |",
+        f"| the same: CPU seconds of the sweep (driver and workers) / the loop's | {sweep_cpu / seq_cpu:.3f} | | "
+        "(2 cores: speed-up <= 2 / this) |",
         "", "## Times", "",
-        "| contender | median (s) | repeats (s) | speed-up over one process |", "|---|---:|---:|---:|",
+        "CPU: user + system seconds of the benchmark's process and every process it started. *cores*: CPU / wall, "
+        "the cores the contender actually got.", "",
+        "| contender | wall (s), median | repeats (s) | speed-up over one process | CPU (s) | cores |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, ts in s["times"].items():
+    for name in names:
+        ts, cs = s["times"][name], s["cpus"][name]
         lines.append(f"| {name} | {statistics.median(ts):.1f} | {', '.join(f'{t:.1f}' for t in ts)} | "
-                     f"{seq / statistics.median(ts):.2f}x |")
+                     f"{seq / statistics.median(ts):.2f}x | {statistics.median(cs):.1f} | "
+                     f"{statistics.median(c / t for c, t in zip(cs, ts)):.2f} |")
     lines += [
         "",
-        f"varprop sweep / joblib loop (time): {', '.join(f'{x:.2f}' for x in s['vs_joblib'])} per repeat.", "",
+        f"varprop sweep / joblib loop (wall): {', '.join(f'{x:.2f}' for x in s['vs_joblib'])} per repeat.", "",
         f"Tasks: one configuration ({', '.join(f'{k} {v}' for k, v in HEAVY.items())}, {s['depth']} layers, "
         f"calibrated here to about 1 s) with seeds 0..{s['tasks'] - 1}: one task each. Every contender computes "
         "the same rows (`varprop.sweeps.worker.task_frame`, BLAS on one thread) and writes one Parquet file per "
         "task; the sweep also writes its manifest and checks its directory.", "",
         f"Overhead: {o['tasks']} tasks of one layer of width 4 (their own compute: {o['compute_per_task_ms']:.1f} ms "
-        "each in this process) through `varprop.sweep` on a 2-worker LocalCluster already running: the wall time "
-        "per task covers submitting, scheduling, running, sending the rows back, writing the Parquet file "
-        "and the driver's bookkeeping.", "",
+        f"each in this process) through `varprop.sweep` on a 2-worker LocalCluster already running: wall time per "
+        f"task {o['wall_per_task_ms']:.1f} ms, CPU time per task {o['cpu_per_task_ms']:.1f} ms (driver and "
+        "workers: submitting, scheduling, running, sending the rows back, writing the Parquet file, the "
+        "driver's bookkeeping).", "",
         f"Whole process: `varprop sweep` of one tiny task from the shell takes {w['first_s']:.1f} s (interpreter, "
         f"imports, starting and stopping 2 worker processes, the report), and {w['rerun_s']:.1f} s to rerun "
         "with the task finished (no cluster is started; the report is redrawn).",

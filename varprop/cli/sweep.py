@@ -78,8 +78,11 @@ def sweep_cmd(grid: str, out: str, scheduler: str | None, workers: str | None, t
     except KeyboardInterrupt:
         bar.close()
         res = state.get("result")
-        done = f"{res.reused + res.ran} of {res.tasks} tasks finished and kept in {out}" if res else "nothing run"
-        click.echo(f"varprop: interrupted: {done}; rerun the same command to go on", err=True)
+        if res is None or not Path(out).exists():
+            click.echo("varprop: interrupted before any task finished; nothing written", err=True)
+        else:
+            click.echo(f"varprop: interrupted: {res.reused + res.ran} of {res.tasks} tasks finished and kept in "
+                       f"{out}; rerun the same command to go on", err=True)
         sys.exit(130)
     bar.close()
     click.echo(f"sweep: {result.ran} ran, {result.reused} reused, {len(result.failed)} failed; "

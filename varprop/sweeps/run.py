@@ -179,6 +179,7 @@ def _run(store: SweepDir, todo: list[dict[str, Any]], result: SweepResult, clien
         client, cluster = _connect(scheduler, workers, threads_per_worker)
     futures: dict[str, Any] = {}
     kill_at = _kill_at()
+    failed = 0  # in this run (the failures file also holds those of the runs before, rerun now)
     try:
         info = client.scheduler_info()
         result.workers = sum(w.get("nthreads", 1) for w in info.get("workers", {}).values())
@@ -198,7 +199,8 @@ def _run(store: SweepDir, todo: list[dict[str, Any]], result: SweepResult, clien
                 try:
                     table = future.result()
                 except Exception as exc:  # lost between finishing and being fetched: a failure like any
-                    store.fail(task["key"], _reason(exc), traceback.format_exc())
+                    _safely(store, store.fail, task["key"], _reason(exc), traceback.format_exc())
+                    failed += 1
                 else:
                     hook = None
                     if kill_at is not None and result.ran + 1 == kill_at:
@@ -209,9 +211,10 @@ def _run(store: SweepDir, todo: list[dict[str, Any]], result: SweepResult, clien
                 exc = future.exception()
                 tb = "".join(traceback.format_exception(type(exc), exc, future.traceback())) if exc else ""
                 _safely(store, store.fail, task["key"], _reason(exc), tb)
+                failed += 1
             future.release()
             if progress is not None:
-                progress(result.reused + result.ran + len(store.failures), total)
+                progress(result.reused + result.ran + failed, total)
     finally:
         for future in futures.values():
             if not future.done():

@@ -1,8 +1,12 @@
 """Speed and memory of varprop's engine against the peers a user would reach for.
 
     python benchmarks/bench.py            # full run, writes benchmarks/RESULTS.md
-    python benchmarks/bench.py --quick    # about a minute
+    python benchmarks/bench.py --quick    # about a minute; prints, writes nothing
+    python benchmarks/bench.py --quick --results quick.md   # ... into quick.md
     python benchmarks/bench.py --json out.json
+
+The committed RESULTS.md is replaced only by a full run (or by --write): a
+quick run's fewer repeats and shallower case would pass for the real numbers.
 
 Every contender runs in this one process, interleaved (A B C ... A B C ...),
 so drift of a shared machine hits all of them alike; the table reports
@@ -134,12 +138,27 @@ def peak_rss_mib(code: str) -> float:
     return int(out.split()[-1]) / 1024
 
 
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def destination(quick: bool, results: str | None, write: bool) -> Path | None:
+    """Where the Markdown results go: ``--results PATH``; else the committed
+    RESULTS.md on a full run or with ``--write``; else nowhere (printed only)."""
+    if results:
+        return Path(results)
+    return RESULTS if write or not quick else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and a shallower large case (~1 minute)")
     ap.add_argument("--json", metavar="FILE", help="also write the measured times and ratios as JSON")
-    ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")), help="Markdown output")
+    ap.add_argument("--results", metavar="PATH", default=None,
+                    help="write the Markdown results to PATH [default: benchmarks/RESULTS.md on a full run, "
+                         "nowhere with --quick]")
+    ap.add_argument("--write", action="store_true", help="write benchmarks/RESULTS.md even with --quick")
     args = ap.parse_args()
+    results = destination(args.quick, args.results, args.write)
     repeats = 3 if args.quick else 7
     sizes = [(100, 100, 500), (1024, 20 if args.quick else 100, 1024)]
     rows, data = [], {"machine": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),
@@ -225,8 +244,10 @@ def main() -> None:
     if torch is None:
         lines += ["", "PyTorch is not installed here, so the PyTorch + hooks peer was not measured "
                   "(`pip install torch` and rerun)."]
-    Path(args.results).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if results is not None:
+        results.write_text("\n".join(lines) + "\n")
+        print(f"\nwrote {results}")
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2))
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from varprop import activations as A
+from varprop.nn import activations as A
 
 NAMES = A.NAMES
 
@@ -40,7 +40,7 @@ def shape(act, u, log_s):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("threshold", [A._LOG_DIRECT, -A._LOG_DIRECT])
+@pytest.mark.parametrize("threshold", [A.LOG_DIRECT, -A.LOG_DIRECT])
 def test_scaled_evaluation_is_continuous_across_regimes(name, threshold):
     """Just inside the threshold phi is evaluated directly, just outside from its
     limits; at s = e^+-300 both are exact to float64, so the shapes must agree."""
@@ -185,3 +185,48 @@ def test_phi_and_derivative_together_equal_them_apart(name, dtype):
 def test_derivatives_take_zero_dimensional_input():
     for name in NAMES:
         assert np.isfinite(A.get(name).dphi(np.array(-0.5)))
+
+
+# --- framework names ----------------------------------------------------------
+# The functions as PyTorch, Keras and JAX define them (torch/nn/modules/activation.py,
+# keras/src/activations/activations.py, jax/_src/nn/functions.py), written here independently.
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+FRAMEWORK_ACTIVATIONS = [
+    ("ReLU", lambda x: np.maximum(x, 0)),
+    ("Relu", lambda x: np.maximum(x, 0)),
+    ("Tanh", np.tanh),
+    ("Sigmoid", _sigmoid),
+    ("SiLU", lambda x: x * _sigmoid(x)),
+    ("swish", lambda x: x * _sigmoid(x)),  # keras.activations.swish, jax.nn.swish: aliases of silu
+    ("GELU", lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))),  # torch approximate='none'
+    ("ELU", lambda x: np.where(x > 0, x, np.exp(x) - 1)),  # alpha = 1 in all three
+    ("SELU", lambda x: 1.0507009873554804934193349852946 * np.where(x > 0, x, 1.6732632423543772848170429916717
+                                                                       * (np.exp(x) - 1))),
+    ("Softplus", lambda x: np.log1p(np.exp(x))),
+    ("LeakyReLU", lambda x: np.where(x >= 0, x, 0.01 * x)),  # torch and jax default negative_slope 0.01
+    ("leaky-relu", lambda x: np.where(x >= 0, x, 0.01 * x)),
+    ("Identity", lambda x: x),  # torch.nn.Identity; keras' "linear"
+]
+
+
+@pytest.mark.parametrize("name,reference", FRAMEWORK_ACTIVATIONS)
+def test_framework_names_are_the_framework_functions(name, reference):
+    x = np.linspace(-8, 8, 3201)
+    np.testing.assert_allclose(A.get(name).phi(x), reference(x), rtol=1e-13, atol=1e-15)
+    assert A.canonical_name(name) in NAMES
+
+
+@pytest.mark.parametrize("typed,suggested", [("rleu", "relu"), ("Sigmod", "sigmoid"), ("gleu", "gelu"),
+                                             ("swihs", "swish"), ("leakyrelu6", "leaky_relu")])
+def test_a_misspelled_activation_gets_the_closest_name_in_any_case(typed, suggested):
+    with pytest.raises(ValueError, match=rf"\(did you mean {suggested}\?\)"):
+        A.canonical_name(typed)
+
+
+def test_relu_in_another_case_is_relu_not_a_suggestion_of_elu():
+    from varprop.spec import parse_activation
+
+    assert parse_activation("Relu") == parse_activation("RELU") == "relu"

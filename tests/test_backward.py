@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 
 import varprop
-from varprop import batchnorm, engine
-from varprop.activations import NAMES
+from varprop.montecarlo import memory
+from varprop.montecarlo import configs_for, make_inputs, upstream
+from varprop.montecarlo.scaled import renorm, values
+from varprop.montecarlo.stepper import Network
+from varprop.nn import batchnorm
+from varprop.nn.activations import NAMES
 from varprop.spec import SpecError
 
 from test_propagation import assert_mean, pivot, rank_one_log10_slope
@@ -24,20 +28,20 @@ def small_spec(activation, bn_position=None, batch_size=4):
 
 def objective(spec, x):
     """sum(g_L * h_L) for inputs x: the scalar the backward pass differentiates."""
-    net = engine._Network(spec, 0)
-    h = engine.values(*engine._renorm(x.copy(), 0.0))
+    net = Network(spec, 0)
+    h = values(*renorm(x.copy(), 0.0))
     for layer in range(1, spec.network.depth + 1):
         h, _, _ = net.step(layer, h, stats=False, keep=False)
-    return float(np.sum(engine.upstream(spec, 0) * h.u * math.exp(h.log_s)))
+    return float(np.sum(upstream(spec, 0) * h.u * math.exp(h.log_s)))
 
 
 def input_gradient(spec, x):
-    net = engine._Network(spec, 0)
-    h = engine.values(*engine._renorm(x.copy(), 0.0))
+    net = Network(spec, 0)
+    h = values(*renorm(x.copy(), 0.0))
     tapes = {}
     for layer in range(1, spec.network.depth + 1):
         h, _, tapes[layer] = net.step(layer, h, stats=False, keep=True)
-    g = engine.values(engine.upstream(spec, 0), 0.0)
+    g = values(upstream(spec, 0), 0.0)
     for layer in range(spec.network.depth, 0, -1):
         g, _ = net.back(layer, tapes[layer], g, {})
     return g.u * math.exp(g.log_s)
@@ -68,10 +72,10 @@ def test_weight_gradient_norm_matches_finite_differences(monkeypatch, bn_positio
     layer = 2
     rows = varprop.simulate(spec, backward=True)
     # The engine's run draws its own inputs; redo the FD with those same inputs.
-    x, log_x = engine.make_inputs(spec, 0)
+    x, log_x = make_inputs(spec, 0)
     x = x * math.exp(log_x)
-    w0, scale = engine._Network(spec, 0).weights(layer)
-    original = engine._Network.weights
+    w0, scale = Network(spec, 0).weights(layer)
+    original = Network.weights
     eps = 1e-6
     grad = np.empty_like(w0)
     for idx in np.ndindex(*w0.shape):
@@ -83,10 +87,10 @@ def test_weight_gradient_norm_matches_finite_differences(monkeypatch, bn_positio
             def weights(self, l, w=w):
                 return (w, scale) if l == layer else original(self, l)
 
-            monkeypatch.setattr(engine._Network, "weights", weights)
+            monkeypatch.setattr(Network, "weights", weights)
             values.append(objective(spec, x))
         grad[idx] = (values[0] - values[1]) / (2 * eps)
-    monkeypatch.setattr(engine._Network, "weights", original)
+    monkeypatch.setattr(Network, "weights", original)
     measured = rows[rows["layer"] == layer]["weight_grad_norm"].iloc[0]
     assert measured == pytest.approx(np.linalg.norm(grad), rel=1e-6)
 
@@ -210,8 +214,8 @@ def test_he_fan_out_preserves_relu_gradients():
 def test_ten_thousand_layers_backward_with_checkpointing():
     n, depth = 100, 10_000
     spec = varprop.NetworkSpec.square(depth, n, init="unit")
-    df = varprop.simulate(spec, samples=32, seed=0, backward=True, max_memory="64M")
-    assert engine.backward_plan(engine.configs_for(spec, samples=32, backward=True, max_memory="64M")[0].spec) == 100
+    df = varprop.simulate(spec, samples=32, seed=0, backward=True, max_memory="128M")
+    assert memory.backward_plan(configs_for(spec, samples=32, backward=True, max_memory="128M")[0].spec) == 100
     logs = df["grad_log10_std"].to_numpy()
     assert np.isfinite(logs).all() and np.isfinite(df["delta_log10_std"].iloc[1:]).all()
     sd = 0.5 / math.log(10) * math.sqrt(depth * __import__("scipy").special.polygamma(1, n / 2))
@@ -222,10 +226,11 @@ def test_ten_thousand_layers_backward_with_checkpointing():
 def test_checkpointing_gives_identical_numbers():
     spec = varprop.NetworkSpec.square(30, 40, activation="tanh", bn_layers=(3, 7), bias_std=0.1)
     kept = varprop.simulate(spec, samples=16, batch_size=8, seed=4, backward=True)
-    small = engine.tape_bytes(varprop.RunSpec(spec, samples=16, backward=True))
-    budget = sum(small) // 2 + engine.working_bytes(varprop.RunSpec(spec, samples=16))
+    small = memory.tape_bytes(varprop.RunSpec(spec, samples=16, backward=True))
+    budget = (sum(small) // 2 + memory.working_bytes(varprop.RunSpec(spec, samples=16))
+              + memory.run_bytes(varprop.RunSpec(spec, samples=16)))
     run = varprop.RunSpec(spec, samples=16, batch_size=8, seed=4, backward=True, max_memory=budget)
-    assert 1 < engine.backward_plan(run) < spec.depth  # checkpointing is really used
+    assert 1 < memory.backward_plan(run) < spec.depth  # checkpointing is really used
     checkpointed = varprop.simulate(run)
     assert kept.equals(checkpointed)
 
@@ -245,7 +250,7 @@ def test_kept_and_redrawn_weights_give_identical_numbers(init, monkeypatch):
     spec = varprop.NetworkSpec.square(3, 512, activation="tanh", init=init)
     runs = []
     for keep in (True, False):
-        monkeypatch.setattr(engine, "keeps_weights", lambda s, keep=keep: keep)
+        monkeypatch.setattr(memory, "keeps_weights", lambda s, keep=keep: keep)
         runs += [varprop.simulate(spec, samples=512, seed=2, backward=True, threads=t) for t in (1, 2)]
     for other in runs[1:]:
         assert runs[0].equals(other)

@@ -30,7 +30,8 @@ def test_simulate_writes_report(tmp_path):
     out = tmp_path / "run"
     result = run(["simulate", *SMALL, "--init", "he", "--activation", "relu", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert {p.name for p in out.iterdir()} == {"config.json", "layers.csv", "report.md", "report.html",
+    assert {p.name for p in out.iterdir()} == {".varprop-manifest.json", "config.json", "layers.csv", "report.md",
+                                               "report.html",
                                                "summary.json", "std_per_layer.png", "means_per_layer.png",
                                                "correlation_per_layer.png", "histograms.csv", "histograms.png",
                                                "std_per_layer.svg", "means_per_layer.svg",
@@ -235,12 +236,12 @@ def test_out_never_destroys_other_files(tmp_path):
     result = CliRunner().invoke(main, ["simulate", *SMALL, "--out", str(mine)])
     assert result.exit_code == 2 and "--out" in result.stderr
     assert (mine / "notes.txt").read_text() == "keep me"
-    # An earlier run is replaced, not merged.
+    # An earlier run is replaced; a file the user added to it is kept (tests/test_outdir.py has the rest).
     run_dir = tmp_path / "run"
     assert run(["simulate", *SMALL, "--out", str(run_dir)]).exit_code == 0
-    (run_dir / "stale.txt").write_text("")
-    assert run(["simulate", *SMALL, "--out", str(run_dir)]).exit_code == 0
-    assert not (run_dir / "stale.txt").exists() and (run_dir / "report.md").exists()
+    (run_dir / "notes.txt").write_text("mine")
+    assert run(["simulate", *SMALL, "--seed", "1", "--out", str(run_dir)]).exit_code == 0
+    assert (run_dir / "notes.txt").read_text() == "mine" and '"seed": 1' in (run_dir / "config.json").read_text()
 
 
 def test_failed_run_leaves_no_created_parents(tmp_path):
@@ -265,3 +266,24 @@ def test_fit_runs_with_other_options_do_not_replace_each_other(tmp_path, monkeyp
         result = CliRunner().invoke(main, ["fit", "--fan-in", fan_ins, "--replicates", "3", "--samples", "20"])
         assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "reports" / "runs").glob("fit-unit-linear-*"))) == 2
+
+
+def test_comparing_widths_runs_end_to_end(tmp_path):
+    """--width repeated compares widths (it crashed: 'cannot insert width, already exists')."""
+    out = tmp_path / "w"
+    result = run(["simulate", "--layers", "3", "--width", "8", "--width", "16", "--samples", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    layers = pd.read_csv(out / "layers.csv")
+    assert sorted(set(layers["config"])) == ["width=16", "width=8"]
+    assert set(layers.loc[layers["config"] == "width=16", "width"]) == {16}
+
+
+@pytest.mark.parametrize("formats", ["csv", "json", "csv,json"])
+def test_formats_without_a_report_write_no_figures(tmp_path, formats):
+    """--format csv/json wrote the run, then failed with KeyError: 'report'; and drew every figure."""
+    out = tmp_path / "f"
+    result = run(["simulate", *SMALL, "--format", formats, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "layers.csv"} <= names and not {n for n in names if n.endswith((".png", ".svg", ".md"))}
+    assert ("summary.json" in names) == ("json" in formats)

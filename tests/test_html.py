@@ -42,8 +42,8 @@ def test_format_option_and_report_command(run_dir, tmp_path):
     r = CliRunner().invoke(main, ["simulate", "--layers", "3", "--width", "8", "--samples", "8", "--format", "md",
                                   "--out", str(only_md)])
     assert r.exit_code == 0
-    assert {p.name for p in only_md.iterdir()} == {"report.md", "layers.csv", "config.json", "std_per_layer.png",
-                                                   "means_per_layer.png", "correlation_per_layer.png",
+    assert {p.name for p in only_md.iterdir()} == {".varprop-manifest.json", "report.md", "layers.csv", "config.json",
+                                                   "std_per_layer.png", "means_per_layer.png", "correlation_per_layer.png",
                                                    "histograms.csv", "histograms.png", "std_per_layer.svg",
                                                    "means_per_layer.svg", "correlation_per_layer.svg",
                                                    "histograms.svg"}
@@ -72,7 +72,7 @@ def test_contents_fold_many_subsections(tmp_path, subsections, folded):
 def test_findings_come_first(run_dir):
     md = (run_dir / "report.md").read_text()
     assert md.index("## Findings") < md.index("## Summary") < md.index("## Per-layer statistics")
-    assert "stable through 24 layers" in md and "the signal dies at layer" in md
+    assert "**he**: the inputs collapse onto one direction" in md and "**fan_in**: the signal dies at layer" in md
 
 
 def _browser():

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from varprop import inits
-from varprop.engine import generator
+from varprop.nn import inits
+from varprop.montecarlo import generator
 
 from statcheck import z_two_sided
 
@@ -202,3 +202,98 @@ def test_fast_normal_odd_sizes_and_shapes():
         assert np.array_equal(a, b)  # same node of the seed tree, same draws
         c = inits.standard_normal(generator(2, 1, 1, "weights"), (600,), dtype)
         assert np.array_equal(a[:600], c)  # a prefix of a longer draw: common random numbers across sizes
+
+
+# --- framework names ---------------------------------------------------------
+# Each row is written from the framework's own source (torch/nn/init.py,
+# keras/src/initializers/random_initializers.py, jax/_src/nn/initializers.py),
+# not from varprop: the variance it targets for a (FAN_IN x FAN_OUT) kernel
+# and the distribution it draws from.
+FAN_AVG = (FAN_IN + FAN_OUT) / 2
+FRAMEWORK_NAMES = [
+    # torch: kaiming_normal_(a=0, mode='fan_in', nonlinearity='leaky_relu'): std = sqrt(2 / (1 + 0)) / sqrt(fan_in)
+    ("kaiming_normal", {}, 2 / FAN_IN, "normal"),
+    ("kaiming_normal_", {}, 2 / FAN_IN, "normal"),  # the function's own spelling
+    ("kaiming", {}, 2 / FAN_IN, "normal"),
+    # torch: kaiming_uniform_: bound = sqrt(3) * std
+    ("kaiming_uniform", {}, 2 / FAN_IN, "uniform"),
+    ("kaiming_normal", {"mode": "fan_out"}, 2 / FAN_OUT, "normal"),  # torch's mode='fan_out'
+    # torch: xavier_normal_ / xavier_uniform_: std = sqrt(2 / (fan_in + fan_out)), a = sqrt(3) std
+    ("xavier_normal", {}, 1 / FAN_AVG, "normal"),
+    ("xavier_uniform", {}, 1 / FAN_AVG, "uniform"),
+    # Keras / JAX: VarianceScaling(2.0, fan_in, truncated_normal) and (2.0, fan_in, uniform)
+    ("he_normal", {}, 2 / FAN_IN, "truncated_normal"),
+    ("HeNormal", {}, 2 / FAN_IN, "truncated_normal"),
+    ("he_uniform", {}, 2 / FAN_IN, "uniform"),
+    # Keras / JAX: glorot = VarianceScaling(1.0, fan_avg, truncated_normal | uniform)
+    ("glorot_normal", {}, 1 / FAN_AVG, "truncated_normal"),
+    ("GlorotUniform", {}, 1 / FAN_AVG, "uniform"),
+    ("glorot", {}, 1 / FAN_AVG, "normal"),
+    # Keras / JAX: lecun = VarianceScaling(1.0, fan_in, truncated_normal | uniform)
+    ("lecun_normal", {}, 1 / FAN_IN, "truncated_normal"),
+    ("lecun_uniform", {}, 1 / FAN_IN, "uniform"),
+    # Keras: VarianceScaling() defaults scale=1, mode="fan_in", distribution="truncated_normal"
+    ("variance_scaling", {}, 1 / FAN_IN, "truncated_normal"),
+    ("VarianceScaling", {"scale": 2.0, "mode": "fan_avg", "distribution": "uniform"}, 2 / FAN_AVG, "uniform"),
+    # torch.nn.Linear: kaiming_uniform_(a=sqrt(5)): bound 1 / sqrt(fan_in)
+    ("pytorch", {}, 1 / (3 * FAN_IN), "uniform"),
+    # keras Dense: glorot_uniform
+    ("keras", {}, 1 / FAN_AVG, "uniform"),
+]
+
+
+def bound(v: float, distribution: str) -> float:
+    """Largest |w| the framework can draw: a = sqrt(3 v) for uniform; 2 sd of
+    the pre-truncation normal, sd = sqrt(v) / 0.87962566103423978, for the truncated one."""
+    return {"uniform": math.sqrt(3 * v), "truncated_normal": 2 * math.sqrt(v) / 0.87962566103423978,
+            "normal": math.inf}[distribution]
+
+
+@pytest.mark.parametrize("name,options,variance,distribution", FRAMEWORK_NAMES)
+def test_framework_names_draw_the_framework_variance_and_distribution(name, options, variance, distribution):
+    scheme = inits.resolve(name, **options)
+    assert scheme.distribution == distribution
+    assert inits.variance(scheme, FAN_IN, FAN_OUT) == pytest.approx(variance, rel=1e-12)
+    w0, scale = inits.draw_weights(scheme, generator(12, 0, 1, "weights"), FAN_IN, FAN_OUT)
+    w = (w0 * scale).astype(np.float64)
+    assert_variance(w, variance, distribution)
+    peak = float(np.max(np.abs(w)))
+    if distribution == "normal":  # 60,000 normal draws pass 4 sd with probability 1 - (1 - 6.3e-5)^60000 > 0.97
+        assert peak > 3.5 * math.sqrt(variance)
+    else:  # reached: P(max < 0.999 bound) is below 1e-20 for either
+        assert 0.999 * bound(variance, distribution) <= peak <= bound(variance, distribution) * (1 + 1e-6)
+
+
+def test_framework_names_give_the_numbers_of_their_canonical_spelling():
+    """kaiming_uniform is he + uniform: the same scheme, so the same draws."""
+    a = inits.draw_weights(inits.resolve("kaiming_uniform"), generator(1, 0, 1, "weights"), 30, 20)
+    b = inits.draw_weights(inits.resolve("he", distribution="uniform"), generator(1, 0, 1, "weights"), 30, 20)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] == b[1]
+
+
+@pytest.mark.parametrize("typed,canonical", [
+    ("he", "he"), ("Kaiming", "he"), ("KAIMING_UNIFORM", "he_uniform"), ("kaiming-uniform", "he_uniform"),
+    ("he_normal", "he_truncated_normal"), ("glorot_uniform", "xavier_uniform"), ("Xavier_Uniform", "xavier_uniform"),
+    ("glorot_normal", "xavier_truncated_normal"), ("lecun", "fan_in"), ("LecunNormal", "fan_in_truncated_normal"),
+    ("torch_default", "torch-default"), ("Keras-Default", "keras-default"), ("Orthogonal", "orthogonal"),
+    ("fan_in_uniform", "fan_in_uniform"),
+])
+def test_names_compare_without_case_or_separators(typed, canonical):
+    assert inits.canonical_name(typed) == canonical
+
+
+@pytest.mark.parametrize("typed,suggested", [("kaimng", "kaiming"), ("glorot_unifrom", "glorot_uniform"),
+                                             ("Xavir", "xavier"), ("lecun_norml", "lecun_normal")])
+def test_a_misspelled_name_gets_the_closest_name_or_alias(typed, suggested):
+    with pytest.raises(ValueError, match=rf"\(did you mean {suggested}\?\)"):
+        inits.canonical_name(typed)
+
+
+@pytest.mark.parametrize("name,distribution", [("he_uniform", "normal"), ("kaiming_normal", "truncated_normal"),
+                                               ("glorot_normal", "uniform")])
+def test_a_name_that_says_its_distribution_refuses_another(name, distribution):
+    with pytest.raises(ValueError, match=rf"{distribution} contradicts --init {name}"):
+        inits.resolve(name, distribution=distribution)
+    own = inits.resolve(name).distribution
+    assert inits.resolve(name, distribution=own).distribution == own  # saying it again is fine

@@ -181,15 +181,16 @@ def test_block_path_matches_phased_path(monkeypatch, activation, width):
     evaluate the same formulas, and only the order of roundings differs.
     Several blocks, a bias and the backward pass are exercised; at width 2560
     the first block holds fewer than the 128 samples of |cos|."""
-    from varprop import engine
+    from varprop.montecarlo.stepper import Network
+    from varprop.nn import activations
 
     spec = varprop.NetworkSpec.square(4, width, init="he", activation=activation, bias_std=0.1)
     evaluated = []
-    monkeypatch.setattr(engine.activations, "phi_dphi_scaled",
-                        lambda *a, f=engine.activations.phi_dphi_scaled: evaluated.append(1) or f(*a))
+    monkeypatch.setattr(activations, "phi_dphi_scaled",
+                        lambda *a, f=activations.phi_dphi_scaled: evaluated.append(1) or f(*a))
     blocks = varprop.simulate(spec, samples=300, seed=5, dtype="float32", backward=True)
     assert bool(evaluated) == (activation != "linear")  # the block path ran
-    monkeypatch.setattr(engine._Network, "_blockwise", lambda self, layer, log_z: False)
+    monkeypatch.setattr(Network, "_blockwise", lambda self, layer, log_z: False)
     phased = varprop.simulate(spec, samples=300, seed=5, dtype="float32", backward=True)
     stats = ("mean", "std", "second_moment", "unit_var", "cos_sim", "abs_cos_sim", "frac_zero", "frac_saturated")
     cols = [f"{side}_{k}" for side in ("pre", "post", "grad", "delta") for k in stats] + ["weight_grad_norm"]
@@ -208,16 +209,17 @@ def test_layer_far_below_phi0_scale_keeps_its_values(activation):
     but for the float32 product's rounding, which moves x by at most
     (n + 2) 2^-24 |x| (n terms of one sign, the scale factor, the input's
     cast) and so e^x by that much relative."""
-    from varprop import engine
+    from varprop.montecarlo.scaled import Values
+    from varprop.montecarlo.stepper import Network
 
     spec = varprop.RunSpec(varprop.NetworkSpec.square(1, 64, activation=activation, init="fan_in"), samples=300)
-    net = engine._Network(spec, 0)
+    net = Network(spec, 0)
     w0, w_scale = net.weights(1)
     np.abs(w0, out=w0)
     u = np.broadcast_to(np.linspace(-1.1, -1.0, 64, dtype=np.float32), (300, 64)).copy()
     ms = float(np.mean(u.astype(np.float64) ** 2))
     log_s = math.log(190 / (np.abs(u) @ np.abs(w0.astype(np.float64))).mean() / w_scale)
-    out, _, _ = net.step(1, engine.Values(u, log_s, ms), stats=True, keep=False)
+    out, _, _ = net.step(1, Values(u, log_s, ms), stats=True, keep=False)
     x = math.exp(log_s) * w_scale * (u.astype(np.float64) @ w0.astype(np.float64))
     assert x.max() < -100  # phi < e^-100, below float32's normal range
     exact = special.expit(x) if activation == "sigmoid" else np.logaddexp(0, x)
@@ -227,9 +229,26 @@ def test_layer_far_below_phi0_scale_keeps_its_values(activation):
 
 def test_options_with_a_list_of_configurations_are_refused():
     """simulate(configs, backward=True) would run the configurations as they are, without the backward pass."""
-    from varprop.engine import configs_for
+    from varprop.montecarlo import configs_for
 
     configs = configs_for(varprop.NetworkSpec.square(2, 8), samples=10)
     with pytest.raises(TypeError, match="configs_for"):
         varprop.simulate(configs, backward=True)
     assert len(varprop.simulate(configs)) == 3
+
+
+def test_the_mean_is_carried_in_log_scale_beyond_float64():
+    """A unit-init relu stack's layer mean passes 1e308 near layer 520; its log10 |mean| stays exact, as the
+    std's does. Measured: the mean over units of E[h] is at least 0 for relu, and within a decade of the std
+    (relu's mean/sd is 0.68 per unit; the spread of unit means over a layer shrinks it at most to ~1/sqrt(n)
+    of that). Theory: relu's E[phi(z)] / sd(phi(z)) = (1 / sqrt(2 pi)) / sqrt(1/2 - 1/(2 pi)) exactly."""
+    spec = varprop.NetworkSpec.square(layers=700, width=32, init="unit", activation="relu")
+    df = varprop.simulate(spec, samples=64, seed=0)
+    last = df.iloc[-1]
+    assert last["post_mean"] == math.inf and math.isfinite(last["post_log10_abs_mean"])
+    assert last["post_log10_std"] - 1.5 < last["post_log10_abs_mean"] < last["post_log10_std"] + 1
+    ratio = (1 / math.sqrt(2 * math.pi)) / math.sqrt(0.5 - 1 / (2 * math.pi))
+    gap = df["theory_post_log10_abs_mean"] - df["theory_post_log10_std"]
+    assert np.allclose(gap.iloc[1:], math.log10(ratio), rtol=0, atol=1e-9)
+    shallow = df[(df["layer"] > 0) & (df["layer"] < 50)]  # within float64: the plain mean agrees
+    assert np.allclose(shallow["post_log10_abs_mean"], np.log10(shallow["post_mean"].abs()), rtol=0, atol=1e-9)

@@ -1,10 +1,53 @@
-"""The report's formatting and layer subsampling."""
+"""The report: formatting, comparisons of depths and widths, means in log
+scale, one verdict per configuration, what it says about the theory, and
+the figures' layout."""
 
+import json
 import math
+import re
 
+import matplotlib
+import numpy as np
+import pandas as pd
 import pytest
+from click.testing import CliRunner
 
-from varprop.report.markdown import fmt, fmt_pow10, shown_layers
+import varprop
+from varprop import stats
+from varprop.cli import main
+from varprop.montecarlo import configs_for
+from varprop.report import figures
+from varprop.report.document import plain
+from varprop.report.markdown import fmt, fmt_pow10, fmt_signed, shown_layers, signed_means
+
+matplotlib.use("Agg")
+
+
+def run(args):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def section(report: str, title: str) -> str:
+    return report.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def tables(text: str) -> list[list[list[str]]]:
+    """The Markdown tables of ``text``: rows of cells, header first (separator row left out)."""
+    out, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            if not re.fullmatch(r"\|(:?-+:?\|)+", line.replace(" ", "")):
+                current.append([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]])
+        elif current:
+            out.append(current)
+            current = []
+    return out
+
+
+def meta_configs(layers):
+    return [{"label": c.label, "varied": c.varied} for c in layers.attrs["configs"]]
 
 
 @pytest.mark.parametrize("depth", [1, 7, 30, 31, 100, 10_000])
@@ -27,50 +70,210 @@ def test_fmt_marks_overflow():
     assert fmt(float("nan")) == "" and fmt(0.000123456) == "0.0001235"
 
 
-@pytest.mark.parametrize("inits, panels", [(["unit", "fan_in"], 1), (["unit", "fan_in", "he"], 3)])
-def test_many_configurations_become_small_multiples(tmp_path, inits, panels):
-    """Up to 8 configurations share one panel; 9 (3 inits x 3 activations)
-    get a panel per init, each with one colour per activation."""
-    import re
+def test_signed_means_agree_with_float64_and_carry_any_magnitude():
+    """Where float64 holds the values, the mean is the plain mean; scaled by 10^k (k = 1000, far beyond
+    float64) it is the same mean shifted by k decades, sign kept, where plain floats give inf - inf = NaN."""
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(40) * 10.0 ** rng.uniform(-3, 3, 40)
+    frame = pd.DataFrame({"config": np.repeat(["a", "b"], 20), "post_mean": values,
+                          "post_log10_abs_mean": np.log10(np.abs(values))})
+    got = signed_means(frame, ["config"]).set_index("config")
+    want = frame.groupby("config")["post_mean"].mean()
+    for c in ("a", "b"):
+        assert got.at[c, "sign"] == np.sign(want[c])
+        # Both are float64 sums of 20 terms: equal to a few ulps of the largest term, relative to the mean.
+        scale = np.abs(frame.loc[frame["config"] == c, "post_mean"]).max() / abs(want[c])
+        assert abs(got.at[c, "log10_abs"] - np.log10(abs(want[c]))) <= 1e-13 * scale
+    far = frame.assign(post_mean=np.sign(values) * np.inf, post_log10_abs_mean=frame["post_log10_abs_mean"] + 1000)
+    moved = signed_means(far, ["config"]).set_index("config")
+    assert (moved["sign"] == got["sign"]).all()
+    assert np.allclose(moved["log10_abs"] - got["log10_abs"], 1000, rtol=0, atol=1e-9)
+    assert fmt_signed(-1.0, 412.5051499783199) == "-3.200e+412" and fmt_signed(1.0, -0.30103) == "0.5"
 
-    import varprop
-    from varprop import stats
-    from varprop.report import figures
 
-    layers = varprop.simulate(varprop.NetworkSpec.square(2, 10), samples=20,
-                              vary={"init": inits, "activation": ["linear", "relu", "tanh"]})
-    path = figures.std_per_layer(layers, stats.summarize(layers), tmp_path / "std.png")
-    svg = path.with_suffix(".svg").read_text()
-    assert len(set(re.findall(r'<g id="axes_(\d+)">', svg))) == panels
-    titles = re.findall(r"init=(unit|fan_in|he)", svg)
-    assert (len(set(titles)) == 3) == (panels == 3)
+def test_means_beyond_float64_print_in_log_scale(tmp_path):
+    """N(0, 1) weights of width 64 grow the std ~8x a layer: past float64 (1e308) near layer 340. Every
+    mean cell then prints as sign and power of ten, as the summary's own log-scale mean says."""
+    out = tmp_path / "deep"
+    run(["simulate", "--layers", "400", "--width", "64", "--samples", "16", "--init", "unit", "--replicates", "2",
+         "--format", "md", "--out", str(out)])
+    layers = pd.read_csv(out / "layers.csv")
+    assert np.isinf(layers["post_mean"]).any()
+    report = (out / "report.md").read_text()
+    per_layer = tables(section(report, "Per-layer statistics"))[0]
+    col = per_layer[0].index("post mean")
+    summary = stats.summarize(layers).set_index("layer")
+    for row in per_layer[1:]:
+        cell, layer = row[col], int(row[0])
+        assert cell and "overflow" not in cell, row
+        if layer >= 50:
+            mant, exp = re.fullmatch(r"-?(\d\.\d{3})e\+(\d+)", cell).groups()
+            # The summary's log10 |mean| (stats.summarize, its own code): the same to the 4 digits shown.
+            assert abs(math.log10(float(mant)) + int(exp) - summary.at[layer, "post_log10_abs_mean"]) < 2e-4
+    assert "overflow" not in report  # second moments and their intervals too: carried by their log10
+    summary_table = tables(section(report, "Summary"))[0]
+    assert re.fullmatch(r"-?\d\.\d{3}e\+\d+", summary_table[1][summary_table[0].index("mean of layer means")])
+    plotted, axis = figures._mean_axis(stats.summarize(layers), layers)
+    means = signed_means(layers, ["config", "layer"])
+    # Beyond +-1 the figure draws sign * (1 + log10 |mean|), from the log-scale mean.
+    assert axis == "symlog" and plotted["mean_y"].iloc[-1] == pytest.approx(
+        means["sign"].iloc[-1] * (1 + means["log10_abs"].iloc[-1]), rel=1e-12)
 
 
-@pytest.mark.parametrize("inits, grouped", [(["unit", "fan_in"], False), (["unit", "fan_in", "he"], True)])
-def test_many_configurations_get_grouped_findings(inits, grouped):
-    """Up to 8 configurations get a finding each; beyond, a finding names the configurations it holds for,
-    and every configuration is in exactly one verdict (stable, explodes, dies)."""
-    import re
+def test_log_scale_second_moments_agree_with_the_summary():
+    """Where float64 holds them, the log-scale second moment and its 95% t interval over replicates are
+    summarize()'s (computed from other columns: log10 std and log10 |mean| against the plain second
+    moment), to float64 rounding of sums of a few terms, on the scale of the moment itself."""
+    from varprop.report.markdown import log_scale_stats
 
-    import varprop
-    from varprop import stats
-    from varprop.engine import configs_for
+    layers = varprop.simulate(varprop.NetworkSpec.square(6, 16, activation="relu", init="he"), samples=32,
+                              replicates=4, vary={"bias_std": [0.0, 0.5]})
+    got = log_scale_stats(layers)
+    want = stats.summarize(layers)
+    assert list(got["config"]) == list(want["config"]) and list(got["layer"]) == list(want["layer"])
+    m2 = want["post_second_moment"].to_numpy()
+    assert np.allclose(10 ** got["m2_log10"], m2, rtol=1e-12, atol=0)
+    lo = got["lo_sign"] * 10 ** got["lo_log10"]
+    assert np.allclose(lo, want["post_second_moment_lo"], rtol=0, atol=1e-12 * m2.max())
+    assert np.allclose(10 ** got["hi_log10"], want["post_second_moment_hi"], rtol=1e-12, atol=0)
+    assert np.allclose(10 ** got["theory_m2_log10"], want["theory_post_second_moment"], rtol=1e-12, atol=0)
+    spread = layers.groupby(["config", "layer"], sort=False)["post_second_moment"].agg(["min", "max"])
+    assert np.allclose(10 ** got["min_log10"], spread["min"], rtol=1e-12, atol=0)
+    assert np.allclose(10 ** got["max_log10"], spread["max"], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("peak, axis", [(0.5, "linear"), (1e96, "symlog")])
+def test_means_axis(peak, axis):
+    """Means within +-10 keep a linear axis; a mean of 1e96 beside means near 0 gets a symmetric log axis
+    (on a linear one every other line is flat)."""
+    layers = pd.DataFrame({"config": ["a"] * 3 + ["b"] * 3, "replicate": 0, "layer": [0, 1, 2] * 2,
+                           "post_mean": [0.0, 0.01, -0.02, 0.0, -peak / 10, peak]})
+    with np.errstate(divide="ignore"):  # a mean of exactly 0 has log10 |mean| = -inf, as the engine writes it
+        layers["post_log10_abs_mean"] = np.log10(np.abs(layers["post_mean"]))
+    summary = layers.groupby(["config", "layer"], as_index=False)["post_mean"].mean()
+    plotted, got = figures._mean_axis(summary, layers)
+    want = layers["post_mean"] if axis == "linear" else np.where(
+        np.abs(layers["post_mean"]) > 1, np.sign(layers["post_mean"]) * (1 + layers["post_log10_abs_mean"]),
+        layers["post_mean"])
+    assert got == axis and np.allclose(plotted["mean_y"], want, rtol=1e-12, atol=0)
+
+
+def test_many_configurations_become_small_multiples_by_option_name(tmp_path):
+    """Up to 8 configurations share one panel; 9 varying two options get a panel per value of one, a colour
+    per value of the other -- found by name (config.json's "varied"), also for a varied width, which has no
+    column of its own in layers.csv (the per-layer width column holds it)."""
+    for vary, panels in [({"init": ["unit", "fan_in"], "activation": ["linear", "relu", "tanh"]}, 1),
+                         ({"init": ["unit", "fan_in", "he"], "activation": ["linear", "relu", "tanh"]}, 3),
+                         ({"width": [8, 12, 16], "activation": ["linear", "relu", "tanh"]}, 3)]:
+        layers = varprop.simulate(varprop.NetworkSpec.square(2, 10), samples=20, vary=vary)
+        path = figures.std_per_layer(layers, stats.summarize(layers), tmp_path / "std.png", meta_configs(layers))
+        svg = path.with_suffix(".svg").read_text()
+        assert len(set(re.findall(r'<g id="axes_(\d+)">', svg))) == panels, vary
+        # Without the configurations' varied options, one panel holds every line.
+        path = figures.std_per_layer(layers, stats.summarize(layers), tmp_path / "std.png")
+        assert len(set(re.findall(r'<g id="axes_(\d+)">', path.with_suffix(".svg").read_text()))) == 1
+
+
+def test_hidden_lines_are_found():
+    """A line drawn under an identical one, or under a longer one that agrees with it on all its points (a
+    shallower stack seeing the same draws as a deeper one), is named with the line on top, and so is one
+    within half a line's width of it on the page (unit and gelu inits at depth 50: relu-like, equal to 4
+    digits); lines that differ visibly anywhere, or are drawn on top, are not."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
+    ax.plot([0, 1, 2], [1.0, 2.0, np.nan], label="unit")
+    ax.plot([0, 1, 2], [1.0, 2.0, np.nan], label="fan_in")
+    ax.plot([0, 1], [5.0, 6.0], label="layers=1")
+    ax.plot([0, 1, 2, 3], [5.0, 6.0, 7.0, 8.0], label="layers=3")
+    ax.plot([0, 1, 2], [1.0, 2.0, 3.0], label="he")  # differs from unit at layer 2
+    ax.plot([0, 1], [1.0, 2.0], label="drawn last")  # on top of unit's start: visible
+    ax.plot([0, 1, 2, 3], [4.0, 4.0, 4.0, 4.0], label="relu")
+    ax.plot([0, 1, 2, 3], [4.0, 4.0, 4.001, 4.0], label="gelu")  # 1e-3 of an 8-unit axis 2 in tall: 0.02 pt
+    ax.plot([0, 1, 2, 3], [3.0, 3.0, 3.0, 3.0], label="selu")
+    ax.plot([0, 1, 2, 3], [3.0, 3.0, 3.2, 3.0], label="elu")  # 0.2 of 8 units: 3.6 pt, past half of 1.5 pt
+    got = figures._hidden_lines(ax, {"unit", "fan_in", "layers=1", "layers=3", "he", "drawn last", "relu", "gelu",
+                                     "selu", "elu"})
+    plt.close(fig)
+    assert sorted(got) == [(("layers=1",), "layers=3", "identical where both are drawn"),
+                           (("relu",), "gelu", "indistinguishable at this scale"),
+                           (("unit",), "fan_in", "identical")]
+
+
+def test_depths_compare_everywhere(tmp_path):
+    """--layers 4 --layers 9 crashed after writing the report (a terminal table of 10 rows given 5 values);
+    its summary split the growth column in two, each half NaN; its title and Configuration table said 4
+    layers for both."""
+    out = tmp_path / "depths"
+    result = run(["simulate", "--layers", "4", "--layers", "9", "--width", "16", "--samples", "16",
+                  "--replicates", "2", "--out", str(out)])
+    lines = result.output.splitlines()
+    rows = {int(line.split()[0]): line.split()[1:] for line in lines if re.match(r"\d+ ", line)}
+    assert sorted(rows) == list(range(10)) and len(rows[4]) == 2 and len(rows[5]) == 1
+    report = (out / "report.md").read_text()
+    assert report.startswith("# varprop: 4 or 9 layers of width 16, layers=4 vs layers=9\n")
+    summary = tables(section(report, "Summary"))[0]
+    assert "nan" not in str(summary) and all(len(row) == len(summary[0]) for row in summary)
+    assert sum(h.startswith("log10 std per layer") for h in summary[0]) == 1
+    common, compared = tables(section(report, "Configuration"))
+    assert "`--layers`" not in [row[0] for row in common] and ["`--width`", "16"] in common
+    assert compared == [["configuration", "layers"], ["layers=4", "4"], ["layers=9", "9"]]
+
+
+def test_widths_compare_everywhere(tmp_path):
+    out = tmp_path / "widths"
+    run(["simulate", "--layers", "3", "--width", "8", "--width", "24", "--samples", "16", "--out", str(out)])
+    report = (out / "report.md").read_text()
+    assert report.startswith("# varprop: 3 layers of width 8 or 24, width=8 vs width=24\n")
+    common, compared = tables(section(report, "Configuration"))
+    assert ["`--layers`", "3"] in common and "`--width`" not in [row[0] for row in common]
+    assert compared == [["configuration", "width"], ["width=8", "8"], ["width=24", "24"]]
+    layers = pd.read_csv(out / "layers.csv")
+    assert sorted(layers.groupby("config")["width"].first()) == [8, 24]
+
+
+def test_an_option_derived_per_configuration_shows_per_configuration(tmp_path):
+    """--bn-count 0 --bn-count 1 --bn-count 3 used BN on no layer, layer 1 and layers 1-3; the table said
+    `--bn-layers 1 (where it applies)` for all."""
+    out = tmp_path / "bn"
+    run(["simulate", "--layers", "4", "--width", "8", "--samples", "16", "--bn-count", "0", "--bn-count", "1",
+         "--bn-count", "3", "--out", str(out)])
+    common, compared = tables(section((out / "report.md").read_text(), "Configuration"))
+    assert "`--bn-layers`" not in [row[0] for row in common]
+    assert compared == [["configuration", "bn_count", "bn_layers"], ["bn_count=0", "0", "–"],
+                        ["bn_count=1", "1", "1"], ["bn_count=3", "3", "1,2,3"]]
+
+
+def _verdict_counts(lines):
+    """Per top-level grouped finding that is a verdict, the number of configurations it names."""
+    counts = []
+    for item in lines:
+        line = plain(item if isinstance(item, str) else item[0])
+        if re.match(r"\*\*(Healthy|The signal|The input signal|Gradients|Saturated|The inputs collapse)", line):
+            counts.append(int(re.search(r"in (?:all )?(\d+) configuration", line).group(1)))
+    return counts
+
+
+def test_findings_give_each_configuration_one_verdict():
+    """9 configurations: each is in exactly one verdict line (healthy or its worst problem), so no line
+    calls a configuration stable that another says lost its signal. The sub-items of a verdict name only
+    configurations under it."""
     from varprop.report.markdown import findings
 
-    vary = {"init": inits, "activation": ["linear", "relu", "tanh"]}
+    vary = {"init": ["unit", "fan_in", "he"], "activation": ["linear", "relu", "sigmoid"]}
     spec = varprop.NetworkSpec.square(12, 20)
     configs = [{"label": c.label, "varied": c.varied} for c in configs_for(spec, vary)]
-    summary = stats.summarize(varprop.simulate(spec, samples=40, vary=vary, seed=2))
-    lines = findings(summary, configs)
-    if not grouped:
-        assert [line.split("**")[1] for line in lines] == [c["label"] for c in configs]
-        return
-    verdicts = [line for line in lines if re.match(r"\*\*(Stable|The signal explodes|The signal dies)\*\*", line)]
-    counts = [int(re.search(r"in (\d+|all \d+) configuration", line).group(1).replace("all ", "")) for line in verdicts]
-    assert sum(counts) == len(configs) == 9 and len(lines) < len(configs)
+    lines = findings(stats.summarize(varprop.simulate(spec, samples=40, vary=vary, seed=2)), configs)
+    counts = _verdict_counts(lines)
+    assert sum(counts) == 9 and len(counts) >= 2
     # unit init with a linear or relu stack of width 20 grows ~sqrt(20) or ~sqrt(10) per layer: past 1e3 by layer 12
-    explodes = next(line for line in lines if line.startswith("**The signal explodes**"))
-    assert "unit, linear/relu" in explodes
+    explodes = next(item for item in lines if not isinstance(item, str) and "explodes" in item[0])
+    assert "unit, linear/relu" in plain(explodes[0])
+    for item in lines:
+        if not isinstance(item, str):
+            for sub in item[1]:
+                n = int(re.search(r"in (?:all )?(\d+) configuration", plain(sub)).group(1))
+                assert n <= int(re.search(r"in (?:all )?(\d+) configuration", plain(item[0])).group(1))
 
 
 def test_describe_names_a_subset_by_its_options():
@@ -80,38 +283,75 @@ def test_describe_names_a_subset_by_its_options():
                     math.nan, 0.0, None)
              for a in ("sigmoid", "relu") for n in (0, 1, 2) for b in (4, 64)]
     sigmoid_low = [f for f in every if f.varied["activation"] == "sigmoid" and f.varied["bn_count"] < 2]
-    assert describe(sigmoid_low, every) == "4 configurations: sigmoid, bn_count=0/1 (any batch_size)"
+    assert plain(describe(sigmoid_low, every)) == "4 configurations: sigmoid, bn_count=0/1 (any batch_size)"
     assert describe(every, every) == "all 12 configurations"
     odd = [every[0], every[7]]  # no option is free: each is named
-    assert describe(odd, every) == ("2 configurations: sigmoid, bn_count=0, batch_size=4; "
-                                    "relu, bn_count=0, batch_size=64")
+    assert plain(describe(odd, every)) == ("2 configurations: sigmoid, bn_count=0, batch_size=4; "
+                                           "relu, bn_count=0, batch_size=64")
     # Along an option with one configuration only, "any" would say nothing: named instead.
     diagonal = [_Facts(str(t), {"x": t[0], "y": t[1]}, 5, 0.0, None, 1.0, math.nan, 0.0, None)
                 for t in [(0, 0), (1, 1), (0, 1)]]
-    assert describe(diagonal[:1], diagonal) == "1 configuration: x=0, y=0"
+    assert plain(describe(diagonal[:1], diagonal)) == "1 configuration: x=0, y=0"
     # Configurations that do not vary the same options are named by their labels.
     mixed = [_Facts(label, varied, 5, 0.0, None, 1.0, math.nan, 0.0, None)
              for label, varied in [("a", {"x": 0}), ("b", {"x": 1}), ("c", {"y": 2})]]
-    assert describe(mixed[:2], mixed) == "2 configurations: a; b"
+    assert plain(describe(mixed[:2], mixed)) == "2 configurations: a; b"
 
 
-def test_findings_flag_a_lost_input_signal_and_vanishing_gradients():
+def test_a_configuration_that_loses_its_signal_is_not_called_healthy():
     """sigmoid with fan_in init (sigma_w^2 = 1) has chi_1 = E[sigmoid'(z)^2] < 1/16: distances between inputs
     and the gradient's variance shrink by 16x or more a layer, so after 12 layers the variance across samples
     is far below 1e-6 of the layer's (its std is each unit's fixed offset) and the input gradient's std is
-    below 4^-12 = 6e-8 of the output's, though the std stays near 0.1 ("stable"). relu with He init keeps
-    both (chi_1 = 1)."""
-    import varprop
-    from varprop import stats
-    from varprop.engine import configs_for
+    below 4^-12 = 6e-8 of the output's, though the std stays near 0.1 (it read "stable" beside "lost the input
+    signal"). relu with He init keeps both (chi_1 = 1)."""
     from varprop.report.markdown import findings
 
-    vary = {"activation": ["sigmoid", "relu"], "init": ["fan_in", "he"]}
+    vary = {"activation": ["sigmoid", "relu", "linear"], "init": ["fan_in", "he", "orthogonal"]}
     spec = varprop.NetworkSpec.square(12, 64)
     runs = [c for c in configs_for(spec, vary, samples=64, backward=True, seed=3)
-            if c.label in ("sigmoid, fan_in", "relu, he")]
+            if c.label in ("sigmoid, fan_in", "relu, he", "linear, orthogonal")]
     layers = varprop.simulate(runs)
-    sigmoid, relu = findings(stats.summarize(layers), [{"label": c.label, "varied": c.varied} for c in runs])
-    assert "stable through 12 layers" in sigmoid and "input signal is lost from layer" in sigmoid
-    assert "gradients vanish" in sigmoid
-    assert "signal is lost" not in relu and "gradients" not in relu
+    sigmoid, relu, linear = findings(stats.summarize(layers), [{"label": c.label, "varied": c.varied} for c in runs])
+    head, subs = sigmoid
+    assert "the input signal is lost from layer" in head and "healthy" not in head
+    assert any("gradients vanish" in s for s in subs) and any("stays within [1e-3, 1e3]" in s for s in subs)
+    assert "signal is lost" not in str(relu) and "gradients" not in str(relu).replace("the input gradient is", "")
+    # Orthogonal weights preserve every inner product: a linear stack of them keeps std, correlations and
+    # gradients exactly.
+    assert isinstance(linear, str) and "healthy through 12 layers" in linear
+
+
+def test_theory_outside_the_single_networks_is_said():
+    """The report names a configuration whose mean-field output std lies outside the range of its
+    replicates, with that range, and not one whose range holds it."""
+    from varprop.report.markdown import _theory_gaps
+
+    layers = pd.DataFrame({"config": ["far"] * 6 + ["near"] * 6, "replicate": [0, 0, 1, 1, 2, 2] * 2,
+                           "layer": [0, 1] * 6,
+                           "post_log10_std": [0, -1.0, 0, -4.9, 0, -4.9, 0, -0.1, 0, 0.1, 0, 0.0],
+                           "theory_post_log10_std": [0, -5.95] * 3 + [0, 0.0] * 3})
+    summary = layers.groupby(["config", "layer"], as_index=False).agg(
+        post_log10_rms_std=("post_log10_std", lambda v: 0.5 * np.log10(np.mean(10 ** (2 * v)))),
+        theory_post_log10_std=("theory_post_log10_std", "first"))
+    gaps = [plain(g) for g in _theory_gaps(layers, summary, ["far", "near"])]
+    assert gaps == ["**far**: theory 1.122e-6, x1.943e-5 the mean network (0.05774); single networks 1.259e-5 "
+                    "to 0.1 at layer 1"]
+
+
+def test_no_claim_that_theory_matches_to_order_one_over_width(tmp_path):
+    out = tmp_path / "r"
+    run(["simulate", "--layers", "3", "--width", "8", "--samples", "16", "--activation", "tanh",
+         "--replicates", "2", "--format", "md", "--out", str(out)])
+    report = (out / "report.md").read_text()
+    assert "O(1/width) otherwise" not in report and "limit of infinite width at fixed depth" in report
+
+
+def test_config_json_order_does_not_matter_to_the_figures(tmp_path):
+    """Figures find the varied options by name: a layers.csv whose varied columns were moved after
+    `replicate` (another tool's rewrite) draws the same small multiples."""
+    layers = varprop.simulate(varprop.NetworkSpec.square(2, 10), samples=20,
+                              vary={"init": ["unit", "fan_in", "he"], "activation": ["linear", "relu", "tanh"]})
+    moved = layers[[c for c in layers if c not in ("init", "activation")] + ["init", "activation"]]
+    path = figures.correlation(moved, stats.summarize(moved), tmp_path / "c.png", meta_configs(layers))
+    assert len(set(re.findall(r'<g id="axes_(\d+)">', path.with_suffix(".svg").read_text()))) == 6
+    assert json.dumps(meta_configs(layers))  # what config.json holds

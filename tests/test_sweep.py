@@ -23,7 +23,7 @@ from dask.distributed import Client, LocalCluster  # noqa: E402
 
 import sweep_inits  # noqa: E402
 from varprop.cli import main  # noqa: E402
-from varprop.engine import simulate  # noqa: E402
+from varprop.montecarlo import simulate  # noqa: E402
 from varprop.errors import SpecError  # noqa: E402
 from varprop.spec import expand  # noqa: E402
 from varprop.sweeps import build_grid, sweep  # noqa: E402
@@ -179,9 +179,11 @@ def test_raising_task_is_recorded_others_go_on(client, tmp_path):
     assert set(pd.read_parquet(out)["config"]) == {"widths=16,32,8"}
 
 
-def test_ctrl_c_keeps_finished_tasks(tmp_path):
-    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it:
-    one line, exit 130, finished tasks kept, no worker left running."""
+@pytest.mark.parametrize("signum, group", [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_ctrl_c_keeps_finished_tasks(tmp_path, signum, group):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it, or
+    SIGTERM to the driver alone, as a job scheduler's kill does: one line,
+    exit 128 + the signal, finished tasks kept, no worker left running."""
     grid = write_grid(tmp_path / "g.toml", "layers = [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]\nwidth = 256\n"
                                            "samples = 512\nreplicates = 3\n")
     out = tmp_path / "o"
@@ -191,9 +193,12 @@ def test_ctrl_c_keeps_finished_tasks(tmp_path):
     deadline = time.monotonic() + 90
     while not list(out.glob("task-*.parquet")) and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.1)
-    os.killpg(p.pid, signal.SIGINT)
+    if group:
+        os.killpg(p.pid, signum)
+    else:
+        os.kill(p.pid, signum)
     stdout, stderr = p.communicate(timeout=60)
-    assert p.returncode == 130, stderr
+    assert p.returncode == 128 + signum, stderr
     assert stderr.count("\n") == 1 and stderr.startswith("varprop: interrupted: ")
     kept = list(out.glob("task-*.parquet"))
     assert 1 <= len(kept) < 10 and f"{len(kept)} of 10 tasks finished and kept" in stderr

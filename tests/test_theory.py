@@ -10,8 +10,9 @@ from click.testing import CliRunner
 from scipy import integrate, special, stats
 
 import varprop
-from varprop import activations as A
+from varprop.nn import activations as A
 from varprop import fit, theory
+from varprop.theory import cmap, meanfield, perlayer, quadrature
 from varprop.cli import main
 
 from statcheck import t_two_sided
@@ -113,7 +114,7 @@ def test_cmap_series_against_an_independent_rule(name, q):
     """Within the series' own bound (the most the terms it leaves out can add) of a polar-coordinate rule,
     whose error is taken as its change from 12 to 16 points a panel."""
     act = A.get(name)
-    at = theory._AtQ(act, math.log(q), with_dphi2=False)
+    at = cmap.AtQ(act, math.log(q), with_dphi2=False)
     for c in (-0.9, 0.3, 0.9, 0.99, 0.999):
         ref, finer = polar_cos(act, math.log(q), c, 12), polar_cos(act, math.log(q), c, 16)
         value = at.cos(c)
@@ -127,13 +128,13 @@ def test_dphi_cross_is_the_slope_of_the_cmap(name, q):
     against central differences of the polar rule, their error taken as the change from step 2h to h
     (the 2-D rule alone is off by 4e-3 to 1e-2 here: phi' jumps at 0, or nearly)."""
     act = A.get(name)
-    at = theory._AtQ(act, math.log(q))
+    at = cmap.AtQ(act, math.log(q))
     scale = math.exp(at.moments.log_m2) / q
     for c in (-0.5, 0.2, 0.6, 0.9):
         diff = [(polar_cos(act, math.log(q), c + h, 16) - polar_cos(act, math.log(q), c - h, 16)) / (2 * h) * scale
                 for h in (2e-4, 1e-4)]
-        assert theory._dphi_cross(at, c) == pytest.approx(diff[1], abs=abs(diff[1] - diff[0]) + 1e-9), c
-    assert theory._dphi_cross(at, 1.0) == at.moments.dphi2
+        assert meanfield.dphi_cross(at, c) == pytest.approx(diff[1], abs=abs(diff[1] - diff[0]) + 1e-9), c
+    assert meanfield.dphi_cross(at, 1.0) == at.moments.dphi2
 
 
 @pytest.mark.parametrize("name,log_q,kernel", [
@@ -145,7 +146,7 @@ def test_cmap_series_in_the_jump_and_kink_limits(name, log_q, kernel):
     """A jump's Hermite coefficients decay like k^-1.5 and a kink's like k^-2.5, the slowest the series
     meets: against the closed forms, the fitted spread of the terms left out is within 1% of their bound,
     and the series is exact to rounding wherever the bound is negligible."""
-    at = theory._AtQ(A.get(name), log_q, with_dphi2=False)
+    at = cmap.AtQ(A.get(name), log_q, with_dphi2=False)
     for c in (-0.999, -0.9, -0.5, 0.0001, 0.3, 0.9, 0.99, 0.999, 0.9999):
         err = abs(at.cos(c) - kernel(c))
         assert err <= 0.01 * at._series.bound(c) + 1e-13, (c, err, at._series.bound(c))
@@ -158,7 +159,7 @@ def test_cmap_stays_a_cosine(name):
     act = A.get(name)
     for log_q in (-700.0, -5.0, -2.0, -1.251501000667112, -1.0, 0.0, 1.0, 2.0, 3.8, 4.6, 7.0, 12.0, 100.0, 599.0,
                   601.0):
-        at = theory._AtQ(act, log_q, with_dphi2=False)
+        at = cmap.AtQ(act, log_q, with_dphi2=False)
         values = [at.cos(c) for c in (-1.0, -1 + 2.0**-53, -0.9999, -0.5, 0.5, 0.99, 0.9999, 1 - 1e-9, 1.0)]
         assert all(-1 <= v <= 1 for v in values), (log_q, values)
         assert values[-1] == 1.0
@@ -290,8 +291,9 @@ def test_theory_gain_fit_commands(tmp_path):
                                   "--replicates", "2", "--out", str(tmp_path / "fit"), "--json"])
     assert r.exit_code == 0, r.output
     assert abs(json.loads(r.output)["fit"]["slope"] - 0.5) < 0.05
-    assert {p.name for p in (tmp_path / "fit").iterdir()} == {"points.csv", "fit.json", "fan_in_law.png",
-                                                              "fan_in_law.svg", "report.md", "report.html"}
+    assert {p.name for p in (tmp_path / "fit").iterdir()} == {".varprop-manifest.json", "points.csv", "fit.json",
+                                                              "fan_in_law.png", "fan_in_law.svg", "report.md",
+                                                              "report.html"}
     for bad, option in ((["theory", "--sigma-w", "-1"], "--sigma-w"), (["gain", "nope"], "--activation"),
                         (["fit", "--fan-in", "0,10"], "--fan-in")):
         r = CliRunner().invoke(main, bad)
@@ -336,8 +338,8 @@ def test_phase_command(tmp_path):
     r = CliRunner().invoke(main, ["phase", "--activation", "tanh", "--resolution", "8", "--out",
                                   str(tmp_path / "p")])
     assert r.exit_code == 0, r.output
-    assert {p.name for p in (tmp_path / "p").iterdir()} == {"phase.csv", "phase.png", "phase.svg", "report.md",
-                                                            "report.html"}
+    assert {p.name for p in (tmp_path / "p").iterdir()} == {".varprop-manifest.json", "phase.csv", "phase.png",
+                                                            "phase.svg", "report.md", "report.html"}
 
 
 @pytest.mark.parametrize("activation,init", [("linear", "fan_in"), ("relu", "he")])
@@ -363,7 +365,7 @@ def test_finite_width_band_for_single_sample_stacks(activation, init):
 
 def plain_moments(act, log_q):
     """theory.moments as it was: the 1-D rule through apply_scaled, closed forms only for a+ z / a- z."""
-    if act.homogeneous or (0.5 * log_q > A._LOG_DIRECT and (act.slope_pos or act.slope_neg)):
+    if act.homogeneous or (0.5 * log_q > A.LOG_DIRECT and (act.slope_pos or act.slope_neg)):
         return theory.moments(act, log_q)
     x, w = theory.nodes()
     u, log_s = A.apply_scaled(act, x, 0.5 * log_q)
@@ -372,13 +374,14 @@ def plain_moments(act, log_q):
     d = A.dphi_scaled(act, x, 0.5 * log_q)
     mean = m * math.exp(log_s) if log_s < 700 else math.copysign(math.inf, m) if m else 0.0
     return theory.Moments(mean, log_s + 0.5 * math.log(var) if var > 0 else -math.inf,
-                          2 * log_s + math.log(m2) if m2 > 0 else -math.inf, float(w @ (d * d)))
+                          2 * log_s + math.log(m2) if m2 > 0 else -math.inf, float(w @ (d * d)),
+                          math.log(abs(m)) + log_s if m else -math.inf)
 
 
 def plain_cos(act, log_q, c):
     """theory.cos_post as it was: phi at all 48 x 48 pairs of the 2-D rule."""
     c = min(max(c, -1.0), 1.0)
-    if act.homogeneous or (0.5 * log_q > A._LOG_DIRECT and (act.slope_pos or act.slope_neg)):
+    if act.homogeneous or (0.5 * log_q > A.LOG_DIRECT and (act.slope_pos or act.slope_neg)):
         return theory.cos_post(act, log_q, c)
     x1, w1 = np.polynomial.hermite_e.hermegauss(48)
     x, y, w = x1[:, None], x1[None, :], np.outer(w1, w1) / w1.sum() ** 2
@@ -402,10 +405,15 @@ def test_expectations_match_the_plain_rules(name):
         assert fast.log_m2 == pytest.approx(plain.log_m2, rel=0, abs=1e-12)
         assert fast.log_sd == pytest.approx(plain.log_sd, rel=0, abs=1e-12)
         assert abs(fast.mean - plain.mean) <= 1e-12 * (abs(plain.mean) + math.exp(min(plain.log_sd, 700)))
+        # log |mean| on the same scale (its relative error, allowed 1e-12 of the sd), wherever the mean is
+        # more than a rounding of 0
+        if math.isfinite(plain.log_abs_mean) and plain.log_abs_mean > plain.log_sd - 20:
+            allowed = 1e-12 * max(1.0, math.exp(plain.log_sd - plain.log_abs_mean))
+            assert abs(fast.log_abs_mean - plain.log_abs_mean) <= allowed, (name, log_q)
         assert fast.dphi2 == pytest.approx(plain.dphi2, rel=1e-13)
-        at = theory._AtQ(act, log_q, with_dphi2=False)
+        at = cmap.AtQ(act, log_q, with_dphi2=False)
         for c in (-1.0, -0.7, 0.0, 1e-19, -1e-19, 1e-17, -1e-13, 1e-9, 0.3, 0.999, 1 - 2.0**-53, 1.0, 1.2):
-            if at.slopes is None and (at._gh_error > theory._GH_TRUSTED or not theory._NEGLIGIBLE_C <= abs(c) < 1):
+            if at.slopes is None and (at._gh_error > cmap.GH_TRUSTED or not cmap.NEGLIGIBLE_C <= abs(c) < 1):
                 continue  # the series, or the 1-D rule at c = +-1 and c ~ 0: tested against other rules above
             assert theory.cos_post(act, log_q, c) == pytest.approx(plain_cos(act, log_q, c), rel=0, abs=1e-12,
                                                                    nan_ok=True), (log_q, c)
@@ -417,7 +425,7 @@ def test_dphi2_at_many_q_at_once():
     log_q = np.array([-1300.0, -40.0, -3.0, 0.0, 5.0, 599.0, 601.0, 1400.0])
     for name in A.NAMES:
         act = A.get(name)
-        np.testing.assert_allclose(theory._dphi2(act, log_q), [theory.moments(act, lq).dphi2 for lq in log_q],
+        np.testing.assert_allclose(perlayer.dphi2_at(act, log_q), [theory.moments(act, lq).dphi2 for lq in log_q],
                                    rtol=1e-13)
 
 
@@ -438,8 +446,8 @@ def test_reused_steps_are_the_full_recursion_bitwise(kw, repeats):
     bitwise-equal inputs returns bitwise-equal outputs, so the tolerance is zero."""
     spec = varprop.RunSpec(varprop.NetworkSpec.square(500, 100, **{"init": "fan_in", **kw}), backward=True)
     scheme = spec.network.init.resolve()
-    fast = np.array(theory._forward(spec, scheme, 0.0, 0.0))
-    np.testing.assert_array_equal(fast, np.array(theory._forward(spec, scheme, 0.0, 0.0, reuse=False)))
+    fast = np.array(perlayer.forward(spec, scheme, 0.0, 0.0))
+    np.testing.assert_array_equal(fast, np.array(perlayer.forward(spec, scheme, 0.0, 0.0, reuse=False)))
     assert (np.unique(fast[:, 0]).size < 250) == repeats  # q repeats: the shortcut is exercised
 
 
@@ -450,5 +458,5 @@ def test_logaddexp_is_numpys():
         for b in values:
             with np.errstate(all="ignore"):
                 expected = float(np.logaddexp(a, b))
-            got = theory._logaddexp(a, b)
+            got = quadrature.logaddexp(a, b)
             assert got == expected or (math.isnan(got) and math.isnan(expected))

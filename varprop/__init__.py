@@ -18,7 +18,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
-_PUBLIC = {"simulate": "engine", "InitSpec": "spec", "NetworkSpec": "spec", "RunSpec": "spec",
+_PUBLIC = {"simulate": "montecarlo", "InitSpec": "spec", "NetworkSpec": "spec", "RunSpec": "spec",
            "SpecError": "errors", "summarize": "stats", "sweep": "sweeps"}
 
 __all__ = [*_PUBLIC, "__version__"]

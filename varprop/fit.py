@@ -65,7 +65,7 @@ def fan_in_law(base: RunSpec, fan_ins: Iterable[int], fan_out: int = 100, progre
     """Measure one layer's output std for each fan_in (every replicate a point)
     and fit log10 std on log10 fan_in. Returns the points (with the theory's
     prediction per fan_in) and the fit."""
-    from .engine import simulate  # engine imports this module's neighbours; keep the cycle out
+    from .montecarlo import simulate  # engine imports this module's neighbours; keep the cycle out
 
     # One layer, no batch norm: the layer itself is what is measured.
     opts = {k: v for k, v in to_options(base).items() if k not in ("widths", "bn_layers", "bn_position", "bn_eps")}
@@ -124,7 +124,7 @@ def correlation_decay(activation: str, sigma_w2: Iterable[float], sigma_b2: floa
                       layers: int = 30, width: int = 300) -> pd.DataFrame:
     """Measured mean cosine similarity of z between samples per layer, beside
     the c-map's prediction, at a few (sigma_w^2, sigma_b^2) points."""
-    from .engine import simulate
+    from .montecarlo import simulate
 
     frames = []
     for sw2 in sigma_w2:

@@ -10,7 +10,8 @@ from typing import Any, Callable
 import pandas as pd
 
 from . import fit, report
-from .engine import simulate
+from .montecarlo import simulate
+from .outdir import staging
 from .spec import expand, from_options
 
 SEED_STACK = {"layers": 100, "width": 100, "samples": 500, "init": ["unit", "fan_in"], "activation": "linear",
@@ -102,12 +103,14 @@ ENTRIES: dict[str, Callable[[Path, str], None]] = {
 }
 
 
-def build(root: Path, only: list[str] | None = None) -> list[Path]:
-    """(Re)generate gallery entries under ``root`` (each atomically)."""
+def build(root: Path, only: list[str] | None = None, force: bool = False) -> list[Path]:
+    """(Re)generate gallery entries under ``root``, each replacing its
+    directory only when complete (:func:`varprop.outdir.staging`; ``force``
+    as ``--force``: write beside files varprop did not write, keeping them)."""
     written = []
     for name in only or list(ENTRIES):
         target = Path(root) / name
-        with report.staging(target) as tmp:
+        with staging(target, force=force) as tmp:
             ENTRIES[name](tmp, name)
         written.append(target)
     return written

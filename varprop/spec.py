@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from . import activations, inits
+from .montecarlo import memory
+from .nn import activations, inits
 from .errors import SpecError
 
 
@@ -36,6 +37,24 @@ class InitSpec:
     mode: str | None = None
     gain: float | None = None
     scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        # A framework's name is kept as its canonical preset and distribution
+        # (InitSpec("kaiming_uniform") == InitSpec("he", "uniform")), so
+        # config.json and the reproduce-command carry one spelling.
+        for name in ("distribution", "mode", "gain"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, OPTIONS[name].parse(value, name))
+        object.__setattr__(self, "scale", OPTIONS["scale"].parse(self.scale, "scale"))
+        scheme = parse_init(self.scheme)
+        if isinstance(scheme, str) and ":" not in scheme:
+            try:
+                scheme, distribution = inits.canonical(self.scheme, self.distribution)
+            except ValueError as exc:
+                raise SpecError("distribution", str(exc)) from None
+            object.__setattr__(self, "distribution", distribution)
+        object.__setattr__(self, "scheme", scheme)
 
     def resolve(self) -> inits.Scheme:
         return inits.resolve(self.scheme, self.distribution, self.mode, self.gain, self.scale)
@@ -60,7 +79,7 @@ class NetworkSpec:
     bn_eps: float = 1e-3
 
     def __post_init__(self) -> None:
-        if isinstance(self.init, str) or callable(self.init):
+        if not isinstance(self.init, InitSpec):
             object.__setattr__(self, "init", InitSpec(self.init))
         object.__setattr__(self, "widths", parse_widths(self.widths))
         bn = tuple(sorted(set(parse_int_list(self.bn_layers, "bn_layers")))) if self.bn_layers else ()
@@ -68,7 +87,7 @@ class NetworkSpec:
             raise SpecError("bn_layers", f"batch norm goes on hidden layers 1..{self.depth - 1}, got {bn}")
         object.__setattr__(self, "bn_layers", bn)
         object.__setattr__(self, "bn_position", OPTIONS["bn_position"].parse(self.bn_position, "bn_position"))
-        object.__setattr__(self, "bn_eps", parse_pos_float(self.bn_eps, "bn_eps"))
+        object.__setattr__(self, "bn_eps", OPTIONS["bn_eps"].parse(self.bn_eps, "bn_eps"))
         for name in ("activation", "output_activation"):
             value = getattr(self, name)
             if value is not None:
@@ -80,7 +99,10 @@ class NetworkSpec:
 
     @classmethod
     def square(cls, layers: int, width: int, **kw: Any) -> "NetworkSpec":
-        return cls(widths=(parse_pos_int(width, "width"),) * (parse_pos_int(layers, "layers") + 1), **kw)
+        """``layers`` weight layers of ``width`` units, fed ``width`` inputs."""
+        layers, width = parse_pos_int(layers, "layers"), parse_pos_int(width, "width")
+        memory.precheck(layers, width, 1, 1, None)
+        return cls(widths=(width,) * (layers + 1), **kw)
 
     @property
     def depth(self) -> int:
@@ -145,15 +167,23 @@ def load_input(path: str, width: int) -> np.ndarray:
 @functools.lru_cache(maxsize=4)
 def _load_input(path: str, width: int, mtime_ns: int, size: int) -> np.ndarray:
     try:
-        x = np.load(path, allow_pickle=False)
+        x = np.load(path, allow_pickle=False, mmap_mode="r")  # the header first: no copy of a huge file yet
     except Exception as exc:  # unreadable or not .npy: one line for the user
         raise SpecError("input_file", f"cannot read {path} as a .npy array ({exc})") from None
+    if not isinstance(x, np.ndarray):  # an .npz archive
+        x.close()
+        raise SpecError("input_file", f"{path} is an .npz archive; save the N x {width} array alone with "
+                        "numpy.save (.npy)")
     if x.ndim != 2 or x.shape[0] < 1:
         raise SpecError("input_file", f"{path} holds an array of shape {x.shape}; expected N x {width}")
     if x.shape[1] != width:
         raise SpecError("input_file", f"{path} has {x.shape[1]} columns but the network's input width is {width}")
-    if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
-        raise SpecError("input_file", f"{path} contains NaN, inf or non-numeric values")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise SpecError("input_file", f"{path} holds {x.dtype} values; expected real numbers (integers or floats"
+                        + (": a complex array would lose its imaginary part)" if np.iscomplexobj(x) else ")"))
+    x = np.array(x)
+    if not np.isfinite(x).all():
+        raise SpecError("input_file", f"{path} contains NaN or inf")
     x = x.astype(np.float64)
     if not np.any(x):
         raise SpecError("input_file", f"{path} is all zeros: no signal to propagate")
@@ -260,7 +290,13 @@ def _choice(choices: Iterable[str]) -> Callable[[Any, str], str]:
 
 
 def parse_activation(value: Any, option: str = "activation") -> str:
-    return _choice(activations.NAMES)(value, option)
+    """A registered activation's name from its name or a framework's spelling
+    (``ReLU``, ``swish``, ``GELU``: :func:`varprop.activations.canonical_name`)."""
+    try:
+        return activations.canonical_name(value)
+    except ValueError:
+        raise _fail(option, "one of " + ", ".join(activations.NAMES) + " (any case; also PyTorch's, Keras' and "
+                    "JAX's spellings such as ReLU, swish)", value, activations.suggestion(value)) from None
 
 
 def parse_widths(value: Any, option: str = "widths") -> tuple[int, ...]:
@@ -275,20 +311,30 @@ def parse_widths(value: Any, option: str = "widths") -> tuple[int, ...]:
     return widths
 
 
+INIT_ACCEPTED = ("one of " + ", ".join(inits.PRESETS) + ", a PyTorch, Keras or JAX name (kaiming_uniform, "
+                 "he_normal, glorot_uniform, lecun_normal, ...: README, 'Init names') or module:function")
+
+
 def parse_init(value: Any, option: str = "init") -> Any:
+    """A callable, a ``module:function`` string (imported to check it), or a
+    preset or framework name, returned as its canonical name
+    (:func:`varprop.inits.canonical_name`: ``Kaiming_Uniform`` -> ``he_uniform``)."""
     if callable(value):
         return value
     if not isinstance(value, str):
-        raise _fail(option, "a scheme name or module:function", value)
+        raise _fail(option, f"{INIT_ACCEPTED}, or a callable (rng, fan_in, fan_out) -> array", value)
     try:
-        inits.resolve(value)
+        if ":" in value:
+            inits.load_callable(value)
+            return value
+        return inits.canonical_name(value)
     except ValueError as exc:
-        names = ", ".join(inits.PRESETS)
-        raise SpecError(option, f"{exc}; expected one of {names} or module:function") from None
-    return value
+        raise SpecError(option, f"{exc}; expected {INIT_ACCEPTED}") from None
 
 
 def parse_input_file(value: Any, option: str = "input_file") -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise _fail(option, "the path of an N x n_0 .npy file", value)
     path = os.fspath(value)
     if not os.path.isfile(path):
         raise SpecError(option, f"no such file: {path}")
@@ -312,7 +358,8 @@ OPTIONS: dict[str, Option] = {
     "activation": Option(parse_activation, "linear", "hidden-layer activation: " + ", ".join(activations.NAMES), metavar="NAME"),
     "output_activation": Option(parse_activation, None, "activation of the last layer (default: as hidden)", metavar="NAME"),
     "leaky_slope": Option(lambda v, o: _float(v, o, "a finite number", math.isfinite), 0.01, "negative slope of leaky_relu", metavar="SLOPE"),
-    "init": Option(parse_init, "fan_in", "init scheme: " + ", ".join(inits.PRESETS) + ", or module:function", metavar="SCHEME"),
+    "init": Option(parse_init, "fan_in", "init scheme: " + ", ".join(inits.PRESETS) + ", a PyTorch/Keras/JAX name "
+                   "(kaiming_uniform, he_normal, glorot_uniform, ...), or module:function", metavar="SCHEME"),
     "distribution": Option(_choice(inits.DISTRIBUTIONS), None, "weight distribution: " + ", ".join(inits.DISTRIBUTIONS) + " (default: the scheme's own)", metavar="NAME"),
     "mode": Option(_choice(inits.MODES), None, "fan the variance is divided by: " + ", ".join(inits.MODES) + " (default: the scheme's own)", metavar="MODE"),
     "gain": Option(parse_pos_float, None, "gain (std multiplier) replacing the scheme's own", metavar="GAIN"),
@@ -324,7 +371,9 @@ OPTIONS: dict[str, Option] = {
                        "batch norm on the first k hidden layers", metavar="K"),
     "bn_position": Option(_choice(("pre", "post")), "pre",
                           "batch norm on z before the activation (pre) or on its output (post)", metavar="pre|post"),
-    "bn_eps": Option(parse_pos_float, 1e-3, "batch norm epsilon (Keras' default 0.001)", metavar="EPS"),
+    "bn_eps": Option(parse_nonneg_float, 1e-3, "batch norm epsilon, >= 0 (Keras' default 0.001; 0 as in "
+                     "mean-field BN theory, refused only where a batch channel's variance is exactly 0)",
+                     metavar="EPS"),
     "batch_size": Option(lambda v, o: _int(v, o, "an integer >= 2", lambda n: n >= 2), None,
                          "samples per batch-norm batch (default: all samples in one batch)", metavar="B"),
     "samples": Option(parse_pos_int, None, "number of input samples N (default 500, or the rows of --input-file)", metavar="N"),
@@ -363,7 +412,7 @@ def parse(options: Mapping[str, Any]) -> dict[str, Any]:
             if not value:
                 raise SpecError(key, "an empty list gives nothing to run")
             if not opt.repeatable and len(value) != 1:
-                raise SpecError(key, "takes one value, not a list")
+                raise SpecError(key, f"takes one value, got {len(value)}: " + ", ".join(map(str, value)))
             out[key] = [opt.parse(v, key) for v in value]
         else:
             out[key] = opt.parse(value, key)
@@ -376,6 +425,8 @@ def from_options(options: Mapping[str, Any]) -> RunSpec:
     if "widths" in o and ("layers" in o or "width" in o):
         raise SpecError("widths", "cannot be combined with --layers or --width")
     get = lambda k: o.get(k, OPTIONS[k].default)  # noqa: E731
+    if "widths" not in o:  # before a tuple of --layers entries is built
+        memory.precheck(get("layers"), get("width"), get("samples") or 1, get("replicates"), get("max_memory"))
     widths = o.get("widths") or (get("width"),) * (get("layers") + 1)
     init = InitSpec(get("init"), get("distribution"), get("mode"), get("gain"), get("scale"))
     net = NetworkSpec(widths, get("activation"), get("output_activation"), get("leaky_slope"), init, get("bias_std"),

@@ -22,11 +22,11 @@ from scipy import stats as sps
 
 from .parallel import SERIAL, Pool, row_chunks
 
-STATS = ("mean", "std", "log10_std", "second_moment", "sq_unit_mean", "unit_var", "frac_zero",
+STATS = ("mean", "std", "log10_std", "log10_abs_mean", "second_moment", "sq_unit_mean", "unit_var", "frac_zero",
          "frac_saturated", "cos_sim", "abs_cos_sim")
 ABS_COS_SAMPLES = 128  # |cos| is averaged over the pairs of the first 128 live samples
 SATURATION = 1e-3  # |phi'(z)| below this counts as saturated
-_LN10 = math.log(10.0)
+LN10 = math.log(10.0)
 
 
 def _scaled(x: float, log_factor: float) -> float:
@@ -155,7 +155,9 @@ def from_sums(u: np.ndarray, parts: Sequence[Sums], log_s: float, saturated: flo
     stats = {
         "mean": _scaled(mean, log_s),
         "std": _scaled(std, log_s),
-        "log10_std": float(math.log(std) + log_s) / _LN10 if std > 0 else -math.inf,
+        "log10_std": float(math.log(std) + log_s) / LN10 if std > 0 else -math.inf,
+        # The mean's magnitude at any scale (its sign is the sign of "mean", which keeps it as +-inf).
+        "log10_abs_mean": float(math.log(abs(mean)) + log_s) / LN10 if mean != 0 else -math.inf,
         "second_moment": _scaled(second, 2 * log_s),
         "sq_unit_mean": _scaled(sq_unit_mean, 2 * log_s),
         "unit_var": _scaled(unit_var, 2 * log_s),
@@ -200,6 +202,17 @@ def log10_mean_pow10(log10_values: np.ndarray, power: float = 1.0) -> float:
     return float(m + np.log10(np.mean(10.0 ** (v - m))))
 
 
+def _log10_abs_signed_mean(sign: pd.Series, log10_abs: pd.Series, by: list[pd.Series]) -> pd.Series:
+    """Per group, log10 |mean of sign * 10 ** log10_abs|, at any magnitude (the
+    mean over replicates of layer means that may lie beyond float64)."""
+    peak = log10_abs.replace(-np.inf, np.nan).groupby(by, sort=False).transform("max")
+    with np.errstate(invalid="ignore", over="ignore", under="ignore", divide="ignore"):
+        term = (sign * 10.0 ** (log10_abs - peak)).where(log10_abs != -np.inf, 0.0)  # a zero mean adds 0
+        rel = term.groupby(by, sort=False).mean()  # NaN only where every replicate's value is NaN
+        top = peak.groupby(by, sort=False).first()
+        return (top + np.log10(np.abs(rel))).where(rel != 0, -np.inf)
+
+
 def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     """One row per (config, layer): the mean over replicates of each statistic,
     its standard error and 95% t interval (``_se``, ``_lo``, ``_hi``), and for
@@ -209,7 +222,8 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     the geometric mean).
     """
     sides = [s for s in ("pre", "post", "grad", "delta") if f"{s}_log10_std" in layers]
-    cols = [f"{side}_{stat}" for side in sides for stat in STATS if f"{side}_{stat}" in layers]
+    cols = [f"{side}_{stat}" for side in sides for stat in STATS
+            if f"{side}_{stat}" in layers and stat != "log10_abs_mean"]
     cols += [c for c in ("weight_grad_norm", "weight_grad_log10_norm") if c in layers]
     theory_cols = [c for c in layers if c.startswith("theory_")]
     keys = ["config", "layer"]
@@ -231,5 +245,8 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
             rel = (10.0 ** (2 * (logs - peak))).groupby(by, sort=False).mean()
         extra[f"{side}_log10_rms_std"] = peak.groupby(by, sort=False).first() + 0.5 * np.log10(rel)
         extra[f"{side}_log10_typical_std"] = g[f"{side}_log10_std"].mean()
+        if f"{side}_log10_abs_mean" in layers:
+            extra[f"{side}_log10_abs_mean"] = _log10_abs_signed_mean(
+                np.sign(layers[f"{side}_mean"]), layers[f"{side}_log10_abs_mean"], by)
     out = pd.concat([pd.DataFrame(extra), out], axis=1).copy()  # copy: one consolidated block per dtype
     return out.reset_index()

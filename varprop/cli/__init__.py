@@ -7,7 +7,9 @@ so ``varprop --help`` loads neither NumPy nor pandas nor matplotlib.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 from typing import Any
 
 import click
@@ -26,6 +28,42 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("report:report_cmd", "Redraw a saved run's report without rerunning it."),
     "gallery": ("report:gallery_cmd", "Regenerate the committed reports/ gallery."),
 }
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP: unwinds like Ctrl-C, so staging is cleaned up on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_SIGNALS = [s for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]
+_interrupted = False
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    global _interrupted
+    outdir = sys.modules.get("varprop.outdir")
+    if _interrupted or (outdir is not None and outdir.deferring(signum)):
+        return  # already unwinding, or inside a rename that must finish first: it is delivered after
+    _interrupted = True
+    raise Interrupted(signum)
+
+
+def _install_handlers() -> dict[int, Any]:
+    """Our handler for each signal that would otherwise kill us (one that is
+    ignored, e.g. SIGHUP under nohup, stays ignored); returns the old ones."""
+    global _interrupted
+    _interrupted = False
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    old = {}
+    for name in _SIGNALS:
+        num = getattr(signal, name)
+        if signal.getsignal(num) in (signal.SIG_DFL, signal.default_int_handler):
+            old[num] = signal.signal(num, _on_signal)
+    return old
 
 
 class _Group(click.Group):
@@ -47,6 +85,7 @@ class _Group(click.Group):
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
+        old = _install_handlers()
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as exc:
@@ -55,9 +94,17 @@ class _Group(click.Group):
         except SpecError as exc:
             click.echo(f"varprop: error: {exc}", err=True)
             sys.exit(2)
+        except Interrupted as exc:
+            # The terminal echoed ^C without a newline; a pipe or a file gets exactly one line.
+            click.echo(("\n" if exc.signum == signal.SIGINT and sys.stderr.isatty() else "")
+                       + "varprop: interrupted", err=True)
+            sys.exit(128 + exc.signum)
         except click.Abort:
             click.echo("varprop: aborted", err=True)
             sys.exit(1)
+        finally:
+            for num, handler in old.items():
+                signal.signal(num, handler)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

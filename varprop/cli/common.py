@@ -14,7 +14,8 @@ from typing import Any
 
 import click
 
-from .. import activations, inits, report
+from .. import report
+from ..nn import activations, inits
 from ..spec import OPTIONS, SpecError, parse, parse_activation
 
 DEFAULT_RUNS_DIR = Path("reports") / "runs"
@@ -28,19 +29,21 @@ def spec_options(fn: Any) -> Any:
             " [repeatable: compares every combination]" if opt.repeatable else "")
         if opt.flag:
             fn = click.option(flag, name, is_flag=True, default=None, help=opt.help)(fn)
-        else:
-            fn = click.option(flag, name, multiple=opt.repeatable, default=None, metavar=opt.metavar,
-                              help=help_text)(fn)
+        else:  # every option collects repeats: spec.parse refuses them where the option takes one value
+            fn = click.option(flag, name, multiple=True, default=None, metavar=opt.metavar, help=help_text)(fn)
     return fn
 
 
 def read_config(path: str) -> dict[str, Any]:
+    """The options of a TOML config file (top level, or a ``[simulate]`` table)."""
+    if not path:
+        raise SpecError("config", "expected the path of a TOML file, got ''")
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except OSError as exc:
         raise SpecError("config", f"cannot read {path} ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SpecError("config", f"{path} is not valid TOML ({exc})") from None
     if isinstance(data.get("simulate"), dict):
         data = data["simulate"]  # options may sit under a [simulate] table
@@ -73,21 +76,25 @@ def command_line(options: dict[str, Any], out: str | None) -> str:
     return shlex.join(words)
 
 
-def in_staging(out_dir: Path, work: Any) -> Any:
+def in_staging(out_dir: str | Path, work: Any, force: bool = False, option: str = "out") -> Any:
     """Run ``work(tmp)`` writing into a staging directory that becomes
-    ``out_dir`` only when it succeeds (report.staging)."""
+    ``out_dir`` only when it succeeds (:func:`varprop.outdir.staging`: what
+    may be replaced, --force, the lock); a directory it must not write, or a
+    failed write (full disk), is one line naming ``option``."""
+    from ..outdir import OutDirError, staging
+
     try:
-        stage = report.staging(out_dir)
-        tmp = stage.__enter__()
-    except OSError as exc:
-        raise SpecError("out", f"cannot write to {out_dir} ({exc.strerror or exc})") from None
-    try:
-        result = work(tmp)
-    except BaseException:
-        stage.__exit__(*sys.exc_info())
-        raise
-    stage.__exit__(None, None, None)
-    return result
+        with staging(out_dir, force=force) as tmp:
+            return work(tmp)
+    except OutDirError as exc:
+        raise SpecError(option, str(exc)) from None
+
+
+def force_option(fn: Any) -> Any:
+    """``--force``: write into a directory holding files varprop did not write."""
+    return click.option("--force", is_flag=True,
+                        help="write into an output directory that holds files varprop did not write: they are "
+                             "kept, and one a new output would replace is kept as NAME.~1~")(fn)
 
 
 class LazyBar:

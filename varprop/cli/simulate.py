@@ -9,10 +9,11 @@ from typing import Any
 import click
 
 from .. import report
-from ..engine import simulate as run_simulation
-from ..engine import total_steps
+from ..montecarlo import simulate as run_simulation
+from ..montecarlo import total_steps
 from ..spec import expand, parse_threads
-from .common import DEFAULT_RUNS_DIR, LazyBar, command_line, in_staging, parse_formats, read_config, spec_options
+from .common import (DEFAULT_RUNS_DIR, LazyBar, command_line, force_option, in_staging, parse_formats, read_config,
+                     spec_options)
 
 
 @click.command()
@@ -23,10 +24,11 @@ from .common import DEFAULT_RUNS_DIR, LazyBar, command_line, in_staging, parse_f
               help="outputs among md, html, csv, json (layers.csv and config.json are always written) "
                    "[default: md,html,csv,json]")
 @click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/<descriptive name>]")
+@force_option
 @click.option("--threads", default=None, metavar="N",
               help="threads to compute on; the numbers are the same for any N [default: every core]")
-def simulate(config_file: str | None, title: str | None, formats: str, out: str | None, threads: str | None,
-             **cli_options: Any) -> None:
+def simulate(config_file: str | None, title: str | None, formats: str, out: str | None, force: bool,
+             threads: str | None, **cli_options: Any) -> None:
     """Push random inputs through a deep stack and report every layer's statistics.
 
     \b
@@ -39,7 +41,7 @@ def simulate(config_file: str | None, title: str | None, formats: str, out: str 
     """
     given = {k: list(v) if isinstance(v, tuple) else v for k, v in cli_options.items()
              if v is not None and v != ()}
-    options = read_config(config_file) if config_file else {}
+    options = read_config(config_file) if config_file is not None else {}
     # The command line's shape beats the file's, whichever way it is given.
     for key in ("layers", "width") if "widths" in given else ("widths",) if {"layers", "width"} & set(given) else ():
         options.pop(key, None)
@@ -47,7 +49,7 @@ def simulate(config_file: str | None, title: str | None, formats: str, out: str 
     fmts = parse_formats(formats)
     n_threads = parse_threads(threads)
     configs = expand(options)
-    out_dir = Path(out) if out else DEFAULT_RUNS_DIR / report.run_name(configs)
+    out_dir = out if out is not None else str(DEFAULT_RUNS_DIR / report.run_name(configs))
     bar = LazyBar(total_steps(configs))
 
     def work(tmp: Path) -> tuple[Any, dict[str, Any]]:
@@ -58,7 +60,10 @@ def simulate(config_file: str | None, title: str | None, formats: str, out: str 
         command = command_line(options, out) + (f" --title {shlex.quote(title)}" if title else "")
         return layers, report.write(layers, tmp, command=command, title=title, formats=fmts)
 
-    layers, paths = in_staging(out_dir, work)
+    layers, paths = in_staging(out_dir, work, force=force)
     click.echo(report.terminal_table(layers, paths["summary"]))
-    written = ", ".join(p.name for k, p in paths.items() if k not in ("summary",) and k != "report")
-    click.echo(f"\nreport: {out_dir / paths['report'].name}  ({written} beside it)")
+    written = [p.name for k, p in paths.items() if k not in ("summary", "report")]
+    if "report" in paths:
+        click.echo(f"\nreport: {Path(out_dir) / paths['report'].name}  ({', '.join(written)} beside it)")
+    else:
+        click.echo(f"\nwrote {', '.join(written)} in {out_dir}")

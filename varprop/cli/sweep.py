@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import click
 
 from ..errors import SpecError
 from ..spec import parse_pos_int
+from . import Interrupted
 
 
 @click.command("sweep")
@@ -75,7 +77,7 @@ def sweep_cmd(grid: str, out: str, scheduler: str | None, workers: str | None, t
     except SpecError:
         bar.close()
         raise
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted) as exc:  # Ctrl-C, SIGTERM, SIGHUP (varprop.cli's handler)
         bar.close()
         res = state.get("result")
         if res is None or not Path(out).exists():
@@ -83,7 +85,7 @@ def sweep_cmd(grid: str, out: str, scheduler: str | None, workers: str | None, t
         else:
             click.echo(f"varprop: interrupted: {res.reused + res.ran} of {res.tasks} tasks finished and kept in "
                        f"{out}; rerun the same command to go on", err=True)
-        sys.exit(130)
+        sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
     bar.close()
     click.echo(f"sweep: {result.ran} ran, {result.reused} reused, {len(result.failed)} failed; "
                f"{result.reused + result.ran} of {result.tasks} tasks finished ({result.elapsed_s:.1f} s)")

@@ -1,7 +1,8 @@
 """Everything a run writes: config.json, layers.csv, report.md and figures.
 
-Written into a temporary directory beside the target and renamed at the end,
-so an interrupted or failed run leaves no half-written output directory.
+Written into a staging directory that replaces the target only when complete
+(:func:`varprop.outdir.staging`), so an interrupted or failed run leaves no
+half-written output directory and never a file varprop did not write touched.
 """
 
 from __future__ import annotations
@@ -11,23 +12,22 @@ import json
 import os
 import platform
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
 from .. import __version__
+from ..outdir import owned_files, staging
 from ..spec import Config, to_options
 from ..stats import summarize
 from . import figures
 from .document import Document, to_html, to_markdown
-from .markdown import build_document, fit_document, fmt_pow10, terminal_table
+from .markdown import build_document, fit_document, fmt_pow10, shown_layers, terminal_table
 
-__all__ = ["staging", "write", "render", "write_fit", "write_phase", "run_name", "dir_name", "terminal_table",
-           "fmt_pow10", "json_default", "summarize", "FORMATS"]
+__all__ = ["staging", "write", "render", "rerender_into", "write_fit", "write_phase", "run_name", "dir_name",
+           "terminal_table", "fmt_pow10", "json_default", "summarize", "FORMATS", "DATA_FILES"]
 
 
 def run_name(configs: Sequence[Config]) -> str:
@@ -52,56 +52,6 @@ def dir_name(name: str, key: str) -> str:
     """``name`` made safe as a directory name, then a short hash of ``key`` (what makes the run this run)."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:110]
     return safe + "-" + hashlib.sha1(key.encode()).hexdigest()[:6]
-
-
-RUN_MARKERS = ("config.json", "fit.json", "phase.csv")  # what marks a directory as a varprop run
-
-
-@contextmanager
-def staging(out_dir: Path) -> Iterator[Path]:
-    """A temporary directory that becomes ``out_dir`` when the block succeeds.
-
-    Raises OSError up front when ``out_dir`` cannot be written, or when it
-    exists and is neither empty nor an earlier varprop run (which it
-    replaces), so a run fails before it simulates and never destroys other
-    files. On failure nothing is left behind, not even created parents.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not any(
-            (out_dir / m).exists() for m in RUN_MARKERS))):
-        raise FileExistsError(f"{out_dir} exists and is not an earlier varprop run; choose another --out")
-    created = None
-    for ancestor in [out_dir.absolute(), *out_dir.absolute().parents]:
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise NotADirectoryError(f"{ancestor} is not a directory")
-            break
-        created = ancestor  # the topmost directory this run creates
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    ok = False
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-        ok = True
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if not ok and created is not None and created != out_dir.absolute():
-            shutil.rmtree(created, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def json_default(value: Any) -> Any:
@@ -152,10 +102,18 @@ def render(directory: Path, formats: tuple[str, ...] = FORMATS, layers: pd.DataF
         meta = json.loads((directory / "config.json").read_text())
     summary = summarize(layers)
     paths: dict[str, Any] = {"config": directory / "config.json", "layers": directory / "layers.csv",
-                             "figure": directory / "std_per_layer.png", "summary": summary}
-    figures.std_per_layer(layers, summary, paths["figure"])
-    paths["means_figure"] = figures.means_and_channels(layers, summary, directory / "means_per_layer.png")
-    paths["correlation_figure"] = figures.correlation(layers, summary, directory / "correlation_per_layer.png")
+                             "summary": summary}
+    if not {"md", "html"} & set(formats):  # no report, so no figures to show in one
+        if "json" in formats:
+            paths["json"] = directory / "summary.json"
+            paths["json"].write_text(shown_summary(summary).to_json(orient="records", indent=1))
+        return paths
+    paths["figure"] = directory / "std_per_layer.png"
+    configs = meta["configs"]  # the varied options, by name
+    figures.std_per_layer(layers, summary, paths["figure"], configs)
+    paths["means_figure"] = figures.means_and_channels(layers, summary, directory / "means_per_layer.png", configs)
+    paths["correlation_figure"] = figures.correlation(layers, summary, directory / "correlation_per_layer.png",
+                                                      configs)
     if (directory / "histograms.csv").exists():
         paths["histogram_figure"] = figures.histograms(pd.read_csv(directory / "histograms.csv"),
                                                        directory / "histograms.png")
@@ -170,8 +128,47 @@ def render(directory: Path, formats: tuple[str, ...] = FORMATS, layers: pd.DataF
         paths.setdefault("report", paths["html"])
     if "json" in formats:
         paths["json"] = directory / "summary.json"
-        paths["json"].write_text(summary.to_json(orient="records", indent=1))
+        paths["json"].write_text(shown_summary(summary).to_json(orient="records", indent=1))
     return paths
+
+
+def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary's rows for the layers the report's tables show (per
+    configuration, :func:`shown_layers` of its depth): summary.json stays a
+    few hundred kB at any depth; layers.csv has every layer."""
+    depth = summary.groupby("config", sort=False)["layer"].transform("max")
+    keep = [layer in shown for layer, shown in zip(summary["layer"], depth.map(lambda d: set(shown_layers(int(d)))))]
+    return summary[keep]
+
+
+DATA_FILES = ("config.json", "layers.csv", "histograms.csv")  # a run's data; render() reads, never writes them
+
+
+def rerender_into(run_dir: Path, staged: Path, formats: tuple[str, ...], layers: pd.DataFrame,
+                  meta: dict[str, Any]) -> dict[str, Any]:
+    """Redraw a saved run into ``staged``, the staging directory that is to
+    replace ``run_dir`` (:func:`varprop.outdir.staging`): its data files are
+    linked in, the figures and reports drawn, and the run's other outputs
+    that this render does not redraw (report.html when only md is asked,
+    a gallery's reading.md) carried over. ``run_dir`` itself is only read."""
+    run_dir, staged = Path(run_dir), Path(staged)
+    for name in DATA_FILES:
+        if (run_dir / name).is_file():
+            _link(run_dir / name, staged / name)
+    paths = render(staged, formats, layers=layers, meta=meta)
+    for name in owned_files(run_dir):
+        if not (staged / name).exists():
+            (staged / name).parent.mkdir(parents=True, exist_ok=True)
+            _link(run_dir / name, staged / name)
+    return paths
+
+
+def _link(src: Path, dst: Path) -> None:
+    """A hard link (no copy of a large layers.csv), or a copy where links are not supported."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def write_fit(points: pd.DataFrame, result: Any, directory: Path, command: str) -> dict[str, Path]:

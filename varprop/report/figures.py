@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import math
+import re
+import textwrap
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..spec import label_part  # noqa: E402
+from .document import visible  # noqa: E402
+from .markdown import mean_columns, signed_means, varied_values  # noqa: E402
 
 # Beyond this, 10 ** log10_std does not fit a float64 axis: plot log10 itself.
 _MAX_LOG10 = 300.0
@@ -28,9 +32,20 @@ def _save(fig: plt.Figure, path: Path) -> None:
         fig.savefig(Path(path).with_suffix(".svg"), metadata={"Date": None})
 
 
-def std_per_layer(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:
+def _text(s: Any) -> str:
+    """A user's string as matplotlib text: on one line, no mathtext ($), and
+    never read as "leave out of the legend" (a leading underscore)."""
+    text = visible(s).replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
+
+
+Configs = Sequence[dict[str, Any]]  # config.json's "configs": label, varied, options
+
+
+def std_per_layer(layers: pd.DataFrame, summary: pd.DataFrame, path: Path, configs: Configs | None = None) -> Path:
     """Std of each layer's output (and, with a backward pass, of the gradient),
-    on a log axis (laid out as :func:`_figure` says).
+    on a log axis (laid out as :func:`_figure` says; ``configs`` names the
+    varied options, without it every configuration is one line of one panel).
 
     Solid: the mean network (sqrt of the mean variance over replicates);
     dashed: the typical network (geometric mean); band: the range over
@@ -51,7 +66,8 @@ def std_per_layer(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Pa
         "; dotted: mean-field theory")
     if n_rep > 1:
         title += f"\nmean network (solid), typical network (dashed), range over {n_rep} replicates (shaded)"
-    return _figure(layers, summary, [side for side, _ in sides], draw, title, path, (6.5, 4.2), dpi=120)
+    return _figure(layers, summary, [side for side, _ in sides], draw, title, path, (6.5, 4.2), dpi=120,
+                   configs=configs)
 
 
 Looks = dict[str, tuple[str, Any, str]]  # configuration -> colour, line style, legend label
@@ -59,25 +75,32 @@ Looks = dict[str, tuple[str, Any, str]]  # configuration -> colour, line style, 
 
 def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
             draw: Callable[[plt.Axes, pd.DataFrame, str, Looks], None], title: str, path: Path,
-            panel: tuple[float, float], dpi: int = 110) -> Path:
+            panel: tuple[float, float], dpi: int = 110, configs: Configs | None = None,
+            notes: Sequence[str] = ()) -> Path:
     """One panel per metric holding every configuration (up to 8), or small
-    multiples: more configurations varying two or more options get a column
-    per value of the next-to-last option, a row per metric and value of the
-    others, and a colour per value of the last, so each panel holds a few
-    lines (one row of many panels is wrapped, each panel with its own y axis).
-    ``draw(ax, summary_rows, metric, looks)`` draws a panel."""
-    configs = list(dict.fromkeys(summary["config"]))
-    keys = list(layers.columns[1:layers.columns.get_loc("replicate")])  # the varied options, in label order
-    values = layers.groupby("config", sort=False)[keys].first() if keys else None
+    multiples: more configurations varying two or more options (found by name
+    in ``configs``) get a column per value of the next-to-last option, a row
+    per metric and value of the others, and a colour per value of the last,
+    so each panel holds a few lines (one row of many panels is wrapped, each
+    panel with its own y axis). Every panel shares the layer axis, so stacks
+    of several depths line up. ``draw(ax, summary_rows, metric, looks)``
+    draws a panel. A line hidden under a later one (identical, or within half
+    a line's width on the page) is named in a note under the legend, after
+    ``notes``."""
+    configs_drawn = list(dict.fromkeys(summary["config"]))
+    values = varied_values([c for c in configs or [] if c["label"] in set(configs_drawn)])
+    keys = [k for k in values.columns if values[k].notna().all()] if len(values) == len(configs_drawn) else []
+    configs = configs_drawn
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    facets = values is not None and len(configs) > _MAX_LINES and len(keys) >= 2
+    facets = len(configs) > _MAX_LINES and len(keys) >= 2
     if facets and values[keys[-1]].nunique() > len(colors):  # colour by the other of the last two, if it can
         keys[-2:] = keys[-1], keys[-2]
     facets = facets and values[keys[-1]].nunique() <= len(colors)
     if facets:
         color_key, col_key, row_keys = keys[-1], keys[-2], keys[:-2]
         shades = {v: colors[i] for i, v in enumerate(dict.fromkeys(values[color_key]))}
-        looks = {c: (shades[values.at[c, color_key]], "-", _named(color_key, values.at[c, color_key])) for c in configs}
+        looks = {c: (shades[values.at[c, color_key]], "-", _named(color_key, values.at[c, color_key]))
+                 for c in configs}
         cols = list(dict.fromkeys(values[col_key]))
         groups = list(dict.fromkeys(tuple(r) for r in values[row_keys].itertuples(index=False))) or [()]
         panels = [(metric, dict(zip(row_keys, g)), col) for metric in metrics for g in groups for col in cols]
@@ -86,13 +109,15 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
         size = (2.9, 2.4)
     else:
         wrap = True
-        looks = {c: (colors[i % len(colors)], ["-", "-.", ":"][(i // len(colors)) % 3], c) for i, c in enumerate(configs)}
+        looks = {c: (colors[i % len(colors)], ["-", "-.", ":"][(i // len(colors)) % 3], _text(c))
+                 for i, c in enumerate(configs)}
         panels = [(metric, {}, None) for metric in metrics]
         n_cols = len(panels)
         size = panel
     n_rows = math.ceil(len(panels) / n_cols)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(size[0] * n_cols, size[1] * n_rows + 0.6), dpi=dpi,
                              squeeze=False, sharex=True)
+    drawn: list[tuple[plt.Axes, str, str, set[str]]] = []  # each panel, its quantity, title, configurations
     for ax, (metric, where, col) in zip(axes.flat, panels):
         chosen = [c for c in configs if (col is None or values.at[c, col_key] == col)
                   and all(values.at[c, k] == v for k, v in where.items())]
@@ -102,6 +127,10 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
             ax.tick_params(which="both", labelsize=7)
             ax.xaxis.label.set_size(8)
             ax.yaxis.label.set_size(8)
+        if n_rows > 1:  # a label taller than its row runs into the next row's
+            _wrap_ylabel(ax, fig.get_size_inches()[1] / n_rows)
+        quantity = re.sub(r" \((log scale|log|symlog)\)$", "", ax.get_ylabel().replace("\n", " "))
+        drawn.append((ax, quantity, ax.get_title(), {looks[c][2] for c in chosen}))
     for i, ax in enumerate(axes.flat[:len(panels)]):
         if i + n_cols < len(panels):  # the panel below carries this column's x axis
             ax.set_xlabel("")
@@ -112,19 +141,88 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
     if facets and not wrap:
         for row in axes:
             _share_y(row)
+    # (lines drawn over, the line on top, how they agree) -> the panels, as (quantity, title)
+    hidden: dict[tuple[tuple[str, ...], str, str], list[tuple[str, str]]] = {}
+    for ax, quantity, name, labels in drawn:  # now that every panel has its final y range
+        for under, top, how in _hidden_lines(ax, labels):
+            hidden.setdefault((under, top, how), []).append((quantity, name))
     fig.suptitle(title, fontsize=10)
     entries: dict[str, Any] = {}
-    for ax in axes.flat:  # one entry per label, whichever panel drew it; the lines' own first
+    for ax in axes.flat:  # one entry per label, whichever panel drew it (a line rather than dots)
         for handle, text in zip(*ax.get_legend_handles_labels()):
-            entries.setdefault(text, handle)
+            if text not in entries or getattr(entries[text], "get_linestyle", lambda: "-")() == "None":
+                entries[text] = handle
     order = sorted(entries, key=lambda text: text not in {look[2] for look in looks.values()})
-    return _legend_below_and_save(fig, [entries[t] for t in order], order, path)
+    notes = [*notes, *(_hidden_note(key, where, drawn, len(metrics)) for key, where in hidden.items())]
+    return _legend_below_and_save(fig, [entries[t] for t in order], order, path, notes)
+
+
+def _hidden_note(key: tuple[tuple[str, ...], str, str], where: list[tuple[str, str]],
+                 drawn: list[tuple[plt.Axes, str, str, set[str]]], n_quantities: int) -> str:
+    """"A and B are drawn behind C: identical (in <panels>)", the panels left
+    out when it holds in every panel that draws all three, the quantities
+    named when it holds for some of them only."""
+    under, top, how = key
+    quantities = list(dict.fromkeys(q for q, _ in where))
+    titles = list(dict.fromkeys(t for _, t in where if t))
+    if len(where) == sum({*under, top} <= labels for _, _, _, labels in drawn):
+        places = ""
+    elif titles:  # small multiples: the panels' titles
+        places = "; ".join(titles[:3]) + (f" and {len(titles) - 3} more panels" if len(titles) > 3 else "")
+    else:  # one panel per quantity
+        places, quantities = " and ".join(quantities), []
+    prefix = " and ".join(quantities) + ": " if 0 < len(quantities) < n_quantities else ""
+    lines = ", ".join(under[:-1]) + (" and " if len(under) > 1 else "") + under[-1]
+    return (f"{prefix}{lines} {'is' if len(under) == 1 else 'are'} drawn behind {top}: {how}"
+            + (f" (in {places})" if places else ""))
+
+
+def _hidden_lines(ax: plt.Axes, labels: set[str]) -> list[tuple[tuple[str, ...], str, str]]:
+    """The configurations' lines in ``ax`` (by legend label) that a line drawn
+    later covers: at each of its points the later line has a point closer
+    than half its line width on the page (a shallower stack that agrees with
+    a deeper one on its layers included). Grouped by the covering line:
+    (covered labels, covering label, how: "identical" when equal to the bit,
+    else "indistinguishable at this scale"; "where both are drawn" when the
+    covering line is longer)."""
+    lines = []
+    for line in ax.get_lines():
+        if line.get_label() in labels:
+            x, y = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                page = ax.transData.transform(np.column_stack([x, np.where(np.isfinite(y), y, np.nan)]))[:, 1]
+            lines.append((line.get_label(), dict(zip(x.tolist(), zip(y.tolist(), page.tolist()))),
+                          0.5 * line.get_linewidth() * ax.figure.dpi / 72))
+    groups: dict[str, tuple[list[str], bool, bool]] = {}
+    for i, (label, points, _) in enumerate(lines):
+        covering = []
+        for other, over, tolerance in lines[i + 1:]:
+            if points.keys() <= over.keys() and all(
+                    (math.isnan(p) and math.isnan(over[x][1])) or abs(p - over[x][1]) <= tolerance
+                    for x, (_, p) in points.items()):
+                exact = all(np.float64(v).tobytes() == np.float64(over[x][0]).tobytes() for x, (v, _) in points.items())
+                covering.append((other, exact, len(points) == len(over)))
+        if covering:  # the last of them is drawn on top of all
+            top, exact, whole = covering[-1]
+            under, was_exact, was_whole = groups.get(top, ([], True, True))
+            groups[top] = ([*under, label], was_exact and exact, was_whole and whole)
+    return [(tuple(under), top, ("identical" if exact else "indistinguishable at this scale")
+             + ("" if whole else " where both are drawn")) for top, (under, exact, whole) in groups.items()]
+
+
+def _wrap_ylabel(ax: plt.Axes, height_in: float) -> None:
+    """A y label longer than its panel is tall, on two lines rather than running into the next panel."""
+    label = ax.yaxis.label
+    fits = int(height_in * 0.8 * 72 / (0.6 * label.get_size()))  # characters: about 0.6 em each
+    text = label.get_text()
+    if len(text) > fits:
+        ax.set_ylabel(textwrap.fill(text, max(len(text) // 2 + 6, 10)))
 
 
 def _named(key: str, value: Any) -> str:
     """``key=value`` as configuration labels write the value."""
-    part = label_part(key, value)
-    return part if part.startswith(f"{key}=") else f"{key}={part}"
+    part = label_part(key, list(value) if isinstance(value, tuple) else value)
+    return _text(part if part.startswith(f"{key}=") else f"{key}={part}")
 
 
 def _share_y(row: np.ndarray) -> None:
@@ -151,10 +249,10 @@ def _share_y(row: np.ndarray) -> None:
 _MAX_LINES = 8  # configurations one panel shows before _figure turns to small multiples
 
 
-def _beyond_float64(log10_values: pd.Series) -> bool:
+def _beyond_float64(log10_values: pd.Series, limit: float = _MAX_LOG10) -> bool:
     """Whether 10 ** values overflows a float64 axis (then log10 itself is plotted)."""
     finite = log10_values.replace([np.inf, -np.inf], np.nan).dropna()
-    return bool(len(finite) and finite.abs().max() > _MAX_LOG10)
+    return bool(len(finite) and finite.abs().max() > limit)
 
 
 def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str, looks: Looks,
@@ -235,8 +333,12 @@ def phase_diagram(grid: pd.DataFrame, activation: str, path: Path, measured: pd.
         ax.set_ylabel("sigma_b^2 (Var b)")
         ax.set_title(f"{activation}: {title}", fontsize=9)
         if measured is not None:
-            pts = measured.groupby("point")[["sigma_w2", "sigma_b2"]].first()
-            ax.scatter(pts["sigma_w2"], pts["sigma_b2"], marker="x", color="white", s=40, zorder=3)
+            pts = measured.groupby("point", sort=False)[["sigma_w2", "sigma_b2"]].first()
+            # White crosses vanished on the white (chi_1 = 1) band: a black edge shows on any colour, and the
+            # face has the colour of the point's line in the right panel.
+            colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+            ax.scatter(pts["sigma_w2"], pts["sigma_b2"], marker="X", edgecolor="black", linewidths=0.8, s=70,
+                       zorder=3, facecolor=[colors[i % len(colors)] for i in range(len(pts))])
     axes[0].text(0.03, 0.95, "black line: chi_1 = 1 (order | chaos)", transform=axes[0].transAxes, fontsize=7,
                  va="top")
     if measured is not None:
@@ -257,12 +359,19 @@ def phase_diagram(grid: pd.DataFrame, activation: str, path: Path, measured: pd.
     return path
 
 
-def _config_lines(ax: plt.Axes, summary: pd.DataFrame, col: str, looks: Looks, theory_col: str | None = None
-                  ) -> None:
+def _config_lines(ax: plt.Axes, summary: pd.DataFrame, col: str, looks: Looks, theory_col: str | None = None,
+                  points: bool = False) -> None:
+    """One line per configuration, and the theory's dotted line. With
+    ``points``, a series that reaches both sides of +-1 is drawn as dots: a
+    mean whose sign flips from layer to layer at 1e90 is a solid band as a
+    line."""
     first = True
     for config, s in summary.groupby("config", sort=False):
         color, style, label = looks[config]
-        ax.plot(s["layer"], s[col], color=color, ls=style, lw=1.6, label=label)
+        if points and (s[col] > 1).any() and (s[col] < -1).any():
+            ax.plot(s["layer"], s[col], color=color, ls="none", marker="o", ms=2.2, mew=0, label=label)
+        else:
+            ax.plot(s["layer"], s[col], color=color, ls=style, lw=1.6, label=label)
         if theory_col and theory_col in s and s[theory_col].notna().any():
             ax.plot(s["layer"], s[theory_col], color="black", ls=":", lw=1.0,
                     label="mean-field theory" if first else None)
@@ -272,45 +381,127 @@ def _config_lines(ax: plt.Axes, summary: pd.DataFrame, col: str, looks: Looks, t
     ax.grid(True, alpha=0.3)
 
 
-def _legend_below_and_save(fig: plt.Figure, handles: list[Any], labels: list[str], path: Path) -> Path:
-    """One shared legend under the panels, then write the file. The figure
-    grows by the legend's height, so the panels keep theirs and the legend
-    never covers their axis labels, however many configurations."""
+_MAX_NOTES = 6  # notes under a figure's legend (identical lines), then "and k more"
+
+
+def _legend_below_and_save(fig: plt.Figure, handles: list[Any], labels: list[str], path: Path,
+                           notes: Sequence[str] = ()) -> Path:
+    """One shared legend under the panels, and under it ``notes`` (8-pt
+    lines, wrapped to the width), then write the file. The figure grows by
+    their height, so the panels keep theirs and the legend never covers their
+    axis labels, however many configurations."""
     width, height = fig.get_size_inches()
     # Up to 4 columns, as many as fit the width (8-pt text: about 0.065 in a character, 0.6 in for the line).
     ncol = max(1, min(4, len(labels), int(width // (0.6 + 0.065 * max(map(len, labels), default=0)))))
     legend_in = 0.2 + 0.17 * math.ceil(len(labels) / ncol)  # 8-pt rows, in inches
-    fig.set_size_inches(width, height + legend_in)
-    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, legend_in / (height + legend_in), 1, 1))
+    if len(notes) > _MAX_NOTES:
+        notes = [*notes[:_MAX_NOTES - 1], f"and {len(notes) - _MAX_NOTES + 1} more such notes"]
+    text = "\n".join(textwrap.fill(n, int(width / 0.065), subsequent_indent="   ") for n in notes)
+    notes_in = 0.17 * (text.count("\n") + 1) + 0.05 if notes else 0.0
+    fig.set_size_inches(width, height + legend_in + notes_in)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, notes_in / (height + legend_in + notes_in)))
+    if notes:
+        fig.text(0.5, 0.02 / (height + legend_in + notes_in), text, ha="center", va="bottom", fontsize=8,
+                 color="#444444")
+    total = height + legend_in + notes_in
+    if fig.get_suptitle():  # hung from the top edge: at its default height it overlaps the panels of a tall figure
+        fig.suptitle(fig.get_suptitle(), fontsize=10, y=1 - 0.06 / total, va="top")
+    fig.tight_layout(rect=(0, (legend_in + notes_in) / total, 1, 1))
     _save(fig, path)
     plt.close(fig)
     return path
 
 
-def means_and_channels(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:
+# Means up to this size are drawn on a linear axis; beyond, on a scale linear within +-1 and logarithmic beyond
+# (a mean of 1e98 on a linear axis flattens every other line to 0).
+_LINEAR_MEANS = 10.0
+
+
+def _mean_axis(summary: pd.DataFrame, layers: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """``summary`` with the plotted mean (``mean_y``, and ``theory_mean_y``)
+    and the axis it is drawn on: "linear" (the mean itself) or "symlog": the
+    mean within +-1, ``sign * (1 + log10 |mean|)`` beyond, computed from
+    log10 |mean| so that it holds means beyond float64 too."""
+    means = signed_means(layers, ["config", "layer"])
+    out = summary.merge(means, on=["config", "layer"], how="left")
+    pairs = [(out["sign"].to_numpy(float), out["log10_abs"].to_numpy(float))]
+    if "theory_post_mean" in out:
+        pairs.append(mean_columns(out, "theory_post"))
+    peak = max((float(np.nanmax(np.where(np.isfinite(la), la, np.nan), initial=-np.inf)) for _, la in pairs))
+    axis = "linear" if peak <= math.log10(_LINEAR_MEANS) else "symlog"
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, (sign, la) in zip(("mean_y", "theory_mean_y"), pairs):
+            out[name] = (sign * 10.0 ** la if axis == "linear" else
+                         np.where(la > 0, sign * (1 + la), sign * 10.0 ** np.minimum(la, 0)))
+    return out.drop(columns=["sign", "log10_abs"]), axis
+
+
+def _symlog_ticks(ax: plt.Axes) -> bool:
+    """Ticks of a "symlog" mean axis: 0 and +-10^k at a few round k (+-1 too
+    when ten decades or fewer are shown), labelled as the means they stand for; False
+    (and plain ticks) for a panel whose means all lie within +-1, where the
+    axis is linear."""
+    low, high = ax.dataLim.intervaly
+    decades = max(abs(low), abs(high)) - 1
+    if decades <= 0:
+        return False
+    steps = [k for k in MaxNLocator(nbins=5, integer=True, steps=[1, 2, 5, 10]).tick_values(0, decades)
+             if 0 < k <= decades + 0.5]
+    ks = ([0] if decades <= 10 else []) + [int(k) for k in steps]
+    ticks = [0.0] + [1.0 + k for k in ks if high > 0.5] + [-1.0 - k for k in ks if low < -0.5]
+    ax.yaxis.set_major_locator(FixedLocator(sorted(ticks)))
+    ax.yaxis.set_major_formatter(FuncFormatter(
+        lambda y, _: "0" if y == 0 else ("-" if y < 0 else "") + ("1" if abs(y) == 1 else f"1e{abs(y) - 1:g}")))
+    return True
+
+
+def means_and_channels(layers: pd.DataFrame, summary: pd.DataFrame, path: Path, configs: Configs | None = None
+                       ) -> Path:
     """Mean of the layer outputs, and the channel statistics: the average over
-    units of the squared unit mean and of the unit variance."""
-    metrics = {"post_mean": ("mean of the layer output", "theory_post_mean", False),
-               "post_sq_unit_mean": ("average squared unit mean (log)", None, True),
-               "post_unit_var": ("average unit variance (log)", None, True)}
+    units of the squared unit mean and of the unit variance. The mean is
+    taken over replicates in log scale (exact beyond float64) and drawn on a
+    linear axis while it stays within +-10, else on a symmetric log axis."""
+    plotted, axis = _mean_axis(summary, layers)
+    notes = []
+    # The channel statistics have no log10 columns: beyond float64 they are inf, and not drawn. Near it, a
+    # log axis cannot place its ticks: their log10 is drawn on a linear axis instead, as for the std.
+    channels = ["post_sq_unit_mean", "post_unit_var"]
+    beyond = plotted[np.isinf(plotted[channels]).any(axis=1)]
+    if len(beyond):
+        first = beyond.groupby("config", sort=False)["layer"].min()
+        notes.append("channel statistics beyond float64 are not drawn: "
+                     + "; ".join(f"{_text(c)} from layer {layer}" for c, layer in first.items()))
+    with np.errstate(divide="ignore"):  # a channel statistic of exactly 0 is -inf, left out
+        log10_channels = np.log10(plotted[channels].where(np.isfinite(plotted[channels])))
+    channels_log10 = len(beyond) > 0 or _beyond_float64(log10_channels.stack(), limit=250.0)
+    if channels_log10:
+        plotted[channels] = log10_channels
+    mean_label = "mean of the layer output"
+    channel_label = "log10 {}" if channels_log10 else "{} (log)"
+    metrics = {"mean_y": (mean_label, "theory_mean_y", False),
+               "post_sq_unit_mean": (channel_label.format("average squared unit mean"), None, not channels_log10),
+               "post_unit_var": (channel_label.format("average unit variance"), None, not channels_log10)}
 
     def draw(ax: plt.Axes, chosen: pd.DataFrame, metric: str, looks: Looks) -> None:
         label, theory_col, log = metrics[metric]
-        _config_lines(ax, chosen, metric, looks, theory_col)
+        _config_lines(ax, chosen, metric, looks, theory_col, points=metric == "mean_y" and axis != "linear")
         ax.set_ylabel(label)
         if log:
             ax.set_yscale("log")
+        elif metric == "mean_y" and axis == "symlog" and _symlog_ticks(ax):
+            ax.set_ylabel(f"{label} (symlog)")
 
-    return _figure(layers, summary, list(metrics), draw,
-                   "Mean per layer and channel statistics (averaged over replicates)", path, (5.3, 4.4))
+    return _figure(layers, plotted, list(metrics), draw,
+                   "Mean per layer and channel statistics (averaged over replicates)", path, (5.3, 4.4),
+                   configs=configs, notes=notes)
 
 
-def correlation(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:
+def correlation(layers: pd.DataFrame, summary: pd.DataFrame, path: Path, configs: Configs | None = None) -> Path:
     """Mean pairwise cosine similarity between samples per layer (and its
     absolute value) with the c-map's prediction."""
-    metrics = {"pre_cos_sim": ("mean cosine similarity of z between samples", "theory_pre_cos_sim"),
-               "post_abs_cos_sim": ("mean |cos| between samples (outputs)", None)}
+    metrics = {"pre_cos_sim": ("mean cos(z) between samples", "theory_pre_cos_sim"),
+               "post_abs_cos_sim": ("mean |cos| between outputs", None)}
 
     def draw(ax: plt.Axes, chosen: pd.DataFrame, metric: str, looks: Looks) -> None:
         label, theory_col = metrics[metric]
@@ -320,7 +511,7 @@ def correlation(layers: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path
 
     return _figure(layers, summary, list(metrics), draw,
                    "Correlation between samples per layer (1: all inputs map to one direction); dotted: the c-map",
-                   path, (6.5, 4.4))
+                   path, (6.5, 4.4), configs=configs)
 
 
 def histograms(hist: pd.DataFrame, path: Path, max_configs: int = 6) -> Path:
@@ -337,7 +528,7 @@ def histograms(hist: pd.DataFrame, path: Path, max_configs: int = 6) -> Path:
             ax = axes[i][j]
             ax.stairs(h["density"].to_numpy(), np.append(h["bin_lo"].to_numpy(), h["bin_hi"].iloc[-1]),
                       fill=True, alpha=0.6)
-            ax.set_title(f"{c}: layer {layer}", fontsize=8)
+            ax.set_title(f"{_text(c)}: layer {layer}", fontsize=8)
             ax.tick_params(labelsize=7)
         for j in range(len(layers_by[c]), cols):
             axes[i][j].axis("off")

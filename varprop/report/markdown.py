@@ -1,18 +1,26 @@
-"""The Markdown report and the terminal table, from the per-layer data."""
+"""The Markdown report and the terminal table, from the per-layer data.
+
+Every string that comes from the user or from a run directory (labels, option
+names and values, titles, versions) enters the document through
+:func:`~varprop.report.document.lit`, so each output format escapes it.
+"""
 
 from __future__ import annotations
 
 import math
+import re
+import shlex
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats as sps
 
 from ..fit import depth_growth, line_fit
 from ..spec import label_part
 from ..stats import log10_mean_pow10
-from .document import Document
+from .document import Document, Item, lit, lit_code, visible
 
 MAX_FULL_LAYERS = 30  # tables show every layer up to this depth, then a subsample
 SUBSAMPLE = 20
@@ -31,7 +39,12 @@ def shown_layers(depth: int) -> list[int]:
 
 
 def fmt(x: Any, digits: int = 4) -> str:
-    """A number for a table; overflowed values say so instead of printing inf."""
+    """A number for a table; overflowed values say so instead of printing inf.
+    Exponents as :func:`fmt_pow10` writes them (``1.2e-5``, not ``1.2e-05``).
+
+    >>> fmt(0.0000123456), fmt(123456789.0), fmt(0.5)
+    ('1.235e-5', '1.235e+8', '0.5')
+    """
     if x is None or x is pd.NA:
         return ""
     x = float(x)
@@ -39,7 +52,7 @@ def fmt(x: Any, digits: int = 4) -> str:
         return ""
     if math.isinf(x):
         return "overflow" if x > 0 else "-overflow"
-    return f"{x:.{digits}g}"
+    return re.sub(r"e([+-])0+(?=\d)", r"e\1", f"{x:.{digits}g}")
 
 
 def fmt_pow10(log10: float, digits: int = 3) -> str:
@@ -58,19 +71,176 @@ def fmt_pow10(log10: float, digits: int = 3) -> str:
 
 
 def fmt_std(log10: float) -> str:
-    """A std given by its log10: plain when moderate, else via :func:`fmt_pow10`."""
-    return fmt_pow10(log10, 4) if math.isfinite(log10) and abs(log10) >= 5 else fmt(10.0**log10 if math.isfinite(log10) else 0.0)
+    """A std given by its log10: plain when moderate, else via :func:`fmt_pow10`; empty when unknown (NaN).
+
+    >>> fmt_std(0.5), fmt_std(-12.0), fmt_std(-math.inf), fmt_std(math.nan)
+    ('3.162', '1.000e-12', '0', '')
+    """
+    if math.isnan(log10):
+        return ""
+    return fmt_pow10(log10, 4) if math.isfinite(log10) and abs(log10) >= 5 else fmt(
+        10.0**log10 if math.isfinite(log10) else 0.0)
 
 
-def seed_line(layers: pd.DataFrame) -> dict[str, tuple[float, float]]:
+def fmt_signed(sign: float, log10_abs: float) -> str:
+    """A value given by its sign and log10 of its magnitude (a mean beyond
+    float64 included): plain when moderate, else scientific; empty when unknown.
+
+    >>> fmt_signed(-1, 412.505), fmt_signed(1, -0.30103), fmt_signed(0, -math.inf), fmt_signed(math.nan, 1.0)
+    ('-3.199e+412', '0.5', '0', '')
+    """
+    if math.isnan(sign) or math.isnan(log10_abs):
+        return ""
+    if sign == 0 or log10_abs == -math.inf:
+        return "0"
+    return ("-" if sign < 0 else "") + fmt_std(log10_abs)
+
+
+def mean_columns(frame: pd.DataFrame, side: str) -> tuple[np.ndarray, np.ndarray]:
+    """The sign and log10 |value| of ``{side}_mean`` row by row: from its
+    ``_log10_abs_mean`` column (exact at any magnitude), or, in a run written
+    before that column existed, from the mean itself."""
+    mean = frame[f"{side}_mean"].to_numpy(float)
+    if f"{side}_log10_abs_mean" in frame:
+        log10_abs = frame[f"{side}_log10_abs_mean"].to_numpy(float)
+    else:
+        with np.errstate(divide="ignore"):  # a mean of 0: -inf
+            log10_abs = np.log10(np.abs(mean))
+    return np.sign(mean), log10_abs
+
+
+def signed_means(layers: pd.DataFrame, keys: Sequence[str], side: str = "post") -> pd.DataFrame:
+    """Per group of ``keys``, the mean of ``{side}_mean`` over the group's rows
+    as ``sign`` and ``log10_abs`` (log10 of its magnitude), taken stably at any
+    magnitude: each value is scaled by the group's largest before summing, so
+    means of +-1e400 average without overflow, and the sign survives where
+    plain floats would give inf - inf = NaN.
+
+    >>> d = pd.DataFrame({"config": ["a", "a"], "post_mean": [np.inf, -np.inf],
+    ...                   "post_log10_abs_mean": [400.0, 399.0]})
+    >>> r = signed_means(d, ["config"]).iloc[0]
+    >>> float(r["sign"]), round(float(r["log10_abs"]), 6)
+    (1.0, 399.653213)
+    """
+    sign, log10_abs = mean_columns(layers, side)
+    frame = layers[list(keys)].copy()
+    frame["la"] = np.where(np.isnan(sign), np.nan, log10_abs)
+    by = [frame[k] for k in keys]
+    peak = frame["la"].replace(-np.inf, np.nan).groupby(by, sort=False).transform("max")
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        frame["term"] = np.where(frame["la"] == -np.inf, 0.0, sign * 10.0 ** (frame["la"] - peak))
+    frame["peak"] = peak
+    g = frame.groupby(keys, sort=False)
+    rel, top = g["term"].mean(), g["peak"].first()
+    out = pd.DataFrame({"sign": np.sign(rel)})
+    with np.errstate(divide="ignore"):
+        out["log10_abs"] = np.where(rel == 0, -np.inf, top + np.log10(np.abs(rel)))
+    return out.reset_index()
+
+
+_LN10 = math.log(10.0)
+
+
+def _log10_second_moment(frame: pd.DataFrame, side: str) -> np.ndarray:
+    """log10 E[x^2] = log10(std^2 + mean^2) per row, from the log10 columns (exact at any magnitude)."""
+    _, log10_abs_mean = mean_columns(frame, side)
+    with np.errstate(invalid="ignore"):  # NaN where a side or a theory has no value: NaN, silently
+        return np.logaddexp(2 * _LN10 * frame[f"{side}_log10_std"].to_numpy(float), 2 * _LN10 * log10_abs_mean) / _LN10
+
+
+def log_scale_stats(layers: pd.DataFrame) -> pd.DataFrame:
+    """Per config and layer, what the tables print in log scale, exact at any
+    magnitude: the mean over replicates of the layer output's mean
+    (``sign``, ``log10_abs``: :func:`signed_means`), of its second moment
+    (``m2_log10``) with the 95% t interval over replicates (``lo_sign``,
+    ``lo_log10``, ``hi_log10``: the lower end may be negative) and the range
+    of single networks (``min_log10``, ``max_log10``), and the theory's
+    second moment (``theory_m2_log10``). Each group is scaled by its
+    largest value before summing, as summarize() does in float64 where the
+    values fit (the two agree there to rounding)."""
+    keys = ["config", "layer"]
+    frame = layers[keys].copy()
+    frame["l2"] = _log10_second_moment(layers, "post")
+    peak = frame["l2"].replace(-np.inf, np.nan).groupby([frame[k] for k in keys], sort=False).transform("max")
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        frame["y"] = np.where(frame["l2"] == -np.inf, 0.0, 10.0 ** (frame["l2"] - peak))
+    frame["peak"] = peak
+    if "theory_post_log10_std" in layers:
+        frame["theory"] = _log10_second_moment(layers, "theory_post")
+    g = frame.groupby(keys, sort=False)
+    mean, n, top = g["y"].mean(), g["y"].count(), g["peak"].first()
+    low, high = g["l2"].min(), g["l2"].max()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        half = sps.t.ppf(0.975, (n - 1).where(n > 1)) * g["y"].std(ddof=1) / np.sqrt(n)
+        out = pd.DataFrame({"m2_log10": np.where(mean == 0, -np.inf, top + np.log10(mean)),
+                            "lo_sign": np.sign(mean - half), "lo_log10": top + np.log10(np.abs(mean - half)),
+                            "hi_log10": top + np.log10(mean + half), "min_log10": low, "max_log10": high})
+    out["theory_m2_log10"] = g["theory"].first() if "theory" in frame else math.nan
+    return signed_means(layers, keys).merge(out.reset_index(), on=keys)
+
+
+def varied_values(configs: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The options each configuration varies, by name (config.json's
+    ``configs[i]["varied"]``): one row per configuration (index: its label),
+    one column per varied option, in label order; a list value as a tuple, an
+    option a configuration does not vary as None.
+
+    >>> varied_values([{"label": "a", "varied": {"width": 64}}, {"label": "b", "varied": {"width": 128}}])
+      width
+    a    64
+    b   128
+    """
+    keys = list(dict.fromkeys(k for c in configs for k in c.get("varied") or {}))
+    rows = {c["label"]: [_hashable((c.get("varied") or {}).get(k)) for k in keys] for c in configs}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=keys, dtype=object)
+
+
+def shell_visible(command: str) -> str:
+    r"""``command`` with every argument that holds a control character (a
+    newline, an escape sequence that would clear the terminal of whoever
+    prints the report) written in bash's ANSI-C quoting, which reproduces it
+    exactly; a command without one, as it is.
+
+    >>> shell_visible("varprop simulate --title 'a\x1b[2J\nb'")
+    "varprop simulate --title $'a\\x1b[2J\\nb'"
+    """
+    if command.isprintable():
+        return command
+    try:
+        words = shlex.split(command)
+    except ValueError:  # not a shell command: shown, at least, on one line
+        return visible(command)
+    return " ".join(shlex.quote(w) if w.isprintable() else _ansi_c(w) for w in words)
+
+
+def _ansi_c(word: str) -> str:
+    """``word`` as a bash ANSI-C quoted string, ``$'...'``."""
+    named = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t"}
+
+    def one(c: str) -> str:
+        if c in named:
+            return named[c]
+        if c.isprintable():
+            return c
+        code = ord(c)
+        return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+    return "$'" + "".join(map(one, word)) + "'"
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def seed_line(layers: pd.DataFrame) -> dict[str, tuple[float, float, float]]:
     """Per config, the seed answer's summary over layers 1..L (pooled over
-    replicates): the mean of the layer means and log10 of the square root of
-    the mean of the layer variances."""
+    replicates): the mean of the layer means (its sign and log10 |value|) and
+    log10 of the square root of the mean of the layer variances."""
+    inner = layers[layers["layer"] > 0]
+    means = signed_means(inner, ["config"]).set_index("config")
     out = {}
-    for config, g in layers[layers["layer"] > 0].groupby("config", sort=False):
-        mean = float(g["post_mean"].mean())
+    for config, g in inner.groupby("config", sort=False):
         log10_rms = 0.5 * log10_mean_pow10(g["post_log10_std"].to_numpy(), 2.0)
-        out[config] = (mean, log10_rms)
+        out[config] = (float(means.at[config, "sign"]), float(means.at[config, "log10_abs"]), log10_rms)
     return out
 
 
@@ -81,29 +251,31 @@ def _growth(s: pd.DataFrame, col: str) -> float:
     return 10 ** ((last - first) / depth) if depth and math.isfinite(last - first) else math.nan
 
 
-def layer_table(summary: pd.DataFrame, config: str, replicates: int) -> pd.DataFrame:
+def layer_table(summary: pd.DataFrame, config: str, replicates: int, logs: pd.DataFrame) -> pd.DataFrame:
+    """The per-layer table of one configuration (its subsample of layers);
+    ``logs`` is :func:`log_scale_stats` of the run."""
     s = summary[summary["config"] == config].set_index("layer")
     s = s.loc[[layer for layer in shown_layers(int(s.index.max())) if layer in s.index]]
+    m = logs[logs["config"] == config].set_index("layer").reindex(s.index)
     table = pd.DataFrame({"layer": s.index})
-    table["pre std"] = [fmt_std(v) if not math.isnan(v) else "" for v in s["pre_log10_rms_std"]]
-    table["post mean"] = [fmt(v) for v in s["post_mean"]]
+    table["pre std"] = [fmt_std(v) for v in s["pre_log10_rms_std"]]
+    table["post mean"] = [fmt_signed(sg, la) for sg, la in zip(m["sign"], m["log10_abs"])]
     table["post std"] = [fmt_std(v) for v in s["post_log10_rms_std"]]
     if replicates > 1:
         table["typical post std"] = [fmt_std(v) for v in s["post_log10_typical_std"]]
         table["post second moment [95% CI]"] = [
-            f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]" if not math.isnan(lo) else fmt(m)
-            for m, lo, hi in zip(s["post_second_moment"], s["post_second_moment_lo"], s["post_second_moment_hi"])]
+            f"{fmt_std(m2)} [{fmt_signed(sign, lo)}, {fmt_std(hi)}]" if not math.isnan(lo) else fmt_std(m2)
+            for m2, sign, lo, hi in zip(m["m2_log10"], m["lo_sign"], m["lo_log10"], m["hi_log10"])]
     if "theory_post_log10_std" in s:
         table["theory post std"] = [fmt_std(v) for v in s["theory_post_log10_std"]]
-        table["measured / theory"] = [fmt(10 ** (m - t), 3) for m, t in
+        table["measured / theory"] = [fmt_std(a - t) for a, t in
                                       zip(s["post_log10_rms_std"], s["theory_post_log10_std"])]
         if replicates > 1:
-            table["theory in 95% CI"] = [_inside(t, lo, hi) for t, lo, hi in zip(
-                s["theory_post_second_moment"], s["post_second_moment_lo"], s["post_second_moment_hi"])]
+            table["theory in 95% CI"] = [_inside(*row, replicates) for row in zip(
+                m["theory_m2_log10"], m["lo_sign"], m["lo_log10"], m["hi_log10"], m["min_log10"], m["max_log10"])]
     if "grad_log10_std" in s:
         table["grad std"] = [fmt_std(v) for v in s["grad_log10_rms_std"]]
-        table["weight grad norm"] = [fmt_std(v) if not math.isnan(v) else "" for v in
-                                     s["weight_grad_log10_norm"]]
+        table["weight grad norm"] = [fmt_std(v) for v in s["weight_grad_log10_norm"]]
     table["zeros"] = [fmt(v, 3) for v in s["post_frac_zero"]]
     table["saturated"] = [fmt(v, 3) for v in s["post_frac_saturated"]]
     table["cos sim"] = [fmt(v, 3) for v in s["post_cos_sim"]]
@@ -111,54 +283,157 @@ def layer_table(summary: pd.DataFrame, config: str, replicates: int) -> pd.DataF
     return table
 
 
-def _inside(value: float, lo: float, hi: float) -> str:
-    """'yes' / '**no**' for a prediction against a replicate interval ('' if undefined)."""
-    if any(map(math.isnan, (value, lo, hi))) or math.isinf(value):
+def _inside(log10_value: float, lo_sign: float, lo_log10: float, hi_log10: float, low: float, high: float,
+            replicates: int) -> str:
+    """'yes' / '**no**' for a positive prediction against the 95% interval
+    over replicates, all given in log10 (the lower end by its sign too); a
+    prediction beyond every single network is a no whatever the interval (a
+    heavy tail widens the interval to hold it): '**no** (below all 3)'.
+    '' if undefined.
+
+    >>> _inside(-11.9, -1, -1.95, -1.74, -9.8, -1.99, 3), _inside(0.0, 1, -0.1, 0.1, -0.05, 0.05, 3)
+    ('**no** (below all 3)', 'yes')
+    """
+    if any(map(math.isnan, (log10_value, lo_sign, lo_log10, hi_log10))) or not math.isfinite(log10_value):
         return ""
-    return "yes" if lo <= value <= hi else "**no**"
+    if log10_value < low or log10_value > high:
+        return f"**no** ({'below' if log10_value < low else 'above'} all {replicates})"
+    return "yes" if (lo_sign <= 0 or lo_log10 <= log10_value) and log10_value <= hi_log10 else "**no**"
+
+
+def _or(values: Sequence[Any]) -> str:
+    """``[10, 20, 40]`` -> ``'10, 20 or 40'``."""
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
 def terminal_table(layers: pd.DataFrame, summary: pd.DataFrame) -> str:
     """A compact per-layer table for the terminal: mean and std of the layer
-    output for one configuration, the std of each for a comparison."""
+    output for one configuration, the std of each for a comparison (of depths
+    too: a layer a configuration does not have is left blank)."""
     configs = list(summary["config"].unique())
     reps = int(layers["replicate"].nunique())
+    logs = log_scale_stats(layers)
+    tables = {c: layer_table(summary, c, reps, logs).set_index("layer") for c in configs}
+    depths = {c: int(t.index.max()) for c, t in tables.items()}
     if len(configs) == 1:
-        cols = ["layer", "post mean", "post std"] + (["typical post std"] if reps > 1 else [])
-        t = layer_table(summary, configs[0], reps)[cols]
-        title = configs[0]
+        cols = ["post mean", "post std"] + (["typical post std"] if reps > 1 else [])
+        t = tables[configs[0]][cols].reset_index()
+        title = visible(configs[0])
     elif len(configs) <= 4:
-        t = pd.DataFrame({"layer": layer_table(summary, configs[0], reps)["layer"]})
+        shown = sorted(set(shown_layers(max(depths.values()))) | set(depths.values()))
+        t = pd.DataFrame({"layer": shown})
         for config in configs:
-            t[config] = layer_table(summary, config, reps)["post std"].to_numpy()
+            t[visible(config)] = tables[config]["post std"].reindex(shown, fill_value="").to_numpy()
         title = "std of each layer's output" + (" (mean network)" if reps > 1 else "")
     else:  # many configurations: one row each, a few layers as columns
-        layers = layer_table(summary, configs[0], reps)["layer"].tolist()
-        keep = [layers[i] for i in sorted({round(j) for j in np.linspace(0, len(layers) - 1, min(8, len(layers)))})]
+        shown = shown_layers(max(depths.values()))
+        keep = [shown[i] for i in sorted({round(j) for j in np.linspace(0, len(shown) - 1, min(8, len(shown)))})]
         rows = []
         for config in configs:
-            t = layer_table(summary, config, reps).set_index("layer")["post std"]
-            rows.append({"configuration": config, **{f"layer {layer}": t[layer] for layer in keep}})
+            std = tables[config]["post std"]
+            rows.append({"configuration": visible(config), **{f"layer {layer}": std.get(layer, "") for layer in keep}})
+            if len(set(depths.values())) > 1:  # each one's own output too
+                rows[-1]["output"] = f"{std.iloc[-1]} (layer {depths[config]})"
         t = pd.DataFrame(rows)
         title = "std of layer outputs" + (" (mean network)" if reps > 1 else "")
     return f"{title}\n" + t.to_markdown(index=False, tablefmt="simple", disable_numparse=True)
 
 
-def _options_table(meta: dict[str, Any]) -> pd.DataFrame:
+def _as_shapes(options: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Square stacks' ``widths`` as ``layers`` and ``width``, as a user gives
+    them (all configurations, or none when one is not square)."""
+    if not all(len(set(o.get("widths", ()))) == 1 for o in options):
+        return [dict(o) for o in options]
+    return [{"layers": len(o["widths"]) - 1, "width": o["widths"][0], **{k: v for k, v in o.items() if k != "widths"}}
+            for o in options]
+
+
+def _value(v: Any) -> str:
+    """An option's value as config.json writes it (a user init as module:function)."""
+    if callable(v):
+        return f"{v.__module__}:{v.__qualname__}"
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+NOT_APPLICABLE = "–"  # a derived option that does not apply to a configuration (no BN: no BN layers)
+
+
+def _options_tables(meta: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str]]:
+    """The options every configuration shares (one row each), the table of
+    what differs between configurations (the varied options, then any option
+    that follows from them, e.g. ``bn_layers`` from ``bn_count``, per
+    configuration), and the names of those derived options."""
     configs = meta["configs"]
-    varied = {k for c in configs for k in c["varied"]}
-    common: dict[str, Any] = {}
-    for c in configs:  # every option that applies to any configuration and is not varied
-        for k, v in c["options"].items():
-            if k not in varied:
-                common.setdefault(k, v)
-    partial = {k for k in common if any(k not in c["options"] for c in configs)}
-    if "widths" in common and len(set(common["widths"])) == 1:
-        common = {"layers": len(common["widths"]) - 1, "width": common["widths"][0],
-                  **{k: v for k, v in common.items() if k != "widths"}}
-    rows = [(f"`--{k.replace('_', '-')}`", (",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
-             + (" (where it applies)" if k in partial else "")) for k, v in common.items()]
-    return pd.DataFrame(rows, columns=["option", "value"])
+    options = _as_shapes([c["options"] for c in configs])
+    varied = varied_values(configs)
+    keys = list(dict.fromkeys(k for o in options for k in o))
+    common, derived = [], []
+    for k in keys:
+        if k in varied.columns:
+            continue
+        present = [_value(o[k]) for o in options if k in o]
+        if len(set(present)) == 1:
+            common.append((k, present[0] + (" (where it applies)" if len(present) < len(options) else "")))
+        else:
+            derived.append(k)
+    table = pd.DataFrame([(lit_code(f"--{k.replace('_', '-')}"), lit(v)) for k, v in common],
+                         columns=["option", "value"])
+    if varied.empty and not derived:
+        return table, None, []
+    compared = pd.DataFrame({"configuration": [lit(c["label"]) for c in configs]})
+    for k in varied.columns:
+        compared[lit(k)] = [lit(NOT_APPLICABLE if v is None else _value(v)) for v in varied[k]]
+    for k in derived:
+        compared[lit(k)] = [lit(_value(o[k]) if k in o else NOT_APPLICABLE) for o in options]
+    return table, compared, derived
+
+
+def _shape(configs: Sequence[dict[str, Any]]) -> str:
+    """The network's shape in words, across configurations that compare depths or widths."""
+    shapes = [tuple(c["options"].get("widths", ())) for c in configs]
+    if not all(shapes):
+        return "a network"
+    if all(len(set(s)) == 1 for s in shapes):
+        depths = list(dict.fromkeys(len(s) - 1 for s in shapes))
+        widths = list(dict.fromkeys(s[0] for s in shapes))
+        return f"{_or(depths)} layers of width {_or(widths)}"
+    if len(set(shapes)) == 1:
+        return f"a {'-'.join(map(str, shapes[0]))} network"
+    return "networks of several shapes"
+
+
+def default_title(meta: dict[str, Any]) -> str:
+    """What was run, in one sentence (user strings in literal spans)."""
+    configs = meta["configs"]
+    shape = _shape(configs)
+    if len(configs) == 1:
+        return f"varprop: {shape}, {lit(configs[0]['label'])}"
+    keys = list(dict.fromkeys(k for c in configs for k in c["varied"]))
+    if len(configs) <= 3:
+        return f"varprop: {shape}, {' vs '.join(lit(c['label']) for c in configs)}"
+    return f"varprop: {shape}, {len(configs)} configurations ({' x '.join(lit(k.replace('_', ' ')) for k in keys)})"
+
+
+def _theory_gaps(layers: pd.DataFrame, summary: pd.DataFrame, labels: Sequence[str]) -> list[str]:
+    """Configurations whose mean-field output std lies outside the range of
+    their single networks (replicates), each with the theory, its ratio to
+    the mean network and that range, the farthest first."""
+    if "theory_post_log10_std" not in summary:
+        return []
+    out = []
+    for config in labels:
+        s = summary[summary["config"] == config]
+        last = s["layer"].iloc[-1]
+        theory, mean = float(s["theory_post_log10_std"].iloc[-1]), float(s["post_log10_rms_std"].iloc[-1])
+        reps = layers.loc[(layers["config"] == config) & (layers["layer"] == last), "post_log10_std"]
+        lo, hi = float(reps.min()), float(reps.max())
+        if not math.isfinite(theory) or not (theory < lo or theory > hi):
+            continue
+        out.append((-abs(mean - theory), f"**{lit(config)}**: theory {fmt_std(theory)}, x{fmt_std(theory - mean)} "
+                                         f"the mean network ({fmt_std(mean)}); single networks {fmt_std(lo)} to "
+                                         f"{fmt_std(hi)} at layer {last}"))
+    return [line for _, line in sorted(out, key=lambda t: t[0])]  # the farthest first
 
 
 def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, Any], figure: str,
@@ -167,37 +442,44 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
     configs = meta["configs"]
     reps = int(layers["replicate"].nunique())
     labels = [c["label"] for c in configs]
-    title = meta.get("title") or default_title(meta)
+    title = lit(meta["title"]) if meta.get("title") else default_title(meta)
     doc = Document(title)
     if meta.get("command"):
         doc.p("Reproduce with:")
-        doc.code(meta["command"])
+        doc.code(shell_visible(meta["command"]))
     v = meta["versions"]
-    doc.p(f"varprop {v['varprop']}, numpy {v['numpy']}, Python {v['python']}; seed {meta['seed']}"
+    doc.p(f"varprop {lit(v['varprop'])}, numpy {lit(v['numpy'])}, Python {lit(v['python'])}; seed {lit(meta['seed'])}"
           + (f"; run time {meta['elapsed_s']:.1f} s." if meta.get("elapsed_s") is not None else "."))
 
     doc.h2("Findings")
     doc.items(findings(summary, configs))
+    doc.p(FINDINGS_RULES)
 
     doc.h2("Summary")
     lines = seed_line(layers)
-    growth = depth_growth(layers)
+    growth = depth_growth(layers).set_index("config")
+    spans = {(int(growth.at[c, "burn_in"]), int(growth.at[c, "depth"])) for c in labels}
+    slope_head = "log10 std per layer" + (" (layers {}..{})".format(*next(iter(spans))) if len(spans) == 1 else "")
     rows = []
     for config in labels:
         s = summary[summary["config"] == config]
-        mean, log10_rms = lines[config]
+        sign, log10_mean, log10_rms = lines[config]
         rows.append({
-            "configuration": config,
-            "mean of layer means": fmt(mean),
+            "configuration": lit(config),
+            "mean of layer means": fmt_signed(sign, log10_mean),
             "sqrt(mean layer variance)": fmt_std(log10_rms),
             "output std (last layer)": fmt_std(s["post_log10_rms_std"].iloc[-1]),
-            "std factor per layer": fmt(_growth(s, "post_log10_rms_std")),
         })
+        if reps > 1:
+            last = layers.loc[(layers["config"] == config) & (layers["layer"] == s["layer"].iloc[-1]), "post_log10_std"]
+            rows[-1][f"single networks (range over {reps})"] = f"{fmt_std(last.min())} to {fmt_std(last.max())}"
+        rows[-1]["std factor per layer"] = fmt(_growth(s, "post_log10_rms_std"))
         if "theory_post_log10_std" in s:
             rows[-1]["mean-field output std"] = fmt_std(s["theory_post_log10_std"].iloc[-1])
-        g = growth[growth["config"] == config].iloc[0]
-        ci = f" ± {g['slope_hi'] - g['slope']:.3g}" if not math.isnan(g["slope_hi"]) else ""
-        rows[-1][f"log10 std per layer (layers {g['burn_in']}..{g['depth']})"] = f"{g['slope']:.4g}{ci}"
+        g = growth.loc[config]
+        ci = f" ± {fmt(g['slope_hi'] - g['slope'], 3)}" if not math.isnan(g["slope_hi"]) else ""
+        where = "" if len(spans) == 1 else f" (layers {int(g['burn_in'])}..{int(g['depth'])})"
+        rows[-1][slope_head] = f"{fmt(g['slope'])}{ci}{where}"
         rows[-1]["mean-field log10 std per layer"] = fmt(g["theory_slope"])
         if "grad_log10_rms_std" in s:
             rows[-1]["input gradient std"] = fmt_std(s["grad_log10_rms_std"].iloc[0])
@@ -207,9 +489,12 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
         "*mean of layer means*, *sqrt(mean layer variance)*: the seed answer's summary of a stack: the mean over "
         "layers 1..L of each layer's output mean, and the square root of the mean over layers of each layer's "
         "output variance" + (f" (pooled over {reps} replicates);" if reps > 1 else ";"),
-        "*output std (last layer)*: the std of the network's output, the mean network over replicates;",
+        "*output std (last layer)*: the std of the network's output, the mean network over replicates"
+        + ("; *single networks*: the lowest and highest output std of the replicates, each one network;"
+           if reps > 1 else ";"),
         "*std factor per layer*: (output std / input std) ** (1 / L), the geometric-mean growth per layer;",
-        "*mean-field output std*: the theory's prediction of the output std;",
+        *(["*mean-field output std*: the theory's prediction of the output std, the limit of infinite width at "
+           "this depth;"] if "theory_post_log10_std" in summary else []),
         "*log10 std per layer*: measured on each replicate between the stated layers (the first layers are a "
         "burn-in) and averaged" + (", ± the half-width of its 95% t interval over replicates" if reps > 1 else
                                    "; one replicate gives no interval (use `--replicates`)")
@@ -220,19 +505,43 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
                     "random gradient at the output;",
                     "*gradient factor per layer*: its geometric-mean growth per layer going backward."]
     doc.items(explain)
+    gaps = _theory_gaps(layers, summary, labels) if reps > 1 else []
+    if gaps:
+        doc.p(f"Mean-field theory is the limit of infinite width at fixed depth (for a linear stack it is also the "
+              "exact mean of the variance over all networks, a mean that a deep stack owes to networks too rare to "
+              f"draw). At the output it lies outside the range of the {reps} single networks drawn in {len(gaps)} "
+              f"configuration{'s' if len(gaps) > 1 else ''}, below, the farthest first. There the theory does not "
+              "describe networks of this width at this depth (finite-width fluctuations compound over depth, and "
+              "the theory leaves out what it does not model, such as batch statistics or orthogonal weights): the "
+              "range of single networks (the shaded band of the std figure) is what to read, not the theory line. "
+              "A value at the median of single "
+              f"networks falls outside the range of {reps} of them with probability 2^(1 - {reps}) = "
+              f"{2.0 ** (1 - reps):.2g}, so with few replicates a theory just outside the range can be chance; "
+              "one far outside it is not.")
+        doc.items(gaps)
 
     doc.h2("Configuration")
-    doc.table(_options_table(meta))
-    if any(c["varied"] for c in configs):
+    common, compared, derived = _options_tables(meta)
+    doc.table(common)
+    if compared is not None:
         doc.p("Compared:")
-        doc.table(pd.DataFrame([{"configuration": c["label"], **c["varied"]} for c in configs]).astype(str))
+        doc.table(compared)
+        if derived:
+            doc.p(f"{' and '.join(lit(k) for k in derived)} follow{'s' if len(derived) == 1 else ''} from the "
+                  f"compared options, so {'it differs' if len(derived) == 1 else 'they differ'} per configuration "
+                  f"({NOT_APPLICABLE}: does not apply).")
 
     doc.h2("Std per layer")
     doc.figure(figure, "Std of each layer's output" + (" and gradient" if "grad_log10_std" in layers else "")
                + " per layer, one line per configuration; dotted: mean-field theory")
     doc.p("The dotted line is the mean-field prediction: z = h W + b is Gaussian given the previous layer, with "
-          "variance q_l = fan_in Var(W) E[h_{l-1}^2] + Var(b), and h_l = phi(z). It predicts the mean over "
-          "networks of the variance (the solid line), exactly for linear stacks and to O(1/width) otherwise.")
+          "variance q_l = fan_in Var(W) E[h_{l-1}^2] + Var(b), and h_l = phi(z). It is the limit of infinite "
+          "width at fixed depth. For linear stacks it is also the mean over networks of the variance (the solid "
+          "line) at any width. Otherwise each layer's finite width adds a fluctuation of relative size about "
+          "1/sqrt(width) and a bias of order 1/width, and over depth they compound (by a random factor per layer)"
+          + (": where the shaded range of the replicates leaves the dotted line, networks of this width no longer "
+             "follow the theory at that depth, and that range is the finite-width band to read." if reps > 1 else
+             "; with one replicate there is no range to read the difference against (use `--replicates`)."))
     if "theory_post_log10_std_lo" in layers and layers["theory_post_log10_std_lo"].notna().any():
         doc.p("For Gaussian linear and relu stacks without bias, the sparse dotted pair bounds 95% of single "
               "networks by the exact finite-width law: each layer multiplies |h|^2 by fan_in Var(W) chi2_n / n "
@@ -250,13 +559,16 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
               "log10 std: what one network drawn at random looks like. At finite width each layer multiplies "
               "the variance by a random factor, so log std performs a random walk: the spread grows with "
               "depth/width and, by Jensen's inequality, the typical network sits below the mean one even when "
-              "the mean is preserved exactly.")
+              "the mean is preserved exactly. Where the spread covers decades, the mean network is set by the "
+              "largest replicates alone.")
 
     doc.h2("Means, channels and correlations")
     doc.figure("means_per_layer.png", "Mean of the layer outputs, average squared unit mean and average unit "
                "variance per layer")
     doc.p("A layer whose units carry a mean (relu, sigmoid, softplus) shows it in the average squared unit mean; "
-          "the average unit variance is what is left for the signal to vary with across samples.")
+          "the average unit variance is what is left for the signal to vary with across samples. A mean that "
+          "reaches far beyond 1 is drawn on a scale linear within ±1 and logarithmic beyond, so that its sign "
+          "and size both show beside means near 0.")
     doc.figure("correlation_per_layer.png", "Cosine similarity between samples per layer, with the c-map "
                "prediction")
     doc.p("When the cosine similarity climbs to 1 every input is mapped to the same direction and the network can "
@@ -268,28 +580,35 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
         doc.figure(histograms, "Histograms of the layer outputs at the first, middle and last layer")
         doc.p("The shape of each layer's output distribution, in units of its RMS: a spike at 0 is dead relu "
               "units, mass piling at the edges is saturation, and a Gaussian bell is a healthy linear regime. "
-              "Replicate 0 only" + (" and the first 6 configurations." if len(meta["configs"]) > 6 else "."))
+              "Replicate 0 only" + (" and the first 6 configurations." if len(configs) > 6 else "."))
 
     doc.h2("Per-layer statistics")
-    depth = int(summary["layer"].max())
-    if depth > MAX_FULL_LAYERS:
-        doc.p(f"A subsample of the {depth + 1} layers; `layers.csv` has every layer and replicate.")
+    depths = summary.groupby("config", sort=False)["layer"].max()
+    if depths.max() > MAX_FULL_LAYERS:
+        doc.p(f"A subsample of the {int(depths.max()) + 1} layers; `layers.csv` has every layer and replicate."
+              if depths.nunique() == 1 else
+              "Configurations deeper than 30 layers show a subsample of their layers; `layers.csv` has every layer "
+              "and replicate.")
+    logs = log_scale_stats(layers)
     for config in labels:
         if len(labels) > 1:
-            doc.h3(config)
-        doc.table(layer_table(summary, config, reps))
+            doc.h3(lit(config))
+        doc.table(layer_table(summary, config, reps, logs))
     notes = [
         "`pre std`: the std of z = h W + b entering the activation; `post`: the layer's output h (layer 0 is the "
-        "input);",
+        "input); `post mean`: its mean over samples and units (over replicates too), exact at any magnitude;",
         "`zeros`: the fraction of exact zeros of h; `saturated`: the fraction of units with |phi'(z)| < 1e-3 "
         "(for relu the same units as the zeros);",
         "`cos sim`: the mean cosine similarity between pairs of samples (1: every input maps to the same "
         "direction); `abs cos sim`: the mean of its absolute value over pairs of the first 128 samples, which also "
         "shows a collapse onto +-one direction that the signed mean averages away;",
-        "`theory post std`: the mean-field prediction of `post std`; `theory in 95% CI`: whether the predicted "
-        "second moment lies in the 95% t interval of the measured one over replicates (a **no** at depth, where "
-        "log std wanders, usually means too few replicates);",
-        "\"overflow\" marks a value beyond float64; the std columns are exact at any magnitude.",
+        "`theory post std`: the mean-field prediction of `post std` (infinite width); `theory in 95% CI`: whether "
+        "the predicted second moment lies in the 95% t interval of the measured one over replicates; a "
+        "prediction below (or above) every single network is a **no** whatever the interval, which one network "
+        "far above the others widens. A **no** says the two differ beyond sampling error at that layer: one in "
+        "twenty layers is expected by chance, a run of them is a real difference (finite width compounding over "
+        "depth, or what the theory does not model, such as orthogonal weights or batch statistics);",
+        "every column is exact at any magnitude: values beyond float64 are carried by their log10.",
     ]
     if "grad_log10_std" in layers:
         notes.insert(0, "backward pass: a random gradient g_L ~ N(0, 1) enters at the output and is propagated "
@@ -301,24 +620,17 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
     return doc
 
 
-def default_title(meta: dict[str, Any]) -> str:
-    """What was run, in one sentence."""
-    configs = meta["configs"]
-    o = configs[0]["options"]
-    widths = o.get("widths", [])
-    shape = (f"{len(widths) - 1} layers of width {widths[0]}" if len(set(widths)) == 1
-             else f"a {'-'.join(map(str, widths))} network") if widths else "a network"
-    if len(configs) == 1:
-        return f"varprop: {shape}, {configs[0]['label']}"
-    keys = list(dict.fromkeys(k for c in configs for k in c["varied"]))
-    if len(configs) <= 3:
-        return f"varprop: {shape}, {' vs '.join(c['label'] for c in configs)}"
-    return f"varprop: {shape}, {len(configs)} configurations ({' x '.join(k.replace('_', ' ') for k in keys)})"
-
-
 # Up to this many configurations get a finding each; beyond, findings are grouped (as the figures turn
 # into small multiples).
 FINDINGS_PER_CONFIG = 8
+
+FINDINGS_RULES = (
+    "One verdict per configuration: *healthy* when every check passes, else the worst problem found, with any "
+    "others under it. The checks, worst first: the std leaves [1e-3, 1e3] x the input's (the signal explodes "
+    "or dies); the input signal is lost (the variance across samples falls below 1e-6 of the layer's: every "
+    "input gives nearly the same output); the input gradient's std leaves [1e-3, 1e3] x the output's "
+    "(gradients explode or vanish); over half the last layer's units are saturated (|phi'| < 1e-3); the "
+    "inputs collapse onto one direction (mean |cos| between samples above 0.9 at the last layer).")
 
 
 @dataclass(frozen=True)
@@ -359,38 +671,66 @@ def _facts(config: dict[str, Any], summary: pd.DataFrame) -> _Facts:
                   int(s["layer"].iloc[lost[0]]) if lost.size else None, float(frac[-1]))
 
 
-def findings(summary: pd.DataFrame, configs: list[dict[str, Any]]) -> list[str]:
-    """Where the signal dies or explodes (leaves [1e-3, 1e3] x the input's
-    std), its growth per layer, saturation, collapse onto one direction and
-    the gradients': a line per configuration, or per finding across them
-    when there are more than :data:`FINDINGS_PER_CONFIG`."""
+# The problems a configuration can have, worst first (its verdict is the first it has).
+PROBLEMS = ("explodes", "dies", "signal lost", "gradients explode", "gradients vanish", "saturated", "collapse")
+
+
+def _problems(f: _Facts) -> list[tuple[str, str]]:
+    """(kind, sentence) of each problem ``f`` has, worst first."""
+    found = []
+    if f.first_bad is not None:
+        verb = "explodes" if f.rel > 0 else "dies"
+        found.append((verb, f"the signal {verb} at layer {f.first_bad}: its std leaves [1e-3, 1e3] x the input's "
+                            f"(x{fmt_std(f.rel)} at layer {f.depth}; x{fmt(f.growth, 3)} per layer)"))
+    if f.signal_lost is not None:
+        found.append(("signal lost", f"the input signal is lost from layer {f.signal_lost}: the variance across "
+                                     f"samples is x{fmt_std(f.signal_frac)} the layer's variance at layer {f.depth} "
+                                     "(every input gives nearly the same output; the std left is each unit's "
+                                     "fixed offset)"))
+    if f.grad is not None and abs(f.grad) > 3:
+        verb = "explode" if f.grad > 0 else "vanish"
+        found.append((f"gradients {verb}", f"gradients {verb}: the input gradient is x{fmt_std(f.grad)} the "
+                                           "output's (beyond [1e-3, 1e3])"))
+    if not math.isnan(f.saturated):
+        found.append(("saturated", f"{f.saturated:.0%} of the last layer's units are saturated (|phi'| < 1e-3)"))
+    if f.collapse > 0.9:
+        found.append(("collapse", f"the inputs collapse onto one direction (mean |cos| between samples "
+                                  f"{f.collapse:.3f} at layer {f.depth})"))
+    return sorted(found, key=lambda p: PROBLEMS.index(p[0]))
+
+
+def _std_fact(f: _Facts) -> str:
+    return f"output std x{fmt(10 ** f.rel, 3)} the input's, x{fmt(f.growth, 3)} per layer"
+
+
+def _grad_fact(f: _Facts) -> str | None:
+    return None if f.grad is None else f"the input gradient is x{fmt_std(f.grad)} the output's"
+
+
+def findings(summary: pd.DataFrame, configs: list[dict[str, Any]]) -> list[Item]:
+    """One verdict per configuration: healthy, or the worst problem found
+    (the std leaves [1e-3, 1e3] x the input's, the input signal is lost,
+    gradients explode or vanish, saturation, collapse onto one direction),
+    with its other problems as sub-items; or, beyond
+    :data:`FINDINGS_PER_CONFIG` configurations, one line per verdict naming
+    the configurations that have it."""
     facts = [_facts(c, summary) for c in configs]
     if len(facts) > FINDINGS_PER_CONFIG:
         return _grouped_findings(facts)
-    out = []
+    out: list[Item] = []
     for f in facts:
-        line = f"**{f.label}**: "
-        if f.first_bad is None:
-            line += f"stable through {f.depth} layers (output std x{fmt(10 ** f.rel, 3)} the input's)"
-        else:
-            verb = "explodes" if f.rel > 0 else "dies"
-            line += (f"the signal {verb} at layer {f.first_bad} (std leaves [1e-3, 1e3] x the input's; "
-                     f"x{fmt_std(f.rel)} at layer {f.depth})")
-        line += f"; std x{fmt(f.growth, 3)} per layer"
-        if f.signal_lost is not None:
-            line += (f"; but the input signal is lost from layer {f.signal_lost}: the variance across samples is "
-                     f"x{fmt_std(f.signal_frac)} the layer's variance at layer {f.depth} (every input gives nearly "
-                     "the same output; the std left is each unit's fixed offset)")
-        if not math.isnan(f.saturated):
-            line += f"; {f.saturated:.0%} of the last layer's units are saturated (|phi'| < 1e-3)"
-        if f.collapse > 0.9:
-            line += (f"; the inputs collapse onto one direction (mean |cos| between samples {f.collapse:.3f} at "
-                     f"layer {f.depth})")
-        if f.grad is not None:
-            line += f"; the input gradient is x{fmt_std(f.grad)} the output's"
-            if abs(f.grad) > 3:
-                line += f": gradients {'explode' if f.grad > 0 else 'vanish'} (beyond [1e-3, 1e3])"
-        out.append(line + ".")
+        problems = _problems(f)
+        grad = _grad_fact(f)
+        if not problems:
+            out.append(f"**{lit(f.label)}**: healthy through {f.depth} layers ({_std_fact(f)}"
+                       + (f"; {grad}" if grad else "") + ").")
+            continue
+        subs = [p for _, p in problems[1:]]
+        if problems[0][0] not in ("explodes", "dies"):
+            subs.append(f"the std stays within [1e-3, 1e3] x the input's: {_std_fact(f)}")
+        if grad and not any(k.startswith("gradients") for k, _ in problems):
+            subs.append(grad)
+        out.append((f"**{lit(f.label)}**: {problems[0][1]}.", subs))
     return out
 
 
@@ -404,17 +744,18 @@ def describe(subset: list[_Facts], every: list[_Facts], most: int = 6) -> str:
     """The configurations of ``subset`` in few words, given all of them: an option along which the subset
     holds every configuration there is (two at least) is written "any <option>", the rest as
     ``label_part`` values, those of the option that varies most joined by "/" ("sigmoid,
-    bn_count=0/1/2/3 (any batch_size)"); configurations without the same varied options, by label."""
+    bn_count=0/1/2/3 (any batch_size)"); configurations without the same varied options, by label.
+    Labels and values are literal spans (:func:`~varprop.report.document.plain` reads them)."""
     count = f"{len(subset)} configuration{'s' if len(subset) != 1 else ''}"
     if len(subset) == len(every):
         return f"all {len(every)} configurations"
     keys = list(dict.fromkeys(k for f in every for k in f.varied))
     if not keys or any(set(f.varied) != set(keys) for f in every):
-        labels = [f.label for f in subset]
+        labels = [lit(f.label) for f in subset]
         more = f"; and {len(labels) - most} more" if len(labels) > most else ""
         return f"{count}: {'; '.join(labels[:most])}{more}"
-    present = {tuple(f.varied[k] for k in keys) for f in subset}
-    existing = {tuple(f.varied[k] for k in keys) for f in every}
+    present = {tuple(_hashable(f.varied[k]) for k in keys) for f in subset}
+    existing = {tuple(_hashable(f.varied[k]) for k in keys) for f in every}
     free = []
     for i, key in enumerate(keys):
         def siblings(p: tuple[Any, ...]) -> list[tuple[Any, ...]]:
@@ -428,20 +769,20 @@ def describe(subset: list[_Facts], every: list[_Facts], most: int = 6) -> str:
         rest = [k for k in rest if k != last] + [last]
     groups: dict[tuple[Any, ...], list[Any]] = {}
     for f in subset:
-        head = tuple(f.varied[k] for k in rest[:-1])
-        value = f.varied[rest[-1]] if rest else None
+        head = tuple(_hashable(f.varied[k]) for k in rest[:-1])
+        value = _hashable(f.varied[rest[-1]]) if rest else None
         if value not in groups.setdefault(head, []):
             groups[head].append(value)
     parts = []
     for head, values in groups.items():
-        words = [_part(k, v) for k, v in zip(rest[:-1], head)]
+        words = [lit(_part(k, v)) for k, v in zip(rest[:-1], head)]
         if rest:
             tail = [_part(rest[-1], v) for v in values]
             prefix = f"{rest[-1]}=" if all(t.startswith(f"{rest[-1]}=") for t in tail) else ""
-            words.append(prefix + "/".join(t[len(prefix):] for t in tail))
+            words.append(lit(prefix + "/".join(t[len(prefix):] for t in tail)))
         parts.append(", ".join(words))
     text = "; ".join(parts[:most]) + (f"; and {len(parts) - most} more such groups" if len(parts) > most else "")
-    return f"{count}: {text}" + (f" (any {', '.join(free)})" if free else "")
+    return f"{count}: {text}" + (f" (any {', '.join(lit(k) for k in free)})" if free else "")
 
 
 def _span(facts: list[_Facts], value: Any, show: Any) -> str | None:
@@ -453,48 +794,58 @@ def _span(facts: list[_Facts], value: Any, show: Any) -> str | None:
     low, high = show(value(ordered[0])), show(value(ordered[-1]))
     if low == high:
         return f"x{low}"
-    return f"x{low} ({ordered[0].label}) to x{high} ({ordered[-1].label})"
+    return f"x{low} ({lit(ordered[0].label)}) to x{high} ({lit(ordered[-1].label)})"
 
 
-def _grouped_findings(facts: list[_Facts]) -> list[str]:
-    out = []
+# How a verdict, and the same problem under another verdict, read in grouped findings.
+_VERDICT = {
+    "explodes": "**The signal explodes** (its std leaves [1e-3, 1e3] x the input's)",
+    "dies": "**The signal dies** (its std leaves [1e-3, 1e3] x the input's)",
+    "signal lost": "**The input signal is lost** (the variance across samples falls below 1e-6 of the layer's: "
+                   "every input gives nearly the same output)",
+    "gradients explode": "**Gradients explode** (the input gradient's std beyond 1e3 x the output's)",
+    "gradients vanish": "**Gradients vanish** (the input gradient's std below 1e-3 x the output's)",
+    "saturated": "**Saturated** (over half the last layer's units with |phi'| < 1e-3)",
+    "collapse": "**The inputs collapse onto one direction** (mean |cos| between samples above 0.9 at the last "
+                "layer)",
+}
+_ALSO = {"explodes": "the signal also explodes", "dies": "the signal also dies",
+         "signal lost": "the input signal is also lost", "gradients explode": "gradients also explode",
+         "gradients vanish": "gradients also vanish", "saturated": "also saturated",
+         "collapse": "the inputs also collapse onto one direction"}
+
+
+def _grouped_findings(facts: list[_Facts]) -> list[Item]:
+    out: list[Item] = []
     depths = {f.depth for f in facts}
     through = f"through {depths.pop()} layers" if len(depths) == 1 else "through their last layer"
-    stable = [f for f in facts if f.first_bad is None]
-    if stable:
-        span = _span(stable, lambda f: f.rel, lambda v: fmt(10 ** v, 3))
-        out.append(f"**Stable** {through} in {describe(stable, facts)}."
+    problems = {f.label: _problems(f) for f in facts}
+    healthy = [f for f in facts if not problems[f.label]]
+    if healthy:
+        span = _span(healthy, lambda f: f.rel, lambda v: fmt(10 ** v, 3))
+        out.append(f"**Healthy** {through} in {describe(healthy, facts)}."
                    + (f" Their output std is {span} the input's." if span else ""))
-    for verb, group in (("explodes", [f for f in facts if f.first_bad is not None and f.rel > 0]),
-                        ("dies", [f for f in facts if f.first_bad is not None and not f.rel > 0])):
-        if group:
-            layers = sorted(f.first_bad for f in group)
-            at = f"layer {layers[0]}" if layers[0] == layers[-1] else f"layers {layers[0]} to {layers[-1]}"
-            out.append(f"**The signal {verb}** (its std leaves [1e-3, 1e3] x the input's) at {at} in "
-                       f"{describe(group, facts)}.")
+    for kind in PROBLEMS:
+        group = [f for f in facts if problems[f.label] and problems[f.label][0][0] == kind]
+        if not group:
+            continue
+        line = _VERDICT[kind]
+        if kind in ("explodes", "dies", "signal lost"):
+            at = sorted(f.first_bad if kind != "signal lost" else f.signal_lost for f in group)
+            line += (" at" if kind != "signal lost" else " from") + (
+                f" layer {at[0]}" if at[0] == at[-1] else f" layers {at[0]} to {at[-1]}")
+        subs = []
+        for other in PROBLEMS:
+            also = [f for f in group if other in [k for k, _ in problems[f.label][1:]]]
+            if also:
+                subs.append(f"of these, {_ALSO[other]} in {describe(also, facts)}")
+        out.append((f"{line} in {describe(group, facts)}.", subs))
     span = _span(facts, lambda f: f.growth, lambda v: fmt(v, 3))
     if span:
         out.append(f"**Std per layer** {span}.")
-    saturated = [f for f in facts if not math.isnan(f.saturated)]
-    if saturated:
-        out.append(f"**Saturated** (over half the last layer's units with |phi'| < 1e-3) in "
-                   f"{describe(saturated, facts)}.")
-    collapsed = [f for f in facts if f.collapse > 0.9]
-    if collapsed:
-        out.append(f"**The inputs collapse onto one direction** (mean |cos| between samples above 0.9 at the last "
-                   f"layer) in {describe(collapsed, facts)}.")
-    lost = [f for f in facts if f.signal_lost is not None]
-    if lost:
-        out.append(f"**The input signal is lost** (variance across samples below 1e-6 of the layer's variance: "
-                   f"every input gives nearly the same output) in {describe(lost, facts)}.")
     span = _span([f for f in facts if f.grad is not None], lambda f: f.grad, fmt_std)
     if span:
         out.append(f"**The input gradient** is {span} the output's.")
-    for verb, group in (("explode", [f for f in facts if f.grad is not None and f.grad > 3]),
-                        ("vanish", [f for f in facts if f.grad is not None and f.grad < -3])):
-        if group:
-            out.append(f"**Gradients {verb}** (the input gradient's std beyond [1e-3, 1e3] x the output's) in "
-                       f"{describe(group, facts)}.")
     return out
 
 

@@ -21,10 +21,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from .. import inits, theory
+from .. import theory
 from ..fit import line_fit
+from ..nn import inits
 from ..spec import expand, label_part
-from .document import Document, to_html, to_markdown
+from .document import Document, lit, to_html, to_markdown
 from .markdown import fmt, fmt_pow10
 
 # name -> (column, layer: "last" or "input", what it is)
@@ -180,7 +181,7 @@ def findings(summary: pd.DataFrame, fit_table: pd.DataFrame, manifest: dict[str,
         s = summary.dropna(subset=["out_log10_std"])
         lo, hi = s.loc[s["out_log10_std"].idxmin()], s.loc[s["out_log10_std"].idxmax()]
         out.append(f"The last layer's std (typical network) ranges from {fmt_pow10(lo['out_log10_std'])} "
-                   f"({lo['config']}) to {fmt_pow10(hi['out_log10_std'])} ({hi['config']}) over "
+                   f"({lit(lo['config'])}) to {fmt_pow10(hi['out_log10_std'])} ({lit(hi['config'])}) over "
                    f"{len(s)} configurations.")
         ex, va = (s["out_log10_std"] > EXPLODES).sum(), (s["out_log10_std"] < VANISHES).sum()
         parts = []
@@ -210,7 +211,7 @@ def findings(summary: pd.DataFrame, fit_table: pd.DataFrame, manifest: dict[str,
         ci = f" [{big['lo']:.3g}, {big['hi']:.3g}]" if np.isfinite(big["lo"]) else ""
         out.append(f"Along {key}: the {what} runs from "
                    f"{g['slope'].min():.3g} to {g['slope'].max():.3g} over {len(g)} groups; the largest is "
-                   f"{big['slope']:.3g}{ci} ({big['group']}).")
+                   f"{big['slope']:.3g}{ci} ({lit(big['group'])}).")
     out += phase_notes
     if finished < n_tasks and not failures:
         out.append(f"{finished} of {n_tasks} tasks have finished; rerun the sweep to finish the others.")
@@ -218,7 +219,7 @@ def findings(summary: pd.DataFrame, fit_table: pd.DataFrame, manifest: dict[str,
 
 
 def _few(labels: pd.Series, most: int = 4) -> str:
-    labels = list(labels)
+    labels = [lit(x) for x in labels]
     return "; ".join(labels[:most]) + (f"; and {len(labels) - most} more" if len(labels) > most else "")
 
 
@@ -245,7 +246,7 @@ def heatmap(summary: pd.DataFrame, x: str, y: str, metric: str, keys: Sequence[s
     if metric not in summary or summary[metric].isna().all():
         return None
     plt = _plt()
-    from .figures import _save
+    from .figures import _save, _text
 
     others = [k for k in keys if k not in (x, y)]
     panels = list(summary.groupby(others, sort=False, dropna=False)) if others else [((), summary)]
@@ -275,13 +276,13 @@ def heatmap(summary: pd.DataFrame, x: str, y: str, metric: str, keys: Sequence[s
                         dark = metric != "abs_cos" and abs(grid[i, j]) > 0.6 * vmax
                         ax.text(j + 0.5, i + 0.5, f"{grid[i, j]:.2g}", ha="center", va="center", fontsize=7,
                                 color="white" if dark or (metric == "abs_cos" and grid[i, j] < 0.5) else "black")
-        ax.set_xticks(np.arange(len(xs)) + 0.5, [str(v) for v in xs], fontsize=7)
-        ax.set_yticks(np.arange(len(ys)) + 0.5, [str(v) for v in ys], fontsize=7)
+        ax.set_xticks(np.arange(len(xs)) + 0.5, [_text(v) for v in xs], fontsize=7)
+        ax.set_yticks(np.arange(len(ys)) + 0.5, [_text(v) for v in ys], fontsize=7)
         ax.set_xlabel(x, fontsize=8)
         if n % cols == 0:
             ax.set_ylabel(y, fontsize=8)
         vals = vals if isinstance(vals, tuple) else (vals,)
-        ax.set_title(", ".join(label_part(k, v) for k, v in zip(others, vals) if v is not None and v == v) or "",
+        ax.set_title(_text(", ".join(label_part(k, v) for k, v in zip(others, vals) if v is not None and v == v)),
                      fontsize=8)
     for ax in axes.flat[len(shown):]:
         ax.set_visible(False)
@@ -316,7 +317,7 @@ def phase(summary: pd.DataFrame, manifest: dict[str, Any], path: Path) -> tuple[
     if not panels:
         return None, []
     plt = _plt()
-    from .figures import _save
+    from .figures import _save, _text
 
     shown = panels[:MAX_PANELS // 2]
     fig, axes = plt.subplots(len(shown), 2, figsize=(10, 0.6 + 3.3 * len(shown)), dpi=110, squeeze=False,
@@ -342,7 +343,7 @@ def phase(summary: pd.DataFrame, manifest: dict[str, Any], path: Path) -> tuple[
             ax.set_ylim(_edges(sb)[0], _edges(sb)[-1])
             ax.set_xlabel("sigma_w^2 = fan_in Var(W)", fontsize=8)
             ax.set_ylabel("sigma_b^2 = Var(b)", fontsize=8)
-            ax.set_title(f"{act}: {title}", fontsize=9)
+            ax.set_title(f"{_text(act)}: {title}", fontsize=9)
             ax.tick_params(labelsize=7)
         if crit is not None:
             row[0].legend(fontsize=7, loc="upper left")
@@ -356,8 +357,8 @@ def phase(summary: pd.DataFrame, manifest: dict[str, Any], path: Path) -> tuple[
                     span = f"{np.nanmin(v):.2f}" if np.nanmin(v) == np.nanmax(v) else \
                         f"{np.nanmin(v):.2f} to {np.nanmax(v):.2f}"
                     parts.append(f"{span} at its {mask.sum()} {name} point{'s' if mask.sum() > 1 else ''}")
-            notes.append(f"Order to chaos, {act} at {depth} layers: the mean |cos| of z between samples at the last "
-                         "layer (1: every input on one direction) is " + "; ".join(parts) + ".")
+            notes.append(f"Order to chaos, {lit(act)} at {depth} layers: the mean |cos| of z between samples at the "
+                         "last layer (1: every input on one direction) is " + "; ".join(parts) + ".")
     fig.colorbar(mesh, ax=axes, shrink=0.8, label="mean |cos| of z between samples")
     more = f" (first {len(shown)} of {len(panels)} activation x depth panels)" if len(panels) > len(shown) else ""
     fig.suptitle("Order to chaos: how far inputs collapse onto one direction" + more, fontsize=10)
@@ -506,7 +507,7 @@ def write_report(directory: Path | str, manifest: dict[str, Any] | None = None,
                   "is fitted on each replicate and the 95% interval is a t interval over replicates.")
             shown = fit_table.head(MAX_ROWS)
             doc.table(pd.DataFrame({
-                "option": shown["option"], "metric": shown["metric"], "group": shown["group"],
+                "option": shown["option"], "metric": shown["metric"], "group": shown["group"].map(lit),
                 "slope": shown["slope"].map(lambda x: fmt(x, 4)),
                 "95% interval": [f"[{fmt(lo, 4)}, {fmt(hi, 4)}]" if np.isfinite(lo) else "" for lo, hi in
                                  zip(shown["lo"], shown["hi"])],
@@ -520,9 +521,9 @@ def write_report(directory: Path | str, manifest: dict[str, Any] | None = None,
                 doc.p(f"The first {MAX_ROWS} of {len(summary)} configurations; `summary.csv` has all.")
         if failures:
             doc.h2("Failed tasks")
-            doc.table(pd.DataFrame([{"configuration": f["label"], "replicates": f"{f['replicates'][0]}.."
-                                     f"{f['replicates'][1] - 1}", "error": f["error"]} for f in failures.values()]
-                                   ).head(MAX_ROWS))
+            doc.table(pd.DataFrame([{"configuration": lit(f["label"]), "replicates": f"{f['replicates'][0]}.."
+                                     f"{f['replicates'][1] - 1}", "error": lit(f["error"])}
+                                    for f in failures.values()]).head(MAX_ROWS))
             doc.p(f"Tracebacks in `{FAILURES}`. Rerunning the sweep retries these tasks.")
         doc.h2("The results")
         doc.p("One Parquet file per task; every file has the same columns: `config` (the label), one column per "
@@ -562,7 +563,7 @@ def _title(manifest: dict[str, Any]) -> str:
 
 
 def _summary_table(summary: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    out = pd.DataFrame({"configuration": summary["config"]})
+    out = pd.DataFrame({"configuration": summary["config"].map(lit)})
     out["replicates"] = summary["replicates"].astype(int)
     if "out_log10_std" in summary:
         out["output std (typical)"] = summary["out_log10_std"].map(fmt_pow10)

@@ -3,7 +3,7 @@ of its replicates), results written as they arrive, resumable.
 
 A task computes exactly what ``varprop simulate`` computes for its
 configuration: replicate r of a configuration comes from the seed tree's
-nodes (seed; r, layer, role) alone (engine.run_replicate), so its numbers are
+nodes (seed; r, layer, role) alone (montecarlo.run_replicate), so its numbers are
 the same whichever worker runs it, in whatever order, however often. Workers
 run BLAS on one thread (threadpoolctl), as simulate does.
 
@@ -159,11 +159,11 @@ def _from_file(path: Path) -> tuple[str, Grid]:
 def _check_memory(grid: Grid) -> None:
     """Refuse before any work a configuration that cannot fit the memory
     it was given (--max-memory; without it, each worker judges its own)."""
-    from ..engine import backward_plan
+    from ..montecarlo import memory
 
     for config in grid.configs:
         if config.spec.max_memory is not None:
-            backward_plan(config.spec)
+            memory.check([config])
 
 
 def _run(store: SweepDir, todo: list[dict[str, Any]], result: SweepResult, client: Any, scheduler: str | None,

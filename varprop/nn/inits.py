@@ -22,6 +22,49 @@ Framework presets, checked against their sources:
 - ``orthogonal``: as ``torch.nn.init.orthogonal_``: QR of a Gaussian matrix
   with the signs of R's diagonal folded into Q, times ``gain``.
 
+Names users of PyTorch, Keras and JAX type are accepted, in any case and with
+``_``, ``-`` or nothing between words (``kaiming_uniform``, ``HeNormal``,
+``glorot-uniform``); each resolves to the canonical name that draws the same
+variance from the same distribution as that framework's initializer (checked
+against ``torch/nn/init.py``, ``keras/src/initializers/random_initializers.py``
+and ``jax/_src/nn/initializers.py``). The canonical name is what labels,
+config.json and the report show. A name that says its distribution fixes it:
+``--init he_uniform --distribution normal`` is refused, not silently changed.
+
+Canonical name: its weight variance and distribution; the names that resolve to it (and where
+they come from):
+
+- ``he``: 2/fan_in, normal; ``kaiming``, ``kaiming_normal`` (torch ``kaiming_normal_``: a=0,
+  mode fan_in, so gain sqrt(2)).
+- ``he_uniform``: 2/fan_in, uniform; ``kaiming_uniform`` (torch ``kaiming_uniform_``), ``he_uniform``
+  (Keras ``HeUniform``; JAX ``he_uniform`` = ``kaiming_uniform``).
+- ``he_truncated_normal``: 2/fan_in, truncated normal; ``he_normal`` (Keras ``HeNormal``, JAX ``he_normal``).
+- ``xavier``: 2/(fan_in + fan_out), normal; ``glorot``, ``xavier_normal`` (torch ``xavier_normal_``).
+- ``xavier_uniform``: 2/(fan_in + fan_out), uniform; ``xavier_uniform`` (torch ``xavier_uniform_``),
+  ``glorot_uniform`` (Keras ``GlorotUniform``, JAX ``glorot_uniform`` = ``xavier_uniform``).
+- ``xavier_truncated_normal``: 2/(fan_in + fan_out), truncated normal; ``glorot_normal`` (Keras
+  ``GlorotNormal``, JAX ``glorot_normal``).
+- ``fan_in``: 1/fan_in, normal; ``lecun``.
+- ``fan_in_uniform``: 1/fan_in, uniform; ``lecun_uniform`` (Keras ``LecunUniform``, JAX).
+- ``fan_in_truncated_normal``: 1/fan_in, truncated normal; ``lecun_normal`` (Keras ``LecunNormal``, JAX).
+- ``variance_scaling``: scale/fan(mode), truncated normal: Keras ``VarianceScaling()``'s defaults
+  (scale 1, mode fan_in, truncated normal); ``--scale``, ``--mode`` and ``--distribution`` are its
+  arguments (JAX's ``variance_scaling`` has no defaults: give all three).
+- ``orthogonal``: gain^2/max(fan_in, fan_out), exactly orthogonal; ``orthogonal_initializer``
+  (Keras ``Orthogonal``, torch ``orthogonal_``, JAX ``orthogonal``).
+- ``torch-default``: 1/(3 fan_in), uniform, with its bias; ``torch``, ``pytorch``, ``pytorch_default``.
+- ``keras-default``: 2/(fan_in + fan_out), uniform, zero bias; ``keras``, ``keras_default``.
+
+Two framework names disagree across frameworks, and the PyTorch meaning is
+taken: JAX's ``kaiming_normal`` and ``xavier_normal`` are its ``he_normal``
+and ``glorot_normal`` (truncated normals), PyTorch's draw an untruncated
+normal. JAX users: type ``he_normal`` or ``glorot_normal``. Keras'
+``VarianceScaling(distribution="normal")`` also means a truncated normal;
+varprop's ``--distribution normal`` never does. The variance is the same
+either way; the truncated normal's tails stop at 2 sd (of the pre-truncation
+normal), which changes fourth moments and the finite-width spread, never
+the mean-field theory.
+
 >>> import numpy as np
 >>> w0, scale = draw_weights(resolve("he"), np.random.default_rng(0), 300, 200)
 >>> round(scale ** 2 * 300, 12)
@@ -30,12 +73,13 @@ Framework presets, checked against their sources:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 
@@ -77,6 +121,80 @@ PRESETS: dict[str, Scheme] = {
 }
 
 
+# canonical name -> (preset, distribution, whether the name fixes it). A
+# preset's own distribution is None here: --distribution may change it.
+CANONICAL: dict[str, tuple[str, str | None, bool]] = {
+    **{name: (name, None, False) for name in PRESETS},
+    "he_uniform": ("he", "uniform", True),
+    "he_truncated_normal": ("he", "truncated_normal", True),
+    "xavier_uniform": ("xavier", "uniform", True),
+    "xavier_truncated_normal": ("xavier", "truncated_normal", True),
+    "fan_in_uniform": ("fan_in", "uniform", True),
+    "fan_in_truncated_normal": ("fan_in", "truncated_normal", True),
+    "variance_scaling": ("fan_in", "truncated_normal", False),  # Keras' defaults; its arguments are options
+}
+
+# Framework names -> canonical name (see the module docstring for the sources).
+ALIASES: dict[str, str] = {
+    "kaiming": "he", "kaiming_normal": "he", "kaiming_uniform": "he_uniform", "he_normal": "he_truncated_normal",
+    "glorot": "xavier", "xavier_normal": "xavier", "glorot_uniform": "xavier_uniform",
+    "glorot_normal": "xavier_truncated_normal",
+    "lecun": "fan_in", "lecun_uniform": "fan_in_uniform", "lecun_normal": "fan_in_truncated_normal",
+    "orthogonal_initializer": "orthogonal",
+    "torch": "torch-default", "pytorch": "torch-default", "pytorch-default": "torch-default",
+    "keras": "keras-default",
+}
+
+
+def name_key(name: str) -> str:
+    """How names compare: case, ``_``, ``-`` and spaces do not matter."""
+    return "".join(ch for ch in name.lower() if ch not in "_- ")
+
+
+# Aliases of a normal-drawing preset whose name says "normal": no other distribution.
+_SAYS_NORMAL = {name_key(n) for n in ("kaiming_normal", "xavier_normal")}
+_BY_KEY: dict[str, str] = {name_key(n): ALIASES.get(n, n) for n in (*CANONICAL, *ALIASES)}
+_SPELLING: dict[str, str] = {name_key(n): n for n in (*CANONICAL, *ALIASES)}
+
+
+def suggestion(name: Any, spellings: dict[str, str] | None = None) -> str:
+    """`` (did you mean X?)`` for the name closest to ``name`` among
+    ``spellings`` (:func:`name_key` -> how it is written; default: the init
+    names), compared as :func:`name_key` compares, or ``""``."""
+    spellings = _SPELLING if spellings is None else spellings
+    close = difflib.get_close_matches(name_key(str(name)), list(spellings), n=1)
+    return f" (did you mean {spellings[close[0]]}?)" if close else ""
+
+
+def canonical_name(name: str) -> str:
+    """The canonical name of a preset or framework name (any case).
+
+    >>> canonical_name("Kaiming_Uniform"), canonical_name("HeNormal"), canonical_name("glorot")
+    ('he_uniform', 'he_truncated_normal', 'xavier')
+    """
+    found = _BY_KEY.get(name_key(name))
+    if found is None:
+        raise ValueError(f"unknown init {name!r}{suggestion(name)}")
+    return found
+
+
+def canonical(name: str, distribution: str | None = None) -> tuple[str, str | None]:
+    """``(preset, distribution)`` that ``name`` draws from, given an explicit
+    ``distribution`` (None: the name's own). A name that says its
+    distribution refuses another (ValueError).
+
+    >>> canonical("kaiming_uniform"), canonical("he"), canonical("variance_scaling", "uniform")
+    (('he', 'uniform'), ('he', None), ('fan_in', 'uniform'))
+    """
+    preset, own, fixed = CANONICAL[canonical_name(name)]
+    says = own if fixed else "normal" if name_key(name) in _SAYS_NORMAL else None
+    if says is not None and distribution is not None and distribution != says:
+        raise ValueError(f"{distribution} contradicts --init {name}, which draws from a {says.replace('_', ' ')} "
+                         f"distribution; for that variance with a {distribution.replace('_', ' ')} distribution "
+                         f"use --init {preset} --distribution {distribution}")
+    return preset, distribution or own
+
+
 def load_callable(ref: str) -> UserInit:
     """Import ``"package.module:function"``; raises ValueError with the reason."""
     module_name, _, attr = ref.partition(":")
@@ -101,18 +219,20 @@ def resolve(
     gain: float | None = None,
     scale: float = 1.0,
 ) -> Scheme:
-    """A :class:`Scheme` from a preset name, a ``module:function`` string or a callable.
+    """A :class:`Scheme` from a preset or framework name (:func:`canonical`), a
+    ``module:function`` string or a callable.
 
     ``distribution``, ``mode`` and ``gain`` override the preset's own when given.
     Raises ValueError for unknown names.
     """
     if callable(init):
         return Scheme(name=getattr(init, "__name__", "custom"), user=init)
-    if init not in PRESETS:
-        if ":" in init:
-            return Scheme(name=init, user=load_callable(init))
-        raise ValueError(f"unknown init {init!r}")
-    base = PRESETS[init]
+    if not isinstance(init, str):
+        raise ValueError(f"expected a scheme name, module:function or a callable, got {init!r}")
+    if ":" in init:
+        return Scheme(name=init, user=load_callable(init))
+    preset, distribution = canonical(init, distribution)
+    base = PRESETS[preset]
     return Scheme(
         name=base.name,
         distribution=distribution or base.distribution,
@@ -224,12 +344,31 @@ def draw_weights(s: Scheme, rng: np.random.Generator, fan_in: int, fan_out: int,
         w = np.asarray(s.user(rng, fan_in, fan_out))
         if w.shape != (fan_in, fan_out):
             raise ValueError(f"init {s.name!r} returned shape {w.shape}, expected ({fan_in}, {fan_out})")
+        if not np.issubdtype(w.dtype, np.floating) and not np.issubdtype(w.dtype, np.integer):
+            raise ValueError(f"init {s.name!r} returned {w.dtype} weights; expected real numbers")
         if not np.all(np.isfinite(w)):
             raise ValueError(f"init {s.name!r} returned non-finite weights")
-        return w.astype(dtype), 1.0
+        return power_of_two_scaled(w.astype(np.float64, copy=False), dtype)
     if s.orthogonal:
         return orthogonal(rng, fan_in, fan_out, dtype), s.gain * math.sqrt(s.scale)
     return standard_draw(s.distribution, rng, (fan_in, fan_out), dtype), weight_scale(s, fan_in, fan_out)
+
+
+def power_of_two_scaled(x: Array, dtype: type) -> tuple[Array, float]:
+    """``(x0, scale)`` with ``x = scale * x0`` and ``x0`` in ``dtype``: ``x``
+    itself where its largest entry lies within 2^+-60, else divided by a power
+    of two (exact) that brings it near 1, so 1e300 (or 1e-300) survives the
+    cast to float32 rather than becoming inf (or 0).
+
+    >>> x0, scale = power_of_two_scaled(np.array([1e300, -3e299]), np.float32)
+    >>> scale == 2.0 ** 996, abs(float(x0[0]) * scale / 1e300 - 1) < 2.0 ** -24
+    (True, True)
+    """
+    peak = float(np.max(np.abs(x), initial=0.0))
+    if peak == 0 or 2.0**-60 <= peak <= 2.0**60:
+        return x.astype(dtype), 1.0
+    exponent = math.frexp(peak)[1] - 1  # peak / 2^exponent in [1, 2); 2^exponent itself finite up to 1e308
+    return np.ldexp(x, -exponent).astype(dtype), math.ldexp(1.0, exponent)
 
 
 def weight_scale(s: Scheme, fan_in: int, fan_out: int) -> float:

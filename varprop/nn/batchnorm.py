@@ -6,6 +6,15 @@ Keras' defaults: epsilon 1e-3, gamma 1, beta 0, biased batch variance. A layer
 computed from ``u`` with ``eps`` moved into u's units (``eps / s**2``) in log
 form, so neither a huge nor a tiny ``s`` can overflow or lose the signal.
 
+``eps = 0`` is the batch norm of mean-field theory (Yang et al. 2019), and
+exact here: the output has unit variance per batch channel to rounding and
+the backward pass is the exact projection, with no leak term. It needs every
+batch channel to vary: a channel whose B values are all equal (a batch of
+identical samples, or a unit its activation zeroes for the whole batch, as
+relu before a post-activation batch norm does with probability 2^-B) has no
+normalization, and is refused (SpecError) when it is met. With B = 2 every
+output is +-1 and the gradient through batch norm is exactly 0.
+
 >>> import numpy as np
 >>> y, log_y, _ = forward(np.array([[1.0], [3.0]]), 0.0, batch=2, eps=1e-3)
 >>> [round(float(v), 6) for v in (y * np.exp(log_y)).ravel()]  # (x - 2) / sqrt(1 + 0.001)
@@ -18,6 +27,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..errors import SpecError
 
 KERAS_EPS = 1e-3
 
@@ -54,20 +65,30 @@ def _scaled_pair(x: np.ndarray, log_factor: np.ndarray, dtype: np.dtype) -> tupl
     return (v / m).astype(dtype), top + math.log(m)
 
 
-def forward(u: np.ndarray, log_s: float, batch: int, eps: float = KERAS_EPS) -> tuple[np.ndarray, float, Cache]:
+def forward(u: np.ndarray, log_s: float, batch: int, eps: float = KERAS_EPS, layer: int | None = None
+            ) -> tuple[np.ndarray, float, Cache]:
     """Normalize ``exp(log_s) * u`` per batch and unit: ``(y_u, log_y, cache)``
-    with ``y = exp(log_y) * y_u`` (y_u in u's dtype)."""
+    with ``y = exp(log_y) * y_u`` (y_u in u's dtype). With ``eps = 0`` a batch
+    channel that does not vary raises SpecError (``layer`` names it there)."""
     n_rows, n = u.shape
     x = u.reshape(n_rows // batch, batch, n)
     mean = x.mean(axis=1, keepdims=True, dtype=np.float64)
     centered = x - mean
     var = np.mean(centered * centered, axis=1, keepdims=True)
+    if eps == 0 and not np.all(var > 0):
+        b, _, unit = np.argwhere(~(var > 0))[0]
+        at = "" if layer is None else f"layer {layer}, "
+        raise SpecError("bn_eps", f"0 divides by each batch channel's standard deviation, which is exactly 0 at "
+                        f"{at}unit {unit + 1}, batch {b + 1} (all {batch} samples equal there: identical samples, "
+                        "or a unit the activation zeroes for the whole batch, as relu before --bn-position post "
+                        "does with probability 2^-B); give --bn-eps > 0 (Keras 0.001, PyTorch 1e-5) or larger "
+                        "batches")
     log_inv = _log_inv_sigma(var, log_s, eps)
     log_factor = log_s + log_inv  # y = (u - mean) * exp(log_factor), and exp(log_factor) <= 1/sqrt(var)
     y, log_y = _scaled_pair(centered, log_factor, u.dtype)
     with np.errstate(divide="ignore", invalid="ignore"):
         d = np.where(var > 0, centered / np.sqrt(var), 0.0)
-        log_leak = math.log(eps) + 2 * log_inv
+        log_leak = math.log(eps) + 2 * log_inv if eps > 0 else np.full_like(log_inv, -np.inf)
     return y.reshape(n_rows, n), log_y, Cache(d.astype(u.dtype), log_inv, log_leak)
 
 
@@ -82,6 +103,9 @@ def backward(v: np.ndarray, log_g: float, cache: Cache) -> tuple[np.ndarray, flo
     where the projection vanishes (B = 2, or eps << var at huge scales).
     """
     n_rows, n = v.shape
+    if cache.d.shape[1] == 2 and np.all(cache.log_leak == -np.inf):
+        # eps = 0, B = 2: y = +-1 whatever x is, so the gradient is 0, not the rounding left by the projection.
+        return np.zeros((n_rows, n)), 0.0
     d = cache.d.astype(np.float64)
     g = v.reshape(d.shape).astype(np.float64)
     along = d * np.mean(g * d, axis=1, keepdims=True)
@@ -89,7 +113,9 @@ def backward(v: np.ndarray, log_g: float, cache: Cache) -> tuple[np.ndarray, flo
     # Per (batch, unit): the projection carries the value unless it is exactly zero.
     empty = ~np.any(projected != 0, axis=1, keepdims=True)
     with np.errstate(under="ignore"):
-        values = np.where(empty, along, projected + along * np.exp(np.maximum(cache.log_leak, -745.0)))
+        # eps = 0 leaks nothing (log_leak = -inf): the projection alone, exactly.
+        leak = np.where(cache.log_leak == -np.inf, 0.0, np.exp(np.maximum(cache.log_leak, -745.0)))
+        values = np.where(empty, along, projected + along * leak)
     factors = cache.log_inv_sigma + np.where(empty, cache.log_leak, 0.0)
     # float64 out: components 1e-44 apart (units dead in a batch get 1/sqrt(eps),
     # live ones 1/sigma) must survive until the activation's mask picks them.

@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from scipy import special
 
+from .inits import name_key
+from .inits import suggestion as _suggestion
+
 Array = np.ndarray
 
-# Beyond |log_s| > _LOG_DIRECT (nats) the limits take over; below it phi is
+# Beyond |log_s| > LOG_DIRECT (nats) the limits take over; below it phi is
 # evaluated directly in float64 (|x| <= ~1e130 * max|u|, squares stay finite).
-_LOG_DIRECT = 300.0
+LOG_DIRECT = 300.0
 # For float32 compute, phi is evaluated in float32 while s is in this range.
 LOG_DIRECT_F32 = 20.0
 
@@ -160,13 +163,58 @@ def _elu_d(x: Array, alpha: float, scale: float) -> Array:
 
 NAMES: tuple[str, ...] = tuple(_REGISTRY) + ("leaky_relu",)
 
+# Names as PyTorch, Keras and JAX spell them resolve in any case and with or
+# without ``_`` / ``-`` (``ReLU``, ``LeakyReLU``, ``GELU``, ``SiLU``,
+# ``leaky-relu``); these are the names that differ beyond that. Checked
+# against torch/nn/modules/activation.py, keras/src/activations/activations.py
+# and jax/_src/nn/functions.py: ``swish`` is ``silu`` in Keras and JAX, and
+# Keras' ``linear`` is PyTorch's ``Identity``. Where a framework's default
+# differs from varprop's function, the name still resolves and the
+# difference is documented here rather than hidden:
+#   - gelu is the exact x * Phi(x), as torch.nn.GELU() (approximate='none')
+#     and keras.activations.gelu (approximate=False); jax.nn.gelu defaults to
+#     the tanh approximation, within 5e-4 of it everywhere (not modelled).
+#   - leaky_relu's slope is --leaky-slope, default 0.01 as torch.nn.LeakyReLU
+#     and jax.nn.leaky_relu; Keras' LeakyReLU layer uses 0.3 and
+#     keras.activations.leaky_relu 0.2: give --leaky-slope for those.
+#   - softplus is log(1 + e^x); torch.nn.Softplus returns x itself above
+#     x = 20 (a difference below 2.1e-9).
+ALIASES: dict[str, str] = {"swish": "silu", "identity": "linear"}
+
+
+_BY_KEY: dict[str, str] = {name_key(n): ALIASES.get(n, n) for n in (*NAMES, *ALIASES)}
+_SPELLING: dict[str, str] = {name_key(n): n for n in (*NAMES, *ALIASES)}
+
+
+def suggestion(name: Any) -> str:
+    """`` (did you mean X?)`` for the activation name closest to ``name``, or ``""``."""
+    return _suggestion(name, _SPELLING)
+
+
+def canonical_name(name: str) -> str:
+    """The registered name of ``name`` (one of :data:`NAMES` or a framework's
+    spelling, any case); ValueError, with the closest name, for others.
+
+    >>> canonical_name("ReLU"), canonical_name("swish"), canonical_name("LeakyReLU")
+    ('relu', 'silu', 'leaky_relu')
+    """
+    found = _BY_KEY.get(name_key(name)) if isinstance(name, str) else None
+    if found is None:
+        raise ValueError(f"unknown activation {name!r}{suggestion(name)}")
+    return found
+
 
 def get(name: str, leaky_slope: float = 0.01) -> Activation:
-    """The activation called ``name`` (one of :data:`NAMES`).
+    """The activation called ``name`` (one of :data:`NAMES`, or a framework's
+    spelling of one: :func:`canonical_name`).
 
     >>> get("relu").phi(np.array([-1.0, 2.0])).tolist()
     [0.0, 2.0]
     """
+    found = _REGISTRY.get(name)  # the engine's and the theory's calls, with registered names
+    if found is not None:
+        return found
+    name = canonical_name(name)
     if name == "leaky_relu":
         return _leaky(float(leaky_slope))
     return _REGISTRY[name]
@@ -201,7 +249,7 @@ def apply_scaled(act: Activation, u: Array, log_s: float) -> tuple[Array, float]
             # Around phi(0) != 0 float32 arithmetic rounds a small-scale signal away (sigmoid's
             # 0.5 + x/4 at x ~ 1e-5: its std 1e-3 off); float64, rounded once, keeps it.
             return act.phi(u.astype(np.float64) * math.exp(log_s)).astype(np.float32), 0.0
-        if abs(log_s) <= _LOG_DIRECT:
+        if abs(log_s) <= LOG_DIRECT:
             h = act.phi(u.astype(np.float64) * math.exp(log_s))
             m = float(np.max(np.abs(h), initial=0.0))
             if m == 0:

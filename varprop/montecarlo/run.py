@@ -1,0 +1,263 @@
+"""simulate(): configurations -> the per-layer table, one replicate at a time.
+
+The forward pass holds one layer and two weight matrices at a time. The
+backward pass keeps each layer's input and activation derivative when that
+fits in ``max_memory`` (memory.py), else keeps only every k-th layer's output
+(k ~ sqrt(L)) and recomputes each segment, bit for bit, on the way down.
+Every random draw comes from the seed tree (seeds.py) and work is split into
+blocks fixed by the shapes (parallel.py), so results do not depend on the
+order of work or the thread count.
+
+>>> from varprop.spec import NetworkSpec
+>>> df = simulate(NetworkSpec.square(layers=3, width=50, init="fan_in"), samples=200, seed=1)
+>>> list(df["layer"])
+[0, 1, 2, 3]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from threadpoolctl import threadpool_limits
+
+from .. import theory
+from ..nn import inits
+from ..parallel import SERIAL, Pool, row_chunks
+from ..spec import Config, NetworkSpec, RunSpec, expand, load_input, parse_threads, to_options
+from ..stats import STATS, empty_stats, side_stats, side_stats_ms
+from . import memory
+from .scaled import Values, narrow
+from .seeds import generator
+from .stepper import Network, Tape, prefixed
+
+# Histograms of h / rms(h) at the first, middle and last layer of replicate 0.
+HIST_EDGES = np.linspace(-4.0, 4.0, 81)
+
+
+Progress = Callable[[int], None]
+
+
+def make_inputs(spec: RunSpec, replicate: int) -> tuple[np.ndarray, float]:
+    """The N x n_0 inputs of one replicate as ``(u, log_s)``, u in the compute dtype."""
+    dtype = np.dtype(spec.dtype)
+    n0 = spec.network.widths[0]
+    if spec.input_file is not None:
+        # Entries near float64's limits (1e308, 1e-300) are first brought near 1 by a power of two (exact).
+        x, scale = inits.power_of_two_scaled(load_input(spec.input_file, n0), np.float64)
+        return narrow(x, math.log(scale), dtype.type)
+    rng = generator(spec.seed, replicate, 0, "inputs")
+    if spec.input == "gaussian":
+        x = inits.standard_normal(rng, (spec.samples, n0), dtype)
+        return x, math.log(spec.input_std)
+    x = inits.standard_draw("uniform", rng, (spec.samples, n0), dtype)
+    return x, math.log(spec.input_std * math.sqrt(3.0))
+
+
+def upstream(spec: RunSpec, replicate: int) -> np.ndarray:
+    """The N(0, 1) gradient the backward pass starts from: the output's
+    gradient of the objective sum(upstream * h_L)."""
+    rng = generator(spec.seed, replicate, spec.network.depth, "upstream")
+    return inits.standard_normal(rng, (spec.samples, spec.network.widths[-1]), np.dtype(spec.dtype).type)
+
+
+class Table:
+    """One replicate's per-layer statistics: a float64 row per layer 0..L in
+    the column order of ``layers.csv`` (a dict per layer took 7 kB, so 40,000
+    layers took 300 MB; a row here takes 8 bytes a column). ``row(l)`` gives
+    a dict-like view that the forward and backward passes fill."""
+
+    def __init__(self, depth: int, backward: bool):
+        sides = ("pre", "post") + (("grad", "delta") if backward else ())
+        self.columns = (["width", "fan_in", "fan_out"] + [f"{s}_{k}" for s in sides for k in STATS]
+                        + (["weight_grad_norm", "weight_grad_log10_norm"] if backward else []))
+        self.at = {c: i for i, c in enumerate(self.columns)}
+        self.values = np.full((depth + 1, len(self.columns)), np.nan)
+        self.hist: dict[int, np.ndarray] = {}  # layer -> histogram counts (replicate 0)
+
+    @staticmethod
+    def bytes_per_layer(backward: bool) -> int:
+        return 8 * (3 + len(STATS) * (4 if backward else 2) + (2 if backward else 0))
+
+    def row(self, layer: int) -> "_Row":
+        return _Row(self, layer)
+
+    def frame(self, replicate: int) -> pd.DataFrame:
+        """The rows as a DataFrame with ``replicate`` and ``layer`` leading."""
+        df = pd.DataFrame(self.values, columns=self.columns)
+        df.insert(0, "layer", np.arange(len(df)))
+        df.insert(0, "replicate", replicate)
+        df["width"] = df["width"].astype(int)
+        return df
+
+
+class _Row:
+    """A view of one row of a :class:`Table`: ``row[key] = value``, ``row.update(stats)``."""
+
+    __slots__ = ("table", "layer")
+
+    def __init__(self, table: Table, layer: int):
+        self.table, self.layer = table, layer
+
+    def __setitem__(self, key: str, value: float) -> None:
+        self.table.values[self.layer, self.table.at[key]] = value
+
+    def __getitem__(self, key: str) -> float:
+        return float(self.table.values[self.layer, self.table.at[key]])
+
+    def __contains__(self, key: str) -> bool:
+        """Whether ``key`` has been filled in."""
+        return key in self.table.at and not math.isnan(self[key])
+
+    def update(self, values: Mapping[str, float]) -> None:
+        for key, value in values.items():
+            self[key] = value
+
+
+def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = None, pool: Pool = SERIAL,
+                  plan: int | None = None) -> Table:
+    """Forward (and with ``spec.backward``, backward) pass of one network: the
+    statistics of every layer 0..L. ``plan`` is the backward pass's checkpoint
+    spacing (:func:`varprop.memory.backward_plan`; it changes the memory
+    used, never the numbers)."""
+    depth = spec.network.depth
+    k = memory.backward_plan(spec) if plan is None else plan
+    net = Network(spec, replicate, pool, keep_weights=k == depth and memory.keeps_weights(spec))
+    u, log_h = make_inputs(spec, replicate)
+    post, ms = side_stats_ms(u, log_h, pool=pool)
+    x = Values(u, log_h, ms)
+    table = Table(depth, spec.backward)
+    table.row(0).update({"width": spec.network.widths[0], **prefixed("pre", empty_stats()), **prefixed("post", post)})
+    tapes: dict[int, Tape] = {}
+    checkpoints = {0: x}
+    hist_layers = {1, (depth + 1) // 2, depth} if replicate == 0 else set()
+    for layer in range(1, depth + 1):
+        x, row, tape = net.step(layer, x, stats=True, keep=spec.backward and k == depth,
+                                ahead=layer + 1 if layer < depth else None)
+        if layer in hist_layers:  # h / rms(h): the shape of h at any scale (a dead layer: a spike at 0)
+            f = x.u.dtype.type(1 / math.sqrt(x.ms) if x.ms > 0 else 1)
+            # Equal bins given as a count and range take NumPy's fast path (no sort); counts add exactly.
+            table.hist[layer] = sum(pool.map(lambda r: np.histogram(x.u[r] * f, bins=len(HIST_EDGES) - 1, range=(
+                HIST_EDGES[0], HIST_EDGES[-1]))[0], row_chunks(*x.u.shape)))
+        table.row(layer).update(row)
+        if tape is not None:
+            tapes[layer] = tape
+        if spec.backward and k < depth and layer % k == 0:
+            checkpoints[layer] = x
+        if progress is not None:
+            progress(1)
+    if spec.backward:
+        _backward(net, spec, replicate, table, tapes, checkpoints, k, progress)
+    return table
+
+
+def _backward(net: Network, spec: RunSpec, replicate: int, table: Table, tapes: dict[int, Tape],
+              checkpoints: dict[int, Values], k: int, progress: Progress | None) -> None:
+    depth = spec.network.depth
+    u = upstream(spec, replicate)
+    grad, ms = side_stats_ms(u, 0.0, pool=net.pool)
+    g = Values(u, 0.0, ms)
+    table.row(depth).update(prefixed("grad", grad))
+    for layer in range(depth, 0, -1):
+        if layer not in tapes:  # recompute the segment above the nearest checkpoint
+            start = max(c for c in checkpoints if c < layer)
+            x = checkpoints[start]
+            for l in range(start + 1, layer + 1):
+                x, _, tapes[l] = net.step(l, x, stats=False, keep=True, ahead=l + 1 if l < layer else None)
+        # The next layer down's weights are drawn in this layer's map when they are not kept and no
+        # segment recomputation will draw them first.
+        g, grad = net.back(layer, tapes.pop(layer), g, table.row(layer),
+                           ahead=layer - 1 if layer - 1 in tapes else None)
+        table.row(layer - 1).update(prefixed("grad", grad))
+        if progress is not None:
+            progress(1)
+    net.flush_grad()
+
+
+def configs_for(spec: RunSpec | NetworkSpec | Sequence[Config], vary: Mapping[str, Iterable[Any]] | None = None,
+                **options: Any) -> list[Config]:
+    """The configurations a :func:`simulate` call runs (see there)."""
+    if isinstance(spec, (list, tuple)):
+        if vary or options:  # they would be dropped without a word
+            raise TypeError("vary= and options apply to a spec; a list of configurations runs as given "
+                            "(pass them to configs_for instead)")
+        return list(spec)
+    if isinstance(spec, NetworkSpec):
+        spec = RunSpec(spec)
+    changes = {**options, **{k: list(v) for k, v in (vary or {}).items()}}
+    opts = to_options(spec)
+    if {"layers", "width"} & set(changes):
+        opts.pop("widths")
+    if {"bn", "bn_count", "bn_layers"} & set(changes):
+        opts.pop("bn_layers", None)
+    if "input_file" in changes or "batch_size" in changes:
+        opts.pop("samples", None)
+    # The inputs given here replace the spec's: a file replaces its Gaussian inputs and the reverse
+    # (both kept would be refused as contradicting each other).
+    if "input_file" in changes:
+        opts.pop("input", None)
+        opts.pop("input_std", None)
+    elif {"input", "input_std"} & set(changes):
+        opts.pop("input_file", None)
+    return expand({**opts, **changes})
+
+
+def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[str, Iterable[Any]] | None = None,
+             progress: Progress | None = None, threads: int | None = None, **options: Any) -> pd.DataFrame:
+    """Run every configuration; one row per (config, replicate, layer).
+
+    ``options`` are flat run options (``samples=``, ``replicates=``, ``seed=``,
+    ``backward=``, any option of :data:`varprop.spec.OPTIONS`) applied to
+    ``spec``; ``vary`` maps option names to lists of values, and every
+    combination is run. ``progress(k)`` is called as layers complete.
+    ``threads`` (default: every core this process may use) changes the speed,
+    never the numbers.
+
+    >>> from varprop.spec import NetworkSpec
+    >>> df = simulate(NetworkSpec.square(2, 20), vary={"init": ["unit", "fan_in"]}, samples=50)
+    >>> sorted(set(df["config"]))
+    ['fan_in', 'unit']
+    """
+    configs = configs_for(spec, vary, **options)
+    pool = Pool(parse_threads(threads))
+    plans = memory.check(configs)  # refuse before any work when a run cannot fit
+    start = time.perf_counter()
+    frames, hists = [], []
+    for c, plan in zip(configs, plans):
+        # Multi-threaded BLAS splits products differently for each thread
+        # count, which changes the last bits: BLAS runs on one thread (for
+        # the theory's use of the input file's statistics too) and varprop's
+        # own threads work on fixed blocks (parallel.py).
+        with threadpool_limits(1, user_api="blas"):
+            tables = [run_replicate(c.spec, rep, progress, pool, plan) for rep in range(c.spec.replicates)]
+            inputs = side_stats(*make_inputs(c.spec, 0)) if c.spec.input_file is not None else None
+            predicted = theory.predict(c.spec, inputs)
+        for layer, counts in tables[0].hist.items():
+            hists.append(pd.DataFrame({"config": c.label, "layer": layer, "bin_lo": HIST_EDGES[:-1],
+                                       "bin_hi": HIST_EDGES[1:],
+                                       "density": counts / max(counts.sum(), 1) / np.diff(HIST_EDGES)}))
+        frame = pd.concat([table.frame(rep) for rep, table in enumerate(tables)], ignore_index=True)
+        del tables
+        frame = frame.merge(predicted, on="layer", how="left")
+        for key, value in reversed(list(c.varied.items())):
+            if key in frame:  # a varied --width: the per-layer width column already holds it
+                continue
+            frame.insert(0, key, value if isinstance(value, (str, int, float)) else str(value))
+        frame.insert(0, "config", c.label)
+        frames.append(frame)
+    df = pd.concat(frames, ignore_index=True)
+    df["fan_in"] = df["fan_in"].astype("Int64")
+    df["fan_out"] = df["fan_out"].astype("Int64")
+    df.attrs["configs"] = configs
+    df.attrs["elapsed_s"] = time.perf_counter() - start
+    # Plain lists: pandas compares attrs when combining frames, which a DataFrame here would break.
+    df.attrs["histograms"] = pd.concat(hists, ignore_index=True).to_dict(orient="list") if hists else None
+    return df
+
+
+def total_steps(configs: Sequence[Config]) -> int:
+    """How many layer steps :func:`simulate` reports to ``progress``."""
+    return sum(c.spec.replicates * c.spec.network.depth * (2 if c.spec.backward else 1) for c in configs)

@@ -1,0 +1,323 @@
+"""One layer forward and backward: the product, bias, batch norm and
+activation of a layer, with streaming float64 statistics of both sides.
+
+A layer is one map over fixed blocks of samples (product, bias, activation
+and float64 sums of both sides, while the block is in cache), with the next
+layer's weights drawn in the same map. Batch-norm layers, and activations
+whose evaluation needs the whole layer's scale, take a phased path. The
+backward pass needs each layer's input and activation derivative (its
+:class:`Tape`); weights are kept or drawn again from their seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, MutableMapping
+
+import numpy as np
+
+from ..errors import SpecError
+from ..nn import activations, batchnorm, inits
+from ..parallel import SERIAL, Pool, row_chunks
+from ..spec import RunSpec
+from ..stats import ABS_COS_SAMPLES, SATURATION, STATS, Sums, block_sums, from_sums, head_cos, side_stats_ms
+from .scaled import MS_BAND, Values, bias_terms, in_band, narrow, prescale, renorm, sum_squares
+from .seeds import generator
+
+def prefixed(side: str, stats: Mapping[str, float]) -> dict[str, float]:
+    return {f"{side}_{k}": v for k, v in stats.items()}
+
+
+def _times_dphi(v: np.ndarray, dphi: np.ndarray, act: activations.Activation, out: np.ndarray | None = None
+                ) -> np.ndarray:
+    """``v * phi'`` from a tape's phi' (a bool per entry for relu-type: which slope)."""
+    if dphi.dtype == bool and not (act.slope_pos == 1 and act.slope_neg == 0):
+        dphi = np.where(dphi, v.dtype.type(act.slope_pos), v.dtype.type(act.slope_neg))
+    return np.multiply(v, dphi, out=out)
+
+
+_NOTHING_PENDING: tuple[list[Callable[[], float]], Callable[[list[float]], None]] = ([], lambda squares: None)
+
+
+@dataclass
+class Tape:
+    """One layer's record for the backward pass."""
+
+    u_in: np.ndarray  # the layer's input h_{l-1} = exp(log_in) * u_in
+    log_in: float
+    dphi: np.ndarray | None  # phi' at the activation's input (bool for relu-type, None for linear)
+    bn: batchnorm.Cache | None
+
+
+class Network:
+    """A RunSpec resolved for one replicate: draws weights, steps layers.
+
+    A layer's work is one map over fixed blocks of samples (product, bias,
+    activation and both sides' float64 sums, while the block is in cache),
+    with the next layer's weights drawn in the same map; batch-norm layers,
+    and activations whose evaluation needs the whole layer's scale (float64
+    compute, extreme scales, phi(0) != 0 with every phi far below 1), take a
+    phased path instead.
+    """
+
+    def __init__(self, spec: RunSpec, replicate: int, pool: Pool = SERIAL, keep_weights: bool = False):
+        self.spec, self.net, self.rep, self.pool = spec, spec.network, replicate, pool
+        # Weights kept from the forward pass for the backward one, when they fit.
+        self.kept: dict[int, tuple[np.ndarray, float]] | None = {} if keep_weights else None
+        self.ready: dict[int, tuple[np.ndarray, float]] = {}  # drawn ahead, during the previous layer
+        self.last: tuple[int, tuple[np.ndarray, float]] | None = None
+        self._pending_grad: tuple[list[Callable[[], float]], Callable[[list[float]], None]] = _NOTHING_PENDING
+        self.scheme = spec.network.init.resolve()
+        self.dtype = np.dtype(spec.dtype).type
+        self.with_bias = inits.has_bias(self.scheme, self.net.bias_std)
+        self.acts = [None] + [activations.get(self.net.activation_at(l), self.net.leaky_slope)
+                              for l in range(1, self.net.depth + 1)]
+
+    def weights(self, layer: int) -> tuple[np.ndarray, float]:
+        """``(W0, scale)`` of a layer: the last one asked for (the top layer's,
+        or a recomputed segment's, going backward), kept, drawn ahead, or drawn now."""
+        if self.last is not None and self.last[0] == layer:
+            if self.kept is not None:  # going backward: it is not needed again
+                self.kept.pop(layer, None)
+            return self.last[1]
+        if self.kept is not None and layer in self.kept:
+            w = self.kept.pop(layer)
+        else:
+            if layer in self.ready:
+                w = self.ready.pop(layer)
+            else:
+                self.last = None  # freed before a draw that was not made ahead
+                w = self._draw_now(layer)
+            if self.kept is not None:
+                self.kept[layer] = w
+        self.last = (layer, w)
+        return w
+
+    def _by_blocks(self) -> bool:
+        return self.scheme.user is None and not self.scheme.orthogonal
+
+    def weight_ms(self, layer: int, w0: np.ndarray) -> float:
+        """The mean square of W0's entries: expected for built-in draws, else measured."""
+        s = self.scheme
+        if self._by_blocks():
+            return inits.unit_sd(s.distribution) ** 2
+        if s.orthogonal:
+            return 1 / max(self.net.widths[layer - 1], self.net.widths[layer])
+        return sum_squares(w0) / max(w0.size, 1) or 1.0
+
+    def draw_tasks(self, layer: int) -> list[Callable[[], None]]:
+        """Tasks that draw a layer's weights into ``ready``, in fixed blocks of
+        rows, each from its own node of the seed tree: the same numbers on any
+        number of threads. Empty when the layer's weights are not drawn by blocks."""
+        if (not self._by_blocks() or layer in self.ready or (self.kept is not None and layer in self.kept)
+                or (self.last is not None and self.last[0] == layer)):
+            return []
+        n_in, n_out = self.net.widths[layer - 1], self.net.widths[layer]
+        w0 = np.empty((n_in, n_out), self.dtype)
+        self.ready[layer] = (w0, inits.weight_scale(self.scheme, n_in, n_out))
+
+        def fill(block: int, rows: slice) -> None:
+            rng = generator(self.spec.seed, self.rep, layer, "weights", block)
+            w0[rows] = inits.standard_draw(self.scheme.distribution, rng, (rows.stop - rows.start, n_out), self.dtype)
+        return [lambda b=b, rows=rows: fill(b, rows) for b, rows in enumerate(row_chunks(n_in, n_out))]
+
+    def _draw_now(self, layer: int) -> tuple[np.ndarray, float]:
+        tasks = self.draw_tasks(layer)
+        if tasks:
+            self.pool.map(lambda task: task(), tasks)
+            return self.ready.pop(layer)
+        n_in, n_out = self.net.widths[layer - 1], self.net.widths[layer]
+        try:
+            return inits.draw_weights(self.scheme, generator(self.spec.seed, self.rep, layer, "weights"), n_in, n_out,
+                                      self.dtype)
+        except ValueError as exc:  # a user init returned something unusable
+            raise SpecError("init", str(exc)) from None
+        except Exception as exc:  # or failed: the user's to see, in one line
+            raise SpecError("init", f"{self.scheme.name} raised {type(exc).__name__}: {exc}") from None
+
+    def _bn(self, u: np.ndarray, log_s: float, layer: int) -> tuple[np.ndarray, float, batchnorm.Cache]:
+        y, log_y, cache = batchnorm.forward(u, log_s, self.spec.batch, self.net.bn_eps, layer)
+        y, log_y = renorm(y, log_y, self.pool)
+        return y, log_y, cache
+
+    def _blockwise(self, layer: int, log_z: float) -> bool:
+        """Whether phi can be evaluated block by block at this scale, with a
+        result scale that does not depend on the values (activations.apply_scaled)."""
+        act = self.acts[layer]
+        if layer in self.net.bn_layers:
+            return False
+        return act.homogeneous or (self.dtype is np.float32 and abs(log_z) < activations.LOG_DIRECT_F32)
+
+    def step(self, layer: int, x: Values, stats: bool, keep: bool, ahead: int | None = None
+             ) -> tuple[Values, dict[str, Any] | None, Tape | None]:
+        """Layer ``layer`` forward: its output, its statistics row, its tape.
+        ``ahead`` names a layer whose weights are drawn meanwhile."""
+        net, act, dtype = self.net, self.acts[layer], self.dtype
+        n_in, n_out, n = net.widths[layer - 1], net.widths[layer], x.u.shape[0]
+        pool = self.pool.sized(n * max(n_in, n_out))
+        w0, w_scale = self.weights(layer)
+        c = prescale(n_in, x.ms, self.weight_ms(layer, w0), dtype)
+        log_z = x.log_s + math.log(w_scale) - math.log(float(c))
+        bias = None
+        if self.with_bias:
+            b = inits.draw_bias(self.scheme, net.bias_std, generator(self.spec.seed, self.rep, layer, "bias"),
+                                n_in, n_out)
+            top, bias = bias_terms(log_z, b)
+            if bias is not None:
+                c = dtype(float(c) * math.exp(log_z - top))
+                if c > 0:  # book the factor as rounded; the bias carries its own rounding, as always
+                    log_z = x.log_s + math.log(w_scale) - math.log(float(c))
+                    bias = b * math.exp(-log_z)
+                else:  # the product is below the bias's resolution
+                    log_z = top
+                bias = bias.astype(dtype)
+        blockwise = self._blockwise(layer, log_z)
+        linear = act.name == "linear"
+        z = np.empty((n, n_out), dtype)
+        h = z if linear or not blockwise else np.empty_like(z)
+        log_h = log_z if act.homogeneous else 0.0
+        dphi = None if linear or not blockwise or not keep else np.empty(z.shape, bool if act.homogeneous else dtype)
+        chunks = row_chunks(n, n_out)
+        head_rows = min(ABS_COS_SAMPLES, n)
+
+        def block(rows: slice) -> tuple[Sums | None, Sums | None, int, float, float]:
+            zb = z[rows]
+            np.matmul(x.u[rows], w0, out=zb)
+            zb *= c
+            if bias is not None:
+                zb += bias
+            if not blockwise:
+                return None, None, 0, math.nan, math.nan
+            with_head = rows.start == 0 and rows.stop >= head_rows
+            pre = block_sums(zb)
+            head_pre = head_cos(zb) if with_head else math.nan
+            if linear:
+                return pre, pre, 0, head_pre, head_pre
+            hb = h[rows]
+            hb[...], _, d = activations.phi_dphi_scaled(act, zb, log_z)
+            saturated = int(np.count_nonzero(np.abs(d) < SATURATION))
+            if dphi is not None:  # kept for the backward pass
+                dphi[rows] = d == act.slope_pos if act.homogeneous else d
+            return pre, block_sums(hb), saturated, head_pre, head_cos(hb) if with_head else math.nan
+
+        draws = self.draw_tasks(ahead) if ahead is not None else []
+        done = pool.map(lambda task: task(), [lambda rows=rows: block(rows) for rows in chunks] + draws)
+        parts = done[:len(chunks)]
+        cache = None
+        if blockwise:
+            sat = sum(p[2] for p in parts) / z.size
+            heads = (parts[0][3], parts[0][4]) if chunks[0].stop >= head_rows else (head_cos(z), head_cos(h))
+            pre, ms_z = from_sums(z, [p[0] for p in parts], log_z, 0.0 if linear else sat, heads[0])
+            if linear:
+                post, ms_h = pre, ms_z
+            else:
+                post, ms_h = from_sums(h, [p[1] for p in parts], log_h, sat, heads[1])
+            # phi(0) != 0 but every phi far below 1 (sigmoid of a layer of large negative values): float32
+            # values at scale 1 lose them to underflow, the phased path scales them up first.
+            blockwise = act.phi0 == 0 or ms_h >= MS_BAND[0]
+        if not blockwise:  # the whole layer's scale is needed: one phase after another
+            h = dphi = None  # a block pass's, if one ran: freed before this path's temporaries
+            z, log_z = renorm(z, log_z, pool)
+            if layer in net.bn_layers and net.bn_position == "pre":
+                z, log_z, cache = self._bn(z, log_z, layer)
+            d = None if linear else activations.dphi_scaled(act, z, log_z)
+            sat = 0.0 if d is None else float(np.mean(np.abs(d) < SATURATION))
+            pre, ms_z = side_stats_ms(z, log_z, sat, pool)
+            if linear:
+                h, log_h = z, log_z
+            else:  # phi(0) != 0 from float64 values: apply_scaled then scales phi by its maximum, not 1
+                h, log_h = narrow(*activations.apply_scaled(
+                    act, z.astype(np.float64, copy=False) if act.phi0 else z, log_z), dtype, pool)
+            if layer in net.bn_layers and net.bn_position == "post":
+                h, log_h, cache = self._bn(h, log_h, layer)
+            post, ms_h = (pre, ms_z) if h is z else side_stats_ms(h, log_h, sat, pool)
+            if d is not None:
+                dphi = d == act.slope_pos if act.homogeneous else d.astype(dtype, copy=False)
+        row = None
+        if stats:
+            row = {"width": n_out, "fan_in": n_in, "fan_out": n_out, **prefixed("pre", pre), **prefixed("post", post)}
+        tape = Tape(x.u, x.log_s, dphi, cache) if keep else None
+        return in_band(Values(h, log_h, ms_h), pool), row, tape
+
+    def back(self, layer: int, tape: Tape, g: Values, row: MutableMapping[str, float], ahead: int | None = None
+             ) -> tuple[Values, dict[str, float]]:
+        """Layer ``layer`` backward: from the gradient w.r.t. its output to the
+        gradient w.r.t. its input and that gradient's statistics; fills the
+        row's delta and weight-gradient. ``ahead`` names a layer whose weights
+        are drawn meanwhile."""
+        net, act, dtype = self.net, self.acts[layer], self.dtype
+        n_in, n_out, n = net.widths[layer - 1], net.widths[layer], g.u.shape[0]
+        pool = self.pool.sized(n * max(n_in, n_out))
+        bn_here = layer in net.bn_layers
+        w0, w_scale = self.weights(layer)
+        w_ms = self.weight_ms(layer, w0)
+        if bn_here:  # the batch Jacobian couples the samples: phase after phase
+            v, log_v = g.u, g.log_s
+            if net.bn_position == "post":
+                v, log_v = batchnorm.backward(v, log_v, tape.bn)  # float64 until the mask below
+            if tape.dphi is not None:
+                v = _times_dphi(v, tape.dphi, act)
+            v, log_v = narrow(v, log_v, dtype, pool)
+            if net.bn_position == "pre":
+                v, log_v = narrow(*batchnorm.backward(v, log_v, tape.bn), dtype, pool)
+            delta, ms_v = side_stats_ms(v, log_v, pool=pool)
+        else:
+            v, log_v = (g.u, g.log_s) if tape.dphi is None else (np.empty_like(g.u), g.log_s)
+            ms_v = g.ms
+        # delta's mean square is not known before the map: g's sets the scale, an overestimate by
+        # E[phi'^2] (1/2 for relu); a saturated layer's far smaller delta is caught by in_band.
+        c = prescale(n_out, g.ms if not bn_here else ms_v, w_ms, dtype)
+        out = np.empty((n, n_in), dtype)
+        chunks = row_chunks(n, max(n_in, n_out))
+        head_rows = min(ABS_COS_SAMPLES, n)
+        w0_t = w0.T
+
+        def block(rows: slice) -> tuple[Sums | None, Sums, float, float]:
+            with_head = rows.start == 0 and rows.stop >= head_rows
+            delta_sums, head_delta = None, math.nan
+            if not bn_here and tape.dphi is not None:
+                vb = _times_dphi(g.u[rows], tape.dphi[rows], act, out=v[rows])
+                delta_sums = block_sums(vb)
+                head_delta = head_cos(vb) if with_head else math.nan
+            ob = out[rows]
+            np.matmul(v[rows], w0_t, out=ob)
+            ob *= c
+            return delta_sums, block_sums(ob), head_delta, head_cos(ob) if with_head else math.nan
+
+        # The previous layer's weight-gradient products share this map: one barrier fewer per layer.
+        earlier, finish_earlier = self._pending_grad
+        draws = self.draw_tasks(ahead) if ahead is not None else []
+        done = pool.map(lambda task: task(), earlier + [lambda rows=rows: block(rows) for rows in chunks] + draws)
+        finish_earlier(done[:len(earlier)])
+        parts = done[len(earlier):len(earlier) + len(chunks)]
+        heads_ok = chunks[0].stop >= head_rows
+        if not bn_here:
+            if tape.dphi is None:
+                # A linear layer's delta is the gradient that came in, whose statistics the row has.
+                delta = ({k: row[f"grad_{k}"] for k in STATS} if "grad_std" in row
+                         else side_stats_ms(v, log_v, pool=pool)[0])
+            else:
+                delta, _ = from_sums(v, [p[0] for p in parts], log_v, head=parts[0][2] if heads_ok else head_cos(v))
+        row.update(prefixed("delta", delta))
+        log_out = log_v + math.log(w_scale) - math.log(float(c))
+        grad, ms_out = from_sums(out, [p[1] for p in parts], log_out, head=parts[0][3] if heads_ok else head_cos(out))
+        # ||u_in^T v||_F by fixed blocks of the weight gradient's rows, none of it kept, computed
+        # in the next layer's map (or by flush_grad). Squares summed in the compute dtype: the
+        # product's own rounding is already that large.
+        u_t, log_uv = tape.u_in.T, tape.log_in + log_v
+
+        def finish(squares: list[float]) -> None:
+            norm = math.sqrt(math.fsum(squares))
+            log_norm = math.log(norm) + log_uv if norm > 0 else -math.inf
+            row["weight_grad_log10_norm"] = log_norm / math.log(10)
+            row["weight_grad_norm"] = math.exp(log_norm) if log_norm < 709.7 else math.inf
+        self._pending_grad = ([lambda rows=rows: sum_squares(u_t[rows] @ v)
+                               for rows in row_chunks(u_t.shape[0], v.shape[1])], finish)
+        return in_band(Values(out, log_out, ms_out), pool), grad
+
+    def flush_grad(self) -> None:
+        """Compute the weight-gradient norm that :meth:`back` left pending."""
+        tasks, finish = self._pending_grad
+        finish(self.pool.map(lambda task: task(), tasks))
+        self._pending_grad = _NOTHING_PENDING

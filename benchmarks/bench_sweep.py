@@ -68,25 +68,28 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _cpu() -> float:
-    """CPU seconds (user + system) of this process and every process it started
-    (the LocalCluster's workers, joblib's) so far."""
-    total = 0.0
+def _cpu() -> dict[int, float]:
+    """CPU seconds (user + system) so far of this process and of every process it
+    started (the LocalCluster's workers, joblib's), by process id."""
     me = psutil.Process()
+    out = {}
     for p in [me, *me.children(recursive=True)]:
         try:
             t = p.cpu_times()
         except psutil.Error:  # ended meanwhile
             continue
-        total += t.user + t.system
-    return total
+        out[p.pid] = t.user + t.system
+    return out
 
 
 def _measured(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process tree) of ``fn()``."""
-    c0 = _cpu()
+    """(wall seconds, CPU seconds of this process tree) of ``fn()``: each process's
+    CPU time at the end less its time at the start (a process that ends meanwhile,
+    such as an idle joblib worker timing out, drops out instead of subtracting)."""
+    before = _cpu()
     wall = _timed(fn)
-    return wall, _cpu() - c0
+    after = _cpu()
+    return wall, sum(t - before.get(pid, 0.0) for pid, t in after.items())
 
 
 def overhead(client: Client, n: int, repeats: int) -> dict:

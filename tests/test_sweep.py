@@ -34,7 +34,7 @@ SMALL = {"width": 16, "samples": 24, "replicates": 2}
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as c:
         yield c
 
@@ -232,7 +232,7 @@ def group_alive(pgid):
      "GRID: zip: the lists of a group must have equal lengths, got layers 2, width 3"),
     ('activation = ["tanh", "relo"]\n', "--activation: expected one of"),
     ("layers = [2, 3]\n[[exclude]]\ngain = 2\n", "GRID: [[exclude]] table 1 names gain, which the grid does not set"),
-    ("replicates = [2, 3]\n", "--replicates: takes one value, not a list"),
+    ("replicates = [2, 3]\n", "--replicates: takes one value"),
     ("layers = [2,\n", "GRID: "),
 ])
 def test_bad_grid_one_line_exit_2_nothing_written(tmp_path, text, message):

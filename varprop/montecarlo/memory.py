@@ -34,9 +34,9 @@ if TYPE_CHECKING:
 # tests/test_memory.py checks that the estimate bounds the measured peak.
 ROW_BYTES = 4096
 # Bytes per layer of the theory's recursion, once per configuration: its moments and, where the c-map takes
-# Mehler's series, the series of a new q at each layer (measured up to 8.6 kB a layer, He/elu); closed forms
-# (linear, relu, leaky relu) keep about 1 kB a layer.
-THEORY_LAYER_BYTES = 12 * 1024
+# Mehler's series, the series of a new q at each layer (He/elu: 8.6 kB a layer alone, 17.4 kB a layer for the
+# whole command at 10,000 layers); closed forms (linear, relu, leaky relu) keep about 1 kB a layer.
+THEORY_LAYER_BYTES = 16 * 1024
 THEORY_CLOSED_FORM_LAYER_BYTES = 1536
 
 
@@ -82,6 +82,10 @@ def refuse_beyond(need: float, max_memory: int | None, what: str, fix: str, opti
                         f"({source}); {fix}")
 
 
+# The report's figures: canvases and their PNG and SVG renderings (measured 8.5 MB for one configuration),
+# and each configuration's lines, legends and tables (measured 1.4 MB each for 12 configurations).
+REPORT_BYTES = 16 * 2**20
+REPORT_CONFIG_BYTES = 2 * 2**20
 # Bytes per point of a phase diagram's grid: the q-map at 240 nodes, and Mehler's series of each chaotic
 # point's q* (measured 15-16 kB a point, tanh, 1,200 to 10,800 points).
 PHASE_POINT_BYTES = 24 * 1024
@@ -142,13 +146,13 @@ def weight_bytes(spec: RunSpec) -> int:
 
 
 def run_bytes(spec: RunSpec) -> int:
-    """What grows with layers and replicates (table, theory, report) for one configuration."""
+    """What one configuration adds to the run: its table, theory and report."""
     from ..nn import activations
 
     net = spec.network
     closed = all(activations.get(net.activation_at(l), net.leaky_slope).homogeneous
                  for l in {1, net.depth})
-    return table_bytes(net.depth, spec.replicates, closed_form=closed)
+    return table_bytes(net.depth, spec.replicates, closed_form=closed) + REPORT_CONFIG_BYTES
 
 
 def keeps_weights(spec: RunSpec, reserved: int = 0) -> bool:
@@ -166,12 +170,12 @@ def keeps_weights(spec: RunSpec, reserved: int = 0) -> bool:
 def backward_plan(spec: RunSpec, reserved: int | None = None) -> int:
     """The checkpoint spacing k of the backward pass (k = L: every layer kept;
     0 without a backward pass), within the budget less ``reserved`` bytes
-    (default: this configuration's table, theory and report).
+    (default: this configuration's table, theory and report, and the figures).
 
     Raises SpecError naming ``--max-memory`` when the run cannot fit, not even
     with checkpointing.
     """
-    reserved = run_bytes(spec) if reserved is None else reserved
+    reserved = REPORT_BYTES + run_bytes(spec) if reserved is None else reserved
     working = working_bytes(spec) + reserved
     fix = "use fewer --samples, --layers or --replicates, or a narrower --width, or raise --max-memory"
     if not spec.backward:
@@ -189,10 +193,31 @@ def backward_plan(spec: RunSpec, reserved: int | None = None) -> int:
     return k
 
 
+def estimate(configs: Sequence[Config]) -> int:
+    """The bytes a comparison may use at its peak, as :func:`check` counts
+    them: every configuration's table, theory and report, and the largest
+    forward (and backward) working set."""
+    plans = check(configs)
+    reserved = REPORT_BYTES + sum(run_bytes(c.spec) for c in configs)
+    peaks = []
+    for c, k in zip(configs, plans):
+        tape = tape_bytes(c.spec)
+        if k == c.spec.network.depth:
+            kept = sum(tape)
+        elif k:
+            item = 8 if c.spec.dtype == "float64" else 4
+            kept = ((c.spec.network.depth // k + 1) * c.spec.samples * max(c.spec.network.widths) * item
+                    + max(sum(tape[i:i + k]) for i in range(1, c.spec.network.depth + 1, k)))
+        else:
+            kept = 0
+        peaks.append(working_bytes(c.spec) + kept)
+    return reserved + max(peaks)
+
+
 def check(configs: Sequence[Config]) -> list[int]:
     """Each configuration's :func:`backward_plan`, refusing a comparison that
     cannot fit: the tables of every configuration are held until the report
     is written, and each configuration's forward and backward passes run in
     what is left."""
-    reserved = sum(run_bytes(c.spec) for c in configs)
+    reserved = REPORT_BYTES + sum(run_bytes(c.spec) for c in configs)
     return [backward_plan(c.spec, reserved) for c in configs]

@@ -14,7 +14,7 @@ def _normal(rng, fan_in, fan_out):
 def boom(rng, fan_in, fan_out):
     """Fails on layers of fan_in 24: one configuration of a grid raises, the others run."""
     if fan_in == 24:
-        raise ValueError("no init for fan_in 24")
+        raise ValueError("no init for fan_in 24 <b>|x|</b>")  # markup a report must show as text
     return _normal(rng, fan_in, fan_out)
 
 

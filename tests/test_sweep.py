@@ -122,7 +122,7 @@ def test_resume_after_kill_9_and_failure_summary(tmp_path):
     assert "1 finished before, 5 to run" in second.stdout and "2 ran, 1 reused, 3 failed" in second.stdout
     assert second.stderr.count("\n") == 1 and second.stderr.startswith(
         "varprop: error: 3 of 6 tasks failed (first: layers=2, width=24: SpecError: --init: no init for fan_in "
-        "24); reasons in "), second.stderr
+        "24 <b>|x|</b>); reasons in "), second.stderr
     assert (done[0].stat().st_ino, done[0].stat().st_mtime_ns) == before, "nothing redone"
     assert not list(out.glob("_tmp.*")), "the killed run's temporary file is gone"
     df = pd.read_parquet(out)
@@ -132,6 +132,8 @@ def test_resume_after_kill_9_and_failure_summary(tmp_path):
     assert sorted(f["label"] for f in failures.values()) == [f"layers={n}, width=24" for n in (2, 3, 4)]
     report = (out / "_report" / "report.md").read_text()
     assert "**3 of 6 tasks failed**" in report and "## Failed tasks" in report
+    row = next(line for line in report.splitlines() if line.startswith("| layers=2, width=24"))
+    assert "no init for fan_in 24 &lt;b&gt;\\|x\\|&lt;/b&gt;" in row and row.count(" | ") == 2, row
 
 
 def test_broken_result_files_rerun(client, tmp_path):
@@ -173,7 +175,7 @@ def test_raising_task_is_recorded_others_go_on(client, tmp_path):
     res = sweep({"widths": [[16, 24, 8], [16, 32, 8]], "init": "sweep_inits:boom", "samples": 16}, client, out=out,
                 report=False)
     assert res.ran == 1 and list(res.failed.values())[0]["label"] == "widths=16,24,8"
-    assert list(res.failed.values())[0]["error"] == "SpecError: --init: no init for fan_in 24"
+    assert list(res.failed.values())[0]["error"] == "SpecError: --init: no init for fan_in 24 <b>|x|</b>"
     failures = json.loads((out / "_failures.json").read_text())
     assert "Traceback" in list(failures.values())[0]["traceback"]
     assert set(pd.read_parquet(out)["config"]) == {"widths=16,32,8"}

@@ -132,7 +132,8 @@ def sweep(grid: str | os.PathLike[str] | Mapping[str, Any] | Grid, client: Any =
                 raise
         elif on_start is not None:
             on_start(result)
-        result.failed = {k: {"label": v["label"], "error": v["error"]} for k, v in store.failures.items()}
+        result.failed = {k: {"label": store.failures[k]["label"], "error": store.failures[k]["error"]}
+                         for k in store.tasks if k in store.failures}  # in grid order, not order of failing
         result.elapsed_s = time.perf_counter() - start_time
         if report and result.reused + result.ran > 0:
             from ..report.sweep import write_report

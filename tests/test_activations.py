@@ -227,6 +227,6 @@ def test_a_misspelled_activation_gets_the_closest_name_in_any_case(typed, sugges
 
 
 def test_relu_in_another_case_is_relu_not_a_suggestion_of_elu():
-    from varprop.spec import parse_activation
+    from varprop.options import parse_activation
 
     assert parse_activation("Relu") == parse_activation("RELU") == "relu"

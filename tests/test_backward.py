@@ -13,7 +13,7 @@ from varprop.montecarlo.scaled import renorm, values
 from varprop.montecarlo.stepper import Network
 from varprop.nn import batchnorm
 from varprop.nn.activations import NAMES
-from varprop.spec import SpecError
+from varprop.errors import SpecError
 
 from test_propagation import assert_mean, pivot, rank_one_log10_slope
 

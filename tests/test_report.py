@@ -15,7 +15,8 @@ from click.testing import CliRunner
 import varprop
 from varprop import stats
 from varprop.cli import main
-from varprop.montecarlo import configs_for
+from varprop.montecarlo import configs_for, run_configs
+from varprop.run import Configuration, Run
 from varprop.report import figures
 from varprop.report.document import plain
 from varprop.report.markdown import fmt, fmt_pow10, fmt_signed, shown_layers, signed_means
@@ -46,8 +47,9 @@ def tables(text: str) -> list[list[list[str]]]:
     return out
 
 
-def meta_configs(layers):
-    return [{"label": c.label, "varied": c.varied} for c in layers.attrs["configs"]]
+def simulate_run(spec, vary, **options):
+    """The Run of ``varprop.simulate(spec, vary=vary, **options)``."""
+    return run_configs(configs_for(spec, vary, **options))
 
 
 @pytest.mark.parametrize("depth", [1, 7, 30, 31, 100, 10_000])
@@ -165,12 +167,13 @@ def test_many_configurations_become_small_multiples_by_option_name(tmp_path):
     for vary, panels in [({"init": ["unit", "fan_in"], "activation": ["linear", "relu", "tanh"]}, 1),
                          ({"init": ["unit", "fan_in", "he"], "activation": ["linear", "relu", "tanh"]}, 3),
                          ({"width": [8, 12, 16], "activation": ["linear", "relu", "tanh"]}, 3)]:
-        layers = varprop.simulate(varprop.NetworkSpec.square(2, 10), samples=20, vary=vary)
-        path = figures.std_per_layer(layers, stats.summarize(layers), tmp_path / "std.png", meta_configs(layers))
+        sim = simulate_run(varprop.NetworkSpec.square(2, 10), vary, samples=20)
+        path = figures.std_per_layer(sim, tmp_path / "std.png")
         svg = path.with_suffix(".svg").read_text()
         assert len(set(re.findall(r'<g id="axes_(\d+)">', svg))) == panels, vary
         # Without the configurations' varied options, one panel holds every line.
-        path = figures.std_per_layer(layers, stats.summarize(layers), tmp_path / "std.png")
+        bare = Run(sim.layers, [Configuration(c.label, {}, c.options) for c in sim.configs])
+        path = figures.std_per_layer(bare, tmp_path / "std.png")
         assert len(set(re.findall(r'<g id="axes_(\d+)">', path.with_suffix(".svg").read_text()))) == 1
 
 
@@ -262,8 +265,7 @@ def test_findings_give_each_configuration_one_verdict():
 
     vary = {"init": ["unit", "fan_in", "he"], "activation": ["linear", "relu", "sigmoid"]}
     spec = varprop.NetworkSpec.square(12, 20)
-    configs = [{"label": c.label, "varied": c.varied} for c in configs_for(spec, vary)]
-    lines = findings(stats.summarize(varprop.simulate(spec, samples=40, vary=vary, seed=2)), configs)
+    lines = findings(simulate_run(spec, vary, samples=40, seed=2))
     counts = _verdict_counts(lines)
     assert sum(counts) == 9 and len(counts) >= 2
     # unit init with a linear or relu stack of width 20 grows ~sqrt(20) or ~sqrt(10) per layer: past 1e3 by layer 12
@@ -277,10 +279,13 @@ def test_findings_give_each_configuration_one_verdict():
 
 
 def test_describe_names_a_subset_by_its_options():
-    from varprop.report.markdown import _Facts, describe
+    from varprop.findings import Assessment
+    from varprop.report.markdown import describe
 
-    every = [_Facts(f"{a}, bn={n}, b={b}", {"activation": a, "bn_count": n, "batch_size": b}, 5, 0.0, None, 1.0,
-                    math.nan, 0.0, None)
+    def facts(label, varied):
+        return Assessment(label, varied, 5, 0.0, 1.0, None, math.nan, 0.0, None, None, math.nan, ())
+
+    every = [facts(f"{a}, bn={n}, b={b}", {"activation": a, "bn_count": n, "batch_size": b})
              for a in ("sigmoid", "relu") for n in (0, 1, 2) for b in (4, 64)]
     sigmoid_low = [f for f in every if f.varied["activation"] == "sigmoid" and f.varied["bn_count"] < 2]
     assert plain(describe(sigmoid_low, every)) == "4 configurations: sigmoid, bn_count=0/1 (any batch_size)"
@@ -289,12 +294,10 @@ def test_describe_names_a_subset_by_its_options():
     assert plain(describe(odd, every)) == ("2 configurations: sigmoid, bn_count=0, batch_size=4; "
                                            "relu, bn_count=0, batch_size=64")
     # Along an option with one configuration only, "any" would say nothing: named instead.
-    diagonal = [_Facts(str(t), {"x": t[0], "y": t[1]}, 5, 0.0, None, 1.0, math.nan, 0.0, None)
-                for t in [(0, 0), (1, 1), (0, 1)]]
+    diagonal = [facts(str(t), {"x": t[0], "y": t[1]}) for t in [(0, 0), (1, 1), (0, 1)]]
     assert plain(describe(diagonal[:1], diagonal)) == "1 configuration: x=0, y=0"
     # Configurations that do not vary the same options are named by their labels.
-    mixed = [_Facts(label, varied, 5, 0.0, None, 1.0, math.nan, 0.0, None)
-             for label, varied in [("a", {"x": 0}), ("b", {"x": 1}), ("c", {"y": 2})]]
+    mixed = [facts(label, varied) for label, varied in [("a", {"x": 0}), ("b", {"x": 1}), ("c", {"y": 2})]]
     assert plain(describe(mixed[:2], mixed)) == "2 configurations: a; b"
 
 
@@ -310,8 +313,7 @@ def test_a_configuration_that_loses_its_signal_is_not_called_healthy():
     spec = varprop.NetworkSpec.square(12, 64)
     runs = [c for c in configs_for(spec, vary, samples=64, backward=True, seed=3)
             if c.label in ("sigmoid, fan_in", "relu, he", "linear, orthogonal")]
-    layers = varprop.simulate(runs)
-    sigmoid, relu, linear = findings(stats.summarize(layers), [{"label": c.label, "varied": c.varied} for c in runs])
+    sigmoid, relu, linear = findings(run_configs(runs))
     head, subs = sigmoid
     assert "the input signal is lost from layer" in head and "healthy" not in head
     assert any("gradients vanish" in s for s in subs) and any("stays within [1e-3, 1e3]" in s for s in subs)
@@ -349,9 +351,10 @@ def test_no_claim_that_theory_matches_to_order_one_over_width(tmp_path):
 def test_config_json_order_does_not_matter_to_the_figures(tmp_path):
     """Figures find the varied options by name: a layers.csv whose varied columns were moved after
     `replicate` (another tool's rewrite) draws the same small multiples."""
-    layers = varprop.simulate(varprop.NetworkSpec.square(2, 10), samples=20,
-                              vary={"init": ["unit", "fan_in", "he"], "activation": ["linear", "relu", "tanh"]})
-    moved = layers[[c for c in layers if c not in ("init", "activation")] + ["init", "activation"]]
-    path = figures.correlation(moved, stats.summarize(moved), tmp_path / "c.png", meta_configs(layers))
+    sim = simulate_run(varprop.NetworkSpec.square(2, 10),
+                       {"init": ["unit", "fan_in", "he"], "activation": ["linear", "relu", "tanh"]}, samples=20)
+    layers = sim.layers
+    moved = Run(layers[[c for c in layers if c not in ("init", "activation")] + ["init", "activation"]], sim.configs)
+    path = figures.correlation(moved, tmp_path / "c.png")
     assert len(set(re.findall(r'<g id="axes_(\d+)">', path.with_suffix(".svg").read_text()))) == 6
-    assert json.dumps(meta_configs(layers))  # what config.json holds
+    assert json.dumps(moved.meta)  # what config.json holds

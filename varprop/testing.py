@@ -15,7 +15,6 @@ True
 from __future__ import annotations
 
 import math
-import shlex
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
@@ -23,10 +22,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from . import options as option_table
 from . import theory
 from .montecarlo import generator, simulate
 from .nn import inits
-from .spec import InitSpec, NetworkSpec, RunSpec, SpecError
+from .errors import SpecError
+from .spec import InitSpec, NetworkSpec, RunSpec
 
 __all__ = ["CheckResult", "assert_weight_variance", "assert_preserves_variance", "assert_matches_theory",
            "check_preserves_variance"]
@@ -171,18 +172,12 @@ def _spec(init: Init, activation: str, depth: int, width: int, samples: int, rep
 def _command(spec: RunSpec, init: Init, options: dict[str, Any]) -> str:
     """The ``varprop simulate`` command of ``spec`` (init as the user named it)."""
     net = spec.network
-    words = ["varprop", "simulate", "--init", _name(init), "--activation", net.activation, "--layers",
-             str(net.depth), "--width", str(net.widths[0]), "--samples", str(spec.samples), "--replicates",
-             str(spec.replicates), "--seed", str(spec.seed)]
-    for k, v in options.items():
-        if v is None:
-            continue
-        if k == "bn_layers":
-            words += ["--bn", "all"] if net.bn_layers == tuple(range(1, net.depth)) else \
-                ["--bn-layers", ",".join(map(str, net.bn_layers))]
-        else:
-            words += ["--" + k.replace("_", "-"), str(v)]
-    return shlex.join(words + (["--backward"] if spec.backward else []))
+    values = {"init": _name(init), "activation": net.activation, "layers": net.depth, "width": net.widths[0],
+              "samples": spec.samples, "replicates": spec.replicates, "seed": spec.seed, "backward": spec.backward,
+              **{k: v for k, v in options.items() if v is not None and k != "bn_layers"}}
+    if net.bn_layers:
+        values.update({"bn": "all"} if net.bn_layers == tuple(range(1, net.depth)) else {"bn_layers": net.bn_layers})
+    return option_table.command_line("simulate", values)
 
 
 def _replicates_to_decide(sd: float, distance: float, false_alarm: float, cap: int = 10**7) -> int | None:

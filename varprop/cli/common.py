@@ -5,33 +5,59 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
-from .. import report
+from .. import options, report
+from ..run import json_default
+from ..errors import SpecError
 from ..nn import activations, inits
-from ..spec import OPTIONS, SpecError, parse, parse_activation
+from ..options import parse_activation
 
 DEFAULT_RUNS_DIR = Path("reports") / "runs"
 
 
-def spec_options(fn: Any) -> Any:
-    """One click option per spec option; values stay strings for spec.parse."""
-    for name, opt in reversed(OPTIONS.items()):
-        flag = "--" + name.replace("_", "-")
-        help_text = opt.help + (f" [default: {opt.default}]" if opt.default not in (None, False) else "") + (
-            " [repeatable: compares every combination]" if opt.repeatable else "")
-        if opt.flag:
-            fn = click.option(flag, name, is_flag=True, default=None, help=opt.help)(fn)
-        else:  # every option collects repeats: spec.parse refuses them where the option takes one value
-            fn = click.option(flag, name, multiple=True, default=None, metavar=opt.metavar, help=help_text)(fn)
-    return fn
+def table_options(command: str) -> Callable[[Any], Any]:
+    """click options for every option of ``command`` in the option table
+    (varprop.options), with its help, metavar and default. Values reach the
+    command as click gives them (tuples of strings): :func:`given` turns them
+    into what options.parse reads, so CLI, TOML and Python share one parser."""
+    def decorate(fn: Any) -> Any:
+        for name in reversed(options.COMMANDS[command]):
+            opt = options.OPTIONS[name]
+            value = options.default(name, command)
+            help_text = (opt.help + (f" [default: {options.word(value)}]" if value not in (None, False) else "")
+                         + (" [repeatable: compares every combination]" if command == "simulate" and opt.repeatable
+                            else ""))
+            flag = "--" + name.replace("_", "-")
+            if opt.flag:
+                fn = click.option(flag, name, is_flag=True, default=None, help=help_text)(fn)
+            else:  # every option collects repeats: given() refuses them where the option takes one value
+                fn = click.option(flag, name, multiple=True, default=None, metavar=opt.metavar, help=help_text)(fn)
+        return fn
+    return decorate
+
+
+def given(command: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """The options given on the command line (click's tuples) as
+    options.parse reads them: a list where simulate compares values, one
+    value elsewhere (a repeat of an option that takes one is refused)."""
+    out: dict[str, Any] = {}
+    for name in [n for n in raw if n in options.COMMANDS[command]]:  # click's order: as the user gave them
+        value = raw.pop(name)
+        if value is None or value == ():
+            continue
+        if isinstance(value, tuple):
+            if command != "simulate" and len(value) > 1:
+                raise SpecError(name, f"takes one value, got {len(value)}: " + ", ".join(value))
+            value = list(value) if command == "simulate" else value[0]
+        out[name] = value
+    return out
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -47,33 +73,12 @@ def read_config(path: str) -> dict[str, Any]:
         raise SpecError("config", f"{path} is not valid TOML ({exc})") from None
     if isinstance(data.get("simulate"), dict):
         data = data["simulate"]  # options may sit under a [simulate] table
-    unknown = [k for k in data if k.replace("-", "_") not in OPTIONS]
+    known = options.SIMULATE
+    unknown = [k for k in data if k.replace("-", "_") not in known]
     if unknown:
         raise SpecError("config", f"{path}: unknown option {unknown[0]!r}; known: "
-                        + ", ".join(k.replace("_", "-") for k in OPTIONS))
+                        + ", ".join(k.replace("_", "-") for k in known))
     return {k.replace("-", "_"): v for k, v in data.items()}
-
-
-def word(value: Any) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    if callable(value):
-        return f"{value.__module__}:{value.__qualname__}"
-    return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
-
-
-def command_line(options: dict[str, Any], out: str | None) -> str:
-    """The command that reruns ``options`` (a config file's values inlined)."""
-    words = ["varprop", "simulate"]
-    for key, value in parse(options).items():
-        if OPTIONS[key].flag:
-            words += ["--" + key.replace("_", "-")] if value else []
-            continue
-        for v in value if isinstance(value, list) else [value]:
-            words += ["--" + key.replace("_", "-"), word(v)]
-    if out:
-        words += ["--out", out]
-    return shlex.join(words)
 
 
 def in_staging(out_dir: str | Path, work: Any, force: bool = False, option: str = "out") -> Any:
@@ -140,7 +145,7 @@ def finite(value: Any) -> Any:
 
 
 def echo_json(data: Any) -> None:
-    click.echo(json.dumps(finite(json.loads(json.dumps(data, default=report.json_default))), indent=2,
+    click.echo(json.dumps(finite(json.loads(json.dumps(data, default=json_default))), indent=2,
                           allow_nan=False))
 
 

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .. import report
-from ..montecarlo import simulate as run_simulation
+from .. import options, report
+from ..montecarlo import run_configs
 from ..montecarlo import total_steps
-from ..spec import expand, parse_threads
-from .common import (DEFAULT_RUNS_DIR, LazyBar, command_line, force_option, in_staging, parse_formats, read_config,
-                     spec_options)
+from ..options import parse_threads
+from ..spec import expand
+from .common import (DEFAULT_RUNS_DIR, LazyBar, force_option, given, in_staging, parse_formats, read_config,
+                     table_options)
 
 
 @click.command()
 @click.option("--config", "config_file", default=None, help="TOML file of options (CLI options override it)")
-@spec_options
+@table_options("simulate")
 @click.option("--title", default=None, help="report title [default: what was run, in one sentence]")
 @click.option("--format", "formats", default="md,html,csv,json", metavar="LIST",
               help="outputs among md, html, csv, json (layers.csv and config.json are always written) "
@@ -28,7 +28,7 @@ from .common import (DEFAULT_RUNS_DIR, LazyBar, command_line, force_option, in_s
 @click.option("--threads", default=None, metavar="N",
               help="threads to compute on; the numbers are the same for any N [default: every core]")
 def simulate(config_file: str | None, title: str | None, formats: str, out: str | None, force: bool,
-             threads: str | None, **cli_options: Any) -> None:
+             threads: str | None, **raw: Any) -> None:
     """Push random inputs through a deep stack and report every layer's statistics.
 
     \b
@@ -39,30 +39,31 @@ def simulate(config_file: str | None, title: str | None, formats: str, out: str 
       varprop simulate --widths 784,512,256,128,64,10 --bn-position post --bn-count 0 --bn-count 4 \\
           --batch-size 4 --batch-size 1024 --backward
     """
-    given = {k: list(v) if isinstance(v, tuple) else v for k, v in cli_options.items()
-             if v is not None and v != ()}
-    options = read_config(config_file) if config_file is not None else {}
+    on_line = given("simulate", raw)
+    values = read_config(config_file) if config_file is not None else {}
     # The command line's shape beats the file's, whichever way it is given.
-    for key in ("layers", "width") if "widths" in given else ("widths",) if {"layers", "width"} & set(given) else ():
-        options.pop(key, None)
-    options.update(given)
+    for key in ("layers", "width") if "widths" in on_line else ("widths",) if {"layers", "width"} & set(on_line) else ():
+        values.pop(key, None)
+    values.update(on_line)
     fmts = parse_formats(formats)
     n_threads = parse_threads(threads)
-    configs = expand(options)
+    configs = expand(values)
     out_dir = out if out is not None else str(DEFAULT_RUNS_DIR / report.run_name(configs))
     bar = LazyBar(total_steps(configs))
 
     def work(tmp: Path) -> tuple[Any, dict[str, Any]]:
         try:
-            layers = run_simulation(configs, progress=bar, threads=n_threads)
+            run = run_configs(configs, progress=bar, threads=n_threads)
         finally:
             bar.close()
-        command = command_line(options, out) + (f" --title {shlex.quote(title)}" if title else "")
-        return layers, report.write(layers, tmp, command=command, title=title, formats=fmts)
+        extra = (["--out", out] if out else []) + (["--title", title] if title else [])
+        run.command = options.command_line("simulate", options.parse(values), *extra)
+        run.title = title
+        return run, report.write(run, tmp, formats=fmts)
 
-    layers, paths = in_staging(out_dir, work, force=force)
-    click.echo(report.terminal_table(layers, paths["summary"]))
-    written = [p.name for k, p in paths.items() if k not in ("summary", "report")]
+    run, paths = in_staging(out_dir, work, force=force)
+    click.echo(report.terminal_table(run))
+    written = [p.name for k, p in paths.items() if k != "report"]
     if "report" in paths:
         click.echo(f"\nreport: {Path(out_dir) / paths['report'].name}  ({', '.join(written)} beside it)")
     else:

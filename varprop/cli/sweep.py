@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..errors import SpecError
-from ..spec import parse_pos_int
+from ..options import parse_pos_int
 from . import Interrupted
 
 

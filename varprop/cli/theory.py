@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import math
-import shlex
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
-from .. import fit, report, theory
+from .. import fit, options, report, theory
 from ..montecarlo import memory
 from ..nn import activations, inits
-from ..spec import (OPTIONS, SpecError, from_options, parse, parse_activation, parse_int_list, parse_nonneg_float,
-                    parse_pos_float, parse_pos_int, parse_size)
-from .common import DEFAULT_RUNS_DIR, activation_arg, echo_json, force_option, in_staging
+from ..errors import SpecError
+from ..spec import from_options
+from .common import DEFAULT_RUNS_DIR, activation_arg, echo_json, force_option, given, in_staging, table_options
 
 
 @click.command()
@@ -29,7 +28,7 @@ def gain(activation: str, leaky_slope: str, as_json: bool) -> None:
     second-moment gain 1/sqrt(E[phi(z)^2])  (PyTorch's calculate_gain convention)
     variance gain      1/sqrt(Var phi(z))   (NFNets' gamma)
     """
-    slope = OPTIONS["leaky_slope"].parse(leaky_slope, "leaky_slope")
+    slope = options.parse_one("leaky_slope", leaky_slope)
     act = activation_arg(activation, slope)
     try:
         g = theory.gains(act, slope)
@@ -50,27 +49,15 @@ def gain(activation: str, leaky_slope: str, as_json: bool) -> None:
 
 
 @click.command("theory")
-@click.option("--activation", "activation", default="tanh", metavar="NAME", help="activation [default: tanh]")
-@click.option("--sigma-w", default=None, metavar="SW",
-              help="weight std: sigma_w^2 = fan_in * Var(W_ij) [default: 1, or from --init]")
-@click.option("--init", "init", default=None, metavar="SCHEME",
-              help="init scheme (as for simulate) instead of --sigma-w: sigma_w^2 = width * Var(W_ij) at --width")
-@click.option("--distribution", default=None, metavar="NAME", help="with --init: weight distribution (as simulate)")
-@click.option("--mode", default=None, metavar="MODE", help="with --init: fan the variance is divided by")
-@click.option("--gain", default=None, metavar="GAIN", help="with --init: gain replacing the scheme's own")
-@click.option("--scale", default=None, metavar="SCALE", help="with --init: extra factor on the weight variance")
-@click.option("--sigma-b", default=None, metavar="SB",
-              help="bias std: sigma_b^2 = Var(b_i) [default: 0, or --init's own bias (torch-default)]")
-@click.option("--layers", default=None, metavar="L", help="also print the per-layer predictions for L layers")
-@click.option("--width", default="1000", metavar="N",
-              help="width: --init's fan, and the width of --layers' stack (the theory itself is width-free) "
-                   "[default: 1000]")
-@click.option("--leaky-slope", default="0.01", metavar="SLOPE", help="negative slope of leaky_relu")
+@table_options("theory")
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
-def theory_cmd(activation: str, sigma_w: str | None, init: str | None, distribution: str | None, mode: str | None,
-               gain: str | None, scale: str | None, sigma_b: str | None, layers: str | None, width: str,
-               leaky_slope: str, as_json: bool) -> None:
+def theory_cmd(as_json: bool, **raw: Any) -> None:
     """Mean-field fixed point q*, chi_1, phase and depth scales (Schoenholz et al. 2017).
+
+    --init (with --distribution, --mode, --gain, --scale) sets sigma_w^2 =
+    width * Var(W_ij) at --width instead of --sigma-w; --layers also prints
+    the per-layer predictions for a stack of --width (the theory itself is
+    width-free).
 
     \b
     Examples:
@@ -78,32 +65,32 @@ def theory_cmd(activation: str, sigma_w: str | None, init: str | None, distribut
       varprop theory --activation relu --init kaiming_uniform --layers 10
       varprop theory --activation tanh --init xavier --width 512
     """
-    slope = OPTIONS["leaky_slope"].parse(leaky_slope, "leaky_slope")
-    act = activations.get(parse_activation(activation, "activation"), slope)
-    n = parse_pos_int(width, "width")
-    init_opts = {k: v for k, v in (("distribution", distribution), ("mode", mode), ("gain", gain), ("scale", scale))
-                 if v is not None}
-    if init is None:
+    values = options.parse(given("theory", raw), "theory")
+    get = lambda k: values.get(k, options.default(k, "theory"))  # noqa: E731
+    slope, n = get("leaky_slope"), get("width")
+    act = activations.get(get("activation"), slope)
+    init_opts = {k: values[k] for k in ("distribution", "mode", "gain", "scale") if k in values}
+    if "init" not in values:
         for key in init_opts:
             raise SpecError(key, "applies only with --init (without it, give sigma_w itself with --sigma-w)")
-        sw = parse_pos_float("1.0" if sigma_w is None else sigma_w, "sigma_w")
-        sb = 0.0 if sigma_b is None else parse_nonneg_float(sigma_b, "sigma_b")
+        sw, sb = values.get("sigma_w", 1.0), values.get("sigma_b", 0.0)
         spec_init = {"init": "fan_in", "gain": sw, "bias_std": sb}
         source = None
     else:
-        if sigma_w is not None:
+        if "sigma_w" in values:
             raise SpecError("sigma_w", "give --sigma-w or --init, not both (--init sets sigma_w^2 = width * Var W)")
-        spec_init = {"init": init, **init_opts, **({"bias_std": sigma_b} if sigma_b is not None else {})}
+        spec_init = {"init": values["init"], **init_opts,
+                     **({"bias_std": values["sigma_b"]} if "sigma_b" in values else {})}
         net = from_options({"layers": 1, "width": n, "activation": act.name, "leaky_slope": slope,
                             "samples": 2, **spec_init}).network
         scheme = net.init.resolve()
         if scheme.user is not None:
-            raise SpecError("init", f"{init}: the theory needs the weight variance, which varprop cannot know for "
-                            "your own function; give --sigma-w (sigma_w^2 = fan_in * Var W_ij) instead")
+            raise SpecError("init", f"{values['init']}: the theory needs the weight variance, which varprop cannot "
+                            "know for your own function; give --sigma-w (sigma_w^2 = fan_in * Var W_ij) instead")
         variance = inits.variance(scheme, n, n)
         sw = math.sqrt(n * variance)
         sb = math.exp(0.5 * theory.bias_log_variance(scheme, net.bias_std, n))
-        source = {"init": init, "width": n, "weight_variance": variance, **parse(init_opts)}
+        source = {"init": values["init"], "width": n, "weight_variance": variance, **init_opts}
     try:
         theory.check_sigmas(sw, sb)
     except ValueError as exc:
@@ -112,8 +99,8 @@ def theory_cmd(activation: str, sigma_w: str | None, init: str | None, distribut
     if source is not None:
         result["from_init"] = source
     table = None
-    if layers is not None:
-        spec = from_options({"layers": layers, "width": n, "activation": act.name, "leaky_slope": slope,
+    if "layers" in values:
+        spec = from_options({"layers": values["layers"], "width": n, "activation": act.name, "leaky_slope": slope,
                              "samples": 2, **spec_init})
         table = theory.predict(spec)
         result["layers"] = table.to_dict(orient="records")
@@ -122,8 +109,8 @@ def theory_cmd(activation: str, sigma_w: str | None, init: str | None, distribut
         return
     fmt = lambda v: f"{v:.6g}" if isinstance(v, float) else str(v)  # noqa: E731
     click.echo(f"{act.name}, sigma_w = {sw:g}, sigma_b = {sb:g}"
-               + ("" if source is None else f"  (--init {init} at width {n}: Var W_ij = {source['weight_variance']:.6g}"
-                  + (f", Var b_i = {sb * sb:.6g}" if sb else "") + ")"))
+               + ("" if source is None else f"  (--init {values['init']} at width {n}: Var W_ij = "
+                  f"{source['weight_variance']:.6g}" + (f", Var b_i = {sb * sb:.6g}" if sb else "") + ")"))
     for key, label in (("q_star", "fixed point q*"), ("chi_1", "chi_1 = sigma_w^2 E[phi'(z)^2] at q*"),
                        ("phase", "phase"), ("c_star", "correlation fixed point c*"),
                        ("xi_q", "depth scale xi_q (layers)"), ("xi_c", "depth scale xi_c (layers)")):
@@ -135,32 +122,21 @@ def theory_cmd(activation: str, sigma_w: str | None, init: str | None, distribut
 
 
 @click.command("fit")
-@click.option("--fan-in", "fan_ins", default="10,30,100,300,1000,3000", metavar="N1,N2,...",
-              help="fan-ins to measure")
-@click.option("--fan-out", default="100", metavar="N", help="units of the one layer measured")
-@click.option("--init", default="unit", metavar="SCHEME", help="init scheme (as for simulate)")
-@click.option("--activation", default="linear", metavar="NAME", help="activation")
-@click.option("--samples", default="500", metavar="N", help="input samples")
-@click.option("--replicates", default="10", metavar="R", help="independent layers per fan-in")
-@click.option("--seed", default="0", metavar="SEED", help="seed")
+@table_options("fit")
 @click.option("--out", default=None,
               help=f"output directory [default: {DEFAULT_RUNS_DIR}/fit-<init>-<activation>-<hash>]")
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
-def fit_cmd(fan_ins: str, fan_out: str, init: str, activation: str, samples: str, replicates: str, seed: str,
-            out: str | None, force: bool, as_json: bool) -> None:
+def fit_cmd(out: str | None, force: bool, as_json: bool, **raw: Any) -> None:
     """The sqrt(fan_in) law: fit log std = a + b log fan_in over one layer."""
-    ns = parse_int_list(fan_ins, "fan_in")
-    if len(set(ns)) < 2:
-        raise SpecError("fan_in", f"expected at least two different fan-ins to fit a line, got {fan_ins!r}")
-    base = from_options({"layers": 1, "width": ns[0], "init": init, "activation": activation, "samples": samples,
-                         "replicates": replicates, "seed": seed})
-    n_out = parse_pos_int(fan_out, "fan_out")
+    values = options.parse(given("fit", raw), "fit")
+    values = {k: values.get(k, options.default(k, "fit")) for k in options.COMMANDS["fit"]}
+    ns, n_out, init, activation = values["fan_in"], values["fan_out"], values["init"], values["activation"]
+    base = from_options({"layers": 1, "width": ns[0], "init": init, "activation": activation,
+                         "samples": values["samples"], "replicates": values["replicates"], "seed": values["seed"]})
     memory.precheck(1, max(*ns, n_out), base.samples, base.replicates, None, "fan_in",
                     "use smaller --fan-in and --fan-out values, or fewer --samples or --replicates")
-    command = shlex.join(["varprop", "fit", "--fan-in", ",".join(map(str, ns)), "--fan-out", str(n_out),
-                          "--init", init, "--activation", activation, "--samples", str(base.samples),
-                          "--replicates", str(base.replicates), "--seed", str(base.seed)])
+    command = options.command_line("fit", values)
     out_dir = out if out is not None else str(DEFAULT_RUNS_DIR / report.dir_name(f"fit-{init}-{activation}", command))
 
     def work(tmp: Path) -> tuple[Any, Any]:
@@ -181,40 +157,30 @@ def fit_cmd(fan_ins: str, fan_out: str, init: str, activation: str, samples: str
 
 
 @click.command("phase")
-@click.option("--activation", default="tanh", metavar="NAME", help="activation")
-@click.option("--sigma-w2-max", default="4.0", metavar="X", help="largest sigma_w^2 of the grid")
-@click.option("--sigma-b2-max", default="0.5", metavar="X", help="largest sigma_b^2 of the grid")
-@click.option("--resolution", default="40", metavar="N", help="grid points along sigma_w^2 (3/4 as many on sigma_b^2)")
-@click.option("--max-memory", default=None, metavar="SIZE",
-              help="memory the grid may use, e.g. 2G [default: half of what is available]")
-@click.option("--measure", is_flag=True, help="overlay the engine's measured correlations at a few grid points")
-@click.option("--seed", default="0", metavar="SEED", help="seed of the measurements")
+@table_options("phase")
 @click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/phase-<activation>-<hash>]")
 @force_option
 @click.option("--json", "as_json", is_flag=True, help="print the grid as JSON")
-def phase_cmd(activation: str, sigma_w2_max: str, sigma_b2_max: str, resolution: str, max_memory: str | None,
-              measure: bool, seed: str, out: str | None, force: bool, as_json: bool) -> None:
+def phase_cmd(out: str | None, force: bool, as_json: bool, **raw: Any) -> None:
     """The order-to-chaos phase diagram over (sigma_w^2, sigma_b^2)."""
-    act = activations.get(parse_activation(activation, "activation"))
-    sw_max = parse_pos_float(sigma_w2_max, "sigma_w2_max")
-    sb_max = parse_nonneg_float(sigma_b2_max, "sigma_b2_max")
+    values = options.parse(given("phase", raw), "phase")
+    get = lambda k: values.get(k, options.default(k, "phase"))  # noqa: E731
+    act = activations.get(get("activation"))
+    sw_max, sb_max, n, measure, seed_n = (get(k) for k in ("sigma_w2_max", "sigma_b2_max", "resolution", "measure",
+                                                           "seed"))
     lo, hi = (s * s for s in theory.SIGMA_W_RANGE)
     if not lo <= sw_max <= hi:
         raise SpecError("sigma_w2_max", f"expected a number in {lo:g}..{hi:g}, where chi_1 is computed accurately, "
-                        f"got {sigma_w2_max!r}")
+                        f"got {sw_max!r}")
     if sb_max > theory.SIGMA_B_MAX**2:
         raise SpecError("sigma_b2_max", f"expected a number in 0..{theory.SIGMA_B_MAX**2:g}, where chi_1 is computed "
-                        f"accurately, got {sigma_b2_max!r}")
-    n = parse_pos_int(resolution, "resolution")
-    if n < 3:
-        raise SpecError("resolution", f"expected at least 3 grid points, got {resolution!r}")
+                        f"accurately, got {sb_max!r}")
     points = n * max(3, 3 * n // 4)
-    memory.refuse_beyond(points * memory.PHASE_POINT_BYTES, parse_size(max_memory, "max_memory") if max_memory
-                         else None, f"a grid of {points:,} points", "use a smaller --resolution", "resolution")
-    seed_n = OPTIONS["seed"].parse(seed, "seed")
-    command = shlex.join(["varprop", "phase", "--activation", act.name, "--sigma-w2-max", repr(sw_max),
-                          "--sigma-b2-max", repr(sb_max), "--resolution", str(n)]
-                         + (["--measure", "--seed", str(seed_n)] if measure else []))
+    memory.refuse_beyond(points * memory.PHASE_POINT_BYTES, get("max_memory"), f"a grid of {points:,} points",
+                         "use a smaller --resolution", "resolution")
+    command = options.command_line("phase", {"activation": act.name, "sigma_w2_max": sw_max, "sigma_b2_max": sb_max,
+                                             "resolution": n, "measure": measure,
+                                             **({"seed": seed_n} if measure else {})})
     out_dir = out if out is not None else str(DEFAULT_RUNS_DIR / report.dir_name(f"phase-{act.name}", command))
 
     def work(tmp: Path) -> Any:

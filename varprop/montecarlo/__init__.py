@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_PUBLIC = {"Table": "run", "configs_for": "run", "make_inputs": "run", "run_replicate": "run", "simulate": "run",
-           "total_steps": "run", "upstream": "run", "generator": "seeds"}
+_PUBLIC = {"Table": "run", "configs_for": "run", "make_inputs": "run", "run_configs": "run", "run_replicate": "run",
+           "simulate": "run", "total_steps": "run", "upstream": "run", "generator": "seeds"}
 
 __all__ = sorted(_PUBLIC)
 

@@ -27,7 +27,9 @@ from threadpoolctl import threadpool_limits
 from .. import theory
 from ..nn import inits
 from ..parallel import SERIAL, Pool, row_chunks
-from ..spec import Config, NetworkSpec, RunSpec, expand, load_input, parse_threads, to_options
+from ..run import Configuration, Run
+from ..options import parse_threads
+from ..spec import Config, NetworkSpec, RunSpec, expand, load_input, to_options
 from ..stats import STATS, empty_stats, side_stats, side_stats_ms
 from . import memory
 from .scaled import Values, narrow
@@ -207,41 +209,58 @@ def configs_for(spec: RunSpec | NetworkSpec | Sequence[Config], vary: Mapping[st
 
 def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[str, Iterable[Any]] | None = None,
              progress: Progress | None = None, threads: int | None = None, **options: Any) -> pd.DataFrame:
-    """Run every configuration; one row per (config, replicate, layer).
+    """Run every configuration; one row per (config, replicate, layer): the
+    ``layers.csv`` table.
 
     ``options`` are flat run options (``samples=``, ``replicates=``, ``seed=``,
-    ``backward=``, any option of :data:`varprop.spec.OPTIONS`) applied to
+    ``backward=``, any simulate option of :data:`varprop.options.OPTIONS`) applied to
     ``spec``; ``vary`` maps option names to lists of values, and every
     combination is run. ``progress(k)`` is called as layers complete.
     ``threads`` (default: every core this process may use) changes the speed,
-    never the numbers.
+    never the numbers. :func:`run_configs` gives the whole :class:`~varprop.run.Run`.
 
     >>> from varprop.spec import NetworkSpec
     >>> df = simulate(NetworkSpec.square(2, 20), vary={"init": ["unit", "fan_in"]}, samples=50)
     >>> sorted(set(df["config"]))
     ['fan_in', 'unit']
     """
-    configs = configs_for(spec, vary, **options)
+    return run_configs(configs_for(spec, vary, **options), progress, threads).layers
+
+
+def replicate_rows(spec: RunSpec, replicates: Sequence[int], plan: int, progress: Progress | None = None,
+                   pool: Pool = SERIAL) -> tuple[pd.DataFrame, dict[int, np.ndarray]]:
+    """Replicates ``replicates`` of one configuration: their rows of the
+    ``layers.csv`` table (without the label columns), the theory's
+    predictions on every row, and replicate 0's histograms (empty when it is
+    not among them). ``varprop sweep`` runs a configuration's replicates in
+    blocks through this too, so its numbers are simulate's."""
+    # Multi-threaded BLAS splits products differently for each thread
+    # count, which changes the last bits: BLAS runs on one thread (for
+    # the theory's use of the input file's statistics too) and varprop's
+    # own threads work on fixed blocks (parallel.py).
+    with threadpool_limits(1, user_api="blas"):
+        tables = [run_replicate(spec, rep, progress, pool, plan) for rep in replicates]
+        inputs = side_stats(*make_inputs(spec, 0)) if spec.input_file is not None else None
+        predicted = theory.predict(spec, inputs)
+    hist = tables[0].hist if tables else {}
+    frame = pd.concat([table.frame(rep) for rep, table in zip(replicates, tables)], ignore_index=True)
+    del tables
+    return frame.merge(predicted, on="layer", how="left"), hist
+
+
+def run_configs(configs: Sequence[Config], progress: Progress | None = None, threads: int | None = None) -> Run:
+    """Run every configuration of a comparison: the :class:`~varprop.run.Run`
+    that reports are made from (its table, histograms and configurations)."""
     pool = Pool(parse_threads(threads))
     plans = memory.check(configs)  # refuse before any work when a run cannot fit
     start = time.perf_counter()
     frames, hists = [], []
     for c, plan in zip(configs, plans):
-        # Multi-threaded BLAS splits products differently for each thread
-        # count, which changes the last bits: BLAS runs on one thread (for
-        # the theory's use of the input file's statistics too) and varprop's
-        # own threads work on fixed blocks (parallel.py).
-        with threadpool_limits(1, user_api="blas"):
-            tables = [run_replicate(c.spec, rep, progress, pool, plan) for rep in range(c.spec.replicates)]
-            inputs = side_stats(*make_inputs(c.spec, 0)) if c.spec.input_file is not None else None
-            predicted = theory.predict(c.spec, inputs)
-        for layer, counts in tables[0].hist.items():
+        frame, hist = replicate_rows(c.spec, range(c.spec.replicates), plan, progress, pool)
+        for layer, counts in hist.items():
             hists.append(pd.DataFrame({"config": c.label, "layer": layer, "bin_lo": HIST_EDGES[:-1],
                                        "bin_hi": HIST_EDGES[1:],
                                        "density": counts / max(counts.sum(), 1) / np.diff(HIST_EDGES)}))
-        frame = pd.concat([table.frame(rep) for rep, table in enumerate(tables)], ignore_index=True)
-        del tables
-        frame = frame.merge(predicted, on="layer", how="left")
         for key, value in reversed(list(c.varied.items())):
             if key in frame:  # a varied --width: the per-layer width column already holds it
                 continue
@@ -251,11 +270,9 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
     df = pd.concat(frames, ignore_index=True)
     df["fan_in"] = df["fan_in"].astype("Int64")
     df["fan_out"] = df["fan_out"].astype("Int64")
-    df.attrs["configs"] = configs
-    df.attrs["elapsed_s"] = time.perf_counter() - start
-    # Plain lists: pandas compares attrs when combining frames, which a DataFrame here would break.
-    df.attrs["histograms"] = pd.concat(hists, ignore_index=True).to_dict(orient="list") if hists else None
-    return df
+    return Run(df, [Configuration(c.label, c.varied, to_options(c.spec)) for c in configs],
+               pd.concat(hists, ignore_index=True) if hists else None, seed=configs[0].spec.seed if configs else None,
+               elapsed_s=time.perf_counter() - start)
 
 
 def total_steps(configs: Sequence[Config]) -> int:

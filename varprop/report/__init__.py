@@ -20,6 +20,7 @@ import pandas as pd
 
 from .. import __version__
 from ..outdir import owned_files, staging
+from ..run import DATA_FILES, Run, json_default
 from ..spec import Config, to_options
 from ..stats import summarize
 from . import figures
@@ -27,7 +28,7 @@ from .document import Document, to_html, to_markdown
 from .markdown import build_document, fit_document, fmt_pow10, shown_layers, terminal_table
 
 __all__ = ["staging", "write", "render", "rerender_into", "write_fit", "write_phase", "run_name", "dir_name",
-           "terminal_table", "fmt_pow10", "json_default", "summarize", "FORMATS", "DATA_FILES"]
+           "terminal_table", "fmt_pow10", "summarize", "FORMATS"]
 
 
 def run_name(configs: Sequence[Config]) -> str:
@@ -54,70 +55,34 @@ def dir_name(name: str, key: str) -> str:
     return safe + "-" + hashlib.sha1(key.encode()).hexdigest()[:6]
 
 
-def json_default(value: Any) -> Any:
-    """JSON for callables (module:name), numpy scalars and anything else (str)."""
-    if callable(value):
-        return f"{value.__module__}:{value.__qualname__}"
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
-
-
 FORMATS = ("md", "html", "csv", "json")
 
 
-def write(layers: pd.DataFrame, directory: Path, command: str | None = None, title: str | None = None,
-          formats: tuple[str, ...] = FORMATS) -> dict[str, Any]:
-    """Write every output file of a run into ``directory``; return their paths
-    (and, under ``"summary"``, the per-layer summary the report shows).
+def write(run: Run, directory: Path, formats: tuple[str, ...] = FORMATS) -> dict[str, Any]:
+    """Write every output file of ``run`` into ``directory``; return their paths.
 
-    layers.csv and config.json are always written: they are the run's data,
-    from which :func:`render` can redraw the report at any time.
+    config.json, layers.csv (and histograms.csv) are always written: they are
+    the run's data, from which :func:`render` can redraw the report at any time.
     """
-    directory = Path(directory)
-    configs: list[Config] = layers.attrs.get("configs", [])
-    meta = {
-        "title": title,
-        "command": command,
-        "seed": configs[0].spec.seed if configs else None,
-        "elapsed_s": layers.attrs.get("elapsed_s"),
-        "versions": {"varprop": __version__, "numpy": np.__version__, "pandas": pd.__version__,
-                     "python": platform.python_version()},
-        "configs": [{"label": c.label, "varied": c.varied, "options": to_options(c.spec)} for c in configs],
-    }
-    (directory / "config.json").write_text(json.dumps(meta, indent=2, default=json_default) + "\n")
-    layers.to_csv(directory / "layers.csv", index=False)
-    if layers.attrs.get("histograms") is not None:
-        pd.DataFrame(layers.attrs["histograms"]).to_csv(directory / "histograms.csv", index=False)
-    return render(directory, formats, layers=layers, meta=meta)
+    run.save(directory)
+    return render(run, directory, formats)
 
 
-def render(directory: Path, formats: tuple[str, ...] = FORMATS, layers: pd.DataFrame | None = None,
-           meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """(Re)draw a run's figures and reports from its layers.csv and config.json."""
+def render(run: Run, directory: Path, formats: tuple[str, ...] = FORMATS) -> dict[str, Any]:
+    """Draw ``run``'s figures and reports into ``directory``."""
     directory = Path(directory)
-    if layers is None:
-        layers = pd.read_csv(directory / "layers.csv")
-    if meta is None:
-        meta = json.loads((directory / "config.json").read_text())
-    summary = summarize(layers)
-    paths: dict[str, Any] = {"config": directory / "config.json", "layers": directory / "layers.csv",
-                             "summary": summary}
+    paths: dict[str, Any] = {"config": directory / "config.json", "layers": directory / "layers.csv"}
+    if "json" in formats:
+        paths["json"] = directory / "summary.json"
+        paths["json"].write_text(shown_summary(run.summary).to_json(orient="records", indent=1))
     if not {"md", "html"} & set(formats):  # no report, so no figures to show in one
-        if "json" in formats:
-            paths["json"] = directory / "summary.json"
-            paths["json"].write_text(shown_summary(summary).to_json(orient="records", indent=1))
         return paths
-    paths["figure"] = directory / "std_per_layer.png"
-    configs = meta["configs"]  # the varied options, by name
-    figures.std_per_layer(layers, summary, paths["figure"], configs)
-    paths["means_figure"] = figures.means_and_channels(layers, summary, directory / "means_per_layer.png", configs)
-    paths["correlation_figure"] = figures.correlation(layers, summary, directory / "correlation_per_layer.png",
-                                                      configs)
-    if (directory / "histograms.csv").exists():
-        paths["histogram_figure"] = figures.histograms(pd.read_csv(directory / "histograms.csv"),
-                                                       directory / "histograms.png")
-    doc = build_document(layers, summary, meta, figure=paths["figure"].name,
+    paths["figure"] = figures.std_per_layer(run, directory / "std_per_layer.png")
+    paths["means_figure"] = figures.means_and_channels(run, directory / "means_per_layer.png")
+    paths["correlation_figure"] = figures.correlation(run, directory / "correlation_per_layer.png")
+    if run.histograms is not None:
+        paths["histogram_figure"] = figures.histograms(run, directory / "histograms.png")
+    doc = build_document(run, figure=paths["figure"].name,
                          histograms="histograms.png" if "histogram_figure" in paths else None)
     if "md" in formats:
         paths["report"] = directory / "report.md"
@@ -126,9 +91,6 @@ def render(directory: Path, formats: tuple[str, ...] = FORMATS, layers: pd.DataF
         paths["html"] = directory / "report.html"
         paths["html"].write_text(to_html(doc, directory))
         paths.setdefault("report", paths["html"])
-    if "json" in formats:
-        paths["json"] = directory / "summary.json"
-        paths["json"].write_text(shown_summary(summary).to_json(orient="records", indent=1))
     return paths
 
 
@@ -141,11 +103,7 @@ def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
     return summary[keep]
 
 
-DATA_FILES = ("config.json", "layers.csv", "histograms.csv")  # a run's data; render() reads, never writes them
-
-
-def rerender_into(run_dir: Path, staged: Path, formats: tuple[str, ...], layers: pd.DataFrame,
-                  meta: dict[str, Any]) -> dict[str, Any]:
+def rerender_into(run_dir: Path, staged: Path, formats: tuple[str, ...], run: Run) -> dict[str, Any]:
     """Redraw a saved run into ``staged``, the staging directory that is to
     replace ``run_dir`` (:func:`varprop.outdir.staging`): its data files are
     linked in, the figures and reports drawn, and the run's other outputs
@@ -155,7 +113,7 @@ def rerender_into(run_dir: Path, staged: Path, formats: tuple[str, ...], layers:
     for name in DATA_FILES:
         if (run_dir / name).is_file():
             _link(run_dir / name, staged / name)
-    paths = render(staged, formats, layers=layers, meta=meta)
+    paths = render(run, staged, formats)
     for name in owned_files(run_dir):
         if not (staged / name).exists():
             (staged / name).parent.mkdir(parents=True, exist_ok=True)

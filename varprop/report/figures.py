@@ -16,6 +16,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator  # noqa: 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..run import Run  # noqa: E402
 from ..spec import label_part  # noqa: E402
 from .document import visible  # noqa: E402
 from .markdown import mean_columns, signed_means, varied_values  # noqa: E402
@@ -42,15 +43,15 @@ def _text(s: Any) -> str:
 Configs = Sequence[dict[str, Any]]  # config.json's "configs": label, varied, options
 
 
-def std_per_layer(layers: pd.DataFrame, summary: pd.DataFrame, path: Path, configs: Configs | None = None) -> Path:
+def std_per_layer(run: Run, path: Path) -> Path:
     """Std of each layer's output (and, with a backward pass, of the gradient),
-    on a log axis (laid out as :func:`_figure` says; ``configs`` names the
-    varied options, without it every configuration is one line of one panel).
+    on a log axis (laid out as :func:`_figure` says, by the run's varied options).
 
     Solid: the mean network (sqrt of the mean variance over replicates);
     dashed: the typical network (geometric mean); band: the range over
     replicates.
     """
+    layers, summary, configs = run.layers, run.summary, run.meta["configs"]
     sides = [("post", "std of layer output")]
     if "grad_log10_std" in layers:
         sides.append(("grad", "std of gradient w.r.t. output"))
@@ -456,12 +457,12 @@ def _symlog_ticks(ax: plt.Axes) -> bool:
     return True
 
 
-def means_and_channels(layers: pd.DataFrame, summary: pd.DataFrame, path: Path, configs: Configs | None = None
-                       ) -> Path:
+def means_and_channels(run: Run, path: Path) -> Path:
     """Mean of the layer outputs, and the channel statistics: the average over
     units of the squared unit mean and of the unit variance. The mean is
     taken over replicates in log scale (exact beyond float64) and drawn on a
     linear axis while it stays within +-10, else on a symmetric log axis."""
+    layers, summary, configs = run.layers, run.summary, run.meta["configs"]
     plotted, axis = _mean_axis(summary, layers)
     notes = []
     # The channel statistics have no log10 columns: beyond float64 they are inf, and not drawn. Near it, a
@@ -497,9 +498,10 @@ def means_and_channels(layers: pd.DataFrame, summary: pd.DataFrame, path: Path, 
                    configs=configs, notes=notes)
 
 
-def correlation(layers: pd.DataFrame, summary: pd.DataFrame, path: Path, configs: Configs | None = None) -> Path:
+def correlation(run: Run, path: Path) -> Path:
     """Mean pairwise cosine similarity between samples per layer (and its
     absolute value) with the c-map's prediction."""
+    layers, summary, configs = run.layers, run.summary, run.meta["configs"]
     metrics = {"pre_cos_sim": ("mean cos(z) between samples", "theory_pre_cos_sim"),
                "post_abs_cos_sim": ("mean |cos| between outputs", None)}
 
@@ -514,9 +516,10 @@ def correlation(layers: pd.DataFrame, summary: pd.DataFrame, path: Path, configs
                    path, (6.5, 4.4), configs=configs)
 
 
-def histograms(hist: pd.DataFrame, path: Path, max_configs: int = 6) -> Path:
+def histograms(run: Run, path: Path, max_configs: int = 6) -> Path:
     """Post-activation histograms at the first, middle and last layer, one row
     per configuration (the first ``max_configs``), x in units of the layer's RMS."""
+    hist = run.histograms
     configs = list(dict.fromkeys(hist["config"]))[:max_configs]
     layers_by = {c: sorted(hist[hist["config"] == c]["layer"].unique()) for c in configs}
     cols = max(len(v) for v in layers_by.values())

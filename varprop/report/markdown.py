@@ -10,14 +10,15 @@ from __future__ import annotations
 import math
 import re
 import shlex
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from ..findings import PROBLEMS, Assessment, assess, growth
 from ..fit import depth_growth, line_fit
+from ..run import Run
 from ..spec import label_part
 from ..stats import log10_mean_pow10
 from .document import Document, Item, lit, lit_code, visible
@@ -244,13 +245,6 @@ def seed_line(layers: pd.DataFrame) -> dict[str, tuple[float, float, float]]:
     return out
 
 
-def _growth(s: pd.DataFrame, col: str) -> float:
-    """Geometric-mean factor per layer between the input and the last layer."""
-    first, last = s[col].iloc[0], s[col].iloc[-1]
-    depth = s["layer"].iloc[-1] - s["layer"].iloc[0]
-    return 10 ** ((last - first) / depth) if depth and math.isfinite(last - first) else math.nan
-
-
 def layer_table(summary: pd.DataFrame, config: str, replicates: int, logs: pd.DataFrame) -> pd.DataFrame:
     """The per-layer table of one configuration (its subsample of layers);
     ``logs`` is :func:`log_scale_stats` of the run."""
@@ -307,10 +301,11 @@ def _or(values: Sequence[Any]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
-def terminal_table(layers: pd.DataFrame, summary: pd.DataFrame) -> str:
+def terminal_table(run: Run) -> str:
     """A compact per-layer table for the terminal: mean and std of the layer
     output for one configuration, the std of each for a comparison (of depths
     too: a layer a configuration does not have is left blank)."""
+    layers, summary = run.layers, run.summary
     configs = list(summary["config"].unique())
     reps = int(layers["replicate"].nunique())
     logs = log_scale_stats(layers)
@@ -436,9 +431,9 @@ def _theory_gaps(layers: pd.DataFrame, summary: pd.DataFrame, labels: Sequence[s
     return [line for _, line in sorted(out, key=lambda t: t[0])]  # the farthest first
 
 
-def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, Any], figure: str,
-                   histograms: str | None = None) -> Document:
-    """The simulate report as a :class:`Document` (rendered to Markdown and HTML)."""
+def build_document(run: Run, figure: str, histograms: str | None = None) -> Document:
+    """The simulate report of ``run`` as a :class:`Document` (rendered to Markdown and HTML)."""
+    layers, summary, meta = run.layers, run.summary, run.meta
     configs = meta["configs"]
     reps = int(layers["replicate"].nunique())
     labels = [c["label"] for c in configs]
@@ -452,13 +447,13 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
           + (f"; run time {meta['elapsed_s']:.1f} s." if meta.get("elapsed_s") is not None else "."))
 
     doc.h2("Findings")
-    doc.items(findings(summary, configs))
+    doc.items(findings(run))
     doc.p(FINDINGS_RULES)
 
     doc.h2("Summary")
     lines = seed_line(layers)
-    growth = depth_growth(layers).set_index("config")
-    spans = {(int(growth.at[c, "burn_in"]), int(growth.at[c, "depth"])) for c in labels}
+    slopes = depth_growth(layers).set_index("config")
+    spans = {(int(slopes.at[c, "burn_in"]), int(slopes.at[c, "depth"])) for c in labels}
     slope_head = "log10 std per layer" + (" (layers {}..{})".format(*next(iter(spans))) if len(spans) == 1 else "")
     rows = []
     for config in labels:
@@ -473,17 +468,17 @@ def build_document(layers: pd.DataFrame, summary: pd.DataFrame, meta: dict[str, 
         if reps > 1:
             last = layers.loc[(layers["config"] == config) & (layers["layer"] == s["layer"].iloc[-1]), "post_log10_std"]
             rows[-1][f"single networks (range over {reps})"] = f"{fmt_std(last.min())} to {fmt_std(last.max())}"
-        rows[-1]["std factor per layer"] = fmt(_growth(s, "post_log10_rms_std"))
+        rows[-1]["std factor per layer"] = fmt(growth(s, "post_log10_rms_std"))
         if "theory_post_log10_std" in s:
             rows[-1]["mean-field output std"] = fmt_std(s["theory_post_log10_std"].iloc[-1])
-        g = growth.loc[config]
+        g = slopes.loc[config]
         ci = f" ± {fmt(g['slope_hi'] - g['slope'], 3)}" if not math.isnan(g["slope_hi"]) else ""
         where = "" if len(spans) == 1 else f" (layers {int(g['burn_in'])}..{int(g['depth'])})"
         rows[-1][slope_head] = f"{fmt(g['slope'])}{ci}{where}"
         rows[-1]["mean-field log10 std per layer"] = fmt(g["theory_slope"])
         if "grad_log10_rms_std" in s:
             rows[-1]["input gradient std"] = fmt_std(s["grad_log10_rms_std"].iloc[0])
-            rows[-1]["gradient factor per layer (backward)"] = fmt(1 / _growth(s, "grad_log10_rms_std"))
+            rows[-1]["gradient factor per layer (backward)"] = fmt(1 / growth(s, "grad_log10_rms_std"))
     doc.table(pd.DataFrame(rows))
     explain = [
         "*mean of layer means*, *sqrt(mean layer variance)*: the seed answer's summary of a stack: the mean over "
@@ -633,88 +628,41 @@ FINDINGS_RULES = (
     "inputs collapse onto one direction (mean |cos| between samples above 0.9 at the last layer).")
 
 
-@dataclass(frozen=True)
-class _Facts:
-    """What the findings say about one configuration."""
-
-    label: str
-    varied: dict[str, Any]
-    depth: int
-    rel: float  # log10 of the last layer's std over the input's
-    first_bad: int | None  # the first layer whose std leaves [1e-3, 1e3] x the input's
-    growth: float  # std factor per layer
-    saturated: float  # fraction of saturated units at the last layer (nan: not reported)
-    collapse: float  # mean |cos| between samples at the last layer
-    grad: float | None  # log10 of the input gradient's std over the output's
-    # The first layer whose variance across samples (unit var) is below 1e-6 of its variance, the std ratio
-    # of the [1e-3, 1e3] rule: every input then gives nearly the same output, whatever the std; and the
-    # log10 of that fraction at the last layer.
-    signal_lost: int | None = None
-    signal_frac: float = math.nan
-
-
-def _facts(config: dict[str, Any], summary: pd.DataFrame) -> _Facts:
-    s = summary[summary["config"] == config["label"]].reset_index(drop=True)
-    rel = s["post_log10_rms_std"] - s["post_log10_rms_std"].iloc[0]
-    bad = s[rel.abs() > 3]
-    sat = s["post_frac_saturated"].iloc[-1]
-    grad = None
-    if "grad_log10_rms_std" in s:
-        grad = s["grad_log10_rms_std"].iloc[0] - s["grad_log10_rms_std"].iloc[-1]
-    with np.errstate(divide="ignore", invalid="ignore"):  # a zero or overflowed unit var: no verdict
-        frac = np.log10(s["post_unit_var"].to_numpy(float)) - 2 * s["post_log10_rms_std"].to_numpy(float)
-    lost = np.flatnonzero(np.isfinite(frac) & (frac < -6) & (s["layer"].to_numpy() > 0))
-    return _Facts(config["label"], config.get("varied", {}), int(s["layer"].iloc[-1]), float(rel.iloc[-1]),
-                  None if bad.empty else int(bad["layer"].iloc[0]), _growth(s, "post_log10_rms_std"),
-                  sat if sat > 0.5 and s["post_frac_zero"].iloc[-1] < 0.5 * sat else math.nan,
-                  float(s["post_abs_cos_sim"].iloc[-1]), grad,
-                  int(s["layer"].iloc[lost[0]]) if lost.size else None, float(frac[-1]))
+def _problems(a: Assessment) -> list[tuple[str, str]]:
+    """(kind, sentence) of each problem ``a`` has, worst first."""
+    sentences = {
+        "explodes": lambda: f"the signal explodes at layer {a.first_bad}: its std leaves [1e-3, 1e3] x the input's "
+                            f"(x{fmt_std(a.rel)} at layer {a.depth}; x{fmt(a.growth, 3)} per layer)",
+        "signal lost": lambda: f"the input signal is lost from layer {a.signal_lost}: the variance across samples is "
+                               f"x{fmt_std(a.signal_frac)} the layer's variance at layer {a.depth} (every input gives "
+                               "nearly the same output; the std left is each unit's fixed offset)",
+        "gradients explode": lambda: f"gradients explode: the input gradient is x{fmt_std(a.grad)} the output's "
+                                     "(beyond [1e-3, 1e3])",
+        "saturated": lambda: f"{a.saturated:.0%} of the last layer's units are saturated (|phi'| < 1e-3)",
+        "collapse": lambda: f"the inputs collapse onto one direction (mean |cos| between samples {a.collapse:.3f} "
+                            f"at layer {a.depth})",
+    }
+    sentences["dies"] = lambda: sentences["explodes"]().replace("explodes", "dies", 1)
+    sentences["gradients vanish"] = lambda: sentences["gradients explode"]().replace("explode", "vanish", 2)
+    return [(kind, sentences[kind]()) for kind in a.problems]
 
 
-# The problems a configuration can have, worst first (its verdict is the first it has).
-PROBLEMS = ("explodes", "dies", "signal lost", "gradients explode", "gradients vanish", "saturated", "collapse")
-
-
-def _problems(f: _Facts) -> list[tuple[str, str]]:
-    """(kind, sentence) of each problem ``f`` has, worst first."""
-    found = []
-    if f.first_bad is not None:
-        verb = "explodes" if f.rel > 0 else "dies"
-        found.append((verb, f"the signal {verb} at layer {f.first_bad}: its std leaves [1e-3, 1e3] x the input's "
-                            f"(x{fmt_std(f.rel)} at layer {f.depth}; x{fmt(f.growth, 3)} per layer)"))
-    if f.signal_lost is not None:
-        found.append(("signal lost", f"the input signal is lost from layer {f.signal_lost}: the variance across "
-                                     f"samples is x{fmt_std(f.signal_frac)} the layer's variance at layer {f.depth} "
-                                     "(every input gives nearly the same output; the std left is each unit's "
-                                     "fixed offset)"))
-    if f.grad is not None and abs(f.grad) > 3:
-        verb = "explode" if f.grad > 0 else "vanish"
-        found.append((f"gradients {verb}", f"gradients {verb}: the input gradient is x{fmt_std(f.grad)} the "
-                                           "output's (beyond [1e-3, 1e3])"))
-    if not math.isnan(f.saturated):
-        found.append(("saturated", f"{f.saturated:.0%} of the last layer's units are saturated (|phi'| < 1e-3)"))
-    if f.collapse > 0.9:
-        found.append(("collapse", f"the inputs collapse onto one direction (mean |cos| between samples "
-                                  f"{f.collapse:.3f} at layer {f.depth})"))
-    return sorted(found, key=lambda p: PROBLEMS.index(p[0]))
-
-
-def _std_fact(f: _Facts) -> str:
+def _std_fact(f: Assessment) -> str:
     return f"output std x{fmt(10 ** f.rel, 3)} the input's, x{fmt(f.growth, 3)} per layer"
 
 
-def _grad_fact(f: _Facts) -> str | None:
+def _grad_fact(f: Assessment) -> str | None:
     return None if f.grad is None else f"the input gradient is x{fmt_std(f.grad)} the output's"
 
 
-def findings(summary: pd.DataFrame, configs: list[dict[str, Any]]) -> list[Item]:
+def findings(run: Run) -> list[Item]:
     """One verdict per configuration: healthy, or the worst problem found
     (the std leaves [1e-3, 1e3] x the input's, the input signal is lost,
     gradients explode or vanish, saturation, collapse onto one direction),
     with its other problems as sub-items; or, beyond
     :data:`FINDINGS_PER_CONFIG` configurations, one line per verdict naming
     the configurations that have it."""
-    facts = [_facts(c, summary) for c in configs]
+    facts = assess(run)
     if len(facts) > FINDINGS_PER_CONFIG:
         return _grouped_findings(facts)
     out: list[Item] = []
@@ -740,7 +688,7 @@ def _part(key: str, value: Any) -> str:
     return text + "none" if text.endswith("=") else text
 
 
-def describe(subset: list[_Facts], every: list[_Facts], most: int = 6) -> str:
+def describe(subset: list[Assessment], every: list[Assessment], most: int = 6) -> str:
     """The configurations of ``subset`` in few words, given all of them: an option along which the subset
     holds every configuration there is (two at least) is written "any <option>", the rest as
     ``label_part`` values, those of the option that varies most joined by "/" ("sigmoid,
@@ -785,7 +733,7 @@ def describe(subset: list[_Facts], every: list[_Facts], most: int = 6) -> str:
     return f"{count}: {text}" + (f" (any {', '.join(lit(k) for k in free)})" if free else "")
 
 
-def _span(facts: list[_Facts], value: Any, show: Any) -> str | None:
+def _span(facts: list[Assessment], value: Any, show: Any) -> str | None:
     """"x<low> (<its configuration>) to x<high> (<its>)", or one value when they agree to 3 digits; None
     when no configuration has a finite value."""
     ordered = sorted((f for f in facts if math.isfinite(value(f))), key=value)
@@ -815,7 +763,7 @@ _ALSO = {"explodes": "the signal also explodes", "dies": "the signal also dies",
          "collapse": "the inputs also collapse onto one direction"}
 
 
-def _grouped_findings(facts: list[_Facts]) -> list[Item]:
+def _grouped_findings(facts: list[Assessment]) -> list[Item]:
     out: list[Item] = []
     depths = {f.depth for f in facts}
     through = f"through {depths.pop()} layers" if len(depths) == 1 else "through their last layer"

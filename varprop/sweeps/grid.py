@@ -40,17 +40,8 @@ from typing import Any
 
 from .. import __version__
 from ..errors import SpecError
-from ..spec import (
-    DEFAULT_SAMPLES,
-    OPTIONS,
-    Config,
-    expand,
-    label_part,
-    parse,
-    parse_pos_int,
-    parse_seed,
-    to_options,
-)
+from ..options import OPTIONS, default, parse, parse_one, parse_pos_int, parse_seed, repeated
+from ..spec import DEFAULT_SAMPLES, Config, expand, label_part, to_options
 
 RESERVED = ("zip", "exclude", "include")
 
@@ -164,7 +155,7 @@ def build_grid(grid: Mapping[str, Any]) -> Grid:
         # The grid with the table's options replaced: a zip group it names becomes its own group.
         sub = {**base, **table}
         kept = [g for g in groups if not any(k in table for k in g)]
-        named = [list(g) for g in groups if any(k in table for k in g) and _is_list(g[0], table[g[0]])]
+        named = [list(g) for g in groups if any(k in table for k in g) and repeated(g[0], table[g[0]])]
         raw += _product(sub, kept + _zip_groups(named, sub))
     if not raw:
         raise SpecError("GRID", "the [[exclude]] tables remove every configuration of the grid")
@@ -197,7 +188,7 @@ def value(options: Mapping[str, Any], key: str) -> Any:
              "bn": ("bn_layers", "bn_count"), "bn_layers": ("bn", "bn_count"), "bn_count": ("bn", "bn_layers")}
     if any(k in options for k in taken.get(key, ())):
         return None
-    return OPTIONS[key].default if key in OPTIONS else 0 if key == "seed" else None
+    return default(key) if key in OPTIONS else None
 
 
 def label(options: Mapping[str, Any], keys: Sequence[str]) -> str:
@@ -245,17 +236,9 @@ def _validate(options: Mapping[str, Any], where: str | None = None) -> None:
         raise
 
 
-def _is_list(key: str, value: Any) -> bool:
-    """Whether ``value`` lists several values of ``key`` (widths = [784, 10] is one value)."""
-    if not isinstance(value, list):
-        return False
-    return key not in ("widths", "bn_layers") or not value or isinstance(value[0], (str, list, tuple))
-
-
 def _values(key: str, value: Any) -> list[Any]:
     """The values an option takes (parsed), as a list."""
-    parse_one = parse_seed if key == "seed" else OPTIONS[key].parse
-    return [parse_one(v, key) for v in value] if _is_list(key, value) else [parse_one(value, key)]
+    return [parse_one(key, v) for v in value] if repeated(key, value) else [parse_one(key, value)]
 
 
 def _zip_groups(groups: Any, base: Mapping[str, Any]) -> list[tuple[str, ...]]:
@@ -276,7 +259,7 @@ def _zip_groups(groups: Any, base: Mapping[str, Any]) -> list[tuple[str, ...]]:
                 raise SpecError("GRID", f"zip: {k} is not an option of the grid")
             if any(k in g for g in out) or names.count(k) > 1:
                 raise SpecError("GRID", f"zip: {k} is in two groups")
-            if not _is_list(k, base[k]):
+            if not repeated(k, base[k]):
                 raise SpecError("GRID", f"zip: {k} has one value; a group zips options given as lists")
         lengths = {k: len(base[k]) for k in names}
         if len(set(lengths.values())) > 1:

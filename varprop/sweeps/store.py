@@ -23,7 +23,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import platform
 import secrets
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -31,11 +30,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from .. import __version__
 from ..errors import SpecError
+from ..run import json_default
+from ..run import versions as run_versions
 from .grid import Task
 
 MANIFEST = "_sweep.json"
@@ -81,7 +81,7 @@ def atomic(path: Path, write: Callable[[Path], None], before_rename: Callable[[]
 
 def write_json(path: Path, data: Any) -> None:
     """``data`` as JSON at ``path``, atomically."""
-    atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, default=str) + "\n"))
+    atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, default=json_default) + "\n"))
 
 
 def write_text(directory: Path, text: str, n: int) -> None:
@@ -105,13 +105,13 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
 
 
 def versions() -> dict[str, str]:
+    """What a simulate run records (:func:`varprop.run.versions`), and the sweep's own libraries."""
     import dask
     import distributed
     import pyarrow
 
-    return {"varprop": __version__, "numpy": np.__version__, "pandas": pd.__version__,
-            "dask": dask.__version__, "distributed": distributed.__version__, "pyarrow": pyarrow.__version__,
-            "python": platform.python_version()}
+    return {**run_versions(), "dask": dask.__version__, "distributed": distributed.__version__,
+            "pyarrow": pyarrow.__version__}
 
 
 # --- column types ----------------------------------------------------------------

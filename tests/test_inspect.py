@@ -1,0 +1,573 @@
+"""varprop inspect: a user's own PyTorch model, measured with hooks, against statistics computed by hand."""
+
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+from click.testing import CliRunner  # noqa: E402
+
+from varprop.nn import inits  # noqa: E402
+from varprop.cli import main  # noqa: E402
+from varprop.montecarlo.seeds import generator  # noqa: E402
+from varprop.errors import SpecError  # noqa: E402
+from varprop.stats import side_stats  # noqa: E402
+from varprop.torch import (assert_preserves_variance, check_preserves_variance, inspect, residual_table,  # noqa: E402
+                           tensor_stats, width_sweep)
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tests' tensors are tiny: one torch thread is faster, and immune to a busy machine's scheduling
+    (a thread of a parallel kernel descheduled stalls every other one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def hand_stats(x: np.ndarray, sample_axis: int = 0, channel_axis: int = 1) -> dict[str, float]:
+    """The layers.csv statistics written out directly (float64, every pair of samples)."""
+    x = np.asarray(x, dtype=np.float64)
+    others = tuple(a for a in range(x.ndim) if a != channel_axis)
+    col_mean = x.mean(axis=others)
+    rows = np.moveaxis(x, sample_axis, 0).reshape(x.shape[sample_axis], -1)
+    rows = rows[np.linalg.norm(rows, axis=1) > 0]  # an all-zero sample has no direction: left out
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    n = len(rows)
+    head = np.abs(cos[:128, :128])
+    m = min(n, 128)
+    return {"mean": x.mean(), "std": x.std(), "second_moment": (x**2).mean(),
+            "sq_unit_mean": (col_mean**2).mean(), "unit_var": x.var(axis=others).mean(),
+            "frac_zero": (x == 0).mean(), "cos_sim": (cos.sum() - n) / (n * (n - 1)),
+            "abs_cos_sim": (head.sum() - m) / (m * (m - 1))}
+
+
+def assert_stats(row: pd.Series, side: str, x: np.ndarray, sample_axis: int = 0, channel_axis: int = 1) -> None:
+    """The row's statistics of one side against :func:`hand_stats` of ``x``. Float64 sums of float32 values
+    in another order agree to rounding of order 1e-15 on each quantity's scale. The cosines' products are
+    float32: |cos| from a Gram matrix, whose rounding is at most (entries per sample) * 2^-24 in a cosine;
+    the mean cosine from the sum of the N unit-normalised samples, each entry a float32 sum of N terms, which
+    moves |sum|^2 by at most 2 (N + 1) 2^-24 N (Cauchy-Schwarz) and the mean by that over N (N - 1)."""
+    n = x.shape[sample_axis]
+    fan = x.size // n
+    tolerances = {"abs_cos_sim": fan * 2.0**-24, "cos_sim": 2 * (n + 1) * 2.0**-24 / (n - 1)}
+    for k, v in hand_stats(x, sample_axis, channel_axis).items():
+        got = row[f"{side}_{k}"]
+        scale = 1.0 if k == "frac_zero" else max(abs(v), row[f"{side}_second_moment"])
+        tol = tolerances.get(k, 1e-10 * scale)
+        assert abs(got - v) <= tol, (row.name, side, k, got, v)
+
+
+def recording(factory):
+    """A factory that keeps the models it makes (to inspect them after varprop has)."""
+    made = []
+
+    def make(*args):
+        model = factory(*args)
+        made.append(model)
+        return model
+
+    return make, made
+
+
+def upstream(seed: int, replicate: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The N(0, 1) output gradient inspect uses (documented: the seed tree's 'upstream' node)."""
+    return torch.from_numpy(inits.standard_normal(generator(seed, replicate, 0, "upstream", 0), shape, np.float32))
+
+
+def hooked_pass(model: nn.Module, x: torch.Tensor, g: torch.Tensor | None, names: list[str]):
+    """Each named module's output and the gradient w.r.t. it, with hooks registered here by hand."""
+    outs, grads, handles = {}, {}, []
+    for name in names:
+        module = model.get_submodule(name)
+
+        def fwd(mod, args, out, name=name):
+            outs[name] = out.detach().clone()  # now: an in-place module may overwrite it next
+            if g is not None:
+                handles.append(out.register_hook(lambda grad, name=name: grads.__setitem__(name, grad.clone())))
+
+        handles.append(module.register_forward_hook(fwd))
+    try:
+        out = model(x.clone().requires_grad_(g is not None))
+        if g is not None:
+            (out * g).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, grads
+
+
+# --- statistics against a hand computation -----------------------------------------------------------------
+
+def test_statistics_match_a_hand_computation_with_hooks_registered_by_hand():
+    make, made = recording(lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 4),
+                                                 nn.Tanh()))
+    x = np.random.default_rng(1).standard_normal((7, 6)).astype(np.float32)
+    table = inspect(make, inputs=x, replicates=2, backward=True, seed=5)
+    assert list(table["name"].unique()) == ["(input)", "0", "1", "2", "3"]
+    for r, model in enumerate(made):
+        rows = table[table["replicate"] == r].set_index("name")
+        assert_stats(rows.loc["(input)"], "post", x)
+        outs, grads = hooked_pass(model, torch.from_numpy(x), upstream(5, r, (7, 4)), ["0", "1", "2", "3"])
+        for name in ["0", "1", "2", "3"]:
+            assert_stats(rows.loc[name], "post", outs[name].numpy())
+            assert_stats(rows.loc[name], "grad", grads[name].numpy())
+        # saturation of the tanh: |1 - tanh(z)^2| < 1e-3 on its input, the output of "2"
+        z = outs["2"].numpy().astype(np.float64)
+        assert rows.loc["3", "post_frac_saturated"] == np.mean(np.abs(1 - np.tanh(z) ** 2) < 1e-3)
+        assert rows.loc["1", "post_frac_saturated"] == np.mean(outs["0"].numpy() <= 0)  # relu: dead inputs
+        model.zero_grad()
+        (model(torch.from_numpy(x)) * upstream(5, r, (7, 4))).sum().backward()
+        assert rows.loc["0", "weight_grad_norm"] == pytest.approx(float(model[0].weight.grad.double().norm()),
+                                                                  rel=1e-6)
+
+
+def test_two_dimensional_statistics_are_simulates_own():
+    x = np.random.default_rng(0).standard_normal((50, 30)) * 2 + 0.5
+    x[x < -1] = 0
+    ours, theirs = tensor_stats(torch.from_numpy(x)), side_stats(x, 0.0)
+    for k in theirs:
+        if not math.isnan(theirs[k]):
+            assert ours[k] == pytest.approx(theirs[k], rel=1e-12, abs=1e-14), k
+
+
+def test_inplace_relu_gradients_equal_those_of_the_out_of_place_twin():
+    make, made = recording(lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 3)))
+    table = inspect(make, input_shape=(10, 8), replicates=1, backward=True, seed=2)
+    twin = copy.deepcopy(made[0])
+    twin[1] = nn.ReLU(inplace=False)
+    x = torch.from_numpy(inits.standard_normal(generator(2, 0, 0, "inputs"), (10, 8), np.float32))
+    z = twin[0](x)
+    h = twin[1](z)
+    z.retain_grad()
+    h.retain_grad()
+    (twin[2](h) * upstream(2, 0, (10, 3))).sum().backward()
+    rows = table.set_index("name")
+    assert_stats(rows.loc["0"], "grad", z.grad.numpy())  # w.r.t. the value before the relu
+    assert_stats(rows.loc["1"], "grad", h.grad.numpy())
+    assert_stats(rows.loc["0"], "post", z.detach().numpy())  # taken before the relu overwrote it
+    assert rows.loc["0", "post_frac_zero"] == 0 and rows.loc["1", "post_frac_zero"] > 0.2
+
+
+class _Seq(nn.Module):
+    """Linear over [N, T, C], then attention over [T, N, C] (batch_first=False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 8)
+        self.attn = nn.MultiheadAttention(8, 2)
+
+    def forward(self, x):
+        h = self.proj(x)
+        t = h.transpose(0, 1)
+        return self.attn(t, t, t, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("factory,shape,checks", [
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), (5, 3, 6, 6),
+     {"0": (0, 1), "1": (0, 1)}),
+    (lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.GELU()), (5, 3, 9), {"0": (0, 1), "1": (0, 1)}),
+    (_Seq, (5, 7, 6), {"proj": (0, 2), "attn[0]": (1, 2)}),
+])
+def test_channel_and_sample_axes(factory, shape, checks):
+    make, made = recording(factory)
+    table = inspect(make, input_shape=shape, replicates=1, seed=4).set_index("name")
+    x = torch.from_numpy(inits.standard_normal(generator(4, 0, 0, "inputs"), shape, np.float32))
+    outs = {}
+    for name in checks:
+        module = made[0].get_submodule(name.removesuffix("[0]"))
+        module.register_forward_hook(lambda m, a, out, name=name: outs.__setitem__(
+            name, (out[0] if isinstance(out, tuple) else out).detach().clone()))
+    made[0](x)
+    for name, (sample_axis, channel_axis) in checks.items():
+        assert table.loc[name, "channel_axis"] == channel_axis
+        assert_stats(table.loc[name], "post", outs[name].numpy(), sample_axis, channel_axis)
+
+
+# --- residual additions -------------------------------------------------------------------------------------
+
+class _Residual(nn.Module):
+    """x + alpha * fc(x), fc without bias and with N(0, 1 / n) weights: the skip's second moment is the
+    input's, the branch's alpha^2 times it in expectation over the weights, the sum's their total."""
+
+    def __init__(self, n: int = 128, alpha: float = 1.0):
+        super().__init__()
+        self.fc = nn.Linear(n, n, bias=False)
+        nn.init.normal_(self.fc.weight, std=n**-0.5)
+        self.alpha = alpha
+
+    def forward(self, x):
+        return x + self.alpha * self.fc(x) if self.alpha != 1 else x + self.fc(x)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_residual_skip_and_branch_against_the_closed_form(alpha):
+    reps = 30
+    table = inspect(lambda: _Residual(128, alpha), input_shape=(64, 128), replicates=reps, seed=1)
+    res = residual_table(table)
+    assert len(res) == reps and set(res["skip"]) == {"(input)"}
+    assert set(res["branch"]) == ({"fc"} if alpha == 1 else {""})  # alpha * fc(x) is not a module's output
+    inputs = table[table["name"] == "(input)"].set_index("replicate")
+    res = res.set_index("replicate")
+    assert np.array_equal(res["skip_second_moment"], inputs["post_second_moment"])  # the skip is the input
+    t = sps.t.isf(1e-4 / 2, reps - 1)  # false-alarm 1e-4 per quantity
+
+    def within(values: np.ndarray, expected: float) -> None:
+        se = values.std(ddof=1) / math.sqrt(len(values))
+        assert abs(values.mean() - expected) <= t * se, (values.mean(), expected, se)
+
+    # E over the weights, given the input: branch = alpha^2 mean(w^2) n E[x^2], sum = skip + branch
+    ratio = res["branch_second_moment"] / res["skip_second_moment"]
+    within(ratio.to_numpy(), alpha**2)
+    cross = (res["sum_second_moment"] - res["skip_second_moment"] - res["branch_second_moment"]).to_numpy()
+    within(cross, 0.0)
+    if alpha == 1:  # the addition is a row with its mean-field prediction, 1 + n mean(w^2) = 2
+        add = table[table["name"] == "add()"]
+        assert add["theory_post_second_moment"].iloc[0] == pytest.approx(2.0, rel=0.02)
+        within(add["post_second_moment"].to_numpy(), add["theory_post_second_moment"].iloc[0])
+
+
+def test_transformer_layer_additions_found_by_its_known_structure():
+    factory = lambda: nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,  # noqa
+                                                                                  batch_first=True))
+    table = inspect(factory, input_shape=(3, 5, 8), replicates=1)
+    res = residual_table(table).set_index("block")
+    assert list(res.index) == ["1+1", "1+2"]
+    assert res.loc["1+1", "skip"] == "0" and res.loc["1+1", "branch"] == "1.self_attn[0]"
+    assert res.loc["1+2", "skip"] == "1.norm1" and res.loc["1+2", "branch"] == "1.linear2"
+    rows = table.set_index("name")
+    assert res.loc["1+2", "skip_second_moment"] == rows.loc["1.norm1", "post_second_moment"]
+    assert res.loc["1+1", "branch_second_moment"] == rows.loc["1.self_attn[0]", "post_second_moment"]
+
+
+class _Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.fc1(x), 0.2)
+        return torch.nn.functional.gelu(self.fc2(h), approximate="tanh").tanh()
+
+
+def test_functional_activations_are_traced_into_rows_with_their_arguments():
+    table = inspect(_Functional, input_shape=(16, 32), replicates=2, seed=3).set_index(["replicate", "name"])
+    rows = table.loc[0]
+    assert list(rows.index) == ["(input)", "fc1", "leaky_relu()", "fc2", "gelu()", "tanh()"]
+    # slope 0.2 (not the default 0.01): E[leaky(z)^2] = (1 + 0.2^2) / 2 E[z^2] for the mean-field z
+    fc1, leaky = rows.loc["fc1"], rows.loc["leaky_relu()"]
+    assert leaky["theory_post_second_moment"] == pytest.approx(0.52 * fc1["theory_post_second_moment"], rel=1e-12)
+    assert leaky["post_frac_saturated"] == 0  # |phi'| >= 0.2 everywhere
+    assert rows.loc["gelu()", "theory"] == "n/a: gelu() is not modelled"  # the tanh approximation
+    assert rows.loc["tanh()", "theory"].startswith("n/a")  # its input is not Gaussian
+
+
+# --- replicates, seeds, hooks ----------------------------------------------------------------------------
+
+def _small_cnn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                         nn.Dropout(0.2), nn.Flatten(), nn.Linear(8 * 36, 5))
+
+
+def test_replicates_are_reproducible_by_seed_whatever_else_runs():
+    state = torch.get_rng_state()
+    a = inspect(_small_cnn, input_shape=(4, 3, 6, 6), replicates=2, backward=True, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is left as it was
+    torch.randn(100)  # someone else draws in between
+    b = inspect(_small_cnn, input_shape=(4, 3, 6, 6), replicates=3, backward=True, seed=7)
+    measured = [c for c in a.columns if not c.startswith("theory")]  # theory averages over the replicates run
+    pd.testing.assert_frame_equal(a[measured], b[b["replicate"] < 2][measured].reset_index(drop=True))
+    c = inspect(_small_cnn, input_shape=(4, 3, 6, 6), replicates=1, seed=8)
+    assert not np.allclose(a[a["replicate"] == 0]["post_std"], c["post_std"])
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(m._backward_pre_hooks) for m in model.modules())
+
+
+class _Fails(nn.Module):
+    def __init__(self, where: str):
+        super().__init__()
+        self.fc, self.act, self.where = nn.Linear(4, 4), nn.ReLU(), where
+
+    def forward(self, x):
+        h = self.act(self.fc(x))
+        if self.where == "forward":
+            raise RuntimeError("boom in forward")
+        return _Boom.apply(h) if self.where == "backward" else h
+
+
+class _Boom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("boom in backward")
+
+
+@pytest.mark.parametrize("where", ["nowhere", "forward", "backward"])
+def test_every_hook_is_removed_after_success_and_after_an_exception(where):
+    make, made = recording(lambda: _Fails(where))
+    if where == "nowhere":
+        inspect(make, input_shape=(3, 4), replicates=2, backward=True, trace=False)
+    else:
+        with pytest.raises(SpecError, match=f"boom in {where}"):
+            inspect(make, input_shape=(3, 4), replicates=1, backward=True, trace=False)
+    assert made and all(_hooks(m) == 0 for m in made)
+    for m in made:  # and the model still runs with no hook firing
+        m(torch.randn(2, 4)) if where != "forward" else None
+
+
+def test_an_instance_is_copied_and_reinitialised_not_modified():
+    model = nn.Sequential(nn.Linear(5, 5), nn.ReLU())
+    before = copy.deepcopy(model.state_dict())
+    table = inspect(model, input_shape=(4, 5), replicates=2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and _hooks(model) == 0
+    assert table[table["name"] == "0"]["post_std"].nunique() == 2
+    assert any("reset_parameters" in n for n in table.attrs["inspect"]["notes"])
+
+
+# --- theory -----------------------------------------------------------------------------------------------
+
+def test_conv_theory_counts_the_padded_border_and_agrees_with_many_replicates():
+    factory = lambda: nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),  # noqa: E731
+                                    nn.Conv2d(16, 16, 3, padding=1, stride=2), nn.ReLU(), nn.Conv2d(16, 8, 3))
+    reps = 60
+    table = inspect(factory, input_shape=(4, 3, 6, 6), replicates=reps, backward=True, seed=3)
+    t = sps.t.isf(1e-4 / 2 / 12, reps - 1)  # 12 comparisons, false alarm 1e-4 overall
+    for side in ("post", "grad"):
+        g = table.groupby("layer")
+        m, se = g[f"{side}_second_moment"].mean(), g[f"{side}_second_moment"].std() / math.sqrt(reps)
+        th = g[f"theory_{side}_second_moment"].first()
+        assert th.notna().all()
+        assert (np.abs(m - th) <= t * se).all(), pd.DataFrame({"measured": m, "se": se, "theory": th})
+    # a scalar fan-in (9 taps everywhere) would predict the first conv's output 6x6 border-free: too high
+    first = table[table["layer"] == 1]
+    assert first["theory_post_second_moment"].iloc[0] < 27 * first["weight_ms"].mean()
+
+
+# --- width sweep --------------------------------------------------------------------------------------------
+
+def _mlp(width: int, unit: bool) -> nn.Module:
+    """Input 16 -> width -> width -> width, no bias: N(0, 1) hidden weights (the standard normal
+    parametrisation: std ~ width^(k/2) at hidden layer k) or N(0, 1/fan_in) (width-independent)."""
+    layers, n = [], 16
+    for _ in range(3):
+        lin = nn.Linear(n, width, bias=False)
+        nn.init.normal_(lin.weight, std=1.0 if unit and n != 16 else n**-0.5)
+        layers.append(lin)
+        n = width
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("unit", [True, False])
+def test_width_sweep_exponents(unit):
+    result = width_sweep(lambda w: _mlp(w, unit), [32, 64, 128, 256], (32, 16), replicates=4, backward=True)
+    ex = result.exponents.set_index(["name", "side"])
+    t = sps.t.isf(1e-4 / 2, 3)
+    for k in range(3):
+        expected = {"output": k / 2, "gradient": (2 - k) / 2} if unit else {"output": 0.0, "gradient": 0.0}
+        for side, b in expected.items():
+            row = ex.loc[(str(k), side)]
+            assert abs(row["exponent"] - b) <= t * row["se"] + 1e-3, (k, side, row["exponent"], b)
+    assert result.passed is (not unit)
+    assert ("FAIL" if unit else "PASS") in result.message
+
+
+# --- testing helpers ----------------------------------------------------------------------------------------
+
+def _tanh_net(last_std: float) -> nn.Module:
+    m = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Tanh(), nn.Linear(64, 64, bias=False))
+    nn.init.normal_(m[0].weight, std=1 / 8)
+    nn.init.normal_(m[2].weight, std=last_std)
+    return m
+
+
+def test_assert_preserves_variance():
+    good = lambda: _tanh_net(1 / 8)  # noqa: E731  fan_in init: stds 1, 0.63 (tanh), 0.63
+    assert assert_preserves_variance(good, input_shape=(32, 64), band=4).passed
+    with pytest.raises(AssertionError, match=r"forward std of 2 leaves the band \[1/4, 4\]"):
+        assert_preserves_variance(lambda: _tanh_net(1.0), input_shape=(32, 64), band=4)  # 8 x 0.63
+    result = check_preserves_variance(good, (32, 64), band=4, direction="both")
+    assert result.passed and set(result.table["direction"]) == {"forward", "backward"}
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+class _IntOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x).argmax(1)
+
+
+class _Many(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return {"logits": self.a(x), "aux": (self.b(x), x.shape[0])}
+
+
+class _Bare(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+def _raises():
+    raise ValueError("width must be even\nmore detail")
+
+
+@pytest.mark.parametrize("model,kwargs,option,words", [
+    ("no_such_module_xyz:make", {}, "--model", "cannot import module"),
+    (_raises, {}, "--model", "raised ValueError: width must be even"),
+    (lambda: 3, {}, "--model", "returned int, not a torch.nn.Module"),
+    (lambda: nn.Linear(4, 3), {"input_shape": (2, 5)}, "--input-shape", "mat1 and mat2 shapes cannot be multiplied"),
+    (_Bare, {}, "--model", "_Bare has no submodules"),
+    (_IntOut, {}, "--model", "no floating-point tensor (got int64)"),
+    (lambda: nn.Linear(4, 3), {"modules": "conv*"}, "--modules", "no module name matches conv*"),
+    (lambda: nn.Sequential(nn.Linear(4, 3)), {"types": "linear"}, "--types", "(did you mean Linear?)"),
+    (lambda: nn.Linear(4, 3), {"device": "cuda"}, "--device", "no GPU"),
+    (lambda: nn.Linear(4, 3), {"input_shape": "2,x"}, "--input-shape", "comma-separated positive integers"),
+    (lambda: nn.Linear(4, 3), {"mode": "test"}, "--mode", "train or eval"),
+])
+def test_bad_input_is_one_line_naming_the_option(model, kwargs, option, words):
+    if option == "--device" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SpecError) as info:
+        inspect(model, **{"input_shape": (2, 4), **kwargs})
+    message = str(info.value)
+    assert message.startswith(option + ":") and words in message and "\n" not in message
+
+
+def test_tuple_and_dict_outputs_are_measured_element_by_element():
+    table = inspect(_Many, input_shape=(6, 4), backward=True)
+    names = list(table["name"])
+    assert "a" in names and "b" in names and table["grad_std"].notna().all()
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch):
+    """A module of the user's beside the working directory, as varprop's users have them."""
+    name = f"usermodels_{abs(hash(tmp_path)) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent("""
+        import torch.nn as nn
+        def make_model():
+            return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(),
+                                 nn.Linear(4 * 16, 10))
+        def make_mlp(width):
+            return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 3))
+        def broken():
+            raise RuntimeError("cannot build today")
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def test_cli_writes_a_report(user_models, tmp_path):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["inspect", f"{user_models}:make_model", "--input-shape", "4,3,4,4",
+                                    "--replicates", "2", "--backward", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    for f in ("report.md", "report.html", "layers.csv", "config.json", "summary.json", "std_per_module.png"):
+        assert (out / f).is_file(), f
+    layers = pd.read_csv(out / "layers.csv")
+    assert {"post_std", "grad_std", "theory_post_second_moment", "replicate", "name"} <= set(layers.columns)
+    first = (out / "report.md").read_text()
+    assert "## Findings" in first
+    redraw = CliRunner().invoke(main, ["report", str(out)])  # varprop report redraws an inspect run as one
+    assert redraw.exit_code == 0, redraw.output
+    assert (out / "report.md").read_text() == first and not (out / "std_per_layer.png").exists()
+
+
+def test_cli_width_sweep(user_models, tmp_path):
+    out = tmp_path / "sweep"
+    res = CliRunner().invoke(main, ["inspect", f"{user_models}:make_mlp", "--input-shape", "16,8",
+                                    "--width-sweep", "16,32,64", "--replicates", "3", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "Width sweep:" in res.output and (out / "exponents.csv").is_file()
+    first = (out / "report.md").read_text()
+    assert CliRunner().invoke(main, ["report", str(out)]).exit_code == 0
+    assert (out / "report.md").read_text() == first
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{m}:broken", "--input-shape", "2,3"], "MODEL: {m}:broken() raised RuntimeError: cannot build today"),
+    (["{m}:nope", "--input-shape", "2,3"], "MODEL: module '{m}' has no callable 'nope'"),
+    (["{m}:make_model", "--input-shape", "2,3,5"], "--input-shape: the model's forward failed"),
+    (["{m}:make_model", "--input-shape", "4,3,4,4", "--replicates", "0"], "--replicates: expected a positive"),
+    (["{m}:make_model"], "--input-shape: give the input's shape"),
+    (["{m}:make_model", "--input-shape", "4,3,4,4", "--mode", "evil"], "--mode: expected train"),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(user_models, tmp_path, args, message):
+    out = tmp_path / "bad"
+    res = CliRunner().invoke(main, ["inspect", *[a.format(m=user_models) for a in args], "--out", str(out)])
+    assert res.exit_code == 2
+    assert res.output.strip() == "varprop: error: " + message.format(m=user_models) or \
+        res.output.startswith("varprop: error: " + message.format(m=user_models)), res.output
+    assert len(res.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_cli_keeps_a_directory_it_did_not_write(user_models, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    res = CliRunner().invoke(main, ["inspect", f"{user_models}:make_model", "--input-shape", "4,3,4,4",
+                                    "--out", str(out)])
+    assert res.exit_code == 2 and "--out" in res.output
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_check_model_exit_status(user_models):
+    res = CliRunner().invoke(main, ["check", "--model", f"{user_models}:make_mlp", "--input-shape", "16,8"])
+    assert res.exit_code == 2 and res.output.startswith("varprop: error: --model:") and "width" in res.output
+    res = CliRunner().invoke(main, ["check", "--model", f"{user_models}:make_model", "--input-shape", "8,3,4,4",
+                                    "--band", "100"])
+    assert res.exit_code == 0 and res.output.startswith("PASS:"), res.output
+    res = CliRunner().invoke(main, ["check", "--model", f"{user_models}:make_model", "--input-shape", "8,3,4,4",
+                                    "--band", "1.01"])
+    assert res.exit_code == 1 and res.output.startswith("FAIL:") and "Reproduce: varprop check --model" in res.output
+    res = CliRunner().invoke(main, ["check", "--model", f"{user_models}:make_model", "--input-shape", "8,3,4,4",
+                                    "--init", "he"])
+    assert res.exit_code == 2 and res.output.startswith("varprop: error: --init:")
+
+
+def test_without_torch_the_command_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    res = CliRunner().invoke(main, ["inspect", "x:y", "--input-shape", "2,3"])
+    assert res.exit_code == 2
+    assert res.output.strip() == "varprop: error: PyTorch is not installed; install it with: pip install " \
+                                 "'varprop[torch]'"
+
+
+def test_importing_varprop_does_not_import_torch():
+    code = "import sys, varprop, varprop.torch, varprop.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

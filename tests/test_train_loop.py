@@ -1,0 +1,150 @@
+"""Training runs: they learn, they are deterministic at any thread count, the
+history means what Keras' History means, and replicate r starts from the
+network ``varprop simulate`` measures."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from threadpoolctl import threadpool_limits
+
+import varprop
+from varprop.report import training as report
+from varprop.train import data, loop, optim, reading
+from varprop.train.model import Model
+from varprop.train.options import expand
+
+
+def test_short_run_learns():
+    """Two epochs of Adam on the shipped subset must beat the nearest-class-mean classifier on the same
+    split (81.4% here): a model that learns anything of the images gets there; one with a wrong gradient
+    or a broken optimizer stays near chance (10%). The margin measured over seeds is about 10 points,
+    several times the binomial sd of an accuracy on 1,000 test images (about 1 point)."""
+    d = data.load("subset", seed=0)
+    means = np.stack([d.x_train[d.y_train == c].mean(axis=0) for c in range(10)])
+    centroid = float(np.mean(((d.x_test[:, None, :] - means[None]) ** 2).sum(-1).argmin(axis=1) == d.y_test))
+    r = varprop.train(widths="784,128,10", activation="relu", optimizer="adam", lr=0.001, batch_size=32,
+                      epochs=2, replicates=1, data="subset")
+    h = r.history
+    final = h[h["epoch"] == 2].iloc[0]
+    assert final["test_accuracy"] > centroid, (final["test_accuracy"], centroid)
+    assert final["train_loss_keras"] < h[h["step"] == 0]["train_loss"].iloc[0] / 3
+
+
+def test_bit_identical_across_thread_counts():
+    """Products large enough to run on threads (batch 512) and BN: same numbers on 1, 2 and
+    3 threads, to the last bit."""
+    kw = dict(widths="784,64,32,10", activation="tanh", bn_count=1, optimizer="adam", batch_size=512,
+              epochs=1, replicates=1, record_every=4, data="subset")
+    runs = [varprop.train(threads=n, **kw) for n in (1, 2, 3)]
+    for other in runs[1:]:
+        pd.testing.assert_frame_equal(runs[0].history, other.history, check_exact=True)
+        pd.testing.assert_frame_equal(runs[0].layers, other.layers, check_exact=True)
+
+
+def test_history_is_keras_running_mean():
+    """``train_loss_keras`` is the mean of the batch losses since the epoch began, each weighted by its
+    batch's size, each computed before its step's update; it restarts with every epoch. Recomputed here by
+    hand from the same initial network, batch order and Keras' update rule."""
+    configs, run = expand(dict(widths="784,16,10", activation="sigmoid", optimizer="sgd-nesterov", batch_size=1500,
+                               epochs=2, replicates=1, record_every=1, data="subset"))
+    d = data.load("subset", 0)
+    h = varprop.train(widths="784,16,10", activation="sigmoid", optimizer="sgd-nesterov", batch_size=1500,
+                      epochs=2, replicates=1, record_every=1, data="subset").history
+    m = Model(configs[0].arch)
+    m.initialize(0, 0)
+    opt = optim.make("sgd-nesterov", 0.01, m.n_params, np.float32, 0.9)
+    with threadpool_limits(1, user_api="blas"):  # as training runs: threaded BLAS has other last bits
+        expected = keras_means(m, opt, d)
+    got = h[h["step"] > 0]["train_loss_keras"].to_numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert h["step"].tolist() == [0, 1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(h["epoch"].iloc[1:], [1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2])
+
+
+def keras_means(m: Model, opt: optim.Optimizer, d: data.Dataset) -> list[float]:
+    expected = []
+    for epoch in (1, 2):
+        order = loop.shuffle_order(0, 0, epoch, d.n_train)
+        total, seen = 0.0, 0
+        for start in range(0, d.n_train, 1500):  # batches of 1500, 1500 and 1000
+            idx = order[start:start + 1500]
+            loss = m.loss_and_grad(d.x_train[idx], d.y_train[idx])
+            opt.step(m.params, m.grads)
+            total, seen = total + loss * len(idx), seen + len(idx)
+            expected.append(total / seen)
+    return expected
+
+
+def test_initial_network_is_simulates(tmp_path):
+    """Replicate r's kernels are the ones ``varprop simulate --seed`` draws for replicate r: on the same
+    inputs the first layer's pre-activation std agrees to float32 rounding (a sum of 784 products, each
+    rounded: about 1e-6 relative), while another replicate's differs by far more."""
+    d = data.load("subset", 0)
+    x = d.x_train[:64]
+    np.save(tmp_path / "x.npy", x)
+    net = varprop.NetworkSpec(widths=(784, 64, 10), activation="relu", init="keras-default")
+    sim = varprop.simulate(varprop.RunSpec(net, input_file=str(tmp_path / "x.npy"), replicates=3, seed=5))
+    for rep in (0, 2):
+        m = Model(configs_arch(), np.float32)
+        m.initialize(seed=5, replicate=rep)
+        z = (x.astype(np.float64) @ m.W[1].astype(np.float64))
+        measured = sim[(sim["replicate"] == rep) & (sim["layer"] == 1)]["pre_std"].iloc[0]
+        assert abs(z.std() / measured - 1) < 1e-5
+    other = sim[(sim["replicate"] == 1) & (sim["layer"] == 1)]["pre_std"].iloc[0]
+    assert abs(other / measured - 1) > 1e-3
+
+
+def configs_arch():
+    return expand({"widths": "784,64,10", "activation": "relu"})[0][0].arch
+
+
+def test_divergence_ends_the_curve_and_is_reported():
+    r = varprop.train(widths="784,16,10", activation="relu", optimizer="sgd", lr=1e30, batch_size=500, epochs=2,
+                      replicates=1, data="subset")
+    h = r.history
+    assert math.isnan(h["train_loss_keras"].iloc[-1]) and h["epoch"].iloc[-1] < 2
+    assert any("Diverged" in f for f in report.findings(h, r.meta))
+
+
+def test_comparisons_and_labels():
+    configs, run = expand({"optimizer": ["sgd-nesterov", "adam"], "momentum": [0.9, 0.5], "bn_count": [0, 1]})
+    labels = [c.label for c in configs]
+    # Adam ignores the momentum: one configuration per BN setting, not two
+    assert labels == ["sgd-nesterov, momentum=0.9, bn_count=0", "sgd-nesterov, momentum=0.9, bn_count=1",
+                      "sgd-nesterov, momentum=0.5, bn_count=0", "sgd-nesterov, momentum=0.5, bn_count=1",
+                      "adam, bn_count=0", "adam, bn_count=1"]
+    assert run.epochs == 10 and run.replicates == 3 and configs[0].arch.widths == (784, 512, 256, 128, 64, 10)
+    assert configs[1].arch.bn_layers == (1,) and configs[1].arch.bn_position == "post"
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([1.0, 1.0, 1.0], (1.0, 1.0, 1.0)),
+    ([0.0, 2.0], (1.0, 1 - 12.706204736174698, 1 + 12.706204736174698)),
+])
+def test_t_interval(values, expected):
+    np.testing.assert_allclose(report.t_interval(values), expected, rtol=1e-12)
+
+
+def test_epochs_to_target():
+    curve = pd.DataFrame({"epoch": [0.0, 1.0, 2.0], "train_loss": [2.0, np.nan, np.nan],
+                          "train_loss_keras": [np.nan, 1.0, 0.25]})
+    assert report.epochs_to(curve, 1.0) == 1.0
+    assert report.epochs_to(curve, 0.5) == pytest.approx(1.5)  # halfway in log loss between 1 and 0.25
+    assert math.isnan(report.epochs_to(curve, 0.1))
+
+
+@pytest.mark.parametrize("name", sorted(reading.READINGS))
+def test_committed_readings_follow_from_committed_curves(name):
+    """Each gallery reading is what the reading code makes of the entry's committed data (no training)."""
+    entry = Path(__file__).resolve().parents[1] / "reports" / name
+    history = pd.read_csv(entry / "history.csv")
+    layers = pd.read_csv(entry / "layers_over_training.csv")
+    meta = json.loads((entry / "config.json").read_text())
+    assert reading.for_entry(name, history, layers, meta) == (entry / "reading.md").read_text()
+    assert "**Verdict: " in (entry / "reading.md").read_text()

@@ -1,0 +1,243 @@
+"""``varprop inspect``: measure a PyTorch model of your own at initialization."""
+
+from __future__ import annotations
+
+import math
+import shlex
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import SpecError
+from .common import force_option
+
+DEFAULT_REPLICATES = 4
+
+
+def require_torch() -> None:
+    """One line naming the extra when PyTorch is missing (exit status 2)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        from ..torch import TORCH_MISSING
+
+        exc = click.ClickException(TORCH_MISSING)
+        exc.exit_code = 2
+        raise exc from None
+
+
+def positive_int(value: str, option: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or str(value).strip() != str(n):
+        raise SpecError(option, f"expected a positive integer, got {value!r}")
+    return n
+
+
+def seed_arg(value: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0:
+        raise SpecError("seed", f"expected an integer >= 0, got {value!r}")
+    return n
+
+
+def mode_arg(value: str, option: str = "mode") -> str:
+    if value not in ("train", "eval"):
+        raise SpecError(option, f"expected train (batch statistics, dropout on) or eval, got {value!r}")
+    return value
+
+
+def load_inputs(path: str | None) -> Any:
+    """The array of ``--input-file`` (.npy), or None."""
+    if path is None:
+        return None
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise SpecError("input_file", f"no such file: {path}") from None
+    except Exception as exc:  # unreadable, not .npy, pickled: one line for the user
+        raise SpecError("input_file", f"cannot read {path} as a .npy array ({exc})") from None
+
+
+def shape_words(input_shape: str | None, input_file: str | None, mode: str, seed: int, device: str,
+                modules: str | None, types: str | None, no_trace: bool) -> list[str]:
+    """The options shared by inspect and check, as words of a reproducing command."""
+    words = ["--input-file", input_file] if input_file else ["--input-shape", input_shape or ""]
+    words += (["--mode", mode] if mode else []) + ["--seed", str(seed)]
+    words += ["--device", device] if device != "cpu" else []
+    words += ["--modules", modules] if modules else []
+    words += ["--types", types] if types else []
+    return words + (["--no-trace"] if no_trace else [])
+
+
+@click.command("inspect")
+@click.argument("model", metavar="MODEL")
+@click.option("--input-shape", default=None, metavar="N,C,...",
+              help="the input's shape, samples first (8,3,32,32 or 64,784); inputs are N(0, 1) from the seed")
+@click.option("--input-file", default=None, metavar="X.NPY",
+              help="inputs from a .npy file instead (the same every re-initialisation; integers go in as token ids)")
+@click.option("--replicates", default=str(DEFAULT_REPLICATES), metavar="R",
+              help=f"re-initialisations of the model, each from its own seed [default: {DEFAULT_REPLICATES}]")
+@click.option("--backward", is_flag=True, help="also measure the gradient w.r.t. every module's output")
+@click.option("--modules", default=None, metavar="GLOBS",
+              help="measure only modules whose qualified name matches (comma-separated globs: 'layer*.conv*')")
+@click.option("--types", default=None, metavar="NAMES", help="measure only these module types (Conv2d,Linear)")
+@click.option("--mode", default="train", metavar="train|eval",
+              help="train: batch statistics and dropout on; eval: running statistics [default: train]")
+@click.option("--seed", default="0", metavar="SEED", help="seed of inputs, weights and gradients [default: 0]")
+@click.option("--width-sweep", "widths", default=None, metavar="W1,W2,...",
+              help="call MODEL(width) at each width and fit every module's std against width "
+                   "(an automated coord check)")
+@click.option("--tolerance", default="0.1", metavar="B",
+              help="width sweep: exponents within +-B pass [default: 0.1]")
+@click.option("--device", default="cpu", metavar="DEVICE", help="cpu, cuda or cuda:N [default: cpu]")
+@click.option("--no-trace", is_flag=True,
+              help="do not trace the model with torch.fx (then additions and functional activations are unseen)")
+@click.option("--title", default=None, help="report title [default: the model's name]")
+@click.option("--format", "formats", default="md,html,csv,json", metavar="LIST",
+              help="outputs among md, html, csv, json (layers.csv and config.json are always written) "
+                   "[default: md,html,csv,json]")
+@click.option("--out", default=None, help="output directory [default: reports/runs/inspect-<model>-<shape>-...]")
+@force_option
+def inspect_cmd(model: str, input_shape: str | None, input_file: str | None, replicates: str, backward: bool,
+                modules: str | None, types: str | None, mode: str, seed: str, widths: str | None, tolerance: str,
+                device: str, no_trace: bool, title: str | None, formats: str, out: str | None, force: bool) -> None:
+    """Measure every module of your PyTorch model at initialization, over re-initialisations.
+
+    MODEL is module:function, a function (or class) that returns a fresh torch.nn.Module, found
+    from the working directory too. Each re-initialisation calls it under a torch generator seeded from
+    --seed, so re-initialisation r is the same model whatever else runs.
+
+    \b
+    Examples:
+      varprop inspect mypkg.models:make_model --input-shape 8,3,32,32
+      varprop inspect mypkg.models:make_model --input-shape 8,3,32,32 --replicates 10 --backward
+      varprop inspect mypkg.models:make_model --input-shape 64,784 --types Linear,ReLU --mode eval
+      varprop inspect mypkg.models:make_mlp --input-shape 64,784 --width-sweep 64,128,256,512
+    """
+    require_torch()
+    from .. import report as report_pkg
+    from ..report import inspect as report
+    from ..torch import _input_shape, _widths, inspect, load_model, residual_table, width_sweep
+    from ..report.document import plain
+    from .common import in_staging, parse_formats
+
+    n_rep = positive_int(replicates, "replicates")
+    seed_n = seed_arg(seed)
+    mode = mode_arg(mode)
+    fmts = parse_formats(formats)
+    if input_shape is None and input_file is None:
+        raise SpecError("input_shape", "give the input's shape, samples first (such as 8,3,32,32), or --input-file")
+    if input_shape is not None and input_file is not None:
+        raise SpecError("input_file", "give --input-shape or --input-file, not both")
+    shape = _input_shape(input_shape) if input_shape is not None else None
+    inputs = load_inputs(input_file)
+    ws = _widths(widths) if widths is not None else None
+    try:
+        tol = float(tolerance)
+    except ValueError:
+        tol = math.nan
+    if not (tol > 0 and math.isfinite(tol)):
+        raise SpecError("tolerance", f"expected a positive exponent tolerance such as 0.1, got {tolerance!r}")
+    factory = load_model(model, "MODEL")
+    options = dict(replicates=n_rep, backward=backward, modules=modules, types=types, mode=mode, inputs=inputs,
+                   seed=seed_n, device=device, trace=not no_trace)
+    words = ["varprop", "inspect", model, *shape_words(input_shape, input_file, mode, seed_n, device, modules, types,
+                                                      no_trace), "--replicates", str(n_rep)]
+    words += ["--backward"] if backward else []
+    words += ["--width-sweep", ",".join(map(str, ws)), "--tolerance", f"{tol:g}"] if ws else []
+    shape_text = "x".join(map(str, shape if shape is not None else inputs.shape))
+    name = f"inspect-{model.rpartition(':')[2]}-{shape_text}-seed{seed_n}"
+    out_dir = Path(out) if out else Path("reports") / "runs" / report_pkg.dir_name(name, shlex.join(words))
+    command = shlex.join(words + (["--out", out] if out else []) + (["--title", title] if title else []))
+
+    def work(tmp: Path) -> tuple[Any, Any, dict[str, Any]]:
+        if ws:
+            sweep = width_sweep(factory, ws, shape, tolerance=tol, **options)
+            table = sweep.table
+        else:
+            sweep, table = None, inspect(factory, shape, **options)
+        return table, sweep, report.write(table, tmp, command=command, title=title, formats=fmts, sweep=sweep)
+
+    try:
+        table, sweep, paths = in_staging(out_dir, work, force=force)
+    except SpecError as exc:
+        if exc.option != "model":
+            raise
+        raise SpecError("MODEL", str(exc).split(": ", 1)[1]) from None
+    summary = paths["summary"]
+    info = table.attrs["inspect"]
+    residual = residual_table(table)
+    shown = residual[residual["config"] == summary["config"].iloc[0]] if len(residual) else residual
+    for line in report.findings(summary, shown, info, sweep):
+        click.echo("- " + plain(line).replace("**", ""))
+    written = ", ".join(p.name for k, p in paths.items() if k not in ("summary", "report") and hasattr(p, "name"))
+    report_path = paths.get("report", paths["layers"])
+    click.echo(f"\nreport: {out_dir / report_path.name}  ({written} beside it)")
+
+
+MODEL_OPTIONS = ("model", "input_shape", "input_file", "model_mode", "modules", "types", "device")
+
+
+def model_options(fn: Any) -> Any:
+    """``varprop check``'s options for a PyTorch model (its --mode is the init's fan mode, hence --model-mode)."""
+    for decorate in reversed([
+            click.option("--model", default=None, metavar="MODULE:FUNCTION",
+                         help="check your PyTorch model instead: every module's std (see varprop inspect)"),
+            click.option("--input-shape", default=None, metavar="N,C,...",
+                         help="with --model: the input's shape, samples first"),
+            click.option("--input-file", default=None, metavar="X.NPY", help="with --model: inputs from a .npy file"),
+            click.option("--model-mode", default="train", metavar="train|eval",
+                         help="with --model: the model's mode [default: train]"),
+            click.option("--modules", default=None, metavar="GLOBS", help="with --model: check only these modules"),
+            click.option("--types", default=None, metavar="NAMES", help="with --model: check only these types"),
+            click.option("--device", default="cpu", metavar="DEVICE", help="with --model: cpu, cuda or cuda:N")]):
+        fn = decorate(fn)
+    return fn
+
+
+def check_model(given: dict[str, Any], model: str | None, input_shape: str | None, input_file: str | None,
+                model_mode: str, modules: str | None, types: str | None, device: str) -> Any:
+    """``varprop check --model``: every module's std within the band (varprop.torch.check_preserves_variance).
+    ``given`` holds check's own options as given on the command line: only --band, --backward, --replicates
+    and --seed apply to a model, another is refused."""
+    from .. import options
+
+    if model is None:
+        raise SpecError("model", "--input-shape, --input-file, --modules and --types describe a PyTorch model: "
+                        "give it with --model module:function")
+    plain = [k for k in given if k not in ("band", "backward", "replicates", "seed")]
+    if plain:
+        raise SpecError(plain[0], "is an option of the plain-stack check; with --model the model is yours (drop it)")
+    values = options.parse(given, "check")
+    get = lambda k: values.get(k, options.default(k, "check"))  # noqa: E731
+    if get("replicates") == "auto":
+        raise SpecError("replicates", "auto is the plain-stack check's; with --model give a number (at least 8)")
+    require_torch()
+    from ..torch import _input_shape, check_preserves_variance, load_model
+
+    factor = float(get("band"))
+    if not factor > 1:
+        raise SpecError("band", f"expected a factor > 1, got {given.get('band')!r}")
+    if input_shape is None and input_file is None:
+        raise SpecError("input_shape", "give the input's shape, samples first (such as 8,3,32,32), or --input-file")
+    if input_shape is not None and input_file is not None:
+        raise SpecError("input_file", "give --input-shape or --input-file, not both")
+    n_rep, seed_n, mode, backward = int(get("replicates")), int(get("seed")), mode_arg(model_mode, "model_mode"), \
+        bool(get("backward"))
+    words = ["varprop", "check", "--model", model, *shape_words(input_shape, input_file, "", seed_n, device, modules,
+                                                                types, False),
+             "--model-mode", mode, "--band", f"{factor:g}", "--replicates", str(n_rep)] + (
+        ["--backward"] if backward else [])
+    return check_preserves_variance(
+        load_model(model, "model"), _input_shape(input_shape) if input_shape else None, band=factor,
+        direction="both" if backward else "forward", replicates=n_rep, seed=seed_n, mode=mode, modules=modules,
+        types=types, inputs=load_inputs(input_file), device=device, command=shlex.join(words), label=model)

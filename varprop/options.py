@@ -1,0 +1,382 @@
+"""The one option table: every option of every command, its parser, default,
+help and metavar; the click options, the defaults, the TOML keys and the
+command that reproduces a run are all derived from it.
+
+A parser takes a value as the CLI (a string), a TOML file or Python gives
+it, and returns it checked and typed, or raises :class:`SpecError` with the
+one line the user sees, whichever way the value came.
+
+>>> parse({"layers": "3", "init": ["Kaiming", "xavier"]})
+{'layers': 3, 'init': ['he', 'xavier']}
+>>> command_line("simulate", {"layers": 3, "init": ["he", "xavier"], "backward": True})
+'varprop simulate --layers 3 --init he --init xavier --backward'
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import shlex
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from .errors import SpecError
+from .nn import activations, inits
+
+
+def _fail(option: str, accepted: str, value: Any, hint: str = "") -> SpecError:
+    return SpecError(option, f"expected {accepted}, got {value!r}{hint}")
+
+
+def _int(value: Any, option: str, accepted: str, ok: Callable[[int], bool]) -> int:
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        n = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise _fail(option, accepted, value) from None
+    if not ok(n):
+        raise _fail(option, accepted, value)
+    return n
+
+
+def parse_pos_int(value: Any, option: str) -> int:
+    return _int(value, option, "a positive integer", lambda n: n >= 1)
+
+
+def parse_threads(value: Any) -> int | None:
+    """``--threads``: a positive integer, or None for every core."""
+    return None if value is None else parse_pos_int(value, "threads")
+
+
+def parse_int_list(value: Any, option: str) -> tuple[int, ...]:
+    parts = value.split(",") if isinstance(value, str) else value
+    if isinstance(parts, int) and not isinstance(parts, bool):
+        parts = [parts]
+    try:
+        return tuple(_int(p.strip() if isinstance(p, str) else p, option, "", lambda n: n >= 1) for p in parts)
+    except (SpecError, TypeError):
+        raise _fail(option, "comma-separated positive integers such as 1,3,5", value) from None
+
+
+def parse_size(value: Any, option: str) -> int:
+    """Bytes from ``2G``, ``500M``, ``64K`` or a plain number of bytes."""
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    factor = units.get(text[-1:], 1)
+    try:
+        size = float(text[:-1] if text[-1:] in units else text) * factor
+    except ValueError:
+        raise _fail(option, "a size such as 4G, 500M or a number of bytes", value) from None
+    if not math.isfinite(size) or size <= 0:
+        raise _fail(option, "a positive size such as 4G or 500M", value)
+    return int(size)
+
+
+def parse_flag(value: Any, option: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes", "on"):
+        return True
+    if str(value).lower() in ("false", "0", "no", "off"):
+        return False
+    raise _fail(option, "true or false", value)
+
+
+def parse_seed(value: Any, option: str) -> int:
+    return _int(value, option, "an integer >= 0", lambda n: n >= 0)
+
+
+def _float(value: Any, option: str, accepted: str, ok: Callable[[float], bool]) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        x = float(value)
+    except (TypeError, ValueError):
+        raise _fail(option, accepted, value) from None
+    if not ok(x):
+        raise _fail(option, accepted, value)
+    return x
+
+
+def parse_pos_float(value: Any, option: str) -> float:
+    return _float(value, option, "a positive finite number", lambda x: math.isfinite(x) and x > 0)
+
+
+def parse_nonneg_float(value: Any, option: str) -> float:
+    return _float(value, option, "a finite number >= 0", lambda x: math.isfinite(x) and x >= 0)
+
+
+def _choice(choices: Iterable[str]) -> Callable[[Any, str], str]:
+    choices = tuple(choices)
+
+    def parse(value: Any, option: str) -> str:
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise _fail(option, "one of " + ", ".join(choices), value, hint)
+        return value
+
+    return parse
+
+
+def parse_activation(value: Any, option: str = "activation") -> str:
+    """A registered activation's name from its name or a framework's spelling
+    (``ReLU``, ``swish``, ``GELU``: :func:`varprop.activations.canonical_name`)."""
+    try:
+        return activations.canonical_name(value)
+    except ValueError:
+        raise _fail(option, "one of " + ", ".join(activations.NAMES) + " (any case; also PyTorch's, Keras' and "
+                    "JAX's spellings such as ReLU, swish)", value, activations.suggestion(value)) from None
+
+
+def parse_widths(value: Any, option: str = "widths") -> tuple[int, ...]:
+    accepted = "at least two comma-separated positive integers (input width, then one per layer)"
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        widths = tuple(parse_pos_int(p.strip() if isinstance(p, str) else p, option) for p in parts)
+    except (SpecError, TypeError):
+        raise _fail(option, accepted, value) from None
+    if len(widths) < 2:
+        raise _fail(option, accepted, value)
+    return widths
+
+
+INIT_ACCEPTED = ("one of " + ", ".join(inits.PRESETS) + ", a PyTorch, Keras or JAX name (kaiming_uniform, "
+                 "he_normal, glorot_uniform, lecun_normal, ...: README, 'Init names') or module:function")
+
+
+def parse_init(value: Any, option: str = "init") -> Any:
+    """A callable, a ``module:function`` string (imported to check it), or a
+    preset or framework name, returned as its canonical name
+    (:func:`varprop.inits.canonical_name`: ``Kaiming_Uniform`` -> ``he_uniform``)."""
+    if callable(value):
+        return value
+    if not isinstance(value, str):
+        raise _fail(option, f"{INIT_ACCEPTED}, or a callable (rng, fan_in, fan_out) -> array", value)
+    try:
+        if ":" in value:
+            inits.load_callable(value)
+            return value
+        return inits.canonical_name(value)
+    except ValueError as exc:
+        raise SpecError(option, f"{exc}; expected {INIT_ACCEPTED}") from None
+
+
+def parse_input_file(value: Any, option: str = "input_file") -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise _fail(option, "the path of an N x n_0 .npy file", value)
+    path = os.fspath(value)
+    if not os.path.isfile(path):
+        raise SpecError(option, f"no such file: {path}")
+    return path
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: how a value is parsed, its default, its help.
+
+    ``repeatable`` options compare every value given (simulate); ``flag``
+    options take no value; ``list_valued`` ones take a comma-separated list
+    as one value (``--widths 784,512,10``).
+    """
+
+    parse: Callable[[Any, str], Any]
+    default: Any
+    help: str
+    repeatable: bool = True
+    metavar: str = "VALUE"
+    flag: bool = False
+    list_valued: bool = False
+
+
+def _nonneg_int(value: Any, option: str) -> int:
+    return _int(value, option, "an integer >= 0", lambda n: n >= 0)
+
+
+def _batch(value: Any, option: str) -> int:
+    return _int(value, option, "an integer >= 2", lambda n: n >= 2)
+
+
+def _finite(value: Any, option: str) -> float:
+    return _float(value, option, "a finite number", math.isfinite)
+
+
+def _resolution(value: Any, option: str) -> int:
+    return _int(value, option, "an integer >= 3 (grid points along sigma_w^2)", lambda n: n >= 3)
+
+
+def _fan_ins(value: Any, option: str) -> tuple[int, ...]:
+    ns = parse_int_list(value, option)
+    if len(set(ns)) < 2:
+        raise SpecError(option, f"expected at least two different fan-ins to fit a line, got {value!r}")
+    return ns
+
+
+def _band(value: Any, option: str) -> float:
+    return _float(value, option, "a factor > 1", lambda x: math.isfinite(x) and x > 1)
+
+
+def _replicates_or_auto(value: Any, option: str) -> int | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return parse_pos_int(value, option)
+
+
+OPTIONS: dict[str, Option] = {
+    # --- the network (simulate; check, theory and fit use some) ---
+    "layers": Option(parse_pos_int, 100, "number of weight layers L (square stack of --width)", metavar="L"),
+    "width": Option(parse_pos_int, 100, "width of every layer, input included", metavar="N"),
+    "widths": Option(parse_widths, None, "explicit widths n_0,n_1,...,n_L, e.g. 784,512,256,128,64,10",
+                     metavar="N0,N1,...", list_valued=True),
+    "activation": Option(parse_activation, "linear", "hidden-layer activation: " + ", ".join(activations.NAMES),
+                         metavar="NAME"),
+    "output_activation": Option(parse_activation, None, "activation of the last layer (default: as hidden)",
+                                metavar="NAME"),
+    "leaky_slope": Option(_finite, 0.01, "negative slope of leaky_relu", metavar="SLOPE"),
+    "init": Option(parse_init, "fan_in", "init scheme: " + ", ".join(inits.PRESETS) + ", a PyTorch/Keras/JAX name "
+                   "(kaiming_uniform, he_normal, glorot_uniform, ...), or module:function", metavar="SCHEME"),
+    "distribution": Option(_choice(inits.DISTRIBUTIONS), None, "weight distribution: "
+                           + ", ".join(inits.DISTRIBUTIONS) + " (default: the scheme's own)", metavar="NAME"),
+    "mode": Option(_choice(inits.MODES), None, "fan the variance is divided by: " + ", ".join(inits.MODES)
+                   + " (default: the scheme's own)", metavar="MODE"),
+    "gain": Option(parse_pos_float, None, "gain (std multiplier) replacing the scheme's own", metavar="GAIN"),
+    "scale": Option(parse_pos_float, 1.0, "extra factor on the weight variance", metavar="SCALE"),
+    "bias_std": Option(parse_nonneg_float, None, "bias std sigma_b (default 0; torch-default: its own)",
+                       metavar="STD"),
+    "bn": Option(_choice(("all", "none")), None, "batch norm on every hidden layer (all) or none", metavar="all|none"),
+    "bn_layers": Option(parse_int_list, None, "hidden layers with batch norm, e.g. 1,3,5", metavar="L1,L2,...",
+                        list_valued=True),
+    "bn_count": Option(_nonneg_int, None, "batch norm on the first k hidden layers", metavar="K"),
+    "bn_position": Option(_choice(("pre", "post")), "pre",
+                          "batch norm on z before the activation (pre) or on its output (post)", metavar="pre|post"),
+    "bn_eps": Option(parse_nonneg_float, 1e-3, "batch norm epsilon, >= 0 (Keras' default 0.001; 0 as in "
+                     "mean-field BN theory, refused only where a batch channel's variance is exactly 0)",
+                     metavar="EPS"),
+    "batch_size": Option(_batch, None, "samples per batch-norm batch (default: all samples in one batch)",
+                         metavar="B"),
+    # --- what goes through it ---
+    "samples": Option(parse_pos_int, None, "number of input samples N (default 500, or the rows of --input-file)",
+                      metavar="N"),
+    "input": Option(_choice(("gaussian", "uniform")), "gaussian", "input distribution", metavar="KIND"),
+    "input_std": Option(parse_pos_float, 1.0, "input standard deviation", metavar="STD"),
+    "input_file": Option(parse_input_file, None, "real inputs: an N x n_0 .npy file", repeatable=False,
+                         metavar="FILE.npy"),
+    "replicates": Option(parse_pos_int, 1, "independent weight draws R", repeatable=False, metavar="R"),
+    "seed": Option(parse_seed, 0, "seed of the random generator tree", repeatable=False, metavar="SEED"),
+    "backward": Option(parse_flag, False, "also propagate a random gradient backward from the output",
+                       repeatable=False, flag=True),
+    "max_memory": Option(parse_size, None, "memory the run may use, e.g. 2G (default: half of what is available)",
+                         repeatable=False, metavar="SIZE"),
+    "dtype": Option(_choice(("float32", "float64")), "float32", "compute dtype (statistics are float64)",
+                    metavar="DTYPE"),
+    # --- the other commands' own ---
+    "fan_in": Option(_fan_ins, (10, 30, 100, 300, 1000, 3000), "fan-ins to measure", repeatable=False,
+                     metavar="N1,N2,...", list_valued=True),
+    "fan_out": Option(parse_pos_int, 100, "units of the one layer measured", repeatable=False, metavar="N"),
+    "sigma_w": Option(parse_pos_float, None, "weight std: sigma_w^2 = fan_in * Var(W_ij) (default: 1, or from "
+                      "--init)", repeatable=False, metavar="SW"),
+    "sigma_b": Option(parse_nonneg_float, None, "bias std: sigma_b^2 = Var(b_i) (default: 0, or --init's own bias)",
+                      repeatable=False, metavar="SB"),
+    "sigma_w2_max": Option(parse_pos_float, 4.0, "largest sigma_w^2 of the grid", repeatable=False, metavar="X"),
+    "sigma_b2_max": Option(parse_nonneg_float, 0.5, "largest sigma_b^2 of the grid", repeatable=False, metavar="X"),
+    "resolution": Option(_resolution, 40, "grid points along sigma_w^2 (3/4 as many on sigma_b^2)",
+                         repeatable=False, metavar="N"),
+    "measure": Option(parse_flag, False, "overlay the engine's measured correlations at a few grid points",
+                      repeatable=False, flag=True),
+    "band": Option(_band, 2.0, "allowed factor from the start", repeatable=False, metavar="FACTOR"),
+}
+
+# The options each command takes, and where its defaults differ from the table's.
+SIMULATE = ("layers", "width", "widths", "activation", "output_activation", "leaky_slope", "init", "distribution",
+            "mode", "gain", "scale", "bias_std", "bn", "bn_layers", "bn_count", "bn_position", "bn_eps", "batch_size",
+            "samples", "input", "input_std", "input_file", "replicates", "seed", "backward", "max_memory", "dtype")
+COMMANDS: dict[str, tuple[str, ...]] = {
+    "simulate": SIMULATE,
+    "check": ("init", "activation", "layers", "width", "band", "backward", "replicates", "samples", "seed",
+              "distribution", "mode", "gain", "scale", "bias_std", "leaky_slope", "bn", "bn_count", "bn_layers",
+              "bn_position", "bn_eps", "batch_size"),
+    "fit": ("fan_in", "fan_out", "init", "activation", "samples", "replicates", "seed"),
+    "theory": ("activation", "sigma_w", "init", "distribution", "mode", "gain", "scale", "sigma_b", "layers",
+               "width", "leaky_slope"),
+    "phase": ("activation", "sigma_w2_max", "sigma_b2_max", "resolution", "max_memory", "measure", "seed"),
+}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "check": {"init": "he", "activation": "relu", "layers": 50, "width": 256, "replicates": 16, "samples": 128},
+    "fit": {"init": "unit", "samples": 500, "replicates": 10},
+    "theory": {"activation": "tanh", "width": 1000},
+    "phase": {"activation": "tanh"},
+}
+# Per command, parsers that accept more than the table's (check's --replicates auto).
+PARSERS: dict[str, dict[str, Callable[[Any, str], Any]]] = {"check": {"replicates": _replicates_or_auto}}
+
+
+def default(name: str, command: str = "simulate") -> Any:
+    """The default of option ``name`` in ``command``.
+
+    >>> default("layers"), default("layers", "check")
+    (100, 50)
+    """
+    return DEFAULTS.get(command, {}).get(name, OPTIONS[name].default)
+
+
+def parse_one(name: str, value: Any, command: str = "simulate") -> Any:
+    """One value of option ``name`` as ``command`` reads it."""
+    return PARSERS.get(command, {}).get(name, OPTIONS[name].parse)(value, name)
+
+
+def repeated(key: str, value: Any) -> bool:
+    """Whether ``value`` lists several values of option ``key`` (a tuple never does;
+    ``widths = [784, 10]`` is one value, ``widths = [[784, 10], [784, 20]]`` two)."""
+    if not isinstance(value, list):
+        return False
+    return not (OPTIONS[key].list_valued and value and not isinstance(value[0], (str, list, tuple)))
+
+
+def parse(options: Mapping[str, Any], command: str = "simulate") -> dict[str, Any]:
+    """Validate a flat option mapping of ``command`` (values, or lists of
+    values for repeatable options); unknown keys fail."""
+    known = COMMANDS[command]
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        key = key.replace("-", "_")
+        if key not in known:
+            raise SpecError(key, "unknown option; known: " + ", ".join(o.replace("_", "-") for o in known))
+        opt = OPTIONS[key]
+        if repeated(key, value):
+            if not value:
+                raise SpecError(key, "an empty list gives nothing to run")
+            if not opt.repeatable and len(value) != 1:
+                raise SpecError(key, f"takes one value, got {len(value)}: " + ", ".join(map(str, value)))
+            out[key] = [parse_one(key, v, command) for v in value]
+        else:
+            out[key] = parse_one(key, value, command)
+    return out
+
+
+def word(value: Any) -> str:
+    """An option value as the command line writes it."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    if callable(value):
+        return f"{value.__module__}:{value.__qualname__}"
+    return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
+
+
+def command_line(command: str, values: Mapping[str, Any], *extra: str) -> str:
+    """The shell command that reruns ``command`` with ``values`` (parsed
+    values; a list for repeated ones), in the table's order, then ``extra``
+    words (``--out DIR``).
+    """
+    words = ["varprop", command]
+    for key in COMMANDS[command]:
+        if key not in values or values[key] is None:
+            continue
+        value = values[key]
+        if OPTIONS[key].flag:
+            words += ["--" + key.replace("_", "-")] if value else []
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            words += ["--" + key.replace("_", "-"), word(v)]
+    return shlex.join(words + list(extra))

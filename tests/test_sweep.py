@@ -257,16 +257,6 @@ def test_out_dir_with_other_files_is_refused(tmp_path):
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "mine"
 
 
-def test_missing_extra_names_the_install(monkeypatch, tmp_path):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "distributed" else real(name, *a))
-    r = CliRunner().invoke(main, ["sweep", str(write_grid(tmp_path / "g.toml", "layers = 2\n")), "--out", "o"])
-    assert r.exit_code == 2 and r.output == ("varprop: error: GRID: sweeps need distributed: "
-                                             "pip install 'varprop[sweep]'\n")
-
-
 def test_other_grid_refused_unless_extend(client, tmp_path):
     out = tmp_path / "s"
     sweep({**SMALL, "layers": [2, 3]}, client, out=out, report=False)

@@ -22,10 +22,13 @@ import pandas as pd
 from scipy import stats as sps
 
 from .. import theory
+from ..findings import assess
 from ..fit import line_fit
 from ..nn import inits
+from ..run import Configuration, Run
 from ..spec import expand, label_part
-from .document import Document, lit, to_html, to_markdown
+from .document import Document, Item, lit, to_html, to_markdown
+from .markdown import findings as markdown_findings
 from .markdown import fmt, fmt_pow10
 
 # name -> (column, layer: "last" or "input", what it is)
@@ -41,7 +44,9 @@ METRICS = {
 HEATMAP_METRICS = ("out_log10_std", "grad_log10_std", "abs_cos")
 MAX_PANELS = 12  # small multiples per figure; beyond, the first ones (the rest are in summary.csv)
 MAX_ROWS = 40  # rows of a table in the report (the CSV beside it has all)
-EXPLODES, VANISHES, COLLAPSED = 3.0, -3.0, 0.9
+# What varprop.findings.assess reads of the table, beside METRICS' columns.
+ASSESSED = ("post_log10_std", "post_unit_var", "post_frac_saturated", "post_frac_zero", "post_abs_cos_sim",
+            "grad_log10_std")
 
 
 def _read(directory: Path, manifest: dict[str, Any]) -> pd.DataFrame:
@@ -49,14 +54,25 @@ def _read(directory: Path, manifest: dict[str, Any]) -> pd.DataFrame:
     from ..sweeps.store import result_path
 
     keys = manifest["keys"]
-    want = ["config", *keys, "replicate", "layer"] + [col for col, _, _ in METRICS.values()]
+    want = list(dict.fromkeys(["config", *keys, "replicate", "layer", *ASSESSED]
+                              + [col for col, _, _ in METRICS.values()]))
+    have = [c for c in want if c in {col[0] for col in manifest["columns"]} | {"config", *keys}]
     frames = []
     for task in manifest["tasks"]:
         path = result_path(directory, task["key"])
         if path.exists():
-            have = [c for c in want if c in {col[0] for col in manifest["columns"]} | {"config", *keys}]
             frames.append(pd.read_parquet(path, columns=have))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["config", *keys])
+
+
+def as_run(results: pd.DataFrame, manifest: dict[str, Any]) -> Run:
+    """The finished configurations as a :class:`~varprop.run.Run` (what a
+    simulate report is made from): each configuration's ``varied`` options
+    are the grid keys' values it has."""
+    labels = set(results["config"])
+    configs = {t["label"]: Configuration(t["label"], {k: v for k, v in t["values"].items() if v is not None},
+                                         t["options"]) for t in manifest["tasks"] if t["label"] in labels}
+    return Run(results, list(configs.values()), versions=manifest["versions"])
 
 
 def per_replicate(results: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
@@ -74,31 +90,25 @@ def per_replicate(results: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     return out.reset_index()
 
 
-def per_config(reps: pd.DataFrame, manifest: dict[str, Any]) -> pd.DataFrame:
+def per_config(reps: pd.DataFrame, manifest: dict[str, Any], run: Run) -> pd.DataFrame:
     """One row per configuration: the mean over replicates of each metric
     (log10 std: the typical network), ``out_log10_rms_std`` (the mean
-    network), the replicate count, and sigma_w^2, sigma_b^2 of the last layer."""
+    network, from the run's summary), its verdict (:func:`varprop.findings.assess`),
+    the replicate count, and sigma_w^2, sigma_b^2 of the last layer."""
     keys = manifest["keys"]
     metrics = [m for m in METRICS if m in reps]
     g = reps.groupby("config", sort=False)
     out = g[list(keys)].first() if keys else pd.DataFrame(index=g.size().index)
     out = out.join(g[metrics].mean())
     out["replicates"] = g.size()
-    if "out_log10_std" in reps:
-        out["out_log10_rms_std"] = g["out_log10_std"].apply(
-            lambda v: 0.5 * _log10_mean_pow10(2 * v.to_numpy(float)))
+    summary = run.summary
+    last = summary.loc[summary.groupby("config", sort=False)["layer"].idxmax()].set_index("config")
+    out["out_log10_rms_std"] = last["post_log10_rms_std"]
+    out["verdict"] = pd.Series({a.label: a.verdict for a in assess(run)})
     sigmas = {t["label"]: _sigmas(t["options"]) for t in manifest["tasks"]}
     out["sigma_w2"] = [sigmas.get(c, (math.nan, math.nan))[0] for c in out.index]
     out["sigma_b2"] = [sigmas.get(c, (math.nan, math.nan))[1] for c in out.index]
     return out.reset_index()
-
-
-def _log10_mean_pow10(v: np.ndarray) -> float:
-    v = v[~np.isnan(v)]
-    if not np.isfinite(v).any():
-        return -math.inf
-    m = v[np.isfinite(v)].max()
-    return float(m + np.log10(np.mean(10.0 ** (v - m))))
 
 
 def _sigmas(options: dict[str, Any]) -> tuple[float, float]:
@@ -166,46 +176,25 @@ def fits(reps: pd.DataFrame, keys: Sequence[str], metric: str = "out_log10_std")
 
 # --- findings ------------------------------------------------------------------------
 
-def findings(summary: pd.DataFrame, fit_table: pd.DataFrame, manifest: dict[str, Any], failures: dict[str, Any],
-             phase_notes: list[str]) -> list[str]:
-    """What the sweep shows, each with its numbers."""
-    out = []
+def findings(run: Run | None, summary: pd.DataFrame, fit_table: pd.DataFrame, manifest: dict[str, Any],
+             failures: dict[str, Any], phase_notes: list[str]) -> list[Item]:
+    """What the sweep shows: the verdicts of a simulate report's findings
+    (:func:`varprop.report.markdown.findings`, grouped by verdict beyond a few
+    configurations), then the fitted exponents and the order-to-chaos notes."""
+    out: list[Item] = []
     n_tasks = len(manifest["tasks"])
     finished = n_tasks - len(failures)
     if failures:
         out.append(f"**{len(failures)} of {n_tasks} tasks failed** (see *Failed tasks*); the maps below show the "
                    "configurations that finished.")
-    if summary.empty:
+    if run is None or summary.empty:
         return out + ["No task has finished yet."]
-    if "out_log10_std" in summary:
-        s = summary.dropna(subset=["out_log10_std"])
-        lo, hi = s.loc[s["out_log10_std"].idxmin()], s.loc[s["out_log10_std"].idxmax()]
-        out.append(f"The last layer's std (typical network) ranges from {fmt_pow10(lo['out_log10_std'])} "
-                   f"({lit(lo['config'])}) to {fmt_pow10(hi['out_log10_std'])} ({lit(hi['config'])}) over "
-                   f"{len(s)} configurations.")
-        ex, va = (s["out_log10_std"] > EXPLODES).sum(), (s["out_log10_std"] < VANISHES).sum()
-        parts = []
-        if ex:
-            parts.append(f"{ex} explode (std above 1e+3: {_few(s[s['out_log10_std'] > EXPLODES]['config'])})")
-        if va:
-            parts.append(f"{va} vanish (below 1e-3: {_few(s[s['out_log10_std'] < VANISHES]['config'])})")
-        kept = len(s) - ex - va
-        out.append(f"{kept} of {len(s)} configurations keep the output std within [1e-3, 1e+3]"
-                   + ("; " + "; ".join(parts) if parts else "") + ".")
-    if "grad_log10_std" in summary and summary["grad_log10_std"].notna().any():
-        g = summary.dropna(subset=["grad_log10_std"])
-        bad = g[(g["grad_log10_std"] > EXPLODES) | (g["grad_log10_std"] < VANISHES)]
-        out.append(f"The input gradient's std (for a unit gradient at the output) leaves [1e-3, 1e+3] in "
-                   f"{len(bad)} of {len(g)} configurations" + (f": {_few(bad['config'])}." if len(bad) else "."))
-    if "abs_cos" in summary and summary["abs_cos"].notna().any():
-        c = summary[summary["abs_cos"] > COLLAPSED]
-        out.append(f"{len(c)} of {len(summary)} configurations collapse their inputs onto one direction (mean "
-                   f"|cos| above {COLLAPSED} at the last layer)" + (f": {_few(c['config'])}." if len(c) else "."))
+    out += markdown_findings(run)
     for (metric, key), g in fit_table.groupby(["metric", "option"], sort=False) if not fit_table.empty else []:
         if metric != "out_log10_std":  # the gradient's fits are in the table
             continue
         big = g.loc[g["slope"].abs().idxmax()]
-        std = "the last layer's std" if metric == "out_log10_std" else "the input gradient's std"
+        std = "the last layer's std"
         what = (f"exponent b of {std} ~ {key}^b" if big["fit"].startswith("per log10") else
                 f"log10 of {std} gained per layer" if key == "layers" else f"change of log10 of {std} per unit of {key}")
         ci = f" [{big['lo']:.3g}, {big['hi']:.3g}]" if np.isfinite(big["lo"]) else ""
@@ -216,11 +205,6 @@ def findings(summary: pd.DataFrame, fit_table: pd.DataFrame, manifest: dict[str,
     if finished < n_tasks and not failures:
         out.append(f"{finished} of {n_tasks} tasks have finished; rerun the sweep to finish the others.")
     return out
-
-
-def _few(labels: pd.Series, most: int = 4) -> str:
-    labels = [lit(x) for x in labels]
-    return "; ".join(labels[:most]) + (f"; and {len(labels) - most} more" if len(labels) > most else "")
 
 
 # --- figures ----------------------------------------------------------------------------
@@ -443,7 +427,8 @@ def write_report(directory: Path | str, manifest: dict[str, Any] | None = None,
     keys = manifest["keys"]
     results = _read(directory, manifest)
     reps = per_replicate(results, keys)
-    summary = per_config(reps, manifest) if not reps.empty else pd.DataFrame(columns=["config", *keys])
+    run = as_run(results, manifest) if not reps.empty else None
+    summary = per_config(reps, manifest, run) if run is not None else pd.DataFrame(columns=["config", *keys])
     fit_table = pd.concat([fits(reps, keys, m) for m in ("out_log10_std", "grad_log10_std") if m in reps],
                           ignore_index=True) if not reps.empty else pd.DataFrame()
     for (a, b) in heatmaps or []:
@@ -473,7 +458,7 @@ def write_report(directory: Path | str, manifest: dict[str, Any] | None = None,
         else:
             phase_path, phase_notes = None, []
         doc.h2("Findings")
-        doc.items(findings(summary, fit_table, manifest, failures, phase_notes))
+        doc.items(findings(run, summary, fit_table, manifest, failures, phase_notes))
         if figures_done:
             doc.h2("Maps over two options")
             doc.p("Each cell is one configuration, averaged over its replicates (log10 std: the mean of log10 std, "
@@ -565,6 +550,7 @@ def _title(manifest: dict[str, Any]) -> str:
 def _summary_table(summary: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     out = pd.DataFrame({"configuration": summary["config"].map(lit)})
     out["replicates"] = summary["replicates"].astype(int)
+    out["verdict"] = summary["verdict"]
     if "out_log10_std" in summary:
         out["output std (typical)"] = summary["out_log10_std"].map(fmt_pow10)
         out["output std (mean network)"] = summary["out_log10_rms_std"].map(fmt_pow10)

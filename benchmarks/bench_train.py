@@ -184,7 +184,8 @@ def main() -> None:
     lines = ["# Training benchmark: varprop train vs PyTorch (CPU)", "",
              f"Command: `python benchmarks/bench_train.py --repeats {args.repeats}"
              + (f" --threads {args.threads}" if args.threads else "")
-             + (f" --batches {args.batches}" if args.batches != ",".join(map(str, BATCHES)) else "") + f"`; machine: {platform.platform()}, "
+             + (f" --batches {args.batches}" if args.batches != ",".join(map(str, BATCHES)) else "")
+             + f"`; machine: {platform.platform()}, "
              f"{os.cpu_count()} CPUs; Python {platform.python_version()}, numpy {np.__version__}, "
              f"torch {torch.__version__} ({torch.get_num_threads()} threads). Load average (1 min) "
              f"{load_before[0]:.2f} before, {load_after[0]:.2f} after: this machine is shared, so only the "

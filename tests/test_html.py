@@ -42,11 +42,10 @@ def test_format_option_and_report_command(run_dir, tmp_path):
     r = CliRunner().invoke(main, ["simulate", "--layers", "3", "--width", "8", "--samples", "8", "--format", "md",
                                   "--out", str(only_md)])
     assert r.exit_code == 0
+    figures = {f"{name}.{ext}" for name in ("std_per_layer", "means_per_layer", "correlation_per_layer", "histograms")
+               for ext in ("png", "svg")}
     assert {p.name for p in only_md.iterdir()} == {".varprop-manifest.json", "report.md", "layers.csv", "config.json",
-                                                   "std_per_layer.png", "means_per_layer.png", "correlation_per_layer.png",
-                                                   "histograms.csv", "histograms.png", "std_per_layer.svg",
-                                                   "means_per_layer.svg", "correlation_per_layer.svg",
-                                                   "histograms.svg"}
+                                                   "histograms.csv", *figures}
     bad = CliRunner().invoke(main, ["simulate", "--format", "pdf"])
     assert bad.exit_code == 2 and "--format" in bad.stderr
     missing = CliRunner().invoke(main, ["report", str(tmp_path / "nothing")])

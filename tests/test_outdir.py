@@ -318,7 +318,8 @@ def test_the_cli_keeps_a_users_files_and_says_what_it_kept(tmp_path):
     assert "config.json -> config.json.~1~" in r.stderr and (target / "config.json.~1~").read_text() == "{}"
     assert (target / "thesis.tex").read_text() == "mine" and (target / "src" / "main.c").exists()
     manifest = complete(target)
-    assert {"config.json", "layers.csv", "report.md"} <= set(manifest["files"]) and "thesis.tex" not in manifest["files"]
+    assert {"config.json", "layers.csv", "report.md"} <= set(manifest["files"])
+    assert "thesis.tex" not in manifest["files"]
     for args in (["fit", "--fan-in", "10,20", "--samples", "8", "--replicates", "2"],
                  ["phase", "--resolution", "3"], ["gallery", "--only", "small-check"]):
         foreign = tmp_path / args[0]

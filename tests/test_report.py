@@ -115,7 +115,7 @@ def test_means_beyond_float64_print_in_log_scale(tmp_path):
     assert "overflow" not in report  # second moments and their intervals too: carried by their log10
     summary_table = tables(section(report, "Summary"))[0]
     assert re.fullmatch(r"-?\d\.\d{3}e\+\d+", summary_table[1][summary_table[0].index("mean of layer means")])
-    plotted, axis = figures._mean_axis(stats.summarize(layers), layers)
+    plotted, axis = figures.mean_axis(stats.summarize(layers), layers)
     means = signed_means(layers, ["config", "layer"])
     # Beyond +-1 the figure draws sign * (1 + log10 |mean|), from the log-scale mean.
     assert axis == "symlog" and plotted["mean_y"].iloc[-1] == pytest.approx(
@@ -153,7 +153,7 @@ def test_means_axis(peak, axis):
     with np.errstate(divide="ignore"):  # a mean of exactly 0 has log10 |mean| = -inf, as the engine writes it
         layers["post_log10_abs_mean"] = np.log10(np.abs(layers["post_mean"]))
     summary = layers.groupby(["config", "layer"], as_index=False)["post_mean"].mean()
-    plotted, got = figures._mean_axis(summary, layers)
+    plotted, got = figures.mean_axis(summary, layers)
     want = layers["post_mean"] if axis == "linear" else np.where(
         np.abs(layers["post_mean"]) > 1, np.sign(layers["post_mean"]) * (1 + layers["post_log10_abs_mean"]),
         layers["post_mean"])
@@ -195,7 +195,7 @@ def test_hidden_lines_are_found():
     ax.plot([0, 1, 2, 3], [4.0, 4.0, 4.001, 4.0], label="gelu")  # 1e-3 of an 8-unit axis 2 in tall: 0.02 pt
     ax.plot([0, 1, 2, 3], [3.0, 3.0, 3.0, 3.0], label="selu")
     ax.plot([0, 1, 2, 3], [3.0, 3.0, 3.2, 3.0], label="elu")  # 0.2 of 8 units: 3.6 pt, past half of 1.5 pt
-    got = figures._hidden_lines(ax, {"unit", "fan_in", "layers=1", "layers=3", "he", "drawn last", "relu", "gelu",
+    got = figures.hidden_lines(ax, {"unit", "fan_in", "layers=1", "layers=3", "he", "drawn last", "relu", "gelu",
                                      "selu", "elu"})
     plt.close(fig)
     assert sorted(got) == [(("layers=1",), "layers=3", "identical where both are drawn"),
@@ -326,7 +326,7 @@ def test_a_configuration_that_loses_its_signal_is_not_called_healthy():
 def test_theory_outside_the_single_networks_is_said():
     """The report names a configuration whose mean-field output std lies outside the range of its
     replicates, with that range, and not one whose range holds it."""
-    from varprop.report.markdown import _theory_gaps
+    from varprop.report.markdown import theory_gaps
 
     layers = pd.DataFrame({"config": ["far"] * 6 + ["near"] * 6, "replicate": [0, 0, 1, 1, 2, 2] * 2,
                            "layer": [0, 1] * 6,
@@ -335,7 +335,7 @@ def test_theory_outside_the_single_networks_is_said():
     summary = layers.groupby(["config", "layer"], as_index=False).agg(
         post_log10_rms_std=("post_log10_std", lambda v: 0.5 * np.log10(np.mean(10 ** (2 * v)))),
         theory_post_log10_std=("theory_post_log10_std", "first"))
-    gaps = [plain(g) for g in _theory_gaps(layers, summary, ["far", "near"])]
+    gaps = [plain(g) for g in theory_gaps(layers, summary, ["far", "near"])]
     assert gaps == ["**far**: theory 1.122e-6, x1.943e-5 the mean network (0.05774); single networks 1.259e-5 "
                     "to 0.1 at layer 1"]
 

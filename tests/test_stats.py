@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from varprop import stats
 from varprop.stats import STATS, log10_mean_pow10, side_stats, summarize
 
 
@@ -85,3 +86,12 @@ def test_side_stats_over_many_blocks():
             "abs_cos_sim": (head.sum() - np.trace(head)) / (128 * 127)}
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-12), key
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([1.0, 1.0, 1.0], (1.0, 1.0, 1.0)),
+    ([0.0, 2.0], (1.0, 1 - 12.706204736174698, 1 + 12.706204736174698)),  # t_{0.975, 1} = 12.7062 (tables)
+    ([math.nan, 3.0], (3.0, math.nan, math.nan)),  # non-finite values are left out; one value has no interval
+])
+def test_mean_interval(values, expected):
+    np.testing.assert_allclose(stats.mean_interval(values), expected, rtol=1e-12)

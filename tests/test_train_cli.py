@@ -45,6 +45,31 @@ def test_train_writes_report_and_data(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging directory left"
 
 
+def test_varprop_report_redraws_a_training_run(tmp_path):
+    out = tmp_path / "run"
+    assert run([*TINY, "--bn-count", "0", "--bn-count", "1", "--format", "csv", "--out", str(out)]).exit_code == 0
+    data = {name: (out / name).read_bytes() for name in ("history.csv", "layers_over_training.csv", "config.json")}
+    drawn = CliRunner().invoke(main, ["report", str(out)])
+    assert drawn.exit_code == 0, drawn.output
+    assert {"report.md", "report.html", "loss_curves.png", "layers_post_std.png"} <= {p.name for p in out.iterdir()}
+    assert "## Findings" in (out / "report.md").read_text()
+    assert {name: (out / name).read_bytes() for name in data} == data  # the data is read, never rewritten
+    # Drawn again from the same data: the same report, word for word.
+    first = (out / "report.md").read_text()
+    assert CliRunner().invoke(main, ["report", str(out), "--format", "md"]).exit_code == 0
+    assert (out / "report.md").read_text() == first
+    # History naming a configuration config.json does not: one line, exit 2, nothing changed.
+    history = pd.read_csv(out / "history.csv")
+    history.loc[0, "config"] = "relu, bn_count=7"
+    history.to_csv(out / "history.csv", index=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    bad = CliRunner().invoke(main, ["report", str(out)])  # the manifest sees the edit first
+    assert bad.exit_code == 2 and "history.csv changed since varprop wrote it" in bad.output
+    bad = CliRunner().invoke(main, ["report", str(out), "--force"])
+    assert bad.exit_code == 2 and "relu, bn_count=7" in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def test_rerun_command_reproduces(tmp_path):
     out = tmp_path / "a"
     assert run([*TINY, "--activation", "relu", "--format", "csv", "--out", str(out)]).exit_code == 0

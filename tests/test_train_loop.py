@@ -123,14 +123,6 @@ def test_comparisons_and_labels():
     assert configs[1].arch.bn_layers == (1,) and configs[1].arch.bn_position == "post"
 
 
-@pytest.mark.parametrize("values, expected", [
-    ([1.0, 1.0, 1.0], (1.0, 1.0, 1.0)),
-    ([0.0, 2.0], (1.0, 1 - 12.706204736174698, 1 + 12.706204736174698)),
-])
-def test_t_interval(values, expected):
-    np.testing.assert_allclose(report.t_interval(values), expected, rtol=1e-12)
-
-
 def test_epochs_to_target():
     curve = pd.DataFrame({"epoch": [0.0, 1.0, 2.0], "train_loss": [2.0, np.nan, np.nan],
                           "train_loss_keras": [np.nan, 1.0, 0.25]})

@@ -22,6 +22,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from .spec import RunSpec, from_options, to_options
+from .stats import t_half_width
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,8 @@ def fan_in_law(base: RunSpec, fan_ins: Iterable[int], fan_out: int = 100, progre
     icpts = np.array([f.intercept for f in per])
     n = len(per)
     se, ise = slopes.std(ddof=1) / math.sqrt(n), icpts.std(ddof=1) / math.sqrt(n)
-    tq = float(sps.t.ppf(0.975, n - 1))
-    return pts, LineFit(pooled.slope, float(se), pooled.slope - tq * se, pooled.slope + tq * se,
+    half = t_half_width(slopes.std(ddof=1), n)
+    return pts, LineFit(pooled.slope, float(se), pooled.slope - half, pooled.slope + half,
                         pooled.intercept, float(ise), pooled.r2, n - 1, pooled.residuals)
 
 
@@ -109,7 +110,7 @@ def depth_growth(layers: pd.DataFrame, side: str = "post", burn_in: int | None =
         per_rep = (wide[depth] - wide[b]) / (depth - b) if depth > b else pd.Series([math.nan])
         mean, n = float(per_rep.mean()), int(per_rep.notna().sum())
         se = float(per_rep.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-        half = float(sps.t.ppf(0.975, n - 1)) * se if n > 1 else math.nan
+        half = float(t_half_width(per_rep.std(ddof=1), n)) if n > 1 else math.nan
         th = math.nan
         tcol = f"theory_{side}_log10_std"
         if tcol in g and depth > b:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from .logscale import exp_times
 from .parallel import SERIAL, Pool, row_chunks
 
 STATS = ("mean", "std", "log10_std", "log10_abs_mean", "second_moment", "sq_unit_mean", "unit_var", "frac_zero",
@@ -27,14 +28,6 @@ STATS = ("mean", "std", "log10_std", "log10_abs_mean", "second_moment", "sq_unit
 ABS_COS_SAMPLES = 128  # |cos| is averaged over the pairs of the first 128 live samples
 SATURATION = 1e-3  # |phi'(z)| below this counts as saturated
 LN10 = math.log(10.0)
-
-
-def _scaled(x: float, log_factor: float) -> float:
-    """``x * exp(log_factor)`` without overflow warnings (inf when too large)."""
-    if x == 0 or not math.isfinite(x):
-        return x
-    log_abs = math.log(abs(x)) + log_factor
-    return math.copysign(math.exp(log_abs) if log_abs < 709.7 else math.inf, x)
 
 
 # Float64 work is done on pieces of about this many entries, in a per-thread
@@ -153,14 +146,14 @@ def from_sums(u: np.ndarray, parts: Sequence[Sums], log_s: float, saturated: flo
         cos_sim = abs_cos = math.nan
     std = math.sqrt(var)
     stats = {
-        "mean": _scaled(mean, log_s),
-        "std": _scaled(std, log_s),
+        "mean": exp_times(mean, log_s),
+        "std": exp_times(std, log_s),
         "log10_std": float(math.log(std) + log_s) / LN10 if std > 0 else -math.inf,
         # The mean's magnitude at any scale (its sign is the sign of "mean", which keeps it as +-inf).
         "log10_abs_mean": float(math.log(abs(mean)) + log_s) / LN10 if mean != 0 else -math.inf,
-        "second_moment": _scaled(second, 2 * log_s),
-        "sq_unit_mean": _scaled(sq_unit_mean, 2 * log_s),
-        "unit_var": _scaled(unit_var, 2 * log_s),
+        "second_moment": exp_times(second, 2 * log_s),
+        "sq_unit_mean": exp_times(sq_unit_mean, 2 * log_s),
+        "unit_var": exp_times(unit_var, 2 * log_s),
         "frac_zero": sum(p.zeros for p in parts) / size,
         "frac_saturated": saturated,
         "cos_sim": cos_sim,
@@ -170,7 +163,7 @@ def from_sums(u: np.ndarray, parts: Sequence[Sums], log_s: float, saturated: flo
 
 
 def side_stats(u: np.ndarray, log_s: float, saturated: float = math.nan, pool: Pool = SERIAL) -> dict[str, float]:
-    """The DESIGN.md statistics of ``exp(log_s) * u`` (N samples x n units).
+    """The statistics (ARCHITECTURE.md, "Definitions") of ``exp(log_s) * u`` (N samples x n units).
 
     ``saturated`` is the fraction of units with |phi'(z)| < 1e-3, computed by
     the caller, who knows the activation. Sums run in float64 over fixed
@@ -213,6 +206,32 @@ def _log10_abs_signed_mean(sign: pd.Series, log10_abs: pd.Series, by: list[pd.Se
         return (top + np.log10(np.abs(rel))).where(rel != 0, -np.inf)
 
 
+def t_half_width(sd: Any, n: Any, level: float = 0.95) -> Any:
+    """Half-width of the Student-t ``level`` interval of a mean of ``n`` values
+    whose sample std is ``sd``: scalars, arrays, Series or frames alike (NaN where n < 2).
+
+    >>> round(float(t_half_width(1.0, 4)), 6)  # t_{0.975, 3} = 3.1824 (tables), over sqrt(4)
+    1.591223
+    """
+    n_ = np.asarray(n, dtype=float)
+    t = sps.t.ppf(0.5 + level / 2, np.where(n_ > 1, n_ - 1, np.nan))
+    return sd / np.sqrt(n) * (t if t.ndim else float(t))
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of the finite ``values`` and its Student-t ``level`` interval (NaN bounds for fewer than 2).
+
+    >>> [round(v, 3) for v in mean_interval([1.0, 2.0, 3.0])]
+    [2.0, -0.484, 4.484]
+    """
+    v = np.asarray([x for x in values if math.isfinite(x)], float)
+    if len(v) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(v.mean())
+    half = float(t_half_width(v.std(ddof=1), len(v), level)) if len(v) > 1 else math.nan
+    return mean, mean - half, mean + half
+
+
 def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     """One row per (config, layer): the mean over replicates of each statistic,
     its standard error and 95% t interval (``_se``, ``_lo``, ``_hi``), and for
@@ -230,8 +249,8 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     g = layers.groupby(keys, sort=False)
     mean, n = g[cols].mean(), g[cols].count()
     with np.errstate(invalid="ignore"):
-        se = g[cols].std(ddof=1) / np.sqrt(n)
-        half = se * sps.t.ppf(0.975, (n - 1).where(n > 1))
+        sd = g[cols].std(ddof=1)
+        se, half = sd / np.sqrt(n), t_half_width(sd, n)
     out = pd.concat([mean, se.add_suffix("_se"), (mean - half).add_suffix("_lo"), (mean + half).add_suffix("_hi")],
                     axis=1)
     extra: dict[str, pd.Series] = {"replicates": g.size()}

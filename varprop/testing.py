@@ -46,7 +46,9 @@ def _t(false_alarm: float, dof: int) -> float:
 
 
 def _name(init: Init) -> str:
-    return init if isinstance(init, str) else f"{getattr(init, '__module__', '?')}:{getattr(init, '__qualname__', init)}"
+    if isinstance(init, str):
+        return init
+    return f"{getattr(init, '__module__', '?')}:{getattr(init, '__qualname__', init)}"
 
 
 def _false_alarm(value: Any) -> float:
@@ -219,7 +221,8 @@ def _layer_table(df: pd.DataFrame, sides: list[str], depth: int, limit: float, f
             theory_col = f"theory_{side}_log10_std"
             th = df[theory_col].iloc[layer] - df[theory_col].iloc[0 if side == "post" else depth] \
                 if theory_col in df else math.nan
-            verdict = "fail" if (lo > limit or hi < -limit) else "pass" if (-limit <= lo and hi <= limit) else "undecided"
+            verdict = ("fail" if (lo > limit or hi < -limit) else "pass" if (-limit <= lo and hi <= limit)
+                       else "undecided")
             needed = _replicates_to_decide(sd, min(abs(mean - limit), abs(mean + limit)), shared) \
                 if verdict == "undecided" else None
             rows.append({"direction": "forward" if side == "post" else "backward", "layer": layer,

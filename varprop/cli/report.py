@@ -42,14 +42,22 @@ def report_cmd(run_dir: str, formats: str, force: bool) -> None:
     if not path.is_dir():
         raise SpecError("RUN_DIR", f"{run_dir} does not exist")
     from ..report import inspect as inspect_report
+    from ..report import training
 
-    inspected = inspect_report.is_inspect_run(path)  # a varprop inspect run redraws as one
-    run = None if inspected else Run.load(path, run_dir)
+    # Which command made the run decides how it redraws: inspect and train runs say so in their files.
+    inspected, trained = inspect_report.is_inspect_run(path), training.is_training_run(path)
+    if trained and "json" in fmts:
+        raise SpecError("format", "a training run's data is its history.csv; expected md or html")
+    run = None if inspected or trained else Run.load(path, run_dir)
 
     def work(tmp: Path) -> dict[str, Any]:
         try:
             if inspected:
                 return inspect_report.rerender_into(path, tmp, fmts)
+            if trained:
+                saved = training.load(path)
+                return report.redraw_into(path, tmp, training.DATA_FILES,
+                                          lambda directory: training.render(*saved, directory, fmts))
             return report.rerender_into(path, tmp, fmts, run)
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             raise SpecError("RUN_DIR", f"cannot draw the run in {run_dir} ({type(exc).__name__}: {exc}); "

@@ -42,7 +42,8 @@ def simulate(config_file: str | None, title: str | None, formats: str, out: str 
     on_line = given("simulate", raw)
     values = read_config(config_file) if config_file is not None else {}
     # The command line's shape beats the file's, whichever way it is given.
-    for key in ("layers", "width") if "widths" in on_line else ("widths",) if {"layers", "width"} & set(on_line) else ():
+    shaped = {"layers", "width"} & set(on_line)
+    for key in ("layers", "width") if "widths" in on_line else ("widths",) if shaped else ():
         values.pop(key, None)
     values.update(on_line)
     fmts = parse_formats(formats)

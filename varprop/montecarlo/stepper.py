@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, MutableMapping
 import numpy as np
 
 from ..errors import SpecError
+from ..logscale import exp_times
 from ..nn import activations, batchnorm, inits
 from ..parallel import SERIAL, Pool, row_chunks
 from ..spec import RunSpec
@@ -311,7 +312,7 @@ class Network:
             norm = math.sqrt(math.fsum(squares))
             log_norm = math.log(norm) + log_uv if norm > 0 else -math.inf
             row["weight_grad_log10_norm"] = log_norm / math.log(10)
-            row["weight_grad_norm"] = math.exp(log_norm) if log_norm < 709.7 else math.inf
+            row["weight_grad_norm"] = exp_times(1.0, log_norm)
         self._pending_grad = ([lambda rows=rows: sum_squares(u_t[rows] @ v)
                                for rows in row_chunks(u_t.shape[0], v.shape[1])], finish)
         return in_band(Values(out, log_out, ms_out), pool), grad

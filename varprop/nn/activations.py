@@ -1,7 +1,7 @@
 """Activation registry: phi, phi', and evaluation at scales beyond float range.
 
 The engine carries a layer's values as ``h = exp(log_s) * u`` with ``u`` of
-order one (DESIGN.md, "Never let a value overflow"). :func:`apply_scaled`
+order one (ARCHITECTURE.md, "Numerical rules"). :func:`apply_scaled`
 evaluates ``phi`` on such a pair without ever forming ``exp(log_s) * u`` when
 that would overflow or underflow: every activation here is, far from zero,
 ``slope * x + offset`` on each side, and near zero ``phi(0) + phi'(0±) x``;
@@ -37,7 +37,7 @@ SELU_LAMBDA = 1.0507009873554804934193349852946
 SELU_ALPHA = 1.6732632423543772848170429916717
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Activation:
     """One activation function with the metadata the engine and theory need.
 
@@ -69,9 +69,10 @@ def _leaky(slope: float) -> Activation:
         return np.where(x > 0, x.dtype.type(1), x.dtype.type(slope))
 
     return Activation(
-        "leaky_relu" if slope else "relu",
-        lambda x: np.where(x > 0, x, x * x.dtype.type(slope)) if slope else np.maximum(x, 0),
-        dphi, True, 1.0, 0.0, slope, 0.0, 0.0, 1.0, slope,
+        name="leaky_relu" if slope else "relu",
+        phi=lambda x: np.where(x > 0, x, x * x.dtype.type(slope)) if slope else np.maximum(x, 0),
+        dphi=dphi, homogeneous=True, slope_pos=1.0, offset_pos=0.0, slope_neg=slope, offset_neg=0.0,
+        phi0=0.0, d0_pos=1.0, d0_neg=slope,
     )
 
 
@@ -125,25 +126,29 @@ def _expm1_neg(m: Array) -> Array:
 
 
 _REGISTRY: dict[str, Activation] = {
-    "linear": Activation("linear", lambda x: x, np.ones_like, True, 1, 0, 1, 0, 0, 1, 1),
+    "linear": Activation(name="linear", phi=lambda x: x, dphi=np.ones_like, homogeneous=True,
+                         slope_pos=1, offset_pos=0, slope_neg=1, offset_neg=0, phi0=0, d0_pos=1, d0_neg=1),
     "relu": _leaky(0.0),
-    "tanh": Activation("tanh", np.tanh, _tanh_d, False, 0, 1, 0, -1, 0, 1, 1),
-    "sigmoid": Activation("sigmoid", special.expit, _sigmoid_d, False, 0, 1, 0, 0, 0.5, 0.25, 0.25),
-    "selu": Activation(
-        "selu",
-        lambda x: SELU_LAMBDA * _elu_alpha(x, SELU_ALPHA),
-        lambda x: _elu_d(x, SELU_ALPHA, SELU_LAMBDA),
-        False, SELU_LAMBDA, 0, 0, -SELU_LAMBDA * SELU_ALPHA, 0, SELU_LAMBDA, SELU_LAMBDA * SELU_ALPHA,
-    ),
-    "elu": Activation("elu", lambda x: _elu_alpha(x, 1.0), lambda x: _elu_d(x, 1.0, 1.0), False, 1, 0, 0, -1, 0,
-                      1, 1),
-    "gelu": Activation("gelu", lambda x: x * special.ndtr(x), lambda x: _gelu_d_given(x, special.ndtr(x)), False,
-                       1, 0, 0, 0, 0, 0.5, 0.5, both=_gelu_both),
-    "silu": Activation("silu", lambda x: x * special.expit(x), lambda x: _silu_d_given(x, special.expit(x)), False, 1, 0, 0, 0, 0,
-                       0.5, 0.5, both=_silu_both),
-    "softplus": Activation(
-        "softplus", lambda x: np.logaddexp(0, x), special.expit, False, 1, 0, 0, 0, math.log(2), 0.5, 0.5
-    ),
+    "tanh": Activation(name="tanh", phi=np.tanh, dphi=_tanh_d, homogeneous=False,
+                       slope_pos=0, offset_pos=1, slope_neg=0, offset_neg=-1, phi0=0, d0_pos=1, d0_neg=1),
+    "sigmoid": Activation(name="sigmoid", phi=special.expit, dphi=_sigmoid_d, homogeneous=False,
+                          slope_pos=0, offset_pos=1, slope_neg=0, offset_neg=0, phi0=0.5, d0_pos=0.25, d0_neg=0.25),
+    "selu": Activation(name="selu", phi=lambda x: SELU_LAMBDA * _elu_alpha(x, SELU_ALPHA),
+                       dphi=lambda x: _elu_d(x, SELU_ALPHA, SELU_LAMBDA), homogeneous=False,
+                       slope_pos=SELU_LAMBDA, offset_pos=0, slope_neg=0, offset_neg=-SELU_LAMBDA * SELU_ALPHA,
+                       phi0=0, d0_pos=SELU_LAMBDA, d0_neg=SELU_LAMBDA * SELU_ALPHA),
+    "elu": Activation(name="elu", phi=lambda x: _elu_alpha(x, 1.0), dphi=lambda x: _elu_d(x, 1.0, 1.0),
+                      homogeneous=False, slope_pos=1, offset_pos=0, slope_neg=0, offset_neg=-1,
+                      phi0=0, d0_pos=1, d0_neg=1),
+    "gelu": Activation(name="gelu", phi=lambda x: x * special.ndtr(x),
+                       dphi=lambda x: _gelu_d_given(x, special.ndtr(x)), both=_gelu_both, homogeneous=False,
+                       slope_pos=1, offset_pos=0, slope_neg=0, offset_neg=0, phi0=0, d0_pos=0.5, d0_neg=0.5),
+    "silu": Activation(name="silu", phi=lambda x: x * special.expit(x),
+                       dphi=lambda x: _silu_d_given(x, special.expit(x)), both=_silu_both, homogeneous=False,
+                       slope_pos=1, offset_pos=0, slope_neg=0, offset_neg=0, phi0=0, d0_pos=0.5, d0_neg=0.5),
+    "softplus": Activation(name="softplus", phi=lambda x: np.logaddexp(0, x), dphi=special.expit, homogeneous=False,
+                           slope_pos=1, offset_pos=0, slope_neg=0, offset_neg=0, phi0=math.log(2),
+                           d0_pos=0.5, d0_neg=0.5),
 }
 
 

@@ -338,7 +338,8 @@ def unit_sd(distribution: str) -> float:
     return {"normal": 1.0, "uniform": 1 / math.sqrt(3.0), "truncated_normal": TRUNC_SD}[distribution]
 
 
-def draw_weights(s: Scheme, rng: np.random.Generator, fan_in: int, fan_out: int, dtype: type = np.float32) -> tuple[Array, float]:
+def draw_weights(s: Scheme, rng: np.random.Generator, fan_in: int, fan_out: int,
+                 dtype: type = np.float32) -> tuple[Array, float]:
     """Weights of a (fan_in x fan_out) layer as ``(W0, scale)``, ``W = scale * W0``."""
     if s.user is not None:
         w = np.asarray(s.user(rng, fan_in, fan_out))

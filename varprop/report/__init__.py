@@ -13,7 +13,7 @@ import os
 import platform
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,12 +23,12 @@ from ..outdir import owned_files, staging
 from ..run import DATA_FILES, Run, json_default
 from ..spec import Config, to_options
 from ..stats import summarize
-from . import figures
-from .document import Document, to_html, to_markdown
+from . import document, figures
+from .document import Document
 from .markdown import build_document, fit_document, fmt_pow10, shown_layers, terminal_table
 
-__all__ = ["staging", "write", "render", "rerender_into", "write_fit", "write_phase", "run_name", "dir_name",
-           "terminal_table", "fmt_pow10", "summarize", "FORMATS"]
+__all__ = ["staging", "write", "render", "rerender_into", "redraw_into", "write_fit", "write_phase", "run_name",
+           "dir_name", "terminal_table", "fmt_pow10", "summarize", "FORMATS"]
 
 
 def run_name(configs: Sequence[Config]) -> str:
@@ -84,14 +84,7 @@ def render(run: Run, directory: Path, formats: tuple[str, ...] = FORMATS) -> dic
         paths["histogram_figure"] = figures.histograms(run, directory / "histograms.png")
     doc = build_document(run, figure=paths["figure"].name,
                          histograms="histograms.png" if "histogram_figure" in paths else None)
-    if "md" in formats:
-        paths["report"] = directory / "report.md"
-        paths["report"].write_text(to_markdown(doc))
-    if "html" in formats:
-        paths["html"] = directory / "report.html"
-        paths["html"].write_text(to_html(doc, directory))
-        paths.setdefault("report", paths["html"])
-    return paths
+    return {**paths, **document.write(doc, directory, formats)}
 
 
 def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
@@ -104,16 +97,23 @@ def shown_summary(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def rerender_into(run_dir: Path, staged: Path, formats: tuple[str, ...], run: Run) -> dict[str, Any]:
-    """Redraw a saved run into ``staged``, the staging directory that is to
-    replace ``run_dir`` (:func:`varprop.outdir.staging`): its data files are
-    linked in, the figures and reports drawn, and the run's other outputs
-    that this render does not redraw (report.html when only md is asked,
-    a gallery's reading.md) carried over. ``run_dir`` itself is only read."""
+    """Redraw a saved simulate run into ``staged`` (:func:`redraw_into`)."""
+    return redraw_into(run_dir, staged, DATA_FILES, lambda directory: render(run, directory, formats))
+
+
+def redraw_into(run_dir: Path, staged: Path, data_files: Sequence[str],
+                draw: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Redraw a saved run of any command into ``staged``, the staging directory
+    that is to replace ``run_dir`` (:func:`varprop.outdir.staging`): its
+    ``data_files`` are linked in, ``draw(staged)`` draws the figures and
+    reports, and the run's other outputs that this render does not redraw
+    (report.html when only md is asked, a gallery's reading.md) are carried
+    over. ``run_dir`` itself is only read."""
     run_dir, staged = Path(run_dir), Path(staged)
-    for name in DATA_FILES:
+    for name in data_files:
         if (run_dir / name).is_file():
             _link(run_dir / name, staged / name)
-    paths = render(run, staged, formats)
+    paths = draw(staged)
     for name in owned_files(run_dir):
         if not (staged / name).exists():
             (staged / name).parent.mkdir(parents=True, exist_ok=True)
@@ -140,10 +140,7 @@ def write_fit(points: pd.DataFrame, result: Any, directory: Path, command: str) 
             "versions": {"varprop": __version__, "numpy": np.__version__, "python": platform.python_version()}}
     paths["fit"].write_text(json.dumps(meta, indent=2, default=json_default) + "\n")
     figures.fan_in_law(points, result, paths["figure"])
-    doc = fit_document(points, result, command, paths["figure"].name)
-    paths["report"].write_text(to_markdown(doc))
-    paths["html"].write_text(to_html(doc, directory))
-    return paths
+    return {**paths, **document.write(fit_document(points, result, command, paths["figure"].name), directory)}
 
 
 def write_phase(grid: pd.DataFrame, activation: str, directory: Path, measured: pd.DataFrame | None,
@@ -175,6 +172,4 @@ def write_phase(grid: pd.DataFrame, activation: str, directory: Path, measured: 
     doc.p("`phase.csv` holds every grid point: q*, chi_1, c*, xi_c and the phase. In the chaotic phase c* and "
           "xi_c come from Mehler's series for the c-map and agree with `varprop theory`'s to 1e-5, except within "
           "a few per cent of chi_1 = 1, where c* converges so slowly that the grid stops after 2,000 steps.")
-    paths["report"].write_text(to_markdown(doc))
-    paths["html"].write_text(to_html(doc, directory))
-    return paths
+    return {**paths, **document.write(doc, directory)}

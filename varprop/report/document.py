@@ -227,3 +227,17 @@ def to_html(doc: Document, figure_dir: Path) -> str:
             blocks.append({"kind": "figure", "src": f"data:image/png;base64,{data}", "alt": plain(x[1])})
     return _ENV.get_template("report.html").render(title=plain(doc.title), blocks=blocks, toc=toc,
                                                    toc_open=TOC_OPEN)
+
+
+def write(doc: Document, directory: Path, formats: Sequence[str] = ("md", "html")) -> dict[str, Path]:
+    """``doc`` as report.md and/or report.html in ``directory`` (figures read from there);
+    their paths, ``"report"`` being the Markdown one when written, else the HTML."""
+    directory, paths = Path(directory), {}
+    if "md" in formats:
+        paths["report"] = directory / "report.md"
+        paths["report"].write_text(to_markdown(doc))
+    if "html" in formats:
+        paths["html"] = directory / "report.html"
+        paths["html"].write_text(to_html(doc, directory))
+        paths.setdefault("report", paths["html"])
+    return paths

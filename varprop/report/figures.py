@@ -145,7 +145,7 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
     # (lines drawn over, the line on top, how they agree) -> the panels, as (quantity, title)
     hidden: dict[tuple[tuple[str, ...], str, str], list[tuple[str, str]]] = {}
     for ax, quantity, name, labels in drawn:  # now that every panel has its final y range
-        for under, top, how in _hidden_lines(ax, labels):
+        for under, top, how in hidden_lines(ax, labels):
             hidden.setdefault((under, top, how), []).append((quantity, name))
     fig.suptitle(title, fontsize=10)
     entries: dict[str, Any] = {}
@@ -178,7 +178,7 @@ def _hidden_note(key: tuple[tuple[str, ...], str, str], where: list[tuple[str, s
             + (f" (in {places})" if places else ""))
 
 
-def _hidden_lines(ax: plt.Axes, labels: set[str]) -> list[tuple[tuple[str, ...], str, str]]:
+def hidden_lines(ax: plt.Axes, labels: set[str]) -> list[tuple[tuple[str, ...], str, str]]:
     """The configurations' lines in ``ax`` (by legend label) that a line drawn
     later covers: at each of its points the later line has a point closer
     than half its line width on the page (a shallower stack that agrees with
@@ -419,7 +419,7 @@ def _legend_below_and_save(fig: plt.Figure, handles: list[Any], labels: list[str
 _LINEAR_MEANS = 10.0
 
 
-def _mean_axis(summary: pd.DataFrame, layers: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+def mean_axis(summary: pd.DataFrame, layers: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """``summary`` with the plotted mean (``mean_y``, and ``theory_mean_y``)
     and the axis it is drawn on: "linear" (the mean itself) or "symlog": the
     mean within +-1, ``sign * (1 + log10 |mean|)`` beyond, computed from
@@ -463,7 +463,7 @@ def means_and_channels(run: Run, path: Path) -> Path:
     taken over replicates in log scale (exact beyond float64) and drawn on a
     linear axis while it stays within +-10, else on a symmetric log axis."""
     layers, summary, configs = run.layers, run.summary, run.meta["configs"]
-    plotted, axis = _mean_axis(summary, layers)
+    plotted, axis = mean_axis(summary, layers)
     notes = []
     # The channel statistics have no log10 columns: beyond float64 they are inf, and not drawn. Near it, a
     # log axis cannot place its ticks: their log10 is drawn on a linear axis instead, as for the std.

@@ -14,13 +14,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
 from ..findings import PROBLEMS, Assessment, assess, growth
 from ..fit import depth_growth, line_fit
 from ..run import Run
 from ..spec import label_part
-from ..stats import log10_mean_pow10
+from ..stats import log10_mean_pow10, t_half_width
 from .document import Document, Item, lit, lit_code, visible
 
 MAX_FULL_LAYERS = 30  # tables show every layer up to this depth, then a subsample
@@ -172,7 +171,7 @@ def log_scale_stats(layers: pd.DataFrame) -> pd.DataFrame:
     mean, n, top = g["y"].mean(), g["y"].count(), g["peak"].first()
     low, high = g["l2"].min(), g["l2"].max()
     with np.errstate(invalid="ignore", divide="ignore"):
-        half = sps.t.ppf(0.975, (n - 1).where(n > 1)) * g["y"].std(ddof=1) / np.sqrt(n)
+        half = t_half_width(g["y"].std(ddof=1), n)
         out = pd.DataFrame({"m2_log10": np.where(mean == 0, -np.inf, top + np.log10(mean)),
                             "lo_sign": np.sign(mean - half), "lo_log10": top + np.log10(np.abs(mean - half)),
                             "hi_log10": top + np.log10(mean + half), "min_log10": low, "max_log10": high})
@@ -410,7 +409,7 @@ def default_title(meta: dict[str, Any]) -> str:
     return f"varprop: {shape}, {len(configs)} configurations ({' x '.join(lit(k.replace('_', ' ')) for k in keys)})"
 
 
-def _theory_gaps(layers: pd.DataFrame, summary: pd.DataFrame, labels: Sequence[str]) -> list[str]:
+def theory_gaps(layers: pd.DataFrame, summary: pd.DataFrame, labels: Sequence[str]) -> list[str]:
     """Configurations whose mean-field output std lies outside the range of
     their single networks (replicates), each with the theory, its ratio to
     the mean network and that range, the farthest first."""
@@ -500,7 +499,7 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
                     "random gradient at the output;",
                     "*gradient factor per layer*: its geometric-mean growth per layer going backward."]
     doc.items(explain)
-    gaps = _theory_gaps(layers, summary, labels) if reps > 1 else []
+    gaps = theory_gaps(layers, summary, labels) if reps > 1 else []
     if gaps:
         doc.p(f"Mean-field theory is the limit of infinite width at fixed depth (for a linear stack it is also the "
               "exact mean of the variance over all networks, a mean that a deep stack owes to networks too rare to "

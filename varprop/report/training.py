@@ -23,10 +23,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
-from scipy import stats  # noqa: E402
 
 from .. import __version__  # noqa: E402
-from .document import Document, to_html, to_markdown  # noqa: E402
+from ..stats import mean_interval  # noqa: E402
+from . import document  # noqa: E402
+from .document import Document  # noqa: E402
 
 FORMATS = ("md", "html")
 BN_KEYS = ("bn_count", "bn_layers", "bn_position")
@@ -77,22 +78,6 @@ def epochs_to(curve: pd.DataFrame, target: float) -> float:
     return math.nan
 
 
-def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and its t interval over replicates (NaN bounds for fewer than 2).
-
-    >>> [round(v, 3) for v in t_interval([1.0, 2.0, 3.0])]
-    [2.0, -0.484, 4.484]
-    """
-    v = np.asarray([x for x in values if math.isfinite(x)], float)
-    if len(v) == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(v.mean())
-    if len(v) < 2:
-        return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return mean, mean - half, mean + half
-
-
 def final_rows(history: pd.DataFrame) -> pd.DataFrame:
     """Each configuration x replicate's last epoch-end row."""
     ends = epoch_rows(history)
@@ -121,7 +106,7 @@ def _paired(final: pd.DataFrame, a: str, b: str, col: str) -> tuple[float, float
     y = final[final["config"] == b].set_index("replicate")[col]
     both = x.index.intersection(y.index)
     diff = (x[both] - y[both]).to_numpy(float)
-    mean, lo, hi = t_interval(diff)
+    mean, lo, hi = mean_interval(diff)
     return mean, lo, hi, int(np.isfinite(diff).sum())
 
 
@@ -149,7 +134,7 @@ def summary_table(history: pd.DataFrame, meta: dict[str, Any], target: float) ->
         label = cfg["label"]
         f = final[final["config"] == label]
         reach = [epochs_to(g, target) for _, g in ends[ends["config"] == label].groupby("replicate")]
-        acc = t_interval(f["test_accuracy"].tolist())
+        acc = mean_interval(f["test_accuracy"].tolist())
         reached = [r for r in reach if math.isfinite(r)]
         rows.append({
             "configuration": label,
@@ -254,7 +239,7 @@ def _batch_findings(final: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
         if len(members) < 2:
             continue
         members = sorted(members, key=lambda c: c["options"]["batch_size"])
-        acc = {c["label"]: t_interval(final[final["config"] == c["label"]]["test_accuracy"].tolist())[0]
+        acc = {c["label"]: mean_interval(final[final["config"] == c["label"]]["test_accuracy"].tolist())[0]
                for c in members}
         best = max(acc, key=lambda k: acc[k] if math.isfinite(acc[k]) else -1)
         parts = []
@@ -268,7 +253,8 @@ def _batch_findings(final: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
         best_b = next(c["options"]["batch_size"] for c in members if c["label"] == best)
         out.append(f"Batch size ({name}): batch {best_b} ends with the best test accuracy, {_pct(acc[best])}; "
                    "against it, " + "; ".join(parts) + ". An epoch is the same data at every batch size but "
-                   f"{meta['steps_per_epoch'][members[0]['label']]} steps at batch {members[0]['options']['batch_size']} "
+                   f"{meta['steps_per_epoch'][members[0]['label']]} steps at batch "
+                   f"{members[0]['options']['batch_size']} "
                    f"against {meta['steps_per_epoch'][members[-1]['label']]} at "
                    f"{members[-1]['options']['batch_size']}.")
     return out
@@ -554,7 +540,8 @@ def build_document(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, 
               "the first layer sees the data's second moment; the output layer linear, i.e. the logits), beside "
               "the trained networks' own step-0 statistics on the MNIST probe. The initial kernels are the same "
               "draws: the trainer initialises replicate r as simulate does with the same seed. The gradient "
-              "column is simulate's: the std of the gradient w.r.t. each layer's output when a random N(0, 1) gradient enters at the logits, relative to that one. The full "
+              "column is simulate's: the std of the gradient w.r.t. each layer's output when a random N(0, 1) "
+              "gradient enters at the logits, relative to that one. The full "
               "analysis, with figures and every statistic:")
         doc.code("\n".join(commands))
         doc.table(table)
@@ -617,11 +604,44 @@ def write(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], dir
     directory = Path(directory)
     meta = {**meta, "versions": {"varprop": __version__, "numpy": np.__version__, "pandas": pd.__version__,
                                  "python": platform.python_version()}}
+    history.to_csv(directory / "history.csv", index=False)
+    layers.to_csv(directory / "layers_over_training.csv", index=False)
+    (directory / "config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return render(history, layers, meta, directory, formats, with_at_init)
+
+
+def is_training_run(directory: Path) -> bool:
+    """Whether ``directory`` holds a ``varprop train`` run (its history.csv and config.json)."""
+    try:
+        return (Path(directory) / "history.csv").is_file() and "steps_per_epoch" in json.loads(
+            (Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """A saved training run's history, per-layer table and metadata, checked
+    against each other (ValueError naming what does not fit)."""
+    directory = Path(directory)
+    meta = json.loads((directory / "config.json").read_text())
+    history = pd.read_csv(directory / "history.csv")
+    layers = pd.read_csv(directory / "layers_over_training.csv")
+    labels = {c["label"] for c in meta["configs"]}
+    for name, frame in (("history.csv", history), ("layers_over_training.csv", layers)):
+        if frame.empty or "config" not in frame:
+            raise ValueError(f"{name} holds no rows of configurations")
+        unknown = set(frame["config"].astype(str)) - labels
+        if unknown:
+            raise ValueError(f"{name} names configurations config.json does not: {sorted(unknown)[:3]}")
+    return history, layers, meta
+
+
+def render(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], directory: Path,
+           formats: Sequence[str] = FORMATS, with_at_init: bool = True) -> dict[str, Path]:
+    """A training run's figures and reports into ``directory``; the paths of every file of the run."""
+    directory = Path(directory)
     paths = {"history": directory / "history.csv", "layers": directory / "layers_over_training.csv",
              "config": directory / "config.json"}
-    history.to_csv(paths["history"], index=False)
-    layers.to_csv(paths["layers"], index=False)
-    paths["config"].write_text(json.dumps(meta, indent=2, default=str) + "\n")
     if not ({"md", "html"} & set(formats)):
         return paths
     figures = {"loss": loss_curves(history, meta, directory / "loss_curves.png").name}
@@ -630,15 +650,7 @@ def write(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], dir
             continue  # nothing saturates (e.g. relu's zeros count, but linear): a blank figure says nothing
         figures[key] = layer_heatmap(layers, meta, key, title, log, directory / f"layers_{key}.png").name
     init_table = at_init(meta, layers) if with_at_init else None
-    doc = build_document(history, layers, meta, figures, init_table)
-    if "md" in formats:
-        paths["report"] = directory / "report.md"
-        paths["report"].write_text(to_markdown(doc))
-    if "html" in formats:
-        paths["html"] = directory / "report.html"
-        paths["html"].write_text(to_html(doc, directory))
-        paths.setdefault("report", paths["html"])
-    return paths
+    return {**paths, **document.write(build_document(history, layers, meta, figures, init_table), directory, formats)}
 
 
 def terminal_table(history: pd.DataFrame, meta: dict[str, Any]) -> str:
@@ -646,5 +658,7 @@ def terminal_table(history: pd.DataFrame, meta: dict[str, Any]) -> str:
     return summary_table(history, meta, target_loss(history)).to_string(index=False)
 
 
-__all__ = ["FORMATS", "bn_pairs", "epochs_to", "findings", "layer_heatmap", "loss_curves", "summary_table",
-           "t_interval", "terminal_table", "write"]
+DATA_FILES = ("config.json", "history.csv", "layers_over_training.csv")  # the run's data; a redraw reads them
+
+__all__ = ["DATA_FILES", "FORMATS", "bn_pairs", "epochs_to", "findings", "is_training_run", "layer_heatmap", "load",
+           "loss_curves", "render", "summary_table", "terminal_table", "write"]

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..logscale import exp_times
 from ..nn import activations
 from ..nn.activations import Activation
 from .quadrature import (arccos, first_nodes, fine_nodes, hermite, hermite_rows, moment_gap, nodes,
@@ -236,7 +237,7 @@ class AtQ:
             a, b = self.slopes
             m1 = (a - b) / math.sqrt(2 * math.pi)
             m2 = (a * a + b * b) / 2
-            mean = m1 * math.exp(0.5 * log_q) if 0.5 * log_q < 709 else math.copysign(math.inf, m1) if m1 else 0.0
+            mean = exp_times(m1, 0.5 * log_q)
             var = m2 - m1 * m1
             self.moments = Moments(mean, 0.5 * log_q + 0.5 * math.log(var) if var > 0 else -math.inf,
                                    log_q + math.log(m2) if m2 > 0 else -math.inf, m2,
@@ -264,7 +265,7 @@ class AtQ:
         if with_dphi2:
             d = activations.dphi_scaled(act, x, 0.5 * log_q)
             dphi2 = float(w @ (d * d))
-        mean = m * math.exp(log_s) if log_s < 700 else math.copysign(math.inf, m) if m else 0.0
+        mean = exp_times(m, log_s)
         self.moments = Moments(mean, log_s + 0.5 * math.log(var) if var > 0 else -math.inf,
                                2 * log_s + math.log(m2) if m2 > 0 else -math.inf, dphi2,
                                math.log(abs(m)) + log_s if m else -math.inf)

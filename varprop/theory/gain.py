@@ -28,7 +28,7 @@ NFNET_GAMMA = {  # nfnets' _nonlin_gamma, estimated by sampling
 
 
 def gains(act: Activation | str | Callable[[np.ndarray], np.ndarray], leaky_slope: float = 0.01) -> dict[str, Any]:
-    """Both gains of DESIGN.md for z ~ N(0, 1), with the published tables beside.
+    """Both gains (ARCHITECTURE.md, "Definitions") for z ~ N(0, 1), with the published tables beside.
 
     second_moment_gain = 1/sqrt(E[phi(z)^2]) (PyTorch's convention);
     variance_gain = 1/sqrt(Var phi(z)) (NFNets' gamma). ``act`` may be any

@@ -66,7 +66,8 @@ def predict(spec: RunSpec, inputs: Mapping[str, float] | None = None) -> pd.Data
     pre_mean = np.zeros(depth + 1)
     pre_mean[0] = math.nan  # layer 0 is the input: it has no pre-activation
     df = pd.DataFrame({"layer": range(depth + 1), **_columns("post", mean, log_sd, log_m2s, coss, log_abs_mean),
-                       **_columns("pre", pre_mean, 0.5 * log_q, log_q, c_pre, np.where(np.isnan(pre_mean), np.nan, -np.inf))})
+                       **_columns("pre", pre_mean, 0.5 * log_q, log_q, c_pre,
+                                  np.where(np.isnan(pre_mean), np.nan, -np.inf))})
     if spec.backward:
         _fill_dphi2(dphi2, log_q, net)
         _predict_backward(df, spec, scheme, dphi2)

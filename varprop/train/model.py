@@ -47,7 +47,7 @@ from ..parallel import SERIAL, Pool, row_chunks
 
 KERAS_BN_EPS = 1e-3
 KERAS_BN_MOMENTUM = 0.99
-SATURATION = 1e-3  # |phi'(z)| below this counts as saturated (DESIGN.md)
+SATURATION = 1e-3  # |phi'(z)| below this counts as saturated (ARCHITECTURE.md, "Definitions")
 BLOCK = 128  # rows or columns per block of a large product (fixed by the shapes, never by the thread count)
 SMALL_MACS = 1_000_000  # OpenBLAS's small-matrix kernel takes products up to 100^3 multiply-adds
 _PARALLEL_MACS = 1 << 22  # products smaller than this run in the caller's thread (same blocks, same numbers)

@@ -120,8 +120,8 @@ class Option:
 OPTIONS: dict[str, Option] = {
     "widths": Option(_widths, STUDY_WIDTHS, "widths n_0,...,n_L: input, hidden layers, classes (the study's)",
                      metavar="N0,N1,..."),
-    "activation": Option(_choice(activations.NAMES), "sigmoid", "hidden-layer activation: " + ", ".join(activations.NAMES),
-                         metavar="NAME"),
+    "activation": Option(_choice(activations.NAMES), "sigmoid",
+                         "hidden-layer activation: " + ", ".join(activations.NAMES), metavar="NAME"),
     "leaky_slope": Option(_float("a finite number", lambda x: True), 0.01, "negative slope of leaky_relu",
                           metavar="SLOPE"),
     "init": Option(_init, "keras-default", "Dense kernel init: " + ", ".join(inits.PRESETS) + ", or module:function "

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..report import training as tr
+from ..stats import mean_interval
 
 
 class _Run:
@@ -64,7 +65,7 @@ class _Run:
     def reach_diff(self, a: str, b: str, target: float) -> tuple[float, float, float, int]:
         """Epochs to ``target``, a's minus b's per seed: mean and 95% t interval (NaN if a seed never gets there)."""
         ta, tb = tr.reach(self.ends, a, target), tr.reach(self.ends, b, target)
-        return tr.t_interval([x - y for x, y in zip(ta, tb)]) + (len(ta),)
+        return mean_interval([x - y for x, y in zip(ta, tb)]) + (len(ta),)
 
     def reach_diff_words(self, a: str, b: str, target: float) -> str:
         m, lo, hi, _ = self.reach_diff(a, b, target)

@@ -1,0 +1,27 @@
+"""Numbers carried as ``x * exp(log_factor)``: the one place that decides when
+such a number leaves float64's range (ARCHITECTURE.md, "Numerical rules").
+
+Every column a run reports from a log-scale value goes through
+:func:`exp_times`, so two columns of one layer overflow at the same point
+(``inf`` exactly where float64 ends, never a warning), while the ``log10_``
+columns beside them stay exact.
+
+>>> exp_times(-2.0, 1000.0), exp_times(3.0, 0.0), exp_times(1.0, -1000.0)
+(-inf, 3.0, 0.0)
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def exp_times(x: float, log_factor: float) -> float:
+    """``x * exp(log_factor)``: ``±inf`` past float64's largest value, 0 below its smallest."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    if abs(log_factor) < 700:  # exp is a normal float: one rounded product, overflowing to inf by itself
+        return x * math.exp(log_factor)
+    try:  # x itself may bring the product back into range: add the logs
+        return math.copysign(math.exp(math.log(abs(x)) + log_factor), x)
+    except OverflowError:
+        return math.copysign(math.inf, x)

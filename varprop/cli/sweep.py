@@ -21,7 +21,8 @@ from . import Interrupted
 @click.option("--scheduler", default=None, metavar="ADDR",
               help="a running dask scheduler, e.g. tcp://host:8786 [default: a local cluster]")
 @click.option("--workers", default=None, metavar="N", help="local worker processes [default: one per core]")
-@click.option("--threads-per-worker", default="1", metavar="N", help="tasks each local worker runs at once [default: 1]")
+@click.option("--threads-per-worker", default="1", metavar="N",
+              help="tasks each local worker runs at once [default: 1]")
 @click.option("--replicates-per-task", default=None, metavar="N",
               help="cut each configuration's replicates into tasks of N [default: one task per configuration]")
 @click.option("--extend", is_flag=True, help="add this grid's tasks to a sweep directory holding another grid")

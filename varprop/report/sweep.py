@@ -196,7 +196,8 @@ def findings(run: Run | None, summary: pd.DataFrame, fit_table: pd.DataFrame, ma
         big = g.loc[g["slope"].abs().idxmax()]
         std = "the last layer's std"
         what = (f"exponent b of {std} ~ {key}^b" if big["fit"].startswith("per log10") else
-                f"log10 of {std} gained per layer" if key == "layers" else f"change of log10 of {std} per unit of {key}")
+                f"log10 of {std} gained per layer" if key == "layers" else
+                f"change of log10 of {std} per unit of {key}")
         ci = f" [{big['lo']:.3g}, {big['hi']:.3g}]" if np.isfinite(big["lo"]) else ""
         out.append(f"Along {key}: the {what} runs from "
                    f"{g['slope'].min():.3g} to {g['slope'].max():.3g} over {len(g)} groups; the largest is "

@@ -203,10 +203,8 @@ def _run(store: SweepDir, todo: list[dict[str, Any]], result: SweepResult, clien
                     _safely(store, store.fail, task["key"], _reason(exc), traceback.format_exc())
                     failed += 1
                 else:
-                    hook = None
-                    if kill_at is not None and result.ran + 1 == kill_at:
-                        hook = lambda: os.kill(os.getpid(), signal.SIGKILL)
-                    _safely(store, store.add, task, table, before_rename=hook)
+                    kill = kill_at is not None and result.ran + 1 == kill_at
+                    _safely(store, store.add, task, table, before_rename=_kill_self if kill else None)
                     result.ran += 1
             else:
                 exc = future.exception()
@@ -237,6 +235,10 @@ def _reason(exc: BaseException | None) -> str:
         return "cancelled"
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _kill_at() -> int | None:

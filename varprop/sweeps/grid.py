@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -41,7 +40,7 @@ from typing import Any
 from .. import __version__
 from ..errors import SpecError
 from ..options import OPTIONS, default, parse, parse_one, parse_pos_int, parse_seed, repeated
-from ..spec import DEFAULT_SAMPLES, Config, expand, label_part, to_options
+from ..spec import Config, expand, label_part, shared_samples, to_options
 
 RESERVED = ("zip", "exclude", "include")
 
@@ -295,8 +294,8 @@ def _with_shared_samples(combos: list[dict[str, Any]]) -> list[dict[str, Any]]:
     sizes = {c["batch_size"] for c in combos if "batch_size" in c}
     if not sizes or any("samples" in c or "input_file" in c for c in combos):
         return combos
-    lcm = math.lcm(*sizes)
-    return [{**c, "samples": lcm * math.ceil(DEFAULT_SAMPLES / lcm)} for c in combos]
+    samples = shared_samples(sizes)
+    return [{**c, "samples": samples} for c in combos]
 
 
 def _relevant(combo: Mapping[str, Any]) -> dict[str, Any]:

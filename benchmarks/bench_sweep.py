@@ -3,6 +3,7 @@
     python benchmarks/bench_sweep.py            # full run (about 10 minutes), writes benchmarks/RESULTS-sweep.md
     python benchmarks/bench_sweep.py --quick    # about two minutes (20 tasks of 0.5 s), writes nothing
     python benchmarks/bench_sweep.py --out FILE
+    python benchmarks/bench_sweep.py --tasks 40 --repeats 2   # fewer 1-second tasks (a busy machine)
 
 Measured:
 
@@ -18,7 +19,7 @@ Measured:
   after another in one process (each computed and written as a Parquet
   file, BLAS on one thread as in the sweep), and against the peer a user
   would write instead, a joblib loop (``Parallel(n_jobs=2)``, loky
-  processes). The three contenders are interleaved, repeat after repeat.
+  processes). The three contenders are interleaved, in turns A B C, C B A, ...
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ import dask  # noqa: E402
 import joblib  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402  (comes with distributed)
-from dask.distributed import Client, LocalCluster  # noqa: E402
+from dask.distributed import Client  # noqa: E402
 
 import varprop  # noqa: E402
 from varprop.sweeps.grid import build_grid  # noqa: E402
+from varprop.sweeps.run import local_cluster  # noqa: E402
 from varprop.sweeps.worker import task_frame  # noqa: E402
 
 TINY = {"layers": 1, "width": 4, "samples": 4}
@@ -116,16 +118,17 @@ def whole_process() -> dict:
     return {"first_s": first, "rerun_s": again}
 
 
-def speedup(client: Client, n: int, depth: int, repeats: int) -> dict:
+def speedup(client: Client, n: int, depth: int, seconds: float, repeats: int) -> dict:
     grid = {**HEAVY, "layers": depth, "seed": list(range(n))}
     opts = [t.options for t in build_grid(grid).tasks()]
     names = ("one process, one after another", "varprop sweep, 2 workers", "joblib loop, 2 processes")
     times: dict[str, list[float]] = {name: [] for name in names}
     cpus: dict[str, list[float]] = {name: [] for name in names}
+    loads: dict[str, list[float]] = {name: [] for name in names}
     with joblib.Parallel(n_jobs=2) as parallel:
         parallel(joblib.delayed(task_frame)(o, 0, 1) for o in opts[:2])  # start loky's workers first
-        for _ in range(repeats):
-            for name in names:
+        for r in range(repeats):
+            for name in (names if r % 2 == 0 else names[::-1]):  # A B C, C B A, ...: drift hits all alike
                 with tempfile.TemporaryDirectory() as tmp:
                     if name.startswith("one process"):
                         t, c = _measured(lambda: [one_task(o, tmp, str(i)) for i, o in enumerate(opts)])
@@ -136,9 +139,10 @@ def speedup(client: Client, n: int, depth: int, repeats: int) -> dict:
                                                           for i, o in enumerate(opts)))
                 times[name].append(t)
                 cpus[name].append(c)
+                loads[name].append(os.getloadavg()[0])
                 print(f"  {name}: {t:.1f} s, {c:.1f} CPU s", flush=True)
     seq = times[names[0]]
-    return {"tasks": n, "depth": depth, "times": times, "cpus": cpus,
+    return {"tasks": n, "depth": depth, "seconds": seconds, "times": times, "cpus": cpus, "loads": loads,
             "speedup": [s / v for s, v in zip(seq, times[names[1]])],
             "vs_joblib": [v / j for v, j in zip(times[names[1]], times[names[2]])]}
 
@@ -155,7 +159,7 @@ def report(res: dict, args: argparse.Namespace) -> str:
     sweep_cpu = statistics.median(s["cpus"][names[1]])
     lines = [
         "# Sweep benchmark results", "",
-        f"Command: `python benchmarks/bench_sweep.py{' --quick' if args.quick else ''}`; machine: "
+        f"Command: `python benchmarks/bench_sweep.py{' '.join(['', *sys.argv[1:]])}`; machine: "
         f"{platform.platform()}, {os.cpu_count()} CPUs; Python {platform.python_version()}, dask "
         f"{dask.__version__}, joblib {joblib.__version__}, numpy {np.__version__}. Load average (1, 5, 15 min) "
         f"before the run: {res['load_before']}; after: {res['load_after']}.", "",
@@ -170,21 +174,23 @@ def report(res: dict, args: argparse.Namespace) -> str:
         "", "## Times", "",
         "CPU: user + system seconds of the benchmark's process and every process it started. *cores*: CPU / wall, "
         "the cores the contender actually got.", "",
-        "| contender | wall (s), median | repeats (s) | speed-up over one process | CPU (s) | cores |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| contender | wall (s), median | repeats (s) | speed-up over one process | CPU (s) | cores | "
+        "load average (1 min) at the end of each repeat |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for name in names:
         ts, cs = s["times"][name], s["cpus"][name]
         lines.append(f"| {name} | {statistics.median(ts):.1f} | {', '.join(f'{t:.1f}' for t in ts)} | "
                      f"{seq / statistics.median(ts):.2f}x | {statistics.median(cs):.1f} | "
-                     f"{statistics.median(c / t for c, t in zip(cs, ts)):.2f} |")
+                     f"{statistics.median(c / t for c, t in zip(cs, ts)):.2f} | "
+                     f"{', '.join(f'{x:.1f}' for x in s['loads'][name])} |")
     lines += [
         "",
         f"varprop sweep / joblib loop (wall): {', '.join(f'{x:.2f}' for x in s['vs_joblib'])} per repeat.", "",
         f"Tasks: one configuration ({', '.join(f'{k} {v}' for k, v in HEAVY.items())}, {s['depth']} layers, "
-        f"calibrated here to about 1 s) with seeds 0..{s['tasks'] - 1}: one task each. Every contender computes "
-        "the same rows (`varprop.sweeps.worker.task_frame`, BLAS on one thread) and writes one Parquet file per "
-        "task; the sweep also writes its manifest and checks its directory.", "",
+        f"calibrated here to about {s['seconds']:g} s) with seeds 0..{s['tasks'] - 1}: one task each. Every "
+        "contender computes the same rows (`varprop.sweeps.worker.task_frame`, BLAS on one thread) and writes "
+        "one Parquet file per task; the sweep also writes its manifest and checks its directory.", "",
         f"Overhead: {o['tasks']} tasks of one layer of width 4 (their own compute: {o['compute_per_task_ms']:.1f} ms "
         f"each in this process) through `varprop.sweep` on a 2-worker LocalCluster already running: wall time per "
         f"task {o['wall_per_task_ms']:.1f} ms, CPU time per task {o['cpu_per_task_ms']:.1f} ms (driver and "
@@ -201,17 +207,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None, help="results file [default: benchmarks/RESULTS-sweep.md; --quick: none]")
+    ap.add_argument("--tasks", type=int, default=None, help="tasks of the speed-up grid [default: 200; --quick: 20]")
+    ap.add_argument("--repeats", type=int, default=None, help="repeats of the speed-up [default: 2; --quick: 1]")
     args = ap.parse_args()
     n, seconds, repeats = (20, 0.5, 1) if args.quick else (200, 1.0, 2)
+    n, repeats = args.tasks or n, args.repeats or repeats
     res = {"load_before": load()}
     depth = calibrate(seconds)
     print(f"task depth {depth} (about {seconds} s a task)", flush=True)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with local_cluster(2) as cluster, Client(cluster) as client:  # the cluster varprop sweep starts
         client.run(lambda: task_frame({**TINY, "seed": 0}, 0, 1))  # the workers' first imports, outside the timing
         res["overhead"] = overhead(client, 200, 3)
         print(f"overhead {res['overhead']['wall_per_task_ms']:.1f} ms a task", flush=True)
-        res["speedup"] = speedup(client, n, depth, repeats)
+        res["speedup"] = speedup(client, n, depth, seconds, repeats)
     res["whole"] = whole_process()
     res["load_after"] = load()
     text = report(res, args)

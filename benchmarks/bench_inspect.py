@@ -37,6 +37,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from varprop import torch as vt  # noqa: E402
+from varprop.inspect import run as inspect_run  # noqa: E402
 
 MODELS_SOURCE = '''
 import torch.nn as nn
@@ -129,13 +130,13 @@ def bench_model(name: str, factory: Callable[[], nn.Module], shape: tuple[int, .
     preps = {}
     for backward in (False, True):
         start = time.perf_counter()
-        preps[backward] = vt._prepare(model, None, None, True)
+        preps[backward] = inspect_run._prepare(model, None, None, True)
         prep_times.append(time.perf_counter() - start)
     contenders = {
         "bare forward": lambda: bare_pass(model, x, None),
-        "inspected forward": lambda: vt._pass(preps[False], x.clone(), 0, 0, False, True),
+        "inspected forward": lambda: inspect_run._pass(preps[False], x.clone(), 0, 0, False, True),
         "bare forward+backward": lambda: bare_pass(model, x, g),
-        "inspected forward+backward": lambda: vt._pass(preps[True], x.clone(), 0, 0, True, True),
+        "inspected forward+backward": lambda: inspect_run._pass(preps[True], x.clone(), 0, 0, True, True),
     }
     for fn in contenders.values():  # warm up: first calls allocate and pick kernels
         fn()
@@ -144,7 +145,7 @@ def bench_model(name: str, factory: Callable[[], nn.Module], shape: tuple[int, .
         for key, fn in contenders.items():
             model.zero_grad(set_to_none=True)
             times[key].append(timed(fn))
-    rows = len(vt._pass(preps[True], x.clone(), 0, 0, True, True).rows)
+    rows = len(inspect_run._pass(preps[True], x.clone(), 0, 0, True, True).rows)
     start = time.perf_counter()
     vt.inspect(factory, shape, replicates=1, backward=True)
     whole = time.perf_counter() - start

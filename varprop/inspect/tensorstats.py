@@ -122,7 +122,10 @@ def tensor_stats(x: "torch.Tensor", sample_axis: int = 0, channel_axis: int | No
     if m >= 2:
         head_rows = rows[:m] if first[-1] == m - 1 else rows[torch.from_numpy(first).to(own.device)]
         gram = _np(head_rows @ head_rows.T).astype(np.float64)
-        gram = np.abs(gram * inv[first][:, None] * inv[first][None, :])
+        scale = inv[first]
+        gram *= scale[:, None]  # in place: the m x m temporaries took 5% of an MLP layer's statistics here
+        gram *= scale[None, :]
+        np.abs(gram, out=gram)
         head = float((gram.sum() - np.trace(gram)) / (m * (m - 1)))
     m_rows = a * b
     col = _pooled_blocks(*blocks) if blocks is not None else None

@@ -284,6 +284,27 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
     return run_configs(configs_for(spec, vary, **options), progress, threads).layers
 
 
+def replicate_rows(spec: RunSpec, replicates: Sequence[int], plan: int, progress: Progress | None = None,
+                   pool: Pool = SERIAL) -> tuple[pd.DataFrame, dict[int, np.ndarray]]:
+    """Replicates ``replicates`` of one configuration: their rows of the
+    ``layers.csv`` table (without the label columns), the theory's
+    predictions on every row, and replicate 0's histograms (empty when it is
+    not among them). ``varprop sweep`` runs a configuration's replicates in
+    blocks through this too, so its numbers are simulate's."""
+    # Multi-threaded BLAS splits products differently for each thread
+    # count, which changes the last bits: BLAS runs on one thread (for
+    # the theory's use of the input file's statistics too) and varprop's
+    # own threads work on fixed blocks (parallel.py).
+    with threadpool_limits(1, user_api="blas"):
+        tables = run_replicates(spec, replicates, progress, pool, plan)
+        inputs = side_stats(*make_inputs(spec, 0)) if spec.input_file is not None else None
+        predicted = theory.predict(spec, inputs)
+    hist = tables[0].hist if tables else {}
+    frame = pd.concat([table.frame(rep) for rep, table in zip(replicates, tables)], ignore_index=True)
+    del tables
+    return frame.merge(predicted, on="layer", how="left"), hist
+
+
 def run_configs(configs: Sequence[Config], progress: Progress | None = None, threads: int | None = None) -> Run:
     """Run every configuration of a comparison: the :class:`~varprop.run.Run`
     that reports are made from (its table, histograms and configurations)."""
@@ -292,21 +313,11 @@ def run_configs(configs: Sequence[Config], progress: Progress | None = None, thr
     start = time.perf_counter()
     frames, hists = [], []
     for c, plan in zip(configs, plans):
-        # Multi-threaded BLAS splits products differently for each thread
-        # count, which changes the last bits: BLAS runs on one thread (for
-        # the theory's use of the input file's statistics too) and varprop's
-        # own threads work on fixed blocks (parallel.py).
-        with threadpool_limits(1, user_api="blas"):
-            tables = run_replicates(c.spec, range(c.spec.replicates), progress, pool, plan)
-            inputs = side_stats(*make_inputs(c.spec, 0)) if c.spec.input_file is not None else None
-            predicted = theory.predict(c.spec, inputs)
-        for layer, counts in tables[0].hist.items():
+        frame, hist = replicate_rows(c.spec, range(c.spec.replicates), plan, progress, pool)
+        for layer, counts in hist.items():
             hists.append(pd.DataFrame({"config": c.label, "layer": layer, "bin_lo": HIST_EDGES[:-1],
                                        "bin_hi": HIST_EDGES[1:],
                                        "density": counts / max(counts.sum(), 1) / np.diff(HIST_EDGES)}))
-        frame = pd.concat([table.frame(rep) for rep, table in enumerate(tables)], ignore_index=True)
-        del tables
-        frame = frame.merge(predicted, on="layer", how="left")
         for key, value in reversed(list(c.varied.items())):
             if key in frame:  # a varied --width: the per-layer width column already holds it
                 continue

@@ -10,7 +10,8 @@ shared machine hits them alike: the bare model's forward (under no_grad) and for
 gradient of sum(g * output), parameter gradients included), and the inspected pass of each: forward
 hooks taking every module's statistics, tensor hooks the gradients' (the model traced by torch.fx
 beforehand, as inspect runs it). The target of issue 21: inspected within 1.5x of bare. The ratio is
-taken within each repeat; the table gives the median and range over repeats. Preparing a replicate
+taken within each repeat, of wall times and of the process's CPU times (steadier on a shared machine:
+they do not count waits for a core); the table gives the median and range over repeats. Preparing a replicate
 (the fx trace and rewrite) and the theory are once per re-initialisation, not per pass: reported apart.
 Whole-process: ``varprop inspect`` against a script that builds the model and runs one forward +
 backward, each in a fresh process (wall time and peak RSS).
@@ -37,6 +38,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from varprop import torch as vt  # noqa: E402
+from varprop.inspect import run as inspect_run  # noqa: E402
 
 MODELS_SOURCE = '''
 import torch.nn as nn
@@ -114,10 +116,12 @@ def bare_pass(model: nn.Module, x: torch.Tensor, g: torch.Tensor | None) -> None
     (model(x) * g).sum().backward()
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``fn()``: on a shared machine the wall time counts the waits for a core, the
+    process's CPU time only the work (on one PyTorch thread, the steadier measure)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def bench_model(name: str, factory: Callable[[], nn.Module], shape: tuple[int, ...], repeats: int) -> dict:
@@ -129,30 +133,34 @@ def bench_model(name: str, factory: Callable[[], nn.Module], shape: tuple[int, .
     preps = {}
     for backward in (False, True):
         start = time.perf_counter()
-        preps[backward] = vt._prepare(model, None, None, True)
+        preps[backward] = inspect_run._prepare(model, None, None, True)
         prep_times.append(time.perf_counter() - start)
     contenders = {
         "bare forward": lambda: bare_pass(model, x, None),
-        "inspected forward": lambda: vt._pass(preps[False], x.clone(), 0, 0, False, True),
+        "inspected forward": lambda: inspect_run._pass(preps[False], x.clone(), 0, 0, False, True),
         "bare forward+backward": lambda: bare_pass(model, x, g),
-        "inspected forward+backward": lambda: vt._pass(preps[True], x.clone(), 0, 0, True, True),
+        "inspected forward+backward": lambda: inspect_run._pass(preps[True], x.clone(), 0, 0, True, True),
     }
     for fn in contenders.values():  # warm up: first calls allocate and pick kernels
         fn()
     times: dict[str, list[float]] = {k: [] for k in contenders}
+    cpu: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(repeats):
         for key, fn in contenders.items():
             model.zero_grad(set_to_none=True)
-            times[key].append(timed(fn))
-    rows = len(vt._pass(preps[True], x.clone(), 0, 0, True, True).rows)
+            wall, used = timed(fn)
+            times[key].append(wall)
+            cpu[key].append(used)
+    rows = len(inspect_run._pass(preps[True], x.clone(), 0, 0, True, True).rows)
     start = time.perf_counter()
     vt.inspect(factory, shape, replicates=1, backward=True)
     whole = time.perf_counter() - start
     out = {"model": name, "shape": list(shape), "rows": rows, "prepare_s": statistics.median(prep_times),
-           "inspect_one_replicate_s": whole, "times": times}
+           "inspect_one_replicate_s": whole, "times": times, "cpu_times": cpu}
     for direction in ("forward", "forward+backward"):
-        ratios = [i / b for i, b in zip(times[f"inspected {direction}"], times[f"bare {direction}"])]
-        out[f"ratio {direction}"] = (statistics.median(ratios), min(ratios), max(ratios))
+        for key, t in (("ratio", times), ("cpu ratio", cpu)):
+            ratios = [i / b for i, b in zip(t[f"inspected {direction}"], t[f"bare {direction}"])]
+            out[f"{key} {direction}"] = (statistics.median(ratios), min(ratios), max(ratios))
     return out
 
 
@@ -203,15 +211,20 @@ def write_results(path: Path, runs: list[dict], command: str, repeats: int) -> N
         results, whole, load = run["results"], run["whole_process"], run["load"]
         lines += [f"## PyTorch on {run['threads']} thread{'s' if run['threads'] > 1 else ''} (load average "
                   f"{load[0]:.1f} at the start, {load[1]:.1f} at the end)", "",
-                  "Hook overhead (target: inspected within 1.5x of bare):", "",
-                  "| model | input | rows | bare forward (s) | inspected / bare | bare fwd+bwd (s) "
-                  "| inspected / bare |", "|---|---|---:|---:|---:|---:|---:|"]
+                  "Hook overhead (target: inspected within 1.5x of bare), as wall time and as the process's CPU "
+                  "time:", "",
+                  "| model | input | rows | bare forward (s) | inspected / bare: wall | CPU | bare fwd+bwd (s) "
+                  "| inspected / bare: wall | CPU |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+        def cell(v: tuple[float, float, float]) -> str:
+            return f"{v[0]:.2f} ({v[1]:.2f}-{v[2]:.2f})"
+
         for r in results:
-            f, fb = r["ratio forward"], r["ratio forward+backward"]
             lines.append(f"| {r['model']} | {'x'.join(map(str, r['shape']))} | {r['rows']} | "
-                         f"{statistics.median(r['times']['bare forward']):.4f} | {f[0]:.2f} ({f[1]:.2f}-{f[2]:.2f}) "
-                         f"| {statistics.median(r['times']['bare forward+backward']):.4f} | "
-                         f"{fb[0]:.2f} ({fb[1]:.2f}-{fb[2]:.2f}) |")
+                         f"{statistics.median(r['times']['bare forward']):.4f} | {cell(r['ratio forward'])} | "
+                         f"{cell(r['cpu ratio forward'])} | "
+                         f"{statistics.median(r['times']['bare forward+backward']):.4f} | "
+                         f"{cell(r['ratio forward+backward'])} | {cell(r['cpu ratio forward+backward'])} |")
         lines += ["", "Once per re-initialisation:", "",
                   "| model | prepare: fx trace + rewrite (s) | whole inspect(), one replicate, backward (s) |",
                   "|---|---:|---:|"]
@@ -227,8 +240,9 @@ def write_results(path: Path, runs: list[dict], command: str, repeats: int) -> N
     if any(max(run["load"]) > (os.cpu_count() or 1) for run in runs):
         lines += ["Reading: the machine was busy (load average above its core count: other processes shared "
                   "the cores). A kernel split over threads then waits for a descheduled one, so multi-thread "
-                  "times swing (see the ranges; the bare model itself ran slower on two threads than on one) "
-                  "and the one-thread table is the steadier measure.", ""]
+                  "times swing (see the ranges), and wall times count every wait for a core: the one-thread "
+                  "table's CPU-time ratios are the steadier measure (with two threads the CPU time adds both "
+                  "threads', their spin-waits included).", ""]
     path.write_text("\n".join(lines))
 
 
@@ -254,8 +268,9 @@ def main() -> None:
             results = []
             for name, _, factory, shape in cases(models, args.quick):
                 r = bench_model(name, factory, shape, repeats)
-                print(f"{threads} thread(s) {name:12s} forward x{r['ratio forward'][0]:.2f}  forward+backward "
-                      f"x{r['ratio forward+backward'][0]:.2f}  ({r['rows']} rows)", flush=True)
+                print(f"{threads} thread(s) {name:12s} forward x{r['ratio forward'][0]:.2f} (CPU "
+                      f"x{r['cpu ratio forward'][0]:.2f})  forward+backward x{r['ratio forward+backward'][0]:.2f} "
+                      f"(CPU x{r['cpu ratio forward+backward'][0]:.2f})  ({r['rows']} rows)", flush=True)
                 results.append(r)
             whole = whole_process(directory, threads)
             print(json.dumps(whole), flush=True)

@@ -242,6 +242,39 @@ def test_residual_skip_and_branch_against_the_closed_form(alpha):
         within(add["post_second_moment"].to_numpy(), add["theory_post_second_moment"].iloc[0])
 
 
+class _Block(nn.Module):
+    """conv -> bn, then the skip added to the branch in place (``out += x``) or not, then an in-place relu."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.conv, self.bn, self.relu, self.inplace = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(
+            inplace=True), inplace
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        if self.inplace:
+            out += x
+        else:
+            out = out + x
+        return self.relu(out)
+
+
+def test_an_in_place_addition_is_traced_in_place_with_the_same_statistics():
+    from varprop.inspect import graph
+
+    prepared = graph.prepare(_Block(True))
+    assert [op.target.__name__ for op in prepared.residuals] == ["iadd"]  # not a copy the model does not make
+    tables = [inspect(lambda inplace=inplace: _Block(inplace), input_shape=(6, 4, 5, 5), replicates=2,
+                      backward=True, seed=9) for inplace in (True, False)]
+    assert list(tables[0]["name"]) == list(tables[1]["name"])
+    assert "add()" in set(tables[0]["name"])
+    measured = [c for c in tables[0].columns if c.startswith(("post_", "grad_"))]
+    # the same float32 additions in the same order: equal, bn's row taken before the addition overwrote it
+    pd.testing.assert_frame_equal(tables[0][measured], tables[1][measured])
+    res = [residual_table(t)[["skip", "branch", "skip_second_moment", "branch_second_moment"]] for t in tables]
+    pd.testing.assert_frame_equal(*res)
+
+
 def test_transformer_layer_additions_found_by_its_known_structure():
     factory = lambda: nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,  # noqa
                                                                                   batch_first=True))

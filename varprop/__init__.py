@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _PUBLIC = {"simulate": "montecarlo", "InitSpec": "spec", "NetworkSpec": "spec", "RunSpec": "spec",
-           "SpecError": "errors", "summarize": "stats", "train": "train"}
+           "SpecError": "errors", "summarize": "stats", "sweep": "sweeps", "train": "train"}
 
 __all__ = [*_PUBLIC, "__version__"]
 

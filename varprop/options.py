@@ -419,8 +419,9 @@ def parse_one(name: str, value: Any, command: str = "simulate") -> Any:
     return PARSERS.get(command, {}).get(name, OPTIONS[name].parse)(value, name)
 
 
-def _repeated(key: str, value: Any) -> bool:
-    """Whether ``value`` lists several values of option ``key`` (a tuple never does)."""
+def repeated(key: str, value: Any) -> bool:
+    """Whether ``value`` lists several values of option ``key`` (a tuple never does;
+    ``widths = [784, 10]`` is one value, ``widths = [[784, 10], [784, 20]]`` two)."""
     if not isinstance(value, list):
         return False
     return not (OPTIONS[key].list_valued and value and not isinstance(value[0], (str, list, tuple)))
@@ -435,7 +436,7 @@ def parse(options: Mapping[str, Any], command: str = "simulate") -> dict[str, An
         key = key.replace("-", "_")
         if key not in known:
             raise SpecError(key, "unknown option; known: " + ", ".join(o.replace("_", "-") for o in known))
-        if _repeated(key, value):
+        if repeated(key, value):
             if not value:
                 raise SpecError(key, "an empty list gives nothing to run")
             if not repeatable(key, command) and len(value) != 1:

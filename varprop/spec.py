@@ -18,7 +18,7 @@ import itertools
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -370,6 +370,17 @@ def _check_relevance(o: Mapping[str, Any]) -> None:
             raise SpecError(key, "applies only with batch norm (--bn, --bn-layers or --bn-count)")
 
 
+def shared_samples(batch_sizes: Iterable[int]) -> int:
+    """The samples configurations that differ in batch size share when none
+    is given: the smallest multiple of every batch size that is at least 500.
+
+    >>> shared_samples([64, 100])
+    1600
+    """
+    lcm = math.lcm(*batch_sizes)
+    return lcm * math.ceil(DEFAULT_SAMPLES / lcm)
+
+
 def expand(options: Mapping[str, Any]) -> list[Config]:
     """Every combination of the options given as lists, in the order given.
 
@@ -378,10 +389,7 @@ def expand(options: Mapping[str, Any]) -> list[Config]:
     """
     o = parse(options)
     if "batch_size" in o and "samples" not in o and "input_file" not in o:
-        # Every batch size must divide the samples shared by all configurations.
-        sizes = o["batch_size"] if isinstance(o["batch_size"], list) else [o["batch_size"]]
-        lcm = math.lcm(*sizes)
-        o["samples"] = lcm * math.ceil(DEFAULT_SAMPLES / lcm)
+        o["samples"] = shared_samples(o["batch_size"] if isinstance(o["batch_size"], list) else [o["batch_size"]])
     _check_relevance(o)
     varied = {k: v for k, v in o.items() if isinstance(v, list) and len(v) > 1}
     fixed = {k: (v[0] if isinstance(v, list) else v) for k, v in o.items() if k not in varied}
@@ -398,4 +406,4 @@ def expand(options: Mapping[str, Any]) -> list[Config]:
 
 
 __all__ = ["InitSpec", "NetworkSpec", "ResidualSpec", "RunSpec", "Config", "from_options", "to_options", "expand",
-           "load_input", "label_part", "DEFAULT_SAMPLES"]
+           "load_input", "label_part", "shared_samples", "DEFAULT_SAMPLES"]

@@ -126,6 +126,71 @@ def mean_square(u: np.ndarray, pool: Pool = SERIAL) -> float:
     return float(np.concatenate(parts).sum()) / u.size
 
 
+def side_stats_stacked(u: np.ndarray, log_s: Sequence[float], saturated: Sequence[float]
+                       ) -> list[tuple[dict[str, float], float]]:
+    """:func:`side_stats_ms` of each block ``u[k]`` of a stack (blocks x rows x n)
+    of small blocks (one piece of float64 work each), the same numbers, each
+    pass made once over the whole stack: a small block's per-call overhead is
+    paid once for all of them."""
+    blocks, rows, n = u.shape
+    if blocks < 2 or rows * n > _PIECE_ELEMENTS:  # (then one chunk, one piece: side_stats_ms' one block_sums)
+        return [side_stats_ms(b, ls, sat) for b, ls, sat in zip(u, log_s, saturated)]
+    # Each block's copy starts on a 64-byte boundary, as block_sums' own does: the same kernels, the same sums.
+    stride = -(-rows * n // 8) * 8
+    x = _scratch(blocks * stride).reshape(blocks, stride)[:, :rows * n].reshape(blocks, rows, n)
+    np.copyto(x, u)
+    row_sq = np.vecdot(x, x)
+    inv_norm = np.zeros((blocks, rows))
+    np.divide(1.0, np.sqrt(row_sq), out=inv_norm, where=row_sq > 0)
+    unit_sum = np.zeros(n) + np.matmul(inv_norm[:, None, :], x)[:, 0]
+    ones = np.ones(rows)
+    col_sum = np.matmul(ones, x)
+    x -= col_sum[:, None, :] / rows
+    np.multiply(x, x, out=x)
+    col_m2 = np.matmul(ones, x)
+    offsets = col_sum / rows - col_sum / rows  # _pooled's, for one piece: zero where finite
+    col_m2 += rows * offsets * offsets
+    zeros = rows * n - np.count_nonzero(u != 0, axis=(1, 2))
+    # from_sums, a reduction at a time over the stack
+    col_mean = col_sum / rows
+    mean = col_mean.mean(axis=1)
+    m2_sum = col_m2.sum(axis=1)
+    sq_mean = np.vecdot(col_mean, col_mean)
+    spread = np.mean((col_mean - mean[:, None]) ** 2, axis=1)
+    second = row_sq.sum(axis=1) / (rows * n)
+    live = np.count_nonzero(row_sq > 0, axis=1)
+    unit_sq = np.vecdot(unit_sum, unit_sum)
+    heads = _abs_cos_stacked(u[:, :ABS_COS_SAMPLES])
+    size = rows * n
+    out = []
+    for k in range(blocks):
+        unit_var = float(m2_sum[k]) / size
+        var = unit_var + float(spread[k])
+        m, ls, kk = float(mean[k]), log_s[k], int(live[k])
+        if kk >= 2:
+            cos_sim = (float(unit_sq[k]) - kk) / (kk * (kk - 1))
+            abs_cos = heads[k] if not math.isnan(heads[k]) else _abs_cos(u[k][np.flatnonzero(row_sq[k] > 0)[
+                :ABS_COS_SAMPLES]])
+        else:
+            cos_sim = abs_cos = math.nan
+        out.append((_stats(ls, m, var, float(second[k]), float(sq_mean[k]) / n, unit_var, int(zeros[k]) / size,
+                           saturated[k], cos_sim, abs_cos), float(second[k])))
+    return out
+
+
+def _abs_cos_stacked(u: np.ndarray) -> list[float]:
+    """:func:`_abs_cos` of each block of a stack, the same numbers."""
+    x = u.astype(np.float64)
+    blocks, m, _ = x.shape
+    norms = np.sqrt(np.einsum("kij,kij->ki", x, x))
+    ok = np.all(norms > 0, axis=1) & (m >= 2)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a dead sample's block is NaN, as _abs_cos says
+        x /= norms[:, :, None]
+    gram = np.abs(np.matmul(x, x.transpose(0, 2, 1)))
+    total, trace = gram.sum(axis=(1, 2)), np.trace(gram, axis1=1, axis2=2)
+    return [(float(total[k]) - float(trace[k])) / (m * (m - 1)) if ok[k] else math.nan for k in range(blocks)]
+
+
 def _abs_cos(u: np.ndarray) -> float:
     """Mean |cos| over the pairs of the rows of ``u``; NaN if a row is all
     zeros or there are fewer than two. The signed mean cos hides a collapse
@@ -170,8 +235,15 @@ def from_sums(u: np.ndarray, parts: Sequence[Sums], log_s: float, saturated: flo
         abs_cos = head if not math.isnan(head) else _abs_cos(u[np.flatnonzero(live)[:ABS_COS_SAMPLES]])
     else:
         cos_sim = abs_cos = math.nan
+    return _stats(log_s, mean, var, second, sq_unit_mean, unit_var, sum(p.zeros for p in parts) / size, saturated,
+                  cos_sim, abs_cos), second
+
+
+def _stats(log_s: float, mean: float, var: float, second: float, sq_unit_mean: float, unit_var: float,
+           frac_zero: float, saturated: float, cos_sim: float, abs_cos: float) -> dict[str, float]:
+    """The statistics row of ``exp(log_s) * u`` from u's moments."""
     std = math.sqrt(var)
-    stats = {
+    return {
         "mean": exp_times(mean, log_s),
         "std": exp_times(std, log_s),
         "log10_std": float(math.log(std) + log_s) / LN10 if std > 0 else -math.inf,
@@ -180,12 +252,11 @@ def from_sums(u: np.ndarray, parts: Sequence[Sums], log_s: float, saturated: flo
         "second_moment": exp_times(second, 2 * log_s),
         "sq_unit_mean": exp_times(sq_unit_mean, 2 * log_s),
         "unit_var": exp_times(unit_var, 2 * log_s),
-        "frac_zero": sum(p.zeros for p in parts) / size,
+        "frac_zero": frac_zero,
         "frac_saturated": saturated,
         "cos_sim": cos_sim,
         "abs_cos_sim": abs_cos,
     }
-    return stats, second
 
 
 def side_stats(u: np.ndarray, log_s: float, saturated: float = math.nan, pool: Pool = SERIAL) -> dict[str, float]:

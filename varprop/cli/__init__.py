@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("check:check_cmd", "Does an init keep the std within a band? Exit 0 yes, 1 no."),
     "train": ("train:train_cmd", "Train the batch-norm study's MLP on MNIST; loss and per-layer statistics."),
     "inspect": ("inspect:inspect_cmd", "Measure your own PyTorch model at initialization, over re-initialisations."),
+    "sweep": ("sweep:sweep_cmd", "A grid of configurations on dask, resumable; Parquet results."),
     "report": ("report:report_cmd", "Redraw a saved run's report without rerunning it."),
     "gallery": ("report:gallery_cmd", "Regenerate the committed reports/ gallery."),
 }

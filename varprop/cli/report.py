@@ -27,6 +27,11 @@ def report_cmd(run_dir: str, formats: str, force: bool) -> None:
     from ..outdir import OutDirError, check_target
 
     fmts = parse_formats(formats)
+    if (Path(run_dir) / "_sweep.json").is_file():  # a varprop sweep directory: its own report
+        from .sweep import redraw
+
+        click.echo(f"rewrote {redraw(Path(run_dir))} (report.md and figures beside it)")
+        return
     if "csv" in fmts:
         raise SpecError("format", "layers.csv is the run's data and is kept as it is; expected md, html or json")
     try:

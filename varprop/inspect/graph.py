@@ -154,11 +154,30 @@ def _scope(node: Any) -> str:
     return str(list(stack.values())[-1][0])
 
 
-def _trace(module: Any) -> Any:
-    """``module`` traced by torch.fx (raises on Python control flow over tensors)."""
+@functools.lru_cache(maxsize=1)
+def _tracer_class() -> type:
     from torch import fx
 
-    tracer = fx.Tracer()
+    class _Proxy(fx.Proxy):
+        """fx's Proxy has no ``__iadd__``, so ``out += identity`` is recorded as ``out + identity``: a copy the
+        model does not make (a fresh allocation per block, a tenth of a ResNet's forward here). Recorded as
+        written, the traced model adds in place as the model does."""
+
+        def __iadd__(self, other: Any) -> Any:
+            return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+    class _Tracer(fx.Tracer):
+        def proxy(self, node: Any) -> Any:
+            return _Proxy(node, self)
+
+    return _Tracer
+
+
+def _trace(module: Any) -> Any:
+    """``module`` traced by torch.fx (raises on Python control flow over tensors), ``+=`` kept in place."""
+    from torch import fx
+
+    tracer = _tracer_class()()
     graph = tracer.trace(module)
     return fx.GraphModule(tracer.root, graph, module.__class__.__name__)
 

@@ -160,7 +160,8 @@ class Pass:
             info["saturated"] = saturation(act, inputs[0])  # before the call: an in-place one overwrites it
         if inputs and info["sources"][0] is None and self.theory:
             # A layer fed by something the hooks do not see: the theory restarts from its measured input.
-            s = tensor_stats(inputs[0], *axes_of(module, inputs[0].dim(), None), buffer=self.buffer)
+            s = tensor_stats(inputs[0], *axes_of(module, inputs[0].dim(), None), buffer=self.buffer,
+                             complete=False)
             info.update(input_second_moment=s["second_moment"], input_cos_sim=s["cos_sim"], input_mean=s["mean"])
         if module in self.residuals and len(inputs) >= 2 and inputs[0].shape == inputs[1].shape:
             info["operands"] = self._operand_stats(module, inputs[:2])
@@ -200,7 +201,7 @@ class Pass:
 
     def _sum_stats(self, output: Any, info: dict[str, Any]) -> dict[str, float] | None:
         t = next((t for _, t in tensors(output) if t.is_floating_point()), None)
-        return None if t is None else tensor_stats(t, *info["operands"]["axes"], buffer=self.buffer)
+        return None if t is None else tensor_stats(t, *info["operands"]["axes"], buffer=self.buffer, complete=False)
 
     def _grad_hook(self, row: Row) -> Callable[[Any], None]:
         def hook(grad: Any) -> None:
@@ -217,14 +218,23 @@ class Pass:
                 "skip_source": sources[0], "branch_source": sources[1], "ambiguous": res.ambiguous, "axes": axes}
 
     def _stats_of(self, t: Any, axes: tuple[int, int]) -> dict[str, float]:
-        """``t``'s statistics: a row's own when ``t`` is that row's output, unchanged since and laid out
-        alike (an addition's operands usually are), else computed."""
+        """``t``'s statistics for the residual table: a row's own when ``t`` is that row's output, unchanged
+        since and laid out alike (an addition's operands usually are), else computed (those the table
+        reads)."""
+        own = self._row_post(self._unchanged_row(t), axes, t.shape)
+        return own if own is not None else tensor_stats(t, *axes, buffer=self.buffer, complete=False)
+
+    def _unchanged_row(self, t: Any) -> int | None:
+        """The row whose output ``t`` is, not modified in place since, else None."""
         found = self._producer(t)
-        if found is not None and found[1] == t._version:
-            row = self.rows[found[0]]
-            if row.axes == axes and row.shape == tuple(t.shape):
-                return row.post
-        return tensor_stats(t, *axes, buffer=self.buffer)
+        return found[0] if found is not None and found[1] == t._version else None
+
+    def _row_post(self, layer: int | None, axes: tuple[int, int], shape: Any) -> dict[str, float] | None:
+        """Row ``layer``'s statistics when its output is laid out as ``axes`` and ``shape``, else None."""
+        if layer is None:
+            return None
+        row = self.rows[layer]
+        return row.post if row.axes == axes and row.shape == tuple(shape) else None
 
     def _residual_row(self, module: Any, layer: int, ops: dict[str, Any], name: str | None = None,
                       total: dict[str, float] | None = None) -> None:
@@ -235,17 +245,25 @@ class Pass:
 
     def _watch_block(self, name: str, block: Any, spec: Any) -> None:
         """Hooks that capture a known block's operands (copies: torchvision adds in place) and measure
-        each addition when the block returns."""
+        each addition when the block returns. An operand that is a row's output, unchanged when captured,
+        takes that row's statistics; the others and the sums are measured for the residual table."""
+        def capture(t: Any) -> tuple[Any, int | None, int | None]:  # (copy, source row, unchanged row)
+            return t.detach().clone(), self.source_of(t), self._unchanged_row(t)
+
         def pre(module: Any, args: tuple, kwargs: dict) -> None:
             x = next((t for _, t in tensors((args, kwargs)) if t.is_floating_point()), None)
-            self._captured[block] = {"input": None if x is None else (x.detach().clone(), self.source_of(x))}
+            self._captured[block] = {"input": None if x is None else capture(x)}
 
         def grab(sub: str) -> Callable[..., None]:
             def hook(module: Any, args: tuple, output: Any) -> None:
                 t = next((t for _, t in tensors(output) if t.is_floating_point()), None)
                 if t is not None and block in self._captured:
-                    self._captured[block][sub] = (t.detach().clone(), self.source_of(t))
+                    self._captured[block][sub] = capture(t)
             return hook
+
+        def stats(operand: tuple[Any, int | None, int | None], axes: tuple[int, int]) -> dict[str, float]:
+            own = self._row_post(operand[2], axes, operand[0].shape)
+            return own if own is not None else tensor_stats(operand[0], *axes, buffer=self.buffer, complete=False)
 
         def post(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
             got = self._captured.pop(block, {})
@@ -255,17 +273,16 @@ class Pass:
                         for key in (skip_key, branch_key)]
                 if any(p is None for p in pair):
                     return
-                (skip, s_src), (branch, b_src) = pair
-                if skip.shape != branch.shape:
+                skip, branch = pair
+                if skip[0].shape != branch[0].shape:
                     return
-                total = skip + branch
-                sums.append((total, None))
-                axes = axes_of(block, skip.dim(), self.rows[s_src].axes if s_src is not None else None)
-                ops = {"skip": tensor_stats(skip, *axes, buffer=self.buffer),
-                       "branch": tensor_stats(branch, *axes, buffer=self.buffer),
-                       "skip_source": s_src, "branch_source": b_src, "ambiguous": False}
+                total = skip[0] + branch[0]
+                sums.append((total, None, None))
+                axes = axes_of(block, total.dim(), self.rows[skip[1]].axes if skip[1] is not None else None)
+                ops = {"skip": stats(skip, axes), "branch": stats(branch, axes), "skip_source": skip[1],
+                       "branch_source": branch[1], "ambiguous": False}
                 self._residual_row(block, -1, ops, name=f"{name}+{k + 1}",
-                                   total=tensor_stats(total, *axes, buffer=self.buffer))
+                                   total=tensor_stats(total, *axes, buffer=self.buffer, complete=False))
 
         self.handles.append(block.register_forward_pre_hook(one_thread(pre), with_kwargs=True))
         for sub in module_names(spec):

@@ -36,7 +36,8 @@ class Buffer:
 
 
 def tensor_stats(x: "torch.Tensor", sample_axis: int = 0, channel_axis: int | None = 1,
-                 saturated: float = math.nan, buffer: Buffer | None = None) -> dict[str, float]:
+                 saturated: float = math.nan, buffer: Buffer | None = None, complete: bool = True
+                 ) -> dict[str, float]:
     """The statistics of simulate's ``layers.csv`` for one tensor (any float dtype and device).
 
     Samples lie along ``sample_axis`` (cosine similarity between them, over
@@ -46,7 +47,10 @@ def tensor_stats(x: "torch.Tensor", sample_axis: int = 0, channel_axis: int | No
     run in float64 and are combined by :func:`varprop.stats.from_sums`, so the
     definitions are simulate's; for a 2-D tensor the result is
     :func:`varprop.stats.side_stats` of it (the cosines to float32 rounding:
-    their products are taken in the tensor's precision).
+    their products are taken in the tensor's precision). ``complete=False``
+    skips what only a row reports, for values read by the residual table and
+    the theory alone: ``frac_zero`` and ``abs_cos_sim`` are then NaN (no count
+    of zeros, no Gram matrix: the Gram is most of the cost of a small batch).
 
     >>> import torch
     >>> s = tensor_stats(torch.tensor([[1.0, -1.0], [1.0, -1.0]]))
@@ -71,13 +75,15 @@ def tensor_stats(x: "torch.Tensor", sample_axis: int = 0, channel_axis: int | No
     # allocation, slower); the cosines' products read the tensor itself. Counting zeros is NumPy's job on
     # CPU (several times faster than torch.count_nonzero), and small vectors (one number per sample or
     # channel) are finished in NumPy: a torch call on them costs more than the arithmetic.
-    zeros = int(np.count_nonzero(own.numpy() == 0)) if cpu else int((own == 0).sum())
+    zeros = (int(np.count_nonzero(own.numpy() == 0)) if cpu else int((own == 0).sum())) if complete else 0
     y = (buffer or Buffer()).get(n, own.device).view(shape)
     y.copy_(own)
     rows = own.movedim(sample_axis, 0).reshape(ns, -1)
     # Sums and squares per block, pooled below: per (leading index, channel) over the positions of
-    # [N, C, positions], per (sample, channel) over the positions of [N, positions, C].
-    blocks, per_sample, scratched = None, False, False
+    # [N, C, positions], per (sample, channel) over the positions of [N, positions, C], per channel over
+    # the samples of [N, C] (one block: the squares are taken in place, and the rows' squares summed from
+    # them, a pass fewer than a norm and two passes about the channel means).
+    blocks, per_sample, scratched, row_sq = None, False, False, None
     if b > 1:
         v = y.view(a, c, b)
         blocks = (_np(v.sum(2)), _np(torch.linalg.vector_norm(v, dim=2)) ** 2, b)
@@ -87,8 +93,18 @@ def tensor_stats(x: "torch.Tensor", sample_axis: int = 0, channel_axis: int | No
         block_sum = _np(w.sum(1))
         blocks = (block_sum, _np(w.square_().sum(1)), n // (ns * c))  # a middle-axis norm is 10x slower
         per_sample = scratched = True
-    norms = np.sqrt(blocks[1].sum(1)) if per_sample else _np(
-        torch.linalg.vector_norm(y.movedim(sample_axis, 0).reshape(ns, -1), dim=1))
+    elif len(shape) == 2 and sample_axis == 0:
+        col_sum = _np(y.sum(0))[None, :]
+        y.square_()
+        row_sq = _np(y.sum(1))
+        blocks, scratched = (col_sum, _np(y.sum(0))[None, :], ns), True
+    if per_sample:
+        row_sq = blocks[1].sum(1)
+    if row_sq is not None:
+        norms = np.sqrt(row_sq)
+    else:
+        norms = _np(torch.linalg.vector_norm(y.movedim(sample_axis, 0).reshape(ns, -1), dim=1))
+        row_sq = norms * norms
     if not math.isfinite(float(norms.sum())):
         return {**empty_stats(), "frac_zero": zeros / n, "frac_saturated": saturated, "nonfinite": True}
     live = norms > 0
@@ -100,13 +116,16 @@ def tensor_stats(x: "torch.Tensor", sample_axis: int = 0, channel_axis: int | No
     # |cos| over the first 128 live samples, from their Gram matrix in the tensor's precision (float32's
     # product costs a third of float64's; its rounding, at most fan * 2^-24 in a cosine and typically
     # sqrt(fan) * 2^-24, is far below the sampling error of a mean over pairs), scaled by the float64 norms.
-    first = np.flatnonzero(live)[:ABS_COS_SAMPLES]
+    first = np.flatnonzero(live)[:ABS_COS_SAMPLES] if complete else live[:0]
     m = len(first)
     head = math.nan
     if m >= 2:
         head_rows = rows[:m] if first[-1] == m - 1 else rows[torch.from_numpy(first).to(own.device)]
         gram = _np(head_rows @ head_rows.T).astype(np.float64)
-        gram = np.abs(gram * inv[first][:, None] * inv[first][None, :])
+        scale = inv[first]
+        gram *= scale[:, None]  # in place: the m x m temporaries took 5% of an MLP layer's statistics here
+        gram *= scale[None, :]
+        np.abs(gram, out=gram)
         head = float((gram.sum() - np.trace(gram)) / (m * (m - 1)))
     m_rows = a * b
     col = _pooled_blocks(*blocks) if blocks is not None else None
@@ -120,10 +139,14 @@ def tensor_stats(x: "torch.Tensor", sample_axis: int = 0, channel_axis: int | No
         y.sub_((col_sum / m_rows).view(1, c, 1)).square_()
         col_m2 = y.sum(2).sum(0) if b > 1 else y.view(a, c).sum(0)
         col = (_np(col_sum), _np(col_m2))
-    sums = Sums(m_rows, col[0], col[1], norms * norms, unit_sum, zeros)
+    sums = Sums(m_rows, col[0], col[1], row_sq, unit_sum, zeros)
     # from_sums reads the shape of its first argument (rows x channels) and, for |cos| only when no head
-    # value is given, its rows: the head is always given here, so a zero-strided stand-in suffices.
-    return from_sums(_stand_in(m_rows, c), [sums], 0.0, saturated, head)[0]
+    # value is given, its rows: a head is given here (or |cos| is not wanted), so a zero-strided stand-in
+    # suffices.
+    stats = from_sums(_stand_in(m_rows, c), [sums], 0.0, saturated, head if complete else 0.0)[0]
+    if not complete:
+        stats["frac_zero"] = stats["abs_cos_sim"] = math.nan
+    return stats
 
 
 def _np(t: Any) -> np.ndarray:

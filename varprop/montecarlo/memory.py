@@ -145,11 +145,14 @@ def layer_tape_bytes(kind: layers.Kind, samples: int, item: int) -> int:
 def working_bytes(spec: RunSpec) -> int:
     """Memory of the forward pass at the widest layer: two weight matrices
     (this layer's and the next, drawn meanwhile) and a few layer-sized float64
-    temporaries (the phased path of batch norm and of extreme scales)."""
+    temporaries (the phased path of batch norm and of extreme scales); or, when
+    small layers step several replicates together, their groups' stacks."""
     w = spec.network.widths
     item = 8 if spec.dtype == "float64" else 4
     weights = max(a * b for a, b in zip(w[:-1], w[1:])) * item * (2 if spec.network.init.resolve().orthogonal else 1)
-    return 2 * weights + 6 * spec.samples * max(w) * 8
+    from . import batch  # (batch imports the stepper, which this module's readers need not load)
+
+    return max(2 * weights + 6 * spec.samples * max(w) * 8, batch.working_bytes(spec))
 
 
 def weight_bytes(spec: RunSpec) -> int:

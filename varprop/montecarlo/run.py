@@ -17,6 +17,7 @@ order of work or the thread count.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -31,7 +32,7 @@ from ..run import Configuration, Run
 from ..options import parse_threads
 from ..spec import Config, NetworkSpec, RunSpec, expand, load_input, to_options
 from ..stats import STATS, empty_stats, side_stats, side_stats_ms
-from . import memory
+from . import batch, memory
 from .scaled import Values, narrow
 from .residual import BRANCH_SIDE, Blocks, BlockTape
 from .seeds import generator
@@ -120,6 +121,62 @@ class _Row:
             self[key] = value
 
 
+def run_replicates(spec: RunSpec, replicates: Iterable[int], progress: Progress | None = None, pool: Pool = SERIAL,
+                   plan: int | None = None) -> list[Table]:
+    """:func:`run_replicate` of each of ``replicates``, the same numbers; small
+    plain layers step several replicates together (batch.py), in groups that
+    run on ``pool``'s threads."""
+    replicates = list(replicates)
+    size = batch.group_size(spec)
+    if size < 2 or len(replicates) < 2:
+        return [run_replicate(spec, rep, progress, pool, plan) for rep in replicates]
+    # Groups of equal size, as many as the threads or a multiple: small layers run on every core
+    # (one replicate at a time, they ran on one). Groups change the speed, never the numbers.
+    n_groups = -(-math.ceil(len(replicates) / size) // pool.threads) * pool.threads
+    size = math.ceil(len(replicates) / n_groups)
+    groups = [replicates[i:i + size] for i in range(0, len(replicates), size)]
+    if progress is not None and pool.threads > 1:  # a progress bar is not made for two threads at once
+        lock, report = threading.Lock(), progress
+
+        def progress(k: int) -> None:
+            with lock:
+                report(k)
+    return [t for tables in pool.map(lambda g: _run_group(spec, g, progress), groups) for t in tables]
+
+
+def _run_group(spec: RunSpec, replicates: list[int], progress: Progress | None) -> list[Table]:
+    depth = spec.network.depth
+    tables, xs = [], []
+    for rep in replicates:
+        u, log_h = make_inputs(spec, rep)
+        post, ms = side_stats_ms(u, log_h)
+        xs.append(Values(u, log_h, ms))
+        table = Table(depth, spec.backward)
+        table.row(0).update({"width": spec.network.widths[0], **prefixed("pre", empty_stats()),
+                             **prefixed("post", post)})
+        tables.append(table)
+    hist_layers = {1, (depth + 1) // 2, depth} if replicates[0] == 0 else set()
+
+    def on_layer(layer: int, values: list[Values], rows: list[dict[str, float]]) -> None:
+        if layer in hist_layers:
+            tables[0].hist[layer] = _histogram(values[0], SERIAL)
+        for table, row in zip(tables, rows):
+            table.row(layer).update(row)
+        if progress is not None:
+            progress(len(replicates))
+
+    batch.forward(spec, replicates, xs, on_layer)
+    return tables
+
+
+def _histogram(x: Values, pool: Pool) -> np.ndarray:
+    """Counts of h / rms(h) in HIST_EDGES' bins (a dead layer: a spike at 0)."""
+    f = x.u.dtype.type(1 / math.sqrt(x.ms) if x.ms > 0 else 1)
+    # Equal bins given as a count and range take NumPy's fast path (no sort); counts add exactly.
+    return sum(pool.map(lambda r: np.histogram(x.u[r] * f, bins=len(HIST_EDGES) - 1, range=(
+        HIST_EDGES[0], HIST_EDGES[-1]))[0], row_chunks(*x.u.shape)))
+
+
 def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = None, pool: Pool = SERIAL,
                   plan: int | None = None) -> Table:
     """Forward (and with ``spec.backward``, backward) pass of one network: the
@@ -142,11 +199,8 @@ def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = Non
     for layer in range(1, depth + 1):
         x, row, tape = net.step(layer, x, stats=True, keep=spec.backward and k == depth,
                                 ahead=layer + 1 if layer < depth else None)
-        if layer in hist_layers:  # h / rms(h): the shape of h at any scale (a dead layer: a spike at 0)
-            f = x.u.dtype.type(1 / math.sqrt(x.ms) if x.ms > 0 else 1)
-            # Equal bins given as a count and range take NumPy's fast path (no sort); counts add exactly.
-            table.hist[layer] = sum(pool.map(lambda r: np.histogram(x.u[r] * f, bins=len(HIST_EDGES) - 1, range=(
-                HIST_EDGES[0], HIST_EDGES[-1]))[0], row_chunks(*x.u.shape)))
+        if layer in hist_layers:  # h / rms(h): the shape of h at any scale
+            table.hist[layer] = _histogram(x, pool)
         table.row(layer).update(row)
         if tape is not None:
             tapes[layer] = tape
@@ -230,6 +284,27 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
     return run_configs(configs_for(spec, vary, **options), progress, threads).layers
 
 
+def replicate_rows(spec: RunSpec, replicates: Sequence[int], plan: int, progress: Progress | None = None,
+                   pool: Pool = SERIAL) -> tuple[pd.DataFrame, dict[int, np.ndarray]]:
+    """Replicates ``replicates`` of one configuration: their rows of the
+    ``layers.csv`` table (without the label columns), the theory's
+    predictions on every row, and replicate 0's histograms (empty when it is
+    not among them). ``varprop sweep`` runs a configuration's replicates in
+    blocks through this too, so its numbers are simulate's."""
+    # Multi-threaded BLAS splits products differently for each thread
+    # count, which changes the last bits: BLAS runs on one thread (for
+    # the theory's use of the input file's statistics too) and varprop's
+    # own threads work on fixed blocks (parallel.py).
+    with threadpool_limits(1, user_api="blas"):
+        tables = run_replicates(spec, replicates, progress, pool, plan)
+        inputs = side_stats(*make_inputs(spec, 0)) if spec.input_file is not None else None
+        predicted = theory.predict(spec, inputs)
+    hist = tables[0].hist if tables else {}
+    frame = pd.concat([table.frame(rep) for rep, table in zip(replicates, tables)], ignore_index=True)
+    del tables
+    return frame.merge(predicted, on="layer", how="left"), hist
+
+
 def run_configs(configs: Sequence[Config], progress: Progress | None = None, threads: int | None = None) -> Run:
     """Run every configuration of a comparison: the :class:`~varprop.run.Run`
     that reports are made from (its table, histograms and configurations)."""
@@ -238,21 +313,11 @@ def run_configs(configs: Sequence[Config], progress: Progress | None = None, thr
     start = time.perf_counter()
     frames, hists = [], []
     for c, plan in zip(configs, plans):
-        # Multi-threaded BLAS splits products differently for each thread
-        # count, which changes the last bits: BLAS runs on one thread (for
-        # the theory's use of the input file's statistics too) and varprop's
-        # own threads work on fixed blocks (parallel.py).
-        with threadpool_limits(1, user_api="blas"):
-            tables = [run_replicate(c.spec, rep, progress, pool, plan) for rep in range(c.spec.replicates)]
-            inputs = side_stats(*make_inputs(c.spec, 0)) if c.spec.input_file is not None else None
-            predicted = theory.predict(c.spec, inputs)
-        for layer, counts in tables[0].hist.items():
+        frame, hist = replicate_rows(c.spec, range(c.spec.replicates), plan, progress, pool)
+        for layer, counts in hist.items():
             hists.append(pd.DataFrame({"config": c.label, "layer": layer, "bin_lo": HIST_EDGES[:-1],
                                        "bin_hi": HIST_EDGES[1:],
                                        "density": counts / max(counts.sum(), 1) / np.diff(HIST_EDGES)}))
-        frame = pd.concat([table.frame(rep) for rep, table in enumerate(tables)], ignore_index=True)
-        del tables
-        frame = frame.merge(predicted, on="layer", how="left")
         for key, value in reversed(list(c.varied.items())):
             if key in frame:  # a varied --width: the per-layer width column already holds it
                 continue

@@ -165,6 +165,33 @@ class Network:
             return False
         return act.homogeneous or (self.dtype is np.float32 and abs(log_z) < activations.LOG_DIRECT_F32)
 
+    def phased(self, kind: layers.Layer, z: np.ndarray, log_z: float, pool: Pool
+               ) -> tuple[np.ndarray, float, float, dict[str, float], dict[str, float], np.ndarray | None,
+                          batchnorm.Cache | None]:
+        """The rest of a layer from its scaled product ``exp(log_z) * z`` (renormalised
+        in place), one phase after another, for when the whole layer's scale is needed:
+        ``(h, log_h, ms_h, pre, post, dphi, cache)``."""
+        act, linear, dtype, cache = kind.activation.fn, kind.activation.linear, self.dtype, None
+        z, log_z = renorm(z, log_z, pool)
+        if kind.bn is not None and kind.bn_pre:
+            z, log_z, cache = self._bn(z, log_z, kind.bn, kind.index)
+        d = None if linear else activations.dphi_scaled(act, z, log_z)
+        sat = 0.0 if d is None else float(np.mean(np.abs(d) < SATURATION))
+        pre, ms_z = side_stats_ms(z, log_z, sat, pool)
+        if linear:
+            h, log_h = z, log_z
+        else:  # phi(0) != 0 from float64 values: apply_scaled then scales phi by its maximum, not 1
+            h, log_h = narrow(*activations.apply_scaled(
+                act, z.astype(np.float64, copy=False) if act.phi0 else z, log_z), dtype, pool)
+            log_h += kind.activation.log_gain
+        if kind.bn is not None and kind.bn_post:
+            h, log_h, cache = self._bn(h, log_h, kind.bn, kind.index)
+        post, ms_h = (pre, ms_z) if h is z else side_stats_ms(h, log_h, sat, pool)
+        dphi = None
+        if d is not None:
+            dphi = d == act.slope_pos if act.homogeneous else d.astype(dtype, copy=False)
+        return h, log_h, ms_h, pre, post, dphi, cache
+
     def step(self, layer: int, x: Values, stats: bool, keep: bool, ahead: int | None = None
              ) -> tuple[Values, dict[str, Any] | None, Tape | None]:
         """Layer ``layer`` forward: its output, its statistics row, its tape.
@@ -235,23 +262,7 @@ class Network:
             blockwise = act.phi0 == 0 or ms_h >= MS_BAND[0]
         if not blockwise:  # the whole layer's scale is needed: one phase after another
             h = dphi = None  # a block pass's, if one ran: freed before this path's temporaries
-            z, log_z = renorm(z, log_z, pool)
-            if kind.bn is not None and kind.bn_pre:
-                z, log_z, cache = self._bn(z, log_z, kind.bn, layer)
-            d = None if linear else activations.dphi_scaled(act, z, log_z)
-            sat = 0.0 if d is None else float(np.mean(np.abs(d) < SATURATION))
-            pre, ms_z = side_stats_ms(z, log_z, sat, pool)
-            if linear:
-                h, log_h = z, log_z
-            else:  # phi(0) != 0 from float64 values: apply_scaled then scales phi by its maximum, not 1
-                h, log_h = narrow(*activations.apply_scaled(
-                    act, z.astype(np.float64, copy=False) if act.phi0 else z, log_z), dtype, pool)
-                log_h += kind.activation.log_gain
-            if kind.bn is not None and kind.bn_post:
-                h, log_h, cache = self._bn(h, log_h, kind.bn, layer)
-            post, ms_h = (pre, ms_z) if h is z else side_stats_ms(h, log_h, sat, pool)
-            if d is not None:
-                dphi = d == act.slope_pos if act.homogeneous else d.astype(dtype, copy=False)
+            h, log_h, ms_h, pre, post, dphi, cache = self.phased(kind, z, log_z, pool)
         row = None
         if stats:
             row = {"width": n_out, "fan_in": n_in, "fan_out": n_out, **prefixed("pre", pre), **prefixed("post", post)}

@@ -23,7 +23,7 @@ from ..outdir import owned_files, staging
 from ..run import DATA_FILES, Run, json_default
 from ..spec import Config, to_options
 from ..stats import summarize
-from . import document, figures, residual
+from . import document
 from .document import Document
 from .markdown import build_document, fit_document, fmt_pow10, shown_layers, terminal_table
 
@@ -75,17 +75,20 @@ def render(run: Run, directory: Path, formats: tuple[str, ...] = FORMATS) -> dic
     if "json" in formats:
         paths["json"] = directory / "summary.json"
         paths["json"].write_text(shown_summary(run.summary).to_json(orient="records", indent=1))
-    if not {"md", "html"} & set(formats):  # no report, so no figures to show in one
+    if not {"md", "html"} & set(formats):  # no report, so no figures to show in one (nor matplotlib loaded)
         return paths
-    paths["figure"] = figures.std_per_layer(run, directory / "std_per_layer.png")
-    paths["means_figure"] = figures.means_and_channels(run, directory / "means_per_layer.png")
-    paths["correlation_figure"] = figures.correlation(run, directory / "correlation_per_layer.png")
+    from . import figures, residual  # matplotlib, loaded only to draw
+
+    svg = "md" in formats  # the HTML page embeds the PNGs; only report.md shows the SVGs
+    paths["figure"] = figures.std_per_layer(run, directory / "std_per_layer.png", svg=svg)
+    paths["means_figure"] = figures.means_and_channels(run, directory / "means_per_layer.png", svg=svg)
+    paths["correlation_figure"] = figures.correlation(run, directory / "correlation_per_layer.png", svg=svg)
     if run.histograms is not None:
-        paths["histogram_figure"] = figures.histograms(run, directory / "histograms.png")
+        paths["histogram_figure"] = figures.histograms(run, directory / "histograms.png", svg=svg)
     doc = build_document(run, figure=paths["figure"].name,
                          histograms="histograms.png" if "histogram_figure" in paths else None)
     if residual.is_residual(run):  # the blocks' own section, after the per-layer figures
-        paths["spp_figure"] = residual.spp_figure(run, directory / "signal_propagation.png")
+        paths["spp_figure"] = residual.spp_figure(run, directory / "signal_propagation.png", svg=svg)
         residual.section(doc, run, paths["spp_figure"].name)
     return {**paths, **document.write(doc, directory, formats)}
 
@@ -142,6 +145,8 @@ def write_fit(points: pd.DataFrame, result: Any, directory: Path, command: str) 
     meta = {"command": command, "fit": result.as_dict(),
             "versions": {"varprop": __version__, "numpy": np.__version__, "python": platform.python_version()}}
     paths["fit"].write_text(json.dumps(meta, indent=2, default=json_default) + "\n")
+    from . import figures
+
     figures.fan_in_law(points, result, paths["figure"])
     return {**paths, **document.write(fit_document(points, result, command, paths["figure"].name), directory)}
 
@@ -156,6 +161,8 @@ def write_phase(grid: pd.DataFrame, activation: str, directory: Path, measured: 
     if measured is not None:
         paths["measured"] = directory / "measured.csv"
         measured.to_csv(paths["measured"], index=False)
+    from . import figures
+
     figures.phase_diagram(grid, activation, paths["figure"], measured)
     doc = Document(f"varprop: the phase diagram of {activation}")
     doc.p("Reproduce with:")

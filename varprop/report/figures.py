@@ -25,13 +25,15 @@ from .markdown import as_rows, mean_columns, row_unit, signed_means, varied_valu
 _MAX_LOG10 = 300.0
 
 
-def save(fig: plt.Figure, path: Path) -> Path:
-    """The figure as PNG at ``path`` and as SVG beside it (same name, .svg), then closed; ``path``.
-    Every report's figures are saved by it (simulate's, train's, inspect's)."""
+def save(fig: plt.Figure, path: Path, svg: bool = True) -> Path:
+    """The figure as PNG at ``path`` and, with ``svg``, as SVG beside it (same name, .svg), then closed;
+    ``path``. Every report's figures are saved by it (simulate's, train's, inspect's). A Markdown report
+    shows the SVG, an HTML page embeds the PNG; each format costs a whole draw."""
     fig.savefig(path, metadata={"Software": None})
-    # No date and fixed ids: the gallery regenerates byte for byte.
-    with plt.rc_context({"svg.hashsalt": "varprop"}):
-        fig.savefig(Path(path).with_suffix(".svg"), metadata={"Date": None})
+    if svg:
+        # No date and fixed ids: the gallery regenerates byte for byte.
+        with plt.rc_context({"svg.hashsalt": "varprop"}):
+            fig.savefig(Path(path).with_suffix(".svg"), metadata={"Date": None})
     plt.close(fig)
     return path
 
@@ -46,9 +48,10 @@ def _text(s: Any) -> str:
 Configs = Sequence[dict[str, Any]]  # config.json's "configs": label, varied, options
 
 
-def std_per_layer(run: Run, path: Path) -> Path:
+def std_per_layer(run: Run, path: Path, svg: bool = True) -> Path:
     """Std of each layer's output (and, with a backward pass, of the gradient),
-    on a log axis (laid out as :func:`_figure` says, by the run's varied options).
+    on a log axis (laid out as :func:`_figure` says, by the run's varied options);
+    PNG, and SVG beside it with ``svg``.
 
     Solid: the mean network (sqrt of the mean variance over replicates);
     dashed: the typical network (geometric mean); band: the range over
@@ -71,7 +74,7 @@ def std_per_layer(run: Run, path: Path) -> Path:
     if n_rep > 1:
         title += f"\nmean network (solid), typical network (dashed), range over {n_rep} replicates (shaded)"
     return _figure(layers, summary, [side for side, _ in sides], draw, title, path, (6.5, 4.2), dpi=120,
-                   configs=configs)
+                   configs=configs, svg=svg)
 
 
 Looks = dict[str, tuple[str, Any, str]]  # configuration -> colour, line style, legend label
@@ -80,7 +83,7 @@ Looks = dict[str, tuple[str, Any, str]]  # configuration -> colour, line style, 
 def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
             draw: Callable[[plt.Axes, pd.DataFrame, str, Looks], None], title: str, path: Path,
             panel: tuple[float, float], dpi: int = 110, configs: Configs | None = None,
-            notes: Sequence[str] = ()) -> Path:
+            notes: Sequence[str] = (), svg: bool = True) -> Path:
     """One panel per metric holding every configuration (up to 8), or small
     multiples: more configurations varying two or more options (found by name
     in ``configs``) get a column per value of the next-to-last option, a row
@@ -162,7 +165,7 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
                 entries[text] = handle
     order = sorted(entries, key=lambda text: text not in {look[2] for look in looks.values()})
     notes = [*notes, *(_hidden_note(key, where, drawn, len(metrics)) for key, where in hidden.items())]
-    return _legend_below_and_save(fig, [entries[t] for t in order], order, path, notes)
+    return _legend_below_and_save(fig, [entries[t] for t in order], order, path, notes, svg)
 
 
 def _hidden_note(key: tuple[tuple[str, ...], str, str], where: list[tuple[str, str]],
@@ -389,7 +392,7 @@ _MAX_NOTES = 6  # notes under a figure's legend (identical lines), then "and k m
 
 
 def _legend_below_and_save(fig: plt.Figure, handles: list[Any], labels: list[str], path: Path,
-                           notes: Sequence[str] = ()) -> Path:
+                           notes: Sequence[str] = (), svg: bool = True) -> Path:
     """One shared legend under the panels, and under it ``notes`` (8-pt
     lines, wrapped to the width), then write the file. The figure grows by
     their height, so the panels keep theirs and the legend never covers their
@@ -412,7 +415,7 @@ def _legend_below_and_save(fig: plt.Figure, handles: list[Any], labels: list[str
     if fig.get_suptitle():  # hung from the top edge: at its default height it overlaps the panels of a tall figure
         fig.suptitle(fig.get_suptitle(), fontsize=10, y=1 - 0.06 / total, va="top")
     fig.tight_layout(rect=(0, (legend_in + notes_in) / total, 1, 1))
-    return save(fig, path)
+    return save(fig, path, svg)
 
 
 # Means up to this size are drawn on a linear axis; beyond, on a scale linear within +-1 and logarithmic beyond
@@ -458,7 +461,7 @@ def _symlog_ticks(ax: plt.Axes) -> bool:
     return True
 
 
-def means_and_channels(run: Run, path: Path) -> Path:
+def means_and_channels(run: Run, path: Path, svg: bool = True) -> Path:
     """Mean of the layer outputs, and the channel statistics: the average over
     units of the squared unit mean and of the unit variance. The mean is
     taken over replicates in log scale (exact beyond float64) and drawn on a
@@ -496,10 +499,10 @@ def means_and_channels(run: Run, path: Path) -> Path:
 
     return _figure(layers, plotted, list(metrics), draw,
                    "Mean per layer and channel statistics (averaged over replicates)", path, (5.3, 4.4),
-                   configs=configs, notes=notes)
+                   configs=configs, notes=notes, svg=svg)
 
 
-def correlation(run: Run, path: Path) -> Path:
+def correlation(run: Run, path: Path, svg: bool = True) -> Path:
     """Mean pairwise cosine similarity between samples per layer (and its
     absolute value) with the c-map's prediction."""
     layers, summary, configs = run.layers, run.summary, run.meta["configs"]
@@ -514,10 +517,10 @@ def correlation(run: Run, path: Path) -> Path:
 
     return _figure(layers, summary, list(metrics), draw,
                    "Correlation between samples per layer (1: all inputs map to one direction); dotted: the c-map",
-                   path, (6.5, 4.4), configs=configs)
+                   path, (6.5, 4.4), configs=configs, svg=svg)
 
 
-def histograms(run: Run, path: Path, max_configs: int = 6) -> Path:
+def histograms(run: Run, path: Path, max_configs: int = 6, svg: bool = True) -> Path:
     """Post-activation histograms at the first, middle and last layer, one row
     per configuration (the first ``max_configs``), x in units of the layer's RMS."""
     hist = run.histograms
@@ -542,4 +545,4 @@ def histograms(run: Run, path: Path, max_configs: int = 6) -> Path:
     fig.suptitle("Post-activation histograms (replicate 0; density; x in units of the layer's RMS)" if unit == "layer"
                  else "Histograms of the stream x_l (replicate 0; density; x in units of its RMS)", fontsize=10)
     fig.tight_layout()
-    return save(fig, path)
+    return save(fig, path, svg)

@@ -95,7 +95,7 @@ def block_table(layers: pd.DataFrame) -> pd.DataFrame:
         return per_rep.groupby(["config", "block"], sort=False).mean(numeric_only=True).reset_index()
 
 
-def spp_figure(run: Run, path: Path) -> Path:
+def spp_figure(run: Run, path: Path, svg: bool = True) -> Path:
     """The signal-propagation plot per block (Brock et al. 2021, figure 1): average squared channel mean and
     average channel variance of the stream, and the branch's average channel variance (res_avg_var); log10 of
     the replicate means (a line stops where its mean leaves float64)."""
@@ -125,7 +125,7 @@ def spp_figure(run: Run, path: Path) -> Path:
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), fontsize=8)
     fig.suptitle("Signal propagation per block: log10 of the mean over replicates"
                  + (f"; shaded: the range of the {reps} single networks" if reps > 1 else ""), fontsize=10)
-    save(fig, path)
+    save(fig, path, svg)
     plt.close(fig)
     return path
 

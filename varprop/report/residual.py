@@ -27,6 +27,7 @@ from .markdown import _log10_second_moment, fmt, fmt_pow10, shown_layers  # noqa
 # carries the signal.
 OFF_RATIO = 1e-6
 COLLAPSE_COS = 0.9
+ZOOM_DECADES = 10  # the signal-propagation plot zooms on the configurations within 1e+-10 when others are not
 
 
 def is_residual(run: Run) -> bool:
@@ -103,28 +104,47 @@ def spp_figure(run: Run, path: Path, svg: bool = True) -> Path:
     reps = run.replicates
     panels = [("post_sq_unit_mean", "avg squared channel mean"), ("post_unit_var", "avg channel variance"),
               ("branch_unit_var", "res_avg_var (branch, before alpha)")]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), constrained_layout=True)
-    for ax, (col, title) in zip(axes, panels):
-        for i, (config, df) in enumerate(layers.groupby("config", sort=False)):
-            by_block = df.groupby("layer")[col]
-            m = by_block.mean()
-            m = m[(m > 0) & np.isfinite(m)]  # beyond float64 (2^1000 blocks of alpha = 1) the line stops
-            color = f"C{i % 10}"
-            ax.plot(m.index, np.log10(m.to_numpy()), label=_text(config), color=color,
-                    linestyle=("-", "--", ":")[i // 10 % 3])  # more configurations than colours
-            if reps > 1:  # single networks: the finite-width band about the mean
+    lines: dict[tuple[str, str], tuple[pd.Series, pd.Series, pd.Series]] = {}  # log10 of mean, min, max per block
+    with np.errstate(divide="ignore"):
+        for col, _ in panels:
+            for config, df in layers.groupby("config", sort=False):
+                by_block = df.groupby("layer")[col]
+                m = by_block.mean()
+                m = m[(m > 0) & np.isfinite(m)]  # beyond float64 (2^1000 blocks of alpha = 1) the line stops
                 lo, hi = by_block.min().reindex(m.index), by_block.max().reindex(m.index)
-                keep = (lo > 0) & np.isfinite(hi)
-                ax.fill_between(m.index[keep], np.log10(lo[keep].to_numpy()), np.log10(hi[keep].to_numpy()),
-                                color=color, alpha=0.15, lw=0, rasterized=True)  # SVG: an image, not 1000s of paths
-        ax.set_ylabel("log10")
-        ax.set_xlabel("block")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
+                lines[col, config] = (np.log10(m), np.log10(lo.where(lo > 0)), np.log10(hi.where(np.isfinite(hi))))
+    # An exploding stack (hundreds of decades) flattens every other line: a second row then zooms on the
+    # configurations that stay within ZOOM_DECADES.
+    tame = [c for c in dict.fromkeys(c for _, c in lines)
+            if all(lines[col, c][0].abs().max() <= ZOOM_DECADES for col, _ in panels)]
+    rows = [list(dict.fromkeys(c for _, c in lines))]
+    if tame and len(tame) < len(rows[0]):
+        rows.append(tame)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(12, 3.4 * len(rows) + 0.4), constrained_layout=True,
+                             squeeze=False)
+    for r, shown in enumerate(rows):
+        for ax, (col, title) in zip(axes[r], panels):
+            for i, config in enumerate(rows[0]):
+                if config not in shown:
+                    continue
+                mean, lo, hi = lines[col, config]
+                color = f"C{i % 10}"
+                ax.plot(mean.index, mean.to_numpy(), label=_text(config), color=color,
+                        linestyle=("-", "--", ":")[i // 10 % 3])  # more configurations than colours
+                if reps > 1:  # single networks: the finite-width band about the mean
+                    keep = np.isfinite(lo) & np.isfinite(hi)
+                    ax.fill_between(mean.index[keep], lo[keep].to_numpy(), hi[keep].to_numpy(), color=color,
+                                    alpha=0.15, lw=0, rasterized=True)  # SVG: an image, not 1000s of paths
+            ax.set_ylabel("log10")
+            ax.set_xlabel("block")
+            ax.set_title(title + (" (zoom)" if r else ""), fontsize=10)
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), fontsize=8)
     fig.suptitle("Signal propagation per block: log10 of the mean over replicates"
-                 + (f"; shaded: the range of the {reps} single networks" if reps > 1 else ""), fontsize=10)
+                 + (f"; shaded: the range of the {reps} single networks" if reps > 1 else "")
+                 + (f"\nsecond row: the configurations that stay within 1e±{ZOOM_DECADES}" if len(rows) > 1 else ""),
+                 fontsize=10)
     save(fig, path, svg)
     plt.close(fig)
     return path

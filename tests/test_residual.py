@@ -99,6 +99,8 @@ def test_zero_branch_is_exactly_the_identity(scheme):
             assert (col == col[0 if side == "post" else -1]).all()  # bit for bit
         assert (rep["pre_second_moment"].iloc[1:] == 0).all()
         assert (rep["delta_second_moment"].iloc[1:] == 0).all()
+    # what a block adds is the zero vector: its cosine to another is undefined, measured and in theory alike
+    assert df[df["layer"] > 0][["pre_cos_sim", "theory_pre_cos_sim"]].isna().all().all()
     if scheme == "skipinit":  # the branch is measured though it adds nothing, and its weights get no gradient
         assert (df[df["layer"] > 0]["branch_second_moment"] > 0).all()
         assert (df[df["layer"] > 0]["weight_grad_norm"] == 0).all()

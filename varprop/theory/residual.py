@@ -138,7 +138,8 @@ def predict(spec: RunSpec, inputs: Mapping[str, float] | None = None) -> pd.Data
             cos_new = (1 - w) * cos + w * c_f
         l = kind.index
         rows["branch"]["log_m2"][l], rows["branch"]["cos"][l] = log_f, c_f
-        rows["pre"]["log_m2"][l], rows["pre"]["cos"][l] = log_add, c_f
+        # a branch scaled to zero adds a zero vector, whose cosine to another is undefined (as measured)
+        rows["pre"]["log_m2"][l], rows["pre"]["cos"][l] = log_add, c_f if log_add > -math.inf else math.nan
         rows["post"]["log_m2"][l], rows["post"]["cos"][l] = log_m_new, cos_new
         log_chis[l] = la2 + log_chi
         log_m, cos = log_m_new, cos_new

@@ -358,3 +358,22 @@ def test_config_json_order_does_not_matter_to_the_figures(tmp_path):
     path = figures.correlation(moved, tmp_path / "c.png")
     assert len(set(re.findall(r'<g id="axes_(\d+)">', path.with_suffix(".svg").read_text()))) == 6
     assert json.dumps(moved.meta)  # what config.json holds
+
+
+def test_an_option_only_some_configurations_set_splits_their_panels(tmp_path):
+    """The residual gallery's list: alpha is set for one plain stack only, so the two plain stacks
+    (alpha 1 and 1/sqrt(L)) get a panel each rather than sharing one under the same legend label."""
+    from varprop.spec import Config, expand, label_part
+
+    base = {"blocks": [2, 3], "width": 8, "samples": 8, "activation": "relu", "seed": 0}
+    schemes = [{"residual": "plain"}, {"residual": "plain", "alpha": "1/sqrt(L)"}, {"residual": "bn-end"},
+               {"residual": "skipinit"}, {"residual": "fixup"}]
+    configs = []
+    for scheme in schemes:
+        for c in expand({**base, **scheme}):
+            varied = {**scheme, **c.varied}
+            configs.append(Config(", ".join(label_part(k, v) for k, v in varied.items()), varied, c.spec))
+    path = figures.correlation(run_configs(configs), tmp_path / "c.png")
+    svg = path.with_suffix(".svg").read_text()
+    assert len(set(re.findall(r'<g id="axes_(\d+)">', svg))) == 2 * len(schemes)  # two metrics a column
+    assert "residual=plain, alpha=1/sqrt(L)" in svg

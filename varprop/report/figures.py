@@ -12,7 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -110,7 +110,12 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
         shades = {v: colors[i] for i, v in enumerate(dict.fromkeys(values[color_key]))}
         looks = {c: (shades[values.at[c, color_key]], "-", _named(color_key, values.at[c, color_key]))
                  for c in configs}
-        cols = list(dict.fromkeys(values[col_key]))
+        # an option only some configurations set (the gallery's alpha of one plain stack among the schemes)
+        # splits their column, so two stacks never share a panel under one legend label
+        partial = [k for k in values.columns if k not in keys and values[k].notna().any()]
+        column = {c: (values.at[c, col_key], *(values.at[c, k] if pd.notna(values.at[c, k]) else None
+                                                for k in partial)) for c in configs}
+        cols = list(dict.fromkeys(column.values()))
         groups = list(dict.fromkeys(tuple(r) for r in values[row_keys].itertuples(index=False))) or [()]
         panels = [(metric, dict(zip(row_keys, g)), col) for metric in metrics for g in groups for col in cols]
         wrap = len(metrics) * len(groups) == 1 and len(cols) > 4
@@ -128,13 +133,15 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
                              squeeze=False, sharex=True)
     drawn: list[tuple[plt.Axes, str, str, set[str]]] = []  # each panel, its quantity, title, configurations
     for ax, (metric, where, col) in zip(axes.flat, panels):
-        chosen = [c for c in configs if (col is None or values.at[c, col_key] == col)
+        chosen = [c for c in configs if (col is None or column[c] == col)
                   and all(values.at[c, k] == v for k, v in where.items())]
         draw(ax, summary[summary["config"].isin(chosen)], metric, looks)
         ax.set_xlabel(as_rows(ax.get_xlabel(), unit))  # a residual stack's rows are blocks
         ax.set_ylabel(as_rows(ax.get_ylabel(), unit))
         if facets:
-            ax.set_title(", ".join(_named(k, v) for k, v in [*where.items(), (col_key, col)]), fontsize=8)
+            named = [*where.items(), (col_key, col[0]), *((k, v) for k, v in zip(partial, col[1:]) if v is not None)]
+            ax.set_title(", ".join(_named(k, v) for k, v in named), fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))  # a small panel's labels stay apart
             ax.tick_params(which="both", labelsize=7)
             ax.xaxis.label.set_size(8)
             ax.yaxis.label.set_size(8)
@@ -294,6 +301,10 @@ def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str,
             ax.fill_between(g.min().index, y(g.min()), y(g.max()), color=color, alpha=0.15, lw=0)
     if not as_log10:
         ax.set_yscale("log")
+        low, high = ax.get_ylim()
+        if high < 10 * low:  # within a decade the log formatter writes 1.0005 x 10^0: plain numbers read better
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.6g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("layer l (0 = input)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, which="major", alpha=0.3)

@@ -33,9 +33,7 @@ def test_simulate_writes_report(tmp_path):
     assert {p.name for p in out.iterdir()} == {".varprop-manifest.json", "config.json", "layers.csv", "report.md",
                                                "report.html",
                                                "summary.json", "std_per_layer.png", "means_per_layer.png",
-                                               "correlation_per_layer.png", "histograms.csv", "histograms.png",
-                                               "std_per_layer.svg", "means_per_layer.svg",
-                                               "correlation_per_layer.svg", "histograms.svg"}
+                                               "correlation_per_layer.png", "histograms.csv", "histograms.png"}
     layers = pd.read_csv(out / "layers.csv")
     assert list(layers.columns[:len(CONTRACT)]) == CONTRACT or set(CONTRACT) <= set(layers.columns)
     assert len(layers) == 5 and list(layers["layer"]) == [0, 1, 2, 3, 4]

@@ -292,7 +292,7 @@ def test_theory_gain_fit_commands(tmp_path):
     assert r.exit_code == 0, r.output
     assert abs(json.loads(r.output)["fit"]["slope"] - 0.5) < 0.05
     assert {p.name for p in (tmp_path / "fit").iterdir()} == {".varprop-manifest.json", "points.csv", "fit.json",
-                                                              "fan_in_law.png", "fan_in_law.svg", "report.md",
+                                                              "fan_in_law.png", "report.md",
                                                               "report.html"}
     for bad, option in ((["theory", "--sigma-w", "-1"], "--sigma-w"), (["gain", "nope"], "--activation"),
                         (["fit", "--fan-in", "0,10"], "--fan-in")):
@@ -339,7 +339,7 @@ def test_phase_command(tmp_path):
                                   str(tmp_path / "p")])
     assert r.exit_code == 0, r.output
     assert {p.name for p in (tmp_path / "p").iterdir()} == {".varprop-manifest.json", "phase.csv", "phase.png",
-                                                            "phase.svg", "report.md", "report.html"}
+                                                            "report.md", "report.html"}
 
 
 @pytest.mark.parametrize("activation,init", [("linear", "fan_in"), ("relu", "he")])

@@ -32,7 +32,7 @@ def test_train_writes_report_and_data(tmp_path):
     assert result.exit_code == 0, result.output
     names = {p.name for p in out.iterdir()}
     assert {"history.csv", "layers_over_training.csv", "config.json", "report.md", "report.html",
-            "loss_curves.png", "loss_curves.svg", "layers_post_std.png", "layers_grad_std.png"} <= names
+            "loss_curves.png", "layers_post_std.png", "layers_grad_std.png"} <= names
     history = pd.read_csv(out / "history.csv")
     assert list(history["config"].unique()) == ["bn_count=0", "bn_count=1"] and len(history) == 4
     layers = pd.read_csv(out / "layers_over_training.csv")

@@ -84,7 +84,7 @@ def refuse_beyond(need: float, max_memory: int | None, what: str, fix: str, opti
                         f"({source}); {fix}")
 
 
-# The report's figures: canvases and their PNG and SVG renderings (measured 8.5 MB for one configuration),
+# The report's figures: canvases and their PNG renderings (measured 8.5 MB for one configuration),
 # and each configuration's lines, legends and tables (measured 1.4 MB each for 12 configurations).
 REPORT_BYTES = 16 * 2**20
 REPORT_CONFIG_BYTES = 2 * 2**20

@@ -79,16 +79,15 @@ def render(run: Run, directory: Path, formats: tuple[str, ...] = FORMATS) -> dic
         return paths
     from . import figures, residual  # matplotlib, loaded only to draw
 
-    svg = "md" in formats  # the HTML page embeds the PNGs; only report.md shows the SVGs
-    paths["figure"] = figures.std_per_layer(run, directory / "std_per_layer.png", svg=svg)
-    paths["means_figure"] = figures.means_and_channels(run, directory / "means_per_layer.png", svg=svg)
-    paths["correlation_figure"] = figures.correlation(run, directory / "correlation_per_layer.png", svg=svg)
+    paths["figure"] = figures.std_per_layer(run, directory / "std_per_layer.png")
+    paths["means_figure"] = figures.means_and_channels(run, directory / "means_per_layer.png")
+    paths["correlation_figure"] = figures.correlation(run, directory / "correlation_per_layer.png")
     if run.histograms is not None:
-        paths["histogram_figure"] = figures.histograms(run, directory / "histograms.png", svg=svg)
+        paths["histogram_figure"] = figures.histograms(run, directory / "histograms.png")
     doc = build_document(run, figure=paths["figure"].name,
                          histograms="histograms.png" if "histogram_figure" in paths else None)
     if residual.is_residual(run):  # the blocks' own section, after the per-layer figures
-        paths["spp_figure"] = residual.spp_figure(run, directory / "signal_propagation.png", svg=svg)
+        paths["spp_figure"] = residual.spp_figure(run, directory / "signal_propagation.png")
         residual.section(doc, run, paths["spp_figure"].name)
     return {**paths, **document.write(doc, directory, formats)}
 

@@ -157,9 +157,8 @@ def to_markdown(doc: Document) -> str:
             cells = x.astype(str).map(lambda v: _md(v, in_table=True))
             cells.columns = [_md(c, in_table=True) for c in x.columns]
             out += [cells.to_markdown(index=False, disable_numparse=True), ""]
-        elif kind == "figure":  # SVG, with the PNG beside it for renderers without SVG
-            svg = str(Path(x[0]).with_suffix(".svg"))
-            out += [f"![{_md(x[1])}]({svg})", "", f"<sub>PNG: [{x[0]}]({x[0]})</sub>", ""]
+        elif kind == "figure":
+            out += [f"![{_md(x[1])}]({x[0]})", ""]
     return "\n".join(out)
 
 

@@ -12,7 +12,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
+from matplotlib.ticker import (FixedLocator, FuncFormatter, LogFormatterSciNotation, MaxNLocator,  # noqa: E402
+                               NullFormatter)
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -25,17 +26,37 @@ from .markdown import as_rows, mean_columns, row_unit, signed_means, varied_valu
 _MAX_LOG10 = 300.0
 
 
-def save(fig: plt.Figure, path: Path, svg: bool = True) -> Path:
-    """The figure as PNG at ``path`` and, with ``svg``, as SVG beside it (same name, .svg), then closed;
-    ``path``. Every report's figures are saved by it (simulate's, train's, inspect's). A Markdown report
-    shows the SVG, an HTML page embeds the PNG; each format costs a whole draw."""
+def save(fig: plt.Figure, path: Path) -> Path:
+    """The figure as PNG at ``path``, then closed; ``path``. Every report's figures are saved by it
+    (simulate's, train's, inspect's, a sweep's): report.md links the PNG and report.html embeds it, so
+    each figure is drawn once (an SVG beside it cost a second draw, a third of a report's time)."""
     fig.savefig(path, metadata={"Software": None})
-    if svg:
-        # No date and fixed ids: the gallery regenerates byte for byte.
-        with plt.rc_context({"svg.hashsalt": "varprop"}):
-            fig.savefig(Path(path).with_suffix(".svg"), metadata={"Date": None})
     plt.close(fig)
     return path
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
+
+
+class _PlainLogFormatter(LogFormatterSciNotation):
+    """matplotlib's log-axis labels (10^-5, 2 x 10^3) as plain Unicode text (10\u207b\u2075, 2\u00d710\u00b3):
+    parsing them as mathtext took a fifth of a report's drawing time."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        label = super().__call__(x, pos)
+        math_text = re.fullmatch(r"\$\\mathdefault\{(.*)\}\$", label)
+        if math_text is None:
+            return label
+        body = math_text.group(1).replace(r"\times", "\u00d7").replace("-", "\u2212")
+        return re.sub(r"\^\{([^}]*)\}", lambda m: m.group(1).replace("\u2212", "-").translate(_SUPERSCRIPT), body)
+
+
+def log_scale(ax: plt.Axes, axis: str = "y", base: float = 10) -> None:
+    """``ax``'s ``axis`` ("x" or "y") on a log scale labelled like matplotlib's own, without mathtext."""
+    getattr(ax, f"set_{axis}scale")("log", base=base)
+    scale = getattr(ax, f"{axis}axis")
+    scale.set_major_formatter(_PlainLogFormatter(base))
+    scale.set_minor_formatter(_PlainLogFormatter(base, labelOnlyBase=False))
 
 
 def _text(s: Any) -> str:
@@ -48,10 +69,9 @@ def _text(s: Any) -> str:
 Configs = Sequence[dict[str, Any]]  # config.json's "configs": label, varied, options
 
 
-def std_per_layer(run: Run, path: Path, svg: bool = True) -> Path:
+def std_per_layer(run: Run, path: Path) -> Path:
     """Std of each layer's output (and, with a backward pass, of the gradient),
-    on a log axis (laid out as :func:`_figure` says, by the run's varied options);
-    PNG, and SVG beside it with ``svg``.
+    on a log axis (laid out as :func:`_figure` says, by the run's varied options).
 
     Solid: the mean network (sqrt of the mean variance over replicates);
     dashed: the typical network (geometric mean); band: the range over
@@ -74,7 +94,7 @@ def std_per_layer(run: Run, path: Path, svg: bool = True) -> Path:
     if n_rep > 1:
         title += f"\nmean network (solid), typical network (dashed), range over {n_rep} replicates (shaded)"
     return _figure(layers, summary, [side for side, _ in sides], draw, title, path, (6.5, 4.2), dpi=120,
-                   configs=configs, svg=svg)
+                   configs=configs)
 
 
 Looks = dict[str, tuple[str, Any, str]]  # configuration -> colour, line style, legend label
@@ -83,7 +103,7 @@ Looks = dict[str, tuple[str, Any, str]]  # configuration -> colour, line style, 
 def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
             draw: Callable[[plt.Axes, pd.DataFrame, str, Looks], None], title: str, path: Path,
             panel: tuple[float, float], dpi: int = 110, configs: Configs | None = None,
-            notes: Sequence[str] = (), svg: bool = True) -> Path:
+            notes: Sequence[str] = ()) -> Path:
     """One panel per metric holding every configuration (up to 8), or small
     multiples: more configurations varying two or more options (found by name
     in ``configs``) get a column per value of the next-to-last option, a row
@@ -172,7 +192,7 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
                 entries[text] = handle
     order = sorted(entries, key=lambda text: text not in {look[2] for look in looks.values()})
     notes = [*notes, *(_hidden_note(key, where, drawn, len(metrics)) for key, where in hidden.items())]
-    return _legend_below_and_save(fig, [entries[t] for t in order], order, path, notes, svg)
+    return _legend_below_and_save(fig, [entries[t] for t in order], order, path, notes)
 
 
 def _hidden_note(key: tuple[tuple[str, ...], str, str], where: list[tuple[str, str]],
@@ -300,7 +320,7 @@ def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str,
             g = reps.groupby("layer")[col]
             ax.fill_between(g.min().index, y(g.min()), y(g.max()), color=color, alpha=0.15, lw=0)
     if not as_log10:
-        ax.set_yscale("log")
+        log_scale(ax)
         low, high = ax.get_ylim()
         if high < 10 * low:  # within a decade the log formatter writes 1.0005 x 10^0: plain numbers read better
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.6g}"))
@@ -321,8 +341,8 @@ def fan_in_law(points: pd.DataFrame, result: object, path: Path) -> Path:
     th = points.groupby("fan_in")["theory_log10_std"].first()
     if th.notna().all():
         ax.plot(th.index, 10.0 ** th.to_numpy(), "k:", lw=1.5, label="mean-field theory")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    log_scale(ax, "x")
+    log_scale(ax)
     ax.set_xlabel("fan_in (inputs per unit)")
     ax.set_ylabel("std of the layer's output")
     ax.set_title("One layer's output std against fan_in", fontsize=10)
@@ -403,7 +423,7 @@ _MAX_NOTES = 6  # notes under a figure's legend (identical lines), then "and k m
 
 
 def _legend_below_and_save(fig: plt.Figure, handles: list[Any], labels: list[str], path: Path,
-                           notes: Sequence[str] = (), svg: bool = True) -> Path:
+                           notes: Sequence[str] = ()) -> Path:
     """One shared legend under the panels, and under it ``notes`` (8-pt
     lines, wrapped to the width), then write the file. The figure grows by
     their height, so the panels keep theirs and the legend never covers their
@@ -426,7 +446,7 @@ def _legend_below_and_save(fig: plt.Figure, handles: list[Any], labels: list[str
     if fig.get_suptitle():  # hung from the top edge: at its default height it overlaps the panels of a tall figure
         fig.suptitle(fig.get_suptitle(), fontsize=10, y=1 - 0.06 / total, va="top")
     fig.tight_layout(rect=(0, (legend_in + notes_in) / total, 1, 1))
-    return save(fig, path, svg)
+    return save(fig, path)
 
 
 # Means up to this size are drawn on a linear axis; beyond, on a scale linear within +-1 and logarithmic beyond
@@ -472,7 +492,7 @@ def _symlog_ticks(ax: plt.Axes) -> bool:
     return True
 
 
-def means_and_channels(run: Run, path: Path, svg: bool = True) -> Path:
+def means_and_channels(run: Run, path: Path) -> Path:
     """Mean of the layer outputs, and the channel statistics: the average over
     units of the squared unit mean and of the unit variance. The mean is
     taken over replicates in log scale (exact beyond float64) and drawn on a
@@ -504,16 +524,16 @@ def means_and_channels(run: Run, path: Path, svg: bool = True) -> Path:
         _config_lines(ax, chosen, metric, looks, theory_col, points=metric == "mean_y" and axis != "linear")
         ax.set_ylabel(label)
         if log:
-            ax.set_yscale("log")
+            log_scale(ax)
         elif metric == "mean_y" and axis == "symlog" and _symlog_ticks(ax):
             ax.set_ylabel(f"{label} (symlog)")
 
     return _figure(layers, plotted, list(metrics), draw,
                    "Mean per layer and channel statistics (averaged over replicates)", path, (5.3, 4.4),
-                   configs=configs, notes=notes, svg=svg)
+                   configs=configs, notes=notes)
 
 
-def correlation(run: Run, path: Path, svg: bool = True) -> Path:
+def correlation(run: Run, path: Path) -> Path:
     """Mean pairwise cosine similarity between samples per layer (and its
     absolute value) with the c-map's prediction."""
     layers, summary, configs = run.layers, run.summary, run.meta["configs"]
@@ -528,10 +548,10 @@ def correlation(run: Run, path: Path, svg: bool = True) -> Path:
 
     return _figure(layers, summary, list(metrics), draw,
                    "Correlation between samples per layer (1: all inputs map to one direction); dotted: the c-map",
-                   path, (6.5, 4.4), configs=configs, svg=svg)
+                   path, (6.5, 4.4), configs=configs)
 
 
-def histograms(run: Run, path: Path, max_configs: int = 6, svg: bool = True) -> Path:
+def histograms(run: Run, path: Path, max_configs: int = 6) -> Path:
     """Post-activation histograms at the first, middle and last layer, one row
     per configuration (the first ``max_configs``), x in units of the layer's RMS."""
     hist = run.histograms
@@ -556,4 +576,4 @@ def histograms(run: Run, path: Path, max_configs: int = 6, svg: bool = True) -> 
     fig.suptitle("Post-activation histograms (replicate 0; density; x in units of the layer's RMS)" if unit == "layer"
                  else "Histograms of the stream x_l (replicate 0; density; x in units of its RMS)", fontsize=10)
     fig.tight_layout()
-    return save(fig, path, svg)
+    return save(fig, path)

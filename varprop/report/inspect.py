@@ -20,7 +20,7 @@ from ..run import json_default
 from ..stats import summarize
 from . import document
 from .document import Document, lit
-from .figures import save
+from .figures import log_scale, save
 
 FORMATS = ("md", "html", "csv", "json")
 MAX_TABLE_ROWS = 300  # per-module tables list every module up to this many, then a subsample
@@ -234,7 +234,7 @@ def std_figure(table: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:
         th = f"theory_{side}_log10_std"
         if th in s and s[th].notna().any():
             ax.plot(x, 10.0 ** s[th], color="black", ls=":", lw=1.3, marker="_", ms=9, label="mean-field theory")
-        ax.set_yscale("log")
+        log_scale(ax)
         ax.set_ylabel(label, fontsize=9)
         _module_axis(ax, s, labels, bottom=i == len(sides) - 1)
     # The legend above the panels, where it hides no module.
@@ -260,7 +260,7 @@ def channels_figure(summary: pd.DataFrame, path: Path) -> Path:
     ax = axes[0]
     ax.plot(x, s["post_sq_unit_mean"], lw=1.4, label="average squared channel mean")
     ax.plot(x, s["post_unit_var"], lw=1.4, label="average channel variance")
-    ax.set_yscale("log")
+    log_scale(ax)
     ax.set_title("Signal propagation (averaged over re-initialisations)", fontsize=9)
     ax.legend(fontsize=7)
     _module_axis(ax, s, labels)
@@ -290,7 +290,7 @@ def residual_figure(residual: pd.DataFrame, path: Path) -> Path:
     if "theory_sum_second_moment" in residual and residual["theory_sum_second_moment"].notna().any():
         th = residual.groupby("block", sort=False)["theory_sum_second_moment"].first()
         ax.plot(x, th, color="black", ls=":", marker="_", ms=10, label="sum, mean-field theory")
-    ax.set_yscale("log")
+    log_scale(ax)
     ax.set_xticks(x)
     ax.set_xticklabels([_text(b, 30) for b in r.index], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("second moment E[x^2]")
@@ -318,8 +318,8 @@ def sweep_figure(sweep: Any, path: Path) -> Path:
             ax.annotate(_text(e["name"], 18), (g.index[-1], 10.0 ** g.iloc[-1]), xytext=(4, 0),
                         textcoords="offset points", fontsize=6.5, va="center", color=cmap(i / n))
     ax.margins(x=0.18)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    log_scale(ax, "x", base=2)
+    log_scale(ax)
     ax.set_xlabel("width")
     ax.set_ylabel("output std (typical network)")
     ax.set_title("Each module's output std against width (colour: depth)", fontsize=9)

@@ -96,7 +96,7 @@ def block_table(layers: pd.DataFrame) -> pd.DataFrame:
         return per_rep.groupby(["config", "block"], sort=False).mean(numeric_only=True).reset_index()
 
 
-def spp_figure(run: Run, path: Path, svg: bool = True) -> Path:
+def spp_figure(run: Run, path: Path) -> Path:
     """The signal-propagation plot per block (Brock et al. 2021, figure 1): average squared channel mean and
     average channel variance of the stream, and the branch's average channel variance (res_avg_var); log10 of
     the replicate means (a line stops where its mean leaves float64)."""
@@ -134,7 +134,7 @@ def spp_figure(run: Run, path: Path, svg: bool = True) -> Path:
                 if reps > 1:  # single networks: the finite-width band about the mean
                     keep = np.isfinite(lo) & np.isfinite(hi)
                     ax.fill_between(mean.index[keep], lo[keep].to_numpy(), hi[keep].to_numpy(), color=color,
-                                    alpha=0.15, lw=0, rasterized=True)  # SVG: an image, not 1000s of paths
+                                    alpha=0.15, lw=0)
             ax.set_ylabel("log10")
             ax.set_xlabel("block")
             ax.set_title(title + (" (zoom)" if r else ""), fontsize=10)
@@ -145,7 +145,7 @@ def spp_figure(run: Run, path: Path, svg: bool = True) -> Path:
                  + (f"; shaded: the range of the {reps} single networks" if reps > 1 else "")
                  + (f"\nsecond row: the configurations that stay within 1e±{ZOOM_DECADES}" if len(rows) > 1 else ""),
                  fontsize=10)
-    save(fig, path, svg)
+    save(fig, path)
     plt.close(fig)
     return path
 

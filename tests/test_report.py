@@ -386,3 +386,22 @@ def test_an_option_only_some_configurations_set_splits_their_panels(tmp_path, mo
     drawn = panels_drawn(monkeypatch, lambda: figures.correlation(run_configs(configs), tmp_path / "c.png"))
     assert len(drawn) == 2 * len(schemes)  # two metrics a column
     assert "residual=plain, alpha=1/sqrt(L)" in {ax.get_title() for ax in drawn}
+
+
+def test_log_axis_labels_are_plain_text():
+    """Log axes are labelled like matplotlib's own (which ticks, which powers) without mathtext."""
+    fig, ax = matplotlib.pyplot.subplots()
+    ax.plot([1e-5, 1e3], [1, 1.002])
+    figures.log_scale(ax, "x")
+    figures.log_scale(ax)
+    fig.canvas.draw()
+
+    def shown(axis):  # the labels of the ticks within the view, major and minor
+        low, high = sorted(axis.get_view_interval())
+        return [label.get_text() for minor in (False, True)
+                for loc, label in zip(axis.get_ticklocs(minor=minor), axis.get_ticklabels(minor=minor))
+                if low <= loc <= high and label.get_text()]
+    xs, ys = shown(ax.xaxis), shown(ax.yaxis)
+    matplotlib.pyplot.close(fig)
+    assert "10\u207b\u2075" in xs and "10\u00b3" in xs and "1" in ys  # 10^-5, 10^3; 10^0 is 1
+    assert not any("$" in t for t in xs + ys) and all(float(t) == pytest.approx(1, abs=0.01) for t in ys)

@@ -154,7 +154,7 @@ def _read_table(csv: Path, fail: Any, columns: Sequence[str]) -> pd.DataFrame:
     from .outdir import show
 
     try:
-        table = pd.read_csv(csv)
+        table = pd.read_csv(csv, low_memory=False)  # one dtype a column, however long the file
     except OSError as exc:
         raise fail(f"cannot read {show(csv)} ({exc.strerror})") from None
     except (ValueError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError

@@ -12,8 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import (FixedLocator, FuncFormatter, LogFormatterSciNotation, MaxNLocator,  # noqa: E402
-                               NullFormatter)
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatterSciNotation, MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -47,6 +46,8 @@ class _PlainLogFormatter(LogFormatterSciNotation):
         math_text = re.fullmatch(r"\$\\mathdefault\{(.*)\}\$", label)
         if math_text is None:
             return label
+        if 0.1 < abs(x) < 10:  # 0.998, 1, 1.0005 and 2 rather than 9.98 x 10^-1, 10^0, ...
+            return f"{x:.6g}".replace("-", "\u2212")
         body = math_text.group(1).replace(r"\times", "\u00d7").replace("-", "\u2212")
         return re.sub(r"\^\{([^}]*)\}", lambda m: m.group(1).replace("\u2212", "-").translate(_SUPERSCRIPT), body)
 
@@ -321,10 +322,6 @@ def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str,
             ax.fill_between(g.min().index, y(g.min()), y(g.max()), color=color, alpha=0.15, lw=0)
     if not as_log10:
         log_scale(ax)
-        low, high = ax.get_ylim()
-        if high < 10 * low:  # within a decade the log formatter writes 1.0005 x 10^0: plain numbers read better
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.6g}"))
-            ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("layer l (0 = input)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, which="major", alpha=0.3)

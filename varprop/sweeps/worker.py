@@ -47,6 +47,8 @@ def train_frames(options: Mapping[str, Any], start: int, stop: int) -> tuple[pd.
         layers += l
     n_eval = min(loop.EVAL_SAMPLES, dataset.n_train)
     meta = {"options": config.options(),
+            "run": {"epochs": run.epochs, "seed": run.seed, "record_every": run.record_every, "dtype": run.dtype,
+                    "data": run.data},
             "data": {"name": dataset.name, "n_train": dataset.n_train, "n_test": dataset.n_test,
                      "n_features": dataset.n_features, "eval_samples": n_eval},
             "probe_samples": loop.probe_size(n_eval, config.batch_size),

@@ -24,7 +24,8 @@ from . import Interrupted
 @click.option("--threads-per-worker", default="1", metavar="N",
               help="tasks each local worker runs at once [default: 1]")
 @click.option("--replicates-per-task", default=None, metavar="N",
-              help="cut each configuration's replicates into tasks of N [default: one task per configuration; a train grid's: one per replicate]")
+              help="cut each configuration's replicates into tasks of N [default: one task per configuration; "
+                   "a train grid's: one per replicate]")
 @click.option("--extend", is_flag=True, help="add this grid's tasks to a sweep directory holding another grid")
 def sweep_cmd(grid: str, out: str, scheduler: str | None, workers: str | None, threads_per_worker: str,
               replicates_per_task: str | None, extend: bool) -> None:

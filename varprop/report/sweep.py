@@ -303,7 +303,11 @@ def heatmap(summary: pd.DataFrame, x: str, y: str | None, metric: str, keys: Seq
                      fontsize=8)
     for ax in axes.flat[len(shown):]:
         ax.set_visible(False)
-    fig.colorbar(mesh, ax=axes, shrink=0.9, label=TRAIN_SHORT.get(metric, title))
+    bar = fig.colorbar(mesh, ax=axes, shrink=0.9, label=TRAIN_SHORT.get(metric, title))
+    if metric == "test_accuracy":  # as the cells write it
+        from matplotlib.ticker import PercentFormatter
+
+        bar.ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     more = f" (first {MAX_PANELS} of {len(panels)} panels)" if len(panels) > MAX_PANELS else ""
     spread = "\nmedian over replicates; below it, their range" if ranged else ""
     fig.suptitle(f"{title}{more}{spread}", fontsize=10 if not ranged else 9)

@@ -199,7 +199,7 @@ def build_grid(grid: Mapping[str, Any]) -> Grid:
     for key, why in _IRRELEVANT.items():
         if any(key in c for c in raw) and not any(key in _relevant(c) for c in raw):
             raise SpecError(key, why)
-    combos, keys = _distinct(list(map(_relevant, raw)))
+    combos, keys = _distinct(raw, list(map(_relevant, raw)))
     configs = []
     for combo in combos:
         (config,) = expand(combo)
@@ -221,7 +221,7 @@ def _train_grid(source: dict[str, Any], raw: list[dict[str, Any]]) -> Grid:
     for c in raw:
         data = c.get("data", default_data)
         c["data"] = data if data == data_mod.SUBSET else os.path.abspath(os.path.expanduser(data))
-    combos, keys = _distinct(list(map(_relevant_train, raw)))
+    combos, keys = _distinct(raw, list(map(_relevant_train, raw)))
     configs = []
     for combo in combos:
         (config,), run = train_expand(combo)
@@ -235,12 +235,12 @@ def _train_grid(source: dict[str, Any], raw: list[dict[str, Any]]) -> Grid:
     return Grid(source, configs, keys, combos, "train")
 
 
-def _distinct(combos: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The distinct configurations (options that do nothing in one were
-    dropped from it, which can make two the same) and the options that vary
-    across them."""
+def _distinct(raw: list[dict[str, Any]], combos: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The distinct configurations (``combos``: ``raw``'s without the options
+    that do nothing in them, which can make two the same) and the options
+    that vary across them, in the grid's order."""
     combos = list({json.dumps(c, sort_keys=True, default=str): c for c in combos}.values())
-    keys = [k for k in dict.fromkeys(k for c in combos for k in c)
+    keys = [k for k in dict.fromkeys(k for c in raw for k in c)
             if len({json.dumps(c.get(k), default=str) for c in combos}) > 1]
     return combos, keys
 

@@ -187,3 +187,17 @@ def test_train_grid_cannot_extend_a_simulate_sweep(client, tmp_path):
     with pytest.raises(SpecError, match="holds a sweep of varprop simulate, this grid's tasks run varprop train"):
         sweep({**TINY, "bn_count": [0, 1]}, client, out=out, extend=True, report=False)
     assert not (out / "history").exists()
+
+
+def test_raising_train_task_is_recorded_others_go_on(client, tmp_path):
+    """A user init that raises for one configuration: its task is recorded
+    with the reason, the other runs, and the report says so first."""
+    out = tmp_path / "s"
+    res = sweep({**TINY, "widths": ["784,16,10", "784,24,10"], "init": "sweep_inits:boom", "replicates": 1}, client,
+                out=out)
+    assert res.ran == 1 and [f["label"] for f in res.failed.values()] == ["widths=[784,24,10]"]
+    assert list(res.failed.values())[0]["error"] == "SpecError: --init: no init for fan_in 24 <b>|x|</b>"
+    assert set(pd.read_parquet(out / "history")["config"]) == {"widths=[784,16,10]"}
+    assert set(pd.read_parquet(out / "layers")["config"]) == {"widths=[784,16,10]"}
+    report = (out / "_report" / "report.md").read_text()
+    assert report.split("## Findings\n\n- ")[1].startswith("**1 of 2 tasks failed**") and "## Failed tasks" in report

@@ -201,3 +201,19 @@ def test_raising_train_task_is_recorded_others_go_on(client, tmp_path):
     assert set(pd.read_parquet(out / "layers")["config"]) == {"widths=[784,16,10]"}
     report = (out / "_report" / "report.md").read_text()
     assert report.split("## Findings\n\n- ")[1].startswith("**1 of 2 tasks failed**") and "## Failed tasks" in report
+
+
+def test_extend_makes_a_key_of_an_option_the_grids_fix_differently(tmp_path):
+    """Two grids that each hold widths fixed, at different values: in one
+    directory widths varies, so it becomes a key and the labels differ."""
+    from varprop.sweeps.store import SweepDir
+
+    first = build_grid({**TINY, "bn_count": [0, 1]})
+    with SweepDir.open(tmp_path, first.source, first.keys, first.tasks(), None, command="train"):
+        pass
+    second = build_grid({**TINY, "widths": "784,12,10", "bn_count": [0, 1]})
+    with SweepDir.open(tmp_path, second.source, second.keys, second.tasks(), None, extend=True,
+                       command="train") as store:
+        labels = {t["label"] for t in store.manifest["tasks"]}
+        assert store.manifest["keys"] == ["bn_count", "widths"]
+    assert labels == {f"bn_count={n}, widths=[784,{w},10]" for n in (0, 1) for w in (16, 12)}

@@ -340,10 +340,15 @@ class SweepDir:
                                     f"{start}..{stop - 1} in {directory} as one task, which overlaps this grid's "
                                     f"{t['replicates'][0]}..{t['replicates'][1] - 1}; keep --replicates and "
                                     "--replicates-per-task as they were for configurations already there")
-        all_keys = list(dict.fromkeys([*old["keys"], *keys]))
-        from .grid import cell, label
+        from .grid import cell, label, value
 
         merged = old["tasks"] + [t for t in new if t["key"] not in have]
+        # An option each grid holds fixed, at different values (width 8 in one, 16 in the other), varies
+        # now: a key, or two configurations would share a label.
+        fixed = [k for k in dict.fromkeys(k for t in merged for k in t["options"])
+                 if k not in (*old["keys"], *keys, "replicates", "max_memory")
+                 and len({json.dumps(value(t["options"], k, command), default=str) for t in merged}) > 1]
+        all_keys = list(dict.fromkeys([*old["keys"], *keys, *fixed]))
         for t in merged:
             t["values"] = {k: cell(t["options"], k, command) for k in all_keys}
             t["label"] = label(t["options"], all_keys, command) or t["label"]
@@ -382,9 +387,10 @@ class SweepDir:
     def columns_of(self, table: str = "") -> list[tuple[str, str, str]]:
         """A table's columns so far, (name, Parquet type, pandas dtype): ``config``,
         the grid keys, then the result's own."""
-        types = self.manifest["key_types"]
-        return ([("config", "string", "str")] + [(k, types[k], _NULLABLE[types[k]]) for k in self.manifest["keys"]]
-                + [(name, kind, dtype) for name, kind, dtype in self._stored(table)])
+        types, keys = self.manifest["key_types"], self.manifest["keys"]
+        # a result's column that a grid added by --extend made a key (train's lr) stands where keys do
+        return ([("config", "string", "str")] + [(k, types[k], _NULLABLE[types[k]]) for k in keys]
+                + [(name, kind, dtype) for name, kind, dtype in self._stored(table) if name not in keys])
 
     @property
     def columns(self) -> list[tuple[str, str, str]]:

@@ -217,3 +217,19 @@ def test_extend_makes_a_key_of_an_option_the_grids_fix_differently(tmp_path):
         labels = {t["label"] for t in store.manifest["tasks"]}
         assert store.manifest["keys"] == ["bn_count", "widths"]
     assert labels == {f"bn_count={n}, widths=[784,{w},10]" for n in (0, 1) for w in (16, 12)}
+
+
+def test_diverged_runs_are_marked_not_averaged(client, tmp_path):
+    """A learning rate that makes every run diverge (NaN loss): its cells
+    say so instead of a median of the runs' last finite epoch."""
+    out = tmp_path / "s"
+    res = sweep({**TINY, "activation": "relu", "optimizer": "sgd", "bn_count": 1, "lr": [0.01, 50.0],
+                 "replicates": 1}, client, out=out)
+    assert res.ok
+    history = pd.read_parquet(out / "history")
+    assert history[history["lr"] == 50.0]["train_loss_keras"].isna().any(), "the test's premise: it diverges"
+    summary = pd.read_csv(out / "_report" / "summary.csv").set_index("config")
+    assert summary.loc["lr=50", "diverged"] == 1 and np.isnan(summary.loc["lr=50", "test_accuracy"])
+    assert summary.loc["lr=0.01", "diverged"] == 0 and summary.loc["lr=0.01", "test_accuracy"] > 0.1
+    report = (out / "_report" / "report.md").read_text()
+    assert "**Diverged**" in report and "lr=50 does not reach it (diverged)" in report

@@ -254,6 +254,8 @@ def heatmap(summary: pd.DataFrame, x: str, y: str | None, metric: str, keys: Seq
     title, fmt_cell = (TRAIN_METRICS[metric][0], TRAIN_METRICS[metric][1]) if metric in TRAIN_METRICS else \
         (METRICS[metric][2], lambda v: f"{v:.2g}")
     ranged = f"{metric}_lo" in summary
+    from matplotlib.colors import LogNorm, Normalize
+
     if metric == "abs_cos":
         cmap, vmin, vmax = "viridis", 0.0, 1.0
     elif metric in TRAIN_METRICS:  # yellow: better (higher accuracy, lower loss)
@@ -264,6 +266,9 @@ def heatmap(summary: pd.DataFrame, x: str, y: str | None, metric: str, keys: Seq
     else:
         m = max(float(np.nanmax(np.abs(values))), 0.5)
         cmap, vmin, vmax = "RdBu_r", -m, m
+    # losses spanning more than a decade (a run that barely trains beside ones that do): a log scale
+    norm = LogNorm(vmin, vmax) if metric == "train_loss_keras" and vmin > 0 and vmax > 10 * vmin else \
+        Normalize(vmin, vmax)
     mesh = None
     for n, (ax, (vals, g)) in enumerate(zip(axes.flat, shown)):
         grid = np.full((len(ys), len(xs)), np.nan)
@@ -273,11 +278,11 @@ def heatmap(summary: pd.DataFrame, x: str, y: str | None, metric: str, keys: Seq
                 at = (ys.index(r[y]) if y else 0, xs.index(r[x]))
                 grid[at] = r[metric]
                 if metric in TRAIN_METRICS and not np.isfinite(r[metric]):
-                    text[at] = "diverged"
+                    text[at] = f"diverged\n{r['diverged']} of {r['replicates']}"
                 elif np.isfinite(r[metric]):
                     lo, hi = (fmt_cell(r[f"{metric}_lo"]), fmt_cell(r[f"{metric}_hi"])) if ranged else ("", "")
                     text[at] = fmt_cell(r[metric]) + (f"\n{lo} to {hi}" if lo != hi else "")
-        mesh = ax.pcolormesh(np.arange(len(xs) + 1), np.arange(len(ys) + 1), grid, cmap=cmap, vmin=vmin, vmax=vmax)
+        mesh = ax.pcolormesh(np.arange(len(xs) + 1), np.arange(len(ys) + 1), grid, cmap=cmap, norm=norm)
         if len(xs) * len(ys) <= 64:
             for (i, j), words in text.items():
                 if not np.isfinite(grid[i, j]):
@@ -286,7 +291,7 @@ def heatmap(summary: pd.DataFrame, x: str, y: str | None, metric: str, keys: Seq
                 if cmap == "RdBu_r":
                     dark = abs(grid[i, j]) > 0.6 * vmax
                 else:  # viridis: dark at its low end (the high end of viridis_r)
-                    share = (grid[i, j] - vmin) / (vmax - vmin)
+                    share = float(norm(grid[i, j]))
                     dark = (share if cmap == "viridis" else 1 - share) < 0.5
                 ax.text(j + 0.5, i + 0.5, words, ha="center", va="center", fontsize=7 if not ranged else 6.5,
                         color="white" if dark else "black")

@@ -44,6 +44,7 @@ def same(a, b):
     return a.reset_index(drop=True).astype(object).equals(b.reset_index(drop=True).astype(object))
 
 
+@pytest.mark.slow  # 18 s on 2 cores at load 2.8: six training runs, three more as references, a report
 def test_equal_to_train_both_tables_report_and_redraw(client, tmp_path):
     """Tasks of one replicate each on two worker processes, in whatever order
     they finish, give varprop.train's numbers for their configuration; each
@@ -92,6 +93,7 @@ def test_equal_to_train_both_tables_report_and_redraw(client, tmp_path):
     assert (out / "_report" / "report.md").read_text() == report
 
 
+@pytest.mark.slow  # 16 s on 2 cores at load 2.8: a driver of its own (cluster start) killed, two reruns
 def test_resume_after_kill_9_and_broken_file(client, tmp_path):
     """The driver killed (SIGKILL) while writing its 2nd task, between the
     task's two files: the first task stays, the half-written one and the

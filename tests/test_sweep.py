@@ -98,8 +98,9 @@ def test_equal_to_simulate_and_one_schema(client, tmp_path):
     df = pd.read_parquet(out)
     assert len(df) == sum((t["replicates"][1] - t["replicates"][0]) * (t["depth"] + 1) for t in manifest["tasks"])
     assert df.groupby(["config", "replicate", "layer"]).size().max() == 1
-    relu = df[df["config"] == "layers=3, relu"]
-    assert relu["leaky_slope"].isna().all(), "leaky_slope does nothing for relu and is not recorded there"
+    relu = df[df["config"] == "layers=3, relu, backward=False"]
+    assert len(relu) == 3 * 4 and relu["leaky_slope"].isna().all(), \
+        "leaky_slope does nothing for relu: neither in its label nor in its column"
 
 
 def test_resume_after_kill_9_and_failure_summary(tmp_path):

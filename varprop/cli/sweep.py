@@ -24,16 +24,19 @@ from . import Interrupted
 @click.option("--threads-per-worker", default="1", metavar="N",
               help="tasks each local worker runs at once [default: 1]")
 @click.option("--replicates-per-task", default=None, metavar="N",
-              help="cut each configuration's replicates into tasks of N [default: one task per configuration]")
+              help="cut each configuration's replicates into tasks of N [default: one task per configuration; "
+                   "a train grid's: one per replicate]")
 @click.option("--extend", is_flag=True, help="add this grid's tasks to a sweep directory holding another grid")
 def sweep_cmd(grid: str, out: str, scheduler: str | None, workers: str | None, threads_per_worker: str,
               replicates_per_task: str | None, extend: bool) -> None:
-    """Run every configuration of GRID.toml (simulate's options; a list means every value) on
-    dask.distributed, one Parquet file per task in DIR, and write DIR/_report/.
+    """Run every configuration of GRID.toml (simulate's options, or train's with command = "train";
+    a list means every value) on dask.distributed, one Parquet file per task in DIR, and write
+    DIR/_report/.
 
     \b
     A rerun of the same command skips finished tasks and reruns missing or
-    broken ones. Read the results with pandas.read_parquet(DIR).
+    broken ones. Read the results with pandas.read_parquet(DIR); a train
+    sweep's with pandas.read_parquet(DIR/history) and DIR/layers.
     \b
     Example GRID.toml:
       layers = [10, 30, 100]
@@ -46,6 +49,14 @@ def sweep_cmd(grid: str, out: str, scheduler: str | None, workers: str | None, t
       [[exclude]]
       activation = "relu"
       gain = 1.5
+    \b
+    A train grid (varprop train's options; one task per replicate):
+      command = "train"
+      activation = ["sigmoid", "relu"]
+      bn_count = [0, 1]
+      optimizer = ["sgd-nesterov", "adam"]
+      epochs = 5
+      replicates = 3
     """
     from ..sweeps import run
 
@@ -92,7 +103,8 @@ def sweep_cmd(grid: str, out: str, scheduler: str | None, workers: str | None, t
                f"{result.reused + result.ran} of {result.tasks} tasks finished ({result.elapsed_s:.1f} s)")
     if result.report is not None:
         click.echo(f"report: {result.report}  (report.md beside it)")
-    click.echo(f"results: pandas.read_parquet({str(out)!r})")
+    tables = [str(Path(out) / t) for t in ("history", "layers")] if (Path(out) / "history").is_dir() else [out]
+    click.echo("results: " + ", ".join(f"pandas.read_parquet({str(t)!r})" for t in tables))
     if result.failed:
         first = next(iter(result.failed.values()))
         click.echo(f"varprop: error: {len(result.failed)} of {result.tasks} tasks failed (first: {first['label']}: "

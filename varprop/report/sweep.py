@@ -15,7 +15,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,6 +43,10 @@ METRICS = {
     "theory_cos": ("theory_pre_cos_sim", "last", "mean-field cosine of z at the last layer"),
 }
 HEATMAP_METRICS = ("out_log10_std", "grad_log10_std", "abs_cos")
+# A train sweep's maps: history.csv's column at each run's last epoch -> title, cell format.
+TRAIN_METRICS = {"test_accuracy": ("final test accuracy", lambda v: f"{100 * v:.1f}%"),
+                 "train_loss_keras": ("final training loss (Keras' epoch mean)", lambda v: f"{v:.3g}")}
+TRAIN_SHORT = {"test_accuracy": "test accuracy", "train_loss_keras": "training loss"}  # colour bar labels
 MAX_PANELS = 12  # small multiples per figure; beyond, the first ones (the rest are in summary.csv)
 MAX_ROWS = 40  # rows of a table in the report (the CSV beside it has all)
 # What varprop.findings.assess reads of the table, beside METRICS' columns.
@@ -226,9 +230,13 @@ def _order(values: pd.Series) -> list[Any]:
         return uniq
 
 
-def heatmap(summary: pd.DataFrame, x: str, y: str, metric: str, keys: Sequence[str], path: Path) -> Path | None:
-    """``metric`` over options x (columns) and y (rows), a panel per
-    combination of the other options' values (the first MAX_PANELS)."""
+def heatmap(summary: pd.DataFrame, x: str, y: str | None, metric: str, keys: Sequence[str],
+            path: Path) -> Path | None:
+    """``metric`` over options x (columns) and y (rows; None: one row), a
+    panel per combination of the other options' values (the first
+    MAX_PANELS). A train sweep's metrics (:data:`TRAIN_METRICS`) are medians
+    over replicates, and each cell also shows the replicates' range
+    (``<metric>_lo`` .. ``<metric>_hi``)."""
     if metric not in summary or summary[metric].isna().all():
         return None
     plt = _plt()
@@ -239,42 +247,75 @@ def heatmap(summary: pd.DataFrame, x: str, y: str, metric: str, keys: Sequence[s
     shown = panels[:MAX_PANELS]
     cols = min(len(shown), 4)
     rows = math.ceil(len(shown) / cols)
-    xs, ys = _order(summary[x]), _order(summary[y])
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 + 3.1 * cols, 0.9 + 2.9 * rows), dpi=110, squeeze=False,
-                             layout="constrained")
+    xs, ys = _order(summary[x]), _order(summary[y]) if y else [None]
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 + 3.1 * cols, 0.9 + (2.9 if y else 1.3) * rows), dpi=110,
+                             squeeze=False, layout="constrained")
     values = summary[metric].replace([np.inf, -np.inf], np.nan)
+    title, fmt_cell = (TRAIN_METRICS[metric][0], TRAIN_METRICS[metric][1]) if metric in TRAIN_METRICS else \
+        (METRICS[metric][2], lambda v: f"{v:.2g}")
+    ranged = f"{metric}_lo" in summary
+    from matplotlib.colors import LogNorm, Normalize
+
     if metric == "abs_cos":
         cmap, vmin, vmax = "viridis", 0.0, 1.0
+    elif metric in TRAIN_METRICS:  # yellow: better (higher accuracy, lower loss)
+        cmap = "viridis" if metric == "test_accuracy" else "viridis_r"
+        vmin, vmax = float(np.nanmin(values)), float(np.nanmax(values))
+        if vmax - vmin < 1e-12:
+            vmin, vmax = vmin - 0.5 * abs(vmin) - 1e-3, vmax + 0.5 * abs(vmax) + 1e-3
     else:
         m = max(float(np.nanmax(np.abs(values))), 0.5)
         cmap, vmin, vmax = "RdBu_r", -m, m
+    # losses spanning more than a decade (a run that barely trains beside ones that do): a log scale
+    norm = LogNorm(vmin, vmax) if metric == "train_loss_keras" and vmin > 0 and vmax > 10 * vmin else \
+        Normalize(vmin, vmax)
     mesh = None
     for n, (ax, (vals, g)) in enumerate(zip(axes.flat, shown)):
         grid = np.full((len(ys), len(xs)), np.nan)
+        text = {}
         for _, r in g.iterrows():
-            if r[x] in xs and r[y] in ys:
-                grid[ys.index(r[y]), xs.index(r[x])] = r[metric]
-        mesh = ax.pcolormesh(np.arange(len(xs) + 1), np.arange(len(ys) + 1), grid, cmap=cmap, vmin=vmin, vmax=vmax)
+            if r[x] in xs and (y is None or r[y] in ys):
+                at = (ys.index(r[y]) if y else 0, xs.index(r[x]))
+                grid[at] = r[metric]
+                if metric in TRAIN_METRICS and not np.isfinite(r[metric]):
+                    text[at] = f"diverged\n{r['diverged']} of {r['replicates']}"
+                elif np.isfinite(r[metric]):
+                    lo, hi = (fmt_cell(r[f"{metric}_lo"]), fmt_cell(r[f"{metric}_hi"])) if ranged else ("", "")
+                    text[at] = fmt_cell(r[metric]) + (f"\n{lo} to {hi}" if lo != hi else "")
+        mesh = ax.pcolormesh(np.arange(len(xs) + 1), np.arange(len(ys) + 1), grid, cmap=cmap, norm=norm)
         if len(xs) * len(ys) <= 64:
-            for i in range(len(ys)):
-                for j in range(len(xs)):
-                    if np.isfinite(grid[i, j]):
-                        dark = metric != "abs_cos" and abs(grid[i, j]) > 0.6 * vmax
-                        ax.text(j + 0.5, i + 0.5, f"{grid[i, j]:.2g}", ha="center", va="center", fontsize=7,
-                                color="white" if dark or (metric == "abs_cos" and grid[i, j] < 0.5) else "black")
+            for (i, j), words in text.items():
+                if not np.isfinite(grid[i, j]):
+                    ax.text(j + 0.5, i + 0.5, words, ha="center", va="center", fontsize=7, color="black")
+                    continue
+                if cmap == "RdBu_r":
+                    dark = abs(grid[i, j]) > 0.6 * vmax
+                else:  # viridis: dark at its low end (the high end of viridis_r)
+                    share = float(norm(grid[i, j]))
+                    dark = (share if cmap == "viridis" else 1 - share) < 0.5
+                ax.text(j + 0.5, i + 0.5, words, ha="center", va="center", fontsize=7 if not ranged else 6.5,
+                        color="white" if dark else "black")
         ax.set_xticks(np.arange(len(xs)) + 0.5, [_text(v) for v in xs], fontsize=7)
-        ax.set_yticks(np.arange(len(ys)) + 0.5, [_text(v) for v in ys], fontsize=7)
         ax.set_xlabel(x, fontsize=8)
-        if n % cols == 0:
-            ax.set_ylabel(y, fontsize=8)
+        if y:
+            ax.set_yticks(np.arange(len(ys)) + 0.5, [_text(v) for v in ys], fontsize=7)
+            if n % cols == 0:
+                ax.set_ylabel(y, fontsize=8)
+        else:
+            ax.set_yticks([])
         vals = vals if isinstance(vals, tuple) else (vals,)
         ax.set_title(_text(", ".join(label_part(k, v) for k, v in zip(others, vals) if v is not None and v == v)),
                      fontsize=8)
     for ax in axes.flat[len(shown):]:
         ax.set_visible(False)
-    fig.colorbar(mesh, ax=axes, shrink=0.9, label=METRICS[metric][2])
+    bar = fig.colorbar(mesh, ax=axes, shrink=0.9, label=TRAIN_SHORT.get(metric, title))
+    if metric == "test_accuracy":  # as the cells write it
+        from matplotlib.ticker import PercentFormatter
+
+        bar.ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     more = f" (first {MAX_PANELS} of {len(panels)} panels)" if len(panels) > MAX_PANELS else ""
-    fig.suptitle(f"{METRICS[metric][2]}{more}", fontsize=10)
+    spread = "\nmedian over replicates; below it, their range" if ranged else ""
+    fig.suptitle(f"{title}{more}{spread}", fontsize=10 if not ranged else 9)
     save(fig, path)
     plt.close(fig)
     return path
@@ -414,7 +455,7 @@ def write_report(directory: Path | str, manifest: dict[str, Any] | None = None,
     ``heatmaps`` names the (x, y) option pairs to map (default: depth x
     width when both vary, then other pairs, three at most).
     """
-    from ..sweeps.store import FAILURES, REPORT, TMP, read_manifest
+    from ..sweeps.store import FAILURES, REPORT, TMP, command_of, read_manifest
 
     directory = Path(directory)
     manifest = manifest or read_manifest(directory)
@@ -427,16 +468,12 @@ def write_report(directory: Path | str, manifest: dict[str, Any] | None = None,
         failures = {k: v for k, v in json.loads((directory / FAILURES).read_text()).items()
                     if k in {t["key"] for t in manifest["tasks"]}}
     keys = manifest["keys"]
-    results = _read(directory, manifest)
-    reps = per_replicate(results, keys)
-    run = as_run(results, manifest) if not reps.empty else None
-    summary = per_config(reps, manifest, run) if run is not None else pd.DataFrame(columns=["config", *keys])
-    fit_table = pd.concat([fits(reps, keys, m) for m in ("out_log10_std", "grad_log10_std") if m in reps],
-                          ignore_index=True) if not reps.empty else pd.DataFrame()
     for (a, b) in heatmaps or []:
         for k in (a, b):
             if k not in keys:
                 raise ValueError(f"{k!r} is not an option the sweep varies ({', '.join(keys) or 'none'})")
+    train = command_of(manifest) == "train"
+    n_configs, sections = (_train_sections if train else _simulate_sections)(directory, manifest, failures, heatmaps)
 
     tmp = directory / f"{TMP}report.{secrets.token_hex(4)}"
     tmp.mkdir()
@@ -448,7 +485,63 @@ def write_report(directory: Path | str, manifest: dict[str, Any] | None = None,
                  + (f"\n# then, for the grids added with --extend: {', '.join(grids[1:])}" if len(grids) > 1 else ""))
         v = manifest["versions"]
         doc.p(f"varprop {v['varprop']}, dask {v.get('dask', '?')}, numpy {v['numpy']}, Python {v['python']}; "
-              f"{len(manifest['tasks'])} tasks, {len(summary)} configurations with results, {len(failures)} failed.")
+              f"{len(manifest['tasks'])} tasks, {n_configs} configurations with results, {len(failures)} "
+              "failed.")
+        sections(doc, tmp)
+        if failures:
+            doc.h2("Failed tasks")
+            doc.table(pd.DataFrame([{"configuration": lit(f["label"]), "replicates": f"{f['replicates'][0]}.."
+                                     f"{f['replicates'][1] - 1}", "error": lit(f["error"])}
+                                    for f in failures.values()]).head(MAX_ROWS))
+            doc.p(f"Tracebacks in `{FAILURES}`. Rerunning the sweep retries these tasks.")
+        doc.h2("The results")
+        if train:
+            doc.p("Two tables, each one Parquet file per task in its own folder, every file of a table with the same "
+                  f"columns: `config` (the label), one column per option the grid varies "
+                  f"({', '.join(f'`{k}`' for k in keys) or 'none'}), then `varprop train`'s own columns: `history/` "
+                  "holds history.csv's (one row per configuration x replicate x record point), `layers/` "
+                  "layers_over_training.csv's (the same x layer). Each file's `varprop_train` metadata holds the "
+                  "run's options and data. Read them with:")
+            doc.code(f"import pandas\nhistory = pandas.read_parquet({str(directory / 'history')!r})\n"
+                     f"layers = pandas.read_parquet({str(directory / 'layers')!r})")
+        else:
+            doc.p("One Parquet file per task; every file has the same columns: `config` (the label), one column per "
+                  f"option the grid varies ({', '.join(f'`{k}`' for k in keys) or 'none'}), then the per-layer table "
+                  "of `varprop simulate` (`layers.csv`'s columns: replicate, layer, width, fan_in, fan_out, the "
+                  "statistics of each side and the theory's predictions). Read them all with:")
+            doc.code(f"import pandas\ndf = pandas.read_parquet({str(directory)!r})")
+        document.write(doc, tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        target = directory / REPORT
+        if target.exists():
+            old = directory / f"{TMP}report-old.{secrets.token_hex(4)}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory / REPORT / "report.html"
+
+
+# A report's own part: the number of configurations with results, and what adds its sections to the
+# document and writes their figures and tables into the report's folder.
+Sections = tuple[int, Callable[[Document, Path], None]]
+
+
+def _simulate_sections(directory: Path, manifest: dict[str, Any], failures: dict[str, Any],
+                       heatmaps: Sequence[tuple[str, str]] | None) -> Sections:
+    keys = manifest["keys"]
+    results = _read(directory, manifest)
+    reps = per_replicate(results, keys)
+    run = as_run(results, manifest) if not reps.empty else None
+    summary = per_config(reps, manifest, run) if run is not None else pd.DataFrame(columns=["config", *keys])
+    fit_table = pd.concat([fits(reps, keys, m) for m in ("out_log10_std", "grad_log10_std") if m in reps],
+                          ignore_index=True) if not reps.empty else pd.DataFrame()
+
+    def sections(doc: Document, tmp: Path) -> None:
         figures_done: list[tuple[str, str]] = []
         if not summary.empty:
             for x, y in (heatmaps or pairs(keys, summary)):
@@ -506,34 +599,191 @@ def write_report(directory: Path | str, manifest: dict[str, Any] | None = None,
             doc.table(_summary_table(summary.head(MAX_ROWS), keys))
             if len(summary) > MAX_ROWS:
                 doc.p(f"The first {MAX_ROWS} of {len(summary)} configurations; `summary.csv` has all.")
-        if failures:
-            doc.h2("Failed tasks")
-            doc.table(pd.DataFrame([{"configuration": lit(f["label"]), "replicates": f"{f['replicates'][0]}.."
-                                     f"{f['replicates'][1] - 1}", "error": lit(f["error"])}
-                                    for f in failures.values()]).head(MAX_ROWS))
-            doc.p(f"Tracebacks in `{FAILURES}`. Rerunning the sweep retries these tasks.")
-        doc.h2("The results")
-        doc.p("One Parquet file per task; every file has the same columns: `config` (the label), one column per "
-              f"option the grid varies ({', '.join(f'`{k}`' for k in keys) or 'none'}), then the per-layer table "
-              "of `varprop simulate` (`layers.csv`'s columns: replicate, layer, width, fan_in, fan_out, the "
-              "statistics of each side and the theory's predictions). Read them all with:")
-        doc.code(f"import pandas\ndf = pandas.read_parquet({str(directory)!r})")
         summary.to_csv(tmp / "summary.csv", index=False)
         fit_table.to_csv(tmp / "fits.csv", index=False)
-        document.write(doc, tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
-        target = directory / REPORT
-        if target.exists():
-            old = directory / f"{TMP}report-old.{secrets.token_hex(4)}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return directory / REPORT / "report.html"
+
+    return len(summary), sections
+
+
+# --- a train sweep ---------------------------------------------------------------------
+
+def read_train(directory: Path, manifest: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """A train sweep's finished tasks: history and per-layer rows in grid
+    order, and per configuration the run's facts its tasks recorded (the
+    ``varprop_train`` metadata: options, data, steps per epoch)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from ..sweeps.store import result_path
+
+    history, layers, facts = [], [], {}
+    for task in manifest["tasks"]:
+        h, l = (result_path(directory, task["key"], table) for table in ("history", "layers"))
+        if h.exists() and l.exists():
+            history.append(pd.read_parquet(h))
+            layers.append(pd.read_parquet(l))
+            facts.setdefault(task["label"], json.loads(pq.read_schema(h).metadata[b"varprop_train"]))
+    if not history:
+        return pd.DataFrame(), pd.DataFrame(), {}
+    return pd.concat(history, ignore_index=True), pd.concat(layers, ignore_index=True), facts
+
+
+def train_meta(manifest: dict[str, Any], history: pd.DataFrame, facts: dict[str, Any]) -> dict[str, Any]:
+    """What :mod:`varprop.report.training` reads of a run (config.json's
+    shape), for the configurations with results: each one's options (its
+    seed too, where the grid varies it: configurations of two seeds are not
+    each other's pairs), the grid keys' values as what it varies, steps per
+    epoch, and the most replicates any configuration has finished."""
+    values = {t["label"]: t["values"] for t in manifest["tasks"]}
+    configs = [{"label": label, "varied": {k: v for k, v in values[label].items() if v is not None},
+                "options": {**f["options"], **({"seed": f["run"]["seed"]} if "seed" in values[label] else {})}}
+               for label, f in facts.items()]
+    first = next(iter(facts.values()))
+    return {"configs": configs,
+            "run": {**first["run"], "replicates": int(history.groupby("config")["replicate"].nunique().max())},
+            "data": {**first["data"], "probe_samples": {label: f["probe_samples"] for label, f in facts.items()}},
+            "steps_per_epoch": {label: f["steps_per_epoch"] for label, f in facts.items()}}
+
+
+def train_summary(history: pd.DataFrame, manifest: dict[str, Any], labels: Sequence[str]) -> pd.DataFrame:
+    """One row per configuration: the grid keys' values and, per
+    :data:`TRAIN_METRICS`, the median over replicates of the last epoch's
+    value and the replicates' range (``_lo``, ``_hi``); NaN where a
+    replicate diverged (``diverged``: how many)."""
+    from .training import final_rows
+
+    keys = manifest["keys"]
+    values = {t["label"]: t["values"] for t in manifest["tasks"]}
+    runs = history[["config", "replicate"]].drop_duplicates()
+    final = runs.merge(final_rows(history)[["config", "replicate", *TRAIN_METRICS]], how="left")
+    bad = history[history["train_loss_keras"].isna() & (history["step"] > 0)][["config", "replicate"]]
+    diverged = final.set_index(["config", "replicate"]).index.isin(bad.set_index(["config", "replicate"]).index)
+    final.loc[diverged, list(TRAIN_METRICS)] = np.nan
+    final["diverged"] = diverged
+    rows = []
+    for label in labels:
+        f = final[final["config"] == label]
+        row = {"config": label, **{k: values[label].get(k) for k in keys}, "replicates": len(f),
+               "diverged": int(f["diverged"].sum())}
+        for metric in TRAIN_METRICS:
+            v = f[metric].to_numpy(float)
+            row[metric] = float(np.median(v)) if len(v) else math.nan  # NaN when any replicate diverged
+            row[f"{metric}_lo"], row[f"{metric}_hi"] = (float(v.min()), float(v.max())) if len(v) else (math.nan,) * 2
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _train_findings(history: pd.DataFrame, meta: dict[str, Any], summary: pd.DataFrame, manifest: dict[str, Any],
+                    failures: dict[str, Any]) -> list[Item]:
+    """The range of the final test accuracy and training loss over the grid,
+    then a training report's own findings (varprop.report.training)."""
+    from . import training
+
+    out: list[Item] = []
+    n_tasks = len(manifest["tasks"])
+    if failures:
+        out.append(f"**{len(failures)} of {n_tasks} tasks failed** (see *Failed tasks*); the maps below show the "
+                   "configurations that finished.")
+    if summary.empty:
+        return out + ["No task has finished yet."]
+    ok = summary.dropna(subset=["test_accuracy"])
+    if len(ok) > 1:
+        parts = []
+        for metric, (title, fmt_cell) in TRAIN_METRICS.items():
+            better = ok[metric].idxmax() if metric == "test_accuracy" else ok[metric].idxmin()
+            worse = ok[metric].idxmin() if metric == "test_accuracy" else ok[metric].idxmax()
+            b, w = ok.loc[better], ok.loc[worse]
+            if fmt_cell(b[metric]) == fmt_cell(w[metric]):
+                parts.append(f"the {title} is {fmt_cell(b[metric])} in every configuration")
+            else:
+                parts.append(f"the {title} runs from {fmt_cell(w[metric])} ({lit(w['config'])}) to "
+                             f"**{fmt_cell(b[metric])}** (**{lit(b['config'])}**)")
+        n = sorted(set(ok["replicates"]))
+        out.append(f"Over the grid, {parts[0]}; {parts[1]}. Medians over {' to '.join(map(str, n))} "
+                   f"replicate{'s' if n[-1] > 1 else ''}; the maps show each configuration with its replicates' "
+                   "range.")
+    out += training.findings(history, meta)
+    done = sum(1 for t in manifest["tasks"] if t["label"] in set(summary["config"]))
+    if done < n_tasks and not failures:
+        out.append(f"{done} of {n_tasks} tasks have finished; rerun the sweep to finish the others.")
+    return out
+
+
+def _train_pairs(keys: Sequence[str], summary: pd.DataFrame) -> list[tuple[str, str | None]]:
+    """The option pairs a train sweep maps (:func:`pairs`), or the one option it varies, as a single row."""
+    found: list[tuple[str, str | None]] = list(pairs(keys, summary))
+    if not found:
+        found = [(k, None) for k in keys if k != "seed" and summary[k].nunique(dropna=False) > 1][:1]
+    return found
+
+
+def _train_sections(directory: Path, manifest: dict[str, Any], failures: dict[str, Any],
+                    heatmaps: Sequence[tuple[str, str]] | None) -> Sections:
+    from . import training
+
+    keys = manifest["keys"]
+    history, layers, facts = read_train(directory, manifest)
+    meta = train_meta(manifest, history, facts) if facts else None
+    summary = train_summary(history, manifest, list(facts)) if facts else pd.DataFrame(columns=["config", *keys])
+
+    def sections(doc: Document, tmp: Path) -> None:
+        doc.h2("Findings")
+        doc.items(_train_findings(history, meta or {}, summary, manifest, failures))
+        if meta is None:
+            summary.to_csv(tmp / "summary.csv", index=False)
+            return
+        run, data = meta["run"], meta["data"]
+        doc.p(f"**Data**: {data['name']}. **Training**: {run['epochs']} epochs, up to {run['replicates']} "
+              f"replicate{'s' if run['replicates'] > 1 else ''} per configuration (seed tree "
+              f"{'as the grid sets it' if 'seed' in keys else run['seed']}: replicate r of every configuration "
+              f"starts from the same kernels and sees the same batches), {run['dtype']}; every task is one "
+              "`varprop train` run of its configuration, the same numbers.")
+        maps: list[tuple[str, str]] = []
+        for x, y in (heatmaps or _train_pairs(keys, summary)):
+            for metric, (title, _) in TRAIN_METRICS.items():
+                name = f"heatmap_{metric}_{y}_by_{x}.png" if y else f"heatmap_{metric}_by_{x}.png"
+                if heatmap(summary, x, y, metric, keys, tmp / name):
+                    maps.append((name, f"{title} over {x}" + (f" and {y}" if y else "")))
+        if maps:
+            doc.h2("Maps over the grid's options")
+            doc.p("Each cell is one configuration: the median over its replicates of the value at the last epoch, "
+                  "and below it the replicates' range, the band `varprop train`'s loss curves draw (the table "
+                  "further down gives the test accuracy's mean with its 95% t interval, as its report does). "
+                  "Yellow is better. A configuration with a diverged replicate shows *diverged*. Panels hold the "
+                  "other options fixed.")
+            for name, alt in maps:
+                doc.figure(name, alt)
+        labels = [c["label"] for c in meta["configs"]]
+        shown = {**meta, "configs": meta["configs"][:MAX_PANELS]}
+        keep = set(labels[:MAX_PANELS])
+        h, lay = history[history["config"].isin(keep)], layers[layers["config"].isin(keep)]
+        more = (f" The first {MAX_PANELS} of {len(labels)} configurations (the data has all)."
+                if len(labels) > MAX_PANELS else "")
+        doc.h2("Loss curves")
+        doc.figure(training.loss_curves(h, shown, tmp / "loss_curves.png").name,
+                   "Training loss (Keras' definition: mean of the batch losses over the epoch), test loss and test "
+                   "error per epoch; BN dashed, no BN solid; median over replicates, band: their range.")
+        if more:
+            doc.p(more.strip())
+        doc.h2("Configurations")
+        doc.p("Medians over replicates at the last epoch, as `varprop train`'s report gives them; the test accuracy "
+              "is the mean with its 95% t interval.")
+        table = training.summary_table(history, meta, training.target_loss(history))
+        table["configuration"] = table["configuration"].map(lit)
+        doc.table(table.head(MAX_ROWS))
+        if len(table) > MAX_ROWS:
+            doc.p(f"The first {MAX_ROWS} of {len(table)} configurations; `summary.csv` has all.")
+        doc.h2("Per-layer statistics over training")
+        doc.p("Per layer and record point, the median over replicates on each run's fixed probe of training images "
+              "(`varprop train`'s figures; `layers/` holds every number)." + more)
+        for key, title, log in training.HEATMAPS:
+            if key == "frac_saturated" and not lay[key].fillna(0).gt(0).any():
+                continue  # nothing saturates: a blank figure says nothing
+            doc.figure(training.layer_heatmap(lay, shown, key, title, log, tmp / f"layers_{key}.png").name, title)
+        summary.to_csv(tmp / "summary.csv", index=False)
+
+    return len(summary), sections
 
 
 def _umask() -> int:
@@ -545,7 +795,8 @@ def _umask() -> int:
 def _title(manifest: dict[str, Any]) -> str:
     keys = manifest["keys"]
     n = len({t["config_key"] for t in manifest["tasks"]})
-    return f"varprop sweep: {n} configurations" + (f" over {' x '.join(keys)}" if keys else "")
+    what = "training runs" if manifest.get("command") == "train" else "configurations"
+    return f"varprop sweep: {n} {what}" + (f" over {' x '.join(keys)}" if keys else "")
 
 
 def _summary_table(summary: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:

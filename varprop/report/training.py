@@ -214,8 +214,9 @@ def _reach_finding(ends: pd.DataFrame, final: pd.DataFrame, labels: list[str], t
 
         def missed(k: str) -> str:
             hits = sum(map(math.isfinite, times[k]))
+            end = ends_at.get(k, math.nan)  # no epoch's end: every seed diverged within the first epoch
             return (f"{k} does not reach it" if hits == 0 else f"{k} reaches it in {hits} of {len(times[k])} seeds") + (
-                f" (ends at {ends_at[k]:.3g})")
+                f" (ends at {end:.3g})" if math.isfinite(end) else " (diverged)")
         text += "; " + ", ".join(missed(k) for k in never)
     return text + (f". ({target:.3g} lies halfway, on a log scale, between the initial loss and the best final "
                    "one; training loss as Keras reports it, epoch by epoch.)")

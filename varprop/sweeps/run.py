@@ -1,11 +1,13 @@
 """Running a sweep on dask.distributed: one task per configuration (or block
 of its replicates), results written as they arrive, resumable.
 
-A task computes exactly what ``varprop simulate`` computes for its
-configuration: replicate r of a configuration comes from the seed tree's
-nodes (seed; r, layer, role) alone (montecarlo.run_replicate), so its numbers are
-the same whichever worker runs it, in whatever order, however often. Workers
-run BLAS on one thread (threadpoolctl), as simulate does.
+A task computes exactly what ``varprop simulate`` (or, in a grid with
+``command = "train"``, ``varprop train``) computes for its configuration:
+replicate r of a configuration comes from the seed tree's nodes (seed; r,
+layer, role) alone (montecarlo.run_replicate; a training run's initial
+weights and batch order likewise, train.loop), so its numbers are the same
+whichever worker runs it, in whatever order, however often. Workers run
+BLAS on one thread (threadpoolctl), as simulate and train do.
 
 Faults. A task that raises is recorded with its reason in
 ``DIR/_failures.json`` and the others go on. A worker process that dies
@@ -36,7 +38,7 @@ import pandas as pd
 from ..errors import SpecError
 from ..parallel import available_cores
 from .grid import Grid, build_grid, read_grid
-from .store import SweepDir, read_results, result_path, write_text
+from .store import SweepDir, read_results, write_text
 
 INSTALL = "pip install 'varprop[sweep]'"
 Progress = Callable[[int, int], None]  # (tasks done, of total)
@@ -55,7 +57,7 @@ def require() -> None:
 class SweepResult:
     """What a sweep did: ``tasks`` in its grid, ``reused`` (finished before),
     ``ran`` now, ``failed`` (key -> label and reason); ``read()`` gives every
-    finished row."""
+    finished row (of a train sweep: ``read("history")`` or ``read("layers")``)."""
 
     out: Path
     tasks: int
@@ -71,9 +73,10 @@ class SweepResult:
     def ok(self) -> bool:
         return not self.failed and self.reused + self.ran == self.tasks
 
-    def read(self) -> pd.DataFrame:
-        """Every finished row, as ``pandas.read_parquet(out)`` reads them, in grid order."""
-        return read_results(self.out)
+    def read(self, table: str | None = None) -> pd.DataFrame:
+        """Every finished row, as ``pandas.read_parquet(out)`` reads them (a
+        train sweep's: ``out / table``, history by default), in grid order."""
+        return read_results(self.out, table=table)
 
 
 def sweep(grid: str | os.PathLike[str] | Mapping[str, Any] | Grid, client: Any = None, *,
@@ -88,7 +91,7 @@ def sweep(grid: str | os.PathLike[str] | Mapping[str, Any] | Grid, client: Any =
     on a LocalCluster of ``workers`` processes (default: one per core) of
     ``threads_per_worker`` threads. ``replicates_per_task`` cuts each
     configuration's replicates into tasks of that many (default: one task per
-    configuration). ``extend`` adds the grid's tasks to a sweep directory
+    configuration; a train grid's: one per replicate). ``extend`` adds the grid's tasks to a sweep directory
     holding another grid. ``progress(done, total)`` follows the tasks;
     ``on_start`` sees the result object once the work is known (before
     anything runs). Raises KeyboardInterrupt after a Ctrl-C, once the
@@ -116,7 +119,7 @@ def sweep(grid: str | os.PathLike[str] | Mapping[str, Any] | Grid, client: Any =
     _check_memory(grid)
     tasks = grid.tasks(replicates_per_task)
     out = Path(out)
-    with SweepDir.open(out, grid.source, grid.keys, tasks, replicates_per_task, extend) as store:
+    with SweepDir.open(out, grid.source, grid.keys, tasks, replicates_per_task, extend, grid.command) as store:
         if text is not None:
             write_text(store.dir, text, len(store.manifest["grids"]))
         done = store.finished()
@@ -127,7 +130,7 @@ def sweep(grid: str | os.PathLike[str] | Mapping[str, Any] | Grid, client: Any =
                 _run(store, todo, result, client, scheduler, workers, threads_per_worker, progress, on_start)
             except BaseException:
                 # Ctrl-C can land between a result's rename and its count: the files say what is kept.
-                result.ran = sum(result_path(out, k).exists() for k in store.tasks) - result.reused
+                result.ran = sum(map(store.complete, store.tasks)) - result.reused
                 store.discard()
                 raise
         elif on_start is not None:
@@ -162,6 +165,8 @@ def _check_memory(grid: Grid) -> None:
     it was given (--max-memory; without it, each worker judges its own)."""
     from ..montecarlo import memory
 
+    if grid.command != "simulate":
+        return
     for config in grid.configs:
         if config.spec.max_memory is not None:
             memory.check([config])
@@ -193,7 +198,8 @@ def _run(store: SweepDir, todo: list[dict[str, Any]], result: SweepResult, clien
             progress(result.reused, total)
         for task in todo:
             futures[f"varprop-sweep-{task['key']}"] = client.submit(
-                run_task, task["options"], *task["replicates"], key=f"varprop-sweep-{task['key']}", pure=False)
+                run_task, task["options"], *task["replicates"], store.command, key=f"varprop-sweep-{task['key']}",
+                pure=False)
         for future in as_completed(list(futures.values())):
             task = store.tasks[future.key.removeprefix("varprop-sweep-")]
             if future.status == "finished":

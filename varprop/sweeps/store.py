@@ -4,13 +4,17 @@ Layout of DIR (every name but the results starts with ``_``, which Parquet
 readers skip, so ``pandas.read_parquet(DIR)`` reads exactly the results):
 
 - ``task-<key>.parquet``: a finished task's rows, written as ``_tmp.task-*``
-  and renamed, so a reader never sees a partial file;
-- ``_sweep.json``: the manifest (it marks DIR as varprop's): the grid, its
-  tasks, the table's columns, versions;
+  and renamed, so a reader never sees a partial file; a train sweep's
+  tasks write two tables, each in its own folder (:data:`TABLES`):
+  ``history/task-<key>.parquet`` and ``layers/task-<key>.parquet``, read
+  with ``pandas.read_parquet(DIR / "history")``. A train task is finished
+  when both files are there and whole;
+- ``_sweep.json``: the manifest (it marks DIR as varprop's): the command,
+  the grid, its tasks, each table's columns, versions;
 - ``_failures.json``: the tasks that raised and why; ``_sweep.lock``: held
   by the run working on DIR; ``_report/``: the report.
 
-Every result file has the same schema (a Parquet dataset takes its schema
+Every result file of a table has the same schema (a Parquet dataset takes its schema
 from one file and silently drops other files' extra columns): the union of
 every result's columns so far. A result that brings a new column (a
 backward configuration after forward ones) widens the manifest's schema
@@ -44,6 +48,8 @@ LOCK = "_sweep.lock"
 REPORT = "_report"
 TMP = "_tmp."
 KIND = "varprop sweep"
+# Per command, the tables a task writes: the folder each lives in ("": DIR itself).
+TABLES = {"simulate": ("",), "train": ("history", "layers")}
 
 
 def _arrow() -> Any:
@@ -53,8 +59,14 @@ def _arrow() -> Any:
     return pa, pq
 
 
-def result_path(directory: Path, key: str) -> Path:
-    return Path(directory) / f"task-{key}.parquet"
+def result_path(directory: Path, key: str, table: str = "") -> Path:
+    """Where task ``key``'s rows of ``table`` live (a simulate sweep's one table: DIR itself)."""
+    return Path(directory) / table / f"task-{key}.parquet"
+
+
+def command_of(manifest: dict[str, Any]) -> str:
+    """The command a sweep directory's tasks run (manifests of simulate sweeps made before train grids name none)."""
+    return manifest.get("command", "simulate")
 
 
 def atomic(path: Path, write: Callable[[Path], None], before_rename: Callable[[], None] | None = None) -> None:
@@ -203,6 +215,9 @@ class SweepDir:
         self.created: Path | None = None  # the topmost directory open() made
         self.fresh = False  # whether open() made the manifest (DIR was new or empty)
         self.tasks = {t["key"]: t for t in manifest["tasks"]}
+        self.command = command_of(manifest)
+        self.tables = TABLES[self.command]
+        self._meta: dict[str, bytes] = {}
         self.failures: dict[str, dict[str, Any]] = {}
         path = self.dir / FAILURES
         if path.is_file():
@@ -215,7 +230,7 @@ class SweepDir:
 
     @classmethod
     def open(cls, directory: Path, grid_source: dict[str, Any], keys: Sequence[str], tasks: Sequence[Task],
-             replicates_per_task: int | None, extend: bool = False) -> SweepDir:
+             replicates_per_task: int | None, extend: bool = False, command: str = "simulate") -> SweepDir:
         directory = Path(directory)
         if directory.is_symlink():
             raise SpecError("out", f"{directory} is a symbolic link; give the directory itself")
@@ -239,10 +254,14 @@ class SweepDir:
         lock_fd = _acquire(directory)
         try:
             old = read_manifest(directory)  # again, now that no other run can change it
-            manifest = cls._merge(directory, old, grid_source, keys, tasks, replicates_per_task, extend)
-            for p in directory.iterdir():
-                if p.name.startswith(TMP):  # left by a killed run; the lock says no run is writing it
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            manifest = cls._merge(directory, old, grid_source, keys, tasks, replicates_per_task, extend, command)
+            for table in TABLES[command]:
+                folder = directory / table
+                if not folder.is_dir():
+                    folder.mkdir()
+                for p in folder.iterdir():
+                    if p.name.startswith(TMP):  # left by a killed run; the lock says no run is writing it
+                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
             write_json(directory / MANIFEST, manifest)
         except BaseException:
             os.close(lock_fd)
@@ -255,12 +274,18 @@ class SweepDir:
         """Remove what this run wrote, and the directories it made, when it
         ends before any task of a new sweep finished (a scheduler that cannot
         be reached, Ctrl-C at once): a failed start leaves nothing behind."""
-        if not self.fresh or any(self.dir.glob("task-*.parquet")):
+        if not self.fresh or any((self.dir / table).glob("task-*.parquet") for table in self.tables):
             return
         for name in (MANIFEST, FAILURES, "_grid.toml"):
             (self.dir / name).unlink(missing_ok=True)
-        for p in self.dir.glob(f"{TMP}*"):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for table in self.tables:
+            for p in (self.dir / table).glob(f"{TMP}*"):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            if table:
+                try:
+                    (self.dir / table).rmdir()
+                except OSError:  # something else appeared in it meanwhile: leave it
+                    pass
         (self.dir / LOCK).unlink(missing_ok=True)
         self.close()
         if self.created is None:  # an empty directory of the user's stays, empty again
@@ -275,15 +300,22 @@ class SweepDir:
 
     @staticmethod
     def _merge(directory: Path, old: dict[str, Any] | None, grid_source: dict[str, Any], keys: Sequence[str],
-               tasks: Sequence[Task], replicates_per_task: int | None, extend: bool) -> dict[str, Any]:
+               tasks: Sequence[Task], replicates_per_task: int | None, extend: bool,
+               command: str = "simulate") -> dict[str, Any]:
         new = [{"key": t.key, "config_key": t.config_key, "label": t.label, "options": t.options,
                 "values": t.values, "replicates": [t.start, t.stop], "depth": t.depth} for t in tasks]
         if old is None:
-            return {"kind": KIND, "format": 1, "versions": versions(), "grids": [grid_source], "keys": list(keys),
+            # columns: a simulate sweep's one table's, as the format has always had it; else per table
+            columns: Any = [] if command == "simulate" else {table: [] for table in TABLES[command]}
+            return {"kind": KIND, "format": 1, **({} if command == "simulate" else {"command": command}),
+                    "versions": versions(), "grids": [grid_source], "keys": list(keys),
                     "key_types": {k: _cell_type(t["values"][k] for t in new) for k in keys},
-                    "replicates_per_task": replicates_per_task, "columns": [], "tasks": new}
+                    "replicates_per_task": replicates_per_task, "columns": columns, "tasks": new}
         if old.get("format") != 1:
             raise SpecError("out", f"{directory} is a sweep of another varprop version's format; give another --out")
+        if command_of(old) != command:
+            raise SpecError("out", f"{directory} holds a sweep of varprop {command_of(old)}, this grid's tasks run "
+                            f"varprop {command} (its command = ...); give another --out")
         have = {t["key"] for t in old["tasks"]}
         want = {t["key"] for t in new}
         if want == have:
@@ -308,13 +340,18 @@ class SweepDir:
                                     f"{start}..{stop - 1} in {directory} as one task, which overlaps this grid's "
                                     f"{t['replicates'][0]}..{t['replicates'][1] - 1}; keep --replicates and "
                                     "--replicates-per-task as they were for configurations already there")
-        all_keys = list(dict.fromkeys([*old["keys"], *keys]))
-        from .grid import cell, label
+        from .grid import cell, label, value
 
         merged = old["tasks"] + [t for t in new if t["key"] not in have]
+        # An option each grid holds fixed, at different values (width 8 in one, 16 in the other), varies
+        # now: a key, or two configurations would share a label.
+        fixed = [k for k in dict.fromkeys(k for t in merged for k in t["options"])
+                 if k not in (*old["keys"], *keys, "replicates", "max_memory")
+                 and len({json.dumps(value(t["options"], k, command), default=str) for t in merged}) > 1]
+        all_keys = list(dict.fromkeys([*old["keys"], *keys, *fixed]))
         for t in merged:
-            t["values"] = {k: cell(t["options"], k) for k in all_keys}
-            t["label"] = label(t["options"], all_keys) or t["label"]
+            t["values"] = {k: cell(t["options"], k, command) for k in all_keys}
+            t["label"] = label(t["options"], all_keys, command) or t["label"]
         return {**old, "grids": [*old["grids"], grid_source], "keys": all_keys,
                 "key_types": {k: _cell_type(t["values"][k] for t in merged) for k in all_keys},
                 "versions": versions(), "tasks": merged}
@@ -342,36 +379,55 @@ class SweepDir:
 
     # --- results -----------------------------------------------------------------
 
+    def _stored(self, table: str = "") -> list[list[Any]]:
+        """The manifest's columns of ``table`` so far (a simulate sweep keeps its one table's as a list)."""
+        cols = self.manifest["columns"]
+        return cols if self.command == "simulate" else cols[table]
+
+    def columns_of(self, table: str = "") -> list[tuple[str, str, str]]:
+        """A table's columns so far, (name, Parquet type, pandas dtype): ``config``,
+        the grid keys, then the result's own."""
+        types, keys = self.manifest["key_types"], self.manifest["keys"]
+        # a result's column that a grid added by --extend made a key (train's lr) stands where keys do
+        return ([("config", "string", "str")] + [(k, types[k], _NULLABLE[types[k]]) for k in keys]
+                + [(name, kind, dtype) for name, kind, dtype in self._stored(table) if name not in keys])
+
     @property
     def columns(self) -> list[tuple[str, str, str]]:
-        """The table's columns so far, (name, Parquet type, pandas dtype): ``config``,
-        the grid keys, then the result's own."""
-        types = self.manifest["key_types"]
-        return ([("config", "string", "str")] + [(k, types[k], _NULLABLE[types[k]]) for k in self.manifest["keys"]]
-                + [(name, kind, dtype) for name, kind, dtype in self.manifest["columns"]])
+        """A simulate sweep's table's columns (:meth:`columns_of`)."""
+        return self.columns_of()
+
+    def complete(self, key: str) -> bool:
+        """Whether every table's result file of task ``key`` is there."""
+        return all(result_path(self.dir, key, table).exists() for table in self.tables)
 
     def finished(self) -> set[str]:
-        """Keys of the tasks whose result file is whole. A file that cannot be
-        read, or holds other rows, is removed (its task runs again); one of an
-        older schema or label (a kill during a rewrite, an extended grid) is
-        rewritten."""
-        found = {}
+        """Keys of the tasks whose result files are whole. A task with a file
+        that cannot be read, holds other rows, or lacks its other table's
+        file (a kill between a train task's two files) has its files removed
+        (it runs again); one of an older schema or label (a kill during a
+        rewrite, an extended grid) is rewritten."""
+        found: dict[str, dict[str, tuple[list[tuple[str, str, str | None]], str]]] = {}
         for key, task in self.tasks.items():
-            path = result_path(self.dir, key)
-            if path.exists():
-                seen = self._check(path, task)
-                if seen is None:
-                    path.unlink(missing_ok=True)
-                else:
-                    found[key] = seen
-        if any([self._widen(columns) for columns, _ in found.values()]):  # a list: widen by every file
+            paths = {table: result_path(self.dir, key, table) for table in self.tables}
+            if not any(p.exists() for p in paths.values()):
+                continue
+            seen = {table: self._check(p, task) if p.exists() else None for table, p in paths.items()}
+            if any(v is None for v in seen.values()):
+                for p in paths.values():
+                    p.unlink(missing_ok=True)
+            else:
+                found[key] = seen  # type: ignore[assignment]
+        widened = [self._widen(columns, table) for seen in found.values() for table, (columns, _) in seen.items()]
+        if any(widened):  # a list: widen by every file
             write_json(self.dir / MANIFEST, self.manifest)
-        for key, (columns, label) in found.items():
-            if columns != self.columns or label != self.tasks[key]["label"]:
-                self._rewrite(key)
+        for key, seen in found.items():
+            for table, (columns, label) in seen.items():
+                if columns != self.columns_of(table) or label != self.tasks[key]["label"]:
+                    self._rewrite(key, table)
         return set(found)
 
-    def _check(self, path: Path, task: dict[str, Any]) -> tuple[list[tuple[str, str]], str] | None:
+    def _check(self, path: Path, task: dict[str, Any]) -> tuple[list[tuple[str, str, str | None]], str] | None:
         """A result file's columns and label, or None when it is not task's whole result."""
         _, pq = _arrow()
         try:
@@ -380,33 +436,44 @@ class SweepDir:
             return None
         meta = (table.schema.metadata or {}).get(b"varprop_task", b"").decode()
         start, stop = task["replicates"]
-        if meta != task["key"] or table.num_rows != (stop - start) * (task["depth"] + 1) or not table.num_rows:
+        if meta != task["key"] or not table.num_rows:
             return None
+        if self.command == "simulate":
+            if table.num_rows != (stop - start) * (task["depth"] + 1):
+                return None
+        elif "replicate" not in table.column_names or \
+                set(table.column("replicate").to_pylist()) != set(range(start, stop)):
+            return None  # a training run's rows per replicate vary (record_every, divergence): its replicates
         dtypes = _pandas_dtypes(table)
         return [(f.name, _arrow_kind(f.type), dtypes.get(f.name)) for f in table.schema], str(table.column("config")[0])
 
-    def _rewrite(self, key: str) -> None:
+    def _rewrite(self, key: str, table: str = "") -> None:
         _, pq = _arrow()
-        self._write(key, pq.read_table(result_path(self.dir, key)))
+        self._write(key, pq.read_table(result_path(self.dir, key, table)), table)
 
-    def add(self, task: Task | dict[str, Any], table: Any, before_rename: Callable[[], None] | None = None) -> None:
-        """Write a finished task's rows (an Arrow table of simulate's columns) with
-        its label and grid keys as its result file."""
+    def add(self, task: Task | dict[str, Any], result: Any, before_rename: Callable[[], None] | None = None) -> None:
+        """Write a finished task's rows (an Arrow table of simulate's columns;
+        for a train task, a dict of its tables) with its label and grid keys
+        as its result files, the last with ``before_rename`` (tests: a kill)."""
         key = task.key if isinstance(task, Task) else task["key"]
-        dtypes = _pandas_dtypes(table)
-        if self._widen([(f.name, _arrow_kind(f.type), dtypes.get(f.name)) for f in table.schema]):
-            write_json(self.dir / MANIFEST, self.manifest)
-            for other in self.tasks:  # the results already written, to the wider schema
-                if other != key and result_path(self.dir, other).exists():
-                    self._rewrite(other)
-        self._write(key, table, before_rename)
+        tables = result if isinstance(result, dict) else {"": result}
+        for table in self.tables:
+            dtypes = _pandas_dtypes(tables[table])
+            if self._widen([(f.name, _arrow_kind(f.type), dtypes.get(f.name)) for f in tables[table].schema],
+                           table):
+                write_json(self.dir / MANIFEST, self.manifest)
+                for other in self.tasks:  # the results already written, to the wider schema
+                    if other != key and result_path(self.dir, other, table).exists():
+                        self._rewrite(other, table)
+        for table in self.tables:
+            self._write(key, tables[table], table, before_rename if table == self.tables[-1] else None)
         if self.failures.pop(key, None) is not None:
             write_json(self.dir / FAILURES, self.failures)
 
-    def _widen(self, columns: Sequence[tuple[str, str, str | None]]) -> bool:
-        """Add new columns to the schema (after the column they follow), or
-        widen a column's type; True when the schema changed."""
-        cols = [list(c) for c in self.manifest["columns"]]
+    def _widen(self, columns: Sequence[tuple[str, str, str | None]], table: str = "") -> bool:
+        """Add new columns to a table's schema (after the column they follow),
+        or widen a column's type; True when the schema changed."""
+        cols = [list(c) for c in self._stored(table)]
         keyed = {"config", *self.manifest["keys"]}
         index = {c[0]: i for i, c in enumerate(cols)}
         changed, previous = False, None
@@ -429,41 +496,47 @@ class SweepDir:
             if col[0] not in present and col[2] in ("int64", "bool"):
                 col[2], changed = _NULLABLE[col[1]], True
         if changed:
-            self.manifest["columns"] = cols
-            self._meta = None
+            if self.command == "simulate":
+                self.manifest["columns"] = cols
+            else:
+                self.manifest["columns"][table] = cols
+            self._meta.pop(table, None)
         return changed
 
-    _meta: Any = None
-
-    def _pandas_meta(self) -> bytes:
-        """The pandas metadata every file carries (so read_parquet restores the same dtypes)."""
-        if self._meta is None:
+    def _pandas_meta(self, table: str = "") -> bytes:
+        """The pandas metadata every file of a table carries (so read_parquet restores the same dtypes)."""
+        if table not in self._meta:
             pa, _ = _arrow()
-            empty = pd.DataFrame({name: pd.Series([], dtype=dtype) for name, _, dtype in self.columns})
-            schema = pa.schema([(name, _arrow_type(kind)) for name, kind, _ in self.columns])
-            self._meta = pa.Table.from_pandas(empty, schema=schema, preserve_index=False).schema.metadata[b"pandas"]
-        return self._meta
+            columns = self.columns_of(table)
+            empty = pd.DataFrame({name: pd.Series([], dtype=dtype) for name, _, dtype in columns})
+            schema = pa.schema([(name, _arrow_type(kind)) for name, kind, _ in columns])
+            self._meta[table] = pa.Table.from_pandas(empty, schema=schema, preserve_index=False).schema.metadata[
+                b"pandas"]
+        return self._meta[table]
 
-    def _write(self, key: str, table: Any, before_rename: Callable[[], None] | None = None) -> None:
+    def _write(self, key: str, result: Any, table: str = "", before_rename: Callable[[], None] | None = None) -> None:
         pa, pq = _arrow()
         task = self.tasks[key]
-        n, have = table.num_rows, set(table.column_names)
+        n, have = result.num_rows, set(result.column_names)
         arrays = []
-        for name, kind, _ in self.columns:
+        columns = self.columns_of(table)
+        for name, kind, _ in columns:
             if name == "config":
                 arrays.append(_constant(task["label"], kind, n))
-            elif name in self.manifest["keys"] and not (name == "width" and name in have):
-                # (width is also a per-layer column of the result: the same value in a square stack,
-                # and the right one in a stack given by widths)
+            elif name in self.manifest["keys"] and name not in have:
+                # (a key the result has is its own column too, with the right values: simulate's per-layer
+                # width in a stack given by widths, train's learning rate under a schedule)
                 arrays.append(_constant(task["values"].get(name), kind, n))
             elif name in have:
-                arrays.append(_as_array(table.column(name), kind))
+                arrays.append(_as_array(result.column(name), kind))
             else:
                 arrays.append(_constant(None, kind, n))
+        # the result's own facts (a train task's varprop_train) travel with it, through rewrites too
+        kept = {k: v for k, v in (result.schema.metadata or {}).items() if k.startswith(b"varprop_")}
         out = pa.Table.from_arrays(arrays, schema=pa.schema(
-            [(name, _arrow_type(kind)) for name, kind, _ in self.columns],
-            metadata={b"pandas": self._pandas_meta(), b"varprop_task": key.encode()}))
-        atomic(result_path(self.dir, key), lambda tmp: pq.write_table(out, tmp, write_page_checksum=True),
+            [(name, _arrow_type(kind)) for name, kind, _ in columns],
+            metadata={**kept, b"pandas": self._pandas_meta(table), b"varprop_task": key.encode()}))
+        atomic(result_path(self.dir, key, table), lambda tmp: pq.write_table(out, tmp, write_page_checksum=True),
                before_rename)
 
     def fail(self, key: str, error: str, detail: str) -> None:
@@ -473,17 +546,23 @@ class SweepDir:
                               "traceback": detail}
         write_json(self.dir / FAILURES, self.failures)
 
-    def read(self) -> pd.DataFrame:
-        """Every finished task's rows (what ``pandas.read_parquet(DIR)`` gives), in grid order."""
-        return read_results(self.dir, self.manifest)
+    def read(self, table: str | None = None) -> pd.DataFrame:
+        """Every finished task's rows of a table (what ``pandas.read_parquet`` gives), in grid order."""
+        return read_results(self.dir, self.manifest, table)
 
 
-def read_results(directory: Path, manifest: dict[str, Any] | None = None) -> pd.DataFrame:
-    """A sweep directory's finished rows, ordered as the grid's tasks."""
+def read_results(directory: Path, manifest: dict[str, Any] | None = None, table: str | None = None) -> pd.DataFrame:
+    """A sweep directory's finished rows, ordered as the grid's tasks: its one
+    table, or of a train sweep ``table`` ("history", the default, or "layers")."""
     manifest = manifest or read_manifest(directory)
     if manifest is None:
         raise SpecError("RUN_DIR", f"{directory} is not a varprop sweep directory (no {MANIFEST})")
-    paths = [result_path(directory, t["key"]) for t in manifest["tasks"]]
+    tables = TABLES[command_of(manifest)]
+    table = tables[0] if table is None else table
+    if table not in tables:
+        accepted = "None (a simulate sweep has one table)" if tables == ("",) else " or ".join(tables)
+        raise SpecError("table", f"expected {accepted}, got {table!r}")
+    paths = [result_path(directory, t["key"], table) for t in manifest["tasks"]]
     paths = [p for p in paths if p.exists()]
     if not paths:
         return pd.DataFrame(columns=[n for n, _ in [("config", "")] + [(k, "") for k in manifest["keys"]]])

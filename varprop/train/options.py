@@ -74,7 +74,8 @@ class RunOptions:
     dtype: str
 
 
-def _label_part(key: str, value: Any) -> str:
+def label_part(key: str, value: Any) -> str:
+    """How an option's value reads in a training configuration's label (``adam``, ``bn_count=1``)."""
     if key in _PLAIN_LABEL:
         return str(value) if not callable(value) else getattr(value, "__name__", "custom")
     if key in ("widths", "bn_layers"):
@@ -117,7 +118,7 @@ def expand(values: Mapping[str, Any]) -> tuple[list[TrainConfig], RunOptions]:
             continue
         seen.add(key)
         shown = {k: c[k] for k in varied if k in relevant}
-        label = ", ".join(_label_part(k, v) for k, v in shown.items()) or _label_part("activation", c["activation"])
+        label = ", ".join(label_part(k, v) for k, v in shown.items()) or label_part("activation", c["activation"])
         arch = Architecture(tuple(c["widths"]), c["activation"], c["_bn"], c["bn_position"], c["leaky_slope"],
                             bn_eps=KERAS_BN_EPS)
         configs.append(TrainConfig(arch, c["init"], c["optimizer"], c["lr"], c["momentum"], c["lr_schedule"],
@@ -134,4 +135,4 @@ def _column_value(key: str, value: Any) -> Any:
     return value
 
 
-__all__ = ["RunOptions", "STUDY_WIDTHS", "TrainConfig", "expand"]
+__all__ = ["RunOptions", "STUDY_WIDTHS", "TrainConfig", "expand", "label_part"]

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
+from scipy import special
 
 from .logscale import exp_times
 from .parallel import SERIAL, Pool, row_chunks
@@ -311,7 +311,8 @@ def t_half_width(sd: Any, n: Any, level: float = 0.95) -> Any:
     1.591223
     """
     n_ = np.asarray(n, dtype=float)
-    t = sps.t.ppf(0.5 + level / 2, np.where(n_ > 1, n_ - 1, np.nan))
+    # scipy.stats.t.ppf is this function; scipy.special alone loads in half the time of scipy.stats
+    t = special.stdtrit(np.where(n_ > 1, n_ - 1, np.nan), 0.5 + level / 2)
     return sd / np.sqrt(n) * (t if t.ndim else float(t))
 
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 import pandas as pd
-from scipy import special, stats
+from scipy import special
 
 from ..nn import activations, inits, layers
 from ..nn.activations import Activation
@@ -261,7 +261,9 @@ def _finite_width_band(df: pd.DataFrame, spec: RunSpec, scheme: inits.Scheme) ->
         mean, var = np.empty(len(widths)), np.empty(len(widths))
         for i, width in enumerate(widths):
             k = np.arange(1, width + 1)
-            p = stats.binom.pmf(k, width, 0.5)
+            # Binomial(width, 1/2) probabilities (scipy.stats.binom.pmf; scipy.stats alone costs 0.2 s to import)
+            p = np.exp(special.gammaln(width + 1) - special.gammaln(k + 1) - special.gammaln(width - k + 1)
+                       - width * math.log(2))
             m_k = special.digamma(k / 2) + math.log(2) - math.log(width / 2)
             mean[i] = p @ m_k
             var[i] = p @ (special.polygamma(1, k / 2) + m_k**2) - mean[i] ** 2

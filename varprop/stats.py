@@ -181,7 +181,7 @@ def side_stats_stacked(u: np.ndarray, log_s: Sequence[float], saturated: Sequenc
 def _abs_cos_stacked(u: np.ndarray) -> list[float]:
     """:func:`_abs_cos` of each block of a stack, the same numbers."""
     blocks, m, _ = u.shape
-    x, ok = _unit_rows(u, axis=2)
+    x, ok = _unit_rows(u)
     gram = np.abs(np.matmul(x, x.transpose(0, 2, 1)))
     total, trace = gram.sum(axis=(1, 2), dtype=np.float64), np.trace(gram, axis1=1, axis2=2, dtype=np.float64)
     return [(float(total[k]) - float(trace[k])) / (m * (m - 1)) if ok[k] and m >= 2 else math.nan
@@ -193,22 +193,23 @@ def _abs_cos(u: np.ndarray) -> float:
     zeros or there are fewer than two. The signed mean cos hides a collapse
     onto +-v (a deep linear stack); |cos| shows it."""
     m = len(u)
-    x, ok = _unit_rows(u[None], axis=2)
-    if m < 2 or not ok[0]:
+    x, ok = _unit_rows(u)
+    if m < 2 or not ok:
         return math.nan
-    gram = np.abs(x[0] @ x[0].T)
+    gram = np.abs(x @ x.T)
     return (float(gram.sum(dtype=np.float64)) - float(np.trace(gram, dtype=np.float64))) / (m * (m - 1))
 
 
-def _unit_rows(u: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """``u``'s rows scaled to unit length (norms in float64, the result in u's float precision) and, per
-    block, whether every row is nonzero. A float32 run's cosines come from a float32 Gram matrix: a third
-    of float64's cost, the engine's largest after the layer products, and off by at most fan * 2**-24 a
-    cosine (about 1e-7 typically), far below the sampling error of a mean over 128 samples."""
+def _unit_rows(u: np.ndarray) -> tuple[np.ndarray, Any]:
+    """``u``'s rows (along its last axis) scaled to unit length (norms in float64, the result in u's
+    float precision) and, per matrix of rows, whether every row is nonzero. A float32 run's cosines come
+    from a float32 Gram matrix: a third of float64's cost, the engine's largest after the layer products,
+    and off by at most fan * 2**-24 a cosine (about 1e-7 typically), far below the sampling error of a
+    mean over 128 samples."""
     x = u.astype(np.float64)
     norms = np.sqrt(np.einsum("...ij,...ij->...i", x, x))
     with np.errstate(divide="ignore", invalid="ignore"):  # a dead sample's block is NaN, as _abs_cos says
-        x /= np.expand_dims(norms, axis)
+        x /= norms[..., None]
     return x.astype(np.float32, copy=False) if u.dtype == np.float32 else x, np.all(norms > 0, axis=-1)
 
 

@@ -140,3 +140,13 @@ def test_committed_readings_follow_from_committed_curves(name):
     meta = json.loads((entry / "config.json").read_text())
     assert reading.for_entry(name, history, layers, meta) == (entry / "reading.md").read_text()
     assert "**Verdict: " in (entry / "reading.md").read_text()
+
+
+def test_a_paired_accuracy_interval_stays_within_what_accuracies_allow():
+    """Two seeds give t with 1 dof (12.7): the interval of a difference of accuracies is cut to [-1, 1]
+    (reported as [-100, +100] points) rather than claiming -300 points; a loss difference is not cut."""
+    final = pd.DataFrame({"config": ["a", "a", "b", "b"], "replicate": [0, 1, 0, 1],
+                          "test_accuracy": [0.3, 0.7, 0.6, 0.5], "train_loss_keras": [0.3, 0.7, 0.6, 0.5]})
+    mean, lo, hi, n = report._paired(final, "a", "b", "test_accuracy")
+    assert (mean, lo, hi, n) == (pytest.approx(-0.05), -1.0, 1.0, 2)
+    assert report._paired(final, "a", "b", "train_loss_keras")[1] < -1

@@ -100,6 +100,8 @@ def _paired(final: pd.DataFrame, a: str, b: str, col: str) -> tuple[float, float
     both = x.index.intersection(y.index)
     diff = (x[both] - y[both]).to_numpy(float)
     mean, lo, hi = mean_interval(diff)
+    if col == "test_accuracy":  # a difference of accuracies lies in [-1, 1]; t with 1 dof reaches far beyond
+        lo, hi = max(lo, -1.0), min(hi, 1.0)
     return mean, lo, hi, int(np.isfinite(diff).sum())
 
 

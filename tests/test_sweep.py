@@ -307,3 +307,14 @@ def test_report_redraw(client, tmp_path):
     r = CliRunner().invoke(main, ["report", str(out)])
     assert r.exit_code == 0 and (out / "_report" / "report.html").is_file()
     assert (out / "_report" / "report.md").read_text() == report
+
+
+def test_a_failed_start_leaves_nothing(tmp_path, monkeypatch):
+    """A scheduler that cannot be reached: one error, and the --out it would have made is not there."""
+    from varprop.sweeps import run as sweep_run
+
+    monkeypatch.setattr(sweep_run, "CONNECT_TIMEOUT", "1s")
+    out = tmp_path / "new" / "sub"
+    with pytest.raises(SpecError, match="scheduler"):
+        sweep({"layers": 2, "width": 4, "samples": 4}, out=out, scheduler="tcp://127.0.0.1:1")
+    assert not (tmp_path / "new").exists()

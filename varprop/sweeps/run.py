@@ -254,6 +254,9 @@ def _kill_at() -> int | None:
     return int(value) if value else None
 
 
+CONNECT_TIMEOUT = "10s"  # how long a --scheduler may take to answer
+
+
 def _connect(scheduler: str | None, workers: int | None, threads_per_worker: int) -> tuple[Any, Any]:
     from dask.distributed import Client
 
@@ -261,7 +264,7 @@ def _connect(scheduler: str | None, workers: int | None, threads_per_worker: int
 
     if scheduler:
         try:
-            return Client(scheduler, timeout="10s"), None
+            return Client(scheduler, timeout=CONNECT_TIMEOUT), None
         except (OSError, TimeoutError, ValueError) as exc:
             raise SpecError("scheduler", f"cannot reach a dask scheduler at {scheduler} ({exc})") from None
     dashboard = ":8787" if importlib.util.find_spec("bokeh") is not None else None

@@ -274,7 +274,7 @@ class SweepDir:
         """Remove what this run wrote, and the directories it made, when it
         ends before any task of a new sweep finished (a scheduler that cannot
         be reached, Ctrl-C at once): a failed start leaves nothing behind."""
-        if not self.fresh or any((self.dir / table).glob("task-*.parquet") for table in self.tables):
+        if not self.fresh or any(any((self.dir / table).glob("task-*.parquet")) for table in self.tables):
             return
         for name in (MANIFEST, FAILURES, "_grid.toml"):
             (self.dir / name).unlink(missing_ok=True)
@@ -562,8 +562,10 @@ def read_results(directory: Path, manifest: dict[str, Any] | None = None, table:
     if table not in tables:
         accepted = "None (a simulate sweep has one table)" if tables == ("",) else " or ".join(tables)
         raise SpecError("table", f"expected {accepted}, got {table!r}")
-    paths = [result_path(directory, t["key"], table) for t in manifest["tasks"]]
-    paths = [p for p in paths if p.exists()]
+    # a task is finished when every table's file is there (a kill between a train task's two writes
+    # leaves one, which the next run replaces): only finished tasks' rows are read
+    paths = [result_path(directory, t["key"], table) for t in manifest["tasks"]
+             if all(result_path(directory, t["key"], other).exists() for other in tables)]
     if not paths:
         return pd.DataFrame(columns=[n for n, _ in [("config", "")] + [(k, "") for k in manifest["keys"]]])
     return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)

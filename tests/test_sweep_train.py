@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,6 +25,7 @@ import varprop  # noqa: E402
 from varprop.cli import main  # noqa: E402
 from varprop.errors import SpecError  # noqa: E402
 from varprop.sweeps import build_grid, sweep  # noqa: E402
+from varprop.train import data  # noqa: E402
 
 TINY = {"command": "train", "widths": "784,16,10", "activation": "sigmoid", "epochs": 1, "data": "subset"}
 
@@ -179,8 +179,9 @@ def test_train_grid_semantics():
     assert tasks[0].key == build_grid({**TINY, "optimizer": "sgd", "momentum": 0.9, "bn_count": 0}).tasks()[0].key
     assert build_grid({**TINY, "replicates": 2}).tasks(2)[0].key not in {t.key for t in tasks}
     # the default data is resolved where the grid is built (workers may run elsewhere)
-    assert build_grid({k: v for k, v in TINY.items() if k != "data"}).options[0]["data"] in (
-        "subset", str(Path("~/.keras/datasets/mnist.npz").expanduser()))
+    cached = data.keras_cache()
+    assert build_grid({k: v for k, v in TINY.items() if k != "data"}).options[0]["data"] == (
+        "subset" if cached is None else str(cached))
 
 
 def test_train_grid_cannot_extend_a_simulate_sweep(client, tmp_path):
@@ -235,3 +236,38 @@ def test_diverged_runs_are_marked_not_averaged(client, tmp_path):
     assert summary.loc["lr=0.01", "diverged"] == 0 and summary.loc["lr=0.01", "test_accuracy"] > 0.1
     report = (out / "_report" / "report.md").read_text()
     assert "**Diverged**" in report and "lr=50 does not reach it (diverged)" in report
+
+
+def test_a_map_keeps_configurations_an_option_does_not_apply_to(tmp_path, monkeypatch):
+    """relu has no slope: its cell stands in an n/a column rather than vanishing from the map."""
+    from varprop.report import figures
+    from varprop.report import sweep as sweep_report
+
+    drawn = []
+    real = figures.save
+    monkeypatch.setattr(figures, "save", lambda fig, path: (drawn.append(fig), real(fig, path))[1])
+    summary = pd.DataFrame({"activation": ["relu", "leaky_relu", "leaky_relu"], "leaky_slope": [None, 0.1, 0.2],
+                            "test_accuracy": [0.9, 0.8, 0.85], "test_accuracy_lo": [0.89, 0.79, 0.84],
+                            "test_accuracy_hi": [0.91, 0.81, 0.86], "diverged": 0, "replicates": 2})
+    sweep_report.heatmap(summary, "leaky_slope", "activation", "test_accuracy", ["activation", "leaky_slope"],
+                         tmp_path / "h.png")
+    ax = drawn[-1].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["n/a", "0.1", "0.2"]
+    assert any(t.get_text().startswith("90.0%") for t in ax.texts)
+
+
+def test_a_data_folder_is_keyed_by_the_files_train_reads(tmp_path):
+    """A README beside the IDX files leaves the task keys alone (the next run would otherwise refuse DIR
+    as another sweep); a changed IDX file changes them."""
+    from test_train_data import write_idx_folder
+
+    folder = write_idx_folder(tmp_path / "mnist", "dash", gz=False)
+    grid = {**TINY, "widths": "16,4,3", "data": str(folder)}
+    keys = [t.key for t in build_grid(grid).tasks()]
+    (folder / "README").write_text("where these came from")
+    assert [t.key for t in build_grid(grid).tasks()] == keys
+    labels = folder / "t10k-labels-idx1-ubyte"
+    raw = bytearray(labels.read_bytes())
+    raw[-1] = (raw[-1] + 1) % 3
+    labels.write_bytes(bytes(raw))
+    assert [t.key for t in build_grid(grid).tasks()] != keys

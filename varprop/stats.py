@@ -204,7 +204,7 @@ def _unit_rows(u: np.ndarray) -> tuple[np.ndarray, Any]:
     """``u``'s rows (along its last axis) scaled to unit length (norms in float64, the result in u's
     float precision) and, per matrix of rows, whether every row is nonzero. A float32 run's cosines come
     from a float32 Gram matrix: a third of float64's cost, the engine's largest after the layer products,
-    and off by at most fan * 2**-24 a cosine (about 1e-7 typically), far below the sampling error of a
+    and off by at most (fan + 2) 2**-24 a cosine (about 1e-7 typically), far below the sampling error of a
     mean over 128 samples."""
     x = u.astype(np.float64)
     norms = np.sqrt(np.einsum("...ij,...ij->...i", x, x))

@@ -46,7 +46,7 @@ class _PlainLogFormatter(LogFormatterSciNotation):
         math_text = re.fullmatch(r"\$\\mathdefault\{(.*)\}\$", label)
         if math_text is None:
             return label
-        if 0.1 < abs(x) < 10:  # 0.998, 1, 1.0005 and 2 rather than 9.98 x 10^-1, 10^0, ...
+        if self._base == 10 and 0.1 < abs(x) < 10:  # 0.998, 1, 1.0005 and 2 rather than 9.98 x 10^-1, 10^0
             return f"{x:.6g}".replace("-", "\u2212")
         body = math_text.group(1).replace(r"\times", "\u00d7").replace("-", "\u2212")
         return re.sub(r"\^\{([^}]*)\}", lambda m: m.group(1).replace("\u2212", "-").translate(_SUPERSCRIPT), body)

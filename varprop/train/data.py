@@ -203,10 +203,15 @@ def _idx_file(folder: Path, prefix: str, kind: str, ndim: int) -> Path | None:
     return None
 
 
+def idx_files(folder: Path) -> dict[str, Path | None]:
+    """Which of ``folder``'s files :func:`idx_folder` reads, by part (None: not there)."""
+    return {key: _idx_file(Path(folder), *part) for key, part in IDX_PARTS.items()}
+
+
 def idx_folder(folder: Path, n_classes: int = 10) -> Dataset:
     """The four MNIST IDX files of ``folder`` (``train-images-idx3-ubyte`` or
     ``train-images.idx3-ubyte`` style, each optionally ``.gz``)."""
-    found = {key: _idx_file(folder, *part) for key, part in IDX_PARTS.items()}
+    found = idx_files(folder)
     missing = [f"{p}-{k}-idx{n}-ubyte" for key, (p, k, n) in IDX_PARTS.items() if found[key] is None]
     if missing:
         raise _fail(f"{folder} lacks the MNIST IDX file(s) {', '.join(missing)} (or the '.idx' name style, "

@@ -488,6 +488,7 @@ def _raises():
     (lambda: nn.Linear(4, 3), {"device": "cuda"}, "--device", "no GPU"),
     (lambda: nn.Linear(4, 3), {"input_shape": "2,x"}, "--input-shape", "comma-separated positive integers"),
     (lambda: nn.Linear(4, 3), {"mode": "test"}, "--mode", "train or eval"),
+    (lambda: nn.Linear(4, 3), {"input_shape": (10**12, 4)}, "--input-shape", "use a smaller --input-shape"),
 ])
 def test_bad_input_is_one_line_naming_the_option(model, kwargs, option, words):
     if option == "--device" and torch.cuda.is_available():

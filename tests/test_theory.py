@@ -295,9 +295,11 @@ def test_theory_gain_fit_commands(tmp_path):
                                                               "fan_in_law.png", "report.md",
                                                               "report.html"}
     for bad, option in ((["theory", "--sigma-w", "-1"], "--sigma-w"), (["gain", "nope"], "--activation"),
-                        (["fit", "--fan-in", "0,10"], "--fan-in")):
+                        (["fit", "--fan-in", "0,10"], "--fan-in"),
+                        (["theory", "--layers", "100000000"], "--layers")):
         r = CliRunner().invoke(main, bad)
         assert r.exit_code == 2 and option in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert "--max-memory" not in r.stderr  # theory has no such option to suggest
 
 
 @pytest.mark.parametrize("name", ["tanh", "selu"])

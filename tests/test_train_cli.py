@@ -112,6 +112,8 @@ def bad_files(tmp_path):
     (["--config", "{d}/unknown.toml"], "--config"),
     (["--format", "pdf"], "--format"),
     (["--threads", "0"], "--threads"),
+    (["--widths", "784,10000000,10"], "--max-memory"),  # refused before 30 GiB of weights are drawn
+    (["--max-memory", "1M"], "--max-memory"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(bad_files, args, option):
     out = bad_files / "out"

@@ -375,7 +375,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "phase": ("activation", "sigma_w2_max", "sigma_b2_max", "resolution", "max_memory", "measure", "seed"),
     "train": ("widths", "activation", "leaky_slope", "init", "optimizer", "lr", "momentum", "lr_schedule",
               "batch_size", "bn_count", "bn_layers", "bn_position", "epochs", "replicates", "seed", "data",
-              "record_every", "dtype"),
+              "record_every", "dtype", "max_memory"),
 }
 # Commands that compare every combination of the values given to a repeatable option (the others take one).
 COMPARING = ("simulate", "train")

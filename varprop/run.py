@@ -118,7 +118,7 @@ class Run:
 
         for name in ("config.json", "layers.csv"):
             if not os.path.lexists(path / name):
-                raise fail(f"{show(shown or path)} holds no {name}: not the directory of a varprop simulate run")
+                raise fail(f"{show(shown or path)} holds no {name}: not the directory of a varprop run")
             if (path / name).exists() and not ((path / name).is_file() or (path / name).is_dir()):
                 raise fail(f"{show(path / name)} is not a regular file")  # a FIFO would block the read forever
         config = path / "config.json"

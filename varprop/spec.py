@@ -160,7 +160,7 @@ class NetworkSpec:
     def square(cls, layers: int, width: int, **kw: Any) -> "NetworkSpec":
         """``layers`` weight layers of ``width`` units, fed ``width`` inputs."""
         layers, width = parse_pos_int(layers, "layers"), parse_pos_int(width, "width")
-        memory.precheck(layers, width, 1, 1, None)
+        memory.precheck(layers, width, 1, 1, None, "layers", "use fewer --layers or a narrower --width")
         return cls(widths=(width,) * (layers + 1), **kw)
 
     @property

@@ -99,7 +99,9 @@ def theory_cmd(as_json: bool, **raw: Any) -> None:
     if source is not None:
         result["from_init"] = source
     table = None
-    if "layers" in values:
+    if "layers" in values:  # refused in theory's own words before a spec of that depth is built
+        memory.precheck(options.parse_pos_int(values["layers"], "layers"), n, 1, 1, None, "layers",
+                        "use fewer --layers or a narrower --width")
         spec = from_options({"layers": values["layers"], "width": n, "activation": act.name, "leaky_slope": slope,
                              "samples": 2, **spec_init})
         table = theory.predict(spec)

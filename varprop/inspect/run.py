@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import SpecError
+from ..montecarlo import memory
 from ..stats import STATS, empty_stats
 from . import graph, load_torch
 from . import theory as inspect_theory
@@ -280,6 +281,10 @@ def inspect(model_or_factory: Any, input_shape: Sequence[int] | str | None = Non
         raise SpecError("input_shape", "give the input's shape, samples first (such as 8,3,32,32), or inputs")
     else:
         shape = parse_input_shape(input_shape)
+        # the input (float32) and the statistics' float64 work buffer of its size: a floor of what a pass holds,
+        # checked before either is allocated (the model's own activations come on top)
+        memory.refuse_beyond(12 * math.prod(shape), None, f"an input of shape {','.join(map(str, shape))}",
+                             "use a smaller --input-shape", "input_shape")
     patterns = [p.strip() for p in modules.split(",")] if isinstance(modules, str) else modules
     type_list = [t.strip() for t in types.split(",")] if isinstance(types, str) else types
     notes: list[str] = []

@@ -50,6 +50,7 @@ KERAS_BN_MOMENTUM = 0.99
 SATURATION = 1e-3  # |phi'(z)| below this counts as saturated (ARCHITECTURE.md, "Definitions")
 BLOCK = 128  # rows or columns per block of a large product (fixed by the shapes, never by the thread count)
 SMALL_MACS = 1_000_000  # OpenBLAS's small-matrix kernel takes products up to 100^3 multiply-adds
+EVAL_BLOCK = 2048  # rows per block of an inference-mode evaluation
 _PARALLEL_MACS = 1 << 22  # products smaller than this run in the caller's thread (same blocks, same numbers)
 
 
@@ -441,7 +442,7 @@ class Model:
         self.backward(tape, softmax_xent_backward(p, y, 1.0 / len(y)))
         return float(np.mean(loss, dtype=np.float64))
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, training: bool = False, block: int = 2048
+    def evaluate(self, x: np.ndarray, y: np.ndarray, training: bool = False, block: int = EVAL_BLOCK
                  ) -> tuple[float, float]:
         """Mean loss and accuracy over ``x`` (inference mode unless ``training``;
         in blocks of rows when inferring, as Keras' evaluate does with batches)."""

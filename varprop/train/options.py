@@ -19,10 +19,13 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
 from .. import options
 from ..errors import SpecError
+from ..montecarlo import memory
 from ..options import STUDY_WIDTHS
-from .model import KERAS_BN_EPS, Architecture
+from .model import EVAL_BLOCK, KERAS_BN_EPS, Architecture
 
 # What only matters for some configurations: dropped from labels (and duplicates merged) elsewhere.
 _RELEVANT: dict[str, Callable[[dict[str, Any]], bool]] = {
@@ -124,7 +127,22 @@ def expand(values: Mapping[str, Any]) -> tuple[list[TrainConfig], RunOptions]:
         configs.append(TrainConfig(arch, c["init"], c["optimizer"], c["lr"], c["momentum"], c["lr_schedule"],
                                    c["batch_size"], label, {k: _column_value(k, c[k]) for k in shown}))
     run = RunOptions(get("epochs"), get("replicates"), get("seed"), get("data"), get("record_every"), get("dtype"))
+    for c in configs:  # refused before anything of that size is allocated
+        named = f" {c.label}" if len(configs) > 1 else ""
+        memory.refuse_beyond(memory_bytes(c, run.dtype), get("max_memory"),
+                             f"training{named} (widths {','.join(map(str, c.arch.widths))}, batch size {c.batch_size})",
+                             "use narrower --widths or a smaller --batch-size, or raise --max-memory")
     return configs, run
+
+
+def memory_bytes(config: TrainConfig, dtype: str) -> int:
+    """About what training ``config`` holds at once: parameters with their gradients and an optimizer's
+    two moments (and a spare copy), and per row of a batch (or of evaluation's blocks of 2,048) each
+    layer's output, derivative, gradient and a temporary."""
+    item = np.dtype(dtype).itemsize
+    w = config.arch.widths
+    params = sum(a * b + b for a, b in zip(w[:-1], w[1:]))
+    return item * (5 * params + 4 * max(config.batch_size, EVAL_BLOCK) * sum(w))
 
 
 def _column_value(key: str, value: Any) -> Any:

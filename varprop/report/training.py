@@ -372,7 +372,8 @@ def layer_heatmap(layers: pd.DataFrame, meta: dict[str, Any], col: str, title: s
     n = len(labels)
     ncol = min(4, n)
     nrow = math.ceil(n / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol + 0.9, 2.1 * nrow + 0.7), dpi=110, squeeze=False)
+    width_in = max(3.2 * ncol + 0.9, 6.4)  # one configuration's figure still holds the title's line
+    fig, axes = plt.subplots(nrow, ncol, figsize=(width_in, 2.1 * nrow + 0.7), dpi=110, squeeze=False)
     norm = Normalize(lo, hi)
     image = None
     for ax, label in zip(axes.flat, labels):
@@ -399,9 +400,10 @@ def layer_heatmap(layers: pd.DataFrame, meta: dict[str, Any], col: str, title: s
     for ax in axes.flat[n:]:
         ax.axis("off")
     fig.suptitle(f"{'log10 ' if log else ''}{title} (median over seeds; rows: layers 1 = first)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    # the colour bar and its labels take the last inch, however wide the figure
+    fig.tight_layout(rect=(0, 0, 1 - 1.0 / width_in, 1))
     if image is not None:
-        cax = fig.add_axes((0.915, 0.15, 0.015, 0.7))
+        cax = fig.add_axes((1 - 0.8 / width_in, 0.15, 0.12 / width_in, 0.7))
         fig.colorbar(image, cax=cax).ax.tick_params(labelsize=7)
     return save(fig, path)
 

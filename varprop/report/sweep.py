@@ -744,7 +744,7 @@ def _train_sections(directory: Path, manifest: dict[str, Any], failures: dict[st
         run, data = meta["run"], meta["data"]
         # one run's settings stand for the grid's unless the grid varies them (an --extend can)
         gridded = "as the grid sets it"
-        epochs = f"epochs {gridded}" if "epochs" in keys else f"{run['epochs']} epochs"
+        epochs = f"epochs {gridded}" if "epochs" in keys else training.epochs(run["epochs"])
         doc.p(f"**Data**: {gridded if 'data' in keys else lit(data['name'])}. **Training**: {epochs}, up to "
               f"{run['replicates']} replicate{'s' if run['replicates'] > 1 else ''} per configuration (seed tree "
               f"{gridded if 'seed' in keys else run['seed']}: replicate r of every configuration starts from the "

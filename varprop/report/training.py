@@ -498,10 +498,10 @@ def build_document(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, 
     doc.p(f"**Data**: {lit(data['name'])}. **Network**: widths {','.join(map(str, options['widths']))}, softmax "
           "output, "
           f"init {_shared(meta, 'init')}, activation {_shared(meta, 'activation')}, BN {_bn_words(meta)}. "
-          f"**Training**: {_optimizer_words(meta)}, batch size {', '.join(map(str, batch_sizes))}, {run['epochs']} "
-          f"epochs, {run['replicates']} seed{'s' if run['replicates'] > 1 else ''} per configuration (seed tree "
-          f"{run['seed']}: replicate r of every configuration starts from the same kernels and sees the same "
-          f"batches), {run['dtype']}.")
+          f"**Training**: {_optimizer_words(meta)}, batch size {', '.join(map(str, batch_sizes))}, "
+          f"{epochs(run['epochs'])}, {run['replicates']} seed{'s' if run['replicates'] > 1 else ''} per "
+          f"configuration (seed tree {run['seed']}: replicate r of every configuration starts from the same "
+          f"kernels and sees the same batches), {run['dtype']}.")
     doc.h2("Findings")
     found = findings(history, meta)
     doc.items(found or ["One configuration: see the curves and the table below."])
@@ -588,11 +588,16 @@ def _optimizer_words(meta: dict[str, Any]) -> str:
     return " / ".join(dict.fromkeys(out))
 
 
+def epochs(n: int) -> str:
+    """``1 epoch``, ``10 epochs``."""
+    return f"{n} epoch{'s' if n != 1 else ''}"
+
+
 def _default_title(meta: dict[str, Any]) -> str:
     varied = list(dict.fromkeys(k for c in meta["configs"] for k in c["varied"]))
     what = (" x ".join(varied) + " compared") if varied else meta["configs"][0]["label"]
     return (f"varprop train: {what}, {meta['data']['n_train']:,} MNIST training images, "
-            f"{meta['run']['epochs']} epochs")
+            f"{epochs(meta['run']['epochs'])}")
 
 
 def write(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], directory: Path,

@@ -637,12 +637,14 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
         "`cos sim`: the mean cosine similarity between pairs of samples (1: every input maps to the same "
         "direction); `abs cos sim`: the mean of its absolute value over pairs of the first 128 samples, which also "
         "shows a collapse onto +-one direction that the signed mean averages away;",
-        "`theory post std`: the mean-field prediction of `post std` (infinite width); `theory in 95% CI`: whether "
-        "the predicted second moment lies in the 95% t interval of the measured one over replicates; a "
-        "prediction below (or above) every single network is a **no** whatever the interval, which one network "
-        "far above the others widens. A **no** says the two differ beyond sampling error at that layer: one in "
-        "twenty layers is expected by chance, a run of them is a real difference (finite width compounding over "
-        "depth, or what the theory does not model, such as orthogonal weights or batch statistics);",
+        "`theory post std`: the mean-field prediction of `post std` (infinite width)" + (
+            "; `theory in 95% CI`: whether "
+            "the predicted second moment lies in the 95% t interval of the measured one over replicates; a "
+            "prediction below (or above) every single network is a **no** whatever the interval, which one network "
+            "far above the others widens. A **no** says the two differ beyond sampling error at that layer: one in "
+            "twenty layers is expected by chance, a run of them is a real difference (finite width compounding over "
+            "depth, or what the theory does not model, such as orthogonal weights or batch statistics);"
+            if reps > 1 else " (one replicate: no interval to hold it to);"),
         "every column is exact at any magnitude: values beyond float64 are carried by their log10.",
     ]
     if "grad_log10_std" in layers:

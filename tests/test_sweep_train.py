@@ -271,3 +271,21 @@ def test_a_data_folder_is_keyed_by_the_files_train_reads(tmp_path):
     raw[-1] = (raw[-1] + 1) % 3
     labels.write_bytes(bytes(raw))
     assert [t.key for t in build_grid(grid).tasks()] != keys
+
+
+def test_zipped_options_share_one_map(tmp_path, monkeypatch):
+    """width and samples zipped: one width x layers map in one panel, not a second samples map nor
+    panels split by samples (each half empty)."""
+    from varprop.report import figures
+    from varprop.report import sweep as sweep_report
+
+    summary = pd.DataFrame({"layers": [3, 3, 6, 6], "width": [8, 16, 8, 16], "samples": [10, 20, 10, 20],
+                            "out_log10_std": [0.1, 0.2, 0.3, 0.4]})
+    keys = ["layers", "width", "samples"]
+    assert sweep_report.pairs(keys, summary) == [("width", "layers")]
+    drawn = []
+    real = figures.save
+    monkeypatch.setattr(figures, "save", lambda fig, path: (drawn.append(fig), real(fig, path))[1])
+    sweep_report.heatmap(summary, "width", "layers", "out_log10_std", keys, tmp_path / "h.png")
+    panels = [ax for ax in drawn[-1].axes if ax.get_label() != "<colorbar>" and ax.axison]
+    assert len(panels) == 1

@@ -19,7 +19,7 @@ from .. import __version__
 from ..run import json_default
 from ..stats import summarize
 from . import document
-from .document import Document, lit
+from .document import Document, lit, lit_code
 from .figures import log_scale, save
 
 FORMATS = ("md", "html", "csv", "json")
@@ -80,6 +80,12 @@ def module_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 # --- findings -----------------------------------------------------------------------------------------------
 
+def _module(row: Any) -> str:
+    """A module as findings name it: its qualified name as code (a Sequential's child "5" is no layer
+    number), its type, and its row of the per-module table."""
+    return f"{lit_code(row['name'])} ({lit(row['type'])}, row {int(row['layer'])})"
+
+
 def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any],
              sweep: Any = None) -> list[str]:
     """What a reader should know first, as sentences."""
@@ -92,7 +98,7 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
     if len(rest):
         last = rest.iloc[-1]
         ratio = last["post_log10_rms_std"] - first["post_log10_rms_std"]
-        out.append(f"Forward: the output ({lit(last['name'])}) has std {_pow10(last['post_log10_rms_std'])}, "
+        out.append(f"Forward: the output {_module(last)} has std {_pow10(last['post_log10_rms_std'])}, "
                    f"x{_pow10(ratio, 3)} the input's ({_pow10(first['post_log10_rms_std'])})"
                    + (f" (mean network over {reps} re-initialisations)." if reps > 1 else "."))
         logs = rest["post_log10_rms_std"].to_numpy(float) - first["post_log10_rms_std"]
@@ -101,15 +107,15 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
             hi, lo = int(np.nanargmax(np.where(finite, logs, -np.inf))), int(np.nanargmin(np.where(finite, logs,
                                                                                                     np.inf)))
             if logs[hi] > 1 or logs[lo] < -1:
-                out.append(f"The std spans x{_pow10(logs[lo], 3)} ({lit(rest.iloc[lo]['name'])}) to "
-                           f"x{_pow10(logs[hi], 3)} ({lit(rest.iloc[hi]['name'])}) of the input's: **more than a "
+                out.append(f"The std spans x{_pow10(logs[lo], 3)} {_module(rest.iloc[lo])} to "
+                           f"x{_pow10(logs[hi], 3)} {_module(rest.iloc[hi])} of the input's: **more than a "
                            "factor 10 away** somewhere in the model.")
             else:
                 out.append(f"Every module's output std lies within x{_pow10(logs[lo], 3)} .. "
                            f"x{_pow10(logs[hi], 3)} of the input's.")
         zero = rest[rest["post_log10_rms_std"] == -np.inf]
         if len(zero):
-            out.append(f"{len(zero)} module(s) output exactly 0 (e.g. {lit(zero.iloc[0]['name'])}): a zero-initialised "
+            out.append(f"{len(zero)} module(s) output exactly 0 (e.g. {_module(zero.iloc[0])}): a zero-initialised "
                        "layer (Fixup, SkipInit) or a dead path.")
     if "grad_log10_rms_std" in s and s["grad_log10_rms_std"].notna().any():
         g = s.dropna(subset=["grad_log10_rms_std"])
@@ -118,20 +124,20 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
         if len(low):
             bottom = low.iloc[0]
             ratio = bottom["grad_log10_rms_std"] - top["grad_log10_rms_std"]
-            out.append(f"Backward: the gradient reaching {lit(bottom['name'])} has std x{_pow10(ratio, 3)} that at the "
-                       f"output ({lit(top['name'])})" + (": **vanishing**" if ratio < -3 else ": **exploding**"
+            out.append(f"Backward: the gradient reaching {_module(bottom)} has std x{_pow10(ratio, 3)} that at the "
+                       f"output {_module(top)}" + (": **vanishing**" if ratio < -3 else ": **exploding**"
                                                     if ratio > 3 else "") + ".")
     dead = s[(s["layer"] > 0) & (s["post_frac_zero"] > 0.9)]
     if len(dead):
         out.append(f"{len(dead)} module(s) output more than 90% exact zeros (dead units), e.g. "
-                   f"{lit(dead.iloc[0]['name'])} ({fmt(dead.iloc[0]['post_frac_zero'], 3)}).")
+                   f"{_module(dead.iloc[0])} ({fmt(dead.iloc[0]['post_frac_zero'], 3)}).")
     sat = s[(s["layer"] > 0) & (s["post_frac_saturated"] > 0.5) & ~s["type"].isin(["ReLU", "relu()"])]
     if len(sat):
         out.append(f"{len(sat)} activation(s) have most units saturated (|phi'| < 1e-3), e.g. "
-                   f"{lit(sat.iloc[0]['name'])} ({fmt(sat.iloc[0]['post_frac_saturated'], 3)}).")
+                   f"{_module(sat.iloc[0])} ({fmt(sat.iloc[0]['post_frac_saturated'], 3)}).")
     collapsed = s[(s["layer"] > 0) & (s["post_abs_cos_sim"] > 0.95)]
     if len(collapsed):
-        out.append(f"Correlation collapse: from {lit(collapsed.iloc[0]['name'])} on, {len(collapsed)} module(s) map "
+        out.append(f"Correlation collapse: from {_module(collapsed.iloc[0])} on, {len(collapsed)} module(s) map "
                    "every input to nearly one direction (mean |cos| between samples above 0.95).")
     if "theory_post_second_moment" in s:
         th = s[(s["layer"] > 0) & s["theory_post_second_moment"].notna()]

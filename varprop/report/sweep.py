@@ -250,7 +250,8 @@ def heatmap(summary: pd.DataFrame, x: str, y: str | None, metric: str, keys: Seq
     plt = _plt()
     from .figures import _text, save
 
-    others = [k for k in keys if k not in (x, y)]
+    # a panel per value of the options the axes leave free (not of a zipped partner: half-empty maps)
+    others = [k for k in keys if k not in (x, y) and not _fixes(summary, [x] + ([y] if y else []), k)]
     panels = list(summary.groupby(others, sort=False, dropna=False)) if others else [((), summary)]
     shown = panels[:MAX_PANELS]
     cols = min(len(shown), 4)
@@ -443,9 +444,19 @@ def _critical(act: str, sw: tuple[float, ...], sb: tuple[float, ...]) -> tuple[n
 
 # --- the document ----------------------------------------------------------------------
 
+def _fixes(summary: pd.DataFrame, by: list[str], key: str) -> bool:
+    """Whether the values of the options ``by`` fix ``key``'s (a zip of the grid, or an option that
+    applies to one value of another)."""
+    return bool((summary.groupby(by, dropna=False)[key].nunique(dropna=False) <= 1).all())
+
+
 def pairs(keys: Sequence[str], summary: pd.DataFrame, most: int = 3) -> list[tuple[str, str]]:
     """The option pairs the heatmaps show: depth x width first when the sweep varies both."""
-    varied = [k for k in keys if summary[k].nunique(dropna=False) > 1 and k != "seed"]
+    varied: list[str] = []
+    for k in keys:  # an option zipped with one kept before it (samples with width) draws the same maps
+        if summary[k].nunique(dropna=False) > 1 and k != "seed" and not any(
+                _fixes(summary, [j], k) and _fixes(summary, [k], j) for j in varied):
+            varied.append(k)
     out = []
     if "layers" in varied and ("width" in varied or "widths" in varied):
         out.append(("width" if "width" in varied else "widths", "layers"))

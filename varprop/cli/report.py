@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,13 @@ def report_cmd(run_dir: str, formats: str, force: bool) -> None:
             raise SpecError("RUN_DIR", f"cannot draw the run in {run_dir} ({type(exc).__name__}: {exc}); "
                             "nothing was changed") from None
 
+    started = time.time() - 1  # file times round to the file system's resolution
     paths = in_staging(run_dir, work, force=force, option="RUN_DIR")
-    click.echo("rewrote " + ", ".join(str(path / Path(p).name) for k, p in paths.items()
-                                      if k in ("report", "html", "json", "figure")))
+    # the figures drawn now (what is carried over keeps its time): renders name their figures differently
+    figures = [p for p in path.glob("*.png") if p.stat().st_mtime >= started]
+    shown = [str(path / Path(paths[k]).name) for k in ("report", "html", "json") if k in paths]
+    click.echo("rewrote " + ", ".join(shown) + (f" and {len(figures)} figure{'s' if len(figures) > 1 else ''}"
+                                                if figures else "") + f" in {path}")
 
 
 @click.command("gallery")

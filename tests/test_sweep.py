@@ -318,3 +318,13 @@ def test_a_failed_start_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(SpecError, match="scheduler"):
         sweep({"layers": 2, "width": 4, "samples": 4}, out=out, scheduler="tcp://127.0.0.1:1")
     assert not (tmp_path / "new").exists()
+
+
+def test_the_dashboard_is_named_only_when_it_can_serve(tmp_path):
+    """Without bokeh a local cluster lists a dashboard service that serves nothing: no address is printed."""
+    import importlib.util
+
+    grid = write_grid(tmp_path / "g.toml", "layers = [2, 3]\nwidth = 4\nsamples = 4\n")
+    r = CliRunner().invoke(main, ["sweep", str(grid), "--out", str(tmp_path / "o"), "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    assert ("dashboard:" in r.output) == (importlib.util.find_spec("bokeh") is not None), r.output

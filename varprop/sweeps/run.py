@@ -189,7 +189,8 @@ def _run(store: SweepDir, todo: list[dict[str, Any]], result: SweepResult, clien
     try:
         info = client.scheduler_info()
         result.workers = sum(w.get("nthreads", 1) for w in info.get("workers", {}).values())
-        if "dashboard" in info.get("services", {}):
+        # a local cluster lists its dashboard service without bokeh, which serves nothing then
+        if "dashboard" in info.get("services", {}) and (cluster is None or importlib.util.find_spec("bokeh")):
             result.dashboard = client.dashboard_link
         if on_start is not None:
             on_start(result)

@@ -179,7 +179,8 @@ class Option:
 
     ``repeatable`` options compare every value given (simulate); ``flag``
     options take no value; ``list_valued`` ones take a comma-separated list
-    as one value (``--widths 784,512,10``).
+    as one value (``--widths 784,512,10``). ``unset`` says what a default of
+    None means (shown as the default where a command has none of its own).
     """
 
     parse: Callable[[Any, str], Any]
@@ -189,6 +190,7 @@ class Option:
     metavar: str = "VALUE"
     flag: bool = False
     list_valued: bool = False
+    unset: str = ""
 
 
 def _nonneg_int(value: Any, option: str) -> int:
@@ -278,19 +280,19 @@ OPTIONS: dict[str, Option] = {
                      metavar="N0,N1,...", list_valued=True),
     "activation": Option(parse_activation, "linear", "hidden-layer activation: " + ", ".join(activations.NAMES),
                          metavar="NAME"),
-    "output_activation": Option(parse_activation, None, "activation of the last layer (default: as hidden)",
-                                metavar="NAME"),
+    "output_activation": Option(parse_activation, None, "activation of the last layer",
+                                metavar="NAME", unset="as hidden"),
     "leaky_slope": Option(_finite, 0.01, "negative slope of leaky_relu", metavar="SLOPE"),
     "init": Option(parse_init, "fan_in", "init scheme: " + ", ".join(inits.PRESETS) + ", a PyTorch/Keras/JAX name "
                    "(kaiming_uniform, he_normal, glorot_uniform, ...), or module:function", metavar="SCHEME"),
     "distribution": Option(_choice(inits.DISTRIBUTIONS), None, "weight distribution: "
-                           + ", ".join(inits.DISTRIBUTIONS) + " (default: the scheme's own)", metavar="NAME"),
+                           + ", ".join(inits.DISTRIBUTIONS), metavar="NAME", unset="the scheme's own"),
     "mode": Option(_choice(inits.MODES), None, "fan the variance is divided by: " + ", ".join(inits.MODES)
-                   + " (default: the scheme's own)", metavar="MODE"),
+                   , metavar="MODE", unset="the scheme's own"),
     "gain": Option(parse_pos_float, None, "gain (std multiplier) replacing the scheme's own", metavar="GAIN"),
     "scale": Option(parse_pos_float, 1.0, "extra factor on the weight variance", metavar="SCALE"),
-    "bias_std": Option(parse_nonneg_float, None, "bias std sigma_b (default 0; torch-default: its own)",
-                       metavar="STD"),
+    "bias_std": Option(parse_nonneg_float, None, "bias std sigma_b", metavar="STD",
+                       unset="0; torch-default: its own"),
     "bn": Option(_choice(("all", "none")), None, "batch norm on every hidden layer (all) or none", metavar="all|none"),
     "bn_layers": Option(parse_int_list, None, "hidden layers with batch norm, e.g. 1,3,5", metavar="L1,L2,...",
                         list_valued=True),
@@ -300,22 +302,22 @@ OPTIONS: dict[str, Option] = {
     "bn_eps": Option(parse_nonneg_float, 1e-3, "batch norm epsilon, >= 0 (Keras' default 0.001; 0 as in "
                      "mean-field BN theory, refused only where a batch channel's variance is exactly 0)",
                      metavar="EPS"),
-    "batch_size": Option(_batch, None, "samples per batch, over which batch norm normalises (simulate's default: "
-                         "all samples in one batch)", metavar="B"),
+    "batch_size": Option(_batch, None, "samples per batch, over which batch norm normalises",
+                         metavar="B", unset="all samples in one batch"),
     # --- residual stacks ---
     "residual": Option(_choice(RESIDUAL_SCHEMES), None, "a residual stack x_l = x_(l-1) + alpha f(x_(l-1)) of --blocks "
                        "blocks of --width: plain (alpha from --alpha, default 1), bn-end (batch norm ends each "
                        "branch), skipinit (alpha = 0), fixup (Zhang et al. 2019), nf (NF-ResNet, Brock et al. 2021)",
                        metavar="SCHEME"),
-    "alpha": Option(parse_alpha, None, "branch scale: a number >= 0, 1/sqrt(L) or 1/sqrt(l) (default: the "
-                    "scheme's: 1, nf 0.2)", metavar="ALPHA"),
+    "alpha": Option(parse_alpha, None, "branch scale: a number >= 0, 1/sqrt(L) or 1/sqrt(l)",
+                    metavar="ALPHA", unset="the scheme's: 1, nf 0.2"),
     "blocks": Option(parse_pos_int, 100, "residual blocks (with --residual)", metavar="B"),
     "branch_depth": Option(_branch_depth, 2, "dense layers per residual branch, 1 to 3", metavar="M"),
     "branch_order": Option(_choice(("preact", "original")), "preact", "order inside a branch: preact "
                            "([BN] -> act -> dense, He et al. 2016) or original (dense -> [BN] -> act)",
                            metavar="ORDER"),
     # --- what goes through it ---
-    "samples": Option(parse_pos_int, None, "number of input samples N (default 500, or the rows of --input-file)",
+    "samples": Option(parse_pos_int, None, "number of input samples N", unset="500, or the rows of --input-file",
                       metavar="N"),
     "input": Option(_choice(("gaussian", "uniform")), "gaussian", "input distribution", metavar="KIND"),
     "input_std": Option(parse_pos_float, 1.0, "input standard deviation", metavar="STD"),
@@ -325,7 +327,7 @@ OPTIONS: dict[str, Option] = {
     "seed": Option(parse_seed, 0, "seed of the random generator tree", repeatable=False, metavar="SEED"),
     "backward": Option(parse_flag, False, "also propagate a random gradient backward from the output",
                        repeatable=False, flag=True),
-    "max_memory": Option(parse_size, None, "memory the run may use, e.g. 2G (default: half of what is available)",
+    "max_memory": Option(parse_size, None, "memory the run may use, e.g. 2G", unset="half of what is available",
                          repeatable=False, metavar="SIZE"),
     "dtype": Option(_choice(("float32", "float64")), "float32", "compute dtype (statistics are float64)",
                     metavar="DTYPE"),
@@ -333,10 +335,10 @@ OPTIONS: dict[str, Option] = {
     "fan_in": Option(_fan_ins, (10, 30, 100, 300, 1000, 3000), "fan-ins to measure", repeatable=False,
                      metavar="N1,N2,...", list_valued=True),
     "fan_out": Option(parse_pos_int, 100, "units of the one layer measured", repeatable=False, metavar="N"),
-    "sigma_w": Option(parse_pos_float, None, "weight std: sigma_w^2 = fan_in * Var(W_ij) (default: 1, or from "
-                      "--init)", repeatable=False, metavar="SW"),
-    "sigma_b": Option(parse_nonneg_float, None, "bias std: sigma_b^2 = Var(b_i) (default: 0, or --init's own bias)",
-                      repeatable=False, metavar="SB"),
+    "sigma_w": Option(parse_pos_float, None, "weight std: sigma_w^2 = fan_in * Var(W_ij)", repeatable=False,
+                      metavar="SW", unset="1, or from --init"),
+    "sigma_b": Option(parse_nonneg_float, None, "bias std: sigma_b^2 = Var(b_i)", repeatable=False, metavar="SB",
+                      unset="0, or --init's own bias"),
     "sigma_w2_max": Option(parse_pos_float, 4.0, "largest sigma_w^2 of the grid", repeatable=False, metavar="X"),
     "sigma_b2_max": Option(parse_nonneg_float, 0.5, "largest sigma_b^2 of the grid", repeatable=False, metavar="X"),
     "resolution": Option(_resolution, 40, "grid points along sigma_w^2 (3/4 as many on sigma_b^2)",

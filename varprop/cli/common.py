@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 import time
 import tomllib
@@ -32,10 +31,8 @@ def table_options(command: str) -> Callable[[Any], Any]:
         for name in reversed(options.COMMANDS[command]):
             opt = options.OPTIONS[name]
             value = options.default(name, command)
-            shown = value is not None and value is not False
-            # a command with a default of its own shows that one, not the prose of another command's default
-            text = re.sub(r" \((simulate's )?default[^()]*(\([^()]*\)[^()]*)*\)", "", opt.help) if shown else opt.help
-            help_text = (text + (f" [default: {options.word(value)}]" if shown else "")
+            default = options.word(value) if value is not None and value is not False else opt.unset
+            help_text = (opt.help + (f" [default: {default}]" if default else "")
                          + (" [repeatable: compares every combination]" if command in options.COMPARING
                             and options.repeatable(name, command) else ""))
             flag = "--" + name.replace("_", "-")

@@ -183,6 +183,8 @@ class _Seq(nn.Module):
      {"0": (0, 1), "1": (0, 1)}),
     (lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.GELU()), (5, 3, 9), {"0": (0, 1), "1": (0, 1)}),
     (_Seq, (5, 7, 6), {"proj": (0, 2), "attn[0]": (1, 2)}),
+    # Flatten returns a view of the conv's output: a row of its own all the same, each feature a channel
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten()), (5, 3, 6, 6), {"0": (0, 1), "1": (0, 1)}),
 ])
 def test_channel_and_sample_axes(factory, shape, checks):
     make, made = recording(factory)

@@ -412,20 +412,11 @@ def _relevant(combo: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _relevant_train(combo: Mapping[str, Any]) -> dict[str, Any]:
-    """A training configuration's options without those that do nothing in it
-    (as ``varprop train`` merges them): momentum under Adam, bn_position
-    without batch norm, leaky_slope but for leaky_relu."""
-    out = dict(combo)
+    """A training configuration's options without those that do nothing in it, as ``varprop train`` merges them."""
+    from ..train.options import irrelevant
 
-    def get(key: str) -> Any:
-        return out.get(key, default(key, "train"))
-    if get("optimizer") == "adam":
-        out.pop("momentum", None)
-    if not (get("bn_layers") if "bn_layers" in out else get("bn_count")):
-        out.pop("bn_position", None)
-    if get("activation") != "leaky_relu":
-        out.pop("leaky_slope", None)
-    return out
+    idle = irrelevant(lambda key: combo.get(key, default(key, "train")))
+    return {k: v for k, v in combo.items() if k not in idle}
 
 
 def _data_hash(data: str) -> str:

@@ -28,11 +28,23 @@ from ..options import STUDY_WIDTHS
 from .model import EVAL_BLOCK, KERAS_BN_EPS, Architecture
 
 # What only matters for some configurations: dropped from labels (and duplicates merged) elsewhere.
-_RELEVANT: dict[str, Callable[[dict[str, Any]], bool]] = {
-    "momentum": lambda o: o["optimizer"] != "adam",
-    "bn_position": lambda o: bool(o["_bn"]),
-    "leaky_slope": lambda o: o["activation"] == "leaky_relu",
+# When an option does something, from a getter of the configuration's values (the others merge configurations).
+_RELEVANT: dict[str, Callable[[Callable[[str], Any]], bool]] = {
+    "momentum": lambda get: get("optimizer") != "adam",
+    "bn_position": lambda get: bool(get("bn_layers") or get("bn_count")),
+    "leaky_slope": lambda get: get("activation") == "leaky_relu",
 }
+
+
+def irrelevant(get: Callable[[str], Any]) -> list[str]:
+    """The options that do nothing in the configuration whose values ``get``
+    returns: momentum under Adam, bn_position without batch norm, leaky_slope
+    but for leaky_relu.
+
+    >>> irrelevant({"optimizer": "adam", "bn_count": 1, "activation": "relu"}.get)
+    ['momentum', 'leaky_slope']
+    """
+    return [k for k, applies in _RELEVANT.items() if not applies(get)]
 _PLAIN_LABEL = ("activation", "init", "optimizer", "bn_position", "lr_schedule")  # shown without "key="
 
 
@@ -115,7 +127,8 @@ def expand(values: Mapping[str, Any]) -> tuple[list[TrainConfig], RunOptions]:
             if bad:
                 raise SpecError("bn_layers", f"BatchNormalization goes on hidden layers 1..{depth - 1}, got {bad[0]}")
             c["_bn"] = tuple(sorted(set(c["bn_layers"])))
-        relevant = {k: c[k] for k in grid_keys if _RELEVANT.get(k, lambda _: True)(c)}
+        idle = irrelevant(c.get)
+        relevant = {k: c[k] for k in grid_keys if k not in idle}
         key = tuple((k, repr(v)) for k, v in relevant.items()) + (("_bn", c["_bn"]),)
         if key in seen:  # e.g. Adam under two momenta: one configuration
             continue

@@ -67,6 +67,13 @@ def test_comparison_has_one_row_per_config_replicate_layer(tmp_path):
     assert {"init", "activation"} <= set(layers.columns)
 
 
+def test_values_equal_to_six_digits_keep_configurations_apart(tmp_path):
+    out = tmp_path / "close"
+    result = run(["simulate", *SMALL, "--scale", "0.1", "--scale", "0.1000001", "--format", "csv", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert set(pd.read_csv(out / "layers.csv")["config"]) == {"scale=0.1", "scale=0.1000001"}
+
+
 def test_default_output_directory_is_descriptive(tmp_path):
     proc = _subprocess([sys.executable, str(ROOT / "cli.py"), "simulate", *SMALL], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -344,7 +344,18 @@ def label_part(key: str, value: Any) -> str:
         return f"{key}={','.join(map(str, value))}"
     if key == "bn":
         return f"bn={value}"
-    return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+    return f"{key}={number_label(value)}" if isinstance(value, float) else f"{key}={value}"
+
+
+def number_label(x: float) -> str:
+    """A float as a label shows it: ``%g`` (0.7, 1e-05) when that reads back as ``x``, else the shortest
+    repr that does, so two values never share a label.
+
+    >>> number_label(0.1), number_label(0.1000001), number_label(1e-5)
+    ('0.1', '0.1000001', '1e-05')
+    """
+    short = f"{x:g}"
+    return short if float(short) == x else repr(x)
 
 
 def _values(o: Mapping[str, Any], key: str) -> list[Any]:

@@ -25,6 +25,7 @@ from .. import options
 from ..errors import SpecError
 from ..montecarlo import memory
 from ..options import STUDY_WIDTHS
+from ..spec import number_label
 from .model import EVAL_BLOCK, KERAS_BN_EPS, Architecture
 
 # What only matters for some configurations: dropped from labels (and duplicates merged) elsewhere.
@@ -95,7 +96,7 @@ def label_part(key: str, value: Any) -> str:
         return str(value) if not callable(value) else getattr(value, "__name__", "custom")
     if key in ("widths", "bn_layers"):
         return f"{key}=" + ("[" + ",".join(map(str, value)) + "]" if value else "none")
-    return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+    return f"{key}={number_label(value)}" if isinstance(value, float) else f"{key}={value}"
 
 
 def expand(values: Mapping[str, Any]) -> tuple[list[TrainConfig], RunOptions]:

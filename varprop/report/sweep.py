@@ -322,7 +322,7 @@ def heatmap(summary: pd.DataFrame, x: str, y: str | None, metric: str, keys: Seq
         from matplotlib.ticker import PercentFormatter
 
         bar.ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    more = f" (first {MAX_PANELS} of {len(panels)} panels)" if len(panels) > MAX_PANELS else ""
+    more = f" (first {MAX_PANELS} of {len(panels)} panels; summary.csv has all)" if len(panels) > MAX_PANELS else ""
     spread = "\nmedian over replicates; below it, their range" if ranged else ""
     fig.suptitle(f"{title}{more}{spread}", fontsize=10 if not ranged else 9)
     save(fig, path)
@@ -396,7 +396,8 @@ def phase(summary: pd.DataFrame, manifest: dict[str, Any], path: Path) -> tuple[
             notes.append(f"Order to chaos, {lit(act)} at {depth} layers: the mean |cos| of z between samples at the "
                          "last layer (1: every input on one direction) is " + "; ".join(parts) + ".")
     fig.colorbar(mesh, ax=axes, shrink=0.8, label="mean |cos| of z between samples")
-    more = f" (first {len(shown)} of {len(panels)} activation x depth panels)" if len(panels) > len(shown) else ""
+    more = (f" (first {len(shown)} of {len(panels)} activation x depth panels; summary.csv has all)"
+            if len(panels) > len(shown) else "")
     fig.suptitle("Order to chaos: how far inputs collapse onto one direction" + more, fontsize=10)
     save(fig, path)
     plt.close(fig)

@@ -589,6 +589,21 @@ def test_report_redraws_in_place_and_keeps_the_rest(saved_run, tmp_path):
     assert not list(d.glob("*.~*~")), "identical files are taken over, not kept aside"
 
 
+def test_report_leaves_behind_a_figure_an_older_version_drew(saved_run, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(saved_run, d)
+    for name in ("std_per_layer.svg", "mine.svg"):
+        (d / name).write_text("<svg/>")
+    manifest = json.loads((d / MANIFEST).read_text())
+    data = (d / "std_per_layer.svg").read_bytes()
+    manifest["files"]["std_per_layer.svg"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (d / MANIFEST).write_text(json.dumps(manifest))  # as an older varprop, which drew SVGs too, left it
+    r = cli("report", d)
+    assert r.exit_code == 0, r.output
+    assert not (d / "std_per_layer.svg").exists() and (d / "mine.svg").read_text() == "<svg/>"
+    assert "std_per_layer.svg" not in complete(d)["files"] and (d / "report.html").is_file()
+
+
 # -- full disks --------------------------------------------------------------------------------------------
 
 def test_full_disk_mid_render_keeps_the_previous_run(saved_run, tmp_path, monkeypatch):

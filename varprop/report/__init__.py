@@ -113,17 +113,25 @@ def redraw_into(run_dir: Path, staged: Path, data_files: Sequence[str],
     ``data_files`` are linked in, ``draw(staged)`` draws the figures and
     reports, and the run's other outputs that this render does not redraw
     (report.html when only md is asked, a gallery's reading.md) are carried
-    over. ``run_dir`` itself is only read."""
+    over. A render that draws figures draws them all, so a figure it did not
+    draw (an older version's SVG, a panel it no longer makes) is left behind.
+    ``run_dir`` itself is only read."""
     run_dir, staged = Path(run_dir), Path(staged)
     for name in data_files:
         if (run_dir / name).is_file():
             _link(run_dir / name, staged / name)
     paths = draw(staged)
+    drew_figures = any(p.suffix in _FIGURES for p in staged.iterdir())
     for name in owned_files(run_dir):
+        if drew_figures and Path(name).suffix in _FIGURES:
+            continue
         if not (staged / name).exists():
             (staged / name).parent.mkdir(parents=True, exist_ok=True)
             _link(run_dir / name, staged / name)
     return paths
+
+
+_FIGURES = (".png", ".svg", ".pdf")
 
 
 def _link(src: Path, dst: Path) -> None:

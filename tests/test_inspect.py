@@ -183,8 +183,9 @@ class _Seq(nn.Module):
      {"0": (0, 1), "1": (0, 1)}),
     (lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.GELU()), (5, 3, 9), {"0": (0, 1), "1": (0, 1)}),
     (_Seq, (5, 7, 6), {"proj": (0, 2), "attn[0]": (1, 2)}),
-    # Flatten returns a view of the conv's output: a row of its own all the same, each feature a channel
-    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten()), (5, 3, 6, 6), {"0": (0, 1), "1": (0, 1)}),
+    # Flatten returns a view of the conv's output, Identity its input: rows of their own all the same
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Identity()), (5, 3, 6, 6),
+     {"0": (0, 1), "1": (0, 1), "2": (0, 1)}),
 ])
 def test_channel_and_sample_axes(factory, shape, checks):
     make, made = recording(factory)
@@ -283,11 +284,13 @@ def test_transformer_layer_additions_found_by_its_known_structure():
     table = inspect(factory, input_shape=(3, 5, 8), replicates=1)
     res = residual_table(table).set_index("block")
     assert list(res.index) == ["1+1", "1+2"]
-    assert res.loc["1+1", "skip"] == "0" and res.loc["1+1", "branch"] == "1.self_attn[0]"
-    assert res.loc["1+2", "skip"] == "1.norm1" and res.loc["1+2", "branch"] == "1.linear2"
+    # each branch ends in a dropout (p = 0: it returns its input, a row of its own)
+    assert res.loc["1+1", "skip"] == "0" and res.loc["1+1", "branch"] == "1.dropout1"
+    assert res.loc["1+2", "skip"] == "1.norm1" and res.loc["1+2", "branch"] == "1.dropout2"
     rows = table.set_index("name")
     assert res.loc["1+2", "skip_second_moment"] == rows.loc["1.norm1", "post_second_moment"]
-    assert res.loc["1+1", "branch_second_moment"] == rows.loc["1.self_attn[0]", "post_second_moment"]
+    assert (res.loc["1+1", "branch_second_moment"] == rows.loc["1.dropout1", "post_second_moment"]
+            == rows.loc["1.self_attn[0]", "post_second_moment"])
 
 
 class _Functional(nn.Module):

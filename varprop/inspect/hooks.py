@@ -181,10 +181,10 @@ class Pass:
         for path, t in tensors(output):
             if not t.is_floating_point() or t.dim() == 0 or t.numel() == 0:
                 continue
-            if self._duplicate(t) and (next(module.children(), None) is not None
-                                       or self.rows[self.source_of(t)].shape == tuple(t.shape)):
-                # The tensor (or a view of it) a module inside this one returned: already a row. A module of
-                # its own reshaping a row's output (Flatten, a traced view) is a row: its channels differ.
+            if self._duplicate(t) and next(module.children(), None) is not None:
+                # The tensor (or a view of it) a module inside this one returned: already a row. A module
+                # without children returning its input (Identity, Dropout in eval mode) or a view of it
+                # (Flatten: its channels differ) is a row of its own.
                 continue
             axes = axes_of(module, t.dim(), inherited)
             layer = len(self.rows)

@@ -521,6 +521,12 @@ def _header_only(d):
     (d / "layers.csv").write_text((d / "layers.csv").read_text().splitlines()[0] + "\n")
 
 
+def _rows(d, edit):
+    """layers.csv with its data lines (header kept) passed through ``edit``."""
+    head, *rows = (d / "layers.csv").read_text().splitlines(keepends=True)
+    (d / "layers.csv").write_text(head + "".join(edit(rows)))
+
+
 def _relabel(d):
     (d / "layers.csv").write_text((d / "layers.csv").read_text().replace("he,", "xavier,"))
 
@@ -552,6 +558,13 @@ TAMPERED = [
     ("unreadable config.json", _unreadable, "cannot read"),
     ("missing column", lambda d: (d / "layers.csv").write_text("config,layer,replicate\nhe,0,0\n"),
      "lacks the column 'post_log10_std'"),
+    ("layers.csv cut short", lambda d: os.truncate(d / "layers.csv", (d / "layers.csv").stat().st_size - 9),
+     "ends in the middle of a row: it was cut short"),
+    ("a row missing", lambda d: _rows(d, lambda r: r[:3] + r[4:]), "lacks rows or repeats them"),
+    ("a row twice", lambda d: _rows(d, lambda r: r[:3] + r[2:]), "lacks rows or repeats them"),
+    ("a configuration's last layer missing",
+     lambda d: _rows(d, lambda r: [x for x in r if not x.startswith("he,he,0,3,")]),
+     "configuration 'he' has 3 rows where its 1 replicate of layers 0..3 make 4"),
     ("read-only directory", lambda d: d.chmod(0o555), "is read-only"),
     ("layers.csv a FIFO", lambda d: ((d / "layers.csv").unlink(), os.mkfifo(d / "layers.csv")),
      "is not a regular file"),

@@ -143,11 +143,40 @@ class Run:
             odd = next(iter([f for f in found if f not in labels] + [f for f in labels if f not in found]))
             raise fail(f"{show(path / 'layers.csv')} and {show(config)} disagree on the configurations ({odd!r} is "
                        "in one only)")
+        _check_complete(layers, path / "layers.csv", configs, fail)
         histograms = None
         if (path / "histograms.csv").is_file():
             histograms = _read_table(path / "histograms.csv", fail, ("config", "layer", "bin_lo", "bin_hi", "density"))
         return cls(layers, [Configuration(c["label"], c["varied"], c["options"]) for c in configs], histograms,
                    meta.get("seed"), meta.get("title"), meta.get("command"), meta.get("elapsed_s"), meta["versions"])
+
+
+def _check_complete(layers: pd.DataFrame, csv: Path, configs: Sequence[dict[str, Any]], fail: Any) -> None:
+    """A run's table holds every layer 0..L of every replicate 0..R-1 of each
+    configuration (L and R as config.json gives them), once, and ends with a
+    whole line: a file cut short (a full disk, an interrupted copy) or missing
+    rows would otherwise draw a report of other numbers than the run's."""
+    from .outdir import show
+
+    with open(csv, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        cut = fh.read(1) != b"\n"
+    redo = "; rerun the command in config.json"
+    if cut:
+        raise fail(f"{show(csv)} ends in the middle of a row: it was cut short{redo}")
+    rows = layers.groupby("config", sort=False)
+    for c in configs:
+        o = c["options"]
+        widths, replicates = o.get("widths"), o.get("replicates")
+        if not (isinstance(widths, list) and isinstance(replicates, int)):
+            continue  # not simulate's options: the label check above is all there is
+        expected = pd.MultiIndex.from_product([range(replicates), range(len(widths))])
+        got = rows.get_group(c["label"])
+        found = pd.MultiIndex.from_frame(got[["replicate", "layer"]])
+        if len(found) != len(expected) or not found.sort_values().equals(expected):
+            reps = f"{replicates} replicate{'s' if replicates > 1 else ''}"
+            raise fail(f"{show(csv)} lacks rows or repeats them: configuration {c['label']!r} has {len(found)} rows "
+                       f"where its {reps} of layers 0..{len(widths) - 1} make {len(expected)}{redo}")
 
 
 def _read_table(csv: Path, fail: Any, columns: Sequence[str]) -> pd.DataFrame:

@@ -525,6 +525,8 @@ def user_models(tmp_path, monkeypatch):
             return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 3))
         def broken():
             raise RuntimeError("cannot build today")
+        def make_tokens():
+            return nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 16))
     """))
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -545,6 +547,19 @@ def test_cli_writes_a_report(user_models, tmp_path):
     redraw = CliRunner().invoke(main, ["report", str(out)])  # varprop report redraws an inspect run as one
     assert redraw.exit_code == 0, redraw.output
     assert (out / "report.md").read_text() == first and not (out / "std_per_layer.png").exists()
+
+
+def test_token_ids_are_no_reference_the_first_module_is(user_models, tmp_path):
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 50, (8, 5)))
+    out = tmp_path / "ids"
+    res = CliRunner().invoke(main, ["inspect", f"{user_models}:make_tokens", "--input-file", "ids.npy", "--out",
+                                    str(out)])
+    assert res.exit_code == 0, res.output
+    layers = pd.read_csv(out / "layers.csv")
+    emb, lin = (layers[layers["name"] == n]["post_std"].pow(2).mean() ** 0.5 for n in ("0", "1"))
+    findings = (out / "report.md").read_text().split("## Findings")[1]
+    # the ids' std (about 14) is no signal: ratios are taken to the embedding's output
+    assert f"x{lin / emb:.3g} that of the first module `0` (Embedding, row 1)" in findings, findings
 
 
 def test_cli_width_sweep(user_models, tmp_path):

@@ -323,6 +323,7 @@ def inspect(model_or_factory: Any, input_shape: Sequence[int] | str | None = Non
     table.attrs["inspect"] = {
         "model": callable_name(model_or_factory) if not instance else type(model_or_factory).__name__,
         "instance": instance, "input_shape": list(shape), "inputs": "given" if inputs is not None else "gaussian",
+        "token_ids": inputs is not None and bool(np.issubdtype(inputs.dtype, np.integer)),
         "replicates": replicates, "seed": seed, "mode": mode, "backward": backward, "device": str(dev),
         "modules": patterns, "types": type_list, "trace": trace, "notes": notes,
         "elapsed_s": time.perf_counter() - start, "torch": torch.__version__,

@@ -93,13 +93,20 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
     s = summary[summary["config"] == summary["config"].iloc[0]].sort_values("layer")
     reps = int(s["replicates"].iloc[0])
     first, rest = s.iloc[0], s.iloc[1:]
+    ids = bool(meta.get("token_ids")) and len(rest) > 1
+    if ids:  # token ids are no signal: the first module's output (an embedding) is the reference
+        first, rest = rest.iloc[0], rest.iloc[1:]
+    short = "the first module's" if ids else "the input's"
     if sweep is not None:
         out.append(f"Width sweep: **{lit(sweep.message)}**.")
     if len(rest):
         last = rest.iloc[-1]
         ratio = last["post_log10_rms_std"] - first["post_log10_rms_std"]
-        out.append(f"Forward: the output {_module(last)} has std {_pow10(last['post_log10_rms_std'])}, "
-                   f"x{_pow10(ratio, 3)} the input's ({_pow10(first['post_log10_rms_std'])})"
+        what = "the last module measured" if meta.get("modules") or meta.get("types") else "the output"
+        out.append(f"Forward: {what} {_module(last)} has std {_pow10(last['post_log10_rms_std'])}, "
+                   + (f"x{_pow10(ratio, 3)} that of the first module {_module(first)}, "
+                      f"{_pow10(first['post_log10_rms_std'])} (the input is token ids)" if ids else
+                      f"x{_pow10(ratio, 3)} the input's ({_pow10(first['post_log10_rms_std'])})")
                    + (f" (mean network over {reps} re-initialisations)." if reps > 1 else "."))
         logs = rest["post_log10_rms_std"].to_numpy(float) - first["post_log10_rms_std"]
         finite = np.isfinite(logs)
@@ -108,11 +115,11 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
                                                                                                     np.inf)))
             if logs[hi] > 1 or logs[lo] < -1:
                 out.append(f"The std spans x{_pow10(logs[lo], 3)} {_module(rest.iloc[lo])} to "
-                           f"x{_pow10(logs[hi], 3)} {_module(rest.iloc[hi])} of the input's: **more than a "
+                           f"x{_pow10(logs[hi], 3)} {_module(rest.iloc[hi])} of {short}: **more than a "
                            "factor 10 away** somewhere in the model.")
             else:
                 out.append(f"Every module's output std lies within x{_pow10(logs[lo], 3)} .. "
-                           f"x{_pow10(logs[hi], 3)} of the input's.")
+                           f"x{_pow10(logs[hi], 3)} of {short}.")
         zero = rest[rest["post_log10_rms_std"] == -np.inf]
         if len(zero):
             out.append(f"{len(zero)} module(s) output exactly 0 (e.g. {_module(zero.iloc[0])}): a zero-initialised "

@@ -131,6 +131,27 @@ def test_epochs_to_target():
     assert math.isnan(report.epochs_to(curve, 0.1))
 
 
+@pytest.mark.parametrize("steps,batch,cause", [
+    (64, 128, "still give 53% of their weight to their initial values"),  # 0.99^64 = 0.526
+    (3000, 4, "With 4 samples a batch the batch statistics are noisy"),  # 0.99^3000 ~ 1e-13: converged
+])
+def test_inference_gap_names_its_cause(steps, batch, cause):
+    final = pd.DataFrame({"config": ["bn"] * 2, "train_loss_keras": [0.4, 0.4], "train_loss": [1.5, 1.6],
+                          "step": [steps] * 2})
+    meta = {"configs": [{"label": "bn", "options": {"batch_size": batch}}]}
+    assert cause in report.inference_gap(final, meta)
+    assert report.inference_gap(final.assign(train_loss=0.42), meta) is None  # within 1.5x: no finding
+
+
+def test_no_target_loss_no_epochs_column():
+    history = pd.DataFrame({"config": "a", "replicate": 0, "epoch": [0.0, 1.0], "step": [0, 10],
+                            "train_loss": [2.3, 2.4], "train_loss_keras": [np.nan, 2.5], "test_loss": 2.4,
+                            "test_accuracy": 0.1})
+    assert math.isnan(report.target_loss(history))  # the loss rose: nothing worth reaching
+    table = report.summary_table(history, {"configs": [{"label": "a"}], "steps_per_epoch": {"a": 10}}, math.nan)
+    assert not any(c.startswith("epochs to") for c in table.columns)
+
+
 @pytest.mark.parametrize("name", sorted(reading.READINGS))
 def test_committed_readings_follow_from_committed_curves(name):
     """Each gallery reading is what the reading code makes of the entry's committed data (no training)."""

@@ -99,6 +99,21 @@ def in_staging(out_dir: str | Path, work: Any, force: bool = False, option: str 
         raise SpecError(option, str(exc)) from None
 
 
+def echo_written(out_dir: str | Path, main: str | None) -> None:
+    """``report: DIR/report.md  (... beside it)``, or ``wrote ... in DIR``
+    without ``main``: every file the run wrote, as its manifest lists them
+    (data first, then figures), so none goes unmentioned."""
+    from ..outdir import read_manifest
+
+    manifest = read_manifest(out_dir) or {"files": {}}
+    rank = {".csv": 0, ".json": 0, ".png": 1, ".html": 2}
+    names = sorted((n for n in manifest["files"] if n != main), key=lambda n: (rank.get(Path(n).suffix, 3), n))
+    if main is None:
+        click.echo(f"\nwrote {', '.join(names)} in {out_dir}")
+    else:
+        click.echo(f"\nreport: {Path(out_dir) / main}  ({', '.join(names)} beside it)")
+
+
 def force_option(fn: Any) -> Any:
     """``--force``: write into a directory holding files varprop did not write."""
     return click.option("--force", is_flag=True,

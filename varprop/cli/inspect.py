@@ -11,7 +11,7 @@ import click
 
 from ..errors import SpecError
 from ..options import parse_pos_int, parse_seed
-from .common import force_option
+from .common import echo_written, force_option
 
 DEFAULT_REPLICATES = 4
 
@@ -162,9 +162,7 @@ def inspect_cmd(model: str, input_shape: str | None, input_file: str | None, rep
     shown = residual[residual["config"] == summary["config"].iloc[0]] if len(residual) else residual
     for line in report.findings(summary, shown, info, sweep):
         click.echo("- " + plain(line).replace("**", ""))
-    written = ", ".join(p.name for k, p in paths.items() if k not in ("summary", "report") and hasattr(p, "name"))
-    report_path = paths.get("report", paths["layers"])
-    click.echo(f"\nreport: {out_dir / report_path.name}  ({written} beside it)")
+    echo_written(out_dir, paths["report"].name if "report" in paths else None)
 
 
 MODEL_OPTIONS = ("model", "input_shape", "input_file", "model_mode", "modules", "types", "device")

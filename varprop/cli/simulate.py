@@ -12,8 +12,8 @@ from ..montecarlo import run_configs
 from ..montecarlo import total_steps
 from ..options import parse_threads
 from ..spec import expand
-from .common import (DEFAULT_RUNS_DIR, LazyBar, force_option, given, in_staging, parse_formats, read_config,
-                     table_options)
+from .common import (DEFAULT_RUNS_DIR, LazyBar, echo_written, force_option, given, in_staging, parse_formats,
+                     read_config, table_options)
 
 
 @click.command()
@@ -64,8 +64,4 @@ def simulate(config_file: str | None, title: str | None, formats: str, out: str 
 
     run, paths = in_staging(out_dir, work, force=force)
     click.echo(report.terminal_table(run))
-    written = [p.name for k, p in paths.items() if k != "report"]
-    if "report" in paths:
-        click.echo(f"\nreport: {Path(out_dir) / paths['report'].name}  ({', '.join(written)} beside it)")
-    else:
-        click.echo(f"\nwrote {', '.join(written)} in {out_dir}")
+    echo_written(out_dir, paths["report"].name if "report" in paths else None)

@@ -11,8 +11,8 @@ import click
 
 from .. import options
 from ..options import parse_threads
-from .common import (DEFAULT_RUNS_DIR, LazyBar, force_option, given, in_staging, parse_formats, read_config,
-                     table_options)
+from .common import (DEFAULT_RUNS_DIR, LazyBar, echo_written, force_option, given, in_staging, parse_formats,
+                     read_config, table_options)
 
 FORMATS = ("md", "html", "csv")  # csv alone: the data files without a report
 
@@ -77,6 +77,4 @@ def train_cmd(config_file: str | None, title: str | None, formats: str, out: str
 
     result, paths = in_staging(out_dir, work, force=force)
     click.echo(report.terminal_table(result.history, result.meta))
-    shown = paths.get("report", paths["history"])
-    others = ", ".join(dict.fromkeys(p.name for p in paths.values() if p != shown))
-    click.echo(f"\n{'report' if 'report' in paths else 'data'}: {out_dir / shown.name}  ({others} beside it)")
+    echo_written(out_dir, paths["report"].name if "report" in paths else None)

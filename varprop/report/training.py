@@ -139,8 +139,9 @@ def summary_table(history: pd.DataFrame, meta: dict[str, Any], target: float) ->
             "test loss": _num(f["test_loss"].median()),
             "test accuracy": (_pct(acc[0]) + ("" if not math.isfinite(acc[1]) else
                                               f" [{_pct(max(acc[1], 0.0))}, {_pct(min(acc[2], 1.0))}]")),
-            f"epochs to loss {target:.3g}": (_num(float(np.median(reached)), 2) if len(reached) == len(reach)
-                                             else f"{len(reached)}/{len(reach)} reach it"),
+            **({f"epochs to loss {target:.3g}": (_num(float(np.median(reached)), 2) if len(reached) == len(reach)
+                                                 else f"{len(reached)}/{len(reach)} reach it")}
+               if math.isfinite(target) else {}),  # no loss worth reaching: none fell below the initial one
         })
     return pd.DataFrame(rows)
 
@@ -185,7 +186,7 @@ def findings(history: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     batch_keys = [c for c in meta["configs"] if "batch_size" in c["varied"]]
     if batch_keys:
         out += _batch_findings(final, meta)
-    mismatch = _inference_gap(final)
+    mismatch = inference_gap(final, meta)
     if mismatch:
         out.append(mismatch)
     return out
@@ -256,21 +257,34 @@ def _batch_findings(final: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     return out
 
 
-def _inference_gap(final: pd.DataFrame) -> str | None:
-    """Where inference mode (BN's moving statistics) is much worse than training mode."""
+def inference_gap(final: pd.DataFrame, meta: dict[str, Any]) -> str | None:
+    """Where inference mode (BN's moving statistics) is much worse than training mode, and why: moving
+    averages still near their initial values (too few steps for their momentum), or small batches."""
+    from ..train.model import KERAS_BN_MOMENTUM
+
     worst = None
     for label, f in final.groupby("config", sort=False):
         keras, infer = f["train_loss_keras"].median(), f["train_loss"].median()
         if math.isfinite(keras) and math.isfinite(infer) and infer > 1.5 * keras and infer - keras > 0.05:
             if worst is None or infer / keras > worst[1] / worst[2]:
-                worst = (label, infer, keras)
+                worst = (label, infer, keras, int(f["step"].max()))
     if worst is None:
         return None
-    return (f"Inference mode lags training mode most in **{worst[0]}**: at the end, the training loss measured with "
-            f"BN's moving statistics is {_num(worst[1])} against Keras' epoch loss {_num(worst[2])} (batch "
-            "statistics, averaged over the epoch). Small batches give noisy moving statistics, and the biased "
-            "variance of B samples averages (B - 1)/B of the true one (`bn_var_ratio` in "
-            "layers_over_training.csv).")
+    label, infer, keras, steps = worst
+    batch = next((c["options"].get("batch_size") for c in meta["configs"] if c["label"] == label), None)
+    left = KERAS_BN_MOMENTUM ** steps  # the initial values' (mean 0, variance 1) share of the moving averages
+    if left > 0.05:
+        why = (f"After {steps:,} steps the moving averages still give {100 * left:.0f}% of their weight to their "
+               f"initial values (mean 0, variance 1; {KERAS_BN_MOMENTUM:g}^{steps:,}): they have not caught up "
+               "with the batch statistics (`bn_var_ratio` in layers_over_training.csv, far from 1). More steps "
+               "(epochs, or smaller batches) let them converge.")
+    else:
+        why = ((f"With {batch} samples a batch" if batch else "With small batches")
+               + " the batch statistics are noisy, and the biased variance of B samples averages (B - 1)/B of "
+               "the true one (`bn_var_ratio` in layers_over_training.csv).")
+    return (f"Inference mode lags training mode most in **{label}**: at the end, the training loss measured with "
+            f"BN's moving statistics is {_num(infer)} against Keras' epoch loss {_num(keras)} (batch "
+            f"statistics, averaged over the epoch). {why}")
 
 
 # --- figures ---------------------------------------------------------------------------------------
@@ -596,7 +610,7 @@ def epochs(n: int) -> str:
 def _default_title(meta: dict[str, Any]) -> str:
     varied = list(dict.fromkeys(k for c in meta["configs"] for k in c["varied"]))
     what = (" x ".join(varied) + " compared") if varied else meta["configs"][0]["label"]
-    return (f"varprop train: {what}, {meta['data']['n_train']:,} MNIST training images, "
+    return (f"varprop train: {what}, {meta['data']['n_train']:,} training images, "
             f"{epochs(meta['run']['epochs'])}")
 
 
@@ -662,5 +676,5 @@ def terminal_table(history: pd.DataFrame, meta: dict[str, Any]) -> str:
 
 DATA_FILES = ("config.json", "history.csv", "layers_over_training.csv")  # the run's data; a redraw reads them
 
-__all__ = ["DATA_FILES", "FORMATS", "bn_pairs", "epochs_to", "findings", "is_training_run", "layer_heatmap", "load",
-           "loss_curves", "render", "summary_table", "terminal_table", "write"]
+__all__ = ["DATA_FILES", "FORMATS", "bn_pairs", "epochs_to", "findings", "inference_gap", "is_training_run",
+           "layer_heatmap", "load", "loss_curves", "render", "summary_table", "terminal_table", "write"]

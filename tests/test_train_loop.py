@@ -134,6 +134,7 @@ def test_epochs_to_target():
 @pytest.mark.parametrize("steps,batch,cause", [
     (64, 128, "still give 53% of their weight to their initial values"),  # 0.99^64 = 0.526
     (3000, 4, "With 4 samples a batch the batch statistics are noisy"),  # 0.99^3000 ~ 1e-13: converged
+    (320, 128, "remember about 100 steps"),  # 0.99^320 = 0.04, and (B - 1)/B = 0.992 is no cause
 ])
 def test_inference_gap_names_its_cause(steps, batch, cause):
     final = pd.DataFrame({"config": ["bn"] * 2, "train_loss_keras": [0.4, 0.4], "train_loss": [1.5, 1.6],

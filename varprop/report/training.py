@@ -278,10 +278,16 @@ def inference_gap(final: pd.DataFrame, meta: dict[str, Any]) -> str | None:
                f"initial values (mean 0, variance 1; {KERAS_BN_MOMENTUM:g}^{steps:,}): they have not caught up "
                "with the batch statistics (`bn_var_ratio` in layers_over_training.csv, far from 1). More steps "
                "(epochs, or smaller batches) let them converge.")
+    elif batch is not None and batch <= 16:
+        why = (f"With {batch} samples a batch the batch statistics are noisy, and the biased variance of B samples "
+               f"averages (B - 1)/B = {(batch - 1) / batch:.2g} of the true one (`bn_var_ratio` in "
+               "layers_over_training.csv).")
     else:
-        why = ((f"With {batch} samples a batch" if batch else "With small batches")
-               + " the batch statistics are noisy, and the biased variance of B samples averages (B - 1)/B of "
-               "the true one (`bn_var_ratio` in layers_over_training.csv).")
+        why = (f"The moving averages remember about {1 / (1 - KERAS_BN_MOMENTUM):.0f} steps, so they describe the "
+               "network as it was while its weights moved on (`bn_var_ratio` in layers_over_training.csv: how far "
+               "they trail the batch statistics)"
+               + (f"; with {batch} samples a batch the variance's (B - 1)/B bias ({(batch - 1) / batch:.3g}) is "
+                  "small." if batch else "."))
     return (f"Inference mode lags training mode most in **{label}**: at the end, the training loss measured with "
             f"BN's moving statistics is {_num(infer)} against Keras' epoch loss {_num(keras)} (batch "
             f"statistics, averaged over the epoch). {why}")

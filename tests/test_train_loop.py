@@ -144,6 +144,16 @@ def test_inference_gap_names_its_cause(steps, batch, cause):
     assert report.inference_gap(final.assign(train_loss=0.42), meta) is None  # within 1.5x: no finding
 
 
+def test_inference_gap_reads_the_moving_variance_still_held_by_its_initial_value():
+    final = pd.DataFrame({"config": ["bn"], "train_loss_keras": [0.07], "train_loss": [0.59], "step": [320]})
+    layers = pd.DataFrame({"config": "bn", "replicate": 0, "step": [0, 0, 320, 320], "layer": [1, 2, 1, 2],
+                           "bn_var_ratio": [177.0, 20.0, 7.4, 1.5], "bn_moving_var": [1.0, 1.0, 0.045, 0.5]})
+    meta = {"configs": [{"label": "bn", "options": {"batch_size": 128}}]}
+    # layer 1 is the furthest from 1; 0.99^320 = 0.0400 of the weight on 1, of a moving variance 0.045
+    found = report.inference_gap(final, meta, layers)
+    assert "BN layer 1's input is 177 times smaller, so the initial value is 89% of the moving variance" in found
+
+
 def test_no_target_loss_no_epochs_column():
     history = pd.DataFrame({"config": "a", "replicate": 0, "epoch": [0.0, 1.0], "step": [0, 10],
                             "train_loss": [2.3, 2.4], "train_loss_keras": [np.nan, 2.5], "test_loss": 2.4,

@@ -694,8 +694,8 @@ def train_summary(history: pd.DataFrame, manifest: dict[str, Any], labels: Seque
     return pd.DataFrame(rows)
 
 
-def _train_findings(history: pd.DataFrame, meta: dict[str, Any], summary: pd.DataFrame, manifest: dict[str, Any],
-                    failures: dict[str, Any]) -> list[Item]:
+def _train_findings(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], summary: pd.DataFrame,
+                    manifest: dict[str, Any], failures: dict[str, Any]) -> list[Item]:
     """The range of the final test accuracy and training loss over the grid,
     then a training report's own findings (varprop.report.training)."""
     from . import training
@@ -723,7 +723,7 @@ def _train_findings(history: pd.DataFrame, meta: dict[str, Any], summary: pd.Dat
         out.append(f"Over the grid, {parts[0]}; {parts[1]}. Medians over {n[0]}{f' to {n[-1]}' if len(n) > 1 else ''} "
                    f"replicate{'s' if n[-1] > 1 else ''}; the maps show each configuration with its replicates' "
                    "range.")
-    out += training.findings(history, meta)
+    out += training.findings(history, meta, layers)
     done = sum(1 for t in manifest["tasks"] if t["label"] in set(summary["config"]))
     if done < n_tasks and not failures:
         out.append(f"{done} of {n_tasks} tasks have finished; rerun the sweep to finish the others.")
@@ -749,7 +749,7 @@ def _train_sections(directory: Path, manifest: dict[str, Any], failures: dict[st
 
     def sections(doc: Document, tmp: Path) -> None:
         doc.h2("Findings")
-        doc.items(_train_findings(history, meta or {}, summary, manifest, failures))
+        doc.items(_train_findings(history, layers, meta or {}, summary, manifest, failures))
         if meta is None:
             summary.to_csv(tmp / "summary.csv", index=False)
             return

@@ -160,7 +160,7 @@ def target_loss(history: pd.DataFrame) -> float:
     return round(target / scale) * scale
 
 
-def findings(history: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
+def findings(history: pd.DataFrame, meta: dict[str, Any], layers: pd.DataFrame | None = None) -> list[str]:
     """Findings, with numbers and intervals, most telling first."""
     out: list[str] = []
     final = final_rows(history)
@@ -186,7 +186,7 @@ def findings(history: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     batch_keys = [c for c in meta["configs"] if "batch_size" in c["varied"]]
     if batch_keys:
         out += _batch_findings(final, meta)
-    mismatch = inference_gap(final, meta)
+    mismatch = inference_gap(final, meta, layers)
     if mismatch:
         out.append(mismatch)
     return out
@@ -257,9 +257,10 @@ def _batch_findings(final: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
     return out
 
 
-def inference_gap(final: pd.DataFrame, meta: dict[str, Any]) -> str | None:
+def inference_gap(final: pd.DataFrame, meta: dict[str, Any], layers: pd.DataFrame | None = None) -> str | None:
     """Where inference mode (BN's moving statistics) is much worse than training mode, and why: moving
-    averages still near their initial values (too few steps for their momentum), or small batches."""
+    averages still holding their initial values (read from ``layers``' ``bn_var_ratio`` when given), small
+    batches, or averages trailing weights that change."""
     from ..train.model import KERAS_BN_MOMENTUM
 
     worst = None
@@ -272,12 +273,20 @@ def inference_gap(final: pd.DataFrame, meta: dict[str, Any]) -> str | None:
         return None
     label, infer, keras, steps = worst
     batch = next((c["options"].get("batch_size") for c in meta["configs"] if c["label"] == label), None)
-    left = KERAS_BN_MOMENTUM ** steps  # the initial values' (mean 0, variance 1) share of the moving averages
-    if left > 0.05:
+    left = KERAS_BN_MOMENTUM ** steps  # the initial values' (mean 0, variance 1) weight in the moving averages
+    held = _initial_share(layers, label, left) if layers is not None else None
+    if held is not None and held[1] > 0.5:
+        layer, share, r0, r_end = held
+        why = (f"The moving variance still holds its initial value 1: after {steps:,} steps that keeps "
+               f"{KERAS_BN_MOMENTUM:g}^{steps:,} = {left:.2g} of the weight, but the batch variance of BN layer "
+               f"{layer}'s input is {r0:.3g} times smaller, so the initial value is {100 * share:.0f}% of the moving "
+               f"variance, which stays {r_end:.3g} times the batch variance (`bn_var_ratio` in "
+               "layers_over_training.csv; 1 when converged). More steps let it converge.")
+    elif held is None and left > 0.05:
         why = (f"After {steps:,} steps the moving averages still give {100 * left:.0f}% of their weight to their "
                f"initial values (mean 0, variance 1; {KERAS_BN_MOMENTUM:g}^{steps:,}): they have not caught up "
                "with the batch statistics (`bn_var_ratio` in layers_over_training.csv, far from 1). More steps "
-               "(epochs, or smaller batches) let them converge.")
+               "let them converge.")
     elif batch is not None and batch <= 16:
         why = (f"With {batch} samples a batch the batch statistics are noisy, and the biased variance of B samples "
                f"averages (B - 1)/B = {(batch - 1) / batch:.2g} of the true one (`bn_var_ratio` in "
@@ -291,6 +300,23 @@ def inference_gap(final: pd.DataFrame, meta: dict[str, Any]) -> str | None:
     return (f"Inference mode lags training mode most in **{label}**: at the end, the training loss measured with "
             f"BN's moving statistics is {_num(infer)} against Keras' epoch loss {_num(keras)} (batch "
             f"statistics, averaged over the epoch). {why}")
+
+
+def _initial_share(layers: pd.DataFrame, label: str, left: float) -> tuple[int, float, float, float] | None:
+    """For the BN layer whose moving variance is furthest from its input's batch variance at the end
+    (medians over replicates of ``bn_var_ratio``): (layer, the share of its moving variance that is still
+    the initial value 1, ``bn_var_ratio`` at step 0 and at the end). The initial value keeps the weight
+    ``left``, so it contributes ``left`` to the moving variance (averaged over units, ``bn_moving_var``)."""
+    if not {"bn_var_ratio", "bn_moving_var"} <= set(layers.columns):
+        return None
+    rows = layers[layers["config"] == label].dropna(subset=["bn_var_ratio", "bn_moving_var"])
+    if rows.empty:
+        return None
+    by = rows.groupby(["step", "layer"])
+    ratio, moving = by["bn_var_ratio"].median().unstack(), by["bn_moving_var"].median().unstack()
+    layer = int(np.abs(np.log(ratio.iloc[-1])).idxmax())
+    share = min(1.0, left / float(moving.iloc[-1][layer]))
+    return layer, share, float(ratio.iloc[0][layer]), float(ratio.iloc[-1][layer])
 
 
 # --- figures ---------------------------------------------------------------------------------------
@@ -523,7 +549,7 @@ def build_document(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, 
           f"configuration (seed tree {run['seed']}: replicate r of every configuration starts from the same "
           f"kernels and sees the same batches), {run['dtype']}.")
     doc.h2("Findings")
-    found = findings(history, meta)
+    found = findings(history, meta, layers)
     doc.items(found or ["One configuration: see the curves and the table below."])
     doc.h2("Loss curves")
     doc.figure(figures["loss"], "Training loss (Keras' definition: mean of the batch losses over the epoch), test "

@@ -212,6 +212,13 @@ def test_fixed_point_and_chi(act, sw, sb):
         assert r["xi_c"] == pytest.approx(-1 / math.log(r["chi_1"]), rel=1e-9)
 
 
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "linear"])
+def test_relu_like_beyond_the_edge_explodes_and_is_not_chaotic(act):
+    # the q-map q -> sigma_w^2 E[phi(z)^2] + sigma_b^2 grows q by a constant factor: no finite fixed point
+    r = theory.mean_field(act, 2.0, 0.1)
+    assert r["q_star"] == math.inf and r["chi_1"] > 1 and r["phase"] == "exploding"
+
+
 def test_criticality_of_he_relu_and_tanh_edge():
     assert theory.mean_field("relu", math.sqrt(2), 0.0)["phase"] == "critical"
     r = theory.mean_field("tanh", 1.0, 0.0)

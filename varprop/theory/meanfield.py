@@ -72,6 +72,13 @@ def check_sigmas(sigma_w: float, sigma_b: float = 0.0) -> None:
 def mean_field(act: Activation | str, sigma_w: float, sigma_b: float = 0.0) -> dict[str, Any]:
     """q*, chi_1, the phase and the depth scales xi_q, xi_c (Schoenholz et al. 2017).
 
+    Phases: ordered (chi_1 < 1: inputs converge, c* = 1), chaotic (chi_1 > 1
+    at a finite q*: c* < 1), critical (chi_1 = 1), exploding (no finite q*:
+    the variance grows without bound, as relu's beyond sigma_w^2 = 2).
+
+    >>> mean_field("relu", 1.5)["phase"], mean_field("tanh", 1.5)["phase"]
+    ('exploding', 'chaotic')
+
     ValueError for ``sigma_w``, ``sigma_b`` outside :data:`SIGMA_W_RANGE`, :data:`SIGMA_B_MAX`.
     """
     if isinstance(act, str):
@@ -80,7 +87,10 @@ def mean_field(act: Activation | str, sigma_w: float, sigma_b: float = 0.0) -> d
     q_star = fixed_point(act, sigma_w, sigma_b)
     log_q = math.log(q_star) if 0 < q_star < math.inf else (-700.0 if q_star == 0 else 700.0)
     chi_1 = sigma_w**2 * moments(act, log_q).dphi2
-    phase = "critical" if abs(chi_1 - 1) < 1e-3 else "ordered" if chi_1 < 1 else "chaotic"
+    # With q* infinite (relu-like, sigma_w^2 E[phi'^2] > 1) the variance grows without bound and chi_1 > 1
+    # says nothing about correlations: relu's c-map keeps c* = 1 at every scale, so there is no chaos to name.
+    phase = ("critical" if abs(chi_1 - 1) < 1e-3 else "ordered" if chi_1 < 1
+             else "exploding" if q_star == math.inf else "chaotic")
     xi_q = math.nan
     if 0 < q_star < math.inf:
         h = 1e-4

@@ -294,7 +294,7 @@ def test_describe_names_a_subset_by_its_options():
     from varprop.report.markdown import describe
 
     def facts(label, varied):
-        return Assessment(label, varied, 5, 0.0, 1.0, None, math.nan, 0.0, None, None, math.nan, ())
+        return Assessment(label, varied, 5, 0.0, 1.0, None, math.nan, 0.0, None, None, None, math.nan, ())
 
     every = [facts(f"{a}, bn={n}, b={b}", {"activation": a, "bn_count": n, "batch_size": b})
              for a in ("sigmoid", "relu") for n in (0, 1, 2) for b in (4, 64)]

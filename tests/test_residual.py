@@ -207,6 +207,17 @@ def test_residual_report_speaks_of_blocks():
     assert "block" in markdown.terminal_table(run).splitlines()[1]
 
 
+def test_a_collapse_is_one_finding_from_the_block_on_which_it_holds():
+    run = run_configs(expand({"residual": "plain", "blocks": 20, "width": 64, "samples": 64, "activation": "relu",
+                              "init": "he", "replicates": 2}))
+    findings = to_markdown(markdown.build_document(run, "std.png")).split("## Findings")[1].split("One verdict")[0]
+    cos = run.summary.set_index("layer")["post_abs_cos_sim"]
+    start = max(cos.index[cos <= 0.9]) + 1  # above 0.9 from here to the last block
+    assert 1 < start < 20 and findings.count("collapse") == 1
+    assert f"the inputs collapse onto one direction from block {start} (mean |cos| between samples " \
+           f"{cos[20]:.3f} at block 20)" in findings
+
+
 @pytest.mark.parametrize("options, exact", [
     ({"residual": "plain", "activation": "relu", "init": "he"}, True),
     ({"residual": "plain", "activation": "tanh", "init": "xavier"}, False),

@@ -47,6 +47,7 @@ class Assessment:
     first_bad: int | None  # the first layer whose std leaves [1e-3, 1e3] x the input's
     saturated: float  # fraction of saturated units at the last layer, nan when not a problem
     collapse: float  # mean |cos| between samples at the last layer
+    collapse_from: int | None  # the layer from which on every layer's mean |cos| exceeds COLLAPSE
     grad: float | None  # log10 of the input gradient's std over the output's (None: no backward pass)
     signal_lost: int | None  # the first layer whose variance across samples is below 1e-6 of its variance
     signal_frac: float  # log10 of that fraction at the last layer
@@ -80,6 +81,8 @@ def assess_one(label: str, varied: dict[str, Any], summary: pd.DataFrame) -> Ass
     last_rel = float(rel.iloc[-1])
     saturated = sat if sat > SATURATED and s["post_frac_zero"].iloc[-1] < 0.5 * sat else math.nan
     collapse = float(s["post_abs_cos_sim"].iloc[-1])
+    below = np.flatnonzero(~(s["post_abs_cos_sim"].to_numpy(float) > COLLAPSE))
+    collapse_from = int(s["layer"].iloc[below[-1] + 1]) if collapse > COLLAPSE and below.size else None
     found = []
     if not bad.empty:
         found.append("explodes" if last_rel > 0 else "dies")
@@ -92,7 +95,7 @@ def assess_one(label: str, varied: dict[str, Any], summary: pd.DataFrame) -> Ass
     if collapse > COLLAPSE:
         found.append("collapse")
     return Assessment(label, dict(varied), int(s["layer"].iloc[-1]), last_rel, growth(s, "post_log10_rms_std"),
-                      None if bad.empty else int(bad["layer"].iloc[0]), saturated, collapse, grad,
+                      None if bad.empty else int(bad["layer"].iloc[0]), saturated, collapse, collapse_from, grad,
                       int(s["layer"].iloc[lost[0]]) if lost.size else None, float(frac[-1]),
                       tuple(sorted(found, key=PROBLEMS.index)))
 

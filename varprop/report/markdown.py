@@ -469,11 +469,12 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
           + (f"; run time {meta['elapsed_s']:.1f} s." if meta.get("elapsed_s") is not None else "."))
 
     doc.h2("Findings")
-    doc.items(findings(run))
-    if "branch_second_moment" in layers:  # residual stacks: branches switched off, collapse of the stream
+    found = findings(run)
+    if "branch_second_moment" in layers:  # residual stacks: branches switched off
         from . import residual
 
-        doc.items(residual.findings(run))
+        found += residual.findings(run)
+    doc.items(found)
     doc.p(as_rows(FINDINGS_RULES, unit))
 
     doc.h2("Summary")
@@ -686,8 +687,9 @@ def _problems(a: Assessment, unit: str = "layer") -> list[tuple[str, str]]:
         "gradients explode": lambda: f"gradients explode: the input gradient is x{fmt_std(a.grad)} the output's "
                                      "(beyond [1e-3, 1e3])",
         "saturated": lambda: f"{a.saturated:.0%} of the last layer's units are saturated (|phi'| < 1e-3)",
-        "collapse": lambda: f"the inputs collapse onto one direction (mean |cos| between samples {a.collapse:.3f} "
-                            f"at layer {a.depth})",
+        "collapse": lambda: ("the inputs collapse onto one direction"
+                             + (f" from layer {a.collapse_from}" if a.collapse_from not in (None, a.depth) else "")
+                             + f" (mean |cos| between samples {a.collapse:.3f} at layer {a.depth})"),
     }
     sentences["dies"] = lambda: sentences["explodes"]().replace("explodes", "dies", 1)
     sentences["gradients vanish"] = lambda: sentences["gradients explode"]().replace("explode", "vanish", 2)
@@ -811,6 +813,12 @@ _ALSO = {"explodes": "the signal also explodes", "dies": "the signal also dies",
          "collapse": "the inputs also collapse onto one direction"}
 
 
+def _collapse_from(group: list[Assessment], unit: str) -> str:
+    """`` from layer 17`` (``s 12 to 17``): where the collapse of ``group``'s configurations sets in."""
+    at = sorted(f.collapse_from for f in group if f.collapse_from is not None)
+    return "" if not at else f" from {unit} {at[0]}" if at[0] == at[-1] else f" from {unit}s {at[0]} to {at[-1]}"
+
+
 def _grouped_findings(facts: list[Assessment], unit: str = "layer") -> list[Item]:
     out: list[Item] = []
     depths = {f.depth for f in facts}
@@ -830,11 +838,14 @@ def _grouped_findings(facts: list[Assessment], unit: str = "layer") -> list[Item
             at = sorted(f.first_bad if kind != "signal lost" else f.signal_lost for f in group)
             line += (" at" if kind != "signal lost" else " from") + (
                 f" {unit} {at[0]}" if at[0] == at[-1] else f" {unit}s {at[0]} to {at[-1]}")
+        elif kind == "collapse":
+            line += _collapse_from(group, unit)
         subs = []
         for other in PROBLEMS:
             also = [f for f in group if other in [k for k, _ in problems[f.label][1:]]]
             if also:
-                subs.append(f"of these, {_ALSO[other]} in {describe(also, facts)}")
+                subs.append(f"of these, {_ALSO[other]}{_collapse_from(also, unit) if other == 'collapse' else ''} "
+                            f"in {describe(also, facts)}")
         out.append((f"{line} in {describe(group, facts)}.", subs))
     span = _span(facts, lambda f: f.growth, lambda v: fmt(v, 3))
     if span:

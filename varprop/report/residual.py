@@ -21,12 +21,11 @@ import pandas as pd  # noqa: E402
 from ..run import Run  # noqa: E402
 from .document import Document, Item, lit  # noqa: E402
 from .figures import _text, save  # noqa: E402
-from .markdown import _log10_second_moment, fmt, fmt_pow10, shown_layers  # noqa: E402
+from .markdown import _log10_second_moment, fmt_pow10, shown_layers  # noqa: E402
 
 # A branch adding less than this share of the stream's second moment is "switched off": the skip alone
 # carries the signal.
 OFF_RATIO = 1e-6
-COLLAPSE_COS = 0.9
 ZOOM_DECADES = 10  # the signal-propagation plot zooms on the configurations within 1e+-10 when others are not
 
 
@@ -89,8 +88,7 @@ def block_table(layers: pd.DataFrame) -> pd.DataFrame:
         for i in range(1, len(df)):
             rows.append({"config": config, "replicate": rep, "block": int(df["layer"].iloc[i]),
                          "skip": post[i - 1], "added": pre[i], "ratio": pre[i] - post[i - 1], "res_avg_var": res_var[i],
-                         "theory_ratio": theory_pre[i] - theory_post[i - 1], "stream": post[i],
-                         "cos": float(df["post_cos_sim"].iloc[i])})
+                         "theory_ratio": theory_pre[i] - theory_post[i - 1], "stream": post[i]})
     per_rep = pd.DataFrame(rows)
     with np.errstate(invalid="ignore"):
         return per_rep.groupby(["config", "block"], sort=False).mean(numeric_only=True).reset_index()
@@ -151,7 +149,7 @@ def spp_figure(run: Run, path: Path) -> Path:
 
 
 def findings(run: Run) -> list[Item]:
-    """Where branches are switched off (the skip alone carries the signal) and where the stream collapses."""
+    """Where branches are switched off (the skip alone carries the signal); a collapse is the verdict's."""
     out: list[Item] = []
     table = block_table(run.layers)
     for config, df in table.groupby("config", sort=False):
@@ -164,11 +162,6 @@ def findings(run: Run) -> list[Item]:
             out.append(f"**{lit(config)}**: branches switched off from block {int(off['block'].iloc[0])} "
                        f"({len(off)} of {len(df)} blocks add less than {OFF_RATIO:g} of the stream): the skip "
                        "alone carries the signal there.")
-        collapsed = df[df["cos"] > COLLAPSE_COS]
-        if len(collapsed):
-            out.append(f"**{lit(config)}**: the residual stream collapses onto one direction from block "
-                       f"{int(collapsed['block'].iloc[0])} (mean cos between samples above {COLLAPSE_COS}; "
-                       f"{fmt(df['cos'].iloc[-1], 3)} at block {int(df['block'].iloc[-1])}).")
     return out
 
 

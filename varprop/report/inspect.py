@@ -144,8 +144,13 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
                    f"{_module(sat.iloc[0])} ({fmt(sat.iloc[0]['post_frac_saturated'], 3)}).")
     collapsed = s[(s["layer"] > 0) & (s["post_abs_cos_sim"] > 0.95)]
     if len(collapsed):
-        out.append(f"Correlation collapse: from {_module(collapsed.iloc[0])} on, {len(collapsed)} module(s) map "
-                   "every input to nearly one direction (mean |cos| between samples above 0.95).")
+        # "from X on" only where every module after X keeps above the threshold
+        held = s[s["layer"] > 0]["post_abs_cos_sim"].to_numpy(float) > 0.95
+        start = len(held) - int(np.argmin(held[::-1])) if not held.all() else 0
+        where = (f"every module from {_module(s[s['layer'] > 0].iloc[start])} on" if start < len(held) else
+                 f"the first {_module(collapsed.iloc[0])}")
+        out.append(f"Correlation collapse: {len(collapsed)} module(s) map every input to nearly one direction (mean "
+                   f"|cos| between samples above 0.95), {where}.")
     if "theory_post_second_moment" in s:
         th = s[(s["layer"] > 0) & s["theory_post_second_moment"].notna()]
         if len(th):

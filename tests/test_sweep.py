@@ -227,7 +227,7 @@ def group_alive(pgid):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("layers = [2, 3]\nlayerz = 4\n", "--layerz: unknown option; known: layers, width"),
+    ("layers = [2, 3]\nlayerz = 4\n", "--layerz: unknown option (did you mean layers?); known: layers, width"),
     ("layers = []\n", "--layers: an empty list gives nothing to run"),
     ("layers = [2, 3]\n[[exclude]]\nlayers = [2, 3]\n",
      "GRID: the [[exclude]] tables remove every configuration of the grid"),

@@ -429,6 +429,17 @@ def repeated(key: str, value: Any) -> bool:
     return not (OPTIONS[key].list_valued and value and not isinstance(value[0], (str, list, tuple)))
 
 
+def unknown(key: str, command: str) -> str:
+    """What to say of an option ``command`` does not have: the closest it has, then all of them.
+
+    >>> unknown("widht", "simulate")[:44]
+    'unknown option (did you mean width?); known:'
+    """
+    known = [o.replace("_", "-") for o in COMMANDS[command]]
+    close = difflib.get_close_matches(key.replace("_", "-"), known, n=1)
+    return "unknown option" + (f" (did you mean {close[0]}?)" if close else "") + "; known: " + ", ".join(known)
+
+
 def parse(options: Mapping[str, Any], command: str = "simulate") -> dict[str, Any]:
     """Validate a flat option mapping of ``command`` (values, or lists of
     values for repeatable options); unknown keys fail."""
@@ -437,7 +448,7 @@ def parse(options: Mapping[str, Any], command: str = "simulate") -> dict[str, An
     for key, value in options.items():
         key = key.replace("-", "_")
         if key not in known:
-            raise SpecError(key, "unknown option; known: " + ", ".join(o.replace("_", "-") for o in known))
+            raise SpecError(key, unknown(key, command))
         if repeated(key, value):
             if not value:
                 raise SpecError(key, "an empty list gives nothing to run")

@@ -77,11 +77,9 @@ def read_config(path: str, command: str = "simulate") -> dict[str, Any]:
         raise SpecError("config", f"{path} is not valid TOML ({exc})") from None
     if isinstance(data.get(command), dict):
         data = data[command]  # options may sit under a [simulate] or [train] table
-    known = options.COMMANDS[command]
-    unknown = [k for k in data if k.replace("-", "_") not in known]
-    if unknown:
-        raise SpecError("config", f"{path}: unknown option {unknown[0]!r}; known: "
-                        + ", ".join(k.replace("_", "-") for k in known))
+    odd = [k for k in data if k.replace("-", "_") not in options.COMMANDS[command]]
+    if odd:
+        raise SpecError("config", f"{path}: {odd[0]!r}: {options.unknown(odd[0], command)}")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 

@@ -153,6 +153,8 @@ def test_user_callable_and_module_string(tmp_path, monkeypatch):
             return rng.standard_normal((fan_in, fan_out)) * 1e-3
         def wrong_shape(rng, fan_in, fan_out):
             return np.zeros((fan_out, fan_in))
+        def refuses(rng, fan_in, fan_out):
+            raise ValueError("fan_in must be even")
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     scheme = inits.resolve("my_inits:tiny")
@@ -160,6 +162,8 @@ def test_user_callable_and_module_string(tmp_path, monkeypatch):
     assert_variance(w, 1e-6, "normal")
     with pytest.raises(ValueError, match="shape"):
         inits.draw_weights(inits.resolve("my_inits:wrong_shape"), np.random.default_rng(0), 30, 20)
+    with pytest.raises(ValueError, match="^my_inits:refuses raised ValueError: fan_in must be even$"):
+        inits.draw_weights(inits.resolve("my_inits:refuses"), np.random.default_rng(0), 30, 20)
     with pytest.raises(ValueError, match="no callable"):
         inits.resolve("my_inits:nothing")
     with pytest.raises(ValueError, match="cannot import"):

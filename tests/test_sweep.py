@@ -122,8 +122,8 @@ def test_resume_after_kill_9_and_failure_summary(tmp_path):
     assert second.returncode == 1
     assert "1 finished before, 5 to run" in second.stdout and "2 ran, 1 reused, 3 failed" in second.stdout
     assert second.stderr.count("\n") == 1 and second.stderr.startswith(
-        "varprop: error: 3 of 6 tasks failed (first: layers=2, width=24: SpecError: --init: no init for fan_in "
-        "24 <b>|x|</b>); reasons in "), second.stderr
+        "varprop: error: 3 of 6 tasks failed (first: layers=2, width=24: --init: sweep_inits:boom raised "
+        "ValueError: no init for fan_in 24 <b>|x|</b>); reasons in "), second.stderr
     assert (done[0].stat().st_ino, done[0].stat().st_mtime_ns) == before, "nothing redone"
     assert not list(out.glob("_tmp.*")), "the killed run's temporary file is gone"
     df = pd.read_parquet(out)
@@ -176,7 +176,8 @@ def test_raising_task_is_recorded_others_go_on(client, tmp_path):
     res = sweep({"widths": [[16, 24, 8], [16, 32, 8]], "init": "sweep_inits:boom", "samples": 16}, client, out=out,
                 report=False)
     assert res.ran == 1 and list(res.failed.values())[0]["label"] == "widths=16,24,8"
-    assert list(res.failed.values())[0]["error"] == "SpecError: --init: no init for fan_in 24 <b>|x|</b>"
+    assert list(res.failed.values())[0]["error"] == ("--init: sweep_inits:boom raised ValueError: no init for fan_in "
+                                                     "24 <b>|x|</b>")
     failures = json.loads((out / "_failures.json").read_text())
     assert "Traceback" in list(failures.values())[0]["traceback"]
     assert set(pd.read_parquet(out)["config"]) == {"widths=16,32,8"}

@@ -199,7 +199,8 @@ def test_raising_train_task_is_recorded_others_go_on(client, tmp_path):
     res = sweep({**TINY, "widths": ["784,16,10", "784,24,10"], "init": "sweep_inits:boom", "replicates": 1}, client,
                 out=out)
     assert res.ran == 1 and [f["label"] for f in res.failed.values()] == ["widths=[784,24,10]"]
-    assert list(res.failed.values())[0]["error"] == "SpecError: --init: no init for fan_in 24 <b>|x|</b>"
+    assert list(res.failed.values())[0]["error"] == ("--init: sweep_inits:boom raised ValueError: no init for fan_in "
+                                                     "24 <b>|x|</b>")
     assert set(pd.read_parquet(out / "history")["config"]) == {"widths=[784,16,10]"}
     assert set(pd.read_parquet(out / "layers")["config"]) == {"widths=[784,16,10]"}
     report = (out / "_report" / "report.md").read_text()

@@ -66,6 +66,7 @@ class SweepResult:
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
     elapsed_s: float = 0.0
     workers: int = 0  # threads running tasks
+    processes: int = 0  # the worker processes they run in
     dashboard: str | None = None
     report: Path | None = None
 
@@ -189,6 +190,7 @@ def _run(store: SweepDir, todo: list[dict[str, Any]], result: SweepResult, clien
     try:
         info = client.scheduler_info()
         result.workers = sum(w.get("nthreads", 1) for w in info.get("workers", {}).values())
+        result.processes = len(info.get("workers", {}))
         # a local cluster lists its dashboard service without bokeh, which serves nothing then
         if "dashboard" in info.get("services", {}) and (cluster is None or importlib.util.find_spec("bokeh")):
             result.dashboard = client.dashboard_link
@@ -241,6 +243,8 @@ def _reason(exc: BaseException | None) -> str:
     if exc is None:
         return "cancelled"
     text = " ".join(str(exc).split())
+    if isinstance(exc, SpecError):  # "--init: ...": says what it is
+        return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

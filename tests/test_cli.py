@@ -74,6 +74,14 @@ def test_values_equal_to_six_digits_keep_configurations_apart(tmp_path):
     assert set(pd.read_csv(out / "layers.csv")["config"]) == {"scale=0.1", "scale=0.1000001"}
 
 
+def test_a_value_given_twice_is_one_configuration(tmp_path):
+    out = tmp_path / "twice"
+    result = run(["simulate", *SMALL, "--init", "he", "--init", "unit", "--init", "he", "--format", "csv",
+                  "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert list(dict.fromkeys(pd.read_csv(out / "layers.csv")["config"])) == ["he", "unit"]
+
+
 def test_default_output_directory_is_descriptive(tmp_path):
     proc = _subprocess([sys.executable, str(ROOT / "cli.py"), "simulate", *SMALL], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -454,7 +454,12 @@ def parse(options: Mapping[str, Any], command: str = "simulate") -> dict[str, An
                 raise SpecError(key, "an empty list gives nothing to run")
             if not repeatable(key, command) and len(value) != 1:
                 raise SpecError(key, f"takes one value, got {len(value)}: " + ", ".join(map(str, value)))
-            out[key] = [parse_one(key, v, command) for v in value]
+            parsed = [parse_one(key, v, command) for v in value]
+            # a value given twice (--init he --init he) is one configuration, not a comparison
+            distinct: dict[str, Any] = {}
+            for v in parsed:
+                distinct.setdefault(word(v), v)
+            out[key] = list(distinct.values())
         else:
             out[key] = parse_one(key, value, command)
     return out

@@ -74,7 +74,9 @@ def sweep_cmd(grid: str, out: str, scheduler: str | None, workers: str | None, t
     def started(result: run.SweepResult) -> None:
         state["result"] = result
         todo = result.tasks - result.reused
-        where = f"on {result.workers} worker threads" if result.workers else ""
+        n, threads = result.processes, result.workers
+        where = "" if not n else (f"on {n} worker process{'es' if n > 1 else ''}"
+                                  + (f" ({threads} threads)" if threads != n else ""))
         click.echo(f"sweep: {result.tasks} tasks in {out}: {result.reused} finished before, {todo} to run {where}"
                    .rstrip())
         if result.dashboard:

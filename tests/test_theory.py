@@ -212,11 +212,20 @@ def test_fixed_point_and_chi(act, sw, sb):
         assert r["xi_c"] == pytest.approx(-1 / math.log(r["chi_1"]), rel=1e-9)
 
 
-@pytest.mark.parametrize("act", ["relu", "leaky_relu", "linear"])
-def test_relu_like_beyond_the_edge_explodes_and_is_not_chaotic(act):
-    # the q-map q -> sigma_w^2 E[phi(z)^2] + sigma_b^2 grows q by a constant factor: no finite fixed point
-    r = theory.mean_field(act, 2.0, 0.1)
-    assert r["q_star"] == math.inf and r["chi_1"] > 1 and r["phase"] == "exploding"
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "linear", "elu", "softplus"])
+@pytest.mark.parametrize("excess", [1.003, 1.02, 2.0])  # (within 1e-3 of chi_1 = 1 the phase reads critical)
+def test_relu_like_beyond_the_edge_explodes_and_is_not_chaotic(act, excess):
+    # at large q the q-map q -> sigma_w^2 E[phi(z)^2] + sigma_b^2 multiplies q by sigma_w^2 E[phi^2] / q, which
+    # tends to sigma_w^2 (a+^2 + a-^2) / 2 for slopes a+ and a- at +-infinity: beyond 1, no finite fixed point,
+    # however slowly q runs away (0.3% a layer here)
+    slopes = {"relu": (1, 0), "leaky_relu": (1, 0.01), "linear": (1, 1), "elu": (1, 0), "softplus": (1, 0)}[act]
+    sigma_w = math.sqrt(excess * 2 / (slopes[0] ** 2 + slopes[1] ** 2))
+    r = theory.mean_field(act, sigma_w, 0.1)
+    assert r["q_star"] == math.inf and r["phase"] == "exploding", r
+    below = theory.mean_field(act, sigma_w / math.sqrt(excess * 1.01), 0.1)
+    assert below["q_star"] < math.inf and below["phase"] != "exploding"
+    grid = theory.phase_grid(act, np.array([sigma_w**2, below["sigma_w"] ** 2]), np.array([0.01]))
+    assert list(grid["phase"]) == [r["phase"], below["phase"]]
 
 
 def test_criticality_of_he_relu_and_tanh_edge():

@@ -177,7 +177,9 @@ def write_phase(grid: pd.DataFrame, activation: str, directory: Path, measured: 
     doc.p("Mean-field theory of a deep network with weights of variance sigma_w^2 / fan_in and biases of variance "
           "sigma_b^2 (Poole et al. 2016; Schoenholz et al. 2017). The length q converges to its fixed point q*; "
           "chi_1 = sigma_w^2 E[phi'(z)^2] at q* decides the fate of correlations between inputs: below 1 (ordered) "
-          "all inputs collapse onto one direction (c* = 1), above 1 (chaotic) nearby inputs decorrelate to c* < 1. "
+          "all inputs collapse onto one direction (c* = 1), above 1 (chaotic) nearby inputs decorrelate to c* < 1, "
+          "unless q has no fixed point (exploding: relu-like activations beyond sigma_w^2 E[phi^2] / q = 1 at large "
+          "q, sigma_w^2 = 2 for relu, whose correlations stay ordered). "
           "The black line chi_1 = 1 separates the phases; there the correlation depth scale xi_c, the number of "
           "layers over which correlations relax, diverges: signals (and gradients) travel deepest near it.")
     doc.figure(paths["figure"].name, f"{activation}: chi_1 and xi_c over (sigma_w^2, sigma_b^2)"

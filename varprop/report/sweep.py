@@ -384,10 +384,11 @@ def phase(summary: pd.DataFrame, manifest: dict[str, Any], path: Path) -> tuple[
         if crit is not None:
             row[0].legend(fontsize=7, loc="upper left")
         if th is not None:
-            chi = pd.Series(th["chi_1"].to_numpy(), index=pd.MultiIndex.from_arrays([th["sigma_w2"], th["sigma_b2"]]))
-            ordered = np.array([chi.get((w, b), np.nan) < 1 for w, b in zip(g["sigma_w2"], g["sigma_b2"])])
+            phase = pd.Series(th["phase"].to_numpy(), index=pd.MultiIndex.from_arrays([th["sigma_w2"], th["sigma_b2"]]))
+            at = np.array([phase.get((w, b), "") for w, b in zip(g["sigma_w2"], g["sigma_b2"])])
             parts = []
-            for name, mask in (("ordered (chi_1 < 1)", ordered), ("chaotic", ~ordered)):
+            for name, mask in (("ordered (chi_1 < 1)", at == "ordered"), ("chaotic", at == "chaotic"),
+                               ("exploding (no finite q*)", at == "exploding")):
                 if mask.any():
                     v = g["abs_cos_pre"].to_numpy(float)[mask]
                     span = f"{np.nanmin(v):.2f}" if np.nanmin(v) == np.nanmax(v) else \

@@ -50,6 +50,7 @@ SIGMA_W_RANGE = (1e-100, 1e6)
 
 
 SIGMA_B_MAX = 1e6
+LOG_Q_FAR = 600.0  # log q where phi's growth at infinity is read (relu-like phi: E[phi^2] / q is its limit there)
 
 
 def check_sigmas(sigma_w: float, sigma_b: float = 0.0) -> None:
@@ -84,7 +85,10 @@ def mean_field(act: Activation | str, sigma_w: float, sigma_b: float = 0.0) -> d
     if isinstance(act, str):
         act = activations.get(act)
     check_sigmas(sigma_w, sigma_b)
-    q_star = fixed_point(act, sigma_w, sigma_b)
+    # q' / q as q -> inf: sigma_w^2 E[phi(z)^2] / q, 1/2 sigma_w^2 for relu. Above 1 the q-map has no finite
+    # fixed point, however slowly it runs away (relu at sigma_w^2 = 2.002 grows 0.1% a layer).
+    growth = sigma_w**2 * math.exp(moments(act, LOG_Q_FAR).log_m2 - LOG_Q_FAR)
+    q_star = math.inf if growth > 1 + 1e-9 else fixed_point(act, sigma_w, sigma_b)
     log_q = math.log(q_star) if 0 < q_star < math.inf else (-700.0 if q_star == 0 else 700.0)
     chi_1 = sigma_w**2 * moments(act, log_q).dphi2
     # With q* infinite (relu-like, sigma_w^2 E[phi'^2] > 1) the variance grows without bound and chi_1 > 1
@@ -144,8 +148,8 @@ def phase_grid(act: Activation | str, sigma_w2: np.ndarray, sigma_b2: np.ndarray
     (sigma_w^2, sigma_b^2), all points iterated at once.
 
     One row per grid point. Phases: ordered (chi_1 < 1: inputs converge, c* = 1),
-    chaotic (chi_1 > 1: c* < 1). xi_c = -1 / log(dC/dc at c*), infinite on the
-    critical line chi_1 = 1.
+    chaotic (chi_1 > 1: c* < 1), exploding (q runs away: no fixed point). xi_c =
+    -1 / log(dC/dc at c*), infinite on the critical line chi_1 = 1.
     """
     if isinstance(act, str):
         act = activations.get(act)
@@ -177,12 +181,16 @@ def phase_grid(act: Activation | str, sigma_w2: np.ndarray, sigma_b2: np.ndarray
         if not live.size:
             break
     z = np.sqrt(q)[:, None] * x[None, :]
-    chi1 = sw2 * (act.dphi(z) ** 2 @ w)
+    # no finite q* (mean_field's test): the variance runs away; chi_1 is then read at infinity, as mean_field
+    # reads it, and there is no c* to find
+    far = moments(act, LOG_Q_FAR)
+    exploding = sw2 * math.exp(far.log_m2 - LOG_Q_FAR) > 1 + 1e-9
+    chi1 = np.where(exploding, sw2 * far.dphi2, sw2 * (act.dphi(z) ** 2 @ w))
     # The c-map from c = 0.5 toward c*, C(c) = (sw2 E[phi(z1) phi(z2)] + sb2) / q*, and its slope at c*,
     # sw2 E[phi'(z1) phi'(z2)] (Price's theorem), by Mehler's series, all chaotic points at once. In the
     # ordered phase c* = 1 and the slope is chi_1.
     c, chi_c = np.ones_like(q), chi1.copy()
-    chaotic = np.flatnonzero(chi1 >= 1)
+    chaotic = np.flatnonzero((chi1 >= 1) & ~exploding)
     if chaotic.size:
         by_series = series(act, np.log(q[chaotic]))
         m2 = act.phi(z[chaotic]) ** 2 @ w  # E[phi^2] at q*, as the q-map has it
@@ -202,5 +210,7 @@ def phase_grid(act: Activation | str, sigma_w2: np.ndarray, sigma_b2: np.ndarray
         chi_c[chaotic] = sw2[chaotic] * by_series.slope(cc) * m2 / q[chaotic]
     with np.errstate(divide="ignore"):
         xi_c = np.where((chi_c > 0) & (chi_c < 1), -1 / np.log(np.clip(chi_c, 1e-300, 1 - 1e-16)), np.inf)
-    return pd.DataFrame({"sigma_w2": sw2, "sigma_b2": sb2, "q_star": q, "chi_1": chi1, "c_star": c,
-                         "xi_c": xi_c, "phase": np.where(chi1 < 1, "ordered", "chaotic")})
+    return pd.DataFrame({"sigma_w2": sw2, "sigma_b2": sb2, "q_star": np.where(exploding, np.inf, q), "chi_1": chi1,
+                         "c_star": c,
+                         "xi_c": xi_c,
+                         "phase": np.where(chi1 < 1, "ordered", np.where(exploding, "exploding", "chaotic"))})

@@ -527,6 +527,8 @@ def user_models(tmp_path, monkeypatch):
             raise RuntimeError("cannot build today")
         def make_tokens():
             return nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 16))
+        def make_embedding():
+            return nn.Sequential(nn.Embedding(50, 16))
     """))
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -560,6 +562,12 @@ def test_token_ids_are_no_reference_the_first_module_is(user_models, tmp_path):
     findings = (out / "report.md").read_text().split("## Findings")[1]
     # the ids' std (about 14) is no signal: ratios are taken to the embedding's output
     assert f"x{lin / emb:.3g} that of the first module `0` (Embedding, row 1)" in findings, findings
+    alone = tmp_path / "alone"
+    res = CliRunner().invoke(main, ["inspect", f"{user_models}:make_embedding", "--input-file", "ids.npy", "--out",
+                                    str(alone)])
+    assert res.exit_code == 0, res.output
+    findings = (alone / "report.md").read_text().split("## Findings")[1].split("##")[0]
+    assert "no signal to take ratios to" in findings and "the input's" not in findings, findings
 
 
 def test_cli_width_sweep(user_models, tmp_path):

@@ -82,7 +82,8 @@ def assess_one(label: str, varied: dict[str, Any], summary: pd.DataFrame) -> Ass
     saturated = sat if sat > SATURATED and s["post_frac_zero"].iloc[-1] < 0.5 * sat else math.nan
     collapse = float(s["post_abs_cos_sim"].iloc[-1])
     below = np.flatnonzero(~(s["post_abs_cos_sim"].to_numpy(float) > COLLAPSE))
-    collapse_from = int(s["layer"].iloc[below[-1] + 1]) if collapse > COLLAPSE and below.size else None
+    collapse_from = (int(s["layer"].iloc[below[-1] + 1] if below.size else s["layer"].iloc[0])
+                     if collapse > COLLAPSE else None)
     found = []
     if not bad.empty:
         found.append("explodes" if last_rel > 0 else "dies")

@@ -452,13 +452,13 @@ def parse(options: Mapping[str, Any], command: str = "simulate") -> dict[str, An
         if repeated(key, value):
             if not value:
                 raise SpecError(key, "an empty list gives nothing to run")
-            if not repeatable(key, command) and len(value) != 1:
+            # a value given twice (--init he --init he, --seed 1 --seed 1) is one value, not a comparison; two
+            # functions are two values, even of one name (closures)
+            distinct: dict[Any, Any] = {}
+            for v in (parse_one(key, v, command) for v in value):
+                distinct.setdefault(id(v) if callable(v) else word(v), v)
+            if not repeatable(key, command) and len(distinct) != 1:
                 raise SpecError(key, f"takes one value, got {len(value)}: " + ", ".join(map(str, value)))
-            parsed = [parse_one(key, v, command) for v in value]
-            # a value given twice (--init he --init he) is one configuration, not a comparison
-            distinct: dict[str, Any] = {}
-            for v in parsed:
-                distinct.setdefault(word(v), v)
             out[key] = list(distinct.values())
         else:
             out[key] = parse_one(key, value, command)

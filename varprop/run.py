@@ -164,7 +164,7 @@ def _check_complete(layers: pd.DataFrame, csv: Path, configs: Sequence[dict[str,
     redo = "; rerun the command in config.json"
     if cut:
         raise fail(f"{show(csv)} ends in the middle of a row: it was cut short{redo}")
-    rows = layers.groupby("config", sort=False)
+    rows = layers.groupby(layers["config"].astype(str), sort=False)
     for c in configs:
         o = c["options"]
         widths, replicates = o.get("widths"), o.get("replicates")

@@ -121,6 +121,11 @@ def theory_cmd(as_json: bool, **raw: Any) -> None:
         click.echo(f"  {label:40s} {fmt(result[key])}")
     if table is not None:
         shown = table[["layer", "theory_pre_std", "theory_post_mean", "theory_post_std", "theory_post_cos_sim"]]
+        # an odd activation's mean is 0 but for the quadrature's rounding (1e-18): shown as the 0 it is
+        tiny = shown["theory_post_mean"].abs() <= 1e-12 * shown["theory_post_std"]
+        shown = shown.assign(theory_post_mean=shown["theory_post_mean"].where(~tiny, 0.0),
+                             theory_post_cos_sim=shown["theory_post_cos_sim"].where(
+                                 ~(shown["theory_post_cos_sim"].abs() <= 1e-12), 0.0))  # likewise a cosine of 0
         shown = shown.astype(object).where(shown.notna(), None)  # layer 0 has no pre-activation: a blank
         click.echo("\n" + shown.rename(columns=lambda c: c.replace("theory_", "")).to_markdown(
             index=False, tablefmt="simple", floatfmt=".6g", missingval=""))

@@ -146,10 +146,8 @@ class Network:
         try:
             return inits.draw_weights(self.scheme, generator(self.spec.seed, self.rep, layer, "weights"), n_in, n_out,
                                       self.dtype)
-        except ValueError as exc:  # a user init returned something unusable
-            raise SpecError("init", str(exc)) from None
-        except Exception as exc:  # or failed: the user's to see, in one line
-            raise SpecError("init", f"{self.scheme.name} raised {type(exc).__name__}: {exc}") from None
+        except ValueError as exc:  # a user init failed or returned something unusable: the user's to see
+            raise SpecError("init", str(exc)) from exc
 
     def _bn(self, u: np.ndarray, log_s: float, bn: layers.BatchNorm, layer: int
             ) -> tuple[np.ndarray, float, batchnorm.Cache]:

@@ -345,7 +345,7 @@ def draw_weights(s: Scheme, rng: np.random.Generator, fan_in: int, fan_out: int,
         try:
             w = np.asarray(s.user(rng, fan_in, fan_out))
         except Exception as exc:  # the user's own error, in one line with its type (a ValueError reads alike)
-            raise ValueError(f"{s.name} raised {type(exc).__name__}: {exc}") from None
+            raise ValueError(f"{s.name} raised {type(exc).__name__}: {exc}") from exc
         if w.shape != (fan_in, fan_out):
             raise ValueError(f"init {s.name!r} returned shape {w.shape}, expected ({fan_in}, {fan_out})")
         if not np.issubdtype(w.dtype, np.floating) and not np.issubdtype(w.dtype, np.integer):

@@ -93,8 +93,12 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
     s = summary[summary["config"] == summary["config"].iloc[0]].sort_values("layer")
     reps = int(s["replicates"].iloc[0])
     first, rest = s.iloc[0], s.iloc[1:]
-    ids = bool(meta.get("token_ids")) and len(rest) > 1
-    if ids:  # token ids are no signal: the first module's output (an embedding) is the reference
+    ids = bool(meta.get("token_ids"))
+    if ids and len(rest) == 1:  # token ids are no signal, and no second module to compare the first with
+        out.append(f"The input is token ids, no signal to take ratios to: {_module(rest.iloc[0])} has std "
+                   f"{_pow10(rest.iloc[0]['post_log10_rms_std'])}.")
+        rest = rest.iloc[:0]
+    elif ids:  # the first module's output (an embedding) is the reference
         first, rest = rest.iloc[0], rest.iloc[1:]
     short = "the first module's" if ids else "the input's"
     if sweep is not None:

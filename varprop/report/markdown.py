@@ -815,7 +815,7 @@ _ALSO = {"explodes": "the signal also explodes", "dies": "the signal also dies",
 
 def _collapse_from(group: list[Assessment], unit: str) -> str:
     """`` from layer 17`` (``s 12 to 17``): where the collapse of ``group``'s configurations sets in."""
-    at = sorted(f.collapse_from for f in group if f.collapse_from is not None)
+    at = sorted(f.collapse_from for f in group if f.collapse_from is not None and f.collapse_from < f.depth)
     return "" if not at else f" from {unit} {at[0]}" if at[0] == at[-1] else f" from {unit}s {at[0]} to {at[-1]}"
 
 

@@ -275,12 +275,13 @@ def inference_gap(final: pd.DataFrame, meta: dict[str, Any], layers: pd.DataFram
     batch = next((c["options"].get("batch_size") for c in meta["configs"] if c["label"] == label), None)
     left = KERAS_BN_MOMENTUM ** steps  # the initial values' (mean 0, variance 1) weight in the moving averages
     held = _initial_share(layers, label, left) if layers is not None else None
-    if held is not None and held[1] > 0.5:
+    # the initial value is to blame only where it makes most of a moving variance that is far from the batch's
+    if held is not None and held[1] > 0.5 and abs(math.log(held[3])) > math.log(1.5):
         layer, share, r0, r_end = held
         why = (f"The moving variance still holds its initial value 1: after {steps:,} steps that keeps "
                f"{KERAS_BN_MOMENTUM:g}^{steps:,} = {left:.2g} of the weight, but the batch variance of BN layer "
-               f"{layer}'s input is {r0:.3g} times smaller, so the initial value is {100 * share:.0f}% of the moving "
-               f"variance, which stays {r_end:.3g} times the batch variance (`bn_var_ratio` in "
+               f"{layer}'s input was {1 / r0:.3g} at step 0, so the initial value is {100 * share:.0f}% of the "
+               f"moving variance, which stays {r_end:.3g} times the batch variance (`bn_var_ratio` in "
                "layers_over_training.csv; 1 when converged). More steps let it converge.")
     elif held is None and left > 0.05:
         why = (f"After {steps:,} steps the moving averages still give {100 * left:.0f}% of their weight to their "

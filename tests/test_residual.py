@@ -25,7 +25,8 @@ ALPHA = 1e-4  # false-alarm rate of each statistical comparison (fixed seeds: a 
 
 def _run(replicates=24, **options):
     base = {"width": 64, "samples": 64, "init": "he", "activation": "relu", "backward": True, "seed": 3}
-    return varprop.simulate(from_options({**base, **options, "replicates": replicates}))
+    merged = {k: v for k, v in {**base, **options, "replicates": replicates}.items() if v is not None}
+    return varprop.simulate(from_options(merged))
 
 
 def _assert_mean(df, column, layer, rel_bias=0.0):
@@ -166,7 +167,41 @@ def test_bit_identical_across_thread_counts():
             spec = from_options({"residual": scheme, "blocks": 5, "width": 96, "samples": 256, "backward": True,
                                  "activation": "gelu", **({"bn": "all"} if scheme == "bn-end" else {})})
             runs.append(varprop.simulate(spec, threads=threads))
-    assert runs[0].equals(runs[2]) and runs[1].equals(runs[3])
+        staged = {"residual": "plain", "widths": [96, 96, 192, 192], "projection": True, "samples": 256,
+                  "backward": True, "activation": "relu", "branch_order": "original", "bn": "all"}
+        runs.append(varprop.simulate(from_options(staged), threads=threads))
+    assert runs[0].equals(runs[3]) and runs[1].equals(runs[4]) and runs[2].equals(runs[5])
+
+
+def test_projection_shortcuts_follow_the_recursion():
+    """A stage's first block projects its lead's output, relu(x): He's 2 / n_in times relu's E[x^2] / 2 keeps
+    the skip's second moment at the stream's, so q still doubles per block (exact in expectation, as the plain
+    stack's); backward, the finite-width bias of relu's mean-field gradients, blocks / width."""
+    options = {"residual": "plain", "widths": [32, 32, 32, 64, 64, 128], "projection": True, "samples": 64,
+               "init": "he", "activation": "relu", "backward": True, "seed": 5, "replicates": 24}
+    df = varprop.simulate(from_options(options))
+    theory = df.groupby("layer")["theory_post_second_moment"].first()
+    assert list(theory) == pytest.approx([2.0**block for block in range(6)], rel=1e-12)
+    for block in (3, 5):  # the transitions, 32 -> 64 and 64 -> 128
+        _assert_mean(df, "post_second_moment", block)
+        _assert_mean(df, "pre_second_moment", block)
+    _assert_mean(df, "grad_second_moment", 0, 5 / 32)
+    assert df[df["layer"] == 3]["fan_in"].iloc[0] == 32 and df[df["layer"] == 3]["width"].iloc[0] == 64
+
+
+def test_nf_transition_resets_the_expected_variance():
+    """NF-ResNets' transition block: its skip projects gamma phi(x / beta), of variance 1, so the expected
+    variance starts again from 1 + alpha^2 (Brock et al. 2021)."""
+    net = from_options({"residual": "nf", "widths": [8, 8, 8, 16, 16], "projection": True,
+                        "activation": "relu"}).network
+    stack = layers.build(net)
+    assert [round(k.beta**2, 12) for k in stack] == [1.0, 1.04, 1.08, 1.04]
+    assert [k.projection is not None for k in stack] == [False, False, True, False]
+    df = _run(replicates=10, residual="nf", width=None, widths=[128] * 3 + [256] * 3, projection=True)
+    theory = df.groupby("layer")["theory_post_second_moment"].first()
+    assert list(theory) == pytest.approx([1, 1.04, 1.08, 1.04, 1.08, 1.12], rel=1e-9)
+    for block in (3, 5):  # Var of a centred unit-norm projection: n / (n - 1) of the theory's, as in a stage
+        _assert_mean(df, "post_second_moment", block, rel_bias=1 / 128)
 
 
 @pytest.mark.parametrize("args, option", [
@@ -174,6 +209,8 @@ def test_bit_identical_across_thread_counts():
     (["--residual", "plain", "--alpha", "nan"], "--alpha"),
     (["--residual", "plain", "--branch-depth", "0"], "--branch-depth"),
     (["--residual", "plain", "--widths", "8,16,8"], "--widths"),
+    (["--residual", "plain", "--widths", "8,8,8", "--projection"], "--projection"),
+    (["--widths", "8,16,8", "--projection"], "--projection"),
     (["--residual", "skipinit", "--alpha", "0.5"], "--alpha"),
     (["--residual", "nf", "--bn", "all"], "--bn"),
     (["--residual", "plain", "--layers", "5"], "--layers"),

@@ -22,6 +22,10 @@ INITS_X_ACTS = {"layers": 50, "width": 128, "samples": 200, "replicates": 3, "se
 BN_STUDY = {"widths": "784,512,256,128,64,10", "activation": ["sigmoid", "relu"], "bn_position": "post",
             "bn_count": [0, 1, 2, 3, 4], "batch_size": [4, 64, 256, 1024], "samples": 1024, "replicates": 2,
             "backward": True, "seed": 0}
+# Three stages of four blocks (widths 64, 128, 256), a projection shortcut opening the second and third.
+STAGES = {"residual": ["plain", "bn-end", "nf"], "widths": ",".join(map(str, [64] * 5 + [128] * 4 + [256] * 4)),
+          "projection": True, "init": "he", "activation": "relu", "samples": 256, "replicates": 8, "backward": True,
+          "seed": 0}
 SMALL = {"layers": 8, "width": 32, "samples": 64, "init": ["unit", "fan_in", "he"], "activation": ["linear", "relu"],
          "replicates": 2, "seed": 0, "backward": True}
 
@@ -205,6 +209,8 @@ ENTRIES: dict[str, Callable[[Path, str], None]] = {
         _bn_reading),
     "small-check": _simulate_entry(SMALL, "A small entry the test suite regenerates"),
     "residual-depth-100-vs-1000": _residual_entry,
+    "residual-stages": _simulate_entry(
+        STAGES, "Residual stages of widths 64, 128, 256 with projection shortcuts: plain, BN at the branch end, NF"),
     **{name: _train_entry(options, title) for name, (options, title) in TRAIN_STUDY.items()},
 }
 

@@ -316,6 +316,9 @@ OPTIONS: dict[str, Option] = {
     "branch_order": Option(_choice(("preact", "original")), "preact", "order inside a branch: preact "
                            "([BN] -> act -> dense, He et al. 2016) or original (dense -> [BN] -> act)",
                            metavar="ORDER"),
+    "projection": Option(parse_flag, False, "a dense projection shortcut on the skip of every block whose --widths "
+                         "entry differs from the one before (a ResNet stage's first block)", repeatable=False,
+                         flag=True),
     # --- what goes through it ---
     "samples": Option(parse_pos_int, None, "number of input samples N", unset="500, or the rows of --input-file",
                       metavar="N"),
@@ -364,7 +367,7 @@ OPTIONS: dict[str, Option] = {
 # The options each command takes, and where its defaults differ from the table's.
 SIMULATE = ("layers", "width", "widths", "activation", "output_activation", "leaky_slope", "init", "distribution",
             "mode", "gain", "scale", "bias_std", "bn", "bn_layers", "bn_count", "bn_position", "bn_eps", "batch_size",
-            "residual", "alpha", "blocks", "branch_depth", "branch_order",
+            "residual", "alpha", "blocks", "branch_depth", "branch_order", "projection",
             "samples", "input", "input_std", "input_file", "replicates", "seed", "backward", "max_memory", "dtype")
 COMMANDS: dict[str, tuple[str, ...]] = {
     "simulate": SIMULATE,

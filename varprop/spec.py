@@ -28,7 +28,7 @@ from .nn import inits
 from .options import (default, parse, parse_activation, parse_init, parse_int_list, parse_one, parse_pos_int,
                       parse_widths)
 
-RESIDUAL_OPTIONS = ("alpha", "blocks", "branch_depth", "branch_order")
+RESIDUAL_OPTIONS = ("alpha", "blocks", "branch_depth", "branch_order", "projection")
 # Each scheme's alpha when --alpha is not given: NF-ResNets use 0.2 (Brock et al. 2021, section 4).
 DEFAULT_ALPHA = {"plain": 1.0, "bn-end": 1.0, "skipinit": 0.0, "fixup": 1.0, "nf": 0.2}
 
@@ -82,6 +82,7 @@ class ResidualSpec:
     branch_depth: int = default("branch_depth")
     order: str = default("branch_order")
     bn: bool = False
+    projection: bool = False  # a projection shortcut where the width changes
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", parse_one("residual", self.scheme))
@@ -147,10 +148,14 @@ class NetworkSpec:
         except ValueError as exc:
             raise SpecError("init", str(exc)) from None
         if self.residual is not None:
-            if len(set(self.widths)) > 1:
+            if len(set(self.widths)) == 1 and self.residual.projection:
+                raise SpecError("projection", "does nothing when every width is the same; give --widths that change "
+                                "(such as 64,64,128,128)")
+            if len(set(self.widths)) > 1 and not self.residual.projection:
                 widths = ",".join(map(str, self.widths))
-                raise SpecError("widths", "a residual block adds its input to its branch's output, so every width "
-                                f"must be equal (no projection shortcut is built); got {widths}")
+                raise SpecError("widths", "a residual block adds its input to its branch's output, so widths must "
+                                f"be equal unless --projection puts a projection shortcut where they change; got "
+                                f"{widths}")
             if self.output_activation is not None:
                 raise SpecError("output_activation", "does not apply to a residual stack (every branch ends alike)")
             if self.bn_layers:
@@ -284,7 +289,8 @@ def _residual(o: Mapping[str, Any]) -> ResidualSpec | None:
     if "blocks" in o and "widths" in o:
         raise SpecError("blocks", "cannot be combined with --widths (one block per width after the first)")
     return ResidualSpec(o["residual"], o.get("alpha"), o.get("branch_depth", default("branch_depth")),
-                        o.get("branch_order", default("branch_order")), o.get("bn") == "all")
+                        o.get("branch_order", default("branch_order")), o.get("bn") == "all",
+                        bool(o.get("projection", False)))
 
 
 def _bn_layers(o: Mapping[str, Any], depth: int) -> tuple[int, ...]:
@@ -318,7 +324,7 @@ def to_options(spec: RunSpec) -> dict[str, Any]:
     if n.residual is not None:
         r = n.residual
         out.update({"residual": r.scheme, "alpha": r.alpha, "branch_depth": r.branch_depth,
-                    "branch_order": r.order, "bn": "all" if r.bn else None,
+                    "branch_order": r.order, "bn": "all" if r.bn else None, "projection": r.projection or None,
                     "bn_eps": n.bn_eps if r.bn or r.scheme == "bn-end" else None})
     if "leaky_relu" not in (n.activation, n.output_activation):
         del out["leaky_slope"]

@@ -128,14 +128,15 @@ def layer_tape_bytes(kind: layers.Kind, samples: int, item: int) -> int:
     (a bool per entry for relu-type, none for linear) and batch norm's
     standardized values; a residual block's, its lead's and its branch's."""
     if isinstance(kind, layers.Residual):
-        n = samples * kind.width
+        n = samples * kind.width_in
         lead = 0
         if kind.lead is not None:
             act = kind.lead.activation
             lead = n * ((0 if act.linear else 1 if act.fn.homogeneous else item) + (item if kind.lead.bn else 0))
-        zero_in = n * item if kind.zero_branch else 0
-        return lead + zero_in + sum(layer_tape_bytes(layer, samples, item) for layer in kind.branch
-                                    if layer.dense.factor != 0)
+        zero_in = samples * kind.width * item if kind.zero_branch else 0
+        dense = [layer for layer in kind.branch if layer.dense.factor != 0] + (
+            [kind.projection] if kind.projection is not None else [])
+        return lead + zero_in + sum(layer_tape_bytes(layer, samples, item) for layer in dense)
     act = kind.activation
     dphi = 0 if act.linear else 1 if act.fn.homogeneous else item
     bn = item if kind.bn is not None else 0

@@ -40,6 +40,7 @@ class BlockTape:
     lead_bn: batchnorm.Cache | None = None
     branch: list[Tape] = field(default_factory=list)  # the branch's nonzero dense layers, in order
     zero_in: Values | None = None  # the input of a zero-initialised last layer (for its weight gradient)
+    projection: Tape | None = None  # the projection shortcut's
 
 
 def _alpha_stats(branch: dict[str, float], alpha: float) -> dict[str, float]:
@@ -134,10 +135,12 @@ class Blocks:
             b, dphi, cache = self._lead(kind.lead, b, block, keep)
             if tape is not None:
                 tape.lead_dphi, tape.lead_bn = dphi, cache
+        skip_in = b if kind.projects_lead else x
         live = self._live(block)
         branch = _zero_stats()
         for i, layer in enumerate(live):
-            nxt = live[i + 1].index if i + 1 < len(live) else self._first(ahead)
+            nxt = (live[i + 1].index if i + 1 < len(live)
+                   else kind.projection.index if kind.projection is not None else self._first(ahead))
             last = stats and i + 1 == len(live) and not kind.zero_branch
             b, layer_row, t = net.step(layer.index, b, stats=last, keep=keep, ahead=nxt)
             if last:
@@ -149,15 +152,20 @@ class Blocks:
                 tape.branch.append(t)
         if kind.zero_branch and tape is not None:
             tape.zero_in = b
+        skip = x
+        if kind.projection is not None:
+            skip, _, t = net.step(kind.projection.index, skip_in, stats=False, keep=keep, ahead=self._first(ahead))
+            if tape is not None:
+                tape.projection = t
         if kind.zero_branch or kind.alpha == 0:
-            out, post = x, self._stats(x) if stats else None
+            out, post = skip, self._stats(skip) if stats else None
         else:
-            out, post = self._add(x, b, math.log(kind.alpha), stats)
+            out, post = self._add(skip, b, math.log(kind.alpha), stats)
         row = None
         if stats:
             assert post is not None
             self._stream = (out, post)
-            row = {"width": kind.width, "fan_in": kind.width, "fan_out": kind.width,
+            row = {"width": kind.width, "fan_in": kind.width_in, "fan_out": kind.width,
                    **prefixed("pre", _alpha_stats(branch, 0.0 if kind.zero_branch else kind.alpha)),
                    **prefixed("post", post), **prefixed(BRANCH_SIDE, branch)}
         return out, row, tape
@@ -199,8 +207,20 @@ class Blocks:
             if total > 0:
                 log_squares.append(math.log(total) + 2 * (tape.zero_in.log_s + g.log_s + log_alpha))
         g_stats = {k: row[f"grad_{k}"] for k in STATS}  # g's, which the block above (or the start) reported
+        skip, skip_stats = g, g_stats  # the skip's share of the gradient reaching the block's input
+        if kind.projection is not None:
+            assert tape.projection is not None
+            scratch_p: dict[str, float] = {}
+            skip, skip_stats = net.back(kind.projection.index, tape.projection, g, scratch_p)
+            net.flush_grad()
+            if scratch_p["weight_grad_log10_norm"] > -math.inf:
+                log_squares.append(2 * LN10 * scratch_p["weight_grad_log10_norm"])
+            if kind.projects_lead:  # through the lead (and beta) the branch shares
+                u, log_s = self._lead_back(kind.lead, tape, skip)
+                skip = in_band(Values(u, log_s - math.log(kind.beta), mean_square(u, pool)), pool)
+                skip_stats = side_stats_ms(skip.u, skip.log_s, pool=pool)[0]
         if kind.zero_branch or kind.alpha == 0:
-            out, delta, grad = g, _zero_stats(), g_stats
+            out, delta, grad = skip, _zero_stats(), skip_stats
         else:
             v = Values(g.u, g.log_s + log_alpha, g.ms)
             live = self._live(block)
@@ -228,7 +248,7 @@ class Blocks:
             # The branch's gradient, summed once: its scale (the mean square, before beta) and delta (after).
             delta = (side_stats_ms(v.u, v.log_s, pool=pool)[0] if renormed
                      else from_sums(u, parts, v.log_s, head=head)[0])
-            out, grad = self._add(g, v, 0.0, True)
+            out, grad = self._add(skip, v, 0.0, True)
         row.update(prefixed("delta", delta))
         log_norm = 0.5 * float(np.logaddexp.reduce(log_squares)) if log_squares else -math.inf
         row["weight_grad_log10_norm"] = log_norm / LN10

@@ -123,6 +123,19 @@ class Residual:
     beta: float
     lead: Lead | None
     branch: tuple[Layer, ...]
+    projection: Layer | None = None  # a dense layer on the skip where the width changes (a stage's first block)
+
+    @property
+    def width_in(self) -> int:
+        """The block's input width (the branch's first fan_in)."""
+        return self.branch[0].dense.fan_in
+
+    @property
+    def projects_lead(self) -> bool:
+        """Whether the projection reads the lead's output, as the branch does (the pre-activation order:
+        He et al. 2016's projection after the first BN-ReLU, NF-ResNets' after the scaled activation), rather
+        than the block's input."""
+        return self.projection is not None and self.lead is not None
 
     @property
     def zero_branch(self) -> bool:
@@ -137,7 +150,10 @@ def dense_layers(stack: tuple[Kind, ...]) -> tuple[Layer, ...]:
     """Every dense layer of ``stack`` in order: entry ``d - 1`` has index ``d``."""
     out: list[Layer] = []
     for kind in stack:
-        out.extend(kind.branch if isinstance(kind, Residual) else (kind,))
+        if isinstance(kind, Residual):
+            out.extend(kind.branch + ((kind.projection,) if kind.projection is not None else ()))
+        else:
+            out.append(kind)
     return tuple(out)
 
 
@@ -175,8 +191,9 @@ def residual_blocks(net: NetworkSpec) -> tuple[Residual, ...]:
       1901.09321; its scalar biases start at 0 and its multiplier at 1, so
       they change nothing at init);
     - nf: ``x_l = x_(l-1) + alpha f(x_(l-1) / beta_l)`` with beta_l the
-      square root of the expected variance 1 + sum_(i<l) alpha_i^2 (one
-      stage: no transition block resets it), scaled weight standardisation,
+      square root of the expected variance 1 + sum_(i<l) alpha_i^2, reset
+      to 1 + alpha^2 after a transition block (where the width changes: its
+      skip projects gamma phi(x / beta)), scaled weight standardisation,
       and the activation times gamma = 1 / sqrt(Var phi(z)), z ~ N(0, 1),
       computed by quadrature (Brock et al. 2021, arXiv 2101.08692).
 
@@ -184,8 +201,14 @@ def residual_blocks(net: NetworkSpec) -> tuple[Residual, ...]:
     arXiv 1603.05027) or original (dense -> [BN ->] act, ..., dense [-> BN]:
     He et al. 2015 without the ReLU after the addition, so that every block
     is x + alpha f(x)).
+
+    Where ``widths`` change, a block's skip is a projection shortcut: a dense
+    layer (drawn as the branch's; batch norm after it where the branch
+    ends in one, He et al. 2015's option B) on the lead's output in the
+    pre-activation order (He et al. 2016; NF-ResNets' transition blocks),
+    else on the block's input.
     """
-    r, blocks, n = net.residual, net.depth, net.widths[0]
+    r, blocks = net.residual, net.depth
     assert r is not None
     m = r.branch_depth
     fn = activations.get(net.activation, net.leaky_slope)
@@ -202,16 +225,25 @@ def residual_blocks(net: NetworkSpec) -> tuple[Residual, ...]:
     ws = r.scheme == "nf"
     out: list[Residual] = []
     expected_var = 1.0
+    first = 0  # dense layers before this block's (their seeds are their places)
     for block in range(1, blocks + 1):
         alpha = r.alpha_at(block, blocks)
-        first = (block - 1) * m
-        branch = [Layer(first + j, Dense(n, n, inner, ws), act, bn, "pre") for j in range(1, m)]
-        last = Dense(n, n, 0.0 if r.scheme == "fixup" else 1.0, ws)
+        n_in, n = net.widths[block - 1], net.widths[block]
+        fans = [(n_in, n)] + [(n, n)] * (m - 1)
+        branch = [Layer(first + j, Dense(*fans[j - 1], inner, ws), act, bn, "pre") for j in range(1, m)]
+        last = Dense(*fans[m - 1], 0.0 if r.scheme == "fixup" else 1.0, ws)
         branch.append(Layer(first + m, last, linear, end_bn, "post"))
+        first += m
+        projection = None
+        if n_in != n and r.projection:  # a stage's first block: a dense layer on the skip (ResNet's 1x1 conv)
+            first += 1
+            projection = Layer(first, Dense(n_in, n, 1.0, ws), linear, end_bn, "post")
         lead = Lead(bn, act) if r.order == "preact" else None
         beta = math.sqrt(expected_var) if r.scheme == "nf" else 1.0
-        out.append(Residual(block, n, alpha, beta, lead, tuple(branch)))
-        expected_var += alpha * alpha
+        out.append(Residual(block, n, alpha, beta, lead, tuple(branch), projection))
+        # NF-ResNets' transition block: its skip is the projected gamma phi(x / beta), of variance 1, so the
+        # expected variance starts again from 1
+        expected_var = (1.0 if projection is not None and lead is not None else expected_var) + alpha * alpha
     return tuple(out)
 
 

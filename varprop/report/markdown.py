@@ -7,6 +7,7 @@ names and values, titles, versions) enters the document through
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import shlex
@@ -414,6 +415,9 @@ def _shape(configs: Sequence[dict[str, Any]]) -> str:
         unit = "residual blocks" if any("residual" in c["options"] for c in configs) else "layers"
         return f"{_or(depths)} {unit} of width {_or(widths)}"
     if len(set(shapes)) == 1:
+        if any("residual" in c["options"] for c in configs):  # stages: widths and their blocks
+            stages = [(w, sum(1 for _ in g)) for w, g in itertools.groupby(shapes[0][1:])]
+            return "residual blocks in stages " + ", ".join(f"{b} x width {w}" for w, b in stages)
         return f"a {'-'.join(map(str, shapes[0]))} network"
     return "networks of several shapes"
 

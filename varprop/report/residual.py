@@ -173,6 +173,13 @@ def section(doc: Document, run: Run, figure: str) -> None:
           "is alpha f (what the block adds), and `branch_*` in layers.csv is f before alpha (its average channel "
           "variance is NFNets' res_avg_var). Backward, `delta` is the branch's share of the gradient reaching the "
           "block's input and `weight grad norm` covers all the block's weights.")
+    if any(c.options.get("projection") for c in run.configs):
+        doc.p("Where the width changes (a stage's first block) the skip is a projection shortcut, a dense layer P: "
+              "x_l = P h + alpha f, h being the branch's input after its lead ([BN ->] activation, as in He et al. "
+              "2016's pre-activation blocks and NF-ResNets' transition blocks, whose expected variance starts "
+              "again from 1 + alpha^2) or, in the original order, x_(l-1). The skip's second moment is then "
+              "n_in Var P E[h^2] (the theory's), and the per-block table's skip column still reads the block's "
+              "input.")
     doc.figure(figure, "Signal propagation per block: average squared channel mean and average channel variance "
                "of the stream, and the branch's average channel variance")
     doc.p("Second moments add through a block (the branch's last dense layer has zero-mean weights, so skip and "

@@ -102,16 +102,32 @@ def predict(spec: RunSpec, inputs: Mapping[str, float] | None = None) -> pd.Data
         log_back = log_nv + math.log(d.fan_out / d.fan_in)
         return log_q, (c_in + ratio_b) / (1 + ratio_b), log_back
 
+    def normed(log_q: float, bn: layers.BatchNorm | None) -> float:
+        return log_q if bn is None else log_q - logaddexp(log_q, math.log(bn.eps) if bn.eps > 0 else -math.inf)
+
     rows = {side: _nan_stats(blocks + 1) for side in ("pre", "post", "branch")}
     rows["post"]["log_m2"][0], rows["post"]["cos"][0] = log_m, cos
     log_chis = np.full(blocks + 1, np.nan)
+    log_skip_chis = np.zeros(blocks + 1)  # the skip's gradient factor: 1, or the projection's (and lead's)
+    stream_mean = np.full(blocks + 1, mean0)  # the skip carries the input's mean until a projection
     for kind in stack:
         assert isinstance(kind, layers.Residual)
         log_x = log_m - 2 * math.log(kind.beta)
+        x_mean = float(stream_mean[kind.index - 1])
+        with np.errstate(divide="ignore"):
+            log_x_var = log_m + math.log1p(-min(x_mean * x_mean * math.exp(-min(log_m, 700.0)), 1.0))
         mean, log_h, log_var, c, log_chi = 0.0, log_x, log_x, cos, -2 * math.log(kind.beta)
         if kind.lead is not None:
             mean, log_h, log_var, c, lc = activation(kind.lead.activation, kind.lead.bn, log_x, c)
             log_chi += lc if kind.lead.bn is None else math.nan
+        # the skip: the stream itself, or its projection (of the lead's output in the pre-activation order)
+        log_skip, c_skip = log_m, cos
+        if kind.projection is not None:
+            src = (mean, log_h, log_var, c, log_chi) if kind.projects_lead else (x_mean, log_m, log_x_var, cos, 0.0)
+            log_q, c_p, lb = dense(kind.projection.dense, *src[:4])
+            log_skip, c_skip = normed(log_q, kind.projection.bn), c_p if kind.projection.bn is None else math.nan
+            log_skip_chis[kind.index] = src[4] + lb if kind.projection.bn is None else math.nan
+            stream_mean[kind.index:] = 0.0  # zero-mean weights: the projection drops the input's mean
         log_f, c_f = -math.inf, math.nan
         for layer in kind.branch:
             if layer.dense.factor == 0:
@@ -120,9 +136,8 @@ def predict(spec: RunSpec, inputs: Mapping[str, float] | None = None) -> pd.Data
             log_q, c, lb = dense(layer.dense, mean, log_h, log_var, c)
             log_chi += lb
             if layer.activation.linear:
-                log_f, c_f = log_q, c
+                log_f, c_f = normed(log_q, layer.bn), c
                 if layer.bn is not None:
-                    log_f = log_q - logaddexp(log_q, math.log(layer.bn.eps) if layer.bn.eps > 0 else -math.inf)
                     c_f, log_chi = math.nan, math.nan
             else:
                 mean, log_h, log_var, c, lc = activation(layer.activation, layer.bn if layer.bn_pre else None,
@@ -130,12 +145,12 @@ def predict(spec: RunSpec, inputs: Mapping[str, float] | None = None) -> pd.Data
                 log_chi += lc if layer.bn is None else math.nan
         la2 = 2 * math.log(kind.alpha) if kind.alpha > 0 else -math.inf
         log_add = la2 + log_f
-        log_m_new = logaddexp(log_m, log_add)
+        log_m_new = logaddexp(log_skip, log_add)
         if log_add == -math.inf:
-            cos_new = cos
+            cos_new = c_skip
         else:
             w = math.exp(log_add - log_m_new)
-            cos_new = (1 - w) * cos + w * c_f
+            cos_new = (1 - w) * c_skip + w * c_f
         l = kind.index
         rows["branch"]["log_m2"][l], rows["branch"]["cos"][l] = log_f, c_f
         # a branch scaled to zero adds a zero vector, whose cosine to another is undefined (as measured)
@@ -147,31 +162,33 @@ def predict(spec: RunSpec, inputs: Mapping[str, float] | None = None) -> pd.Data
     for side, r in rows.items():
         mean = np.where(np.isnan(r["log_m2"]), np.nan, 0.0)
         log_abs_mean = np.where(np.isnan(r["log_m2"]), np.nan, -np.inf)
-        if side == "post":  # the skip carries the input's mean; the branches add zero-mean terms
-            mean[:] = mean0
-            log_abs_mean[:] = math.log(abs(mean0)) if mean0 else -math.inf
+        if side == "post":  # the skip carries the input's mean (to a projection); the branches add zero-mean terms
+            mean[:] = stream_mean
+            with np.errstate(divide="ignore"):
+                log_abs_mean[:] = np.log(np.abs(stream_mean))
         log_m2 = r["log_m2"]
         with np.errstate(invalid="ignore"):
             log_var = log_m2 + np.log1p(-np.minimum(mean * mean * np.exp(-np.minimum(log_m2, 700)), 1.0))
         columns.update(_columns(side, mean, 0.5 * log_var, log_m2, r["cos"], log_abs_mean))
     df = pd.DataFrame({"layer": range(blocks + 1), **columns})
     if spec.backward:
-        _backward(df, log_chis)
+        _backward(df, log_chis, log_skip_chis)
     return df
 
 
-def _backward(df: pd.DataFrame, log_chis: np.ndarray) -> None:
-    """G_(l-1) = G_l (1 + alpha^2 chi_f), from G_L = 1 (the N(0, 1) upstream gradient); the branch's share
-    alpha^2 chi_f G_l is delta. Stops at a branch whose chi is not modelled (batch norm)."""
+def _backward(df: pd.DataFrame, log_chis: np.ndarray, log_skip_chis: np.ndarray) -> None:
+    """G_(l-1) = G_l (chi_skip + alpha^2 chi_f), from G_L = 1 (the N(0, 1) upstream gradient); chi_skip is 1
+    but through a projection; the branch's share alpha^2 chi_f G_l is delta. Stops at a branch (or
+    projection) whose chi is not modelled (batch norm)."""
     blocks = len(log_chis) - 1
     log_g = np.full(blocks + 1, np.nan)
     log_d = np.full(blocks + 1, np.nan)
     log_g[blocks] = 0.0
     for l in range(blocks, 0, -1):
-        if np.isnan(log_chis[l]):
+        if np.isnan(log_chis[l]) or np.isnan(log_skip_chis[l]):
             break
         log_d[l] = log_g[l] + log_chis[l]
-        log_g[l - 1] = logaddexp(log_g[l], log_d[l])
+        log_g[l - 1] = logaddexp(log_g[l] + log_skip_chis[l], log_d[l])
     from .perlayer import _big
 
     for side, logs in (("grad", log_g), ("delta", log_d)):

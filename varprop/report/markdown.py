@@ -820,7 +820,11 @@ _ALSO = {"explodes": "the signal also explodes", "dies": "the signal also dies",
 def _collapse_from(group: list[Assessment], unit: str) -> str:
     """`` from layer 17`` (``s 12 to 17``): where the collapse of ``group``'s configurations sets in."""
     at = sorted(f.collapse_from for f in group if f.collapse_from is not None and f.collapse_from < f.depth)
-    return "" if not at else f" from {unit} {at[0]}" if at[0] == at[-1] else f" from {unit}s {at[0]} to {at[-1]}"
+    if not at:
+        return ""
+    last_only = len(group) - len(at)  # above 0.9 at their last layer alone
+    return (f" from {unit} {at[0]}" if at[0] == at[-1] else f" from {unit}s {at[0]} to {at[-1]}") + (
+        f" (in {last_only} at the last {unit} only)" if last_only else "")
 
 
 def _grouped_findings(facts: list[Assessment], unit: str = "layer") -> list[Item]:

@@ -549,6 +549,12 @@ def test_cli_writes_a_report(user_models, tmp_path):
     redraw = CliRunner().invoke(main, ["report", str(out)])  # varprop report redraws an inspect run as one
     assert redraw.exit_code == 0, redraw.output
     assert (out / "report.md").read_text() == first and not (out / "std_per_layer.png").exists()
+    whole = (out / "layers.csv").read_text()
+    for text, words in ((whole[:-9], "ends in the middle of a row"),
+                        ("".join(whole.splitlines(True)[:-1]), "lacks rows")):  # the last replicate's last row
+        (out / "layers.csv").write_text(text)
+        bad = CliRunner().invoke(main, ["report", str(out), "--force"])
+        assert bad.exit_code == 2 and words in bad.output and len(bad.output.strip().splitlines()) == 1, bad.output
 
 
 def test_token_ids_are_no_reference_the_first_module_is(user_models, tmp_path):

@@ -68,6 +68,14 @@ def test_varprop_report_redraws_a_training_run(tmp_path):
     bad = CliRunner().invoke(main, ["report", str(out), "--force"])
     assert bad.exit_code == 2 and "relu, bn_count=7" in bad.output and len(bad.output.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # A table cut short, or short of a row in one replicate: refused, not drawn as other curves.
+    for name, edit, words in (("history.csv", lambda t: t[:-9], "ends in the middle of a row"),
+                              ("layers_over_training.csv", lambda t: "".join(t.splitlines(True)[:-1]),
+                               "lacks rows")):
+        (out / name).write_text(edit(data[name].decode()))
+        bad = CliRunner().invoke(main, ["report", str(out), "--force"])
+        assert bad.exit_code == 2 and words in bad.output and len(bad.output.strip().splitlines()) == 1, bad.output
+        (out / name).write_bytes(data[name])
 
 
 def test_rerun_command_reproduces(tmp_path):

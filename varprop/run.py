@@ -151,6 +151,17 @@ class Run:
                    meta.get("seed"), meta.get("title"), meta.get("command"), meta.get("elapsed_s"), meta["versions"])
 
 
+def ends_mid_row(csv: Path) -> bool:
+    """Whether a table varprop wrote (every row ends with a newline) was cut short: a full disk or an
+    interrupted copy leaves a last row that pandas would read, padded with NaN."""
+    with open(csv, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() == 0:
+            return False
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
+
+
 def _check_complete(layers: pd.DataFrame, csv: Path, configs: Sequence[dict[str, Any]], fail: Any) -> None:
     """A run's table holds every layer 0..L of every replicate 0..R-1 of each
     configuration (L and R as config.json gives them), once, and ends with a
@@ -158,11 +169,8 @@ def _check_complete(layers: pd.DataFrame, csv: Path, configs: Sequence[dict[str,
     rows would otherwise draw a report of other numbers than the run's."""
     from .outdir import show
 
-    with open(csv, "rb") as fh:
-        fh.seek(-1, os.SEEK_END)
-        cut = fh.read(1) != b"\n"
     redo = "; rerun the command in config.json"
-    if cut:
+    if ends_mid_row(csv):
         raise fail(f"{show(csv)} ends in the middle of a row: it was cut short{redo}")
     rows = layers.groupby(layers["config"].astype(str), sort=False)
     for c in configs:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..run import json_default
+from ..run import ends_mid_row, json_default
 from ..stats import summarize
 from . import document
 from .document import Document, lit, lit_code
@@ -605,7 +605,12 @@ def render(directory: Path, formats: Sequence[str] = FORMATS, table: pd.DataFram
         meta = json.loads((directory / "config.json").read_text())
     names = {c: str for c in ("name", "module", "type", "block", "skip", "branch", "theory", "theory_grad")}
     if table is None:
+        if ends_mid_row(directory / "layers.csv"):
+            raise ValueError("layers.csv ends in the middle of a row: it was cut short")
         table = pd.read_csv(directory / "layers.csv", dtype=names)  # module "0" stays a name, not a number
+        rows = table.groupby(["config", "replicate"]).size() if {"config", "replicate"} <= set(table) else None
+        if rows is not None and rows.groupby(level=0).nunique().max() > 1:  # a lost row would skew a mean
+            raise ValueError("layers.csv lacks rows: the replicates of a configuration have different modules")
     if residual is None:
         path = directory / "residual.csv"
         residual = pd.read_csv(path, dtype=names).fillna({"skip": "", "branch": ""}) if path.is_file() \

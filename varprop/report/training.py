@@ -25,6 +25,7 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from .. import __version__  # noqa: E402
+from ..run import ends_mid_row  # noqa: E402
 from ..stats import mean_interval  # noqa: E402
 from . import document  # noqa: E402
 from .document import Document, lit  # noqa: E402
@@ -676,12 +677,23 @@ def load(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     history = pd.read_csv(directory / "history.csv")
     layers = pd.read_csv(directory / "layers_over_training.csv")
     labels = {c["label"] for c in meta["configs"]}
+    replicates = list(range(int(meta.get("run", {}).get("replicates", 0))))
     for name, frame in (("history.csv", history), ("layers_over_training.csv", layers)):
+        if ends_mid_row(directory / name):
+            raise ValueError(f"{name} ends in the middle of a row: it was cut short")
         if frame.empty or "config" not in frame:
             raise ValueError(f"{name} holds no rows of configurations")
         unknown = set(frame["config"].astype(str)) - labels
         if unknown:
             raise ValueError(f"{name} names configurations config.json does not: {sorted(unknown)[:3]}")
+        # every replicate of a configuration has the rows the others have (a row lost would bend a curve)
+        for label, g in frame.groupby(frame["config"].astype(str), sort=False):
+            rows = g.groupby("replicate").size()
+            if replicates and (sorted(rows.index) != replicates or rows.nunique() != 1):
+                raise ValueError(f"{name} lacks rows: configuration {label!r} has {', '.join(map(str, rows))} rows "
+                                 f"in replicates {', '.join(map(str, rows.index))}")
+            if {"step", "layer"} <= set(g.columns) and g.groupby(["replicate", "step"]).size().nunique() > 1:
+                raise ValueError(f"{name} lacks rows: configuration {label!r} has a record point without every layer")
     return history, layers, meta
 
 

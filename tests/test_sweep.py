@@ -310,6 +310,15 @@ def test_report_redraw(client, tmp_path):
     assert (out / "_report" / "report.md").read_text() == report
 
 
+def test_a_residual_grid_with_stages_speaks_of_blocks(client, tmp_path):
+    out = tmp_path / "r"
+    res = sweep({"residual": ["plain", "nf"], "widths": [[16, 16, 32, 32], [16, 32, 64, 64]], "projection": True,
+                 "samples": 16, "activation": "relu", "init": "he"}, client, out=out)
+    assert res.ok
+    findings = (out / "_report" / "report.md").read_text().split("## Findings")[1].split("##")[0]
+    assert findings.count("healthy through 3 blocks") == 4 and " layer" not in findings
+
+
 def test_a_failed_start_leaves_nothing(tmp_path, monkeypatch):
     """A scheduler that cannot be reached: one error, and the --out it would have made is not there."""
     from varprop.sweeps import run as sweep_run

@@ -60,7 +60,8 @@ def _read(directory: Path, manifest: dict[str, Any]) -> pd.DataFrame:
 
     keys = manifest["keys"]
     want = list(dict.fromkeys(["config", *keys, "replicate", "layer", *ASSESSED]
-                              + [col for col, _, _ in METRICS.values()]))
+                              + [col for col, _, _ in METRICS.values()]
+                              + ["branch_second_moment"]))  # a residual grid's: its findings speak of blocks
     have = [c for c in want if c in {col[0] for col in manifest["columns"]} | {"config", *keys}]
     frames = []
     for task in manifest["tasks"]:

@@ -189,6 +189,33 @@ def test_projection_shortcuts_follow_the_recursion():
     assert df[df["layer"] == 3]["fan_in"].iloc[0] == 32 and df[df["layer"] == 3]["width"].iloc[0] == 64
 
 
+@pytest.mark.parametrize("options", [
+    {"residual": "plain", "blocks": 3, "init": "he"},  # linear hidden layers of variance gain 2
+    {"residual": "plain", "widths": [64, 64, 32, 32, 128], "projection": True, "init": "xavier", "width": None,
+     "branch_order": "original"},  # and xavier's 2 / (n_in + n_out) through transitions that shrink and grow
+])
+def test_linear_branches_whose_layers_do_not_preserve_the_variance(options):
+    """Linear branches with Gaussian weights: the recursion is exact in expectation whatever each dense layer's
+    n v, which a next layer must read from the layer before it (it read the branch's input)."""
+    df = _run(**{"activation": "linear", "backward": False, **options})
+    last = int(df["layer"].max())
+    for block in range(1, last + 1):
+        _assert_mean(df, "post_second_moment", block)
+        _assert_mean(df, "pre_second_moment", block)
+
+
+def test_memory_plan_counts_every_branch_layer_and_projection():
+    from varprop.montecarlo import memory
+
+    spec = from_options({"residual": "plain", "widths": [64, 4096], "projection": True})
+    # branch 64 x 4096 and 4096 x 4096, projection 64 x 4096, float32
+    assert memory.weight_bytes(spec) == 4 * (64 * 4096 + 4096 * 4096 + 64 * 4096)
+    assert memory.working_bytes(spec) >= 2 * 4 * 4096 * 4096
+    skip = residual_report.theory_scope({"residual": "skipinit", "widths": [8, 16], "projection": True,
+                                         "activation": "relu", "init": "he"})
+    assert "bit for bit" not in skip and "projection shortcuts carry the signal" in skip, skip
+
+
 def test_nf_transition_resets_the_expected_variance():
     """NF-ResNets' transition block: its skip projects gamma phi(x / beta), of variance 1, so the expected
     variance starts again from 1 + alpha^2 (Brock et al. 2021)."""

@@ -150,7 +150,7 @@ def working_bytes(spec: RunSpec) -> int:
     small layers step several replicates together, their groups' stacks."""
     w = spec.network.widths
     item = 8 if spec.dtype == "float64" else 4
-    weights = max(a * b for a, b in zip(w[:-1], w[1:])) * item * (2 if spec.network.init.resolve().orthogonal else 1)
+    weights = max(_weight_sizes(spec)) * item * (2 if spec.network.init.resolve().orthogonal else 1)
     from . import batch  # (batch imports the stepper, which this module's readers need not load)
 
     return max(2 * weights + 6 * spec.samples * max(w) * 8, batch.working_bytes(spec))
@@ -158,8 +158,16 @@ def working_bytes(spec: RunSpec) -> int:
 
 def weight_bytes(spec: RunSpec) -> int:
     """Bytes of all the weight matrices of one network."""
-    w = spec.network.widths
-    return sum(a * b for a, b in zip(w[:-1], w[1:])) * (8 if spec.dtype == "float64" else 4)
+    return sum(_weight_sizes(spec)) * (8 if spec.dtype == "float64" else 4)
+
+
+def _weight_sizes(spec: RunSpec) -> list[int]:
+    """Entries of each dense layer's weights: a plain stack's one per pair of widths; a residual stack's
+    branch layers (n_out x n_out beyond the first) and projection shortcuts too."""
+    net = spec.network
+    if net.residual is None:
+        return [a * b for a, b in zip(net.widths[:-1], net.widths[1:])]
+    return [layer.dense.fan_in * layer.dense.fan_out for layer in layers.dense_layers(layers.build(net))]
 
 
 def run_bytes(spec: RunSpec) -> int:

@@ -10,7 +10,10 @@ layers); this module adds the lead, the skip and the sum. Values stay in
 
 A branch that is exactly zero at init (alpha = 0, SkipInit; a zero last
 layer, Fixup) leaves the block's input untouched, bit for bit, forward and
-backward; its statistics are still measured.
+backward; its statistics are still measured. Where the width changes, the
+skip is a projection shortcut, a dense layer stepped like the branch's, on
+the lead's output (pre-activation order) or the block's input: the block is
+then ``P h + alpha f``.
 """
 
 from __future__ import annotations

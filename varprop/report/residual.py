@@ -41,7 +41,9 @@ def theory_scope(options: dict[str, Any]) -> str:
     """Where the residual recursion is exact for networks of any width and where it is the infinite-width
     limit, for one configuration (its resolved options, as config.json holds them)."""
     scheme = options.get("residual")
-    if scheme in ("skipinit", "fixup"):
+    stages = bool(options.get("projection"))
+    restart = " (restarting from 1 + alpha^2 after each projection shortcut)" if stages else ""
+    if scheme in ("skipinit", "fixup") and not stages:
         return ("exact at any width: the block is the identity at init (a zero branch), forward and backward, "
                 "bit for bit")
     try:
@@ -53,22 +55,24 @@ def theory_scope(options: dict[str, Any]) -> str:
     if scheme == "nf":
         return ("an infinite-width limit: weight standardisation centres each unit's weights, so Var z is the "
                 "input's variance over units (n/(n-1) of the theory's), and gamma is exact only for a unit "
-                "Gaussian input; the stream's expected variance 1 + l alpha^2 holds within O(1/width)")
+                f"Gaussian input; the stream's expected variance 1 + l alpha^2{restart} holds within O(1/width)")
     if scheme == "bn-end" and options.get("bn") != "all":
         return ("forward: exact at any width up to eps (batch norm gives every branch channel unit variance over "
-                "the batch, so alpha^2 E[f^2] = alpha^2 and q_l = q_0 + l alpha^2 in the mean); backward: through "
-                "batch norm, not modelled")
+                f"the batch, so alpha^2 E[f^2] = alpha^2 and q_l = q_0 + l alpha^2{restart} in the mean); backward: "
+                "through batch norm, not modelled")
     if options.get("bn") == "all":
         return ("an infinite-width limit: batch norm inside the branch normalises by the batch's own statistics, "
                 "which the q-map reads as q / (q + eps); backward through batch norm is not modelled")
+    zero = ("the branches are zero at init, and the projection shortcuts carry the signal: "
+            if scheme in ("skipinit", "fixup") else "")
     if options.get("activation") in _PROPORTIONAL and distribution == "normal":
-        return ("forward second moments: the exact mean over networks at any width (each unit of h W is Gaussian "
-                "given the layer below and E[phi(z)^2] is proportional to E[z^2], so the recursion is linear and "
-                "commutes with the mean); one network fluctuates about it and, deep enough, the typical network "
-                "falls below the mean (the band); the backward recursion (gradient independence) and the "
+        return (zero + "forward second moments: the exact mean over networks at any width (each unit of h W "
+                "is Gaussian given the layer below and E[phi(z)^2] is proportional to E[z^2], so the recursion is "
+                "linear and commutes with the mean); one network fluctuates about it and, deep enough, the typical "
+                "network falls below the mean (the band); the backward recursion (gradient independence) and the "
                 "correlations are infinite-width limits")
-    return ("an infinite-width limit: E[phi(z)^2] is not linear in the layer's variance (or the weights are not "
-            "Gaussian), so finite width biases the mean by O(1/width) per dense layer, compounding over blocks")
+    return (zero + "an infinite-width limit: E[phi(z)^2] is not linear in the layer's variance (or the weights are "
+            "not Gaussian), so finite width biases the mean by O(1/width) per dense layer, compounding over blocks")
 
 
 def block_table(layers: pd.DataFrame) -> pd.DataFrame:
@@ -177,9 +181,9 @@ def section(doc: Document, run: Run, figure: str) -> None:
         doc.p("Where the width changes (a stage's first block) the skip is a projection shortcut, a dense layer P: "
               "x_l = P h + alpha f, h being the branch's input after its lead ([BN ->] activation, as in He et al. "
               "2016's pre-activation blocks and NF-ResNets' transition blocks, whose expected variance starts "
-              "again from 1 + alpha^2) or, in the original order, x_(l-1). The skip's second moment is then "
-              "n_in Var P E[h^2] (the theory's), and the per-block table's skip column still reads the block's "
-              "input.")
+              "again from 1 + alpha^2) or, in the original order, x_(l-1). The theory carries the skip's second "
+              "moment, cosine and gradient through P; the per-block table's skip column, and the branch/skip "
+              "ratio, still read the block's input there.")
     doc.figure(figure, "Signal propagation per block: average squared channel mean and average channel variance "
                "of the stream, and the branch's average channel variance")
     doc.p("Second moments add through a block (the branch's last dense layer has zero-mean weights, so skip and "
@@ -212,7 +216,8 @@ def section(doc: Document, run: Run, figure: str) -> None:
             "res_avg_var": [fmt_pow10(v) for v in df["res_avg_var"]],
         }))
     doc.items([
-        "*skip E[x^2]*: the second moment of the block's input, carried unchanged by the skip; *alpha^2 E[f^2]*: "
+        "*skip E[x^2]*: the second moment of the block's input, carried unchanged by the skip (mapped by the "
+        "projection shortcut where the width changes); *alpha^2 E[f^2]*: "
         "that of what the branch adds; *branch / skip*: their ratio (10 to the mean of its log10 over "
         "replicates), and the theory's;",
         "*res_avg_var*: the branch's output f (before alpha), its variance per unit over samples, averaged over "

@@ -11,7 +11,11 @@ weight standardisation ``Var phi(z)``). The cosine between two samples mixes
 likewise: ``c_l = ((1 - w) c_(l-1) + w c_f)`` with ``w`` the branch's share of
 ``q_l`` and ``c_f`` the branch's c-map. Backward, with the usual gradient
 independence, ``G_(l-1) = G_l (1 + alpha_l^2 chi_f)``, chi_f the branch's
-product of ``n v E[phi'(z)^2]`` (gamma^2 included, 1 / beta^2 for NF).
+product of ``n v E[phi'(z)^2]`` (gamma^2 included, 1 / beta^2 for NF). A
+projection shortcut P (where the width changes) replaces the skip's
+``q_(l-1)``, ``c_(l-1)`` and 1 by those of a dense layer on the lead's output
+(or the block's input): ``n_in v q_h``, its c, and ``n_out v`` times the
+lead's chi.
 
 These are infinite-width limits: one network of finite width fluctuates
 about them (its log-variance drifts below the mean's, as in a plain stack),
@@ -139,6 +143,7 @@ def predict(spec: RunSpec, inputs: Mapping[str, float] | None = None) -> pd.Data
                 log_f, c_f = normed(log_q, layer.bn), c
                 if layer.bn is not None:
                     c_f, log_chi = math.nan, math.nan
+                mean, log_h, log_var, c = 0.0, log_f, log_f, c_f  # what a next (hidden, linear) layer reads
             else:
                 mean, log_h, log_var, c, lc = activation(layer.activation, layer.bn if layer.bn_pre else None,
                                                          log_q, c)

@@ -216,6 +216,15 @@ def test_memory_plan_counts_every_branch_layer_and_projection():
     assert "bit for bit" not in skip and "projection shortcuts carry the signal" in skip, skip
 
 
+def test_projection_of_an_input_with_no_variance(tmp_path):
+    """Constant inputs (a mean and no variance) projected in the original order: the theory reads a variance of
+    0 (it raised a math domain error)."""
+    np.save(tmp_path / "const.npy", np.ones((16, 8), np.float32))
+    df = varprop.simulate(from_options({"residual": "plain", "widths": [8, 16], "projection": True,
+                                        "branch_order": "original", "input_file": str(tmp_path / "const.npy")}))
+    assert np.isfinite(df["theory_post_second_moment"]).all()
+
+
 def test_nf_transition_resets_the_expected_variance():
     """NF-ResNets' transition block: its skip projects gamma phi(x / beta), of variance 1, so the expected
     variance starts again from 1 + alpha^2 (Brock et al. 2021)."""

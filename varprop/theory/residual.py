@@ -117,9 +117,6 @@ def predict(spec: RunSpec, inputs: Mapping[str, float] | None = None) -> pd.Data
     for kind in stack:
         assert isinstance(kind, layers.Residual)
         log_x = log_m - 2 * math.log(kind.beta)
-        x_mean = float(stream_mean[kind.index - 1])
-        with np.errstate(divide="ignore"):
-            log_x_var = log_m + math.log1p(-min(x_mean * x_mean * math.exp(-min(log_m, 700.0)), 1.0))
         mean, log_h, log_var, c, log_chi = 0.0, log_x, log_x, cos, -2 * math.log(kind.beta)
         if kind.lead is not None:
             mean, log_h, log_var, c, lc = activation(kind.lead.activation, kind.lead.bn, log_x, c)
@@ -127,7 +124,13 @@ def predict(spec: RunSpec, inputs: Mapping[str, float] | None = None) -> pd.Data
         # the skip: the stream itself, or its projection (of the lead's output in the pre-activation order)
         log_skip, c_skip = log_m, cos
         if kind.projection is not None:
-            src = (mean, log_h, log_var, c, log_chi) if kind.projects_lead else (x_mean, log_m, log_x_var, cos, 0.0)
+            if kind.projects_lead:
+                src = (mean, log_h, log_var, c, log_chi)
+            else:  # the block's input, whose mean the skip has carried from the input (its variance: -inf if 0)
+                x_mean = float(stream_mean[kind.index - 1])
+                with np.errstate(divide="ignore"):
+                    log_x_var = log_m + float(np.log1p(-min(x_mean * x_mean * math.exp(-min(log_m, 700.0)), 1.0)))
+                src = (x_mean, log_m, log_x_var, cos, 0.0)
             log_q, c_p, lb = dense(kind.projection.dense, *src[:4])
             log_skip, c_skip = normed(log_q, kind.projection.bn), c_p if kind.projection.bn is None else math.nan
             log_skip_chis[kind.index] = src[4] + lb if kind.projection.bn is None else math.nan

@@ -287,8 +287,8 @@ OPTIONS: dict[str, Option] = {
                    "(kaiming_uniform, he_normal, glorot_uniform, ...), or module:function", metavar="SCHEME"),
     "distribution": Option(_choice(inits.DISTRIBUTIONS), None, "weight distribution: "
                            + ", ".join(inits.DISTRIBUTIONS), metavar="NAME", unset="the scheme's own"),
-    "mode": Option(_choice(inits.MODES), None, "fan the variance is divided by: " + ", ".join(inits.MODES)
-                   , metavar="MODE", unset="the scheme's own"),
+    "mode": Option(_choice(inits.MODES), None, "fan the variance is divided by: " + ", ".join(inits.MODES),
+                   metavar="MODE", unset="the scheme's own"),
     "gain": Option(parse_pos_float, None, "gain (std multiplier) replacing the scheme's own", metavar="GAIN"),
     "scale": Option(parse_pos_float, 1.0, "extra factor on the weight variance", metavar="SCALE"),
     "bias_std": Option(parse_nonneg_float, None, "bias std sigma_b", metavar="STD",

@@ -243,7 +243,7 @@ def residual_blocks(net: NetworkSpec) -> tuple[Residual, ...]:
         out.append(Residual(block, n, alpha, beta, lead, tuple(branch), projection))
         # NF-ResNets' transition block: its skip is the projected gamma phi(x / beta), of variance 1, so the
         # expected variance starts again from 1
-        expected_var = (1.0 if projection is not None and lead is not None else expected_var) + alpha * alpha
+        expected_var = (1.0 if out[-1].projects_lead else expected_var) + alpha * alpha
     return tuple(out)
 
 

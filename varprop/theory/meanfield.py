@@ -211,6 +211,5 @@ def phase_grid(act: Activation | str, sigma_w2: np.ndarray, sigma_b2: np.ndarray
     with np.errstate(divide="ignore"):
         xi_c = np.where((chi_c > 0) & (chi_c < 1), -1 / np.log(np.clip(chi_c, 1e-300, 1 - 1e-16)), np.inf)
     return pd.DataFrame({"sigma_w2": sw2, "sigma_b2": sb2, "q_star": np.where(exploding, np.inf, q), "chi_1": chi1,
-                         "c_star": c,
-                         "xi_c": xi_c,
+                         "c_star": c, "xi_c": xi_c,
                          "phase": np.where(chi1 < 1, "ordered", np.where(exploding, "exploding", "chaotic"))})

@@ -175,7 +175,7 @@ def predict(spec: RunSpec, inputs: Mapping[str, float] | None = None) -> pd.Data
             with np.errstate(divide="ignore"):
                 log_abs_mean[:] = np.log(np.abs(stream_mean))
         log_m2 = r["log_m2"]
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore"):  # no variance: log 0 = -inf
             log_var = log_m2 + np.log1p(-np.minimum(mean * mean * np.exp(-np.minimum(log_m2, 700)), 1.0))
         columns.update(_columns(side, mean, 0.5 * log_var, log_m2, r["cos"], log_abs_mean))
     df = pd.DataFrame({"layer": range(blocks + 1), **columns})

@@ -25,6 +25,16 @@ from .markdown import as_rows, mean_columns, row_unit, signed_means, varied_valu
 _MAX_LOG10 = 300.0
 
 
+# A squared channel mean below this share of the channel variance is 0 but for float rounding (batch norm's
+# output, 1e-17): drawn on a log axis it would stretch the axis over ten decades of nothing.
+ROUNDING_ZERO = 1e-12
+
+
+def rounding_zeros(sq_mean: Any, var: Any) -> Any:
+    """Where a squared mean is 0 to rounding of its variance (:data:`ROUNDING_ZERO`)."""
+    return np.asarray(sq_mean, float) < ROUNDING_ZERO * np.asarray(var, float)
+
+
 def save(fig: plt.Figure, path: Path) -> Path:
     """The figure as PNG at ``path``, then closed; ``path``. Every report's figures are saved by it
     (simulate's, train's, inspect's, a sweep's): report.md links the PNG and report.html embeds it, so
@@ -407,6 +417,12 @@ def _config_lines(ax: plt.Axes, summary: pd.DataFrame, col: str, looks: Looks, t
             ax.plot(s["layer"], s[col], color=color, ls="none", marker="o", ms=2.2, mew=0, label=label)
         else:
             ax.plot(s["layer"], s[col], color=color, ls=style, lw=1.6, label=label)
+            # a value between two gaps (values not drawn) has no line to show it: a dot does
+            y = s[col].to_numpy(float)
+            ok = np.isfinite(y)
+            alone = ok & ~np.r_[False, ok[:-1]] & ~np.r_[ok[1:], False]
+            if alone.any():
+                ax.plot(s["layer"].to_numpy()[alone], y[alone], color=color, ls="none", marker="o", ms=3, mew=0)
         if theory_col and theory_col in s and s[theory_col].notna().any():
             ax.plot(s["layer"], s[theory_col], color="black", ls=":", lw=1.0,
                     label="mean-field theory" if first else None)
@@ -497,6 +513,11 @@ def means_and_channels(run: Run, path: Path) -> Path:
     layers, summary, configs = run.layers, run.summary, run.meta["configs"]
     plotted, axis = mean_axis(summary, layers)
     notes = []
+    zero = rounding_zeros(plotted["post_sq_unit_mean"], plotted["post_unit_var"])
+    if zero.any():
+        plotted = plotted.assign(post_sq_unit_mean=plotted["post_sq_unit_mean"].where(~zero))
+        notes.append(f"average squared unit means below {ROUNDING_ZERO:g} of the unit variance (0 but for "
+                     "rounding, as batch norm's) are not drawn")
     # The channel statistics have no log10 columns: beyond float64 they are inf, and not drawn. Near it, a
     # log axis cannot place its ticks: their log10 is drawn on a linear axis instead, as for the std.
     channels = ["post_sq_unit_mean", "post_unit_var"]

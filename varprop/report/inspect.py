@@ -20,7 +20,7 @@ from ..run import ends_mid_row, json_default
 from ..stats import summarize
 from . import document
 from .document import Document, lit, lit_code
-from .figures import log_scale, save
+from .figures import log_scale, rounding_zeros, save
 
 FORMATS = ("md", "html", "csv", "json")
 MAX_TABLE_ROWS = 300  # per-module tables list every module up to this many, then a subsample
@@ -283,7 +283,7 @@ def channels_figure(summary: pd.DataFrame, path: Path) -> Path:
     sq, var = s["post_sq_unit_mean"].to_numpy(float), s["post_unit_var"].to_numpy(float)
     # Channel means that are 0 but for rounding (batch norm's, ~1e-15 of the variance) would stretch the log
     # axis over ten decades of nothing: they are marked at the foot of the panel instead.
-    zero = sq < 1e-12 * var
+    zero = rounding_zeros(sq, var)
     line = ax.plot(x, np.where(zero, np.nan, sq), lw=1.4, label="average squared channel mean")[0]
     ax.plot(x, var, lw=1.4, label="average channel variance")
     if zero.any():

@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 
 from ..run import Run  # noqa: E402
 from .document import Document, Item, lit  # noqa: E402
-from .figures import _text, save  # noqa: E402
+from .figures import _text, rounding_zeros, save  # noqa: E402
 from .markdown import _log10_second_moment, fmt_pow10, shown_layers  # noqa: E402
 
 # A branch adding less than this share of the stream's second moment is "switched off": the skip alone
@@ -112,6 +112,8 @@ def spp_figure(run: Run, path: Path) -> Path:
             for config, df in layers.groupby("config", sort=False):
                 by_block = df.groupby("layer")[col]
                 m = by_block.mean()
+                if col == "post_sq_unit_mean":  # 0 but for rounding (behind batch norm): left out
+                    m = m[~rounding_zeros(m, df.groupby("layer")["post_unit_var"].mean())]
                 m = m[(m > 0) & np.isfinite(m)]  # beyond float64 (2^1000 blocks of alpha = 1) the line stops
                 lo, hi = by_block.min().reindex(m.index), by_block.max().reindex(m.index)
                 lines[col, config] = (np.log10(m), np.log10(lo.where(lo > 0)), np.log10(hi.where(np.isfinite(hi))))
@@ -185,7 +187,8 @@ def section(doc: Document, run: Run, figure: str) -> None:
               "moment, cosine and gradient through P; the per-block table's skip column, and the branch/skip "
               "ratio, still read the block's input there.")
     doc.figure(figure, "Signal propagation per block: average squared channel mean and average channel variance "
-               "of the stream, and the branch's average channel variance")
+               "of the stream, and the branch's average channel variance (a squared channel mean of 0 but for "
+               "rounding, behind batch norm, is not drawn)")
     doc.p("Second moments add through a block (the branch's last dense layer has zero-mean weights, so skip and "
           "branch are uncorrelated): q_l = q_(l-1) + alpha^2 E[f^2]. With alpha = 1 and a variance-preserving "
           "branch q doubles per block (2^L); alpha = 1/sqrt(L) multiplies it by 1 + 1/L per block, (1 + 1/L)^L ~ e in "

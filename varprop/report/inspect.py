@@ -20,7 +20,7 @@ from ..run import ends_mid_row, json_default
 from ..stats import summarize
 from . import document
 from .document import Document, lit, lit_code
-from .figures import log_scale, rounding_zeros, save
+from .figures import log_scale, rounding_zeros, save, tight
 
 FORMATS = ("md", "html", "csv", "json")
 MAX_TABLE_ROWS = 300  # per-module tables list every module up to this many, then a subsample
@@ -266,7 +266,7 @@ def std_figure(table: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:
     fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, top + 0.4 / height), ncol=4, fontsize=7,
                frameon=False)
     fig.suptitle("Std per module" + (" and per gradient" if len(sides) > 1 else ""), fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, top - 0.1 / height))
+    tight(fig, rect=(0, 0, 1, top - 0.1 / height))
     return save(fig, path)
 
 
@@ -303,7 +303,7 @@ def channels_figure(summary: pd.DataFrame, path: Path) -> Path:
     ax.set_title("Correlation between samples (1: every input maps to one direction)", fontsize=9, pad=30)
     ax.legend(fontsize=7)
     _module_axis(ax, s, labels)
-    fig.tight_layout()
+    tight(fig)
     return save(fig, path)
 
 
@@ -327,7 +327,7 @@ def residual_figure(residual: pd.DataFrame, path: Path) -> Path:
     ax.set_title("Residual additions: skip, branch and their sum", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    tight(fig)
     return save(fig, path)
 
 
@@ -372,7 +372,7 @@ def sweep_figure(sweep: Any, path: Path) -> Path:
     ax.set_title("Exponents (o: output, g: gradient)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
+    tight(fig)
     return save(fig, path)
 
 

@@ -29,7 +29,7 @@ from ..run import ends_mid_row  # noqa: E402
 from ..stats import mean_interval  # noqa: E402
 from . import document  # noqa: E402
 from .document import Document, lit  # noqa: E402
-from .figures import save  # noqa: E402
+from .figures import save, tight  # noqa: E402
 
 FORMATS = ("md", "html")
 BN_KEYS = ("bn_count", "bn_layers", "bn_position")
@@ -399,7 +399,7 @@ def loss_curves(history: pd.DataFrame, meta: dict[str, Any], path: Path) -> Path
     w, hgt = fig.get_size_inches()
     fig.set_size_inches(w, hgt + legend_in)
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, legend_in / (hgt + legend_in), 1, 1))
+    tight(fig, rect=(0, legend_in / (hgt + legend_in), 1, 1))
     return save(fig, path)
 
 
@@ -449,7 +449,7 @@ def layer_heatmap(layers: pd.DataFrame, meta: dict[str, Any], col: str, title: s
         ax.axis("off")
     fig.suptitle(f"{'log10 ' if log else ''}{title} (median over seeds; rows: layers 1 = first)", fontsize=10)
     # the colour bar and its labels take the last inch, however wide the figure
-    fig.tight_layout(rect=(0, 0, 1 - 1.0 / width_in, 1))
+    tight(fig, rect=(0, 0, 1 - 1.0 / width_in, 1))
     if image is not None:
         cax = fig.add_axes((1 - 0.8 / width_in, 0.15, 0.12 / width_in, 0.7))
         fig.colorbar(image, cax=cax).ax.tick_params(labelsize=7)

@@ -228,6 +228,19 @@ def test_relu_like_beyond_the_edge_explodes_and_is_not_chaotic(act, excess):
     assert list(grid["phase"]) == [r["phase"], below["phase"]]
 
 
+@pytest.mark.parametrize("act,slopes", [("relu", (1, 0)), ("leaky_relu", (1, 0.01)), ("linear", (1, 1))])
+@pytest.mark.parametrize("gap", [1e-4, 1e-6])
+def test_q_star_near_the_edge_of_a_homogeneous_activation(act, slopes, gap):
+    # phi(a z) = a phi(z): the q-map is affine, q' = sigma_w^2 (a+^2 + a-^2) / 2 q + sigma_b^2 = (1 - gap) q +
+    # sigma_b^2, so q* = sigma_b^2 / gap exactly; iterating creeps toward it by 1 - gap a step. The q-map's
+    # rounding, ~1e-16 q a step, moves its root by ~1e-16 / gap relative.
+    sigma_w, sigma_b = math.sqrt((1 - gap) * 2 / (slopes[0] ** 2 + slopes[1] ** 2)), 0.1
+    r = theory.mean_field(act, sigma_w, sigma_b)
+    assert r["q_star"] == pytest.approx(sigma_b**2 / gap, rel=1e-12 / gap)
+    # on the edge itself (sigma_w^2 rounded) a bias grows q by sigma_b^2 a layer, without end
+    assert theory.mean_field(act, sigma_w / math.sqrt(1 - gap), sigma_b)["q_star"] == math.inf
+
+
 def test_criticality_of_he_relu_and_tanh_edge():
     assert theory.mean_field("relu", math.sqrt(2), 0.0)["phase"] == "critical"
     r = theory.mean_field("tanh", 1.0, 0.0)
@@ -301,6 +314,8 @@ def test_theory_gain_fit_commands(tmp_path):
     r = CliRunner().invoke(main, ["theory", "--activation", "relu", "--sigma-w", "1.4142135623730951",
                                   "--layers", "3"])
     assert r.exit_code == 0 and "critical" in r.output and "post_std" in r.output
+    # there every q is a fixed point: the q_0 the iteration started from is not named as "the" q*
+    assert "fixed point q*                           every q (the q-map is the identity" in r.output
     r = CliRunner().invoke(main, ["gain", "gelu"])
     assert r.exit_code == 0 and "1.7009" in r.output
     r = CliRunner().invoke(main, ["fit", "--init", "unit", "--fan-in", "10,100,1000", "--samples", "50",

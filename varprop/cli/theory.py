@@ -115,10 +115,15 @@ def theory_cmd(as_json: bool, **raw: Any) -> None:
     click.echo(f"{act.name}, sigma_w = {sw:g}, sigma_b = {sb:g}"
                + ("" if source is None else f"  (--init {values['init']} at width {n}: Var W_ij = "
                   f"{source['weight_variance']:.6g}" + (f", Var b_i = {sb * sb:.6g}" if sb else "") + ")"))
+    shown_result = dict(result)
+    if act.homogeneous and sb == 0 and 0 < result["q_star"] < math.inf:
+        # q' = sigma_w^2 E[phi(z)^2] is then a multiple of q; finite and nonzero, it is q itself: the q_0 that the
+        # fixed-point iteration started from is no more "the" fixed point than any other q.
+        shown_result["q_star"] = "every q (the q-map is the identity: q_l = q_0)"
     for key, label in (("q_star", "fixed point q*"), ("chi_1", "chi_1 = sigma_w^2 E[phi'(z)^2] at q*"),
                        ("phase", "phase"), ("c_star", "correlation fixed point c*"),
                        ("xi_q", "depth scale xi_q (layers)"), ("xi_c", "depth scale xi_c (layers)")):
-        click.echo(f"  {label:40s} {fmt(result[key])}")
+        click.echo(f"  {label:40s} {fmt(shown_result[key])}")
     if table is not None:
         shown = table[["layer", "theory_pre_std", "theory_post_mean", "theory_post_std", "theory_post_cos_sim"]]
         # an odd activation's mean is 0 but for the quadrature's rounding (1e-18): shown as the 0 it is

@@ -39,7 +39,22 @@ def fixed_point(act: Activation, sigma_w: float, sigma_b: float, q0: float = 1.0
         if abs(new - q) <= tol * max(q, 1e-300) or new < 1e-300:
             return new if new >= 1e-300 else 0.0
         q = new
-    return 0.0 if sigma_b == 0 and q < 1e-3 * q0 else q
+    if sigma_b == 0 and q < 1e-3 * q0:
+        return 0.0
+    # Not settled: near chi_1 = 1 the map moves by little a step (relu at sigma_w^2 = 2 - 1e-8 with sigma_b = 0.1
+    # creeps up 0.01 a step toward q* = 1.7e6). q* is then the root of q_map(q) - q, bracketed from here.
+    from scipy.optimize import brentq  # rarely needed: not worth its import on every run
+
+    def gap(v: float) -> float:
+        return q_map(act, sigma_w, sigma_b, v) - v
+
+    step = 2.0 if gap(q) > 0 else 0.5
+    far = q * step
+    while (gap(far) > 0) == (step > 1):
+        q, far = far, far * step
+        if not 1e-300 < far < 1e200:
+            return math.inf if step > 1 else 0.0
+    return float(brentq(gap, min(q, far), max(q, far), xtol=1e-300, rtol=4 * tol))
 
 
 # Where the fixed-point picture is computed accurately: sigma_w^2 a normal float64 well away from the limits,
@@ -51,6 +66,13 @@ SIGMA_W_RANGE = (1e-100, 1e6)
 
 SIGMA_B_MAX = 1e6
 LOG_Q_FAR = 600.0  # log q where phi's growth at infinity is read (relu-like phi: E[phi^2] / q is its limit there)
+
+
+def runs_away(growth: Any, sigma_b2: Any) -> Any:
+    """Whether the q-map has no finite fixed point, from its growth q'/q as q -> inf: above 1 (with 1e-9 for
+    rounding: relu at sigma_w = sqrt(2), rounded, keeps every q), or within 1e-9 of 1 with a bias, which adds
+    sigma_b^2 a layer to a q whose fixed point, if any, is 1e9 sigma_b^2 or more, 1e9 layers away."""
+    return (growth > 1 + 1e-9) | ((np.asarray(sigma_b2) > 0) & (growth > 1 - 1e-9))
 
 
 def check_sigmas(sigma_w: float, sigma_b: float = 0.0) -> None:
@@ -88,7 +110,7 @@ def mean_field(act: Activation | str, sigma_w: float, sigma_b: float = 0.0) -> d
     # q' / q as q -> inf: sigma_w^2 E[phi(z)^2] / q, 1/2 sigma_w^2 for relu. Above 1 the q-map has no finite
     # fixed point, however slowly it runs away (relu at sigma_w^2 = 2.002 grows 0.1% a layer).
     growth = sigma_w**2 * math.exp(moments(act, LOG_Q_FAR).log_m2 - LOG_Q_FAR)
-    q_star = math.inf if growth > 1 + 1e-9 else fixed_point(act, sigma_w, sigma_b)
+    q_star = math.inf if runs_away(growth, sigma_b**2) else fixed_point(act, sigma_w, sigma_b)
     log_q = math.log(q_star) if 0 < q_star < math.inf else (-700.0 if q_star == 0 else 700.0)
     chi_1 = sigma_w**2 * moments(act, log_q).dphi2
     # With q* infinite (relu-like, sigma_w^2 E[phi'^2] > 1) the variance grows without bound and chi_1 > 1
@@ -184,7 +206,7 @@ def phase_grid(act: Activation | str, sigma_w2: np.ndarray, sigma_b2: np.ndarray
     # no finite q* (mean_field's test): the variance runs away; chi_1 is then read at infinity, as mean_field
     # reads it, and there is no c* to find
     far = moments(act, LOG_Q_FAR)
-    exploding = sw2 * math.exp(far.log_m2 - LOG_Q_FAR) > 1 + 1e-9
+    exploding = runs_away(sw2 * math.exp(far.log_m2 - LOG_Q_FAR), sb2)
     chi1 = np.where(exploding, sw2 * far.dphi2, sw2 * (act.dphi(z) ** 2 @ w))
     # The c-map from c = 0.5 toward c*, C(c) = (sw2 E[phi(z1) phi(z2)] + sb2) / q*, and its slope at c*,
     # sw2 E[phi'(z1) phi'(z2)] (Price's theorem), by Mehler's series, all chaotic points at once. In the

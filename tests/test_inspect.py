@@ -178,11 +178,27 @@ class _Seq(nn.Module):
         return self.attn(t, t, t, need_weights=False)[0]
 
 
+class _HeadFirst(nn.Module):
+    """Declared head first: the Conv1d that reads the [N, C, L] input comes second."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean(-1))
+
+
 @pytest.mark.parametrize("factory,shape,checks", [
     (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), (5, 3, 6, 6),
      {"0": (0, 1), "1": (0, 1)}),
     (lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.GELU()), (5, 3, 9), {"0": (0, 1), "1": (0, 1)}),
     (_Seq, (5, 7, 6), {"proj": (0, 2), "attn[0]": (1, 2)}),
+    # [T, N, C] throughout: the layer keeps batch_first on its attention, its Linear and LayerNorm inherit it
+    (lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), (7, 5, 8),
+     {"(input)": (1, 2), "norm1": (1, 2), "linear1": (1, 2), "linear2": (1, 2), "norm2": (1, 2)}),
+    (_HeadFirst, (5, 4, 9), {"(input)": (0, 1), "conv": (0, 1)}),
     # Flatten returns a view of the conv's output, Identity its input: rows of their own all the same
     (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Identity()), (5, 3, 6, 6),
      {"0": (0, 1), "1": (0, 1), "2": (0, 1)}),
@@ -191,14 +207,14 @@ def test_channel_and_sample_axes(factory, shape, checks):
     make, made = recording(factory)
     table = inspect(make, input_shape=shape, replicates=1, seed=4).set_index("name")
     x = torch.from_numpy(inits.standard_normal(generator(4, 0, 0, "inputs"), shape, np.float32))
-    outs = {}
-    for name in checks:
+    outs = {"(input)": x}
+    for name in set(checks) - {"(input)"}:
         module = made[0].get_submodule(name.removesuffix("[0]"))
         module.register_forward_hook(lambda m, a, out, name=name: outs.__setitem__(
             name, (out[0] if isinstance(out, tuple) else out).detach().clone()))
     made[0](x)
     for name, (sample_axis, channel_axis) in checks.items():
-        assert table.loc[name, "channel_axis"] == channel_axis
+        assert (table.loc[name, "sample_axis"], table.loc[name, "channel_axis"]) == (sample_axis, channel_axis)
         assert_stats(table.loc[name], "post", outs[name].numpy(), sample_axis, channel_axis)
 
 

@@ -51,6 +51,7 @@ class Prepared:
     traced: list[str] = field(default_factory=list)  # qualified names traced ("" = the whole model)
     untraced: list[tuple[str, str]] = field(default_factory=list)  # (name, reason) of what did not trace
     blocks: list[tuple[str, Any, "BlockSpec"]] = field(default_factory=list)  # known blocks measured by hooks
+    input_reader: str | None = None  # qualified name of the module that reads the model's input, where it traces
 
 
 @functools.lru_cache(maxsize=1)
@@ -218,6 +219,12 @@ def _rewrite(gm: Any, prefix: str, prepared: Prepared) -> int:
     return count
 
 
+def _input_reader(graph: Any) -> str | None:
+    """The target of the first module called on the graph's first input itself, if any."""
+    placeholder = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    return next((n.target for n in graph.nodes if n.op == "call_module" and placeholder in n.all_input_nodes), None)
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")
@@ -255,6 +262,8 @@ def _prepare_module(module: Any, name: str, parent: Any, prepared: Prepared) -> 
         for child_name, child in list(module.named_children()):
             _prepare_module(child, f"{name}.{child_name}" if name else child_name, module, prepared)
         return
+    if parent is None:
+        prepared.input_reader = _input_reader(gm.graph)
     if _rewrite(gm, name, prepared) == 0:
         return  # nothing to measure that hooks do not already see: run the module as it is
     gm.train(module.training)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from ..nn import activations
 from . import load_torch
 from .graph import module_names
-from .modules import INPUT, axes_of, functional_activation, tensors
+from .modules import INPUT, axes_of, functional_activation, outer_layouts, tensors
 from .tensorstats import Buffer, saturation, tensor_stats, zero_when_saturated
 
 
@@ -80,6 +80,11 @@ class Pass:
         self._calls: dict[Any, int] = {}
         self._pending: dict[Any, list[dict[str, Any]]] = {}
         self._captured: dict[Any, dict[str, Any]] = {}
+        self._outer = outer_layouts(runner)
+
+    def axes(self, module: Any, ndim: int, inherited: tuple[int, int] | None) -> tuple[int, int]:
+        """:func:`axes_of` ``module``'s output, in the layout its enclosing modules state."""
+        return axes_of(module, ndim, inherited, self._outer.get(id(module)))
 
     # registration -----------------------------------------------------------------------------------------
     def __enter__(self) -> "Pass":
@@ -160,7 +165,7 @@ class Pass:
             info["saturated"] = saturation(act, inputs[0])  # before the call: an in-place one overwrites it
         if inputs and info["sources"][0] is None and self.theory:
             # A layer fed by something the hooks do not see: the theory restarts from its measured input.
-            s = tensor_stats(inputs[0], *axes_of(module, inputs[0].dim(), None), buffer=self.buffer,
+            s = tensor_stats(inputs[0], *self.axes(module, inputs[0].dim(), None), buffer=self.buffer,
                              complete=False)
             info.update(input_second_moment=s["second_moment"], input_cos_sim=s["cos_sim"], input_mean=s["mean"])
         if module in self.residuals and len(inputs) >= 2 and inputs[0].shape == inputs[1].shape:
@@ -186,7 +191,7 @@ class Pass:
                 # without children returning its input (Identity, Dropout in eval mode) or a view of it
                 # (Flatten: its channels differ) is a row of its own.
                 continue
-            axes = axes_of(module, t.dim(), inherited)
+            axes = self.axes(module, t.dim(), inherited)
             layer = len(self.rows)
             name = target.display + (f"#{call}" if call > 1 else "") + path
             stats = tensor_stats(t, *axes, saturated=info.get("saturated", math.nan), buffer=self.buffer)
@@ -216,7 +221,7 @@ class Pass:
         res = self.residuals[module]
         skip, branch = operands[res.skip_index], operands[1 - res.skip_index]
         sources = self.source_of(skip), self.source_of(branch)
-        axes = axes_of(module, skip.dim(), self.rows[sources[0]].axes if sources[0] is not None else None)
+        axes = self.axes(module, skip.dim(), self.rows[sources[0]].axes if sources[0] is not None else None)
         return {"skip": self._stats_of(skip, axes), "branch": self._stats_of(branch, axes),
                 "skip_source": sources[0], "branch_source": sources[1], "ambiguous": res.ambiguous, "axes": axes}
 
@@ -281,7 +286,7 @@ class Pass:
                     return
                 total = skip[0] + branch[0]
                 sums.append((total, None, None))
-                axes = axes_of(block, total.dim(), self.rows[skip[1]].axes if skip[1] is not None else None)
+                axes = self.axes(block, total.dim(), self.rows[skip[1]].axes if skip[1] is not None else None)
                 ops = {"skip": stats(skip, axes), "branch": stats(branch, axes), "skip_source": skip[1],
                        "branch_source": branch[1], "ambiguous": False}
                 self._residual_row(block, -1, ops, name=f"{name}+{k + 1}",

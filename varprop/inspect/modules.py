@@ -69,18 +69,66 @@ CHANNEL_FIRST = ("Conv", "BatchNorm", "InstanceNorm", "Pool", "Upsample", "Pixel
                   "ZeroPad", "ConstantPad", "CircularPad")
 
 
-def axes_of(module: Any, ndim: int, inherited: tuple[int, int] | None) -> tuple[int, int]:
-    """(sample axis, channel axis) of a module's output of ``ndim`` dimensions."""
+def axes_of(module: Any, ndim: int, inherited: tuple[int, int] | None,
+            outer: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(sample axis, channel axis) of a module's output of ``ndim`` dimensions: a 3-D output is [N, C, L]
+    for the channel-first kinds, [T, N, C] for a module with ``batch_first=False``, else laid out as its
+    input (``inherited``), else as the enclosing module says (``outer``, :func:`outer_layouts`), else
+    [N, T, C]."""
     if ndim != 3:
         return 0, 1
     name = type(module).__name__
     if torch_nn(module) and any(k in name for k in CHANNEL_FIRST):
         return 0, 1
-    if getattr(module, "batch_first", True) is False:  # [T, N, C]: nn.MultiheadAttention, Transformer*, RNNs
+    if batch_first(module) is False:  # [T, N, C]: nn.MultiheadAttention, Transformer*, RNNs
         return 1, 2
     if inherited is not None:  # elementwise modules, norms over the last axis, ... keep their input's layout
         return inherited
-    return 0, 2
+    return outer if outer is not None else (0, 2)
+
+
+def batch_first(module: Any) -> bool | None:
+    """The module's ``batch_first``, if it states one: its own attribute, or for torch's transformer
+    layers (which keep it on their attention only) their ``self_attn``'s."""
+    own = getattr(module, "batch_first", None)
+    if isinstance(own, bool):
+        return own
+    attention = getattr(module, "self_attn", None)
+    own = getattr(attention, "batch_first", None) if torch_nn(module) else None
+    return own if isinstance(own, bool) else None
+
+
+def outer_layouts(root: Any) -> dict[int, tuple[int, int]]:
+    """id(module) -> the 3-D layout that the nearest module enclosing it states with a ``batch_first``
+    attribute: the Linear, LayerNorm and Dropout inside ``nn.TransformerEncoderLayer(batch_first=False)``
+    see [T, N, C], though none of them says so (modules under no such attribute are left out)."""
+    out: dict[int, tuple[int, int]] = {}
+
+    def walk(module: Any, layout: tuple[int, int] | None) -> None:
+        own = batch_first(module)
+        if own is not None:
+            layout = (0, 2) if own else (1, 2)
+        for child in module.children():
+            if layout is not None:
+                out[id(child)] = layout
+            walk(child, layout)
+
+    walk(root, None)
+    return out
+
+
+def input_axes(runner: Any, ndim: int, outer: dict[int, tuple[int, int]], reader: str | None = None
+               ) -> tuple[int, int]:
+    """(sample axis, channel axis) of the model's input: as the model itself states it (a channel-first
+    kind, ``batch_first``), else as the module that reads it (``reader``, found on the traced graph), else
+    as the first module declared."""
+    if ndim != 3:
+        return 0, 1
+    if (torch_nn(runner) and any(k in type(runner).__name__ for k in CHANNEL_FIRST)) or batch_first(runner) is not None:
+        return axes_of(runner, ndim, None)
+    first = runner.get_submodule(reader) if reader is not None else next(
+        (m for n, m in runner.named_modules() if n and not list(m.children())), runner)
+    return axes_of(first, ndim, None, outer.get(id(first)))
 
 
 def selected(name: str, type_name: str, patterns: Sequence[str] | None, types: Sequence[str] | None) -> bool:

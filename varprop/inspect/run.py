@@ -23,7 +23,7 @@ from . import theory as inspect_theory
 from .hooks import Pass, Row, Target
 from .model import (build, callable_name, error_line, first_dtype, fork_rng, load_model, make_input, not_reset,
                     parse_device, parse_input_shape, seed_of, upstream)
-from .modules import ROOT, activation_of, axes_of, selected, tensors, torch_nn
+from .modules import ROOT, activation_of, input_axes, outer_layouts, selected, tensors, torch_nn
 
 MODES = ("train", "eval")
 
@@ -118,8 +118,7 @@ def _pass(prep: _Prepared, x: Any, seed: int, replicate: int, backward: bool, th
     """One forward (and backward) pass with every hook in place; the hooks are gone when it returns."""
     torch = load_torch()
     runner = prep.graph.runner
-    first = next((m for n, m in runner.named_modules() if n and not list(m.children())), runner)
-    axes = axes_of(first, x.dim(), None)
+    axes = input_axes(runner, x.dim(), outer_layouts(runner), prep.graph.input_reader)
     with fork_rng(torch, x.device), Pass(runner, prep.targets, backward, prep.graph.residuals,
                                          prep.graph.blocks, theory) as p, _one_blas_thread():
         # The forward's own draws (dropout) from the tree; torch.manual_seed would also seed every lazy
@@ -185,7 +184,7 @@ def _frame(config: str, replicate: int, rep: _Replicate, backward: bool) -> pd.D
         rec: dict[str, Any] = {
             "config": config, "replicate": replicate, "layer": row.layer, "name": row.name, "module": row.module,
             "call": row.call, "type": row.type_name, "shape": "x".join(map(str, row.shape)),
-            "channel_axis": row.axes[1], "fan_in": row.node.get("fan_in", math.nan),
+            "sample_axis": row.axes[0], "channel_axis": row.axes[1], "fan_in": row.node.get("fan_in", math.nan),
             "fan_out": row.node.get("fan_out", math.nan), "weight_ms": row.node.get("weight_ms", math.nan),
             "nonfinite": nonfinite,
             **{f"post_{k}": row.post.get(k, math.nan) for k in STATS}}
@@ -244,7 +243,7 @@ def inspect(model_or_factory: Any, input_shape: Sequence[int] | str | None = Non
     ``replicate``, ``layer`` (order of execution; 0 is the input), ``name``
     (qualified name, ``#k`` for a module's k-th call, ``[i]`` for a tuple
     output's i-th tensor), ``module``, ``call``, ``type``, ``shape``,
-    ``channel_axis``, ``fan_in``, ``fan_out``, ``weight_ms`` (the mean
+    ``sample_axis``, ``channel_axis``, ``fan_in``, ``fan_out``, ``weight_ms`` (the mean
     square of the weights), simulate's ``post_*`` statistics of the output
     and, with ``backward``, ``grad_*`` of the gradient with respect to it
     (for a N(0, 1) gradient entering the output) and ``weight_grad_norm``;

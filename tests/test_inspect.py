@@ -164,6 +164,28 @@ def test_inplace_relu_gradients_equal_those_of_the_out_of_place_twin():
     assert rows.loc["0", "post_frac_zero"] == 0 and rows.loc["1", "post_frac_zero"] > 0.2
 
 
+class _InputInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu_(x))
+
+
+def test_inplace_activation_of_the_input_itself_with_backward():
+    # autograd refuses relu_ on a leaf: the model runs on a copy; the input's row keeps the values before the
+    # relu and the gradient with respect to them, which the relu zeroes where its input was negative
+    make, made = recording(_InputInPlace)
+    table = inspect(make, input_shape=(10, 8), replicates=1, backward=True, seed=2).set_index("name")
+    x = torch.from_numpy(inits.standard_normal(generator(2, 0, 0, "inputs"), (10, 8), np.float32))
+    leaf = x.clone().requires_grad_(True)
+    (made[0](leaf.clone()) * upstream(2, 0, (10, 3))).sum().backward()
+    assert_stats(table.loc["(input)"], "post", x.numpy())
+    assert_stats(table.loc["(input)"], "grad", leaf.grad.numpy())
+    assert table.loc["(input)", "grad_frac_zero"] == np.mean(x.numpy() <= 0)
+
+
 class _Seq(nn.Module):
     """Linear over [N, T, C], then attention over [T, N, C] (batch_first=False)."""
 

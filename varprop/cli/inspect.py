@@ -110,7 +110,7 @@ def inspect_cmd(model: str, input_shape: str | None, input_file: str | None, rep
     from ..inspect.model import load_model, parse_input_shape
     from ..inspect.run import inspect, residual_table
     from ..inspect.sweep import parse_widths, width_sweep
-    from ..report.document import plain
+    from ..report.document import terminal
     from .common import in_staging, parse_formats
 
     n_rep = parse_pos_int(replicates, "replicates")
@@ -161,7 +161,7 @@ def inspect_cmd(model: str, input_shape: str | None, input_file: str | None, rep
     residual = residual_table(table)
     shown = residual[residual["config"] == summary["config"].iloc[0]] if len(residual) else residual
     for line in report.findings(summary, shown, info, sweep):
-        click.echo("- " + plain(line).replace("**", ""))
+        click.echo("- " + terminal(line))
     echo_written(out_dir, paths["report"].name if "report" in paths else None)
 
 

@@ -128,12 +128,14 @@ def _pass(prep: _Prepared, x: Any, seed: int, replicate: int, backward: bool, th
         with torch.set_grad_enabled(backward):
             if backward and x.is_floating_point():
                 x.requires_grad_(True)
-            p.add_input(x, axes)
+            feed = p.add_input(x, axes)
             try:
-                out = runner(x)
+                out = runner(feed)
             except SpecError:
                 raise
             except Exception as exc:
+                if isinstance(exc, NotImplementedError) and '"forward"' in str(exc):  # the model is at fault
+                    raise SpecError("model", error_line(exc)) from exc
                 hint = ("; token ids go in with --input-file (an integer array)" if x.is_floating_point() and any(
                     isinstance(m, torch.nn.Embedding) for m in runner.modules()) else "")
                 raise SpecError(input_option,
@@ -246,7 +248,10 @@ def inspect(model_or_factory: Any, input_shape: Sequence[int] | str | None = Non
     ``sample_axis``, ``channel_axis``, ``fan_in``, ``fan_out``, ``weight_ms`` (the mean
     square of the weights), simulate's ``post_*`` statistics of the output
     and, with ``backward``, ``grad_*`` of the gradient with respect to it
-    (for a N(0, 1) gradient entering the output) and ``weight_grad_norm``;
+    (for a N(0, 1) gradient entering the output) and ``weight_grad_norm``
+    (the norm of the weight's whole gradient, on the first row of the module
+    that owns it: a module called twice or a weight shared by two modules
+    is counted once, NaN on its other rows);
     ``theory`` and ``theory_post_*`` / ``theory_grad_*`` where mean-field
     theory applies. :func:`residual_table` gives the residual additions'
     skip, branch and sum statistics; ``table.attrs["inspect"]`` holds the

@@ -236,7 +236,8 @@ def predict(table: pd.DataFrame, replicates: Sequence[Sequence[Any]], backward: 
     names = {row.layer: row.name for row in rows}
 
     def source_name(src: int | None) -> str:
-        return names.get(src, "unseen") if src is not None else "an operation the hooks do not see"
+        return names.get(src, "unseen") if src is not None else (
+            "a value not measured (an operation the hooks do not see, or a module left out of the selection)")
 
     def measured_input(layer: int, src: int | None) -> Pred | None:
         nodes = by_layer[layer]

@@ -57,6 +57,13 @@ def plain(text: str) -> str:
     return _SPAN.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(2), str(text))
 
 
+def terminal(text: str) -> str:
+    """``text`` as a terminal line: a user's names that the report shows as code in quotes (a Sequential's
+    module "4" is no number), other literal spans unwrapped, no bold."""
+    return _SPAN.sub(lambda m: m.group(1) if m.group(1) is not None else f"'{m.group(2)}'", str(text)).replace(
+        "**", "")
+
+
 # An item of a list: a line, or a line with sub-items under it.
 Item = Union[str, tuple[str, Sequence[str]]]
 

@@ -449,7 +449,7 @@ def residual_summary(residual: pd.DataFrame) -> pd.DataFrame:
 
 
 def build_document(table: pd.DataFrame, summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any],
-                   sweep: Any = None) -> Document:
+                   sweep: Any = None, summary_json: bool = True) -> Document:
     """The inspect report as a :class:`Document`."""
     info = meta["inspect"]
     reps = int(info["replicates"])
@@ -546,8 +546,9 @@ def build_document(table: pd.DataFrame, summary: pd.DataFrame, residual: pd.Data
         "`cos sim`: mean cosine similarity between pairs of samples; `abs cos sim`: the mean of its absolute "
         "value over the first 128 samples;",
         "`layers.csv` has one row per module call and re-initialisation with simulate's column names (`post_*` "
-        "for the output, `grad_*` for the gradient, `theory_*` for the predictions); `summary.json` the means, "
-        "standard errors and intervals over re-initialisations.",
+        "for the output, `grad_*` for the gradient, `theory_*` for the predictions)"
+        + ("; `summary.json` the means, standard errors and intervals over re-initialisations." if summary_json
+           else "."),
     ]
     doc.items(notes)
     return doc
@@ -585,7 +586,8 @@ def rerender_into(run_dir: Path, staged: Path, formats: Sequence[str]) -> dict[s
     that varprop wrote and this render does not redraw carried over. ``run_dir`` itself is only read."""
     from . import redraw_into
 
-    return redraw_into(run_dir, staged, DATA_FILES, lambda directory: render(directory, formats))
+    kept = (run_dir / "summary.json").is_file()  # carried over when not redrawn: the report still names it
+    return redraw_into(run_dir, staged, DATA_FILES, lambda directory: render(directory, formats, summary_json=kept))
 
 
 def is_inspect_run(directory: Path) -> bool:
@@ -598,8 +600,9 @@ def is_inspect_run(directory: Path) -> bool:
 
 def render(directory: Path, formats: Sequence[str] = FORMATS, table: pd.DataFrame | None = None,
            meta: dict[str, Any] | None = None, residual: pd.DataFrame | None = None,
-           sweep: Any = None) -> dict[str, Any]:
-    """(Re)draw an inspect run's figures and reports, from its files when not given."""
+           sweep: Any = None, summary_json: bool = False) -> dict[str, Any]:
+    """(Re)draw an inspect run's figures and reports, from its files when not given; the report names
+    summary.json when it is written (the json format) or ``summary_json`` says it is there."""
     directory = Path(directory)
     if meta is None:
         meta = json.loads((directory / "config.json").read_text())
@@ -639,6 +642,7 @@ def render(directory: Path, formats: Sequence[str] = FORMATS, table: pd.DataFram
             residual_figure(shown_residual, directory / "residual.png")
         if sweep is not None:
             sweep_figure(sweep, directory / "width_sweep.png")
-        doc = build_document(shown, summary, shown_residual, meta, sweep)
+        doc = build_document(shown, summary, shown_residual, meta, sweep,
+                             summary_json=summary_json or "json" in formats)
         paths.update(document.write(doc, directory, formats))
     return paths

@@ -515,6 +515,12 @@ class _Bare(nn.Module):
         return x @ self.w
 
 
+class _NoForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+
 def _raises():
     raise ValueError("width must be even\nmore detail")
 
@@ -525,6 +531,7 @@ def _raises():
     (lambda: 3, {}, "--model", "returned int, not a torch.nn.Module"),
     (lambda: nn.Linear(4, 3), {"input_shape": (2, 5)}, "--input-shape", "mat1 and mat2 shapes cannot be multiplied"),
     (_Bare, {}, "--model", "_Bare has no submodules"),
+    (_NoForward, {}, "--model", 'missing the required "forward" function'),
     (_IntOut, {}, "--model", "no floating-point tensor (got int64)"),
     (lambda: nn.Linear(4, 3), {"modules": "conv*"}, "--modules", "no module name matches conv*"),
     (lambda: nn.Sequential(nn.Linear(4, 3)), {"types": "linear"}, "--types", "(did you mean Linear?)"),

@@ -41,11 +41,14 @@ def _assert_mean(df, column, layer, rel_bias=0.0):
 
 
 # The second-moment recursion is exact in expectation at any width for relu and linear branches with Gaussian
-# weights: given the layer below, each unit of z = h W is Gaussian, E[relu(z)^2] = E[z^2] / 2, and the last
-# dense layer's zero-mean weights make the skip and the branch uncorrelated. No finite-width allowance there.
+# weights whose activations read dense outputs (the original order): given the layer below, each unit of
+# z = h W is Gaussian, E[relu(z)^2] = E[z^2] / 2, and the last dense layer's zero-mean weights make the skip
+# and the branch uncorrelated. No finite-width allowance there. (In the pre-activation order the lead relu reads
+# the stream, skewed at finite width: test_preact_relu_reads_a_skewed_stream.)
 EXACT = [
-    {"residual": "plain", "blocks": 12},
-    {"residual": "plain", "alpha": "1/sqrt(L)", "blocks": 30, "branch_depth": 1, "activation": "leaky_relu"},
+    {"residual": "plain", "blocks": 12, "branch_order": "original"},
+    {"residual": "plain", "alpha": "1/sqrt(L)", "blocks": 30, "branch_depth": 1, "activation": "leaky_relu",
+     "branch_order": "original"},
     {"residual": "plain", "alpha": "1/sqrt(l)", "blocks": 10, "branch_depth": 3, "branch_order": "original",
      "activation": "linear", "init": "fan_in", "width": 32},
 ]
@@ -63,6 +66,20 @@ def test_exact_recursions_forward_and_backward(options):
     # blocks / width.
     bias = 0.0 if options.get("activation") == "linear" else blocks / options.get("width", 64)
     _assert_mean(df, "grad_second_moment", 0, bias)
+
+
+def test_preact_relu_reads_a_skewed_stream():
+    """Pre-activation order at width 4: the stream after a block is x + W relu(x), skewed (E[x^3] > 0), so the
+    next lead relu keeps more than half of E[x^2] and the mean runs above the recursion q_l = 2 q_(l-1) (alpha
+    = 1, branch depth 1, He init), which is exact at block 1 alone, where the stream is the Gaussian input. The
+    report calls the preact recursion an infinite-width limit for this reason."""
+    df = _run(replicates=4000, residual="plain", alpha=1.0, blocks=3, branch_depth=1, width=4, samples=8,
+              backward=False)
+    _assert_mean(df, "post_second_moment", 1)
+    rows = df[df["layer"] == 3]["post_second_moment"].to_numpy()
+    theory = float(df[df["layer"] == 3]["theory_post_second_moment"].iloc[0])
+    t = (rows.mean() - theory) / (rows.std(ddof=1) / math.sqrt(len(rows)))
+    assert t > t_two_sided(ALPHA, len(rows) - 1), (rows.mean(), theory, t)
 
 
 def test_smooth_activation_at_large_width():
@@ -292,14 +309,17 @@ def test_a_collapse_is_one_finding_from_the_block_on_which_it_holds():
 
 
 @pytest.mark.parametrize("options, exact", [
-    ({"residual": "plain", "activation": "relu", "init": "he"}, True),
+    ({"residual": "plain", "activation": "relu", "init": "he", "branch_order": "original"}, True),
+    ({"residual": "plain", "activation": "relu", "init": "he"}, False),  # the lead relu reads a skewed stream
+    ({"residual": "plain", "activation": "linear", "init": "fan_in"}, True),
     ({"residual": "plain", "activation": "tanh", "init": "xavier"}, False),
     ({"residual": "skipinit", "activation": "tanh", "init": "xavier"}, True),
     ({"residual": "nf", "activation": "relu", "init": "he"}, False),
     ({"residual": "plain", "activation": "relu", "init": "he", "distribution": "uniform"}, False),
 ])
 def test_theory_scope(options, exact):
-    """Exact at any width: relu/linear branches with Gaussian weights (the forward mean) and zero branches;
+    """Exact at any width: linear branches, relu ones in the original order, with Gaussian weights (the
+    forward mean), and zero branches;
     a limit otherwise (the claim is held to what the exact-recursion tests above check)."""
     spec = from_options({**options, "blocks": 3, "width": 8})
     scope = residual_report.theory_scope(to_options(spec))

@@ -145,10 +145,13 @@ def _residual_reading(layers: pd.DataFrame) -> str:
               "by 1/L.",
               "- NF-ResNet's stream follows its expected variance 1 + L alpha^2 with alpha = 0.2: log10 std "
               "0.5 log10(5) = 0.35 at 100 blocks, 0.5 log10(41) = 0.81 at 1,000.",
-              "- Theory and finite width: for these relu branches with Gaussian weights the forward recursion is "
-              "the exact mean over networks at any width (plain, 1/sqrt(L)); batch norm at the branch end makes it "
-              "exact up to eps; SkipInit and Fixup are exact identities; NF-ResNet's is an infinite-width limit "
-              "(weight standardisation, gamma). Exact in the mean is not what one network does: at alpha = 1 each "
+              "- Theory and finite width: for these pre-activation relu branches the forward recursion (plain, "
+              "1/sqrt(L)) is the infinite-width limit: each block's lead relu reads the stream, whose units are "
+              "skewed at finite width, so the mean over networks runs above it by O(1/width) a block (in the "
+              "original order, dense -> relu, it would be the exact mean at any width); batch norm at the branch "
+              "end makes it exact up to eps; SkipInit and Fixup are exact identities; NF-ResNet's is an "
+              "infinite-width limit (weight standardisation, gamma). Even an exact mean is not what one network "
+              "does: at alpha = 1 each "
               "block multiplies a network's variance by a random factor, so log10 std performs a random walk "
               "whose drift puts single networks (the typical network) below the mean; the mean itself is carried "
               "by networks too rare for 2 replicates to draw. The shaded bands of the std figure and of the "

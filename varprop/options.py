@@ -132,7 +132,8 @@ def parse_activation(value: Any, option: str = "activation") -> str:
 
 
 def parse_widths(value: Any, option: str = "widths") -> tuple[int, ...]:
-    accepted = "at least two comma-separated positive integers (input width, then one per layer)"
+    accepted = ("at least two comma-separated positive integers (input width, then one per layer; per block in a "
+                "residual stack)")
     parts = value.split(",") if isinstance(value, str) else value
     try:
         widths = tuple(parse_pos_int(p.strip() if isinstance(p, str) else p, option) for p in parts)

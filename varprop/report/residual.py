@@ -65,12 +65,21 @@ def theory_scope(options: dict[str, Any]) -> str:
                 "which the q-map reads as q / (q + eps); backward through batch norm is not modelled")
     zero = ("the branches are zero at init, and the projection shortcuts carry the signal: "
             if scheme in ("skipinit", "fixup") else "")
-    if options.get("activation") in _PROPORTIONAL and distribution == "normal":
+    act = options.get("activation")
+    if act in _PROPORTIONAL and distribution == "normal" and (act == "linear" or options.get("branch_order") ==
+                                                               "original"):
         return (zero + "forward second moments: the exact mean over networks at any width (each unit of h W "
                 "is Gaussian given the layer below and E[phi(z)^2] is proportional to E[z^2], so the recursion is "
                 "linear and commutes with the mean); one network fluctuates about it and, deep enough, the typical "
                 "network falls below the mean (the band); the backward recursion (gradient independence) and the "
                 "correlations are infinite-width limits")
+    if act in _PROPORTIONAL and distribution == "normal":
+        return (zero + "an infinite-width limit: the branch's leading activation reads the stream itself, whose "
+                "units are not symmetric about 0 at finite width after the first block (the skip plus "
+                f"{act}-fed branches), so E[phi(x)^2] is not the fixed share of E[x^2] the recursion takes: the "
+                "mean runs above it by O(1/width) per block, compounding (in the original order, dense -> "
+                "activation, the recursion is exact at any width); the backward recursion and the correlations are "
+                "infinite-width limits too")
     return (zero + "an infinite-width limit: E[phi(z)^2] is not linear in the layer's variance (or the weights are "
             "not Gaussian), so finite width biases the mean by O(1/width) per dense layer, compounding over blocks")
 
@@ -219,8 +228,8 @@ def section(doc: Document, run: Run, figure: str) -> None:
             "res_avg_var": [fmt_pow10(v) for v in df["res_avg_var"]],
         }))
     doc.items([
-        "*skip E[x^2]*: the second moment of the block's input, carried unchanged by the skip (mapped by the "
-        "projection shortcut where the width changes); *alpha^2 E[f^2]*: "
+        "*skip E[x^2]*: the second moment of the block's input, carried unchanged by the skip (where a "
+        "projection shortcut changes the width, still the block's input, before the projection); *alpha^2 E[f^2]*: "
         "that of what the branch adds; *branch / skip*: their ratio (10 to the mean of its log10 over "
         "replicates), and the theory's;",
         "*res_avg_var*: the branch's output f (before alpha), its variance per unit over samples, averaged over "

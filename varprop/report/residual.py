@@ -197,7 +197,8 @@ def section(doc: Document, run: Run, figure: str) -> None:
               "ratio, still read the block's input there.")
     doc.figure(figure, "Signal propagation per block: average squared channel mean and average channel variance "
                "of the stream, and the branch's average channel variance (a squared channel mean of 0 but for "
-               "rounding, behind batch norm, is not drawn)")
+               "rounding, behind batch norm, is not drawn; a channel of zero mean still shows the mean of its N "
+               "samples, whose square averages its variance / N: the floor of that line)")
     doc.p("Second moments add through a block (the branch's last dense layer has zero-mean weights, so skip and "
           "branch are uncorrelated): q_l = q_(l-1) + alpha^2 E[f^2]. With alpha = 1 and a variance-preserving "
           "branch q doubles per block (2^L); alpha = 1/sqrt(L) multiplies it by 1 + 1/L per block, (1 + 1/L)^L ~ e in "

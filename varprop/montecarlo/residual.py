@@ -73,7 +73,8 @@ class Blocks:
     A block costs its branch's layers plus one addition: the sum's
     statistics are taken in the addition's own pass, the branch's come from
     its last dense layer's pass, and values whose statistics are not
-    reported get a mean square only (their scale)."""
+    reported get a mean square only (their scale): forward, and backward
+    inside the branch, where only the weight-gradient norms are kept."""
 
     def __init__(self, net: Network):
         self.net, self.pool = net, net.pool
@@ -227,12 +228,11 @@ class Blocks:
         else:
             v = Values(g.u, g.log_s + log_alpha, g.ms)
             live = self._live(block)
-            # The gradient entering the branch is alpha g: its statistics, given, spare a linear last layer
-            # the pass over its delta (which is alpha g itself).
-            scratch: list[dict[str, float]] = [prefixed("grad", _alpha_stats(g_stats, kind.alpha))]
+            # Inside the branch only the weight gradients are reported: no statistics are taken there.
+            scratch: list[dict[str, float]] = [{}]
             for i in range(len(live) - 1, -1, -1):
                 nxt = live[i - 1].index if i > 0 else self._last(ahead)
-                v, _ = net.back(live[i].index, tape.branch[i], v, scratch[-1], ahead=nxt)
+                v, _ = net.back(live[i].index, tape.branch[i], v, scratch[-1], ahead=nxt, stats=False)
                 scratch.append({})
             net.flush_grad()
             log_squares += [2 * LN10 * s["weight_grad_log10_norm"] for s in scratch[:-1]

@@ -22,7 +22,8 @@ from ..logscale import exp_times
 from ..nn import activations, batchnorm, inits, layers
 from ..parallel import SERIAL, Pool, row_chunks
 from ..spec import RunSpec
-from ..stats import ABS_COS_SAMPLES, SATURATION, STATS, Sums, block_sums, from_sums, head_cos, side_stats_ms
+from ..stats import (ABS_COS_SAMPLES, SATURATION, STATS, Sums, block_sums, from_sums, head_cos, mean_square,
+                     side_stats_ms)
 from .scaled import MS_BAND, Values, bias_terms, in_band, narrow, prescale, renorm, sum_squares
 from .seeds import generator
 
@@ -267,12 +268,14 @@ class Network:
         tape = Tape(x.u, x.log_s, dphi, cache) if keep else None
         return in_band(Values(h, log_h, ms_h), pool), row, tape
 
-    def back(self, layer: int, tape: Tape, g: Values, row: MutableMapping[str, float], ahead: int | None = None
-             ) -> tuple[Values, dict[str, float]]:
+    def back(self, layer: int, tape: Tape, g: Values, row: MutableMapping[str, float], ahead: int | None = None,
+             stats: bool = True) -> tuple[Values, dict[str, float] | None]:
         """Layer ``layer`` backward: from the gradient w.r.t. its output to the
         gradient w.r.t. its input and that gradient's statistics; fills the
         row's delta and weight-gradient. ``ahead`` names a layer whose weights
-        are drawn meanwhile."""
+        are drawn meanwhile. With ``stats=False`` (a layer inside a residual
+        branch, which reports none of it) only the weight-gradient norm is
+        filled and None returned for the statistics; the values are the same."""
         kind, dtype = self.layers[layer - 1], self.dtype
         act = kind.activation.fn
         n_in, n_out, n = kind.dense.fan_in, kind.dense.fan_out, g.u.shape[0]
@@ -290,7 +293,7 @@ class Network:
             v, log_v = narrow(v, log_v, dtype, pool)
             if kind.bn_pre:
                 v, log_v = narrow(*batchnorm.backward(v, log_v, tape.bn), dtype, pool)
-            delta, ms_v = side_stats_ms(v, log_v, pool=pool)
+            delta, ms_v = side_stats_ms(v, log_v, pool=pool) if stats else (None, mean_square(v, pool))
         else:
             v, log_v = (g.u, g.log_s) if tape.dphi is None else (np.empty_like(g.u), g.log_s + kind.activation.log_gain)
             ms_v = g.ms
@@ -302,17 +305,17 @@ class Network:
         head_rows = min(ABS_COS_SAMPLES, n)
         w0_t = w0.T
 
-        def block(rows: slice) -> tuple[Sums | None, Sums, float, float]:
-            with_head = rows.start == 0 and rows.stop >= head_rows
+        def block(rows: slice) -> tuple[Sums | None, Sums | None, float, float]:
+            with_head = stats and rows.start == 0 and rows.stop >= head_rows
             delta_sums, head_delta = None, math.nan
             if not bn_here and tape.dphi is not None:
                 vb = _times_dphi(g.u[rows], tape.dphi[rows], act, out=v[rows])
-                delta_sums = block_sums(vb)
+                delta_sums = block_sums(vb) if stats else None
                 head_delta = head_cos(vb) if with_head else math.nan
             ob = out[rows]
             np.matmul(v[rows], w0_t, out=ob)
             ob *= c
-            return delta_sums, block_sums(ob), head_delta, head_cos(ob) if with_head else math.nan
+            return delta_sums, block_sums(ob) if stats else None, head_delta, head_cos(ob) if with_head else math.nan
 
         # The previous layer's weight-gradient products share this map: one barrier fewer per layer.
         earlier, finish_earlier = self._pending_grad
@@ -321,6 +324,11 @@ class Network:
         finish_earlier(done[:len(earlier)])
         parts = done[len(earlier):len(earlier) + len(chunks)]
         heads_ok = chunks[0].stop >= head_rows
+        log_out = log_v + math.log(w_scale) - math.log(float(c))
+        if not stats:
+            # The mean square alone (it sets the next scale): block_sums' row squares, bit for bit.
+            self._finish_back(tape, v, log_v, row)
+            return in_band(Values(out, log_out, mean_square(out, pool)), pool), None
         if not bn_here:
             if tape.dphi is None:
                 # A linear layer's delta is the gradient that came in, whose statistics the row has.
@@ -329,8 +337,12 @@ class Network:
             else:
                 delta, _ = from_sums(v, [p[0] for p in parts], log_v, head=parts[0][2] if heads_ok else head_cos(v))
         row.update(prefixed("delta", delta))
-        log_out = log_v + math.log(w_scale) - math.log(float(c))
         grad, ms_out = from_sums(out, [p[1] for p in parts], log_out, head=parts[0][3] if heads_ok else head_cos(out))
+        self._finish_back(tape, v, log_v, row)
+        return in_band(Values(out, log_out, ms_out), pool), grad
+
+    def _finish_back(self, tape: Tape, v: np.ndarray, log_v: float, row: MutableMapping[str, float]) -> None:
+        """Leave the weight-gradient norm ||u_in^T v|| pending, for the next layer's map (or flush_grad)."""
         # ||u_in^T v||_F by fixed blocks of the weight gradient's rows, none of it kept, computed
         # in the next layer's map (or by flush_grad). Squares summed in the compute dtype: the
         # product's own rounding is already that large.
@@ -343,7 +355,6 @@ class Network:
             row["weight_grad_norm"] = exp_times(1.0, log_norm)
         self._pending_grad = ([lambda rows=rows: sum_squares(u_t[rows] @ v)
                                for rows in row_chunks(u_t.shape[0], v.shape[1])], finish)
-        return in_band(Values(out, log_out, ms_out), pool), grad
 
     def flush_grad(self) -> None:
         """Compute the weight-gradient norm that :meth:`back` left pending."""

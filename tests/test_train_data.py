@@ -54,7 +54,11 @@ def test_idx_corrupt(tmp_path):
     folder = write_idx_folder(tmp_path / "m", "dash", False)
     images = folder / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:-5])  # truncated data
-    with pytest.raises(SpecError, match="corrupt IDX file: its header promises 192 bytes"):
+    with pytest.raises(SpecError, match=r"corrupt IDX file: its header \(3 dimensions\) promises 192 bytes"):
+        data.load(folder, 0, 3)
+    # dimensions whose product wraps a 64-bit integer to 0, with no data: corrupt, not a shape of 0 bytes
+    images.write_bytes(bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 2**31, 2**31, 4))
+    with pytest.raises(SpecError, match="promises 18,446,744,073,709,551,616 bytes"):
         data.load(folder, 0, 3)
     images.write_bytes(b"\x12\x34" + idx_bytes(X_TRAIN)[2:])  # bad magic
     with pytest.raises(SpecError, match="not an IDX file"):
@@ -105,7 +109,7 @@ def test_user_npz_split_stratified(tmp_path):
 
 
 @pytest.mark.parametrize("arrays, message", [
-    ({"X": np.zeros((4, 3)), "y": np.zeros(5, int)}, "holds 5 labels for 4 images"),
+    ({"X": np.zeros((4, 3)), "y": np.zeros(5, int)}, "hold 5 labels for 4 images"),
     ({"X": np.full((4, 3), np.nan), "y": np.zeros(4, int)}, "NaN"),
     ({"X": np.zeros((4, 3)), "y": np.array([0, 1, 2, 12])}, "labels from 0 to 12; expected 0..9"),
     ({"X": np.zeros((4, 3)), "y": np.array([0.5, 1, 2, 1])}, "non-integer labels"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import os
 import zipfile
 import zlib
@@ -68,21 +69,21 @@ def _fail(message: str) -> SpecError:
 def _pixels(x: np.ndarray, what: str) -> tuple[np.ndarray, bool]:
     """``x`` as float32 rows, integer pixels / 255; whether it was scaled."""
     if x.dtype == object or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
-        raise _fail(f"{what} has dtype {x.dtype}; expected integer pixels 0..255 or floats")
+        raise _fail(f"{what} have dtype {x.dtype}; expected integer pixels 0..255 or floats")
     if x.ndim < 2 or x.shape[0] == 0:
-        raise _fail(f"{what} has shape {x.shape}; expected N images (N x features, or N x height x width)")
+        raise _fail(f"{what} have shape {x.shape}; expected N images (N x features, or N x height x width)")
     flat = x.reshape(x.shape[0], -1)
     if flat.shape[1] == 0:
-        raise _fail(f"{what} has shape {x.shape}: no features")
+        raise _fail(f"{what} have shape {x.shape}: no features")
     if np.issubdtype(x.dtype, np.integer):
         lo, hi = int(flat.min()), int(flat.max())
         if lo < 0 or hi > 255:
-            raise _fail(f"{what} holds integers from {lo} to {hi}; expected pixels 0..255")
+            raise _fail(f"{what} hold integers from {lo} to {hi}; expected pixels 0..255")
         out = flat.astype(np.float32)
         out /= np.float32(255)
         return out, True
     if not np.isfinite(flat).all():
-        raise _fail(f"{what} contains NaN or infinite values")
+        raise _fail(f"{what} contain NaN or infinite values")
     return flat.astype(np.float32), False
 
 
@@ -90,16 +91,16 @@ def _labels(y: np.ndarray, n: int, n_classes: int, what: str) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
-        raise _fail(f"{what} has shape {y.shape}; expected one integer label per image")
+        raise _fail(f"{what} have shape {y.shape}; expected one integer label per image")
     if y.shape[0] != n:
-        raise _fail(f"{what} holds {y.shape[0]} labels for {n} images")
+        raise _fail(f"{what} hold {y.shape[0]} labels for {n} images")
     if np.issubdtype(y.dtype, np.floating):
         if not np.isfinite(y).all() or np.any(y != np.round(y)):
-            raise _fail(f"{what} holds non-integer labels; expected integers 0..{n_classes - 1}")
+            raise _fail(f"{what} hold non-integer labels; expected integers 0..{n_classes - 1}")
     elif not np.issubdtype(y.dtype, np.integer):
-        raise _fail(f"{what} has dtype {y.dtype}; expected integer labels 0..{n_classes - 1}")
+        raise _fail(f"{what} have dtype {y.dtype}; expected integer labels 0..{n_classes - 1}")
     if y.size and (y.min() < 0 or y.max() >= n_classes):
-        raise _fail(f"{what} holds labels from {y.min():g} to {y.max():g}; expected 0..{n_classes - 1} "
+        raise _fail(f"{what} hold labels from {y.min():g} to {y.max():g}; expected 0..{n_classes - 1} "
                     f"(the output width is {n_classes})")
     return y.astype(np.int64)
 
@@ -188,10 +189,10 @@ def read_idx(path: Path) -> np.ndarray:
         raise _fail(f"{path} is a corrupt IDX file: its header is cut short")
     dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
     dtype = np.dtype(_IDX_TYPES[raw[2]])
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize  # Python's integers: a header's dims cannot wrap around
     if len(raw) - header != expected:
-        raise _fail(f"{path} is a corrupt IDX file: its header promises {expected:,} bytes of data for shape "
-                    f"{dims}, it holds {len(raw) - header:,}")
+        raise _fail(f"{path} is a corrupt IDX file: its header ({ndim} dimensions) promises {expected:,} bytes of "
+                    f"data for shape {dims}, it holds {len(raw) - header:,}")
     return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 

@@ -90,6 +90,13 @@ def _warn(message: str) -> None:
 
 _critical = 0
 _pending: list[int] = []
+_published: list[str] = []  # the outputs this process replaced whole, as the user named them
+
+
+def published() -> list[str]:
+    """The output directories this process has published, in order: what an interrupted command still
+    wrote whole (a signal arriving while one is published is delivered once it is complete)."""
+    return list(_published)
 
 
 @contextmanager
@@ -868,6 +875,7 @@ def staging(out_dir: str | os.PathLike[str], force: bool = False) -> Iterator[Pa
                 raise _describe(exc, shown, stage.run, existed, writing=False) from None
             ok = True
             stage.finish()
+            _published.append(shown)
     finally:
         with critical():
             if stage is not None and not ok:

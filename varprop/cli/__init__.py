@@ -88,6 +88,8 @@ class _Group(click.Group):
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         old = _install_handlers()
+        outdir = sys.modules.get("varprop.outdir")
+        published_before = len(outdir.published()) if outdir is not None else 0
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as exc:
@@ -98,8 +100,11 @@ class _Group(click.Group):
             sys.exit(2)
         except Interrupted as exc:
             # The terminal echoed ^C without a newline; a pipe or a file gets exactly one line.
+            outdir = sys.modules.get("varprop.outdir")
+            done = outdir.published()[published_before:] if outdir is not None else []
             click.echo(("\n" if exc.signum == signal.SIGINT and sys.stderr.isatty() else "")
-                       + "varprop: interrupted", err=True)
+                       + "varprop: interrupted" + (f" after {', '.join(done)} was written whole" if done else ""),
+                       err=True)
             sys.exit(128 + exc.signum)
         except click.Abort:
             click.echo("varprop: aborted", err=True)

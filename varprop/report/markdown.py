@@ -599,12 +599,18 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
                       "network is set by the largest replicates alone.", unit))
 
     doc.h2("Means, channels and correlations")
-    doc.figure("means_per_layer.png", as_rows("Mean of the layer outputs, average squared unit mean and average "
-                                              "unit variance per layer", unit))
-    doc.p(as_rows("A layer whose units carry a mean (relu, sigmoid, softplus) shows it in the average squared unit "
-                  "mean; the average unit variance is what is left for the signal to vary with across samples. A mean "
-                  "that reaches far beyond 1 is drawn on a scale linear within ±1 and logarithmic beyond, so that "
-                  "its sign and size both show beside means near 0.", unit))
+    if unit == "block":  # the channel statistics are the signal-propagation plot's, in "Residual blocks"
+        doc.figure("means_per_layer.png", "Mean of the stream per block (its average squared channel mean and "
+                   "average channel variance: the signal-propagation plot, under Residual blocks)")
+        doc.p("A mean that reaches far beyond 1 is drawn on a scale linear within ±1 and logarithmic beyond, so "
+              "that its sign and size both show beside means near 0.")
+    else:
+        doc.figure("means_per_layer.png", "Mean of the layer outputs, average squared unit mean and average unit "
+                   "variance per layer")
+        doc.p("A layer whose units carry a mean (relu, sigmoid, softplus) shows it in the average squared unit "
+              "mean; the average unit variance is what is left for the signal to vary with across samples. A mean "
+              "that reaches far beyond 1 is drawn on a scale linear within ±1 and logarithmic beyond, so that "
+              "its sign and size both show beside means near 0.")
     doc.figure("correlation_per_layer.png", as_rows("Cosine similarity between samples per layer, with the c-map "
                                                     "prediction", unit))
     doc.p("When the cosine similarity climbs to 1 every input is mapped to the same direction and the network can "

@@ -233,12 +233,48 @@ def test_relu_like_beyond_the_edge_explodes_and_is_not_chaotic(act, excess):
 def test_q_star_near_the_edge_of_a_homogeneous_activation(act, slopes, gap):
     # phi(a z) = a phi(z): the q-map is affine, q' = sigma_w^2 (a+^2 + a-^2) / 2 q + sigma_b^2 = (1 - gap) q +
     # sigma_b^2, so q* = sigma_b^2 / gap exactly; iterating creeps toward it by 1 - gap a step. The q-map's
-    # rounding, ~1e-16 q a step, moves its root by ~1e-16 / gap relative.
+    # error, its quadrature's ~1e-15 relative, moves its root by ~1e-15 / gap relative.
     sigma_w, sigma_b = math.sqrt((1 - gap) * 2 / (slopes[0] ** 2 + slopes[1] ** 2)), 0.1
     r = theory.mean_field(act, sigma_w, sigma_b)
-    assert r["q_star"] == pytest.approx(sigma_b**2 / gap, rel=1e-12 / gap)
+    assert r["q_star"] == pytest.approx(sigma_b**2 / gap, rel=1e-14 / gap)
+    # the phase grid gets there too: its iteration stops at steps below 1e-13 q, gap (q* - q) a step, which
+    # leaves 1e-13 / gap of q* (10 times that allowed for its Aitken jumps); what it has not settled by then it
+    # settles as mean_field does
+    grid = theory.phase_grid(act, np.array([sigma_w**2]), np.array([sigma_b**2]))
+    assert grid["q_star"].iloc[0] == pytest.approx(r["q_star"], rel=1e-12 / gap)
     # on the edge itself (sigma_w^2 rounded) a bias grows q by sigma_b^2 a layer, without end
-    assert theory.mean_field(act, sigma_w / math.sqrt(1 - gap), sigma_b)["q_star"] == math.inf
+    edge = theory.mean_field(act, sigma_w / math.sqrt(1 - gap), sigma_b)
+    assert edge["q_star"] == math.inf
+    grid = theory.phase_grid(act, np.array([edge["sigma_w"] ** 2]), np.array([sigma_b**2]))
+    assert grid["q_star"].iloc[0] == math.inf and grid["phase"].iloc[0] == "exploding"
+
+
+@pytest.mark.parametrize("act,added", [("elu", 1.0), ("selu", None), ("softplus", None)])
+def test_activations_that_add_to_q_on_their_edge_run_away(act, added):
+    # relu-like at +infinity (growth sigma_w^2 / 2 = 1 at He's sigma_w), but adding to q of their own: elu's
+    # negative side gives q' - q -> sigma_w^2 P(z < 0) = 1, selu's more, softplus's log(2)-like offset grows
+    # with sqrt(q). No bias is needed for q to run away, as it does for relu with one.
+    sigma_w = math.sqrt(2) / (1.0507009873554805 if act == "selu" else 1)  # selu = lambda elu_alpha
+    if added is not None:  # elu, in closed form: E[elu(x)^2] = q/2 + P(x<0) - 2 E[e^x; x<0] + E[e^2x; x<0],
+        q = 1e8            # E[e^tx; x<0] = exp(t^2 q/2) Phi(-t sqrt(q)), x ~ N(0, q)
+        below = 0.5 - 2 * math.exp(q / 2 + special.log_ndtr(-math.sqrt(q))) + math.exp(
+            2 * q + special.log_ndtr(-2 * math.sqrt(q)))
+        assert sigma_w**2 * below == pytest.approx(added, rel=1e-3)  # q' - q, the sigma_w^2 q / 2 = q cancelled
+    assert theory.mean_field(act, sigma_w, 0.0)["q_star"] == math.inf
+
+
+def test_tanh_just_above_its_edge_keeps_a_small_q_star():
+    # q' = s q (1 - 2 q + O(q^2)) for tanh without bias: q* ~ (s - 1) / (2 s), reached by 1 - (s - 1) a step
+    # (20,000 steps do not settle it at s = 1.0001); at s = 1 exactly q* = 0
+    for s in (1.001, 1.0001):
+        q = theory.mean_field("tanh", math.sqrt(s), 0.0)["q_star"]
+        assert 0 < q and q_step_gap(s, q) < 1e-12 * q
+    assert theory.mean_field("tanh", 1.0, 0.0)["q_star"] == 0
+
+
+def q_step_gap(s, q):
+    phi = A.get("tanh")
+    return abs(s * quad(lambda z: phi.phi(z) ** 2, q) - q)
 
 
 def test_criticality_of_he_relu_and_tanh_edge():

@@ -26,11 +26,10 @@ def q_map(act: Activation, sigma_w: float, sigma_b: float, q: float) -> float:
 
 def fixed_point(act: Activation, sigma_w: float, sigma_b: float, q0: float = 1.0, tol: float = 1e-13,
                 max_iter: int = 20_000) -> float:
-    """q* by iterating the q-map from q0 (0 or inf when it runs away).
-
-    At sigma_b = 0 the iteration can creep toward 0 like 1/l (tanh at
-    sigma_w = 1); still falling after ``max_iter`` steps from q0 means q* = 0.
-    """
+    """q* by iterating the q-map from q0 (0 or inf when it runs away); where
+    the iteration has not settled after ``max_iter`` steps (near chi_1 = 1 the
+    map moves by little a step), the root of q_map(q) - q bracketed from where
+    it stands (:func:`settle`)."""
     q = q0
     for _ in range(max_iter):
         new = q_map(act, sigma_w, sigma_b, q)
@@ -39,10 +38,17 @@ def fixed_point(act: Activation, sigma_w: float, sigma_b: float, q0: float = 1.0
         if abs(new - q) <= tol * max(q, 1e-300) or new < 1e-300:
             return new if new >= 1e-300 else 0.0
         q = new
-    if sigma_b == 0 and q < 1e-3 * q0:
-        return 0.0
-    # Not settled: near chi_1 = 1 the map moves by little a step (relu at sigma_w^2 = 2 - 1e-8 with sigma_b = 0.1
-    # creeps up 0.01 a step toward q* = 1.7e6). q* is then the root of q_map(q) - q, bracketed from here.
+    root = settle(act, sigma_w, sigma_b, q, tol)
+    # Without a bias the q-map's curvature near 0 is O(q^2): a root below 1e-12 is its rounding (tanh at
+    # sigma_w = 1 crosses 0 near 1e-15), q* = 0.
+    return 0.0 if sigma_b == 0 and root < 1e-12 else root
+
+
+def settle(act: Activation, sigma_w: float, sigma_b: float, q: float, tol: float = 1e-13) -> float:
+    """The fixed point the q-map approaches from ``q``: the root of q_map(q) - q, bracketed by doubling (or
+    halving) from ``q`` (relu at sigma_w^2 = 2 - 1e-8 with sigma_b = 0.1 creeps up 0.01 a step toward
+    q* = 1.7e6; tanh at sigma_w^2 = 1.001 down toward 5e-4, at sigma_w = 1 toward 0 like 1/l); inf or 0
+    when none is found before 1e200 or 1e-300."""
     from scipy.optimize import brentq  # rarely needed: not worth its import on every run
 
     def gap(v: float) -> float:
@@ -68,11 +74,17 @@ SIGMA_B_MAX = 1e6
 LOG_Q_FAR = 600.0  # log q where phi's growth at infinity is read (relu-like phi: E[phi^2] / q is its limit there)
 
 
-def runs_away(growth: Any, sigma_b2: Any) -> Any:
+Q_EDGE = 1e6  # where the q-map's own addition is read on the edge growth = 1
+
+
+def runs_away(growth: Any, sigma_b2: Any, excess: Any = 0.0) -> Any:
     """Whether the q-map has no finite fixed point, from its growth q'/q as q -> inf: above 1 (with 1e-9 for
-    rounding: relu at sigma_w = sqrt(2), rounded, keeps every q), or within 1e-9 of 1 with a bias, which adds
-    sigma_b^2 a layer to a q whose fixed point, if any, is 1e9 sigma_b^2 or more, 1e9 layers away."""
-    return (growth > 1 + 1e-9) | ((np.asarray(sigma_b2) > 0) & (growth > 1 - 1e-9))
+    rounding: relu at sigma_w = sqrt(2), rounded, keeps every q), or within 1e-9 of 1 where the map still adds
+    to q: a bias (sigma_b^2 a layer, to a q whose fixed point, if any, is 1e9 sigma_b^2 or more, 1e9 layers
+    away) or the activation itself (elu, selu, softplus at their edge: q' - q tends to a positive constant or
+    more), ``excess`` = (q'(Q) - Q) / Q at Q = :data:`Q_EDGE` above 1e-9."""
+    edge = growth > 1 - 1e-9
+    return (growth > 1 + 1e-9) | (edge & ((np.asarray(sigma_b2) > 0) | (np.asarray(excess) > 1e-9)))
 
 
 def check_sigmas(sigma_w: float, sigma_b: float = 0.0) -> None:
@@ -110,7 +122,8 @@ def mean_field(act: Activation | str, sigma_w: float, sigma_b: float = 0.0) -> d
     # q' / q as q -> inf: sigma_w^2 E[phi(z)^2] / q, 1/2 sigma_w^2 for relu. Above 1 the q-map has no finite
     # fixed point, however slowly it runs away (relu at sigma_w^2 = 2.002 grows 0.1% a layer).
     growth = sigma_w**2 * math.exp(moments(act, LOG_Q_FAR).log_m2 - LOG_Q_FAR)
-    q_star = math.inf if runs_away(growth, sigma_b**2) else fixed_point(act, sigma_w, sigma_b)
+    excess = (q_map(act, sigma_w, sigma_b, Q_EDGE) - Q_EDGE) / Q_EDGE if growth > 1 - 1e-9 else 0.0
+    q_star = math.inf if runs_away(growth, sigma_b**2, excess) else fixed_point(act, sigma_w, sigma_b)
     log_q = math.log(q_star) if 0 < q_star < math.inf else (-700.0 if q_star == 0 else 700.0)
     chi_1 = sigma_w**2 * moments(act, log_q).dphi2
     # With q* infinite (relu-like, sigma_w^2 E[phi'^2] > 1) the variance grows without bound and chi_1 > 1
@@ -183,9 +196,9 @@ def phase_grid(act: Activation | str, sigma_w2: np.ndarray, sigma_b2: np.ndarray
     # The q-map, vectorized over the points still moving (moderate q: phi is evaluated directly). Near
     # the critical line it contracts by little a step (selu at sigma_w^2 = 1.8: q* ~ 3600 is ~900 after
     # 400 steps), so every 20th step extrapolates a geometric approach to its limit (Aitken), which the
-    # plain steps after it then settle. Points running to q* = inf or 0 stop past 1e200 or 1e-100, or
-    # after ``iters`` steps. On the line itself the approach is slower than geometric and q* is left
-    # unsettled (gelu, elu, silu at sigma_w^2 = 2: chi_1 within 0.6% of mean_field's).
+    # plain steps after it then settle. Points running to q* = inf or 0 stop past 1e200 or 1e-100. On the
+    # line itself the approach is slower than geometric: a point still moving after ``iters`` steps is
+    # settled as mean_field settles it (:func:`settle`).
     for k in range(iters):
         i = live
         new = np.clip(sw2[i] * (act.phi(np.sqrt(q[i])[:, None] * x[None, :]) ** 2 @ w) + sb2[i], 1e-300, 1e300)
@@ -202,11 +215,18 @@ def phase_grid(act: Activation | str, sigma_w2: np.ndarray, sigma_b2: np.ndarray
         live = i[moving]
         if not live.size:
             break
-    z = np.sqrt(q)[:, None] * x[None, :]
     # no finite q* (mean_field's test): the variance runs away; chi_1 is then read at infinity, as mean_field
     # reads it, and there is no c* to find
     far = moments(act, LOG_Q_FAR)
-    exploding = runs_away(sw2 * math.exp(far.log_m2 - LOG_Q_FAR), sb2)
+    growth = sw2 * math.exp(far.log_m2 - LOG_Q_FAR)
+    excess = np.zeros_like(sw2)
+    for j in np.flatnonzero(growth > 1 - 1e-9):  # the edge's few points, with mean_field's accurate q-map
+        excess[j] = (q_map(act, math.sqrt(sw2[j]), math.sqrt(sb2[j]), Q_EDGE) - Q_EDGE) / Q_EDGE
+    exploding = runs_away(growth, sb2, excess)
+    for j in live[~exploding[live]]:  # not settled after iters steps: mean_field's root from where it stands
+        q[j] = settle(act, math.sqrt(sw2[j]), math.sqrt(sb2[j]), q[j])
+        exploding[j] = q[j] == math.inf
+    z = np.sqrt(np.where(np.isfinite(q), q, 1.0))[:, None] * x[None, :]
     chi1 = np.where(exploding, sw2 * far.dphi2, sw2 * (act.dphi(z) ** 2 @ w))
     # The c-map from c = 0.5 toward c*, C(c) = (sw2 E[phi(z1) phi(z2)] + sb2) / q*, and its slope at c*,
     # sw2 E[phi'(z1) phi'(z2)] (Price's theorem), by Mehler's series, all chaotic points at once. In the
@@ -234,4 +254,4 @@ def phase_grid(act: Activation | str, sigma_w2: np.ndarray, sigma_b2: np.ndarray
         xi_c = np.where((chi_c > 0) & (chi_c < 1), -1 / np.log(np.clip(chi_c, 1e-300, 1 - 1e-16)), np.inf)
     return pd.DataFrame({"sigma_w2": sw2, "sigma_b2": sb2, "q_star": np.where(exploding, np.inf, q), "chi_1": chi1,
                          "c_star": c, "xi_c": xi_c,
-                         "phase": np.where(chi1 < 1, "ordered", np.where(exploding, "exploding", "chaotic"))})
+                         "phase": np.where(exploding, "exploding", np.where(chi1 < 1, "ordered", "chaotic"))})

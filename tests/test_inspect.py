@@ -186,6 +186,14 @@ def test_inplace_activation_of_the_input_itself_with_backward():
     assert table.loc["(input)", "grad_frac_zero"] == np.mean(x.numpy() <= 0)
 
 
+def test_the_users_input_is_not_changed_by_a_model_that_changes_its_input():
+    x = np.random.default_rng(2).standard_normal((10, 8)).astype(np.float32)
+    kept = x.copy()
+    table = inspect(_InputInPlace, inputs=x, replicates=2, seed=1)
+    assert np.array_equal(x, kept)
+    assert (table[table["name"] == "(input)"]["post_frac_zero"] == 0).all()  # every replicate read it whole
+
+
 class _Seq(nn.Module):
     """Linear over [N, T, C], then attention over [T, N, C] (batch_first=False)."""
 
@@ -198,6 +206,18 @@ class _Seq(nn.Module):
         h = self.proj(x)
         t = h.transpose(0, 1)
         return self.attn(t, t, t, need_weights=False)[0]
+
+
+class _SeqFirstWrapper(nn.Module):
+    """A user's module stating batch_first=False, traced and rewritten (its gelu), fed [T, N, C]."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_first = False
+        self.fc, self.norm = nn.Linear(6, 6), nn.LayerNorm(6)
+
+    def forward(self, x):
+        return self.norm(torch.nn.functional.gelu(self.fc(x)))
 
 
 class _HeadFirst(nn.Module):
@@ -221,6 +241,8 @@ class _HeadFirst(nn.Module):
     (lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), (7, 5, 8),
      {"(input)": (1, 2), "norm1": (1, 2), "linear1": (1, 2), "linear2": (1, 2), "norm2": (1, 2)}),
     (_HeadFirst, (5, 4, 9), {"(input)": (0, 1), "conv": (0, 1)}),
+    # the rewritten copy has lost the attribute: the model as built says it
+    (_SeqFirstWrapper, (7, 5, 6), {"(input)": (1, 2), "fc": (1, 2), "norm": (1, 2)}),
     # Flatten returns a view of the conv's output, Identity its input: rows of their own all the same
     (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Identity()), (5, 3, 6, 6),
      {"0": (0, 1), "1": (0, 1), "2": (0, 1)}),

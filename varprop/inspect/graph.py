@@ -52,6 +52,7 @@ class Prepared:
     untraced: list[tuple[str, str]] = field(default_factory=list)  # (name, reason) of what did not trace
     blocks: list[tuple[str, Any, "BlockSpec"]] = field(default_factory=list)  # known blocks measured by hooks
     input_reader: str | None = None  # qualified name of the module that reads the model's input, where it traces
+    original: Any = None  # the model as built (a rewritten copy drops its plain attributes, batch_first among them)
 
 
 @functools.lru_cache(maxsize=1)
@@ -233,7 +234,7 @@ def _reason(exc: BaseException) -> str:
 def prepare(model: Any, trace: bool = True) -> Prepared:
     """The model to run: traced and rewritten where fx can, else ``model`` itself
     with its traceable children rewritten in place (``model`` is varprop's own copy)."""
-    prepared = Prepared(model)
+    prepared = Prepared(model, original=model)
     if trace:
         _prepare_module(model, "", None, prepared)
     for name, module in prepared.runner.named_modules():

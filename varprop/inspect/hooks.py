@@ -133,16 +133,15 @@ class Pass:
         return (t.data_ptr(), t.numel(), t.dtype)
 
     def add_input(self, x: Any, axes: tuple[int, int]) -> Any:
-        """The input's row; returns the tensor to run the model on: ``x``, or when a gradient is wanted a
-        copy of it, which the model may change in place (``F.relu_(x)``: autograd refuses that on ``x``, a
-        leaf), the gradient still read on ``x``."""
+        """The input's row; returns the tensor to run the model on: a copy of ``x``, which the model may
+        change in place (``F.relu_(x)``) without touching ``x`` (a user's array that every replicate reads;
+        with a gradient wanted a leaf, on which autograd refuses it), the gradient still read on ``x``."""
         stats = one_thread(tensor_stats)(x, *axes, buffer=self.buffer)
         row = Row(0, INPUT, "", 1, "input", tuple(x.shape), axes, [], stats)
         self.rows.append(row)
-        feed = x
         if self.backward and x.requires_grad:
             self.handles.append(x.register_hook(one_thread(self._grad_hook(row))))
-            feed = x.clone()
+        feed = x.clone()
         self._remember(feed, 0)
         return feed
 

@@ -99,13 +99,14 @@ def batch_first(module: Any) -> bool | None:
 
 
 def outer_layouts(root: Any) -> dict[int, tuple[int, int]]:
-    """id(module) -> the 3-D layout that the nearest module enclosing it states with a ``batch_first``
-    attribute: the Linear, LayerNorm and Dropout inside ``nn.TransformerEncoderLayer(batch_first=False)``
-    see [T, N, C], though none of them says so (modules under no such attribute are left out)."""
+    """id(module) -> the 3-D layout that the nearest torch module enclosing it states with ``batch_first``:
+    the Linear, LayerNorm and Dropout inside ``nn.TransformerEncoderLayer(batch_first=False)`` see
+    [T, N, C], though none of them says so (modules under no such statement are left out)."""
     out: dict[int, tuple[int, int]] = {}
 
     def walk(module: Any, layout: tuple[int, int] | None) -> None:
-        own = batch_first(module)
+        # torch's own modules only: a user's module stating batch_first may transpose inside it
+        own = batch_first(module) if torch_nn(module) else None
         if own is not None:
             layout = (0, 2) if own else (1, 2)
         for child in module.children():
@@ -117,15 +118,16 @@ def outer_layouts(root: Any) -> dict[int, tuple[int, int]]:
     return out
 
 
-def input_axes(runner: Any, ndim: int, outer: dict[int, tuple[int, int]], reader: str | None = None
-               ) -> tuple[int, int]:
-    """(sample axis, channel axis) of the model's input: as the model itself states it (a channel-first
-    kind, ``batch_first``), else as the module that reads it (``reader``, found on the traced graph), else
-    as the first module declared."""
+def input_axes(runner: Any, ndim: int, outer: dict[int, tuple[int, int]], reader: str | None = None,
+               model: Any = None) -> tuple[int, int]:
+    """(sample axis, channel axis) of the model's input: as the model itself (``model``, as built, else
+    ``runner``) states it (a channel-first kind, ``batch_first``), else as the module that reads it
+    (``reader``, found on the traced graph), else as the first module declared."""
     if ndim != 3:
         return 0, 1
-    if (torch_nn(runner) and any(k in type(runner).__name__ for k in CHANNEL_FIRST)) or batch_first(runner) is not None:
-        return axes_of(runner, ndim, None)
+    model = runner if model is None else model
+    if (torch_nn(model) and any(k in type(model).__name__ for k in CHANNEL_FIRST)) or batch_first(model) is not None:
+        return axes_of(model, ndim, None)
     first = runner.get_submodule(reader) if reader is not None else next(
         (m for n, m in runner.named_modules() if n and not list(m.children())), runner)
     return axes_of(first, ndim, None, outer.get(id(first)))

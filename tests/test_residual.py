@@ -231,6 +231,8 @@ def test_memory_plan_counts_every_branch_layer_and_projection():
     skip = residual_report.theory_scope({"residual": "skipinit", "widths": [8, 16], "projection": True,
                                          "activation": "relu", "init": "he"})
     assert "bit for bit" not in skip and "projection shortcuts carry the signal" in skip, skip
+    # zero branches: the lead relu reads a projection's Gaussian output, never a skewed stream: still exact
+    assert "forward second moments: the exact mean" in skip, skip
 
 
 def test_projection_of_an_input_with_no_variance(tmp_path):

@@ -103,7 +103,8 @@ class _Group(click.Group):
             outdir = sys.modules.get("varprop.outdir")
             done = outdir.published()[published_before:] if outdir is not None else []
             click.echo(("\n" if exc.signum == signal.SIGINT and sys.stderr.isatty() else "")
-                       + "varprop: interrupted" + (f" after {', '.join(done)} was written whole" if done else ""),
+                       + "varprop: interrupted" + (f" after {', '.join(done)} {'was' if len(done) == 1 else 'were'} "
+                                                   "written whole" if done else ""),
                        err=True)
             sys.exit(128 + exc.signum)
         except click.Abort:

@@ -66,8 +66,10 @@ def theory_scope(options: dict[str, Any]) -> str:
     zero = ("the branches are zero at init, and the projection shortcuts carry the signal: "
             if scheme in ("skipinit", "fixup") else "")
     act = options.get("activation")
-    if act in _PROPORTIONAL and distribution == "normal" and (act == "linear" or options.get("branch_order") ==
-                                                               "original"):
+    # The lead activation reads the stream only where a branch adds to it: zero branches (skipinit, fixup) keep
+    # the stream a projection's Gaussian output, symmetric, as in the original order.
+    if act in _PROPORTIONAL and distribution == "normal" and (
+            act == "linear" or options.get("branch_order") == "original" or zero):
         return (zero + "forward second moments: the exact mean over networks at any width (each unit of h W "
                 "is Gaussian given the layer below and E[phi(z)^2] is proportional to E[z^2], so the recursion is "
                 "linear and commutes with the mean); one network fluctuates about it and, deep enough, the typical "

@@ -186,6 +186,28 @@ def test_inplace_activation_of_the_input_itself_with_backward():
     assert table.loc["(input)", "grad_frac_zero"] == np.mean(x.numpy() <= 0)
 
 
+class _LSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, num_layers=2, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(x)
+
+
+def test_an_rnn_state_has_its_samples_on_axis_1():
+    # h_n and c_n are [layers, N, H] whatever batch_first says of the sequence output [N, T, H]
+    make, made = recording(_LSTM)
+    table = inspect(make, input_shape=(5, 7, 6), replicates=1, seed=3).set_index("name")
+    x = torch.from_numpy(inits.standard_normal(generator(3, 0, 0, "inputs"), (5, 7, 6), np.float32))
+    with torch.no_grad():  # as inspect ran it (PyTorch picks another LSTM kernel when grad is on)
+        out, (h, c) = made[0](x)
+    assert_stats(table.loc["lstm[0]"], "post", out.detach().numpy(), 0, 2)
+    for name, t in (("lstm[1][0]", h), ("lstm[1][1]", c)):
+        assert (table.loc[name, "sample_axis"], table.loc[name, "channel_axis"]) == (1, 2)
+        assert_stats(table.loc[name], "post", t.detach().numpy(), 1, 2)
+
+
 def test_the_users_input_is_not_changed_by_a_model_that_changes_its_input():
     x = np.random.default_rng(2).standard_normal((10, 8)).astype(np.float32)
     kept = x.copy()

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from ..nn import activations
 from . import load_torch
 from .graph import module_names
-from .modules import INPUT, axes_of, functional_activation, outer_layouts, tensors
+from .modules import INPUT, axes_of, functional_activation, outer_layouts, rnn_state, tensors
 from .tensorstats import Buffer, saturation, tensor_stats, zero_when_saturated
 
 
@@ -196,7 +196,7 @@ class Pass:
                 # without children returning its input (Identity, Dropout in eval mode) or a view of it
                 # (Flatten: its channels differ) is a row of its own.
                 continue
-            axes = self.axes(module, t.dim(), inherited)
+            axes = self.axes(module, t.dim(), inherited) if not rnn_state(module, path) else (1, 2)
             layer = len(self.rows)
             name = target.display + (f"#{call}" if call > 1 else "") + path
             stats = tensor_stats(t, *axes, saturated=info.get("saturated", math.nan), buffer=self.buffer)

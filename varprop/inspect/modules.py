@@ -98,6 +98,12 @@ def batch_first(module: Any) -> bool | None:
     return own if isinstance(own, bool) else None
 
 
+def rnn_state(module: Any, path: str) -> bool:
+    """Whether ``path`` in a torch RNN's output is its final state (h_n, and c_n for an LSTM): [layers x
+    directions, N, H] whatever ``batch_first`` says of the sequence output."""
+    return torch_nn(module) and type(module).__name__ in ("RNN", "LSTM", "GRU") and path.startswith("[1]")
+
+
 def outer_layouts(root: Any) -> dict[int, tuple[int, int]]:
     """id(module) -> the 3-D layout that the nearest torch module enclosing it states with ``batch_first``:
     the Linear, LayerNorm and Dropout inside ``nn.TransformerEncoderLayer(batch_first=False)`` see

@@ -254,6 +254,14 @@ class _HeadFirst(nn.Module):
         return self.head(self.conv(x).mean(-1))
 
 
+class _HeadFirstUntraced(_HeadFirst):
+    """The same, but fx cannot trace it (control flow on a tensor): the pass finds the input's reader."""
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(h.mean(-1) if h.sum() > -1e30 else h.amax(-1))
+
+
 @pytest.mark.parametrize("factory,shape,checks", [
     (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), (5, 3, 6, 6),
      {"0": (0, 1), "1": (0, 1)}),
@@ -263,6 +271,7 @@ class _HeadFirst(nn.Module):
     (lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), (7, 5, 8),
      {"(input)": (1, 2), "norm1": (1, 2), "linear1": (1, 2), "linear2": (1, 2), "norm2": (1, 2)}),
     (_HeadFirst, (5, 4, 9), {"(input)": (0, 1), "conv": (0, 1)}),
+    (_HeadFirstUntraced, (5, 4, 9), {"(input)": (0, 1), "conv": (0, 1)}),
     # the rewritten copy has lost the attribute: the model as built says it
     (_SeqFirstWrapper, (7, 5, 6), {"(input)": (1, 2), "fc": (1, 2), "norm": (1, 2)}),
     # Flatten returns a view of the conv's output, Identity its input: rows of their own all the same

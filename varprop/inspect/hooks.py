@@ -12,7 +12,7 @@ from typing import Any, Callable
 from ..nn import activations
 from . import load_torch
 from .graph import module_names
-from .modules import INPUT, axes_of, functional_activation, outer_layouts, rnn_state, tensors
+from .modules import INPUT, axes_of, functional_activation, outer_layouts, rnn_state, states_layout, tensors
 from .tensorstats import Buffer, saturation, tensor_stats, zero_when_saturated
 
 
@@ -81,6 +81,8 @@ class Pass:
         self._pending: dict[Any, list[dict[str, Any]]] = {}
         self._captured: dict[Any, dict[str, Any]] = {}
         self._outer = outer_layouts(runner)
+        self._feed: Any = None  # the copy of the input the model runs on
+        self._reader: Any = None  # the first measured module without children that received it
 
     def axes(self, module: Any, ndim: int, inherited: tuple[int, int] | None) -> tuple[int, int]:
         """:func:`axes_of` ``module``'s output, in the layout its enclosing modules state."""
@@ -141,9 +143,20 @@ class Pass:
         self.rows.append(row)
         if self.backward and x.requires_grad:
             self.handles.append(x.register_hook(one_thread(self._grad_hook(row))))
-        feed = x.clone()
+        feed = self._feed = x.clone()
         self._remember(feed, 0)
         return feed
+
+    def relayout_input(self, x: Any) -> None:
+        """After the forward pass: the input's row laid out as the first measured module that received the
+        input itself says, if its kind says (an untraced model's reader, which no graph names), its
+        statistics taken again from ``x`` (the model ran on a copy) where that changes its axes."""
+        if self._reader is None or x.dim() != 3 or not states_layout(self._reader, self._outer.get(id(self._reader))):
+            return
+        row, axes = self.rows[0], self.axes(self._reader, 3, None)
+        if axes != row.axes:
+            row.axes = axes
+            row.post = one_thread(tensor_stats)(x.detach(), *axes, buffer=self.buffer)
 
     def _remember(self, t: Any, layer: int) -> None:
         ref = weakref.ref(t)
@@ -159,6 +172,8 @@ class Pass:
     # hooks ------------------------------------------------------------------------------------------------
     def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         inputs = [t for _, t in tensors((args, kwargs)) if t.is_floating_point()]
+        if self._reader is None and inputs and inputs[0] is self._feed and next(module.children(), None) is None:
+            self._reader = module  # the first module without children to receive the input itself
         info: dict[str, Any] = {"sources": [self.source_of(t) for t in inputs],
                                 "in_shape": tuple(inputs[0].shape) if inputs else None}
         target = self.targets[module]

@@ -98,6 +98,18 @@ def batch_first(module: Any) -> bool | None:
     return own if isinstance(own, bool) else None
 
 
+# Module kinds that read their 3-D input's last axis as channels (its layout's other half is [N, T] or [T, N]).
+CHANNEL_LAST = ("Linear", "LayerNorm", "RMSNorm")
+
+
+def states_layout(module: Any, outer: tuple[int, int] | None) -> bool:
+    """Whether ``module``'s kind, its ``batch_first`` or the torch module around it (``outer``) says how
+    a 3-D input it reads is laid out (an elementwise module says nothing)."""
+    name = type(module).__name__
+    return outer is not None or (torch_nn(module) and (any(k in name for k in CHANNEL_FIRST + CHANNEL_LAST)
+                                                       or batch_first(module) is not None))
+
+
 def rnn_state(module: Any, path: str) -> bool:
     """Whether ``path`` in a torch RNN's output is its final state (h_n, and c_n for an LSTM): [layers x
     directions, N, H] whatever ``batch_first`` says of the sequence output."""
@@ -125,18 +137,21 @@ def outer_layouts(root: Any) -> dict[int, tuple[int, int]]:
 
 
 def input_axes(runner: Any, ndim: int, outer: dict[int, tuple[int, int]], reader: str | None = None,
-               model: Any = None) -> tuple[int, int]:
-    """(sample axis, channel axis) of the model's input: as the model itself (``model``, as built, else
-    ``runner``) states it (a channel-first kind, ``batch_first``), else as the module that reads it
-    (``reader``, found on the traced graph), else as the first module declared."""
+               model: Any = None) -> tuple[tuple[int, int], bool]:
+    """(sample axis, channel axis) of the model's input, and whether that is settled: as the model itself
+    (``model``, as built, else ``runner``) states it (a channel-first kind, ``batch_first``), or as the module
+    that reads it (``reader``, found on the traced graph); else, unsettled, as the first module declared
+    (the pass then reads the module that receives the input: :meth:`Pass.relayout_input`)."""
     if ndim != 3:
-        return 0, 1
+        return (0, 1), True
     model = runner if model is None else model
     if (torch_nn(model) and any(k in type(model).__name__ for k in CHANNEL_FIRST)) or batch_first(model) is not None:
-        return axes_of(model, ndim, None)
-    first = runner.get_submodule(reader) if reader is not None else next(
-        (m for n, m in runner.named_modules() if n and not list(m.children())), runner)
-    return axes_of(first, ndim, None, outer.get(id(first)))
+        return axes_of(model, ndim, None), True
+    if reader is not None:
+        first = runner.get_submodule(reader)
+        return axes_of(first, ndim, None, outer.get(id(first))), True
+    first = next((m for n, m in runner.named_modules() if n and not list(m.children())), runner)
+    return axes_of(first, ndim, None, outer.get(id(first))), False
 
 
 def selected(name: str, type_name: str, patterns: Sequence[str] | None, types: Sequence[str] | None) -> bool:

@@ -118,7 +118,7 @@ def _pass(prep: _Prepared, x: Any, seed: int, replicate: int, backward: bool, th
     """One forward (and backward) pass with every hook in place; the hooks are gone when it returns."""
     torch = load_torch()
     runner = prep.graph.runner
-    axes = input_axes(runner, x.dim(), outer_layouts(runner), prep.graph.input_reader, prep.graph.original)
+    axes, settled = input_axes(runner, x.dim(), outer_layouts(runner), prep.graph.input_reader, prep.graph.original)
     with fork_rng(torch, x.device), Pass(runner, prep.targets, backward, prep.graph.residuals,
                                          prep.graph.blocks, theory) as p, _one_blas_thread():
         # The forward's own draws (dropout) from the tree; torch.manual_seed would also seed every lazy
@@ -141,6 +141,8 @@ def _pass(prep: _Prepared, x: Any, seed: int, replicate: int, backward: bool, th
                 raise SpecError(input_option,
                                 f"the model's forward failed on an input of shape {'x'.join(map(str, x.shape))}: "
                                 f"{error_line(exc)}{hint}") from exc
+            if not settled:
+                p.relayout_input(x)
             outs = [t for _, t in tensors(out) if t.is_floating_point()]
             if not outs:
                 kinds = sorted({str(t.dtype).removeprefix("torch.") for _, t in tensors(out)}) or [

@@ -229,13 +229,12 @@ class Blocks:
             v = Values(g.u, g.log_s + log_alpha, g.ms)
             live = self._live(block)
             # Inside the branch only the weight gradients are reported: no statistics are taken there.
-            scratch: list[dict[str, float]] = [{}]
+            norms: list[dict[str, float]] = [{} for _ in live]  # each layer's weight-gradient norm
             for i in range(len(live) - 1, -1, -1):
                 nxt = live[i - 1].index if i > 0 else self._last(ahead)
-                v, _ = net.back(live[i].index, tape.branch[i], v, scratch[-1], ahead=nxt, stats=False)
-                scratch.append({})
+                v, _ = net.back(live[i].index, tape.branch[i], v, norms[i], ahead=nxt, stats=False)
             net.flush_grad()
-            log_squares += [2 * LN10 * s["weight_grad_log10_norm"] for s in scratch[:-1]
+            log_squares += [2 * LN10 * s["weight_grad_log10_norm"] for s in reversed(norms)
                             if s["weight_grad_log10_norm"] > -math.inf]
             u, log_s = v.u, v.log_s
             if kind.lead is not None:

@@ -518,7 +518,19 @@ def test_width_sweep_exponents(unit):
             row = ex.loc[(str(k), side)]
             assert abs(row["exponent"] - b) <= t * row["se"] + 1e-3, (k, side, row["exponent"], b)
     assert result.passed is (not unit)
-    assert ("FAIL" if unit else "PASS") in result.message
+    assert ("FAIL" if unit else "PASS") in result.message and "shrink" not in result.message
+
+
+def _vanishing_readout(width: int) -> nn.Module:
+    m = nn.Sequential(nn.Linear(16, width, bias=False), nn.Linear(width, 4, bias=False))
+    nn.init.normal_(m[0].weight, std=16**-0.5)
+    nn.init.normal_(m[1].weight, std=1 / width)  # muP's readout: output std ~ width^-1/2
+    return m
+
+
+def test_width_sweep_says_when_a_failing_layer_only_vanishes():
+    result = width_sweep(_vanishing_readout, [32, 64, 128, 256], (32, 16), replicates=4)
+    assert result.passed is False and "it shrinks with width" in result.message, result.message
 
 
 # --- testing helpers ----------------------------------------------------------------------------------------

@@ -103,6 +103,10 @@ def width_sweep(factory: Any, widths: Sequence[int] | str, input_shape: Sequence
         message = (f"FAIL: {len(bad)} of {len(exponents)} exponents lie outside +-{tolerance:g} ({span}); the "
                    f"largest: {b['name']} ({b['side']}) std ~ width^{b['exponent']:.3f} "
                    f"[{b['lo']:.3f}, {b['hi']:.3f}]")
+        if (bad["exponent"] < 0).all():  # e.g. muP's readout, initialised to vanish as width grows
+            message += ("; " + ("it shrinks" if len(bad) == 1 else "every one of them shrinks") + " with width (a "
+                        "layer initialised to vanish, as muP's readout is, fails this rule by design: nothing here "
+                        "blows up)")
     elif len(undecided):
         u = undecided.iloc[0]
         passed = None

@@ -80,13 +80,13 @@ class Pass:
         self._calls: dict[Any, int] = {}
         self._pending: dict[Any, list[dict[str, Any]]] = {}
         self._captured: dict[Any, dict[str, Any]] = {}
-        self._outer = outer_layouts(runner)
+        self.outer = outer_layouts(runner)  # the layouts torch's modules state for those inside them
         self._feed: Any = None  # the copy of the input the model runs on
         self._reader: Any = None  # the first measured module without children that received it
 
     def axes(self, module: Any, ndim: int, inherited: tuple[int, int] | None) -> tuple[int, int]:
         """:func:`axes_of` ``module``'s output, in the layout its enclosing modules state."""
-        return axes_of(module, ndim, inherited, self._outer.get(id(module)))
+        return axes_of(module, ndim, inherited, self.outer.get(id(module)))
 
     # registration -----------------------------------------------------------------------------------------
     def __enter__(self) -> "Pass":
@@ -151,7 +151,7 @@ class Pass:
         """After the forward pass: the input's row laid out as the first measured module that received the
         input itself says, if its kind says (an untraced model's reader, which no graph names), its
         statistics taken again from ``x`` (the model ran on a copy) where that changes its axes."""
-        if self._reader is None or x.dim() != 3 or not states_layout(self._reader, self._outer.get(id(self._reader))):
+        if self._reader is None or x.dim() != 3 or not states_layout(self._reader, self.outer.get(id(self._reader))):
             return
         row, axes = self.rows[0], self.axes(self._reader, 3, None)
         if axes != row.axes:

@@ -69,16 +69,18 @@ CHANNEL_FIRST = ("Conv", "BatchNorm", "InstanceNorm", "Pool", "Upsample", "Pixel
                   "ZeroPad", "ConstantPad", "CircularPad")
 
 
+def _kind_in(module: Any, kinds: Sequence[str]) -> bool:
+    """Whether ``module`` is one of torch's own of these kinds (a substring of its class name)."""
+    return torch_nn(module) and any(k in type(module).__name__ for k in kinds)
+
+
 def axes_of(module: Any, ndim: int, inherited: tuple[int, int] | None,
             outer: tuple[int, int] | None = None) -> tuple[int, int]:
     """(sample axis, channel axis) of a module's output of ``ndim`` dimensions: a 3-D output is [N, C, L]
     for the channel-first kinds, [T, N, C] for a module with ``batch_first=False``, else laid out as its
     input (``inherited``), else as the enclosing module says (``outer``, :func:`outer_layouts`), else
     [N, T, C]."""
-    if ndim != 3:
-        return 0, 1
-    name = type(module).__name__
-    if torch_nn(module) and any(k in name for k in CHANNEL_FIRST):
+    if ndim != 3 or _kind_in(module, CHANNEL_FIRST):
         return 0, 1
     if batch_first(module) is False:  # [T, N, C]: nn.MultiheadAttention, Transformer*, RNNs
         return 1, 2
@@ -105,9 +107,7 @@ CHANNEL_LAST = ("Linear", "LayerNorm", "RMSNorm")
 def states_layout(module: Any, outer: tuple[int, int] | None) -> bool:
     """Whether ``module``'s kind, its ``batch_first`` or the torch module around it (``outer``) says how
     a 3-D input it reads is laid out (an elementwise module says nothing)."""
-    name = type(module).__name__
-    return outer is not None or (torch_nn(module) and (any(k in name for k in CHANNEL_FIRST + CHANNEL_LAST)
-                                                       or batch_first(module) is not None))
+    return outer is not None or _kind_in(module, CHANNEL_FIRST + CHANNEL_LAST) or batch_first(module) is not None
 
 
 def rnn_state(module: Any, path: str) -> bool:
@@ -145,7 +145,7 @@ def input_axes(runner: Any, ndim: int, outer: dict[int, tuple[int, int]], reader
     if ndim != 3:
         return (0, 1), True
     model = runner if model is None else model
-    if (torch_nn(model) and any(k in type(model).__name__ for k in CHANNEL_FIRST)) or batch_first(model) is not None:
+    if states_layout(model, None):
         return axes_of(model, ndim, None), True
     if reader is not None:
         first = runner.get_submodule(reader)

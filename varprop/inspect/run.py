@@ -23,7 +23,7 @@ from . import theory as inspect_theory
 from .hooks import Pass, Row, Target
 from .model import (build, callable_name, error_line, first_dtype, fork_rng, load_model, make_input, not_reset,
                     parse_device, parse_input_shape, seed_of, upstream)
-from .modules import ROOT, activation_of, input_axes, outer_layouts, selected, tensors, torch_nn
+from .modules import ROOT, activation_of, input_axes, selected, tensors, torch_nn
 
 MODES = ("train", "eval")
 
@@ -118,9 +118,9 @@ def _pass(prep: _Prepared, x: Any, seed: int, replicate: int, backward: bool, th
     """One forward (and backward) pass with every hook in place; the hooks are gone when it returns."""
     torch = load_torch()
     runner = prep.graph.runner
-    axes, settled = input_axes(runner, x.dim(), outer_layouts(runner), prep.graph.input_reader, prep.graph.original)
     with fork_rng(torch, x.device), Pass(runner, prep.targets, backward, prep.graph.residuals,
                                          prep.graph.blocks, theory) as p, _one_blas_thread():
+        axes, settled = input_axes(runner, x.dim(), p.outer, prep.graph.input_reader, prep.graph.original)
         # The forward's own draws (dropout) from the tree; torch.manual_seed would also seed every lazy
         # accelerator, formatting a stack trace for each, a millisecond per pass.
         (torch.cuda.manual_seed if x.device.type == "cuda" else torch.default_generator.manual_seed)(

@@ -77,6 +77,11 @@ LOG_Q_FAR = 600.0  # log q where phi's growth at infinity is read (relu-like phi
 Q_EDGE = 1e6  # where the q-map's own addition is read on the edge growth = 1
 
 
+def edge_excess(act: Activation, sigma_w: float, sigma_b: float) -> float:
+    """(q'(Q) - Q) / Q at Q = :data:`Q_EDGE`: what the q-map adds to q of its own on the edge growth = 1."""
+    return (q_map(act, sigma_w, sigma_b, Q_EDGE) - Q_EDGE) / Q_EDGE
+
+
 def runs_away(growth: Any, sigma_b2: Any, excess: Any = 0.0) -> Any:
     """Whether the q-map has no finite fixed point, from its growth q'/q as q -> inf: above 1 (with 1e-9 for
     rounding: relu at sigma_w = sqrt(2), rounded, keeps every q), or within 1e-9 of 1 where the map still adds
@@ -122,7 +127,7 @@ def mean_field(act: Activation | str, sigma_w: float, sigma_b: float = 0.0) -> d
     # q' / q as q -> inf: sigma_w^2 E[phi(z)^2] / q, 1/2 sigma_w^2 for relu. Above 1 the q-map has no finite
     # fixed point, however slowly it runs away (relu at sigma_w^2 = 2.002 grows 0.1% a layer).
     growth = sigma_w**2 * math.exp(moments(act, LOG_Q_FAR).log_m2 - LOG_Q_FAR)
-    excess = (q_map(act, sigma_w, sigma_b, Q_EDGE) - Q_EDGE) / Q_EDGE if growth > 1 - 1e-9 else 0.0
+    excess = edge_excess(act, sigma_w, sigma_b) if growth > 1 - 1e-9 else 0.0
     q_star = math.inf if runs_away(growth, sigma_b**2, excess) else fixed_point(act, sigma_w, sigma_b)
     log_q = math.log(q_star) if 0 < q_star < math.inf else (-700.0 if q_star == 0 else 700.0)
     chi_1 = sigma_w**2 * moments(act, log_q).dphi2
@@ -221,7 +226,7 @@ def phase_grid(act: Activation | str, sigma_w2: np.ndarray, sigma_b2: np.ndarray
     growth = sw2 * math.exp(far.log_m2 - LOG_Q_FAR)
     excess = np.zeros_like(sw2)
     for j in np.flatnonzero(growth > 1 - 1e-9):  # the edge's few points, with mean_field's accurate q-map
-        excess[j] = (q_map(act, math.sqrt(sw2[j]), math.sqrt(sb2[j]), Q_EDGE) - Q_EDGE) / Q_EDGE
+        excess[j] = edge_excess(act, math.sqrt(sw2[j]), math.sqrt(sb2[j]))
     exploding = runs_away(growth, sb2, excess)
     for j in live[~exploding[live]]:  # not settled after iters steps: mean_field's root from where it stands
         q[j] = settle(act, math.sqrt(sw2[j]), math.sqrt(sb2[j]), q[j])

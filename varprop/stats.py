@@ -150,7 +150,7 @@ def side_stats_stacked(u: np.ndarray, log_s: Sequence[float], saturated: Sequenc
     col_m2 = np.matmul(ones, x)
     offsets = col_sum / rows - col_sum / rows  # _pooled's, for one piece: zero where finite
     col_m2 += rows * offsets * offsets
-    zeros = rows * n - np.count_nonzero(u != 0, axis=(1, 2))
+    zeros = [np.count_nonzero(z) for z in u == 0]  # count_nonzero with an axis is 3x slower
     # from_sums, a reduction at a time over the stack
     col_mean = col_sum / rows
     mean = col_mean.mean(axis=1)
@@ -160,7 +160,7 @@ def side_stats_stacked(u: np.ndarray, log_s: Sequence[float], saturated: Sequenc
     second = row_sq.sum(axis=1) / (rows * n)
     live = np.count_nonzero(row_sq > 0, axis=1)
     unit_sq = np.vecdot(unit_sum, unit_sum)
-    heads = _abs_cos_stacked(u[:, :ABS_COS_SAMPLES])
+    heads = _abs_cos_stacked(u[:, :ABS_COS_SAMPLES], row_sq[:, :ABS_COS_SAMPLES])
     size = rows * n
     out = []
     for k in range(blocks):
@@ -169,8 +169,7 @@ def side_stats_stacked(u: np.ndarray, log_s: Sequence[float], saturated: Sequenc
         m, ls, kk = float(mean[k]), log_s[k], int(live[k])
         if kk >= 2:
             cos_sim = (float(unit_sq[k]) - kk) / (kk * (kk - 1))
-            abs_cos = heads[k] if not math.isnan(heads[k]) else _abs_cos(u[k][np.flatnonzero(row_sq[k] > 0)[
-                :ABS_COS_SAMPLES]])
+            abs_cos = float(heads[k]) if not math.isnan(heads[k]) else _live_head_cos(u[k], row_sq[k])
         else:
             cos_sim = abs_cos = math.nan
         out.append((_stats(ls, m, var, float(second[k]), float(sq_mean[k]) / n, unit_var, int(zeros[k]) / size,
@@ -178,44 +177,51 @@ def side_stats_stacked(u: np.ndarray, log_s: Sequence[float], saturated: Sequenc
     return out
 
 
-def _abs_cos_stacked(u: np.ndarray) -> list[float]:
-    """:func:`_abs_cos` of each block of a stack, the same numbers."""
-    blocks, m, _ = u.shape
-    x, ok = _unit_rows(u)
-    gram = np.abs(np.matmul(x, x.transpose(0, 2, 1)))
-    total, trace = gram.sum(axis=(1, 2), dtype=np.float64), np.trace(gram, axis1=1, axis2=2, dtype=np.float64)
-    return [(float(total[k]) - float(trace[k])) / (m * (m - 1)) if ok[k] and m >= 2 else math.nan
-            for k in range(blocks)]
-
-
-def _abs_cos(u: np.ndarray) -> float:
-    """Mean |cos| over the pairs of the rows of ``u``; NaN if a row is all
-    zeros or there are fewer than two. The signed mean cos hides a collapse
-    onto +-v (a deep linear stack); |cos| shows it."""
-    m = len(u)
-    x, ok = _unit_rows(u)
-    if m < 2 or not ok:
-        return math.nan
-    gram = np.abs(x @ x.T)
-    return (float(gram.sum(dtype=np.float64)) - float(np.trace(gram, dtype=np.float64))) / (m * (m - 1))
-
-
-def _unit_rows(u: np.ndarray) -> tuple[np.ndarray, Any]:
-    """``u``'s rows (along its last axis) scaled to unit length (norms in float64, the result in u's
-    float precision) and, per matrix of rows, whether every row is nonzero. A float32 run's cosines come
-    from a float32 Gram matrix: a third of float64's cost, the engine's largest after the layer products,
-    and off by at most (fan + 2) 2**-24 a cosine (about 1e-7 typically), far below the sampling error of a
+def _abs_cos_stacked(u: np.ndarray, row_sq: np.ndarray) -> np.ndarray:
+    """Mean |cos| over the pairs of rows of each matrix of a stack ``u``
+    (blocks x m x n), given each row's float64 sum of squares ``row_sq``
+    (blocks x m): :func:`abs_cos_of_gram` of their Gram matrices, taken in u's
+    own precision. A float32 run's cosines are then off by at most
+    (fan + 2) 2**-24 (about 1e-7 typically), far below the sampling error of a
     mean over 128 samples."""
-    x = u.astype(np.float64)
-    norms = np.sqrt(np.einsum("...ij,...ij->...i", x, x))
-    with np.errstate(divide="ignore", invalid="ignore"):  # a dead sample's block is NaN, as _abs_cos says
-        x /= norms[..., None]
-    return x.astype(np.float32, copy=False) if u.dtype == np.float32 else x, np.all(norms > 0, axis=-1)
+    return abs_cos_of_gram(np.matmul(u, u.transpose(0, 2, 1)), row_sq)
+
+
+def abs_cos_of_gram(gram: np.ndarray, row_sq: np.ndarray) -> np.ndarray:
+    """Mean |cos| over the pairs of m rows, from each stacked m x m Gram matrix
+    ``gram`` (overwritten) and the rows' float64 sums of squares ``row_sq``
+    (blocks x m); NaN where a row is all zeros or m < 2. The signed mean cos
+    hides a collapse onto +-v (a deep linear stack); |cos| shows it.
+
+    The Gram matrix is never normalised: the sum over pairs is
+    ``inv' |G| inv``, with ``inv`` the float64 inverse norms, one product a
+    matrix (a normalised copy of the rows cost as much as their Gram matrix).
+
+    >>> x = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, -2.0]])
+    >>> round(float(abs_cos_of_gram((x @ x.T)[None], (x * x).sum(1)[None])[0]), 6)  # (1/sqrt2 + 0 + 1/sqrt2) / 3
+    0.471405
+    """
+    blocks, m, _ = gram.shape
+    if m < 2:
+        return np.full(blocks, math.nan)
+    np.abs(gram, out=gram)
+    inv = np.zeros_like(row_sq)
+    np.divide(1.0, np.sqrt(row_sq), out=inv, where=row_sq > 0)
+    total = np.vecdot(inv, np.matmul(gram.astype(np.float64), inv[:, :, None])[:, :, 0])
+    trace = np.vecdot(np.diagonal(gram, axis1=1, axis2=2).astype(np.float64), inv * inv)
+    return np.where(np.all(row_sq > 0, axis=1), (total - trace) / (m * (m - 1)), math.nan)
 
 
 def head_cos(u: np.ndarray) -> float:
     """The |cos| of the first samples of ``u`` (NaN if one of them is all zeros, or fewer than two)."""
-    return _abs_cos(u[:ABS_COS_SAMPLES])
+    head = u[:ABS_COS_SAMPLES]
+    return float(_abs_cos_stacked(head[None], _row_squares(head)[None])[0])
+
+
+def _live_head_cos(u: np.ndarray, row_sq: np.ndarray) -> float:
+    """The |cos| of the first live samples of ``u``, given every row's sum of squares."""
+    live = np.flatnonzero(row_sq > 0)[:ABS_COS_SAMPLES]
+    return float(_abs_cos_stacked(u[live][None], row_sq[live][None])[0])
 
 
 def from_sums(u: np.ndarray, parts: Sequence[Sums], log_s: float, saturated: float = math.nan,
@@ -240,7 +246,7 @@ def from_sums(u: np.ndarray, parts: Sequence[Sums], log_s: float, saturated: flo
     if k >= 2:
         cos_sim = (float(unit_sum @ unit_sum) - k) / (k * (k - 1))
         # |cos| is redone over the first live samples in the rare case that a first one is dead.
-        abs_cos = head if not math.isnan(head) else _abs_cos(u[np.flatnonzero(live)[:ABS_COS_SAMPLES]])
+        abs_cos = head if not math.isnan(head) else _live_head_cos(u, row_sq)
     else:
         cos_sim = abs_cos = math.nan
     return _stats(log_s, mean, var, second, sq_unit_mean, unit_var, sum(p.zeros for p in parts) / size, saturated,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..nn import activations
-from ..stats import ABS_COS_SAMPLES, SATURATION, Sums, empty_stats, from_sums
+from ..stats import ABS_COS_SAMPLES, SATURATION, Sums, abs_cos_of_gram, empty_stats, from_sums
 from . import load_torch
 
 if TYPE_CHECKING:
@@ -115,18 +115,13 @@ def tensor_stats(x: "torch.Tensor", sample_axis: int = 0, channel_axis: int | No
     unit_sum = _np(torch.from_numpy(inv).to(own.device, own.dtype) @ rows).astype(np.float64)
     # |cos| over the first 128 live samples, from their Gram matrix in the tensor's precision (float32's
     # product costs a third of float64's; its rounding, at most fan * 2^-24 in a cosine and typically
-    # sqrt(fan) * 2^-24, is far below the sampling error of a mean over pairs), scaled by the float64 norms.
+    # sqrt(fan) * 2^-24, is far below the sampling error of a mean over pairs) and the float64 norms.
     first = np.flatnonzero(live)[:ABS_COS_SAMPLES] if complete else live[:0]
     m = len(first)
     head = math.nan
     if m >= 2:
         head_rows = rows[:m] if first[-1] == m - 1 else rows[torch.from_numpy(first).to(own.device)]
-        gram = _np(head_rows @ head_rows.T).astype(np.float64)
-        scale = inv[first]
-        gram *= scale[:, None]  # in place: the m x m temporaries took 5% of an MLP layer's statistics here
-        gram *= scale[None, :]
-        np.abs(gram, out=gram)
-        head = float((gram.sum() - np.trace(gram)) / (m * (m - 1)))
+        head = float(abs_cos_of_gram(_np(head_rows @ head_rows.T)[None], row_sq[first][None])[0])
     m_rows = a * b
     col = _pooled_blocks(*blocks) if blocks is not None else None
     if col is None:

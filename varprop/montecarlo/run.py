@@ -79,6 +79,7 @@ class Table:
         self.columns = (["width", "fan_in", "fan_out"] + [f"{s}_{k}" for s in sides for k in STATS]
                         + (["weight_grad_norm", "weight_grad_log10_norm"] if backward else []))
         self.at = {c: i for i, c in enumerate(self.columns)}
+        self._places: dict[tuple[str, ...], list[int]] = {}  # a row's keys -> their columns
         self.values = np.full((depth + 1, len(self.columns)), np.nan)
         self.hist: dict[int, np.ndarray] = {}  # layer -> histogram counts (replicate 0)
 
@@ -117,8 +118,12 @@ class _Row:
         return key in self.table.at and not math.isnan(self[key])
 
     def update(self, values: Mapping[str, float]) -> None:
-        for key, value in values.items():
-            self[key] = value
+        # One assignment for every key: a row's values set one at a time took 5% of a small network's run.
+        table, keys = self.table, tuple(values)
+        places = table._places.get(keys)
+        if places is None:
+            places = table._places[keys] = [table.at[k] for k in keys]
+        table.values[self.layer, places] = list(values.values())
 
 
 def run_replicates(spec: RunSpec, replicates: Iterable[int], progress: Progress | None = None, pool: Pool = SERIAL,

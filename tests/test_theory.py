@@ -529,3 +529,21 @@ def test_logaddexp_is_numpys():
                 expected = float(np.logaddexp(a, b))
             got = quadrature.logaddexp(a, b)
             assert got == expected or (math.isnan(got) and math.isnan(expected))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_theory_columns_overflow_where_float64_ends(residual):
+    # A unit-init linear stack of width 100 multiplies the gradient's second moment by 100 a layer (or
+    # block): 100**154 = 1e308 still fits in float64 and must be reported, 1e310 must be inf, as the
+    # measured columns are (one overflow rule, logscale.exp_times, for every column).
+    opts = {"width": 100, "init": "unit", "backward": True, "samples": 8}
+    opts.update({"residual": "plain", "alpha": 1, "blocks": 160, "branch_depth": 1} if residual
+                else {"layers": 160})
+    df = theory.predict(varprop.spec.from_options(opts)).set_index("layer")
+    log10_m2 = 2 * df["theory_grad_log10_std"]
+    fits = log10_m2 < math.log10(np.finfo(float).max)
+    assert fits.any() and (~fits).any()
+    m2 = df["theory_grad_second_moment"]
+    assert np.isfinite(m2[fits]).all() and np.isinf(m2[~fits]).all()
+    np.testing.assert_allclose(np.log10(m2[fits]), log10_m2[fits], rtol=0, atol=1e-12)
+    assert np.isfinite(df.loc[fits[fits].index, "theory_grad_std"]).all()

@@ -254,7 +254,7 @@ class Blocks:
         row.update(prefixed("delta", delta))
         log_norm = 0.5 * float(np.logaddexp.reduce(log_squares)) if log_squares else -math.inf
         row["weight_grad_log10_norm"] = log_norm / LN10
-        row["weight_grad_norm"] = math.exp(log_norm) if log_norm < 709.7 else math.inf
+        row["weight_grad_norm"] = exp_times(1.0, log_norm)
         assert grad is not None
         return out, grad
 

@@ -20,6 +20,7 @@ import pandas as pd
 from scipy import special
 
 from ..nn import activations, inits, layers
+from ..logscale import exp_of
 from ..nn.activations import Activation
 from ..spec import NetworkSpec, RunSpec
 from .cmap import NEGLIGIBLE_C, AtQ, Series, series
@@ -292,22 +293,22 @@ def _predict_backward(df: pd.DataFrame, spec: RunSpec, scheme: inits.Scheme, dph
         n_in, n_out = kind.dense.fan_in, kind.dense.fan_out
         log_d[layer] = log_g[layer] + math.log(dphi2[layer]) if dphi2[layer] > 0 else -math.inf
         log_g[layer - 1] = log_d[layer] + math.log(n_out * inits.variance(scheme, n_in, n_out))
+    gradient_columns(df, np.array(log_g), np.array(log_d))
+
+
+def gradient_columns(df: pd.DataFrame, log_g: np.ndarray, log_d: np.ndarray) -> None:
+    """The backward theory columns of ``df`` from the log second moments of the gradient w.r.t. each
+    row's output (``log_g``) and of delta (``log_d``): zero mean, NaN where not predicted."""
     for side, logs in (("grad", log_g), ("delta", log_d)):
-        logs = np.array(logs)
-        df[f"theory_{side}_second_moment"] = np.exp(np.minimum(logs, 700)) * np.where(logs > 700, np.inf, 1)
+        df[f"theory_{side}_second_moment"] = exp_of(logs)
         df[f"theory_{side}_log10_std"] = 0.5 * logs / LN10
-        df[f"theory_{side}_std"] = np.exp(np.minimum(0.5 * logs, 700)) * np.where(0.5 * logs > 700, np.inf, 1)
+        df[f"theory_{side}_std"] = exp_of(0.5 * logs)
         df[f"theory_{side}_mean"] = np.where(np.isnan(logs), np.nan, 0.0)
         df[f"theory_{side}_log10_abs_mean"] = np.where(np.isnan(logs), np.nan, -np.inf)
 
 
 def _columns(side: str, mean: np.ndarray, log_sd: np.ndarray, log_m2: np.ndarray, cos: np.ndarray,
              log_abs_mean: np.ndarray) -> dict[str, np.ndarray]:
-    return {f"theory_{side}_mean": mean, f"theory_{side}_std": _big(log_sd),
+    return {f"theory_{side}_mean": mean, f"theory_{side}_std": exp_of(log_sd),
             f"theory_{side}_log10_std": log_sd / LN10, f"theory_{side}_log10_abs_mean": log_abs_mean / LN10,
-            f"theory_{side}_second_moment": _big(log_m2), f"theory_{side}_cos_sim": cos}
-
-
-def _big(log_v: np.ndarray) -> np.ndarray:
-    """exp(log_v), inf where beyond float64 (nan stays nan)."""
-    return np.where(log_v >= 709.7, np.inf, np.exp(np.minimum(log_v, 709.7)))
+            f"theory_{side}_second_moment": exp_of(log_m2), f"theory_{side}_cos_sim": cos}

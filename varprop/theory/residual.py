@@ -40,6 +40,7 @@ import pandas as pd
 from ..nn import inits, layers
 from ..spec import RunSpec
 from .cmap import AtQ
+from .perlayer import gradient_columns
 from .quadrature import LN10, logaddexp
 
 
@@ -197,11 +198,4 @@ def _backward(df: pd.DataFrame, log_chis: np.ndarray, log_skip_chis: np.ndarray)
             break
         log_d[l] = log_g[l] + log_chis[l]
         log_g[l - 1] = logaddexp(log_g[l] + log_skip_chis[l], log_d[l])
-    from .perlayer import _big
-
-    for side, logs in (("grad", log_g), ("delta", log_d)):
-        df[f"theory_{side}_second_moment"] = _big(logs)
-        df[f"theory_{side}_log10_std"] = 0.5 * logs / LN10
-        df[f"theory_{side}_std"] = _big(0.5 * logs)
-        df[f"theory_{side}_mean"] = np.where(np.isnan(logs), np.nan, 0.0)
-        df[f"theory_{side}_log10_abs_mean"] = np.where(np.isnan(logs), np.nan, -np.inf)
+    gradient_columns(df, log_g, log_d)

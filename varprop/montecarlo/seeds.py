@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-ROLES = {"inputs": 0, "weights": 1, "bias": 2, "upstream": 3}
+# The engine's roles, then the trainer's: its data split (replicate 0, layer 0), each epoch's shuffle
+# (layer = the epoch) and the images its per-layer statistics are measured on.
+ROLES = {"inputs": 0, "weights": 1, "bias": 2, "upstream": 3, "split": 16, "shuffle": 17, "probe": 18}
 
 
 def generator(seed: int, replicate: int, layer: int, role: str, block: int | None = None) -> np.random.Generator:

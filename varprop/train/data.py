@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SpecError
+from ..montecarlo.seeds import generator
 
 SUBSET = "subset"  # --data value that forces the shipped subset
 SUBSET_TEST_FRACTION = 0.2  # 5,000 images -> 4,000 training / 1,000 test, 400 / 100 of each digit
@@ -36,7 +37,6 @@ SUBSET_TEST_FRACTION = 0.2  # 5,000 images -> 4,000 training / 1,000 test, 400 /
 IDX_PARTS = {"x_train": ("train", "images", 3), "y_train": ("train", "labels", 1),
              "x_test": ("t10k", "images", 3), "y_test": ("t10k", "labels", 1)}
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_SPLIT_ROLE = 16  # seed-tree role of the subset's split (the engine's roles are 0..3)
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def stratified_split(y: np.ndarray, test_fraction: float, rng: np.random.Generat
 def split_rng(seed: int) -> np.random.Generator:
     """The generator of the data split: one node of the run's seed tree, the
     same for every replicate and configuration."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(0, 0, _SPLIT_ROLE))))
+    return generator(seed, 0, 0, "split")
 
 
 @functools.lru_cache(maxsize=1)

@@ -31,6 +31,7 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from ..errors import SpecError
+from ..montecarlo.seeds import generator
 from ..parallel import Pool
 from . import data as data_mod
 from . import optim
@@ -39,7 +40,6 @@ from .options import RunOptions, TrainConfig, expand
 
 EVAL_SAMPLES = 10_000  # training images the inference-mode training loss is measured on, at most
 PROBE_SAMPLES = 1_000  # training images the per-layer statistics are measured on
-_SHUFFLE_ROLE, _PROBE_ROLE = 17, 18  # seed-tree roles (the engine's are 0..3, the data split's 16)
 Progress = Callable[[int], None]
 
 
@@ -52,19 +52,15 @@ class TrainResult(NamedTuple):
     meta: dict[str, Any]
 
 
-def _rng(seed: int, replicate: int, index: int, role: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(replicate, index, role))))
-
-
 def shuffle_order(seed: int, replicate: int, epoch: int, n: int) -> np.ndarray:
     """The order of the training images in epoch ``epoch`` (1-based) of replicate ``replicate``."""
-    return _rng(seed, replicate, epoch, _SHUFFLE_ROLE).permutation(n)
+    return generator(seed, replicate, epoch, "shuffle").permutation(n)
 
 
 def eval_indices(seed: int, n: int) -> np.ndarray:
     """The fixed training images the inference-mode training loss is measured on
     (all of them up to 10,000); the first 1,000 are the per-layer probe."""
-    order = _rng(seed, 0, 0, _PROBE_ROLE).permutation(n)
+    order = generator(seed, 0, 0, "probe").permutation(n)
     return order[:EVAL_SAMPLES]
 
 

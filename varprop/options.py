@@ -123,7 +123,7 @@ def _choice(choices: Iterable[str]) -> Callable[[Any, str], str]:
 
 def parse_activation(value: Any, option: str = "activation") -> str:
     """A registered activation's name from its name or a framework's spelling
-    (``ReLU``, ``swish``, ``GELU``: :func:`varprop.activations.canonical_name`)."""
+    (``ReLU``, ``swish``, ``GELU``: :func:`varprop.nn.activations.canonical_name`)."""
     try:
         return activations.canonical_name(value)
     except ValueError:
@@ -151,7 +151,7 @@ INIT_ACCEPTED = ("one of " + ", ".join(inits.PRESETS) + ", a PyTorch, Keras or J
 def parse_init(value: Any, option: str = "init") -> Any:
     """A callable, a ``module:function`` string (imported to check it), or a
     preset or framework name, returned as its canonical name
-    (:func:`varprop.inits.canonical_name`: ``Kaiming_Uniform`` -> ``he_uniform``)."""
+    (:func:`varprop.nn.inits.canonical_name`: ``Kaiming_Uniform`` -> ``he_uniform``)."""
     if callable(value):
         return value
     if not isinstance(value, str):

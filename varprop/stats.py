@@ -1,6 +1,6 @@
 """Per-layer statistics of a log-scaled layer, and their summary over replicates.
 
-A layer's values are ``x = exp(log_s) * u`` (see engine.py); every statistic
+A layer's values are ``x = exp(log_s) * u`` (montecarlo/scaled.py); every statistic
 is computed from ``u`` in float64 and then scaled, so none overflows: values
 beyond float64 show as ``inf`` while ``log10_std`` stays exact.
 

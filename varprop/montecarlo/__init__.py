@@ -1,7 +1,8 @@
 """The Monte-Carlo engine, split by question: the seed tree (seeds.py),
 values carried in log scale (scaled.py), one layer forward and backward
-(stepper.py), the memory plan (memory.py) and the run that maps
-configurations to the per-layer table (run.py).
+(stepper.py), small layers of several replicates stepped together
+(batch.py), residual blocks (residual.py), the memory plan (memory.py) and
+the run that maps configurations to the per-layer table (run.py).
 
 Names load on first use: spec.py's size checks import memory.py without
 pulling in the engine.

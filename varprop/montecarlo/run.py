@@ -186,7 +186,7 @@ def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = Non
                   plan: int | None = None) -> Table:
     """Forward (and with ``spec.backward``, backward) pass of one network: the
     statistics of every layer 0..L. ``plan`` is the backward pass's checkpoint
-    spacing (:func:`varprop.memory.backward_plan`; it changes the memory
+    spacing (:func:`varprop.montecarlo.memory.backward_plan`; it changes the memory
     used, never the numbers)."""
     depth = spec.network.depth
     k = memory.backward_plan(spec) if plan is None else plan

@@ -1,8 +1,8 @@
 """Mean-field theory, split by question: quadrature rules (quadrature.py),
 an activation's expectations and c-map at one q (cmap.py), per-layer
 predictions for a network (perlayer.py), fixed points, phases and depth scales
-(meanfield.py) and gains (gain.py). ARCHITECTURE.md, "Definitions", states
-what each computes.
+(meanfield.py), gains (gain.py) and residual stacks (residual.py).
+ARCHITECTURE.md, "Definitions", states what each computes.
 
 >>> round(gains("relu")["variance_gain"], 6)
 1.712859

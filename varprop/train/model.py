@@ -5,7 +5,7 @@ checks every one against finite differences in float64):
 
 - Dense ``z = h W + b`` (the kernel from varprop's inits; ``keras-default``
   is Keras' glorot_uniform with a zero bias);
-- an activation from :mod:`varprop.activations` on every hidden layer;
+- an activation from :mod:`varprop.nn.activations` on every hidden layer;
 - BatchNormalization as ``keras.layers.BatchNormalization()``: epsilon 1e-3,
   momentum 0.99, gamma 1 and beta 0 learned. Training mode normalises by the
   batch mean and the biased batch variance and then sets

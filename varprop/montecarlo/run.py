@@ -146,7 +146,9 @@ def run_replicates(spec: RunSpec, replicates: Iterable[int], progress: Progress 
         def progress(k: int) -> None:
             with lock:
                 report(k)
-    return [t for tables in pool.map(lambda g: _run_group(spec, g, progress), groups) for t in tables]
+    # Pool threads alone run the groups (caller=False): each allocates its layers' arrays, which the main
+    # thread would fault in anew every layer (Pool.map).
+    return [t for tables in pool.map(lambda g: _run_group(spec, g, progress), groups, caller=False) for t in tables]
 
 
 def _run_group(spec: RunSpec, replicates: list[int], progress: Progress | None) -> list[Table]:

@@ -749,3 +749,15 @@ def test_without_torch_the_command_names_the_extra(monkeypatch):
 def test_importing_varprop_does_not_import_torch():
     code = "import sys, varprop, varprop.torch, varprop.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e-22])
+def test_abs_cos_of_a_tensor_beyond_float32_products(scale):
+    # An exploding (or vanishing) float32 network's outputs: their Gram matrix leaves float32's range, so
+    # the unit rows' is taken; |cos| stays within its float32 rounding of the direct float64 value.
+    x = np.random.default_rng(0).standard_normal((300, 64))
+    r = x[:128] / np.linalg.norm(x[:128], axis=1)[:, None]
+    head = np.abs(r @ r.T)
+    want = (head.sum() - np.trace(head)) / (128 * 127)
+    got = tensor_stats(torch.tensor(x * scale, dtype=torch.float32))["abs_cos_sim"]
+    assert got == pytest.approx(want, abs=(64 + 2) * 2.0**-24)

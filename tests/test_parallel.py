@@ -1,11 +1,13 @@
 """varprop.parallel.Pool.map: a loop's results and errors, on threads."""
 
+import os
+import signal
 import threading
 import time
 
 import pytest
 
-from varprop.parallel import Pool
+from varprop.parallel import Pool, check_stopped, stopped
 
 
 @pytest.mark.parametrize("caller", [True, False])
@@ -46,3 +48,66 @@ def test_a_map_inside_a_map_does_not_wait_on_itself():
     run.start()
     run.join(timeout=30)
     assert not run.is_alive() and out == [[10 * i for i in range(6)]]
+
+
+@pytest.mark.parametrize("outer", [True, False])
+@pytest.mark.parametrize("inner", [True, False])
+def test_nested_maps_finish_in_either_mode(outer, inner):
+    pool, out = Pool(2), []
+    run = threading.Thread(target=lambda: out.append(pool.map(
+        lambda i: sum(pool.map(lambda j: i * j, range(5), caller=inner)), range(6), caller=outer)), daemon=True)
+    run.start()
+    run.join(timeout=30)
+    assert not run.is_alive() and out == [[10 * i for i in range(6)]]
+
+
+def test_a_base_exception_in_a_pool_thread_stops_the_map():
+    started = []
+
+    def f(x):
+        started.append(x)
+        if x == 0:
+            raise SystemExit("stop")
+        time.sleep(0.002)
+        return x
+    with pytest.raises(SystemExit):
+        Pool(2).map(f, range(200), caller=False)
+    assert len(started) < 10
+
+
+@pytest.mark.parametrize("caller", [True, False])
+def test_an_interrupt_of_the_caller_does_not_wait_for_running_items(caller):
+    # An item running on a pool thread (a replicate group's whole depth) sees stopped() and ends early;
+    # the caller's interrupt is raised without waiting for it (the CLI then cleans its staging at once).
+    ended_early, running = threading.Event(), threading.Event()
+
+    def long_item(_):
+        running.set()
+        for _ in range(10_000):  # 10 s unless stopped
+            if stopped():
+                ended_early.set()
+                check_stopped()
+            time.sleep(0.001)
+
+    def interrupted(_):
+        running.wait(10)
+        raise KeyboardInterrupt
+    items = [interrupted, long_item] if caller else [long_item, interrupted]
+    if caller:
+        with pytest.raises(KeyboardInterrupt):
+            Pool(2).map(lambda f: f(None), items)
+    else:  # the caller waits on its pool threads: a signal wakes it, as varprop's SIGTERM handler does
+        class Interrupt(BaseException):
+            pass
+
+        def handler(signum, frame):
+            raise Interrupt
+        previous = signal.signal(signal.SIGUSR1, handler)
+        try:
+            threading.Thread(target=lambda: running.wait(10) and os.kill(os.getpid(), signal.SIGUSR1),
+                             daemon=True).start()
+            with pytest.raises(Interrupt):
+                Pool(2).map(lambda f: f(None), [long_item, long_item], caller=False)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+    assert ended_early.wait(5)

@@ -97,3 +97,29 @@ def test_side_stats_over_many_blocks():
 ])
 def test_mean_interval(values, expected):
     np.testing.assert_allclose(stats.mean_interval(values), expected, rtol=1e-12)
+
+
+def _direct_abs_cos(x: np.ndarray) -> float:
+    live = x[np.linalg.norm(x.astype(np.float64), axis=1) > 0][:128].astype(np.float64)
+    r = live / np.linalg.norm(live, axis=1)[:, None]
+    head = np.abs(r @ r.T)
+    return (head.sum() - np.trace(head)) / (len(r) * (len(r) - 1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("scale", [1.0, 1e19, 1e-22])
+def test_abs_cos_at_any_in_range_scale(dtype, scale):
+    # Rows whose products leave the dtype's range (a float32 Gram matrix of 1e19 overflows; half the head at
+    # 1e-22 underflows) are taken as unit rows: |cos| stays within the Gram matrix's rounding,
+    # (fan + 2) 2^-24 a cosine in float32, at every scale, on the stacked path and alone alike.
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((300, 64)) * scale
+    x[1:128:2] *= 1e-22 / scale if scale != 1.0 else 1.0
+    x[7] = 0  # a dead sample among the first 128
+    u = x.astype(dtype)
+    tol = (u.shape[1] + 2) * 2.0**-24 if dtype == np.float32 else 1e-13
+    got = side_stats(u, 0.0)["abs_cos_sim"]
+    assert got == pytest.approx(_direct_abs_cos(u), abs=tol)
+    stacked = stats.side_stats_stacked(np.stack([u[:100], u[100:200]]), [0.0, 0.0], [0.0, 0.0])
+    assert [s["abs_cos_sim"] for s, _ in stacked] == [side_stats(u[:100], 0.0)["abs_cos_sim"],
+                                                      side_stats(u[100:200], 0.0)["abs_cos_sim"]]

@@ -69,10 +69,16 @@ class Pool:
         ``threads`` pool threads take the items and the caller waits: for
         long items that allocate large arrays, which in the main thread come
         from glibc's main arena, returned to the system and faulted back in
-        on every layer (the seed case ran 6% slower). The exception of the
-        first failing item (in item order, as a loop would raise it) is
-        raised once every started item has finished; no item is started
-        after a failure or an interrupt."""
+        on every layer (the seed case ran 6% slower); a map inside a pool
+        thread's item always takes items in its caller.
+
+        The exception of the first failing item (in item order, as a loop
+        would raise it) is raised once every started item has finished; no
+        item is started after a failure. An interrupt of the caller (Ctrl-C,
+        or varprop's SIGTERM handler: signals reach the main thread) stops
+        the map at once: it is raised without waiting for the items running
+        on pool threads, which a long item ends early by checking
+        :func:`stopped`."""
         items = list(items)
         if self.threads == 1 or len(items) < 2:
             return [fn(x) for x in items]
@@ -80,6 +86,7 @@ class Pool:
             if self.threads not in _EXECUTORS:
                 _EXECUTORS[self.threads] = ThreadPoolExecutor(self.threads, thread_name_prefix="varprop")
             executor = _EXECUTORS[self.threads]
+        caller = caller or getattr(_ITEM, "stop", None) is not None  # a pool thread never waits on the pool
         n = len(items)
         results: list[Any] = [None] * n
         failed: dict[int, BaseException] = {}
@@ -87,27 +94,41 @@ class Pool:
         stop = threading.Event()  # set on the first failure, or when the caller is interrupted
 
         def drain() -> None:
-            while not stop.is_set():
-                i = next(order)
-                if i >= n:
-                    return
-                try:
-                    results[i] = fn(items[i])
-                except Exception as e:  # re-raised by the caller, in item order
-                    failed[i] = e
-                    stop.set()
-        helpers = [executor.submit(drain) for _ in range(min(self.threads, n) - caller)]
+            outer, _ITEM.stop = getattr(_ITEM, "stop", None), stop
+            try:
+                while not stop.is_set():
+                    i = next(order)
+                    if i >= n:
+                        return
+                    try:
+                        results[i] = fn(items[i])
+                    except Stopped:
+                        return
+                    except Exception as e:  # re-raised by the caller, in item order
+                        failed[i] = e
+                        stop.set()
+                    except BaseException:
+                        stop.set()
+                        raise
+            finally:
+                _ITEM.stop = outer
+        helpers: list[Any] = []
         try:
+            for _ in range(min(self.threads, n) - caller):
+                helpers.append(executor.submit(drain))
             if caller:
                 drain()
             else:
                 for future in helpers:
                     future.result()
-        finally:  # an interrupt (the caller's alone: signals reach the main thread) ends the map here too
+        except BaseException:  # an interrupt, raised at once: the running items see stopped() and end early
             stop.set()
             for future in helpers:
-                if not future.cancel():
-                    future.result()
+                future.cancel()
+            raise
+        for future in helpers:  # the running items of a failed or finished map, before its result stands
+            if not future.cancel():
+                future.result()
         if failed:
             raise failed[min(failed)]
         return results
@@ -121,3 +142,22 @@ class Pool:
 
 
 SERIAL = Pool(1)
+_ITEM = threading.local()  # .stop: the stop event of the map whose item this thread runs
+
+
+class Stopped(Exception):
+    """Raised by :func:`check_stopped` in an item of a map that has stopped: the item ends early."""
+
+
+def stopped() -> bool:
+    """Whether the map whose item this thread runs has stopped (a failure, or an interrupt of its
+    caller): a long item checks it between steps and ends early."""
+    stop = getattr(_ITEM, "stop", None)
+    return stop is not None and stop.is_set()
+
+
+def check_stopped() -> None:
+    """Raise :class:`Stopped` when :func:`stopped`: the item's result will not be read."""
+    if stopped():
+        raise Stopped
+

@@ -184,7 +184,26 @@ def _abs_cos_stacked(u: np.ndarray, row_sq: np.ndarray) -> np.ndarray:
     own precision. A float32 run's cosines are then off by at most
     (fan + 2) 2**-24 (about 1e-7 typically), far below the sampling error of a
     mean over 128 samples."""
-    return abs_cos_of_gram(np.matmul(u, u.transpose(0, 2, 1)), row_sq)
+    with np.errstate(over="ignore", under="ignore"):  # such matrices are redone just below
+        gram = np.matmul(u, u.transpose(0, 2, 1))
+    outside = ~gram_in_range(row_sq, u.shape[2], u.dtype)
+    if outside.any():  # rows so large or small that their products leave the dtype's range: unit rows
+        row_sq = row_sq.copy()
+        for k in np.flatnonzero(outside):
+            with np.errstate(divide="ignore", invalid="ignore"):  # a dead row: NaN, as abs_cos_of_gram says
+                unit = (u[k].astype(np.float64) / np.sqrt(row_sq[k])[:, None]).astype(u.dtype)
+            gram[k] = unit @ unit.T
+            row_sq[k] = np.where((row_sq[k] > 0) & np.isfinite(row_sq[k]), 1.0, 0.0)  # else NaN
+    return abs_cos_of_gram(gram, row_sq)
+
+
+def gram_in_range(row_sq: np.ndarray, n: int, dtype: Any) -> np.ndarray:
+    """Per matrix of rows (of ``n`` entries each, float64 sums of squares ``row_sq``, matrices x rows),
+    whether their Gram matrix in ``dtype`` keeps its precision: no sum beyond a quarter of the largest
+    number, no typical product within 2**24 of the smallest normal one (all-zero rows aside)."""
+    info = np.finfo(dtype)
+    ok = (row_sq == 0) | ((row_sq <= float(info.max) / 4) & (row_sq >= float(info.tiny) * 2.0**24 * n))
+    return np.all(ok, axis=-1)
 
 
 def abs_cos_of_gram(gram: np.ndarray, row_sq: np.ndarray) -> np.ndarray:
@@ -208,7 +227,7 @@ def abs_cos_of_gram(gram: np.ndarray, row_sq: np.ndarray) -> np.ndarray:
     inv = np.zeros_like(row_sq)
     np.divide(1.0, np.sqrt(row_sq), out=inv, where=row_sq > 0)
     total = np.vecdot(inv, np.matmul(gram.astype(np.float64), inv[:, :, None])[:, :, 0])
-    trace = np.vecdot(np.diagonal(gram, axis1=1, axis2=2).astype(np.float64), inv * inv)
+    trace = np.vecdot(np.diagonal(gram, axis1=1, axis2=2) * inv, inv)  # (diag inv) inv: no inv^2 to overflow
     return np.where(np.all(row_sq > 0, axis=1), (total - trace) / (m * (m - 1)), math.nan)
 
 
@@ -219,9 +238,10 @@ def head_cos(u: np.ndarray) -> float:
 
 
 def _live_head_cos(u: np.ndarray, row_sq: np.ndarray) -> float:
-    """The |cos| of the first live samples of ``u``, given every row's sum of squares."""
-    live = np.flatnonzero(row_sq > 0)[:ABS_COS_SAMPLES]
-    return float(_abs_cos_stacked(u[live][None], row_sq[live][None])[0])
+    """The |cos| of the first live samples of ``u`` (live by ``row_sq``, every row's sum of squares; the
+    head's own squares are taken from ``u``: a caller may pass a stand-in)."""
+    head = u[np.flatnonzero(row_sq > 0)[:ABS_COS_SAMPLES]]
+    return float(_abs_cos_stacked(head[None], _row_squares(head)[None])[0])
 
 
 def from_sums(u: np.ndarray, parts: Sequence[Sums], log_s: float, saturated: float = math.nan,

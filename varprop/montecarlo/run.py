@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 
 from .. import theory
 from ..nn import inits
-from ..parallel import SERIAL, Pool, row_chunks
+from ..parallel import SERIAL, Pool, check_stopped, row_chunks
 from ..run import Configuration, Run
 from ..options import parse_threads
 from ..spec import Config, NetworkSpec, RunSpec, expand, load_input, to_options
@@ -165,6 +165,7 @@ def _run_group(spec: RunSpec, replicates: list[int], progress: Progress | None) 
     hist_layers = {1, (depth + 1) // 2, depth} if replicates[0] == 0 else set()
 
     def on_layer(layer: int, values: list[Values], rows: list[dict[str, float]]) -> None:
+        check_stopped()  # a group runs the whole depth: an interrupted run ends within a layer
         if layer in hist_layers:
             tables[0].hist[layer] = _histogram(values[0], SERIAL)
         for table, row in zip(tables, rows):

@@ -160,4 +160,3 @@ def check_stopped() -> None:
     """Raise :class:`Stopped` when :func:`stopped`: the item's result will not be read."""
     if stopped():
         raise Stopped
-

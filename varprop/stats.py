@@ -160,7 +160,7 @@ def side_stats_stacked(u: np.ndarray, log_s: Sequence[float], saturated: Sequenc
     second = row_sq.sum(axis=1) / (rows * n)
     live = np.count_nonzero(row_sq > 0, axis=1)
     unit_sq = np.vecdot(unit_sum, unit_sum)
-    heads = _abs_cos_stacked(u[:, :ABS_COS_SAMPLES], row_sq[:, :ABS_COS_SAMPLES])
+    heads = abs_cos_of_rows(u[:, :ABS_COS_SAMPLES], row_sq[:, :ABS_COS_SAMPLES])
     size = rows * n
     out = []
     for k in range(blocks):
@@ -177,7 +177,7 @@ def side_stats_stacked(u: np.ndarray, log_s: Sequence[float], saturated: Sequenc
     return out
 
 
-def _abs_cos_stacked(u: np.ndarray, row_sq: np.ndarray) -> np.ndarray:
+def abs_cos_of_rows(u: np.ndarray, row_sq: np.ndarray) -> np.ndarray:
     """Mean |cos| over the pairs of rows of each matrix of a stack ``u``
     (blocks x m x n), given each row's float64 sum of squares ``row_sq``
     (blocks x m): :func:`abs_cos_of_gram` of their Gram matrices, taken in u's
@@ -234,14 +234,13 @@ def abs_cos_of_gram(gram: np.ndarray, row_sq: np.ndarray) -> np.ndarray:
 def head_cos(u: np.ndarray) -> float:
     """The |cos| of the first samples of ``u`` (NaN if one of them is all zeros, or fewer than two)."""
     head = u[:ABS_COS_SAMPLES]
-    return float(_abs_cos_stacked(head[None], _row_squares(head)[None])[0])
+    return float(abs_cos_of_rows(head[None], _row_squares(head)[None])[0])
 
 
 def _live_head_cos(u: np.ndarray, row_sq: np.ndarray) -> float:
     """The |cos| of the first live samples of ``u`` (live by ``row_sq``, every row's sum of squares; the
     head's own squares are taken from ``u``: a caller may pass a stand-in)."""
-    head = u[np.flatnonzero(row_sq > 0)[:ABS_COS_SAMPLES]]
-    return float(_abs_cos_stacked(head[None], _row_squares(head)[None])[0])
+    return head_cos(u[np.flatnonzero(row_sq > 0)[:ABS_COS_SAMPLES]])
 
 
 def from_sums(u: np.ndarray, parts: Sequence[Sums], log_s: float, saturated: float = math.nan,

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..nn import activations
-from ..stats import ABS_COS_SAMPLES, SATURATION, Sums, abs_cos_of_gram, empty_stats, from_sums, gram_in_range
+from ..stats import (ABS_COS_SAMPLES, SATURATION, Sums, abs_cos_of_gram, abs_cos_of_rows, empty_stats, from_sums,
+                     gram_in_range)
 from . import load_torch
 
 if TYPE_CHECKING:
@@ -122,11 +123,10 @@ def tensor_stats(x: "torch.Tensor", sample_axis: int = 0, channel_axis: int | No
     if m >= 2:
         head_rows = rows[:m] if first[-1] == m - 1 else rows[torch.from_numpy(first).to(own.device)]
         head_sq = row_sq[first][None]
-        if not gram_in_range(head_sq, rows.shape[1], np.float32 if own.dtype == torch.float32 else np.float64)[0]:
-            # products beyond the dtype's range: the Gram matrix of the unit rows (as varprop.stats does)
-            head_rows = (head_rows.double() * torch.from_numpy(inv[first]).to(own.device)[:, None]).to(own.dtype)
-            head_sq = np.ones_like(head_sq)
-        head = float(abs_cos_of_gram(_np(head_rows @ head_rows.T)[None], head_sq)[0])
+        if gram_in_range(head_sq, rows.shape[1], np.float32 if own.dtype == torch.float32 else np.float64)[0]:
+            head = float(abs_cos_of_gram(_np(head_rows @ head_rows.T)[None], head_sq)[0])
+        else:  # products beyond the dtype's range: varprop.stats takes the unit rows' Gram matrix
+            head = float(abs_cos_of_rows(_np(head_rows)[None], head_sq)[0])
     m_rows = a * b
     col = _pooled_blocks(*blocks) if blocks is not None else None
     if col is None:

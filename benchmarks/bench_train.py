@@ -8,8 +8,8 @@ layer's activation or none), SGD with Nesterov momentum 0.9 at lr 0.01,
 softmax cross-entropy, one epoch over the 4,000 training images of the
 shipped MNIST subset, the same batch order for both, at batch 4, 128 and
 1024. Both train on every core (or ``--threads N``): varprop with
-one-thread BLAS on fixed blocks (its results do not depend on the thread
-count), PyTorch with its own threads. On a machine other jobs share, use
+one-thread BLAS on pieces fixed by the shapes (its results do not depend on
+the thread count), PyTorch with its own threads. On a machine other jobs share, use
 ``--threads 1``: PyTorch's OpenMP threads spin-wait for each other, and when
 they must queue for a core its small-batch epochs run 10 to 100 times slower,
 which measures the neighbours, not PyTorch. Contenders run interleaved in this one process (A B A B
@@ -59,8 +59,7 @@ def varprop_epoch(batch: int, bn: bool, ds: data.Dataset, order: np.ndarray):
         with threadpool_limits(1, user_api="blas"):
             for start in range(0, len(order), batch):
                 idx = order[start:start + batch]
-                model.loss_and_grad(ds.x_train[idx], ds.y_train[idx])
-                opt.step(model.params, model.grads)
+                model.loss_and_grad(ds.x_train[idx], ds.y_train[idx], opt=opt)
     return epoch
 
 

@@ -49,19 +49,32 @@ def rng():
 
 
 def test_dense_backward(rng):
-    h, w, b = rng.normal(size=(6, 5)), rng.normal(size=(5, 4)), rng.normal(size=4)
-    r = rng.normal(size=(6, 4))  # objective sum(r * out): its gradient w.r.t. out is r
-    f = lambda: float(np.sum(r * M.dense_forward(h, w, b)[0]))  # noqa: E731
-    dw, db = np.zeros_like(w), np.zeros_like(b)
-    dh = M.dense_backward(h, w, r, dw, db)
+    """A Dense layer's backward, as the model runs it (a one-layer model: its logits are the Dense output)."""
+    m = M.Model(M.Architecture((5, 4)), np.float64)
+    h, r = rng.normal(size=(6, 5)), rng.normal(size=(6, 4))  # objective sum(r * out): its gradient w.r.t. out is r
+    m.W[1][...], m.b[1][...] = rng.normal(size=(5, 4)), rng.normal(size=4)
+    f = lambda: float(np.sum(r * m.forward(h, training=True)[0]))  # noqa: E731
+    _, tape = m.forward(h, training=True)
+    dh = m.backward(tape, r, need_input_grad=True)
     close(dh, numeric_grad(f, h))
-    close(dw, numeric_grad(f, w))
-    close(db, numeric_grad(f, b))
+    close(m.dW[1].copy(), numeric_grad(f, m.W[1]))
+    close(m.db[1].copy(), numeric_grad(f, m.b[1]))
+
+
+@pytest.mark.parametrize("widths", [(784, 512, 256, 128, 64, 10), (3, 2), (5, 300, 1, 7)])
+def test_weight_pieces_cover_every_parameter_once(widths):
+    """The pieces the weight gradients and the optimizer's update run in tile the parameter vector."""
+    m = M.Model(M.Architecture(widths, bn_layers=(1,)), np.float64)
+    covered = np.zeros(m.n_params, int)
+    for l, rows, flat, last in m._pieces:
+        covered[flat] += 1
+        assert m.W[l][rows].size <= flat.stop - flat.start
+    assert covered.tolist() == [1] * m.n_params
 
 
 def test_blocked_products_equal_plain_ones(rng):
-    """The fixed blocks (thin products cut for OpenBLAS's small kernel, large ones for threads) compute a @ b,
-    and the fused bias and activation are applied to every block once."""
+    """Thin products, cut into fixed blocks for OpenBLAS's small kernel, compute a @ b, and the layer
+    adds the bias and applies the activation once."""
     for shape in [(4, 784, 512), (16, 300, 200), (600, 300, 400), (3, 5, 7), (128, 784, 512)]:
         m, k, n = shape
         a, b, bias = rng.normal(size=(m, k)), rng.normal(size=(k, n)), rng.normal(size=n)

@@ -16,6 +16,7 @@ release the GIL, so Python threads do run in parallel here.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import math
 import os
@@ -78,7 +79,8 @@ class Pool:
         or varprop's SIGTERM handler: signals reach the main thread) stops
         the map at once: it is raised without waiting for the items running
         on pool threads, which a long item ends early by checking
-        :func:`stopped`."""
+        :func:`stopped`. Items run in a copy of the caller's context
+        (``np.errstate`` included)."""
         items = list(items)
         if self.threads == 1 or len(items) < 2:
             return [fn(x) for x in items]
@@ -114,8 +116,8 @@ class Pool:
                 _ITEM.stop = outer
         helpers: list[Any] = []
         try:
-            for _ in range(min(self.threads, n) - caller):
-                helpers.append(executor.submit(drain))
+            for _ in range(min(self.threads, n) - caller):  # in the caller's context: NumPy's errstate is in it
+                helpers.append(executor.submit(contextvars.copy_context().run, drain))
             if caller:
                 drain()
             else:

@@ -138,16 +138,14 @@ def train_replicate(config: TrainConfig, replicate: int, run: RunOptions, datase
             if due:
                 w_before = {l: model.W[l].copy() for l in model.layers}
             with np.errstate(all="ignore"):
-                loss = model.loss_and_grad(x_train[idx], dataset.y_train[idx])
-            if not math.isfinite(loss):  # diverged: the history ends here, at NaN
+                loss = model.loss_and_grad(x_train[idx], dataset.y_train[idx], opt=opt)
+            if not math.isfinite(loss):  # diverged (and not updated): the history ends here, at NaN
                 history.append({"replicate": replicate, "epoch": epoch - 1 + (i + 1) / per_epoch, "step": step,
                                 "train_loss_keras": math.nan, "train_loss": math.nan, "train_accuracy": math.nan,
                                 "test_loss": math.nan, "test_accuracy": math.nan, "lr": schedule(step - 1)})
                 if progress:
                     progress(run.epochs - epoch + 1)
                 return history, layer_rows
-            with np.errstate(all="ignore"):
-                opt.step(model.params, model.grads)
             loss_sum += loss * len(idx)
             seen += len(idx)
             if due:

@@ -18,11 +18,16 @@ checks every one against finite differences in float64):
   TensorFlow backend does the same when the last Dense has a softmax).
 
 All parameters live in one flat vector (and their gradients in another), so
-an optimizer step is a few vectorised passes. Products run over blocks of
-rows fixed by the shapes, on one-thread BLAS, spread over a
-:class:`varprop.parallel.Pool`: the numbers do not depend on the thread
-count. Reductions over the batch (BN statistics, bias and BN gradients) run
-whole, in one thread.
+an optimizer step is a few vectorised passes. A step runs on a
+:class:`varprop.parallel.Pool` in pieces fixed by the shapes, each on
+one-thread BLAS, so the numbers do not depend on the thread count: the
+forward pass, the loss and the backward pass to each layer's delta run
+on two fixed parts of the batch's rows, as one map (rows are independent
+there); training-mode BN, whose statistics need every row, runs whole in
+between; then the weight gradients run in fixed pieces of the parameter
+vector, each updated by the optimizer as soon as its gradient is in. So a
+step is two fork-joins (plus two per BN layer), not one per product: on
+these virtual machines a thread's wake-up costs tens of microseconds.
 
 >>> import numpy as np
 >>> m = Model(Architecture((4, 3, 2), "relu", bn_layers=(1,)), np.float64)
@@ -44,14 +49,17 @@ import numpy as np
 from ..nn import activations, inits
 from ..montecarlo.seeds import generator
 from ..parallel import SERIAL, Pool, row_chunks
+from .optim import Optimizer
 
 KERAS_BN_EPS = 1e-3
 KERAS_BN_MOMENTUM = 0.99
 SATURATION = 1e-3  # |phi'(z)| below this counts as saturated (ARCHITECTURE.md, "Definitions")
-BLOCK = 128  # rows or columns per block of a large product (fixed by the shapes, never by the thread count)
+ROW_PARTS = 2  # parts of a large batch's rows, each on a thread (fixed: see Model._row_parts)
+MIN_PART_ROWS = 16
+WEIGHT_PIECES = 4  # the weight gradients are cut into about this many pieces of equal work
 SMALL_MACS = 1_000_000  # OpenBLAS's small-matrix kernel takes products up to 100^3 multiply-adds
 EVAL_BLOCK = 2048  # rows per block of an inference-mode evaluation
-_PARALLEL_MACS = 1 << 22  # products smaller than this run in the caller's thread (same blocks, same numbers)
+_PARALLEL_MACS = 1 << 22  # work smaller than this runs in the caller's thread (the same pieces, the same numbers)
 
 
 @dataclass(frozen=True)
@@ -96,41 +104,33 @@ class _BNRecord:
 
 # --- the layers, each a forward and an exact backward --------------------------------------------
 
-def dense_forward(h: np.ndarray, w: np.ndarray, b: np.ndarray, pool: Pool = SERIAL,
-                  act: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
+def dense_forward(h: np.ndarray, w: np.ndarray, b: np.ndarray,
+                  act: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+                  out: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None = None
                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """``z = h w + b`` over blocks fixed by the shapes, and with ``act`` (which
-    fills ``phi(z)`` and ``phi'(z)`` into its second and third arguments) the
-    activation and its derivative, each block's while it is in cache (and on
-    the block's thread): ``(z, phi(z), phi'(z))``."""
-    m, n = h.shape[0], w.shape[1]
-    phi = np.empty((m, n), np.result_type(h, w)) if act else None
-    dphi = np.empty_like(phi) if act else None
-
-    def after(z: np.ndarray, idx: tuple[slice, slice]) -> None:
-        block = z[idx]
-        block += b[idx[1]]
-        if act:
-            act(block, phi[idx], dphi[idx])
-    return product(h, w, pool, after=after), phi, dphi
+    """``z = h w + b`` and, with ``act`` (which fills ``phi(z)`` and
+    ``phi'(z)`` into its second and third arguments), the activation and its
+    derivative: ``(z, phi(z), phi'(z))``, into ``out`` when given."""
+    if out is None:
+        shape, dtype = (h.shape[0], w.shape[1]), np.result_type(h, w)
+        out = (np.empty(shape, dtype), *((np.empty(shape, dtype), np.empty(shape, dtype)) if act else (None, None)))
+    z, phi, dphi = out
+    product(h, w, out=z)
+    z += b
+    if act:
+        act(z, phi, dphi)
+    return z, phi, dphi
 
 
-def dense_backward(h: np.ndarray, w: np.ndarray, delta: np.ndarray, dw: np.ndarray, db: np.ndarray,
-                   pool: Pool = SERIAL, need_input_grad: bool = True) -> np.ndarray | None:
-    """Fill ``dw = h^T delta`` and ``db = sum(delta)``; return ``delta w^T``."""
-    product(h.T, delta, pool, out=dw)
-    np.sum(delta, axis=0, out=db)
-    return product(delta, w.T, pool) if need_input_grad else None
-
-
-def bn_train_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, batch: int | None = None
+def bn_train_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, batch: int | None = None,
+                     out: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Training mode: ``(y, xhat, scale, batch mean, biased batch variance)``
     with ``xhat = (x - mean) / sqrt(var + eps)``, ``y = gamma xhat + beta``
     and ``scale = gamma / sqrt(var + eps)``, per unit and per batch of
     ``batch`` consecutive rows (default: all rows are one batch). The
     statistics are summed in float64 and returned in float64 (the first
-    batch's when there are several)."""
+    batch's when there are several). ``y`` goes into ``out`` when given."""
     n = x.shape[0]
     groups = x.reshape(n // (batch or n), batch or n, -1)
     mean = groups.mean(axis=1, keepdims=True, dtype=np.float64)
@@ -138,18 +138,19 @@ def bn_train_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: fl
     var = np.mean(np.square(centered, dtype=np.float64), axis=1, keepdims=True)
     inv = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
     centered *= inv
-    y = centered * gamma
+    y = np.multiply(centered, gamma, out=None if out is None else out.reshape(centered.shape))
     y += beta
     return y.reshape(x.shape), centered.reshape(x.shape), inv * gamma, mean[0, 0], var[0, 0]
 
 
-def bn_train_backward(dy: np.ndarray, xhat: np.ndarray, scale: np.ndarray, dgamma: np.ndarray, dbeta: np.ndarray
-                      ) -> np.ndarray:
+def bn_train_backward(dy: np.ndarray, xhat: np.ndarray, scale: np.ndarray, dgamma: np.ndarray, dbeta: np.ndarray,
+                      out: np.ndarray | None = None) -> np.ndarray:
     """The gradient through training-mode BN with its full batch Jacobian:
     ``dx = gamma / sigma (dy - mean(dy) - xhat mean(dy xhat))`` per batch, with
     ``sigma = sqrt(var + eps)`` (eps is inside xhat, so this is exact);
     fills ``dgamma = sum(dy xhat)`` and ``dbeta = sum(dy)``. ``scale`` is
-    ``(batches, 1, units)`` as :func:`bn_train_forward` returns it."""
+    ``(batches, 1, units)`` as :func:`bn_train_forward` returns it. ``dx`` goes
+    into ``out`` when given."""
     shape = dy.shape
     g = dy.reshape(scale.shape[0], -1, shape[1])
     xh = xhat.reshape(g.shape)
@@ -158,7 +159,7 @@ def bn_train_backward(dy: np.ndarray, xhat: np.ndarray, scale: np.ndarray, dgamm
     np.sum(sum_dy, axis=(0, 1), out=dbeta)
     np.sum(sum_dyx, axis=(0, 1), out=dgamma)
     n = dy.dtype.type(g.shape[1])
-    dx = g - sum_dy / n
+    dx = np.subtract(g, sum_dy / n, out=None if out is None else out.reshape(g.shape))
     dx -= xh * (sum_dyx / n)
     dx *= scale
     return dx.reshape(shape)
@@ -173,12 +174,12 @@ def bn_infer_forward(x: np.ndarray, bn: BatchNorm, eps: float) -> tuple[np.ndarr
     return y, xhat, inv * bn.gamma
 
 
-def bn_infer_backward(dy: np.ndarray, xhat: np.ndarray, scale: np.ndarray, dgamma: np.ndarray, dbeta: np.ndarray
-                      ) -> np.ndarray:
+def bn_infer_backward(dy: np.ndarray, xhat: np.ndarray, scale: np.ndarray, dgamma: np.ndarray, dbeta: np.ndarray,
+                      out: np.ndarray | None = None) -> np.ndarray:
     """Inference-mode BN is affine per unit: ``dx = dy gamma / sqrt(moving_var + eps)``."""
     np.sum(dy, axis=0, out=dbeta)
     np.sum(dy * xhat, axis=0, out=dgamma)
-    return dy * scale
+    return np.multiply(dy, scale, out=out)
 
 
 def sigmoid_both(x: np.ndarray, phi: np.ndarray, dphi: np.ndarray) -> None:
@@ -244,45 +245,40 @@ def _blocks(n: int, parts: int) -> list[slice]:
     return [slice(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
 
 
-def product(a: np.ndarray, b: np.ndarray, pool: Pool = SERIAL, out: np.ndarray | None = None,
-            after: Callable[[np.ndarray, tuple[slice, slice]], None] | None = None) -> np.ndarray:
-    """``a @ b`` (into ``out`` if given), over blocks of the output's longer
-    dimension whose number depends only on the shapes: on any thread count
-    each block is the same one-thread BLAS call, so the result is too.
-    ``after(out, index)`` runs on each block as soon as it is computed.
+def product(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``a @ b`` (into ``out`` if given) on one-thread BLAS in the caller's thread.
 
     A thin product (a dimension of 16 or less: the small batches' products
     and weight gradients) is cut into blocks of at most ``SMALL_MACS``
-    multiply-adds: OpenBLAS (0.3.x on AVX-512 CPUs) then runs its
-    small-matrix kernel, measured 2 to 3 times faster here than its general
-    path on the same product (4 x 784 by 784 x 512: 35 us against 106).
-    Otherwise blocks of about ``BLOCK`` rows or columns feed the threads."""
+    multiply-adds, fixed by the shapes: OpenBLAS (0.3.x on AVX-512 CPUs)
+    then runs its small-matrix kernel, measured 2 to 3 times faster here
+    than its general path on the same product (4 x 784 by 784 x 512: 35 us
+    against 106)."""
     m, k = a.shape
     n = b.shape[1]
     if out is None:
         out = np.empty((m, n), np.result_type(a, b))
     macs = m * k * n
+    if macs <= SMALL_MACS or min(m, k, n) > 16:
+        return np.matmul(a, b, out=out)
     along_rows = m >= n
     length = m if along_rows else n
-    if macs <= SMALL_MACS:
-        parts = 1
-    elif min(m, k, n) <= 16:
-        parts = min(length, -(-macs // SMALL_MACS))
-    else:
-        parts = max(1, min(length, round(length / BLOCK)))
-
-    def fill(s: slice) -> None:
+    for s in _blocks(length, min(length, -(-macs // SMALL_MACS))):
         idx = (s, slice(None)) if along_rows else (slice(None), s)
         np.matmul(a[idx[0]], b[:, idx[1]], out=out[idx])
-        if after is not None:
-            after(out, idx)
-    blocks = _blocks(length, parts)
-    if len(blocks) > 1 and macs >= _PARALLEL_MACS:
-        pool.map(fill, blocks)
-    else:
-        for s in blocks:
-            fill(s)
     return out
+
+
+def _times_rows(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> Callable[[slice], None]:
+    def rows(s: slice) -> None:
+        np.multiply(a[s], b[s], out=out[s])
+    return rows
+
+
+def _product_rows(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> Callable[[slice], None]:
+    def rows(s: slice) -> None:
+        product(a[s], b, out=out[s])
+    return rows
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -305,12 +301,16 @@ class Model:
         self.params = np.zeros(total, self.dtype)
         self.grads = np.zeros(total, self.dtype)
         views: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        starts: dict[tuple[str, int], int] = {}
         start = 0
         for name, l, shape in shapes:
             size = math.prod(shape)
             views[name, l] = (self.params[start:start + size].reshape(shape),
                               self.grads[start:start + size].reshape(shape))
+            starts[name, l] = start
             start += size
+        self._macs_per_row = sum(arch.widths[l - 1] * arch.widths[l] for l in self.layers)
+        self._pieces = self._weight_pieces(starts, total)
         self.W = {l: views["W", l][0] for l in self.layers}
         self.b = {l: views["b", l][0] for l in self.layers}
         self.dW = {l: views["W", l][1] for l in self.layers}
@@ -321,6 +321,24 @@ class Model:
             views["gamma", l][0][...] = 1
             self.bn[l] = BatchNorm(views["gamma", l][0], views["beta", l][0], np.zeros(n, self.dtype),
                                    np.ones(n, self.dtype), views["gamma", l][1], views["beta", l][1])
+
+    def _weight_pieces(self, starts: dict[tuple[str, int], int], total: int) -> list[tuple[int, slice, slice, bool]]:
+        """The weight gradients' pieces, fixed by the widths: ``(layer, rows of W, the slice of the
+        parameter vector they cover, whether it is the layer's last)``. A layer takes pieces in
+        proportion to its work; its last piece also covers its bias and BN parameters, which follow
+        its W in the vector. The largest pieces come first, so that threads finish together."""
+        pieces = []
+        for l in self.layers:
+            n_in, n_out = self.arch.widths[l - 1], self.arch.widths[l]
+            w0 = starts["W", l]
+            end = starts.get(("W", l + 1), total)
+            parts = max(1, round(WEIGHT_PIECES * n_in * n_out / self._macs_per_row))
+            for i, rows in enumerate(_blocks(n_in, parts)):
+                last = i == parts - 1
+                flat = slice(w0 + rows.start * n_out, end if last else w0 + rows.stop * n_out)
+                pieces.append(((rows.stop - rows.start) * n_out, l, rows, flat, last))
+        pieces.sort(key=lambda p: -p[0])
+        return [p[1:] for p in pieces]
 
     @property
     def layers(self) -> range:
@@ -359,101 +377,221 @@ class Model:
 
     # forward and backward
 
-    def _bn_forward(self, l: int, x: np.ndarray, training: bool, update: bool, batch: int | None
-                    ) -> tuple[np.ndarray, _BNRecord]:
+    # forward and backward, as stages: each runs on parts of the batch's rows (on the pool's threads) or,
+    # where a batch statistic needs every row (training-mode BN), on the whole batch in the caller's thread
+
+    def _row_parts(self, n: int) -> list[slice]:
+        """The fixed parts of a batch of ``n`` rows: two when each part's products are worth a thread.
+        Two, not more, whatever the thread count (which never changes a number): a part's products
+        run as whole one-thread BLAS calls, and thinner parts cost more than they gain (four parts
+        of a 128-row batch made an epoch 13% slower on one thread and 17% slower on two)."""
+        parts = ROW_PARTS if n >= ROW_PARTS * MIN_PART_ROWS and n * self._macs_per_row >= ROW_PARTS * _PARALLEL_MACS \
+            else 1
+        return _blocks(n, parts)
+
+    def _run(self, stages: list[tuple[bool, Callable[..., None]]], n: int) -> None:
+        """Run ``(whole, fn)`` stages in order: consecutive row stages as one map over the row parts
+        (each part runs them all, one fork-join for the lot), a whole stage as ``fn()``."""
+        parts = self._row_parts(n)
+        pool = self.pool if len(parts) > 1 else SERIAL
+        group: list[Callable[[slice], None]] = []
+
+        def flush() -> None:
+            if group:
+                fns = tuple(group)
+                group.clear()
+                pool.map(lambda s: [fn(s) for fn in fns], parts)
+        for whole, fn in stages:
+            if whole:
+                flush()
+                fn()
+            else:
+                group.append(fn)
+        flush()
+
+    def _forward_stages(self, x: np.ndarray, training: bool, update_stats: bool, batch: int | None
+                        ) -> tuple[list[tuple[bool, Callable[..., None]]], list[dict[str, Any]]]:
+        n, stages, tape = x.shape[0], [], []
+        h = x
+        for l in self.layers:
+            z = np.empty((n, self.arch.widths[l]), self.dtype)
+            rec: dict[str, Any] = {"h_in": h}
+            tape.append(rec)
+            if l == self.arch.depth:
+                stages.append((False, self._dense_rows(l, h, z)))
+                rec["pre"] = rec["post"] = z
+                break
+            a, d = np.empty_like(z), np.empty_like(z)
+            pre = post = None
+            if l in self.bn and self.arch.bn_position == "pre":
+                pre = np.empty_like(z)
+                stages += [(False, self._dense_rows(l, h, z)), self._bn_stage(l, z, pre, rec, training, update_stats,
+                                                                               batch),
+                           (False, self._act_rows(pre, a, d))]
+            else:
+                stages.append((False, self._dense_rows(l, h, z, a, d)))
+                if l in self.bn:
+                    post = np.empty_like(z)
+                    stages.append(self._bn_stage(l, a, post, rec, training, update_stats, batch))
+            rec.update(pre=z if pre is None else pre, dphi=d, act_out=a, post=a if post is None else post)
+            h = rec["post"]
+        return stages, tape
+
+    def _dense_rows(self, l: int, h: np.ndarray, z: np.ndarray, a: np.ndarray | None = None,
+                    d: np.ndarray | None = None) -> Callable[[slice], None]:
+        act = self._both if a is not None else None
+
+        def rows(s: slice) -> None:
+            dense_forward(h[s], self.W[l], self.b[l], act, (z[s], None if a is None else a[s],
+                                                          None if d is None else d[s]))
+        return rows
+
+    def _act_rows(self, x: np.ndarray, a: np.ndarray, d: np.ndarray) -> Callable[[slice], None]:
+        def rows(s: slice) -> None:
+            self._both(x[s], a[s], d[s])
+        return rows
+
+    def _bn_stage(self, l: int, x: np.ndarray, y: np.ndarray, rec: dict[str, Any], training: bool, update: bool,
+                  batch: int | None) -> tuple[bool, Callable[..., None]]:
         bn, eps = self.bn[l], self.arch.bn_eps
-        if training:
-            y, xhat, scale, mean, var = bn_train_forward(x, bn.gamma, bn.beta, eps, batch)
+
+        def whole() -> None:
+            if not training:
+                y[...], xhat, scale = bn_infer_forward(x, bn, eps)
+                rec["bn"] = _BNRecord(x, xhat, scale, False)
+                return
+            _, xhat, scale, mean, var = bn_train_forward(x, bn.gamma, bn.beta, eps, batch, out=y)
             if update:  # Keras: moving * momentum + batch statistic * (1 - momentum), in the variable's dtype
                 m = self.dtype.type(self.arch.bn_momentum)
                 one_minus = self.dtype.type(1.0 - self.arch.bn_momentum)
                 bn.moving_mean[...] = bn.moving_mean * m + mean.astype(self.dtype) * one_minus
                 bn.moving_var[...] = bn.moving_var * m + var.astype(self.dtype) * one_minus
-        else:
-            y, xhat, scale = bn_infer_forward(x, bn, eps)
-        return y, _BNRecord(x, xhat, scale, training)
+            rec["bn"] = _BNRecord(x, xhat, scale, True)
+        return True, whole
 
-    def forward(self, x: np.ndarray, training: bool, update_stats: bool = False, keep: bool = True,
-                batch: int | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    def _backward_stages(self, tape: list[dict[str, Any]], g: np.ndarray, need_input_grad: bool,
+                         record: dict[int, dict[str, np.ndarray]] | None
+                         ) -> tuple[list[tuple[bool, Callable[..., None]]], dict[int, np.ndarray], np.ndarray | None]:
+        n, stages, deltas = g.shape[0], [], {}
+        for l in reversed(self.layers):
+            rec = tape[l - 1]
+            delta = g
+            if l < self.arch.depth:
+                if record is not None:
+                    record.setdefault(l, {})["grad"] = g
+                post_bn = l in self.bn and self.arch.bn_position == "post"
+                if post_bn:
+                    delta = np.empty_like(g)
+                    stages.append(self._bn_back_stage(l, rec, g, delta))
+                scaled = np.empty_like(g)
+                stages.append((False, _times_rows(delta, rec["dphi"], scaled)))
+                delta = scaled
+                if l in self.bn and not post_bn:
+                    delta = np.empty_like(g)
+                    stages.append(self._bn_back_stage(l, rec, scaled, delta))
+            if record is not None:
+                record.setdefault(l, {})["delta"] = delta
+            deltas[l] = delta
+            if l == 1 and not need_input_grad:
+                return stages, deltas, None
+            g = np.empty((n, self.arch.widths[l - 1]), self.dtype)
+            stages.append((False, _product_rows(delta, self.W[l].T, g)))
+        return stages, deltas, g
+
+    def _bn_back_stage(self, l: int, rec: dict[str, Any], dy: np.ndarray, dx: np.ndarray
+                       ) -> tuple[bool, Callable[..., None]]:
+        def whole() -> None:  # BN's record is the forward pass's, made when it ran
+            r, bn = rec["bn"], self.bn[l]
+            (bn_train_backward if r.training else bn_infer_backward)(dy, r.xhat, r.scale, bn.dgamma, bn.dbeta, dx)
+        return True, whole
+
+    def _weight_gradients(self, tape: list[dict[str, Any]], deltas: dict[int, np.ndarray],
+                          opt: Optimizer | None = None) -> None:
+        """``dW = h^T delta`` and ``db = sum(delta)``, and ``opt``'s update of the parameters. A small
+        batch's run layer by layer in the caller's thread, the update last; a larger batch's in the fixed
+        pieces of :meth:`_weight_pieces` on the pool, each piece's parameters updated as soon as their
+        gradient is in (on the piece's thread, in cache). Either way by the batch's shape alone."""
+        n = deltas[1].shape[0]
+        if n * self._macs_per_row < _PARALLEL_MACS:
+            for l in self.layers:
+                product(tape[l - 1]["h_in"].T, deltas[l], out=self.dW[l])
+                np.sum(deltas[l], axis=0, out=self.db[l])
+            if opt is not None:
+                opt.update(self.params, self.grads, slice(0, self.n_params))
+            return
+
+        def piece(item: tuple[int, slice, slice, bool]) -> None:
+            l, rows, flat, last = item
+            product(tape[l - 1]["h_in"][:, rows].T, deltas[l], out=self.dW[l][rows])
+            if last:
+                np.sum(deltas[l], axis=0, out=self.db[l])
+            if opt is not None:
+                opt.update(self.params, self.grads, flat)
+        self.pool.map(piece, self._pieces)
+
+    def forward(self, x: np.ndarray, training: bool, update_stats: bool = False, batch: int | None = None
+                ) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Logits of ``x``, and each layer's record (for :meth:`backward` and the statistics):
         ``h_in`` (the Dense input), ``pre`` (the activation's input), ``post`` (the layer's output),
         ``bn`` (BN's record). In training mode BN normalises each ``batch``
         consecutive rows (default: all of them) with their own statistics;
         ``update_stats`` moves the moving statistics (by the one batch's)."""
-        h = np.asarray(x, self.dtype)
-        tape: list[dict[str, Any]] = []
-        for l in self.layers:
-            rec: dict[str, Any] = {"h_in": h}
-            last = l == self.arch.depth
-            bn_pre = l in self.bn and self.arch.bn_position == "pre"
-            z, a, d = dense_forward(h, self.W[l], self.b[l], self.pool, None if last or bn_pre else self._both)
-            if last:
-                rec["pre"] = rec["post"] = z
-                tape.append(rec)
-                return z, tape
-            if bn_pre:
-                z, rec["bn"] = self._bn_forward(l, z, training, update_stats, batch)
-                a, d = np.empty_like(z), np.empty_like(z)
-                self._both(z, a, d)
-            rec["pre"], rec["dphi"], rec["act_out"] = z, d, a
-            if l in self.bn and self.arch.bn_position == "post":
-                a, rec["bn"] = self._bn_forward(l, a, training, update_stats, batch)
-            rec["post"] = a
-            if keep:
-                tape.append(rec)
-            h = a
-        raise AssertionError("unreachable: the last layer returns")
+        x = np.asarray(x, self.dtype)
+        stages, tape = self._forward_stages(x, training, update_stats, batch)
+        self._run(stages, x.shape[0])
+        return tape[-1]["post"], tape
 
     def backward(self, tape: list[dict[str, Any]], dlogits: np.ndarray, need_input_grad: bool = False,
                  record: dict[int, dict[str, np.ndarray]] | None = None) -> np.ndarray | None:
-        """Fill ``grads`` from the gradient w.r.t. the logits. ``record`` (if
-        given) receives per layer the gradients w.r.t. its output (``grad``)
-        and its Dense output (``delta``)."""
-        g = dlogits
-        for l in reversed(self.layers):
-            rec = tape[l - 1]
-            if l < self.arch.depth:
-                if record is not None:
-                    record.setdefault(l, {})["grad"] = g
-                bn = rec.get("bn")
-                post_bn = bn is not None and self.arch.bn_position == "post"
-                if post_bn:
-                    g = self._bn_backward(l, bn, g)
-                g = g * rec["dphi"]
-                if bn is not None and not post_bn:
-                    g = self._bn_backward(l, bn, g)
-            if record is not None:
-                record.setdefault(l, {})["delta"] = g
-            g = dense_backward(rec["h_in"], self.W[l], g, self.dW[l], self.db[l], self.pool,
-                               need_input_grad=need_input_grad or l > 1)
+        """Fill ``grads`` from the gradient w.r.t. the logits; return the one w.r.t. the input
+        if ``need_input_grad``. ``record`` (if given) receives per layer the gradients w.r.t. its
+        output (``grad``) and its Dense output (``delta``)."""
+        dlogits = np.asarray(dlogits, self.dtype)
+        stages, deltas, g = self._backward_stages(tape, dlogits, need_input_grad, record)
+        self._run(stages, dlogits.shape[0])
+        self._weight_gradients(tape, deltas)
         return g
 
-    def _bn_backward(self, l: int, rec: _BNRecord, g: np.ndarray) -> np.ndarray:
-        bn = self.bn[l]
-        back = bn_train_backward if rec.training else bn_infer_backward
-        return back(g, rec.xhat, rec.scale, bn.dgamma, bn.dbeta)
-
-    def loss_and_grad(self, x: np.ndarray, y: np.ndarray, update_stats: bool = True) -> float:
+    def loss_and_grad(self, x: np.ndarray, y: np.ndarray, update_stats: bool = True, opt: Optimizer | None = None
+                      ) -> float:
         """One training-mode pass on a batch: the mean loss (what Keras reports
         for the batch), ``grads`` filled with its gradient, and (by default)
-        the BN moving statistics moved."""
-        logits, tape = self.forward(x, training=True, update_stats=update_stats)
-        loss, p = softmax_xent(logits, y)
-        self.backward(tape, softmax_xent_backward(p, y, 1.0 / len(y)))
-        return float(np.mean(loss, dtype=np.float64))
+        the BN moving statistics moved. With ``opt``, also the optimizer's
+        step, unless the loss is not finite (a diverged network is left as
+        it is). The forward pass, the loss and the backward pass up to the
+        weight gradients run as one map over the row parts when no BN
+        needs the whole batch between them."""
+        x = np.asarray(x, self.dtype)
+        n = x.shape[0]
+        stages, tape = self._forward_stages(x, True, update_stats, None)
+        logits = tape[-1]["post"]
+        losses, dlogits = np.empty(n, self.dtype), np.empty_like(logits)
+
+        def loss_rows(s: slice) -> None:
+            losses[s], p = softmax_xent(logits[s], y[s])
+            dlogits[s] = softmax_xent_backward(p, y[s], 1.0 / n)
+        back, deltas, _ = self._backward_stages(tape, dlogits, False, None)
+        self._run([*stages, (False, loss_rows), *back], n)
+        loss = float(np.mean(losses, dtype=np.float64))
+        if opt is not None:
+            if not math.isfinite(loss):
+                return loss
+            opt.begin()
+        self._weight_gradients(tape, deltas, opt)
+        return loss
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, training: bool = False, block: int = EVAL_BLOCK
                  ) -> tuple[float, float]:
         """Mean loss and accuracy over ``x`` (inference mode unless ``training``;
         in blocks of rows when inferring, as Keras' evaluate does with batches)."""
         if training:
-            logits, _ = self.forward(x, training=True, keep=False)
+            logits, _ = self.forward(x, training=True)
             loss, p = softmax_xent(logits, y)
             return float(np.mean(loss, dtype=np.float64)), float(np.mean(p.argmax(axis=1) == y))
         total, correct = 0.0, 0
         for start in range(0, len(y), block):
             rows = slice(start, start + block)
-            logits, _ = self.forward(x[rows], training=False, keep=False)
+            logits, _ = self.forward(x[rows], training=False)
             loss, _ = softmax_xent(logits, y[rows])
             total += float(np.sum(loss, dtype=np.float64))
             correct += int(np.count_nonzero(logits.argmax(axis=1) == y[rows]))
@@ -529,5 +667,5 @@ def _norm(v: np.ndarray) -> float:
 
 
 __all__ = ["Architecture", "BatchNorm", "Model", "SATURATION", "bn_infer_backward", "bn_infer_forward",
-           "bn_train_backward", "bn_train_forward", "dense_backward", "dense_forward", "softmax_xent",
+           "bn_train_backward", "bn_train_forward", "dense_forward", "softmax_xent",
            "softmax_xent_backward"]

@@ -20,6 +20,7 @@ Updates are element by element, so the pieces they run in never change a number.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -43,25 +44,39 @@ def cosine(lr: float, total_steps: int) -> Callable[[int], float]:
 
 class Optimizer:
     """Base: ``step(w, g)`` updates ``w`` in place; ``iterations`` counts steps
-    (Keras' ``optimizer.iterations``, which a schedule reads before the step)."""
+    (Keras' ``optimizer.iterations``, which a schedule reads before the step).
+    A step may also come as :meth:`begin` and then :meth:`update` on pieces
+    of the vector, from any threads: each element's update is the same."""
 
     def __init__(self, lr: Callable[[int], float], size: int, dtype: Any):
         self.lr, self.dtype, self.size = lr, np.dtype(dtype), size
         self.iterations = 0
-        # The vector is updated piece by piece into preallocated scratch (fresh megabyte temporaries cost
-        # page faults on every step). In the caller's thread: the update is memory-bound, and handing it to
-        # threads every step cost more than it saved on this 2-core machine, badly so when it was busy.
-        self.scratch = (np.empty(min(PIECE, size), self.dtype), np.empty(min(PIECE, size), self.dtype))
+        self._lr = 0.0
+        # Pieces are updated into preallocated scratch, one pair per thread (fresh megabyte temporaries cost
+        # page faults on every step).
+        self._local = threading.local()
 
     def step(self, w: np.ndarray, g: np.ndarray) -> None:
-        lr = self.lr(self.iterations)
+        self.begin()
+        self.update(w, g, slice(0, self.size))
+
+    def begin(self) -> None:
+        """Start a step: its learning rate and per-step constants, before ``iterations`` moves."""
+        self._lr = self.lr(self.iterations)
         self._prepare()
         self.iterations += 1
-        s1, s2 = self.scratch
-        for start in range(0, self.size, PIECE):
-            piece = slice(start, min(start + PIECE, self.size))
-            n = piece.stop - piece.start
-            self._update(piece, w[piece], g[piece], lr, s1[:n], s2[:n])
+
+    def update(self, w: np.ndarray, g: np.ndarray, piece: slice) -> None:
+        """This step's update of ``w[piece]`` from ``g[piece]``."""
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            n = min(PIECE, self.size)
+            scratch = self._local.scratch = (np.empty(n, self.dtype), np.empty(n, self.dtype))
+        s1, s2 = scratch
+        for start in range(piece.start, piece.stop, PIECE):
+            part = slice(start, min(start + PIECE, piece.stop))
+            n = part.stop - part.start
+            self._update(part, w[part], g[part], self._lr, s1[:n], s2[:n])
 
     def _prepare(self) -> None:
         """Per-step constants, before ``iterations`` moves."""

@@ -7,7 +7,7 @@ are not in the key, so replicate r of every configuration starts from the
 same kernels (where shapes agree) and sees the same batch order: the
 difference between two configurations is theirs, not the draws' (common
 random numbers), which is what makes paired comparisons over replicates
-tight. With BLAS on one thread and products over blocks fixed by the shapes
+tight. With BLAS on one thread and a step's work in pieces fixed by the shapes
 (:mod:`.model`), results are bit-identical for any thread count.
 
 Recorded at step 0, at the end of every epoch and every ``record_every``
@@ -167,7 +167,7 @@ def fit(configs: list[TrainConfig], run: RunOptions, dataset: data_mod.Dataset, 
     start = time.perf_counter()
     history, layers = [], []
     # Multi-threaded BLAS splits a product differently for each thread count (other last bits): BLAS runs
-    # on one thread and varprop's own threads work on fixed blocks.
+    # on one thread and varprop's own threads work on pieces fixed by the shapes.
     with threadpool_limits(1, user_api="blas"):
         for config in configs:
             for rep in range(run.replicates):

@@ -204,6 +204,7 @@ class Blocks:
         pool = net.pool.sized(g.u.size)
         log_alpha = math.log(kind.alpha) if kind.alpha > 0 else -math.inf
         log_squares: list[float] = []  # log ||dL/dW||_F^2 of each dense layer with a nonzero gradient
+        norms: list[dict[str, float]] = []  # each branch layer's weight-gradient norm, once in
         if kind.zero_branch and kind.alpha > 0 and tape.zero_in is not None:  # a^T (alpha g) of the zero layer
             a_t = tape.zero_in.u.T
             total = math.fsum(pool.map(lambda rows: sum_squares(a_t[rows] @ g.u),
@@ -229,13 +230,10 @@ class Blocks:
             v = Values(g.u, g.log_s + log_alpha, g.ms)
             live = self._live(block)
             # Inside the branch only the weight gradients are reported: no statistics are taken there.
-            norms: list[dict[str, float]] = [{} for _ in live]  # each layer's weight-gradient norm
+            norms += [{} for _ in live]
             for i in range(len(live) - 1, -1, -1):
                 nxt = live[i - 1].index if i > 0 else self._last(ahead)
                 v, _ = net.back(live[i].index, tape.branch[i], v, norms[i], ahead=nxt, stats=False)
-            net.flush_grad()
-            log_squares += [2 * LN10 * s["weight_grad_log10_norm"] for s in reversed(norms)
-                            if s["weight_grad_log10_norm"] > -math.inf]
             u, log_s = v.u, v.log_s
             if kind.lead is not None:
                 u, log_s = self._lead_back(kind.lead, tape, v)
@@ -252,9 +250,15 @@ class Blocks:
                      else from_sums(u, parts, v.log_s, head=head)[0])
             out, grad = self._add(skip, v, 0.0, True)
         row.update(prefixed("delta", delta))
-        log_norm = 0.5 * float(np.logaddexp.reduce(log_squares)) if log_squares else -math.inf
-        row["weight_grad_log10_norm"] = log_norm / LN10
-        row["weight_grad_norm"] = exp_times(1.0, log_norm)
+
+        def weight_norm() -> None:
+            squares = log_squares + [2 * LN10 * s["weight_grad_log10_norm"] for s in reversed(norms)
+                                     if s["weight_grad_log10_norm"] > -math.inf]
+            log_norm = 0.5 * float(np.logaddexp.reduce(squares)) if squares else -math.inf
+            row["weight_grad_log10_norm"] = log_norm / LN10
+            row["weight_grad_norm"] = exp_times(1.0, log_norm)
+        # The branch's first layer's norm is computed in the next map (the next block's), not flushed here.
+        net.after_grad(weight_norm)
         assert grad is not None
         return out, grad
 

@@ -356,6 +356,20 @@ class Network:
         self._pending_grad = ([lambda rows=rows: sum_squares(u_t[rows] @ v)
                                for rows in row_chunks(u_t.shape[0], v.shape[1])], finish)
 
+    def after_grad(self, then: Callable[[], None]) -> None:
+        """Call ``then`` once the weight-gradient norm :meth:`back` left pending is in (at once if none
+        is): in the map that computes it, the next layer's (or :meth:`flush_grad`'s). So a caller that
+        needs the norm need not flush it in a map of its own, one product the other threads wait out."""
+        tasks, finish = self._pending_grad
+        if not tasks:
+            then()
+            return
+
+        def finished(squares: list[float]) -> None:
+            finish(squares)
+            then()
+        self._pending_grad = (tasks, finished)
+
     def flush_grad(self) -> None:
         """Compute the weight-gradient norm that :meth:`back` left pending."""
         tasks, finish = self._pending_grad

@@ -164,19 +164,21 @@ from pathlib import Path
 from varprop.spec import expand
 from varprop.montecarlo.run import run_configs
 from varprop import report
+from varprop.parallel import available_cores
 run = run_configs(expand({"layers": 100, "width": 100, "samples": 500, "replicates": 50, "init": "fan_in"}))
 out = {"matplotlib loaded before": "matplotlib" in sys.modules}
 for name, formats in [("full report, first", report.FORMATS), ("full report, again", report.FORMATS),
                       ("html only", ("html",)), ("csv and json only", ("csv", "json"))]:
     d = Path(tempfile.mkdtemp())
-    t = time.perf_counter(); report.write(run, d, formats); out[name] = time.perf_counter() - t
+    t = time.perf_counter(); report.write(run, d, formats, available_cores()); out[name] = time.perf_counter() - t
 print(json.dumps(out))
 """
 
 
 def report_seconds(repeats: int) -> dict[str, list[float]]:
     """report.write of the seed case's 100-layer run, timed inside a fresh process
-    (the first call imports matplotlib and draws from cold caches)."""
+    (the first call imports matplotlib and draws from cold caches), its figures drawn in as
+    many processes as there are cores, as ``varprop simulate`` draws them."""
     runs: dict[str, list] = {}
     for _ in range(repeats):
         out = json.loads(subprocess.run([sys.executable, "-c", REPORT_CHILD], check=True, capture_output=True,

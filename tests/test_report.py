@@ -405,3 +405,35 @@ def test_log_axis_labels_are_plain_text():
     matplotlib.pyplot.close(fig)
     assert "10\u207b\u2075" in xs and "10\u00b3" in xs and "1" in ys  # 10^-5, 10^3; 10^0 is 1
     assert not any("$" in t for t in xs + ys) and all(float(t) == pytest.approx(1, abs=0.01) for t in ys)
+
+
+_DRAW_SCRIPT = """
+import os, sys
+from pathlib import Path
+from varprop.report import figures
+d, parent = Path(sys.argv[1]), os.getpid()
+def pid(path):
+    path.write_text(str(os.getpid()))
+def only_here(path):
+    if os.getpid() != parent:
+        raise RuntimeError("the child fails")
+    path.write_text(str(os.getpid()))
+assert figures.forkable()
+figures.draw([(pid, d / f"a{k}") for k in range(5)], workers=2)
+figures.draw([(only_here, d / f"b{k}") for k in range(4)], workers=2)
+print(parent)
+"""
+
+
+def test_figures_draw_every_second_job_in_a_forked_child(tmp_path):
+    """In a fresh process (no torch, no other thread: a fork is safe), every second figure job runs in a
+    forked child; a job that fails in the child is drawn by the parent after all."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _DRAW_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         check=True)
+    parent = int(out.stdout)
+    a = [int((tmp_path / f"a{k}").read_text()) for k in range(5)]
+    assert a[0::2] == [parent] * 3 and len(set(a[1::2])) == 1 and a[1] != parent
+    assert [int((tmp_path / f"b{k}").read_text()) for k in range(4)] == [parent] * 4

@@ -12,6 +12,7 @@ import pandas as pd
 from . import fit, report
 from .montecarlo import run_configs
 from .outdir import staging
+from .parallel import available_cores
 from .spec import Config, expand, from_options
 
 SEED_STACK = {"layers": 100, "width": 100, "samples": 500, "init": ["unit", "fan_in"], "activation": "linear",
@@ -36,7 +37,7 @@ def _simulate_entry(options: dict[str, Any], title: str, reading: Callable[[pd.D
         run = run_configs(expand(options))
         run.elapsed_s = None  # gallery pages carry no run time: they regenerate identically
         run.command, run.title = f"varprop gallery --only {name}", title
-        report.write(run, directory, formats=("md", "html"))
+        report.write(run, directory, formats=("md", "html"), workers=available_cores())
         if reading is not None:
             (directory / "reading.md").write_text(reading(run.layers))
     return build
@@ -167,7 +168,7 @@ def _residual_entry(directory: Path, name: str) -> None:
     run = run_configs(_residual_configs())
     run.elapsed_s = None
     run.command, run.title = f"varprop gallery --only {name}", "Residual stacks at 100 and 1,000 blocks: six schemes"
-    report.write(run, directory, formats=("md", "html"))
+    report.write(run, directory, formats=("md", "html"), workers=available_cores())
     (directory / "reading.md").write_text(_residual_reading(run.layers))
 
 
@@ -196,7 +197,7 @@ def _train_entry(options: dict[str, Any], title: str) -> Callable[[Path, str], N
 
         result = train(**TRAIN_BASE, **options)
         meta = {**result.meta, "elapsed_s": None, "title": title, "command": f"varprop gallery --only {name}"}
-        training.write(result.history, result.layers, meta, directory)
+        training.write(result.history, result.layers, meta, directory, workers=available_cores())
         (directory / "reading.md").write_text(reading.for_entry(name, result.history, result.layers, meta))
     return build
 

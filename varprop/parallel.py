@@ -143,6 +143,15 @@ class Pool:
         return self if elements >= CHUNK_ELEMENTS else SERIAL
 
 
+def shutdown() -> None:
+    """Stop the pools' idle threads (a later map starts them again): a process about to fork must not
+    copy threads, whose locks its child could never see released."""
+    with _LOCK:
+        for executor in _EXECUTORS.values():
+            executor.shutdown(wait=True)
+        _EXECUTORS.clear()
+
+
 SERIAL = Pool(1)
 _ITEM = threading.local()  # .stop: the stop event of the map whose item this thread runs
 

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ..errors import SpecError
+from ..parallel import available_cores
 from ..run import Run
 from .common import force_option, in_staging, parse_formats
 
@@ -59,7 +60,7 @@ def report_cmd(run_dir: str, formats: str, force: bool) -> None:
                 saved = training.load(path)
                 return report.redraw_into(path, tmp, training.DATA_FILES,
                                           lambda directory: training.render(*saved, directory, fmts))
-            return report.rerender_into(path, tmp, fmts, run)
+            return report.rerender_into(path, tmp, fmts, run, available_cores())
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             raise SpecError("RUN_DIR", f"cannot draw the run in {run_dir} ({type(exc).__name__}: {exc}); "
                             "nothing was changed") from None

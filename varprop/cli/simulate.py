@@ -11,6 +11,7 @@ from .. import options, report
 from ..montecarlo import run_configs
 from ..montecarlo import total_steps
 from ..options import parse_threads
+from ..parallel import available_cores
 from ..spec import expand
 from .common import (DEFAULT_RUNS_DIR, LazyBar, echo_written, force_option, given, in_staging, parse_formats,
                      read_config, table_options)
@@ -60,7 +61,7 @@ def simulate(config_file: str | None, title: str | None, formats: str, out: str 
         extra = (["--out", out] if out else []) + (["--title", title] if title else [])
         run.command = options.command_line("simulate", options.parse(values), *extra)
         run.title = title
-        return run, report.write(run, tmp, formats=fmts)
+        return run, report.write(run, tmp, formats=fmts, workers=n_threads or available_cores())
 
     run, paths = in_staging(out_dir, work, force=force)
     click.echo(report.terminal_table(run))

@@ -11,6 +11,7 @@ import click
 
 from .. import options
 from ..options import parse_threads
+from ..parallel import available_cores
 from .common import (DEFAULT_RUNS_DIR, LazyBar, echo_written, force_option, given, in_staging, parse_formats,
                      read_config, table_options)
 
@@ -73,7 +74,8 @@ def train_cmd(config_file: str | None, title: str | None, formats: str, out: str
         extra = (["--out", out] if out else []) + (["--title", title] if title else [])
         meta = {**result.meta, "title": title,
                 "command": options.command_line("train", options.parse(values, "train"), *extra)}
-        return result, report.write(result.history, result.layers, meta, tmp, fmts)
+        return result, report.write(result.history, result.layers, meta, tmp, fmts,
+                                    workers=n_threads or available_cores())
 
     result, paths = in_staging(out_dir, work, force=force)
     click.echo(report.terminal_table(result.history, result.meta))

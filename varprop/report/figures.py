@@ -52,6 +52,83 @@ def save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def draw(jobs: Sequence[tuple[Callable[[Path], Any], Path]], workers: int = 1) -> None:
+    """Draw each job, ``fn(path)``. With ``workers`` > 1, every second job is drawn at once in a forked
+    child process: matplotlib draws in Python, one core per process, and a report's figures are
+    independent (a 25-block residual report's five took 1.1 s, 0.6 s in two processes). The child
+    hands back nothing but its files, and dies with its parent; should it fail, its figures are drawn
+    here after all. A fork happens only where it is safe: POSIX, no other Python thread (the pools'
+    idle threads are stopped first), torch not loaded (its thread pools live outside Python's sight).
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> draw([(lambda p: p.write_text("a"), d / "a.txt"), (lambda p: p.write_text("b"), d / "b.txt")], workers=2)
+    >>> sorted(p.read_text() for p in d.iterdir())
+    ['a', 'b']
+    """
+    import os
+    import signal
+    import sys
+
+    if workers < 2 or len(jobs) < 2 or not forkable():
+        for fn, path in jobs:
+            fn(path)
+        return
+    mine, theirs = jobs[0::2], jobs[1::2]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: draw, then leave at once, whatever happens (never unwinding the parent's stack)
+        code = 1
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _die_with_parent()
+            for fn, path in theirs:
+                fn(path)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        for fn, path in mine:
+            fn(path)
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+        for fn, path in theirs:
+            fn(path)
+
+
+def forkable() -> bool:
+    """Whether :func:`draw` may fork: POSIX, torch not loaded, and no Python thread but this one once
+    varprop's pools have stopped their idle threads."""
+    import os
+    import sys
+    import threading
+
+    from .. import parallel
+
+    if not hasattr(os, "fork") or "torch" in sys.modules:
+        return False
+    parallel.shutdown()
+    return threading.active_count() == 1
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill this process when its parent dies (a killed run leaves no child
+    drawing into its staging directory)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 _SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
 
 

@@ -29,7 +29,7 @@ from ..run import ends_mid_row  # noqa: E402
 from ..stats import mean_interval  # noqa: E402
 from . import document  # noqa: E402
 from .document import Document, lit  # noqa: E402
-from .figures import save, tight  # noqa: E402
+from .figures import draw, save, tight  # noqa: E402
 
 FORMATS = ("md", "html")
 BN_KEYS = ("bn_count", "bn_layers", "bn_position")
@@ -649,7 +649,7 @@ def _default_title(meta: dict[str, Any]) -> str:
 
 
 def write(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], directory: Path,
-          formats: Sequence[str] = FORMATS, with_at_init: bool = True) -> dict[str, Path]:
+          formats: Sequence[str] = FORMATS, with_at_init: bool = True, workers: int = 1) -> dict[str, Path]:
     """Every file of a training run into ``directory``; their paths."""
     directory = Path(directory)
     meta = {**meta, "versions": {"varprop": __version__, "numpy": np.__version__, "pandas": pd.__version__,
@@ -657,7 +657,7 @@ def write(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], dir
     history.to_csv(directory / "history.csv", index=False)
     layers.to_csv(directory / "layers_over_training.csv", index=False)
     (directory / "config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    return render(history, layers, meta, directory, formats, with_at_init)
+    return render(history, layers, meta, directory, formats, with_at_init, workers)
 
 
 def is_training_run(directory: Path) -> bool:
@@ -698,18 +698,22 @@ def load(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
 
 
 def render(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, Any], directory: Path,
-           formats: Sequence[str] = FORMATS, with_at_init: bool = True) -> dict[str, Path]:
-    """A training run's figures and reports into ``directory``; the paths of every file of the run."""
+           formats: Sequence[str] = FORMATS, with_at_init: bool = True, workers: int = 1) -> dict[str, Path]:
+    """A training run's figures and reports into ``directory``, the figures in up to ``workers``
+    processes (:func:`varprop.report.figures.draw`); the paths of every file of the run."""
     directory = Path(directory)
     paths = {"history": directory / "history.csv", "layers": directory / "layers_over_training.csv",
              "config": directory / "config.json"}
     if not ({"md", "html"} & set(formats)):
         return paths
-    figures = {"loss": loss_curves(history, meta, directory / "loss_curves.png").name}
+    jobs = {"loss": (lambda path: loss_curves(history, meta, path), directory / "loss_curves.png")}
     for key, title, log in HEATMAPS:
         if key == "frac_saturated" and not layers[key].fillna(0).gt(0).any():
             continue  # nothing saturates (e.g. relu's zeros count, but linear): a blank figure says nothing
-        figures[key] = layer_heatmap(layers, meta, key, title, log, directory / f"layers_{key}.png").name
+        jobs[key] = (lambda path, key=key, title=title, log=log: layer_heatmap(layers, meta, key, title, log, path),
+                     directory / f"layers_{key}.png")
+    draw(list(jobs.values()), workers)
+    figures = {key: path.name for key, (_, path) in jobs.items()}
     init_table = at_init(meta, layers) if with_at_init else None
     return {**paths, **document.write(build_document(history, layers, meta, figures, init_table), directory, formats)}
 

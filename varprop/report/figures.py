@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 import re
+import signal
+import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -17,6 +22,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatterSciNotati
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .. import parallel  # noqa: E402
 from ..run import Run  # noqa: E402
 from ..spec import label_part  # noqa: E402
 from .document import visible  # noqa: E402
@@ -66,15 +72,12 @@ def draw(jobs: Sequence[tuple[Callable[[Path], Any], Path]], workers: int = 1) -
     >>> sorted(p.read_text() for p in d.iterdir())
     ['a', 'b']
     """
-    import os
-    import signal
-    import sys
-
     if workers < 2 or len(jobs) < 2 or not forkable():
         for fn, path in jobs:
             fn(path)
         return
     mine, theirs = jobs[0::2], jobs[1::2]
+    parent = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -83,7 +86,7 @@ def draw(jobs: Sequence[tuple[Callable[[Path], Any], Path]], workers: int = 1) -
         try:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            _die_with_parent()
+            _die_with_parent(parent)
             for fn, path in theirs:
                 fn(path)
             code = 0
@@ -105,28 +108,21 @@ def draw(jobs: Sequence[tuple[Callable[[Path], Any], Path]], workers: int = 1) -
 def forkable() -> bool:
     """Whether :func:`draw` may fork: POSIX, torch not loaded, and no Python thread but this one once
     varprop's pools have stopped their idle threads."""
-    import os
-    import sys
-    import threading
-
-    from .. import parallel
-
     if not hasattr(os, "fork") or "torch" in sys.modules:
         return False
     parallel.shutdown()
     return threading.active_count() == 1
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """On Linux, have the kernel kill this process when its parent dies (a killed run leaves no child
-    drawing into its staging directory)."""
-    import ctypes
-    import signal
-
+    drawing into its staging directory); leave at once if it died before that was asked."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 _SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")

@@ -100,7 +100,7 @@ def block_sums(u: np.ndarray) -> Sums:
     return Sums(rows, col_sum, col_m2, row_sq, unit_sum, u.size - nonzero)
 
 
-def _row_squares(u: np.ndarray) -> np.ndarray:
+def row_squares(u: np.ndarray) -> np.ndarray:
     """The float64 sum of squares of each row of ``u``: :func:`block_sums`' ``row_sq``, bit for bit (the same
     pieces, copied into the same aligned buffer), without its other sums."""
     rows, n = u.shape
@@ -122,7 +122,7 @@ def mean_square(u: np.ndarray, pool: Pool = SERIAL) -> float:
     >>> mean_square(np.array([[3.0, 4.0]]))
     12.5
     """
-    parts = pool.sized(u.size).map(lambda rows: _row_squares(u[rows]), row_chunks(*u.shape))
+    parts = pool.sized(u.size).map(lambda rows: row_squares(u[rows]), row_chunks(*u.shape))
     return float(np.concatenate(parts).sum()) / u.size
 
 
@@ -234,7 +234,7 @@ def abs_cos_of_gram(gram: np.ndarray, row_sq: np.ndarray) -> np.ndarray:
 def head_cos(u: np.ndarray) -> float:
     """The |cos| of the first samples of ``u`` (NaN if one of them is all zeros, or fewer than two)."""
     head = u[:ABS_COS_SAMPLES]
-    return float(abs_cos_of_rows(head[None], _row_squares(head)[None])[0])
+    return float(abs_cos_of_rows(head[None], row_squares(head)[None])[0])
 
 
 def _live_head_cos(u: np.ndarray, row_sq: np.ndarray) -> float:

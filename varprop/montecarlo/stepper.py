@@ -23,7 +23,7 @@ from ..nn import activations, batchnorm, inits, layers
 from ..parallel import SERIAL, Pool, row_chunks
 from ..spec import RunSpec
 from ..stats import (ABS_COS_SAMPLES, SATURATION, STATS, Sums, block_sums, from_sums, head_cos, mean_square,
-                     side_stats_ms)
+                     row_squares, side_stats_ms)
 from .scaled import MS_BAND, Values, bias_terms, in_band, narrow, prescale, renorm, sum_squares
 from .seeds import generator
 
@@ -224,7 +224,7 @@ class Network:
         chunks = row_chunks(n, n_out)
         head_rows = min(ABS_COS_SAMPLES, n)
 
-        def block(rows: slice) -> tuple[Sums | None, Sums | None, int, float, float]:
+        def block(rows: slice) -> tuple[Sums | None, Sums | np.ndarray | None, int, float, float]:
             zb = z[rows]
             np.matmul(x.u[rows], w0, out=zb)
             zb *= c
@@ -232,16 +232,20 @@ class Network:
                 zb += bias
             if not blockwise:
                 return None, None, 0, math.nan, math.nan
+            hb, d = zb, None
+            if not linear:
+                hb = h[rows]
+                hb[...], _, d = activations.phi_dphi_scaled(act, zb, log_z)
+                if dphi is not None:  # kept for the backward pass
+                    dphi[rows] = d == act.slope_pos if act.homogeneous else d
+            if not stats:  # the output's mean square alone, which sets the next scale: block_sums' row squares
+                return None, row_squares(hb), 0, math.nan, math.nan
             with_head = rows.start == 0 and rows.stop >= head_rows
             pre = block_sums(zb)
             head_pre = head_cos(zb) if with_head else math.nan
-            if linear:
+            if d is None:
                 return pre, pre, 0, head_pre, head_pre
-            hb = h[rows]
-            hb[...], _, d = activations.phi_dphi_scaled(act, zb, log_z)
             saturated = int(np.count_nonzero(np.abs(d) < SATURATION))
-            if dphi is not None:  # kept for the backward pass
-                dphi[rows] = d == act.slope_pos if act.homogeneous else d
             return pre, block_sums(hb), saturated, head_pre, head_cos(hb) if with_head else math.nan
 
         draws = self.draw_tasks(ahead) if ahead is not None else []
@@ -249,13 +253,16 @@ class Network:
         parts = done[:len(chunks)]
         cache = None
         if blockwise:
-            sat = sum(p[2] for p in parts) / z.size
-            heads = (parts[0][3], parts[0][4]) if chunks[0].stop >= head_rows else (head_cos(z), head_cos(h))
-            pre, ms_z = from_sums(z, [p[0] for p in parts], log_z, 0.0 if linear else sat, heads[0])
-            if linear:
-                post, ms_h = pre, ms_z
+            if not stats:  # as mean_square sums them
+                ms_h = float(np.concatenate([p[1] for p in parts]).sum()) / h.size
             else:
-                post, ms_h = from_sums(h, [p[1] for p in parts], log_h, sat, heads[1])
+                sat = sum(p[2] for p in parts) / z.size
+                heads = (parts[0][3], parts[0][4]) if chunks[0].stop >= head_rows else (head_cos(z), head_cos(h))
+                pre, ms_z = from_sums(z, [p[0] for p in parts], log_z, 0.0 if linear else sat, heads[0])
+                if linear:
+                    post, ms_h = pre, ms_z
+                else:
+                    post, ms_h = from_sums(h, [p[1] for p in parts], log_h, sat, heads[1])
             # phi(0) != 0 but every phi far below 1 (sigmoid of a layer of large negative values): float32
             # values at scale 1 lose them to underflow, the phased path scales them up first.
             blockwise = act.phi0 == 0 or ms_h >= MS_BAND[0]

@@ -408,8 +408,9 @@ def test_log_axis_labels_are_plain_text():
 
 
 _DRAW_SCRIPT = """
-import os, sys
+import os, signal, sys, threading
 from pathlib import Path
+from varprop.parallel import Pool
 from varprop.report import figures
 d, parent = Path(sys.argv[1]), os.getpid()
 def pid(path):
@@ -421,13 +422,40 @@ def only_here(path):
 assert figures.forkable()
 figures.draw([(pid, d / f"a{k}") for k in range(5)], workers=2)
 figures.draw([(only_here, d / f"b{k}") for k in range(4)], workers=2)
+fork = os.fork
+def no_process():
+    raise BlockingIOError(11, "Resource temporarily unavailable")
+os.fork = no_process  # as under a cgroup's pids limit
+figures.draw([(pid, d / f"c{k}") for k in range(3)], workers=2)
+os.fork = fork
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the child's status is lost (ECHILD)
+figures.draw([(pid, d / f"e{k}") for k in range(3)], workers=2)
+signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+release, started = threading.Event(), threading.Event()
+def item(i):
+    started.set()
+    release.wait(10)
+busy = threading.Thread(target=lambda: Pool(2).map(item, [0, 1]))
+busy.start()
+started.wait(10)
+assert not figures.forkable()  # a map under way elsewhere: its threads stay, no fork
+release.set()
+busy.join()
+assert figures.forkable()
+os.register_at_fork(after_in_child=lambda: signal.raise_signal(signal.SIGINT))  # a Ctrl-C as the child begins
+try:
+    figures.draw([(pid, d / f"g{k}") for k in range(3)], workers=2)
+except KeyboardInterrupt:
+    print("a child unwound its parent's stack")
 print(parent)
 """
 
 
 def test_figures_draw_every_second_job_in_a_forked_child(tmp_path):
     """In a fresh process (no torch, no other thread: a fork is safe), every second figure job runs in a
-    forked child; a job that fails in the child is drawn by the parent after all."""
+    forked child; the parent draws the child's jobs after all when the child fails, when no process can
+    be forked, when the child's status is lost (SIGCHLD ignored) and when a signal kills it as it begins
+    (which never reaches the parent's handlers in the child); no fork while a map runs."""
     import subprocess
     import sys
 
@@ -436,4 +464,5 @@ def test_figures_draw_every_second_job_in_a_forked_child(tmp_path):
     parent = int(out.stdout)
     a = [int((tmp_path / f"a{k}").read_text()) for k in range(5)]
     assert a[0::2] == [parent] * 3 and len(set(a[1::2])) == 1 and a[1] != parent
-    assert [int((tmp_path / f"b{k}").read_text()) for k in range(4)] == [parent] * 4
+    for name, n in (("b", 4), ("c", 3), ("e", 3), ("g", 3)):
+        assert [int((tmp_path / f"{name}{k}").read_text()) for k in range(n)] == [parent] * n, name

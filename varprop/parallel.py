@@ -34,6 +34,7 @@ R = TypeVar("R")
 CHUNK_ELEMENTS = 2**18
 _EXECUTORS: dict[int, ThreadPoolExecutor] = {}
 _LOCK = threading.Lock()
+_RUNNING = 0  # maps under way (for shutdown), under _LOCK
 # A forked child inherits the executors but not their threads: it must make its own.
 os.register_at_fork(after_in_child=_EXECUTORS.clear)
 
@@ -84,10 +85,19 @@ class Pool:
         items = list(items)
         if self.threads == 1 or len(items) < 2:
             return [fn(x) for x in items]
+        global _RUNNING
         with _LOCK:
             if self.threads not in _EXECUTORS:
                 _EXECUTORS[self.threads] = ThreadPoolExecutor(self.threads, thread_name_prefix="varprop")
             executor = _EXECUTORS[self.threads]
+            _RUNNING += 1
+        try:
+            return self._map(executor, fn, items, caller)
+        finally:
+            with _LOCK:
+                _RUNNING -= 1
+
+    def _map(self, executor: ThreadPoolExecutor, fn: Callable[[T], R], items: list[T], caller: bool) -> list[R]:
         caller = caller or getattr(_ITEM, "stop", None) is not None  # a pool thread never waits on the pool
         n = len(items)
         results: list[Any] = [None] * n
@@ -143,13 +153,18 @@ class Pool:
         return self if elements >= CHUNK_ELEMENTS else SERIAL
 
 
-def shutdown() -> None:
-    """Stop the pools' idle threads (a later map starts them again): a process about to fork must not
-    copy threads, whose locks its child could never see released."""
+def shutdown() -> bool:
+    """Stop the pools' threads, unless a map is running (in another thread): whether they were stopped.
+    A later map starts them again. For a process about to fork, which must not copy threads whose locks
+    its child could never see released."""
     with _LOCK:
-        for executor in _EXECUTORS.values():
-            executor.shutdown(wait=True)
+        if _RUNNING:
+            return False
+        executors = list(_EXECUTORS.values())
         _EXECUTORS.clear()
+    for executor in executors:  # outside the lock, which a map's nested map may be waiting for
+        executor.shutdown(wait=True)
+    return True
 
 
 SERIAL = Pool(1)

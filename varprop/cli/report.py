@@ -59,7 +59,8 @@ def report_cmd(run_dir: str, formats: str, force: bool) -> None:
             if trained:
                 saved = training.load(path)
                 return report.redraw_into(path, tmp, training.DATA_FILES,
-                                          lambda directory: training.render(*saved, directory, fmts))
+                                          lambda directory: training.render(*saved, directory, fmts,
+                                                                            workers=available_cores()))
             return report.rerender_into(path, tmp, fmts, run, available_cores())
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             raise SpecError("RUN_DIR", f"cannot draw the run in {run_dir} ({type(exc).__name__}: {exc}); "

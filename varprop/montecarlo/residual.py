@@ -198,8 +198,9 @@ class Blocks:
              ) -> tuple[Values, dict[str, float]]:
         """Block ``block`` backward: the gradient w.r.t. its input (the skip's
         g plus the branch's) and that gradient's statistics; fills the row's
-        delta (the branch's share of the input gradient) and weight-gradient
-        norm (all the block's weights)."""
+        delta (the branch's share of the input gradient) and, once the next
+        map (or :meth:`flush_grad`) has computed the branch's last pending
+        product, its weight-gradient norm (all the block's weights)."""
         kind, net = self.kinds[block - 1], self.net
         pool = net.pool.sized(g.u.size)
         log_alpha = math.log(kind.alpha) if kind.alpha > 0 else -math.inf
@@ -275,5 +276,5 @@ class Blocks:
         return u, log_s
 
     def flush_grad(self) -> None:
-        """As :meth:`Network.flush_grad` (each block's back flushes its own)."""
+        """As :meth:`Network.flush_grad`: the last block's weight-gradient norm, which no later map took."""
         self.net.flush_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -10,6 +11,7 @@ import signal
 import sys
 import textwrap
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -80,38 +82,70 @@ def draw(jobs: Sequence[tuple[Callable[[Path], Any], Path]], workers: int = 1) -
     parent = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the child: draw, then leave at once, whatever happens (never unwinding the parent's stack)
-        code = 1
-        try:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            _die_with_parent(parent)
-            for fn, path in theirs:
-                fn(path)
-            code = 0
-        finally:
-            os._exit(code)
+    # Signals stay blocked until the child has its default handlers: one caught by the parent's Python
+    # handler in the child would unwind the parent's stack there (and discard its staging directory).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
+    try:
+        with warnings.catch_warnings():
+            # Python 3.12+ warns of any other thread, native ones included: OpenBLAS's, which fork with
+            # their own at-fork handlers; varprop's are stopped (forkable) and torch is not loaded.
+            warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+            pid = os.fork()
+    except OSError:  # no process to be had (EAGAIN, ENOMEM): every figure here
+        pid = -1
+    if pid == 0:
+        _child(theirs, parent, mask)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:
         for fn, path in mine:
             fn(path)
-        _, status = os.waitpid(pid, 0)
+        drawn = pid > 0 and _exited_well(pid)
     except BaseException:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        if pid > 0:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
         raise
-    if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+    if not drawn:
         for fn, path in theirs:
             fn(path)
+
+
+def _exited_well(pid: int) -> bool:
+    """Whether child ``pid`` exited with status 0; False where its status is lost (SIGCHLD ignored by
+    whoever started this process)."""
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return False
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+_STOPPING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def _child(jobs: Sequence[tuple[Callable[[Path], Any], Path]], parent: int, mask: Any) -> None:
+    """The forked child's life: default signal handlers, death with the parent, the jobs, and an exit
+    that never unwinds the parent's stack, whatever happens."""
+    code = 1
+    try:
+        for sig in _STOPPING:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _die_with_parent(parent)
+        for fn, path in jobs:
+            fn(path)
+        code = 0
+    finally:
+        os._exit(code)
 
 
 def forkable() -> bool:
     """Whether :func:`draw` may fork: POSIX, torch not loaded, and no Python thread but this one once
     varprop's pools have stopped their idle threads."""
-    if not hasattr(os, "fork") or "torch" in sys.modules:
+    if not hasattr(os, "fork") or not hasattr(signal, "pthread_sigmask") or "torch" in sys.modules:
         return False
-    parallel.shutdown()
-    return threading.active_count() == 1
+    return parallel.shutdown() and threading.active_count() == 1
 
 
 def _die_with_parent(parent: int) -> None:

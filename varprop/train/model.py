@@ -557,8 +557,9 @@ class Model:
         """One training-mode pass on a batch: the mean loss (what Keras reports
         for the batch), ``grads`` filled with its gradient, and (by default)
         the BN moving statistics moved. With ``opt``, also the optimizer's
-        step, unless the loss is not finite (a diverged network is left as
-        it is). The forward pass, the loss and the backward pass up to the
+        step, unless the loss is not finite: a diverged network is left as
+        it is, and ``grads`` is then not this batch's (only BN's part of it
+        is computed). The forward pass, the loss and the backward pass up to the
         weight gradients run as one map over the row parts when no BN
         needs the whole batch between them."""
         x = np.asarray(x, self.dtype)

@@ -113,7 +113,7 @@ def test_a_channel_that_does_not_vary_is_refused():
     u = inputs(np.float32)
     u[BATCH:2 * BATCH, 3] = 0.25  # unit 4 of batch 2 is constant
     with pytest.raises(SpecError, match=r"--bn-eps: .*layer 5, unit 4, batch 2 \(all 16 samples equal"):
-        batchnorm.forward(u, 0.0, BATCH, eps=0.0, layer=5)
+        batchnorm.forward(u, 0.0, BATCH, eps=0.0, where="layer 5")
     y, _, _ = batchnorm.forward(u, 0.0, BATCH, eps=1e-3)  # with eps > 0 it is simply 0 there
     assert np.all(y.reshape(N_BATCHES, BATCH, UNITS)[1, :, 3] == 0)
 
@@ -149,6 +149,19 @@ def test_identical_samples_refused_before_anything_is_written(tmp_path, repeated
     assert len(lines) == 1 and lines[0].startswith("varprop: error: --bn-eps: ") and "batch 2" in lines[0]
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert CliRunner().invoke(main, [*args, "--bn-eps", "1e-5"]).exit_code == 0  # eps > 0: a valid run
+
+
+@pytest.mark.parametrize("order,where", [("preact", "block 1, before its branch"),
+                                         ("original", "block 1, branch layer 1")])
+def test_a_residual_stack_names_the_block(tmp_path, repeated_rows, order, where):
+    """A residual run reports blocks, so the refusal names the block (and where in it), not the
+    engine's internal count of dense layers."""
+    args = ["simulate", "--residual", "plain", "--blocks", "3", "--branch-order", order, "--width", "16",
+            "--input-file", str(repeated_rows), "--bn", "all", "--batch-size", "16", "--bn-eps", "0",
+            "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert f"at {where}, unit " in result.stderr and "batch 2" in result.stderr, result.stderr
 
 
 def test_relu_before_post_batch_norm_in_batches_of_two_is_refused():

@@ -79,6 +79,10 @@ class Blocks:
     def __init__(self, net: Network):
         self.net, self.pool = net, net.pool
         self.kinds: tuple[layers.Residual, ...] = net.kinds  # type: ignore[assignment]
+        for b, kind in enumerate(self.kinds, 1):  # a residual run reports blocks: messages name them
+            net.labels.update({layer.index: f"block {b}, branch layer {i}" for i, layer in enumerate(kind.branch, 1)})
+            if kind.projection is not None:
+                net.labels[kind.projection.index] = f"block {b}, projection"
         # The last block's output and its statistics: a zero branch passes it on unchanged.
         self._stream: tuple[Values, dict[str, float]] | None = None
 
@@ -181,7 +185,7 @@ class Blocks:
         pool = net.pool.sized(b.u.size)
         u, log_s, cache = b.u, b.log_s, None
         if lead.bn is not None:
-            u, log_s, cache = net._bn(u, log_s, lead.bn, block)
+            u, log_s, cache = net._bn(u, log_s, lead.bn, f"block {block}, before its branch")
         act = lead.activation.fn
         if lead.activation.linear:  # the input itself, or batch norm's new values
             return Values(u, log_s, b.ms if cache is None else mean_square(u, pool)), None, cache

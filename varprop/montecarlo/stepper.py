@@ -70,6 +70,7 @@ class Network:
         self.ready: dict[int, tuple[np.ndarray, float]] = {}  # drawn ahead, during the previous layer
         self.last: tuple[int, tuple[np.ndarray, float]] | None = None
         self._pending_grad: tuple[list[Callable[[], float]], Callable[[list[float]], None]] = _NOTHING_PENDING
+        self.labels: dict[int, str] = {}  # a dense layer's name in messages where "layer N" is not the user's
         self.scheme = spec.network.init.resolve()
         self.dtype = np.dtype(spec.dtype).type
         self.with_bias = inits.has_bias(self.scheme, self.net.bias_std)
@@ -150,9 +151,9 @@ class Network:
         except ValueError as exc:  # a user init failed or returned something unusable: the user's to see
             raise SpecError("init", str(exc)) from exc
 
-    def _bn(self, u: np.ndarray, log_s: float, bn: layers.BatchNorm, layer: int
+    def _bn(self, u: np.ndarray, log_s: float, bn: layers.BatchNorm, where: str
             ) -> tuple[np.ndarray, float, batchnorm.Cache]:
-        y, log_y, cache = batchnorm.forward(u, log_s, self.spec.batch, bn.eps, layer)
+        y, log_y, cache = batchnorm.forward(u, log_s, self.spec.batch, bn.eps, where)
         y, log_y = renorm(y, log_y, self.pool)
         return y, log_y, cache
 
@@ -173,7 +174,7 @@ class Network:
         act, linear, dtype, cache = kind.activation.fn, kind.activation.linear, self.dtype, None
         z, log_z = renorm(z, log_z, pool)
         if kind.bn is not None and kind.bn_pre:
-            z, log_z, cache = self._bn(z, log_z, kind.bn, kind.index)
+            z, log_z, cache = self._bn(z, log_z, kind.bn, self.labels.get(kind.index, f"layer {kind.index}"))
         d = None if linear else activations.dphi_scaled(act, z, log_z)
         sat = 0.0 if d is None else float(np.mean(np.abs(d) < SATURATION))
         pre, ms_z = side_stats_ms(z, log_z, sat, pool)
@@ -184,7 +185,7 @@ class Network:
                 act, z.astype(np.float64, copy=False) if act.phi0 else z, log_z), dtype, pool)
             log_h += kind.activation.log_gain
         if kind.bn is not None and kind.bn_post:
-            h, log_h, cache = self._bn(h, log_h, kind.bn, kind.index)
+            h, log_h, cache = self._bn(h, log_h, kind.bn, self.labels.get(kind.index, f"layer {kind.index}"))
         post, ms_h = (pre, ms_z) if h is z else side_stats_ms(h, log_h, sat, pool)
         dphi = None
         if d is not None:

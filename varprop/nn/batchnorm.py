@@ -65,11 +65,11 @@ def _scaled_pair(x: np.ndarray, log_factor: np.ndarray, dtype: np.dtype) -> tupl
     return (v / m).astype(dtype), top + math.log(m)
 
 
-def forward(u: np.ndarray, log_s: float, batch: int, eps: float = KERAS_EPS, layer: int | None = None
+def forward(u: np.ndarray, log_s: float, batch: int, eps: float = KERAS_EPS, where: str | None = None
             ) -> tuple[np.ndarray, float, Cache]:
     """Normalize ``exp(log_s) * u`` per batch and unit: ``(y_u, log_y, cache)``
     with ``y = exp(log_y) * y_u`` (y_u in u's dtype). With ``eps = 0`` a batch
-    channel that does not vary raises SpecError (``layer`` names it there)."""
+    channel that does not vary raises SpecError (``where`` names the layer there: "layer 3")."""
     n_rows, n = u.shape
     x = u.reshape(n_rows // batch, batch, n)
     mean = x.mean(axis=1, keepdims=True, dtype=np.float64)
@@ -77,7 +77,7 @@ def forward(u: np.ndarray, log_s: float, batch: int, eps: float = KERAS_EPS, lay
     var = np.mean(centered * centered, axis=1, keepdims=True)
     if eps == 0 and not np.all(var > 0):
         b, _, unit = np.argwhere(~(var > 0))[0]
-        at = "" if layer is None else f"layer {layer}, "
+        at = "" if where is None else f"{where}, "
         raise SpecError("bn_eps", f"0 divides by each batch channel's standard deviation, which is exactly 0 at "
                         f"{at}unit {unit + 1}, batch {b + 1} (all {batch} samples equal there: identical samples, "
                         "or a unit the activation zeroes for the whole batch, as relu before --bn-position post "

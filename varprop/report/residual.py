@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 
 from ..run import Run  # noqa: E402
 from .document import Document, Item, lit  # noqa: E402
-from .figures import _text, rounding_zeros, save  # noqa: E402
+from .figures import _text, constrained, rounding_zeros, save  # noqa: E402
 from .markdown import _log10_second_moment, fmt_pow10, shown_layers  # noqa: E402
 
 # A branch adding less than this share of the stream's second moment is "switched off": the skip alone
@@ -135,8 +135,7 @@ def spp_figure(run: Run, path: Path) -> Path:
     rows = [list(dict.fromkeys(c for _, c in lines))]
     if tame and len(tame) < len(rows[0]):
         rows.append(tame)
-    fig, axes = plt.subplots(len(rows), 3, figsize=(12, 3.4 * len(rows) + 0.4), constrained_layout=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(12, 3.4 * len(rows) + 0.4), squeeze=False)
     for r, shown in enumerate(rows):
         for ax, (col, title) in zip(axes[r], panels):
             for i, config in enumerate(rows[0]):
@@ -160,6 +159,7 @@ def spp_figure(run: Run, path: Path) -> Path:
                  + (f"; shaded: the range of the {reps} single networks" if reps > 1 else "")
                  + (f"\nsecond row: the configurations that stay within 1e±{ZOOM_DECADES}" if len(rows) > 1 else ""),
                  fontsize=10)
+    constrained(fig)
     save(fig, path)
     plt.close(fig)
     return path

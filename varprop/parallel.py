@@ -21,7 +21,7 @@ import itertools
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable, TypeVar
 
 T = TypeVar("T")
@@ -131,16 +131,13 @@ class Pool:
             if caller:
                 drain()
             else:
-                for future in helpers:
-                    future.result()
+                _wait(helpers)
         except BaseException:  # an interrupt, raised at once: the running items see stopped() and end early
             stop.set()
             for future in helpers:
                 future.cancel()
             raise
-        for future in helpers:  # the running items of a failed or finished map, before its result stands
-            if not future.cancel():
-                future.result()
+        _wait([f for f in helpers if not f.cancel()])  # the running items, before the map's result stands
         if failed:
             raise failed[min(failed)]
         return results
@@ -151,6 +148,18 @@ class Pool:
         threads costs more than it saves (a width-100 layer runs 1.5x slower).
         Blocks are fixed by the shapes either way, so the numbers are the same."""
         return self if elements >= CHUNK_ELEMENTS else SERIAL
+
+
+def _wait(futures: list[Future]) -> None:
+    """Wait for ``futures`` and raise the first one's exception, waking every 50 ms: a signal (Ctrl-C,
+    SIGTERM) delivered to another thread, a native one of BLAS or torch, only sets Python's flag, and its
+    handler runs when the main thread next runs Python, which a wait without a timeout would put off
+    until the futures end (a replicate group's whole depth)."""
+    pending = futures
+    while pending:
+        _, pending = wait(pending, timeout=0.05)
+    for future in futures:
+        future.result()
 
 
 def shutdown() -> bool:

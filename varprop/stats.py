@@ -122,8 +122,14 @@ def mean_square(u: np.ndarray, pool: Pool = SERIAL) -> float:
     >>> mean_square(np.array([[3.0, 4.0]]))
     12.5
     """
-    parts = pool.sized(u.size).map(lambda rows: row_squares(u[rows]), row_chunks(*u.shape))
-    return float(np.concatenate(parts).sum()) / u.size
+    return mean_of_row_squares(pool.sized(u.size).map(lambda rows: row_squares(u[rows]), row_chunks(*u.shape)),
+                               u.size)
+
+
+def mean_of_row_squares(parts: Sequence[np.ndarray], size: int) -> float:
+    """The mean square of ``size`` values from their rows' sums of squares, in blocks of rows (in order):
+    :func:`mean_square`'s and :func:`from_sums`' sum, bit for bit."""
+    return float(np.concatenate(parts).sum()) / size
 
 
 def side_stats_stacked(u: np.ndarray, log_s: Sequence[float], saturated: Sequence[float]

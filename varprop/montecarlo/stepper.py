@@ -22,8 +22,8 @@ from ..logscale import exp_times
 from ..nn import activations, batchnorm, inits, layers
 from ..parallel import SERIAL, Pool, row_chunks
 from ..spec import RunSpec
-from ..stats import (ABS_COS_SAMPLES, SATURATION, STATS, Sums, block_sums, from_sums, head_cos, mean_square,
-                     row_squares, side_stats_ms)
+from ..stats import (ABS_COS_SAMPLES, SATURATION, STATS, Sums, block_sums, from_sums, head_cos, mean_of_row_squares,
+                     mean_square, row_squares, side_stats_ms)
 from .scaled import MS_BAND, Values, bias_terms, in_band, narrow, prescale, renorm, sum_squares
 from .seeds import generator
 
@@ -151,6 +151,9 @@ class Network:
         except ValueError as exc:  # a user init failed or returned something unusable: the user's to see
             raise SpecError("init", str(exc)) from exc
 
+    def _name(self, layer: int) -> str:
+        return self.labels.get(layer, f"layer {layer}")
+
     def _bn(self, u: np.ndarray, log_s: float, bn: layers.BatchNorm, where: str
             ) -> tuple[np.ndarray, float, batchnorm.Cache]:
         y, log_y, cache = batchnorm.forward(u, log_s, self.spec.batch, bn.eps, where)
@@ -174,7 +177,7 @@ class Network:
         act, linear, dtype, cache = kind.activation.fn, kind.activation.linear, self.dtype, None
         z, log_z = renorm(z, log_z, pool)
         if kind.bn is not None and kind.bn_pre:
-            z, log_z, cache = self._bn(z, log_z, kind.bn, self.labels.get(kind.index, f"layer {kind.index}"))
+            z, log_z, cache = self._bn(z, log_z, kind.bn, self._name(kind.index))
         d = None if linear else activations.dphi_scaled(act, z, log_z)
         sat = 0.0 if d is None else float(np.mean(np.abs(d) < SATURATION))
         pre, ms_z = side_stats_ms(z, log_z, sat, pool)
@@ -185,7 +188,7 @@ class Network:
                 act, z.astype(np.float64, copy=False) if act.phi0 else z, log_z), dtype, pool)
             log_h += kind.activation.log_gain
         if kind.bn is not None and kind.bn_post:
-            h, log_h, cache = self._bn(h, log_h, kind.bn, self.labels.get(kind.index, f"layer {kind.index}"))
+            h, log_h, cache = self._bn(h, log_h, kind.bn, self._name(kind.index))
         post, ms_h = (pre, ms_z) if h is z else side_stats_ms(h, log_h, sat, pool)
         dphi = None
         if d is not None:
@@ -254,8 +257,8 @@ class Network:
         parts = done[:len(chunks)]
         cache = None
         if blockwise:
-            if not stats:  # as mean_square sums them
-                ms_h = float(np.concatenate([p[1] for p in parts]).sum()) / h.size
+            if not stats:
+                ms_h = mean_of_row_squares([p[1] for p in parts], h.size)
             else:
                 sat = sum(p[2] for p in parts) / z.size
                 heads = (parts[0][3], parts[0][4]) if chunks[0].stop >= head_rows else (head_cos(z), head_cos(h))

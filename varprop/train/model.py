@@ -281,6 +281,9 @@ def _product_rows(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> Callable[[sl
     return rows
 
 
+Stage = tuple[bool, Callable[..., None]]  # (whole batch?, the stage: fn() if whole, else fn(rows))
+
+
 # --- the model ---------------------------------------------------------------------------------
 
 class Model:
@@ -389,7 +392,7 @@ class Model:
             else 1
         return _blocks(n, parts)
 
-    def _run(self, stages: list[tuple[bool, Callable[..., None]]], n: int) -> None:
+    def _run(self, stages: list[Stage], n: int) -> None:
         """Run ``(whole, fn)`` stages in order: consecutive row stages as one map over the row parts
         (each part runs them all, one fork-join for the lot), a whole stage as ``fn()``."""
         parts = self._row_parts(n)
@@ -410,7 +413,7 @@ class Model:
         flush()
 
     def _forward_stages(self, x: np.ndarray, training: bool, update_stats: bool, batch: int | None
-                        ) -> tuple[list[tuple[bool, Callable[..., None]]], list[dict[str, Any]]]:
+                        ) -> tuple[list[Stage], list[dict[str, Any]]]:
         n, stages, tape = x.shape[0], [], []
         h = x
         for l in self.layers:
@@ -452,7 +455,7 @@ class Model:
         return rows
 
     def _bn_stage(self, l: int, x: np.ndarray, y: np.ndarray, rec: dict[str, Any], training: bool, update: bool,
-                  batch: int | None) -> tuple[bool, Callable[..., None]]:
+                  batch: int | None) -> Stage:
         bn, eps = self.bn[l], self.arch.bn_eps
 
         def whole() -> None:
@@ -471,7 +474,7 @@ class Model:
 
     def _backward_stages(self, tape: list[dict[str, Any]], g: np.ndarray, need_input_grad: bool,
                          record: dict[int, dict[str, np.ndarray]] | None
-                         ) -> tuple[list[tuple[bool, Callable[..., None]]], dict[int, np.ndarray], np.ndarray | None]:
+                         ) -> tuple[list[Stage], dict[int, np.ndarray], np.ndarray | None]:
         n, stages, deltas = g.shape[0], [], {}
         for l in reversed(self.layers):
             rec = tape[l - 1]
@@ -499,7 +502,7 @@ class Model:
         return stages, deltas, g
 
     def _bn_back_stage(self, l: int, rec: dict[str, Any], dy: np.ndarray, dx: np.ndarray
-                       ) -> tuple[bool, Callable[..., None]]:
+                       ) -> Stage:
         def whole() -> None:  # BN's record is the forward pass's, made when it ran
             r, bn = rec["bn"], self.bn[l]
             (bn_train_backward if r.training else bn_infer_backward)(dy, r.xhat, r.scale, bn.dgamma, bn.dbeta, dx)
@@ -512,7 +515,7 @@ class Model:
         pieces of :meth:`_weight_pieces` on the pool, each piece's parameters updated as soon as their
         gradient is in (on the piece's thread, in cache). Either way by the batch's shape alone."""
         n = deltas[1].shape[0]
-        if n * self._macs_per_row < _PARALLEL_MACS:
+        if n * self._macs_per_row < _PARALLEL_MACS:  # one update of the whole vector: by pieces, 4% slower
             for l in self.layers:
                 product(tape[l - 1]["h_in"].T, deltas[l], out=self.dW[l])
                 np.sum(deltas[l], axis=0, out=self.db[l])

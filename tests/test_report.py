@@ -447,6 +447,8 @@ try:
     figures.draw([(pid, d / f"g{k}") for k in range(3)], workers=2)
 except KeyboardInterrupt:
     print("a child unwound its parent's stack")
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup or in a background job: the child ignores it too
+figures.draw([(pid, d / f"h{k}") for k in range(3)], workers=2)
 print(parent)
 """
 
@@ -455,7 +457,8 @@ def test_figures_draw_every_second_job_in_a_forked_child(tmp_path):
     """In a fresh process (no torch, no other thread: a fork is safe), every second figure job runs in a
     forked child; the parent draws the child's jobs after all when the child fails, when no process can
     be forked, when the child's status is lost (SIGCHLD ignored) and when a signal kills it as it begins
-    (which never reaches the parent's handlers in the child); no fork while a map runs."""
+    (which never reaches the parent's handlers in the child), while a signal the parent ignores leaves
+    the child drawing; no fork while a map runs."""
     import subprocess
     import sys
 
@@ -464,5 +467,6 @@ def test_figures_draw_every_second_job_in_a_forked_child(tmp_path):
     parent = int(out.stdout)
     a = [int((tmp_path / f"a{k}").read_text()) for k in range(5)]
     assert a[0::2] == [parent] * 3 and len(set(a[1::2])) == 1 and a[1] != parent
+    assert int((tmp_path / "h1").read_text()) != parent  # an ignored Ctrl-C left the child drawing
     for name, n in (("b", 4), ("c", 3), ("e", 3), ("g", 3)):
         assert [int((tmp_path / f"{name}{k}").read_text()) for k in range(n)] == [parent] * n, name

@@ -136,8 +136,9 @@ def _child(jobs: Sequence[tuple[Callable[[Path], Any], Path]], parent: int, mask
     that never unwinds the parent's stack, whatever happens."""
     code = 1
     try:
-        for sig in _STOPPING:
-            signal.signal(sig, signal.SIG_DFL)
+        for sig in _STOPPING:  # ignored stays ignored (nohup, a background job): the child stops as its parent
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _die_with_parent(parent)
         for fn, path in jobs:

@@ -49,3 +49,32 @@ def test_what_is_not_stacked_runs_alone(options):
 def test_large_layers_run_alone():
     (config,) = expand({"layers": 2, "width": 600, "samples": 600, "replicates": 3})
     assert batch.group_size(config.spec) == 1
+
+
+# Small layers' statistics are taken several at a time (stats.Later); the engine's rows are those it takes
+# layer by layer, bit for bit: forward and backward, plain and residual, with and without a projection,
+# a zero branch, a linear layer's delta (the incoming gradient's statistics).
+LATER_CASES = {
+    "relu, backward": {"layers": 9, "width": 24, "samples": 40, "init": "he", "activation": "relu"},
+    "linear, backward": {"layers": 7, "width": 20, "samples": 30, "init": "fan_in"},
+    "residual, tanh": {"residual": "plain", "blocks": 6, "branch_depth": 2, "width": 24, "samples": 40,
+                       "activation": "tanh", "init": "xavier"},
+    "residual, projections": {"residual": "plain", "widths": [16, 16, 32, 32], "projection": True,
+                              "branch_depth": 2, "samples": 40, "activation": "relu", "init": "he"},
+    "skipinit": {"residual": "skipinit", "blocks": 4, "branch_depth": 2, "width": 16, "samples": 30,
+                 "activation": "relu", "init": "he"},
+    "nf-resnet": {"residual": "nf", "blocks": 5, "branch_depth": 3, "width": 20, "samples": 30,
+                  "activation": "gelu", "init": "he"},
+}
+
+
+@pytest.mark.parametrize("name", list(LATER_CASES))
+def test_small_layers_statistics_taken_later_are_the_same(name, monkeypatch):
+    from varprop import stats
+
+    (config,) = expand({**LATER_CASES[name], "backward": True, "seed": 5})
+    assert stats.Later.takes(np.empty((config.spec.samples, 16), np.float32))
+    later = run_replicate(config.spec, 1, pool=Pool(2))
+    monkeypatch.setattr(stats.Later, "takes", staticmethod(lambda u: False))
+    alone = run_replicate(config.spec, 1, pool=Pool(2))
+    assert np.array_equal(later.values, alone.values, equal_nan=True)

@@ -123,3 +123,30 @@ def test_abs_cos_at_any_in_range_scale(dtype, scale):
     stacked = stats.side_stats_stacked(np.stack([u[:100], u[100:200]]), [0.0, 0.0], [0.0, 0.0])
     assert [s["abs_cos_sim"] for s, _ in stacked] == [side_stats(u[:100], 0.0)["abs_cos_sim"],
                                                       side_stats(u[100:200], 0.0)["abs_cos_sim"]]
+
+
+def test_later_fills_rows_as_side_stats_and_runs_readers_in_order():
+    rng = np.random.default_rng(1)
+    later = stats.Later()
+    shapes = [(30, 8)] * 5 + [(12, 8)] * 3  # two stacks, one of them filled before the flush
+    arrays = [np.maximum(rng.standard_normal(s), 0).astype(np.float32) * 3 for s in shapes]
+    assert all(later.takes(u) for u in arrays)
+    order = []
+    rows = []
+    for i, u in enumerate(arrays):
+        rows.append(later.stats(u.copy(), log_s=0.1 * i, saturated=0.5))
+        later.then(lambda i=i: order.append((i, rows[i].get("std"))))
+    for u in arrays:
+        u[...] = 0  # the values as they were when asked for: a later change is not seen
+    assert order == []
+    later.flush()
+    assert [i for i, _ in order] == list(range(len(arrays)))
+    rng = np.random.default_rng(1)
+    for i, (s, row) in enumerate(zip(shapes, rows)):
+        u = np.maximum(rng.standard_normal(s), 0).astype(np.float32) * 3
+        assert row == side_stats(u, 0.1 * i, saturated=0.5)  # bit for bit
+        assert order[i][1] == row["std"]
+    done = []
+    later.then(lambda: done.append(1))  # nothing waits: at once
+    assert done == [1]
+    assert not stats.Later.takes(np.empty((1000, 200), np.float32))

@@ -27,7 +27,7 @@ import numpy as np
 from ..nn import activations, batchnorm, layers
 from ..parallel import row_chunks
 from ..logscale import exp_times
-from ..stats import ABS_COS_SAMPLES, LN10, STATS, block_sums, from_sums, head_cos, mean_square, side_stats_ms
+from ..stats import ABS_COS_SAMPLES, LN10, STATS, Later, block_sums, from_sums, head_cos, mean_square, side_stats_ms
 from .scaled import Values, in_band, narrow, sum_squares
 from .stepper import Network, Tape, _times_dphi, prefixed
 
@@ -71,13 +71,14 @@ class Blocks:
     ``back``, ``flush_grad``), one block per row.
 
     A block costs its branch's layers plus one addition: the sum's
-    statistics are taken in the addition's own pass, the branch's come from
-    its last dense layer's pass, and values whose statistics are not
+    statistics are taken in the addition's own pass (a small block's with
+    other layers', stats.Later), the branch's come from its last dense
+    layer's, and values whose statistics are not
     reported get a mean square only (their scale): forward, and backward
     inside the branch, where only the weight-gradient norms are kept."""
 
     def __init__(self, net: Network):
-        self.net, self.pool = net, net.pool
+        self.net, self.pool, self.later = net, net.pool, net.later
         self.kinds: tuple[layers.Residual, ...] = net.kinds  # type: ignore[assignment]
         for b, kind in enumerate(self.kinds, 1):  # a residual run reports blocks: messages name them
             net.labels.update({layer.index: f"block {b}, branch layer {i}" for i, layer in enumerate(kind.branch, 1)})
@@ -108,18 +109,20 @@ class Blocks:
         cx, cf = net.dtype(math.exp(x.log_s - top)), net.dtype(math.exp(log_f - top))
         u = np.empty_like(x.u)
         head_rows = min(ABS_COS_SAMPLES, u.shape[0])
+        later = stats and Later.takes(u)  # the statistics are taken with other small layers' (Network.later)
 
         def add(rows: slice) -> tuple[Any, float]:
             np.multiply(x.u[rows], cx, out=u[rows])
             u[rows] += f.u[rows] * cf
-            if not stats:
+            if not stats or later:
                 return None, math.nan
             head = head_cos(u[rows]) if rows.start == 0 and rows.stop >= head_rows else math.nan
             return block_sums(u[rows]), head
         chunks = row_chunks(*u.shape)
         parts = pool.map(add, chunks)
-        if not stats:
-            return in_band(Values(u, top, mean_square(u, pool)), pool), None
+        if not stats or later:
+            v = in_band(Values(u, top, mean_square(u, pool)), pool)
+            return v, self.later.stats(v.u, v.log_s) if later else None
         head = parts[0][1] if chunks[0].stop >= head_rows else head_cos(u)
         row, ms = from_sums(u, [p[0] for p in parts], top, head=head)
         summed = Values(u, top, ms)
@@ -154,8 +157,9 @@ class Blocks:
             if last:
                 # f is the last dense layer's output, whose statistics its own pass summed. That output is
                 # prescaled to a mean square near 1 (or batch-normed), so in_band leaves it as summed.
-                branch = {k: layer_row[f"post_{k}"] for k in STATS}
-                branch["frac_saturated"] = math.nan  # f ends in a dense layer (or BN), not an activation
+                # f ends in a dense layer (or BN), not an activation: no saturated fraction.
+                self.later.then(lambda layer_row=layer_row: branch.update(
+                    {**{k: layer_row[f"post_{k}"] for k in STATS}, "frac_saturated": math.nan}))
             if tape is not None and t is not None:
                 tape.branch.append(t)
         if kind.zero_branch and tape is not None:
@@ -173,9 +177,10 @@ class Blocks:
         if stats:
             assert post is not None
             self._stream = (out, post)
-            row = {"width": kind.width, "fan_in": kind.width_in, "fan_out": kind.width,
-                   **prefixed("pre", _alpha_stats(branch, 0.0 if kind.zero_branch else kind.alpha)),
-                   **prefixed("post", post), **prefixed(BRANCH_SIDE, branch)}
+            row = {"width": kind.width, "fan_in": kind.width_in, "fan_out": kind.width}
+            alpha = 0.0 if kind.zero_branch else kind.alpha
+            self.later.then(lambda: row.update({**prefixed("pre", _alpha_stats(branch, alpha)),
+                                                **prefixed("post", post), **prefixed(BRANCH_SIDE, branch)}))
         return out, row, tape
 
     def _lead(self, lead: layers.Lead, b: Values, block: int, keep: bool
@@ -216,7 +221,8 @@ class Blocks:
                                        row_chunks(a_t.shape[0], g.u.shape[1])))
             if total > 0:
                 log_squares.append(math.log(total) + 2 * (tape.zero_in.log_s + g.log_s + log_alpha))
-        g_stats = {k: row[f"grad_{k}"] for k in STATS}  # g's, which the block above (or the start) reported
+        g_stats: dict[str, float] = {}  # g's, which the block above (or the start) reports to the row first
+        self.later.then(lambda: g_stats.update({k: row[f"grad_{k}"] for k in STATS}))
         skip, skip_stats = g, g_stats  # the skip's share of the gradient reaching the block's input
         if kind.projection is not None:
             assert tape.projection is not None
@@ -242,19 +248,25 @@ class Blocks:
             u, log_s = v.u, v.log_s
             if kind.lead is not None:
                 u, log_s = self._lead_back(kind.lead, tape, v)
-            *parts, head = pool.map(lambda rows: block_sums(u[rows]) if rows is not None else head_cos(u),
-                                    [*row_chunks(*u.shape), None])
-            ms = float(np.concatenate([p.row_sq for p in parts]).sum()) / u.size  # from_sums', bit for bit
-            summed = Values(u, log_s, ms)
-            v = in_band(summed, pool)
-            renormed = v is not summed
-            if kind.beta != 1:
-                v = Values(v.u, v.log_s - math.log(kind.beta), v.ms)
-            # The branch's gradient, summed once: its scale (the mean square, before beta) and delta (after).
-            delta = (side_stats_ms(v.u, v.log_s, pool=pool)[0] if renormed
-                     else from_sums(u, parts, v.log_s, head=head)[0])
+            if Later.takes(u):  # its statistics are taken with other small layers'
+                v = in_band(Values(u, log_s, mean_square(u, pool)), pool)
+                if kind.beta != 1:
+                    v = Values(v.u, v.log_s - math.log(kind.beta), v.ms)
+                delta = self.later.stats(v.u, v.log_s)
+            else:
+                *parts, head = pool.map(lambda rows: block_sums(u[rows]) if rows is not None else head_cos(u),
+                                        [*row_chunks(*u.shape), None])
+                ms = float(np.concatenate([p.row_sq for p in parts]).sum()) / u.size  # from_sums', bit for bit
+                summed = Values(u, log_s, ms)
+                v = in_band(summed, pool)
+                renormed = v is not summed
+                if kind.beta != 1:
+                    v = Values(v.u, v.log_s - math.log(kind.beta), v.ms)
+                # The branch's gradient, summed once: its scale (the mean square, before beta) and delta (after).
+                delta = (side_stats_ms(v.u, v.log_s, pool=pool)[0] if renormed
+                         else from_sums(u, parts, v.log_s, head=head)[0])
             out, grad = self._add(skip, v, 0.0, True)
-        row.update(prefixed("delta", delta))
+        self.later.then(lambda: row.update(prefixed("delta", delta)))
 
         def weight_norm() -> None:
             squares = log_squares + [2 * LN10 * s["weight_grad_log10_norm"] for s in reversed(norms)

@@ -209,13 +209,14 @@ def run_replicate(spec: RunSpec, replicate: int, progress: Progress | None = Non
                                 ahead=layer + 1 if layer < depth else None)
         if layer in hist_layers:  # h / rms(h): the shape of h at any scale
             table.hist[layer] = _histogram(x, pool)
-        table.row(layer).update(row)
+        net.later.then(lambda layer=layer, row=row: table.row(layer).update(row))
         if tape is not None:
             tapes[layer] = tape
         if spec.backward and k < depth and layer % k == 0:
             checkpoints[layer] = x
         if progress is not None:
             progress(1)
+    net.later.flush()
     if spec.backward:
         _backward(net, spec, replicate, table, tapes, checkpoints, k, progress)
     return table
@@ -238,10 +239,11 @@ def _backward(net: Network | Blocks, spec: RunSpec, replicate: int, table: Table
         # segment recomputation will draw them first.
         g, grad = net.back(layer, tapes.pop(layer), g, table.row(layer),
                            ahead=layer - 1 if layer - 1 in tapes else None)
-        table.row(layer - 1).update(prefixed("grad", grad))
+        net.later.then(lambda layer=layer, grad=grad: table.row(layer - 1).update(prefixed("grad", grad)))
         if progress is not None:
             progress(1)
     net.flush_grad()
+    net.later.flush()
 
 
 def configs_for(spec: RunSpec | NetworkSpec | Sequence[Config], vary: Mapping[str, Iterable[Any]] | None = None,

@@ -2,7 +2,8 @@
 activation of a layer, with streaming float64 statistics of both sides.
 
 A layer is one map over fixed blocks of samples (product, bias, activation
-and float64 sums of both sides, while the block is in cache), with the next
+and float64 sums of both sides, while the block is in cache; a small layer's
+statistics are taken later with other layers', stats.Later), with the next
 layer's weights drawn in the same map. Batch-norm layers, and activations
 whose evaluation needs the whole layer's scale, take a phased path. The
 backward pass needs each layer's input and activation derivative (its
@@ -22,8 +23,8 @@ from ..logscale import exp_times
 from ..nn import activations, batchnorm, inits, layers
 from ..parallel import SERIAL, Pool, row_chunks
 from ..spec import RunSpec
-from ..stats import (ABS_COS_SAMPLES, SATURATION, STATS, Sums, block_sums, from_sums, head_cos, mean_of_row_squares,
-                     mean_square, row_squares, side_stats_ms)
+from ..stats import (ABS_COS_SAMPLES, SATURATION, STATS, Later, Sums, block_sums, from_sums, head_cos,
+                     mean_of_row_squares, mean_square, row_squares, side_stats_ms)
 from .scaled import MS_BAND, Values, bias_terms, in_band, narrow, prescale, renorm, sum_squares
 from .seeds import generator
 
@@ -70,6 +71,9 @@ class Network:
         self.ready: dict[int, tuple[np.ndarray, float]] = {}  # drawn ahead, during the previous layer
         self.last: tuple[int, tuple[np.ndarray, float]] | None = None
         self._pending_grad: tuple[list[Callable[[], float]], Callable[[list[float]], None]] = _NOTHING_PENDING
+        # Small layers' statistics rows, taken several at a time: a row is filled in, and whatever reads
+        # it runs, once its stack is taken (later.then); the caller flushes at the end of a pass.
+        self.later = Later()
         self.labels: dict[int, str] = {}  # a dense layer's name in messages where "layer N" is not the user's
         self.scheme = spec.network.init.resolve()
         self.dtype = np.dtype(spec.dtype).type
@@ -227,6 +231,7 @@ class Network:
         dphi = None if linear or not blockwise or not keep else np.empty(z.shape, bool if act.homogeneous else dtype)
         chunks = row_chunks(n, n_out)
         head_rows = min(ABS_COS_SAMPLES, n)
+        later = stats and Later.takes(z)  # the statistics are taken with other small layers'
 
         def block(rows: slice) -> tuple[Sums | None, Sums | np.ndarray | None, int, float, float]:
             zb = z[rows]
@@ -242,8 +247,9 @@ class Network:
                 hb[...], _, d = activations.phi_dphi_scaled(act, zb, log_z)
                 if dphi is not None:  # kept for the backward pass
                     dphi[rows] = d == act.slope_pos if act.homogeneous else d
-            if not stats:  # the output's mean square alone, which sets the next scale: block_sums' row squares
-                return None, row_squares(hb), 0, math.nan, math.nan
+            if not stats or later:  # the output's mean square, which sets the next scale: block_sums' row squares
+                saturated = int(np.count_nonzero(np.abs(d) < SATURATION)) if later and d is not None else 0
+                return None, row_squares(hb), saturated, math.nan, math.nan
             with_head = rows.start == 0 and rows.stop >= head_rows
             pre = block_sums(zb)
             head_pre = head_cos(zb) if with_head else math.nan
@@ -257,7 +263,7 @@ class Network:
         parts = done[:len(chunks)]
         cache = None
         if blockwise:
-            if not stats:
+            if not stats or later:
                 ms_h = mean_of_row_squares([p[1] for p in parts], h.size)
             else:
                 sat = sum(p[2] for p in parts) / z.size
@@ -270,12 +276,17 @@ class Network:
             # phi(0) != 0 but every phi far below 1 (sigmoid of a layer of large negative values): float32
             # values at scale 1 lose them to underflow, the phased path scales them up first.
             blockwise = act.phi0 == 0 or ms_h >= MS_BAND[0]
+            if blockwise and later:
+                sat = sum(p[2] for p in parts) / z.size
+                pre = self.later.stats(z, log_z, 0.0 if linear else sat)
+                post = pre if linear else self.later.stats(h, log_h, sat)
         if not blockwise:  # the whole layer's scale is needed: one phase after another
             h = dphi = None  # a block pass's, if one ran: freed before this path's temporaries
             h, log_h, ms_h, pre, post, dphi, cache = self.phased(kind, z, log_z, pool)
         row = None
         if stats:
-            row = {"width": n_out, "fan_in": n_in, "fan_out": n_out, **prefixed("pre", pre), **prefixed("post", post)}
+            row = {"width": n_out, "fan_in": n_in, "fan_out": n_out}
+            self.later.then(lambda: row.update({**prefixed("pre", pre), **prefixed("post", post)}))
         tape = Tape(x.u, x.log_s, dphi, cache) if keep else None
         return in_band(Values(h, log_h, ms_h), pool), row, tape
 
@@ -315,18 +326,22 @@ class Network:
         chunks = row_chunks(n, max(n_in, n_out))
         head_rows = min(ABS_COS_SAMPLES, n)
         w0_t = w0.T
+        # Small layers' statistics are taken with others' (Network.later); the sums here serve a large one.
+        later = stats and not bn_here and Later.takes(out) and Later.takes(v)
+        sums = stats and not later
 
-        def block(rows: slice) -> tuple[Sums | None, Sums | None, float, float]:
-            with_head = stats and rows.start == 0 and rows.stop >= head_rows
+        def block(rows: slice) -> tuple[Sums | None, Sums | np.ndarray | None, float, float]:
+            with_head = sums and rows.start == 0 and rows.stop >= head_rows
             delta_sums, head_delta = None, math.nan
             if not bn_here and tape.dphi is not None:
                 vb = _times_dphi(g.u[rows], tape.dphi[rows], act, out=v[rows])
-                delta_sums = block_sums(vb) if stats else None
+                delta_sums = block_sums(vb) if sums else None
                 head_delta = head_cos(vb) if with_head else math.nan
             ob = out[rows]
             np.matmul(v[rows], w0_t, out=ob)
             ob *= c
-            return delta_sums, block_sums(ob) if stats else None, head_delta, head_cos(ob) if with_head else math.nan
+            return (delta_sums, block_sums(ob) if sums else row_squares(ob) if later else None, head_delta,
+                    head_cos(ob) if with_head else math.nan)
 
         # The previous layer's weight-gradient products share this map: one barrier fewer per layer.
         earlier, finish_earlier = self._pending_grad
@@ -340,6 +355,15 @@ class Network:
             # The mean square alone (it sets the next scale): block_sums' row squares, bit for bit.
             self._finish_back(tape, v, log_v, row)
             return in_band(Values(out, log_out, mean_square(out, pool)), pool), None
+        if later:
+            if tape.dphi is not None or (isinstance(row, dict) and "grad_std" not in row):
+                delta = self.later.stats(v, log_v)
+                self.later.then(lambda: row.update(prefixed("delta", delta)))
+            else:  # a linear layer's delta is the gradient that came in, whose statistics its row gets first
+                self.later.then(lambda: row.update({f"delta_{k}": row[f"grad_{k}"] for k in STATS}))
+            grad = self.later.stats(out, log_out)
+            self._finish_back(tape, v, log_v, row)
+            return in_band(Values(out, log_out, mean_of_row_squares([p[1] for p in parts], out.size)), pool), grad
         if not bn_here:
             if tape.dphi is None:
                 # A linear layer's delta is the gradient that came in, whose statistics the row has.

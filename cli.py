@@ -1,6 +1,6 @@
 """Run the varprop CLI from a checkout: ``python cli.py simulate ...`` == ``varprop simulate ...``."""
 
-from varprop.cli import main
+from varprop.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

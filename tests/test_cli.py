@@ -300,3 +300,37 @@ def test_formats_without_a_report_write_no_figures(tmp_path, formats):
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "layers.csv"} <= names and not {n for n in names if n.endswith((".png", ".svg", ".md"))}
     assert ("summary.json" in names) == ("json" in formats)
+
+
+@pytest.mark.parametrize("args, status", [(["gain", "relu"], 0), (["simulate", "--layers", "0"], 2)])
+def test_the_command_ends_without_teardown_but_runs_exit_functions_and_keeps_its_status(args, status):
+    # varprop.cli.run ends the process once the command is done (os._exit after the exit functions and a
+    # flush): the status, every line of output and an atexit function's output must all survive it.
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('exit functions ran', flush=True))\n"
+            "class Torn:\n"
+            "    def __del__(self): print('torn down', flush=True)\n"
+            "kept = Torn()\n"
+            f"sys.argv = ['varprop', *{args!r}]\n"
+            "from varprop.cli import run\n"
+            "run()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == status, proc.stderr
+    assert proc.stdout.rstrip().endswith("exit functions ran")
+    assert "torn down" not in proc.stdout  # the teardown, which would have collected it, was skipped
+    if status == 0:
+        assert "variance gain" in proc.stdout and "NFNets gamma" in proc.stdout
+    else:
+        assert proc.stderr.count("\n") == 1 and "--layers" in proc.stderr
+
+
+def test_the_command_waits_for_a_live_thread_before_ending():
+    # Another Python thread alive at the end: the ordinary exit, which waits for it.
+    code = ("import sys, threading, time\n"
+            "threading.Thread(target=lambda: (time.sleep(3), print('thread done', flush=True))).start()\n"
+            "sys.argv = ['varprop', 'gain', 'relu']\n"
+            "from varprop.cli import run\n"
+            "run()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "thread done" in proc.stdout

@@ -6,7 +6,9 @@ so ``varprop --help`` loads neither NumPy nor pandas nor matplotlib.
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -123,3 +125,33 @@ def main(ctx: click.Context) -> None:
     """Monte-Carlo variance propagation through deep networks at initialization."""
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
+
+
+def run() -> None:
+    """The ``varprop`` command and ``python -m varprop``: :func:`main`, then the process ends
+    without the interpreter's teardown.
+
+    Once a command has written its outputs (files closed, staging published, the figure child
+    reaped), tearing down the interpreter only frees memory the process is about to lose: clearing
+    pandas', matplotlib's and SciPy's modules and collecting their objects took 0.15-0.23 s, 5-9% of
+    a 25-block report's whole command (benchmarks/RESULTS-residual.md). The exit functions still run
+    (atexit: temporary directories, loggers) and the streams are flushed; the teardown is kept where
+    it may matter: another Python thread alive, a tracer or profiler attached (coverage, cProfile),
+    an exit status that is not a number, or output that cannot be flushed."""
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+        if (code is None or isinstance(code, int)) and threading.active_count() == 1 and not (
+                sys.gettrace() or sys.getprofile()):
+            run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+            try:
+                if run_exitfuncs is not None:
+                    run_exitfuncs()
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code or 0)
+            except (OSError, ValueError):  # a closed or broken stream: the ordinary exit reports it
+                pass
+        raise
+

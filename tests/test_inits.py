@@ -301,3 +301,19 @@ def test_a_name_that_says_its_distribution_refuses_another(name, distribution):
         inits.resolve(name, distribution=distribution)
     own = inits.resolve(name).distribution
     assert inits.resolve(name, distribution=own).distribution == own  # saying it again is fine
+
+
+@pytest.mark.parametrize("size", [2 * inits.PAIRS_PER_PIECE + 2, 5 * 2 * inits.PAIRS_PER_PIECE + 6])
+def test_a_draw_in_pieces_is_the_draw_whole_in_any_order_on_any_threads(size):
+    # Each piece reads the stream from its own start (a copy of the generator advanced there): the tasks,
+    # run backwards or on two threads, fill exactly the numbers of one sequential draw.
+    from varprop.parallel import Pool
+
+    whole = inits.standard_normal(generator(7, 1, 2, "weights", 0), (size,), np.float32)
+    backwards, threaded = np.empty(size, np.float32), np.empty(size, np.float32)
+    tasks = inits.standard_normal_tasks(generator(7, 1, 2, "weights", 0), backwards)
+    assert len(tasks) == -(-size // (2 * inits.PAIRS_PER_PIECE))
+    for task in reversed(tasks):
+        task()
+    Pool(2).map(lambda task: task(), inits.standard_normal_tasks(generator(7, 1, 2, "weights", 0), threaded))
+    assert np.array_equal(backwards, whole) and np.array_equal(threaded, whole)

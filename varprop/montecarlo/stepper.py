@@ -141,7 +141,17 @@ class Network:
         def fill(block: int, rows: slice) -> None:
             rng = generator(self.spec.seed, self.rep, layer, "weights", block)
             w0[rows] = inits.standard_draw(self.scheme.distribution, rng, (rows.stop - rows.start, n_out), self.dtype)
-        return [lambda b=b, rows=rows: fill(b, rows) for b, rows in enumerate(row_chunks(n_in, n_out))]
+        tasks: list[Callable[[], None]] = []
+        for b, rows in enumerate(row_chunks(n_in, n_out)):
+            piece = w0[rows].reshape(-1)
+            if (self.scheme.distribution == "normal" and self.dtype is np.float32 and piece.size % 2 == 0
+                    and piece.size > 2 * inits.PAIRS_PER_PIECE):
+                # A block of several pieces of the stream: a task per piece, the same numbers. Drawn whole, it
+                # kept one thread busy while the other, its share of the layer's products done, waited.
+                tasks += inits.standard_normal_tasks(generator(self.spec.seed, self.rep, layer, "weights", b), piece)
+            else:
+                tasks.append(lambda b=b, rows=rows: fill(b, rows))
+        return tasks
 
     def _draw_now(self, layer: int) -> tuple[np.ndarray, float]:
         tasks = self.draw_tasks(layer)

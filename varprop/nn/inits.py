@@ -291,23 +291,59 @@ def standard_normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: typ
     pairs = out.reshape(-1, 2)
     # Pieces of the stream that keep every temporary in the core's cache; the
     # stream is read in order, so the numbers do not depend on the piece size.
-    for start in range(0, len(pairs), _PAIRS_PER_PIECE):
-        piece = pairs[start:start + _PAIRS_PER_PIECE]
-        words = rng.bit_generator.random_raw(len(piece)).view(np.uint32)
-        r = np.add(words[0::2], 0.5, dtype=dtype)
-        r *= dtype.type(2.0**-32)
-        np.minimum(r, dtype.type(1 - 2.0**-24), out=r)
-        np.log(r, out=r)
-        r *= dtype.type(-2.0)
-        np.sqrt(r, out=r)
-        angle = np.multiply(words[1::2], 2 * math.pi * 2.0**-32, dtype=dtype)
-        trig = np.cos(angle)
-        np.multiply(trig, r, out=piece[:, 0])
-        np.multiply(np.sin(angle, out=trig), r, out=piece[:, 1])
+    for start in range(0, len(pairs), PAIRS_PER_PIECE):
+        piece = pairs[start:start + PAIRS_PER_PIECE]
+        _box_muller(rng.bit_generator.random_raw(len(piece)), piece)
     return out[:count].reshape(shape)
 
 
-_PAIRS_PER_PIECE = 2**16
+PAIRS_PER_PIECE = 2**16
+
+
+def _box_muller(words: np.ndarray, pairs: np.ndarray) -> None:
+    """:func:`standard_normal`'s pairs (float32, pairs x 2) from as many 64-bit words."""
+    halves = words.view(np.uint32)
+    f32 = np.float32
+    r = np.add(halves[0::2], 0.5, dtype=f32)
+    r *= f32(2.0**-32)
+    np.minimum(r, f32(1 - 2.0**-24), out=r)
+    np.log(r, out=r)
+    r *= f32(-2.0)
+    np.sqrt(r, out=r)
+    angle = np.multiply(halves[1::2], 2 * math.pi * 2.0**-32, dtype=f32)
+    trig = np.cos(angle)
+    np.multiply(trig, r, out=pairs[:, 0])
+    np.multiply(np.sin(angle, out=trig), r, out=pairs[:, 1])
+
+
+def standard_normal_tasks(rng: np.random.Generator, out: np.ndarray) -> list[Callable[[], None]]:
+    """Tasks that fill ``out`` (a contiguous float32 array of an even size) with
+    ``standard_normal(rng, out.shape, np.float32)``, one piece of the stream each: a piece reads the
+    generator's words from its own start on (a copy of the generator advanced there), so the tasks give
+    the same numbers in any order, on any threads. A weight matrix's draw then spreads over threads
+    beside a layer's products instead of making one of them wait (``rng`` itself is used by the first).
+
+    >>> a = np.empty(300_000, np.float32)
+    >>> for task in standard_normal_tasks(np.random.default_rng(1), a)[::-1]:
+    ...     task()
+    >>> bool((a == standard_normal(np.random.default_rng(1), (300_000,), np.float32)).all())
+    True
+    """
+    pairs = out.reshape(-1, 2)
+    bits = rng.bit_generator
+    state = bits.state
+
+    def piece(start: int) -> Callable[[], None]:
+        def fill() -> None:
+            own = bits
+            if start:
+                own = type(bits)()
+                own.state = state
+                own.advance(start)
+            chunk = pairs[start:start + PAIRS_PER_PIECE]
+            _box_muller(own.random_raw(len(chunk)), chunk)
+        return fill
+    return [piece(start) for start in range(0, len(pairs), PAIRS_PER_PIECE)]
 
 
 def standard_draw(distribution: str, rng: np.random.Generator, shape: tuple[int, ...], dtype: type) -> Array:

@@ -150,3 +150,17 @@ def test_later_fills_rows_as_side_stats_and_runs_readers_in_order():
     later.then(lambda: done.append(1))  # nothing waits: at once
     assert done == [1]
     assert not stats.Later.takes(np.empty((1000, 200), np.float32))
+
+
+def test_later_holds_a_bounded_number_of_values_whatever_the_shapes():
+    # A stack per shape: a taper of many widths would otherwise keep a stack of each until the end.
+    later = stats.Later()
+    rng = np.random.default_rng(2)
+    rows, most = [], 0
+    for width in range(200, 2, -1):
+        u = rng.standard_normal((60, width)).astype(np.float32)
+        rows.append((later.stats(u, 0.0), u))
+        most = max(most, later.held)
+    assert most <= stats.LATER_ELEMENTS
+    later.flush()
+    assert all(row == side_stats(u, 0.0) for row, u in rows)

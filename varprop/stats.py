@@ -189,11 +189,13 @@ class Later:
     A 64 x 64 layer's statistics cost 120 us one at a time, nearly all of it
     the Python and call overhead of some thirty NumPy passes; taken with 31
     others by :func:`side_stats_stacked`, 21 us. :meth:`stats` copies a
-    layer's values aside and returns the dict its row will be, empty until
-    the layers of its shape fill one piece of float64 work (or :meth:`flush`)
-    and the stack's statistics are taken: :func:`side_stats_ms`' numbers, bit
-    for bit. Whatever reads a row waits for it with :meth:`then`, run in the
-    order asked once every row asked before it is in.
+    layer's values into a stack of its shape and returns the dict its row
+    will be, empty until the stack holds one piece of float64 work (or
+    :meth:`flush`) and its statistics are taken: :func:`side_stats_ms`'
+    numbers, bit for bit. Whatever reads a row waits for it with
+    :meth:`then`, run in the order asked once every row asked before it is
+    in. The stacks are reused, and hold at most :data:`LATER_ELEMENTS` values
+    however many shapes wait.
 
     >>> later = Later()
     >>> u = np.array([[1.0, -1.0], [1.0, -1.0]], np.float32)
@@ -218,13 +220,21 @@ class Later:
         key = (u.shape, u.dtype)
         stack = self._stacks.get(key)
         if stack is None:
-            stack = self._stacks[key] = _Stack(np.empty((_PIECE_ELEMENTS // u.size, *u.shape), u.dtype), [])
+            slots = _PIECE_ELEMENTS // u.size
+            if self.held + slots * u.size > LATER_ELEMENTS:
+                self._fill(drop=True)  # many shapes: take what waits and free their stacks
+            stack = self._stacks[key] = _Stack(np.empty((slots, *u.shape), u.dtype), [])
         row: dict[str, float] = {}
         stack.values[len(stack.rows)] = u
         stack.rows.append((row, log_s, saturated))
         if len(stack.rows) == len(stack.values):
             stack.fill()
         return row
+
+    @property
+    def held(self) -> int:
+        """How many values the stacks hold room for (their memory, in values)."""
+        return sum(stack.values.size for stack in self._stacks.values())
 
     def then(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` once every row asked for so far is in (at once when none waits)."""
@@ -235,11 +245,19 @@ class Later:
 
     def flush(self) -> None:
         """Take every waiting row's statistics, then run what waited for them."""
-        for stack in self._stacks.values():
-            stack.fill()
+        self._fill(drop=False)
         after, self._after = self._after, []
         for fn in after:
             fn()
+
+    def _fill(self, drop: bool) -> None:
+        for stack in self._stacks.values():
+            stack.fill()
+        if drop:
+            self._stacks.clear()
+
+
+LATER_ELEMENTS = 4 * _PIECE_ELEMENTS
 
 
 class _Stack(NamedTuple):

@@ -145,15 +145,17 @@ def layer_tape_bytes(kind: layers.Kind, samples: int, item: int) -> int:
 
 def working_bytes(spec: RunSpec) -> int:
     """Memory of the forward pass at the widest layer: two weight matrices
-    (this layer's and the next, drawn meanwhile) and a few layer-sized float64
-    temporaries (the phased path of batch norm and of extreme scales); or, when
+    (this layer's and the next, drawn meanwhile), a few layer-sized float64
+    temporaries (the phased path of batch norm and of extreme scales) and the
+    stacks of small layers waiting for their statistics (stats.Later); or, when
     small layers step several replicates together, their groups' stacks."""
     w = spec.network.widths
     item = 8 if spec.dtype == "float64" else 4
     weights = max(_weight_sizes(spec)) * item * (2 if spec.network.init.resolve().orthogonal else 1)
-    from . import batch  # (batch imports the stepper, which this module's readers need not load)
+    from ..stats import LATER_ELEMENTS  # (as batch below: pandas and scipy, which this module's readers need not load)
+    from . import batch  # (batch imports the stepper)
 
-    return max(2 * weights + 6 * spec.samples * max(w) * 8, batch.working_bytes(spec))
+    return max(2 * weights + 6 * spec.samples * max(w) * 8 + LATER_ELEMENTS * item, batch.working_bytes(spec))
 
 
 def weight_bytes(spec: RunSpec) -> int:

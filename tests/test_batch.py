@@ -57,6 +57,8 @@ def test_large_layers_run_alone():
 LATER_CASES = {
     "relu, backward": {"layers": 9, "width": 24, "samples": 40, "init": "he", "activation": "relu"},
     "linear, backward": {"layers": 7, "width": 20, "samples": 30, "init": "fan_in"},
+    # a large linear layer under small ones: its delta is the incoming gradient's row, which waits in Later
+    "linear, large under small": {"widths": [600, 16, 16, 16], "samples": 200, "init": "fan_in"},
     "residual, tanh": {"residual": "plain", "blocks": 6, "branch_depth": 2, "width": 24, "samples": 40,
                        "activation": "tanh", "init": "xavier"},
     "residual, projections": {"residual": "plain", "widths": [16, 16, 32, 32], "projection": True,

@@ -128,7 +128,7 @@ def test_abs_cos_at_any_in_range_scale(dtype, scale):
 def test_later_fills_rows_as_side_stats_and_runs_readers_in_order():
     rng = np.random.default_rng(1)
     later = stats.Later()
-    shapes = [(30, 8)] * 5 + [(12, 8)] * 3  # two stacks, one of them filled before the flush
+    shapes = [(128, 256)] * 6 + [(12, 8)] * 3  # two stacks: the first fills (4 slots) before the flush
     arrays = [np.maximum(rng.standard_normal(s), 0).astype(np.float32) * 3 for s in shapes]
     assert all(later.takes(u) for u in arrays)
     order = []
@@ -138,7 +138,9 @@ def test_later_fills_rows_as_side_stats_and_runs_readers_in_order():
         later.then(lambda i=i: order.append((i, rows[i].get("std"))))
     for u in arrays:
         u[...] = 0  # the values as they were when asked for: a later change is not seen
-    assert order == []
+    # The first stack filled at the fourth array, leaving nothing waiting: what waited ran then; the rest
+    # waits for the flush.
+    assert [i for i, _ in order] == [0, 1, 2, 3]
     later.flush()
     assert [i for i, _ in order] == list(range(len(arrays)))
     rng = np.random.default_rng(1)
@@ -164,3 +166,17 @@ def test_later_holds_a_bounded_number_of_values_whatever_the_shapes():
     assert most <= stats.LATER_ELEMENTS
     later.flush()
     assert all(row == side_stats(u, 0.0) for row, u in rows)
+
+
+def test_later_runs_what_waits_once_too_many_calls_wait():
+    # A stack that never fills (rows of several shapes, each short of its piece) must not keep every
+    # call waiting to the end: past LATER_CALLS the waiting rows are taken and the calls run.
+    later = stats.Later()
+    u = np.ones((256, 128), np.float32)
+    row = later.stats(u, 0.0)  # one of four slots
+    ran = []
+    for i in range(stats.LATER_CALLS - 1):
+        later.then(lambda i=i: ran.append(i))
+    assert ran == []
+    later.then(lambda: ran.append("last"))
+    assert len(ran) == stats.LATER_CALLS and ran[-1] == "last" and row["std"] == 0.0

@@ -194,8 +194,9 @@ class Later:
     :meth:`flush`) and its statistics are taken: :func:`side_stats_ms`'
     numbers, bit for bit. Whatever reads a row waits for it with
     :meth:`then`, run in the order asked once every row asked before it is
-    in. The stacks are reused, and hold at most :data:`LATER_ELEMENTS` values
-    however many shapes wait.
+    in (when a stack's filling leaves none waiting, or at the flush). The
+    stacks are reused, and hold at most :data:`LATER_ELEMENTS` values however
+    many shapes wait; at most :data:`LATER_CALLS` calls wait.
 
     >>> later = Later()
     >>> u = np.array([[1.0, -1.0], [1.0, -1.0]], np.float32)
@@ -229,6 +230,8 @@ class Later:
         stack.rows.append((row, log_s, saturated))
         if len(stack.rows) == len(stack.values):
             stack.fill()
+            if not any(s.rows for s in self._stacks.values()):
+                self._run_after()  # every row is in: what waited need not wait for the pass's end
         return row
 
     @property
@@ -240,12 +243,17 @@ class Later:
         """Call ``fn`` once every row asked for so far is in (at once when none waits)."""
         if self._after or any(stack.rows for stack in self._stacks.values()):
             self._after.append(fn)
+            if len(self._after) >= LATER_CALLS:  # shapes that never all fill at once: what waits is bounded
+                self.flush()
         else:
             fn()
 
     def flush(self) -> None:
         """Take every waiting row's statistics, then run what waited for them."""
         self._fill(drop=False)
+        self._run_after()
+
+    def _run_after(self) -> None:
         after, self._after = self._after, []
         for fn in after:
             fn()
@@ -258,6 +266,7 @@ class Later:
 
 
 LATER_ELEMENTS = 4 * _PIECE_ELEMENTS
+LATER_CALLS = 1024  # calls waiting for rows, at most (each holds a row or two)
 
 
 class _Stack(NamedTuple):

@@ -142,14 +142,18 @@ def run() -> None:
         main()
     except SystemExit as exc:
         code = exc.code
+        parallel = sys.modules.get("varprop.parallel")
+        if parallel is not None:
+            parallel.shutdown()  # the pools' idle threads, which would keep the teardown
         if (code is None or isinstance(code, int)) and threading.active_count() == 1 and not (
                 sys.gettrace() or sys.getprofile()):
             run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
             try:
                 if run_exitfuncs is not None:
                     run_exitfuncs()
-                    sys.stdout.flush()
-                    sys.stderr.flush()
+                    for stream in (sys.stdout, sys.stderr):
+                        if stream is not None:  # (None: started with the stream closed)
+                            stream.flush()
                     os._exit(code or 0)
             except (OSError, ValueError):  # a closed or broken stream: the ordinary exit reports it
                 pass

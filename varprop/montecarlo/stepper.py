@@ -365,23 +365,23 @@ class Network:
             # The mean square alone (it sets the next scale): block_sums' row squares, bit for bit.
             self._finish_back(tape, v, log_v, row)
             return in_band(Values(out, log_out, mean_square(out, pool)), pool), None
+        # A linear layer's delta is the gradient that came in, whose statistics a table row gets from the
+        # layer above (run._backward, perhaps once Later has them); a scratch row (a projection's) has none.
+        came_in = tape.dphi is None and not bn_here and (not isinstance(row, dict) or "grad_std" in row)
+        if came_in:
+            self.later.then(lambda: row.update({f"delta_{k}": row[f"grad_{k}"] for k in STATS}))
         if later:
-            if tape.dphi is not None or (isinstance(row, dict) and "grad_std" not in row):
+            if not came_in:
                 delta = self.later.stats(v, log_v)
                 self.later.then(lambda: row.update(prefixed("delta", delta)))
-            else:  # a linear layer's delta is the gradient that came in, whose statistics its row gets first
-                self.later.then(lambda: row.update({f"delta_{k}": row[f"grad_{k}"] for k in STATS}))
             grad = self.later.stats(out, log_out)
             self._finish_back(tape, v, log_v, row)
             return in_band(Values(out, log_out, mean_of_row_squares([p[1] for p in parts], out.size)), pool), grad
-        if not bn_here:
-            if tape.dphi is None:
-                # A linear layer's delta is the gradient that came in, whose statistics the row has.
-                delta = ({k: row[f"grad_{k}"] for k in STATS} if "grad_std" in row
-                         else side_stats_ms(v, log_v, pool=pool)[0])
-            else:
-                delta, _ = from_sums(v, [p[0] for p in parts], log_v, head=parts[0][2] if heads_ok else head_cos(v))
-        row.update(prefixed("delta", delta))
+        if not bn_here and not came_in:
+            delta = (side_stats_ms(v, log_v, pool=pool)[0] if tape.dphi is None else
+                     from_sums(v, [p[0] for p in parts], log_v, head=parts[0][2] if heads_ok else head_cos(v))[0])
+        if not came_in:
+            row.update(prefixed("delta", delta))
         grad, ms_out = from_sums(out, [p[1] for p in parts], log_out, head=parts[0][3] if heads_ok else head_cos(out))
         self._finish_back(tape, v, log_v, row)
         return in_band(Values(out, log_out, ms_out), pool), grad

@@ -334,3 +334,14 @@ def test_the_command_waits_for_a_live_thread_before_ending():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "thread done" in proc.stdout
+
+
+def test_a_reader_that_left_ends_the_command_as_sigpipe_would_quietly():
+    # `varprop gain relu | head -0`: the pipe's reader is gone before the first line. Exit 141 (128 + SIGPIPE),
+    # as shells report a tool that SIGPIPE ended, not 1 (check's "fails"), and no traceback.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.run([sys.executable, "-m", "varprop", "gain", "relu"], stdout=write_end, stderr=subprocess.PIPE,
+                          text=True, timeout=120)
+    os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == ""

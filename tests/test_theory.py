@@ -361,7 +361,7 @@ def test_theory_gain_fit_commands(tmp_path):
     assert {p.name for p in (tmp_path / "fit").iterdir()} == {".varprop-manifest.json", "points.csv", "fit.json",
                                                               "fan_in_law.png", "report.md",
                                                               "report.html"}
-    for bad, option in ((["theory", "--sigma-w", "-1"], "--sigma-w"), (["gain", "nope"], "--activation"),
+    for bad, option in ((["theory", "--sigma-w", "-1"], "--sigma-w"), (["gain", "nope"], "ACTIVATION:"),
                         (["fit", "--fan-in", "0,10"], "--fan-in"),
                         (["theory", "--layers", "100000000"], "--layers")):
         r = CliRunner().invoke(main, bad)

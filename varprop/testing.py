@@ -301,8 +301,8 @@ def check_preserves_variance(init: Init, activation: str = "linear", depth: int 
     if bad.empty:
         undecided, needed = _to_decide(table)
         if not undecided:
-            msg = f"{_name(init)} with {activation}: std stays within a factor {band:g} over {depth} layers ({direction})"
-            return CheckResult(True, msg, table, command, n_rep, needed)
+            msg = f"{_name(init)} with {activation}: std stays within a factor {band:g} over {depth} layers"
+            return CheckResult(True, f"{msg} ({direction})", table, command, n_rep, needed)
         msg = (f"{_name(init)} with {activation}: no layer's std shown to leave a factor {band:g} over {depth} "
                f"layers ({direction}), but {undecided} layers are undecided at this noise level ({n_rep} networks)")
         # Undecided layers whose estimate lies outside the band: not "stays within", though not shown to fail.

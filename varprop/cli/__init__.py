@@ -7,6 +7,7 @@ so ``varprop --help`` loads neither NumPy nor pandas nor matplotlib.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import os
 import signal
@@ -86,6 +87,17 @@ class _Group(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
             formatter.write_dl([(name, short) for name, (_, short) in COMMANDS.items()])
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # The reader left (`varprop ... | head -1`): what was written stands. Exit as a process that
+            # SIGPIPE ended (128 + 13, as an interrupt's 128 + its signal), not 1, check's "fails"; what is
+            # still buffered goes nowhere rather than raising again at exit.
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + getattr(signal, "SIGPIPE", 13))
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:

@@ -29,14 +29,14 @@ def gain(activation: str, leaky_slope: str, as_json: bool) -> None:
     variance gain      1/sqrt(Var phi(z))   (NFNets' gamma)
     """
     slope = options.parse_one("leaky_slope", leaky_slope)
-    act = activation_arg(activation, slope)
+    act = activation_arg(activation, slope, option="ACTIVATION")  # the argument, named as --help shows it
     try:
         g = theory.gains(act, slope)
     except Exception as exc:  # a user activation that fails or is not numeric: one line, not a traceback
-        raise SpecError("activation", f"{activation} cannot be evaluated on an array of floats "
+        raise SpecError("ACTIVATION", f"{activation} cannot be evaluated on an array of floats "
                         f"({type(exc).__name__}: {exc})") from None
     if not (math.isfinite(g["second_moment_gain"]) and math.isfinite(g["variance_gain"])):
-        raise SpecError("activation", f"{activation} has no finite gain (E[phi^2] or Var phi is 0 or infinite)")
+        raise SpecError("ACTIVATION", f"{activation} has no finite gain (E[phi^2] or Var phi is 0 or infinite)")
     if as_json:
         echo_json(g)
         return

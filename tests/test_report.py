@@ -470,3 +470,21 @@ def test_figures_draw_every_second_job_in_a_forked_child(tmp_path):
     assert int((tmp_path / "h1").read_text()) != parent  # an ignored Ctrl-C left the child drawing
     for name, n in (("b", 4), ("c", 3), ("e", 3), ("g", 3)):
         assert [int((tmp_path / f"{name}{k}").read_text()) for k in range(n)] == [parent] * n, name
+
+
+def test_one_sample_draws_its_zero_unit_variance_without_a_log_axis(tmp_path):
+    # With one sample a unit has no variance: the channel panel is 0 everywhere, which a log axis cannot show
+    # (matplotlib warned, and drew an empty panel).
+    import warnings
+
+    from click.testing import CliRunner
+
+    from varprop.cli import main
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = CliRunner().invoke(main, ["simulate", "--samples", "1", "--layers", "3", "--width", "8", "--threads", "1",
+                                      "--out", str(tmp_path / "one")])
+    assert r.exit_code == 0, r.output
+    assert not [w for w in caught if "log-scaled" in str(w.message)]
+    assert (tmp_path / "one" / "means_per_layer.png").stat().st_size > 0

@@ -663,6 +663,12 @@ def means_and_channels(run: Run, path: Path) -> Path:
     metrics = {"mean_y": (mean_label, "theory_mean_y", False),
                "post_sq_unit_mean": (channel_label.format("average squared unit mean"), None, not channels_log10),
                "post_unit_var": (channel_label.format("average unit variance"), None, not channels_log10)}
+    for column in channels:  # all 0 (one sample: a unit has no variance): a log axis has nothing to place
+        if not channels_log10 and not (plotted[column] > 0).any():
+            name = metrics[column][0].removesuffix(" (log)")
+            metrics[column] = (name, None, False)
+            notes.append(f"the {name} is 0 at every layer" + (" (one sample: a unit has no variance)"
+                                                              if column == "post_unit_var" else ""))
 
     def draw(ax: plt.Axes, chosen: pd.DataFrame, metric: str, looks: Looks) -> None:
         label, theory_col, log = metrics[metric]

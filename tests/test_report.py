@@ -488,3 +488,22 @@ def test_one_sample_draws_its_zero_unit_variance_without_a_log_axis(tmp_path):
     assert r.exit_code == 0, r.output
     assert not [w for w in caught if "log-scaled" in str(w.message)]
     assert (tmp_path / "one" / "means_per_layer.png").stat().st_size > 0
+
+
+def test_a_residual_configurations_switched_off_branches_sit_under_its_verdict(tmp_path):
+    # SkipInit is healthy and its branches are switched off: one finding for it, the second a sub-item.
+    from click.testing import CliRunner
+
+    from varprop.cli import main
+
+    r = CliRunner().invoke(main, ["simulate", "--residual", "plain", "--residual", "skipinit", "--blocks", "6",
+                                  "--width", "16", "--samples", "32", "--init", "he", "--activation", "relu",
+                                  "--format", "md", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "r" / "report.md").read_text()
+    findings = text.split("## Findings", 1)[1].split("\n\n", 2)[1].splitlines()
+    assert [line.split("**")[1] for line in findings if line.startswith("- ")] == ["residual=plain",
+                                                                                  "residual=skipinit"]
+    skip = findings.index(next(line for line in findings if line.startswith("- **residual=skipinit**")))
+    assert findings[skip + 1].startswith("  - every branch is switched off at init")
+    assert not any("switched off" in line for line in findings[:skip])

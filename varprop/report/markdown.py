@@ -474,10 +474,18 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
 
     doc.h2("Findings")
     found = findings(run)
-    if "branch_second_moment" in layers:  # residual stacks: branches switched off
+    if "branch_second_moment" in layers:  # residual stacks: branches switched off, under their verdict
         from . import residual
 
-        found += residual.findings(run)
+        for config, text in residual.findings(run):
+            head = f"**{lit(config)}**"
+            at = next((i for i, item in enumerate(found) if (item if isinstance(item, str) else item[0])
+                       .startswith(head + ":")), None)
+            if at is None:  # verdicts grouped over many configurations
+                found.append(f"{head}: {text}.")
+            else:
+                item = found[at]
+                found[at] = (item, [text]) if isinstance(item, str) else (item[0], [*item[1], text])
     doc.items(found)
     doc.p(as_rows(FINDINGS_RULES, unit))
 

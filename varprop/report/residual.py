@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..run import Run  # noqa: E402
-from .document import Document, Item, lit  # noqa: E402
+from .document import Document, lit  # noqa: E402
 from .figures import _text, constrained, rounding_zeros, save  # noqa: E402
 from .markdown import _log10_second_moment, fmt_pow10, shown_layers  # noqa: E402
 
@@ -165,20 +165,21 @@ def spp_figure(run: Run, path: Path) -> Path:
     return path
 
 
-def findings(run: Run) -> list[Item]:
-    """Where branches are switched off (the skip alone carries the signal); a collapse is the verdict's."""
-    out: list[Item] = []
+def findings(run: Run) -> list[tuple[str, str]]:
+    """(configuration, finding) where branches are switched off (the skip alone carries the signal); a
+    collapse is the verdict's."""
+    out: list[tuple[str, str]] = []
     table = block_table(run.layers)
     for config, df in table.groupby("config", sort=False):
         off = df[df["ratio"] < math.log10(OFF_RATIO)]
         if len(off) == len(df):
-            out.append(f"**{lit(config)}**: every branch is switched off at init (it adds less than "
-                       f"{OFF_RATIO:g} of the stream's second moment): the skip alone carries the signal, "
-                       "forward and backward; the network is the identity until training moves the branches.")
+            out.append((config, f"every branch is switched off at init (it adds less than {OFF_RATIO:g} of the "
+                                "stream's second moment): the skip alone carries the signal, forward and backward; "
+                                "the network is the identity until training moves the branches"))
         elif len(off):
-            out.append(f"**{lit(config)}**: branches switched off from block {int(off['block'].iloc[0])} "
-                       f"({len(off)} of {len(df)} blocks add less than {OFF_RATIO:g} of the stream): the skip "
-                       "alone carries the signal there.")
+            out.append((config, f"branches switched off from block {int(off['block'].iloc[0])} ({len(off)} of "
+                                f"{len(df)} blocks add less than {OFF_RATIO:g} of the stream): the skip alone "
+                                "carries the signal there"))
     return out
 
 

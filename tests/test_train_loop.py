@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +186,19 @@ def test_a_paired_accuracy_interval_stays_within_what_accuracies_allow():
     mean, lo, hi, n = report._paired(final, "a", "b", "test_accuracy")
     assert (mean, lo, hi, n) == (pytest.approx(-0.05), -1.0, 1.0, 2)
     assert report._paired(final, "a", "b", "train_loss_keras")[1] < -1
+
+
+def test_configurations_at_chance_are_named_in_one_finding():
+    # The committed batch-size study: configurations whose mean final test accuracy lies within two binomial
+    # standard errors (over the test images) of 1/10 are the ones named, and only they.
+    entry = Path(__file__).resolve().parents[1] / "reports" / "train-batch-size"
+    history = pd.read_csv(entry / "history.csv")
+    meta = json.loads((entry / "config.json").read_text())
+    last = history[history["step"] == history.groupby(["config", "replicate"])["step"].transform("max")]
+    acc = last.groupby("config")["test_accuracy"].mean()
+    band = 2 * math.sqrt(0.1 * 0.9 / meta["data"]["n_test"])
+    expected = {c for c, a in acc.items() if abs(a - 0.1) <= band}
+    assert expected and expected != set(acc.index)  # some, not all
+    (line,) = [f for f in report.findings(history, meta) if f.startswith("At chance")]
+    named = set(re.findall(r"\*\*(.+?)\*\*", line))
+    assert named == expected

@@ -190,6 +190,28 @@ def findings(history: pd.DataFrame, meta: dict[str, Any], layers: pd.DataFrame |
     mismatch = inference_gap(final, meta, layers)
     if mismatch:
         out.append(mismatch)
+    out += _at_chance(final, meta)
+    return out
+
+
+def _at_chance(final: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
+    """The configurations whose final test accuracy (the mean over seeds) is within two binomial standard
+    errors of guessing, 1 / classes, over the test images: they have not learned yet. One line for all."""
+    n_test, epochs = int(meta["data"]["n_test"]), int(meta["run"]["epochs"])
+    found: dict[int, list[str]] = {}  # classes -> "label (accuracy)"
+    for cfg in meta["configs"]:
+        classes = int(cfg["options"]["widths"][-1])
+        chance = 1 / classes
+        acc = float(final[final["config"] == cfg["label"]]["test_accuracy"].mean())
+        if math.isfinite(acc) and abs(acc - chance) <= 2 * math.sqrt(chance * (1 - chance) / n_test):
+            found.setdefault(classes, []).append(f"**{cfg['label']}** ({_pct(acc)})")
+    out = []
+    for classes, names in found.items():
+        se = math.sqrt((1 / classes) * (1 - 1 / classes) / n_test)
+        out.append(f"At chance after {epochs} epoch{'s' if epochs != 1 else ''}, not learned yet: "
+                   + ", ".join(names) + f": test accuracy within two binomial standard errors ({200 * se:.1f} points "
+                   f"over {n_test:,} test images) of the {_pct(1 / classes)} that guessing among {classes} classes "
+                   "scores.")
     return out
 
 
@@ -561,7 +583,11 @@ def build_document(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, 
     doc.p(f"Medians over seeds at the last epoch; the test accuracy is the mean with its 95% t interval. "
           f"'Train loss (Keras)' is what Keras' History reports (the epoch's batch losses in training mode, "
           f"weighted by batch size); 'end, inference' is the loss over {data['eval_samples']:,} training images "
-          f"after the epoch, with BN's moving statistics.")
+          f"after the epoch, with BN's moving statistics."
+          + (f" 'Epochs to loss {target:.3g}': when the training loss first reaches {target:.3g}, halfway on a log "
+             "scale from the initial loss to the best configuration's final one (median over seeds; interpolated "
+             "linearly in log loss from the initial loss at epoch 0 through Keras' epoch losses, each placed at "
+             "its epoch's end although it is the epoch's mean)." if math.isfinite(target) else ""))
     doc.table(summary_table(history, meta, target))
     doc.h2("Per-layer statistics over training")
     probes = sorted(set(data["probe_samples"].values()))

@@ -621,10 +621,16 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
               "its sign and size both show beside means near 0.")
     doc.figure("correlation_per_layer.png", as_rows("Cosine similarity between samples per layer, with the c-map "
                                                     "prediction", unit))
+    last = layers[layers["layer"] == layers.groupby("config")["layer"].transform("max")]
+    widths = sorted({int(w) for w in last["width"].dropna()})[:3]
     doc.p("When the cosine similarity climbs to 1 every input is mapped to the same direction and the network can "
           "no longer tell its inputs apart (correlation collapse, the ordered phase); the dotted line is the "
           "mean-field c-map. The signed mean can average a collapse onto +-v away; the mean |cos| cannot (for "
-          "independent random directions in n dimensions it is about sqrt(2 / (pi n)), 0.08 at n = 100).")
+          "independent random directions in n dimensions it is about sqrt(2 / (pi n)): "
+          + ", ".join(f"{math.sqrt(2 / (math.pi * n)):.3f} at n = {n}" for n in widths) + "). At finite width the "
+          "mean |cos| of a deep stack climbs even where the std and the c-map hold steady: a product of many "
+          "random matrices stretches a few directions far more than the others, and the inputs drift towards "
+          "them (infinite width, the theory's limit, keeps them apart). The findings call it a collapse from 0.9.")
 
     if histograms:
         doc.figure(histograms, as_rows("Histograms of the layer outputs at the first, middle and last layer", unit))

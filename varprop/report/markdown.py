@@ -470,7 +470,7 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
         doc.code(shell_visible(meta["command"]))
     v = meta["versions"]
     doc.p(f"varprop {lit(v['varprop'])}, numpy {lit(v['numpy'])}, Python {lit(v['python'])}; seed {lit(meta['seed'])}"
-          + (f"; run time {meta['elapsed_s']:.1f} s." if meta.get("elapsed_s") is not None else "."))
+          + (f"; simulation time {meta['elapsed_s']:.1f} s." if meta.get("elapsed_s") is not None else "."))
 
     doc.h2("Findings")
     found = findings(run)

@@ -613,14 +613,15 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
         doc.p("A mean that reaches far beyond 1 is drawn on a scale linear within ±1 and logarithmic beyond, so "
               "that its sign and size both show beside means near 0.")
     else:
-        doc.figure("means_per_layer.png", "Mean of the layer outputs, average squared unit mean and average unit "
-                   "variance per layer")
+        doc.figure("means_per_layer.png", "Mean of the layer outputs (dotted: the theory's), average squared unit "
+                   "mean and average unit variance per layer")
         doc.p("A layer whose units carry a mean (relu, sigmoid, softplus) shows it in the average squared unit "
               "mean; the average unit variance is what is left for the signal to vary with across samples. A mean "
               "that reaches far beyond 1 is drawn on a scale linear within ±1 and logarithmic beyond, so that "
               "its sign and size both show beside means near 0.")
-    doc.figure("correlation_per_layer.png", as_rows("Cosine similarity between samples per layer, with the c-map "
-                                                    "prediction", unit))
+    doc.figure("correlation_per_layer.png", as_rows("Cosine similarity between samples per layer, with the c-map's "
+                                                    "prediction of the signed mean (dotted; the mean |cos| has none)",
+                                                    unit))
     last = layers[layers["layer"] == layers.groupby("config")["layer"].transform("max")]
     widths = sorted({int(w) for w in last["width"].dropna()})[:3]
     doc.p("When the cosine similarity climbs to 1 every input is mapped to the same direction and the network can "

@@ -761,3 +761,21 @@ def test_abs_cos_of_a_tensor_beyond_float32_products(scale):
     want = (head.sum() - np.trace(head)) / (128 * 127)
     got = tensor_stats(torch.tensor(x * scale, dtype=torch.float32))["abs_cos_sim"]
     assert got == pytest.approx(want, abs=(64 + 2) * 2.0**-24)
+
+
+def _deep_relu(depth: int = 40, width: int = 16) -> nn.Module:
+    layers = []
+    for _ in range(depth):
+        linear = nn.Linear(width, width, bias=False)
+        nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+        layers += [linear, nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def test_a_model_check_with_undecided_modules_outside_the_band_is_undecided():
+    # A narrow deep relu net: its typical std leaves the band, but 8 re-initialisations' intervals reach inside.
+    result = check_preserves_variance(_deep_relu, (32, 16), replicates=8)
+    outside = result.table[(result.table["verdict"] == "undecided")
+                           & (result.table["log10_ratio"].abs() > math.log10(2))]
+    assert result.passed and result.verdict == "undecided" and result.undecided_outside == len(outside) > 0
+    assert "stays within" not in result.message and f"{len(outside)} of them measured outside" in result.message

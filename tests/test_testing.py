@@ -268,3 +268,19 @@ def test_undecided_layers_measured_outside_the_band_make_the_verdict_undecided(t
     out = CliRunner().invoke(main, ["check", "--init", "he", "--activation", "relu", "--layers", "40", "--width", "16",
                                     "--samples", "32", "--replicates", "8"])
     assert out.exit_code == 0 and out.output.startswith("UNDECIDED: ")
+
+
+def test_a_std_of_zero_in_some_network_fails_the_check():
+    # Width 4 relu: some network's layer is all zeros (log10 std -inf). That is out of any band, not an
+    # undecided layer "on the band's edge" (it read so, with a RuntimeWarning).
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        result = testing.check_preserves_variance("he", "relu", depth=6, width=4, samples=16, replicates=32)
+    assert not result.passed and "std 0 in some of 32 networks" in result.message
+
+
+def test_assert_preserves_variance_warns_when_undecided():
+    with pytest.warns(testing.UndecidedWarning, match="measured outside the band"):
+        testing.assert_preserves_variance("he", "relu", depth=40, width=16, samples=32, replicates=8, seed=0)

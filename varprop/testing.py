@@ -15,6 +15,7 @@ True
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
@@ -221,9 +222,14 @@ def _layer_table(df: pd.DataFrame, sides: list[str], depth: int, limit: float, f
         wide = df.pivot(index="replicate", columns="layer", values=f"{side}_log10_std")
         start = wide[0] if side == "post" else wide[depth]
         for layer in range(1, depth + 1) if side == "post" else range(depth - 1, -1, -1):
-            d = (wide[layer] - start).to_numpy()
-            mean, sd = float(d.mean()), float(d.std(ddof=1))
-            lo, hi = mean - tq * sd / math.sqrt(len(d)), mean + tq * sd / math.sqrt(len(d))
+            with np.errstate(invalid="ignore"):  # a std of 0 (log10 -inf) in some network
+                d = (wide[layer] - start).to_numpy()
+            if np.isfinite(d).all():
+                mean, sd = float(d.mean()), float(d.std(ddof=1))
+                lo, hi = mean - tq * sd / math.sqrt(len(d)), mean + tq * sd / math.sqrt(len(d))
+            else:  # the std died (or overflowed) in some network: out of any band, whatever the others do
+                mean, sd = float(np.nanmean(np.where(np.isnan(d), -np.inf, d))), math.nan
+                lo = hi = math.inf if (d[~np.isfinite(d)] > 0).all() else -math.inf
             theory_col = f"theory_{side}_log10_std"
             th = df[theory_col].iloc[layer] - df[theory_col].iloc[0 if side == "post" else depth] \
                 if theory_col in df else math.nan
@@ -303,8 +309,10 @@ def check_preserves_variance(init: Init, activation: str = "linear", depth: int 
         if not undecided:
             msg = f"{_name(init)} with {activation}: std stays within a factor {band:g} over {depth} layers"
             return CheckResult(True, f"{msg} ({direction})", table, command, n_rep, needed)
+        noun = "layer check" if direction == "both" else "layer"  # both: a layer is checked each way
+        what = f"{undecided} {noun} is" if undecided == 1 else f"{undecided} {noun}s are"
         msg = (f"{_name(init)} with {activation}: no layer's std shown to leave a factor {band:g} over {depth} "
-               f"layers ({direction}), but {undecided} layers are undecided at this noise level ({n_rep} networks)")
+               f"layers ({direction}), but {what} undecided at this noise level ({n_rep} networks)")
         # Undecided layers whose estimate lies outside the band: not "stays within", though not shown to fail.
         outside = table[(table["verdict"] == "undecided") & (table["log10_ratio"].abs() > limit)]
         if len(outside):
@@ -323,9 +331,11 @@ def check_preserves_variance(init: Init, activation: str = "linear", depth: int 
     factor = 10 ** first["log10_ratio"]
     where = "of the input's" if first["direction"] == "forward" else "of the output gradient's"
     th = first["theory_log10_ratio"]
+    measured = (("std 0" if first["hi"] < 0 else "std beyond float64") + f" in some of {n_rep} networks"
+                if math.isinf(first["lo"]) else
+                f"x{factor:.3g} (interval x{10 ** first['lo']:.3g} .. x{10 ** first['hi']:.3g} over {n_rep} networks)")
     msg = (f"{_name(init)} with {activation}, width {width}: {first['direction']} std leaves the band "
-           f"[1/{band:g}, {band:g}] {where} at layer {int(first['layer'])}: measured x{factor:.3g} "
-           f"(interval x{10 ** first['lo']:.3g} .. x{10 ** first['hi']:.3g} over {n_rep} networks)"
+           f"[1/{band:g}, {band:g}] {where} at layer {int(first['layer'])}: measured {measured}"
            + (f", mean-field predicts x{10 ** th:.3g}" if not math.isnan(th) else "")
            + f". Reproduce: {command}")
     return CheckResult(False, msg, table, command, n_rep)
@@ -337,7 +347,13 @@ def assert_preserves_variance(init: Init, activation: str = "linear", depth: int
     result = check_preserves_variance(init, activation, depth, width, **kwargs)
     if not result.passed:
         raise AssertionError(result.message)
+    if result.verdict == "undecided":  # not shown to fail, but not shown to hold either: pytest shows it
+        warnings.warn(result.message, UndecidedWarning, stacklevel=2)
     return result
+
+
+class UndecidedWarning(UserWarning):
+    """A check that no layer failed, with undecided layers measured outside the band (more replicates decide)."""
 
 
 def _theory_spec(spec: RunSpec, weight_variance: WeightVariance | None) -> RunSpec:

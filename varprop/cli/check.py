@@ -44,7 +44,7 @@ def check_cmd(as_json: bool, **raw: Any) -> None:
         if as_json:
             echo_json(result.as_dict())
         else:
-            click.echo(("PASS: " if result.passed else "FAIL: ") + result.message)
+            click.echo(f"{result.verdict.upper()}: {result.message}")
         sys.exit(0 if result.passed else 1)
 
     values = options.parse(given("check", raw), "check")

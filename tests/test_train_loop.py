@@ -202,3 +202,17 @@ def test_configurations_at_chance_are_named_in_one_finding():
     (line,) = [f for f in report.findings(history, meta) if f.startswith("At chance")]
     named = set(re.findall(r"\*\*(.+?)\*\*", line))
     assert named == expected
+
+
+def test_a_diverged_configuration_is_not_called_at_chance():
+    # At 10.1% after epoch 2, then NaN at 2.5: its last finite epoch is not its end.
+    history = pd.DataFrame({"config": "a", "replicate": 0, "epoch": [0.0, 1.0, 2.0, 2.5], "step": [0, 10, 20, 25],
+                            "train_loss": [2.3, 2.3, 2.3, np.nan], "train_loss_keras": [np.nan, 2.3, 2.3, np.nan],
+                            "test_loss": 2.3, "test_accuracy": [0.1, 0.1, 0.101, np.nan]})
+    meta = {"configs": [{"label": "a", "options": {"widths": [784, 10]}, "varied": {}}],
+            "run": {"replicates": 1, "epochs": 5}, "data": {"n_test": 1000}, "steps_per_epoch": {"a": 10}}
+    found = report.findings(history, meta)
+    assert any("Diverged" in f for f in found) and not any(f.startswith("At chance") for f in found)
+    meta["configs"][0]["label"] = history["config"] = "b"  # the same curve, finite to the end: at chance
+    history = history.iloc[:3]
+    assert any(f.startswith("At chance") for f in report.findings(history, meta))

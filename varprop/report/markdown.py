@@ -622,16 +622,17 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
     doc.figure("correlation_per_layer.png", as_rows("Cosine similarity between samples per layer, with the c-map's "
                                                     "prediction of the signed mean (dotted; the mean |cos| has none)",
                                                     unit))
-    last = layers[layers["layer"] == layers.groupby("config")["layer"].transform("max")]
-    widths = sorted({int(w) for w in last["width"].dropna()})[:3]
+    widths = sorted({int(w) for w in layers.loc[layers["layer"] == 0, "width"].dropna()})[:3]
     doc.p("When the cosine similarity climbs to 1 every input is mapped to the same direction and the network can "
           "no longer tell its inputs apart (correlation collapse, the ordered phase); the dotted line is the "
-          "mean-field c-map. The signed mean can average a collapse onto +-v away; the mean |cos| cannot (for "
-          "independent random directions in n dimensions it is about sqrt(2 / (pi n)): "
-          + ", ".join(f"{math.sqrt(2 / (math.pi * n)):.3f} at n = {n}" for n in widths) + "). At finite width the "
-          "mean |cos| of a deep stack climbs even where the std and the c-map hold steady: a product of many "
-          "random matrices stretches a few directions far more than the others, and the inputs drift towards "
-          "them (infinite width, the theory's limit, keeps them apart). The findings call it a collapse from 0.9.")
+          "mean-field c-map. The signed mean can average a collapse onto +-v away; the mean |cos| cannot. For "
+          "independent random directions in n dimensions it is about sqrt(2 / (pi n)) (the input's: "
+          + ", ".join(f"{math.sqrt(2 / (math.pi * n)):.3f} at n = {n}" for n in widths) + "). An activation whose "
+          "output has a mean (relu, sigmoid, softplus) lifts it at once to about E[phi]^2 / E[phi^2] (relu: 1/pi = "
+          "0.32), and its c-map then draws correlations towards 1 with depth. Where the c-map holds them (linear, "
+          "tanh, selu), the mean |cos| of a deep stack still climbs at finite width: a product of many random "
+          "matrices stretches a few directions far more than the others, and the inputs drift towards them "
+          "(infinite width, the theory's limit, keeps them apart). The findings call it a collapse from 0.9.")
 
     if histograms:
         doc.figure(histograms, as_rows("Histograms of the layer outputs at the first, middle and last layer", unit))

@@ -190,16 +190,19 @@ def findings(history: pd.DataFrame, meta: dict[str, Any], layers: pd.DataFrame |
     mismatch = inference_gap(final, meta, layers)
     if mismatch:
         out.append(mismatch)
-    out += _at_chance(final, meta)
+    out += _at_chance(final, meta, set(diverged["config"]))
     return out
 
 
-def _at_chance(final: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
+def _at_chance(final: pd.DataFrame, meta: dict[str, Any], diverged: set[str]) -> list[str]:
     """The configurations whose final test accuracy (the mean over seeds) is within two binomial standard
-    errors of guessing, 1 / classes, over the test images: they have not learned yet. One line for all."""
+    errors of guessing, 1 / classes, over the test images: they have not learned yet. One line for all; a
+    configuration with a diverged seed is the Diverged finding's (its last finite epoch is not its end)."""
     n_test, epochs = int(meta["data"]["n_test"]), int(meta["run"]["epochs"])
     found: dict[int, list[str]] = {}  # classes -> "label (accuracy)"
     for cfg in meta["configs"]:
+        if cfg["label"] in diverged:
+            continue
         classes = int(cfg["options"]["widths"][-1])
         chance = 1 / classes
         acc = float(final[final["config"] == cfg["label"]]["test_accuracy"].mean())

@@ -336,12 +336,14 @@ def test_the_command_waits_for_a_live_thread_before_ending():
     assert "thread done" in proc.stdout
 
 
-def test_a_reader_that_left_ends_the_command_as_sigpipe_would_quietly():
+@pytest.mark.parametrize("args", [["gain", "relu"], ["--help"], ["--version"]])
+def test_a_reader_that_left_ends_the_command_as_sigpipe_would_quietly(args):
     # `varprop gain relu | head -0`: the pipe's reader is gone before the first line. Exit 141 (128 + SIGPIPE),
-    # as shells report a tool that SIGPIPE ended, not 1 (check's "fails"), and no traceback.
+    # as shells report a tool that SIGPIPE ended, not 1 (check's "fails"), and no traceback; --help and
+    # --version too, which click prints while parsing.
     read_end, write_end = os.pipe()
     os.close(read_end)
-    proc = subprocess.run([sys.executable, "-m", "varprop", "gain", "relu"], stdout=write_end, stderr=subprocess.PIPE,
+    proc = subprocess.run([sys.executable, "-m", "varprop", *args], stdout=write_end, stderr=subprocess.PIPE,
                           text=True, timeout=120)
     os.close(write_end)
     assert proc.returncode == 141 and proc.stderr == ""

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -71,6 +71,19 @@ def _install_handlers() -> dict[int, Any]:
     return old
 
 
+@contextlib.contextmanager
+def _reader_left() -> Iterator[None]:
+    """The reader of the output left (`varprop ... | head -1`): what was written stands. Exit as a process
+    that SIGPIPE ended (128 + 13, as an interrupt's 128 + its signal), not click's 1, check's "fails"; what
+    is still buffered goes nowhere rather than raising again at exit."""
+    try:
+        yield
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + getattr(signal, "SIGPIPE", 13))
+
+
 class _Group(click.Group):
     """Commands loaded on first use; every error is one line on stderr and
     exit status 2, never a traceback."""
@@ -89,15 +102,12 @@ class _Group(click.Group):
             formatter.write_dl([(name, short) for name, (_, short) in COMMANDS.items()])
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
+        with _reader_left():
             return super().invoke(ctx)
-        except BrokenPipeError:
-            # The reader left (`varprop ... | head -1`): what was written stands. Exit as a process that
-            # SIGPIPE ended (128 + 13, as an interrupt's 128 + its signal), not 1, check's "fails"; what is
-            # still buffered goes nowhere rather than raising again at exit.
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(128 + getattr(signal, "SIGPIPE", 13))
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        with _reader_left():  # --help and --version print here
+            return super().parse_args(ctx, args)
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:

@@ -507,3 +507,18 @@ def test_a_residual_configurations_switched_off_branches_sit_under_its_verdict(t
     skip = findings.index(next(line for line in findings if line.startswith("- **residual=skipinit**")))
     assert findings[skip + 1].startswith("  - every branch is switched off at init")
     assert not any("switched off" in line for line in findings[:skip])
+
+
+def test_switched_off_branches_of_grouped_verdicts_are_one_line(tmp_path):
+    # Beyond FINDINGS_PER_CONFIG configurations the verdicts are grouped: the finding is one line, not one each.
+    from click.testing import CliRunner
+
+    from varprop.cli import main
+
+    r = CliRunner().invoke(main, ["simulate", "--residual", "skipinit", "--blocks", "3", "--width", "8", "--samples",
+                                  "16", "--init", "he", "--init", "xavier", "--init", "fan_in", "--activation", "relu",
+                                  "--activation", "tanh", "--activation", "selu", "--format", "md",
+                                  "--out", str(tmp_path / "g")])
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "g" / "report.md").read_text().split("## Findings", 1)[1].split("\n\n", 2)[1]
+    assert text.count("switched off") == 1 and "- In all 9 configurations: every branch is switched off" in text

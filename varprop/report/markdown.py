@@ -477,15 +477,20 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
     if "branch_second_moment" in layers:  # residual stacks: branches switched off, under their verdict
         from . import residual
 
+        grouped: dict[str, list[str]] = {}  # verdicts grouped over many configurations: a line per finding
         for config, text in residual.findings(run):
             head = f"**{lit(config)}**"
             at = next((i for i, item in enumerate(found) if (item if isinstance(item, str) else item[0])
                        .startswith(head + ":")), None)
-            if at is None:  # verdicts grouped over many configurations
-                found.append(f"{head}: {text}.")
+            if at is None:
+                grouped.setdefault(text, []).append(head)
             else:
                 item = found[at]
                 found[at] = (item, [text]) if isinstance(item, str) else (item[0], [*item[1], text])
+        for text, heads in grouped.items():
+            names = (f"In all {len(heads)} configurations" if len(heads) == len(labels) else ", ".join(heads)
+                     if len(heads) <= 4 else f"{len(heads)} configurations ({', '.join(heads[:3])}, ...)")
+            found.append(f"{names}: {text}.")
     doc.items(found)
     doc.p(as_rows(FINDINGS_RULES, unit))
 

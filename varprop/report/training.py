@@ -196,26 +196,22 @@ def findings(history: pd.DataFrame, meta: dict[str, Any], layers: pd.DataFrame |
 
 def _at_chance(final: pd.DataFrame, meta: dict[str, Any], diverged: set[str]) -> list[str]:
     """The configurations whose final test accuracy (the mean over seeds) is within two binomial standard
-    errors of guessing, 1 / classes, over the test images: they have not learned yet. One line for all; a
-    configuration with a diverged seed is the Diverged finding's (its last finite epoch is not its end)."""
+    errors over the test images of what always answering the test set's most common class scores (1 /
+    classes when they are balanced): no better than a constant, they have not learned yet. One line for
+    all; a configuration with a diverged seed is the Diverged finding's (its last finite epoch is not its end)."""
     n_test, epochs = int(meta["data"]["n_test"]), int(meta["run"]["epochs"])
-    found: dict[int, list[str]] = {}  # classes -> "label (accuracy)"
+    # (runs saved before the share was recorded: one over the output width)
+    top = float(meta["data"].get("top_test_share", 1 / int(meta["configs"][0]["options"]["widths"][-1])))
+    band = 2 * math.sqrt(top * (1 - top) / n_test)
+    names = []
     for cfg in meta["configs"]:
-        if cfg["label"] in diverged:
-            continue
-        classes = int(cfg["options"]["widths"][-1])
-        chance = 1 / classes
         acc = float(final[final["config"] == cfg["label"]]["test_accuracy"].mean())
-        if math.isfinite(acc) and abs(acc - chance) <= 2 * math.sqrt(chance * (1 - chance) / n_test):
-            found.setdefault(classes, []).append(f"**{cfg['label']}** ({_pct(acc)})")
-    out = []
-    for classes, names in found.items():
-        se = math.sqrt((1 / classes) * (1 - 1 / classes) / n_test)
-        out.append(f"At chance after {epochs} epoch{'s' if epochs != 1 else ''}, not learned yet: "
-                   + ", ".join(names) + f": test accuracy within two binomial standard errors ({200 * se:.1f} points "
-                   f"over {n_test:,} test images) of the {_pct(1 / classes)} that guessing among {classes} classes "
-                   "scores.")
-    return out
+        if cfg["label"] not in diverged and math.isfinite(acc) and acc <= top + band:
+            names.append(f"**{cfg['label']}** ({_pct(acc)})")
+    return [f"At chance after {epochs} epoch{'s' if epochs != 1 else ''}, not learned yet: " + ", ".join(names)
+            + f": test accuracy no more than two binomial standard errors ({100 * band:.1f} points over {n_test:,} "
+            f"test images) above the {_pct(top)} that always answering the test set's most common class scores."
+            ] if names else []
 
 
 def reach(ends: pd.DataFrame, label: str, target: float) -> list[float]:

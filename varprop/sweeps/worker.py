@@ -50,6 +50,7 @@ def train_frames(options: Mapping[str, Any], start: int, stop: int) -> tuple[pd.
             "run": {"epochs": run.epochs, "seed": run.seed, "record_every": run.record_every, "dtype": run.dtype,
                     "data": run.data},
             "data": {"name": dataset.name, "n_train": dataset.n_train, "n_test": dataset.n_test,
+                     "top_test_share": dataset.top_test_share,
                      "n_features": dataset.n_features, "eval_samples": n_eval},
             "probe_samples": loop.probe_size(n_eval, config.batch_size),
             "steps_per_epoch": loop.steps_per_epoch(dataset.n_train, config.batch_size)}

@@ -61,6 +61,11 @@ class Dataset:
     def n_features(self) -> int:
         return int(self.x_train.shape[1])
 
+    @property
+    def top_test_share(self) -> float:
+        """The share of the test images in their most common class: what always answering it scores."""
+        return float(np.bincount(self.y_test).max() / max(self.n_test, 1))
+
 
 def _fail(message: str) -> SpecError:
     return SpecError("data", message)

@@ -179,6 +179,7 @@ def fit(configs: list[TrainConfig], run: RunOptions, dataset: data_mod.Dataset, 
             "run": {"epochs": run.epochs, "replicates": run.replicates, "seed": run.seed,
                     "record_every": run.record_every, "dtype": run.dtype, "data": run.data},
             "data": {"name": dataset.name, "n_train": dataset.n_train, "n_test": dataset.n_test,
+                     "top_test_share": dataset.top_test_share,
                      "n_features": dataset.n_features,
                      # what simulate's Gaussian inputs need to give the first layer the data's second moment
                      "pixel_rms": float(np.sqrt(np.mean(np.square(dataset.x_train, dtype=np.float64)))),

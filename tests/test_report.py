@@ -522,3 +522,19 @@ def test_switched_off_branches_of_grouped_verdicts_are_one_line(tmp_path):
     assert r.exit_code == 0, r.output
     text = (tmp_path / "g" / "report.md").read_text().split("## Findings", 1)[1].split("\n\n", 2)[1]
     assert text.count("switched off") == 1 and "- In all 9 configurations: every branch is switched off" in text
+
+
+@pytest.mark.parametrize("samples, expected", [([1], "is 0 at every layer (one sample"),
+                                               ([1, 8], "so not drawn, for samples=1")])
+def test_a_unit_variance_of_zero_is_named_in_the_means_figure(tmp_path, monkeypatch, samples, expected):
+    # One configuration with a single sample (no unit variance) drawn alone or beside another: a note says so,
+    # rather than an empty panel or a silently missing line.
+    from varprop.montecarlo.run import configs_for, run_configs
+    from varprop.report import figures
+    from varprop.spec import NetworkSpec
+
+    run = run_configs(configs_for(NetworkSpec.square(3, 8), vary={"samples": samples}), threads=1)
+    seen = {}
+    monkeypatch.setattr(figures, "_figure", lambda *a, notes=(), **k: seen.setdefault("notes", list(notes)))
+    figures.means_and_channels(run, tmp_path / "m.png")
+    assert any(expected in n for n in seen["notes"]), seen

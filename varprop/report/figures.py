@@ -663,12 +663,18 @@ def means_and_channels(run: Run, path: Path) -> Path:
     metrics = {"mean_y": (mean_label, "theory_mean_y", False),
                "post_sq_unit_mean": (channel_label.format("average squared unit mean"), None, not channels_log10),
                "post_unit_var": (channel_label.format("average unit variance"), None, not channels_log10)}
-    for column in channels:  # all 0 (one sample: a unit has no variance): a log axis has nothing to place
-        if not channels_log10 and not (plotted[column] > 0).any():
-            name = metrics[column][0].removesuffix(" (log)")
+    for column in channels:  # 0 at every layer (one sample: a unit has no variance): nothing on a log axis
+        name = metrics[column][0].removeprefix("log10 ").removesuffix(" (log)")
+        shown = np.isfinite(plotted[column]) & (True if channels_log10 else plotted[column] > 0)
+        zero = [c for c, ok in shown.groupby(plotted["config"], sort=False).any().items() if not ok]
+        if not zero:
+            continue
+        why = " (one sample: a unit has no variance)" if column == "post_unit_var" else ""
+        if len(zero) == plotted["config"].nunique() and not channels_log10:  # drawn as the 0 it is
             metrics[column] = (name, None, False)
-            notes.append(f"the {name} is 0 at every layer" + (" (one sample: a unit has no variance)"
-                                                              if column == "post_unit_var" else ""))
+            notes.append(f"the {name} is 0 at every layer{why}")
+        else:
+            notes.append(f"the {name} is 0 at every layer, so not drawn, for " + "; ".join(map(_text, zero)) + why)
 
     def draw(ax: plt.Axes, chosen: pd.DataFrame, metric: str, looks: Looks) -> None:
         label, theory_col, log = metrics[metric]

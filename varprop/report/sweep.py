@@ -792,9 +792,10 @@ def _train_sections(directory: Path, manifest: dict[str, Any], failures: dict[st
         if more:
             doc.p(more.strip())
         doc.h2("Configurations")
+        target = training.target_loss(history)
         doc.p("Medians over replicates at the last epoch, as `varprop train`'s report gives them; the test accuracy "
-              "is the mean with its 95% t interval.")
-        table = training.summary_table(history, meta, training.target_loss(history))
+              "is the mean with its 95% t interval. " + training.epochs_to_note(target))
+        table = training.summary_table(history, meta, target)
         table["configuration"] = table["configuration"].map(lit)
         doc.table(table.head(MAX_ROWS))
         if len(table) > MAX_ROWS:

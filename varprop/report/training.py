@@ -199,19 +199,32 @@ def _at_chance(final: pd.DataFrame, meta: dict[str, Any], diverged: set[str]) ->
     errors over the test images of what always answering the test set's most common class scores (1 /
     classes when they are balanced): no better than a constant, they have not learned yet. One line for
     all; a configuration with a diverged seed is the Diverged finding's (its last finite epoch is not its end)."""
-    n_test, epochs = int(meta["data"]["n_test"]), int(meta["run"]["epochs"])
+    n_test = int(meta["data"]["n_test"])
     # (runs saved before the share was recorded: one over the output width)
     top = float(meta["data"].get("top_test_share", 1 / int(meta["configs"][0]["options"]["widths"][-1])))
     band = 2 * math.sqrt(top * (1 - top) / n_test)
     names = []
     for cfg in meta["configs"]:
-        acc = float(final[final["config"] == cfg["label"]]["test_accuracy"].mean())
+        rows = final[final["config"] == cfg["label"]]
+        acc = float(rows["test_accuracy"].mean())
         if cfg["label"] not in diverged and math.isfinite(acc) and acc <= top + band:
-            names.append(f"**{cfg['label']}** ({_pct(acc)})")
-    return [f"At chance after {epochs} epoch{'s' if epochs != 1 else ''}, not learned yet: " + ", ".join(names)
+            epochs = int(round(rows["epoch"].max()))  # its own: a sweep may vary the epochs
+            names.append(f"**{cfg['label']}** ({_pct(acc)} after {epochs} epoch{'s' if epochs != 1 else ''})")
+    return ["At chance, not learned yet: " + ", ".join(names)
             + f": test accuracy no more than two binomial standard errors ({100 * band:.1f} points over {n_test:,} "
             f"test images) above the {_pct(top)} that always answering the test set's most common class scores."
             ] if names else []
+
+
+def epochs_to_note(target: float) -> str:
+    """What the summary table's 'epochs to loss' column means ('' when it has none)."""
+    if not math.isfinite(target):
+        return ""
+    return (f"'Epochs to loss {target:.3g}': when the training loss first reaches {target:.3g}, halfway on a log "
+            "scale from the initial loss to the best configuration's final one, rounded to 2 digits (median over "
+            "seeds; interpolated linearly in log loss from the initial loss at epoch 0 through Keras' epoch "
+            "losses, each placed at its epoch's end although it is the epoch's mean; 'k/R reach it' where only "
+            "k of R seeds do).")
 
 
 def reach(ends: pd.DataFrame, label: str, target: float) -> list[float]:
@@ -582,11 +595,7 @@ def build_document(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, 
     doc.p(f"Medians over seeds at the last epoch; the test accuracy is the mean with its 95% t interval. "
           f"'Train loss (Keras)' is what Keras' History reports (the epoch's batch losses in training mode, "
           f"weighted by batch size); 'end, inference' is the loss over {data['eval_samples']:,} training images "
-          f"after the epoch, with BN's moving statistics."
-          + (f" 'Epochs to loss {target:.3g}': when the training loss first reaches {target:.3g}, halfway on a log "
-             "scale from the initial loss to the best configuration's final one (median over seeds; interpolated "
-             "linearly in log loss from the initial loss at epoch 0 through Keras' epoch losses, each placed at "
-             "its epoch's end although it is the epoch's mean)." if math.isfinite(target) else ""))
+          f"after the epoch, with BN's moving statistics. " + epochs_to_note(target))
     doc.table(summary_table(history, meta, target))
     doc.h2("Per-layer statistics over training")
     probes = sorted(set(data["probe_samples"].values()))

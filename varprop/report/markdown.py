@@ -728,7 +728,7 @@ def _problems(a: Assessment, unit: str = "layer") -> list[tuple[str, str]]:
 
 
 def _std_fact(f: Assessment, unit: str = "layer") -> str:
-    return f"output std x{fmt(10 ** f.rel, 3)} the input's, x{fmt(f.growth, 3)} per {unit}"
+    return f"output std x{fmt(10 ** f.rel, 3)} the input's, x{fmt(f.growth, 4)} per {unit}"  # 4: 1.005 is not 1
 
 
 def _grad_fact(f: Assessment) -> str | None:

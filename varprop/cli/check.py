@@ -23,8 +23,11 @@ _NETWORK = ("distribution", "mode", "gain", "scale", "bias_std", "leaky_slope", 
 def check_cmd(as_json: bool, **raw: Any) -> None:
     """Does the std stay within a factor BAND over the depth? Exit 0 yes, 1 no, 2 bad input.
 
-    --replicates auto runs 16 networks, then as many as decide the layers
-    left undecided (at most 512; each run at half the false-alarm rate).
+    A layer fails only when its whole interval over the networks lies outside
+    the band; PASS, FAIL, or UNDECIDED (exit 0: no layer shown to fail, but
+    an undecided layer's estimate lies outside the band; more replicates
+    decide). --replicates auto runs 16 networks, then as many as decide the
+    layers left undecided (at most 512; each run at half the false-alarm rate).
     With --model, every module of your PyTorch model is checked instead (see
     varprop inspect): its output std against the input's and, with --backward,
     each gradient's against the output gradient's.

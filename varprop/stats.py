@@ -230,7 +230,7 @@ class Later:
         stack.rows.append((row, log_s, saturated))
         if len(stack.rows) == len(stack.values):
             stack.fill()
-            if not any(s.rows for s in self._stacks.values()):
+            if not self._waiting():
                 self._run_after()  # every row is in: what waited need not wait for the pass's end
         return row
 
@@ -241,7 +241,7 @@ class Later:
 
     def then(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` once every row asked for so far is in (at once when none waits)."""
-        if self._after or any(stack.rows for stack in self._stacks.values()):
+        if self._after or self._waiting():
             self._after.append(fn)
             if len(self._after) >= LATER_CALLS:  # shapes that never all fill at once: what waits is bounded
                 self.flush()
@@ -252,6 +252,9 @@ class Later:
         """Take every waiting row's statistics, then run what waited for them."""
         self._fill(drop=False)
         self._run_after()
+
+    def _waiting(self) -> bool:
+        return any(stack.rows for stack in self._stacks.values())
 
     def _run_after(self) -> None:
         after, self._after = self._after, []

@@ -243,6 +243,18 @@ def _layer_table(df: pd.DataFrame, sides: list[str], depth: int, limit: float, f
     return pd.DataFrame(rows)
 
 
+def outside_the_band(table: pd.DataFrame, limit: float, place: Callable[[pd.Series], str]) -> tuple[int, str]:
+    """How many undecided rows of a check's table have their estimate outside the band (+-``limit`` in log10):
+    not "stays within", though none is shown to fail; and the words that say so ('' for none), naming the
+    farthest row's direction and ``place``."""
+    outside = table[(table["verdict"] == "undecided") & (table["log10_ratio"].abs() > limit)] if len(table) else table
+    if not len(outside):
+        return 0, ""
+    far = outside.loc[outside["log10_ratio"].abs().idxmax()]
+    return len(outside), (f"; {len(outside)} of them measured outside the band (as far as "
+                          f"x{10 ** far['log10_ratio']:.3g}, {far['direction']} at {place(far)})")
+
+
 def _to_decide(table: pd.DataFrame) -> tuple[int, int | None]:
     """(undecided layers, replicates that would decide them all; None if some cannot be)."""
     undecided = table[table["verdict"] == "undecided"]
@@ -313,12 +325,8 @@ def check_preserves_variance(init: Init, activation: str = "linear", depth: int 
         what = f"{undecided} {noun} is" if undecided == 1 else f"{undecided} {noun}s are"
         msg = (f"{_name(init)} with {activation}: no layer's std shown to leave a factor {band:g} over {depth} "
                f"layers ({direction}), but {what} undecided at this noise level ({n_rep} networks)")
-        # Undecided layers whose estimate lies outside the band: not "stays within", though not shown to fail.
-        outside = table[(table["verdict"] == "undecided") & (table["log10_ratio"].abs() > limit)]
-        if len(outside):
-            far = outside.loc[outside["log10_ratio"].abs().idxmax()]
-            msg += (f"; {len(outside)} of them measured outside the band (as far as x{10 ** far['log10_ratio']:.3g}, "
-                    f"{far['direction']} at layer {int(far['layer'])})")
+        outside, words = outside_the_band(table, limit, lambda r: f"layer {int(r['layer'])}")
+        msg += words
         if needed is None:
             how = "a layer's mean sits on the band's edge, so no number of replicates decides them all"
         else:
@@ -326,7 +334,7 @@ def check_preserves_variance(init: Init, activation: str = "linear", depth: int 
                    + ("replicates='auto' runs them)" if needed <= MAX_AUTO_REPLICATES else
                       f"beyond the {MAX_AUTO_REPLICATES} that replicates='auto' runs at most: a layer sits near "
                       "the band's edge)"))
-        return CheckResult(True, f"{msg}; {how}", table, command, n_rep, needed, undecided_outside=len(outside))
+        return CheckResult(True, f"{msg}; {how}", table, command, n_rep, needed, undecided_outside=outside)
     first = bad.iloc[0]
     factor = 10 ** first["log10_ratio"]
     where = "of the input's" if first["direction"] == "forward" else "of the output gradient's"

@@ -32,7 +32,7 @@ def check_preserves_variance(model: Any, input_shape: Sequence[int] | str | None
     """
     from scipy import stats as sps
 
-    from ..testing import MIN_REPLICATES, CheckResult
+    from ..testing import MIN_REPLICATES, CheckResult, outside_the_band
 
     if direction not in ("forward", "backward", "both"):
         raise SpecError("direction", f"expected forward, backward or both, got {direction!r}")
@@ -84,8 +84,6 @@ def check_preserves_variance(model: Any, input_shape: Sequence[int] | str | None
     bad = result[result["verdict"] == "fail"] if len(result) else result
     if bad.empty:
         undecided = int((result["verdict"] == "undecided").sum()) if len(result) else 0
-        outside = result[(result["verdict"] == "undecided") & (result["log10_ratio"].abs() > limit)] \
-            if len(result) else result
         of = ("input's" if direction == "forward" else "input's and the output gradient's"
               if direction == "both" else "output gradient's")
         checks = f"({len(result)} checks, {replicates} re-initialisations)"
@@ -94,11 +92,9 @@ def check_preserves_variance(model: Any, input_shape: Sequence[int] | str | None
                                + checks, result, command)
         msg = (f"{label}: no module's std shown to leave a factor {band:g} of the {of} {checks}, but {undecided} "
                f"{'check is' if undecided == 1 else 'checks are'} undecided at this noise level")
-        if len(outside):
-            far = outside.loc[outside["log10_ratio"].abs().idxmax()]
-            msg += (f"; {len(outside)} of them measured outside the band (as far as x{10 ** far['log10_ratio']:.3g}, "
-                    f"{far['direction']} at {far['name']}): more re-initialisations decide them")
-        return CheckResult(True, msg, result, command, undecided_outside=len(outside))
+        outside, words = outside_the_band(result, limit, lambda r: r["name"])
+        msg += words + (": more re-initialisations decide them" if outside else "")
+        return CheckResult(True, msg, result, command, undecided_outside=outside)
     first = bad.iloc[0]
     where = "the input's" if first["direction"] == "forward" else "the output gradient's"
     if math.isinf(first["lo"]):

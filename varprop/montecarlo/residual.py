@@ -27,7 +27,8 @@ import numpy as np
 from ..nn import activations, batchnorm, layers
 from ..parallel import row_chunks
 from ..logscale import exp_times
-from ..stats import ABS_COS_SAMPLES, LN10, STATS, Later, block_sums, from_sums, head_cos, mean_square, side_stats_ms
+from ..stats import (ABS_COS_SAMPLES, LN10, STATS, Later, block_sums, from_sums, head_cos, mean_of_row_squares,
+                     mean_square, side_stats_ms)
 from .scaled import Values, in_band, narrow, sum_squares
 from .stepper import Network, Tape, _times_dphi, prefixed
 
@@ -248,23 +249,21 @@ class Blocks:
             u, log_s = v.u, v.log_s
             if kind.lead is not None:
                 u, log_s = self._lead_back(kind.lead, tape, v)
-            if Later.takes(u):  # its statistics are taken with other small layers'
-                v = in_band(Values(u, log_s, mean_square(u, pool)), pool)
-                if kind.beta != 1:
-                    v = Values(v.u, v.log_s - math.log(kind.beta), v.ms)
-                delta = self.later.stats(v.u, v.log_s)
+            # The branch's gradient, summed once: its scale (the mean square, before beta) and delta (after); a
+            # small one's statistics are taken with other small layers'.
+            later = Later.takes(u)
+            if later:
+                summed = Values(u, log_s, mean_square(u, pool))
             else:
                 *parts, head = pool.map(lambda rows: block_sums(u[rows]) if rows is not None else head_cos(u),
                                         [*row_chunks(*u.shape), None])
-                ms = float(np.concatenate([p.row_sq for p in parts]).sum()) / u.size  # from_sums', bit for bit
-                summed = Values(u, log_s, ms)
-                v = in_band(summed, pool)
-                renormed = v is not summed
-                if kind.beta != 1:
-                    v = Values(v.u, v.log_s - math.log(kind.beta), v.ms)
-                # The branch's gradient, summed once: its scale (the mean square, before beta) and delta (after).
-                delta = (side_stats_ms(v.u, v.log_s, pool=pool)[0] if renormed
-                         else from_sums(u, parts, v.log_s, head=head)[0])
+                summed = Values(u, log_s, mean_of_row_squares([p.row_sq for p in parts], u.size))
+            v = in_band(summed, pool)
+            renormed = v is not summed
+            if kind.beta != 1:
+                v = Values(v.u, v.log_s - math.log(kind.beta), v.ms)
+            delta = (self.later.stats(v.u, v.log_s) if later else side_stats_ms(v.u, v.log_s, pool=pool)[0]
+                     if renormed else from_sums(u, parts, v.log_s, head=head)[0])
             out, grad = self._add(skip, v, 0.0, True)
         self.later.then(lambda: row.update(prefixed("delta", delta)))
 

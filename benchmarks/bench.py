@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import varprop  # noqa: E402
 import varprop.theory  # noqa: E402
+from machine import describe  # noqa: E402
 from peers import numpy_loop, torch_autograd, torch_hooks  # noqa: E402
 
 try:
@@ -199,14 +199,6 @@ def theory_seconds(depth: int = 10_000) -> dict[str, float]:
     return out
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -243,8 +235,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="varprop-bench-"))
     vp = varprop_command()
     loads = [load()]
-    data: dict = {"machine": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),
-                  "python": platform.python_version(), "numpy": np.__version__,
+    data: dict = {"machine": describe(), "numpy": np.__version__,
                   "torch": torch.__version__ if torch else None, "repeats": repeats, "groups": {}}
     groups = data["groups"]
 
@@ -373,7 +364,7 @@ def main() -> None:
     data["targets"] = {name: v and v[0] for name, v, _ in checks + seconds}
     lines = ["# Benchmark results", "",
              f"Command: `python benchmarks/bench.py{' --quick' if args.quick else ''}`; machine: {data['machine']}, "
-             f"{data['cpu']}, {data['cpus']} CPUs; Python {data['python']}, numpy {data['numpy']}, "
+             f"numpy {data['numpy']}, "
              f"torch {data['torch'] or 'not installed'}. {repeats} interleaved repeats per group; load average "
              f"(1, 5, 15 min) {loads[0]} at the start and {loads[1]} at the end (other work shared the machine: "
              "read the ranges). Everyone uses every core.", "",

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from machine import describe  # noqa: E402
 from varprop import torch as vt  # noqa: E402
 from varprop.inspect import run as inspect_run  # noqa: E402
 
@@ -203,10 +203,9 @@ def whole_process(directory: Path, threads: int) -> dict[str, dict[str, float]]:
 
 def write_results(path: Path, runs: list[dict], command: str, repeats: int) -> None:
     lines = ["# Benchmark results: varprop inspect (hook overhead)", "",
-             f"Command: `{command}`; machine: {platform.platform()}, {os.cpu_count()} CPUs; Python "
-             f"{platform.python_version()}, torch {torch.__version__}. Medians of {repeats} interleaved repeats; "
-             "ratio = inspected / bare, taken within each repeat (median and range over repeats). The statistics "
-             "are computed on one PyTorch thread whatever the model's count.", ""]
+             f"Command: `{command}`; machine: {describe()}, torch {torch.__version__}. Medians of {repeats} "
+             "interleaved repeats; ratio = inspected / bare, taken within each repeat (median and range over "
+             "repeats). The statistics are computed on one PyTorch thread whatever the model's count.", ""]
     for run in runs:
         results, whole, load = run["results"], run["whole_process"], run["load"]
         lines += [f"## PyTorch on {run['threads']} thread{'s' if run['threads'] > 1 else ''} (load average "

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import varprop  # noqa: E402
+from machine import describe  # noqa: E402
 from varprop.spec import from_options  # noqa: E402
 
 # The PyTorch peer, as a user would write it; run in-process and, as a script, whole-process.
@@ -225,7 +225,7 @@ def fmt_ratio(r: tuple[float, float, float]) -> str:
 def write_results(path: Path, data: dict[str, Any], command: str) -> None:
     load = data["load"]
     lines = ["# Benchmark results: residual stacks", "",
-             f"Command: `{command}`; machine: {data['machine']}, {data['cpus']} CPUs; Python {data['python']}, "
+             f"Command: `{command}`; machine: {data['machine']}, "
              f"numpy {data['numpy']}, torch {data['torch']}. Each part runs every contender on 1 thread, then on "
              "2 (PyTorch's default here; varprop's is every core). Medians of "
              f"{data['repeats']} interleaved repeats; a ratio is taken within each repeat "
@@ -282,8 +282,7 @@ def main() -> None:
     # A wide case where the products dominate, and the gallery's narrow one where per-block overheads do.
     cases = [(256, 25, 512), (64, 100, 64)] if args.quick else [(512, 25, 1024), (64, 100, 64)]
     whole = [(256, 25, 512)] if args.quick else [(512, 25, 1024)]
-    data: dict[str, Any] = {"machine": platform.platform(), "cpus": os.cpu_count(),
-                            "python": platform.python_version(), "numpy": np.__version__,
+    data: dict[str, Any] = {"machine": describe(), "cpus": os.cpu_count(), "numpy": np.__version__,
                             "torch": torch.__version__,
                             "repeats": repeats, "load": {}}
     with tempfile.TemporaryDirectory() as tmp:

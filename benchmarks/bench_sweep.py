@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ import psutil  # noqa: E402  (comes with distributed)
 from dask.distributed import Client  # noqa: E402
 
 import varprop  # noqa: E402
+from machine import describe  # noqa: E402
 from varprop.sweeps.grid import build_grid  # noqa: E402
 from varprop.sweeps.run import local_cluster  # noqa: E402
 from varprop.sweeps.worker import task_frame  # noqa: E402
@@ -160,7 +160,7 @@ def report(res: dict, args: argparse.Namespace) -> str:
     lines = [
         "# Sweep benchmark results", "",
         f"Command: `python benchmarks/bench_sweep.py{' '.join(['', *sys.argv[1:]])}`; machine: "
-        f"{platform.platform()}, {os.cpu_count()} CPUs; Python {platform.python_version()}, dask "
+        f"{describe()}, dask "
         f"{dask.__version__}, joblib {joblib.__version__}, numpy {np.__version__}. Load average (1, 5, 15 min) "
         f"before the run: {res['load_before']}; after: {res['load_after']}.", "",
         "## Targets", "",

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import describe  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from varprop.parallel import Pool  # noqa: E402
@@ -184,8 +184,7 @@ def main() -> None:
              f"Command: `python benchmarks/bench_train.py --repeats {args.repeats}"
              + (f" --threads {args.threads}" if args.threads else "")
              + (f" --batches {args.batches}" if args.batches != ",".join(map(str, BATCHES)) else "")
-             + f"`; machine: {platform.platform()}, "
-             f"{os.cpu_count()} CPUs; Python {platform.python_version()}, numpy {np.__version__}, "
+             + f"`; machine: {describe()}, numpy {np.__version__}, "
              f"torch {torch.__version__} ({torch.get_num_threads()} threads). Load average (1 min) "
              f"{load_before[0]:.2f} before, {load_after[0]:.2f} after: this machine is shared, so only the "
              "ratios, taken within each repeat, are meant to travel.", "",

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from .. import theory
+from .. import forked, theory
 from ..nn import inits
 from ..parallel import SERIAL, Pool, check_stopped, row_chunks
 from ..run import Configuration, Run
@@ -140,6 +140,15 @@ def run_replicates(spec: RunSpec, replicates: Iterable[int], progress: Progress 
     n_groups = -(-math.ceil(len(replicates) / size) // pool.threads) * pool.threads
     size = math.ceil(len(replicates) / n_groups)
     groups = [replicates[i:i + size] for i in range(0, len(replicates), size)]
+    if pool.threads > 1 and len(groups) > 1 and forked.forkable():
+        # A group's layers are short NumPy calls: two threads wait on each other's GIL (1.37x one thread's
+        # speed on the seed case), two processes do not (2.1x). Contiguous shares, so their tables come
+        # back in replicate order.
+        n = min(pool.threads, len(groups))
+        shares = [groups[k * len(groups) // n:(k + 1) * len(groups) // n] for k in range(n)]
+        return [t for share in forked.share_out(
+            lambda share, report: [t for g in share for t in _run_group(spec, g, report)], shares, progress)
+            for t in share]
     if progress is not None and pool.threads > 1:  # a progress bar is not made for two threads at once
         lock, report = threading.Lock(), progress
 

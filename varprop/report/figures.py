@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import math
-import os
 import re
-import signal
-import sys
 import textwrap
-import threading
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,7 +17,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatterSciNotati
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .. import parallel  # noqa: E402
+from .. import forked  # noqa: E402
 from ..run import Run  # noqa: E402
 from ..spec import label_part  # noqa: E402
 from .document import visible  # noqa: E402
@@ -69,11 +62,10 @@ def save(fig: plt.Figure, path: Path) -> Path:
 
 def draw(jobs: Sequence[tuple[Callable[[Path], Any], Path]], workers: int = 1) -> None:
     """Draw each job, ``fn(path)``. With ``workers`` > 1, every second job is drawn at once in a forked
-    child process: matplotlib draws in Python, one core per process, and a report's figures are
-    independent (a 25-block residual report's five took 1.1 s, 0.6 s in two processes). The child
-    hands back nothing but its files, and dies with its parent; should it fail, its figures are drawn
-    here after all. A fork happens only where it is safe: POSIX, no other Python thread (the pools'
-    idle threads are stopped first), torch not loaded (its thread pools live outside Python's sight).
+    child process (:func:`varprop.forked.share_out`): matplotlib draws in Python, one core per process,
+    and a report's figures are independent (a 25-block residual report's five took 1.1 s, 0.6 s in two
+    processes). The child hands back nothing but its files; should it fail, its figures are drawn here
+    after all.
 
     >>> import tempfile
     >>> d = Path(tempfile.mkdtemp())
@@ -81,90 +73,13 @@ def draw(jobs: Sequence[tuple[Callable[[Path], Any], Path]], workers: int = 1) -
     >>> sorted(p.read_text() for p in d.iterdir())
     ['a', 'b']
     """
-    if workers < 2 or len(jobs) < 2 or not forkable():
-        for fn, path in jobs:
+    def run(share: Sequence[tuple[Callable[[Path], Any], Path]], _: Any) -> None:
+        for fn, path in share:
             fn(path)
-        return
-    mine, theirs = jobs[0::2], jobs[1::2]
-    parent = os.getpid()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Signals stay blocked until the child has its default handlers: one caught by the parent's Python
-    # handler in the child would unwind the parent's stack there (and discard its staging directory).
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
-    try:
-        with warnings.catch_warnings():
-            # Python 3.12+ warns of any other thread, native ones included: OpenBLAS's, which fork with
-            # their own at-fork handlers; varprop's are stopped (forkable) and torch is not loaded.
-            warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
-            pid = os.fork()
-    except OSError:  # no process to be had (EAGAIN, ENOMEM): every figure here
-        pid = -1
-    if pid == 0:
-        _child(theirs, parent, mask)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    try:
-        for fn, path in mine:
-            fn(path)
-        drawn = pid > 0 and _exited_well(pid)
-    except BaseException:
-        if pid > 0:
-            with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-        raise
-    if not drawn:
-        for fn, path in theirs:
-            fn(path)
-
-
-def _exited_well(pid: int) -> bool:
-    """Whether child ``pid`` exited with status 0; False where its status is lost (SIGCHLD ignored by
-    whoever started this process)."""
-    try:
-        _, status = os.waitpid(pid, 0)
-    except ChildProcessError:
-        return False
-    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-
-
-_STOPPING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-
-
-def _child(jobs: Sequence[tuple[Callable[[Path], Any], Path]], parent: int, mask: Any) -> None:
-    """The forked child's life: default signal handlers, death with the parent, the jobs, and an exit
-    that never unwinds the parent's stack, whatever happens."""
-    code = 1
-    try:
-        for sig in _STOPPING:  # ignored stays ignored (nohup, a background job): the child stops as its parent
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        _die_with_parent(parent)
-        for fn, path in jobs:
-            fn(path)
-        code = 0
-    finally:
-        os._exit(code)
-
-
-def forkable() -> bool:
-    """Whether :func:`draw` may fork: POSIX, torch not loaded, and no Python thread but this one once
-    varprop's pools have stopped their idle threads."""
-    if not hasattr(os, "fork") or not hasattr(signal, "pthread_sigmask") or "torch" in sys.modules:
-        return False
-    return parallel.shutdown() and threading.active_count() == 1
-
-
-def _die_with_parent(parent: int) -> None:
-    """On Linux, have the kernel kill this process when its parent dies (a killed run leaves no child
-    drawing into its staging directory); leave at once if it died before that was asked."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:
-        os._exit(1)
+    if workers < 2 or len(jobs) < 2 or not forked.forkable():
+        run(jobs, None)
+    else:
+        forked.share_out(run, [jobs[0::2], jobs[1::2]])
 
 
 _SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")

@@ -3,6 +3,7 @@
 A fork happens only in a process without torch and without other Python threads, which a pytest session
 may not be: every test here runs its forks in a fresh Python process."""
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -173,3 +174,66 @@ def test_a_signal_while_children_compute_leaves_no_child(tmp_path, sig):
     assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig)
     if sig != signal.SIGKILL:  # (a kill -9 leaves its staging for the next run to clean: test_outdir.py)
         assert err == "varprop: interrupted\n" and list(tmp_path.iterdir()) == []
+
+
+_TRAIN_SCRIPT = """
+import json, os
+import pandas as pd
+import varprop
+forks = []
+os.register_at_fork(before=lambda: forks.append(1))
+results, steps = {}, {}
+for threads in (1, 2):
+    counted = []
+    results[threads] = varprop.train(widths="784,24,10", activation="relu", batch_size=[4, 64], epochs=1,
+                                     replicates=2, data="subset", threads=threads, progress=counted.append)
+    steps[threads] = sum(counted)
+for frame in ("history", "layers"):
+    pd.testing.assert_frame_equal(getattr(results[1], frame), getattr(results[2], frame), check_exact=True)
+print(json.dumps({"forks": len(forks), "steps": steps}))
+"""
+
+
+def test_training_runs_in_forked_children_give_the_same_numbers():
+    """Whole runs (configuration x replicate) train in forked children when that is faster: the same
+    history and per-layer rows, bit for bit, as on one thread, in the same order."""
+    got = json.loads(_python(_TRAIN_SCRIPT))
+    assert got["forks"] == 1 and set(got["steps"].values()) == {4}
+
+
+def _runs(batches, replicates=1):
+    from varprop.train.options import expand
+
+    configs, run = expand({"widths": "784,512,256,128,64,10", "batch_size": list(batches), "epochs": 1,
+                           "replicates": replicates})
+    return [(c, r) for c in configs for r in range(replicates)], run
+
+
+@pytest.mark.parametrize("batches, replicates, threads, shares", [
+    ((1024,), 3, 2, 1),  # 2 runs' time on one thread each against 3 on two threads (1.5x): threads
+    ((1024,), 4, 2, 2),
+    ((4,), 3, 2, 2),  # a batch of 4 does not split over threads: processes, however uneven
+    ((4, 1024), 1, 2, 2),
+    ((128,), 3, 1, 1),  # one thread: one process
+    ((128,), 1, 2, 1),  # one run
+])
+def test_process_shares_balance_the_runs(batches, replicates, threads, shares):
+    from varprop.train.loop import epoch_cost, process_shares
+
+    runs, run = _runs(batches, replicates)
+    got = process_shares(runs, run, 4000, 1000, threads)
+    assert len(got) == shares and sorted(i for share in got for i in share) == list(range(len(runs)))
+    if shares > 1:  # the longest runs first, each on the least loaded process: within one run of even
+        cost = [epoch_cost(c, 4000, 1000) for c, _ in runs]
+        loads = [sum(cost[i] for i in share) for share in got]
+        assert max(loads) - min(loads) <= max(cost)
+
+
+def test_process_shares_fit_in_memory():
+    from varprop.train.loop import process_shares
+    from varprop.train.options import memory_bytes
+
+    runs, run = _runs((128,), 4)
+    need = memory_bytes(runs[0][0], "float32")
+    assert len(process_shares(runs, dataclasses.replace(run, max_memory=need), 4000, 1000, 2)) == 1
+    assert len(process_shares(runs, dataclasses.replace(run, max_memory=2 * need), 4000, 1000, 2)) == 2

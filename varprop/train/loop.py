@@ -32,11 +32,13 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import SpecError
 from ..montecarlo.seeds import generator
-from ..parallel import Pool
+from .. import forked
+from ..montecarlo import memory
+from ..parallel import SERIAL, Pool
 from . import data as data_mod
 from . import optim
-from .model import Model
-from .options import RunOptions, TrainConfig, expand
+from .model import Model, splits_rows
+from .options import RunOptions, TrainConfig, expand, memory_bytes
 
 EVAL_SAMPLES = 10_000  # training images the inference-mode training loss is measured on, at most
 PROBE_SAMPLES = 1_000  # training images the per-layer statistics are measured on
@@ -166,15 +168,23 @@ def fit(configs: list[TrainConfig], run: RunOptions, dataset: data_mod.Dataset, 
     pool = Pool(threads)
     start = time.perf_counter()
     history, layers = [], []
+    runs = [(config, rep) for config in configs for rep in range(run.replicates)]
     # Multi-threaded BLAS splits a product differently for each thread count (other last bits): BLAS runs
     # on one thread and varprop's own threads work on pieces fixed by the shapes.
     with threadpool_limits(1, user_api="blas"):
-        for config in configs:
-            for rep in range(run.replicates):
-                h, l = train_replicate(config, rep, run, dataset, pool, progress)
-                head = {"config": config.label, **config.varied}
-                history += [{**head, **row} for row in h]
-                layers += [{**head, **row} for row in l]
+        shares = process_shares(runs, run, dataset.n_train, dataset.n_test, pool.threads)
+        if len(shares) > 1 and forked.forkable():
+            def train_share(share: list[int], report: Progress | None) -> list[Any]:
+                return [train_replicate(*runs[i], run, dataset, SERIAL, report) for i in share]
+            done = forked.share_out(train_share, shares, progress)
+            rows = dict(zip([i for share in shares for i in share], [r for share in done for r in share]))
+            results = [rows[i] for i in range(len(runs))]
+        else:
+            results = [train_replicate(config, rep, run, dataset, pool, progress) for config, rep in runs]
+    for (config, _), (h, l) in zip(runs, results):
+        head = {"config": config.label, **config.varied}
+        history += [{**head, **row} for row in h]
+        layers += [{**head, **row} for row in l]
     meta = {"configs": [{"label": c.label, "varied": c.varied, "options": c.options()} for c in configs],
             "run": {"epochs": run.epochs, "replicates": run.replicates, "seed": run.seed,
                     "record_every": run.record_every, "dtype": run.dtype, "data": run.data},
@@ -189,6 +199,56 @@ def fit(configs: list[TrainConfig], run: RunOptions, dataset: data_mod.Dataset, 
             "steps_per_epoch": {c.label: steps_per_epoch(dataset.n_train, c.batch_size) for c in configs},
             "elapsed_s": time.perf_counter() - start}
     return TrainResult(pd.DataFrame(history), pd.DataFrame(layers), meta)
+
+
+def step_cost(config: TrainConfig) -> float:
+    """A training step's relative cost: the optimizer's and the elementwise work's passes over the
+    parameters, and the products' multiply-adds (measured: the study's MLP takes 1.1 ms a step at
+    batch 4 and 28 ms at batch 1024 on one core, 26 to 1; this gives 24 to 1)."""
+    w = config.arch.widths
+    return 2 * sum(a * b + b for a, b in zip(w[:-1], w[1:])) + 0.05 * config.batch_size * macs_per_row(config)
+
+
+def epoch_cost(config: TrainConfig, n_train: int, n_test: int) -> float:
+    """An epoch's relative cost, in :func:`step_cost`'s unit: its steps, and its records, which evaluate
+    the training images (up to EVAL_SAMPLES), the test images and the probe (measured 0.2 s on the subset
+    for the study's MLP, as much as training on 7,000 rows at batch 1024)."""
+    recorded = min(EVAL_SAMPLES, n_train) + n_test + PROBE_SAMPLES
+    return step_cost(config) * steps_per_epoch(n_train, config.batch_size) + 0.065 * recorded * macs_per_row(config)
+
+
+def macs_per_row(config: TrainConfig) -> int:
+    """Multiply-adds of one row's forward pass."""
+    w = config.arch.widths
+    return sum(a * b for a, b in zip(w[:-1], w[1:]))
+
+
+def process_shares(runs: list[tuple[TrainConfig, int]], run: RunOptions, n_train: int, n_test: int, threads: int
+                   ) -> list[list[int]]:
+    """The runs (configuration x replicate) each process trains, by index, when several train at once
+    in forked processes on one thread each; one share (everything here, on ``threads`` threads) when that
+    would not be faster or does not fit in memory. A run's step shares out over threads poorly (1.0x at
+    batch 4, about 1.2x at 128 and 1.8x at 1024 on two cores: thread hand-overs and the GIL), whole runs
+    in processes nearly perfectly (two at once each ran at 0.96-1.0x their speed alone). The longest
+    runs are placed first, each on the least loaded process; processes are used when the slowest
+    finishes before the runs would one after another on threads (a run taken as 1.5x faster there
+    where its step splits the batch over threads, :func:`.model.splits_rows`)."""
+    need = max((memory_bytes(config, run.dtype) for config, _ in runs), default=1)
+    n = min(threads, len(runs), max(1, memory.budget(run.max_memory) // max(need, 1)))
+    if n < 2:
+        return [list(range(len(runs)))]
+    cost = [epoch_cost(config, n_train, n_test) for config, _ in runs]
+    shares: list[list[int]] = [[] for _ in range(n)]
+    load = [0.0] * n
+    for i in sorted(range(len(runs)), key=lambda i: -cost[i]):
+        k = load.index(min(load))
+        shares[k].append(i)
+        load[k] += cost[i]
+    on_threads = sum(c / (1.5 if splits_rows(config.batch_size, macs_per_row(config)) else 1.0)
+                     for c, (config, _) in zip(cost, runs))
+    if max(load) >= on_threads:
+        return [list(range(len(runs)))]
+    return [sorted(share) for share in shares]
 
 
 def total_epochs(configs: list[TrainConfig], run: RunOptions) -> int:

@@ -241,6 +241,12 @@ def softmax_xent_backward(p: np.ndarray, y: np.ndarray, scale: float) -> np.ndar
     return d
 
 
+def splits_rows(n: int, macs_per_row: int) -> bool:
+    """Whether a step on a batch of ``n`` rows of ``macs_per_row`` multiply-adds shares out over threads
+    (:meth:`Model._row_parts`)."""
+    return n >= ROW_PARTS * MIN_PART_ROWS and n * macs_per_row >= ROW_PARTS * _PARALLEL_MACS
+
+
 def _blocks(n: int, parts: int) -> list[slice]:
     return [slice(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
 
@@ -388,9 +394,7 @@ class Model:
         Two, not more, whatever the thread count (which never changes a number): a part's products
         run as whole one-thread BLAS calls, and thinner parts cost more than they gain (four parts
         of a 128-row batch made an epoch 13% slower on one thread and 17% slower on two)."""
-        parts = ROW_PARTS if n >= ROW_PARTS * MIN_PART_ROWS and n * self._macs_per_row >= ROW_PARTS * _PARALLEL_MACS \
-            else 1
-        return _blocks(n, parts)
+        return _blocks(n, ROW_PARTS if splits_rows(n, self._macs_per_row) else 1)
 
     def _run(self, stages: list[Stage], n: int) -> None:
         """Run ``(whole, fn)`` stages in order: consecutive row stages as one map over the row parts

@@ -88,6 +88,7 @@ class RunOptions:
     data: str | None
     record_every: int
     dtype: str
+    max_memory: int | None = None  # bytes the run may use (None: half of what is available)
 
 
 def label_part(key: str, value: Any) -> str:
@@ -140,7 +141,8 @@ def expand(values: Mapping[str, Any]) -> tuple[list[TrainConfig], RunOptions]:
                             bn_eps=KERAS_BN_EPS)
         configs.append(TrainConfig(arch, c["init"], c["optimizer"], c["lr"], c["momentum"], c["lr_schedule"],
                                    c["batch_size"], label, {k: _column_value(k, c[k]) for k in shown}))
-    run = RunOptions(get("epochs"), get("replicates"), get("seed"), get("data"), get("record_every"), get("dtype"))
+    run = RunOptions(get("epochs"), get("replicates"), get("seed"), get("data"), get("record_every"), get("dtype"),
+                     get("max_memory"))
     for c in configs:  # refused before anything of that size is allocated
         named = f" {c.label}" if len(configs) > 1 else ""
         memory.refuse_beyond(memory_bytes(c, run.dtype), get("max_memory"),

@@ -114,25 +114,59 @@ from varprop.montecarlo import configs_for, run_configs
 forks = []
 os.register_at_fork(before=lambda: forks.append(1))
 spec = varprop.NetworkSpec.square(12, 40, init="he", activation="relu")
-runs, steps = {}, {}
-for threads in (1, 2, 3):
-    counted = []
-    runs[threads] = run_configs(configs_for(spec, vary={"init": ["he", "fan_in"]}, samples=64, replicates=7),
-                                progress=counted.append, threads=threads)
-    steps[threads] = sum(counted)
-for threads in (2, 3):
-    pd.testing.assert_frame_equal(runs[1].layers, runs[threads].layers, check_exact=True)
-    pd.testing.assert_frame_equal(runs[1].histograms, runs[threads].histograms, check_exact=True)
-print(json.dumps({"forks": len(forks), "steps": steps}))
+cases = {  # replicate groups of small plain layers; then replicates one at a time: backward, BN, residual
+    "groups": dict(vary={"init": ["he", "fan_in"]}, samples=64, replicates=7),
+    "backward": dict(samples=32, replicates=5, backward=True),
+    "bn": dict(samples=32, replicates=5, bn="all"),
+    "residual": dict(residual="plain", blocks=6, width=24, samples=16, replicates=4),
+}
+out = {}
+for name, options in cases.items():
+    runs, steps, before = {}, {}, len(forks)
+    for threads in (1, 2, 3):
+        counted = []
+        runs[threads] = run_configs(configs_for(spec, **options), progress=counted.append, threads=threads)
+        steps[threads] = sum(counted)
+    for threads in (2, 3):
+        pd.testing.assert_frame_equal(runs[1].layers, runs[threads].layers, check_exact=True)
+        pd.testing.assert_frame_equal(runs[1].histograms, runs[threads].histograms, check_exact=True)
+    out[name] = {"forks": len(forks) - before, "steps": sorted(set(steps.values()))}
+print(json.dumps(out))
 """
 
 
-def test_replicate_groups_in_forked_children_give_the_same_numbers():
-    """Small plain layers' replicate groups run in forked children when there are several threads: the same
-    table and histograms, bit for bit, as on one thread, and every step reported to the progress bar."""
+def test_replicates_in_forked_children_give_the_same_numbers():
+    """Small layers' replicates run in forked children when there are several threads (a stack of plain
+    layers in groups stepped together, others one replicate at a time): the same table and histograms,
+    bit for bit, as on one thread, and every step reported to the progress bar."""
     got = json.loads(_python(_ENGINE_SCRIPT))
-    assert got["forks"] == 2 * (1 + 2)  # per configuration: one child on two threads, two on three
-    assert set(got["steps"].values()) == {2 * 7 * 12}
+    assert got["groups"] == {"forks": 2 * (1 + 2), "steps": [2 * 7 * 12]}  # a child on 2 threads, two on 3
+    assert got["backward"] == {"forks": 3, "steps": [5 * 12 * 2]}  # (forward and backward steps)
+    assert got["bn"] == {"forks": 3, "steps": [5 * 12]}
+    assert got["residual"]["forks"] == 3
+
+
+def test_replicates_run_in_one_process_where_two_would_not_fit():
+    from varprop.montecarlo import memory
+    from varprop.montecarlo.run import replicate_processes
+    from varprop.parallel import Pool
+    from varprop.spec import RunSpec
+
+    spec = RunSpec(varprop_spec(), samples=64, replicates=4, backward=True)
+    each = memory.replicate_bytes(spec, memory.backward_plan(spec))
+    room = memory.REPORT_BYTES + memory.run_bytes(spec)
+    assert replicate_processes(spec, 4, Pool(2), None) == 2
+    assert replicate_processes(RunSpec(varprop_spec(), samples=64, replicates=4, backward=True,
+                                       max_memory=room + 2 * each - 1), 4, Pool(2), None) == 1
+    assert replicate_processes(spec, 4, Pool(1), None) == 1
+    big = RunSpec(varprop_spec(1024), samples=512, replicates=4)  # layers of several chunks: threads share them
+    assert replicate_processes(big, 4, Pool(2), None) == 1
+
+
+def varprop_spec(width=40):
+    import varprop
+
+    return varprop.NetworkSpec.square(12, width, init="he", activation="relu")
 
 
 # A run long enough to be caught while its children work (about 2 s on two cores).

@@ -226,19 +226,23 @@ def estimate(configs: Sequence[Config]) -> int:
     forward (and backward) working set."""
     plans = check(configs)
     reserved = REPORT_BYTES + sum(run_bytes(c.spec) for c in configs)
-    peaks = []
-    for c, k in zip(configs, plans):
-        tape = tape_bytes(c.spec)
-        if k == c.spec.network.depth:
-            kept = sum(tape)
-        elif k:
-            item = 8 if c.spec.dtype == "float64" else 4
-            kept = ((c.spec.network.depth // k + 1) * c.spec.samples * max(c.spec.network.widths) * item
-                    + max(sum(tape[i:i + k]) for i in range(1, c.spec.network.depth + 1, k)))
-        else:
-            kept = 0
-        peaks.append(working_bytes(c.spec) + kept)
-    return reserved + max(peaks)
+    return reserved + max(replicate_bytes(c.spec, k) for c, k in zip(configs, plans))
+
+
+def replicate_bytes(spec: RunSpec, plan: int) -> int:
+    """The peak of one replicate's forward (and backward) pass with checkpoint spacing ``plan``: the
+    working set and the tape it keeps."""
+    tape = tape_bytes(spec)
+    depth = spec.network.depth
+    if plan == depth:
+        kept = sum(tape)
+    elif plan:
+        item = 8 if spec.dtype == "float64" else 4
+        kept = ((depth // plan + 1) * spec.samples * max(spec.network.widths) * item
+                + max(sum(tape[i:i + plan]) for i in range(1, depth + 1, plan)))
+    else:
+        kept = 0
+    return working_bytes(spec) + kept
 
 
 def check(configs: Sequence[Config]) -> list[int]:

@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 
 from .. import forked, theory
 from ..nn import inits
-from ..parallel import SERIAL, Pool, check_stopped, row_chunks
+from ..parallel import CHUNK_ELEMENTS, SERIAL, Pool, check_stopped, row_chunks
 from ..run import Configuration, Run
 from ..options import parse_threads
 from ..spec import Config, NetworkSpec, RunSpec, expand, load_input, to_options
@@ -134,6 +134,12 @@ def run_replicates(spec: RunSpec, replicates: Iterable[int], progress: Progress 
     replicates = list(replicates)
     size = batch.group_size(spec)
     if size < 2 or len(replicates) < 2:
+        n = replicate_processes(spec, len(replicates), pool, plan)
+        if n > 1 and forked.forkable():  # small layers, whose steps run in the caller's thread alone
+            shares = [replicates[k * len(replicates) // n:(k + 1) * len(replicates) // n] for k in range(n)]
+            return [t for share in forked.share_out(
+                lambda share, report: [run_replicate(spec, rep, report, SERIAL, plan) for rep in share], shares,
+                progress) for t in share]
         return [run_replicate(spec, rep, progress, pool, plan) for rep in replicates]
     # Groups of equal size, as many as the threads or a multiple: small layers run on every core
     # (one replicate at a time, they ran on one). Groups change the speed, never the numbers.
@@ -158,6 +164,20 @@ def run_replicates(spec: RunSpec, replicates: Iterable[int], progress: Progress 
     # Pool threads alone run the groups (caller=False): each allocates its layers' arrays, which the main
     # thread would fault in anew every layer (Pool.map).
     return [t for tables in pool.map(lambda g: _run_group(spec, g, progress), groups, caller=False) for t in tables]
+
+
+def replicate_processes(spec: RunSpec, replicates: int, pool: Pool, plan: int | None) -> int:
+    """How many processes share ``replicates`` replicates of ``spec`` that run one at a time (forked
+    children beside this process, :mod:`varprop.forked`): as many as ``pool`` has threads when every
+    layer is too small to share out over threads (under one chunk, :meth:`Pool.sized`: they would run
+    on one core) and that many replicates' passes fit in memory at once; else 1 (the threads share each
+    replicate's layers). ``plan``: the backward pass's checkpoint spacing (None: its default)."""
+    if replicates < 2 or pool.threads < 2 or spec.samples * max(spec.network.widths) >= CHUNK_ELEMENTS:
+        return 1
+    k = memory.backward_plan(spec) if plan is None else plan
+    each = memory.replicate_bytes(spec, k)
+    spare = memory.budget(spec.max_memory) - memory.REPORT_BYTES - memory.run_bytes(spec)
+    return max(1, min(pool.threads, replicates, spare // max(each, 1)))
 
 
 def _run_group(spec: RunSpec, replicates: list[int], progress: Progress | None) -> list[Table]:

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import varprop  # noqa: E402
 import varprop.theory  # noqa: E402
-from machine import describe  # noqa: E402
+from benchmarks.machine import describe  # noqa: E402
 from peers import numpy_loop, torch_autograd, torch_hooks  # noqa: E402
 
 try:
@@ -97,6 +97,34 @@ def interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> dict[st
             out = fn()
             times[name].append(out[0] if isinstance(out, tuple) else time.perf_counter() - t)
     return times
+
+
+# The engine timed in a process of its own, as the command runs it: this one has torch loaded, where varprop
+# shares its work over threads alone (a fork is not safe beside torch's thread pools), not over forked
+# processes (varprop/forked.py).
+ENGINE_WORKER = """
+import sys, time, varprop
+width, depth, n, replicates = map(int, sys.argv[1:5])
+spec = varprop.NetworkSpec.square(depth, width, init="fan_in")
+varprop.simulate(spec, samples=n, replicates=replicates)  # warm-up
+for line in sys.stdin:
+    t = time.perf_counter()
+    varprop.simulate(spec, samples=n, replicates=replicates)
+    print(time.perf_counter() - t, flush=True)
+"""
+
+
+def engine_worker(width: int, depth: int, n: int, replicates: int) -> Callable[[], tuple[float]]:
+    """A contender that times ``varprop.simulate`` in a worker process without torch (kept for the run)."""
+    proc = subprocess.Popen([sys.executable, "-c", ENGINE_WORKER, str(width), str(depth), str(n), str(replicates)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
+
+    def run() -> tuple[float]:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("run\n")
+        proc.stdin.flush()
+        return (float(proc.stdout.readline()),)
+    return run
 
 
 def paired(times: dict[str, list[float]], num: str, den: str) -> tuple[float, float, float] | None:
@@ -268,7 +296,9 @@ def main() -> None:
 
     # 2. The seed case in-process: the engine against the floor of its products.
     spec = varprop.NetworkSpec.square(seed[1], seed[0], init="fan_in")
-    cases = {"varprop engine": lambda: varprop.simulate(spec, samples=seed[2], replicates=seed[3]),
+    cases = {"varprop engine": engine_worker(*seed),
+             "varprop engine, in this process (torch loaded: threads only)":
+                 lambda: varprop.simulate(spec, samples=seed[2], replicates=seed[3]),
              "floor (BLAS threads)": floor_forward(*seed),
              "floor (BLAS one thread)": one_blas_thread(floor_forward(*seed)),
              "numpy loop": lambda: numpy_loop(*seed)}
@@ -384,7 +414,9 @@ def main() -> None:
               f"init fan_in, linear. Width 1024: depth {big[1]}, 1024 samples, one replicate. The floor: the same "
               "float32 products with weights drawn beforehand (three a layer for forward+backward: `x W`, `g W^T`, "
               "`x^T g`), with BLAS on its own threads and on one: floor and floor3 are the faster of the two in each "
-              "repeat.", "",
+              "repeat. The seed case's 'varprop engine' runs in a worker process without torch, as the command "
+              "runs it (its replicate groups in forked processes); in this process, where torch is loaded, varprop "
+              "shares the groups over threads alone.", "",
               "## Memory", "", "Peak RSS (MiB): the engine in a fresh process (width 256, 256 samples), and the "
               "whole-process runs above (the largest over the repeats).", "",
               "| run | peak RSS (MiB) |", "|---|---:|"] + [f"| {k} | {v:.0f} |" for k, v in memory.items()]

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from machine import describe  # noqa: E402
+from benchmarks.machine import describe  # noqa: E402
 from varprop import torch as vt  # noqa: E402
 from varprop.inspect import run as inspect_run  # noqa: E402
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import varprop  # noqa: E402
-from machine import describe  # noqa: E402
+from benchmarks.machine import describe  # noqa: E402
 from varprop.spec import from_options  # noqa: E402
 
 # The PyTorch peer, as a user would write it; run in-process and, as a script, whole-process.

@@ -42,7 +42,7 @@ import psutil  # noqa: E402  (comes with distributed)
 from dask.distributed import Client  # noqa: E402
 
 import varprop  # noqa: E402
-from machine import describe  # noqa: E402
+from benchmarks.machine import describe  # noqa: E402
 from varprop.sweeps.grid import build_grid  # noqa: E402
 from varprop.sweeps.run import local_cluster  # noqa: E402
 from varprop.sweeps.worker import task_frame  # noqa: E402

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from machine import describe  # noqa: E402
+from benchmarks.machine import describe  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from varprop.parallel import Pool  # noqa: E402

@@ -106,6 +106,52 @@ def test_share_out_returns_in_order_relays_progress_and_redoes_a_failed_share():
     assert got["steps"] == 2 * (1 + 2 + 3 + 4)  # the failed child's progress counted once
 
 
+_SIGNAL_SCRIPT = """
+import json, os, signal, time
+from pathlib import Path
+from varprop import forked
+parent, fork = os.getpid(), os.fork
+def signalled_fork():  # a Ctrl-C that arrives while the parent forks (blocked, pending until the unmask)
+    pid = fork()
+    if pid:
+        os.kill(parent, signal.SIGINT)
+    return pid
+os.fork = signalled_fork
+def work(share, progress):
+    time.sleep(2)
+    return b"x" * 200_000  # more than a pipe holds: a child left unread would block for ever
+try:
+    forked.share_out(work, [1, 2, 3])
+    interrupted = False
+except KeyboardInterrupt:
+    interrupted = True
+os.fork = fork
+children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+descriptors = len(os.listdir("/proc/self/fd"))
+frames = []
+original = forked._Child.frames
+def spy(self, data):
+    out = original(self, data)
+    frames.extend(out)
+    return out
+forked._Child.frames = spy
+assert forked.share_out(lambda share, progress: progress is None, [1, 2]) == [True, True]
+forked._Child.frames = original
+print(json.dumps({"interrupted": interrupted, "children": children, "leaked": len(os.listdir("/proc/self/fd"))
+                  - descriptors, "kinds": [kind.decode() for kind, _ in frames]}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from Linux's /proc")
+def test_a_signal_while_forking_leaves_no_child_and_no_progress_goes_unasked():
+    """A signal that arrives while the children are forked is raised once all are recorded: every child is
+    killed and reaped, no descriptor leaks; without a progress callback the children send none (a pipe
+    full of unread progress would stall them)."""
+    got = json.loads(_python(_SIGNAL_SCRIPT))
+    assert got["interrupted"] and got["children"] == [] and got["leaked"] == 0
+    assert got["kinds"] == ["r"]
+
+
 _ENGINE_SCRIPT = """
 import json, os, sys
 import pandas as pd
@@ -159,8 +205,17 @@ def test_replicates_run_in_one_process_where_two_would_not_fit():
     assert replicate_processes(RunSpec(varprop_spec(), samples=64, replicates=4, backward=True,
                                        max_memory=room + 2 * each - 1), 4, Pool(2), None) == 1
     assert replicate_processes(spec, 4, Pool(1), None) == 1
+    # a comparison's other configurations' tables are held too (memory.reserved_bytes)
+    assert replicate_processes(spec, 4, Pool(2), None, spare_for(spec, 2 * each - 1)) == 1
     big = RunSpec(varprop_spec(1024), samples=512, replicates=4)  # layers of several chunks: threads share them
     assert replicate_processes(big, 4, Pool(2), None) == 1
+
+
+def spare_for(spec, left):
+    """The bytes reserved beside the passes that leave ``left`` of ``spec``'s budget."""
+    from varprop.montecarlo import memory
+
+    return memory.budget(spec.max_memory) - left
 
 
 def varprop_spec(width=40):
@@ -264,10 +319,9 @@ def test_process_shares_balance_the_runs(batches, replicates, threads, shares):
 
 
 def test_process_shares_fit_in_memory():
-    from varprop.train.loop import process_shares
-    from varprop.train.options import memory_bytes
+    from varprop.train.loop import process_shares, run_memory
 
     runs, run = _runs((128,), 4)
-    need = memory_bytes(runs[0][0], "float32")
+    need = run_memory(runs[0][0], "float32", 4000)
     assert len(process_shares(runs, dataclasses.replace(run, max_memory=need), 4000, 1000, 2)) == 1
     assert len(process_shares(runs, dataclasses.replace(run, max_memory=2 * need), 4000, 1000, 2)) == 2

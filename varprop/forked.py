@@ -12,12 +12,13 @@ Rules, which make a fork safe and invisible:
 
 - fork only where it is safe (:func:`forkable`): Linux (where a child can
   be made to die with its parent; macOS's system libraries are not all
-  fork-safe), torch not loaded (its thread pools live outside Python's
-  sight), no other Python thread once varprop's pools have stopped their
-  idle threads;
-- signals stay blocked across the fork until the child has its default
-  handlers: one caught by the parent's Python handler in the child would
-  unwind the parent's stack there (and discard its staging directory);
+  fork-safe), torch, jax and tensorflow not loaded (their thread pools live
+  outside Python's sight), no other Python thread once varprop's pools have
+  stopped their idle threads;
+- signals stay blocked across the forks until the child has its default
+  handlers (one caught by the parent's Python handler in the child would
+  unwind the parent's stack there, and discard its staging directory) and
+  the parent has recorded every child (which it kills on an interrupt);
 - the child dies with its parent (Linux's PR_SET_PDEATHSIG: a killed run
   leaves no child behind) and leaves by ``os._exit``, never unwinding the
   parent's stack, whatever happens;
@@ -46,15 +47,18 @@ S = TypeVar("S")
 R = TypeVar("R")
 Progress = Callable[[int], None]
 
-_STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _FRAME = struct.Struct("!cQ")  # a message's kind (b"p": progress, b"r": the result) and its length
 _PROGRESS = struct.Struct("!q")
+_READ = 1 << 20
+# Libraries whose native thread pools live outside Python's sight (a child could inherit a lock that one of
+# their threads held, and wait on it for ever).
+_UNSAFE = ("torch", "jax", "tensorflow")
 
 
 def forkable() -> bool:
-    """Whether a fork is safe here: Linux, torch not loaded, and no Python thread but this one once
-    varprop's pools have stopped their idle threads (they start again at the next map)."""
-    if not sys.platform.startswith("linux") or "torch" in sys.modules:
+    """Whether a fork is safe here: Linux, no torch (nor jax, nor tensorflow) loaded, and no Python thread
+    but this one once varprop's pools have stopped their idle threads (they start again at the next map)."""
+    if not sys.platform.startswith("linux") or any(name in sys.modules for name in _UNSAFE):
         return False
     return parallel.shutdown() and threading.active_count() == 1
 
@@ -70,31 +74,35 @@ def share_out(fn: Callable[[S, Progress | None], R], shares: Sequence[S], progre
     ...     assert share_out(lambda share, progress: (os.getpid(), share * 2), [1, 2])[1][1] == 4
     """
     parent = os.getpid()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):  # what is buffered is written once, not once more by a child
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.flush()
     children: dict[int, _Child] = {}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
-    try:
-        for i, share in enumerate(shares[1:], 1):
-            child = _fork(fn, share, parent, mask)
-            if child is not None:
-                children[i] = child
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     results: list[Any] = [None] * len(shares)
     done = [False] * len(shares)
     reported = [0] * len(shares)
     selector = selectors.DefaultSelector()
     try:
-        for i, child in children.items():
-            selector.register(child.fd, selectors.EVENT_READ, i)
+        # Every signal waits until the children are forked and recorded: one raised here mid-loop would
+        # leave a child unknown to the clean-up below.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            for i, share in enumerate(shares[1:], 1):
+                child = _fork(fn, share, parent, mask, progress is not None,
+                              [selector.fileno(), *(c.fd for c in children.values())])
+                if child is not None:
+                    children[i] = child
+                    selector.register(child.fd, selectors.EVENT_READ, i)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending signal is raised here, in the try
 
         def pump(timeout: float | None) -> None:
             """Read what the children have said, waiting up to ``timeout`` seconds for the first word."""
             for key, _ in selector.select(timeout):
                 i = key.data
                 child = children[i]
-                data = os.read(child.fd, 1 << 16)
+                data = os.read(child.fd, _READ)
                 if not data:  # the child has ended: its result, if any, is in
                     selector.unregister(child.fd)
                     continue
@@ -135,24 +143,31 @@ class _Child:
     """A forked child: its pid, the read end of its pipe, and what has been read of a message."""
 
     def __init__(self, pid: int, fd: int):
-        self.pid, self.fd, self.buffer = pid, fd, b""
+        self.pid, self.fd = pid, fd
+        self.buffer = bytearray()  # grown in place: a result of tens of MB arrives in many reads
 
     def frames(self, data: bytes) -> list[tuple[bytes, bytes]]:
         """The whole messages that ``data`` completes."""
         self.buffer += data
-        out = []
-        while len(self.buffer) >= _FRAME.size:
-            kind, size = _FRAME.unpack_from(self.buffer)
-            end = _FRAME.size + size
+        out, start = [], 0
+        while len(self.buffer) - start >= _FRAME.size:
+            kind, size = _FRAME.unpack_from(self.buffer, start)
+            end = start + _FRAME.size + size
             if len(self.buffer) < end:
                 break
-            out.append((kind, self.buffer[_FRAME.size:end]))
-            self.buffer = self.buffer[end:]
+            with memoryview(self.buffer) as view:  # one copy of the payload
+                out.append((kind, bytes(view[start + _FRAME.size:end])))
+            start = end
+        if start:
+            del self.buffer[:start]
         return out
 
 
-def _fork(fn: Callable[[Any, Progress | None], Any], share: Any, parent: int, mask: Any) -> _Child | None:
-    """A child doing ``fn(share, ...)``, or None when no process can be had (EAGAIN, ENOMEM)."""
+def _fork(fn: Callable[[Any, Progress | None], Any], share: Any, parent: int, mask: Any, reports: bool,
+          others: list[int]) -> _Child | None:
+    """A child doing ``fn(share, ...)`` (sending progress if ``reports``), or None when no process can be
+    had (EAGAIN, ENOMEM). ``others``: this process's descriptors of the work (the selector, the read ends
+    of the children forked before), which the child closes."""
     read, write = os.pipe()
     try:
         with warnings.catch_warnings():
@@ -165,23 +180,26 @@ def _fork(fn: Callable[[Any, Progress | None], Any], share: Any, parent: int, ma
         os.close(write)
         return None
     if pid == 0:
-        os.close(read)
-        _child(fn, share, write, parent, mask)
+        for fd in (read, *others):
+            os.close(fd)
+        _child(fn, share, write, parent, mask, reports)
     os.close(write)
     return _Child(pid, read)
 
 
-def _child(fn: Callable[[Any, Progress | None], Any], share: Any, fd: int, parent: int, mask: Any) -> None:
+def _child(fn: Callable[[Any, Progress | None], Any], share: Any, fd: int, parent: int, mask: Any,
+           reports: bool) -> None:
     """The forked child's life: default signal handlers, death with the parent, its share, its result
     through the pipe, and an exit that never unwinds the parent's stack."""
     code = 1
     try:
-        for sig in _STOPPING:  # ignored stays ignored (nohup, a background job): the child stops as its parent
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                signal.signal(sig, signal.SIG_DFL)
+        for sig in signal.valid_signals():  # the parent's Python handlers are not the child's
+            with contextlib.suppress(OSError, ValueError):
+                if callable(signal.getsignal(sig)):  # (ignored stays ignored: nohup, a background job)
+                    signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _die_with_parent(parent)
-        result = fn(share, lambda k: _send(fd, b"p", _PROGRESS.pack(k)))
+        result = fn(share, (lambda k: _send(fd, b"p", _PROGRESS.pack(k))) if reports else None)
         _send(fd, b"r", pickle.dumps(result, pickle.HIGHEST_PROTOCOL))
         code = 0
     finally:

@@ -225,8 +225,13 @@ def estimate(configs: Sequence[Config]) -> int:
     them: every configuration's table, theory and report, and the largest
     forward (and backward) working set."""
     plans = check(configs)
-    reserved = REPORT_BYTES + sum(run_bytes(c.spec) for c in configs)
-    return reserved + max(replicate_bytes(c.spec, k) for c, k in zip(configs, plans))
+    return reserved_bytes(configs) + max(replicate_bytes(c.spec, k) for c, k in zip(configs, plans))
+
+
+def reserved_bytes(configs: Sequence[Config]) -> int:
+    """What a comparison holds beside its passes: every configuration's table, theory and report, and the
+    figures."""
+    return REPORT_BYTES + sum(run_bytes(c.spec) for c in configs)
 
 
 def replicate_bytes(spec: RunSpec, plan: int) -> int:
@@ -250,5 +255,5 @@ def check(configs: Sequence[Config]) -> list[int]:
     cannot fit: the tables of every configuration are held until the report
     is written, and each configuration's forward and backward passes run in
     what is left."""
-    reserved = REPORT_BYTES + sum(run_bytes(c.spec) for c in configs)
+    reserved = reserved_bytes(configs)
     return [backward_plan(c.spec, reserved) for c in configs]

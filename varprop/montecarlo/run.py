@@ -127,14 +127,16 @@ class _Row:
 
 
 def run_replicates(spec: RunSpec, replicates: Iterable[int], progress: Progress | None = None, pool: Pool = SERIAL,
-                   plan: int | None = None) -> list[Table]:
+                   plan: int | None = None, reserved: int | None = None) -> list[Table]:
     """:func:`run_replicate` of each of ``replicates``, the same numbers; small
     plain layers step several replicates together (batch.py), in groups that
-    run on ``pool``'s threads."""
+    run on ``pool``'s threads or in forked processes; other small layers'
+    replicates run in forked processes (:func:`replicate_processes`, with
+    ``reserved`` bytes held elsewhere)."""
     replicates = list(replicates)
     size = batch.group_size(spec)
     if size < 2 or len(replicates) < 2:
-        n = replicate_processes(spec, len(replicates), pool, plan)
+        n = replicate_processes(spec, len(replicates), pool, plan, reserved)
         if n > 1 and forked.forkable():  # small layers, whose steps run in the caller's thread alone
             shares = [replicates[k * len(replicates) // n:(k + 1) * len(replicates) // n] for k in range(n)]
             return [t for share in forked.share_out(
@@ -166,17 +168,22 @@ def run_replicates(spec: RunSpec, replicates: Iterable[int], progress: Progress 
     return [t for tables in pool.map(lambda g: _run_group(spec, g, progress), groups, caller=False) for t in tables]
 
 
-def replicate_processes(spec: RunSpec, replicates: int, pool: Pool, plan: int | None) -> int:
+def replicate_processes(spec: RunSpec, replicates: int, pool: Pool, plan: int | None = None,
+                        reserved: int | None = None) -> int:
     """How many processes share ``replicates`` replicates of ``spec`` that run one at a time (forked
     children beside this process, :mod:`varprop.forked`): as many as ``pool`` has threads when every
     layer is too small to share out over threads (under one chunk, :meth:`Pool.sized`: they would run
     on one core) and that many replicates' passes fit in memory at once; else 1 (the threads share each
-    replicate's layers). ``plan``: the backward pass's checkpoint spacing (None: its default)."""
+    replicate's layers). ``plan``: the backward pass's checkpoint spacing (None: its default);
+    ``reserved``: the bytes held beside the passes (None: this configuration's table, theory and report,
+    and the figures; a comparison holds every configuration's, :func:`memory.check`)."""
     if replicates < 2 or pool.threads < 2 or spec.samples * max(spec.network.widths) >= CHUNK_ELEMENTS:
         return 1
     k = memory.backward_plan(spec) if plan is None else plan
     each = memory.replicate_bytes(spec, k)
-    spare = memory.budget(spec.max_memory) - memory.REPORT_BYTES - memory.run_bytes(spec)
+    if reserved is None:
+        reserved = memory.REPORT_BYTES + memory.run_bytes(spec)
+    spare = memory.budget(spec.max_memory) - reserved
     return max(1, min(pool.threads, replicates, spare // max(each, 1)))
 
 
@@ -324,7 +331,7 @@ def simulate(spec: RunSpec | NetworkSpec | Sequence[Config], *, vary: Mapping[st
 
 
 def replicate_rows(spec: RunSpec, replicates: Sequence[int], plan: int, progress: Progress | None = None,
-                   pool: Pool = SERIAL) -> tuple[pd.DataFrame, dict[int, np.ndarray]]:
+                   pool: Pool = SERIAL, reserved: int | None = None) -> tuple[pd.DataFrame, dict[int, np.ndarray]]:
     """Replicates ``replicates`` of one configuration: their rows of the
     ``layers.csv`` table (without the label columns), the theory's
     predictions on every row, and replicate 0's histograms (empty when it is
@@ -335,7 +342,7 @@ def replicate_rows(spec: RunSpec, replicates: Sequence[int], plan: int, progress
     # the theory's use of the input file's statistics too) and varprop's
     # own threads work on fixed blocks (parallel.py).
     with threadpool_limits(1, user_api="blas"):
-        tables = run_replicates(spec, replicates, progress, pool, plan)
+        tables = run_replicates(spec, replicates, progress, pool, plan, reserved)
         inputs = side_stats(*make_inputs(spec, 0)) if spec.input_file is not None else None
         predicted = theory.predict(spec, inputs)
     hist = tables[0].hist if tables else {}
@@ -349,10 +356,11 @@ def run_configs(configs: Sequence[Config], progress: Progress | None = None, thr
     that reports are made from (its table, histograms and configurations)."""
     pool = Pool(parse_threads(threads))
     plans = memory.check(configs)  # refuse before any work when a run cannot fit
+    reserved = memory.reserved_bytes(configs)
     start = time.perf_counter()
     frames, hists = [], []
     for c, plan in zip(configs, plans):
-        frame, hist = replicate_rows(c.spec, range(c.spec.replicates), plan, progress, pool)
+        frame, hist = replicate_rows(c.spec, range(c.spec.replicates), plan, progress, pool, reserved)
         for layer, counts in hist.items():
             hists.append(pd.DataFrame({"config": c.label, "layer": layer, "bin_lo": HIST_EDGES[:-1],
                                        "bin_hi": HIST_EDGES[1:],

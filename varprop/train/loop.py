@@ -22,6 +22,7 @@ and ``||dW|| / ||W||`` of the last step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Callable, Mapping, NamedTuple
@@ -97,8 +98,7 @@ def train_replicate(config: TrainConfig, replicate: int, run: RunOptions, datase
     per_epoch = steps_per_epoch(n, config.batch_size)
     schedule = _schedule(config, per_epoch * run.epochs)
     opt = optim.make(config.optimizer, schedule, model.n_params, dtype, config.momentum)
-    x_train = dataset.x_train if dtype == np.float32 else dataset.x_train.astype(dtype)
-    x_test = dataset.x_test if dtype == np.float32 else dataset.x_test.astype(dtype)
+    x_train, x_test = dataset.x_train.astype(dtype, copy=False), dataset.x_test.astype(dtype, copy=False)
     ev = eval_indices(run.seed, n)
     x_eval, y_eval = x_train[ev], dataset.y_train[ev]
     probe = probe_size(len(ev), config.batch_size)
@@ -169,6 +169,9 @@ def fit(configs: list[TrainConfig], run: RunOptions, dataset: data_mod.Dataset, 
     start = time.perf_counter()
     history, layers = [], []
     runs = [(config, rep) for config in configs for rep in range(run.replicates)]
+    # The pixels in the run's dtype once, not once a run (and shared with forked processes)
+    dataset = dataclasses.replace(dataset, x_train=dataset.x_train.astype(run.dtype, copy=False),
+                                  x_test=dataset.x_test.astype(run.dtype, copy=False))
     # Multi-threaded BLAS splits a product differently for each thread count (other last bits): BLAS runs
     # on one thread and varprop's own threads work on pieces fixed by the shapes.
     with threadpool_limits(1, user_api="blas"):
@@ -199,6 +202,12 @@ def fit(configs: list[TrainConfig], run: RunOptions, dataset: data_mod.Dataset, 
             "steps_per_epoch": {c.label: steps_per_epoch(dataset.n_train, c.batch_size) for c in configs},
             "elapsed_s": time.perf_counter() - start}
     return TrainResult(pd.DataFrame(history), pd.DataFrame(layers), meta)
+
+
+def run_memory(config: TrainConfig, dtype: str, n_train: int) -> int:
+    """What one run holds: its model and step (:func:`.options.memory_bytes`) and its own copy of the
+    evaluation images (the data itself, in the run's dtype, is shared)."""
+    return memory_bytes(config, dtype) + min(EVAL_SAMPLES, n_train) * config.arch.widths[0] * np.dtype(dtype).itemsize
 
 
 def step_cost(config: TrainConfig) -> float:
@@ -233,7 +242,7 @@ def process_shares(runs: list[tuple[TrainConfig, int]], run: RunOptions, n_train
     runs are placed first, each on the least loaded process; processes are used when the slowest
     finishes before the runs would one after another on threads (a run taken as 1.5x faster there
     where its step splits the batch over threads, :func:`.model.splits_rows`)."""
-    need = max((memory_bytes(config, run.dtype) for config, _ in runs), default=1)
+    need = max((run_memory(config, run.dtype, n_train) for config, _ in runs), default=1)
     n = min(threads, len(runs), max(1, memory.budget(run.max_memory) // max(need, 1)))
     if n < 2:
         return [list(range(len(runs)))]

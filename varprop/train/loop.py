@@ -269,7 +269,8 @@ def train(progress: Progress | None = None, threads: int | None = None, **option
     """Train the study's MLP (or any widths) on MNIST and record everything.
 
     ``options`` are ``varprop train``'s, with underscores; a list of values
-    compares every combination. ``threads`` changes the speed, never the numbers.
+    compares every combination. ``threads`` changes the speed, never the numbers (runs may train
+    in forked processes: :func:`process_shares`; ``threads=1`` keeps them in this one).
 
     >>> import varprop
     >>> r = varprop.train(widths="784,32,10", activation="relu", bn_count=[0, 1], epochs=1, replicates=1,

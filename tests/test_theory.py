@@ -341,6 +341,15 @@ def test_depth_growth_slopes_and_theory():
     assert (g["slope_lo"] < g["slope"]).all() and (g["slope"] < g["slope_hi"]).all()
 
 
+def test_a_flat_mean_field_has_no_slope():
+    """relu under He: the q-map keeps q exactly but for float64 rounding, which is not reported as a slope
+    (the report printed 4.842e-17 per layer); a real slope of that layer count is kept."""
+    spec = varprop.NetworkSpec.square(50, 64, init="he", activation="relu")
+    df = varprop.simulate(spec, vary={"gain": [math.sqrt(2), 1.001 * math.sqrt(2)]}, samples=32, replicates=2)
+    flat, rising = fit.depth_growth(df)["theory_slope"]
+    assert flat == 0 and rising == pytest.approx(math.log10(1.001), rel=1e-6)
+
+
 def test_theory_gain_fit_commands(tmp_path):
     r = CliRunner().invoke(main, ["theory", "--activation", "tanh", "--sigma-w", "1.5", "--sigma-b", "0.05",
                                   "--json"])

@@ -116,7 +116,10 @@ def depth_growth(layers: pd.DataFrame, side: str = "post", burn_in: int | None =
         tcol = f"theory_{side}_log10_std"
         if tcol in g and depth > b:
             t = g[g["replicate"] == g["replicate"].iloc[0]].set_index("layer")[tcol]
-            th = float((t[depth] - t[b]) / (depth - b))
+            rise = float(t[depth] - t[b])
+            # A flat mean field (relu under He) differs between layers only by the q-map's float64 rounding
+            # (4.8e-17 a layer over 50 layers): that is 0, not a slope.
+            th = (0.0 if abs(rise) <= 1e-12 * max(1.0, abs(float(t[depth])), abs(float(t[b]))) else rise) / (depth - b)
         rows.append({"config": config, "burn_in": b, "depth": depth, "slope": mean, "slope_se": se,
                      "slope_lo": mean - half, "slope_hi": mean + half, "replicates": n, "theory_slope": th})
     return pd.DataFrame(rows)

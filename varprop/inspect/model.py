@@ -94,19 +94,6 @@ def parse_device(device: Any) -> Any:
     return dev
 
 
-def parse_input_shape(shape: Any) -> tuple[int, ...]:
-    parts = shape.split(",") if isinstance(shape, str) else shape
-    try:
-        dims = tuple(int(str(p).strip()) for p in parts)
-    except (TypeError, ValueError):
-        raise SpecError("input_shape", f"expected comma-separated positive integers such as 8,3,32,32 "
-                        f"(samples first), got {shape!r}") from None
-    if not dims or any(d < 1 for d in dims):
-        raise SpecError("input_shape", f"expected comma-separated positive integers such as 8,3,32,32 "
-                        f"(samples first), got {shape!r}")
-    return dims
-
-
 def make_input(torch: Any, shape: tuple[int, ...], inputs: np.ndarray | None, seed: int, replicate: int,
                 dtype: Any, device: Any) -> Any:
     if inputs is not None:

@@ -16,13 +16,14 @@ import numpy as np
 import pandas as pd
 
 from ..errors import SpecError
+from ..options import parse_input_shape
 from ..montecarlo import memory
 from ..stats import STATS, empty_stats
 from . import graph, load_torch
 from . import theory as inspect_theory
 from .hooks import Pass, Row, Target
 from .model import (build, callable_name, error_line, first_dtype, fork_rng, load_model, make_input, not_reset,
-                    parse_device, parse_input_shape, seed_of, upstream)
+                    parse_device, seed_of, upstream)
 from .modules import ROOT, activation_of, input_axes, selected, tensors, torch_nn
 
 MODES = ("train", "eval")

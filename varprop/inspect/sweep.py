@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import SpecError
+from ..options import parse_width_sweep
 from ..fit import line_fit
 from ..stats import t_half_width
 from .modules import INPUT
@@ -47,7 +48,7 @@ def width_sweep(factory: Any, widths: Sequence[int] | str, input_shape: Sequence
     undecided otherwise; the sweep fails if a module fails, passes if all
     pass. Other options go to :func:`inspect`.
     """
-    ws = parse_widths(widths)
+    ws = parse_width_sweep(widths)
     if not tolerance > 0:
         raise SpecError("tolerance", f"expected a positive exponent tolerance, got {tolerance!r}")
     frames, residual = [], []
@@ -120,17 +121,3 @@ def width_sweep(factory: Any, widths: Sequence[int] | str, input_shape: Sequence
         message = (f"PASS: every exponent lies within +-{tolerance:g} ({len(exponents)} fits, {span}): "
                    "the statistics do not scale with width")
     return SweepResult(table, exponents, passed, message, tolerance)
-
-
-
-def parse_widths(widths: Sequence[int] | str) -> tuple[int, ...]:
-    parts = widths.split(",") if isinstance(widths, str) else widths
-    try:
-        ws = tuple(sorted({int(str(p).strip()) for p in parts}))
-    except (TypeError, ValueError):
-        ws = ()
-    if len(ws) < 2 or ws[0] < 1:
-        raise SpecError("width_sweep", f"expected at least two comma-separated positive widths such as "
-                        f"64,128,256,512, got {widths!r}")
-    return ws
-

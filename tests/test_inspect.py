@@ -756,6 +756,8 @@ def test_check_model_exit_status(user_models):
     res = CliRunner().invoke(main, ["check", "--model", f"{user_models}:make_model", "--input-shape", "8,3,4,4",
                                     "--init", "he"])
     assert res.exit_code == 2 and res.output.startswith("varprop: error: --init:")
+    res = CliRunner().invoke(main, ["check", "--device", "cuda"])  # a model's option without the model
+    assert res.exit_code == 2 and res.output.startswith("varprop: error: --model:") and "--device" in res.output
 
 
 def test_without_torch_the_command_names_the_extra(monkeypatch):

@@ -425,6 +425,11 @@ OPTIONS: dict[str, Option] = {
     "device": Option(_text, "cpu", "cpu, cuda or cuda:N", repeatable=False, metavar="DEVICE"),
     "no_trace": Option(parse_flag, False, "do not trace the model with torch.fx (then additions and functional "
                        "activations are unseen)", repeatable=False, flag=True),
+    # --- check --model's (the rest of a model's options are inspect's) ---
+    "model": Option(_text, None, "check your PyTorch model instead: every module's std (see varprop inspect)",
+                    repeatable=False, metavar="MODULE:FUNCTION"),
+    "model_mode": Option(parse_model_mode, "train", "with --model: the model's mode, train or eval",
+                         repeatable=False, metavar="train|eval"),
 }
 
 # The options each command takes, and where its defaults differ from the table's.
@@ -436,7 +441,8 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "simulate": SIMULATE,
     "check": ("init", "activation", "layers", "width", "band", "backward", "replicates", "samples", "seed",
               "distribution", "mode", "gain", "scale", "bias_std", "leaky_slope", "bn", "bn_count", "bn_layers",
-              "bn_position", "bn_eps", "batch_size"),
+              "bn_position", "bn_eps", "batch_size", "model", "input_shape", "input_file", "model_mode", "modules",
+              "types", "device"),
     "fit": ("fan_in", "fan_out", "init", "activation", "samples", "replicates", "seed"),
     "theory": ("activation", "sigma_w", "init", "distribution", "mode", "gain", "scale", "sigma_b", "layers",
                "width", "leaky_slope"),
@@ -465,7 +471,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # inspect's --mode is the model's, its --input-file any .npy array (token ids too) and --backward measures
 # the model's own gradients.
 OWN: dict[str, dict[str, Option]] = {
-    "check": {"replicates": replace(OPTIONS["replicates"], parse=_replicates_or_auto)},
+    "check": {"replicates": replace(OPTIONS["replicates"], parse=_replicates_or_auto),
+              # with --model: the model's options, as inspect's (its --mode is --model-mode here)
+              "input_shape": replace(OPTIONS["input_shape"], help="with --model: the input's shape, samples first"),
+              "input_file": Option(_npy_path, None, "with --model: inputs from a .npy file", repeatable=False,
+                                   metavar="X.NPY"),
+              "modules": replace(OPTIONS["modules"], help="with --model: check only these modules"),
+              "types": replace(OPTIONS["types"], help="with --model: check only these types"),
+              "device": replace(OPTIONS["device"], help="with --model: cpu, cuda or cuda:N")},
     "train": {"batch_size": replace(OPTIONS["batch_size"], parse=parse_pos_int),
               "bn_layers": replace(OPTIONS["bn_layers"], parse=_layers_or_none)},
     "inspect": {

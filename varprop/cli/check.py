@@ -10,7 +10,7 @@ import click
 from .. import options
 from ..spec import expand
 from .common import echo_json, given, table_options
-from .inspect import MODEL_OPTIONS, check_model, model_options
+from .inspect import MODEL_OPTIONS, check_model
 
 # check's options that describe the network, handed to check_preserves_variance as keyword arguments.
 _NETWORK = ("distribution", "mode", "gain", "scale", "bias_std", "leaky_slope", "bn_position", "bn_eps", "batch_size")
@@ -19,7 +19,6 @@ _NETWORK = ("distribution", "mode", "gain", "scale", "bias_std", "leaky_slope", 
 @click.command("check")
 @table_options("check")
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
-@model_options
 def check_cmd(as_json: bool, **raw: Any) -> None:
     """Does the std stay within a factor BAND over the depth? Exit 0 yes, 1 no, 2 bad input.
 
@@ -41,16 +40,16 @@ def check_cmd(as_json: bool, **raw: Any) -> None:
     """
     from ..testing import check_preserves_variance
 
-    model = {k: raw.pop(k) for k in MODEL_OPTIONS}
-    if model["model"] is not None or any(model[k] for k in ("input_shape", "input_file", "modules", "types")):
-        result = check_model(given("check", raw), **model)
+    on_line = given("check", raw)
+    if set(on_line) & set(MODEL_OPTIONS):
+        result = check_model(on_line)
         if as_json:
             echo_json(result.as_dict())
         else:
             click.echo(f"{result.verdict.upper()}: {result.message}")
         sys.exit(0 if result.passed else 1)
 
-    values = options.parse(given("check", raw), "check")
+    values = options.parse(on_line, "check")
     get = lambda k: values.get(k, options.default(k, "check"))  # noqa: E731
     auto = get("replicates") == "auto"
     network = {k: v for k, v in values.items() if k not in ("band", "backward", "replicates")}

@@ -39,17 +39,6 @@ def load_inputs(path: str | None) -> Any:
         raise SpecError("input_file", f"cannot read {path} as a .npy array ({exc})") from None
 
 
-def shape_words(input_shape: str | None, input_file: str | None, mode: str, seed: int, device: str,
-                modules: str | None, types: str | None, no_trace: bool) -> list[str]:
-    """The options shared by inspect and check, as words of a reproducing command."""
-    words = ["--input-file", input_file] if input_file else ["--input-shape", input_shape or ""]
-    words += (["--mode", mode] if mode else []) + ["--seed", str(seed)]
-    words += ["--device", device] if device != "cpu" else []
-    words += ["--modules", modules] if modules else []
-    words += ["--types", types] if types else []
-    return words + (["--no-trace"] if no_trace else [])
-
-
 @click.command("inspect")
 @click.argument("model", metavar="MODEL")
 @table_options("inspect")
@@ -135,32 +124,14 @@ def inspect_cmd(model: str, title: str | None, formats: str, out: str | None, fo
 MODEL_OPTIONS = ("model", "input_shape", "input_file", "model_mode", "modules", "types", "device")
 
 
-def model_options(fn: Any) -> Any:
-    """``varprop check``'s options for a PyTorch model (its --mode is the init's fan mode, hence --model-mode)."""
-    for decorate in reversed([
-            click.option("--model", default=None, metavar="MODULE:FUNCTION",
-                         help="check your PyTorch model instead: every module's std (see varprop inspect)"),
-            click.option("--input-shape", default=None, metavar="N,C,...",
-                         help="with --model: the input's shape, samples first"),
-            click.option("--input-file", default=None, metavar="X.NPY", help="with --model: inputs from a .npy file"),
-            click.option("--model-mode", default="train", metavar="train|eval",
-                         help="with --model: the model's mode [default: train]"),
-            click.option("--modules", default=None, metavar="GLOBS", help="with --model: check only these modules"),
-            click.option("--types", default=None, metavar="NAMES", help="with --model: check only these types"),
-            click.option("--device", default="cpu", metavar="DEVICE", help="with --model: cpu, cuda or cuda:N")]):
-        fn = decorate(fn)
-    return fn
-
-
-def check_model(given: dict[str, Any], model: str | None, input_shape: str | None, input_file: str | None,
-                model_mode: str, modules: str | None, types: str | None, device: str) -> Any:
+def check_model(given: dict[str, Any]) -> Any:
     """``varprop check --model``: every module's std within the band (varprop.torch.check_preserves_variance).
-    ``given`` holds check's own options as given on the command line: only --band, --backward, --replicates
-    and --seed apply to a model, another is refused."""
-    if model is None:
-        raise SpecError("model", "--input-shape, --input-file, --modules and --types describe a PyTorch model: "
-                        "give it with --model module:function")
-    plain = [k for k in given if k not in ("band", "backward", "replicates", "seed")]
+    ``given`` holds check's options as given on the command line: a model's (MODEL_OPTIONS) and --band,
+    --backward, --replicates and --seed apply; another is refused."""
+    if "model" not in given:
+        raise SpecError("model", "--input-shape, --input-file, --model-mode, --modules, --types and --device "
+                        "describe a PyTorch model: give it with --model module:function")
+    plain = [k for k in given if k not in (*MODEL_OPTIONS, "band", "backward", "replicates", "seed")]
     if plain:
         raise SpecError(plain[0], "is an option of the plain-stack check; with --model the model is yours (drop it)")
     values = options.parse(given, "check")
@@ -174,17 +145,17 @@ def check_model(given: dict[str, Any], model: str | None, input_shape: str | Non
     factor = float(get("band"))
     if not factor > 1:
         raise SpecError("band", f"expected a factor > 1, got {given.get('band')!r}")
-    if input_shape is None and input_file is None:
+    shape, input_file = get("input_shape"), get("input_file")
+    if shape is None and input_file is None:
         raise SpecError("input_shape", "give the input's shape, samples first (such as 8,3,32,32), or --input-file")
-    if input_shape is not None and input_file is not None:
+    if shape is not None and input_file is not None:
         raise SpecError("input_file", "give --input-shape or --input-file, not both")
-    n_rep, seed_n, backward = int(get("replicates")), int(get("seed")), bool(get("backward"))
-    mode = options.parse_model_mode(model_mode, "model_mode")
-    words = ["varprop", "check", "--model", model, *shape_words(input_shape, input_file, "", seed_n, device, modules,
-                                                                types, False),
-             "--model-mode", mode, "--band", f"{factor:g}", "--replicates", str(n_rep)] + (
-        ["--backward"] if backward else [])
+    # The run's own values, defaults included (the seed and the replicates above all), --model first.
+    pinned = {**{k: get(k) for k in ("band", "replicates", "seed", "model_mode")}, **values}
+    model = pinned.pop("model")
+    rest = shlex.split(options.command_line("check", pinned))[2:]
+    command = shlex.join(["varprop", "check", "--model", model, *rest])
     return check_preserves_variance(
-        load_model(model, "model"), options.parse_input_shape(input_shape) if input_shape else None, band=factor,
-        direction="both" if backward else "forward", replicates=n_rep, seed=seed_n, mode=mode, modules=modules,
-        types=types, inputs=load_inputs(input_file), device=device, command=shlex.join(words), label=model)
+        load_model(model, "model"), shape, band=factor, direction="both" if get("backward") else "forward",
+        replicates=int(get("replicates")), seed=int(get("seed")), mode=get("model_mode"), modules=get("modules"),
+        types=get("types"), inputs=load_inputs(input_file), device=get("device"), command=command, label=model)

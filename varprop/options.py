@@ -452,6 +452,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
               "record_every", "dtype", "max_memory"),
     "inspect": ("input_shape", "input_file", "replicates", "backward", "modules", "types", "mode", "seed",
                 "width_sweep", "tolerance", "device", "no_trace"),
+    "gain": ("leaky_slope",),
 }
 # Commands that compare every combination of the values given to a repeatable option (the others take one).
 COMPARING = ("simulate", "train")

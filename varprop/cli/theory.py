@@ -19,16 +19,17 @@ from .common import DEFAULT_RUNS_DIR, activation_arg, echo_json, force_option, g
 
 @click.command()
 @click.argument("activation")
-@click.option("--leaky-slope", default="0.01", metavar="SLOPE", help="negative slope of leaky_relu")
+@table_options("gain")
 @click.option("--json", "as_json", is_flag=True, help="print machine-readable JSON")
-def gain(activation: str, leaky_slope: str, as_json: bool) -> None:
+def gain(activation: str, as_json: bool, **raw: Any) -> None:
     """Both gains of ACTIVATION (a name or module:function), z ~ N(0, 1).
 
     \b
     second-moment gain 1/sqrt(E[phi(z)^2])  (PyTorch's calculate_gain convention)
     variance gain      1/sqrt(Var phi(z))   (NFNets' gamma)
     """
-    slope = options.parse_one("leaky_slope", leaky_slope)
+    values = options.parse(given("gain", raw), "gain")
+    slope = values.get("leaky_slope", options.default("leaky_slope", "gain"))
     act = activation_arg(activation, slope, option="ACTIVATION")  # the argument, named as --help shows it
     try:
         g = theory.gains(act, slope)

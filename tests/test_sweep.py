@@ -214,6 +214,31 @@ def test_ctrl_c_keeps_finished_tasks(tmp_path, signum, group):
     assert not group_alive(p.pid), "the worker processes stopped too"
 
 
+@pytest.mark.parametrize("at", ["created", "writing"])
+def test_an_interrupt_in_an_atomic_write_leaves_no_temporary_file(tmp_path, monkeypatch, at):
+    """A Ctrl-C that lands as the temporary file is created (it arrives between two bytecodes) or while it
+    is written: the file is removed, the target untouched (a sweep interrupted so left _tmp.task-* behind)."""
+    from varprop.sweeps import store
+
+    target = tmp_path / "task-x.parquet"
+    close = os.close
+
+    def interrupted_close(fd):
+        close(fd)
+        raise KeyboardInterrupt
+    if at == "created":
+        monkeypatch.setattr(store.os, "close", interrupted_close)
+
+    def write(path):
+        if at == "writing":
+            path.write_text("half")
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        store.atomic(target, write)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
 def group_alive(pgid):
     """Processes of a process group that still run (zombies waiting to be reaped do not)."""
     alive = []

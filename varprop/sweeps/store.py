@@ -74,20 +74,23 @@ def atomic(path: Path, write: Callable[[Path], None], before_rename: Callable[[]
     Parquet readers skip and the next run clears), then renamed to ``path``:
     a reader sees the old file or the new one, never a part."""
     path = Path(path)
-    while True:
-        tmp = path.parent / f"{TMP}{path.name}.{secrets.token_hex(4)}"
-        try:  # created with the umask's permissions (mkstemp's are owner-only)
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
+    tmp: Path | None = None
     try:
+        while True:
+            # named before it exists: an interrupt between its creation and the next line still removes it
+            tmp = path.parent / f"{TMP}{path.name}.{secrets.token_hex(4)}"
+            try:  # created with the umask's permissions (mkstemp's are owner-only)
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                break
+            except FileExistsError:  # another's: not ours to remove
+                tmp = None
         write(tmp)
         if before_rename is not None:
             before_rename()
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -139,6 +139,31 @@ def share_out(fn: Callable[[S, Progress | None], R], shares: Sequence[S], progre
     return results
 
 
+def share_items(fn: Callable[[S, Progress | None], R], items: Sequence[S], shares: Sequence[Sequence[int]],
+                progress: Progress | None = None) -> list[R]:
+    """``[fn(item, progress) for item in items]``, in that order, the items of ``shares[k]`` (indices
+    into ``items``, every one in one share) done by process k of :func:`share_out`.
+
+    >>> if forkable():
+    ...     assert share_items(lambda x, progress: x * x, [1, 2, 3], contiguous(3, 2)) == [1, 4, 9]
+    """
+    done = share_out(lambda share, report: [fn(items[i], report) for i in share], shares, progress)
+    results: list[Any] = [None] * len(items)
+    for share, out in zip(shares, done):
+        for i, value in zip(share, out):
+            results[i] = value
+    return results
+
+
+def contiguous(count: int, n: int) -> list[list[int]]:
+    """``range(count)`` cut into ``n`` runs of consecutive indices, as equal as they come.
+
+    >>> contiguous(5, 2)
+    [[0, 1], [2, 3, 4]]
+    """
+    return [list(range(k * count // n, (k + 1) * count // n)) for k in range(n)]
+
+
 class _Child:
     """A forked child: its pid, the read end of its pipe, and what has been read of a message."""
 

@@ -74,25 +74,15 @@ def inspect_cmd(model: str, title: str | None, formats: str, out: str | None, fo
     values = options.parse(given("inspect", raw), "inspect")
     get = lambda k: values.get(k, options.default(k, "inspect"))  # noqa: E731
     fmts = parse_formats(formats)
-    shape, input_file, ws = get("input_shape"), get("input_file"), get("width_sweep")
-    if shape is None and input_file is None:
-        raise SpecError("input_shape", "give the input's shape, samples first (such as 8,3,32,32), or --input-file")
-    if shape is not None and input_file is not None:
-        raise SpecError("input_file", "give --input-shape or --input-file, not both")
-    inputs = load_inputs(input_file)
+    shape, inputs = model_inputs(get)
+    ws = get("width_sweep")
     factory = load_model(model, "MODEL")
     run_options = dict(replicates=get("replicates"), backward=get("backward"), modules=get("modules"),
                        types=get("types"), mode=get("mode"), inputs=inputs, seed=get("seed"), device=get("device"),
                        trace=not get("no_trace"))
-    # The run's own values, defaults included (the seed and the replicates above all), so the command
-    # reproduces it whatever later defaults become; the tolerance only with a width sweep.
-    pinned = {**{k: get(k) for k in ("replicates", "mode", "seed")}, **values}
-    if not ws:
-        pinned.pop("tolerance", None)
-    else:
-        pinned["tolerance"] = get("tolerance")
-    words = shlex.split(options.command_line("inspect", pinned))
-    words.insert(2, model)  # varprop inspect MODEL --input-shape ...
+    # the tolerance only with a width sweep, which reads it
+    pinned = ("replicates", "mode", "seed", "tolerance") if ws else ("replicates", "mode", "seed")
+    words = reproduce("inspect", {k: v for k, v in values.items() if ws or k != "tolerance"}, get, pinned, [model])
     shape_text = "x".join(map(str, shape if shape is not None else inputs.shape))
     name = f"inspect-{model.rpartition(':')[2]}-{shape_text}-seed{get('seed')}"
     out_dir = Path(out) if out else Path("reports") / "runs" / report_pkg.dir_name(name, shlex.join(words))
@@ -145,17 +135,29 @@ def check_model(given: dict[str, Any]) -> Any:
     factor = float(get("band"))
     if not factor > 1:
         raise SpecError("band", f"expected a factor > 1, got {given.get('band')!r}")
+    shape, inputs = model_inputs(get)
+    model = values.pop("model")
+    command = shlex.join(reproduce("check", values, get, ("band", "replicates", "seed", "model_mode"),
+                                   ["--model", model]))
+    return check_preserves_variance(
+        load_model(model, "model"), shape, band=factor, direction="both" if get("backward") else "forward",
+        replicates=int(get("replicates")), seed=int(get("seed")), mode=get("model_mode"), modules=get("modules"),
+        types=get("types"), inputs=inputs, device=get("device"), command=command, label=model)
+
+
+def model_inputs(get: Any) -> tuple[tuple[int, ...] | None, Any]:
+    """A model's input shape and ``--input-file`` array (one of them), by ``get(option)``."""
     shape, input_file = get("input_shape"), get("input_file")
     if shape is None and input_file is None:
         raise SpecError("input_shape", "give the input's shape, samples first (such as 8,3,32,32), or --input-file")
     if shape is not None and input_file is not None:
         raise SpecError("input_file", "give --input-shape or --input-file, not both")
-    # The run's own values, defaults included (the seed and the replicates above all), --model first.
-    pinned = {**{k: get(k) for k in ("band", "replicates", "seed", "model_mode")}, **values}
-    model = pinned.pop("model")
-    rest = shlex.split(options.command_line("check", pinned))[2:]
-    command = shlex.join(["varprop", "check", "--model", model, *rest])
-    return check_preserves_variance(
-        load_model(model, "model"), shape, band=factor, direction="both" if get("backward") else "forward",
-        replicates=int(get("replicates")), seed=int(get("seed")), mode=get("model_mode"), modules=get("modules"),
-        types=get("types"), inputs=load_inputs(input_file), device=get("device"), command=command, label=model)
+    return shape, load_inputs(input_file)
+
+
+def reproduce(command: str, values: dict[str, Any], get: Any, pinned: tuple[str, ...], lead: list[str]
+              ) -> list[str]:
+    """The words of the command that reruns ``command`` with ``values`` and, written out whatever later
+    defaults become, the values of ``pinned`` (by ``get(option)``); ``lead`` right after the command."""
+    words = shlex.split(options.command_line(command, {**{k: get(k) for k in pinned}, **values}))
+    return [*words[:2], *lead, *words[2:]]

@@ -138,10 +138,8 @@ def run_replicates(spec: RunSpec, replicates: Iterable[int], progress: Progress 
     if size < 2 or len(replicates) < 2:
         n = replicate_processes(spec, len(replicates), pool, plan, reserved)
         if n > 1 and forked.forkable():  # small layers, whose steps run in the caller's thread alone
-            shares = [replicates[k * len(replicates) // n:(k + 1) * len(replicates) // n] for k in range(n)]
-            return [t for share in forked.share_out(
-                lambda share, report: [run_replicate(spec, rep, report, SERIAL, plan) for rep in share], shares,
-                progress) for t in share]
+            return forked.share_items(lambda rep, report: run_replicate(spec, rep, report, SERIAL, plan), replicates,
+                                      forked.contiguous(len(replicates), n), progress)
         return [run_replicate(spec, rep, progress, pool, plan) for rep in replicates]
     # Groups of equal size, as many as the threads or a multiple: small layers run on every core
     # (one replicate at a time, they ran on one). Groups change the speed, never the numbers.
@@ -150,13 +148,10 @@ def run_replicates(spec: RunSpec, replicates: Iterable[int], progress: Progress 
     groups = [replicates[i:i + size] for i in range(0, len(replicates), size)]
     if pool.threads > 1 and len(groups) > 1 and forked.forkable():
         # A group's layers are short NumPy calls: two threads wait on each other's GIL (1.37x one thread's
-        # speed on the seed case), two processes do not (2.1x). Contiguous shares, so their tables come
-        # back in replicate order.
-        n = min(pool.threads, len(groups))
-        shares = [groups[k * len(groups) // n:(k + 1) * len(groups) // n] for k in range(n)]
-        return [t for share in forked.share_out(
-            lambda share, report: [t for g in share for t in _run_group(spec, g, report)], shares, progress)
-            for t in share]
+        # speed on the seed case), two processes do not (2.1x).
+        shares = forked.contiguous(len(groups), min(pool.threads, len(groups)))
+        return [t for tables in forked.share_items(lambda g, report: _run_group(spec, g, report), groups, shares,
+                                                   progress) for t in tables]
     if progress is not None and pool.threads > 1:  # a progress bar is not made for two threads at once
         lock, report = threading.Lock(), progress
 

@@ -177,11 +177,8 @@ def fit(configs: list[TrainConfig], run: RunOptions, dataset: data_mod.Dataset, 
     with threadpool_limits(1, user_api="blas"):
         shares = process_shares(runs, run, dataset.n_train, dataset.n_test, pool.threads)
         if len(shares) > 1 and forked.forkable():
-            def train_share(share: list[int], report: Progress | None) -> list[Any]:
-                return [train_replicate(*runs[i], run, dataset, SERIAL, report) for i in share]
-            done = forked.share_out(train_share, shares, progress)
-            rows = dict(zip([i for share in shares for i in share], [r for share in done for r in share]))
-            results = [rows[i] for i in range(len(runs))]
+            results = forked.share_items(lambda r, report: train_replicate(*r, run, dataset, SERIAL, report), runs,
+                                         shares, progress)
         else:
             results = [train_replicate(config, rep, run, dataset, pool, progress) for config, rep in runs]
     for (config, _), (h, l) in zip(runs, results):
@@ -214,8 +211,7 @@ def step_cost(config: TrainConfig) -> float:
     """A training step's relative cost: the optimizer's and the elementwise work's passes over the
     parameters, and the products' multiply-adds (measured: the study's MLP takes 1.1 ms a step at
     batch 4 and 28 ms at batch 1024 on one core, 26 to 1; this gives 24 to 1)."""
-    w = config.arch.widths
-    return 2 * sum(a * b + b for a, b in zip(w[:-1], w[1:])) + 0.05 * config.batch_size * macs_per_row(config)
+    return 2 * config.arch.dense_params + 0.05 * config.batch_size * config.arch.macs_per_row
 
 
 def epoch_cost(config: TrainConfig, n_train: int, n_test: int) -> float:
@@ -223,13 +219,8 @@ def epoch_cost(config: TrainConfig, n_train: int, n_test: int) -> float:
     the training images (up to EVAL_SAMPLES), the test images and the probe (measured 0.1 s a record on
     the subset for the study's MLP, as much as training on 3,600 rows at batch 1024)."""
     recorded = min(EVAL_SAMPLES, n_train) + n_test + PROBE_SAMPLES
-    return step_cost(config) * steps_per_epoch(n_train, config.batch_size) + 0.03 * recorded * macs_per_row(config)
+    return step_cost(config) * steps_per_epoch(n_train, config.batch_size) + 0.03 * recorded * config.arch.macs_per_row
 
-
-def macs_per_row(config: TrainConfig) -> int:
-    """Multiply-adds of one row's forward pass."""
-    w = config.arch.widths
-    return sum(a * b for a, b in zip(w[:-1], w[1:]))
 
 
 def process_shares(runs: list[tuple[TrainConfig, int]], run: RunOptions, n_train: int, n_test: int, threads: int
@@ -253,7 +244,7 @@ def process_shares(runs: list[tuple[TrainConfig, int]], run: RunOptions, n_train
         k = load.index(min(load))
         shares[k].append(i)
         load[k] += cost[i]
-    on_threads = sum(c / (1.5 if splits_rows(config.batch_size, macs_per_row(config)) else 1.0)
+    on_threads = sum(c / (1.5 if splits_rows(config.batch_size, config.arch.macs_per_row) else 1.0)
                      for c, (config, _) in zip(cost, runs))
     if max(load) >= on_threads:
         return [list(range(len(runs)))]

@@ -79,6 +79,16 @@ class Architecture:
     def depth(self) -> int:
         return len(self.widths) - 1
 
+    @property
+    def macs_per_row(self) -> int:
+        """Multiply-adds of one row's forward pass through the dense layers."""
+        return sum(a * b for a, b in zip(self.widths[:-1], self.widths[1:]))
+
+    @property
+    def dense_params(self) -> int:
+        """The dense layers' weights and biases (BN's scales and shifts aside)."""
+        return self.macs_per_row + sum(self.widths[1:])
+
 
 @dataclass
 class BatchNorm:
@@ -318,7 +328,7 @@ class Model:
                               self.grads[start:start + size].reshape(shape))
             starts[name, l] = start
             start += size
-        self._macs_per_row = sum(arch.widths[l - 1] * arch.widths[l] for l in self.layers)
+        self._macs_per_row = arch.macs_per_row
         self._pieces = self._weight_pieces(starts, total)
         self.W = {l: views["W", l][0] for l in self.layers}
         self.b = {l: views["b", l][0] for l in self.layers}

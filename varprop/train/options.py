@@ -159,7 +159,7 @@ def memory_bytes(config: TrainConfig, dtype: str) -> int:
     temporaries (measured at batch 1024: 34 MiB for the study's network, 43 MiB with one BN layer)."""
     item = np.dtype(dtype).itemsize
     w = config.arch.widths
-    params = sum(a * b + b for a, b in zip(w[:-1], w[1:]))
+    params = config.arch.dense_params
     per_row = 5 * sum(w) + 5 * sum(w[l] for l in config.arch.bn_layers)
     return item * (5 * params + max(config.batch_size, EVAL_BLOCK) * per_row)
 

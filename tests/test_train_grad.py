@@ -66,7 +66,7 @@ def test_weight_pieces_cover_every_parameter_once(widths):
     """The pieces the weight gradients and the optimizer's update run in tile the parameter vector."""
     m = M.Model(M.Architecture(widths, bn_layers=(1,)), np.float64)
     covered = np.zeros(m.n_params, int)
-    for l, rows, flat, last in m._pieces:
+    for l, rows, flat, last in m.pieces:
         covered[flat] += 1
         assert m.W[l][rows].size <= flat.stop - flat.start
     assert covered.tolist() == [1] * m.n_params
@@ -94,7 +94,7 @@ def test_activation_derivative(rng, name):
 
     def both(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = np.empty_like(v), np.empty_like(v)
-        m._both(v, *out)
+        m.both(v, *out)
         return out
     phi, dphi = both(x)
     numeric = (both(x + STEP)[0] - both(x - STEP)[0]) / (2 * STEP)

@@ -183,9 +183,9 @@ def test_a_paired_accuracy_interval_stays_within_what_accuracies_allow():
     (reported as [-100, +100] points) rather than claiming -300 points; a loss difference is not cut."""
     final = pd.DataFrame({"config": ["a", "a", "b", "b"], "replicate": [0, 1, 0, 1],
                           "test_accuracy": [0.3, 0.7, 0.6, 0.5], "train_loss_keras": [0.3, 0.7, 0.6, 0.5]})
-    mean, lo, hi, n = report._paired(final, "a", "b", "test_accuracy")
+    mean, lo, hi, n = report.paired(final, "a", "b", "test_accuracy")
     assert (mean, lo, hi, n) == (pytest.approx(-0.05), -1.0, 1.0, 2)
-    assert report._paired(final, "a", "b", "train_loss_keras")[1] < -1
+    assert report.paired(final, "a", "b", "train_loss_keras")[1] < -1
 
 
 def test_configurations_at_chance_are_named_in_one_finding():

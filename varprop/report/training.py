@@ -95,7 +95,10 @@ def bn_pairs(meta: dict[str, Any]) -> list[tuple[str, str]]:
             if _bn_of(c) != "none" and _without_bn(c) in plain]
 
 
-def _paired(final: pd.DataFrame, a: str, b: str, col: str) -> tuple[float, float, float, int]:
+def paired(final: pd.DataFrame, a: str, b: str, col: str) -> tuple[float, float, float, int]:
+    """Configuration ``a`` minus ``b`` in ``col`` of the final records, paired by replicate (the same
+    seed's data and draws): (mean difference, t-interval low, high, pairs). A difference of accuracies
+    has its interval cut to [-1, 1]."""
     x = final[final["config"] == a].set_index("replicate")[col]
     y = final[final["config"] == b].set_index("replicate")[col]
     both = x.index.intersection(y.index)
@@ -177,8 +180,8 @@ def findings(history: pd.DataFrame, meta: dict[str, Any], layers: pd.DataFrame |
     if len(labels) > 1 and math.isfinite(target):
         out.append(_reach_finding(ends, final, labels, target, n_rep))
     for with_bn, without in bn_pairs(meta):
-        dl = _paired(final, with_bn, without, "train_loss_keras")
-        da = _paired(final, with_bn, without, "test_accuracy")
+        dl = paired(final, with_bn, without, "train_loss_keras")
+        da = paired(final, with_bn, without, "test_accuracy")
         lw = final[final["config"] == with_bn]["train_loss_keras"].median()
         lo = final[final["config"] == without]["train_loss_keras"].median()
         out.append(f"BN's effect, **{with_bn}** against **{without}**: final training loss {_num(lo)} -> "
@@ -278,7 +281,7 @@ def _batch_findings(final: pd.DataFrame, meta: dict[str, Any]) -> list[str]:
         for c in members:
             if c["label"] == best:
                 continue
-            d = _paired(final, c["label"], best, "test_accuracy")
+            d = paired(final, c["label"], best, "test_accuracy")
             parts.append(f"batch {c['options']['batch_size']}: {_interval_words(*d, _signed_pts)}")
         name = ", ".join(p for p in members[0]["label"].split(", ") if not p.startswith("batch_size=")) or \
             "these settings"

@@ -309,7 +309,7 @@ class Model:
     def __init__(self, arch: Architecture, dtype: Any = np.float32, pool: Pool = SERIAL):
         self.arch, self.dtype, self.pool = arch, np.dtype(dtype), pool
         self.act = activations.get(arch.activation, arch.leaky_slope)
-        self._both = _FAST.get(self.act.name) or _registry_both(self.act)
+        self.both = _FAST.get(self.act.name) or _registry_both(self.act)  # both(x, phi_out, dphi_out)
         shapes: list[tuple[str, int, tuple[int, ...]]] = []
         for l in range(1, arch.depth + 1):
             n_in, n_out = arch.widths[l - 1], arch.widths[l]
@@ -329,7 +329,7 @@ class Model:
             starts[name, l] = start
             start += size
         self._macs_per_row = arch.macs_per_row
-        self._pieces = self._weight_pieces(starts, total)
+        self.pieces = self._weight_pieces(starts, total)  # (layer, rows of W, flat slice, last piece of W?)
         self.W = {l: views["W", l][0] for l in self.layers}
         self.b = {l: views["b", l][0] for l in self.layers}
         self.dW = {l: views["W", l][1] for l in self.layers}
@@ -456,7 +456,7 @@ class Model:
 
     def _dense_rows(self, l: int, h: np.ndarray, z: np.ndarray, a: np.ndarray | None = None,
                     d: np.ndarray | None = None) -> Callable[[slice], None]:
-        act = self._both if a is not None else None
+        act = self.both if a is not None else None
 
         def rows(s: slice) -> None:
             dense_forward(h[s], self.W[l], self.b[l], act, (z[s], None if a is None else a[s],
@@ -465,7 +465,7 @@ class Model:
 
     def _act_rows(self, x: np.ndarray, a: np.ndarray, d: np.ndarray) -> Callable[[slice], None]:
         def rows(s: slice) -> None:
-            self._both(x[s], a[s], d[s])
+            self.both(x[s], a[s], d[s])
         return rows
 
     def _bn_stage(self, l: int, x: np.ndarray, y: np.ndarray, rec: dict[str, Any], training: bool, update: bool,
@@ -544,7 +544,7 @@ class Model:
                 np.sum(deltas[l], axis=0, out=self.db[l])
             if opt is not None:
                 opt.update(self.params, self.grads, flat)
-        self.pool.map(piece, self._pieces)
+        self.pool.map(piece, self.pieces)
 
     def forward(self, x: np.ndarray, training: bool, update_stats: bool = False, batch: int | None = None
                 ) -> tuple[np.ndarray, list[dict[str, Any]]]:

@@ -33,7 +33,7 @@ class _Run:
 
     def diff(self, a: str, b: str, col: str = "train_loss_keras") -> tuple[float, float, float, int]:
         """a - b per seed (paired: same kernels, same batches), mean and 95% t interval."""
-        return tr._paired(self.final, a, b, col)
+        return tr.paired(self.final, a, b, col)
 
     def reach(self, label: str, target: float) -> float:
         """Median epochs to reach ``target`` (NaN unless every seed reaches it)."""

@@ -14,10 +14,10 @@ from typing import Any, Callable
 import click
 
 from .. import options, report
-from ..run import json_default
 from ..errors import SpecError
 from ..nn import activations, inits
 from ..options import parse_activation
+from ..run import json_default
 
 DEFAULT_RUNS_DIR = Path("reports") / "runs"
 
@@ -117,6 +117,14 @@ def force_option(fn: Any) -> Any:
     return click.option("--force", is_flag=True,
                         help="write into an output directory that holds files varprop did not write: they are "
                              "kept, and one a new output would replace is kept as NAME.~1~")(fn)
+
+
+def threads_option(fn: Any) -> Any:
+    """``--threads N`` (parsed by the command, which names the option in its error)."""
+    return click.option("--threads", default=None, metavar="N",
+                        help="cores to compute on (threads, or forked processes for small pieces of work; more "
+                             "than the machine has gains nothing); the numbers are the same for any N "
+                             "[default: every core]")(fn)
 
 
 class LazyBar:

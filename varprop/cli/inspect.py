@@ -64,10 +64,10 @@ def inspect_cmd(model: str, title: str | None, formats: str, out: str | None, fo
     """
     require_torch()
     from .. import report as report_pkg
-    from ..report import inspect as report
     from ..inspect.model import load_model
     from ..inspect.run import inspect, residual_table
     from ..inspect.sweep import width_sweep
+    from ..report import inspect as report
     from ..report.document import terminal
     from .common import in_staging, parse_formats
 

@@ -8,13 +8,12 @@ from typing import Any
 import click
 
 from .. import options, report
-from ..montecarlo import run_configs
-from ..montecarlo import total_steps
+from ..montecarlo import run_configs, total_steps
 from ..options import parse_threads
 from ..parallel import available_cores
 from ..spec import expand
 from .common import (DEFAULT_RUNS_DIR, LazyBar, echo_written, force_option, given, in_staging, parse_formats,
-                     read_config, table_options)
+                     read_config, table_options, threads_option)
 
 
 @click.command()
@@ -26,9 +25,7 @@ from .common import (DEFAULT_RUNS_DIR, LazyBar, echo_written, force_option, give
                    "[default: md,html,csv,json]")
 @click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/<descriptive name>]")
 @force_option
-@click.option("--threads", default=None, metavar="N",
-              help="cores to compute on (threads, or forked processes for small pieces of work; more than the "
-                   "machine has gains nothing); the numbers are the same for any N [default: every core]")
+@threads_option
 def simulate(config_file: str | None, title: str | None, formats: str, out: str | None, force: bool,
              threads: str | None, **raw: Any) -> None:
     """Push random inputs through a deep stack and report every layer's statistics.

@@ -10,9 +10,9 @@ import click
 import numpy as np
 
 from .. import fit, options, report, theory
+from ..errors import SpecError
 from ..montecarlo import memory
 from ..nn import activations, inits
-from ..errors import SpecError
 from ..spec import from_options
 from .common import DEFAULT_RUNS_DIR, activation_arg, echo_json, force_option, given, in_staging, table_options
 

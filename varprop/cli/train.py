@@ -13,7 +13,7 @@ from .. import options
 from ..options import parse_threads
 from ..parallel import available_cores
 from .common import (DEFAULT_RUNS_DIR, LazyBar, echo_written, force_option, given, in_staging, parse_formats,
-                     read_config, table_options)
+                     read_config, table_options, threads_option)
 
 FORMATS = ("md", "html", "csv")  # csv alone: the data files without a report
 
@@ -37,9 +37,7 @@ def run_name(values: dict[str, Any], configs: list[Any]) -> str:
                    "always written; csv alone skips the report) [default: md,html]")
 @click.option("--out", default=None, help=f"output directory [default: {DEFAULT_RUNS_DIR}/train-...]")
 @force_option
-@click.option("--threads", default=None, metavar="N",
-              help="cores to compute on (threads, or forked processes for small pieces of work; more than the "
-                   "machine has gains nothing); the numbers are the same for any N [default: every core]")
+@threads_option
 def train_cmd(config_file: str | None, title: str | None, formats: str, out: str | None, force: bool,
               threads: str | None, **raw: Any) -> None:
     """Train the batch-norm study's MLP on MNIST and record the loss and every layer's statistics.

@@ -194,6 +194,26 @@ def test_fast_normal_is_standard_normal(dtype):
         assert abs(np.corrcoef(x, y)[0, 1]) <= zc / math.sqrt(n // 2)
 
 
+def test_fast_normal_is_the_documented_transform_of_the_generators_words():
+    """standard_normal's float32 pairs are r cos t, r sin t of the generator's 64-bit words, in order
+    (the halves a, b of each word: u = (a + 1/2) 2^-32, r = sqrt(-2 ln u), t = 2 pi b 2^-32), computed
+    here in float64 from random_raw: equal to float32's rounding of each step (a few ulp of r, and t's
+    error times r), so any other stream, order or pairing is caught."""
+    n = 300_001
+    z = inits.standard_normal(generator(5, 1, 2, "weights"), (n,), np.float32).astype(np.float64)
+    words = generator(5, 1, 2, "weights").bit_generator.random_raw((n + 1) // 2)
+    a, b = (words & 0xFFFFFFFF).astype(np.float64), (words >> np.uint64(32)).astype(np.float64)
+    r = np.sqrt(-2 * np.log(np.minimum((a + 0.5) * 2.0**-32, 1 - 2.0**-24)))
+    t = 2 * np.pi * b * 2.0**-32
+    want = np.column_stack([r * np.cos(t), r * np.sin(t)]).ravel()[:n]
+    # float32 rounding: u to 2 2^-24 relative, so ln u to 4 2^-24 absolute and r = sqrt(-2 ln u) to that over
+    # r (large where u -> 1 and r -> 0); ln u, sqrt and the products a few 2^-24 relative; t to 2 pi 2^-24
+    # absolute, scaled by r.
+    rr = np.repeat(r, 2)[:n]
+    tol = 2.0**-24 * (16 * np.abs(want) + 4 / rr + 8 * rr * (2 * np.pi + 1))
+    assert np.all(np.abs(z - want) <= tol)
+
+
 def test_fast_normal_odd_sizes_and_shapes():
     rng = generator(2, 0, 0, "inputs")
     assert inits.standard_normal(rng, (3, 5), np.float32).shape == (3, 5)

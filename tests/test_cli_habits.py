@@ -45,11 +45,35 @@ def test_a_comparison_of_framework_names_is_labelled_canonically(tmp_path):
     (["--activation", "rleu"], "(did you mean relu?)"),
     (["--init", "glorot_unifrom"], "(did you mean glorot_uniform?)"),
     (["--init", "he_uniform", "--distribution", "normal"], "--distribution: normal contradicts --init he_uniform"),
+    (["--distribution", "gaussian"], "(did you mean normal?)"),
 ])
 def test_misspelled_or_contradicting_names_are_one_line(tmp_path, args, message):
     result = run(["simulate", *SMALL, *args, "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("typed,hint", [("simulat", "; did you mean 'simulate'?"), ("trian", "; did you mean 'train'?"),
+                                         ("xyzzy", " (varprop --help lists them)")])
+def test_a_misspelled_command_is_one_line_with_the_closest_command(typed, hint):
+    result = run([typed, "--layers", "3"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"varprop: error: no command '{typed}'") and hint in result.stderr
+
+
+def test_report_refuses_a_run_it_does_not_redraw_by_name(tmp_path):
+    """fit and phase write their report with their data: report names the command instead of calling the
+    directory no varprop run; csv is refused as the run's data, in one line, before anything is read."""
+    fit = tmp_path / "fit"
+    assert run(["fit", "--fan-in", "50,100", "--replicates", "2", "--samples", "50",
+                "--out", str(fit)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in fit.iterdir()}
+    result = run(["report", str(fit)])
+    assert result.exit_code == 2 and "is a varprop fit run, which is not redrawn" in result.stderr, result.stderr
+    for formats in ("csv", "md,csv"):
+        result = run(["report", str(fit), "--format", formats])
+        assert result.exit_code == 2 and "--format: csv: layers.csv is the run's data" in result.stderr
+    assert {p.name: p.read_bytes() for p in fit.iterdir()} == before
 
 
 def theory_json(*args):

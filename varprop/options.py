@@ -108,12 +108,15 @@ def parse_nonneg_float(value: Any, option: str) -> float:
     return _float(value, option, "a finite number >= 0", lambda x: math.isfinite(x) and x >= 0)
 
 
-def _choice(choices: Iterable[str]) -> Callable[[Any, str], str]:
+def _choice(choices: Iterable[str], synonyms: dict[str, str] | None = None) -> Callable[[Any, str], str]:
+    """A parser of one of ``choices``; a value in ``synonyms`` (another name for a choice) is refused with
+    the choice's name as the hint, as a misspelling is."""
     choices = tuple(choices)
 
     def parse(value: Any, option: str) -> str:
         if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
+            close = [synonyms[value]] if synonyms and value in synonyms else difflib.get_close_matches(
+                str(value), choices, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise _fail(option, "one of " + ", ".join(choices), value, hint)
         return value
@@ -296,7 +299,7 @@ def _branch_depth(value: Any, option: str) -> int:
 def _replicates_or_auto(value: Any, option: str) -> int | str:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
-    return parse_pos_int(value, option)
+    return _int(value, option, "'auto' or a positive integer", lambda n: n >= 1)
 
 
 def _fraction(value: Any, option: str) -> float:
@@ -334,7 +337,7 @@ OPTIONS: dict[str, Option] = {
     "leaky_slope": Option(_finite, 0.01, "negative slope of leaky_relu", metavar="SLOPE"),
     "init": Option(parse_init, "fan_in", "init scheme: " + ", ".join(inits.PRESETS) + ", a PyTorch/Keras/JAX name "
                    "(kaiming_uniform, he_normal, glorot_uniform, ...), or module:function", metavar="SCHEME"),
-    "distribution": Option(_choice(inits.DISTRIBUTIONS), None, "weight distribution: "
+    "distribution": Option(_choice(inits.DISTRIBUTIONS, {"gaussian": "normal"}), None, "weight distribution: "
                            + ", ".join(inits.DISTRIBUTIONS), metavar="NAME", unset="the scheme's own"),
     "mode": Option(_choice(inits.MODES), None, "fan the variance is divided by: " + ", ".join(inits.MODES),
                    metavar="MODE", unset="the scheme's own"),

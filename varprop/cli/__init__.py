@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import difflib
 import importlib
 import os
 import signal
@@ -96,6 +97,15 @@ class _Group(click.Group):
             return None
         module, _, attr = COMMANDS[name][0].partition(":")
         return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
+                                                                             list[str]]:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and name not in COMMANDS:
+            close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+            ctx.fail(f"no command {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                     + " (varprop --help lists them)")
+        return super().resolve_command(ctx, args)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):

@@ -14,6 +14,12 @@ from ..run import Run
 from .common import force_option, in_staging, parse_formats
 
 
+# The outputs a redraw writes (the data files are the run's own and are kept as they are), and the runs of
+# commands whose report is written with its data, by the file that marks them.
+REDRAWN = ("md", "html", "json")
+NOT_REDRAWN = {"fit.json": "fit", "phase.csv": "phase"}
+
+
 @click.command("report")
 @click.argument("run_dir")
 @click.option("--format", "formats", default="md,html", metavar="LIST", help="outputs among md, html, json "
@@ -28,14 +34,19 @@ def report_cmd(run_dir: str, formats: str, force: bool) -> None:
     from .. import report
     from ..outdir import OutDirError, check_target
 
-    fmts = parse_formats(formats)
+    if "csv" in (f.strip() for f in formats.split(",")):
+        raise SpecError("format", "csv: layers.csv is the run's data and is kept as it is; expected a "
+                        f"comma-separated list of {', '.join(REDRAWN)}")
+    fmts = parse_formats(formats, REDRAWN)
     if (Path(run_dir) / "_sweep.json").is_file():  # a varprop sweep directory: its own report
         from .sweep import redraw
 
         click.echo(f"rewrote {redraw(Path(run_dir))} (report.md and figures beside it)")
         return
-    if "csv" in fmts:
-        raise SpecError("format", "layers.csv is the run's data and is kept as it is; expected md, html or json")
+    for marker, command in NOT_REDRAWN.items():
+        if (Path(run_dir) / marker).is_file() and not (Path(run_dir) / "config.json").exists():
+            raise SpecError("RUN_DIR", f"{run_dir} is a varprop {command} run, which is not redrawn: its report is "
+                            f"written with its data; run varprop {command} again to change it")
     try:
         check_target(run_dir)
     except OutDirError as exc:

@@ -552,6 +552,96 @@ def test_assert_preserves_variance():
     assert result.passed and set(result.table["direction"]) == {"forward", "backward"}
 
 
+class _HiddenInplace(nn.Module):
+    """Two linear layers with a relu between them that no hook sees: applied in place on the first's output."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.a, self.b, self.how = nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False), how
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.how == "method":
+            h.relu_()
+        else:
+            h = F.relu(h, inplace=True)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("make,options", [
+    (lambda: nn.Sequential(nn.Linear(64, 64, bias=False), nn.ReLU(inplace=True), nn.Linear(64, 64, bias=False)),
+     {"types": "Linear"}),  # the relu left out of the selection
+    (lambda: _HiddenInplace("method"), {"trace": False}),
+    (lambda: _HiddenInplace("functional"), {"trace": False}),
+])
+def test_a_tensor_changed_in_place_unseen_restarts_the_theory(make, options):
+    """The second linear layer reads the first's output after a relu the hooks do not see changed it in place:
+    the theory must not take that input for the first layer's output (it would predict twice the second
+    moment, E[z^2] against E[relu(z)^2] = E[z^2] / 2) but restart from the input as measured."""
+    table = inspect(make, (256, 64), replicates=2, backward=True, **options)
+    b = table[table["layer"] == table["layer"].max()]
+    assert (b["theory"] == f"restart at {b['name'].iloc[0]}").all()
+    m2, theory = b["post_second_moment"].mean(), b["theory_post_second_moment"].iloc[0]
+    # two replicates of a 64-wide layer: each output second moment within a few x sqrt(2/64) of its mean
+    assert abs(math.log(theory / m2)) < 0.35
+    assert table["theory_grad_second_moment"].isna().all()  # the gradient's chain is broken there too
+
+
+class _NonFiniteOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(20, 8)
+
+    def forward(self, x):
+        return torch.log(self.fc(x) - 1e9)  # NaN everywhere
+
+
+def test_a_check_fails_a_module_with_inf_or_nan_values():
+    result = check_preserves_variance(_NonFiniteOut, (64, 20), band=4, replicates=8)
+    assert not result.passed and "inf or NaN values in some re-initialisation" in result.message
+    with pytest.raises(AssertionError, match="inf or NaN"):
+        assert_preserves_variance(_NonFiniteOut, input_shape=(64, 20), band=4, replicates=8)
+
+
+def test_a_checks_reproduce_command_says_every_option(user_models):
+    """A model named by a string reruns as varprop check --model with its options; what the command line
+    cannot say (a backward-only check: --backward checks both directions) is the Python call, every option
+    spelled out."""
+    both = check_preserves_variance(f"{user_models}:make_model", (4, 3, 4, 4), direction="both", mode="eval",
+                                    types="Linear,Conv2d", seed=3, replicates=8)
+    assert both.command.startswith(f"varprop check --model {user_models}:make_model ")
+    for words in ("--backward", "--model-mode eval", "--types Linear,Conv2d", "--seed 3", "--replicates 8",
+                  "--input-shape 4,3,4,4"):
+        assert words in both.command, both.command
+    back = check_preserves_variance(f"{user_models}:make_model", (4, 3, 4, 4), direction="backward", mode="eval",
+                                    types="Linear", replicates=8)
+    assert back.command.startswith(f"varprop.torch.check_preserves_variance('{user_models}:make_model', ")
+    assert "direction='backward'" in back.command and "mode='eval'" in back.command and "types='Linear'" in back.command
+
+
+class _UnusedLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.probe = nn.Linear(20, 5), nn.Linear(20, 7)
+
+    def forward(self, x):
+        y = self.a(x)
+        self.probe(x)  # runs last, returned by no one
+        return y
+
+
+def test_findings_name_the_module_the_model_returns_as_its_output():
+    from varprop.report import inspect as report
+
+    table = inspect(_UnusedLast, (16, 20))
+    assert table.attrs["inspect"]["outputs"] == [1]
+    summary = report.module_summary(table)
+    forward = next(f for f in report.findings(summary, residual_table(table), table.attrs["inspect"])
+                   if f.startswith("Forward:"))
+    plain = "".join(ch for ch in forward if ch >= " ")  # without the markup's literal-text marks
+    assert plain.startswith("Forward: the output a (Linear, row 1)"), plain
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 
 class _IntOut(nn.Module):

@@ -19,7 +19,7 @@ import math
 import os
 import shlex
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .errors import SpecError
 from .nn import activations, inits
@@ -583,12 +583,12 @@ def word(value: Any) -> str:
     return value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
 
 
-def command_line(command: str, values: Mapping[str, Any], *extra: str) -> str:
+def command_line(command: str, values: Mapping[str, Any], *extra: str, lead: Sequence[str] = ()) -> str:
     """The shell command that reruns ``command`` with ``values`` (parsed
     values; a list for repeated ones), in the table's order, then ``extra``
-    words (``--out DIR``).
+    words (``--out DIR``); ``lead`` right after the command (``--model M``).
     """
-    words = ["varprop", command]
+    words = ["varprop", command, *lead]
     for key in COMMANDS[command]:
         if key not in values or values[key] is None:
             continue

@@ -159,5 +159,4 @@ def reproduce(command: str, values: dict[str, Any], get: Any, pinned: tuple[str,
               ) -> list[str]:
     """The words of the command that reruns ``command`` with ``values`` and, written out whatever later
     defaults become, the values of ``pinned`` (by ``get(option)``); ``lead`` right after the command."""
-    words = shlex.split(options.command_line(command, {**{k: get(k) for k in pinned}, **values}))
-    return [*words[:2], *lead, *words[2:]]
+    return shlex.split(options.command_line(command, {**{k: get(k) for k in pinned}, **values}, lead=lead))

@@ -126,9 +126,11 @@ class Pass:
         return None
 
     def source_of(self, t: Any) -> int | None:
-        """The row whose output ``t`` is, else None."""
+        """The row whose output ``t`` is, not modified in place since (by an operation the hooks do not see:
+        ``F.relu_``, ``+=`` in an untraced model, a module left out by ``modules``/``types``), else None:
+        a tensor changed unseen is no row's output, and the theory restarts from it as measured."""
         found = self._producer(t)
-        return None if found is None else found[0]
+        return found[0] if found is not None and found[1] == t._version else None
 
     @staticmethod
     def _ptr_key(t: Any) -> tuple[int, int, Any]:
@@ -174,8 +176,10 @@ class Pass:
         inputs = [t for _, t in tensors((args, kwargs)) if t.is_floating_point()]
         if self._reader is None and inputs and inputs[0] is self._feed and next(module.children(), None) is None:
             self._reader = module  # the first module without children to receive the input itself
+        laid_out = self._producer(inputs[0]) if inputs else None  # changed in place or not, laid out alike
         info: dict[str, Any] = {"sources": [self.source_of(t) for t in inputs],
-                                "in_shape": tuple(inputs[0].shape) if inputs else None}
+                                "in_shape": tuple(inputs[0].shape) if inputs else None,
+                                "layout_of": None if laid_out is None else laid_out[0]}
         target = self.targets[module]
         act = target.act
         if act is not None and getattr(module, "fname", None):  # a traced call: its own arguments decide
@@ -200,9 +204,7 @@ class Pass:
                 self._residual_row(module, -1, info["operands"], total=self._sum_stats(output, info))
             return
         call = self._calls[module] = self._calls.get(module, 0) + 1
-        inherited = None
-        if info["sources"] and info["sources"][0] is not None:
-            inherited = self.rows[info["sources"][0]].axes
+        inherited = None if info["layout_of"] is None else self.rows[info["layout_of"]].axes
         for path, t in tensors(output):
             if not t.is_floating_point() or t.dim() == 0 or t.numel() == 0:
                 continue
@@ -241,7 +243,8 @@ class Pass:
         res = self.residuals[module]
         skip, branch = operands[res.skip_index], operands[1 - res.skip_index]
         sources = self.source_of(skip), self.source_of(branch)
-        axes = self.axes(module, skip.dim(), self.rows[sources[0]].axes if sources[0] is not None else None)
+        laid_out = self._producer(skip)
+        axes = self.axes(module, skip.dim(), self.rows[laid_out[0]].axes if laid_out is not None else None)
         return {"skip": self._stats_of(skip, axes), "branch": self._stats_of(branch, axes),
                 "skip_source": sources[0], "branch_source": sources[1], "ambiguous": res.ambiguous, "axes": axes}
 
@@ -249,13 +252,8 @@ class Pass:
         """``t``'s statistics for the residual table: a row's own when ``t`` is that row's output, unchanged
         since and laid out alike (an addition's operands usually are), else computed (those the table
         reads)."""
-        own = self._row_post(self._unchanged_row(t), axes, t.shape)
+        own = self._row_post(self.source_of(t), axes, t.shape)
         return own if own is not None else tensor_stats(t, *axes, buffer=self.buffer, complete=False)
-
-    def _unchanged_row(self, t: Any) -> int | None:
-        """The row whose output ``t`` is, not modified in place since, else None."""
-        found = self._producer(t)
-        return found[0] if found is not None and found[1] == t._version else None
 
     def _row_post(self, layer: int | None, axes: tuple[int, int], shape: Any) -> dict[str, float] | None:
         """Row ``layer``'s statistics when its output is laid out as ``axes`` and ``shape``, else None."""
@@ -275,8 +273,9 @@ class Pass:
         """Hooks that capture a known block's operands (copies: torchvision adds in place) and measure
         each addition when the block returns. An operand that is a row's output, unchanged when captured,
         takes that row's statistics; the others and the sums are measured for the residual table."""
-        def capture(t: Any) -> tuple[Any, int | None, int | None]:  # (copy, source row, unchanged row)
-            return t.detach().clone(), self.source_of(t), self._unchanged_row(t)
+        def capture(t: Any) -> tuple[Any, int | None, int | None]:  # (copy, source row, row laid out alike)
+            laid_out = self._producer(t)
+            return t.detach().clone(), self.source_of(t), None if laid_out is None else laid_out[0]
 
         def pre(module: Any, args: tuple, kwargs: dict) -> None:
             x = next((t for _, t in tensors((args, kwargs)) if t.is_floating_point()), None)
@@ -290,7 +289,7 @@ class Pass:
             return hook
 
         def stats(operand: tuple[Any, int | None, int | None], axes: tuple[int, int]) -> dict[str, float]:
-            own = self._row_post(operand[2], axes, operand[0].shape)
+            own = self._row_post(operand[1], axes, operand[0].shape)
             return own if own is not None else tensor_stats(operand[0], *axes, buffer=self.buffer, complete=False)
 
         def post(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
@@ -306,7 +305,7 @@ class Pass:
                     return
                 total = skip[0] + branch[0]
                 sums.append((total, None, None))
-                axes = self.axes(block, total.dim(), self.rows[skip[1]].axes if skip[1] is not None else None)
+                axes = self.axes(block, total.dim(), self.rows[skip[2]].axes if skip[2] is not None else None)
                 ops = {"skip": stats(skip, axes), "branch": stats(branch, axes), "skip_source": skip[1],
                        "branch_source": branch[1], "ambiguous": False}
                 self._residual_row(block, -1, ops, name=f"{name}+{k + 1}",

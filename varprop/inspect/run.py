@@ -195,7 +195,7 @@ def _frame(config: str, replicate: int, rep: _Replicate, backward: bool) -> pd.D
             **{f"post_{k}": row.post.get(k, math.nan) for k in STATS}}
         if backward:
             grad = row.grad or empty_stats()
-            grad.pop("nonfinite", None)
+            rec["grad_nonfinite"] = bool(grad.pop("nonfinite", False))
             rec.update({f"grad_{k}": grad.get(k, math.nan) for k in STATS})
             norm = rep.weight_grads.get(row.layer, math.nan)
             rec["weight_grad_norm"] = norm
@@ -333,6 +333,8 @@ def inspect(model_or_factory: Any, input_shape: Sequence[int] | str | None = Non
         "token_ids": inputs is not None and bool(np.issubdtype(inputs.dtype, np.integer)),
         "replicates": replicates, "seed": seed, "mode": mode, "backward": backward, "device": str(dev),
         "modules": patterns, "types": type_list, "trace": trace, "notes": notes,
+        # the rows whose tensors the model returns (None: one is not a measured module's output)
+        "outputs": None if reps[0].outputs is None else sorted(reps[0].outputs),
         "elapsed_s": time.perf_counter() - start, "torch": torch.__version__,
     }
     return table

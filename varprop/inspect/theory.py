@@ -235,9 +235,11 @@ def predict(table: pd.DataFrame, replicates: Sequence[Sequence[Any]], backward: 
     reasons: dict[int, str] = {}
     names = {row.layer: row.name for row in rows}
 
-    def source_name(src: int | None) -> str:
-        return names.get(src, "unseen") if src is not None else (
-            "a value not measured (an operation the hooks do not see, or a module left out of the selection)")
+    def unpredicted(src: int | None) -> str:
+        if src is None:
+            return ("input unseen: made, or changed in place, by an operation the hooks do not see or a module "
+                    "left out of the selection")
+        return f"input ({names.get(src, 'unseen')}) not predicted"
 
     def measured_input(layer: int, src: int | None) -> Pred | None:
         nodes = by_layer[layer]
@@ -288,9 +290,9 @@ def predict(table: pd.DataFrame, replicates: Sequence[Sequence[Any]], backward: 
                 pred = Pred(_fit(q, out_pos), np.zeros(out_pos), cos, True, True, p_in.basis)
         elif kind == "act":
             if p_in is None:
-                why = f"input ({source_name(src)}) not predicted"
+                why = unpredicted(src)
             elif not p_in.gauss or np.any(np.abs(p_in.mean) > 1e-12 * np.sqrt(np.maximum(p_in.m2, 1e-300))):
-                why = f"input ({source_name(src)}) is not a zero-mean Gaussian"
+                why = f"input ({names.get(src, 'unseen')}) is not a zero-mean Gaussian"
             else:
                 act = node["act"]
                 mean, m2, _ = _moments(act, p_in.m2)
@@ -330,13 +332,13 @@ def predict(table: pd.DataFrame, replicates: Sequence[Sequence[Any]], backward: 
                             p_in.gauss and clean, p_in.sym and clean, p_in.basis)
         elif kind == "dropout":
             if p_in is None:
-                why = f"input ({source_name(src)}) not predicted"
+                why = unpredicted(src)
             else:
                 p = _mean(nodes, "p")
                 pred = replace(p_in, m2=p_in.m2 / (1 - p), cos=p_in.cos * (1 - p), gauss=p_in.gauss and p == 0)
         elif kind == "pass":
             pred = p_in
-            why = "" if p_in is not None else f"input ({source_name(src)}) not predicted"
+            why = "" if p_in is not None else unpredicted(src)
         elif kind == "add":
             pa = preds.get(sources[0]) if len(sources) > 0 and sources[0] is not None else None
             pb = preds.get(sources[1]) if len(sources) > 1 and sources[1] is not None else None

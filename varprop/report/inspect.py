@@ -104,9 +104,12 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
     if sweep is not None:
         out.append(f"Width sweep: **{lit(sweep.message)}**.")
     if len(rest):
-        last = rest.iloc[-1]
+        # The model's output where it is a measured row (the last, of several), else the last row measured.
+        returned = rest[rest["layer"].isin(meta.get("outputs") or [])]
+        last = returned.iloc[-1] if len(returned) else rest.iloc[-1]
         ratio = last["post_log10_rms_std"] - first["post_log10_rms_std"]
-        what = "the last module measured" if meta.get("modules") or meta.get("types") else "the output"
+        what = ("the last module measured" if not len(returned) else "the output" if len(returned) == 1 else
+                f"the last of the model's {len(returned)} outputs")
         out.append(f"Forward: {what} {_module(last)} has std {_pow10(last['post_log10_rms_std'])}, "
                    + (f"x{_pow10(ratio, 3)} that of the first module {_module(first)}, "
                       f"{_pow10(first['post_log10_rms_std'])} (the input is token ids)" if ids else

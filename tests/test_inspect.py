@@ -681,6 +681,10 @@ def _raises():
     raise ValueError("width must be even\nmore detail")
 
 
+def _exits():
+    sys.exit(3)  # a factory's own exit is the user's error to see, not a silent end of varprop
+
+
 @pytest.mark.parametrize("model,kwargs,option,words", [
     ("no_such_module_xyz:make", {}, "--model", "cannot import module"),
     (_raises, {}, "--model", "raised ValueError: width must be even"),
@@ -695,6 +699,8 @@ def _raises():
     (lambda: nn.Linear(4, 3), {"input_shape": "2,x"}, "--input-shape", "comma-separated positive integers"),
     (lambda: nn.Linear(4, 3), {"mode": "test"}, "--mode", "train or eval"),
     (lambda: nn.Linear(4, 3), {"input_shape": (10**12, 4)}, "--input-shape", "use a smaller --input-shape"),
+    (_exits, {}, "--model", "_exits() called sys.exit(3)"),
+    (lambda: nn.Linear(4, 3), {"modules": " , "}, "--modules", "expected comma-separated names"),
 ])
 def test_bad_input_is_one_line_naming_the_option(model, kwargs, option, words):
     if option == "--device" and torch.cuda.is_available():

@@ -219,6 +219,13 @@ def _text(value: Any, option: str) -> str:
     return value
 
 
+def _names(value: Any, option: str) -> str:
+    """A comma-separated list of names or globs, at least one of them not empty."""
+    if not isinstance(value, str) or not any(part.strip() for part in value.split(",")):
+        raise _fail(option, "comma-separated names", value)
+    return value
+
+
 def _npy_path(value: Any, option: str) -> str:
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
         raise _fail(option, "the path of a .npy file", value)
@@ -417,9 +424,9 @@ OPTIONS: dict[str, Option] = {
     # --- inspect's own (a PyTorch model of the user's) ---
     "input_shape": Option(parse_input_shape, None, "the input's shape, samples first (8,3,32,32 or 64,784); inputs "
                           "are N(0, 1) from the seed", repeatable=False, metavar="N,C,...", list_valued=True),
-    "modules": Option(_text, None, "measure only modules whose qualified name matches (comma-separated globs: "
+    "modules": Option(_names, None, "measure only modules whose qualified name matches (comma-separated globs: "
                       "'layer*.conv*')", repeatable=False, metavar="GLOBS"),
-    "types": Option(_text, None, "measure only these module types (Conv2d,Linear)", repeatable=False,
+    "types": Option(_names, None, "measure only these module types (Conv2d,Linear)", repeatable=False,
                     metavar="NAMES"),
     "width_sweep": Option(parse_width_sweep, None, "call MODEL(width) at each width and fit every module's std "
                           "against width (an automated coord check)", repeatable=False, metavar="W1,W2,...",

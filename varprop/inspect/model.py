@@ -56,9 +56,11 @@ def build(model: Any, replicate: int, seed: int, device: Any, args: tuple = ()) 
         else:
             try:
                 built = model(*args)
-            except Exception as exc:  # the user's code: one line with its message
-                raise SpecError("model", f"{callable_name(model)}({', '.join(map(repr, args))}) raised "
-                                f"{error_line(exc)}") from exc
+            except (Exception, SystemExit) as exc:  # the user's code: one line with its message
+                hint = " (--width-sweep calls it with the width)" if args and isinstance(exc, TypeError) else ""
+                raise SpecError("model", f"{callable_name(model)}({', '.join(map(repr, args))}) "
+                                + (f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else
+                                   f"raised {error_line(exc)}") + hint) from exc
     if not isinstance(built, torch.nn.Module):
         raise SpecError("model", f"{callable_name(model)} returned {type(built).__name__}, not a torch.nn.Module")
     try:

@@ -292,8 +292,7 @@ def inspect(model_or_factory: Any, input_shape: Sequence[int] | str | None = Non
         # checked before either is allocated (the model's own activations come on top)
         memory.refuse_beyond(12 * math.prod(shape), None, f"an input of shape {','.join(map(str, shape))}",
                              "use a smaller --input-shape", "input_shape")
-    patterns = [p.strip() for p in modules.split(",")] if isinstance(modules, str) else modules
-    type_list = [t.strip() for t in types.split(",")] if isinstance(types, str) else types
+    patterns, type_list = _names("modules", modules), _names("types", types)
     notes: list[str] = []
     instance = isinstance(model_or_factory, torch.nn.Module)
     if instance:
@@ -339,6 +338,16 @@ def inspect(model_or_factory: Any, input_shape: Sequence[int] | str | None = Non
     }
     return table
 
+
+
+def _names(option: str, value: str | Sequence[str] | None) -> list[str] | None:
+    """``modules`` or ``types``: comma-separated (or a list), empty entries dropped; none at all refused."""
+    if value is None:
+        return None
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if str(n).strip()]
+    if not names:
+        raise SpecError(option, f"expected comma-separated names, got {value!r}")
+    return names
 
 
 def residual_table(table: pd.DataFrame) -> pd.DataFrame:

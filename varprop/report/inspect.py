@@ -110,11 +110,15 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
         ratio = last["post_log10_rms_std"] - first["post_log10_rms_std"]
         what = ("the last module measured" if not len(returned) else "the output" if len(returned) == 1 else
                 f"the last of the model's {len(returned)} outputs")
-        out.append(f"Forward: {what} {_module(last)} has std {_pow10(last['post_log10_rms_std'])}, "
-                   + (f"x{_pow10(ratio, 3)} that of the first module {_module(first)}, "
-                      f"{_pow10(first['post_log10_rms_std'])} (the input is token ids)" if ids else
-                      f"x{_pow10(ratio, 3)} the input's ({_pow10(first['post_log10_rms_std'])})")
-                   + (f" (mean network over {reps} re-initialisations)." if reps > 1 else "."))
+        if math.isnan(last["post_log10_rms_std"]):
+            out.append(f"Forward: {what} {_module(last)} **holds inf or NaN values** in some re-initialisation: "
+                       "it has no std.")
+        else:
+            out.append(f"Forward: {what} {_module(last)} has std {_pow10(last['post_log10_rms_std'])}, "
+                       + (f"x{_pow10(ratio, 3)} that of the first module {_module(first)}, "
+                          f"{_pow10(first['post_log10_rms_std'])} (the input is token ids)" if ids else
+                          f"x{_pow10(ratio, 3)} the input's ({_pow10(first['post_log10_rms_std'])})")
+                       + (f" (mean network over {reps} re-initialisations)." if reps > 1 else "."))
         logs = rest["post_log10_rms_std"].to_numpy(float) - first["post_log10_rms_std"]
         finite = np.isfinite(logs)
         if finite.any():
@@ -125,8 +129,10 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
                            f"x{_pow10(logs[hi], 3)} {_module(rest.iloc[hi])} of {short}: **more than a "
                            "factor 10 away** somewhere in the model.")
             else:
+                broken = int(np.isnan(logs).sum())
                 out.append(f"Every module's output std lies within x{_pow10(logs[lo], 3)} .. "
-                           f"x{_pow10(logs[hi], 3)} of {short}.")
+                           f"x{_pow10(logs[hi], 3)} of {short}"
+                           + (f", but for {broken} holding inf or NaN values." if broken else "."))
         zero = rest[rest["post_log10_rms_std"] == -np.inf]
         if len(zero):
             out.append(f"{len(zero)} module(s) output exactly 0 (e.g. {_module(zero.iloc[0])}): a zero-initialised "

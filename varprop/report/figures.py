@@ -94,7 +94,10 @@ class _PlainLogFormatter(LogFormatterSciNotation):
         math_text = re.fullmatch(r"\$\\mathdefault\{(.*)\}\$", label)
         if math_text is None:
             return label
-        if self._base == 10 and 0.1 < abs(x) < 10:  # 0.998, 1, 1.0005 and 2 rather than 9.98 x 10^-1, 10^0
+        # 0.998, 1, 1.0005 and 2 rather than 9.98 x 10^-1, 10^0; and every label plain on an axis within
+        # [0.001, 10^4] (3, 10, 20 rather than 3, 10^1, 2 x 10^1)
+        view = sorted(abs(v) for v in self.axis.get_view_interval()) if self.axis is not None else [0.0, math.inf]
+        if self._base == 10 and (0.1 < abs(x) < 10 or (view[0] >= 1e-3 and view[1] < 1e4)):
             return f"{x:.6g}".replace("-", "\u2212")
         body = math_text.group(1).replace(r"\times", "\u00d7").replace("-", "\u2212")
         return re.sub(r"\^\{([^}]*)\}", lambda m: m.group(1).replace("\u2212", "-").translate(_SUPERSCRIPT), body)
@@ -359,9 +362,12 @@ def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str,
             first = False
         if side == "post" and "theory_post_log10_std_lo" in s and s["theory_post_log10_std_lo"].notna().any():
             for edge in ("theory_post_log10_std_lo", "theory_post_log10_std_hi"):
-                ax.plot(s["layer"], y(s[edge]), color=color, ls=(0, (1, 3)), lw=1.0,
-                        label="95% of single networks (finite-width law)" if edge.endswith("lo") and not banded
-                        else None)
+                ax.plot(s["layer"], y(s[edge]), color=color, ls=(0, (1, 3)), lw=1.0)
+            if not banded:  # one legend entry for every configuration's band, in grey when there are several
+                several = summary["config"].nunique() > 1
+                ax.plot([], [], color="0.4" if several else color, ls=(0, (1, 3)), lw=1.0,
+                        label="95% of single networks (finite-width law)"
+                        + (", each in its line's colour" if several else ""))
             banded = True
         reps = layers[layers["config"] == config]
         if reps["replicate"].nunique() > 1:

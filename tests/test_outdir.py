@@ -680,3 +680,34 @@ def test_summary_json_holds_the_layers_the_tables_show(tmp_path):
     assert sorted((r["config"], r["layer"]) for r in rows) == sorted(
         (c, layer) for c in ("unit", "fan_in") for layer in shown_layers(40))
     assert len(shown_layers(40)) < 41 and (out / "layers.csv").read_text().count("\n") == 1 + 2 * 41
+
+
+FINALISER_SIGNAL = """
+import os, signal, sys, time, weakref
+import varprop.montecarlo.run as engine
+from varprop.cli import main
+
+def slow_run(*args, **kwargs):  # a long run, during which the signal lands in a finaliser
+    class Held:
+        pass
+    held = Held()
+    ref = weakref.ref(held, lambda _: os.kill(os.getpid(), signal.{sig}))
+    del held
+    time.sleep(5)
+    print("finished")
+
+engine.run_configs = slow_run
+main(["simulate", "--layers", "2", "--width", "4", "--out", sys.argv[1]])
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_landing_in_a_finaliser_still_interrupts(sig, tmp_path):
+    """Python drops an exception raised in a weakref callback or __del__: the signal's exception raised
+    there would be lost, and the run go on to the end (and replace the previous output), every later signal
+    ignored as if unwinding. It is delivered again once the finaliser is done."""
+    done = subprocess.run([sys.executable, "-c", FINALISER_SIGNAL.replace("{sig}", sig), str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=60)
+    signum = getattr(signal, sig)
+    assert done.returncode == 128 + signum and "finished" not in done.stdout, (done.returncode, done.stderr)
+    assert done.stderr.strip() == "varprop: interrupted" and not (tmp_path / "run").exists()

@@ -46,6 +46,7 @@ class Interrupted(BaseException):
 
 _SIGNALS = [s for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]
 _interrupted = False
+_unraisable_before = sys.unraisablehook  # the hook _redeliver passes every other exception to
 
 
 def _on_signal(signum: int, frame: Any) -> None:
@@ -57,6 +58,22 @@ def _on_signal(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
+def _redeliver(args: Any) -> None:
+    """``sys.unraisablehook``: a signal that landed while a finaliser ran (a weakref callback, ``__del__``)
+    had its exception dropped by Python (else the run would go on, every later signal ignored as if already
+    unwinding). The signal is sent again from a timer thread, so that it is handled after this hook and the
+    finaliser have returned (raised here, it would be dropped as well); should it land in a finaliser
+    again, it comes back here."""
+    global _interrupted
+    if isinstance(args.exc_value, Interrupted):
+        _interrupted = False
+        timer = threading.Timer(0.01, os.kill, (os.getpid(), args.exc_value.signum))
+        timer.daemon = True
+        timer.start()
+        return
+    _unraisable_before(args)
+
+
 def _install_handlers() -> dict[int, Any]:
     """Our handler for each signal that would otherwise kill us (one that is
     ignored, e.g. SIGHUP under nohup, stays ignored); returns the old ones."""
@@ -64,6 +81,9 @@ def _install_handlers() -> dict[int, Any]:
     _interrupted = False
     if threading.current_thread() is not threading.main_thread():
         return {}
+    global _unraisable_before
+    if sys.unraisablehook is not _redeliver:
+        _unraisable_before, sys.unraisablehook = sys.unraisablehook, _redeliver
     old = {}
     for name in _SIGNALS:
         num = getattr(signal, name)
@@ -147,6 +167,8 @@ class _Group(click.Group):
         finally:
             for num, handler in old.items():
                 signal.signal(num, handler)
+            if sys.unraisablehook is _redeliver:
+                sys.unraisablehook = _unraisable_before
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -89,10 +89,23 @@ def test_rerun_command_reproduces(tmp_path):
     assert (out / "history.csv").read_bytes() == (tmp_path / "b" / "history.csv").read_bytes()
 
 
+def test_a_config_files_top_level_and_its_train_table_both_count(tmp_path):
+    """Options at the top level of a TOML file apply to every command, its [train] table's to train (and win
+    over the top level's); a [simulate] table beside them is simulate's alone."""
+    (tmp_path / "both.toml").write_text("epochs = 1\nreplicates = 3\nwidths = '784,8,10'\n[train]\nreplicates = 1\n"
+                                        "[simulate]\nlayers = 3\n")
+    out = tmp_path / "run"
+    result = run(["--config", str(tmp_path / "both.toml"), "--format", "csv", "--data", "subset", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    history = pd.read_csv(out / "history.csv")
+    assert history["epoch"].max() == 1 and set(history["replicate"]) == {0}
+
+
 @pytest.fixture
 def bad_files(tmp_path):
     (tmp_path / "bad.toml").write_text("epochs = [\n")
     (tmp_path / "unknown.toml").write_text("epoch = 3\n")
+    (tmp_path / "other.toml").write_text("[simulate]\nlayers = 3\n")
     np.savez(tmp_path / "nan.npz", X=np.full((10, 784), np.nan), y=np.zeros(10, int))
     (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not really")
     return tmp_path
@@ -122,12 +135,14 @@ def bad_files(tmp_path):
     (["--threads", "0"], "--threads"),
     (["--widths", "784,10000000,10"], "--max-memory"),  # refused before 30 GiB of weights are drawn
     (["--max-memory", "1M"], "--max-memory"),
+    (["--out", ""], "--out"),  # not 'the default directory'
+    (["--config", "{d}/other.toml"], "--config"),  # only another command's table
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(bad_files, args, option):
     out = bad_files / "out"
     args = [a.replace("{d}", str(bad_files)) for a in args]
     result = CliRunner().invoke(main, ["train", "--widths", "784,16,10", "--epochs", "1", "--replicates", "1",
-                                       *args, "--out", str(out)], catch_exceptions=False)
+                                       "--out", str(out), *args], catch_exceptions=False)
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"varprop: error: {option}"), result.stderr

@@ -4,7 +4,10 @@ styles), Keras' mnist.npz, X/y .npz, corrupt ones; discovery; the shipped subset
 from __future__ import annotations
 
 import gzip
+import io
+import os
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +120,7 @@ def test_user_npz_split_stratified(tmp_path):
     ({"X": np.full((4, 3), 300, np.int32), "y": np.zeros(4, int)}, "integers from 300 to 300"),
     ({"images": np.zeros((4, 3))}, "holds arrays images; expected x_train"),
     ({"X": np.array(["a", "b"]), "y": np.zeros(2, int)}, "dtype <U1"),
+    ({"X": np.array([[0.5, 1e300]] * 4), "y": np.zeros(4, int)}, "beyond float32"),  # cast, it would be inf
 ])
 def test_bad_npz(tmp_path, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)
@@ -133,6 +137,25 @@ def test_pickled_or_broken_npz_is_refused(tmp_path):
         data.load(tmp_path / "junk.npz", 0, 10)
     with pytest.raises(SpecError, match="does not exist"):
         data.load(tmp_path / "missing.npz", 0, 10)
+    os.mkfifo(tmp_path / "fifo.npz")  # reading it would block for ever
+    with pytest.raises(SpecError, match="neither a regular file nor a folder"):
+        data.load(tmp_path / "fifo.npz", 0, 10)
+
+
+def test_an_array_header_claiming_more_than_memory_is_one_line(tmp_path):
+    """A crafted member whose header claims 10^11 x 784 float64 (570 TiB) over a few bytes of data."""
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 784)))
+    header["shape"] = (10**11, 784)
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, header)
+    member.write(b"\0" * 100)
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+        z.writestr("X.npy", member.getvalue())
+        buf = io.BytesIO()
+        np.save(buf, np.zeros(10, int))
+        z.writestr("y.npy", buf.getvalue())
+    with pytest.raises(SpecError, match="claims more memory than there is|cannot read"):
+        data.load(tmp_path / "huge.npz", 0, 10)
 
 
 def test_shipped_subset_split():

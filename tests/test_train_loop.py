@@ -113,6 +113,19 @@ def test_divergence_ends_the_curve_and_is_reported():
     assert any("Diverged" in f for f in report.findings(h, r.meta))
 
 
+def test_a_compared_learning_rate_and_the_scheduled_one_are_two_columns():
+    """--lr compared is the column lr (the configuration's); the rate a cosine schedule set for the step
+    that ended at each record is learning_rate: lr at the start, lr (1 + cos(pi t / T)) / 2 at step t."""
+    r = varprop.train(widths="784,8,10", activation="relu", lr=[0.02, 0.01], lr_schedule="cosine", batch_size=500,
+                      epochs=2, replicates=1, data="subset")
+    h = r.history
+    assert sorted(h["lr"].unique()) == [0.01, 0.02]
+    for lr, g in h.groupby("lr"):
+        total = int(g["step"].max())
+        want = [lr * 0.5 * (1 + math.cos(math.pi * max(t - 1, 0) / total)) for t in g["step"]]
+        assert np.allclose(g["learning_rate"], want, rtol=1e-12, atol=0)
+
+
 def test_comparisons_and_labels():
     configs, run = expand({"optimizer": ["sgd-nesterov", "adam"], "momentum": [0.9, 0.5], "bn_count": [0, 1]})
     labels = [c.label for c in configs]

@@ -64,8 +64,9 @@ def given(command: str, raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_config(path: str, command: str = "simulate") -> dict[str, Any]:
-    """The options of ``command`` in a TOML config file (top level, or a ``[simulate]`` / ``[train]`` table):
-    the option table's names."""
+    """The options of ``command`` in a TOML config file, by the option table's names: those at the top
+    level, and those of its own table (``[simulate]``, ``[train]``), which win; another command's table is
+    left to that command."""
     if not path:
         raise SpecError("config", "expected the path of a TOML file, got ''")
     try:
@@ -75,8 +76,13 @@ def read_config(path: str, command: str = "simulate") -> dict[str, Any]:
         raise SpecError("config", f"cannot read {path} ({exc.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SpecError("config", f"{path} is not valid TOML ({exc})") from None
-    if isinstance(data.get(command), dict):
-        data = data[command]  # options may sit under a [simulate] or [train] table
+    others = [k for k, v in data.items() if k in options.COMMANDS and k != command and isinstance(v, dict)]
+    own = data.get(command) if isinstance(data.get(command), dict) else {}
+    shared = {k: v for k, v in data.items() if k not in others and not (k == command and isinstance(v, dict))}
+    if others and not own and not shared:
+        raise SpecError("config", f"{path} has {', '.join(f'[{k}]' for k in others)} but no [{command}] table "
+                        "nor options at the top level")
+    data = {**shared, **own}
     odd = [k for k in data if k.replace("-", "_") not in options.COMMANDS[command]]
     if odd:
         raise SpecError("config", f"{path}: {odd[0]!r}: {options.unknown(odd[0], command)}")

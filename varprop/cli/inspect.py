@@ -10,7 +10,7 @@ import click
 
 from .. import options
 from ..errors import SpecError
-from .common import echo_written, force_option, given, table_options
+from .common import DEFAULT_RUNS_DIR, echo_written, force_option, given, table_options
 
 
 def require_torch() -> None:
@@ -85,8 +85,8 @@ def inspect_cmd(model: str, title: str | None, formats: str, out: str | None, fo
     words = reproduce("inspect", {k: v for k, v in values.items() if ws or k != "tolerance"}, get, pinned, [model])
     shape_text = "x".join(map(str, shape if shape is not None else inputs.shape))
     name = f"inspect-{model.rpartition(':')[2]}-{shape_text}-seed{get('seed')}"
-    out_dir = Path(out) if out else Path("reports") / "runs" / report_pkg.dir_name(name, shlex.join(words))
-    command = shlex.join(words + (["--out", out] if out else []) + (["--title", title] if title else []))
+    out_dir = out if out is not None else str(DEFAULT_RUNS_DIR / report_pkg.dir_name(name, shlex.join(words)))
+    command = shlex.join(words + (["--out", out] if out is not None else []) + (["--title", title] if title else []))
 
     def work(tmp: Path) -> tuple[Any, Any, dict[str, Any]]:
         if ws:

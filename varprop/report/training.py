@@ -633,7 +633,8 @@ def build_document(history: pd.DataFrame, layers: pd.DataFrame, meta: dict[str, 
     doc.h2("Files")
     doc.items([
         "`history.csv`: one row per configuration x seed x record point (step 0, each epoch's end, and every "
-        "`--record-every` steps): `epoch`, `step`, `train_loss_keras` (the epoch's running mean, Keras' number at "
+        "`--record-every` steps): `config`, one column per compared option, `replicate`, `epoch`, `step`, "
+        "`train_loss_keras` (the epoch's running mean, Keras' number at "
         "the epoch's end), `train_loss` and `train_accuracy` (inference mode), `test_loss`, `test_accuracy`, "
         "`learning_rate` (the step's, as the schedule set it; a compared `--lr` is the column `lr`).",
         "`layers_over_training.csv`: the same x layer: `pre_*` (what enters the activation) and `post_*` (the "

@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -617,6 +618,8 @@ def test_a_checks_reproduce_command_says_every_option(user_models):
                                     types="Linear", replicates=8)
     assert back.command.startswith(f"varprop.torch.check_preserves_variance('{user_models}:make_model', ")
     assert "direction='backward'" in back.command and "mode='eval'" in back.command and "types='Linear'" in back.command
+    listed = check_preserves_variance(f"{user_models}:make_model", (4, 3, 4, 4), modules=["0", "3"], replicates=8)
+    assert "--modules 0,3" in listed.command  # one value, as --modules takes it
 
 
 class _UnusedLast(nn.Module):
@@ -828,6 +831,12 @@ def test_cli_bad_input_exits_2_and_writes_nothing(user_models, tmp_path, args, m
     assert res.output.strip() == "varprop: error: " + message.format(m=user_models) or \
         res.output.startswith("varprop: error: " + message.format(m=user_models)), res.output
     assert len(res.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_cli_refuses_an_empty_out(user_models):
+    res = CliRunner().invoke(main, ["inspect", f"{user_models}:make_model", "--input-shape", "4,3,4,4", "--out", ""])
+    assert res.exit_code == 2 and res.stderr.strip() == "varprop: error: --out: expected a directory path, got ''"
+    assert not (Path.cwd() / "reports").exists()  # not the default directory instead
 
 
 def test_cli_keeps_a_directory_it_did_not_write(user_models, tmp_path):

@@ -188,6 +188,40 @@ def test_many_configurations_become_small_multiples_by_option_name(tmp_path, mon
         assert len(panels_drawn(monkeypatch, lambda: figures.std_per_layer(bare, tmp_path / "std.png"))) == 1
 
 
+def test_the_band_legend_is_grey_only_when_several_configurations_draw_a_band(tmp_path, monkeypatch):
+    """The finite-width band exists for linear and relu stacks (not tanh): one band keeps its line's colour in
+    the legend, several share one grey entry."""
+    def band_entry(vary):
+        sim = simulate_run(varprop.NetworkSpec.square(4, 16), vary, samples=32, replicates=2)
+        fig = panels_drawn(monkeypatch, lambda: figures.std_per_layer(sim, tmp_path / "std.png"))[0].figure
+        legend = fig.legends[0]
+        found = [(t.get_text(), h) for t, h in zip(legend.get_texts(), legend.legend_handles)
+                 if t.get_text().startswith("95% of single networks")]
+        assert len(found) == 1, [t.get_text() for t in legend.get_texts()]
+        return found[0][0], matplotlib.colors.to_hex(found[0][1].get_color())
+    label, colour = band_entry({"activation": ["relu", "tanh"]})
+    assert "each in its line's colour" not in label and colour != "#666666"
+    label, colour = band_entry({"activation": ["relu", "linear"]})
+    assert label.endswith("each in its line's colour") and colour == "#666666"
+
+
+def test_a_log_axis_within_a_few_decades_is_labelled_plainly():
+    fig = matplotlib.figure.Figure()
+    ax = fig.add_subplot()
+    ax.plot([10, 3000], [3, 60])
+    figures.log_scale(ax, "x")
+    figures.log_scale(ax, "y")
+    fig.canvas.draw()
+    shown = [t.get_text() for minor in (False, True) for t in ax.get_yticklabels(minor=minor)
+             + ax.get_xticklabels(minor=minor) if t.get_text()]
+    assert {"10", "100", "1000", "3", "20"} <= set(shown) and not [t for t in shown if "\u00d7" in t or "\u00b9" in t]
+    ax.set_yscale("linear")
+    ax.plot([1, 2], [1e-9, 1e9])
+    figures.log_scale(ax, "y")
+    fig.canvas.draw()
+    assert "10\u207b\u2078" in [t.get_text() for t in ax.get_yticklabels()]  # far beyond: powers of ten again
+
+
 def test_hidden_lines_are_found():
     """A line drawn under an identical one, or under a longer one that agrees with it on all its points (a
     shallower stack seeing the same draws as a deeper one), is named with the line on top, and so is one

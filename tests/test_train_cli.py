@@ -92,8 +92,8 @@ def test_rerun_command_reproduces(tmp_path):
 def test_a_config_files_top_level_and_its_train_table_both_count(tmp_path):
     """Options at the top level of a TOML file apply to every command, its [train] table's to train (and win
     over the top level's); a [simulate] table beside them is simulate's alone."""
-    (tmp_path / "both.toml").write_text("epochs = 1\nreplicates = 3\nwidths = '784,8,10'\n[train]\nreplicates = 1\n"
-                                        "[simulate]\nlayers = 3\n")
+    (tmp_path / "both.toml").write_text("epochs = 1\nreplicates = 3\nwidths = '784,8,10'\nlayers = 3\n[train]\n"
+                                        "replicates = 1\n[simulate]\nsamples = 30\n")  # layers: simulate's alone
     out = tmp_path / "run"
     result = run(["--config", str(tmp_path / "both.toml"), "--format", "csv", "--data", "subset", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -136,7 +136,7 @@ def bad_files(tmp_path):
     (["--widths", "784,10000000,10"], "--max-memory"),  # refused before 30 GiB of weights are drawn
     (["--max-memory", "1M"], "--max-memory"),
     (["--out", ""], "--out"),  # not 'the default directory'
-    (["--config", "{d}/other.toml"], "--config"),  # only another command's table
+    (["--config", "{d}/other.toml"], "--config: {d}/other.toml has [simulate] but no [train] table"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(bad_files, args, option):
     out = bad_files / "out"
@@ -145,7 +145,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(bad_files, args, option):
                                        "--out", str(out), *args], catch_exceptions=False)
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"varprop: error: {option}"), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"varprop: error: {option.replace('{d}', str(bad_files))}"), \
+        result.stderr
     assert not out.exists() and not [p for p in bad_files.iterdir() if p.name.startswith(".")]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import signal
 import struct
 import zipfile
 from pathlib import Path
@@ -137,9 +138,15 @@ def test_pickled_or_broken_npz_is_refused(tmp_path):
         data.load(tmp_path / "junk.npz", 0, 10)
     with pytest.raises(SpecError, match="does not exist"):
         data.load(tmp_path / "missing.npz", 0, 10)
-    os.mkfifo(tmp_path / "fifo.npz")  # reading it would block for ever
-    with pytest.raises(SpecError, match="neither a regular file nor a folder"):
-        data.load(tmp_path / "fifo.npz", 0, 10)
+    os.mkfifo(tmp_path / "fifo.npz")  # reading it would block for ever: an alarm fails the test instead
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("reading a FIFO blocked"))
+    signal.alarm(20)
+    try:
+        with pytest.raises(SpecError, match="neither a regular file nor a folder"):
+            data.load(tmp_path / "fifo.npz", 0, 10)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_an_array_header_claiming_more_than_memory_is_one_line(tmp_path):
@@ -154,7 +161,7 @@ def test_an_array_header_claiming_more_than_memory_is_one_line(tmp_path):
         buf = io.BytesIO()
         np.save(buf, np.zeros(10, int))
         z.writestr("y.npy", buf.getvalue())
-    with pytest.raises(SpecError, match="claims more memory than there is|cannot read"):
+    with pytest.raises(SpecError, match="huge.npz as an .npz archive"):
         data.load(tmp_path / "huge.npz", 0, 10)
 
 

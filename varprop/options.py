@@ -115,8 +115,8 @@ def _choice(choices: Iterable[str], synonyms: dict[str, str] | None = None) -> C
 
     def parse(value: Any, option: str) -> str:
         if value not in choices:
-            close = [synonyms[value]] if synonyms and value in synonyms else difflib.get_close_matches(
-                str(value), choices, n=1)
+            close = [synonyms[value]] if synonyms and isinstance(value, str) and value in synonyms else \
+                difflib.get_close_matches(str(value), choices, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise _fail(option, "one of " + ", ".join(choices), value, hint)
         return value

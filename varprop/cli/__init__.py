@@ -47,6 +47,7 @@ class Interrupted(BaseException):
 _SIGNALS = [s for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]
 _interrupted = False
 _unraisable_before = sys.unraisablehook  # the hook _redeliver passes every other exception to
+_resend: dict[str, Any] = {}  # the pending re-delivery of a dropped signal: its timer, its signal, whether sent
 
 
 def _on_signal(signum: int, frame: Any) -> None:
@@ -67,21 +68,36 @@ def _redeliver(args: Any) -> None:
     global _interrupted
     if isinstance(args.exc_value, Interrupted):
         _interrupted = False
-        timer = threading.Timer(0.01, os.kill, (os.getpid(), args.exc_value.signum))
+        signum = args.exc_value.signum
+
+        def send() -> None:
+            _resend["sent"] = True
+            os.kill(os.getpid(), signum)
+        timer = threading.Timer(0.01, send)
         timer.daemon = True
+        _resend.update(timer=timer, signum=signum, sent=False)
         timer.start()
         return
     _unraisable_before(args)
 
 
+def _unsent_signal() -> int | None:
+    """The signal a pending re-delivery has not sent yet (the command ended first), cancelled; else None."""
+    timer = _resend.pop("timer", None)
+    if timer is None:
+        return None
+    timer.cancel()
+    timer.join()
+    return None if _resend.get("sent") else _resend.get("signum")
+
+
 def _install_handlers() -> dict[int, Any]:
     """Our handler for each signal that would otherwise kill us (one that is
     ignored, e.g. SIGHUP under nohup, stays ignored); returns the old ones."""
-    global _interrupted
+    global _interrupted, _unraisable_before
     _interrupted = False
     if threading.current_thread() is not threading.main_thread():
         return {}
-    global _unraisable_before
     if sys.unraisablehook is not _redeliver:
         _unraisable_before, sys.unraisablehook = sys.unraisablehook, _redeliver
     old = {}
@@ -121,7 +137,7 @@ class _Group(click.Group):
     def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
                                                                              list[str]]:
         name = args[0] if args else ""
-        if name and not name.startswith("-") and name not in COMMANDS:
+        if name and not name.startswith("-") and name not in COMMANDS and not ctx.resilient_parsing:
             close = difflib.get_close_matches(name, list(COMMANDS), n=1)
             ctx.fail(f"no command {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
                      + " (varprop --help lists them)")
@@ -165,10 +181,14 @@ class _Group(click.Group):
             click.echo("varprop: aborted", err=True)
             sys.exit(1)
         finally:
+            unsent = _unsent_signal()
             for num, handler in old.items():
                 signal.signal(num, handler)
             if sys.unraisablehook is _redeliver:
                 sys.unraisablehook = _unraisable_before
+            if unsent is not None:  # interrupted, though the command ended before the signal was sent again
+                click.echo("varprop: interrupted", err=True)
+                sys.exit(128 + unsent)  # noqa: B012  (this exit is the one that counts)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

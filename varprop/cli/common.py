@@ -65,8 +65,8 @@ def given(command: str, raw: dict[str, Any]) -> dict[str, Any]:
 
 def read_config(path: str, command: str = "simulate") -> dict[str, Any]:
     """The options of ``command`` in a TOML config file, by the option table's names: those at the top
-    level, and those of its own table (``[simulate]``, ``[train]``), which win; another command's table is
-    left to that command."""
+    level, and those of its own table (``[simulate]``, ``[train]``), which win. A file with command tables
+    is shared: another command's table, and a top-level option only another command has, are left to it."""
     if not path:
         raise SpecError("config", "expected the path of a TOML file, got ''")
     try:
@@ -82,6 +82,10 @@ def read_config(path: str, command: str = "simulate") -> dict[str, Any]:
     if others and not own and not shared:
         raise SpecError("config", f"{path} has {', '.join(f'[{k}]' for k in others)} but no [{command}] table "
                         "nor options at the top level")
+    if others or own:
+        known = options.COMMANDS[command]
+        shared = {k: v for k, v in shared.items() if k.replace("-", "_") in known or not any(
+            k.replace("-", "_") in names for names in options.COMMANDS.values())}
     data = {**shared, **own}
     odd = [k for k in data if k.replace("-", "_") not in options.COMMANDS[command]]
     if odd:

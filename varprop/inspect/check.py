@@ -126,7 +126,9 @@ def _reproduce(model: Any, label: str, shape: tuple[int, ...], band: float, dire
     given = {k: v for k, v in options.items() if v is not None}
     if isinstance(model, str) and direction != "backward" and set(given) <= set(_CLI_NAMES):
         values = {"input_shape": shape, "band": band, "replicates": replicates, "seed": seed,
-                  "backward": direction == "both", **{_CLI_NAMES[k]: v for k, v in given.items()}}
+                  "backward": direction == "both",  # a list of modules or types is one comma-separated value
+                  **{_CLI_NAMES[k]: v if isinstance(v, str) else ",".join(v) if k in ("modules", "types") else v
+                     for k, v in given.items()}}
         return option_table.command_line("check", values, lead=("--model", model))
     spelled = "".join(f", {k}={_shown(v)}" for k, v in given.items())
     return (f"varprop.torch.check_preserves_variance({repr(model) if isinstance(model, str) else label}, {shape}, "

@@ -165,21 +165,19 @@ class Pass:
         self._producers[id(t)] = (layer, ref, t._version)
         self._by_ptr[self._ptr_key(t)] = (layer, t._version, ref)
 
-    def _duplicate(self, t: Any) -> bool:
-        """Whether ``t`` holds the values of a row already taken: the same tensor, or a view of its storage,
-        not modified in place since (a view shares its base's version counter)."""
+    def _laid_out_by(self, t: Any) -> int | None:
+        """The row whose output ``t`` is, changed in place since or not: its layout (axes) is ``t``'s."""
         found = self._producer(t)
-        return found is not None and found[1] == t._version
+        return None if found is None else found[0]
 
     # hooks ------------------------------------------------------------------------------------------------
     def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         inputs = [t for _, t in tensors((args, kwargs)) if t.is_floating_point()]
         if self._reader is None and inputs and inputs[0] is self._feed and next(module.children(), None) is None:
             self._reader = module  # the first module without children to receive the input itself
-        laid_out = self._producer(inputs[0]) if inputs else None  # changed in place or not, laid out alike
         info: dict[str, Any] = {"sources": [self.source_of(t) for t in inputs],
                                 "in_shape": tuple(inputs[0].shape) if inputs else None,
-                                "layout_of": None if laid_out is None else laid_out[0]}
+                                "layout_of": self._laid_out_by(inputs[0]) if inputs else None}
         target = self.targets[module]
         act = target.act
         if act is not None and getattr(module, "fname", None):  # a traced call: its own arguments decide
@@ -189,7 +187,8 @@ class Pass:
             info["saturated"] = saturation(act, inputs[0])  # before the call: an in-place one overwrites it
         if inputs and info["sources"][0] is None and self.theory:
             # A layer fed by something the hooks do not see: the theory restarts from its measured input.
-            s = tensor_stats(inputs[0], *self.axes(module, inputs[0].dim(), None), buffer=self.buffer,
+            laid_out = None if info["layout_of"] is None else self.rows[info["layout_of"]].axes
+            s = tensor_stats(inputs[0], *self.axes(module, inputs[0].dim(), laid_out), buffer=self.buffer,
                              complete=False)
             info.update(input_second_moment=s["second_moment"], input_cos_sim=s["cos_sim"], input_mean=s["mean"])
         if module in self.residuals and len(inputs) >= 2 and inputs[0].shape == inputs[1].shape:
@@ -208,7 +207,7 @@ class Pass:
         for path, t in tensors(output):
             if not t.is_floating_point() or t.dim() == 0 or t.numel() == 0:
                 continue
-            if self._duplicate(t) and next(module.children(), None) is not None:
+            if self.source_of(t) is not None and next(module.children(), None) is not None:
                 # The tensor (or a view of it) a module inside this one returned: already a row. A module
                 # without children returning its input (Identity, Dropout in eval mode) or a view of it
                 # (Flatten: its channels differ) is a row of its own.
@@ -243,8 +242,8 @@ class Pass:
         res = self.residuals[module]
         skip, branch = operands[res.skip_index], operands[1 - res.skip_index]
         sources = self.source_of(skip), self.source_of(branch)
-        laid_out = self._producer(skip)
-        axes = self.axes(module, skip.dim(), self.rows[laid_out[0]].axes if laid_out is not None else None)
+        laid_out = self._laid_out_by(skip)
+        axes = self.axes(module, skip.dim(), self.rows[laid_out].axes if laid_out is not None else None)
         return {"skip": self._stats_of(skip, axes), "branch": self._stats_of(branch, axes),
                 "skip_source": sources[0], "branch_source": sources[1], "ambiguous": res.ambiguous, "axes": axes}
 
@@ -274,8 +273,7 @@ class Pass:
         each addition when the block returns. An operand that is a row's output, unchanged when captured,
         takes that row's statistics; the others and the sums are measured for the residual table."""
         def capture(t: Any) -> tuple[Any, int | None, int | None]:  # (copy, source row, row laid out alike)
-            laid_out = self._producer(t)
-            return t.detach().clone(), self.source_of(t), None if laid_out is None else laid_out[0]
+            return t.detach().clone(), self.source_of(t), self._laid_out_by(t)
 
         def pre(module: Any, args: tuple, kwargs: dict) -> None:
             x = next((t for _, t in tensors((args, kwargs)) if t.is_floating_point()), None)

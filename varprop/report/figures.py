@@ -363,8 +363,9 @@ def _panel(ax: plt.Axes, layers: pd.DataFrame, summary: pd.DataFrame, side: str,
         if side == "post" and "theory_post_log10_std_lo" in s and s["theory_post_log10_std_lo"].notna().any():
             for edge in ("theory_post_log10_std_lo", "theory_post_log10_std_hi"):
                 ax.plot(s["layer"], y(s[edge]), color=color, ls=(0, (1, 3)), lw=1.0)
-            if not banded:  # one legend entry for every configuration's band, in grey when there are several
-                several = summary["config"].nunique() > 1
+            if not banded:  # one legend entry for every configuration's band, in grey when several draw one
+                lo = layers["theory_post_log10_std_lo"] if "theory_post_log10_std_lo" in layers else None
+                several = lo is not None and layers.loc[lo.notna(), "config"].nunique() > 1
                 ax.plot([], [], color="0.4" if several else color, ls=(0, (1, 3)), lw=1.0,
                         label="95% of single networks (finite-width law)"
                         + (", each in its line's colour" if several else ""))

@@ -73,8 +73,11 @@ def _pow10(log10: float, digits: int = 4) -> str:
 def module_summary(table: pd.DataFrame) -> pd.DataFrame:
     """:func:`varprop.stats.summarize` of the table, with each layer's module name, type and shape."""
     summary = summarize(table)
-    info = table.groupby(["config", "layer"], sort=False)[
-        [c for c in ("name", "type", "shape", "theory", "theory_grad", "fan_in", "fan_out") if c in table]].first()
+    by = table.groupby(["config", "layer"], sort=False)
+    info = by[[c for c in ("name", "type", "shape", "theory", "theory_grad", "fan_in", "fan_out")
+               if c in table]].first()
+    if "nonfinite" in table:  # inf or NaN in any re-initialisation (the summary's statistics skip those)
+        info["nonfinite"] = by["nonfinite"].any()
     return summary.merge(info.reset_index(), on=["config", "layer"], how="left")
 
 
@@ -110,9 +113,9 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
         ratio = last["post_log10_rms_std"] - first["post_log10_rms_std"]
         what = ("the last module measured" if not len(returned) else "the output" if len(returned) == 1 else
                 f"the last of the model's {len(returned)} outputs")
-        if math.isnan(last["post_log10_rms_std"]):
+        if bool(last.get("nonfinite", False)) or math.isnan(last["post_log10_rms_std"]):
             out.append(f"Forward: {what} {_module(last)} **holds inf or NaN values** in some re-initialisation: "
-                       "it has no std.")
+                       "its std is not given.")
         else:
             out.append(f"Forward: {what} {_module(last)} has std {_pow10(last['post_log10_rms_std'])}, "
                        + (f"x{_pow10(ratio, 3)} that of the first module {_module(first)}, "
@@ -129,7 +132,8 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
                            f"x{_pow10(logs[hi], 3)} {_module(rest.iloc[hi])} of {short}: **more than a "
                            "factor 10 away** somewhere in the model.")
             else:
-                broken = int(np.isnan(logs).sum())
+                broken = int(rest["nonfinite"].fillna(False).astype(bool).sum()) if "nonfinite" in rest else int(
+                    np.isnan(logs).sum())
                 out.append(f"Every module's output std lies within x{_pow10(logs[lo], 3)} .. "
                            f"x{_pow10(logs[hi], 3)} of {short}"
                            + (f", but for {broken} holding inf or NaN values." if broken else "."))

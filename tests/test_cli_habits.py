@@ -72,7 +72,7 @@ def test_report_refuses_a_run_it_does_not_redraw_by_name(tmp_path):
     assert result.exit_code == 2 and "is a varprop fit run, which is not redrawn" in result.stderr, result.stderr
     for formats in ("csv", "md,csv"):
         result = run(["report", str(fit), "--format", formats])
-        assert result.exit_code == 2 and "--format: csv: layers.csv is the run's data" in result.stderr
+        assert result.exit_code == 2 and "--format: csv: a run's data files" in result.stderr
     assert {p.name: p.read_bytes() for p in fit.iterdir()} == before
 
 

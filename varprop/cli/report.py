@@ -34,15 +34,15 @@ def report_cmd(run_dir: str, formats: str, force: bool) -> None:
     from .. import report
     from ..outdir import OutDirError, check_target
 
-    if "csv" in (f.strip() for f in formats.split(",")):
-        raise SpecError("format", "csv: layers.csv is the run's data and is kept as it is; expected a "
-                        f"comma-separated list of {', '.join(REDRAWN)}")
-    fmts = parse_formats(formats, REDRAWN)
-    if (Path(run_dir) / "_sweep.json").is_file():  # a varprop sweep directory: its own report
+    if (Path(run_dir) / "_sweep.json").is_file():  # a varprop sweep directory: its own report, whatever --format
         from .sweep import redraw
 
         click.echo(f"rewrote {redraw(Path(run_dir))} (report.md and figures beside it)")
         return
+    if "csv" in (f.strip() for f in formats.split(",")):
+        raise SpecError("format", "csv: a run's data files (layers.csv, history.csv) are kept as they are; "
+                        f"expected a comma-separated list of {', '.join(REDRAWN)}")
+    fmts = parse_formats(formats, REDRAWN)
     for marker, command in NOT_REDRAWN.items():
         if (Path(run_dir) / marker).is_file() and not (Path(run_dir) / "config.json").exists():
             raise SpecError("RUN_DIR", f"{run_dir} is a varprop {command} run, which is not redrawn: its report is "

@@ -54,7 +54,7 @@ def train_cmd(config_file: str | None, title: str | None, formats: str, out: str
     from ..train import loop
 
     on_line = given("train", raw)
-    values = read_config(config_file, "train") if config_file else {}
+    values = read_config(config_file, "train") if config_file is not None else {}
     if {"bn_count", "bn_layers"} & set(on_line):  # the command line's choice of BN beats the file's
         values.pop("bn_count", None)
         values.pop("bn_layers", None)

@@ -252,7 +252,7 @@ def _npz(path: Path) -> dict[str, np.ndarray]:
         raise _fail(f"cannot read {path} as an .npz archive ({exc})") from None
     except MemoryError:
         raise _fail(f"cannot read {path} as an .npz archive (an array's header claims more memory than there is: "
-                    "a corrupt file?)") from None
+                    "a corrupt file, or data larger than this machine holds)") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
         raise _fail(f"cannot read {path} as an .npz archive ({getattr(exc, 'strerror', None) or exc})") from None
 

@@ -3,6 +3,7 @@
 import math
 import subprocess
 import sys
+import json
 import textwrap
 
 import numpy as np
@@ -226,6 +227,11 @@ def test_check_command_exit_codes(tmp_path):
     assert bad.exit_code == 1 and "FAIL" in bad.output and "layer" in bad.output
     wrong = CliRunner().invoke(main, ["check", "--band", "0.5"])
     assert wrong.exit_code == 2 and "--band" in wrong.stderr
+    auto = CliRunner().invoke(main, ["check", "--init", "he", "--activation", "relu", "--layers", "10", "--width", "64",
+                                     "--samples", "32", "--replicates", "auto", "--json"])
+    chose = json.loads(auto.output)
+    said = f"{chose['replicates']} replicates, as --replicates auto chose"
+    assert chose["replicates"] >= 16 and said in chose["message"]
 
 
 def test_pytest_plugin_fixture(tmp_path):

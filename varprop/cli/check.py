@@ -64,6 +64,9 @@ def check_cmd(as_json: bool, **raw: Any) -> None:
                                       samples=spec.samples, replicates="auto" if auto else spec.replicates,
                                       seed=spec.seed, **kw)
     message = result.message.replace("replicates='auto'", "--replicates auto")  # the option's spelling here
+    if auto and result.replicates and "replicates" not in message:  # say how many auto took
+        chose = f"{result.replicates} replicates, as --replicates auto chose"
+        message = message[:-1] + f"; {chose})" if message.endswith(")") else message + f" ({chose})"
     if as_json:
         echo_json({**result.as_dict(), "message": message})
     else:  # undecided: no layer shown to fail (exit 0), but some estimate lies outside the band

@@ -165,7 +165,7 @@ def fit_cmd(out: str | None, force: bool, as_json: bool, **raw: Any) -> None:
         echo_json({"fit": result.as_dict(), "points": points.to_dict(orient="records"), "out": str(out_dir)})
         return
     click.echo(f"log10 std = a + b log10 fan_in over fan_in {', '.join(map(str, ns))} "
-               f"({base.replicates} replicates each, {init} init, {activation})")
+               f"({base.replicates} replicate{'s' if base.replicates != 1 else ''} each, {init} init, {activation})")
     click.echo(f"  b = {result.slope:.4f} +- {result.slope_se:.4f}  (95% CI {result.slope_lo:.4f} .. "
                f"{result.slope_hi:.4f}, t with {result.dof} dof)")
     click.echo(f"  a = {result.intercept:.4f} +- {result.intercept_se:.4f},  R^2 = {result.r2:.5f}")

@@ -122,6 +122,30 @@ def test_means_beyond_float64_print_in_log_scale(tmp_path):
         means["sign"].iloc[-1] * (1 + means["log10_abs"].iloc[-1]), rel=1e-12)
 
 
+def test_channel_statistics_carry_their_log10_beyond_float64():
+    """The channel statistics' log10 columns are exact at any magnitude: where the plain ones fit they agree
+    to rounding, beyond float64 (inf there) they go on; their summary is log10 of the mean over replicates.
+    For zero-mean linear outputs the average unit variance is the variance less the spread of the unit
+    means, a 1/samples share of it: its log10 sits just below 2 log10 std."""
+    layers = simulate_run(varprop.NetworkSpec.square(250, 64, init="unit"), None, samples=64, replicates=2).layers
+    fits = np.isfinite(layers["post_unit_var"]) & (layers["post_unit_var"] > 0)
+    np.testing.assert_allclose(layers.loc[fits, "post_log10_unit_var"], np.log10(layers.loc[fits, "post_unit_var"]),
+                               rtol=1e-12)
+    np.testing.assert_allclose(layers.loc[fits, "post_log10_sq_unit_mean"],
+                               np.log10(layers.loc[fits, "post_sq_unit_mean"]), rtol=1e-12)
+    beyond = layers[np.isinf(layers["post_unit_var"])]
+    assert len(beyond) and np.isfinite(beyond["post_log10_unit_var"]).all()
+    gap = 2 * beyond["post_log10_std"] - beyond["post_log10_unit_var"]
+    assert ((gap >= 0) & (gap < 0.2)).all()
+    summary = stats.summarize(layers).set_index("layer")
+    by_layer = layers.groupby("layer")["post_log10_unit_var"]
+    # log10 of the mean of two values lies between their log10s' mean and their maximum
+    assert (summary["post_log10_unit_var"] >= by_layer.mean() - 1e-12).all()
+    assert (summary["post_log10_unit_var"] <= by_layer.max() + 1e-12).all()
+    few = layers[layers["layer"] == 10]
+    assert summary.at[10, "post_log10_unit_var"] == pytest.approx(math.log10(few["post_unit_var"].mean()), rel=1e-12)
+
+
 def test_log_scale_second_moments_agree_with_the_summary():
     """Where float64 holds them, the log-scale second moment and its 95% t interval over replicates are
     summarize()'s (computed from other columns: log10 std and log10 |mean| against the plain second

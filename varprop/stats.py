@@ -24,7 +24,10 @@ from .logscale import exp_times
 from .parallel import SERIAL, Pool, row_chunks
 
 STATS = ("mean", "std", "log10_std", "log10_abs_mean", "second_moment", "sq_unit_mean", "unit_var", "frac_zero",
-         "frac_saturated", "cos_sim", "abs_cos_sim")
+         "frac_saturated", "cos_sim", "abs_cos_sim", "log10_sq_unit_mean", "log10_unit_var")
+# The channel statistics' log10 (exact at any magnitude, as log10_std: the plain ones are inf beyond float64),
+# whose summary over replicates is log10 of their mean, as the mean network's std is.
+LOG10_CHANNELS = ("log10_sq_unit_mean", "log10_unit_var")
 ABS_COS_SAMPLES = 128  # |cos| is averaged over the pairs of the first 128 live samples
 SATURATION = 1e-3  # |phi'(z)| below this counts as saturated
 LN10 = math.log(10.0)
@@ -397,7 +400,14 @@ def _stats(log_s: float, mean: float, var: float, second: float, sq_unit_mean: f
         "frac_saturated": saturated,
         "cos_sim": cos_sim,
         "abs_cos_sim": abs_cos,
+        "log10_sq_unit_mean": _log10_scaled(sq_unit_mean, 2 * log_s),
+        "log10_unit_var": _log10_scaled(unit_var, 2 * log_s),
     }
+
+
+def _log10_scaled(x: float, log_scale: float) -> float:
+    """log10(exp(log_scale) x) for x >= 0, at any magnitude (-inf for 0, NaN for NaN)."""
+    return (math.log(x) + log_scale) / LN10 if x > 0 else -math.inf if x == 0 else math.nan
 
 
 def side_stats(u: np.ndarray, log_s: float, saturated: float = math.nan, pool: Pool = SERIAL) -> dict[str, float]:
@@ -481,7 +491,7 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     """
     sides = [s for s in ("pre", "post", "grad", "delta") if f"{s}_log10_std" in layers]
     cols = [f"{side}_{stat}" for side in sides for stat in STATS
-            if f"{side}_{stat}" in layers and stat != "log10_abs_mean"]
+            if f"{side}_{stat}" in layers and stat != "log10_abs_mean" and stat not in LOG10_CHANNELS]
     cols += [c for c in ("weight_grad_norm", "weight_grad_log10_norm") if c in layers]
     theory_cols = [c for c in layers if c.startswith("theory_")]
     keys = ["config", "layer"]
@@ -506,5 +516,9 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
         if f"{side}_log10_abs_mean" in layers:
             extra[f"{side}_log10_abs_mean"] = _log10_abs_signed_mean(
                 np.sign(layers[f"{side}_mean"]), layers[f"{side}_log10_abs_mean"], by)
+        for stat in LOG10_CHANNELS:
+            if f"{side}_{stat}" in layers:
+                extra[f"{side}_{stat}"] = _log10_abs_signed_mean(pd.Series(1.0, index=layers.index),
+                                                                 layers[f"{side}_{stat}"], by)
     out = pd.concat([pd.DataFrame(extra), out], axis=1).copy()  # copy: one consolidated block per dtype
     return out.reset_index()

@@ -51,14 +51,16 @@ def _alpha_stats(branch: dict[str, float], alpha: float) -> dict[str, float]:
     """The statistics of ``alpha f`` from those of f (alpha >= 0)."""
     if alpha == 0:
         out = {k: 0.0 for k in STATS}
-        out.update(log10_std=-math.inf, log10_abs_mean=-math.inf, frac_zero=1.0, cos_sim=math.nan,
-                   abs_cos_sim=math.nan, frac_saturated=branch["frac_saturated"])
+        out.update(log10_std=-math.inf, log10_abs_mean=-math.inf, log10_sq_unit_mean=-math.inf,
+                   log10_unit_var=-math.inf, frac_zero=1.0, cos_sim=math.nan, abs_cos_sim=math.nan,
+                   frac_saturated=branch["frac_saturated"])
         return out
     la = math.log(alpha)
     out = dict(branch)
     out.update(mean=exp_times(branch["mean"], la), std=exp_times(branch["std"], la),
                log10_std=branch["log10_std"] + la / LN10, log10_abs_mean=branch["log10_abs_mean"] + la / LN10,
-               **{k: exp_times(branch[k], 2 * la) for k in ("second_moment", "sq_unit_mean", "unit_var")})
+               **{k: exp_times(branch[k], 2 * la) for k in ("second_moment", "sq_unit_mean", "unit_var")},
+               **{k: branch[k] + 2 * la / LN10 for k in ("log10_sq_unit_mean", "log10_unit_var")})
     return out
 
 

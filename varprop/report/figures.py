@@ -550,6 +550,12 @@ def _symlog_ticks(ax: plt.Axes) -> bool:
     return True
 
 
+def _log10_or_nan(values: pd.DataFrame) -> pd.DataFrame:
+    """log10 of finite values (0: -inf), NaN for inf."""
+    with np.errstate(divide="ignore"):
+        return np.log10(values.where(np.isfinite(values)))
+
+
 def means_and_channels(run: Run, path: Path) -> Path:
     """Mean of the layer outputs, and the channel statistics: the average over
     units of the squared unit mean and of the unit variance (a residual
@@ -562,24 +568,26 @@ def means_and_channels(run: Run, path: Path) -> Path:
     if row_unit(layers) == "block":
         return _means_only(run, plotted, axis, path)
     notes = []
-    zero = rounding_zeros(plotted["post_sq_unit_mean"], plotted["post_unit_var"])
+    channels = ["post_sq_unit_mean", "post_unit_var"]
+    logged = [f"post_log10_{c.removeprefix('post_')}" for c in channels]
+    if set(logged) <= set(plotted):  # exact at any magnitude
+        log10_channels = plotted[logged].set_axis(channels, axis=1)
+    else:  # a run saved before the log10 columns: beyond float64 its channel statistics are inf, not drawn
+        log10_channels = _log10_or_nan(plotted[channels])
+        beyond = plotted[np.isinf(plotted[channels]).any(axis=1)]
+        if len(beyond):
+            first = beyond.groupby("config", sort=False)["layer"].min()
+            notes.append("channel statistics beyond float64 are not drawn: "
+                         + "; ".join(f"{_text(c)} from layer {layer}" for c, layer in first.items()))
+    zero = log10_channels["post_sq_unit_mean"] < math.log10(ROUNDING_ZERO) + log10_channels["post_unit_var"]
     if zero.any():
-        plotted = plotted.assign(post_sq_unit_mean=plotted["post_sq_unit_mean"].where(~zero))
+        log10_channels.loc[zero, "post_sq_unit_mean"] = math.nan
         notes.append(f"average squared unit means below {ROUNDING_ZERO:g} of the unit variance (0 but for "
                      "rounding, as batch norm's) are not drawn")
-    # The channel statistics have no log10 columns: beyond float64 they are inf, and not drawn. Near it, a
-    # log axis cannot place its ticks: their log10 is drawn on a linear axis instead, as for the std.
-    channels = ["post_sq_unit_mean", "post_unit_var"]
-    beyond = plotted[np.isinf(plotted[channels]).any(axis=1)]
-    if len(beyond):
-        first = beyond.groupby("config", sort=False)["layer"].min()
-        notes.append("channel statistics beyond float64 are not drawn: "
-                     + "; ".join(f"{_text(c)} from layer {layer}" for c, layer in first.items()))
-    with np.errstate(divide="ignore"):  # a channel statistic of exactly 0 is -inf, left out
-        log10_channels = np.log10(plotted[channels].where(np.isfinite(plotted[channels])))
-    channels_log10 = len(beyond) > 0 or _beyond_float64(log10_channels.stack(), limit=250.0)
-    if channels_log10:
-        plotted[channels] = log10_channels
+    # Beyond float64, or near it (a log axis cannot place its ticks there), log10 itself is drawn on a
+    # linear axis, as for the std; else the values on a log axis.
+    channels_log10 = _beyond_float64(log10_channels.replace(-np.inf, np.nan).stack(), limit=250.0)
+    plotted[channels] = log10_channels if channels_log10 else plotted[channels].mask(log10_channels.isna())
     mean_label = "mean of the layer output"
     channel_label = "log10 {}" if channels_log10 else "{} (log)"
     metrics = {"mean_y": (mean_label, "theory_mean_y", False),

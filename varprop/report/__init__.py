@@ -64,19 +64,22 @@ def write(run: Run, directory: Path, formats: tuple[str, ...] = FORMATS, workers
     config.json, layers.csv (and histograms.csv) are always written: they are
     the run's data, from which :func:`render` can redraw the report at any time.
     """
-    run.save(directory)
-    return render(run, directory, formats, workers)
+    return render(run, directory, formats, workers, save=True)
 
 
-def render(run: Run, directory: Path, formats: tuple[str, ...] = FORMATS, workers: int = 1) -> dict[str, Any]:
+def render(run: Run, directory: Path, formats: tuple[str, ...] = FORMATS, workers: int = 1,
+           save: bool = False) -> dict[str, Any]:
     """Draw ``run``'s figures and reports into ``directory``, the figures in up to ``workers``
-    processes (:func:`varprop.report.figures.draw`)."""
+    processes (:func:`varprop.report.figures.draw`); with ``save``, write its data files too, beside
+    the figures' drawing."""
     directory = Path(directory)
     paths: dict[str, Any] = {"config": directory / "config.json", "layers": directory / "layers.csv"}
     if "json" in formats:
         paths["json"] = directory / "summary.json"
         paths["json"].write_text(shown_summary(run.summary).to_json(orient="records", indent=1))
     if not {"md", "html"} & set(formats):  # no report, so no figures to show in one (nor matplotlib loaded)
+        if save:
+            run.save(directory)
         return paths
     from . import figures, residual  # matplotlib, loaded only to draw
 
@@ -90,8 +93,14 @@ def render(run: Run, directory: Path, formats: tuple[str, ...] = FORMATS, worker
     if run.histograms is None:
         del jobs["histogram_figure"]
     paths.update({key: directory / name for key, (_, name) in jobs.items()})
-    # In this order every second figure (to a forked child) is about half the drawing time.
-    figures.draw([(lambda path, fn=fn: fn(run, path), directory / name) for fn, name in jobs.values()], workers)
+    drawn = [(lambda path, fn=fn: fn(run, path), directory / name) for fn, name in jobs.values()]
+    if save:
+        # Writing the data files costs about a figure: done beside the drawing rather than before it, and
+        # the means figure (the longest) moved before the one ahead of it, so that every second job (to a
+        # forked child: the data, then the means figure) is still about half the work.
+        drawn[-2:] = drawn[:-3:-1]
+        drawn.insert(1, (lambda path: run.save(directory), directory / "layers.csv"))
+    figures.draw(drawn, workers)  # in this order every second job is about half the work
     doc = build_document(run, figure=paths["figure"].name,
                          histograms="histograms.png" if "histogram_figure" in paths else None)
     if "spp_figure" in paths:  # the blocks' own section, after the per-layer figures

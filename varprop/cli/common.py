@@ -76,17 +76,15 @@ def read_config(path: str, command: str = "simulate") -> dict[str, Any]:
         raise SpecError("config", f"cannot read {path} ({exc.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SpecError("config", f"{path} is not valid TOML ({exc})") from None
-    others = [k for k, v in data.items() if k in options.COMMANDS and k != command and isinstance(v, dict)]
-    own = data.get(command) if isinstance(data.get(command), dict) else {}
-    shared = {k: v for k, v in data.items() if k not in others and not (k == command and isinstance(v, dict))}
-    if others and not own and not shared:
-        raise SpecError("config", f"{path} has {', '.join(f'[{k}]' for k in others)} but no [{command}] table "
-                        "nor options at the top level")
-    if others or own:
-        known = options.COMMANDS[command]
-        shared = {k: v for k, v in shared.items() if k.replace("-", "_") in known or not any(
+    tables = [k for k, v in data.items() if k in options.COMMANDS and isinstance(v, dict)]
+    top = {k: v for k, v in data.items() if k not in tables}
+    if tables:  # a shared file: a top-level option that only another command has is left to that command
+        top = {k: v for k, v in top.items() if k.replace("-", "_") in options.COMMANDS[command] or not any(
             k.replace("-", "_") in names for names in options.COMMANDS.values())}
-    data = {**shared, **own}
+        if command not in tables and not top:
+            raise SpecError("config", f"{path} has {', '.join(f'[{k}]' for k in tables)} but no [{command}] "
+                            f"table nor options of {command}'s at the top level")
+    data = {**top, **(data[command] if command in tables else {})}
     odd = [k for k in data if k.replace("-", "_") not in options.COMMANDS[command]]
     if odd:
         raise SpecError("config", f"{path}: {odd[0]!r}: {options.unknown(odd[0], command)}")

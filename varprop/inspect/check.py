@@ -127,7 +127,7 @@ def _reproduce(model: Any, label: str, shape: tuple[int, ...], band: float, dire
     if isinstance(model, str) and direction != "backward" and set(given) <= set(_CLI_NAMES):
         values = {"input_shape": shape, "band": band, "replicates": replicates, "seed": seed,
                   "backward": direction == "both",  # a list of modules or types is one comma-separated value
-                  **{_CLI_NAMES[k]: v if isinstance(v, str) else ",".join(v) if k in ("modules", "types") else v
+                  **{_CLI_NAMES[k]: ",".join(v) if k in ("modules", "types") and not isinstance(v, str) else v
                      for k, v in given.items()}}
         return option_table.command_line("check", values, lead=("--model", model))
     spelled = "".join(f", {k}={_shown(v)}" for k, v in given.items())

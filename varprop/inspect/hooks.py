@@ -165,10 +165,11 @@ class Pass:
         self._producers[id(t)] = (layer, ref, t._version)
         self._by_ptr[self._ptr_key(t)] = (layer, t._version, ref)
 
-    def _laid_out_by(self, t: Any) -> int | None:
-        """The row whose output ``t`` is, changed in place since or not: its layout (axes) is ``t``'s."""
+    def _layout(self, t: Any) -> tuple[int, int] | None:
+        """The axes of the row whose output ``t`` is, changed in place since or not (its layout is ``t``'s);
+        None if no row's."""
         found = self._producer(t)
-        return None if found is None else found[0]
+        return None if found is None else self.rows[found[0]].axes
 
     # hooks ------------------------------------------------------------------------------------------------
     def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -177,7 +178,7 @@ class Pass:
             self._reader = module  # the first module without children to receive the input itself
         info: dict[str, Any] = {"sources": [self.source_of(t) for t in inputs],
                                 "in_shape": tuple(inputs[0].shape) if inputs else None,
-                                "layout_of": self._laid_out_by(inputs[0]) if inputs else None}
+                                "layout": self._layout(inputs[0]) if inputs else None}
         target = self.targets[module]
         act = target.act
         if act is not None and getattr(module, "fname", None):  # a traced call: its own arguments decide
@@ -187,8 +188,7 @@ class Pass:
             info["saturated"] = saturation(act, inputs[0])  # before the call: an in-place one overwrites it
         if inputs and info["sources"][0] is None and self.theory:
             # A layer fed by something the hooks do not see: the theory restarts from its measured input.
-            laid_out = None if info["layout_of"] is None else self.rows[info["layout_of"]].axes
-            s = tensor_stats(inputs[0], *self.axes(module, inputs[0].dim(), laid_out), buffer=self.buffer,
+            s = tensor_stats(inputs[0], *self.axes(module, inputs[0].dim(), info["layout"]), buffer=self.buffer,
                              complete=False)
             info.update(input_second_moment=s["second_moment"], input_cos_sim=s["cos_sim"], input_mean=s["mean"])
         if module in self.residuals and len(inputs) >= 2 and inputs[0].shape == inputs[1].shape:
@@ -203,7 +203,7 @@ class Pass:
                 self._residual_row(module, -1, info["operands"], total=self._sum_stats(output, info))
             return
         call = self._calls[module] = self._calls.get(module, 0) + 1
-        inherited = None if info["layout_of"] is None else self.rows[info["layout_of"]].axes
+        inherited = info["layout"]
         for path, t in tensors(output):
             if not t.is_floating_point() or t.dim() == 0 or t.numel() == 0:
                 continue
@@ -242,8 +242,7 @@ class Pass:
         res = self.residuals[module]
         skip, branch = operands[res.skip_index], operands[1 - res.skip_index]
         sources = self.source_of(skip), self.source_of(branch)
-        laid_out = self._laid_out_by(skip)
-        axes = self.axes(module, skip.dim(), self.rows[laid_out].axes if laid_out is not None else None)
+        axes = self.axes(module, skip.dim(), self._layout(skip))
         return {"skip": self._stats_of(skip, axes), "branch": self._stats_of(branch, axes),
                 "skip_source": sources[0], "branch_source": sources[1], "ambiguous": res.ambiguous, "axes": axes}
 
@@ -272,8 +271,8 @@ class Pass:
         """Hooks that capture a known block's operands (copies: torchvision adds in place) and measure
         each addition when the block returns. An operand that is a row's output, unchanged when captured,
         takes that row's statistics; the others and the sums are measured for the residual table."""
-        def capture(t: Any) -> tuple[Any, int | None, int | None]:  # (copy, source row, row laid out alike)
-            return t.detach().clone(), self.source_of(t), self._laid_out_by(t)
+        def capture(t: Any) -> tuple[Any, int | None, tuple[int, int] | None]:  # (copy, source row, its layout)
+            return t.detach().clone(), self.source_of(t), self._layout(t)
 
         def pre(module: Any, args: tuple, kwargs: dict) -> None:
             x = next((t for _, t in tensors((args, kwargs)) if t.is_floating_point()), None)
@@ -286,7 +285,7 @@ class Pass:
                     self._captured[block][sub] = capture(t)
             return hook
 
-        def stats(operand: tuple[Any, int | None, int | None], axes: tuple[int, int]) -> dict[str, float]:
+        def stats(operand: tuple[Any, int | None, Any], axes: tuple[int, int]) -> dict[str, float]:
             own = self._row_post(operand[1], axes, operand[0].shape)
             return own if own is not None else tensor_stats(operand[0], *axes, buffer=self.buffer, complete=False)
 
@@ -303,7 +302,7 @@ class Pass:
                     return
                 total = skip[0] + branch[0]
                 sums.append((total, None, None))
-                axes = self.axes(block, total.dim(), self.rows[skip[2]].axes if skip[2] is not None else None)
+                axes = self.axes(block, total.dim(), skip[2])
                 ops = {"skip": stats(skip, axes), "branch": stats(branch, axes), "skip_source": skip[1],
                        "branch_source": branch[1], "ambiguous": False}
                 self._residual_row(block, -1, ops, name=f"{name}+{k + 1}",

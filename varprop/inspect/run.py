@@ -339,7 +339,6 @@ def inspect(model_or_factory: Any, input_shape: Sequence[int] | str | None = Non
     return table
 
 
-
 def _names(option: str, value: str | Sequence[str] | None) -> list[str] | None:
     """``modules`` or ``types``: comma-separated (or a list), empty entries dropped; none at all refused."""
     if value is None:

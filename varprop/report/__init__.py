@@ -95,10 +95,9 @@ def render(run: Run, directory: Path, formats: tuple[str, ...] = FORMATS, worker
     paths.update({key: directory / name for key, (_, name) in jobs.items()})
     drawn = [(lambda path, fn=fn: fn(run, path), directory / name) for fn, name in jobs.values()]
     if save:
-        # Writing the data files costs about a figure: done beside the drawing rather than before it, and
-        # the means figure (the longest) moved before the one ahead of it, so that every second job (to a
-        # forked child: the data, then the means figure) is still about half the work.
-        drawn[-2:] = drawn[:-3:-1]
+        # Writing the data files costs about a figure: done beside the drawing rather than before it. Every
+        # second job goes to a forked child: the data and the means figure (the longest, now second to last).
+        drawn[-1], drawn[-2] = drawn[-2], drawn[-1]
         drawn.insert(1, (lambda path: run.save(directory), directory / "layers.csv"))
     figures.draw(drawn, workers)  # in this order every second job is about half the work
     doc = build_document(run, figure=paths["figure"].name,

@@ -550,12 +550,6 @@ def _symlog_ticks(ax: plt.Axes) -> bool:
     return True
 
 
-def _log10_or_nan(values: pd.DataFrame) -> pd.DataFrame:
-    """log10 of finite values (0: -inf), NaN for inf."""
-    with np.errstate(divide="ignore"):
-        return np.log10(values.where(np.isfinite(values)))
-
-
 def means_and_channels(run: Run, path: Path) -> Path:
     """Mean of the layer outputs, and the channel statistics: the average over
     units of the squared unit mean and of the unit variance (a residual
@@ -573,7 +567,8 @@ def means_and_channels(run: Run, path: Path) -> Path:
     if set(logged) <= set(plotted):  # exact at any magnitude
         log10_channels = plotted[logged].set_axis(channels, axis=1)
     else:  # a run saved before the log10 columns: beyond float64 its channel statistics are inf, not drawn
-        log10_channels = _log10_or_nan(plotted[channels])
+        with np.errstate(divide="ignore"):  # 0 is -inf; inf (beyond float64) NaN
+            log10_channels = np.log10(plotted[channels].where(np.isfinite(plotted[channels])))
         beyond = plotted[np.isinf(plotted[channels]).any(axis=1)]
         if len(beyond):
             first = beyond.groupby("config", sort=False)["layer"].min()

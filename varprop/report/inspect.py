@@ -132,8 +132,7 @@ def findings(summary: pd.DataFrame, residual: pd.DataFrame, meta: dict[str, Any]
                            f"x{_pow10(logs[hi], 3)} {_module(rest.iloc[hi])} of {short}: **more than a "
                            "factor 10 away** somewhere in the model.")
             else:
-                broken = int(rest["nonfinite"].fillna(False).astype(bool).sum()) if "nonfinite" in rest else int(
-                    np.isnan(logs).sum())
+                broken = int(rest["nonfinite"].sum()) if "nonfinite" in rest else 0
                 out.append(f"Every module's output std lies within x{_pow10(logs[lo], 3)} .. "
                            f"x{_pow10(logs[hi], 3)} of {short}"
                            + (f", but for {broken} holding inf or NaN values." if broken else "."))

@@ -223,7 +223,6 @@ def epoch_cost(config: TrainConfig, n_train: int, n_test: int) -> float:
     return step_cost(config) * steps_per_epoch(n_train, config.batch_size) + 0.03 * recorded * config.arch.macs_per_row
 
 
-
 def process_shares(runs: list[tuple[TrainConfig, int]], run: RunOptions, n_train: int, n_test: int, threads: int
                    ) -> list[list[int]]:
     """The runs (configuration x replicate) each process trains, by index, when several train at once

@@ -75,6 +75,77 @@ def varprop_recorded_epoch(batch: int, bn: bool, ds: data.Dataset):
     return epoch
 
 
+def _blas_threads() -> int:
+    return THREADS or os.cpu_count() or 1
+
+
+def products_epoch(batch: int, bn: bool, ds: data.Dataset, order: np.ndarray):
+    """The floor: one epoch of the products alone, each one BLAS call on the whole batch (the forward
+    ``h W``, the backward ``delta W^T`` of layers 2.., the weight gradients ``h^T delta``), weights fixed,
+    nothing else. BN changes no product: the same floor with and without it."""
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((a, b)).astype(np.float32) for a, b in zip(WIDTHS, WIDTHS[1:])]
+
+    def epoch() -> None:
+        with threadpool_limits(_blas_threads(), user_api="blas"):
+            for start in range(0, len(order), batch):
+                hs = [ds.x_train[order[start:start + batch]]]
+                for w in weights:
+                    hs.append(hs[-1] @ w)
+                delta = hs[-1]
+                for l in reversed(range(len(weights))):
+                    hs[l].T @ delta
+                    if l:
+                        delta = delta @ weights[l].T
+    return epoch
+
+
+def plain_epoch(batch: int, bn: bool, ds: data.Dataset, order: np.ndarray):
+    """The plainest NumPy trainer a user writes (no BN): products, bias, sigmoid as ``1 / (1 + exp(-z))``,
+    softmax cross-entropy, SGD with Nesterov momentum, each on the whole batch in place where NumPy
+    allows; no statistics, no pieces fixed for determinism across thread counts, no overflow care."""
+    rng = np.random.default_rng(0)
+    weights = [(rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32) for a, b in zip(WIDTHS, WIDTHS[1:])]
+    params = weights + [np.zeros(b, np.float32) for b in WIDTHS[1:]]
+    velocity = [np.zeros_like(p) for p in params]
+    lr, mu, depth = np.float32(0.01), np.float32(0.9), len(weights)
+
+    def epoch() -> None:
+        with threadpool_limits(_blas_threads(), user_api="blas"), np.errstate(over="ignore"):
+            for start in range(0, len(order), batch):
+                idx = order[start:start + batch]
+                hs = [ds.x_train[idx]]
+                for l in range(depth):
+                    z = hs[-1] @ weights[l]
+                    z += params[depth + l]
+                    if l < depth - 1:
+                        np.negative(z, out=z)
+                        np.exp(z, out=z)
+                        z += 1
+                        np.reciprocal(z, out=z)
+                    hs.append(z)
+                p = hs[-1]
+                p -= p.max(axis=1, keepdims=True)
+                np.exp(p, out=p)
+                p /= p.sum(axis=1, keepdims=True)
+                p[np.arange(len(idx)), ds.y_train[idx]] -= 1
+                p *= np.float32(1 / len(idx))
+                grads: list[np.ndarray] = [p] * (2 * depth)
+                delta = p
+                for l in reversed(range(depth)):
+                    grads[l], grads[depth + l] = hs[l].T @ delta, delta.sum(axis=0)
+                    if l:
+                        delta = delta @ weights[l].T
+                        delta *= hs[l]
+                        delta *= 1 - hs[l]
+                for w, v, g in zip(params, velocity, grads):
+                    v *= mu
+                    v -= lr * g
+                    w += mu * v
+                    w -= lr * g
+    return epoch
+
+
 def torch_epoch(batch: int, bn: bool, ds: data.Dataset, order: np.ndarray):
     import torch  # here only: the varprop child of the memory measurement never loads it
 
@@ -182,6 +253,9 @@ def main() -> None:
             cases[batch, bn] = {"varprop": varprop_epoch(batch, bn, ds, order),
                                 "varprop, recorded": varprop_recorded_epoch(batch, bn, ds),
                                 "pytorch": torch_epoch(batch, bn, ds, order)}
+            cases[batch, bn]["products alone"] = products_epoch(batch, bn, ds, order)
+            if not bn:
+                cases[batch, bn]["plain numpy loop"] = plain_epoch(batch, bn, ds, order)
     for contenders in cases.values():  # warm-up: first-touch memory, BLAS and torch kernels
         for fn in contenders.values():
             fn()
@@ -215,16 +289,26 @@ def main() -> None:
              "4 at 1024); 784-512-256-128-64-10 sigmoid, SGD + Nesterov 0.9, lr 0.01. 'varprop' is the "
              "training steps alone, as PyTorch's loop is; 'varprop, recorded' is the epoch as `varprop train` "
              "runs it, with its records at step 0 and the epoch's end (losses over 5,000 images and the "
-             "per-layer statistics).", "",
+             "per-layer statistics). Two references in NumPy, on the same BLAS threads: 'products alone' "
+             "is the floor, the step's products with nothing else (one BLAS call each on the whole batch; the "
+             "same with BN); 'plain loop' the plainest NumPy trainer (no BN, no statistics, no pieces fixed "
+             "for determinism, sigmoid as 1 / (1 + exp(-z))): how close to PyTorch NumPy itself gets.", "",
              "| batch | BN | varprop (s) | PyTorch (s) | varprop / PyTorch: median | range | target | "
-             "varprop, recorded (s) |", "|---:|---|---:|---:|---:|---:|---|---:|"]
+             "varprop, recorded (s) | products alone / PyTorch | plain loop / PyTorch |",
+             "|---:|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+
+    def over_pytorch(t: dict[str, list[float]], name: str) -> list[float]:
+        return [a / b for a, b in zip(t[name], t["pytorch"])] if name in t else []
+
     for (batch, bn), t in times.items():
-        ratios = [a / b for a, b in zip(t["varprop"], t["pytorch"])]
+        ratios = over_pytorch(t, "varprop")
+        refs = [f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})" if r else "-"
+                for r in (over_pytorch(t, "products alone"), over_pytorch(t, "plain numpy loop"))]
         target = "<= 0.7" if batch == 4 else "<= 1.0"
         lines.append(f"| {batch} | {'yes' if bn else 'no'} | {statistics.median(t['varprop']):.3f} | "
                      f"{statistics.median(t['pytorch']):.3f} | {statistics.median(ratios):.2f} | "
                      f"{min(ratios):.2f}-{max(ratios):.2f} | {target} | "
-                     f"{statistics.median(t['varprop, recorded']):.3f} |")
+                     f"{statistics.median(t['varprop, recorded']):.3f} | {refs[0]} | {refs[1]} |")
     lines += ["", "## Peak memory (one epoch at batch 1024, fresh process)", "",
               "Resident memory once the imports, the data and the model are in (the peak is restarted there), and "
               "its peak over one epoch of training: the difference is what training itself holds (activations kept "

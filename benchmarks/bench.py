@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import varprop  # noqa: E402
 import varprop.theory  # noqa: E402
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, settle  # noqa: E402
 from peers import numpy_loop, torch_autograd, torch_hooks  # noqa: E402
 
 try:
@@ -93,6 +93,7 @@ def interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> dict[st
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
+            settle()
             t = time.perf_counter()
             out = fn()
             times[name].append(out[0] if isinstance(out, tuple) else time.perf_counter() - t)

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, settle  # noqa: E402
 from varprop import torch as vt  # noqa: E402
 from varprop.inspect import run as inspect_run  # noqa: E402
 
@@ -190,6 +190,7 @@ def bench_model(name: str, factory: Callable[[], nn.Module], shape: tuple[int, .
     for _ in range(repeats):
         for key, fn in contenders.items():
             model.zero_grad(set_to_none=True)
+            settle()
             wall, used = timed(fn)
             times[key].append(wall)
             cpu[key].append(used)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, settle  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from varprop.parallel import Pool  # noqa: E402
@@ -263,6 +263,7 @@ def main() -> None:
     for r in range(args.repeats):
         for key, contenders in cases.items():
             for name, fn in contenders.items():
+                settle()
                 times[key][name].append(timed(fn))
         print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     commands = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 
 def cpu_model() -> str:
@@ -20,3 +21,18 @@ def cpu_model() -> str:
 def describe() -> str:
     """One line: the platform, the CPU model, the CPU count and Python's version."""
     return f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} CPUs; Python {platform.python_version()}"
+
+
+SETTLE_SECONDS = 0.2
+
+
+def settle() -> None:
+    """Wait until the previous contender's worker threads stop spinning, before the next is timed.
+
+    After a threaded call OpenBLAS's workers spin on a core for about 0.1 s
+    (measured here: one core fully busy for 0.1 s after a 1024^3 sgemm on two
+    threads; PyTorch's OpenMP threads for about 5 ms). On a two-core machine
+    the contender timed next would lose one of its cores meanwhile: an epoch
+    of varprop's trainer on two threads measured 0.102 s right after a
+    threaded NumPy product, 0.072-0.078 s after a pause."""
+    time.sleep(SETTLE_SECONDS)

@@ -398,7 +398,8 @@ def main() -> None:
              f"numpy {data['numpy']}, "
              f"torch {data['torch'] or 'not installed'}. {repeats} interleaved repeats per group; load average "
              f"(1, 5, 15 min) {loads[0]} at the start and {loads[1]} at the end (other work shared the machine: "
-             "read the ranges). Everyone uses every core.", "",
+             "read the ranges). Everyone uses every core. Each contender is timed after a 0.2 s pause "
+             "(benchmarks/machine.py's settle), once the previous one's BLAS threads have stopped spinning.", "",
              "## Targets (issue 18)", "",
              "A ratio is taken within each repeat (the contenders ran seconds apart); the table gives its median "
              "and range over the repeats.", "",

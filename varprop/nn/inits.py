@@ -78,6 +78,7 @@ import importlib
 import math
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
@@ -300,18 +301,32 @@ def standard_normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: typ
 PAIRS_PER_PIECE = 2**16
 
 
+_WORK = threading.local()
+
+
 def _box_muller(words: np.ndarray, pairs: np.ndarray) -> None:
-    """:func:`standard_normal`'s pairs (float32, pairs x 2) from as many 64-bit words."""
+    """:func:`standard_normal`'s pairs (float32, pairs x 2) from as many 64-bit words.
+
+    Its three work arrays are this thread's own, reused: fresh ones (256 KiB
+    each for a whole piece) cost their page faults, 450 against 280 us a
+    piece. NumPy's float32 kernels give the same bits wherever they lie
+    (checked at each 4-byte offset within a 64-byte line), so the numbers
+    are those of fresh arrays."""
+    n = len(pairs)
+    work = getattr(_WORK, "arrays", None)
+    if work is None or work.shape[1] < n:
+        work = _WORK.arrays = np.empty((3, max(n, PAIRS_PER_PIECE)), np.float32)
+    r, angle, trig = work[0, :n], work[1, :n], work[2, :n]
     halves = words.view(np.uint32)
     f32 = np.float32
-    r = np.add(halves[0::2], 0.5, dtype=f32)
+    np.add(halves[0::2], 0.5, dtype=f32, out=r)
     r *= f32(2.0**-32)
     np.minimum(r, f32(1 - 2.0**-24), out=r)
     np.log(r, out=r)
     r *= f32(-2.0)
     np.sqrt(r, out=r)
-    angle = np.multiply(halves[1::2], 2 * math.pi * 2.0**-32, dtype=f32)
-    trig = np.cos(angle)
+    np.multiply(halves[1::2], 2 * math.pi * 2.0**-32, dtype=f32, out=angle)
+    np.cos(angle, out=trig)
     np.multiply(trig, r, out=pairs[:, 0])
     np.multiply(np.sin(angle, out=trig), r, out=pairs[:, 1])
 

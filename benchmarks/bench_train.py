@@ -101,9 +101,9 @@ def products_epoch(batch: int, bn: bool, ds: data.Dataset, order: np.ndarray):
 
 
 def plain_epoch(batch: int, bn: bool, ds: data.Dataset, order: np.ndarray):
-    """The plainest NumPy trainer a user writes (no BN): products, bias, sigmoid as ``1 / (1 + exp(-z))``,
-    softmax cross-entropy, SGD with Nesterov momentum, each on the whole batch in place where NumPy
-    allows; no statistics, no pieces fixed for determinism across thread counts, no overflow care."""
+    """The plainest NumPy trainer a user writes (no BN): products, bias, sigmoid as ``1 / (1 + exp(-z))``
+    (in place), softmax cross-entropy, SGD with Nesterov momentum as its formula reads, each on the whole
+    batch; no statistics, no pieces fixed for determinism across thread counts, no overflow care."""
     rng = np.random.default_rng(0)
     weights = [(rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32) for a, b in zip(WIDTHS, WIDTHS[1:])]
     params = weights + [np.zeros(b, np.float32) for b in WIDTHS[1:]]
@@ -130,15 +130,16 @@ def plain_epoch(batch: int, bn: bool, ds: data.Dataset, order: np.ndarray):
                 p /= p.sum(axis=1, keepdims=True)
                 p[np.arange(len(idx)), ds.y_train[idx]] -= 1
                 p *= np.float32(1 / len(idx))
-                grads: list[np.ndarray] = [p] * (2 * depth)
+                weight_grads, bias_grads = [], []
                 delta = p
                 for l in reversed(range(depth)):
-                    grads[l], grads[depth + l] = hs[l].T @ delta, delta.sum(axis=0)
+                    weight_grads.insert(0, hs[l].T @ delta)
+                    bias_grads.insert(0, delta.sum(axis=0))
                     if l:
                         delta = delta @ weights[l].T
                         delta *= hs[l]
                         delta *= 1 - hs[l]
-                for w, v, g in zip(params, velocity, grads):
+                for w, v, g in zip(params, velocity, weight_grads + bias_grads):
                     v *= mu
                     v -= lr * g
                     w += mu * v

@@ -27,7 +27,7 @@ SETTLE_SECONDS = 0.2
 
 
 def settle() -> None:
-    """Wait until the previous contender's worker threads stop spinning, before the next is timed.
+    """Sleep long enough for the previous contender's worker threads to stop spinning, before the next is timed.
 
     After a threaded call OpenBLAS's workers spin on a core for about 0.1 s
     (measured here: one core fully busy for 0.1 s after a 1024^3 sgemm on two

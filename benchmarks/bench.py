@@ -105,19 +105,25 @@ def interleaved(cases: dict[str, Callable[[], object]], repeats: int) -> dict[st
 # processes (varprop/forked.py).
 ENGINE_WORKER = """
 import sys, time, varprop
-width, depth, n, replicates = map(int, sys.argv[1:5])
+sys.path.insert(0, sys.argv[1])
+from peers import least_engine
+width, depth, n, replicates = map(int, sys.argv[3:7])
 spec = varprop.NetworkSpec.square(depth, width, init="fan_in")
-varprop.simulate(spec, samples=n, replicates=replicates)  # warm-up
+run = {"varprop": lambda: varprop.simulate(spec, samples=n, replicates=replicates),
+       "least": lambda: least_engine(width, depth, n, replicates)}[sys.argv[2]]
+run()  # warm-up
 for line in sys.stdin:
     t = time.perf_counter()
-    varprop.simulate(spec, samples=n, replicates=replicates)
+    run()
     print(time.perf_counter() - t, flush=True)
 """
 
 
-def engine_worker(width: int, depth: int, n: int, replicates: int) -> Callable[[], tuple[float]]:
-    """A contender that times ``varprop.simulate`` in a worker process without torch (kept for the run)."""
-    proc = subprocess.Popen([sys.executable, "-c", ENGINE_WORKER, str(width), str(depth), str(n), str(replicates)],
+def engine_worker(which: str, width: int, depth: int, n: int, replicates: int) -> Callable[[], tuple[float]]:
+    """A contender that times an engine in a worker process without torch (kept for the run):
+    ``varprop.simulate``, or ``least``, peers.least_engine, the least it could do."""
+    proc = subprocess.Popen([sys.executable, "-c", ENGINE_WORKER, str(Path(__file__).parent), which, str(width),
+                             str(depth), str(n), str(replicates)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
 
     def run() -> tuple[float]:
@@ -289,7 +295,8 @@ def main() -> None:
                  [*vp, *simulate_args(*seed), "--out", str(tmp / "seed")])),
              "varprop simulate --format csv,json": child(
                  [*vp, *simulate_args(*seed), "--format", "csv,json", "--out", str(tmp / "seed-csv")]),
-             "numpy loop script": with_peak("seed: numpy loop script", peer_child("numpy-loop", *seed))}
+             "numpy loop script": with_peak("seed: numpy loop script", peer_child("numpy-loop", *seed)),
+             "least full-report script": peer_child("least-report", *seed)}
     if torch is not None:
         cases["pytorch + hooks script"] = with_peak("seed: pytorch + hooks script", peer_child("torch-hooks", *seed))
     groups["seed case, whole process"] = interleaved(cases, repeats)
@@ -297,7 +304,8 @@ def main() -> None:
 
     # 2. The seed case in-process: the engine against the floor of its products.
     spec = varprop.NetworkSpec.square(seed[1], seed[0], init="fan_in")
-    cases = {"varprop engine": engine_worker(*seed),
+    cases = {"varprop engine": engine_worker("varprop", *seed),
+             "least engine": engine_worker("least", *seed),
              "varprop engine, in this process (torch loaded: threads only)":
                  lambda: varprop.simulate(spec, samples=seed[2], replicates=seed[3]),
              "floor (BLAS threads)": floor_forward(*seed),
@@ -363,7 +371,11 @@ def main() -> None:
          "<= 0.6"),
         ("seed case, whole process: varprop simulate / NumPy loop script", paired(seed_wp, vs, "numpy loop script"),
          ""),
+        ("seed case, whole process: least full-report script / PyTorch + hooks script",
+         paired(seed_wp, "least full-report script", "pytorch + hooks script"), "(the target's floor)"),
         ("seed case, in-process: varprop engine / floor", paired(seed_ip, "varprop engine", "floor"), "<= 2.5"),
+        ("seed case, in-process: least engine / floor", paired(seed_ip, "least engine", "floor"),
+         "(the target's floor)"),
         ("seed case, in-process: varprop engine / PyTorch + hooks", paired(seed_ip, "varprop engine",
                                                                            "pytorch + hooks"), ""),
         ("width 1024, whole process: varprop simulate / PyTorch + hooks script",
@@ -418,7 +430,11 @@ def main() -> None:
               "`x^T g`), with BLAS on its own threads and on one: floor and floor3 are the faster of the two in each "
               "repeat. The seed case's 'varprop engine' runs in a worker process without torch, as the command "
               "runs it (its replicate groups in forked processes); in this process, where torch is loaded, varprop "
-              "shares the groups over threads alone.", "",
+              "shares the groups over threads alone. The least full-report script and the least engine "
+              "(benchmarks/peers.py's least_report and least_engine) are floors for the seed case's targets: the "
+              "least a full report needs (the imports, the draws from the seed tree, the float64 sums behind the "
+              "mean, std and |cos|, a t-interval per layer, a table and four one-line figures), written as plainly "
+              "and run as fast as we found, each leaving out much that varprop's report shows.", "",
               "## Memory", "", "Peak RSS (MiB): the engine in a fresh process (width 256, 256 samples), and the "
               "whole-process runs above (the largest over the repeats).", "",
               "| run | peak RSS (MiB) |", "|---|---:|"] + [f"| {k} | {v:.0f} |" for k, v in memory.items()]

@@ -352,7 +352,7 @@ def test_describe_names_a_subset_by_its_options():
     from varprop.report.markdown import describe
 
     def facts(label, varied):
-        return Assessment(label, varied, 5, 0.0, 1.0, None, math.nan, 0.0, None, None, None, math.nan, ())
+        return Assessment(label, varied, 5, 0.0, 0.0, 1.0, None, None, math.nan, 0.0, None, None, None, math.nan, ())
 
     every = [facts(f"{a}, bn={n}, b={b}", {"activation": a, "bn_count": n, "batch_size": b})
              for a in ("sigmoid", "relu") for n in (0, 1, 2) for b in (4, 64)]
@@ -390,6 +390,29 @@ def test_a_configuration_that_loses_its_signal_is_not_called_healthy():
     # Orthogonal weights preserve every inner product: a linear stack of them keeps std, correlations and
     # gradients exactly.
     assert isinstance(linear, str) and "healthy through 12 layers" in linear
+
+
+def test_a_signal_that_dies_in_a_typical_network_is_not_called_healthy():
+    """Three networks of 10 layers: one keeps its std, two lose a decade a layer. The mean network (the root
+    of the mean variance, 1/sqrt(3) of the survivor's) stays within the band; the typical one (the geometric
+    mean) falls below 1e-3 x the input's at layer 5 (-10/3 decades). The verdict is "dies", not "healthy"
+    (he with gelu at depth 50 read healthy while two of its three networks had died)."""
+    from varprop.findings import assess_one
+    from varprop.report.markdown import _problems
+
+    layer = np.arange(11)
+    log_std = np.stack([0.0 * layer, -1.0 * layer, -1.0 * layer])  # networks x layers
+    summary = pd.DataFrame({
+        "config": "c", "layer": layer,
+        "post_log10_rms_std": 0.5 * np.log10((10.0 ** (2 * log_std)).mean(axis=0)),
+        "post_log10_typical_std": log_std.mean(axis=0),
+        "post_frac_saturated": 0.0, "post_frac_zero": 0.0, "post_abs_cos_sim": 0.1,
+        "post_unit_var": 10.0 ** (2 * log_std.max(axis=0))})
+    a = assess_one("c", {}, summary)
+    assert a.verdict == "dies" and a.dies_at == 5 and a.explodes_at is None
+    assert a.rel > -1 and a.typical_rel == pytest.approx(-20 / 3)
+    (kind, sentence), = _problems(a)
+    assert "the signal dies at layer 5: a typical network's std" in sentence and "a few networks keep" in sentence
 
 
 def test_theory_outside_the_single_networks_is_said():

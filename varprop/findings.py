@@ -2,12 +2,21 @@
 (healthy, or the worst problem found) and every problem under it.
 
 The checks, worst first (:data:`PROBLEMS`): the std leaves [1e-3, 1e3] x
-the input's (the signal explodes or dies); the input signal is lost (the
-variance across samples falls below 1e-6 of the layer's); the input
-gradient's std leaves [1e-3, 1e3] x the output's; over half the last
-layer's units are saturated (|phi'| < 1e-3); the inputs collapse onto one
-direction (mean |cos| between samples above 0.9 at the last layer). The
-report words them (report/markdown.py); tests and tools read them here.
+the input's (the signal explodes: the mean network's std rises above 1e3 x
+the input's; or dies: a typical network's falls below 1e-3 x); the input
+signal is lost (the variance across samples falls below 1e-6 of the
+layer's); the input gradient's std leaves [1e-3, 1e3] x the output's; over
+half the last layer's units are saturated (|phi'| < 1e-3); the inputs
+collapse onto one direction (mean |cos| between samples above 0.9 at the
+last layer).
+
+The mean network (the root of the mean variance over replicates, what
+mean-field theory predicts) is never below the typical one (the geometric
+mean), so a typical network that explodes makes the mean one explode, and a
+mean network that dies makes the typical one die: each check reads the
+network that leaves the band first. With a spread of networks (a deep
+ordered stack), a few survivors carry the mean network while the typical one
+dies. The report words them (report/markdown.py); tests and tools read them here.
 
 >>> from varprop.spec import expand
 >>> from varprop.montecarlo.run import run_configs
@@ -43,8 +52,10 @@ class Assessment:
     varied: dict[str, Any]
     depth: int
     rel: float  # log10 of the last layer's std over the input's (the mean network)
+    typical_rel: float  # the same for the typical network (the mean of log10 std over replicates)
     growth: float  # std factor per layer, geometric mean
-    first_bad: int | None  # the first layer whose std leaves [1e-3, 1e3] x the input's
+    explodes_at: int | None  # the first layer whose mean network's std is above 1e3 x the input's
+    dies_at: int | None  # the first layer whose typical network's std is below 1e-3 x the input's
     saturated: float  # fraction of saturated units at the last layer, nan when not a problem
     collapse: float  # mean |cos| between samples at the last layer
     collapse_from: int | None  # the layer from which on every layer's mean |cos| exceeds COLLAPSE
@@ -70,7 +81,8 @@ def assess_one(label: str, varied: dict[str, Any], summary: pd.DataFrame) -> Ass
     """The :class:`Assessment` of configuration ``label`` from the summary over replicates."""
     s = summary[summary["config"] == label].reset_index(drop=True)
     rel = s["post_log10_rms_std"] - s["post_log10_rms_std"].iloc[0]
-    bad = s[rel.abs() > STD_BAND]
+    typical = s["post_log10_typical_std"] - s["post_log10_typical_std"].iloc[0]
+    explodes, dies = s["layer"][rel > STD_BAND], s["layer"][typical < -STD_BAND]
     sat = float(s["post_frac_saturated"].iloc[-1])
     grad = None
     if "grad_log10_rms_std" in s:
@@ -78,15 +90,12 @@ def assess_one(label: str, varied: dict[str, Any], summary: pd.DataFrame) -> Ass
     with np.errstate(divide="ignore", invalid="ignore"):  # a zero or overflowed unit var: no verdict
         frac = np.log10(s["post_unit_var"].to_numpy(float)) - 2 * s["post_log10_rms_std"].to_numpy(float)
     lost = np.flatnonzero(np.isfinite(frac) & (frac < SIGNAL_LOST) & (s["layer"].to_numpy() > 0))
-    last_rel = float(rel.iloc[-1])
     saturated = sat if sat > SATURATED and s["post_frac_zero"].iloc[-1] < 0.5 * sat else math.nan
     collapse = float(s["post_abs_cos_sim"].iloc[-1])
     below = np.flatnonzero(~(s["post_abs_cos_sim"].to_numpy(float) > COLLAPSE))
     collapse_from = (int(s["layer"].iloc[below[-1] + 1] if below.size else s["layer"].iloc[0])
                      if collapse > COLLAPSE else None)
-    found = []
-    if not bad.empty:
-        found.append("explodes" if last_rel > 0 else "dies")
+    found = [kind for kind, layers in (("explodes", explodes), ("dies", dies)) if not layers.empty]
     if lost.size:
         found.append("signal lost")
     if grad is not None and abs(grad) > STD_BAND:
@@ -95,8 +104,9 @@ def assess_one(label: str, varied: dict[str, Any], summary: pd.DataFrame) -> Ass
         found.append("saturated")
     if collapse > COLLAPSE:
         found.append("collapse")
-    return Assessment(label, dict(varied), int(s["layer"].iloc[-1]), last_rel, growth(s, "post_log10_rms_std"),
-                      None if bad.empty else int(bad["layer"].iloc[0]), saturated, collapse, collapse_from, grad,
+    return Assessment(label, dict(varied), int(s["layer"].iloc[-1]), float(rel.iloc[-1]), float(typical.iloc[-1]),
+                      growth(s, "post_log10_rms_std"), None if explodes.empty else int(explodes.iloc[0]),
+                      None if dies.empty else int(dies.iloc[0]), saturated, collapse, collapse_from, grad,
                       int(s["layer"].iloc[lost[0]]) if lost.size else None, float(frac[-1]),
                       tuple(sorted(found, key=PROBLEMS.index)))
 

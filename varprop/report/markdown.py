@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from ..findings import PROBLEMS, Assessment, assess, growth
+from ..findings import PROBLEMS, STD_BAND, Assessment, assess, growth
 from ..fit import depth_growth, line_fit
 from ..run import Run
 from ..spec import label_part
@@ -701,9 +701,10 @@ FINDINGS_PER_CONFIG = 8
 FINDINGS_RULES = (
     "One verdict per configuration: *healthy* when every check passes, else the worst problem found, with any "
     "others under it and then the std's (and the gradient's) own numbers. The checks, worst first: the std "
-    "leaves [1e-3, 1e3] x the input's (the signal explodes "
-    "or dies); the input signal is lost (the variance across samples falls below 1e-6 of the layer's: every "
-    "input gives nearly the same output); the input gradient's std leaves [1e-3, 1e3] x the output's "
+    "leaves [1e-3, 1e3] x the input's (the signal explodes: the mean network's std rises above 1e3 x the "
+    "input's; or dies: a typical network's falls below 1e-3 x); the input signal is lost (the variance across "
+    "samples falls below 1e-6 of the layer's: every input gives nearly the same output); the input gradient's "
+    "std leaves [1e-3, 1e3] x the output's "
     "(gradients explode or vanish); over half the last layer's units are saturated (|phi'| < 1e-3); the "
     "inputs collapse onto one direction (mean |cos| between samples above 0.9 at the last layer).")
 
@@ -711,8 +712,13 @@ FINDINGS_RULES = (
 def _problems(a: Assessment, unit: str = "layer") -> list[tuple[str, str]]:
     """(kind, sentence) of each problem ``a`` has, worst first; ``unit``: what a row is (:func:`as_rows`)."""
     sentences = {
-        "explodes": lambda: f"the signal explodes at layer {a.first_bad}: its std leaves [1e-3, 1e3] x the input's "
+        "explodes": lambda: f"the signal explodes at layer {a.explodes_at}: its std rises above 1e3 x the input's "
                             f"(x{fmt_std(a.rel)} at layer {a.depth}; x{fmt(a.growth, 3)} per layer)",
+        "dies": lambda: f"the signal dies at layer {a.dies_at}: a typical network's std falls below 1e-3 x the "
+                        f"input's (x{fmt_std(a.typical_rel)} at layer {a.depth}; "
+                        f"x{fmt(10 ** (a.typical_rel / a.depth), 3)} per layer"
+                        + (f"; the mean network's is x{fmt_std(a.rel)}: a few networks keep far more"
+                           if a.rel >= -STD_BAND else "") + ")",
         "signal lost": lambda: f"the input signal is lost from layer {a.signal_lost}: the variance across samples is "
                                f"x{fmt_std(a.signal_frac)} the layer's variance at layer {a.depth} (every input gives "
                                "nearly the same output; the std left is each unit's fixed offset)",
@@ -723,7 +729,6 @@ def _problems(a: Assessment, unit: str = "layer") -> list[tuple[str, str]]:
                              + (f" from layer {a.collapse_from}" if a.collapse_from not in (None, a.depth) else "")
                              + f" (mean |cos| between samples {a.collapse:.3f} at layer {a.depth})"),
     }
-    sentences["dies"] = lambda: sentences["explodes"]().replace("explodes", "dies", 1)
     sentences["gradients vanish"] = lambda: sentences["gradients explode"]().replace("explode", "vanish", 2)
     return [(kind, as_rows(sentences[kind](), unit)) for kind in a.problems]
 
@@ -829,8 +834,8 @@ def _span(facts: list[Assessment], value: Any, show: Any) -> str | None:
 
 # How a verdict, and the same problem under another verdict, read in grouped findings.
 _VERDICT = {
-    "explodes": "**The signal explodes** (its std leaves [1e-3, 1e3] x the input's)",
-    "dies": "**The signal dies** (its std leaves [1e-3, 1e3] x the input's)",
+    "explodes": "**The signal explodes** (its std rises above 1e3 x the input's)",
+    "dies": "**The signal dies** (a typical network's std falls below 1e-3 x the input's)",
     "signal lost": "**The input signal is lost** (the variance across samples falls below 1e-6 of the layer's: "
                    "every input gives nearly the same output)",
     "gradients explode": "**Gradients explode** (the input gradient's std beyond 1e3 x the output's)",
@@ -871,7 +876,8 @@ def _grouped_findings(facts: list[Assessment], unit: str = "layer") -> list[Item
             continue
         line = as_rows(_VERDICT[kind], unit)
         if kind in ("explodes", "dies", "signal lost"):
-            at = sorted(f.first_bad if kind != "signal lost" else f.signal_lost for f in group)
+            at = sorted({"explodes": f.explodes_at, "dies": f.dies_at, "signal lost": f.signal_lost}[kind]
+                        for f in group)
             line += (" at" if kind != "signal lost" else " from") + (
                 f" {unit} {at[0]}" if at[0] == at[-1] else f" {unit}s {at[0]} to {at[-1]}")
         elif kind == "collapse":

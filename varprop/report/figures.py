@@ -21,7 +21,8 @@ from .. import forked  # noqa: E402
 from ..run import Run  # noqa: E402
 from ..spec import label_part  # noqa: E402
 from .document import visible  # noqa: E402
-from .markdown import as_rows, mean_columns, row_unit, signed_means, varied_values  # noqa: E402
+from .markdown import (as_rows, histogram_configs, mean_columns, row_unit, signed_means,  # noqa: E402
+                       varied_values)
 
 # Beyond this, 10 ** log10_std does not fit a float64 axis: plot log10 itself.
 _MAX_LOG10 = 300.0
@@ -647,12 +648,12 @@ def correlation(run: Run, path: Path) -> Path:
                    + ("; dotted: the c-map" if mapped else ""), path, (6.5, 4.4), configs=configs)
 
 
-def histograms(run: Run, path: Path, max_configs: int = 6) -> Path:
+def histograms(run: Run, path: Path) -> Path:
     """Post-activation histograms at the first, middle and last layer, one row
-    per configuration (the first ``max_configs``), x in units of the layer's RMS."""
+    per configuration (those :func:`histogram_configs` picks), x in units of the layer's RMS."""
     hist = run.histograms
     unit = row_unit(run.layers)
-    configs = list(dict.fromkeys(hist["config"]))[:max_configs]
+    configs, _ = histogram_configs(hist)
     layers_by = {c: sorted(hist[hist["config"] == c]["layer"].unique()) for c in configs}
     cols = max(len(v) for v in layers_by.values())
     fig, axes = plt.subplots(len(configs), cols, figsize=(3.6 * cols, 1.9 * len(configs) + 0.8), dpi=110,

@@ -262,6 +262,28 @@ def seed_line(layers: pd.DataFrame) -> dict[str, tuple[float, float, float]]:
     return out
 
 
+HISTOGRAM_CONFIGS = 6  # rows of the histograms figure
+
+
+def histogram_configs(hist: pd.DataFrame, most: int = HISTOGRAM_CONFIGS) -> tuple[list[str], int]:
+    """The configurations the histograms figure shows, and how many distinct ones there are:
+    configurations whose histograms are identical (batch sizes without batch norm, by common random
+    numbers) count once, by the first of them; beyond ``most`` distinct ones, ``most`` spread evenly over
+    them in order, first and last included (six inits x six activations give one of each).
+
+    >>> h = pd.DataFrame({"config": list("abcd"), "layer": 1, "density": [1.0, 1.0, 2.0, 3.0]})
+    >>> histogram_configs(h, 2)
+    (['a', 'd'], 3)
+    """
+    distinct: dict[bytes, str] = {}
+    for config, rows in hist.groupby("config", sort=False):
+        distinct.setdefault(rows[["layer", "density"]].to_numpy().tobytes(), str(config))
+    names = list(distinct.values())
+    if len(names) <= most:
+        return names, len(names)
+    return [names[i] for i in np.round(np.linspace(0, len(names) - 1, most)).astype(int)], len(names)
+
+
 def layer_table(summary: pd.DataFrame, config: str, replicates: int, logs: pd.DataFrame) -> pd.DataFrame:
     """The per-layer table of one configuration (its subsample of layers);
     ``logs`` is :func:`log_scale_stats` of the run."""
@@ -294,21 +316,40 @@ def layer_table(summary: pd.DataFrame, config: str, replicates: int, logs: pd.Da
     return table
 
 
+# From this many replicates on, a prediction below every network is a no whatever the interval: were it their
+# mean, all k would lie above it with chance 2^-k or less (their spread is skewed upwards), under 2.5% from 6 on.
+BELOW_ALL_REPLICATES = 6
+
+
+def _histograms_shown(hist: pd.DataFrame, configs: int) -> str:
+    """The end of the histograms' caption: which configurations :func:`histogram_configs` shows."""
+    shown, distinct = histogram_configs(hist)
+    same = (f" ({configs - distinct} configurations with the same histograms as one before them left out)"
+            if distinct < configs else "")
+    if len(shown) < distinct:
+        return f"; {len(shown)} of the {distinct} different configurations, spread evenly over them{same}."
+    return f"{same}." if same else "."
+
+
 def _inside(log10_value: float, lo_sign: float, lo_log10: float, hi_log10: float, low: float, high: float,
             replicates: int) -> str:
-    """'yes' / '**no**' for a positive prediction against the 95% interval
-    over replicates, all given in log10 (the lower end by its sign too); a
-    prediction beyond every single network is a no whatever the interval (a
-    heavy tail widens the interval to hold it): '**no** (below all 3)'.
-    '' if undefined.
+    """'yes' / '**no**' for a positive prediction of the mean against its 95%
+    interval over replicates, all given in log10 (the lower end by its sign
+    too); from :data:`BELOW_ALL_REPLICATES` replicates on, a prediction below
+    every single network (``low``, ``high``: their range) is a no whatever the
+    interval (one network far above the others widens it): '**no** (below all
+    6)'. Above every network is no such sign: a few networks far above the
+    rest carry the mean. '' if undefined.
 
-    >>> _inside(-11.9, -1, -1.95, -1.74, -9.8, -1.99, 3), _inside(0.0, 1, -0.1, 0.1, -0.05, 0.05, 3)
-    ('**no** (below all 3)', 'yes')
+    >>> _inside(-11.9, -1, -1.95, -1.74, -9.8, -1.99, 6), _inside(-11.9, -1, -1.95, -1.74, -9.8, -1.99, 3)
+    ('**no** (below all 6)', 'yes')
+    >>> _inside(0.0, 1, -0.1, 0.1, -0.05, 0.05, 3), _inside(0.0, 1, -0.1, -0.02, -0.05, -0.03, 3)
+    ('yes', '**no**')
     """
     if any(map(math.isnan, (log10_value, lo_sign, lo_log10, hi_log10))) or not math.isfinite(log10_value):
         return ""
-    if log10_value < low or log10_value > high:
-        return f"**no** ({'below' if log10_value < low else 'above'} all {replicates})"
+    if replicates >= BELOW_ALL_REPLICATES and log10_value < low:
+        return f"**no** (below all {replicates})"
     return "yes" if (lo_sign <= 0 or lo_log10 <= log10_value) and log10_value <= hi_log10 else "**no**"
 
 
@@ -643,7 +684,7 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
         doc.figure(histograms, as_rows("Histograms of the layer outputs at the first, middle and last layer", unit))
         doc.p(as_rows("The shape of each layer's output distribution, in units of its RMS: a spike at 0 is dead relu "
                       "units, mass piling at the edges is saturation, and a Gaussian bell is a healthy linear regime. "
-                      "Replicate 0 only" + (" and the first 6 configurations." if len(configs) > 6 else "."), unit))
+                      "Replicate 0 only" + _histograms_shown(run.histograms, len(configs)), unit))
 
     doc.h2(as_rows("Per-layer statistics", unit))
     depths = summary.groupby("config", sort=False)["layer"].max()
@@ -665,17 +706,19 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
         "(block 0 is the input); `post mean`: its mean over samples and units (over replicates too), exact at any "
         "magnitude;",
         "`zeros`: the fraction of exact zeros of h; `saturated`: the fraction of units with |phi'(z)| < 1e-3 "
-        "(for relu the same units as the zeros);",
+        "(for relu the units with z < 0, the zeros of h unless batch norm after the activation shifts them);",
         "`cos sim`: the mean cosine similarity between pairs of samples (1: every input maps to the same "
         "direction); `abs cos sim`: the mean of its absolute value over pairs of the first 128 samples, which also "
         "shows a collapse onto +-one direction that the signed mean averages away;",
         "`theory post std`: the mean-field prediction of `post std` (infinite width)" + (
             "; `theory in 95% CI`: whether "
-            "the predicted second moment lies in the 95% t interval of the measured one over replicates; a "
-            "prediction below (or above) every single network is a **no** whatever the interval, which one network "
-            "far above the others widens. A **no** says the two differ beyond sampling error at that layer: one in "
-            "twenty layers is expected by chance, a run of them is a real difference (finite width compounding over "
-            "depth, or what the theory does not model, such as orthogonal weights or batch statistics);"
+            "the predicted second moment lies in the 95% t interval of the measured one over replicates"
+            + (f"; with {BELOW_ALL_REPLICATES} replicates or more, a prediction below every single network is a "
+               "**no** whatever the interval, which one network far above the others widens (all k networks lie "
+               "above their mean with chance 2^-k or less)" if reps >= BELOW_ALL_REPLICATES else "")
+            + ". A **no** says the two differ beyond sampling error at that layer: one in twenty layers is "
+            "expected by chance, a run of them is a real difference (finite width compounding over depth, or what "
+            "the theory does not model, such as orthogonal weights or batch statistics);"
             if reps > 1 else " (one replicate: no interval to hold it to);"),
         "every column is exact at any magnitude: values beyond float64 are carried by their log10.",
     ]

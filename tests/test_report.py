@@ -246,6 +246,37 @@ def test_a_log_axis_within_a_few_decades_is_labelled_plainly():
     assert "10\u207b\u2078" in [t.get_text() for t in ax.get_yticklabels()]  # far beyond: powers of ten again
 
 
+def test_a_nearly_flat_log_axis_spans_a_factor_of_two():
+    """A std of 1.003 beside a theory of 1 filled a panel's height as if it departed from it: a log axis spans
+    at least LEAST_LOG_SPAN decades about its centre; a wider one is left as matplotlib fits it."""
+    fig = matplotlib.figure.Figure()
+    flat, wide = fig.add_subplot(121), fig.add_subplot(122)
+    flat.plot([0, 10], [1.0, 1.003])
+    wide.plot([0, 10], [1.0, 100.0])
+    for ax in (flat, wide):
+        figures.log_scale(ax)
+    before = wide.get_ylim()
+    figures._least_log_span(flat)
+    figures._least_log_span(wide)
+    low, high = flat.get_ylim()
+    assert math.log10(high / low) == pytest.approx(figures.LEAST_LOG_SPAN)
+    assert low < 1.0 and 1.003 < high and wide.get_ylim() == before
+
+
+def test_a_row_shares_its_y_axis_only_where_no_panel_shrinks_below_half():
+    """The unit init's variance over 136 decades beside fan_in's over 34 squashed fan_in's panel, which has no
+    tick labels of its own once shared: that row keeps a range per panel; two like ranges share one."""
+    fig = matplotlib.figure.Figure()
+    row = np.array([fig.add_subplot(1, 3, i + 1) for i in range(3)])
+    for ax, top in zip(row, (1e105, 1e3, 1e2)):
+        ax.plot([0, 50], [1e-31, top])
+        figures.log_scale(ax)
+    figures._share_y(row)
+    assert len({ax.get_ylim() for ax in row}) == 3
+    figures._share_y(row[1:])
+    assert row[1].get_ylim() == row[2].get_ylim() and not row[2].yaxis.get_tick_params()["labelleft"]
+
+
 def test_hidden_lines_are_found():
     """A line drawn under an identical one, or under a longer one that agrees with it on all its points (a
     shallower stack seeing the same draws as a deeper one), is named with the line on top, and so is one

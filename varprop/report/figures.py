@@ -209,6 +209,7 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
         chosen = [c for c in configs if (col is None or column[c] == col)
                   and all(values.at[c, k] == v for k, v in where.items())]
         draw(ax, summary[summary["config"].isin(chosen)], metric, looks)
+        _least_log_span(ax)
         ax.set_xlabel(as_rows(ax.get_xlabel(), unit))  # a residual stack's rows are blocks
         ax.set_ylabel(as_rows(ax.get_ylabel(), unit))
         if facets:
@@ -316,10 +317,26 @@ def _named(key: str, value: Any) -> str:
     return _text(part if part.startswith(f"{key}=") else f"{key}={part}")
 
 
+LEAST_LOG_SPAN = 0.3  # decades: a log axis spans at least a factor of 2
+
+
+def _least_log_span(ax: plt.Axes) -> None:
+    """Widen a log y axis to :data:`LEAST_LOG_SPAN` about its centre: matplotlib fits its range to the
+    data, which blows a std of 1.003 beside a theory of 1 up to the whole panel's height."""
+    if ax.get_yscale() != "log" or not ax.has_data():
+        return
+    low, high = ax.get_ylim()
+    if 0 < low < high and math.log10(high / low) < LEAST_LOG_SPAN:
+        centre = math.sqrt(low * high)
+        ax.set_ylim(centre * 10 ** (-LEAST_LOG_SPAN / 2), centre * 10 ** (LEAST_LOG_SPAN / 2))
+
+
 def _share_y(row: np.ndarray) -> None:
     """One y range for a row of panels (the first keeps the labels), unless it
-    would squash a panel's own range below a tenth of its height (a mean that
-    reaches 1e50 in one panel and stays near 0 in the others)."""
+    would squash a panel's own range below half its height (a mean that
+    reaches 1e50 in one panel and stays near 0 in the others; a variance
+    over 136 decades beside one over 34, whose panel, without tick labels of
+    its own, could no longer be read)."""
     row = [ax for ax in row if ax.has_data()]
     if len(row) < 2:
         return
@@ -328,7 +345,7 @@ def _share_y(row: np.ndarray) -> None:
     spans = np.log10(lims[:, 1] / lims[:, 0]) if log else lims[:, 1] - lims[:, 0]
     low, high = lims[:, 0].min(), lims[:, 1].max()
     union = math.log10(high / low) if log else high - low
-    if spans.min() < 0.1 * union:
+    if spans.min() < 0.5 * union:
         return
     for i, ax in enumerate(row):
         ax.set_ylim(low, high)

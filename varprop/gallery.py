@@ -76,8 +76,13 @@ def _bn_reading(layers: pd.DataFrame) -> str:
         outs = ", ".join(f"{val(act, k, 1024, 'post_log10_rms_std', last):.3g}" for k in range(5))
         grads = ", ".join(f"{val(act, k, 1024, 'grad_log10_rms_std', 0):.3g}" for k in range(5))
         lines.append(f"- {act}, batch 1024, with 0, 1, 2, 3, 4 BN layers: output std {outs}; input-gradient "
-                     f"std {grads}. Every normalized layer restarts the variance at 1 instead of letting the "
-                     "activation shrink it layer after layer.")
+                     f"std {grads}.")
+    lines.append(
+        "- A normalized layer restarts the variance at 1; what reaches the output is what the layers after the "
+        "last normalized one make of it. A relu layer with fan_in weights halves the second moment, so each BN "
+        "layer added spares the output one halving. A sigmoid layer's output has mean about 1/2, which carries "
+        "most of the next layer's input: one sigmoid layer takes any std back to about the same level, so BN on "
+        "the first layers leaves the output std where it was, and only BN on the last hidden layers moves it.")
     same = all(abs(val(a, 0, b, "post_log10_rms_std", last) - val(a, 0, 1024, "post_log10_rms_std", last)) == 0
                for a in ("sigmoid", "relu") for b in (4, 64, 256))
     lines += [
@@ -89,8 +94,8 @@ def _bn_reading(layers: pd.DataFrame) -> str:
         f"- The output layer ({last}) has no BN in any configuration, so its std reflects the last layer's init "
         "(fan_in) and activation.",
         "",
-        "At initialization this is the whole story the engine can tell; the study's training curves (SGD with "
-        "Nesterov momentum vs Adam, loss over epochs) need training, which varprop does not do.",
+        "This is the study at initialization; its training curves (SGD with Nesterov momentum vs Adam, loss over "
+        "epochs) are the gallery's `train-*` entries, made by `varprop train`.",
     ]
     return "\n".join(lines) + "\n"
 

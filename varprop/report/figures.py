@@ -245,11 +245,11 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
             if text not in entries or getattr(entries[text], "get_linestyle", lambda: "-")() == "None":
                 entries[text] = handle
     order = sorted(entries, key=lambda text: text not in {look[2] for look in looks.values()})
-    notes = [*notes, *(_hidden_note(key, where, drawn, len(metrics)) for key, where in hidden.items())]
-    return _legend_below_and_save(fig, [entries[t] for t in order], order, path, notes)
+    notes = [*notes, *(hidden_note(key, where, drawn, len(metrics)) for key, where in hidden.items())]
+    return legend_below_and_save(fig, [entries[t] for t in order], order, path, notes)
 
 
-def _hidden_note(key: tuple[tuple[str, ...], str, str], where: list[tuple[str, str]],
+def hidden_note(key: tuple[tuple[str, ...], str, str], where: list[tuple[str, str]],
                  drawn: list[tuple[plt.Axes, str, str, set[str]]], n_quantities: int) -> str:
     """"A and B are drawn behind C: identical (in <panels>)", the panels left
     out when it holds in every panel that draws all three, the quantities
@@ -498,7 +498,7 @@ def _config_lines(ax: plt.Axes, summary: pd.DataFrame, col: str, looks: Looks, t
 _MAX_NOTES = 6  # notes under a figure's legend (identical lines), then "and k more"
 
 
-def _legend_below_and_save(fig: plt.Figure, handles: list[Any], labels: list[str], path: Path,
+def legend_below_and_save(fig: plt.Figure, handles: list[Any], labels: list[str], path: Path,
                            notes: Sequence[str] = ()) -> Path:
     """One shared legend under the panels, and under it ``notes`` (8-pt
     lines, wrapped to the width), then write the file. The figure grows by

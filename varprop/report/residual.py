@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 
 from ..run import Run  # noqa: E402
 from .document import Document, lit  # noqa: E402
-from .figures import _text, constrained, rounding_zeros, save  # noqa: E402
+from .figures import _text, hidden_lines, hidden_note, legend_below_and_save, rounding_zeros  # noqa: E402
 from .markdown import _log10_second_moment, fmt_pow10, shown_layers  # noqa: E402
 
 # A branch adding less than this share of the stream's second moment is "switched off": the skip alone
@@ -136,6 +136,7 @@ def spp_figure(run: Run, path: Path) -> Path:
     if tame and len(tame) < len(rows[0]):
         rows.append(tame)
     fig, axes = plt.subplots(len(rows), 3, figsize=(12, 3.4 * len(rows) + 0.4), squeeze=False)
+    drawn = []  # each panel, its quantity, and the configurations whose hidden lines it names
     for r, shown in enumerate(rows):
         for ax, (col, title) in zip(axes[r], panels):
             for i, config in enumerate(rows[0]):
@@ -153,14 +154,20 @@ def spp_figure(run: Run, path: Path) -> Path:
             ax.set_xlabel("block")
             ax.set_title(title + (" (zoom)" if r else ""), fontsize=10)
             ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), fontsize=8)
+            # The zoom row shows the tame configurations: above it, only the others' lines can hide.
+            names = {_text(c) for c in shown if len(rows) == 1 or r or c not in rows[1]}
+            drawn.append((ax, title, "", names))
+    hidden: dict[tuple[tuple[str, ...], str, str], list[tuple[str, str]]] = {}
+    for ax, quantity, name, labels in drawn:
+        for key in hidden_lines(ax, labels):
+            hidden.setdefault(key, []).append((quantity, name))
     fig.suptitle("Signal propagation per block: log10 of the mean over replicates"
                  + (f"; shaded: the range of the {reps} single networks" if reps > 1 else "")
                  + (f"\nsecond row: the configurations that stay within 1e±{ZOOM_DECADES}" if len(rows) > 1 else ""),
                  fontsize=10)
-    constrained(fig)
-    save(fig, path)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    legend_below_and_save(fig, handles, labels, path,
+                          [hidden_note(key, where, drawn, len(panels)) for key, where in hidden.items()])
     plt.close(fig)
     return path
 

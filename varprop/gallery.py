@@ -60,7 +60,9 @@ def _bn_reading(layers: pd.DataFrame) -> str:
 
     lines = ["# Reading the batch-norm study at initialization", "",
              "Numbers from `report.md` beside this file (784-512-256-128-64-10, fan_in init, BN after the "
-             "activation with Keras' defaults, 1024 Gaussian inputs, 2 replicates).", ""]
+             "activation with Keras' defaults, 1024 Gaussian inputs, 2 replicates). The training entries (`train-*`) "
+             "start instead from Keras' own init (glorot_uniform) and MNIST images, so their at-initialization "
+             "tables differ from these numbers.", ""]
     for act in ("sigmoid", "relu"):
         no_bn = val(act, 0, 1024, "post_log10_rms_std", 4)
         bn4 = val(act, 4, 1024, "post_log10_rms_std", 4)

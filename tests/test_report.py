@@ -212,6 +212,20 @@ def test_many_configurations_become_small_multiples_by_option_name(tmp_path, mon
         assert len(panels_drawn(monkeypatch, lambda: figures.std_per_layer(bare, tmp_path / "std.png"))) == 1
 
 
+def test_configurations_beside_an_explosion_get_a_zoomed_panel(tmp_path, monkeypatch):
+    """N(0, 1) weights of width 16 grow the std 4x a layer, 1e18 by layer 30, and flatten fan_in's line at 1
+    (the seed entry's point, a typical network drifting below, was invisible): fan_in gets a second panel of
+    its own; with no explosion, one panel holds both."""
+    for depth, panels in [(30, 2), (4, 1)]:
+        sim = simulate_run(varprop.NetworkSpec.square(depth, 16), {"init": ["unit", "fan_in"]}, samples=16)
+        drawn = panels_drawn(monkeypatch, lambda: figures.std_per_layer(sim, tmp_path / "std.png"))
+        assert len(drawn) == panels, depth
+    sim = simulate_run(varprop.NetworkSpec.square(30, 16), {"init": ["unit", "fan_in"]}, samples=16)
+    zoom = panels_drawn(monkeypatch, lambda: figures.std_per_layer(sim, tmp_path / "std.png"))[1]
+    assert "zoom" in zoom.get_title() and {line.get_label() for line in zoom.get_lines()} >= {"fan_in"}
+    assert "unit" not in {line.get_label() for line in zoom.get_lines()} and zoom.get_ylim()[1] < 100
+
+
 def test_the_band_legend_is_grey_only_when_several_configurations_draw_a_band(tmp_path, monkeypatch):
     """The finite-width band exists for linear and relu stacks (not tanh): one band keeps its line's colour in
     the legend, several share one grey entry."""

@@ -135,19 +135,36 @@ def std_per_layer(run: Run, path: Path) -> Path:
     if "grad_log10_std" in layers:
         sides.append(("grad", "std of gradient w.r.t. output"))
     as_log10 = {side: _beyond_float64(layers[f"{side}_log10_std"]) for side, _ in sides}
+    tame = _tame(summary)
+    metrics = [side for side, _ in sides] + (["post zoom"] if tame else [])
 
-    def draw(ax: plt.Axes, chosen: pd.DataFrame, side: str, looks: Looks) -> None:
-        _panel(ax, layers, chosen, side, looks, as_log10[side])
+    def draw(ax: plt.Axes, chosen: pd.DataFrame, metric: str, looks: Looks) -> None:
+        side, zoom = metric.split()[0], metric.endswith("zoom")
+        if zoom:
+            chosen = chosen[chosen["config"].isin(tame)]
+            ax.set_title(f"zoom: the configurations within 1e±{ZOOM_DECADES} of their input", fontsize=9)
+        _panel(ax, layers, chosen, side, looks, as_log10[side] and not zoom)
         label = dict(sides)[side]
-        ax.set_ylabel(f"log10 {label}" if as_log10[side] else f"{label} (log scale)")
+        ax.set_ylabel(f"log10 {label}" if as_log10[side] and not zoom else f"{label} (log scale)")
 
     n_rep = int(layers["replicate"].nunique())
     title = ("Std per layer: outputs and gradients" if len(sides) > 1 else "Std per layer") + (
         "; dotted: mean-field theory")
     if n_rep > 1:
         title += f"\nmean network (solid), typical network (dashed), range over {n_rep} replicates (shaded)"
-    return _figure(layers, summary, [side for side, _ in sides], draw, title, path, (6.5, 4.2), dpi=120,
-                   configs=configs)
+    return _figure(layers, summary, metrics, draw, title, path, (6.5, 4.2), dpi=120, configs=configs)
+
+
+ZOOM_DECADES = 10  # beside configurations beyond 1e+-10 x their input, the others get a panel of their own
+
+
+def _tame(summary: pd.DataFrame) -> list[str]:
+    """The configurations whose std stays within 1e+-ZOOM_DECADES of its input's, when others leave it (their
+    lines, flattened on an axis of a hundred decades, get a panel of their own), and they share one panel
+    (up to :data:`_MAX_LINES` configurations); else none."""
+    rel = summary.groupby("config", sort=False)["post_log10_rms_std"].agg(lambda v: (v - v.iloc[0]).abs().max())
+    tame = [str(c) for c in rel.index[rel <= ZOOM_DECADES]]
+    return tame if 0 < len(tame) < len(rel) <= _MAX_LINES else []
 
 
 Looks = dict[str, tuple[str, Any, str]]  # configuration -> colour, line style, legend label

@@ -20,13 +20,12 @@ import pandas as pd  # noqa: E402
 
 from ..run import Run  # noqa: E402
 from .document import Document, lit  # noqa: E402
-from .figures import _text, hidden_lines, hidden_note, legend_below_and_save, rounding_zeros  # noqa: E402
+from .figures import ZOOM_DECADES, _text, hidden_lines, hidden_note, legend_below_and_save, rounding_zeros  # noqa: E402
 from .markdown import _log10_second_moment, fmt_pow10, shown_layers  # noqa: E402
 
 # A branch adding less than this share of the stream's second moment is "switched off": the skip alone
 # carries the signal.
 OFF_RATIO = 1e-6
-ZOOM_DECADES = 10  # the signal-propagation plot zooms on the configurations within 1e+-10 when others are not
 
 
 def is_residual(run: Run) -> bool:

@@ -397,7 +397,8 @@ def test_describe_names_a_subset_by_its_options():
     from varprop.report.markdown import describe
 
     def facts(label, varied):
-        return Assessment(label, varied, 5, 0.0, 0.0, 1.0, None, None, math.nan, 0.0, None, None, None, math.nan, ())
+        return Assessment(label, varied, 5, 0.0, 0.0, 1.0, None, None, math.nan, 0.0, None, None, None, math.nan,
+                          ())
 
     every = [facts(f"{a}, bn={n}, b={b}", {"activation": a, "bn_count": n, "batch_size": b})
              for a in ("sigmoid", "relu") for n in (0, 1, 2) for b in (4, 64)]
@@ -437,27 +438,51 @@ def test_a_configuration_that_loses_its_signal_is_not_called_healthy():
     assert isinstance(linear, str) and "healthy through 12 layers" in linear
 
 
-def test_a_signal_that_dies_in_a_typical_network_is_not_called_healthy():
-    """Three networks of 10 layers: one keeps its std, two lose a decade a layer. The mean network (the root
-    of the mean variance, 1/sqrt(3) of the survivor's) stays within the band; the typical one (the geometric
-    mean) falls below 1e-3 x the input's at layer 5 (-10/3 decades). The verdict is "dies", not "healthy"
-    (he with gelu at depth 50 read healthy while two of its three networks had died)."""
+def _assessment(log_std: np.ndarray):
+    """:func:`assess_one` of networks x layers log10 stds (the summary's columns computed here by definition)."""
     from varprop.findings import assess_one
+
+    layer = np.arange(log_std.shape[1])
+    with np.errstate(divide="ignore"):
+        summary = pd.DataFrame({
+            "config": "c", "layer": layer,
+            "post_log10_rms_std": 0.5 * np.log10((10.0 ** (2 * log_std)).mean(axis=0)),
+            "post_log10_median_std": np.median(log_std, axis=0),
+            "post_frac_saturated": 0.0, "post_frac_zero": 0.0, "post_abs_cos_sim": 0.1,
+            "post_unit_var": 10.0 ** (2 * log_std.max(axis=0))})
+    return assess_one("c", {}, summary)
+
+
+def test_a_signal_that_dies_in_most_networks_is_not_called_healthy():
+    """Three networks of 10 layers: one keeps its std, two lose a decade a layer. The mean network (the root
+    of the mean variance, 1/sqrt(3) of the survivor's) stays within the band; the median one falls below 1e-3
+    x the input's at layer 4. The verdict is "dies", not "healthy" (he with gelu at depth 50 read healthy while
+    two of its three networks had died)."""
     from varprop.report.markdown import _problems
 
     layer = np.arange(11)
-    log_std = np.stack([0.0 * layer, -1.0 * layer, -1.0 * layer])  # networks x layers
-    summary = pd.DataFrame({
-        "config": "c", "layer": layer,
-        "post_log10_rms_std": 0.5 * np.log10((10.0 ** (2 * log_std)).mean(axis=0)),
-        "post_log10_typical_std": log_std.mean(axis=0),
-        "post_frac_saturated": 0.0, "post_frac_zero": 0.0, "post_abs_cos_sim": 0.1,
-        "post_unit_var": 10.0 ** (2 * log_std.max(axis=0))})
-    a = assess_one("c", {}, summary)
-    assert a.verdict == "dies" and a.dies_at == 5 and a.explodes_at is None
-    assert a.rel > -1 and a.typical_rel == pytest.approx(-20 / 3)
+    a = _assessment(np.stack([0.0 * layer, -1.0 * layer, -1.0 * layer]))
+    assert a.verdict == "dies" and a.dies_at == 4 and a.explodes_at is None
+    assert a.rel > -1 and a.median_rel == -10
     (kind, sentence), = _problems(a)
-    assert "the signal dies at layer 5: a typical network's std" in sentence and "a few networks keep" in sentence
+    assert "the signal dies at layer 4: the median network's std" in sentence and "a few networks keep" in sentence
+
+
+def test_one_dead_network_among_many_does_not_kill_the_signal():
+    """A network whose std is exactly 0 (every relu unit dead) has log10 std -inf: the geometric mean of all
+    of them is 0 too, but the median network, and so the verdict, stays with the other 49."""
+    layer = np.arange(11)
+    log_std = np.tile(-0.1 * layer, (50, 1))
+    log_std[:2, 5:] = -np.inf
+    a = _assessment(log_std)
+    assert a.verdict == "healthy" and a.median_rel == -1.0
+    # Most of them dead: it dies, and the sentence has no "x0 per layer".
+    log_std[:30, 5:] = -np.inf
+    from varprop.report.markdown import _problems
+
+    a = _assessment(log_std)
+    (kind, sentence), = _problems(a)
+    assert a.verdict == "dies" and a.dies_at == 5 and "per layer" not in sentence
 
 
 def test_theory_outside_the_single_networks_is_said():

@@ -3,7 +3,7 @@
 
 The checks, worst first (:data:`PROBLEMS`): the std leaves [1e-3, 1e3] x
 the input's (the signal explodes: the mean network's std rises above 1e3 x
-the input's; or dies: a typical network's falls below 1e-3 x); the input
+the input's; or dies: the median network's falls below 1e-3 x); the input
 signal is lost (the variance across samples falls below 1e-6 of the
 layer's); the input gradient's std leaves [1e-3, 1e3] x the output's; over
 half the last layer's units are saturated (|phi'| < 1e-3); the inputs
@@ -11,12 +11,14 @@ collapse onto one direction (mean |cos| between samples above 0.9 at the
 last layer).
 
 The mean network (the root of the mean variance over replicates, what
-mean-field theory predicts) is never below the typical one (the geometric
-mean), so a typical network that explodes makes the mean one explode, and a
-mean network that dies makes the typical one die: each check reads the
-network that leaves the band first. With a spread of networks (a deep
-ordered stack), a few survivors carry the mean network while the typical one
-dies. The report words them (report/markdown.py); tests and tools read them here.
+mean-field theory predicts) is carried by its largest networks: with a
+spread of networks (a deep ordered stack) a few survivors keep it within the
+band while most networks die. So a signal dies when the median network's std
+falls below the band, or the mean network's does (then the median one is
+nearly there: half the networks have a variance at least the median's, so
+the mean variance is at least half of it); it explodes when the mean
+network's rises above it. The report words them (report/markdown.py); tests
+and tools read them here.
 
 >>> from varprop.spec import expand
 >>> from varprop.montecarlo.run import run_configs
@@ -52,10 +54,10 @@ class Assessment:
     varied: dict[str, Any]
     depth: int
     rel: float  # log10 of the last layer's std over the input's (the mean network)
-    typical_rel: float  # the same for the typical network (the mean of log10 std over replicates)
+    median_rel: float  # the same for the median network (the median of log10 std over replicates)
     growth: float  # std factor per layer, geometric mean
     explodes_at: int | None  # the first layer whose mean network's std is above 1e3 x the input's
-    dies_at: int | None  # the first layer whose typical network's std is below 1e-3 x the input's
+    dies_at: int | None  # the first layer whose median (or mean) network's std is below 1e-3 x the input's
     saturated: float  # fraction of saturated units at the last layer, nan when not a problem
     collapse: float  # mean |cos| between samples at the last layer
     collapse_from: int | None  # the layer from which on every layer's mean |cos| exceeds COLLAPSE
@@ -81,8 +83,8 @@ def assess_one(label: str, varied: dict[str, Any], summary: pd.DataFrame) -> Ass
     """The :class:`Assessment` of configuration ``label`` from the summary over replicates."""
     s = summary[summary["config"] == label].reset_index(drop=True)
     rel = s["post_log10_rms_std"] - s["post_log10_rms_std"].iloc[0]
-    typical = s["post_log10_typical_std"] - s["post_log10_typical_std"].iloc[0]
-    explodes, dies = s["layer"][rel > STD_BAND], s["layer"][typical < -STD_BAND]
+    median = s["post_log10_median_std"] - s["post_log10_median_std"].iloc[0]
+    explodes, dies = s["layer"][rel > STD_BAND], s["layer"][(median < -STD_BAND) | (rel < -STD_BAND)]
     sat = float(s["post_frac_saturated"].iloc[-1])
     grad = None
     if "grad_log10_rms_std" in s:
@@ -104,7 +106,7 @@ def assess_one(label: str, varied: dict[str, Any], summary: pd.DataFrame) -> Ass
         found.append("saturated")
     if collapse > COLLAPSE:
         found.append("collapse")
-    return Assessment(label, dict(varied), int(s["layer"].iloc[-1]), float(rel.iloc[-1]), float(typical.iloc[-1]),
+    return Assessment(label, dict(varied), int(s["layer"].iloc[-1]), float(rel.iloc[-1]), float(median.iloc[-1]),
                       growth(s, "post_log10_rms_std"), None if explodes.empty else int(explodes.iloc[0]),
                       None if dies.empty else int(dies.iloc[0]), saturated, collapse, collapse_from, grad,
                       int(s["layer"].iloc[lost[0]]) if lost.size else None, float(frac[-1]),

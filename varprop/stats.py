@@ -487,7 +487,9 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
     the std both the mean network (``{side}_log10_rms_std``: log10 of the
     square root of the mean variance, what mean-field theory predicts) and the
     typical network (``{side}_log10_typical_std``: the mean of log10 std, i.e.
-    the geometric mean).
+    the geometric mean) and the median network (``{side}_log10_median_std``,
+    which one dead network, of std 0, does not drag to 0 as it does the
+    geometric mean).
     """
     sides = [s for s in ("pre", "post", "grad", "delta") if f"{s}_log10_std" in layers]
     cols = [f"{side}_{stat}" for side in sides for stat in STATS
@@ -513,6 +515,7 @@ def summarize(layers: pd.DataFrame) -> pd.DataFrame:
             rel = (10.0 ** (2 * (logs - peak))).groupby(by, sort=False).mean()
         extra[f"{side}_log10_rms_std"] = peak.groupby(by, sort=False).first() + 0.5 * np.log10(rel)
         extra[f"{side}_log10_typical_std"] = g[f"{side}_log10_std"].mean()
+        extra[f"{side}_log10_median_std"] = g[f"{side}_log10_std"].median()
         if f"{side}_log10_abs_mean" in layers:
             extra[f"{side}_log10_abs_mean"] = _log10_abs_signed_mean(
                 np.sign(layers[f"{side}_mean"]), layers[f"{side}_log10_abs_mean"], by)

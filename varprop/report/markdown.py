@@ -745,7 +745,7 @@ FINDINGS_RULES = (
     "One verdict per configuration: *healthy* when every check passes, else the worst problem found, with any "
     "others under it and then the std's (and the gradient's) own numbers. The checks, worst first: the std "
     "leaves [1e-3, 1e3] x the input's (the signal explodes: the mean network's std rises above 1e3 x the "
-    "input's; or dies: a typical network's falls below 1e-3 x); the input signal is lost (the variance across "
+    "input's; or dies: the median network's falls below 1e-3 x); the input signal is lost (the variance across "
     "samples falls below 1e-6 of the layer's: every input gives nearly the same output); the input gradient's "
     "std leaves [1e-3, 1e3] x the output's "
     "(gradients explode or vanish); over half the last layer's units are saturated (|phi'| < 1e-3); the "
@@ -757,11 +757,7 @@ def _problems(a: Assessment, unit: str = "layer") -> list[tuple[str, str]]:
     sentences = {
         "explodes": lambda: f"the signal explodes at layer {a.explodes_at}: its std rises above 1e3 x the input's "
                             f"(x{fmt_std(a.rel)} at layer {a.depth}; x{fmt(a.growth, 3)} per layer)",
-        "dies": lambda: f"the signal dies at layer {a.dies_at}: a typical network's std falls below 1e-3 x the "
-                        f"input's (x{fmt_std(a.typical_rel)} at layer {a.depth}; "
-                        f"x{fmt(10 ** (a.typical_rel / a.depth), 3)} per layer"
-                        + (f"; the mean network's is x{fmt_std(a.rel)}: a few networks keep far more"
-                           if a.rel >= -STD_BAND else "") + ")",
+        "dies": lambda: _dies(a),
         "signal lost": lambda: f"the input signal is lost from layer {a.signal_lost}: the variance across samples is "
                                f"x{fmt_std(a.signal_frac)} the layer's variance at layer {a.depth} (every input gives "
                                "nearly the same output; the std left is each unit's fixed offset)",
@@ -774,6 +770,18 @@ def _problems(a: Assessment, unit: str = "layer") -> list[tuple[str, str]]:
     }
     sentences["gradients vanish"] = lambda: sentences["gradients explode"]().replace("explode", "vanish", 2)
     return [(kind, as_rows(sentences[kind](), unit)) for kind in a.problems]
+
+
+def _dies(a: Assessment) -> str:
+    """The "dies" sentence: the median network's numbers (the mean network's when only it fell below), and
+    the mean network's too where a few networks keep it more than a decade above the median one."""
+    median = a.median_rel < -STD_BAND
+    rel = a.median_rel if median else a.rel
+    per = f"; x{fmt(10 ** (rel / a.depth), 3)} per layer" if math.isfinite(rel) else ""
+    spread = (f"; the mean network's is x{fmt_std(a.rel)}: a few networks keep far more"
+              if median and a.rel - a.median_rel > 1 else "")
+    return (f"the signal dies at layer {a.dies_at}: the {'median' if median else 'mean'} network's std falls below "
+            f"1e-3 x the input's (x{fmt_std(rel)} at layer {a.depth}{per}{spread})")
 
 
 def _std_fact(f: Assessment, unit: str = "layer") -> str:
@@ -878,7 +886,7 @@ def _span(facts: list[Assessment], value: Any, show: Any) -> str | None:
 # How a verdict, and the same problem under another verdict, read in grouped findings.
 _VERDICT = {
     "explodes": "**The signal explodes** (its std rises above 1e3 x the input's)",
-    "dies": "**The signal dies** (a typical network's std falls below 1e-3 x the input's)",
+    "dies": "**The signal dies** (the median network's std falls below 1e-3 x the input's)",
     "signal lost": "**The input signal is lost** (the variance across samples falls below 1e-6 of the layer's: "
                    "every input gives nearly the same output)",
     "gradients explode": "**Gradients explode** (the input gradient's std beyond 1e3 x the output's)",

@@ -266,22 +266,23 @@ HISTOGRAM_CONFIGS = 6  # rows of the histograms figure
 
 
 def histogram_configs(hist: pd.DataFrame, most: int = HISTOGRAM_CONFIGS) -> tuple[list[str], int]:
-    """The configurations the histograms figure shows, and how many distinct ones there are:
-    configurations whose histograms are identical (batch sizes without batch norm, by common random
-    numbers) count once, by the first of them; beyond ``most`` distinct ones, ``most`` spread evenly over
-    them in order, first and last included (six inits x six activations give one of each).
+    """The configurations the histograms figure shows, and how many distinct ones there are. Beyond
+    ``most`` configurations, ``most`` spread evenly over them in order, first and last included (six inits x
+    six activations give one of each); a pick whose histograms equal one already shown (batch sizes
+    without batch norm, by common random numbers) gives way to the next configuration that differs.
 
-    >>> h = pd.DataFrame({"config": list("abcd"), "layer": 1, "density": [1.0, 1.0, 2.0, 3.0]})
-    >>> histogram_configs(h, 2)
-    (['a', 'd'], 3)
+    >>> h = pd.DataFrame({"config": list("abcde"), "layer": 1, "density": [1.0, 1.0, 2.0, 3.0, 4.0]})
+    >>> histogram_configs(h, 2), histogram_configs(h, 3), histogram_configs(h, 9)
+    ((['a', 'e'], 4), (['a', 'c', 'e'], 4), (['a', 'c', 'd', 'e'], 4))
     """
-    distinct: dict[bytes, str] = {}
-    for config, rows in hist.groupby("config", sort=False):
-        distinct.setdefault(rows[["layer", "density"]].to_numpy().tobytes(), str(config))
-    names = list(distinct.values())
-    if len(names) <= most:
-        return names, len(names)
-    return [names[i] for i in np.round(np.linspace(0, len(names) - 1, most)).astype(int)], len(names)
+    keys = {str(config): rows[["layer", "density"]].to_numpy().tobytes()
+            for config, rows in hist.groupby("config", sort=False)}
+    names = list(keys)
+    picks: list[int] = []
+    for i in np.round(np.linspace(0, len(names) - 1, min(most, len(names)))).astype(int):
+        shown = {keys[names[j]] for j in picks}
+        picks += [j for j in [*range(i, len(names)), *range(i)] if keys[names[j]] not in shown][:1]
+    return [names[j] for j in sorted(set(picks))], len(set(keys.values()))
 
 
 def layer_table(summary: pd.DataFrame, config: str, replicates: int, logs: pd.DataFrame) -> pd.DataFrame:
@@ -316,19 +317,22 @@ def layer_table(summary: pd.DataFrame, config: str, replicates: int, logs: pd.Da
     return table
 
 
-# From this many replicates on, a prediction below every network is a no whatever the interval: were it their
-# mean, all k would lie above it with chance 2^-k or less (their spread is skewed upwards), under 2.5% from 6 on.
+# From this many replicates on, a prediction below every network is a no whatever the interval: were it the mean
+# they are drawn from, all k would lie above it with chance 2^-k or less, under 2.5% from 6 on. That needs the
+# median network at or below the mean one, as a spread skewed upwards has it (second moments of random networks;
+# not guaranteed near a bounded activation's saturation).
 BELOW_ALL_REPLICATES = 6
 
 
 def _histograms_shown(hist: pd.DataFrame, configs: int) -> str:
     """The end of the histograms' caption: which configurations :func:`histogram_configs` shows."""
     shown, distinct = histogram_configs(hist)
-    same = (f" ({configs - distinct} configurations with the same histograms as one before them left out)"
-            if distinct < configs else "")
+    same = configs - distinct
+    alike = (f" ({same} configuration{'s' if same > 1 else ''} with the same histograms as another "
+             f"{'are' if same > 1 else 'is'} shown once)" if same else "")
     if len(shown) < distinct:
-        return f"; {len(shown)} of the {distinct} different configurations, spread evenly over them{same}."
-    return f"{same}." if same else "."
+        return f"; {len(shown)} of the {distinct} different configurations, spread evenly over them{alike}."
+    return f"{alike}."
 
 
 def _inside(log10_value: float, lo_sign: float, lo_log10: float, hi_log10: float, low: float, high: float,
@@ -715,7 +719,8 @@ def build_document(run: Run, figure: str, histograms: str | None = None) -> Docu
             "the predicted second moment lies in the 95% t interval of the measured one over replicates"
             + (f"; with {BELOW_ALL_REPLICATES} replicates or more, a prediction below every single network is a "
                "**no** whatever the interval, which one network far above the others widens (all k networks lie "
-               "above their mean with chance 2^-k or less)" if reps >= BELOW_ALL_REPLICATES else "")
+               "above the mean they are drawn from with chance 2^-k or less when, as usual, their spread is skewed "
+               "upwards)" if reps >= BELOW_ALL_REPLICATES else "")
             + ". A **no** says the two differ beyond sampling error at that layer: one in twenty layers is "
             "expected by chance, a run of them is a real difference (finite width compounding over depth, or what "
             "the theory does not model, such as orthogonal weights or batch statistics);"

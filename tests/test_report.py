@@ -226,6 +226,20 @@ def test_configurations_beside_an_explosion_get_a_zoomed_panel(tmp_path, monkeyp
     assert "unit" not in {line.get_label() for line in zoom.get_lines()} and zoom.get_ylim()[1] < 100
 
 
+def test_every_panel_of_small_multiples_is_searched_for_hidden_lines(tmp_path, monkeypatch):
+    """Each panel's hidden lines are looked for among the configurations it draws (a name clash once left
+    the small multiples' panels searching among none, and their notes vanished)."""
+    searched = []
+    real = figures.hidden_lines
+    monkeypatch.setattr(figures, "hidden_lines", lambda ax, labels: searched.append(labels) or real(ax, labels))
+    sim = simulate_run(varprop.NetworkSpec.square(2, 10), {"init": ["unit", "fan_in", "he"],
+                                                          "activation": ["linear", "relu", "tanh"]}, samples=20)
+    figures.std_per_layer(sim, tmp_path / "std.png")
+    # three panels (one per value of one option), each drawing the three values of the other in colour
+    assert len(searched) == 3 and all(len(labels) == 3 for labels in searched)
+    assert len(set(map(frozenset, searched))) == 1
+
+
 def test_the_band_legend_is_grey_only_when_several_configurations_draw_a_band(tmp_path, monkeypatch):
     """The finite-width band exists for linear and relu stacks (not tanh): one band keeps its line's colour in
     the legend, several share one grey entry."""

@@ -12,7 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.layout_engine import ConstrainedLayoutEngine, TightLayoutEngine  # noqa: E402
+from matplotlib.layout_engine import TightLayoutEngine  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatterSciNotation, MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -43,13 +43,6 @@ def tight(fig: plt.Figure, rect: tuple[float, float, float, float] | None = None
     ``tight_layout`` matplotlib keeps a placeholder engine, for which savefig draws the whole figure
     once more before drawing it into the file (a third of a report's drawing time)."""
     TightLayoutEngine(rect=rect).execute(fig)
-
-
-def constrained(fig: plt.Figure) -> None:
-    """Constrained layout, computed once and the figure left without a layout engine, as :func:`tight`
-    leaves it: with the engine attached savefig lays the figure out in a pass of its own before drawing
-    it (a third of the signal-propagation figure's time). The same pixels."""
-    ConstrainedLayoutEngine().execute(fig)
 
 
 def save(fig: plt.Figure, path: Path) -> Path:
@@ -128,7 +121,8 @@ def std_per_layer(run: Run, path: Path) -> Path:
 
     Solid: the mean network (sqrt of the mean variance over replicates);
     dashed: the typical network (geometric mean); band: the range over
-    replicates.
+    replicates. Configurations within 1e+-ZOOM_DECADES of their input, beside
+    others beyond it, get a second panel of their own (:func:`_tame`).
     """
     layers, summary, configs = run.layers, run.summary, run.meta["configs"]
     sides = [("post", "std of layer output")]
@@ -136,9 +130,9 @@ def std_per_layer(run: Run, path: Path) -> Path:
         sides.append(("grad", "std of gradient w.r.t. output"))
     as_log10 = {side: _beyond_float64(layers[f"{side}_log10_std"]) for side, _ in sides}
     tame = _tame(summary)
-    metrics = [side for side, _ in sides] + (["post zoom"] if tame else [])
+    metrics = ["post"] + (["post zoom"] if tame else []) + [side for side, _ in sides[1:]]
 
-    def draw(ax: plt.Axes, chosen: pd.DataFrame, metric: str, looks: Looks) -> None:
+    def draw(ax: plt.Axes, chosen: pd.DataFrame, metric: str, looks: Looks) -> set[str] | None:
         side, zoom = metric.split()[0], metric.endswith("zoom")
         if zoom:
             chosen = chosen[chosen["config"].isin(tame)]
@@ -146,6 +140,10 @@ def std_per_layer(run: Run, path: Path) -> Path:
         _panel(ax, layers, chosen, side, looks, as_log10[side] and not zoom)
         label = dict(sides)[side]
         ax.set_ylabel(f"log10 {label}" if as_log10[side] and not zoom else f"{label} (log scale)")
+        if tame and side == "post":  # each of the two panels speaks for its own configurations' lines
+            mine = chosen["config"].isin(tame) == zoom
+            return {looks[c][2] for c in chosen["config"][mine].unique()}
+        return None
 
     n_rep = int(layers["replicate"].nunique())
     title = ("Std per layer: outputs and gradients" if len(sides) > 1 else "Std per layer") + (
@@ -171,7 +169,7 @@ Looks = dict[str, tuple[str, Any, str]]  # configuration -> colour, line style, 
 
 
 def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
-            draw: Callable[[plt.Axes, pd.DataFrame, str, Looks], None], title: str, path: Path,
+            draw: Callable[[plt.Axes, pd.DataFrame, str, Looks], set[str] | None], title: str, path: Path,
             panel: tuple[float, float], dpi: int = 110, configs: Configs | None = None,
             notes: Sequence[str] = ()) -> Path:
     """One panel per metric holding every configuration (up to 8), or small
@@ -181,9 +179,10 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
     so each panel holds a few lines (one row of many panels is wrapped, each
     panel with its own y axis). Every panel shares the layer axis, so stacks
     of several depths line up. ``draw(ax, summary_rows, metric, looks)``
-    draws a panel. A line hidden under a later one (identical, or within half
-    a line's width on the page) is named in a note under the legend, after
-    ``notes``."""
+    draws a panel and may return the legend labels whose lines it speaks for
+    (None: every one it was given). A line hidden under a later one
+    (identical, or within half a line's width on the page) is named in a
+    note under the legend, after ``notes``."""
     configs_drawn = list(dict.fromkeys(summary["config"]))
     unit = row_unit(layers)
     title, notes = as_rows(title, unit), [as_rows(n, unit) for n in notes]
@@ -225,7 +224,7 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
     for ax, (metric, where, col) in zip(axes.flat, panels):
         chosen = [c for c in configs if (col is None or column[c] == col)
                   and all(values.at[c, k] == v for k, v in where.items())]
-        draw(ax, summary[summary["config"].isin(chosen)], metric, looks)
+        speaks_for = draw(ax, summary[summary["config"].isin(chosen)], metric, looks)
         _least_log_span(ax)
         ax.set_xlabel(as_rows(ax.get_xlabel(), unit))  # a residual stack's rows are blocks
         ax.set_ylabel(as_rows(ax.get_ylabel(), unit))
@@ -239,7 +238,8 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
         if n_rows > 1:  # a label taller than its row runs into the next row's
             _wrap_ylabel(ax, fig.get_size_inches()[1] / n_rows)
         quantity = re.sub(r" \((log scale|log|symlog)\)$", "", ax.get_ylabel().replace("\n", " "))
-        drawn.append((ax, quantity, ax.get_title(), {looks[c][2] for c in chosen}))
+        drawn.append((ax, quantity, ax.get_title(),
+                      {looks[c][2] for c in chosen} if speaks_for is None else speaks_for))
     for i, ax in enumerate(axes.flat[:len(panels)]):
         if i + n_cols < len(panels):  # the panel below carries this column's x axis
             ax.set_xlabel("")
@@ -334,7 +334,7 @@ def _named(key: str, value: Any) -> str:
     return _text(part if part.startswith(f"{key}=") else f"{key}={part}")
 
 
-LEAST_LOG_SPAN = 0.3  # decades: a log axis spans at least a factor of 2
+LEAST_LOG_SPAN = math.log10(2)  # decades: a log axis spans at least a factor of 2
 
 
 def _least_log_span(ax: plt.Axes) -> None:

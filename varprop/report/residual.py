@@ -155,7 +155,7 @@ def spp_figure(run: Run, path: Path) -> Path:
             ax.grid(alpha=0.3)
             # The zoom row shows the tame configurations: above it, only the others' lines can hide.
             names = {_text(c) for c in shown if len(rows) == 1 or r or c not in rows[1]}
-            drawn.append((ax, title, "", names))
+            drawn.append((ax, title + (" (zoom)" if r else ""), "", names))
     hidden: dict[tuple[tuple[str, ...], str, str], list[tuple[str, str]]] = {}
     for ax, quantity, name, labels in drawn:
         for key in hidden_lines(ax, labels):
@@ -165,10 +165,8 @@ def spp_figure(run: Run, path: Path) -> Path:
                  + (f"\nsecond row: the configurations that stay within 1e±{ZOOM_DECADES}" if len(rows) > 1 else ""),
                  fontsize=10)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    legend_below_and_save(fig, handles, labels, path,
-                          [hidden_note(key, where, drawn, len(panels)) for key, where in hidden.items()])
-    plt.close(fig)
-    return path
+    return legend_below_and_save(fig, handles, labels, path,
+                                 [hidden_note(key, where, drawn, len(drawn)) for key, where in hidden.items()])
 
 
 def findings(run: Run) -> list[tuple[str, str]]:

@@ -430,7 +430,7 @@ def loss_curves(history: pd.DataFrame, meta: dict[str, Any], path: Path) -> Path
         handles += [plt.Line2D([], [], color="0.3", ls="-"), plt.Line2D([], [], color="0.3", ls="--")]
         labels += ["solid: no BN", "dashed: BN"]
     band = f"; band: range over {n_rep} seeds" if n_rep > 1 else ""
-    fig.suptitle(f"Loss over training (median over seeds{band}; log scales)", fontsize=11)
+    fig.suptitle(f"Loss over training (median over seeds{band}; log y axes)", fontsize=11)
     ncol = min(4, len(labels))
     legend_in = 0.25 + 0.2 * math.ceil(len(labels) / ncol)
     w, hgt = fig.get_size_inches()

@@ -78,7 +78,10 @@ class _Run:
     def reach_diff(self, a: str, b: str, target: float) -> tuple[float, float, float, int]:
         """Epochs to ``target``, a's minus b's per seed: mean and 95% t interval (NaN if a seed never gets there)."""
         ta, tb = tr.reach(self.ends, a, target), tr.reach(self.ends, b, target)
-        return mean_interval([x - y for x, y in zip(ta, tb)]) + (len(ta),)
+        diff = [x - y for x, y in zip(ta, tb)]
+        if not all(math.isfinite(d) for d in diff):  # (mean_interval would drop the seeds that never got there)
+            return math.nan, math.nan, math.nan, len(diff)
+        return mean_interval(diff) + (len(diff),)
 
     def reach_diff_words(self, a: str, b: str, target: float) -> str:
         m, lo, hi, _ = self.reach_diff(a, b, target)
@@ -132,13 +135,15 @@ def sigmoid_bn(run: _Run) -> list[str]:
             f"the logits' without BN and {run.layer1(a, 'delta_std', 0):.2g} with it: BN divides by the small std "
             f"of the sigmoid outputs it normalises ({run.layer1(b, 'post_std', 0):.2g}), and at the end of the first "
             f"epoch one step moves the first layer's kernel by {run.layer1(b, 'update_ratio', e1):.2g} of its norm "
-            f"without BN, {run.layer1(a, 'update_ratio', e1):.2g} with it. Without BN the loss stays near chance, "
-            f"ln 10 = {math.log(10):.3f}."]
+            f"without BN, {run.layer1(a, 'update_ratio', e1):.2g} with it."
+            + (f" Without BN the loss stays near chance, ln 10 = {math.log(10):.3f}."
+               if abs(run.loss(b) - math.log(10)) < 0.01 else "")]
     twice = math.isfinite(hi) and hi < 0
     holds = run.lower(a, b) and twice
     out += _verdict("holds" if holds else "holds in part" if run.lower(a, b) else "does not hold here",
                     "Rule: BN's final loss is lower with an interval that excludes zero, and BN is more than "
-                    "twice as fast ('a lot'): after half the epochs its loss is below the no-BN model's final one, "
+                    "twice as fast ('a lot'): after half the epochs (rounded down) its loss is below the no-BN "
+                    "model's final one, "
                     f"the interval excluding zero (here: {'yes' if twice else 'no'}).")
     return out
 
@@ -186,8 +191,9 @@ def bn_layers(run: _Run) -> list[str]:
     out += rows
     each = all(math.isfinite(d[2]) and d[2] < 0 for _, d in steps)
     trend = run.lower("sigmoid, bn_count=4", "sigmoid, bn_count=1")
-    insensitive = all(math.isfinite(d[1]) and d[1] <= 0 <= d[2] for _, d in relu)
-    apart = [f"{k} vs 1" for k, d in relu if not (d[1] <= 0 <= d[2])]
+    insensitive = all(d[1] <= 0 <= d[2] for _, d in relu)  # False where an interval is NaN
+    apart = [f"{k} vs 1" for k, d in relu if d[2] < 0 or d[1] > 0]
+    unknown = [f"{k} vs 1" for k, d in relu if not math.isfinite(d[1])]
     word = "holds" if each and insensitive else "holds in part" if (each or trend or insensitive) else \
         "does not hold here"
     out += _verdict(word, "Rule: for sigmoid every added layer lowers the final loss with an interval excluding zero "
@@ -195,7 +201,10 @@ def bn_layers(run: _Run) -> list[str]:
                     "for relu, whose training loss ends near zero (the small training set is learnt by heart, so "
                     "its final value says little), the interval of each 2-4 layer model's epochs to the halfway "
                     "loss, against one layer's, holds zero: no significant difference "
-                    f"(here: {'yes' if insensitive else 'no, ' + ', '.join(apart) + ' differ'}).")
+                    "(here: " + ("yes" if insensitive else "no" + "".join(
+                        f", {', '.join(which)} {what}" for which, what in ((apart, "differ"), (unknown, "n/a: not "
+                                                                            "every seed gets there")) if which))
+                    + ").")
     return out
 
 

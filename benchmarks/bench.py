@@ -278,7 +278,8 @@ def main() -> None:
         return lambda: run_child(cmd)
 
     def peer_child(name: str, w: int, d: int, n: int, r: int) -> Callable[[], tuple[float, float]]:
-        return child([sys.executable, PEERS_PY, name, str(w), str(d), str(n), str(r), str(tmp / f"{name}.csv")])
+        out = tmp / (name if name.startswith("least-report") else f"{name}.csv")  # the floors write a report
+        return child([sys.executable, PEERS_PY, name, str(w), str(d), str(n), str(r), str(out)])
 
     peaks: dict[str, float] = {}
 
@@ -296,7 +297,8 @@ def main() -> None:
              "varprop simulate --format csv,json": child(
                  [*vp, *simulate_args(*seed), "--format", "csv,json", "--out", str(tmp / "seed-csv")]),
              "numpy loop script": with_peak("seed: numpy loop script", peer_child("numpy-loop", *seed)),
-             "least full-report script": peer_child("least-report", *seed)}
+             "least full-report script": peer_child("least-report", *seed),
+             "least full-report script, NumPy and matplotlib alone": peer_child("least-report-lean", *seed)}
     if torch is not None:
         cases["pytorch + hooks script"] = with_peak("seed: pytorch + hooks script", peer_child("torch-hooks", *seed))
     groups["seed case, whole process"] = interleaved(cases, repeats)
@@ -373,6 +375,9 @@ def main() -> None:
          ""),
         ("seed case, whole process: least full-report script / PyTorch + hooks script",
          paired(seed_wp, "least full-report script", "pytorch + hooks script"), "(the target's floor)"),
+        ("seed case, whole process: the same, NumPy and matplotlib alone / PyTorch + hooks script",
+         paired(seed_wp, "least full-report script, NumPy and matplotlib alone", "pytorch + hooks script"),
+         "(without the project's libraries)"),
         ("seed case, in-process: varprop engine / floor", paired(seed_ip, "varprop engine", "floor"), "<= 2.5"),
         ("seed case, in-process: least engine / floor", paired(seed_ip, "least engine", "floor"),
          "(the target's floor)"),
@@ -434,7 +439,9 @@ def main() -> None:
               "(benchmarks/peers.py's least_report and least_engine) are floors for the seed case's targets: the "
               "least a full report needs (the imports, the draws from the seed tree, the float64 sums behind the "
               "mean, std and |cos|, a t-interval per layer, a table and four one-line figures), written as plainly "
-              "and run as fast as we found, each leaving out much that varprop's report shows.", "",
+              "and run as fast as we found, each leaving out much that varprop's report shows. The script imports "
+              "the libraries the project's rules name (SciPy for the intervals, pandas for the tables, matplotlib); "
+              "its lean twin NumPy and matplotlib alone.", "",
               "## Memory", "", "Peak RSS (MiB): the engine in a fresh process (width 256, 256 samples), and the "
               "whole-process runs above (the largest over the repeats).", "",
               "| run | peak RSS (MiB) |", "|---|---:|"] + [f"| {k} | {v:.0f} |" for k, v in memory.items()]

@@ -70,3 +70,21 @@ def test_epochs_to_a_loss_differ_by_the_rates_and_are_unknown_if_a_seed_never_ge
     assert n == SEEDS and np.isclose(m, -2.5, atol=0.2) and hi < 0
     # b's slowest seed does not get to 2.3 exp(-1.005) within 10 epochs: no interval over the other two
     assert all(math.isnan(v) for v in run.reach_diff("a", "b", 2.3 * math.exp(-1.005))[:3])
+
+
+def test_the_loss_curves_name_a_line_hidden_under_another(tmp_path, monkeypatch):
+    """Two configurations that learn alike draw one line over the other: the figure says so under its legend,
+    as every other figure does (batch sizes 64, 256 and 1024 without BN lay at chance unnamed)."""
+    from varprop.report import figures, training
+
+    saved = []
+    real = figures.save
+    monkeypatch.setattr(figures, "save", lambda fig, path: saved.append(fig) or real(fig, path))
+    history = _history({"batch_size=64": 0.0, "batch_size=256": 0.0, "batch_size=4": 0.2})
+    history["test_loss"] = history["train_loss"]
+    configs = [{"label": c, "varied": {"batch_size": int(c.split("=")[1])}, "options": {}}
+               for c in ("batch_size=4", "batch_size=64", "batch_size=256")]
+    training.loss_curves(history, {"configs": configs, "run": {"replicates": SEEDS}}, tmp_path / "loss.png")
+    notes = " ".join(t.get_text() for t in saved[-1].texts)
+    assert "batch_size=64 is drawn behind batch_size=256: identical" in notes
+    assert "batch_size=4" not in notes

@@ -29,7 +29,7 @@ from ..run import ends_mid_row  # noqa: E402
 from ..stats import mean_interval  # noqa: E402
 from . import document  # noqa: E402
 from .document import Document, lit  # noqa: E402
-from .figures import draw, save, tight  # noqa: E402
+from .figures import draw, hidden_lines, hidden_note, legend_below_and_save, save, tight  # noqa: E402
 
 FORMATS = ("md", "html")
 BN_KEYS = ("bn_count", "bn_layers", "bn_position")
@@ -401,6 +401,7 @@ def loss_curves(history: pd.DataFrame, meta: dict[str, Any], path: Path) -> Path
     h = history.assign(test_error=1 - history["test_accuracy"])
     n_rep = meta["run"]["replicates"]
     fig, axes = plt.subplots(len(panels), 3, figsize=(13, 3.6 * len(panels) + 0.4), dpi=110, squeeze=False)
+    drawn = []  # each panel, its quantity and panel name, and its configurations' labels (for hidden lines)
     for row, panel in zip(axes, panels):
         chosen = [c for c in meta["configs"] if panel is None or c["options"][panel_key] == panel]
         for ax, (col, title) in zip(row, metrics):
@@ -412,7 +413,7 @@ def loss_curves(history: pd.DataFrame, meta: dict[str, Any], path: Path) -> Path
                 band = g.groupby("epoch")[col]
                 x = band.median().index.to_numpy(float)
                 color, style, _ = looks[c["label"]]
-                ax.plot(x, band.median().to_numpy(float), color=color, ls=style, lw=1.7,
+                ax.plot(x, band.median().to_numpy(float), color=color, ls=style, lw=1.7, label=c["label"],
                         marker="o" if col == "train_loss_keras" and len(x) <= 20 else None, ms=3)
                 if n_rep > 1:
                     ax.fill_between(x, band.min().to_numpy(float), band.max().to_numpy(float), color=color,
@@ -421,6 +422,7 @@ def loss_curves(history: pd.DataFrame, meta: dict[str, Any], path: Path) -> Path
             ax.set_xlabel("epoch")
             ax.set_title(title if panel is None else f"{panel}: {title}", fontsize=10)
             ax.grid(True, which="both", alpha=0.25)
+            drawn.append((ax, title, "" if panel is None else str(panel), {c["label"] for c in chosen}))
     handles, labels = [], []
     for label in dict.fromkeys(v[2] for v in looks.values()):
         color = next(v[0] for v in looks.values() if v[2] == label)
@@ -431,13 +433,12 @@ def loss_curves(history: pd.DataFrame, meta: dict[str, Any], path: Path) -> Path
         labels += ["solid: no BN", "dashed: BN"]
     band = f"; band: range over {n_rep} seeds" if n_rep > 1 else ""
     fig.suptitle(f"Loss over training (median over seeds{band}; log y axes)", fontsize=11)
-    ncol = min(4, len(labels))
-    legend_in = 0.25 + 0.2 * math.ceil(len(labels) / ncol)
-    w, hgt = fig.get_size_inches()
-    fig.set_size_inches(w, hgt + legend_in)
-    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
-    tight(fig, rect=(0, legend_in / (hgt + legend_in), 1, 1))
-    return save(fig, path)
+    hidden: dict[tuple[tuple[str, ...], str, str], list[tuple[str, str]]] = {}
+    for ax, quantity, name, shown in drawn:
+        for key in hidden_lines(ax, shown):
+            hidden.setdefault(key, []).append((quantity, name))
+    return legend_below_and_save(fig, handles, labels, path, [hidden_note(key, where, drawn, len(metrics))
+                                                              for key, where in hidden.items()])
 
 
 def layer_heatmap(layers: pd.DataFrame, meta: dict[str, Any], col: str, title: str, log: bool, path: Path) -> Path:

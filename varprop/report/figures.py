@@ -250,11 +250,7 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
     if facets and not wrap:
         for row in axes:
             _share_y(row)
-    # (lines drawn over, the line on top, how they agree) -> the panels, as (quantity, title)
-    hidden: dict[tuple[tuple[str, ...], str, str], list[tuple[str, str]]] = {}
-    for ax, quantity, name, labels in drawn:  # now that every panel has its final y range
-        for under, top, how in hidden_lines(ax, labels):
-            hidden.setdefault((under, top, how), []).append((quantity, name))
+    hidden = hidden_notes(drawn, len(metrics))  # now that every panel has its final y range
     fig.suptitle(title, fontsize=10)
     entries: dict[str, Any] = {}
     for ax in axes.flat:  # one entry per label, whichever panel drew it (a line rather than dots)
@@ -262,12 +258,26 @@ def _figure(layers: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
             if text not in entries or getattr(entries[text], "get_linestyle", lambda: "-")() == "None":
                 entries[text] = handle
     order = sorted(entries, key=lambda text: text not in {look[2] for look in looks.values()})
-    notes = [*notes, *(hidden_note(key, where, drawn, len(metrics)) for key, where in hidden.items())]
-    return legend_below_and_save(fig, [entries[t] for t in order], order, path, notes)
+    return legend_below_and_save(fig, [entries[t] for t in order], order, path, [*notes, *hidden])
 
 
-def hidden_note(key: tuple[tuple[str, ...], str, str], where: list[tuple[str, str]],
-                 drawn: list[tuple[plt.Axes, str, str, set[str]]], n_quantities: int) -> str:
+Panels = list[tuple[plt.Axes, str, str, set[str]]]  # each panel, its quantity, its title, the labels it speaks for
+
+
+def hidden_notes(drawn: Panels, n_quantities: int) -> list[str]:
+    """A note (:func:`_hidden_note`) for each group of lines in ``drawn``'s panels that a later line
+    covers (:func:`hidden_lines`), gathered over the panels where it does; ``n_quantities``: how many
+    quantities the panels show."""
+    # (lines drawn over, the line on top, how they agree) -> the panels, as (quantity, title)
+    hidden: dict[tuple[tuple[str, ...], str, str], list[tuple[str, str]]] = {}
+    for ax, quantity, name, labels in drawn:
+        for key in hidden_lines(ax, labels):
+            hidden.setdefault(key, []).append((quantity, name))
+    return [_hidden_note(key, where, drawn, n_quantities) for key, where in hidden.items()]
+
+
+def _hidden_note(key: tuple[tuple[str, ...], str, str], where: list[tuple[str, str]],
+                 drawn: Panels, n_quantities: int) -> str:
     """"A and B are drawn behind C: identical (in <panels>)", the panels left
     out when it holds in every panel that draws all three, the quantities
     named when it holds for some of them only."""

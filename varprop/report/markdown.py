@@ -285,6 +285,17 @@ def histogram_configs(hist: pd.DataFrame, most: int = HISTOGRAM_CONFIGS) -> tupl
     return [names[j] for j in sorted(set(picks))], len(set(keys.values()))
 
 
+def _histograms_shown(hist: pd.DataFrame, configs: int) -> str:
+    """The end of the histograms' caption: which configurations :func:`histogram_configs` shows."""
+    shown, distinct = histogram_configs(hist)
+    same = configs - distinct
+    alike = (f" ({same} configuration{'s' if same > 1 else ''} with the same histograms as another "
+             f"{'are' if same > 1 else 'is'} shown once)" if same else "")
+    if len(shown) < distinct:
+        return f"; {len(shown)} of the {distinct} different configurations, spread evenly over them{alike}."
+    return f"{alike}."
+
+
 def layer_table(summary: pd.DataFrame, config: str, replicates: int, logs: pd.DataFrame) -> pd.DataFrame:
     """The per-layer table of one configuration (its subsample of layers);
     ``logs`` is :func:`log_scale_stats` of the run."""
@@ -322,17 +333,6 @@ def layer_table(summary: pd.DataFrame, config: str, replicates: int, logs: pd.Da
 # median network at or below the mean one, as a spread skewed upwards has it (second moments of random networks;
 # not guaranteed near a bounded activation's saturation).
 BELOW_ALL_REPLICATES = 6
-
-
-def _histograms_shown(hist: pd.DataFrame, configs: int) -> str:
-    """The end of the histograms' caption: which configurations :func:`histogram_configs` shows."""
-    shown, distinct = histogram_configs(hist)
-    same = configs - distinct
-    alike = (f" ({same} configuration{'s' if same > 1 else ''} with the same histograms as another "
-             f"{'are' if same > 1 else 'is'} shown once)" if same else "")
-    if len(shown) < distinct:
-        return f"; {len(shown)} of the {distinct} different configurations, spread evenly over them{alike}."
-    return f"{alike}."
 
 
 def _inside(log10_value: float, lo_sign: float, lo_log10: float, hi_log10: float, low: float, high: float,

@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 
 from ..run import Run  # noqa: E402
 from .document import Document, lit  # noqa: E402
-from .figures import ZOOM_DECADES, _text, hidden_lines, hidden_note, legend_below_and_save, rounding_zeros  # noqa: E402
+from .figures import ZOOM_DECADES, _text, hidden_notes, legend_below_and_save, rounding_zeros  # noqa: E402
 from .markdown import _log10_second_moment, fmt_pow10, shown_layers  # noqa: E402
 
 # A branch adding less than this share of the stream's second moment is "switched off": the skip alone
@@ -156,17 +156,12 @@ def spp_figure(run: Run, path: Path) -> Path:
             # The zoom row shows the tame configurations: above it, only the others' lines can hide.
             names = {_text(c) for c in shown if len(rows) == 1 or r or c not in rows[1]}
             drawn.append((ax, title + (" (zoom)" if r else ""), "", names))
-    hidden: dict[tuple[tuple[str, ...], str, str], list[tuple[str, str]]] = {}
-    for ax, quantity, name, labels in drawn:
-        for key in hidden_lines(ax, labels):
-            hidden.setdefault(key, []).append((quantity, name))
     fig.suptitle("Signal propagation per block: log10 of the mean over replicates"
                  + (f"; shaded: the range of the {reps} single networks" if reps > 1 else "")
                  + (f"\nsecond row: the configurations that stay within 1e±{ZOOM_DECADES}" if len(rows) > 1 else ""),
                  fontsize=10)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    return legend_below_and_save(fig, handles, labels, path,
-                                 [hidden_note(key, where, drawn, len(drawn)) for key, where in hidden.items()])
+    return legend_below_and_save(fig, handles, labels, path, hidden_notes(drawn, len(drawn)))
 
 
 def findings(run: Run) -> list[tuple[str, str]]:

@@ -29,7 +29,7 @@ from ..run import ends_mid_row  # noqa: E402
 from ..stats import mean_interval  # noqa: E402
 from . import document  # noqa: E402
 from .document import Document, lit  # noqa: E402
-from .figures import draw, hidden_lines, hidden_note, legend_below_and_save, save, tight  # noqa: E402
+from .figures import draw, hidden_notes, legend_below_and_save, save, tight  # noqa: E402
 
 FORMATS = ("md", "html")
 BN_KEYS = ("bn_count", "bn_layers", "bn_position")
@@ -433,12 +433,7 @@ def loss_curves(history: pd.DataFrame, meta: dict[str, Any], path: Path) -> Path
         labels += ["solid: no BN", "dashed: BN"]
     band = f"; band: range over {n_rep} seeds" if n_rep > 1 else ""
     fig.suptitle(f"Loss over training (median over seeds{band}; log y axes)", fontsize=11)
-    hidden: dict[tuple[tuple[str, ...], str, str], list[tuple[str, str]]] = {}
-    for ax, quantity, name, shown in drawn:
-        for key in hidden_lines(ax, shown):
-            hidden.setdefault(key, []).append((quantity, name))
-    return legend_below_and_save(fig, handles, labels, path, [hidden_note(key, where, drawn, len(metrics))
-                                                              for key, where in hidden.items()])
+    return legend_below_and_save(fig, handles, labels, path, hidden_notes(drawn, len(metrics)))
 
 
 def layer_heatmap(layers: pd.DataFrame, meta: dict[str, Any], col: str, title: str, log: bool, path: Path) -> Path:

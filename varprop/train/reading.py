@@ -70,10 +70,8 @@ class _Run:
         """a's training loss at half the run minus b's at its end, per seed: mean and 95% t interval. Below
         zero, a is more than twice as fast as b: in half the epochs, further than b gets in all of them."""
         half = self.ends[np.isclose(self.ends["epoch"], self.epochs // 2)]
-        x = half[half["config"] == a].set_index("replicate")["train_loss_keras"]
-        y = self.final[self.final["config"] == b].set_index("replicate")["train_loss_keras"]
-        both = x.index.intersection(y.index)
-        return mean_interval((x[both] - y[both]).to_numpy(float)) + (len(both),)
+        return tr.paired(pd.concat([half[half["config"] == a], self.final[self.final["config"] == b]]), a, b,
+                         "train_loss_keras")
 
     def reach_diff(self, a: str, b: str, target: float) -> tuple[float, float, float, int]:
         """Epochs to ``target``, a's minus b's per seed: mean and 95% t interval (NaN if a seed never gets there)."""
@@ -194,6 +192,8 @@ def bn_layers(run: _Run) -> list[str]:
     insensitive = all(d[1] <= 0 <= d[2] for _, d in relu)  # False where an interval is NaN
     apart = [f"{k} vs 1" for k, d in relu if d[2] < 0 or d[1] > 0]
     unknown = [f"{k} vs 1" for k, d in relu if not math.isfinite(d[1])]
+    found = [f"{', '.join(which)} {what}" for which, what in ((apart, "differ"),
+                                                              (unknown, "n/a: not every seed gets there")) if which]
     word = "holds" if each and insensitive else "holds in part" if (each or trend or insensitive) else \
         "does not hold here"
     out += _verdict(word, "Rule: for sigmoid every added layer lowers the final loss with an interval excluding zero "
@@ -201,10 +201,7 @@ def bn_layers(run: _Run) -> list[str]:
                     "for relu, whose training loss ends near zero (the small training set is learnt by heart, so "
                     "its final value says little), the interval of each 2-4 layer model's epochs to the halfway "
                     "loss, against one layer's, holds zero: no significant difference "
-                    "(here: " + ("yes" if insensitive else "no" + "".join(
-                        f", {', '.join(which)} {what}" for which, what in ((apart, "differ"), (unknown, "n/a: not "
-                                                                            "every seed gets there")) if which))
-                    + ").")
+                    f"(here: {'yes' if insensitive else ', '.join(['no', *found])}).")
     return out
 
 
